@@ -1,0 +1,45 @@
+//! The guest-facing hypercall ABI, shared by the hypervisor and the test guest.
+//!
+//! Calls follow SMCCC: the function ID in `x0`, arguments in `x1..x5`, results
+//! in `x0..x3`. Ours live in the Vendor Specific Hypervisor Service range
+//! (owning entity 6), fast calls, SMC64 convention.
+
+/// Base of the vendor-hypervisor fast SMC64 range.
+pub const VENDOR_HYP_BASE: u32 = 0xC600_0000;
+/// Fork the calling VM: returns the child's id to the parent, 0 to the child.
+pub const HVC_FORK: u32 = VENDOR_HYP_BASE | 0x01;
+/// Take a snapshot (a frozen fork) of the calling VM; returns its id.
+pub const HVC_SNAPSHOT: u32 = VENDOR_HYP_BASE | 0x02;
+/// Reset the calling VM to snapshot `x1`. Does not return on success.
+pub const HVC_RESTORE: u32 = VENDOR_HYP_BASE | 0x03;
+/// Return guest RAM `[x1, x1 + x2)` (page aligned) to the hypervisor.
+pub const HVC_MEM_RELEASE: u32 = VENDOR_HYP_BASE | 0x04;
+/// Statistics: `x1` selects a counter (see [`Stat`]).
+pub const HVC_STATS: u32 = VENDOR_HYP_BASE | 0x05;
+/// Power the calling VM off with exit status `x1` (0 = success).
+pub const HVC_EXIT: u32 = VENDOR_HYP_BASE | 0x06;
+/// Returns the calling VM's id.
+pub const HVC_VM_ID: u32 = VENDOR_HYP_BASE | 0x07;
+
+/// SMCCC return codes.
+pub const SMCCC_SUCCESS: i64 = 0;
+pub const SMCCC_NOT_SUPPORTED: i64 = -1;
+pub const SMCCC_NOT_REQUIRED: i64 = -2;
+pub const SMCCC_INVALID_PARAMETER: i64 = -3;
+/// Ours (outside the SMCCC-defined set): the hypervisor lacks memory or ids.
+pub const SMCCC_NO_MEMORY: i64 = -4;
+
+/// Counters readable with [`HVC_STATS`].
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    FreeFrames = 0,
+    UsedFrames = 1,
+    SharedFrames = 2,
+    VmPages = 3,
+}
+
+/// The guest DTB carries this node so a guest knows it runs under this
+/// hypervisor (and may use the vendor calls above), like Xen's `/hypervisor`.
+pub const DT_HYPERVISOR_NODE: &str = "/hypervisor";
+pub const DT_HYPERVISOR_COMPATIBLE: &str = "mhv,hypervisor";
