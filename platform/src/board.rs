@@ -1,0 +1,250 @@
+//! The board description the hypervisor needs, read once from the host DTB.
+
+use arrayvec::ArrayVec;
+use fdt::Fdt;
+
+/// Most CPUs the hypervisor drives (QEMU virt with GICv3 goes to 512; we stop here).
+pub const MAX_CPUS: usize = 8;
+/// Most RAM banks we track.
+pub const MAX_RAM_BANKS: usize = 8;
+
+/// A physical address range `[base, base + size)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemRange {
+    pub base: u64,
+    pub size: u64,
+}
+
+impl MemRange {
+    pub const fn end(&self) -> u64 {
+        self.base + self.size
+    }
+
+    pub const fn contains(&self, addr: u64) -> bool {
+        addr >= self.base && addr < self.end()
+    }
+}
+
+/// PSCI conduit named by the DTB's `/psci` `method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciConduit {
+    Smc,
+    Hvc,
+}
+
+/// Everything the hypervisor learns from the host DTB.
+#[derive(Clone, Debug)]
+pub struct Board {
+    pub ram: ArrayVec<MemRange, MAX_RAM_BANKS>,
+    /// MPIDR affinity value of each CPU, in DTB order (index = our CPU number).
+    pub cpus: ArrayVec<u64, MAX_CPUS>,
+    pub uart: MemRange,
+    pub gicd: MemRange,
+    pub gicr: MemRange,
+    pub psci: PsciConduit,
+    /// INTID of the EL2 physical timer (CNTHP), a PPI.
+    pub hyp_timer_intid: u32,
+    /// INTID of the EL1 virtual timer (CNTV), a PPI.
+    pub virt_timer_intid: u32,
+    /// `/chosen/bootargs`, empty if absent.
+    pub bootargs: ArrayVec<u8, 512>,
+    /// CPUs listed in the DTB beyond [`MAX_CPUS`], ignored.
+    pub cpus_ignored: usize,
+}
+
+/// Why a DTB could not describe a board we can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoardError {
+    BadDtb,
+    NoMemory,
+    NoCpus,
+    NoUart,
+    NoGicV3,
+    NoTimer,
+    NoPsci,
+}
+
+impl core::fmt::Display for BoardError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let what = match self {
+            BoardError::BadDtb => "the DTB does not parse",
+            BoardError::NoMemory => "no /memory node with a usable range",
+            BoardError::NoCpus => "no CPUs under /cpus",
+            BoardError::NoUart => "no arm,pl011 UART",
+            BoardError::NoGicV3 => "no arm,gic-v3 interrupt controller (use gic-version=3)",
+            BoardError::NoTimer => "no arm,armv8-timer node",
+            BoardError::NoPsci => "no PSCI node",
+        };
+        f.write_str(what)
+    }
+}
+
+/// Offset of the PPI range in GIC INTIDs (a DTB PPI number `n` is INTID `16 + n`).
+const PPI_BASE: u32 = 16;
+
+impl Board {
+    /// Parses a flattened device tree blob.
+    pub fn from_dtb(blob: &[u8]) -> Result<Board, BoardError> {
+        let fdt = Fdt::new(blob).map_err(|_| BoardError::BadDtb)?;
+        let (cpus, cpus_ignored) = cpus(&fdt)?;
+        let (gicd, gicr) = gic(&fdt)?;
+        let (hyp_timer_intid, virt_timer_intid) = timer(&fdt)?;
+        Ok(Board {
+            ram: ram(&fdt)?,
+            cpus,
+            uart: first_reg(&fdt, "arm,pl011").ok_or(BoardError::NoUart)?,
+            gicd,
+            gicr,
+            psci: psci(&fdt)?,
+            hyp_timer_intid,
+            virt_timer_intid,
+            bootargs: bootargs(&fdt),
+            cpus_ignored,
+        })
+    }
+
+    /// `/chosen/bootargs` as text (lossy: invalid UTF-8 gives an empty string).
+    pub fn bootargs(&self) -> &str {
+        core::str::from_utf8(&self.bootargs).unwrap_or("")
+    }
+
+    /// Index of the CPU with this MPIDR affinity, if listed.
+    pub fn cpu_index(&self, mpidr_aff: u64) -> Option<usize> {
+        self.cpus.iter().position(|&m| m == mpidr_aff)
+    }
+}
+
+fn ram(fdt: &Fdt) -> Result<ArrayVec<MemRange, MAX_RAM_BANKS>, BoardError> {
+    let mut ram = ArrayVec::new();
+    for node in fdt.all_nodes() {
+        let is_memory = node
+            .property("device_type")
+            .and_then(|p| p.as_str())
+            .is_some_and(|s| s == "memory");
+        if !is_memory {
+            continue;
+        }
+        for reg in node.reg().into_iter().flatten() {
+            let size = reg.size.unwrap_or(0) as u64;
+            if size != 0 && !ram.is_full() {
+                ram.push(MemRange { base: reg.starting_address as u64, size });
+            }
+        }
+    }
+    if ram.is_empty() {
+        return Err(BoardError::NoMemory);
+    }
+    Ok(ram)
+}
+
+fn cpus(fdt: &Fdt) -> Result<(ArrayVec<u64, MAX_CPUS>, usize), BoardError> {
+    // fdt's own `cpus()` panics on a malformed tree; walk /cpus by hand.
+    let parent = fdt.find_node("/cpus").ok_or(BoardError::NoCpus)?;
+    let mut cpus = ArrayVec::new();
+    let mut ignored = 0;
+    for node in parent.children() {
+        if node.name.split('@').next() != Some("cpu") {
+            continue;
+        }
+        let Some(id) = node.property("reg").and_then(|p| be_cells(p.value)) else {
+            continue;
+        };
+        if cpus.try_push(id).is_err() {
+            ignored += 1;
+        }
+    }
+    if cpus.is_empty() {
+        return Err(BoardError::NoCpus);
+    }
+    Ok((cpus, ignored))
+}
+
+/// A one- or two-cell big-endian value.
+fn be_cells(v: &[u8]) -> Option<u64> {
+    match v.len() {
+        4 => Some(u32::from_be_bytes(v.try_into().ok()?) as u64),
+        8 => Some(u64::from_be_bytes(v.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+fn first_reg(fdt: &Fdt, compatible: &str) -> Option<MemRange> {
+    let node = fdt.find_compatible(&[compatible])?;
+    let reg = node.reg()?.next()?;
+    Some(MemRange { base: reg.starting_address as u64, size: reg.size? as u64 })
+}
+
+fn gic(fdt: &Fdt) -> Result<(MemRange, MemRange), BoardError> {
+    let node = fdt.find_compatible(&["arm,gic-v3"]).ok_or(BoardError::NoGicV3)?;
+    let mut regs = node.reg().ok_or(BoardError::NoGicV3)?;
+    let mut next = || {
+        let r = regs.next()?;
+        Some(MemRange { base: r.starting_address as u64, size: r.size? as u64 })
+    };
+    let gicd = next().ok_or(BoardError::NoGicV3)?;
+    let gicr = next().ok_or(BoardError::NoGicV3)?;
+    Ok((gicd, gicr))
+}
+
+/// The arch timer node lists (secure phys, non-secure phys, virtual, hyp) PPIs.
+fn timer(fdt: &Fdt) -> Result<(u32, u32), BoardError> {
+    let node = fdt.find_compatible(&["arm,armv8-timer"]).ok_or(BoardError::NoTimer)?;
+    let prop = node.property("interrupts").ok_or(BoardError::NoTimer)?;
+    // Each interrupt is three big-endian cells: type, number, flags.
+    let ppi = |i: usize| -> Option<u32> {
+        let off = i * 12 + 4;
+        let bytes = prop.value.get(off..off + 4)?;
+        Some(u32::from_be_bytes(bytes.try_into().ok()?) + PPI_BASE)
+    };
+    match (ppi(3), ppi(2)) {
+        (Some(hyp), Some(virt)) => Ok((hyp, virt)),
+        _ => Err(BoardError::NoTimer),
+    }
+}
+
+fn psci(fdt: &Fdt) -> Result<PsciConduit, BoardError> {
+    let node = fdt.find_compatible(&["arm,psci-1.0", "arm,psci-0.2", "arm,psci"]);
+    let method = node.and_then(|n| n.property("method")).and_then(|p| p.as_str());
+    match method {
+        Some("smc") => Ok(PsciConduit::Smc),
+        Some("hvc") => Ok(PsciConduit::Hvc),
+        _ => Err(BoardError::NoPsci),
+    }
+}
+
+fn bootargs(fdt: &Fdt) -> ArrayVec<u8, 512> {
+    let mut out = ArrayVec::new();
+    if let Some(args) = fdt.chosen().bootargs() {
+        let n = args.len().min(out.capacity());
+        out.try_extend_from_slice(&args.as_bytes()[..n]).ok();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VIRT_SMP4: &[u8] = include_bytes!("../tests/data/virt-smp4.dtb");
+
+    #[test]
+    fn parses_qemu_virt_with_gicv3() {
+        let b = Board::from_dtb(VIRT_SMP4).unwrap();
+        assert_eq!(b.ram.as_slice(), &[MemRange { base: 0x4000_0000, size: 0x4000_0000 }]);
+        assert_eq!(b.cpus.as_slice(), &[0, 1, 2, 3]);
+        assert_eq!(b.uart, MemRange { base: 0x0900_0000, size: 0x1000 });
+        assert_eq!(b.gicd.base, 0x0800_0000);
+        assert_eq!(b.gicr.base, 0x080a_0000);
+        assert_eq!(b.psci, PsciConduit::Smc);
+        assert_eq!(b.hyp_timer_intid, 26);
+        assert_eq!(b.virt_timer_intid, 27);
+        assert_eq!(b.cpu_index(2), Some(2));
+        assert_eq!(b.bootargs(), "");
+    }
+
+    #[test]
+    fn garbage_is_rejected_not_panicked_on() {
+        assert_eq!(Board::from_dtb(&[0u8; 64]).unwrap_err(), BoardError::BadDtb);
+        assert_eq!(Board::from_dtb(&VIRT_SMP4[..100]).unwrap_err(), BoardError::BadDtb);
+    }
+}
