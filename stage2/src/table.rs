@@ -1,0 +1,441 @@
+//! A VM's stage-2 table: the public operations.
+//!
+//! See the crate docs for what the caller must hold for each operation and for the TLB rules.
+
+use crate::config::{S2Config, Vttbr};
+use crate::descriptor::{Descriptor, DescriptorKind, S2Attrs};
+use crate::memory::TableMemory;
+use crate::software::SwEntry;
+use crate::stats::{Counters, Stats};
+use crate::tlb::{Batch, Flusher, TlbMaintenance};
+use crate::walk::Visitor;
+use crate::{level_shift, level_size, ops, Error, Perm, PAGE_SIZE};
+use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+
+/// What a non-empty leaf slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leaf {
+    /// A valid block or page.
+    Mapped(Mapping),
+    /// A software entry in an invalid descriptor.
+    Software(SwEntry),
+}
+
+/// A valid block or page mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Output address of the start of the leaf (aligned to its size).
+    pub pa: u64,
+    /// Attributes.
+    pub attrs: S2Attrs,
+    /// Access flag.
+    pub young: bool,
+}
+
+/// A non-empty leaf slot as found by a lookup or a walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// First IPA the slot translates (aligned to [`LeafInfo::size`]).
+    pub ipa: u64,
+    /// Level of the slot: 1 (1 GiB block), 2 (2 MiB block) or 3 (4 KiB page).
+    pub level: u8,
+    /// The raw descriptor read (what to pass as `expected` to
+    /// [`Stage2Table::compare_exchange_leaf`]).
+    pub desc: Descriptor,
+    /// The decoded content.
+    pub leaf: Leaf,
+}
+
+impl LeafInfo {
+    /// Decodes `desc` found at `level` for the slot starting at `ipa`; `None` for an empty slot,
+    /// a table descriptor or an unknown pattern.
+    pub fn decode(ipa: u64, level: u8, desc: Descriptor) -> Option<Self> {
+        let leaf = match desc.kind(level) {
+            DescriptorKind::Leaf { pa, attrs, young } => Leaf::Mapped(Mapping { pa, attrs, young }),
+            DescriptorKind::Software(e) => Leaf::Software(e),
+            _ => return None,
+        };
+        Some(LeafInfo {
+            ipa: ipa & !(level_size(level) - 1),
+            level,
+            desc,
+            leaf,
+        })
+    }
+
+    /// Bytes translated by the slot.
+    pub fn size(&self) -> u64 {
+        level_size(self.level)
+    }
+
+    /// The PA that `ipa` (inside this leaf) translates to, for a valid leaf.
+    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+        match self.leaf {
+            Leaf::Mapped(m) => Some(m.pa + (ipa - self.ipa)),
+            Leaf::Software(_) => None,
+        }
+    }
+
+    /// The mapping, for a valid leaf.
+    pub fn mapping(&self) -> Option<Mapping> {
+        match self.leaf {
+            Leaf::Mapped(m) => Some(m),
+            Leaf::Software(_) => None,
+        }
+    }
+
+    /// The software entry, for an invalid one.
+    pub fn software(&self) -> Option<SwEntry> {
+        match self.leaf {
+            Leaf::Software(e) => Some(e),
+            Leaf::Mapped(_) => None,
+        }
+    }
+}
+
+/// Why [`Stage2Table::compare_exchange_leaf`] did not store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CasError {
+    /// The slot did not hold `expected`; it holds this (possibly a table descriptor if the block
+    /// was split, or [`SwEntry::Locked`] while another updater is mid-way).
+    Mismatch(Descriptor),
+    /// The walk for the IPA ended above the requested level, at a non-table slot of `level`
+    /// holding `found` (e.g. the page's table was never created, or was replaced by a block).
+    NoSlot {
+        /// Level where the walk ended.
+        level: u8,
+        /// What that slot holds.
+        found: Descriptor,
+    },
+    /// The request itself is wrong (`OutOfRange`, `BadDescriptor`, `BadAttrs`).
+    Invalid(Error),
+}
+
+/// A VM's stage-2 translation table.
+///
+/// Owns its table pages (obtained from `M`), not the frames it maps.
+pub struct Stage2Table<M: TableMemory> {
+    pub(crate) cfg: S2Config,
+    vmid: AtomicU16,
+    pub(crate) root_pa: u64,
+    pub(crate) mem: M,
+    pub(crate) counters: Counters,
+}
+
+impl<M: TableMemory> Stage2Table<M> {
+    /// An empty table for `vmid`, its root (of [`S2Config::root_pages`] concatenated pages)
+    /// allocated from `mem`.
+    ///
+    /// Errors: [`Error::BadVmid`], [`Error::NoMemory`], and [`Error::Misaligned`] /
+    /// [`Error::OutOfRange`] if `mem` returned an unusable root.
+    pub fn new(cfg: S2Config, vmid: u16, mem: M) -> Result<Self, Error> {
+        if vmid > cfg.max_vmid() {
+            return Err(Error::BadVmid);
+        }
+        let pages = cfg.root_pages();
+        let root_pa = mem.alloc_zeroed_root(pages).ok_or(Error::NoMemory)?;
+        if let Err(e) = cfg.vttbr(root_pa, vmid) {
+            mem.free_root(root_pa, pages);
+            return Err(e);
+        }
+        let counters = Counters::default();
+        counters.table_pages.store(pages as u64, Ordering::Relaxed);
+        Ok(Stage2Table {
+            cfg,
+            vmid: AtomicU16::new(vmid),
+            root_pa,
+            mem,
+            counters,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &S2Config {
+        &self.cfg
+    }
+
+    /// The `VTCR_EL2` value (the same for every VM of one configuration).
+    pub fn vtcr(&self) -> u64 {
+        self.cfg.vtcr()
+    }
+
+    /// The `VTTBR_EL2` value: root address and current VMID.
+    pub fn vttbr(&self) -> Vttbr {
+        Vttbr::new(self.root_pa, self.vmid())
+    }
+
+    /// Physical address of the root table(s).
+    pub fn root_pa(&self) -> u64 {
+        self.root_pa
+    }
+
+    /// The current VMID.
+    pub fn vmid(&self) -> u16 {
+        self.vmid.load(Ordering::Relaxed)
+    }
+
+    /// Gives the VM a new VMID (VMID generation rollover). Caller: the stage-2 lock, the VM
+    /// running on no CPU, and the old VMID's TLB entries invalidated before that VMID is reused.
+    pub fn set_vmid(&self, vmid: u16) -> Result<(), Error> {
+        if vmid > self.cfg.max_vmid() {
+            return Err(Error::BadVmid);
+        }
+        self.vmid.store(vmid, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The table memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// A batch deferring the final invalidations of operations on this VM to one
+    /// `invalidate_vmid` at its end.
+    pub fn batch<'a, T: TlbMaintenance>(&self, tlb: &'a T) -> Batch<'a, T> {
+        Batch::new(tlb, self.vttbr())
+    }
+
+    /// Maps `[ipa, ipa + len)` to `[pa, pa + len)` with `attrs`, Access flag set, using 1 GiB
+    /// and 2 MiB blocks wherever alignment of both addresses and the length allow.
+    ///
+    /// Every slot of the range must be empty (no mapping, no software entry), else
+    /// [`Error::AlreadyMapped`]. All table pages needed are allocated before anything is written:
+    /// on [`Error::NoMemory`] nothing changed. Only empty slots are written, so no TLB
+    /// invalidation is needed; for an executable mapping the I-cache is made coherent with
+    /// `[pa, pa + len)` first.
+    ///
+    /// Caller holds the VM's stage-2 lock.
+    pub fn map<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        pa: u64,
+        len: u64,
+        attrs: S2Attrs,
+        tlb: &F,
+    ) -> Result<(), Error> {
+        ops::map::map(self, ipa, pa, len, attrs, true, tlb)
+    }
+
+    /// [`Stage2Table::map`] with 4 KiB pages only (no blocks).
+    pub fn map_pages<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        pa: u64,
+        len: u64,
+        attrs: S2Attrs,
+        tlb: &F,
+    ) -> Result<(), Error> {
+        ops::map::map(self, ipa, pa, len, attrs, false, tlb)
+    }
+
+    /// Removes every leaf (valid or software) in `[ipa, ipa + len)`, splitting blocks that lie
+    /// partly outside the range, and frees table pages left empty. `on_leaf` sees each removed
+    /// leaf (whole, as it was) so the caller can drop frame references and swap slots. Returns
+    /// the number of bytes of valid mappings removed.
+    ///
+    /// TLB: removed valid entries are invalidated before return (or when the batch ends); a
+    /// frame reported to `on_leaf` must not be reused before then. Table pages are freed only
+    /// after an immediate VMID-wide invalidation. Tables for splitting blocks are reserved first:
+    /// on [`Error::NoMemory`] nothing changed.
+    ///
+    /// Caller holds the VM's stage-2 lock, and excludes lockless users (lookup, walk, CAS,
+    /// young) since table pages may be freed.
+    pub fn unmap<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        len: u64,
+        tlb: &F,
+        on_leaf: impl FnMut(&LeafInfo),
+    ) -> Result<u64, Error> {
+        ops::unmap::unmap(self, ipa, len, tlb, on_leaf)
+    }
+
+    /// Sets the permissions of every valid leaf in `[ipa, ipa + len)` to `perm` (attributes,
+    /// Access flag and software bits kept), splitting blocks that lie partly outside the range.
+    /// Migration and swap entries in the range lose their `writable` flag when `perm` has no
+    /// write. Holes are skipped.
+    ///
+    /// TLB: every changed valid entry is invalidated before return (or when the batch ends); the
+    /// I-cache is made coherent before a frame becomes executable. On [`Error::NoMemory`]
+    /// nothing changed.
+    ///
+    /// Caller holds the VM's stage-2 lock.
+    pub fn protect<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        len: u64,
+        perm: Perm,
+        tlb: &F,
+    ) -> Result<(), Error> {
+        ops::protect::protect(self, ipa, len, perm, tlb)
+    }
+
+    /// Splits the block holding `ipa` so that the 4 KiB page at `ipa` has its own page
+    /// descriptor (a 1 GiB block becomes 2 MiB blocks, the one holding `ipa` becomes pages),
+    /// with break-before-make; the translation is unchanged. `Ok` if `ipa` is already a page.
+    ///
+    /// Errors: [`Error::NotMapped`] without a valid leaf, [`Error::NoMemory`] (nothing changed).
+    ///
+    /// Caller holds the VM's stage-2 lock.
+    pub fn split_block<F: Flusher + ?Sized>(&self, ipa: u64, tlb: &F) -> Result<(), Error> {
+        ops::split::split_block(self, ipa, tlb)
+    }
+
+    /// Stores the software entry `entry` in the page slot of `ipa`, whatever it held (creating
+    /// tables, or splitting a block, as needed), and returns what it held. A replaced valid
+    /// entry is invalidated before return (or when the batch ends).
+    ///
+    /// Caller holds the VM's stage-2 lock.
+    pub fn set_software<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        entry: SwEntry,
+        tlb: &F,
+    ) -> Result<Option<LeafInfo>, Error> {
+        ops::leaf::set_software(self, ipa, entry, tlb)
+    }
+
+    /// Atomically replaces the descriptor of the slot at `level` on the walk of `ipa` with `new`
+    /// if it holds `expected` (typically [`LeafInfo::desc`] from a lookup).
+    ///
+    /// `new` must be empty, a leaf descriptor for `level`, or a software entry (level 3 only;
+    /// [`SwEntry::Locked`] at any leaf level). Changing the output address or memory attributes
+    /// of a valid entry to another valid entry is done with break-before-make: the slot goes
+    /// `Locked`, is invalidated at once, then gets `new`. Other changes to a valid entry are
+    /// invalidated before return (or when the batch ends), except setting the Access flag. The
+    /// I-cache is made coherent before a frame becomes executable.
+    ///
+    /// Caller: the stage-2 lock when `expected` is empty; otherwise only table lifetime (see the
+    /// crate docs), so fault handlers can race with each other and with hardware AF updates.
+    pub fn compare_exchange_leaf<F: Flusher + ?Sized>(
+        &self,
+        ipa: u64,
+        level: u8,
+        expected: Descriptor,
+        new: Descriptor,
+        tlb: &F,
+    ) -> Result<(), CasError> {
+        ops::leaf::compare_exchange_leaf(self, ipa, level, expected, new, tlb)
+    }
+
+    /// Clears the Access flag of the valid leaf translating `ipa`; returns whether it was set
+    /// (false for holes and software entries). For the reclaim clock.
+    ///
+    /// No TLB invalidation (the same choice as Linux/KVM `kvm_age_gfn`): clearing AF is not a
+    /// change any translation depends on for correctness. A CPU that still caches the entry
+    /// keeps accessing without setting AF again, so a hot page may look cold and be reclaimed
+    /// early; reclaim itself replaces the entry with break-before-make, so this only costs a
+    /// refault. A caller wanting precise ageing flushes the VM once per clock sweep
+    /// ([`TlbMaintenance::invalidate_vmid`]). Works with hardware AF and with software AF
+    /// (the next access takes an Access-flag fault and the handler calls
+    /// [`Stage2Table::mkyoung`]).
+    ///
+    /// Caller: table lifetime only.
+    pub fn test_and_clear_young(&self, ipa: u64) -> bool {
+        ops::leaf::update_young(self, ipa, false)
+    }
+
+    /// Sets the Access flag of the valid leaf translating `ipa` (software AF: the Access-flag
+    /// fault handler). Returns whether a valid leaf was found. No TLB maintenance is needed
+    /// (entries that cause Access-flag faults are not cached).
+    ///
+    /// Caller: table lifetime only.
+    pub fn mkyoung(&self, ipa: u64) -> bool {
+        ops::leaf::update_young(self, ipa, true)
+    }
+
+    /// The leaf translating `ipa`: a valid block/page or a software entry; `None` for a hole
+    /// or an IPA outside the range.
+    ///
+    /// Caller: table lifetime only. The answer may be stale as soon as it is returned; act on
+    /// it with [`Stage2Table::compare_exchange_leaf`].
+    pub fn lookup(&self, ipa: u64) -> Option<LeafInfo> {
+        let (level, desc) = self.find(ipa, crate::LAST_LEVEL).ok()?;
+        LeafInfo::decode(ipa, level, desc)
+    }
+
+    /// Visits `[ipa, ipa + len)` (see [`crate::walk`]).
+    ///
+    /// Errors: [`Error::OutOfRange`] if the range goes past the IPA size.
+    ///
+    /// Caller: table lifetime only.
+    pub fn walk<V: Visitor + ?Sized>(
+        &self,
+        ipa: u64,
+        len: u64,
+        visitor: &mut V,
+    ) -> Result<(), Error> {
+        ops::walk::walk(self, ipa, len, visitor)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// Frees every table page, root included, after invalidating the VMID's TLB entries
+    /// (the VMID may then be reused). Mapped frames are not touched: the caller must have
+    /// unmapped them (or walked them) and unlinked the VM from the reverse map first.
+    pub fn destroy<T: TlbMaintenance + ?Sized>(self, tlb: &T) {
+        tlb.invalidate_vmid(self.vttbr());
+        ops::unmap::free_all(&self);
+    }
+
+    // ---- crate-internal helpers shared by the operations ----
+
+    /// The descriptor slot for `ipa` at `level` in the table at `table_pa` (the root if `level`
+    /// is the start level: concatenated pages are indexed as one table).
+    pub(crate) fn slot(&self, table_pa: u64, level: u8, ipa: u64) -> &AtomicU64 {
+        let idx = (ipa >> level_shift(level)) as usize;
+        let idx = if level == self.cfg.start_level() {
+            idx
+        } else {
+            idx & 511
+        };
+        &self.mem.table(table_pa + (idx >> 9) as u64 * PAGE_SIZE)[idx & 511]
+    }
+
+    /// Walks towards `ipa`, stopping at `target` or at the first non-table slot. Returns
+    /// that slot's level and value, or [`Error::OutOfRange`].
+    pub(crate) fn find(&self, ipa: u64, target: u8) -> Result<(u8, Descriptor), Error> {
+        let (level, slot) = self.find_slot(ipa, target)?;
+        Ok((level, Descriptor::from_raw(slot.load(Ordering::Acquire))))
+    }
+
+    /// As [`Self::find`], returning the slot itself.
+    pub(crate) fn find_slot(&self, ipa: u64, target: u8) -> Result<(u8, &AtomicU64), Error> {
+        if ipa >= self.cfg.ipa_limit() {
+            return Err(Error::OutOfRange);
+        }
+        let mut table = self.root_pa;
+        let mut level = self.cfg.start_level();
+        loop {
+            let slot = self.slot(table, level, ipa);
+            if level == target {
+                return Ok((level, slot));
+            }
+            match Descriptor::from_raw(slot.load(Ordering::Acquire)).kind(level) {
+                DescriptorKind::Table { pa } => {
+                    table = pa;
+                    level += 1;
+                }
+                _ => return Ok((level, slot)),
+            }
+        }
+    }
+
+    /// Checks `[ipa, ipa + len)` is a non-empty, page-aligned range inside the IPA space and
+    /// returns its end.
+    pub(crate) fn check_range(&self, ipa: u64, len: u64) -> Result<u64, Error> {
+        if len == 0 {
+            return Err(Error::EmptyRange);
+        }
+        if (ipa | len) & (PAGE_SIZE - 1) != 0 {
+            return Err(Error::Misaligned);
+        }
+        match ipa.checked_add(len) {
+            Some(end) if end <= self.cfg.ipa_limit() => Ok(end),
+            _ => Err(Error::OutOfRange),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! TLB and I-cache maintenance behind a trait, and batching.
+//!
+//! Operations of [`crate::Stage2Table`] take a [`Flusher`]: either any [`TlbMaintenance`]
+//! (each operation then finishes its own invalidation before returning) or a [`Batch`] (the
+//! final invalidations of many operations on one VM become one `invalidate_vmid` when the
+//! batch ends — what fork uses to write-protect a whole VM with one flush).
+
+use crate::Vttbr;
+use core::cell::Cell;
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod aarch64;
+
+/// TLB and I-cache maintenance for stage-2 changes. Every method is complete (the
+/// invalidation is finished and visible to all CPUs of the inner-shareable domain) on return.
+pub trait TlbMaintenance {
+    /// Invalidates the stage-2 and combined stage-1&2 TLB entries that may translate `ipa` in the
+    /// VM of `vttbr` (its VMID), on all CPUs. `level` is the level of the descriptor that changed
+    /// (a hint: 1 for a 1 GiB block, 2 for 2 MiB, 3 for a page).
+    fn invalidate_ipa(&self, vttbr: Vttbr, ipa: u64, level: u8);
+
+    /// Invalidates every stage-1 and stage-2 TLB entry of the VMID of `vttbr`, and the walk
+    /// caches, on all CPUs.
+    fn invalidate_vmid(&self, vttbr: Vttbr);
+
+    /// Makes instructions written to physical `pa..pa + len` visible to instruction fetch on all
+    /// CPUs (clean the D-cache to the point of unification, invalidate the I-cache).
+    fn invalidate_icache(&self, pa: u64, len: u64);
+
+    /// Invalidates every EL1&0 TLB entry of every VMID (VMID generation rollover).
+    fn invalidate_all(&self);
+}
+
+/// How a [`crate::Stage2Table`] operation invalidates what it changed. Implemented by every
+/// [`TlbMaintenance`] (immediate) and by [`Batch`] (deferred).
+pub trait Flusher {
+    /// The maintenance used for immediate invalidations (the "break" of a break-before-make, the
+    /// invalidation before freeing table pages).
+    fn maintenance(&self) -> &dyn TlbMaintenance;
+
+    /// An operation on the VM of `vttbr` has changed live entries. Returns `true` if this flusher
+    /// takes over their invalidation (a batch for that VM); `false` makes the operation invalidate
+    /// them itself before it returns.
+    fn defer(&self, vttbr: Vttbr) -> bool {
+        let _ = vttbr;
+        false
+    }
+
+    /// A VMID-wide invalidation of `vttbr` was just done by an operation.
+    fn vmid_flushed(&self, vttbr: Vttbr) {
+        let _ = vttbr;
+    }
+}
+
+impl<T: TlbMaintenance> Flusher for T {
+    fn maintenance(&self) -> &dyn TlbMaintenance {
+        self
+    }
+}
+
+/// Defers the final invalidations of many operations on one VM to a single
+/// [`TlbMaintenance::invalidate_vmid`] when the batch ends ([`Batch::finish`], or drop).
+///
+/// While a batch is open, changed entries may still be cached in TLBs: frames that an `unmap`
+/// reported, or whose mapping was replaced, must not be reused until the batch has ended.
+/// Break-before-make invalidations and those before freeing table pages are not deferred.
+/// A batch used with another VM's table does not defer anything for that VM.
+pub struct Batch<'a, T: TlbMaintenance> {
+    tlb: &'a T,
+    vttbr: Vttbr,
+    pending: Cell<bool>,
+}
+
+impl<'a, T: TlbMaintenance> Batch<'a, T> {
+    /// A batch for the VM of `vttbr` (see [`crate::Stage2Table::batch`]).
+    pub fn new(tlb: &'a T, vttbr: Vttbr) -> Self {
+        Batch {
+            tlb,
+            vttbr,
+            pending: Cell::new(false),
+        }
+    }
+
+    /// Whether changes wait for the final invalidation.
+    pub fn pending(&self) -> bool {
+        self.pending.get()
+    }
+
+    /// Issues the pending invalidation now (if any); the batch stays open.
+    pub fn flush(&self) {
+        if self.pending.replace(false) {
+            self.tlb.invalidate_vmid(self.vttbr);
+        }
+    }
+
+    /// Ends the batch with at most one VMID-wide invalidation.
+    pub fn finish(self) {
+        // Drop does the flush.
+    }
+}
+
+impl<T: TlbMaintenance> Drop for Batch<'_, T> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+impl<T: TlbMaintenance> Flusher for Batch<'_, T> {
+    fn maintenance(&self) -> &dyn TlbMaintenance {
+        self.tlb
+    }
+
+    fn defer(&self, vttbr: Vttbr) -> bool {
+        if vttbr != self.vttbr {
+            return false;
+        }
+        self.pending.set(true);
+        true
+    }
+
+    fn vmid_flushed(&self, vttbr: Vttbr) {
+        if vttbr == self.vttbr {
+            self.pending.set(false);
+        }
+    }
+}
