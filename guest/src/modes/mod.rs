@@ -1,0 +1,43 @@
+//! Test modes, selected by a bootarg token. To add one: a module here, a
+//! variant in [`Mode`] with its token in [`Mode::from_name`]/[`Mode::name`],
+//! and its arm in [`run`]. A mode returns Ok for PASS or the reason to FAIL;
+//! it may use `smp::bring_up` to run work on every vCPU.
+
+mod selftest;
+mod wild;
+
+use crate::args::Args;
+use crate::dtb::Platform;
+use crate::report::Reason;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// All vCPUs fill and verify RAM while holding FP/SIMD state.
+    Selftest,
+    /// A read outside RAM and devices must come back as an abort.
+    Wild,
+}
+
+impl Mode {
+    pub fn from_name(token: &str) -> Option<Self> {
+        match token {
+            "selftest" => Some(Self::Selftest),
+            "wild" => Some(Self::Wild),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Selftest => "selftest",
+            Self::Wild => "wild",
+        }
+    }
+}
+
+pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
+    match args.mode {
+        Mode::Selftest => selftest::run(plat, args),
+        Mode::Wild => wild::run(plat, args),
+    }
+}
