@@ -1,2 +1,132 @@
+//! An AArch64 EL2 microhypervisor for QEMU virt whose memory manager is an
+//! anon_vma reverse map (see docs/ARCHITECTURE.md).
 #![no_std]
 #![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+mod arch;
+mod bootargs;
+mod cmd;
+mod console;
+mod el2;
+mod exception;
+mod exit;
+mod fault;
+mod frames;
+mod gic;
+mod guest_dtb;
+mod heap;
+mod hypercall;
+mod loader;
+mod memory;
+mod mmu;
+mod percpu;
+mod sched;
+mod semihost;
+mod timer;
+mod vcpu;
+mod vm;
+mod vpl011;
+
+use alloc::string::String;
+use core::sync::atomic::Ordering;
+use platform::{Board, MemRange};
+
+/// The default guest, embedded at build time (xtask passes its path).
+static GUEST_IMAGE: &[u8] = include_bytes!(env!("HYP_GUEST_IMAGE_PATH"));
+
+/// QEMU puts the DTB at the start of RAM for a bare ELF (x0 = 0).
+const DEFAULT_DTB: usize = 0x4000_0000;
+/// Where the UART is on QEMU virt, for errors before the DTB is understood.
+const FALLBACK_UART: u64 = 0x0900_0000;
+/// Machine exit status when the board cannot be used.
+const STATUS_BAD_BOARD: u32 = 4;
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+fn dtb_slice(addr: usize) -> &'static [u8] {
+    // SAFETY: QEMU (or a boot loader) placed a DTB at `addr` in RAM; its
+    // header's big-endian totalsize at offset 4 gives its length. Nothing
+    // writes that memory: the frame allocator keeps it reserved.
+    unsafe {
+        let header = core::slice::from_raw_parts(addr as *const u8, 8);
+        let size = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        core::slice::from_raw_parts(addr as *const u8, size.clamp(8, 2 << 20))
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn boot_main(dtb: usize) -> ! {
+    percpu::init(0);
+    let dtb = dtb_slice(if dtb == 0 { DEFAULT_DTB } else { dtb });
+    let board = match Board::from_dtb(dtb) {
+        Ok(b) => b,
+        Err(e) => {
+            console::init(FALLBACK_UART);
+            println!("[hyp] cannot use this board: {e}");
+            semihost::exit(STATUS_BAD_BOARD);
+        }
+    };
+    console::init(board.uart.base);
+    println!("[hyp] microhypervisor at EL2, {} CPUs, {} RAM bank(s)", board.cpus.len(), board.ram.len());
+    heap::init();
+    mmu::init(&board);
+    let _ = rmap::lock::lockdep::set_cpu_index_hook(percpu::cpu_index);
+    reserve_and_init_frames(&board, dtb);
+    memory::init();
+    el2::init_this_cpu();
+    gic::init_distributor(&board);
+    gic::init_cpu(&board);
+    sched::init(&board);
+    percpu::this_cpu().online.store(true, Ordering::Release);
+    el2::start_secondaries(&board);
+    start_default_vm(&board);
+    sched::STARTED.store(true, Ordering::Release);
+    sched::cpu_loop()
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn secondary_main(cpu: usize) -> ! {
+    percpu::init(cpu);
+    mmu::enable_this_cpu();
+    el2::init_this_cpu();
+    gic::init_cpu(el2::board());
+    percpu::this_cpu().online.store(true, Ordering::Release);
+    sched::cpu_loop()
+}
+
+fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
+    let start = &raw const __image_start as u64;
+    let end = &raw const __image_end as u64;
+    let reserved = [
+        MemRange { base: start, size: end - start },
+        MemRange { base: dtb.as_ptr() as u64 & !0xfff, size: (dtb.len() as u64 + 0x1fff) & !0xfff },
+    ];
+    frames::init(board, &reserved);
+    let f = frames::get();
+    println!("[hyp] {} MiB of RAM for guests ({} frames)", f.free_count() >> 8, f.free_count());
+}
+
+fn start_default_vm(board: &Board) {
+    let args = bootargs::BootArgs::parse(board.bootargs());
+    sched::STAY_WHEN_IDLE.store(args.stay, Ordering::Relaxed);
+    cmd::set_script(args.script);
+    match args.guest {
+        "none" => println!("[hyp] no default guest"),
+        "test" if GUEST_IMAGE.is_empty() => println!("[hyp] this build embeds no test guest (build with `cargo xtask`)"),
+        "test" => {
+            let vcpus = args.vcpus.unwrap_or(board.cpus.len());
+            let guest_args: String = args.guest_args.replace(',', " ");
+            match vm::Vm::create("test", vcpus, args.mem).and_then(|vm| loader::boot(&vm, GUEST_IMAGE, &guest_args).map(|_| vm)) {
+                Ok(vm) => println!("[hyp] vm {} (test): {} vCPUs, {} MiB, args '{}'", vm.id, vcpus, args.mem >> 20, guest_args),
+                Err(e) => println!("[hyp] cannot start the test guest: {e}"),
+            }
+        }
+        other => println!("[hyp] unknown guest '{other}' (known: test, none)"),
+    }
+}

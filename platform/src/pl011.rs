@@ -71,9 +71,10 @@ pub mod offset {
 /// bus matches on them).
 pub const ID_BYTES: [u32; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 
-/// A write-only polled console on a real PL011.
+/// A polled console on a real PL011. Holds only the address, so it can be
+/// shared between CPUs (callers serialise whole lines with their own lock).
 pub struct Pl011 {
-    regs: &'static Pl011Regs,
+    base: usize,
 }
 
 impl Pl011 {
@@ -82,25 +83,28 @@ impl Pl011 {
     /// memory for the lifetime of the program, and not otherwise aliased as
     /// ordinary memory.
     pub unsafe fn new(base: usize) -> Pl011 {
-        // SAFETY: the caller guarantees `base` points at live PL011 registers.
-        let regs = unsafe { &*(base as *const Pl011Regs) };
-        Pl011 { regs }
+        Pl011 { base }
+    }
+
+    fn regs(&self) -> &Pl011Regs {
+        // SAFETY: `new`'s contract: `base` points at live PL011 registers.
+        unsafe { &*(self.base as *const Pl011Regs) }
     }
 
     pub fn put_byte(&self, b: u8) {
-        while self.regs.fr.is_set(FR::TXFF) {
+        while self.regs().fr.is_set(FR::TXFF) {
             core::hint::spin_loop();
         }
-        self.regs.dr.set(b as u32);
+        self.regs().dr.set(b as u32);
     }
 
     /// A received byte, if the receive FIFO holds one.
     pub fn get_byte(&self) -> Option<u8> {
         use tock_registers::interfaces::Readable;
-        if self.regs.fr.is_set(FR::RXFE) {
+        if self.regs().fr.is_set(FR::RXFE) {
             None
         } else {
-            Some(self.regs.dr.get() as u8)
+            Some(self.regs().dr.get() as u8)
         }
     }
 }

@@ -1,1 +1,197 @@
+//! A QEMU `virt` machine running the hypervisor, with its console captured:
+//! the command line (shared with `cargo xtask run`) and the helpers the
+//! integration tests use to wait for output with a timeout and to report what
+//! was seen when a test fails.
 
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How to boot the machine.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub smp: u32,
+    pub mem: String,
+    /// `cortex-a72` (8-bit VMIDs, no hardware AF) or `max` (16-bit VMIDs, HAFDBS).
+    pub cpu: String,
+    pub guest: String,
+    pub vcpus: Option<u32>,
+    pub guest_mem: Option<String>,
+    pub guest_args: Option<String>,
+    pub script: Option<String>,
+    pub gdb: bool,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            smp: 2,
+            mem: "1G".into(),
+            cpu: "cortex-a72".into(),
+            guest: "test".into(),
+            vcpus: None,
+            guest_mem: None,
+            guest_args: None,
+            script: None,
+            gdb: false,
+        }
+    }
+}
+
+impl MachineConfig {
+    /// The hypervisor's bootargs (hyp/src/bootargs.rs): a space inside a value becomes ','.
+    pub fn bootargs(&self) -> String {
+        let mut words = vec![format!("guest={}", self.guest)];
+        if let Some(v) = self.vcpus {
+            words.push(format!("vcpus={v}"));
+        }
+        if let Some(m) = &self.guest_mem {
+            words.push(format!("mem={m}"));
+        }
+        if let Some(a) = &self.guest_args {
+            words.push(format!("args={}", a.replace(' ', ",")));
+        }
+        if let Some(s) = &self.script {
+            words.push(format!("script={}", s.replace(' ', ",")));
+        }
+        words.join(" ")
+    }
+
+    /// The QEMU command line. Ctrl-A belongs to the hypervisor console, so
+    /// QEMU's monitor mux is off.
+    pub fn command(&self, hyp: &Path) -> Command {
+        let qemu = std::env::var("MHV_QEMU").unwrap_or_else(|_| "qemu-system-aarch64".into());
+        let mut cmd = Command::new(qemu);
+        let cpu = if self.cpu == "max" { "max,pauth=off".to_string() } else { self.cpu.clone() };
+        cmd.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", &cpu])
+            .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
+            .args(["-display", "none", "-monitor", "none"])
+            .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
+            .args(["-semihosting-config", "enable=on,target=native"])
+            .arg("-kernel")
+            .arg(hyp)
+            .args(["-append", &self.bootargs()]);
+        if self.gdb {
+            cmd.args(["-s", "-S"]);
+        }
+        cmd
+    }
+}
+
+/// The hypervisor ELF under test, from `HYP_ELF` (set by `cargo xtask test`).
+pub fn hyp_elf() -> PathBuf {
+    match std::env::var("HYP_ELF") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => panic!("HYP_ELF is not set: run these tests with `cargo xtask test`"),
+    }
+}
+
+/// A running machine whose console output is collected in the background.
+pub struct Machine {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    output: Arc<Mutex<Vec<u8>>>,
+    /// Byte offset up to which `expect` has consumed the console.
+    cursor: usize,
+    pub name: String,
+}
+
+impl Machine {
+    pub fn boot(name: &str, config: &MachineConfig) -> Machine {
+        let mut cmd = config.command(&hyp_elf());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("cannot start qemu-system-aarch64");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let out = output.clone();
+            std::thread::spawn(move || pump(stream, out));
+        }
+        let stdin = child.stdin.take();
+        Machine { child, stdin, output, cursor: 0, name: name.into() }
+    }
+
+    /// Everything the console printed so far.
+    pub fn transcript(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    fn fail(&mut self, why: &str) -> ! {
+        let _ = self.child.kill();
+        std::thread::sleep(Duration::from_millis(100));
+        panic!("[{}] {why}\n----- console -----\n{}\n-------------------", self.name, self.transcript());
+    }
+
+    /// Waits until `needle` appears after what earlier `expect`s consumed;
+    /// returns the console text up to and including it.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.transcript();
+            if let Some(pos) = text.get(self.cursor..).and_then(|t| t.find(needle)) {
+                let end = self.cursor + pos + needle.len();
+                let seen = text[self.cursor..end].to_string();
+                self.cursor = end;
+                return seen;
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("timed out after {timeout:?} waiting for {needle:?}"));
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(200));
+                if self.transcript().get(self.cursor..).is_some_and(|t| t.contains(needle)) {
+                    continue;
+                }
+                self.fail(&format!("machine exited ({status}) before printing {needle:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Types `text` on the console.
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()).expect("console input");
+    }
+
+    /// Waits for QEMU to exit and returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("machine still running after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fails the test if the console shows a hypervisor fault or panic.
+    pub fn assert_no_hyp_fault(&mut self) {
+        let t = self.transcript();
+        if t.contains("*** HYPERVISOR") {
+            self.fail("the hypervisor faulted");
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump(mut stream: Box<dyn Read + Send>, out: Arc<Mutex<Vec<u8>>>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.lock().unwrap().extend_from_slice(&buf[..n]);
+    }
+}

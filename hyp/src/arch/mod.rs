@@ -1,0 +1,79 @@
+//! Assembly: boot entry, exception vectors, the guest world switch, and
+//! FP/SIMD save/restore. Everything else is Rust.
+
+use core::arch::global_asm;
+
+global_asm!(include_str!("entry.S"));
+global_asm!(include_str!("vectors.S"));
+
+/// Exit codes `__guest_enter` returns (the EXIT_* values in vectors.S).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    Sync,
+    Irq,
+    Fiq,
+    SError,
+    Aarch32,
+}
+
+impl ExitKind {
+    pub fn from_code(code: u64) -> ExitKind {
+        match code {
+            0 => ExitKind::Sync,
+            1 => ExitKind::Irq,
+            2 => ExitKind::Fiq,
+            3 => ExitKind::SError,
+            _ => ExitKind::Aarch32,
+        }
+    }
+}
+
+unsafe extern "C" {
+    /// Runs the guest whose registers the per-CPU block points at.
+    pub fn __guest_enter(regs: *mut crate::vcpu::GuestRegs) -> u64;
+    pub fn __fpsimd_save(fp: *mut crate::vcpu::FpRegs);
+    pub fn __fpsimd_restore(fp: *const crate::vcpu::FpRegs);
+    pub fn secondary_entry();
+}
+
+/// Reads a system register by name.
+macro_rules! read_sysreg {
+    ($name:literal) => {{
+        let v: u64;
+        // SAFETY: reading a system register has no side effects on memory.
+        unsafe { core::arch::asm!(concat!("mrs {}, ", $name), out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }};
+}
+
+/// Writes a system register by name.
+macro_rules! write_sysreg {
+    ($name:literal, $v:expr) => {{
+        let v: u64 = $v;
+        // SAFETY: callers only write registers whose new value keeps the
+        // hypervisor's own translation and exception state intact (guest EL1
+        // state, timers, GIC CPU interface).
+        unsafe { core::arch::asm!(concat!("msr ", $name, ", {}"), in(reg) v, options(nostack, preserves_flags)) };
+    }};
+}
+
+pub(crate) use read_sysreg;
+pub(crate) use write_sysreg;
+
+/// Instruction synchronisation barrier.
+pub fn isb() {
+    // SAFETY: a barrier has no memory effects beyond ordering.
+    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+}
+
+/// Waits for an interrupt (or event); interrupts stay masked at EL2, a
+/// pending one still wakes the CPU and is then acknowledged by polling.
+pub fn wfi() {
+    // SAFETY: WFI only suspends the CPU until a wake-up event.
+    unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) };
+}
+
+/// Index of this physical CPU (set up at boot from the per-CPU block).
+pub fn mpidr_aff() -> u64 {
+    read_sysreg!("mpidr_el1") & 0xff_00ff_ffff
+}

@@ -1,0 +1,105 @@
+//! HVC from a guest: PSCI emulation and our vendor-hypervisor calls
+//! (platform::abi). Every argument is validated; a bad one gets an error code.
+
+use crate::exit::Action;
+use crate::vcpu::{Power, Vcpu};
+use platform::abi;
+use smccc::psci;
+
+const PSCI_VERSION_1_0: u64 = 0x1_0000;
+const SMCCC_VERSION: u32 = 0x8000_0000;
+const SMCCC_VERSION_1_1: u64 = 0x1_0001;
+
+fn err(code: i32) -> u64 {
+    code as i64 as u64
+}
+
+pub fn handle(vcpu: &mut Vcpu) -> Action {
+    // HVC's preferred return address is already the next instruction.
+    let fid = vcpu.regs.x[0] as u32;
+    let (a1, a2, a3) = (vcpu.regs.x[1], vcpu.regs.x[2], vcpu.regs.x[3]);
+    let ret = match fid {
+        SMCCC_VERSION => SMCCC_VERSION_1_1,
+        psci::PSCI_VERSION => PSCI_VERSION_1_0,
+        psci::PSCI_FEATURES => features(a1 as u32),
+        psci::PSCI_MIGRATE_INFO_TYPE => 2, // no trusted OS to migrate
+        psci::PSCI_CPU_ON_64 | psci::PSCI_CPU_ON_32 => cpu_on(vcpu, a1, a2, a3),
+        psci::PSCI_AFFINITY_INFO_64 | psci::PSCI_AFFINITY_INFO_32 => affinity_info(vcpu, a1, a2),
+        psci::PSCI_CPU_OFF => {
+            vcpu.power = Power::Off;
+            return Action::Yield;
+        }
+        psci::PSCI_SYSTEM_OFF => {
+            crate::println!("[hyp] vm {} powered off (PSCI SYSTEM_OFF)", vcpu.vm.id);
+            vcpu.vm.stop(0);
+            return Action::Yield;
+        }
+        psci::PSCI_SYSTEM_RESET => {
+            crate::println!("[hyp] vm {} asked for SYSTEM_RESET; reset is not supported yet, stopping it", vcpu.vm.id);
+            vcpu.vm.stop(0);
+            return Action::Yield;
+        }
+        abi::HVC_EXIT => {
+            let status = a1.min(255) as i64;
+            crate::println!("[hyp] vm {} exited with status {status}", vcpu.vm.id);
+            vcpu.vm.stop(status);
+            return Action::Yield;
+        }
+        abi::HVC_VM_ID => vcpu.vm.id as u64,
+        _ => err(psci::error::NOT_SUPPORTED),
+    };
+    vcpu.regs.x[0] = ret;
+    Action::Continue
+}
+
+fn features(fid: u32) -> u64 {
+    match fid {
+        psci::PSCI_VERSION
+        | psci::PSCI_FEATURES
+        | psci::PSCI_CPU_ON_64
+        | psci::PSCI_CPU_ON_32
+        | psci::PSCI_CPU_OFF
+        | psci::PSCI_AFFINITY_INFO_64
+        | psci::PSCI_AFFINITY_INFO_32
+        | psci::PSCI_MIGRATE_INFO_TYPE
+        | psci::PSCI_SYSTEM_OFF
+        | psci::PSCI_SYSTEM_RESET => 0,
+        _ => err(psci::error::NOT_SUPPORTED),
+    }
+}
+
+/// vCPU index for an MPIDR affinity value the guest passes (see Vcpu::mpidr).
+fn vcpu_index(vcpu: &Vcpu, mpidr: u64) -> Option<usize> {
+    if mpidr & !0xff0f != 0 {
+        return None;
+    }
+    let index = ((mpidr >> 8) & 0xff) as usize * 16 + (mpidr & 0xf) as usize;
+    (index < vcpu.vm.nr_vcpus).then_some(index)
+}
+
+fn cpu_on(vcpu: &Vcpu, target: u64, entry: u64, context: u64) -> u64 {
+    let Some(index) = vcpu_index(vcpu, target) else {
+        return err(psci::error::INVALID_PARAMETERS);
+    };
+    if !vcpu.vm.ram.contains(entry) || entry & 3 != 0 {
+        return err(psci::error::INVALID_ADDRESS);
+    }
+    if index == vcpu.index || !vcpu.vm.power_on(index, entry, context) {
+        return err(psci::error::ALREADY_ON);
+    }
+    0
+}
+
+fn affinity_info(vcpu: &Vcpu, target: u64, level: u64) -> u64 {
+    let Some(index) = vcpu_index(vcpu, target) else {
+        return err(psci::error::INVALID_PARAMETERS);
+    };
+    if level != 0 {
+        return err(psci::error::INVALID_PARAMETERS);
+    }
+    if index == vcpu.index || vcpu.vm.vcpu_is_on(index) {
+        0
+    } else {
+        1
+    }
+}

@@ -1,0 +1,122 @@
+//! The scheduler: one global run queue of vCPUs shared by all physical CPUs,
+//! round-robin with time slices from the EL2 timer. More vCPUs than CPUs is
+//! the normal case once VMs fork. The run-queue lock is a scheduling lock: it
+//! never encloses a memory-manager lock.
+
+use crate::arch::{wfi, ExitKind};
+use crate::exit::Action;
+use crate::vcpu::{Power, Vcpu};
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use core::sync::atomic::{AtomicBool, Ordering};
+use platform::Board;
+use spin::{Mutex, Once};
+
+static RUNQ: Mutex<VecDeque<Box<Vcpu>>> = Mutex::new(VecDeque::new());
+static BOARD: Once<Board> = Once::new();
+/// Set once the boot CPU has created the initial VMs.
+pub static STARTED: AtomicBool = AtomicBool::new(false);
+/// Keep running with no VMs left (interactive use).
+pub static STAY_WHEN_IDLE: AtomicBool = AtomicBool::new(false);
+
+pub fn init(board: &Board) {
+    BOARD.call_once(|| board.clone());
+}
+
+pub fn enqueue(vcpu: Box<Vcpu>) {
+    RUNQ.lock().push_back(vcpu);
+    kick_all();
+}
+
+fn dequeue() -> Option<Box<Vcpu>> {
+    RUNQ.lock().pop_front()
+}
+
+fn queue_empty() -> bool {
+    RUNQ.lock().is_empty()
+}
+
+/// Makes every other online CPU leave its guest (or its WFI) and look again.
+pub fn kick_all() {
+    let Some(board) = BOARD.get() else { return };
+    let me = crate::percpu::cpu_index();
+    for (i, &mpidr) in board.cpus.iter().enumerate() {
+        if i != me && crate::percpu::get(i).online.load(Ordering::Acquire) {
+            crate::gic::send_sgi(crate::gic::SGI_KICK, mpidr);
+        }
+    }
+}
+
+/// Host interrupts seen while handling: whether this CPU's slice ended.
+fn handle_host_irqs() -> bool {
+    let mut slice_over = false;
+    while let Some(intid) = crate::gic::ack() {
+        if BOARD.get().is_some_and(|b| intid == b.hyp_timer_intid) {
+            crate::timer::arm_slice();
+            slice_over = true;
+        }
+        crate::gic::eoi(intid);
+    }
+    slice_over
+}
+
+/// Each physical CPU's life after boot.
+pub fn cpu_loop() -> ! {
+    crate::timer::arm_slice();
+    loop {
+        handle_host_irqs();
+        if crate::percpu::cpu_index() == 0 {
+            crate::cmd::poll();
+            exit_if_idle();
+        }
+        match dequeue() {
+            Some(vcpu) => run(vcpu),
+            None => wfi(),
+        }
+    }
+}
+
+/// With every VM gone, the machine ends with the worst VM exit status.
+fn exit_if_idle() {
+    if !STARTED.load(Ordering::Acquire) || STAY_WHEN_IDLE.load(Ordering::Relaxed) {
+        return;
+    }
+    if crate::vm::count() == 0 && crate::cmd::script_done() {
+        let status = crate::vm::WORST_STATUS.load(Ordering::Relaxed);
+        crate::println!("[hyp] no VMs left; exiting with status {status}");
+        crate::semihost::exit(status.clamp(0, 255) as u32);
+    }
+}
+
+/// Runs one vCPU for up to a time slice, then hands it back.
+fn run(vcpu: Box<Vcpu>) {
+    let vm = vcpu.vm.clone();
+    let Some(mut vcpu) = vm.settle(vcpu) else { return };
+    vcpu.load();
+    loop {
+        if vm.state() != crate::vm::VmState::Running || vcpu.power != Power::On {
+            break;
+        }
+        let kind = vcpu.enter();
+        vm.exits.fetch_add(1, Ordering::Relaxed);
+        crate::percpu::this_cpu().exits.fetch_add(1, Ordering::Relaxed);
+        let action = match kind {
+            ExitKind::Irq | ExitKind::Fiq => {
+                if handle_host_irqs() && !queue_empty() {
+                    Action::Yield
+                } else {
+                    Action::Continue
+                }
+            }
+            _ => crate::exit::handle(&mut vcpu, kind),
+        };
+        match action {
+            Action::Continue => {}
+            Action::Yield => break,
+        }
+    }
+    vcpu.put();
+    if let Some(v) = vm.settle(vcpu) {
+        RUNQ.lock().push_back(v);
+    }
+}

@@ -1,0 +1,25 @@
+//! The EL2 physical timer (CNTHP) drives time slices; guests keep the EL1
+//! virtual timer for themselves.
+
+use crate::arch::{read_sysreg, write_sysreg};
+
+/// A scheduling time slice.
+pub const SLICE_MS: u64 = 10;
+
+pub fn frequency() -> u64 {
+    read_sysreg!("cntfrq_el0")
+}
+
+pub fn now() -> u64 {
+    read_sysreg!("cntpct_el0")
+}
+
+/// Arms this CPU's EL2 timer to fire after one slice.
+pub fn arm_slice() {
+    write_sysreg!("cnthp_tval_el2", frequency() * SLICE_MS / 1000);
+    write_sysreg!("cnthp_ctl_el2", 1);
+}
+
+pub fn ms_to_ticks(ms: u64) -> u64 {
+    frequency() * ms / 1000
+}

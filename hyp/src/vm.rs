@@ -1,0 +1,257 @@
+//! Virtual machines: identity, lifecycle (create, pause, stop, tear down) and
+//! the table of live VMs. A VM's memory (stage-2 + frames) lives in
+//! `memory::GuestMemory` behind the VM's stage-2 lock.
+
+use crate::memory::GuestMemory;
+use crate::vcpu::{Power, Vcpu};
+use crate::vpl011::Vpl011;
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use platform::MemRange;
+use rmap::lock::{Level, OrderedMutex};
+use spin::Mutex;
+
+/// Guest RAM starts here, as on a bare QEMU virt.
+pub const GUEST_RAM_BASE: u64 = 0x4000_0000;
+/// Exit status of a VM the hypervisor stopped because of what it did.
+pub const STATUS_FAULT: i64 = 2;
+/// Most vCPUs per VM.
+pub const MAX_VCPUS: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VmState {
+    Running = 0,
+    Paused = 1,
+    /// Being stopped: vCPUs are dropped as the CPUs running them notice.
+    Stopping = 2,
+}
+
+impl VmState {
+    fn from_u8(v: u8) -> VmState {
+        match v {
+            0 => VmState::Running,
+            1 => VmState::Paused,
+            _ => VmState::Stopping,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+        }
+    }
+}
+
+pub struct Vm {
+    pub id: u32,
+    pub name: String,
+    pub nr_vcpus: usize,
+    pub ram: MemRange,
+    /// The VM's stage-2 lock (DESIGN.md level 4) and everything it guards.
+    pub memory: OrderedMutex<GuestMemory>,
+    pub uart: Mutex<Vpl011>,
+    state: AtomicU8,
+    /// vCPUs not in `parked`: queued or running on a CPU.
+    active_vcpus: AtomicUsize,
+    /// vCPUs that are off or paused. A scheduling structure: never held
+    /// together with a memory-manager lock.
+    parked: Mutex<Vec<Box<Vcpu>>>,
+    pub exit_status: AtomicI64,
+    torn_down: AtomicBool,
+    /// Guest exits handled (all vCPUs).
+    pub exits: AtomicUsize,
+}
+
+static VMS: Mutex<BTreeMap<u32, Arc<Vm>>> = Mutex::new(BTreeMap::new());
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+/// Worst exit status of any VM so far: the machine's exit status.
+pub static WORST_STATUS: AtomicI64 = AtomicI64::new(0);
+/// VMs ever created (so "no VMs left" is not confused with "none yet").
+pub static CREATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Errors creating a VM.
+#[derive(Debug)]
+pub enum VmError {
+    NoVmid,
+    NoMemory,
+    BadImage(&'static str),
+    BadConfig(&'static str),
+}
+
+impl core::fmt::Display for VmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VmError::NoVmid => f.write_str("no free VMID"),
+            VmError::NoMemory => f.write_str("out of memory"),
+            VmError::BadImage(why) => write!(f, "bad guest image: {why}"),
+            VmError::BadConfig(why) => write!(f, "bad VM configuration: {why}"),
+        }
+    }
+}
+
+impl Vm {
+    /// Creates a VM with empty memory and all vCPUs off and parked.
+    pub fn create(name: &str, nr_vcpus: usize, ram_size: u64) -> Result<Arc<Vm>, VmError> {
+        if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
+            return Err(VmError::BadConfig("vCPU count must be 1..=16"));
+        }
+        let ram = MemRange { base: GUEST_RAM_BASE, size: ram_size };
+        let memory = GuestMemory::new(ram)?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) as u32;
+        let vm = Arc::new(Vm {
+            id,
+            name: String::from(name),
+            nr_vcpus,
+            ram,
+            memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", memory),
+            uart: Mutex::new(Vpl011::default()),
+            state: AtomicU8::new(VmState::Running as u8),
+            active_vcpus: AtomicUsize::new(0),
+            parked: Mutex::new(Vec::new()),
+            exit_status: AtomicI64::new(0),
+            torn_down: AtomicBool::new(false),
+            exits: AtomicUsize::new(0),
+        });
+        let vcpus = (0..nr_vcpus).map(|i| Box::new(Vcpu::new(vm.clone(), i))).collect();
+        *vm.parked.lock() = vcpus;
+        VMS.lock().insert(id, vm.clone());
+        CREATED.fetch_add(1, Ordering::Relaxed);
+        Ok(vm)
+    }
+
+    pub fn state(&self) -> VmState {
+        VmState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Loads this VM's stage-2 translation on this CPU.
+    pub fn load_stage2(&self) {
+        let vttbr = self.memory.lock().vttbr();
+        crate::arch::write_sysreg!("vttbr_el2", vttbr);
+        crate::arch::isb();
+    }
+
+    /// Powers on vCPU `index` at `entry` with x0 = `context` (boot or PSCI CPU_ON).
+    /// Returns false if it is not parked and off.
+    pub fn power_on(&self, index: usize, entry: u64, context: u64) -> bool {
+        let mut vcpu = {
+            let mut parked = self.parked.lock();
+            let Some(pos) = parked.iter().position(|v| v.index == index && v.power == Power::Off) else {
+                return false;
+            };
+            // Counted active before the parking lock drops, so a concurrent
+            // stop() never sees zero active vCPUs while this one is in flight.
+            self.active_vcpus.fetch_add(1, Ordering::AcqRel);
+            parked.swap_remove(pos)
+        };
+        vcpu.reset(entry, context);
+        crate::sched::enqueue(vcpu);
+        true
+    }
+
+    /// Whether vCPU `index` is on (running, queued, or paused while on).
+    pub fn vcpu_is_on(&self, index: usize) -> bool {
+        let parked = self.parked.lock();
+        match parked.iter().find(|v| v.index == index) {
+            Some(v) => v.power == Power::On,
+            None => index < self.nr_vcpus,
+        }
+    }
+
+    /// Takes a vCPU that leaves a physical CPU or the run queue: parks it
+    /// (off, or VM paused), drops it (VM stopping), or says to requeue it.
+    pub fn settle(&self, vcpu: Box<Vcpu>) -> Option<Box<Vcpu>> {
+        match self.state() {
+            VmState::Running if vcpu.power == Power::On => return Some(vcpu),
+            VmState::Stopping => drop(vcpu),
+            _ => self.parked.lock().push(vcpu),
+        }
+        if self.active_vcpus.fetch_sub(1, Ordering::AcqRel) == 1 && self.state() == VmState::Stopping {
+            self.teardown();
+        }
+        None
+    }
+
+    /// Stops the VM with `status`. Running vCPUs are dropped when their CPUs
+    /// next look; the last one out tears the VM down.
+    pub fn stop(&self, status: i64) {
+        if self.state.swap(VmState::Stopping as u8, Ordering::AcqRel) == VmState::Stopping as u8 {
+            return;
+        }
+        self.exit_status.store(status, Ordering::Relaxed);
+        WORST_STATUS.fetch_max(status, Ordering::Relaxed);
+        let parked = core::mem::take(&mut *self.parked.lock());
+        drop(parked);
+        crate::sched::kick_all();
+        if self.active_vcpus.load(Ordering::Acquire) == 0 {
+            self.teardown();
+        }
+    }
+
+    pub fn pause(&self) -> bool {
+        let ok = self
+            .state
+            .compare_exchange(VmState::Running as u8, VmState::Paused as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if ok {
+            crate::sched::kick_all();
+        }
+        ok
+    }
+
+    pub fn resume(&self) -> bool {
+        if self
+            .state
+            .compare_exchange(VmState::Paused as u8, VmState::Running as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let on: Vec<Box<Vcpu>> = {
+            let mut parked = self.parked.lock();
+            let (on, off): (Vec<_>, Vec<_>) =
+                core::mem::take(&mut *parked).into_iter().partition(|v| v.power == Power::On);
+            *parked = off;
+            self.active_vcpus.fetch_add(on.len(), Ordering::AcqRel);
+            on
+        };
+        for v in on {
+            crate::sched::enqueue(v);
+        }
+        true
+    }
+
+    /// vCPUs currently queued or running.
+    pub fn active_vcpus(&self) -> usize {
+        self.active_vcpus.load(Ordering::Acquire)
+    }
+
+    /// Frees the VM's memory and removes it from the table. Runs once, when
+    /// no vCPU of a stopping VM is left on any CPU.
+    fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.memory.lock().teardown();
+        VMS.lock().remove(&self.id);
+        crate::println!("[hyp] vm {} ({}) stopped, status {}", self.id, self.name, self.exit_status.load(Ordering::Relaxed));
+    }
+}
+
+pub fn get(id: u32) -> Option<Arc<Vm>> {
+    VMS.lock().get(&id).cloned()
+}
+
+pub fn all() -> Vec<Arc<Vm>> {
+    VMS.lock().values().cloned().collect()
+}
+
+pub fn count() -> usize {
+    VMS.lock().len()
+}

@@ -1,0 +1,105 @@
+//! The per-VM emulated PL011 at the usual QEMU virt address. Transmit goes to
+//! the physical console a line at a time (labelled by VM when several exist);
+//! receive takes bytes the console routes to this VM.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use platform::pl011::{offset, ID_BYTES};
+
+/// Guest-physical base of the emulated UART (as on a bare QEMU virt).
+pub const VPL011_BASE: u64 = 0x0900_0000;
+pub const VPL011_SIZE: u64 = 0x1000;
+
+const FR_RXFE: u32 = 1 << 4;
+const FR_TXFE: u32 = 1 << 7;
+const RX_CAPACITY: usize = 256;
+const LINE_MAX: usize = 240;
+
+#[derive(Default)]
+pub struct Vpl011 {
+    line: Vec<u8>,
+    rx: VecDeque<u8>,
+    cr: u32,
+    lcr_h: u32,
+    ibrd: u32,
+    fbrd: u32,
+    ifls: u32,
+    imsc: u32,
+}
+
+/// What a trapped access produced for the console.
+pub enum Output {
+    None,
+    /// A complete line (or a full buffer) to print.
+    Line(Vec<u8>),
+}
+
+impl Vpl011 {
+    pub fn read(&mut self, off: u64) -> u32 {
+        match off {
+            offset::DR => self.rx.pop_front().map_or(0, u32::from),
+            offset::FR => FR_TXFE | if self.rx.is_empty() { FR_RXFE } else { 0 },
+            offset::CR => self.cr,
+            offset::LCR_H => self.lcr_h,
+            offset::IBRD => self.ibrd,
+            offset::FBRD => self.fbrd,
+            offset::IFLS => self.ifls,
+            offset::IMSC => self.imsc,
+            offset::RIS | offset::MIS => self.raw_interrupts() & if off == offset::MIS { self.imsc } else { !0 },
+            o if o >= offset::ID_START => ID_BYTES[((o - offset::ID_START) / 4) as usize % 8],
+            _ => 0,
+        }
+    }
+
+    pub fn write(&mut self, off: u64, value: u32) -> Output {
+        match off {
+            offset::DR => return self.transmit(value as u8),
+            offset::CR => self.cr = value,
+            offset::LCR_H => self.lcr_h = value,
+            offset::IBRD => self.ibrd = value,
+            offset::FBRD => self.fbrd = value,
+            offset::IFLS => self.ifls = value,
+            offset::IMSC => self.imsc = value,
+            _ => {}
+        }
+        Output::None
+    }
+
+    fn transmit(&mut self, b: u8) -> Output {
+        if b == b'\r' {
+            return Output::None;
+        }
+        self.line.push(b);
+        if b == b'\n' || self.line.len() >= LINE_MAX {
+            return Output::Line(core::mem::take(&mut self.line));
+        }
+        Output::None
+    }
+
+    /// A byte typed for this VM; dropped when the guest does not read.
+    pub fn push_rx(&mut self, b: u8) {
+        if self.rx.len() < RX_CAPACITY {
+            self.rx.push_back(b);
+        }
+    }
+
+    /// TX is always ready (we never stall a guest's output); RX when data waits.
+    fn raw_interrupts(&self) -> u32 {
+        let rx = if self.rx.is_empty() { 0 } else { (1 << 4) | (1 << 6) };
+        rx | (1 << 5)
+    }
+
+    /// Copies device state for a forked VM (a partial line goes with it).
+    pub fn clone_state(&self) -> Vpl011 {
+        Vpl011 {
+            line: self.line.clone(),
+            rx: VecDeque::new(),
+            cr: self.cr,
+            lcr_h: self.lcr_h,
+            ibrd: self.ibrd,
+            fbrd: self.fbrd,
+            ifls: self.ifls,
+            imsc: self.imsc,
+        }
+    }
+}
