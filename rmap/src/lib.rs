@@ -1,5 +1,11 @@
 //! The anon_vma reverse map of Linux, applied to virtual machines.
 //!
+//! A [`Frame`] (our `struct page`) points at an [`AnonVma`]; each anon_vma indexes the
+//! [`chain`]s of every [`Region`] (our `vm_area_struct`, a range of one VM's IPA space) that may
+//! map its frames; from a frame, [`Rmap::walk`] finds every VM and IPA mapping it. Fork,
+//! copy-on-write, migration and reclaim are written here as algorithms over small traits
+//! ([`backend`]) that the hypervisor implements with its stage-2 tables.
+//!
 //! See `README.md` for the design, the lock order and how each seed lesson is honoured.
 #![no_std]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -7,5 +13,93 @@
 
 extern crate alloc;
 
+pub mod anon_rmap;
+pub mod anon_vma;
+pub mod backend;
+pub mod chain;
+pub mod destroy;
+pub mod fault;
+pub mod fork;
+pub mod frame;
+pub mod interval;
 pub mod lock;
+pub mod migrate;
+pub mod pool;
+pub mod reclaim;
+pub mod region;
+pub mod walk;
+
+pub use anon_vma::{AnonHandle, AnonVma};
+pub use backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+pub use chain::{ChainHandle, ChainInfo};
+pub use destroy::UnlinkProof;
+pub use fault::Fault;
+pub use frame::{Frame, FrameGuard, FrameTable};
 pub use lock::lockdep;
+pub use region::{Region, RegionFlags, RegionList};
+pub use walk::{AnonRef, Mapper};
+
+use chain::Chain;
+use pool::Pool;
+
+/// A host frame number.
+pub type Pfn = u64;
+/// A guest intermediate physical address.
+pub type Ipa = u64;
+/// Size of a frame and of a stage-2 page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A VM's identity as the reverse map records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmId(pub u32);
+
+/// Why an operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// No region covers the address.
+    NoRegion,
+    /// Misaligned, empty or overlapping range.
+    BadRange,
+    /// The anon_vma pool is full.
+    OutOfAnonVmas,
+    /// The chain pool is full.
+    OutOfChains,
+    /// No free frame.
+    OutOfFrames,
+    /// The swap store is full.
+    OutOfSwap,
+    /// The frame is free, not anonymous, or no longer mapped.
+    NotMapped,
+    /// The frame is locked or pinned by someone else, or mapped where the walk may not go
+    /// (a temporary region): try later.
+    Busy,
+}
+
+/// The reverse map: frame metadata plus the type-stable pools of anon_vmas and chains.
+pub struct Rmap {
+    frames: FrameTable,
+    anon_pool: Pool<AnonVma>,
+    chain_pool: Pool<Chain>,
+}
+
+impl Rmap {
+    /// A reverse map over `frames` with room for `max_anon_vmas` anon_vmas and `max_chains`
+    /// chains (both allocated now; at most [`pool::MAX_SLOTS`] each).
+    pub fn new(frames: FrameTable, max_anon_vmas: usize, max_chains: usize) -> Self {
+        Rmap {
+            frames,
+            anon_pool: Pool::new(max_anon_vmas, "pool.anon_vma"),
+            chain_pool: Pool::new(max_chains, "pool.chain"),
+        }
+    }
+
+    /// The frame metadata table.
+    pub fn frames(&self) -> &FrameTable {
+        &self.frames
+    }
+
+    /// An anon_vma's slot, for inspection (e.g. the console's `rmap <pa>`).
+    pub fn anon_vma(&self, handle: AnonHandle) -> Option<&AnonVma> {
+        self.anon_pool.get(handle)
+    }
+}

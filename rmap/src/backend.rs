@@ -1,0 +1,106 @@
+//! What the reverse map needs from the outside, kept minimal and hardware-free. The hypervisor
+//! implements these with its stage-2 tables, VM table and frame allocator; `rmap::host` has
+//! plain in-memory implementations for tests.
+
+use crate::{Ipa, Pfn, VmId};
+
+/// A stage-2 leaf (or its software encoding in an invalid descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S2Entry {
+    /// Nothing mapped.
+    Invalid,
+    /// A valid page mapping.
+    Page {
+        /// The host frame.
+        pfn: Pfn,
+        /// Writable (false for copy-on-write sharing).
+        writable: bool,
+    },
+    /// The frame is being moved (migration or reclaim); a fault waits until the frame's lock
+    /// bit clears and retries.
+    Migration {
+        /// The frame being moved.
+        pfn: Pfn,
+        /// Whether the mapping was writable.
+        writable: bool,
+    },
+    /// The page's contents are in the swap store.
+    Swap {
+        /// The store's slot.
+        slot: u64,
+    },
+}
+
+impl S2Entry {
+    /// The frame this entry refers to (page or migration entry).
+    pub fn pfn(self) -> Option<Pfn> {
+        match self {
+            S2Entry::Page { pfn, .. } | S2Entry::Migration { pfn, .. } => Some(pfn),
+            _ => None,
+        }
+    }
+}
+
+/// A VM's stage-2 table while its lock is held (lock order level 4). Implementations do the
+/// TLB maintenance a change needs (break-before-make) inside `compare_exchange`.
+pub trait Stage2Locked {
+    /// The leaf at `ipa`.
+    fn lookup(&self, ipa: Ipa) -> S2Entry;
+    /// Replaces the leaf at `ipa` if it still is `old`; returns what was there otherwise.
+    fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry>;
+    /// Clears the access flag of a valid leaf; returns whether it was set.
+    fn test_and_clear_young(&mut self, ipa: Ipa) -> bool;
+    /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
+    /// destroy zaps with this).
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;
+}
+
+/// A VM's stage-2 table.
+pub trait Stage2 {
+    /// The locked table.
+    type Locked<'a>: Stage2Locked
+    where
+        Self: 'a;
+    /// Takes the stage-2 lock (level 4).
+    fn lock(&self) -> Self::Locked<'_>;
+    /// Takes the stage-2 lock as the second of a pair (the fork child's, after the parent's).
+    fn lock_nested(&self) -> Self::Locked<'_>;
+    /// Frees the table memory. Takes the proof that every region was unlinked from the reverse
+    /// map first, so no rmap walker can reach freed tables (DESIGN lesson 5).
+    fn free_tables(&self, proof: crate::UnlinkProof);
+}
+
+/// The set of live VMs, as the rmap walker sees it.
+pub trait VmSet {
+    /// A VM's stage-2.
+    type Vm: Stage2;
+    /// Runs `f` on VM `id`, or returns `None` if it does not exist or is being destroyed.
+    /// Implementations must keep the VM alive for the duration of `f` (e.g. an `Arc`) and
+    /// must not hold any memory-manager lock while calling `f`.
+    fn with_vm<R>(&self, id: VmId, f: impl FnOnce(&Self::Vm) -> R) -> Option<R>;
+}
+
+/// Host frames: allocation and contents.
+pub trait FrameAllocator {
+    /// A free frame, or `None` when memory is exhausted.
+    fn alloc(&self) -> Option<Pfn>;
+    /// Returns a frame whose last reference was dropped.
+    fn free(&self, pfn: Pfn);
+    /// Fills a frame with zeroes (before it reaches a VM).
+    fn zero(&self, pfn: Pfn);
+    /// Copies a frame's contents (CoW, migration). Code pages need I-cache maintenance after.
+    fn copy(&self, dst: Pfn, src: Pfn);
+}
+
+/// Where reclaimed pages go. Slots are reference-counted: one per swap entry in any stage-2,
+/// plus one held by whoever created or is loading the slot.
+pub trait SwapStore {
+    /// Saves a frame's contents into a new slot holding one reference; `None` if full.
+    fn store(&self, pfn: Pfn) -> Option<u64>;
+    /// Copies a slot's contents into a frame.
+    fn load(&self, slot: u64, pfn: Pfn);
+    /// Takes one more reference (a new swap entry, e.g. in a fork child).
+    fn dup(&self, slot: u64);
+    /// Drops one reference; the last frees the slot.
+    fn put(&self, slot: u64);
+}

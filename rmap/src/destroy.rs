@@ -1,0 +1,103 @@
+//! Region and VM teardown: zap the leaves, unlink from the reverse map, and only then let the
+//! stage-2 tables go (lesson 5: every table an rmap walk can reach is alive).
+
+use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::region::{Region, RegionList};
+use crate::{Ipa, Rmap, VmId, PAGE_SIZE};
+use core::ops::Range;
+
+/// Proof that every region of `vm` in `range` was unlinked from the reverse map: the only way
+/// to call [`Stage2::free_tables`]. It cannot be built outside this crate.
+#[must_use = "present it to Stage2::free_tables"]
+#[derive(Debug)]
+pub struct UnlinkProof {
+    vm: VmId,
+    range: Range<Ipa>,
+}
+
+impl UnlinkProof {
+    /// The VM whose regions were unlinked.
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    /// The IPA range no rmap walker can reach any more.
+    pub fn range(&self) -> Range<Ipa> {
+        self.range.clone()
+    }
+}
+
+impl Rmap {
+    /// Tears down every region of a VM (list write-locked): zaps leaves (dropping frame
+    /// mappings and swap references), then unlinks each region from the reverse map. The
+    /// returned proof lets the caller free the stage-2 tables.
+    pub fn destroy_vm<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        list: &mut RegionList,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+    ) -> UnlinkProof {
+        for start in list.starts() {
+            let region = list.take(start).expect("listed");
+            self.remove_region(region, s2, alloc, swap);
+        }
+        UnlinkProof {
+            vm: list.vm(),
+            range: 0..Ipa::MAX,
+        }
+    }
+
+    /// Removes one region (like `munmap`): zap, unlink, and a proof for its range.
+    pub fn unmap_region<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        list: &mut RegionList,
+        start: Ipa,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+    ) -> Option<UnlinkProof> {
+        let region = list.take(start)?;
+        let range = region.start()..region.end();
+        self.remove_region(region, s2, alloc, swap);
+        Some(UnlinkProof {
+            vm: list.vm(),
+            range,
+        })
+    }
+
+    fn remove_region<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        mut region: Region,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+    ) {
+        self.zap(&region, s2, alloc, swap);
+        self.unlink_region(&mut region);
+    }
+
+    /// Clears every leaf of `region`. A migration entry's frame already lost this mapping when
+    /// the entry was installed; the migrator simply will not find it again.
+    fn zap<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+    ) {
+        let mut table = s2.lock();
+        let mut from = region.start();
+        while let Some((ipa, entry)) = table.next_entry(from, region.end()) {
+            from = ipa + PAGE_SIZE;
+            table
+                .compare_exchange(ipa, entry, S2Entry::Invalid)
+                .expect("stage-2 locked");
+            match entry {
+                S2Entry::Page { pfn, .. } => self.remove_rmap(pfn, alloc),
+                S2Entry::Swap { slot } => swap.put(slot),
+                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+            }
+        }
+    }
+}

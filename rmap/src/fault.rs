@@ -1,0 +1,179 @@
+//! Stage-2 fault handling over the reverse map: demand-zero, copy-on-write (reuse a solely
+//! owned frame by re-homing it, or copy), swap-in, and waiting out a migration entry.
+
+use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::lock::OrderedRwLock;
+use crate::region::{Region, RegionList};
+use crate::{Error, Ipa, Pfn, Rmap, PAGE_SIZE};
+
+/// What the faulting vCPU does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The entry is now usable: re-enter the guest.
+    Done,
+    /// Someone else changed the entry, or it is a migration entry whose frame is locked:
+    /// wait ([`Rmap::wait_frame_unlocked`]) and fault again.
+    Retry(Option<Pfn>),
+}
+
+impl Rmap {
+    /// Handles a stage-2 fault at `ipa` in the VM whose region list is `regions` (taken for
+    /// read; briefly for write on the first fault of a region, to prepare its anon_vma).
+    pub fn handle_fault<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        regions: &OrderedRwLock<RegionList>,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+        ipa: Ipa,
+        write: bool,
+    ) -> Result<Fault, Error> {
+        let ipa = ipa & !(PAGE_SIZE - 1);
+        {
+            let list = regions.read();
+            let region = list.find(ipa).ok_or(Error::NoRegion)?;
+            if region.anon_vma().is_some() {
+                return self.fault_locked(region, s2, alloc, swap, ipa, write);
+            }
+        }
+        self.anon_vma_prepare(&mut regions.write(), ipa)?;
+        Ok(Fault::Retry(None))
+    }
+
+    /// Handles a fault with the region list read-locked and the region's anon_vma prepared.
+    pub fn fault_locked<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+        ipa: Ipa,
+        write: bool,
+    ) -> Result<Fault, Error> {
+        let entry = s2.lock().lookup(ipa);
+        match entry {
+            S2Entry::Invalid => self.fault_new_frame(region, s2, alloc, ipa, None),
+            S2Entry::Page {
+                pfn,
+                writable: false,
+            } if write => self.fault_cow(region, s2, alloc, ipa, pfn),
+            S2Entry::Page { .. } => Ok(Fault::Done),
+            S2Entry::Migration { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
+            S2Entry::Swap { slot } => {
+                let load = |pfn| swap.load(slot, pfn);
+                let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, load)?;
+                if done == Fault::Done {
+                    swap.put(slot);
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    /// Spins until `pfn`'s lock bit clears (a migration or reclaim finished).
+    pub fn wait_frame_unlocked(&self, pfn: Pfn) {
+        while self.frames.frame(pfn).is_locked() {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn fault_new_frame<S: Stage2, A: FrameAllocator>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        ipa: Ipa,
+        _: Option<()>,
+    ) -> Result<Fault, Error> {
+        self.fault_new_frame_from(region, s2, alloc, ipa, S2Entry::Invalid, |_| ())
+    }
+
+    /// A fresh exclusive frame (zeroed, then filled by `fill`) replaces `old` at `ipa`.
+    fn fault_new_frame_from<S: Stage2, A: FrameAllocator>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        ipa: Ipa,
+        old: S2Entry,
+        fill: impl FnOnce(Pfn),
+    ) -> Result<Fault, Error> {
+        let pfn = self.alloc_frame(alloc)?;
+        fill(pfn);
+        self.add_new_anon_rmap(pfn, region, ipa, true);
+        let new = S2Entry::Page {
+            pfn,
+            writable: true,
+        };
+        let installed = s2.lock().compare_exchange(ipa, old, new);
+        if installed.is_err() {
+            self.remove_rmap(pfn, alloc);
+        }
+        self.put_frame(pfn, alloc);
+        Ok(installed.map_or(Fault::Retry(None), |_| Fault::Done))
+    }
+
+    /// A write to a read-only (CoW) page. Linux's `do_wp_page`: a frame this region solely maps
+    /// is re-homed to the region's own anon_vma and made writable; a shared one is copied.
+    fn fault_cow<S: Stage2, A: FrameAllocator>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        ipa: Ipa,
+        pfn: Pfn,
+    ) -> Result<Fault, Error> {
+        let frame = self.frames.frame(pfn);
+        if !frame.try_pin() {
+            return Ok(Fault::Retry(None));
+        }
+        let guard = self.frames.lock(pfn);
+        let old = S2Entry::Page {
+            pfn,
+            writable: false,
+        };
+        let result = {
+            let mut table = s2.lock();
+            if table.lookup(ipa) != old {
+                Ok(Fault::Retry(None))
+            } else if frame.mapcount() == 1 && frame.refcount() == 2 {
+                // Sole owner (one mapping plus our pin): reuse instead of copying.
+                self.move_anon_rmap(&guard, region);
+                let new = S2Entry::Page {
+                    pfn,
+                    writable: true,
+                };
+                table
+                    .compare_exchange(ipa, old, new)
+                    .expect("entry checked under lock");
+                Ok(Fault::Done)
+            } else {
+                drop(table);
+                self.cow_copy(region, s2, alloc, ipa, pfn)
+            }
+        };
+        drop(guard);
+        self.put_frame(pfn, alloc);
+        result
+    }
+
+    fn cow_copy<S: Stage2, A: FrameAllocator>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        ipa: Ipa,
+        pfn: Pfn,
+    ) -> Result<Fault, Error> {
+        let old = S2Entry::Page {
+            pfn,
+            writable: false,
+        };
+        let done =
+            self.fault_new_frame_from(region, s2, alloc, ipa, old, |new| alloc.copy(new, pfn))?;
+        if done == Fault::Done {
+            self.remove_rmap(pfn, alloc);
+        }
+        Ok(done)
+    }
+}

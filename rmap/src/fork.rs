@@ -1,0 +1,121 @@
+//! VM fork: regions cloned, chains linked (Linux's `anon_vma_fork` / `anon_vma_clone`), then
+//! stage-2 entries copied read-only, in time proportional to the mapped entries.
+
+use crate::backend::{S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::region::{Region, RegionList};
+use crate::{Error, Rmap, VmId, PAGE_SIZE};
+
+impl Rmap {
+    /// Forks `parent` (write-locked: no fault may change its entries meanwhile) into `child`
+    /// (write-locked, empty). Every region is cloned and linked into the reverse map *before*
+    /// its entries are copied, so a concurrent migration walk that misses a child entry is
+    /// guaranteed to visit it later (the child's chains sit at the tail). On error the child
+    /// keeps what was already forked; destroy it.
+    pub fn fork_vm<S: Stage2, W: SwapStore>(
+        &self,
+        parent: &mut RegionList,
+        parent_s2: &S,
+        child: &mut RegionList,
+        child_s2: &S,
+        swap: &W,
+    ) -> Result<(), Error> {
+        assert!(child.is_empty(), "fork into a VM with regions");
+        let child_vm = child.vm();
+        for region in parent.iter() {
+            let mut clone = self.region_clone(region);
+            if let Err(e) = self.anon_vma_fork(&mut clone, region, child_vm) {
+                self.unlink_region(&mut clone);
+                return Err(e);
+            }
+            child.insert(clone);
+            self.copy_entries(region, parent_s2, child_s2, swap);
+        }
+        Ok(())
+    }
+
+    /// Links a child region to its parent's lineage (Linux's `anon_vma_fork`): a chain to every
+    /// anon_vma the parent region is linked to, in the parent's order, each new chain at the
+    /// tail; then its own anon_vma, reusing a family member that has no live region and fewer
+    /// than two children (exact counts: the CVE-2022-42703 fix), or a new child of the parent's.
+    pub fn anon_vma_fork(
+        &self,
+        child: &mut Region,
+        parent: &Region,
+        child_vm: VmId,
+    ) -> Result<(), Error> {
+        let Some(parent_anon) = parent.anon_vma() else {
+            return Ok(()); // nothing faulted yet: the child prepares lazily
+        };
+        let mut family = self.lock_family_write(parent_anon);
+        for &chain in parent.chains() {
+            let anon_vma = self.chain_info(chain).anon_vma;
+            self.link(&mut family, anon_vma, child_vm, child)?;
+            let node = family.node_mut(anon_vma);
+            if child.anon_vma.is_none() && node.num_active_regions == 0 && node.num_children < 2 {
+                child.anon_vma = Some(anon_vma);
+            }
+        }
+        if let Some(reused) = child.anon_vma {
+            family.node_mut(reused).num_active_regions += 1;
+            return Ok(());
+        }
+        // The new anon_vma joins the family under the root lock we hold, before it is
+        // published in the region (lesson 1).
+        let own = self.alloc_anon_vma(Some(parent_anon))?;
+        family.insert(own);
+        if let Err(e) = self.link(&mut family, own, child_vm, child) {
+            family.remove(own);
+            drop(family);
+            self.put_anon_vma(own);
+            return Err(e);
+        }
+        family.node_mut(own).num_active_regions += 1;
+        family.node_mut(parent_anon).num_children += 1;
+        child.anon_vma = Some(own);
+        Ok(())
+    }
+
+    /// Copies a region's leaves into the child, making both read-only (CoW). Both stage-2
+    /// locks are held for the whole copy (parent's first), like Linux's two PTE locks, so a
+    /// walker sees each leaf either before it was copied or in both VMs.
+    fn copy_entries<S: Stage2, W: SwapStore>(
+        &self,
+        region: &Region,
+        parent_s2: &S,
+        child_s2: &S,
+        swap: &W,
+    ) {
+        let mut parent = parent_s2.lock();
+        let mut child = child_s2.lock_nested();
+        let mut from = region.start();
+        while let Some((ipa, entry)) = parent.next_entry(from, region.end()) {
+            from = ipa + PAGE_SIZE;
+            let shared = match entry {
+                S2Entry::Page { pfn, .. } => {
+                    self.add_anon_rmap(pfn);
+                    S2Entry::Page {
+                        pfn,
+                        writable: false,
+                    }
+                }
+                S2Entry::Migration { pfn, .. } => S2Entry::Migration {
+                    pfn,
+                    writable: false,
+                },
+                S2Entry::Swap { slot } => {
+                    swap.dup(slot);
+                    entry
+                }
+                S2Entry::Invalid => continue,
+            };
+            if shared != entry {
+                parent
+                    .compare_exchange(ipa, entry, shared)
+                    .expect("parent locked");
+            }
+            child
+                .compare_exchange(ipa, S2Entry::Invalid, shared)
+                .expect("fork child starts empty");
+        }
+    }
+}

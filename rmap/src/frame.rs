@@ -1,0 +1,270 @@
+//! Per-frame metadata (our `struct page`) and the table that holds it for a PFN range.
+
+use crate::anon_vma::AnonHandle;
+use crate::lock::{lockdep, Level, LockClass};
+use crate::Pfn;
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+
+/// The frame is locked (migration, reclaim, CoW reuse, re-homing).
+pub const FRAME_LOCKED: u16 = 1 << 0;
+/// The frame is allocated (owned by some VM mapping or a caller's pin).
+pub const FRAME_ALLOCATED: u16 = 1 << 1;
+/// The frame holds anonymous guest memory and `anon_vma` is meaningful.
+pub const FRAME_ANON: u16 = 1 << 2;
+
+const FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "frame.lock");
+
+/// Metadata for one 4 KiB host frame: 16 bytes.
+///
+/// `mapcount` counts stage-2 leaf entries that map the frame; `refcount` counts those plus
+/// temporary pins (a migration or reclaim in progress). `anon_vma` is a generation-checked
+/// handle that, like `page->mapping`, may be stale when read without the frame lock; `index`
+/// is the frame's page offset in its regions' linear space (like `page->index`), so the IPA in
+/// a region is `region.start + (index - region.pgoff) * 4 KiB`. Page offsets are 32-bit, which
+/// covers a 44-bit IPA space.
+#[repr(C)]
+#[derive(Default)]
+pub struct Frame {
+    flags: AtomicU16,
+    mapcount: AtomicU16,
+    refcount: AtomicU32,
+    anon_vma: AtomicU32,
+    index: AtomicU32,
+}
+
+impl Frame {
+    /// Flag bits (`FRAME_*`).
+    pub fn flags(&self) -> u16 {
+        self.flags.load(Ordering::Acquire)
+    }
+
+    /// How many stage-2 entries map this frame.
+    pub fn mapcount(&self) -> u32 {
+        u32::from(self.mapcount.load(Ordering::Acquire))
+    }
+
+    /// Whether any stage-2 entry maps this frame.
+    pub fn is_mapped(&self) -> bool {
+        self.mapcount() > 0
+    }
+
+    /// Mappings plus pins.
+    pub fn refcount(&self) -> u32 {
+        self.refcount.load(Ordering::Acquire)
+    }
+
+    /// The anon_vma this frame belongs to (possibly stale unless the frame is locked).
+    pub fn anon_vma(&self) -> Option<AnonHandle> {
+        match self.anon_vma.load(Ordering::Acquire) {
+            0 => None,
+            raw => Some(AnonHandle::from_raw(raw)),
+        }
+    }
+
+    /// Page offset in the linear space of the regions that map it.
+    pub fn index(&self) -> u64 {
+        u64::from(self.index.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn init_allocated(&self) {
+        self.mapcount.store(0, Ordering::Relaxed);
+        self.anon_vma.store(0, Ordering::Relaxed);
+        self.index.store(0, Ordering::Relaxed);
+        self.refcount.store(1, Ordering::Relaxed);
+        self.flags.store(FRAME_ALLOCATED, Ordering::Release);
+    }
+
+    /// Sets the reverse-map identity of a frame nobody else can see yet (a new frame, or one
+    /// whose lock the caller holds).
+    pub(crate) fn set_anon(&self, anon_vma: AnonHandle, index: u64) {
+        let index = u32::try_from(index).expect("page offset beyond 32 bits");
+        self.index.store(index, Ordering::Relaxed);
+        self.anon_vma.store(anon_vma.raw(), Ordering::Release);
+        self.flags.fetch_or(FRAME_ANON, Ordering::Release);
+    }
+
+    pub(crate) fn inc_map(&self) {
+        let old = self.mapcount.fetch_add(1, Ordering::AcqRel);
+        assert!(old < u16::MAX, "mapcount overflow");
+        self.refcount.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops one mapping; returns true if that was the last reference.
+    #[must_use]
+    pub(crate) fn dec_map(&self) -> bool {
+        let old = self.mapcount.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "mapcount underflow");
+        self.put()
+    }
+
+    /// Pins an allocated frame (increment-if-not-zero). False if it is free.
+    pub(crate) fn try_pin(&self) -> bool {
+        let mut refs = self.refcount.load(Ordering::Relaxed);
+        while refs != 0 {
+            match self.refcount.compare_exchange_weak(
+                refs,
+                refs + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => refs = seen,
+            }
+        }
+        false
+    }
+
+    /// Drops a reference; true if it was the last (the caller frees the frame).
+    #[must_use]
+    pub(crate) fn put(&self) -> bool {
+        let old = self.refcount.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "refcount underflow");
+        old == 1
+    }
+
+    pub(crate) fn clear(&self) {
+        debug_assert_eq!(self.mapcount(), 0);
+        self.anon_vma.store(0, Ordering::Release);
+        self.flags.store(0, Ordering::Release);
+    }
+
+    fn try_lock_bit(&self) -> bool {
+        self.flags.fetch_or(FRAME_LOCKED, Ordering::Acquire) & FRAME_LOCKED == 0
+    }
+
+    fn unlock_bit(&self) {
+        self.flags.fetch_and(!FRAME_LOCKED, Ordering::Release);
+    }
+
+    /// Whether the lock bit is set.
+    pub fn is_locked(&self) -> bool {
+        self.flags() & FRAME_LOCKED != 0
+    }
+}
+
+/// Proof that the caller holds a frame's lock bit; unlocks on drop.
+pub struct FrameGuard<'a> {
+    frame: &'a Frame,
+    pfn: Pfn,
+}
+
+impl FrameGuard<'_> {
+    /// The locked frame's number.
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+
+    /// The locked frame's metadata.
+    pub fn frame(&self) -> &Frame {
+        self.frame
+    }
+}
+
+impl Drop for FrameGuard<'_> {
+    fn drop(&mut self) {
+        self.frame.unlock_bit();
+        lockdep::release(self.frame as *const Frame as usize);
+    }
+}
+
+/// Metadata for every frame of a contiguous PFN range.
+pub struct FrameTable {
+    base: Pfn,
+    frames: Box<[Frame]>,
+}
+
+impl FrameTable {
+    /// Metadata for PFNs `base .. base + count`.
+    pub fn new(base: Pfn, count: usize) -> Self {
+        let frames = (0..count).map(|_| Frame::default()).collect();
+        FrameTable { base, frames }
+    }
+
+    /// The metadata of `pfn`, if in range.
+    pub fn get(&self, pfn: Pfn) -> Option<&Frame> {
+        let offset = pfn.checked_sub(self.base)?;
+        self.frames.get(usize::try_from(offset).ok()?)
+    }
+
+    /// The metadata of `pfn`; panics if out of range (a hypervisor bug).
+    pub fn frame(&self, pfn: Pfn) -> &Frame {
+        self.get(pfn)
+            .unwrap_or_else(|| panic!("pfn {pfn:#x} outside the frame table"))
+    }
+
+    /// First PFN covered.
+    pub fn base(&self) -> Pfn {
+        self.base
+    }
+
+    /// Number of frames covered.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether the table covers no frame.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Iterates `(pfn, frame)`.
+    pub fn iter(&self) -> impl Iterator<Item = (Pfn, &Frame)> {
+        (self.base..).zip(self.frames.iter())
+    }
+
+    /// Locks a frame (lock order level 2), spinning while another CPU holds it.
+    pub fn lock(&self, pfn: Pfn) -> FrameGuard<'_> {
+        let frame = self.frame(pfn);
+        let id = frame as *const Frame as usize;
+        lockdep::check(FRAME_LOCK, id);
+        while !frame.try_lock_bit() {
+            core::hint::spin_loop();
+        }
+        lockdep::record(FRAME_LOCK, id);
+        FrameGuard { frame, pfn }
+    }
+
+    /// Locks a frame if it is free to lock (exempt from the order check: it never waits).
+    pub fn try_lock(&self, pfn: Pfn) -> Option<FrameGuard<'_>> {
+        let frame = self.frame(pfn);
+        if !frame.try_lock_bit() {
+            return None;
+        }
+        lockdep::record(FRAME_LOCK, frame as *const Frame as usize);
+        Some(FrameGuard { frame, pfn })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_is_16_bytes() {
+        assert_eq!(core::mem::size_of::<Frame>(), 16);
+    }
+
+    #[test]
+    fn lock_bit_excludes() {
+        let table = FrameTable::new(0x100, 4);
+        let guard = table.lock(0x101);
+        assert!(table.frame(0x101).is_locked());
+        assert!(table.try_lock(0x101).is_none());
+        drop(guard);
+        assert!(table.try_lock(0x101).is_some());
+        assert!(table.get(0x104).is_none());
+        assert!(table.get(0xff).is_none());
+    }
+
+    #[test]
+    fn pin_only_allocated_frames() {
+        let table = FrameTable::new(0, 1);
+        let frame = table.frame(0);
+        assert!(!frame.try_pin());
+        frame.init_allocated();
+        assert!(frame.try_pin());
+        assert!(!frame.put());
+        assert!(frame.put());
+    }
+}

@@ -1,0 +1,125 @@
+//! Frame migration (Linux's `migrate_pages` for one anonymous folio): lock the frame, pin its
+//! anon_vma, replace every mapping with a migration entry, copy, move the metadata, and replace
+//! the migration entries with mappings of the new frame. Faults on a migration entry wait for
+//! the frame lock. Reclaim reuses the first and last steps.
+
+use crate::backend::{FrameAllocator, S2Entry, Stage2Locked, VmSet};
+use crate::walk::{AnonRef, Mapper};
+use crate::{Error, Pfn, Rmap};
+use core::ops::ControlFlow;
+
+impl Rmap {
+    /// Moves the contents and mappings of `pfn` to a new frame; returns the new frame.
+    /// `Busy` if the frame is mapped where the walk may not go (a temporary region).
+    pub fn migrate_frame<V: VmSet, A: FrameAllocator>(
+        &self,
+        vms: &V,
+        alloc: &A,
+        pfn: Pfn,
+    ) -> Result<Pfn, Error> {
+        let frame = self.frames.get(pfn).ok_or(Error::NotMapped)?;
+        if !frame.try_pin() {
+            return Err(Error::NotMapped);
+        }
+        let result = self.migrate_pinned(vms, alloc, pfn);
+        self.put_frame(pfn, alloc);
+        result
+    }
+
+    fn migrate_pinned<V: VmSet, A: FrameAllocator>(
+        &self,
+        vms: &V,
+        alloc: &A,
+        pfn: Pfn,
+    ) -> Result<Pfn, Error> {
+        let _guard = self.frames.lock(pfn);
+        let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
+        let frame = self.frames.frame(pfn);
+        let index = frame.index();
+        let new = self.alloc_frame(alloc)?;
+        let new_guard = self
+            .frames
+            .try_lock(new)
+            .expect("a fresh frame is unlocked");
+        if let Err(e) = self.unmap_to_migration(&pin, index, pfn, vms) {
+            drop(new_guard);
+            self.put_frame(new, alloc);
+            return Err(e);
+        }
+        alloc.copy(new, pfn);
+        let anon_vma = frame
+            .anon_vma()
+            .expect("locked anon frame keeps its anon_vma");
+        self.frames.frame(new).set_anon(anon_vma, index);
+        self.remove_migration_entries(&pin, index, pfn, vms, |writable| {
+            self.add_anon_rmap(new);
+            S2Entry::Page { pfn: new, writable }
+        });
+        drop(new_guard);
+        self.put_frame(new, alloc);
+        Ok(new)
+    }
+
+    /// Replaces every mapping of the locked frame `pfn` with a migration entry (Linux's
+    /// `try_to_migrate`). If some mapping could not be reached, puts them back and fails.
+    pub(crate) fn unmap_to_migration<V: VmSet>(
+        &self,
+        pin: &AnonRef<'_>,
+        index: u64,
+        pfn: Pfn,
+        vms: &V,
+    ) -> Result<(), Error> {
+        let frame = self.frames.frame(pfn);
+        self.walk_pinned(
+            pin,
+            index,
+            pfn,
+            vms,
+            |m: &Mapper, s2: &mut dyn Stage2Locked| {
+                if let S2Entry::Page { writable, .. } = m.entry {
+                    let migration = S2Entry::Migration { pfn, writable };
+                    s2.compare_exchange(m.ipa, m.entry, migration)
+                        .expect("stage-2 locked");
+                    let last = frame.dec_map();
+                    debug_assert!(!last, "the migrator's pin keeps the frame");
+                }
+                ControlFlow::Continue(())
+            },
+        );
+        if frame.mapcount() == 0 {
+            return Ok(());
+        }
+        self.remove_migration_entries(pin, index, pfn, vms, |writable| {
+            self.add_anon_rmap(pfn);
+            S2Entry::Page { pfn, writable }
+        });
+        Err(Error::Busy)
+    }
+
+    /// Replaces every migration entry for `pfn` with `replacement(writable)` (Linux's
+    /// `remove_migration_ptes`). The walk visits a fork child after its parent, so an entry
+    /// a concurrent fork copies from a not-yet-visited parent is still found.
+    pub(crate) fn remove_migration_entries<V: VmSet>(
+        &self,
+        pin: &AnonRef<'_>,
+        index: u64,
+        pfn: Pfn,
+        vms: &V,
+        mut replacement: impl FnMut(bool) -> S2Entry,
+    ) {
+        self.walk_pinned(
+            pin,
+            index,
+            pfn,
+            vms,
+            |m: &Mapper, s2: &mut dyn Stage2Locked| {
+                if let S2Entry::Migration { writable, .. } = m.entry {
+                    let new = replacement(writable);
+                    s2.compare_exchange(m.ipa, m.entry, new)
+                        .expect("stage-2 locked");
+                }
+                ControlFlow::Continue(())
+            },
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! Reclaim (Linux's `shrink_folio_list` for one anonymous folio): unmap every mapping into a
+//! migration entry (faults wait), write the contents to the swap store while no VM can write,
+//! replace the migration entries with swap entries, free the frame. Swap-in is in `fault`.
+
+use crate::backend::{FrameAllocator, S2Entry, SwapStore, VmSet};
+use crate::{Error, Pfn, Rmap};
+
+impl Rmap {
+    /// Pushes `pfn` out to `swap`; returns the slot. Skips (`Busy`) a frame that is locked or
+    /// mapped in a temporary region.
+    pub fn reclaim_frame<V: VmSet, A: FrameAllocator, W: SwapStore>(
+        &self,
+        vms: &V,
+        alloc: &A,
+        swap: &W,
+        pfn: Pfn,
+    ) -> Result<u64, Error> {
+        let frame = self.frames.get(pfn).ok_or(Error::NotMapped)?;
+        if !frame.try_pin() {
+            return Err(Error::NotMapped);
+        }
+        let result = self.reclaim_pinned(vms, swap, pfn);
+        self.put_frame(pfn, alloc);
+        result
+    }
+
+    fn reclaim_pinned<V: VmSet, W: SwapStore>(
+        &self,
+        vms: &V,
+        swap: &W,
+        pfn: Pfn,
+    ) -> Result<u64, Error> {
+        // Reclaim never waits for a frame lock: someone busy with the frame wants it resident.
+        let _guard = self.frames.try_lock(pfn).ok_or(Error::Busy)?;
+        let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
+        let index = self.frames.frame(pfn).index();
+        self.unmap_to_migration(&pin, index, pfn, vms)?;
+        let Some(slot) = swap.store(pfn) else {
+            self.remove_migration_entries(&pin, index, pfn, vms, |writable| {
+                self.add_anon_rmap(pfn);
+                S2Entry::Page { pfn, writable }
+            });
+            return Err(Error::OutOfSwap);
+        };
+        self.remove_migration_entries(&pin, index, pfn, vms, |_| {
+            swap.dup(slot);
+            S2Entry::Swap { slot }
+        });
+        swap.put(slot);
+        Ok(slot)
+    }
+}
