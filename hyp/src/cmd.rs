@@ -125,6 +125,11 @@ pub fn execute(line: &str) {
         "pause" => parse_vm(words.next()).and_then(|v| ok_or(v.pause(), "not running")),
         "resume" => parse_vm(words.next()).and_then(|v| ok_or(v.resume(), "not paused")),
         "destroy" => parse_vm(words.next()).map(|v| v.stop(0)),
+        "quit" => {
+            let status = vm::WORST_STATUS.load(Ordering::Relaxed);
+            crate::println!("[hyp] quit: exiting with status {status}");
+            crate::semihost::exit(status.clamp(0, 255) as u32)
+        }
         _ => Err(alloc::format!("unknown command '{cmd}' (try `help`)")),
     };
     if let Err(e) = result {
@@ -142,7 +147,7 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
 
 fn help() {
     crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
+        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
     );
 }
 

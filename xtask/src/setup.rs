@@ -32,6 +32,10 @@ fn rust_targets() -> Result<(), String> {
             run("rustup", &["target", "add", t])?;
         }
     }
+    let clippy = Command::new("cargo").args(["clippy", "--version"]).output();
+    if !clippy.is_ok_and(|o| o.status.success()) {
+        run("rustup", &["component", "add", "clippy"])?;
+    }
     if crate::build::objcopy().is_none() {
         run("rustup", &["component", "add", "llvm-tools-preview"])?;
     }
