@@ -1,22 +1,117 @@
-use crate::{CasError, Descriptor, Error, Flusher, LeafInfo, Stage2Table, SwEntry, TableMemory};
+//! Single-leaf operations: software entries, compare-and-swap, Access flag.
+
+use super::split::{page_slot, path_cost};
+use super::{cas, load_settled, locked, Reserve};
+use crate::flush::OpFlush;
+use crate::{
+    level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
+    SwEntry, TableMemory, LAST_LEVEL, PAGE_SIZE,
+};
+use core::sync::atomic::Ordering;
+
+/// [`Stage2Table::set_software`].
 pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
-    _t: &Stage2Table<M>,
-    _ipa: u64,
-    _e: SwEntry,
-    _tlb: &F,
+    t: &Stage2Table<M>,
+    ipa: u64,
+    entry: SwEntry,
+    tlb: &F,
 ) -> Result<Option<LeafInfo>, Error> {
-    todo!()
+    let mut reserve = Reserve::new(&t.mem, path_cost(t, ipa)?)?;
+    let mut flush = OpFlush::new(tlb, t.vttbr());
+    let slot =
+        page_slot(t, ipa, true, &mut reserve, &mut flush).map_err(|_| Error::BadDescriptor)?;
+    let new = Descriptor::software(entry);
+    let base = ipa & !(PAGE_SIZE - 1);
+    loop {
+        let old = load_settled(slot);
+        if cas(slot, old, new).is_ok() {
+            t.counters.account(LAST_LEVEL, old, new);
+            if old.is_valid() {
+                flush.changed(base, LAST_LEVEL);
+            }
+            return Ok(LeafInfo::decode(base, LAST_LEVEL, old));
+        }
+    }
 }
+
+/// Checks `new` may be stored in a leaf slot of `level`.
+fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
+    match new.kind(level) {
+        DescriptorKind::Empty
+        | DescriptorKind::Leaf { .. }
+        | DescriptorKind::Software(SwEntry::Locked) => Ok(()),
+        DescriptorKind::Software(_) if level == LAST_LEVEL => Ok(()),
+        _ => Err(Error::BadDescriptor),
+    }
+}
+
+/// Whether changing the valid `old` into `new` needs a TLB invalidation: anything but setting
+/// the Access flag or changing software bits.
+fn needs_invalidation(old: Descriptor, new: Descriptor) -> bool {
+    const AF: u64 = 1 << 10;
+    const SW: u64 = 0xF << 55;
+    let af_set = if new.raw() & AF != 0 { AF } else { 0 };
+    !new.is_valid() || (old.raw() ^ new.raw()) & !SW & !af_set != 0
+}
+
+/// [`Stage2Table::compare_exchange_leaf`].
 pub(crate) fn compare_exchange_leaf<M: TableMemory, F: Flusher + ?Sized>(
-    _t: &Stage2Table<M>,
-    _ipa: u64,
-    _level: u8,
-    _e: Descriptor,
-    _n: Descriptor,
-    _tlb: &F,
+    t: &Stage2Table<M>,
+    ipa: u64,
+    level: u8,
+    expected: Descriptor,
+    new: Descriptor,
+    tlb: &F,
 ) -> Result<(), CasError> {
-    todo!()
+    if !(t.cfg.start_level().max(1)..=LAST_LEVEL).contains(&level) {
+        return Err(CasError::Invalid(Error::BadDescriptor));
+    }
+    check_new(new, level).map_err(CasError::Invalid)?;
+    let (found, slot) = t.find_slot(ipa, level).map_err(CasError::Invalid)?;
+    if found != level {
+        let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
+        return Err(CasError::NoSlot {
+            level: found,
+            found: d,
+        });
+    }
+    let base = ipa & !(level_size(level) - 1);
+    let flush = &mut OpFlush::new(tlb, t.vttbr());
+    let bbm = expected.is_valid() && new.is_valid() && expected.bbm_bits() != new.bbm_bits();
+    let was_exec = expected.is_valid() && expected.perm().exec && !bbm;
+    if new.is_valid() && new.perm().exec && !was_exec {
+        flush.icache(new.output_address(level), level_size(level));
+    }
+    if bbm {
+        cas(slot, expected, Descriptor::from_raw(locked())).map_err(CasError::Mismatch)?;
+        flush.break_now(base, level);
+        slot.store(new.raw(), Ordering::Release);
+    } else {
+        cas(slot, expected, new).map_err(CasError::Mismatch)?;
+        if expected.is_valid() && needs_invalidation(expected, new) {
+            flush.changed(base, level);
+        }
+    }
+    t.counters.account(level, expected, new);
+    Ok(())
 }
-pub(crate) fn update_young<M: TableMemory>(_t: &Stage2Table<M>, _ipa: u64, _young: bool) -> bool {
-    todo!()
+
+/// Sets or clears the Access flag of the valid leaf translating `ipa`. Returns whether a valid
+/// leaf was found (setting) or whether the flag was set (clearing).
+pub(crate) fn update_young<M: TableMemory>(t: &Stage2Table<M>, ipa: u64, young: bool) -> bool {
+    let Ok((level, slot)) = t.find_slot(ipa, LAST_LEVEL) else {
+        return false;
+    };
+    loop {
+        let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
+        if !matches!(d.kind(level), DescriptorKind::Leaf { .. }) {
+            return false;
+        }
+        if d.young() == young {
+            return young;
+        }
+        if cas(slot, d, d.with_young(young)).is_ok() {
+            return true;
+        }
+    }
 }

@@ -1,12 +1,118 @@
-use crate::{Error, Flusher, S2Attrs, Stage2Table, TableMemory};
+//! Mapping a range into empty slots.
+
+use super::split::install_table;
+use super::{cas, chunks, Chunk, Reserve};
+use crate::flush::OpFlush;
+use crate::{
+    level_size, Descriptor, DescriptorKind, Error, Flusher, S2Attrs, Stage2Table, TableMemory,
+    LAST_LEVEL,
+};
+use core::sync::atomic::Ordering;
+
+struct MapRange<'t, M: TableMemory> {
+    t: &'t Stage2Table<M>,
+    ipa: u64,
+    pa: u64,
+    attrs: S2Attrs,
+    blocks: bool,
+}
+
+impl<M: TableMemory> MapRange<'_, M> {
+    fn pa_of(&self, ipa: u64) -> u64 {
+        self.pa + (ipa - self.ipa)
+    }
+
+    /// Whether the chunk is mapped by one leaf at `level` (if its slot is empty).
+    fn leaf_here(&self, level: u8, c: &Chunk) -> bool {
+        level == LAST_LEVEL
+            || (self.blocks
+                && level >= 1
+                && c.full(level)
+                && self.pa_of(c.base) % level_size(level) == 0)
+    }
+
+    /// Prepare: table pages needed below the table at `table` (`None`: a table still to be
+    /// created, all empty), or [`Error::AlreadyMapped`].
+    fn count(&self, table: Option<u64>, level: u8, start: u64, end: u64) -> Result<usize, Error> {
+        let mut n = 0;
+        for c in chunks(level, start, end) {
+            let raw = table.map_or(0, |pa| {
+                self.t.slot(pa, level, c.start).load(Ordering::Acquire)
+            });
+            match Descriptor::from_raw(raw).kind(level) {
+                DescriptorKind::Table { pa } => {
+                    n += self.count(Some(pa), level + 1, c.start, c.end)?
+                }
+                DescriptorKind::Empty if self.leaf_here(level, &c) => {}
+                DescriptorKind::Empty => n += 1 + self.count(None, level + 1, c.start, c.end)?,
+                _ => return Err(Error::AlreadyMapped),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Commit: the same walk, writing.
+    fn commit(&self, table: u64, level: u8, start: u64, end: u64, reserve: &mut Reserve<'_, M>) {
+        for c in chunks(level, start, end) {
+            let slot = self.t.slot(table, level, c.start);
+            let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
+            let next = match d.kind(level) {
+                DescriptorKind::Table { pa } => pa,
+                DescriptorKind::Empty if self.leaf_here(level, &c) => {
+                    self.install_leaf(slot, level, c.base);
+                    continue;
+                }
+                DescriptorKind::Empty => install_table(self.t, slot, reserve)
+                    .expect("stage2: empty slot filled under the stage-2 lock"),
+                _ => unreachable!("stage2: map prepare accepted a non-empty slot"),
+            };
+            self.commit(next, level + 1, c.start, c.end, reserve);
+        }
+    }
+
+    fn install_leaf(&self, slot: &core::sync::atomic::AtomicU64, level: u8, base: u64) {
+        let new = Descriptor::leaf(self.pa_of(base), level, self.attrs, true)
+            .expect("stage2: checked leaf");
+        cas(slot, Descriptor::EMPTY, new)
+            .expect("stage2: empty slot filled under the stage-2 lock");
+        self.t.counters.account(level, Descriptor::EMPTY, new);
+    }
+}
+
+/// [`Stage2Table::map`] and [`Stage2Table::map_pages`].
 pub(crate) fn map<M: TableMemory, F: Flusher + ?Sized>(
-    _t: &Stage2Table<M>,
-    _ipa: u64,
-    _pa: u64,
-    _len: u64,
-    _attrs: S2Attrs,
-    _blocks: bool,
-    _tlb: &F,
+    t: &Stage2Table<M>,
+    ipa: u64,
+    pa: u64,
+    len: u64,
+    attrs: S2Attrs,
+    blocks: bool,
+    tlb: &F,
 ) -> Result<(), Error> {
-    todo!()
+    let end = t.check_range(ipa, len)?;
+    attrs.validate()?;
+    if pa % crate::PAGE_SIZE != 0 {
+        return Err(Error::Misaligned);
+    }
+    if pa
+        .checked_add(len)
+        .is_none_or(|e| e > 1u64 << t.cfg.pa_bits())
+    {
+        return Err(Error::OutOfRange);
+    }
+    let range = MapRange {
+        t,
+        ipa,
+        pa,
+        attrs,
+        blocks,
+    };
+    let start_level = t.cfg.start_level();
+    let needed = range.count(Some(t.root_pa), start_level, ipa, end)?;
+    let mut reserve = Reserve::new(&t.mem, needed)?;
+    if attrs.perm.exec {
+        OpFlush::new(tlb, t.vttbr()).icache(pa, len);
+    }
+    range.commit(t.root_pa, start_level, ipa, end, &mut reserve);
+    Ok(())
 }
