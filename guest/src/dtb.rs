@@ -1,15 +1,17 @@
 //! What the guest learns from the DTB, copied out once at boot (with the MMU
 //! off) so nothing reads the DTB later and the memory test may run anywhere.
 
-use fdt::Fdt;
 use platform::abi::{DT_HYPERVISOR_COMPATIBLE, DT_HYPERVISOR_NODE};
 
 use crate::console::DEFAULT_UART;
+use crate::fdt::{read_cells, Fdt, Node};
 use crate::sync::SetOnce;
 
 pub const MAX_RAM_RANGES: usize = 4;
 pub const MAX_DT_CPUS: usize = 64;
 const MAX_BOOTARGS: usize = 512;
+/// Deeper nodes are ignored (QEMU virt's tree is 3 levels deep).
+const MAX_DEPTH: usize = 8;
 /// QEMU virt RAM, assumed when there is no usable DTB.
 const DEFAULT_RAM: MemRange = MemRange {
     start: 0x4000_0000,
@@ -63,10 +65,10 @@ impl Platform {
             return plat;
         }
         // SAFETY: the boot protocol passes a DTB in x0; `from_ptr` reads the
-        // header first and rejects a bad magic before trusting the size.
+        // 8-byte header first and checks the magic before trusting the size.
         match unsafe { Fdt::from_ptr(addr as *const u8) } {
-            Ok(fdt) => plat.fill(&fdt, addr),
-            Err(_) => plat.dtb_error = Some("bad DTB header"),
+            Some(fdt) => plat.fill(&fdt, addr),
+            None => plat.dtb_error = Some("bad DTB header"),
         }
         plat
     }
@@ -81,7 +83,7 @@ impl Platform {
             psci_smc: false,
             hypervisor: false,
             ram,
-            ram_len: 1,
+            ram_len: 0,
             cpus: [0; MAX_DT_CPUS],
             cpus_len: 0,
             bootargs: [0; MAX_BOOTARGS],
@@ -94,87 +96,82 @@ impl Platform {
             start: addr,
             size: fdt.total_size(),
         };
-        self.read_memory(fdt);
-        self.read_cpus(fdt);
-        if let Some(uart) = fdt
-            .find_compatible(&["arm,pl011"])
-            .and_then(|n| n.reg()?.next())
-        {
-            self.uart = uart.starting_address as usize;
-        }
-        if let Some(method) = fdt.find_node("/psci").and_then(|n| n.property("method")) {
-            self.psci_smc = method.as_str() == Some("smc");
-        }
-        self.hypervisor = fdt
-            .find_node(DT_HYPERVISOR_NODE)
-            .and_then(|n| n.compatible())
-            .is_some_and(|c| c.all().any(|s| s == DT_HYPERVISOR_COMPATIBLE));
-        let args = fdt
-            .find_node("/chosen")
-            .and_then(|n| n.property("bootargs")?.as_str());
-        let args = args.unwrap_or("").as_bytes();
-        self.bootargs_len = args.len().min(MAX_BOOTARGS);
-        self.bootargs[..self.bootargs_len].copy_from_slice(&args[..self.bootargs_len]);
-    }
-
-    fn read_memory(&mut self, fdt: &Fdt) {
-        let mut len = 0;
-        let memory_nodes = fdt
-            .all_nodes()
-            .filter(|n| n.property("device_type").and_then(|p| p.as_str()) == Some("memory"));
-        for node in memory_nodes {
-            for region in node.reg().into_iter().flatten() {
-                let size = region.size.unwrap_or(0);
-                if size != 0 && len < MAX_RAM_RANGES {
-                    self.ram[len] = MemRange {
-                        start: region.starting_address as usize,
-                        size,
-                    };
-                    len += 1;
+        let mut uart = None;
+        // Path names and (#address-cells, #size-cells) of the current node's
+        // ancestors, indexed by depth; a node's reg uses its parent's cells.
+        let mut path = [""; MAX_DEPTH];
+        let mut cells = [(2, 1); MAX_DEPTH];
+        for node in fdt.nodes().filter(|n| n.depth < MAX_DEPTH) {
+            let d = node.depth;
+            path[d] = node.base_name();
+            cells[d] = (
+                node.prop_u32("#address-cells").map_or(2, |c| c as usize),
+                node.prop_u32("#size-cells").map_or(1, |c| c as usize),
+            );
+            let parent_cells = if d == 0 { (2, 1) } else { cells[d - 1] };
+            let in_cpus = d == 2 && path[1] == "cpus";
+            match (d, node.base_name(), node.prop_str("device_type")) {
+                (_, _, Some("memory")) => self.add_memory(&node, parent_cells),
+                (2, _, Some("cpu")) | (2, "cpu", None) if in_cpus => {
+                    self.add_cpu(&node, parent_cells.0)
                 }
+                (1, "chosen", _) => self.set_bootargs(node.prop_str("bootargs").unwrap_or("")),
+                (1, "psci", _) => self.psci_smc = node.prop_str("method") == Some("smc"),
+                (1, name, _) if DT_HYPERVISOR_NODE.strip_prefix('/') == Some(name) => {
+                    self.hypervisor = node.is_compatible(DT_HYPERVISOR_COMPATIBLE)
+                }
+                _ if uart.is_none() && node.is_compatible("arm,pl011") => {
+                    uart = node.prop("reg").and_then(|r| read_cells(r, parent_cells.0));
+                }
+                _ => {}
             }
         }
-        if len != 0 {
-            self.ram_len = len;
+        if let Some(uart) = uart {
+            self.uart = uart as usize;
         }
     }
 
-    fn read_cpus(&mut self, fdt: &Fdt) {
-        let Some(cpus) = fdt.find_node("/cpus") else {
-            return;
-        };
-        let address_cells = cpus.cell_sizes().address_cells;
-        let is_cpu = |n: &fdt::node::FdtNode| {
-            n.property("device_type").and_then(|p| p.as_str()) == Some("cpu")
-                || n.name.split('@').next() == Some("cpu")
-        };
-        for node in cpus.children().filter(is_cpu) {
-            let Some(reg) = node.property("reg") else {
-                continue;
+    fn add_memory(&mut self, node: &Node, (ac, sc): (usize, usize)) {
+        let reg = node.prop("reg").unwrap_or(&[]);
+        let entry = 4 * (ac + sc);
+        for e in reg.chunks_exact(entry.max(4)) {
+            let (Some(start), Some(size)) = (read_cells(e, ac), read_cells(&e[4 * ac..], sc))
+            else {
+                return;
             };
-            let mpidr = match address_cells {
-                1 => reg
-                    .value
-                    .get(..4)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map(|b| u64::from(u32::from_be_bytes(b))),
-                2 => reg
-                    .value
-                    .get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes),
-                _ => None,
-            };
-            let Some(mpidr) = mpidr else { continue };
-            if self.cpus_len < MAX_DT_CPUS {
-                self.cpus[self.cpus_len] = mpidr;
-                self.cpus_len += 1;
+            if size != 0 && self.ram_len < MAX_RAM_RANGES {
+                self.ram[self.ram_len] = MemRange {
+                    start: start as usize,
+                    size: size as usize,
+                };
+                self.ram_len += 1;
             }
         }
+    }
+
+    fn add_cpu(&mut self, node: &Node, address_cells: usize) {
+        let mpidr = node.prop("reg").and_then(|r| read_cells(r, address_cells));
+        if let Some(mpidr) = mpidr.filter(|_| self.cpus_len < MAX_DT_CPUS) {
+            self.cpus[self.cpus_len] = mpidr;
+            self.cpus_len += 1;
+        }
+    }
+
+    fn set_bootargs(&mut self, args: &str) {
+        // Truncate on a char boundary so the copy stays valid UTF-8.
+        let mut len = args.len().min(MAX_BOOTARGS);
+        while !args.is_char_boundary(len) {
+            len -= 1;
+        }
+        self.bootargs[..len].copy_from_slice(&args.as_bytes()[..len]);
+        self.bootargs_len = len;
     }
 
     pub fn ram(&self) -> &[MemRange] {
-        &self.ram[..self.ram_len]
+        match self.ram_len {
+            0 => core::slice::from_ref(&self.ram[0]), // DEFAULT_RAM
+            n => &self.ram[..n],
+        }
     }
 
     pub fn cpus(&self) -> &[u64] {

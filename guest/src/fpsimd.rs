@@ -201,14 +201,12 @@ impl Pass {
             let lo = splitmix64(tag << 16 | i as u64);
             *q = u128::from(lo) | u128::from(splitmix64(!lo)) << 64;
         }
-        // Round mode, flush-to-zero, default NaN and AHP differ per vCPU/pass.
-        let fpcr_in = ((((vcpu + pass) & 3) as u64) << 22)
-            | (((vcpu & 1) as u64) << 24)
-            | ((((vcpu >> 1) & 1) as u64) << 25)
-            | (((pass & 1) as u64) << 26);
-        let fpsr_in = ((vcpu as u64 * 3 + pass as u64 + 1) & 0x1f)
-            | (((vcpu & 1) as u64) << 7)
-            | (((pass & 1) as u64) << 27);
+        // FPCR (round mode, FZ, DN, AHP) and FPSR (sticky flags, QC) values
+        // are never zero and differ for each (vCPU, pass) with pass 0 or 1 of
+        // up to 15 vCPUs, so neither a reset nor another vCPU's state passes.
+        let combo = (vcpu * 2 + pass) as u64;
+        let fpcr_in = deposit(1 + combo % 31, FPCR_MASK);
+        let fpsr_in = deposit(1 + combo % 127, FPSR_MASK);
         Self {
             q_in,
             q_out: [0; 32],
@@ -254,6 +252,16 @@ impl Pass {
         }
         None
     }
+}
+
+/// Deposits the low bits of `n`, in order, into the set bits of `mask`.
+fn deposit(mut n: u64, mask: u64) -> u64 {
+    let mut out = 0;
+    for bit in (0..64).filter(|b| mask & (1 << b) != 0) {
+        out |= (n & 1) << bit;
+        n >>= 1;
+    }
+    out
 }
 
 /// A well-mixed 64-bit value from `x` (splitmix64 finaliser).

@@ -23,6 +23,8 @@ mod entry;
 #[cfg(target_os = "none")]
 mod exceptions;
 #[cfg(target_os = "none")]
+mod fdt;
+#[cfg(target_os = "none")]
 mod fpsimd;
 #[cfg(target_os = "none")]
 mod mmu;
