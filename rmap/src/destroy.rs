@@ -16,6 +16,15 @@ pub struct UnlinkProof {
 }
 
 impl UnlinkProof {
+    /// A proof that was not earned: only for the test showing what it prevents.
+    #[cfg(test)]
+    pub(crate) fn forged_for_test(vm: VmId) -> Self {
+        UnlinkProof {
+            vm,
+            range: 0..Ipa::MAX,
+        }
+    }
+
     /// The VM whose regions were unlinked.
     pub fn vm(&self) -> VmId {
         self.vm

@@ -52,7 +52,7 @@ impl Rmap {
     ) -> Result<Fault, Error> {
         let entry = s2.lock().lookup(ipa);
         match entry {
-            S2Entry::Invalid => self.fault_new_frame(region, s2, alloc, ipa, None),
+            S2Entry::Invalid => self.fault_new_frame_from(region, s2, alloc, ipa, entry, |_| ()),
             S2Entry::Page {
                 pfn,
                 writable: false,
@@ -75,17 +75,6 @@ impl Rmap {
         while self.frames.frame(pfn).is_locked() {
             core::hint::spin_loop();
         }
-    }
-
-    fn fault_new_frame<S: Stage2, A: FrameAllocator>(
-        &self,
-        region: &Region,
-        s2: &S,
-        alloc: &A,
-        ipa: Ipa,
-        _: Option<()>,
-    ) -> Result<Fault, Error> {
-        self.fault_new_frame_from(region, s2, alloc, ipa, S2Entry::Invalid, |_| ())
     }
 
     /// A fresh exclusive frame (zeroed, then filled by `fill`) replaces `old` at `ipa`.

@@ -29,6 +29,12 @@ pub mod reclaim;
 pub mod region;
 pub mod walk;
 
+#[cfg(test)]
+mod tests;
+
+#[cfg(any(test, feature = "std"))]
+pub mod host;
+
 pub use anon_vma::{AnonHandle, AnonVma};
 pub use backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
 pub use chain::{ChainHandle, ChainInfo};

@@ -218,7 +218,7 @@ impl Rmap {
             .checked_mul(PAGE_SIZE)
             .and_then(|len| start.checked_add(len))
             .ok_or(Error::BadRange)?;
-        if start % PAGE_SIZE != 0 || pages == 0 || list.overlaps(start, end) {
+        if !start.is_multiple_of(PAGE_SIZE) || pages == 0 || list.overlaps(start, end) {
             return Err(Error::BadRange);
         }
         list.insert(Region {

@@ -1,0 +1,526 @@
+//! Plain in-memory implementations of the backend traits, for tests, the stress test and the
+//! benchmark: "physical memory" of page contents, a swap store, per-VM stage-2 maps, a VM set,
+//! and whole-world invariant checks. Hardware-free and small; not for use at EL2.
+
+use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+use crate::lock::{Level, OrderedMutex, OrderedMutexGuard, OrderedRwLock};
+use crate::region::{RegionFlags, RegionList};
+use crate::{Error, Fault, Ipa, Pfn, Rmap, UnlinkProof, VmId, PAGE_SIZE};
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Host frames with contents (`words` u64 per page), a free list, and a swap store.
+pub struct HostMachine {
+    base: Pfn,
+    words: usize,
+    mem: Box<[AtomicU64]>,
+    free: OrderedMutex<Vec<Pfn>>,
+    swap: OrderedMutex<SwapTable>,
+    swap_capacity: usize,
+}
+
+#[derive(Default)]
+struct SwapTable {
+    slots: BTreeMap<u64, (Box<[u64]>, u32)>,
+    next: u64,
+}
+
+const CHECK_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl HostMachine {
+    /// `frames` frames from PFN `base`, `words` u64 per page (1 for no checksum), and room for
+    /// `swap_capacity` swapped pages.
+    pub fn new(base: Pfn, frames: usize, words: usize, swap_capacity: usize) -> Self {
+        assert!(words >= 1);
+        HostMachine {
+            base,
+            words,
+            mem: (0..frames * words).map(|_| AtomicU64::new(0)).collect(),
+            free: OrderedMutex::new(
+                Level::ALLOCATOR,
+                "host.frames",
+                (base..base + frames as u64).rev().collect(),
+            ),
+            swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
+            swap_capacity,
+        }
+    }
+
+    fn page(&self, pfn: Pfn) -> &[AtomicU64] {
+        let at = (pfn - self.base) as usize * self.words;
+        &self.mem[at..at + self.words]
+    }
+
+    /// Fills a page with a pattern derived from `value`, the last word a checksum.
+    pub fn write_value(&self, pfn: Pfn, value: u64) {
+        let page = self.page(pfn);
+        let mut sum = CHECK_SALT;
+        for (i, word) in page.iter().enumerate() {
+            let v = if i == 0 || i + 1 < page.len() {
+                value.rotate_left(i as u32) ^ (i as u64)
+            } else {
+                sum
+            };
+            sum = sum.rotate_left(7) ^ v;
+            word.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the value a page holds; panics if its checksum does not match (a torn copy).
+    pub fn read_value(&self, pfn: Pfn) -> u64 {
+        let page = self.page(pfn);
+        let words: Vec<u64> = page.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+        let value = words[0];
+        if words.len() > 1 {
+            let mut sum = CHECK_SALT;
+            for &w in &words[..words.len() - 1] {
+                sum = sum.rotate_left(7) ^ w;
+            }
+            assert_eq!(
+                sum,
+                words[words.len() - 1],
+                "page {pfn:#x}: checksum mismatch"
+            );
+        }
+        value
+    }
+
+    /// Frames currently allocated.
+    pub fn allocated(&self) -> usize {
+        self.mem.len() / self.words - self.free.lock().len()
+    }
+
+    /// Swap slots in use, with their reference counts.
+    pub fn swap_refs(&self) -> BTreeMap<u64, u32> {
+        self.swap
+            .lock()
+            .slots
+            .iter()
+            .map(|(&s, (_, r))| (s, *r))
+            .collect()
+    }
+}
+
+impl FrameAllocator for HostMachine {
+    fn alloc(&self) -> Option<Pfn> {
+        self.free.lock().pop()
+    }
+    fn free(&self, pfn: Pfn) {
+        self.free.lock().push(pfn);
+    }
+    fn zero(&self, pfn: Pfn) {
+        self.page(pfn)
+            .iter()
+            .for_each(|w| w.store(0, Ordering::Relaxed));
+    }
+    fn copy(&self, dst: Pfn, src: Pfn) {
+        for (d, s) in self.page(dst).iter().zip(self.page(src)) {
+            d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+}
+
+impl SwapStore for HostMachine {
+    fn store(&self, pfn: Pfn) -> Option<u64> {
+        let contents = self
+            .page(pfn)
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        let mut swap = self.swap.lock();
+        if swap.slots.len() >= self.swap_capacity {
+            return None;
+        }
+        swap.next += 1;
+        let slot = swap.next;
+        swap.slots.insert(slot, (contents, 1));
+        Some(slot)
+    }
+    fn load(&self, slot: u64, pfn: Pfn) {
+        let swap = self.swap.lock();
+        let (contents, _) = swap.slots.get(&slot).expect("load of a free swap slot");
+        for (d, &s) in self.page(pfn).iter().zip(contents.iter()) {
+            d.store(s, Ordering::Relaxed);
+        }
+    }
+    fn dup(&self, slot: u64) {
+        self.swap
+            .lock()
+            .slots
+            .get_mut(&slot)
+            .expect("dup of a free swap slot")
+            .1 += 1;
+    }
+    fn put(&self, slot: u64) {
+        let mut swap = self.swap.lock();
+        let refs = &mut swap
+            .slots
+            .get_mut(&slot)
+            .expect("put of a free swap slot")
+            .1;
+        *refs -= 1;
+        if *refs == 0 {
+            swap.slots.remove(&slot);
+        }
+    }
+}
+
+type Table = Option<BTreeMap<Ipa, (S2Entry, bool)>>;
+
+/// A VM's stage-2 as a map from IPA to leaf (plus an access flag). `None` once freed: any
+/// access after that panics, which is how a test sees a walker reach freed tables.
+pub struct HostStage2 {
+    vm: VmId,
+    table: OrderedMutex<Table>,
+}
+
+/// A locked [`HostStage2`].
+pub struct HostStage2Guard<'a> {
+    vm: VmId,
+    table: OrderedMutexGuard<'a, Table>,
+}
+
+impl HostStage2Guard<'_> {
+    fn map(&self) -> &BTreeMap<Ipa, (S2Entry, bool)> {
+        let vm = self.vm;
+        self.table
+            .as_ref()
+            .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
+    }
+
+    fn map_mut(&mut self) -> &mut BTreeMap<Ipa, (S2Entry, bool)> {
+        let vm = self.vm;
+        self.table
+            .as_mut()
+            .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
+    }
+}
+
+impl Stage2Locked for HostStage2Guard<'_> {
+    fn lookup(&self, ipa: Ipa) -> S2Entry {
+        self.map().get(&ipa).map_or(S2Entry::Invalid, |e| e.0)
+    }
+    fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+        let current = self.lookup(ipa);
+        if current != old {
+            return Err(current);
+        }
+        match new {
+            S2Entry::Invalid => self.map_mut().remove(&ipa),
+            _ => self.map_mut().insert(ipa, (new, true)),
+        };
+        Ok(())
+    }
+    fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
+        self.map_mut()
+            .get_mut(&ipa)
+            .is_some_and(|e| core::mem::replace(&mut e.1, false))
+    }
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)> {
+        self.map()
+            .range(from..end)
+            .next()
+            .map(|(&ipa, e)| (ipa, e.0))
+    }
+}
+
+impl HostStage2 {
+    /// Empty tables for `vm`.
+    pub fn new(vm: VmId) -> Self {
+        HostStage2 {
+            vm,
+            table: OrderedMutex::new(Level::STAGE2, "vm.stage2", Some(BTreeMap::new())),
+        }
+    }
+
+    /// Every leaf (empty once freed).
+    pub fn entries(&self) -> Vec<(Ipa, S2Entry)> {
+        let table = self.table.lock();
+        table
+            .iter()
+            .flat_map(|t| t.iter().map(|(&ipa, e)| (ipa, e.0)))
+            .collect()
+    }
+}
+
+impl Stage2 for HostStage2 {
+    type Locked<'a> = HostStage2Guard<'a>;
+    fn lock(&self) -> HostStage2Guard<'_> {
+        HostStage2Guard {
+            vm: self.vm,
+            table: self.table.lock(),
+        }
+    }
+    fn lock_nested(&self) -> HostStage2Guard<'_> {
+        HostStage2Guard {
+            vm: self.vm,
+            table: self.table.lock_nested(1),
+        }
+    }
+    fn free_tables(&self, proof: UnlinkProof) {
+        assert_eq!(proof.vm(), self.vm, "proof for another VM");
+        *self.table.lock() = None;
+    }
+}
+
+/// A host VM: region list and stage-2.
+pub struct HostVm {
+    /// Its id.
+    pub id: VmId,
+    /// Region list (level 1).
+    pub regions: OrderedRwLock<RegionList>,
+    /// Stage-2 (level 4).
+    pub s2: HostStage2,
+}
+
+impl HostVm {
+    /// A VM with no regions.
+    pub fn new(id: VmId) -> Self {
+        HostVm {
+            id,
+            regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", RegionList::new(id)),
+            s2: HostStage2::new(id),
+        }
+    }
+
+    /// A guest store of `value` to the page at `ipa`, faulting as the hardware would. The
+    /// store happens under the stage-2 lock, standing in for "the TLB still holds a valid,
+    /// writable entry": once a migrator replaced the entry, no store reaches the old frame.
+    pub fn write(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, value: u64) -> Result<(), Error> {
+        loop {
+            if let S2Entry::Page {
+                pfn,
+                writable: true,
+            } = self.s2.lock().lookup(ipa)
+            {
+                m.write_value(pfn, value);
+                return Ok(());
+            }
+            self.fault(rmap, m, ipa, true)?;
+        }
+    }
+
+    /// A guest load from the page at `ipa` (0 if never written).
+    pub fn read(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<u64, Error> {
+        loop {
+            match self.s2.lock().lookup(ipa) {
+                S2Entry::Page { pfn, .. } => return Ok(m.read_value(pfn)),
+                S2Entry::Invalid if self.regions.read().find(ipa).is_some() => return Ok(0),
+                S2Entry::Invalid => return Err(Error::NoRegion),
+                _ => {}
+            }
+            self.fault(rmap, m, ipa, false)?;
+        }
+    }
+
+    fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
+        match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
+            Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
+            Fault::Retry(None) => core::hint::spin_loop(),
+            Fault::Done => {}
+        }
+        Ok(())
+    }
+}
+
+/// The VM set: `Arc`s so a walker keeps a VM alive while it looks at it.
+pub struct HostVms {
+    vms: OrderedRwLock<BTreeMap<VmId, Arc<HostVm>>>,
+    next: AtomicU32,
+}
+
+impl Default for HostVms {
+    fn default() -> Self {
+        HostVms {
+            vms: OrderedRwLock::new(Level::ALLOCATOR, "host.vms", BTreeMap::new()),
+            next: AtomicU32::new(1),
+        }
+    }
+}
+
+impl HostVms {
+    /// A new empty VM.
+    pub fn create(&self) -> Arc<HostVm> {
+        let id = VmId(self.next.fetch_add(1, Ordering::Relaxed));
+        let vm = Arc::new(HostVm::new(id));
+        self.vms.write().insert(id, vm.clone());
+        vm
+    }
+
+    /// A VM by id.
+    pub fn get(&self, id: VmId) -> Option<Arc<HostVm>> {
+        self.vms.read().get(&id).cloned()
+    }
+
+    /// Forgets a VM (after its tables were freed).
+    pub fn remove(&self, id: VmId) {
+        self.vms.write().remove(&id);
+    }
+
+    /// All VMs.
+    pub fn all(&self) -> Vec<Arc<HostVm>> {
+        self.vms.read().values().cloned().collect()
+    }
+}
+
+impl VmSet for HostVms {
+    type Vm = HostStage2;
+    fn with_vm<R>(&self, id: VmId, f: impl FnOnce(&HostStage2) -> R) -> Option<R> {
+        let vm = self.get(id)?;
+        Some(f(&vm.s2))
+    }
+}
+
+/// Everything a host test needs, wired together.
+pub struct HostWorld {
+    /// The reverse map.
+    pub rmap: Rmap,
+    /// Memory and swap.
+    pub machine: HostMachine,
+    /// The VMs.
+    pub vms: HostVms,
+}
+
+impl HostWorld {
+    /// A world of `frames` frames with `words` u64 per page, and pools sized for them.
+    pub fn new(frames: usize, words: usize, max_anon_vmas: usize, max_chains: usize) -> Self {
+        let base = 0x40_000;
+        HostWorld {
+            rmap: Rmap::new(
+                crate::FrameTable::new(base, frames),
+                max_anon_vmas,
+                max_chains,
+            ),
+            machine: HostMachine::new(base, frames, words, frames),
+            vms: HostVms::default(),
+        }
+    }
+
+    /// A VM with the given `(start IPA, pages)` regions.
+    pub fn create_vm(&self, regions: &[(Ipa, u64)]) -> Arc<HostVm> {
+        let vm = self.vms.create();
+        let mut list = vm.regions.write();
+        for &(start, pages) in regions {
+            self.rmap
+                .region_create(&mut list, start, pages, RegionFlags::NONE)
+                .expect("valid region");
+        }
+        drop(list);
+        vm
+    }
+
+    /// Forks `parent` into a new VM.
+    pub fn fork(&self, parent: &HostVm) -> Result<Arc<HostVm>, Error> {
+        let child = self.vms.create();
+        let mut parent_list = parent.regions.write();
+        let mut child_list = child.regions.write_nested(1);
+        let forked = self.rmap.fork_vm(
+            &mut parent_list,
+            &parent.s2,
+            &mut child_list,
+            &child.s2,
+            &self.machine,
+        );
+        drop((parent_list, child_list));
+        match forked {
+            Ok(()) => Ok(child),
+            Err(e) => {
+                self.destroy(&child);
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys a VM: zap, unlink, free tables (with the proof), forget.
+    pub fn destroy(&self, vm: &HostVm) {
+        let mut list = vm.regions.write();
+        let proof = self
+            .rmap
+            .destroy_vm(&mut list, &vm.s2, &self.machine, &self.machine);
+        vm.s2.free_tables(proof);
+        drop(list);
+        self.vms.remove(vm.id);
+    }
+
+    /// Checks, at a quiescent point, that mapcounts equal the leaves that exist, refcounts
+    /// equal mapcounts, swap references equal swap entries, no frame, chain or anon_vma
+    /// leaked, and anon_vmas stay within twice the regions. Returns a description of the
+    /// first violation.
+    pub fn check(&self) -> Result<(), String> {
+        let mut maps: BTreeMap<Pfn, u32> = BTreeMap::new();
+        let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
+        let (mut regions, mut chains) = (0, 0);
+        for vm in self.vms.all() {
+            let list = vm.regions.read();
+            regions += list.len();
+            chains += list.iter().map(|r| r.chains().len()).sum::<usize>();
+            for (ipa, entry) in vm.s2.entries() {
+                match entry {
+                    S2Entry::Page { pfn, .. } => *maps.entry(pfn).or_default() += 1,
+                    S2Entry::Swap { slot } => *swaps.entry(slot).or_default() += 1,
+                    other => return Err(format!("{:?} {ipa:#x}: stray {other:?}", vm.id)),
+                }
+            }
+        }
+        self.check_frames(&maps)?;
+        if swaps != self.machine.swap_refs() {
+            return Err(format!(
+                "swap refs {:?} != entries {swaps:?}",
+                self.machine.swap_refs()
+            ));
+        }
+        if self.rmap.live_chains() != chains {
+            return Err(format!(
+                "{} live chains, regions hold {chains}",
+                self.rmap.live_chains()
+            ));
+        }
+        let anon = self.rmap.live_anon_vmas();
+        if anon > 2 * regions {
+            return Err(format!("{anon} anon_vmas for {regions} regions"));
+        }
+        Ok(())
+    }
+
+    fn check_frames(&self, maps: &BTreeMap<Pfn, u32>) -> Result<(), String> {
+        for (pfn, frame) in self.rmap.frames().iter() {
+            let expect = maps.get(&pfn).copied().unwrap_or(0);
+            if frame.mapcount() != expect || frame.refcount() != expect || frame.is_locked() {
+                return Err(format!(
+                    "frame {pfn:#x}: mapcount {} refcount {} locked {}, {expect} leaves",
+                    frame.mapcount(),
+                    frame.refcount(),
+                    frame.is_locked()
+                ));
+            }
+        }
+        if self.machine.allocated() != maps.len() {
+            return Err(format!(
+                "{} frames allocated, {} mapped",
+                self.machine.allocated(),
+                maps.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every allocated frame that is mapped somewhere (candidates for migrate / reclaim).
+    pub fn mapped_frames(&self) -> Vec<Pfn> {
+        self.rmap
+            .frames()
+            .iter()
+            .filter(|(_, f)| f.is_mapped())
+            .map(|(pfn, _)| pfn)
+            .collect()
+    }
+}
+
+/// The `i`-th page of a region starting at `start`.
+pub fn page_ipa(start: Ipa, i: u64) -> Ipa {
+    start + i * PAGE_SIZE
+}
