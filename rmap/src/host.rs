@@ -95,6 +95,11 @@ impl HostMachine {
         self.mem.len() / self.words - self.free.lock().len()
     }
 
+    /// The value held in a swap slot (first word), without loading it.
+    pub fn swap_value(&self, slot: u64) -> u64 {
+        self.swap.lock().slots.get(&slot).expect("free swap slot").0[0]
+    }
+
     /// Swap slots in use, with their reference counts.
     pub fn swap_refs(&self) -> BTreeMap<u64, u32> {
         self.swap
@@ -308,13 +313,30 @@ impl HostVm {
     /// A guest load from the page at `ipa` (0 if never written).
     pub fn read(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<u64, Error> {
         loop {
-            match self.s2.lock().lookup(ipa) {
-                S2Entry::Page { pfn, .. } => return Ok(m.read_value(pfn)),
-                S2Entry::Invalid if self.regions.read().find(ipa).is_some() => return Ok(0),
-                S2Entry::Invalid => return Err(Error::NoRegion),
-                _ => {}
+            let entry = {
+                let table = self.s2.lock();
+                match table.lookup(ipa) {
+                    // Read under the lock, as a TLB hit on a still-valid entry would.
+                    S2Entry::Page { pfn, .. } => return Ok(m.read_value(pfn)),
+                    other => other,
+                }
+            };
+            if entry == S2Entry::Invalid {
+                let mapped = self.regions.read().find(ipa).is_some();
+                return if mapped { Ok(0) } else { Err(Error::NoRegion) };
             }
             self.fault(rmap, m, ipa, false)?;
+        }
+    }
+
+    /// What the guest would read at `ipa`, without faulting anything in (for checks at
+    /// quiescent points: a swapped page is read from the store).
+    pub fn peek(&self, m: &HostMachine, ipa: Ipa) -> u64 {
+        match self.s2.lock().lookup(ipa) {
+            S2Entry::Page { pfn, .. } => m.read_value(pfn),
+            S2Entry::Swap { slot } => m.swap_value(slot),
+            S2Entry::Invalid => 0,
+            S2Entry::Migration { .. } => panic!("migration entry at a quiescent point"),
         }
     }
 

@@ -1,0 +1,145 @@
+//! Model-based test: random sequences of create VM / write / read (fault back in) / fork /
+//! destroy / migrate a frame / reclaim a frame against a plain reference model of what each
+//! VM should read at each page. After every step: every VM reads what it last wrote,
+//! mapcounts equal the leaves that exist, nothing leaks, anon_vmas stay within 2x regions.
+
+use proptest::prelude::*;
+use rmap::host::{page_ipa, HostVm, HostWorld};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const RAM: u64 = 0x4000_0000;
+/// Two adjacent regions (the second adopts the first's anon_vma) and a distant one.
+const REGIONS: [(u64, u64); 3] = [(RAM, 6), (RAM + 6 * 4096, 4), (RAM + 0x10_0000, 4)];
+const MAX_VMS: usize = 6;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create,
+    Write { vm: usize, page: usize, value: u64 },
+    Read { vm: usize, page: usize },
+    Fork { vm: usize },
+    Destroy { vm: usize },
+    Migrate { frame: usize },
+    Reclaim { frame: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        1 => Just(Op::Create),
+        6 => (any::<usize>(), any::<usize>(), 1..1000u64)
+            .prop_map(|(vm, page, value)| Op::Write { vm, page, value }),
+        2 => (any::<usize>(), any::<usize>()).prop_map(|(vm, page)| Op::Read { vm, page }),
+        2 => any::<usize>().prop_map(|vm| Op::Fork { vm }),
+        1 => any::<usize>().prop_map(|vm| Op::Destroy { vm }),
+        2 => any::<usize>().prop_map(|frame| Op::Migrate { frame }),
+        2 => any::<usize>().prop_map(|frame| Op::Reclaim { frame }),
+    ]
+}
+
+fn pages() -> Vec<u64> {
+    REGIONS
+        .iter()
+        .flat_map(|&(start, n)| (0..n).map(move |i| page_ipa(start, i)))
+        .collect()
+}
+
+struct Model {
+    world: HostWorld,
+    vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)>,
+}
+
+impl Model {
+    fn new() -> Self {
+        Model {
+            world: HostWorld::new(400, 4, 256, 1024),
+            vms: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        let w = &self.world;
+        let pages = pages();
+        match *op {
+            Op::Create if self.vms.len() < MAX_VMS => {
+                self.vms.push((w.create_vm(&REGIONS), BTreeMap::new()));
+            }
+            Op::Write { vm, page, value } if !self.vms.is_empty() => {
+                let n = self.vms.len();
+                let (vm, model) = &mut self.vms[vm % n];
+                let ipa = pages[page % pages.len()];
+                vm.write(&w.rmap, &w.machine, ipa, value).unwrap();
+                model.insert(ipa, value);
+            }
+            Op::Read { vm, page } if !self.vms.is_empty() => {
+                let (vm, model) = &self.vms[vm % self.vms.len()];
+                let ipa = pages[page % pages.len()];
+                let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
+                assert_eq!(got, model.get(&ipa).copied().unwrap_or(0));
+            }
+            Op::Fork { vm } if !self.vms.is_empty() && self.vms.len() < MAX_VMS => {
+                let (parent, model) = &self.vms[vm % self.vms.len()];
+                let child = w.fork(parent).unwrap();
+                let model = model.clone();
+                self.vms.push((child, model));
+            }
+            Op::Destroy { vm } if !self.vms.is_empty() => {
+                let (vm, _) = self.vms.remove(vm % self.vms.len());
+                w.destroy(&vm);
+            }
+            Op::Migrate { frame } => {
+                let frames = w.mapped_frames();
+                if !frames.is_empty() {
+                    let pfn = frames[frame % frames.len()];
+                    w.rmap.migrate_frame(&w.vms, &w.machine, pfn).unwrap();
+                }
+            }
+            Op::Reclaim { frame } => {
+                let frames = w.mapped_frames();
+                if !frames.is_empty() {
+                    let pfn = frames[frame % frames.len()];
+                    w.rmap
+                        .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn check(&self) {
+        let w = &self.world;
+        for (vm, model) in &self.vms {
+            for ipa in pages() {
+                let expect = model.get(&ipa).copied().unwrap_or(0);
+                assert_eq!(vm.peek(&w.machine, ipa), expect, "{:?} at {ipa:#x}", vm.id);
+            }
+        }
+        w.check().unwrap();
+        if self.vms.is_empty() {
+            assert_eq!(w.rmap.live_anon_vmas(), 0);
+            assert_eq!(w.machine.allocated(), 0);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn rmap_matches_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+        let mut model = Model::new();
+        for op in &ops {
+            model.apply(op);
+            model.check();
+        }
+        while let Some((vm, _)) = model.vms.pop() {
+            model.world.destroy(&vm);
+            model.check();
+        }
+    }
+}
