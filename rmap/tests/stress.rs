@@ -1,0 +1,151 @@
+//! Host stress: real threads faulting, forking, destroying (two "vCPU" owners of VM families),
+//! migrating and reclaiming (two background threads) at once, for a bounded time. Pages carry
+//! checksums, so a torn copy or a lost write shows up on read; each owner keeps the exact
+//! expected contents of its VMs. At the end every VM is destroyed and nothing may leak.
+
+use rmap::host::{page_ipa, HostVm, HostWorld};
+use rmap::Error;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const RAM: u64 = 0x4000_0000;
+const REGIONS: [(u64, u64); 2] = [(RAM, 24), (RAM + 0x20_0000, 8)];
+const RUN: Duration = Duration::from_millis(2500);
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn ipas() -> Vec<u64> {
+    REGIONS
+        .iter()
+        .flat_map(|&(s, n)| (0..n).map(move |i| page_ipa(s, i)))
+        .collect()
+}
+
+fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<AtomicU64>) {
+    let mut rng = Rng(seed);
+    let pages = ipas();
+    let mut vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)> = Vec::new();
+    let (rmap, m) = (&world.rmap, &world.machine);
+    while !stop.load(Ordering::Relaxed) {
+        ops.fetch_add(1, Ordering::Relaxed);
+        match rng.below(20) {
+            0 if vms.len() < 4 => vms.push((world.create_vm(&REGIONS), BTreeMap::new())),
+            1 if !vms.is_empty() && vms.len() < 4 => {
+                let i = rng.below(vms.len());
+                match world.fork(&vms[i].0) {
+                    Ok(child) => {
+                        let model = vms[i].1.clone();
+                        vms.push((child, model));
+                    }
+                    Err(Error::OutOfFrames) => {}
+                    Err(e) => panic!("fork: {e:?}"),
+                }
+            }
+            2 if vms.len() > 1 => {
+                let (vm, _) = vms.swap_remove(rng.below(vms.len()));
+                world.destroy(&vm);
+            }
+            3..=11 if !vms.is_empty() => {
+                let n = vms.len();
+                let (vm, model) = &mut vms[rng.below(n)];
+                let ipa = pages[rng.below(pages.len())];
+                let value = rng.next();
+                match vm.write(rmap, m, ipa, value) {
+                    Ok(()) => {
+                        model.insert(ipa, value);
+                    }
+                    Err(Error::OutOfFrames) => {}
+                    Err(e) => panic!("write: {e:?}"),
+                }
+            }
+            _ if !vms.is_empty() => {
+                let (vm, model) = &vms[rng.below(vms.len())];
+                let ipa = pages[rng.below(pages.len())];
+                match vm.read(rmap, m, ipa) {
+                    Ok(got) => assert_eq!(got, model.get(&ipa).copied().unwrap_or(0), "{ipa:#x}"),
+                    Err(Error::OutOfFrames) => {}
+                    Err(e) => panic!("read: {e:?}"),
+                }
+            }
+            _ => {}
+        }
+    }
+    for (vm, model) in &vms {
+        for (&ipa, &value) in model {
+            assert_eq!(vm.read(rmap, m, ipa).unwrap(), value);
+        }
+    }
+    for (vm, _) in vms {
+        world.destroy(&vm);
+    }
+}
+
+fn mover(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, reclaim: bool, ops: Arc<AtomicU64>) {
+    let mut rng = Rng(seed);
+    let frames = world.rmap.frames();
+    while !stop.load(Ordering::Relaxed) {
+        let pfn = frames.base() + rng.below(frames.len()) as u64;
+        if !frames.frame(pfn).is_mapped() {
+            continue;
+        }
+        ops.fetch_add(1, Ordering::Relaxed);
+        let result = if reclaim {
+            world.rmap.referenced(pfn, &world.vms);
+            world
+                .rmap
+                .reclaim_frame(&world.vms, &world.machine, &world.machine, pfn)
+                .map(|_| ())
+        } else {
+            world.rmap.migrate_frame(&world.vms, &world.machine, pfn).map(|_| ())
+        };
+        match result {
+            Ok(()) | Err(Error::NotMapped | Error::Busy | Error::OutOfFrames | Error::OutOfSwap) => {}
+            Err(e) => panic!("mover: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn threads_fault_fork_migrate_reclaim_destroy() {
+    let world = Arc::new(HostWorld::new(1024, 8, 512, 4096));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut handles = Vec::new();
+    for (i, seed) in [0x1234_5678u64, 0x9abc_def1].into_iter().enumerate() {
+        let (w, s, o) = (world.clone(), stop.clone(), ops[i].clone());
+        handles.push(thread::spawn(move || owner(w, s, seed, o)));
+    }
+    for (i, reclaim) in [false, true].into_iter().enumerate() {
+        let (w, s, o) = (world.clone(), stop.clone(), ops[2 + i].clone());
+        handles.push(thread::spawn(move || mover(w, s, 0x5555 + i as u64, reclaim, o)));
+    }
+    let start = Instant::now();
+    while start.elapsed() < RUN {
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().expect("worker panicked");
+    }
+    let counts: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
+    println!("ops: owners {:?}, migrations {}, reclaims {}", &counts[..2], counts[2], counts[3]);
+    assert!(counts.iter().all(|&c| c > 0), "every thread made progress: {counts:?}");
+    world.check().unwrap();
+    assert_eq!(world.machine.allocated(), 0);
+    assert_eq!(world.rmap.live_anon_vmas(), 0);
+    assert_eq!(world.rmap.live_chains(), 0);
+}
