@@ -196,7 +196,7 @@ impl S2Config {
         if vmid as u32 > self.max_vmid() as u32 {
             return Err(Error::BadVmid);
         }
-        if root_pa % self.root_bytes() != 0 {
+        if !root_pa.is_multiple_of(self.root_bytes()) {
             return Err(Error::Misaligned);
         }
         if root_pa >> self.pa_bits != 0 {

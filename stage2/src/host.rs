@@ -88,7 +88,7 @@ impl HostMemory {
     /// Reads the 8-byte word at physical `pa` (what a hardware table walker would see).
     pub fn read(&self, pa: u64) -> u64 {
         assert!(
-            self.contains(pa) && pa % 8 == 0,
+            self.contains(pa) && pa.is_multiple_of(8),
             "read outside host memory: {pa:#x}"
         );
         self.pages[self.index(pa)].0[((pa % PAGE_SIZE) / 8) as usize].load(Ordering::Acquire)
@@ -120,7 +120,7 @@ impl HostMemory {
 
     fn free(&self, pa: u64, count: usize) {
         assert!(
-            self.contains(pa) && pa % (count as u64 * PAGE_SIZE) == 0,
+            self.contains(pa) && pa.is_multiple_of(count as u64 * PAGE_SIZE),
             "bad free {pa:#x}"
         );
         let first = self.index(pa);
@@ -162,7 +162,7 @@ impl TableMemory for HostMemory {
 
     fn table(&self, pa: u64) -> &TablePage {
         assert!(
-            self.contains(pa) && pa % PAGE_SIZE == 0,
+            self.contains(pa) && pa.is_multiple_of(PAGE_SIZE),
             "table outside host memory: {pa:#x}"
         );
         assert!(self.is_allocated(pa), "use of a free table page {pa:#x}");

@@ -265,7 +265,7 @@ impl World<'_> {
                     .map(ipa, pa, 512 * PAGE, S2Attrs::normal(perm), tlb);
                 assert_eq!(r.is_err(), occupied || r == Err(Error::NoMemory));
                 r?;
-                if ipa % (2 << 20) == 0 {
+                if ipa.is_multiple_of(2 << 20) {
                     assert_eq!(
                         self.table.lookup(ipa).unwrap().level,
                         2,

@@ -167,12 +167,14 @@ fn a_batch_of_another_vm_defers_nothing() {
     assert_eq!(tlb.take(), vec![]);
 }
 
+type Seen = Arc<Mutex<Vec<(TlbCall, Option<u64>)>>>;
+
 /// At each invalidation the hook records what the oracle sees at the IPA.
 fn hooked(
     mem: &'static HostMemory,
     t: &Stage2Table<&'static HostMemory>,
     tlb: &RecordingTlb,
-) -> Arc<Mutex<Vec<(TlbCall, Option<u64>)>>> {
+) -> Seen {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (vtcr, vttbr, s) = (t.vtcr(), t.vttbr().raw(), seen.clone());
     tlb.set_hook(move |c| {

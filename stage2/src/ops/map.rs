@@ -28,7 +28,7 @@ impl<M: TableMemory> MapRange<'_, M> {
             || (self.blocks
                 && level >= 1
                 && c.full(level)
-                && self.pa_of(c.base) % level_size(level) == 0)
+                && self.pa_of(c.base).is_multiple_of(level_size(level)))
     }
 
     /// Prepare: table pages needed below the table at `table` (`None`: a table still to be
@@ -91,7 +91,7 @@ pub(crate) fn map<M: TableMemory, F: Flusher + ?Sized>(
 ) -> Result<(), Error> {
     let end = t.check_range(ipa, len)?;
     attrs.validate()?;
-    if pa % crate::PAGE_SIZE != 0 {
+    if !pa.is_multiple_of(crate::PAGE_SIZE) {
         return Err(Error::Misaligned);
     }
     if pa

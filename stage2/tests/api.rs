@@ -1,0 +1,312 @@
+//! Blocks of every size, the walker, lookups, errors and accounting.
+
+mod common;
+
+use common::{Oracle, PageState};
+use stage2::*;
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const PA: u64 = 0x1_0000_0000;
+
+fn cfg() -> S2Config {
+    S2Config::new(2, 40, VmidBits::Eight).unwrap()
+}
+
+#[test]
+fn blocks_are_used_where_alignment_allows() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    // [1 GiB - 4 KiB, 2 GiB + 2 MiB + 4 KiB): a page, a 1 GiB block, a 2 MiB block, a page.
+    let ipa = GIB - 4096;
+    t.map(
+        ipa,
+        PA - 4096,
+        GIB + MIB2 + 2 * 4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    let s = t.stats();
+    assert_eq!(
+        (s.mapped_pages, s.mapped_blocks_2m, s.mapped_blocks_1g),
+        (2, 1, 1)
+    );
+    assert_eq!(s.mapped_bytes(), GIB + MIB2 + 2 * 4096);
+    assert_eq!(t.lookup(GIB).unwrap().level, 1);
+    assert_eq!(t.lookup(2 * GIB).unwrap().level, 2);
+    assert_eq!(t.lookup(2 * GIB + MIB2).unwrap().level, 3);
+    let o = Oracle::new(&mem, t.vtcr(), t.vttbr().raw());
+    assert!(
+        matches!(o.translate(GIB + 0x1234_5000), Some(PageState::Mapped { pa, .. }) if pa == PA + 0x1234_5000)
+    );
+    // Misaligned PA: no blocks possible, pages everywhere (needs 513 level-3 tables: too many
+    // for this memory, so NoMemory and nothing changed).
+    let before = mem.allocated_pages();
+    assert_eq!(
+        t.map(4 * GIB, PA + 4096, GIB, S2Attrs::normal(Perm::RW), &tlb),
+        Err(Error::NoMemory)
+    );
+    assert_eq!(mem.allocated_pages(), before);
+    assert_eq!(
+        t.map(ipa, PA, 4096, S2Attrs::normal(Perm::RW), &tlb),
+        Err(Error::AlreadyMapped)
+    );
+    assert_eq!(
+        t.map(GIB + MIB2, PA, 4096, S2Attrs::normal(Perm::RW), &tlb),
+        Err(Error::AlreadyMapped)
+    );
+}
+
+#[test]
+fn split_a_1g_block_and_unmap_part_of_it() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    t.map(GIB, PA, GIB, S2Attrs::normal(Perm::RWX), &tlb)
+        .unwrap();
+    assert!(t.test_and_clear_young(GIB));
+    t.split_block(GIB + 5 * MIB2 + 0x3000, &tlb).unwrap();
+    let s = t.stats();
+    assert_eq!(
+        (s.mapped_pages, s.mapped_blocks_2m, s.mapped_blocks_1g),
+        (512, 511, 0)
+    );
+    let l = t.lookup(GIB + 5 * MIB2 + 0x3000).unwrap();
+    assert_eq!(
+        (l.level, l.pa_of(GIB + 5 * MIB2 + 0x3000)),
+        (3, Some(PA + 5 * MIB2 + 0x3000))
+    );
+    assert!(!l.mapping().unwrap().young, "split keeps the Access flag");
+    // Unmap a range crossing 2 MiB boundaries in the middle of blocks.
+    let (from, len) = (GIB + 7 * MIB2 - 0x5000, MIB2 + 0xa000);
+    let mut removed = 0;
+    t.unmap(from, len, &tlb, |l| removed += l.size()).unwrap();
+    assert_eq!(removed, len);
+    assert!(t.lookup(from).is_none() && t.lookup(from + len - 4096).is_none());
+    assert_eq!(
+        t.lookup(from - 4096).unwrap().pa_of(from - 4096),
+        Some(PA + 7 * MIB2 - 0x6000)
+    );
+    assert_eq!(
+        t.lookup(from + len).unwrap().pa_of(from + len),
+        Some(PA + 8 * MIB2 + 0x5000)
+    );
+    let (pages, _) = Oracle::new(&mem, t.vtcr(), t.vttbr().raw()).pages();
+    assert_eq!(pages.len() as u64, GIB / 4096 - len / 4096);
+    assert_eq!(t.stats().mapped_bytes(), GIB - len);
+    t.unmap(GIB, GIB, &tlb, |_| {}).unwrap();
+    assert_eq!(mem.allocated_pages(), cfg().root_pages());
+}
+
+#[test]
+fn walker_reports_tables_and_leaves_in_order() {
+    #[derive(Default)]
+    struct Rec {
+        events: Vec<String>,
+        stop_after: Option<usize>,
+        skip_level: Option<u8>,
+    }
+    impl Visitor for Rec {
+        fn leaf(&mut self, l: &LeafInfo) -> WalkAction {
+            self.events.push(format!("leaf {:#x} L{}", l.ipa, l.level));
+            match self.stop_after {
+                Some(n) if self.events.len() >= n => WalkAction::Stop,
+                _ => WalkAction::Continue,
+            }
+        }
+        fn table_pre(&mut self, ipa: u64, level: u8, _: u64) -> WalkAction {
+            self.events.push(format!("pre {ipa:#x} L{level}"));
+            if self.skip_level == Some(level) {
+                WalkAction::SkipTable
+            } else {
+                WalkAction::Continue
+            }
+        }
+        fn table_post(&mut self, ipa: u64, level: u8, _: u64) -> WalkAction {
+            self.events.push(format!("post {ipa:#x} L{level}"));
+            WalkAction::Continue
+        }
+    }
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    t.map(GIB, PA, MIB2 + 4096, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    t.set_software(GIB + MIB2 + 0x2000, SwEntry::Zero, &tlb)
+        .unwrap();
+    let mut r = Rec::default();
+    t.walk(0, 4 * GIB, &mut r).unwrap();
+    let want = [
+        "pre 0x40000000 L1",
+        "leaf 0x40000000 L2",
+        "pre 0x40200000 L2",
+        "leaf 0x40200000 L3",
+        "leaf 0x40202000 L3",
+        "post 0x40200000 L2",
+        "post 0x40000000 L1",
+    ];
+    assert_eq!(r.events, want);
+    let mut r = Rec {
+        skip_level: Some(2),
+        ..Rec::default()
+    };
+    t.walk(GIB + 0x1000, 4096, &mut r).unwrap();
+    assert_eq!(
+        r.events,
+        [
+            "pre 0x40000000 L1",
+            "leaf 0x40000000 L2",
+            "post 0x40000000 L1"
+        ],
+        "whole leaves of a partial range"
+    );
+    let mut r = Rec {
+        skip_level: Some(2),
+        ..Rec::default()
+    };
+    t.walk(GIB + MIB2, 4096, &mut r).unwrap();
+    assert_eq!(
+        r.events,
+        [
+            "pre 0x40000000 L1",
+            "pre 0x40200000 L2",
+            "post 0x40000000 L1"
+        ]
+    );
+    let mut r = Rec {
+        stop_after: Some(4),
+        ..Rec::default()
+    };
+    t.walk(0, 4 * GIB, &mut r).unwrap();
+    assert_eq!(r.events, want[..4]);
+    // A closure is a leaf visitor.
+    let mut n = 0;
+    t.walk(0, 1 << 40, &mut |_: &LeafInfo| n += 1).unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(
+        t.walk(0, (1 << 40) + 1, &mut |_: &LeafInfo| {}),
+        Err(Error::OutOfRange)
+    );
+}
+
+#[test]
+fn argument_errors_change_nothing() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    let rw = S2Attrs::normal(Perm::RW);
+    assert_eq!(t.map(0x1000, PA, 0, rw, &tlb), Err(Error::EmptyRange));
+    assert_eq!(t.map(0x1800, PA, 4096, rw, &tlb), Err(Error::Misaligned));
+    assert_eq!(
+        t.map(0x1000, PA + 8, 4096, rw, &tlb),
+        Err(Error::Misaligned)
+    );
+    assert_eq!(
+        t.map((1 << 40) - 4096, PA, 8192, rw, &tlb),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(
+        t.map(0, (1 << 40) - 4096, 8192, rw, &tlb),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(
+        t.map(0, PA, 4096, S2Attrs::device(Perm::RWX), &tlb),
+        Err(Error::BadAttrs)
+    );
+    assert_eq!(t.split_block(0, &tlb), Err(Error::NotMapped));
+    assert_eq!(t.unmap(0, 1 << 41, &tlb, |_| {}), Err(Error::OutOfRange));
+    assert_eq!(
+        t.set_software(1 << 40, SwEntry::Zero, &tlb),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(t.lookup(1 << 40), None);
+    let bad = t.compare_exchange_leaf(0, 2, Descriptor::EMPTY, Descriptor::table(PA), &tlb);
+    assert_eq!(bad, Err(CasError::Invalid(Error::BadDescriptor)));
+    let sw_block = t.compare_exchange_leaf(
+        0,
+        2,
+        Descriptor::EMPTY,
+        Descriptor::software(SwEntry::Zero),
+        &tlb,
+    );
+    assert_eq!(sw_block, Err(CasError::Invalid(Error::BadDescriptor)));
+    let no_slot = t.compare_exchange_leaf(
+        0,
+        3,
+        Descriptor::EMPTY,
+        Descriptor::page(PA, rw).unwrap(),
+        &tlb,
+    );
+    assert_eq!(
+        no_slot,
+        Err(CasError::NoSlot {
+            level: 1,
+            found: Descriptor::EMPTY
+        })
+    );
+    // A 2 MiB block can be installed by CAS in an empty level-2 slot.
+    t.map_pages(0x40_0000, PA, 4096, rw, &tlb).unwrap();
+    let block = Descriptor::leaf(PA, 2, rw, true).unwrap();
+    t.compare_exchange_leaf(0, 2, Descriptor::EMPTY, block, &tlb)
+        .unwrap();
+    assert_eq!(t.lookup(0x1000).unwrap().level, 2);
+    assert_eq!(tlb.take(), vec![]);
+    assert_eq!(t.stats().mapped_blocks_2m, 1);
+}
+
+#[test]
+fn vmid_and_vttbr() {
+    let mem = HostMemory::new(64);
+    assert_eq!(
+        Stage2Table::new(cfg(), 256, &mem).err(),
+        Some(Error::BadVmid)
+    );
+    let t = Stage2Table::new(cfg(), 5, &mem).unwrap();
+    assert_eq!(
+        t.root_pa() % 8192,
+        0,
+        "2 concatenated root pages aligned to 8 KiB"
+    );
+    assert_eq!(t.vttbr().raw(), (5 << 48) | t.root_pa());
+    assert_eq!(t.set_vmid(300), Err(Error::BadVmid));
+    t.set_vmid(77).unwrap();
+    assert_eq!(t.vttbr().vmid(), 77);
+    assert_eq!(t.stats().table_pages, 2);
+    mem.fail_after(Some(1));
+    assert_eq!(
+        Stage2Table::new(cfg(), 5, &mem).err(),
+        Some(Error::NoMemory)
+    );
+}
+
+#[test]
+fn destroy_frees_everything_even_when_mapped() {
+    let mem = HostMemory::new(64);
+    let tlb = RecordingTlb::new();
+    for (parange, ipa_bits) in [(0, 32), (2, 40), (3, 42), (5, 48)] {
+        let c = S2Config::new(parange, ipa_bits, VmidBits::Eight).unwrap();
+        let t = Stage2Table::new(c, 1, &mem).unwrap();
+        t.map_pages(
+            0x4000_0000,
+            0x8000_0000,
+            3 * MIB2,
+            S2Attrs::normal(Perm::RW),
+            &tlb,
+        )
+        .unwrap();
+        t.set_software(
+            0x1000,
+            SwEntry::Swap {
+                slot: 1,
+                writable: true,
+            },
+            &tlb,
+        )
+        .unwrap();
+        assert_eq!(t.stats().table_pages as usize, mem.allocated_pages());
+        t.destroy(&tlb);
+        assert_eq!(mem.allocated_pages(), 0, "{ipa_bits}-bit");
+    }
+}

@@ -1,0 +1,205 @@
+//! Racing compare-and-swap updates of one entry never lose an update.
+
+use stage2::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Barrier;
+use std::thread;
+
+const IPA: u64 = 0x4000_0000;
+const PA: u64 = 0x1_0000_0000;
+const THREADS: u64 = 4;
+const PER_THREAD: u64 = 2000;
+
+fn setup(mem: &HostMemory) -> Stage2Table<&HostMemory> {
+    Stage2Table::new(S2Config::new(2, 40, VmidBits::Eight).unwrap(), 3, mem).unwrap()
+}
+
+/// Lookup, compute, CAS; retry on mismatch (what a lockless fault handler does).
+fn cas_loop(t: &Stage2Table<&HostMemory>, tlb: &RecordingTlb, f: impl Fn(&LeafInfo) -> Descriptor) {
+    loop {
+        let Some(l) = t.lookup(IPA) else {
+            thread::yield_now();
+            continue;
+        };
+        match t.compare_exchange_leaf(IPA, l.level, l.desc, f(&l), tlb) {
+            Ok(()) => return,
+            Err(CasError::Mismatch(_)) => std::hint::spin_loop(),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[test]
+fn racing_swap_slot_increments_are_all_kept() {
+    let mem = HostMemory::new(16);
+    let t = setup(&mem);
+    let tlb = RecordingTlb::new();
+    t.set_software(
+        IPA,
+        SwEntry::Swap {
+            slot: 0,
+            writable: false,
+        },
+        &tlb,
+    )
+    .unwrap();
+    let start = Barrier::new(THREADS as usize);
+    thread::scope(|s| {
+        for _ in 0..THREADS {
+            s.spawn(|| {
+                start.wait();
+                for _ in 0..PER_THREAD {
+                    cas_loop(&t, &tlb, |l| match l.software() {
+                        Some(SwEntry::Swap { slot, writable }) => {
+                            Descriptor::software(SwEntry::Swap {
+                                slot: slot + 1,
+                                writable,
+                            })
+                        }
+                        other => panic!("{other:?}"),
+                    });
+                }
+            });
+        }
+    });
+    assert_eq!(
+        t.lookup(IPA).unwrap().software(),
+        Some(SwEntry::Swap {
+            slot: THREADS * PER_THREAD,
+            writable: false
+        })
+    );
+}
+
+/// Remapping to a new frame goes through break-before-make (the slot is Locked for a moment):
+/// racing remaps and an Access-flag "hardware" updater lose nothing.
+#[test]
+fn racing_remaps_with_break_before_make_and_af_updates_are_all_kept() {
+    let mem = HostMemory::new(16);
+    let t = setup(&mem);
+    let tlb = RecordingTlb::new();
+    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    let start = Barrier::new(THREADS as usize + 1);
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..PER_THREAD / 4 {
+                        cas_loop(&t, &tlb, |l| {
+                            let m = l.mapping().unwrap();
+                            Descriptor::page(m.pa + 4096, m.attrs)
+                                .unwrap()
+                                .with_young(m.young)
+                        });
+                    }
+                })
+            })
+            .collect();
+        // Plays the hardware/aging side: flips AF with its own CAS.
+        s.spawn(|| {
+            start.wait();
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                if n.is_multiple_of(2) {
+                    t.test_and_clear_young(IPA);
+                } else {
+                    t.mkyoung(IPA);
+                }
+                n += 1;
+            }
+        });
+        for w in workers {
+            w.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let m = t.lookup(IPA).unwrap().mapping().unwrap();
+    assert_eq!(m.pa, PA + THREADS * (PER_THREAD / 4) * 4096);
+    assert_eq!(m.attrs, S2Attrs::normal(Perm::RW));
+    let breaks = tlb
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, TlbCall::Ipa { .. }))
+        .count() as u64;
+    assert!(
+        breaks >= THREADS * (PER_THREAD / 4),
+        "every remap invalidated"
+    );
+}
+
+/// Permission flips by CAS from several threads, with a structural `protect` holding "the lock"
+/// in between: every CAS that succeeded is accounted for in the final count of changes.
+#[test]
+fn racing_software_bit_counter_with_protect() {
+    let mem = HostMemory::new(16);
+    let t = setup(&mem);
+    let tlb = RecordingTlb::new();
+    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    let lock = std::sync::Mutex::new(());
+    let start = Barrier::new(THREADS as usize);
+    // Each increment adds one to the 4-bit software field modulo 16.
+    thread::scope(|s| {
+        for i in 0..THREADS {
+            let (t, tlb, lock, start) = (&t, &tlb, &lock, &start);
+            s.spawn(move || {
+                start.wait();
+                for j in 0..PER_THREAD / 2 {
+                    if i == 0 && j % 50 == 0 {
+                        let _g = lock.lock().unwrap();
+                        let perm = if j % 100 == 0 { Perm::RO } else { Perm::RW };
+                        t.protect(IPA, 4096, perm, tlb).unwrap();
+                        continue;
+                    }
+                    cas_loop(t, tlb, |l| {
+                        let sw = l.mapping().unwrap().attrs.sw;
+                        l.desc.with_sw((sw + 1) & 0xF)
+                    });
+                }
+            });
+        }
+    });
+    let increments = THREADS * (PER_THREAD / 2) - PER_THREAD / 2 / 50;
+    assert_eq!(
+        t.lookup(IPA).unwrap().mapping().unwrap().attrs.sw as u64,
+        increments % 16
+    );
+}
+
+/// A structural operation meeting a Locked slot waits for its owner to release it.
+#[test]
+fn protect_waits_for_a_locked_slot() {
+    let mem = HostMemory::new(16);
+    let t = setup(&mem);
+    let tlb = RecordingTlb::new();
+    t.map_pages(IPA, PA, 2 * 4096, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    let page = t.lookup(IPA).unwrap().desc;
+    t.compare_exchange_leaf(IPA, 3, page, Descriptor::software(SwEntry::Locked), &tlb)
+        .unwrap();
+    let released = AtomicBool::new(false);
+    thread::scope(|s| {
+        s.spawn(|| {
+            t.protect(IPA, 2 * 4096, Perm::RO, &tlb).unwrap();
+            assert!(
+                released.load(Ordering::SeqCst),
+                "protect went past a Locked slot"
+            );
+        });
+        thread::sleep(std::time::Duration::from_millis(50));
+        released.store(true, Ordering::SeqCst);
+        t.compare_exchange_leaf(IPA, 3, Descriptor::software(SwEntry::Locked), page, &tlb)
+            .unwrap();
+    });
+    assert_eq!(
+        t.lookup(IPA).unwrap().mapping().unwrap().attrs.perm,
+        Perm::RO
+    );
+    assert_eq!(
+        t.lookup(IPA + 4096).unwrap().mapping().unwrap().attrs.perm,
+        Perm::RO
+    );
+}
