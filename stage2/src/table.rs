@@ -299,7 +299,7 @@ impl<M: TableMemory> Stage2Table<M> {
     /// if it holds `expected` (typically [`LeafInfo::desc`] from a lookup).
     ///
     /// `new` must be empty, a leaf descriptor for `level`, or a software entry (level 3 only;
-    /// [`SwEntry::Locked`] at any leaf level). Changing the output address or memory attributes
+    /// [`SwEntry::Locked`] at any leaf level); `expected` must not be a table descriptor. Changing the output address or memory attributes
     /// of a valid entry to another valid entry is done with break-before-make: the slot goes
     /// `Locked`, is invalidated at once, then gets `new`. Other changes to a valid entry are
     /// invalidated before return (or when the batch ends), except setting the Access flag. The

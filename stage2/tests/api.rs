@@ -254,6 +254,29 @@ fn argument_errors_change_nothing() {
     assert_eq!(t.lookup(0x1000).unwrap().level, 2);
     assert_eq!(tlb.take(), vec![]);
     assert_eq!(t.stats().mapped_blocks_2m, 1);
+    // The level-2 slot of 0x40_0000 holds a table: not something CAS may replace.
+    let table_slot = {
+        let mut found = None;
+        t.walk(0x40_0000, 4096, &mut TablePre(&mut found)).unwrap();
+        found.unwrap()
+    };
+    let r = t.compare_exchange_leaf(0x40_0000, 2, table_slot, Descriptor::EMPTY, &tlb);
+    assert_eq!(r, Err(CasError::Invalid(Error::BadDescriptor)));
+}
+
+/// Records the table descriptor of the level-2 slot it passes through.
+struct TablePre<'a>(&'a mut Option<Descriptor>);
+
+impl Visitor for TablePre<'_> {
+    fn leaf(&mut self, _: &LeafInfo) -> WalkAction {
+        WalkAction::Continue
+    }
+    fn table_pre(&mut self, _: u64, level: u8, table_pa: u64) -> WalkAction {
+        if level == 2 {
+            *self.0 = Some(Descriptor::table(table_pa));
+        }
+        WalkAction::Continue
+    }
 }
 
 #[test]

@@ -203,3 +203,59 @@ fn protect_waits_for_a_locked_slot() {
         Perm::RO
     );
 }
+
+/// The same increments done with a blind store (lookup, then `set_software`, which overwrites
+/// whatever is there) lose updates: the check above can fail.
+#[test]
+fn broken_variant_blind_stores_lose_updates() {
+    let mem = HostMemory::new(16);
+    let t = setup(&mem);
+    let tlb = RecordingTlb::new();
+    for _round in 0..20 {
+        t.set_software(
+            IPA,
+            SwEntry::Swap {
+                slot: 0,
+                writable: false,
+            },
+            &tlb,
+        )
+        .unwrap();
+        let start = Barrier::new(2);
+        thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..PER_THREAD {
+                        let Some(SwEntry::Swap { slot, .. }) =
+                            t.lookup(IPA).and_then(|l| l.software())
+                        else {
+                            panic!()
+                        };
+                        for _ in 0..50 {
+                            std::hint::spin_loop();
+                        }
+                        t.set_software(
+                            IPA,
+                            SwEntry::Swap {
+                                slot: slot + 1,
+                                writable: false,
+                            },
+                            &tlb,
+                        )
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        if t.lookup(IPA).unwrap().software()
+            != Some(SwEntry::Swap {
+                slot: 2 * PER_THREAD,
+                writable: false,
+            })
+        {
+            return;
+        }
+    }
+    panic!("blind stores never lost an update: the race checks cannot see races");
+}

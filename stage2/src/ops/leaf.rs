@@ -67,6 +67,10 @@ pub(crate) fn compare_exchange_leaf<M: TableMemory, F: Flusher + ?Sized>(
         return Err(CasError::Invalid(Error::BadDescriptor));
     }
     check_new(new, level).map_err(CasError::Invalid)?;
+    if expected.is_table(level) {
+        // Tables are linked and unlinked only by structural operations.
+        return Err(CasError::Invalid(Error::BadDescriptor));
+    }
     let (found, slot) = t.find_slot(ipa, level).map_err(CasError::Invalid)?;
     if found != level {
         let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
