@@ -94,7 +94,13 @@ fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<Atomi
     }
 }
 
-fn mover(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, reclaim: bool, ops: Arc<AtomicU64>) {
+fn mover(
+    world: Arc<HostWorld>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    reclaim: bool,
+    ops: Arc<AtomicU64>,
+) {
     let mut rng = Rng(seed);
     let frames = world.rmap.frames();
     while !stop.load(Ordering::Relaxed) {
@@ -110,10 +116,14 @@ fn mover(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, reclaim: bool,
                 .reclaim_frame(&world.vms, &world.machine, &world.machine, pfn)
                 .map(|_| ())
         } else {
-            world.rmap.migrate_frame(&world.vms, &world.machine, pfn).map(|_| ())
+            world
+                .rmap
+                .migrate_frame(&world.vms, &world.machine, pfn)
+                .map(|_| ())
         };
         match result {
-            Ok(()) | Err(Error::NotMapped | Error::Busy | Error::OutOfFrames | Error::OutOfSwap) => {}
+            Ok(())
+            | Err(Error::NotMapped | Error::Busy | Error::OutOfFrames | Error::OutOfSwap) => {}
             Err(e) => panic!("mover: {e:?}"),
         }
     }
@@ -131,7 +141,9 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
     }
     for (i, reclaim) in [false, true].into_iter().enumerate() {
         let (w, s, o) = (world.clone(), stop.clone(), ops[2 + i].clone());
-        handles.push(thread::spawn(move || mover(w, s, 0x5555 + i as u64, reclaim, o)));
+        handles.push(thread::spawn(move || {
+            mover(w, s, 0x5555 + i as u64, reclaim, o)
+        }));
     }
     let start = Instant::now();
     while start.elapsed() < RUN {
@@ -142,8 +154,16 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
         h.join().expect("worker panicked");
     }
     let counts: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
-    println!("ops: owners {:?}, migrations {}, reclaims {}", &counts[..2], counts[2], counts[3]);
-    assert!(counts.iter().all(|&c| c > 0), "every thread made progress: {counts:?}");
+    println!(
+        "ops: owners {:?}, migrations {}, reclaims {}",
+        &counts[..2],
+        counts[2],
+        counts[3]
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "every thread made progress: {counts:?}"
+    );
     world.check().unwrap();
     assert_eq!(world.machine.allocated(), 0);
     assert_eq!(world.rmap.live_anon_vmas(), 0);
