@@ -3,7 +3,7 @@
 
 use crate::backend::{S2Entry, Stage2, Stage2Locked, SwapStore};
 use crate::region::{Region, RegionList};
-use crate::{Error, Rmap, VmId, PAGE_SIZE};
+use crate::{Error, Rmap, PAGE_SIZE};
 
 impl Rmap {
     /// Forks `parent` (write-locked: no fault may change its entries meanwhile) into `child`
@@ -22,8 +22,8 @@ impl Rmap {
         assert!(child.is_empty(), "fork into a VM with regions");
         let child_vm = child.vm();
         for region in parent.iter() {
-            let mut clone = self.region_clone(region);
-            if let Err(e) = self.anon_vma_fork(&mut clone, region, child_vm) {
+            let mut clone = self.region_clone(region, child_vm);
+            if let Err(e) = self.anon_vma_fork(&mut clone, region) {
                 self.unlink_region(&mut clone);
                 return Err(e);
             }
@@ -37,15 +37,11 @@ impl Rmap {
     /// anon_vma the parent region is linked to, in the parent's order, each new chain at the
     /// tail; then its own anon_vma, reusing a family member that has no live region and fewer
     /// than two children (exact counts: the CVE-2022-42703 fix), or a new child of the parent's.
-    pub fn anon_vma_fork(
-        &self,
-        child: &mut Region,
-        parent: &Region,
-        child_vm: VmId,
-    ) -> Result<(), Error> {
+    pub fn anon_vma_fork(&self, child: &mut Region, parent: &Region) -> Result<(), Error> {
         let Some(parent_anon) = parent.anon_vma() else {
             return Ok(()); // nothing faulted yet: the child prepares lazily
         };
+        let child_vm = child.vm();
         let mut family = self.lock_family_write(parent_anon);
         for &chain in parent.chains() {
             let anon_vma = self.chain_info(chain).anon_vma;

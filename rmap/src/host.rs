@@ -502,6 +502,26 @@ impl HostWorld {
                 self.rmap.live_chains()
             ));
         }
+        // Every live anon_vma is linked by at least one chain (none is orphaned).
+        let anon = self.rmap.live_anon_vmas();
+        if anon > chains {
+            return Err(format!("{anon} anon_vmas but only {chains} chains"));
+        }
+        let _ = regions;
+        Ok(())
+    }
+
+    /// Linux's bound from the 2015 reuse heuristic: anon_vmas stay within twice the regions.
+    /// It holds while every anon_vma without a live region has at least two children, which
+    /// fork maintains; destroying a VM in the middle of a lineage leaves a one-child anon_vma
+    /// behind until a later fork reuses it, so callers check this only for such histories.
+    pub fn check_anon_bound(&self) -> Result<(), String> {
+        let regions: usize = self
+            .vms
+            .all()
+            .iter()
+            .map(|vm| vm.regions.read().len())
+            .sum();
         let anon = self.rmap.live_anon_vmas();
         if anon > 2 * regions {
             return Err(format!("{anon} anon_vmas for {regions} regions"));

@@ -37,6 +37,7 @@ impl RegionFlags {
 /// One region of guest IPA space.
 #[derive(Debug)]
 pub struct Region {
+    vm: VmId,
     start: Ipa,
     pages: u64,
     pgoff: u64,
@@ -46,6 +47,11 @@ pub struct Region {
 }
 
 impl Region {
+    /// The owning VM.
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
     /// First IPA.
     pub fn start(&self) -> Ipa {
         self.start
@@ -93,8 +99,9 @@ impl Region {
         (self.start..self.end()).contains(&ipa)
     }
 
-    fn clone_geometry(&self) -> Region {
+    fn clone_geometry(&self, vm: VmId) -> Region {
         Region {
+            vm,
             start: self.start,
             pages: self.pages,
             pgoff: self.pgoff,
@@ -222,6 +229,7 @@ impl Rmap {
             return Err(Error::BadRange);
         }
         list.insert(Region {
+            vm: list.vm,
             start,
             pages,
             pgoff: start / PAGE_SIZE,
@@ -279,7 +287,7 @@ impl Rmap {
     }
 
     /// A child VM's copy of `parent`'s geometry, not yet linked anywhere.
-    pub(crate) fn region_clone(&self, parent: &Region) -> Region {
-        parent.clone_geometry()
+    pub(crate) fn region_clone(&self, parent: &Region, vm: VmId) -> Region {
+        parent.clone_geometry(vm)
     }
 }
