@@ -47,10 +47,13 @@ fn pages() -> Vec<u64> {
         .collect()
 }
 
+/// A VM, what it should read at each page, and its ancestors.
+type ModelVm = (Arc<HostVm>, BTreeMap<u64, u64>, Vec<VmId>);
+
 struct Model {
     world: HostWorld,
     /// Each VM with its expected contents and its ancestors.
-    vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>, Vec<VmId>)>,
+    vms: Vec<ModelVm>,
     /// A VM that still had live descendants was destroyed.
     interior_destroyed: bool,
 }
