@@ -24,8 +24,9 @@ static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 /// Queues `;`-separated commands to run once the initial VMs are up.
 pub fn set_script(script: &str) {
     let mut c = CONSOLE.lock();
+    // On the command line a ',' stands for a space (bootargs split on spaces).
     for cmd in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        c.script.push_back(String::from(cmd));
+        c.script.push_back(cmd.replace(',', " "));
     }
     SCRIPT_DONE.store(c.script.is_empty(), Ordering::Release);
 }
@@ -125,6 +126,22 @@ pub fn execute(line: &str) {
         "pause" => parse_vm(words.next()).and_then(|v| ok_or(v.pause(), "not running")),
         "resume" => parse_vm(words.next()).and_then(|v| ok_or(v.resume(), "not paused")),
         "destroy" => parse_vm(words.next()).map(|v| v.stop(0)),
+        "fork" => fork_cmd(words.next(), words.next()),
+        "snapshot" => parse_vm(words.next()).and_then(|v| {
+            let snap = crate::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
+            crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+            Ok(())
+        }),
+        "restore" => {
+            let vm = parse_vm(words.next());
+            let snap = parse_vm(words.next());
+            vm.and_then(|vm| snap.map(|s| (vm, s))).and_then(|(vm, snap)| {
+                crate::fork::restore(&vm, &snap, None, 0).map_err(|e| alloc::format!("{e}"))?;
+                crate::println!("vm {} restored to snapshot {}", vm.id, snap.id);
+                Ok(())
+            })
+        }
+        "rmap" => rmap_cmd(words.next()),
         "quit" => {
             let status = vm::WORST_STATUS.load(Ordering::Relaxed);
             crate::println!("[hyp] quit: exiting with status {status}");
@@ -137,6 +154,34 @@ pub fn execute(line: &str) {
     }
 }
 
+fn fork_cmd(vm: Option<&str>, count: Option<&str>) -> Result<(), String> {
+    let parent = parse_vm(vm)?;
+    let count: u32 = match count {
+        None => 1,
+        Some(c) => c.parse().ok().filter(|&n| (1..=1000).contains(&n)).ok_or_else(|| alloc::format!("bad count '{c}' (1..=1000)"))?,
+    };
+    for _ in 0..count {
+        let child = crate::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
+        crate::println!("vm {} forked: child vm {}", parent.id, child.id);
+    }
+    Ok(())
+}
+
+/// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
+fn rmap_cmd(arg: Option<&str>) -> Result<(), String> {
+    let arg = arg.ok_or_else(|| String::from("missing physical address"))?;
+    let pa = u64::from_str_radix(arg.trim_start_matches("0x"), 16).map_err(|_| alloc::format!("'{arg}' is not a hex address"))?;
+    let rmap = crate::mm::rmap();
+    let pfn = pa / crate::frames::PAGE_SIZE;
+    let frame = rmap.frames().get(pfn).ok_or_else(|| alloc::format!("{pa:#x} is not a RAM frame"))?;
+    let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
+    crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
+    for m in rmap.mappers(pfn, &crate::mm::HypVms) {
+        crate::println!("  vm {} ipa {:#x} {:?} via chain {:?}", m.vm.0, m.ipa, m.entry, m.chain);
+    }
+    Ok(())
+}
+
 fn ok_or(ok: bool, why: &str) -> Result<(), String> {
     if ok {
         Ok(())
@@ -147,7 +192,7 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
 
 fn help() {
     crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
+        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
     );
 }
 
@@ -173,11 +218,17 @@ fn vms() {
 fn stats() {
     let frames = crate::frames::get();
     let (heap_used, heap_total) = crate::heap::usage();
+    let rmap = crate::mm::rmap();
+    let shared = crate::mm::shared_frames();
     crate::println!(
-        "frames: {} free / {} total ({} used)\nheap: {} / {} bytes\nvms: {}",
+        "frames: {} free / {} total ({} used, {} shared)\nanon_vmas: {}  chains: {}  swap slots: {}\nheap: {} / {} bytes\nvms: {}",
         frames.free_count(),
         frames.total_count(),
         frames.total_count() - frames.free_count(),
+        shared,
+        rmap.live_anon_vmas(),
+        rmap.live_chains(),
+        crate::mm::STORE.used_slots(),
         heap_used,
         heap_total,
         vm::count()

@@ -3,7 +3,7 @@
 
 use crate::arch::read_sysreg;
 use crate::exit::{inject_sync, stop, Action, ESR_IL};
-use crate::memory::FaultError;
+use crate::mm::FaultError;
 use crate::vcpu::Vcpu;
 use crate::vpl011::{Output, VPL011_BASE, VPL011_SIZE};
 
@@ -24,7 +24,9 @@ fn fault_ipa() -> u64 {
 pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     let ipa = fault_ipa();
     let is_data = (esr >> 26) != EC_IABT_LOW;
-    let write = is_data && esr & ISS_WNR != 0 && esr & ISS_S1PTW == 0;
+    // A stage-1 table walk may write (hardware access/dirty flags), so a
+    // walk fault is a write fault, as KVM treats it.
+    let write = is_data && (esr & ISS_WNR != 0 || esr & ISS_S1PTW != 0);
     if vcpu.vm.ram.contains(ipa) {
         return ram_fault(vcpu, ipa, write);
     }
@@ -36,8 +38,7 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
 }
 
 fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool) -> Action {
-    let result = vcpu.vm.memory.lock().fault_in(ipa, write);
-    match result {
+    match crate::mm::fault(&vcpu.vm, ipa, write) {
         Ok(()) => Action::Continue,
         Err(FaultError::NoMemory) => {
             crate::println!(
@@ -49,7 +50,11 @@ fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool) -> Action {
             vcpu.vm.pause();
             Action::Yield
         }
-        Err(FaultError::Unsupported(why)) => stop(vcpu, why),
+        Err(FaultError::NoRegion) => wild(vcpu, ipa, true),
+        Err(FaultError::Other(e)) => {
+            crate::println!("[hyp] vm {}: fault at IPA {ipa:#x} failed: {e:?}", vcpu.vm.id);
+            stop(vcpu, "hit a memory-manager error")
+        }
     }
 }
 

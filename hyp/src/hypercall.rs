@@ -46,6 +46,10 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
             return Action::Yield;
         }
         abi::HVC_VM_ID => vcpu.vm.id as u64,
+        abi::HVC_FORK => return fork(vcpu, false),
+        abi::HVC_SNAPSHOT => return fork(vcpu, true),
+        abi::HVC_RESTORE => return restore(vcpu, a1, a2),
+        abi::HVC_STATS => stat(vcpu, a1),
         _ => err(psci::error::NOT_SUPPORTED),
     };
     vcpu.regs.x[0] = ret;
@@ -102,4 +106,55 @@ fn affinity_info(vcpu: &Vcpu, target: u64, level: u64) -> u64 {
     } else {
         1
     }
+}
+
+fn smccc(code: i64) -> u64 {
+    code as u64
+}
+
+/// FORK / SNAPSHOT: the child's (or snapshot's) id to the caller, 0 in the
+/// child. If another fork or a pause holds the VM, the call is retried once
+/// the vCPU runs again.
+fn fork(vcpu: &mut Vcpu, frozen: bool) -> Action {
+    let vm = vcpu.vm.clone();
+    match crate::fork::fork(&vm, Some(vcpu), frozen) {
+        Ok(child) => vcpu.regs.x[0] = child.id as u64,
+        Err(crate::fork::ForkError::Busy) => {
+            vcpu.regs.pc -= 4;
+            return Action::Yield;
+        }
+        Err(e) => {
+            crate::println!("[hyp] vm {}: fork failed: {e}", vm.id);
+            vcpu.regs.x[0] = smccc(abi::SMCCC_NO_MEMORY);
+        }
+    }
+    Action::Continue
+}
+
+fn restore(vcpu: &mut Vcpu, snap: u64, cookie: u64) -> Action {
+    let vm = vcpu.vm.clone();
+    let Some(snapshot) = u32::try_from(snap).ok().and_then(crate::vm::get) else {
+        vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER);
+        return Action::Continue;
+    };
+    match crate::fork::restore(&vm, &snapshot, Some(vcpu), cookie) {
+        Ok(()) => {}
+        Err(crate::fork::ForkError::Busy) => {
+            vcpu.regs.pc -= 4;
+            return Action::Yield;
+        }
+        Err(crate::fork::ForkError::NotRunnable(_)) => vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER),
+        Err(e) => {
+            crate::println!("[hyp] vm {}: restore failed: {e}", vm.id);
+            vcpu.regs.x[0] = smccc(abi::SMCCC_NO_MEMORY);
+        }
+    }
+    Action::Continue
+}
+
+fn stat(vcpu: &Vcpu, which: u64) -> u64 {
+    let Some(stat) = abi::Stat::from_u64(which) else {
+        return smccc(abi::SMCCC_INVALID_PARAMETER);
+    };
+    crate::mm::stat(stat, &vcpu.vm)
 }

@@ -48,10 +48,8 @@ pub fn boot(vm: &Arc<Vm>, image: &[u8], bootargs: &str) -> Result<(), VmError> {
     if dtb.len() as u64 > header.text_offset {
         return Err(VmError::BadConfig("guest DTB overlaps the image"));
     }
-    let mut mem = vm.memory.lock();
-    mem.write(entry, image).map_err(|_| VmError::NoMemory)?;
-    mem.write(ram.base, &dtb).map_err(|_| VmError::NoMemory)?;
-    drop(mem);
+    crate::mm::write_guest(vm, entry, image).map_err(|_| VmError::NoMemory)?;
+    crate::mm::write_guest(vm, ram.base, &dtb).map_err(|_| VmError::NoMemory)?;
     if !vm.power_on(0, entry, ram.base) {
         return Err(VmError::BadConfig("vCPU 0 is not off"));
     }

@@ -1,13 +1,18 @@
-//! A VM's guest memory: its stage-2 table (the `stage2` crate) and the frames
-//! mapped in it, guarded together by the VM's stage-2 lock. Demand-zero
-//! faults, writes by the loader, and teardown live here.
+//! A VM's stage-2 table (the `stage2` crate) as the reverse map sees it: the
+//! `rmap::Stage2` / `Stage2Locked` traits over the VM's stage-2 lock (DESIGN
+//! level 4). Guest RAM is mapped page by page; entries are valid pages
+//! (writable, or read-only for copy-on-write) or software entries.
 
 use crate::frames::{self, PAGE_SIZE};
-use crate::vm::VmError;
-use platform::MemRange;
+use crate::vm::{Vm, VmError};
+use rmap::lock::OrderedMutexGuard;
+use rmap::{S2Entry, Stage2, Stage2Locked, UnlinkProof};
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
-use stage2::{Aarch64Tlb, Leaf, Perm, S2Attrs, S2Config, Stage2Table, TableMemory, TlbMaintenance, VmidBits};
+use stage2::{
+    Aarch64Tlb, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm, S2Attrs, S2Config, Stage2Table, SwEntry, TableMemory,
+    TlbMaintenance, VmidBits, Visitor, WalkAction,
+};
 
 /// Table pages come from the frame allocator and are reached through the
 /// hypervisor's identity map.
@@ -45,11 +50,11 @@ static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator { used: [0; 1024],
 // SAFETY: the hypervisor runs at EL2 without VHE, identity mapped, with
 // interrupts masked at EL2, so nothing re-enters an invalidation that has
 // switched VTTBR_EL2.
-static TLB: Aarch64Tlb = unsafe { Aarch64Tlb::new() };
+pub static TLB: Aarch64Tlb = unsafe { Aarch64Tlb::new() };
 
 /// VMIDs in use, one bit each (up to 16-bit VMIDs). VMID 0 is never given
-/// to a guest. A VMID is reused only after the VMID-wide invalidation done
-/// when its VM's table was destroyed.
+/// to a guest. A VMID is freed only after its table's destroy() invalidated
+/// every TLB entry of that VMID, so reuse finds nothing stale.
 struct VmidAllocator {
     used: [u64; 1024],
     max: u16,
@@ -75,13 +80,15 @@ pub fn init() {
     let vmid_bits = if (mmfr1 >> 4) & 0xf == 2 { VmidBits::Sixteen } else { VmidBits::Eight };
     let hw_af = mmfr1 & 0xf != 0;
     let pa_bits = [32u8, 36, 40, 42, 44, 48, 52][(parange as usize).min(6)];
-    let cfg = S2Config::new(parange, pa_bits.min(40), vmid_bits).expect("stage-2 configuration").with_hw_access_flag(hw_af);
+    let cfg = S2Config::new(parange, pa_bits.min(40), vmid_bits)
+        .expect("stage-2 configuration")
+        .with_hw_access_flag(hw_af);
     VMIDS.lock().max = cfg.max_vmid();
     crate::println!(
-        "[hyp] stage 2: {}-bit IPA, {}-bit PA, {:?} VMIDs, hardware access flag {}",
+        "[hyp] stage 2: {}-bit IPA, {}-bit PA, {} VMIDs, hardware access flag {}",
         cfg.ipa_bits(),
         cfg.pa_bits(),
-        vmid_bits,
+        cfg.max_vmid(),
         if hw_af { "on" } else { "off" }
     );
     CONFIG.call_once(|| cfg);
@@ -91,28 +98,30 @@ pub fn vtcr() -> u64 {
     CONFIG.get().expect("stage-2 config").vtcr()
 }
 
-/// Why a stage-2 fault could not be resolved.
-pub enum FaultError {
-    NoMemory,
-    Unsupported(&'static str),
+/// Stage-2 attributes of guest RAM: normal memory, executable, writable
+/// unless shared copy-on-write.
+fn ram_attrs(writable: bool) -> S2Attrs {
+    S2Attrs::normal(if writable { Perm::RWX } else { Perm::RX })
 }
 
-const RAM_ATTRS: S2Attrs = S2Attrs::normal(Perm::RWX);
-
+/// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock.
 pub struct GuestMemory {
     /// None once torn down (no vCPU of the VM can run any more).
     table: Option<Stage2Table<FrameTables>>,
     vmid: u16,
-    ram: MemRange,
-    resident: usize,
+    /// Defer this lock holder's TLB invalidations to one VMID-wide flush
+    /// (fork write-protecting a whole VM).
+    batching: bool,
+    /// A stage-2 table page could not be allocated during an update.
+    pub out_of_memory: bool,
 }
 
 impl GuestMemory {
-    pub fn new(ram: MemRange) -> Result<GuestMemory, VmError> {
+    pub fn new() -> Result<GuestMemory, VmError> {
         let cfg = *CONFIG.get().expect("stage-2 config");
         let vmid = VMIDS.lock().alloc().ok_or(VmError::NoVmid)?;
         match Stage2Table::new(cfg, vmid, FrameTables) {
-            Ok(table) => Ok(GuestMemory { table: Some(table), vmid, ram, resident: 0 }),
+            Ok(table) => Ok(GuestMemory { table: Some(table), vmid, batching: false, out_of_memory: false }),
             Err(_) => {
                 VMIDS.lock().free(vmid);
                 Err(VmError::NoMemory)
@@ -128,75 +137,168 @@ impl GuestMemory {
         self.table().vttbr().raw()
     }
 
-    pub fn resident_pages(&self) -> usize {
-        self.resident
+    pub fn is_live(&self) -> bool {
+        self.table.is_some()
     }
 
-    /// Resolves a fault on guest RAM: a zeroed frame where nothing is mapped.
-    /// Another vCPU may have resolved the same fault already: then nothing to do.
-    pub fn fault_in(&mut self, ipa: u64, _write: bool) -> Result<(), FaultError> {
-        let page = ipa & !(PAGE_SIZE - 1);
-        if self.table().lookup(page).is_some() {
-            return Ok(());
-        }
-        self.map_zeroed(page).map(|_| ())
+    /// Pages mapped (valid stage-2 page entries).
+    pub fn resident_pages(&self) -> u64 {
+        self.table.as_ref().map_or(0, |t| t.stats().mapped_pages)
     }
 
-    fn map_zeroed(&mut self, page: u64) -> Result<u64, FaultError> {
-        let pa = frames::get().alloc_zeroed().ok_or(FaultError::NoMemory)?;
-        if let Err(e) = self.table().map(page, pa, PAGE_SIZE, RAM_ATTRS, &TLB) {
-            frames::get().free(pa);
-            return Err(match e {
-                stage2::Error::NoMemory => FaultError::NoMemory,
-                _ => FaultError::Unsupported("hit a stage-2 entry it cannot resolve"),
-            });
-        }
-        self.resident += 1;
-        Ok(pa)
+    /// Host PA of guest page `ipa`, if a valid page maps it.
+    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+        self.table().lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 
-    /// Host PA backing guest page `page`, mapping a zeroed frame if needed.
-    fn backing(&mut self, page: u64) -> Result<u64, FaultError> {
-        match self.table().lookup(page) {
-            Some(leaf) => leaf.pa_of(page).ok_or(FaultError::Unsupported("hit a software stage-2 entry")),
-            None => self.map_zeroed(page),
-        }
-    }
-
-    /// Copies `data` into guest RAM at `ipa` (the loader).
-    pub fn write(&mut self, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
-        if !self.ram.contains(ipa) || ipa + data.len() as u64 > self.ram.end() {
-            return Err(FaultError::Unsupported("write outside guest RAM"));
-        }
-        let mut done = 0usize;
-        while done < data.len() {
-            let addr = ipa + done as u64;
-            let off = (addr % PAGE_SIZE) as usize;
-            let n = (PAGE_SIZE as usize - off).min(data.len() - done);
-            let pa = self.backing(addr - off as u64)?;
-            // SAFETY: `pa` is a frame mapped into this VM, owned by its
-            // memory (we hold the stage-2 lock), identity mapped at EL2.
-            unsafe { core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n) };
-            TLB.invalidate_icache(pa + off as u64, n as u64);
-            done += n;
-        }
+    /// A new empty table and VMID after the old ones were freed (restore).
+    pub fn reinit(&mut self) -> Result<(), VmError> {
+        debug_assert!(self.table.is_none());
+        *self = GuestMemory::new()?;
         Ok(())
     }
 
-    /// Unmaps all guest RAM, frees its frames, then the tables and the VMID.
-    /// Called once no vCPU of the VM can run.
-    pub fn teardown(&mut self) {
-        let Some(table) = self.table.take() else { return };
-        let mut freed = 0;
-        let _ = table.unmap(self.ram.base, self.ram.size, &TLB, |leaf| {
-            if let Leaf::Mapped(m) = leaf.leaf {
-                let pages = leaf.size() / PAGE_SIZE;
-                (0..pages).for_each(|i| frames::get().free(m.pa + i * PAGE_SIZE));
-                freed += pages as usize;
+    /// Frees the (already emptied and unlinked) table and the VMID.
+    fn destroy(&mut self) {
+        if let Some(table) = self.table.take() {
+            table.destroy(&TLB);
+            VMIDS.lock().free(self.vmid);
+        }
+    }
+
+    /// Starts deferring TLB invalidations to one flush (see `end_batch`).
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// Ends a batch: one VMID-wide invalidation covers every change made in it.
+    pub fn end_batch(&mut self) {
+        if core::mem::take(&mut self.batching) {
+            TLB.invalidate_vmid(self.table().vttbr());
+        }
+    }
+}
+
+fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
+    let Some(leaf) = leaf else { return S2Entry::Invalid };
+    match leaf.leaf {
+        Leaf::Mapped(m) => S2Entry::Page { pfn: (m.pa + (ipa - leaf.ipa)) >> 12, writable: m.attrs.perm.write },
+        Leaf::Software(SwEntry::Migration { pfn, writable }) => S2Entry::Migration { pfn, writable },
+        Leaf::Software(SwEntry::Swap { slot, .. }) => S2Entry::Swap { slot },
+        // A transient break-before-make owner: report it as a migration of
+        // nothing, so callers retry.
+        Leaf::Software(_) => S2Entry::Invalid,
+    }
+}
+
+fn encode(entry: S2Entry) -> Descriptor {
+    match entry {
+        S2Entry::Invalid => Descriptor::EMPTY,
+        S2Entry::Page { pfn, writable } => Descriptor::page(pfn << 12, ram_attrs(writable)).expect("page descriptor"),
+        S2Entry::Migration { pfn, writable } => Descriptor::software(SwEntry::Migration { pfn, writable }),
+        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap { slot, writable: false }),
+    }
+}
+
+/// The locked stage-2 as `rmap` uses it.
+pub struct LockedStage2<'a> {
+    mem: OrderedMutexGuard<'a, GuestMemory>,
+}
+
+impl LockedStage2<'_> {
+    fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+        let table = self.mem.table();
+        let current = table.lookup(ipa);
+        let found = decode(current, ipa);
+        if found != old {
+            return Err(found);
+        }
+        let Some(current) = current else {
+            // Filling a hole may need table pages: map() obtains them first.
+            return self.fill_hole(ipa, new);
+        };
+        let result = if self.mem.batching {
+            let batch = Batch::new(&TLB, table.vttbr());
+            let r = table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &batch);
+            core::mem::forget(batch); // the VMID-wide flush comes at end_batch()
+            r
+        } else {
+            table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &TLB)
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, current.level, d), ipa)),
+            Err(_) => Err(found),
+        }
+    }
+
+    fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
+        let table = self.mem.table();
+        let result = match new {
+            S2Entry::Invalid => return Ok(()),
+            S2Entry::Page { pfn, writable } => table.map(ipa, pfn << 12, PAGE_SIZE, ram_attrs(writable), &TLB),
+            S2Entry::Migration { pfn, writable } => {
+                table.set_software(ipa, SwEntry::Migration { pfn, writable }, &TLB).map(|_| ())
             }
-        });
-        self.resident -= freed.min(self.resident);
-        table.destroy(&TLB);
-        VMIDS.lock().free(self.vmid);
+            S2Entry::Swap { slot } => table.set_software(ipa, SwEntry::Swap { slot, writable: false }, &TLB).map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e == stage2::Error::NoMemory {
+                    self.mem.out_of_memory = true;
+                }
+                Err(S2Entry::Invalid)
+            }
+        }
+    }
+}
+
+impl Stage2Locked for LockedStage2<'_> {
+    fn lookup(&self, ipa: u64) -> S2Entry {
+        decode(self.mem.table().lookup(ipa), ipa)
+    }
+
+    fn compare_exchange(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+        self.cas(ipa, old, new)
+    }
+
+    fn test_and_clear_young(&mut self, ipa: u64) -> bool {
+        self.mem.table().test_and_clear_young(ipa)
+    }
+
+    fn next_entry(&self, from: u64, end: u64) -> Option<(u64, S2Entry)> {
+        struct First(Option<(u64, S2Entry)>);
+        impl Visitor for First {
+            fn leaf(&mut self, leaf: &LeafInfo) -> WalkAction {
+                self.0 = Some((leaf.ipa, decode(Some(*leaf), leaf.ipa)));
+                WalkAction::Stop
+            }
+        }
+        let mut first = First(None);
+        let table = self.mem.table();
+        let end = end.min(table.config().ipa_limit());
+        if from >= end {
+            return None;
+        }
+        table.walk(from, end - from, &mut first).ok()?;
+        first.0
+    }
+}
+
+impl Stage2 for Vm {
+    type Locked<'a> = LockedStage2<'a>;
+
+    fn lock(&self) -> LockedStage2<'_> {
+        LockedStage2 { mem: self.memory.lock() }
+    }
+
+    fn lock_nested(&self) -> LockedStage2<'_> {
+        LockedStage2 { mem: self.memory.lock_nested(1) }
+    }
+
+    fn free_tables(&self, proof: UnlinkProof) {
+        debug_assert_eq!(proof.vm().0, self.id);
+        self.memory.lock().destroy();
     }
 }

@@ -28,6 +28,22 @@ pub fn enqueue(vcpu: Box<Vcpu>) {
     kick_all();
 }
 
+/// Takes `vm`'s queued vCPUs off the run queue and lets the VM park them
+/// (it is pausing or stopping).
+pub fn park_queued(vm: &crate::vm::Vm) {
+    let mine: VecDeque<Box<Vcpu>> = {
+        let mut q = RUNQ.lock();
+        let (mine, rest) = core::mem::take(&mut *q).into_iter().partition(|v| core::ptr::eq(&*v.vm, vm));
+        *q = rest;
+        mine
+    };
+    for v in mine {
+        if let Some(v) = vm.settle(v) {
+            RUNQ.lock().push_back(v);
+        }
+    }
+}
+
 fn dequeue() -> Option<Box<Vcpu>> {
     RUNQ.lock().pop_front()
 }
@@ -81,9 +97,9 @@ fn exit_if_idle() {
     if !STARTED.load(Ordering::Acquire) || STAY_WHEN_IDLE.load(Ordering::Relaxed) {
         return;
     }
-    if crate::vm::count() == 0 && crate::cmd::script_done() {
+    if crate::vm::count_runnable() == 0 && crate::cmd::script_done() {
         let status = crate::vm::WORST_STATUS.load(Ordering::Relaxed);
-        crate::println!("[hyp] no VMs left; exiting with status {status}");
+        crate::println!("[hyp] no runnable VMs left; exiting with status {status}");
         crate::semihost::exit(status.clamp(0, 255) as u32);
     }
 }

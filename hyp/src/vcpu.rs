@@ -108,6 +108,11 @@ impl Vcpu {
         Vcpu { vm, index, regs: GuestRegs::default(), fp: FpRegs::default(), el1, power: Power::Off }
     }
 
+    /// An identical vCPU belonging to `vm` (fork, snapshot, restore).
+    pub fn clone_into(&self, vm: Arc<Vm>) -> Vcpu {
+        Vcpu { vm, index: self.index, regs: self.regs.clone(), fp: self.fp.clone(), el1: self.el1.clone(), power: self.power }
+    }
+
     /// The MPIDR the guest sees: affinity 0 = vCPU index (up to 16 per cluster).
     pub fn mpidr(&self) -> u64 {
         (1 << 31) | ((self.index as u64 / 16) << 8) | (self.index as u64 % 16)

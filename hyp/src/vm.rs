@@ -12,7 +12,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use platform::MemRange;
-use rmap::lock::{Level, OrderedMutex};
+use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
+use rmap::RegionList;
 use spin::Mutex;
 
 /// Guest RAM starts here, as on a bare QEMU virt.
@@ -54,7 +55,10 @@ pub struct Vm {
     pub name: String,
     pub nr_vcpus: usize,
     pub ram: MemRange,
-    /// The VM's stage-2 lock (DESIGN.md level 4) and everything it guards.
+    /// The VM's region list (DESIGN.md level 1): read for faults, write for
+    /// fork, region changes and destroy.
+    pub regions: OrderedRwLock<RegionList>,
+    /// The VM's stage-2 lock (DESIGN.md level 4) and the table it guards.
     pub memory: OrderedMutex<GuestMemory>,
     pub uart: Mutex<Vpl011>,
     state: AtomicU8,
@@ -65,6 +69,10 @@ pub struct Vm {
     parked: Mutex<Vec<Box<Vcpu>>>,
     pub exit_status: AtomicI64,
     torn_down: AtomicBool,
+    /// A snapshot: never scheduled, only forked from or restored to.
+    frozen: bool,
+    /// Held while a fork, snapshot or restore has this VM quiesced.
+    busy: AtomicBool,
     /// Guest exits handled (all vCPUs).
     pub exits: AtomicUsize,
 }
@@ -97,30 +105,46 @@ impl core::fmt::Display for VmError {
 }
 
 impl Vm {
-    /// Creates a VM with empty memory and all vCPUs off and parked.
+    /// Creates a VM with a guest RAM region (nothing mapped yet) and all
+    /// vCPUs off and parked.
     pub fn create(name: &str, nr_vcpus: usize, ram_size: u64) -> Result<Arc<Vm>, VmError> {
+        let vm = Vm::create_empty(name, nr_vcpus, ram_size, false)?;
+        if crate::mm::create_ram_region(&vm).is_err() {
+            vm.stop(STATUS_FAULT);
+            return Err(VmError::BadConfig("guest RAM region"));
+        }
+        let vcpus = (0..nr_vcpus).map(|i| Box::new(Vcpu::new(vm.clone(), i))).collect();
+        *vm.parked.lock() = vcpus;
+        vm.state.store(VmState::Running as u8, Ordering::Release);
+        Ok(vm)
+    }
+
+    /// A VM with no regions and no vCPUs, paused (fork fills it, then
+    /// `resume` starts it unless it is a frozen snapshot).
+    pub fn create_empty(name: &str, nr_vcpus: usize, ram_size: u64, frozen: bool) -> Result<Arc<Vm>, VmError> {
         if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
             return Err(VmError::BadConfig("vCPU count must be 1..=16"));
         }
         let ram = MemRange { base: GUEST_RAM_BASE, size: ram_size };
-        let memory = GuestMemory::new(ram)?;
+        let memory = GuestMemory::new()?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) as u32;
         let vm = Arc::new(Vm {
             id,
             name: String::from(name),
             nr_vcpus,
             ram,
+            regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", crate::mm::new_region_list(id)),
             memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", memory),
             uart: Mutex::new(Vpl011::default()),
-            state: AtomicU8::new(VmState::Running as u8),
+            state: AtomicU8::new(VmState::Paused as u8),
             active_vcpus: AtomicUsize::new(0),
             parked: Mutex::new(Vec::new()),
             exit_status: AtomicI64::new(0),
             torn_down: AtomicBool::new(false),
+            frozen,
+            busy: AtomicBool::new(false),
             exits: AtomicUsize::new(0),
         });
-        let vcpus = (0..nr_vcpus).map(|i| Box::new(Vcpu::new(vm.clone(), i))).collect();
-        *vm.parked.lock() = vcpus;
         VMS.lock().insert(id, vm.clone());
         CREATED.fetch_add(1, Ordering::Relaxed);
         Ok(vm)
@@ -205,7 +229,58 @@ impl Vm {
         ok
     }
 
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Stops this VM's vCPUs and waits until all but `own` (the caller's
+    /// vCPU, owned by this CPU) are parked. Returns whether it was running,
+    /// or None if the VM is stopping or another quiescer holds it.
+    pub fn quiesce(&self, own: usize) -> Option<bool> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let was_running = self.pause();
+        if self.state() == VmState::Stopping {
+            self.busy.store(false, Ordering::Release);
+            return None;
+        }
+        while self.active_vcpus() > own {
+            crate::sched::park_queued(self);
+            crate::sched::kick_all();
+            core::hint::spin_loop();
+        }
+        Some(was_running)
+    }
+
+    /// Ends a quiesce: resumes the VM if it was running before.
+    pub fn unquiesce(&self, was_running: bool) {
+        if was_running {
+            self.resume();
+        }
+        self.busy.store(false, Ordering::Release);
+    }
+
+    /// Copies of the parked vCPUs (the VM is quiesced), owned by `child`.
+    pub fn clone_parked_vcpus(&self, child: &Arc<Vm>) -> Vec<Box<Vcpu>> {
+        self.parked.lock().iter().map(|v| Box::new(v.clone_into(child.clone()))).collect()
+    }
+
+    /// Installs the vCPUs of a fresh fork (all parked; `resume` starts them).
+    pub fn adopt_vcpus(&self, vcpus: Vec<Box<Vcpu>>) {
+        *self.parked.lock() = vcpus;
+    }
+
+    /// Replaces the parked vCPUs' state (restore), keeping the count.
+    pub fn replace_parked_vcpus(&self, vcpus: Vec<Box<Vcpu>>) {
+        let old = core::mem::replace(&mut *self.parked.lock(), vcpus);
+        drop(old);
+    }
+
     pub fn resume(&self) -> bool {
+        if self.frozen {
+            return false;
+        }
         if self
             .state
             .compare_exchange(VmState::Paused as u8, VmState::Running as u8, Ordering::AcqRel, Ordering::Acquire)
@@ -238,7 +313,7 @@ impl Vm {
         if self.torn_down.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.memory.lock().teardown();
+        crate::mm::teardown(self);
         VMS.lock().remove(&self.id);
         crate::println!("[hyp] vm {} ({}) stopped, status {}", self.id, self.name, self.exit_status.load(Ordering::Relaxed));
     }
@@ -254,4 +329,9 @@ pub fn all() -> Vec<Arc<Vm>> {
 
 pub fn count() -> usize {
     VMS.lock().len()
+}
+
+/// VMs that can run (snapshots excluded).
+pub fn count_runnable() -> usize {
+    VMS.lock().values().filter(|v| !v.is_frozen()).count()
 }

@@ -8,9 +8,11 @@
 pub const VENDOR_HYP_BASE: u32 = 0xC600_0000;
 /// Fork the calling VM: returns the child's id to the parent, 0 to the child.
 pub const HVC_FORK: u32 = VENDOR_HYP_BASE | 0x01;
-/// Take a snapshot (a frozen fork) of the calling VM; returns its id.
+/// Take a snapshot (a frozen fork) of the calling VM; returns its id (and 0
+/// when execution later resumes there through HVC_RESTORE).
 pub const HVC_SNAPSHOT: u32 = VENDOR_HYP_BASE | 0x02;
-/// Reset the calling VM to snapshot `x1`. Does not return on success.
+/// Reset the calling VM to snapshot `x1`: on success execution continues
+/// where the snapshot was taken, with x0 = 0 and x1 = the cookie in `x2`.
 pub const HVC_RESTORE: u32 = VENDOR_HYP_BASE | 0x03;
 /// Return guest RAM `[x1, x1 + x2)` (page aligned) to the hypervisor.
 pub const HVC_MEM_RELEASE: u32 = VENDOR_HYP_BASE | 0x04;
@@ -36,7 +38,29 @@ pub enum Stat {
     FreeFrames = 0,
     UsedFrames = 1,
     SharedFrames = 2,
+    /// Pages mapped in the calling VM's stage 2.
     VmPages = 3,
+    /// VMs alive (including snapshots).
+    LiveVms = 4,
+    /// anon_vmas in use in the reverse map.
+    AnonVmas = 5,
+    /// anon_vma chains in use in the reverse map.
+    Chains = 6,
+}
+
+impl Stat {
+    pub fn from_u64(v: u64) -> Option<Stat> {
+        Some(match v {
+            0 => Stat::FreeFrames,
+            1 => Stat::UsedFrames,
+            2 => Stat::SharedFrames,
+            3 => Stat::VmPages,
+            4 => Stat::LiveVms,
+            5 => Stat::AnonVmas,
+            6 => Stat::Chains,
+            _ => return None,
+        })
+    }
 }
 
 /// The guest DTB carries this node so a guest knows it runs under this

@@ -3,6 +3,7 @@
 //! and its arm in [`run`]. A mode returns Ok for PASS or the reason to FAIL;
 //! it may use `smp::bring_up` to run work on every vCPU.
 
+mod fork;
 mod selftest;
 mod wild;
 
@@ -16,6 +17,12 @@ pub enum Mode {
     Selftest,
     /// A read outside RAM and devices must come back as an abort.
     Wild,
+    /// A tree of forks checking copy-on-write sharing and isolation.
+    ForkTree,
+    /// Fork/exit cycles checking resources return to their baseline.
+    ForkLoop,
+    /// Snapshot then repeated dirty/restore.
+    Snapshot,
 }
 
 impl Mode {
@@ -23,6 +30,9 @@ impl Mode {
         match token {
             "selftest" => Some(Self::Selftest),
             "wild" => Some(Self::Wild),
+            "forktree" => Some(Self::ForkTree),
+            "forkloop" => Some(Self::ForkLoop),
+            "snapshot" => Some(Self::Snapshot),
             _ => None,
         }
     }
@@ -31,6 +41,9 @@ impl Mode {
         match self {
             Self::Selftest => "selftest",
             Self::Wild => "wild",
+            Self::ForkTree => "forktree",
+            Self::ForkLoop => "forkloop",
+            Self::Snapshot => "snapshot",
         }
     }
 }
@@ -39,5 +52,8 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
     match args.mode {
         Mode::Selftest => selftest::run(plat, args),
         Mode::Wild => wild::run(plat, args),
+        Mode::ForkTree => fork::tree(plat),
+        Mode::ForkLoop => fork::fork_loop(plat),
+        Mode::Snapshot => fork::snapshot(plat),
     }
 }

@@ -1,0 +1,164 @@
+//! Fork and snapshot modes (run on vCPU 0 only; the hypervisor runs the
+//! resulting VMs side by side on its physical CPUs).
+//!
+//! - `forktree [depth=D] [breadth=B]`: every VM fills a test area with a
+//!   pattern tagged by its VM id; each forks B children down to depth D. A
+//!   child first checks it sees its parent's pattern (copy-on-write sharing),
+//!   then writes its own; every VM finally re-checks its own pattern after its
+//!   children wrote theirs (isolation).
+//! - `forkloop [cycles=N]`: N times fork a child that dirties some pages and
+//!   exits; afterwards free frames, anon_vmas and chains must be back at
+//!   their baseline.
+//! - `snapshot [cycles=N]`: snapshot, then N times dirty 64 pages and restore;
+//!   each restore must show the snapshot's contents again.
+
+use crate::dtb::Platform;
+use crate::psci::hvc;
+use crate::report::{reason, Reason};
+use core::arch::asm;
+use platform::abi::{Stat, HVC_FORK, HVC_RESTORE, HVC_SNAPSHOT, HVC_STATS, HVC_VM_ID};
+
+const PAGE: usize = 4096;
+const AREA_START: usize = 0x4040_0000;
+const AREA_PAGES: usize = 256; // 1 MiB
+const DIRTY_PAGES: usize = 64;
+
+fn area() -> &'static mut [u64] {
+    // SAFETY: [AREA_START, +1 MiB) is guest RAM above the image and its
+    // stacks (image_size < 4 MiB), identity mapped; only vCPU 0 runs in
+    // these modes, so nothing else touches it.
+    unsafe { core::slice::from_raw_parts_mut(AREA_START as *mut u64, AREA_PAGES * PAGE / 8) }
+}
+
+fn word(tag: u64, i: usize) -> u64 {
+    (tag << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn fill(tag: u64, pages: usize) {
+    let a = area();
+    for (i, w) in a.iter_mut().take(pages * PAGE / 8).enumerate() {
+        *w = word(tag, i);
+    }
+}
+
+fn verify(tag: u64) -> Result<(), Reason> {
+    for (i, &w) in area().iter().enumerate() {
+        if w != word(tag, i) {
+            return Err(reason!("word {i} is {w:#x}, expected pattern of tag {tag}"));
+        }
+    }
+    Ok(())
+}
+
+fn arg(plat: &Platform, key: &str, default: u64) -> u64 {
+    plat.bootargs()
+        .split_ascii_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or(default)
+}
+
+fn vm_id() -> u64 {
+    hvc(HVC_VM_ID, 0, 0, 0) as u64
+}
+
+fn stat(s: Stat) -> u64 {
+    hvc(HVC_STATS, s as u64, 0, 0) as u64
+}
+
+/// Gives the physical CPU to other vCPUs for a moment (WFI traps to the
+/// hypervisor, which reschedules).
+fn yield_cpu() {
+    // SAFETY: WFI only waits; under the hypervisor it traps and returns.
+    unsafe { asm!("wfi", options(nomem, nostack)) };
+}
+
+pub fn tree(plat: &Platform) -> Result<(), Reason> {
+    let (depth, breadth) = (arg(plat, "depth", 2), arg(plat, "breadth", 2));
+    let mut tag = vm_id();
+    fill(tag, AREA_PAGES);
+    let mut level = 0;
+    'levels: while level < depth {
+        for _ in 0..breadth {
+            match hvc(HVC_FORK, 0, 0, 0) {
+                0 => {
+                    let parent = tag;
+                    tag = vm_id();
+                    verify(parent).map_err(|e| reason!("child vm {tag} does not see its parent's memory: {}", e.as_str()))?;
+                    fill(tag, AREA_PAGES);
+                    println!("GUEST: vm {tag} (child of vm {parent}, level {}) wrote its pattern", level + 1);
+                    level += 1;
+                    continue 'levels;
+                }
+                child if child > 0 => println!("GUEST: vm {tag} forked vm {child}"),
+                err => return Err(reason!("FORK failed: {err}")),
+            }
+        }
+        break;
+    }
+    for _ in 0..20 {
+        yield_cpu();
+        verify(tag).map_err(|e| reason!("vm {tag} lost its own pattern: {}", e.as_str()))?;
+    }
+    println!("GUEST: vm {tag} verified its own pattern");
+    Ok(())
+}
+
+pub fn fork_loop(plat: &Platform) -> Result<(), Reason> {
+    let cycles = arg(plat, "cycles", 1000);
+    fill(1, AREA_PAGES);
+    let base = (stat(Stat::FreeFrames), stat(Stat::AnonVmas), stat(Stat::Chains));
+    println!("GUEST: forkloop baseline: free frames {}, anon_vmas {}, chains {}", base.0, base.1, base.2);
+    for i in 0..cycles {
+        match hvc(HVC_FORK, 0, 0, 0) {
+            0 => {
+                fill(2, DIRTY_PAGES);
+                crate::psci::power_off(0);
+            }
+            c if c > 0 => {}
+            err => return Err(reason!("FORK {i} failed: {err}")),
+        }
+        while stat(Stat::LiveVms) > 1 {
+            yield_cpu();
+        }
+    }
+    verify(1)?;
+    let now = (stat(Stat::FreeFrames), stat(Stat::AnonVmas), stat(Stat::Chains));
+    println!("GUEST: forkloop after {cycles} cycles: free frames {}, anon_vmas {}, chains {}", now.0, now.1, now.2);
+    if now != base {
+        return Err(reason!("resources did not return to baseline: {base:?} -> {now:?}"));
+    }
+    Ok(())
+}
+
+/// HVC returning x0 and x1 (SNAPSHOT resumes with x1 = the restore cookie).
+fn hvc2(fid: u32, a1: u64, a2: u64) -> (i64, u64) {
+    let (r0, r1): (i64, u64);
+    // SAFETY: an SMCCC call changes no memory of ours; clobber_abi("C")
+    // covers the registers the callee may change.
+    unsafe {
+        asm!("hvc #0", inlateout("x0") u64::from(fid) => r0, inlateout("x1") a1 => r1, in("x2") a2,
+             clobber_abi("C"), options(nostack));
+    }
+    (r0, r1)
+}
+
+pub fn snapshot(plat: &Platform) -> Result<(), Reason> {
+    let cycles = arg(plat, "cycles", 100);
+    fill(1, AREA_PAGES);
+    // Memory is reset by each restore: the snapshot id and the iteration
+    // travel in the restore cookie.
+    let (r, cookie) = hvc2(HVC_SNAPSHOT, 0, 0);
+    let (snap, iteration) = match r {
+        0 => (cookie >> 32, cookie & 0xffff_ffff),
+        s if s > 0 => (s as u64, 0),
+        err => return Err(reason!("SNAPSHOT failed: {err}")),
+    };
+    verify(1).map_err(|e| reason!("after restore {iteration}: {}", e.as_str()))?;
+    if iteration == cycles {
+        println!("GUEST: {cycles} restores of snapshot vm {snap} verified");
+        return Ok(());
+    }
+    fill(iteration + 100, DIRTY_PAGES);
+    let (err, _) = hvc2(HVC_RESTORE, snap, (snap << 32) | (iteration + 1));
+    Err(reason!("RESTORE returned {err}"))
+}

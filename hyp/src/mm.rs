@@ -1,0 +1,229 @@
+//! The memory manager: one reverse map (`rmap::Rmap`) over every RAM frame,
+//! and what it needs from the machine: the frame allocator, a page store for
+//! swapped-out pages, and the set of live VMs. Faults, loading, fork and
+//! teardown of guest memory all go through here, so every guest frame is
+//! accounted for in the rmap (mapcount, anon_vma, index).
+
+use crate::frames::{self, PAGE_SIZE};
+use crate::vm::Vm;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use rmap::{Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, Stage2, Stage2Locked, SwapStore, VmId, VmSet};
+use spin::{Mutex, Once};
+use stage2::TlbMaintenance;
+
+static RMAP: Once<Rmap> = Once::new();
+/// anon_vma and chain pool sizes: bounded chains (DESIGN lesson 6) keep
+/// these proportional to live regions.
+const MAX_ANON_VMAS: usize = 1 << 14;
+const MAX_CHAINS: usize = 1 << 16;
+
+pub fn rmap() -> &'static Rmap {
+    RMAP.get().expect("rmap not initialised")
+}
+
+/// Frame metadata for every frame of the RAM banks' span.
+pub fn init(board: &platform::Board) {
+    let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
+    let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
+    let count = ((hi - lo) / PAGE_SIZE) as usize;
+    RMAP.call_once(|| Rmap::new(FrameTable::new(lo / PAGE_SIZE, count), MAX_ANON_VMAS, MAX_CHAINS));
+}
+
+/// The frame allocator as rmap sees it.
+pub struct HypFrames;
+
+impl FrameAllocator for HypFrames {
+    fn alloc(&self) -> Option<Pfn> {
+        frames::get().alloc().map(|pa| pa / PAGE_SIZE)
+    }
+
+    fn free(&self, pfn: Pfn) {
+        frames::get().free(pfn * PAGE_SIZE)
+    }
+
+    fn zero(&self, pfn: Pfn) {
+        frames::zero_frame(pfn * PAGE_SIZE)
+    }
+
+    fn copy(&self, dst: Pfn, src: Pfn) {
+        // SAFETY: both are RAM frames identity mapped at EL2; `dst` is
+        // freshly allocated and owned by the caller, `src` is pinned by the
+        // caller for the copy; they are distinct frames.
+        unsafe {
+            core::ptr::copy_nonoverlapping((src * PAGE_SIZE) as *const u8, (dst * PAGE_SIZE) as *mut u8, PAGE_SIZE as usize)
+        };
+        // The page may hold guest code.
+        crate::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
+    }
+}
+
+/// Swapped-out pages, one reference-counted slot per page (shared by every
+/// entry that points at it, like Linux's swap cache).
+pub struct PageStore {
+    slots: Mutex<Vec<Option<(Box<[u8]>, u32)>>>,
+}
+
+pub static STORE: PageStore = PageStore { slots: Mutex::new(Vec::new()) };
+
+impl SwapStore for PageStore {
+    fn store(&self, pfn: Pfn) -> Option<u64> {
+        // SAFETY: a RAM frame the caller holds locked, identity mapped.
+        let data = unsafe { core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize) };
+        let mut slots = self.slots.lock();
+        let entry = Some((Box::from(data), 1));
+        match slots.iter().position(Option::is_none) {
+            Some(i) => {
+                slots[i] = entry;
+                Some(i as u64)
+            }
+            None => {
+                slots.push(entry);
+                Some(slots.len() as u64 - 1)
+            }
+        }
+    }
+
+    fn load(&self, slot: u64, pfn: Pfn) {
+        let slots = self.slots.lock();
+        let (data, _) = slots[slot as usize].as_ref().expect("load of a free swap slot");
+        // SAFETY: a freshly allocated RAM frame owned by the caller.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), (pfn * PAGE_SIZE) as *mut u8, PAGE_SIZE as usize) };
+    }
+
+    fn dup(&self, slot: u64) {
+        self.slots.lock()[slot as usize].as_mut().expect("dup of a free swap slot").1 += 1;
+    }
+
+    fn put(&self, slot: u64) {
+        let mut slots = self.slots.lock();
+        let s = &mut slots[slot as usize];
+        let refs = &mut s.as_mut().expect("put of a free swap slot").1;
+        *refs -= 1;
+        if *refs == 0 {
+            *s = None;
+        }
+    }
+}
+
+impl PageStore {
+    pub fn used_slots(&self) -> usize {
+        self.slots.lock().iter().filter(|s| s.is_some()).count()
+    }
+}
+
+/// The live VMs, as rmap walkers see them.
+pub struct HypVms;
+
+impl VmSet for HypVms {
+    type Vm = Vm;
+
+    fn with_vm<R>(&self, id: VmId, f: impl FnOnce(&Vm) -> R) -> Option<R> {
+        let vm: Arc<Vm> = crate::vm::get(id.0)?;
+        if !vm.memory.lock().is_live() {
+            return None;
+        }
+        Some(f(&vm))
+    }
+}
+
+/// Guest RAM as one region of the VM's IPA space.
+pub fn create_ram_region(vm: &Vm) -> Result<(), rmap::Error> {
+    let mut list = vm.regions.write();
+    rmap().region_create(&mut list, vm.ram.base, vm.ram.size / PAGE_SIZE, RegionFlags::NONE)
+}
+
+pub fn new_region_list(id: u32) -> RegionList {
+    RegionList::new(VmId(id))
+}
+
+/// Why a fault could not be resolved.
+pub enum FaultError {
+    NoMemory,
+    NoRegion,
+    Other(rmap::Error),
+}
+
+/// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
+/// swap-in, or waiting out a migration). Returns once the guest can retry.
+pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
+    let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
+    let oom = core::mem::take(&mut vm.memory.lock().out_of_memory);
+    match result {
+        Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
+        Ok(_) if oom => return Err(FaultError::NoMemory),
+        Ok(_) => {}
+        Err(rmap::Error::OutOfFrames | rmap::Error::OutOfAnonVmas | rmap::Error::OutOfChains) => {
+            return Err(FaultError::NoMemory)
+        }
+        Err(rmap::Error::NoRegion) => return Err(FaultError::NoRegion),
+        Err(e) => return Err(FaultError::Other(e)),
+    }
+    Ok(())
+}
+
+/// Writes `data` into guest RAM at `ipa` as the guest would (write faults
+/// first, so every frame is a private, rmap-tracked page of the VM).
+pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let addr = ipa + done as u64;
+        let off = (addr % PAGE_SIZE) as usize;
+        let n = (PAGE_SIZE as usize - off).min(data.len() - done);
+        let page = addr - off as u64;
+        let pa = loop {
+            let writable = matches!(vm.lock().lookup(page), rmap::S2Entry::Page { writable: true, .. });
+            if writable {
+                break vm.memory.lock().pa_of(page).expect("mapped");
+            }
+            fault(vm, page, true)?;
+        };
+        // SAFETY: `pa` backs a writable page of this VM, identity mapped;
+        // the VM is not running yet (loader), so nothing races the copy.
+        unsafe { core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n) };
+        crate::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Tears down a VM's memory: zap every entry, unlink its regions from the
+/// reverse map, and only then free its stage-2 tables (DESIGN lesson 5).
+pub fn teardown(vm: &Vm) {
+    let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
+    vm.free_tables(proof);
+}
+
+/// Shares every page of `parent` copy-on-write with the empty `child`:
+/// regions cloned and linked into the reverse map, parent entries made
+/// read-only with one batched TLB invalidation, child entries filled from the
+/// parent's. Both VMs must be stopped (no vCPU on a CPU).
+pub fn fork_memory(parent: &Vm, child: &Vm) -> Result<(), rmap::Error> {
+    let mut parent_regions = parent.regions.write();
+    let mut child_regions = child.regions.write_nested(1);
+    parent.memory.lock().begin_batch();
+    let result = rmap().fork_vm(&mut parent_regions, parent, &mut child_regions, child, &STORE);
+    parent.memory.lock().end_batch();
+    result
+}
+
+/// Frames mapped by more than one stage-2 entry.
+pub fn shared_frames() -> u64 {
+    rmap().frames().iter().filter(|(_, f)| f.mapcount() > 1).count() as u64
+}
+
+/// A counter for HVC_STATS and the console.
+pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
+    use platform::abi::Stat;
+    let f = frames::get();
+    match which {
+        Stat::FreeFrames => f.free_count() as u64,
+        Stat::UsedFrames => (f.total_count() - f.free_count()) as u64,
+        Stat::SharedFrames => shared_frames(),
+        Stat::VmPages => vm.memory.lock().resident_pages(),
+        Stat::LiveVms => crate::vm::count() as u64,
+        Stat::AnonVmas => rmap().live_anon_vmas() as u64,
+        Stat::Chains => rmap().live_chains() as u64,
+    }
+}

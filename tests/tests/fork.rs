@@ -1,0 +1,70 @@
+//! QEMU scenarios for fork, snapshot/restore and destroy with copy-on-write
+//! through the reverse map, driven by the test guest's hypercalls and by the
+//! console.
+
+use qemu_tests::{Machine, MachineConfig};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(120);
+
+fn guest(mode: &str) -> MachineConfig {
+    MachineConfig { smp: 2, vcpus: Some(1), guest_args: Some(mode.into()), ..MachineConfig::default() }
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[test]
+fn fork_tree_isolates_parents_and_children() {
+    let mut m = Machine::boot("forktree", &guest("forktree depth=2 breadth=2"));
+    let status = m.wait_exit(T);
+    let t = m.transcript();
+    m.assert_no_hyp_fault();
+    assert_eq!(count(&t, "wrote its pattern"), 6, "six children\n{t}");
+    assert_eq!(count(&t, "verified its own pattern"), 7, "seven VMs verified\n{t}");
+    assert_eq!(count(&t, "GUEST RESULT: PASS"), 7, "{t}");
+    assert_eq!(status, 0, "{t}");
+}
+
+#[test]
+fn thousand_fork_destroy_cycles_return_to_baseline() {
+    let mut m = Machine::boot("forkloop", &guest("forkloop cycles=1000"));
+    m.expect("forkloop after 1000 cycles", Duration::from_secs(600));
+    m.expect("GUEST RESULT: PASS", T);
+    assert_eq!(m.wait_exit(T), 0);
+    m.assert_no_hyp_fault();
+}
+
+#[test]
+fn snapshot_restore_loop_sees_the_snapshot_again() {
+    let mut m = Machine::boot("snapshot", &guest("snapshot cycles=200"));
+    m.expect("200 restores of snapshot vm", T);
+    m.expect("GUEST RESULT: PASS", T);
+    assert_eq!(m.wait_exit(T), 0);
+    m.assert_no_hyp_fault();
+}
+
+#[test]
+fn console_fork_of_a_running_smp_guest_and_bad_commands() {
+    // The parent runs the SMP self-check; the console forks it twice while it
+    // runs; all three VMs must pass on their own copies of memory.
+    let cfg = MachineConfig {
+        smp: 2,
+        vcpus: Some(2),
+        guest_args: Some("selftest mem=96".into()),
+        script: Some("fork 1 2; vms; stats; fork 99; restore 1 2; snapshot x; rmap 0x40000000".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("console-fork", &cfg);
+    m.expect("vm 1 forked: child vm 2", T);
+    m.expect("vm 1 forked: child vm 3", T);
+    m.expect("error: no VM 99", T);
+    m.expect("error: that VM is not a snapshot", T);
+    m.expect("error: 'x' is not a VM id", T);
+    let status = m.wait_exit(Duration::from_secs(300));
+    let t = m.transcript();
+    m.assert_no_hyp_fault();
+    assert_eq!(count(&t, "GUEST RESULT: PASS"), 3, "parent and two children pass\n{t}");
+    assert_eq!(status, 0, "{t}");
+}
