@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
-    let ld = root.join("qemu-virt.ld").canonicalize().expect("qemu-virt.ld");
+    let ld = root
+        .join("qemu-virt.ld")
+        .canonicalize()
+        .expect("qemu-virt.ld");
     println!("cargo:rustc-link-arg-bins=-T{}", ld.display());
     println!("cargo:rerun-if-changed={}", ld.display());
 

@@ -33,7 +33,14 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl<'a> BootArgs<'a> {
     /// Unknown keys and bad values are reported and ignored.
     pub fn parse(line: &'a str) -> BootArgs<'a> {
-        let mut args = BootArgs { guest: "test", vcpus: None, mem: 256 << 20, guest_args: "", script: "", stay: false };
+        let mut args = BootArgs {
+            guest: "test",
+            vcpus: None,
+            mem: 256 << 20,
+            guest_args: "",
+            script: "",
+            stay: false,
+        };
         for word in line.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             let ok = match key {

@@ -18,15 +18,22 @@ struct Console {
     script: VecDeque<String>,
 }
 
-static CONSOLE: Mutex<Console> = Mutex::new(Console { line: String::new(), focus: None, script: VecDeque::new() });
+static CONSOLE: Mutex<Console> = Mutex::new(Console {
+    line: String::new(),
+    focus: None,
+    script: VecDeque::new(),
+});
 static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 
 /// Queues `;`-separated commands to run once the initial VMs are up.
 pub fn set_script(script: &str) {
     let mut c = CONSOLE.lock();
     // On the command line a ',' stands for a space (bootargs split on spaces).
-    for cmd in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        c.script.push_back(cmd.replace(',', " "));
+    for cmd in script.split(';').map(|c| c.replace(',', " ")) {
+        let cmd = cmd.trim();
+        if !cmd.is_empty() {
+            c.script.push_back(String::from(cmd));
+        }
     }
     SCRIPT_DONE.store(c.script.is_empty(), Ordering::Release);
 }
@@ -103,7 +110,9 @@ fn next_focus(cur: Option<u32>) -> Option<u32> {
 
 fn parse_vm(arg: Option<&str>) -> Result<alloc::sync::Arc<vm::Vm>, String> {
     let arg = arg.ok_or_else(|| String::from("missing VM id"))?;
-    let id: u32 = arg.parse().map_err(|_| alloc::format!("'{arg}' is not a VM id"))?;
+    let id: u32 = arg
+        .parse()
+        .map_err(|_| alloc::format!("'{arg}' is not a VM id"))?;
     vm::get(id).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
 }
 
@@ -135,11 +144,12 @@ pub fn execute(line: &str) {
         "restore" => {
             let vm = parse_vm(words.next());
             let snap = parse_vm(words.next());
-            vm.and_then(|vm| snap.map(|s| (vm, s))).and_then(|(vm, snap)| {
-                crate::fork::restore(&vm, &snap, None, 0).map_err(|e| alloc::format!("{e}"))?;
-                crate::println!("vm {} restored to snapshot {}", vm.id, snap.id);
-                Ok(())
-            })
+            vm.and_then(|vm| snap.map(|s| (vm, s)))
+                .and_then(|(vm, snap)| {
+                    crate::fork::restore(&vm, &snap, None, 0).map_err(|e| alloc::format!("{e}"))?;
+                    crate::println!("vm {} restored to snapshot {}", vm.id, snap.id);
+                    Ok(())
+                })
         }
         "rmap" => rmap_cmd(words.next()),
         "quit" => {
@@ -158,7 +168,11 @@ fn fork_cmd(vm: Option<&str>, count: Option<&str>) -> Result<(), String> {
     let parent = parse_vm(vm)?;
     let count: u32 = match count {
         None => 1,
-        Some(c) => c.parse().ok().filter(|&n| (1..=1000).contains(&n)).ok_or_else(|| alloc::format!("bad count '{c}' (1..=1000)"))?,
+        Some(c) => c
+            .parse()
+            .ok()
+            .filter(|&n| (1..=1000).contains(&n))
+            .ok_or_else(|| alloc::format!("bad count '{c}' (1..=1000)"))?,
     };
     for _ in 0..count {
         let child = crate::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
@@ -170,14 +184,24 @@ fn fork_cmd(vm: Option<&str>, count: Option<&str>) -> Result<(), String> {
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
 fn rmap_cmd(arg: Option<&str>) -> Result<(), String> {
     let arg = arg.ok_or_else(|| String::from("missing physical address"))?;
-    let pa = u64::from_str_radix(arg.trim_start_matches("0x"), 16).map_err(|_| alloc::format!("'{arg}' is not a hex address"))?;
+    let pa = u64::from_str_radix(arg.trim_start_matches("0x"), 16)
+        .map_err(|_| alloc::format!("'{arg}' is not a hex address"))?;
     let rmap = crate::mm::rmap();
     let pfn = pa / crate::frames::PAGE_SIZE;
-    let frame = rmap.frames().get(pfn).ok_or_else(|| alloc::format!("{pa:#x} is not a RAM frame"))?;
+    let frame = rmap
+        .frames()
+        .get(pfn)
+        .ok_or_else(|| alloc::format!("{pa:#x} is not a RAM frame"))?;
     let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
     crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
     for m in rmap.mappers(pfn, &crate::mm::HypVms) {
-        crate::println!("  vm {} ipa {:#x} {:?} via chain {:?}", m.vm.0, m.ipa, m.entry, m.chain);
+        crate::println!(
+            "  vm {} ipa {:#x} {:?} via chain {:?}",
+            m.vm.0,
+            m.ipa,
+            m.entry,
+            m.chain
+        );
     }
     Ok(())
 }

@@ -60,13 +60,17 @@ pub fn start_secondaries(board: &Board) {
             continue;
         }
         let deadline = crate::timer::now() + crate::timer::ms_to_ticks(2000);
-        while !crate::percpu::get(i).online.load(Ordering::Acquire) && crate::timer::now() < deadline {
+        while !crate::percpu::get(i).online.load(Ordering::Acquire)
+            && crate::timer::now() < deadline
+        {
             core::hint::spin_loop();
         }
         if !crate::percpu::get(i).online.load(Ordering::Acquire) {
             crate::println!("[hyp] CPU {i} did not come online");
         }
     }
-    let online = (0..board.cpus.len()).filter(|&i| crate::percpu::get(i).online.load(Ordering::Acquire)).count();
+    let online = (0..board.cpus.len())
+        .filter(|&i| crate::percpu::get(i).online.load(Ordering::Acquire))
+        .count();
     crate::println!("[hyp] {online} CPU(s) online");
 }

@@ -71,7 +71,8 @@ fn sysreg(vcpu: &mut Vcpu, esr: u64) -> Action {
     let crn = (iss >> 10) & 0xf;
     let crm = (iss >> 1) & 0xf;
     let op2 = (iss >> 17) & 7;
-    let is_dc_setway = op0 == 1 && op1 == 0 && crn == 7 && matches!((crm, op2), (6, 2) | (10, 2) | (14, 2));
+    let is_dc_setway =
+        op0 == 1 && op1 == 0 && crn == 7 && matches!((crm, op2), (6, 2) | (10, 2) | (14, 2));
     if is_dc_setway {
         vcpu.regs.pc += 4;
         return Action::Continue;

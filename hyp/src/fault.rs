@@ -30,7 +30,7 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     if vcpu.vm.ram.contains(ipa) {
         return ram_fault(vcpu, ipa, write);
     }
-    let in_uart = ipa >= VPL011_BASE && ipa < VPL011_BASE + VPL011_SIZE;
+    let in_uart = (VPL011_BASE..VPL011_BASE + VPL011_SIZE).contains(&ipa);
     if in_uart && is_data && esr & ISS_S1PTW == 0 {
         return mmio(vcpu, esr, ipa - VPL011_BASE);
     }
@@ -52,7 +52,10 @@ fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool) -> Action {
         }
         Err(FaultError::NoRegion) => wild(vcpu, ipa, true),
         Err(FaultError::Other(e)) => {
-            crate::println!("[hyp] vm {}: fault at IPA {ipa:#x} failed: {e:?}", vcpu.vm.id);
+            crate::println!(
+                "[hyp] vm {}: fault at IPA {ipa:#x} failed: {e:?}",
+                vcpu.vm.id
+            );
             stop(vcpu, "hit a memory-manager error")
         }
     }
@@ -61,7 +64,10 @@ fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool) -> Action {
 /// Emulates a load or store to the vPL011 from the syndrome (ISV=1 forms).
 fn mmio(vcpu: &mut Vcpu, esr: u64, off: u64) -> Action {
     if esr & ISS_ISV == 0 {
-        return stop(vcpu, "accessed the UART with an instruction we cannot emulate (ISV=0)");
+        return stop(
+            vcpu,
+            "accessed the UART with an instruction we cannot emulate (ISV=0)",
+        );
     }
     let srt = ((esr >> 16) & 0x1f) as usize;
     let size = 1u64 << ((esr >> 22) & 3);
@@ -73,7 +79,11 @@ fn mmio(vcpu: &mut Vcpu, esr: u64, off: u64) -> Action {
         }
     } else {
         let value = vcpu.vm.uart.lock().read(off) as u64;
-        let mask = if size == 8 { u64::MAX } else { (1 << (size * 8)) - 1 };
+        let mask = if size == 8 {
+            u64::MAX
+        } else {
+            (1 << (size * 8)) - 1
+        };
         if srt != 31 {
             vcpu.regs.x[srt] = value & mask;
         }
@@ -84,7 +94,8 @@ fn mmio(vcpu: &mut Vcpu, esr: u64, off: u64) -> Action {
 
 /// A guest line on the physical console, labelled when several VMs exist.
 fn print_guest_line(vcpu: &Vcpu, line: &[u8]) {
-    if crate::vm::count() > 1 || crate::vm::CREATED.load(core::sync::atomic::Ordering::Relaxed) > 1 {
+    if crate::vm::count() > 1 || crate::vm::CREATED.load(core::sync::atomic::Ordering::Relaxed) > 1
+    {
         crate::print!("[vm{}] ", vcpu.vm.id);
     }
     crate::console::write_bytes(line);

@@ -22,7 +22,9 @@ pub enum ForkError {
 impl core::fmt::Display for ForkError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ForkError::Busy => f.write_str("the VM is busy (being paused, forked or stopped); try again"),
+            ForkError::Busy => {
+                f.write_str("the VM is busy (being paused, forked or stopped); try again")
+            }
             ForkError::NotRunnable(why) => f.write_str(why),
             ForkError::Vm(e) => write!(f, "{e}"),
             ForkError::Memory(e) => write!(f, "out of memory-manager resources ({e:?})"),
@@ -33,7 +35,11 @@ impl core::fmt::Display for ForkError {
 /// Clones `parent` into a new VM. `caller` is the parent's vCPU that asked
 /// (a hypercall), owned by this CPU; None from the console. The new VM starts
 /// running unless `frozen` (a snapshot).
-pub fn fork(parent: &Arc<Vm>, caller: Option<&mut Vcpu>, frozen: bool) -> Result<Arc<Vm>, ForkError> {
+pub fn fork(
+    parent: &Arc<Vm>,
+    caller: Option<&mut Vcpu>,
+    frozen: bool,
+) -> Result<Arc<Vm>, ForkError> {
     let own = usize::from(caller.is_some());
     let was_running = parent.quiesce(own).ok_or(ForkError::Busy)?;
     let result = fork_quiesced(parent, caller, frozen);
@@ -41,9 +47,14 @@ pub fn fork(parent: &Arc<Vm>, caller: Option<&mut Vcpu>, frozen: bool) -> Result
     result
 }
 
-fn fork_quiesced(parent: &Arc<Vm>, caller: Option<&mut Vcpu>, frozen: bool) -> Result<Arc<Vm>, ForkError> {
+fn fork_quiesced(
+    parent: &Arc<Vm>,
+    caller: Option<&mut Vcpu>,
+    frozen: bool,
+) -> Result<Arc<Vm>, ForkError> {
     let name = if frozen { "snapshot" } else { "fork" };
-    let child = Vm::create_empty(name, parent.nr_vcpus, parent.ram.size, frozen).map_err(ForkError::Vm)?;
+    let child =
+        Vm::create_empty(name, parent.nr_vcpus, parent.ram.size, frozen).map_err(ForkError::Vm)?;
     if let Err(e) = crate::mm::fork_memory(parent, &child) {
         child.stop(crate::vm::STATUS_FAULT);
         return Err(ForkError::Memory(e));
@@ -67,12 +78,19 @@ fn fork_quiesced(parent: &Arc<Vm>, caller: Option<&mut Vcpu>, frozen: bool) -> R
 /// copy-on-write again, pages it dirtied are freed) and its vCPUs take the
 /// snapshot's state. `caller` (a vCPU of `vm` asking by hypercall) gets the
 /// snapshot's state for its index with x0 = 0, x1 = `cookie`.
-pub fn restore(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, cookie: u64) -> Result<(), ForkError> {
+pub fn restore(
+    vm: &Arc<Vm>,
+    snapshot: &Arc<Vm>,
+    caller: Option<&mut Vcpu>,
+    cookie: u64,
+) -> Result<(), ForkError> {
     if !snapshot.is_frozen() {
         return Err(ForkError::NotRunnable("that VM is not a snapshot"));
     }
     if snapshot.nr_vcpus != vm.nr_vcpus || snapshot.ram != vm.ram {
-        return Err(ForkError::NotRunnable("the snapshot has another shape (vCPUs or RAM)"));
+        return Err(ForkError::NotRunnable(
+            "the snapshot has another shape (vCPUs or RAM)",
+        ));
     }
     let own = usize::from(caller.is_some());
     let was_running = vm.quiesce(own).ok_or(ForkError::Busy)?;
@@ -81,7 +99,12 @@ pub fn restore(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, cook
     result
 }
 
-fn restore_quiesced(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, cookie: u64) -> Result<(), ForkError> {
+fn restore_quiesced(
+    vm: &Arc<Vm>,
+    snapshot: &Arc<Vm>,
+    caller: Option<&mut Vcpu>,
+    cookie: u64,
+) -> Result<(), ForkError> {
     crate::mm::teardown(vm);
     vm.memory.lock().reinit().map_err(ForkError::Vm)?;
     crate::mm::fork_memory(snapshot, vm).map_err(ForkError::Memory)?;

@@ -70,10 +70,17 @@ pub fn init(board: &Board, reserved: &[MemRange]) {
     let mut free = 0;
     for range in &board.ram {
         let n = (range.size / PAGE_SIZE) as usize;
-        let mut bank = Bank { range: *range, used: alloc::vec![0; n.div_ceil(64)], cursor: 0 };
+        let mut bank = Bank {
+            range: *range,
+            used: alloc::vec![0; n.div_ceil(64)],
+            cursor: 0,
+        };
         for i in 0..n {
             let pa = range.base + i as u64 * PAGE_SIZE;
-            if reserved.iter().any(|r| pa + PAGE_SIZE > r.base && pa < r.end()) {
+            if reserved
+                .iter()
+                .any(|r| pa + PAGE_SIZE > r.base && pa < r.end())
+            {
                 bank.set(i, true);
             } else {
                 free += 1;
@@ -138,7 +145,10 @@ impl FrameAllocator {
     /// hypervisor bug and panics (it would hand one frame to two owners).
     pub fn free(&self, pa: u64) {
         let mut banks = self.banks.lock();
-        let bank = banks.iter_mut().find(|b| b.range.contains(pa)).expect("free of a non-RAM frame");
+        let bank = banks
+            .iter_mut()
+            .find(|b| b.range.contains(pa))
+            .expect("free of a non-RAM frame");
         let idx = ((pa - bank.range.base) / PAGE_SIZE) as usize;
         assert!(bank.set(idx, false), "double free of frame {pa:#x}");
         self.free.fetch_add(1, Ordering::Relaxed);

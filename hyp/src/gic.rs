@@ -23,7 +23,8 @@ pub fn init_distributor(board: &Board) {
     let d = gicd(board);
     d.ctlr.set(0);
     while d.ctlr.is_set(GICD_CTLR::RWP) {}
-    d.ctlr.write(GICD_CTLR::ARE::SET + GICD_CTLR::ENABLE_GRP1::SET);
+    d.ctlr
+        .write(GICD_CTLR::ARE::SET + GICD_CTLR::ENABLE_GRP1::SET);
 }
 
 /// Finds this CPU's redistributor by its affinity in GICR_TYPER.

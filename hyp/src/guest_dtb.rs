@@ -28,7 +28,10 @@ fn build_inner(vm: &Vm, bootargs: &str) -> Result<Vec<u8>, vm_fdt::Error> {
     cpus(&mut fdt, vm.nr_vcpus)?;
 
     let psci = fdt.begin_node("psci")?;
-    fdt.property_string_list("compatible", alloc::vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()])?;
+    fdt.property_string_list(
+        "compatible",
+        alloc::vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
+    )?;
     fdt.property_string("method", "hvc")?;
     fdt.end_node(psci)?;
 
@@ -40,10 +43,16 @@ fn build_inner(vm: &Vm, bootargs: &str) -> Result<Vec<u8>, vm_fdt::Error> {
     fdt.end_node(clock)?;
 
     let uart = fdt.begin_node("pl011@9000000")?;
-    fdt.property_string_list("compatible", alloc::vec!["arm,pl011".into(), "arm,primecell".into()])?;
+    fdt.property_string_list(
+        "compatible",
+        alloc::vec!["arm,pl011".into(), "arm,primecell".into()],
+    )?;
     fdt.property_array_u64("reg", &[VPL011_BASE, VPL011_SIZE])?;
     fdt.property_array_u32("clocks", &[PHANDLE_CLOCK, PHANDLE_CLOCK])?;
-    fdt.property_string_list("clock-names", alloc::vec!["uartclk".into(), "apb_pclk".into()])?;
+    fdt.property_string_list(
+        "clock-names",
+        alloc::vec!["uartclk".into(), "apb_pclk".into()],
+    )?;
     fdt.end_node(uart)?;
 
     let hyp = fdt.begin_node("hypervisor")?;

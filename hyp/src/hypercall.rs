@@ -35,7 +35,10 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
             return Action::Yield;
         }
         psci::PSCI_SYSTEM_RESET => {
-            crate::println!("[hyp] vm {} asked for SYSTEM_RESET; reset is not supported yet, stopping it", vcpu.vm.id);
+            crate::println!(
+                "[hyp] vm {} asked for SYSTEM_RESET; reset is not supported yet, stopping it",
+                vcpu.vm.id
+            );
             vcpu.vm.stop(0);
             return Action::Yield;
         }
@@ -143,7 +146,9 @@ fn restore(vcpu: &mut Vcpu, snap: u64, cookie: u64) -> Action {
             vcpu.regs.pc -= 4;
             return Action::Yield;
         }
-        Err(crate::fork::ForkError::NotRunnable(_)) => vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER),
+        Err(crate::fork::ForkError::NotRunnable(_)) => {
+            vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER)
+        }
         Err(e) => {
             crate::println!("[hyp] vm {}: restore failed: {e}", vm.id);
             vcpu.regs.x[0] = smccc(abi::SMCCC_NO_MEMORY);

@@ -31,9 +31,15 @@ fn parse_header(image: &[u8]) -> Result<ImageHeader, VmError> {
     let image_size = le64(image, 0x10);
     // image_size == 0 marks a pre-3.17 kernel: text_offset is then 0x80000.
     if image_size == 0 {
-        return Ok(ImageHeader { text_offset: DEFAULT_TEXT_OFFSET, image_size: image.len() as u64 });
+        return Ok(ImageHeader {
+            text_offset: DEFAULT_TEXT_OFFSET,
+            image_size: image.len() as u64,
+        });
     }
-    Ok(ImageHeader { text_offset: le64(image, 0x08), image_size: image_size.max(image.len() as u64) })
+    Ok(ImageHeader {
+        text_offset: le64(image, 0x08),
+        image_size: image_size.max(image.len() as u64),
+    })
 }
 
 /// Loads `image` and a DTB with `bootargs` into `vm` and powers on vCPU 0.

@@ -3,6 +3,9 @@
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// vCPUs are boxed in every queue: moving one between the run queue and its
+// VM moves a pointer, and its register block keeps a stable address.
+#![allow(clippy::vec_box)]
 
 extern crate alloc;
 
@@ -75,7 +78,11 @@ extern "C" fn boot_main(dtb: usize) -> ! {
         }
     };
     console::init(board.uart.base);
-    println!("[hyp] microhypervisor at EL2, {} CPUs, {} RAM bank(s)", board.cpus.len(), board.ram.len());
+    println!(
+        "[hyp] microhypervisor at EL2, {} CPUs, {} RAM bank(s)",
+        board.cpus.len(),
+        board.ram.len()
+    );
     heap::init();
     mmu::init(&board);
     let _ = rmap::lock::lockdep::set_cpu_index_hook(percpu::cpu_index);
@@ -107,12 +114,22 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
     let start = &raw const __image_start as u64;
     let end = &raw const __image_end as u64;
     let reserved = [
-        MemRange { base: start, size: end - start },
-        MemRange { base: dtb.as_ptr() as u64 & !0xfff, size: (dtb.len() as u64 + 0x1fff) & !0xfff },
+        MemRange {
+            base: start,
+            size: end - start,
+        },
+        MemRange {
+            base: dtb.as_ptr() as u64 & !0xfff,
+            size: (dtb.len() as u64 + 0x1fff) & !0xfff,
+        },
     ];
     frames::init(board, &reserved);
     let f = frames::get();
-    println!("[hyp] {} MiB of RAM for guests ({} frames)", f.free_count() >> 8, f.free_count());
+    println!(
+        "[hyp] {} MiB of RAM for guests ({} frames)",
+        f.free_count() >> 8,
+        f.free_count()
+    );
 }
 
 fn start_default_vm(board: &Board) {
@@ -121,12 +138,22 @@ fn start_default_vm(board: &Board) {
     cmd::set_script(args.script);
     match args.guest {
         "none" => println!("[hyp] no default guest"),
-        "test" if GUEST_IMAGE.is_empty() => println!("[hyp] this build embeds no test guest (build with `cargo xtask`)"),
+        "test" if GUEST_IMAGE.is_empty() => {
+            println!("[hyp] this build embeds no test guest (build with `cargo xtask`)")
+        }
         "test" => {
             let vcpus = args.vcpus.unwrap_or(board.cpus.len());
             let guest_args: String = args.guest_args.replace(',', " ");
-            match vm::Vm::create("test", vcpus, args.mem).and_then(|vm| loader::boot(&vm, GUEST_IMAGE, &guest_args).map(|_| vm)) {
-                Ok(vm) => println!("[hyp] vm {} (test): {} vCPUs, {} MiB, args '{}'", vm.id, vcpus, args.mem >> 20, guest_args),
+            match vm::Vm::create("test", vcpus, args.mem)
+                .and_then(|vm| loader::boot(&vm, GUEST_IMAGE, &guest_args).map(|_| vm))
+            {
+                Ok(vm) => println!(
+                    "[hyp] vm {} (test): {} vCPUs, {} MiB, args '{}'",
+                    vm.id,
+                    vcpus,
+                    args.mem >> 20,
+                    guest_args
+                ),
                 Err(e) => println!("[hyp] cannot start the test guest: {e}"),
             }
         }

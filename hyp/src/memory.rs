@@ -10,8 +10,8 @@ use rmap::{S2Entry, Stage2, Stage2Locked, UnlinkProof};
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{
-    Aarch64Tlb, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm, S2Attrs, S2Config, Stage2Table, SwEntry, TableMemory,
-    TlbMaintenance, VmidBits, Visitor, WalkAction,
+    Aarch64Tlb, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm, S2Attrs, S2Config, Stage2Table,
+    SwEntry, TableMemory, TlbMaintenance, Visitor, VmidBits, WalkAction,
 };
 
 /// Table pages come from the frame allocator and are reached through the
@@ -46,7 +46,10 @@ impl TableMemory for FrameTables {
 }
 
 static CONFIG: Once<S2Config> = Once::new();
-static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator { used: [0; 1024], max: 0 });
+static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator {
+    used: [0; 1024],
+    max: 0,
+});
 // SAFETY: the hypervisor runs at EL2 without VHE, identity mapped, with
 // interrupts masked at EL2, so nothing re-enters an invalidation that has
 // switched VTTBR_EL2.
@@ -62,9 +65,11 @@ struct VmidAllocator {
 
 impl VmidAllocator {
     fn alloc(&mut self) -> Option<u16> {
-        (1..=self.max).find(|&v| self.used[v as usize / 64] & (1 << (v % 64)) == 0).inspect(|&v| {
-            self.used[v as usize / 64] |= 1 << (v % 64);
-        })
+        (1..=self.max)
+            .find(|&v| self.used[v as usize / 64] & (1 << (v % 64)) == 0)
+            .inspect(|&v| {
+                self.used[v as usize / 64] |= 1 << (v % 64);
+            })
     }
 
     fn free(&mut self, v: u16) {
@@ -77,7 +82,11 @@ pub fn init() {
     let mmfr0 = crate::arch::read_sysreg!("id_aa64mmfr0_el1");
     let mmfr1 = crate::arch::read_sysreg!("id_aa64mmfr1_el1");
     let parange = (mmfr0 & 0xf) as u8;
-    let vmid_bits = if (mmfr1 >> 4) & 0xf == 2 { VmidBits::Sixteen } else { VmidBits::Eight };
+    let vmid_bits = if (mmfr1 >> 4) & 0xf == 2 {
+        VmidBits::Sixteen
+    } else {
+        VmidBits::Eight
+    };
     let hw_af = mmfr1 & 0xf != 0;
     let pa_bits = [32u8, 36, 40, 42, 44, 48, 52][(parange as usize).min(6)];
     let cfg = S2Config::new(parange, pa_bits.min(40), vmid_bits)
@@ -121,7 +130,12 @@ impl GuestMemory {
         let cfg = *CONFIG.get().expect("stage-2 config");
         let vmid = VMIDS.lock().alloc().ok_or(VmError::NoVmid)?;
         match Stage2Table::new(cfg, vmid, FrameTables) {
-            Ok(table) => Ok(GuestMemory { table: Some(table), vmid, batching: false, out_of_memory: false }),
+            Ok(table) => Ok(GuestMemory {
+                table: Some(table),
+                vmid,
+                batching: false,
+                out_of_memory: false,
+            }),
             Err(_) => {
                 VMIDS.lock().free(vmid);
                 Err(VmError::NoMemory)
@@ -130,7 +144,9 @@ impl GuestMemory {
     }
 
     fn table(&self) -> &Stage2Table<FrameTables> {
-        self.table.as_ref().expect("guest memory used after teardown")
+        self.table
+            .as_ref()
+            .expect("guest memory used after teardown")
     }
 
     pub fn vttbr(&self) -> u64 {
@@ -180,10 +196,17 @@ impl GuestMemory {
 }
 
 fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
-    let Some(leaf) = leaf else { return S2Entry::Invalid };
+    let Some(leaf) = leaf else {
+        return S2Entry::Invalid;
+    };
     match leaf.leaf {
-        Leaf::Mapped(m) => S2Entry::Page { pfn: (m.pa + (ipa - leaf.ipa)) >> 12, writable: m.attrs.perm.write },
-        Leaf::Software(SwEntry::Migration { pfn, writable }) => S2Entry::Migration { pfn, writable },
+        Leaf::Mapped(m) => S2Entry::Page {
+            pfn: (m.pa + (ipa - leaf.ipa)) >> 12,
+            writable: m.attrs.perm.write,
+        },
+        Leaf::Software(SwEntry::Migration { pfn, writable }) => {
+            S2Entry::Migration { pfn, writable }
+        }
         Leaf::Software(SwEntry::Swap { slot, .. }) => S2Entry::Swap { slot },
         // A transient break-before-make owner: report it as a migration of
         // nothing, so callers retry.
@@ -194,9 +217,16 @@ fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
 fn encode(entry: S2Entry) -> Descriptor {
     match entry {
         S2Entry::Invalid => Descriptor::EMPTY,
-        S2Entry::Page { pfn, writable } => Descriptor::page(pfn << 12, ram_attrs(writable)).expect("page descriptor"),
-        S2Entry::Migration { pfn, writable } => Descriptor::software(SwEntry::Migration { pfn, writable }),
-        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap { slot, writable: false }),
+        S2Entry::Page { pfn, writable } => {
+            Descriptor::page(pfn << 12, ram_attrs(writable)).expect("page descriptor")
+        }
+        S2Entry::Migration { pfn, writable } => {
+            Descriptor::software(SwEntry::Migration { pfn, writable })
+        }
+        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap {
+            slot,
+            writable: false,
+        }),
     }
 }
 
@@ -219,7 +249,8 @@ impl LockedStage2<'_> {
         };
         let result = if self.mem.batching {
             let batch = Batch::new(&TLB, table.vttbr());
-            let r = table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &batch);
+            let r =
+                table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &batch);
             core::mem::forget(batch); // the VMID-wide flush comes at end_batch()
             r
         } else {
@@ -236,11 +267,22 @@ impl LockedStage2<'_> {
         let table = self.mem.table();
         let result = match new {
             S2Entry::Invalid => return Ok(()),
-            S2Entry::Page { pfn, writable } => table.map(ipa, pfn << 12, PAGE_SIZE, ram_attrs(writable), &TLB),
-            S2Entry::Migration { pfn, writable } => {
-                table.set_software(ipa, SwEntry::Migration { pfn, writable }, &TLB).map(|_| ())
+            S2Entry::Page { pfn, writable } => {
+                table.map(ipa, pfn << 12, PAGE_SIZE, ram_attrs(writable), &TLB)
             }
-            S2Entry::Swap { slot } => table.set_software(ipa, SwEntry::Swap { slot, writable: false }, &TLB).map(|_| ()),
+            S2Entry::Migration { pfn, writable } => table
+                .set_software(ipa, SwEntry::Migration { pfn, writable }, &TLB)
+                .map(|_| ()),
+            S2Entry::Swap { slot } => table
+                .set_software(
+                    ipa,
+                    SwEntry::Swap {
+                        slot,
+                        writable: false,
+                    },
+                    &TLB,
+                )
+                .map(|_| ()),
         };
         match result {
             Ok(()) => Ok(()),
@@ -290,11 +332,15 @@ impl Stage2 for Vm {
     type Locked<'a> = LockedStage2<'a>;
 
     fn lock(&self) -> LockedStage2<'_> {
-        LockedStage2 { mem: self.memory.lock() }
+        LockedStage2 {
+            mem: self.memory.lock(),
+        }
     }
 
     fn lock_nested(&self) -> LockedStage2<'_> {
-        LockedStage2 { mem: self.memory.lock_nested(1) }
+        LockedStage2 {
+            mem: self.memory.lock_nested(1),
+        }
     }
 
     fn free_tables(&self, proof: UnlinkProof) {

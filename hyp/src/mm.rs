@@ -9,7 +9,10 @@ use crate::vm::Vm;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use rmap::{Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, Stage2, Stage2Locked, SwapStore, VmId, VmSet};
+use rmap::{
+    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, Stage2, Stage2Locked,
+    SwapStore, VmId, VmSet,
+};
 use spin::{Mutex, Once};
 use stage2::TlbMaintenance;
 
@@ -28,7 +31,13 @@ pub fn init(board: &platform::Board) {
     let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
     let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
     let count = ((hi - lo) / PAGE_SIZE) as usize;
-    RMAP.call_once(|| Rmap::new(FrameTable::new(lo / PAGE_SIZE, count), MAX_ANON_VMAS, MAX_CHAINS));
+    RMAP.call_once(|| {
+        Rmap::new(
+            FrameTable::new(lo / PAGE_SIZE, count),
+            MAX_ANON_VMAS,
+            MAX_CHAINS,
+        )
+    });
 }
 
 /// The frame allocator as rmap sees it.
@@ -52,7 +61,11 @@ impl FrameAllocator for HypFrames {
         // freshly allocated and owned by the caller, `src` is pinned by the
         // caller for the copy; they are distinct frames.
         unsafe {
-            core::ptr::copy_nonoverlapping((src * PAGE_SIZE) as *const u8, (dst * PAGE_SIZE) as *mut u8, PAGE_SIZE as usize)
+            core::ptr::copy_nonoverlapping(
+                (src * PAGE_SIZE) as *const u8,
+                (dst * PAGE_SIZE) as *mut u8,
+                PAGE_SIZE as usize,
+            )
         };
         // The page may hold guest code.
         crate::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
@@ -61,16 +74,23 @@ impl FrameAllocator for HypFrames {
 
 /// Swapped-out pages, one reference-counted slot per page (shared by every
 /// entry that points at it, like Linux's swap cache).
+/// A stored page and the number of entries referring to it.
+type Slot = Option<(Box<[u8]>, u32)>;
+
 pub struct PageStore {
-    slots: Mutex<Vec<Option<(Box<[u8]>, u32)>>>,
+    slots: Mutex<Vec<Slot>>,
 }
 
-pub static STORE: PageStore = PageStore { slots: Mutex::new(Vec::new()) };
+pub static STORE: PageStore = PageStore {
+    slots: Mutex::new(Vec::new()),
+};
 
 impl SwapStore for PageStore {
     fn store(&self, pfn: Pfn) -> Option<u64> {
         // SAFETY: a RAM frame the caller holds locked, identity mapped.
-        let data = unsafe { core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize) };
+        let data = unsafe {
+            core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
+        };
         let mut slots = self.slots.lock();
         let entry = Some((Box::from(data), 1));
         match slots.iter().position(Option::is_none) {
@@ -87,13 +107,24 @@ impl SwapStore for PageStore {
 
     fn load(&self, slot: u64, pfn: Pfn) {
         let slots = self.slots.lock();
-        let (data, _) = slots[slot as usize].as_ref().expect("load of a free swap slot");
+        let (data, _) = slots[slot as usize]
+            .as_ref()
+            .expect("load of a free swap slot");
         // SAFETY: a freshly allocated RAM frame owned by the caller.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), (pfn * PAGE_SIZE) as *mut u8, PAGE_SIZE as usize) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (pfn * PAGE_SIZE) as *mut u8,
+                PAGE_SIZE as usize,
+            )
+        };
     }
 
     fn dup(&self, slot: u64) {
-        self.slots.lock()[slot as usize].as_mut().expect("dup of a free swap slot").1 += 1;
+        self.slots.lock()[slot as usize]
+            .as_mut()
+            .expect("dup of a free swap slot")
+            .1 += 1;
     }
 
     fn put(&self, slot: u64) {
@@ -131,7 +162,12 @@ impl VmSet for HypVms {
 /// Guest RAM as one region of the VM's IPA space.
 pub fn create_ram_region(vm: &Vm) -> Result<(), rmap::Error> {
     let mut list = vm.regions.write();
-    rmap().region_create(&mut list, vm.ram.base, vm.ram.size / PAGE_SIZE, RegionFlags::NONE)
+    rmap().region_create(
+        &mut list,
+        vm.ram.base,
+        vm.ram.size / PAGE_SIZE,
+        RegionFlags::NONE,
+    )
 }
 
 pub fn new_region_list(id: u32) -> RegionList {
@@ -173,7 +209,10 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
         let n = (PAGE_SIZE as usize - off).min(data.len() - done);
         let page = addr - off as u64;
         let pa = loop {
-            let writable = matches!(vm.lock().lookup(page), rmap::S2Entry::Page { writable: true, .. });
+            let writable = matches!(
+                vm.lock().lookup(page),
+                rmap::S2Entry::Page { writable: true, .. }
+            );
             if writable {
                 break vm.memory.lock().pa_of(page).expect("mapped");
             }
@@ -181,7 +220,9 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
         };
         // SAFETY: `pa` backs a writable page of this VM, identity mapped;
         // the VM is not running yet (loader), so nothing races the copy.
-        unsafe { core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
+        };
         crate::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
         done += n;
     }
@@ -203,14 +244,24 @@ pub fn fork_memory(parent: &Vm, child: &Vm) -> Result<(), rmap::Error> {
     let mut parent_regions = parent.regions.write();
     let mut child_regions = child.regions.write_nested(1);
     parent.memory.lock().begin_batch();
-    let result = rmap().fork_vm(&mut parent_regions, parent, &mut child_regions, child, &STORE);
+    let result = rmap().fork_vm(
+        &mut parent_regions,
+        parent,
+        &mut child_regions,
+        child,
+        &STORE,
+    );
     parent.memory.lock().end_batch();
     result
 }
 
 /// Frames mapped by more than one stage-2 entry.
 pub fn shared_frames() -> u64 {
-    rmap().frames().iter().filter(|(_, f)| f.mapcount() > 1).count() as u64
+    rmap()
+        .frames()
+        .iter()
+        .filter(|(_, f)| f.mapcount() > 1)
+        .count() as u64
 }
 
 /// A counter for HVC_STATS and the console.

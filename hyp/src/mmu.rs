@@ -12,13 +12,15 @@ use platform::Board;
 
 use crate::arch::{isb, read_sysreg, write_sysreg};
 
-const MAIR: Mair = Mair::EMPTY.with_attribute(0, MairAttribute::DEVICE_NGNRE).with_attribute(
-    1,
-    MairAttribute::normal(
-        NormalMemory::WriteBackNonTransientReadWriteAllocate,
-        NormalMemory::WriteBackNonTransientReadWriteAllocate,
-    ),
-);
+const MAIR: Mair = Mair::EMPTY
+    .with_attribute(0, MairAttribute::DEVICE_NGNRE)
+    .with_attribute(
+        1,
+        MairAttribute::normal(
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+        ),
+    );
 
 const DEVICE: A = A::ATTRIBUTE_INDEX_0
     .union(A::VALID)
@@ -53,7 +55,8 @@ unsafe extern "C" {
 pub fn init(board: &Board) {
     let mut idmap = IdMap::new(ROOT_LEVEL, El2);
     let map = |m: &mut IdMap<El2>, start: usize, end: usize, a: A| {
-        m.map_range(&MemoryRegion::new(start, end), a).expect("EL2 identity map");
+        m.map_range(&MemoryRegion::new(start, end), a)
+            .expect("EL2 identity map");
     };
     map(&mut idmap, 0, DEVICE_WINDOW_END, DEVICE);
     for bank in &board.ram {
@@ -82,7 +85,15 @@ fn tcr() -> u64 {
 /// Loads the shared map and enables the MMU and caches on this CPU.
 pub fn enable_this_cpu() {
     // SCTLR_EL2 RES1 bits (non-VHE) plus M, C, SA, I.
-    const SCTLR_RES1: u64 = (1 << 29) | (1 << 28) | (1 << 23) | (1 << 22) | (1 << 18) | (1 << 16) | (1 << 11) | (1 << 5) | (1 << 4);
+    const SCTLR_RES1: u64 = (1 << 29)
+        | (1 << 28)
+        | (1 << 23)
+        | (1 << 22)
+        | (1 << 18)
+        | (1 << 16)
+        | (1 << 11)
+        | (1 << 5)
+        | (1 << 4);
     const SCTLR: u64 = SCTLR_RES1 | (1 << 12) | (1 << 3) | (1 << 2) | 1;
     write_sysreg!("mair_el2", MAIR.0);
     write_sysreg!("tcr_el2", TCR.load(Ordering::Acquire));

@@ -33,7 +33,9 @@ pub fn enqueue(vcpu: Box<Vcpu>) {
 pub fn park_queued(vm: &crate::vm::Vm) {
     let mine: VecDeque<Box<Vcpu>> = {
         let mut q = RUNQ.lock();
-        let (mine, rest) = core::mem::take(&mut *q).into_iter().partition(|v| core::ptr::eq(&*v.vm, vm));
+        let (mine, rest) = core::mem::take(&mut *q)
+            .into_iter()
+            .partition(|v| core::ptr::eq(&*v.vm, vm));
         *q = rest;
         mine
     };
@@ -107,7 +109,9 @@ fn exit_if_idle() {
 /// Runs one vCPU for up to a time slice, then hands it back.
 fn run(vcpu: Box<Vcpu>) {
     let vm = vcpu.vm.clone();
-    let Some(mut vcpu) = vm.settle(vcpu) else { return };
+    let Some(mut vcpu) = vm.settle(vcpu) else {
+        return;
+    };
     vcpu.load();
     loop {
         if vm.state() != crate::vm::VmState::Running || vcpu.power != Power::On {
@@ -115,7 +119,9 @@ fn run(vcpu: Box<Vcpu>) {
         }
         let kind = vcpu.enter();
         vm.exits.fetch_add(1, Ordering::Relaxed);
-        crate::percpu::this_cpu().exits.fetch_add(1, Ordering::Relaxed);
+        crate::percpu::this_cpu()
+            .exits
+            .fetch_add(1, Ordering::Relaxed);
         let action = match kind {
             ExitKind::Irq | ExitKind::Fiq => {
                 if handle_host_irqs() && !queue_empty() {

@@ -18,17 +18,11 @@ pub struct GuestRegs {
 
 /// FP/SIMD registers. Layout known to vectors.S.
 #[repr(C, align(16))]
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct FpRegs {
     pub q: [u128; 32],
     pub fpsr: u64,
     pub fpcr: u64,
-}
-
-impl Default for FpRegs {
-    fn default() -> Self {
-        FpRegs { q: [0; 32], fpsr: 0, fpcr: 0 }
-    }
 }
 
 /// Declares the EL1 (and EL0 / virtual timer) system registers a vCPU owns,
@@ -104,13 +98,30 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: Arc<Vm>, index: usize) -> Vcpu {
-        let el1 = El1Regs { sctlr: SCTLR_EL1_RESET, ..El1Regs::default() };
-        Vcpu { vm, index, regs: GuestRegs::default(), fp: FpRegs::default(), el1, power: Power::Off }
+        let el1 = El1Regs {
+            sctlr: SCTLR_EL1_RESET,
+            ..El1Regs::default()
+        };
+        Vcpu {
+            vm,
+            index,
+            regs: GuestRegs::default(),
+            fp: FpRegs::default(),
+            el1,
+            power: Power::Off,
+        }
     }
 
     /// An identical vCPU belonging to `vm` (fork, snapshot, restore).
     pub fn clone_into(&self, vm: Arc<Vm>) -> Vcpu {
-        Vcpu { vm, index: self.index, regs: self.regs.clone(), fp: self.fp.clone(), el1: self.el1.clone(), power: self.power }
+        Vcpu {
+            vm,
+            index: self.index,
+            regs: self.regs.clone(),
+            fp: self.fp.clone(),
+            el1: self.el1.clone(),
+            power: self.power,
+        }
     }
 
     /// The MPIDR the guest sees: affinity 0 = vCPU index (up to 16 per cluster).
@@ -124,7 +135,10 @@ impl Vcpu {
         self.regs.pc = entry;
         self.regs.x[0] = context;
         self.regs.pstate = PSTATE_EL1H_MASKED;
-        self.el1 = El1Regs { sctlr: SCTLR_EL1_RESET, ..El1Regs::default() };
+        self.el1 = El1Regs {
+            sctlr: SCTLR_EL1_RESET,
+            ..El1Regs::default()
+        };
         self.fp = FpRegs::default();
         self.power = Power::On;
     }

@@ -113,7 +113,9 @@ impl Vm {
             vm.stop(STATUS_FAULT);
             return Err(VmError::BadConfig("guest RAM region"));
         }
-        let vcpus = (0..nr_vcpus).map(|i| Box::new(Vcpu::new(vm.clone(), i))).collect();
+        let vcpus = (0..nr_vcpus)
+            .map(|i| Box::new(Vcpu::new(vm.clone(), i)))
+            .collect();
         *vm.parked.lock() = vcpus;
         vm.state.store(VmState::Running as u8, Ordering::Release);
         Ok(vm)
@@ -121,11 +123,19 @@ impl Vm {
 
     /// A VM with no regions and no vCPUs, paused (fork fills it, then
     /// `resume` starts it unless it is a frozen snapshot).
-    pub fn create_empty(name: &str, nr_vcpus: usize, ram_size: u64, frozen: bool) -> Result<Arc<Vm>, VmError> {
+    pub fn create_empty(
+        name: &str,
+        nr_vcpus: usize,
+        ram_size: u64,
+        frozen: bool,
+    ) -> Result<Arc<Vm>, VmError> {
         if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
             return Err(VmError::BadConfig("vCPU count must be 1..=16"));
         }
-        let ram = MemRange { base: GUEST_RAM_BASE, size: ram_size };
+        let ram = MemRange {
+            base: GUEST_RAM_BASE,
+            size: ram_size,
+        };
         let memory = GuestMemory::new()?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) as u32;
         let vm = Arc::new(Vm {
@@ -133,7 +143,11 @@ impl Vm {
             name: String::from(name),
             nr_vcpus,
             ram,
-            regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", crate::mm::new_region_list(id)),
+            regions: OrderedRwLock::new(
+                Level::VM_REGIONS,
+                "vm.regions",
+                crate::mm::new_region_list(id),
+            ),
             memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", memory),
             uart: Mutex::new(Vpl011::default()),
             state: AtomicU8::new(VmState::Paused as u8),
@@ -166,7 +180,10 @@ impl Vm {
     pub fn power_on(&self, index: usize, entry: u64, context: u64) -> bool {
         let mut vcpu = {
             let mut parked = self.parked.lock();
-            let Some(pos) = parked.iter().position(|v| v.index == index && v.power == Power::Off) else {
+            let Some(pos) = parked
+                .iter()
+                .position(|v| v.index == index && v.power == Power::Off)
+            else {
                 return false;
             };
             // Counted active before the parking lock drops, so a concurrent
@@ -196,7 +213,9 @@ impl Vm {
             VmState::Stopping => drop(vcpu),
             _ => self.parked.lock().push(vcpu),
         }
-        if self.active_vcpus.fetch_sub(1, Ordering::AcqRel) == 1 && self.state() == VmState::Stopping {
+        if self.active_vcpus.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.state() == VmState::Stopping
+        {
             self.teardown();
         }
         None
@@ -221,7 +240,12 @@ impl Vm {
     pub fn pause(&self) -> bool {
         let ok = self
             .state
-            .compare_exchange(VmState::Running as u8, VmState::Paused as u8, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                VmState::Running as u8,
+                VmState::Paused as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok();
         if ok {
             crate::sched::kick_all();
@@ -263,7 +287,11 @@ impl Vm {
 
     /// Copies of the parked vCPUs (the VM is quiesced), owned by `child`.
     pub fn clone_parked_vcpus(&self, child: &Arc<Vm>) -> Vec<Box<Vcpu>> {
-        self.parked.lock().iter().map(|v| Box::new(v.clone_into(child.clone()))).collect()
+        self.parked
+            .lock()
+            .iter()
+            .map(|v| Box::new(v.clone_into(child.clone())))
+            .collect()
     }
 
     /// Installs the vCPUs of a fresh fork (all parked; `resume` starts them).
@@ -283,15 +311,21 @@ impl Vm {
         }
         if self
             .state
-            .compare_exchange(VmState::Paused as u8, VmState::Running as u8, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                VmState::Paused as u8,
+                VmState::Running as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_err()
         {
             return false;
         }
         let on: Vec<Box<Vcpu>> = {
             let mut parked = self.parked.lock();
-            let (on, off): (Vec<_>, Vec<_>) =
-                core::mem::take(&mut *parked).into_iter().partition(|v| v.power == Power::On);
+            let (on, off): (Vec<_>, Vec<_>) = core::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|v| v.power == Power::On);
             *parked = off;
             self.active_vcpus.fetch_add(on.len(), Ordering::AcqRel);
             on
@@ -315,7 +349,12 @@ impl Vm {
         }
         crate::mm::teardown(self);
         VMS.lock().remove(&self.id);
-        crate::println!("[hyp] vm {} ({}) stopped, status {}", self.id, self.name, self.exit_status.load(Ordering::Relaxed));
+        crate::println!(
+            "[hyp] vm {} ({}) stopped, status {}",
+            self.id,
+            self.name,
+            self.exit_status.load(Ordering::Relaxed)
+        );
     }
 }
 

@@ -45,7 +45,9 @@ impl Vpl011 {
             offset::FBRD => self.fbrd,
             offset::IFLS => self.ifls,
             offset::IMSC => self.imsc,
-            offset::RIS | offset::MIS => self.raw_interrupts() & if off == offset::MIS { self.imsc } else { !0 },
+            offset::RIS | offset::MIS => {
+                self.raw_interrupts() & if off == offset::MIS { self.imsc } else { !0 }
+            }
             o if o >= offset::ID_START => ID_BYTES[((o - offset::ID_START) / 4) as usize % 8],
             _ => 0,
         }
@@ -85,7 +87,11 @@ impl Vpl011 {
 
     /// TX is always ready (we never stall a guest's output); RX when data waits.
     fn raw_interrupts(&self) -> u32 {
-        let rx = if self.rx.is_empty() { 0 } else { (1 << 4) | (1 << 6) };
+        let rx = if self.rx.is_empty() {
+            0
+        } else {
+            (1 << 4) | (1 << 6)
+        };
         rx | (1 << 5)
     }
 

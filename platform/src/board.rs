@@ -127,7 +127,10 @@ fn ram(fdt: &Fdt) -> Result<ArrayVec<MemRange, MAX_RAM_BANKS>, BoardError> {
         for reg in node.reg().into_iter().flatten() {
             let size = reg.size.unwrap_or(0) as u64;
             if size != 0 && !ram.is_full() {
-                ram.push(MemRange { base: reg.starting_address as u64, size });
+                ram.push(MemRange {
+                    base: reg.starting_address as u64,
+                    size,
+                });
             }
         }
     }
@@ -171,15 +174,23 @@ fn be_cells(v: &[u8]) -> Option<u64> {
 fn first_reg(fdt: &Fdt, compatible: &str) -> Option<MemRange> {
     let node = fdt.find_compatible(&[compatible])?;
     let reg = node.reg()?.next()?;
-    Some(MemRange { base: reg.starting_address as u64, size: reg.size? as u64 })
+    Some(MemRange {
+        base: reg.starting_address as u64,
+        size: reg.size? as u64,
+    })
 }
 
 fn gic(fdt: &Fdt) -> Result<(MemRange, MemRange), BoardError> {
-    let node = fdt.find_compatible(&["arm,gic-v3"]).ok_or(BoardError::NoGicV3)?;
+    let node = fdt
+        .find_compatible(&["arm,gic-v3"])
+        .ok_or(BoardError::NoGicV3)?;
     let mut regs = node.reg().ok_or(BoardError::NoGicV3)?;
     let mut next = || {
         let r = regs.next()?;
-        Some(MemRange { base: r.starting_address as u64, size: r.size? as u64 })
+        Some(MemRange {
+            base: r.starting_address as u64,
+            size: r.size? as u64,
+        })
     };
     let gicd = next().ok_or(BoardError::NoGicV3)?;
     let gicr = next().ok_or(BoardError::NoGicV3)?;
@@ -188,7 +199,9 @@ fn gic(fdt: &Fdt) -> Result<(MemRange, MemRange), BoardError> {
 
 /// The arch timer node lists (secure phys, non-secure phys, virtual, hyp) PPIs.
 fn timer(fdt: &Fdt) -> Result<(u32, u32), BoardError> {
-    let node = fdt.find_compatible(&["arm,armv8-timer"]).ok_or(BoardError::NoTimer)?;
+    let node = fdt
+        .find_compatible(&["arm,armv8-timer"])
+        .ok_or(BoardError::NoTimer)?;
     let prop = node.property("interrupts").ok_or(BoardError::NoTimer)?;
     // Each interrupt is three big-endian cells: type, number, flags.
     let ppi = |i: usize| -> Option<u32> {
@@ -204,7 +217,9 @@ fn timer(fdt: &Fdt) -> Result<(u32, u32), BoardError> {
 
 fn psci(fdt: &Fdt) -> Result<PsciConduit, BoardError> {
     let node = fdt.find_compatible(&["arm,psci-1.0", "arm,psci-0.2", "arm,psci"]);
-    let method = node.and_then(|n| n.property("method")).and_then(|p| p.as_str());
+    let method = node
+        .and_then(|n| n.property("method"))
+        .and_then(|p| p.as_str());
     match method {
         Some("smc") => Ok(PsciConduit::Smc),
         Some("hvc") => Ok(PsciConduit::Hvc),
@@ -230,9 +245,21 @@ mod tests {
     #[test]
     fn parses_qemu_virt_with_gicv3() {
         let b = Board::from_dtb(VIRT_SMP4).unwrap();
-        assert_eq!(b.ram.as_slice(), &[MemRange { base: 0x4000_0000, size: 0x4000_0000 }]);
+        assert_eq!(
+            b.ram.as_slice(),
+            &[MemRange {
+                base: 0x4000_0000,
+                size: 0x4000_0000
+            }]
+        );
         assert_eq!(b.cpus.as_slice(), &[0, 1, 2, 3]);
-        assert_eq!(b.uart, MemRange { base: 0x0900_0000, size: 0x1000 });
+        assert_eq!(
+            b.uart,
+            MemRange {
+                base: 0x0900_0000,
+                size: 0x1000
+            }
+        );
         assert_eq!(b.gicd.base, 0x0800_0000);
         assert_eq!(b.gicr.base, 0x080a_0000);
         assert_eq!(b.psci, PsciConduit::Smc);
@@ -245,6 +272,9 @@ mod tests {
     #[test]
     fn garbage_is_rejected_not_panicked_on() {
         assert_eq!(Board::from_dtb(&[0u8; 64]).unwrap_err(), BoardError::BadDtb);
-        assert_eq!(Board::from_dtb(&VIRT_SMP4[..100]).unwrap_err(), BoardError::BadDtb);
+        assert_eq!(
+            Board::from_dtb(&VIRT_SMP4[..100]).unwrap_err(),
+            BoardError::BadDtb
+        );
     }
 }

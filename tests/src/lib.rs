@@ -64,11 +64,20 @@ impl MachineConfig {
     pub fn command(&self, hyp: &Path) -> Command {
         let qemu = std::env::var("MHV_QEMU").unwrap_or_else(|_| "qemu-system-aarch64".into());
         let mut cmd = Command::new(qemu);
-        let cpu = if self.cpu == "max" { "max,pauth=off".to_string() } else { self.cpu.clone() };
+        let cpu = if self.cpu == "max" {
+            "max,pauth=off".to_string()
+        } else {
+            self.cpu.clone()
+        };
         cmd.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", &cpu])
             .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
             .args(["-display", "none", "-monitor", "none"])
-            .args(["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"])
+            .args([
+                "-chardev",
+                "stdio,id=con,signal=off",
+                "-serial",
+                "chardev:con",
+            ])
             .args(["-semihosting-config", "enable=on,target=native"])
             .arg("-kernel")
             .arg(hyp)
@@ -101,15 +110,26 @@ pub struct Machine {
 impl Machine {
     pub fn boot(name: &str, config: &MachineConfig) -> Machine {
         let mut cmd = config.command(&hyp_elf());
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("cannot start qemu-system-aarch64");
         let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
             let out = output.clone();
             std::thread::spawn(move || pump(stream, out));
         }
         let stdin = child.stdin.take();
-        Machine { child, stdin, output, cursor: 0, name: name.into() }
+        Machine {
+            child,
+            stdin,
+            output,
+            cursor: 0,
+            name: name.into(),
+        }
     }
 
     /// Everything the console printed so far.
@@ -120,7 +140,11 @@ impl Machine {
     fn fail(&mut self, why: &str) -> ! {
         let _ = self.child.kill();
         std::thread::sleep(Duration::from_millis(100));
-        panic!("[{}] {why}\n----- console -----\n{}\n-------------------", self.name, self.transcript());
+        panic!(
+            "[{}] {why}\n----- console -----\n{}\n-------------------",
+            self.name,
+            self.transcript()
+        );
     }
 
     /// Waits until `needle` appears after what earlier `expect`s consumed;
@@ -136,14 +160,22 @@ impl Machine {
                 return seen;
             }
             if Instant::now() > deadline {
-                self.fail(&format!("timed out after {timeout:?} waiting for {needle:?}"));
+                self.fail(&format!(
+                    "timed out after {timeout:?} waiting for {needle:?}"
+                ));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200));
-                if self.transcript().get(self.cursor..).is_some_and(|t| t.contains(needle)) {
+                if self
+                    .transcript()
+                    .get(self.cursor..)
+                    .is_some_and(|t| t.contains(needle))
+                {
                     continue;
                 }
-                self.fail(&format!("machine exited ({status}) before printing {needle:?}"));
+                self.fail(&format!(
+                    "machine exited ({status}) before printing {needle:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -152,7 +184,10 @@ impl Machine {
     /// Types `text` on the console.
     pub fn send(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("stdin");
-        stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()).expect("console input");
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|_| stdin.flush())
+            .expect("console input");
     }
 
     /// Waits for QEMU to exit and returns its exit status.

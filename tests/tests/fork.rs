@@ -8,7 +8,12 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(120);
 
 fn guest(mode: &str) -> MachineConfig {
-    MachineConfig { smp: 2, vcpus: Some(1), guest_args: Some(mode.into()), ..MachineConfig::default() }
+    MachineConfig {
+        smp: 2,
+        vcpus: Some(1),
+        guest_args: Some(mode.into()),
+        ..MachineConfig::default()
+    }
 }
 
 fn count(text: &str, needle: &str) -> usize {
@@ -22,7 +27,11 @@ fn fork_tree_isolates_parents_and_children() {
     let t = m.transcript();
     m.assert_no_hyp_fault();
     assert_eq!(count(&t, "wrote its pattern"), 6, "six children\n{t}");
-    assert_eq!(count(&t, "verified its own pattern"), 7, "seven VMs verified\n{t}");
+    assert_eq!(
+        count(&t, "verified its own pattern"),
+        7,
+        "seven VMs verified\n{t}"
+    );
     assert_eq!(count(&t, "GUEST RESULT: PASS"), 7, "{t}");
     assert_eq!(status, 0, "{t}");
 }
@@ -53,7 +62,9 @@ fn console_fork_of_a_running_smp_guest_and_bad_commands() {
         smp: 2,
         vcpus: Some(2),
         guest_args: Some("selftest mem=96".into()),
-        script: Some("fork 1 2; vms; stats; fork 99; restore 1 2; snapshot x; rmap 0x40000000".into()),
+        script: Some(
+            "fork 1 2; vms; stats; fork 99; restore 1 2; snapshot x; rmap 0x40000000".into(),
+        ),
         ..MachineConfig::default()
     };
     let mut m = Machine::boot("console-fork", &cfg);
@@ -65,6 +76,10 @@ fn console_fork_of_a_running_smp_guest_and_bad_commands() {
     let status = m.wait_exit(Duration::from_secs(300));
     let t = m.transcript();
     m.assert_no_hyp_fault();
-    assert_eq!(count(&t, "GUEST RESULT: PASS"), 3, "parent and two children pass\n{t}");
+    assert_eq!(
+        count(&t, "GUEST RESULT: PASS"),
+        3,
+        "parent and two children pass\n{t}"
+    );
     assert_eq!(status, 0, "{t}");
 }

@@ -24,7 +24,9 @@ fn main() -> ExitCode {
         Some("run") => qemu::run(&args[1..]),
         Some("test") => test(),
         Some("bench") => bench(),
-        Some("build") => setup::ensure().and_then(|_| build::images(false)).map(|_| ()),
+        Some("build") => setup::ensure()
+            .and_then(|_| build::images(false))
+            .map(|_| ()),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -44,10 +46,25 @@ fn test() -> Result<(), String> {
     setup::ensure()?;
     let images = build::images(false)?;
     build::clippy(&images)?;
-    build::cargo(&["test", "--workspace", "--exclude", "hyp", "--exclude", "guest", "--exclude", "qemu-tests"], &[])?;
+    build::cargo(
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "hyp",
+            "--exclude",
+            "guest",
+            "--exclude",
+            "qemu-tests",
+        ],
+        &[],
+    )?;
     build::cargo(
         &["test", "-p", "qemu-tests", "--", "--test-threads=1"],
-        &[("HYP_ELF", images.hyp.to_str().unwrap()), ("MHV_QEMU", "qemu-system-aarch64")],
+        &[
+            ("HYP_ELF", images.hyp.to_str().unwrap()),
+            ("MHV_QEMU", "qemu-system-aarch64"),
+        ],
     )?;
     println!("xtask: all tests passed");
     Ok(())

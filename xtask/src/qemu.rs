@@ -49,9 +49,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .collect();
     println!("xtask: {}", line.join(" "));
     if o.gdb {
-        println!("xtask: waiting for gdb: gdb-multiarch {} -ex 'target remote :1234'", images.hyp.display());
+        println!(
+            "xtask: waiting for gdb: gdb-multiarch {} -ex 'target remote :1234'",
+            images.hyp.display()
+        );
     }
-    let status = cmd.status().map_err(|e| format!("qemu-system-aarch64: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("qemu-system-aarch64: {e}"))?;
     match status.code() {
         Some(0) => Ok(()),
         Some(c) => Err(format!("the hypervisor exited with status {c}")),

@@ -6,12 +6,18 @@ use std::process::Command;
 const TARGETS: [&str; 2] = ["aarch64-unknown-none-softfloat", "aarch64-unknown-none"];
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     println!("xtask: $ {cmd} {}", args.join(" "));
-    let status = Command::new(cmd).args(args).status().map_err(|e| format!("{cmd}: {e}"))?;
+    let status = Command::new(cmd)
+        .args(args)
+        .status()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -25,8 +31,12 @@ pub fn ensure() -> Result<(), String> {
 }
 
 fn rust_targets() -> Result<(), String> {
-    let out = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    let installed = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let installed = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     for t in TARGETS {
         if !installed.lines().any(|l| l.trim() == t) {
             run("rustup", &["target", "add", t])?;
@@ -46,7 +56,10 @@ fn qemu() -> Result<(), String> {
     if have("qemu-system-aarch64") {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     if !is_root {
         return Err("qemu-system-aarch64 is missing: run `sudo apt-get install -y qemu-system-arm` (Debian) and retry".into());
     }

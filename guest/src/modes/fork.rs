@@ -83,9 +83,17 @@ pub fn tree(plat: &Platform) -> Result<(), Reason> {
                 0 => {
                     let parent = tag;
                     tag = vm_id();
-                    verify(parent).map_err(|e| reason!("child vm {tag} does not see its parent's memory: {}", e.as_str()))?;
+                    verify(parent).map_err(|e| {
+                        reason!(
+                            "child vm {tag} does not see its parent's memory: {}",
+                            e.as_str()
+                        )
+                    })?;
                     fill(tag, AREA_PAGES);
-                    println!("GUEST: vm {tag} (child of vm {parent}, level {}) wrote its pattern", level + 1);
+                    println!(
+                        "GUEST: vm {tag} (child of vm {parent}, level {}) wrote its pattern",
+                        level + 1
+                    );
                     level += 1;
                     continue 'levels;
                 }
@@ -106,8 +114,15 @@ pub fn tree(plat: &Platform) -> Result<(), Reason> {
 pub fn fork_loop(plat: &Platform) -> Result<(), Reason> {
     let cycles = arg(plat, "cycles", 1000);
     fill(1, AREA_PAGES);
-    let base = (stat(Stat::FreeFrames), stat(Stat::AnonVmas), stat(Stat::Chains));
-    println!("GUEST: forkloop baseline: free frames {}, anon_vmas {}, chains {}", base.0, base.1, base.2);
+    let base = (
+        stat(Stat::FreeFrames),
+        stat(Stat::AnonVmas),
+        stat(Stat::Chains),
+    );
+    println!(
+        "GUEST: forkloop baseline: free frames {}, anon_vmas {}, chains {}",
+        base.0, base.1, base.2
+    );
     for i in 0..cycles {
         match hvc(HVC_FORK, 0, 0, 0) {
             0 => {
@@ -122,10 +137,19 @@ pub fn fork_loop(plat: &Platform) -> Result<(), Reason> {
         }
     }
     verify(1)?;
-    let now = (stat(Stat::FreeFrames), stat(Stat::AnonVmas), stat(Stat::Chains));
-    println!("GUEST: forkloop after {cycles} cycles: free frames {}, anon_vmas {}, chains {}", now.0, now.1, now.2);
+    let now = (
+        stat(Stat::FreeFrames),
+        stat(Stat::AnonVmas),
+        stat(Stat::Chains),
+    );
+    println!(
+        "GUEST: forkloop after {cycles} cycles: free frames {}, anon_vmas {}, chains {}",
+        now.0, now.1, now.2
+    );
     if now != base {
-        return Err(reason!("resources did not return to baseline: {base:?} -> {now:?}"));
+        return Err(reason!(
+            "resources did not return to baseline: {base:?} -> {now:?}"
+        ));
     }
     Ok(())
 }
