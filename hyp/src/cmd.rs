@@ -152,6 +152,10 @@ pub fn execute(line: &str) {
                 })
         }
         "rmap" => rmap_cmd(words.next()),
+        "bench" => match (words.next(), words.next().and_then(|m| m.parse::<u64>().ok())) {
+            (Some("fork"), Some(mib)) if (1..=4096).contains(&mib) => crate::bench::fork(mib),
+            _ => Err(String::from("usage: bench fork <MiB>")),
+        },
         "quit" => {
             let status = vm::WORST_STATUS.load(Ordering::Relaxed);
             crate::println!("[hyp] quit: exiting with status {status}");
@@ -216,7 +220,7 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
 
 fn help() {
     crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
+        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
     );
 }
 

@@ -10,6 +10,7 @@
 extern crate alloc;
 
 mod arch;
+mod bench;
 mod bootargs;
 mod cmd;
 mod console;

@@ -73,6 +73,29 @@ fn test() -> Result<(), String> {
 fn bench() -> Result<(), String> {
     setup::ensure()?;
     build::cargo(&["bench", "-p", "rmap", "--bench", "anon_vma_chain"], &[])?;
+    let images = build::images(true)?;
+    fork_bench(&images)?;
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
+    Ok(())
+}
+
+/// Fork vs eager copy of the same frames, measured inside the hypervisor in
+/// one run (`bench fork <MiB>` on its console).
+fn fork_bench(images: &build::Images) -> Result<(), String> {
+    let cfg = qemu_tests::MachineConfig {
+        mem: "3G".into(),
+        guest: "none".into(),
+        script: Some("bench fork 64; bench fork 256; bench fork 1024".into()),
+        ..Default::default()
+    };
+    let mut cmd = cfg.command(&images.hyp);
+    let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("qemu: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("bench fork:")).collect();
+    if lines.len() != 3 {
+        return Err(format!("fork benchmark did not complete:\n{text}"));
+    }
+    println!("\nfork vs eager copy (release hypervisor, QEMU TCG, cortex-a72, -smp 2):");
+    lines.iter().for_each(|l| println!("  {l}"));
     Ok(())
 }
