@@ -48,7 +48,7 @@ fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::stri
     }
     crate::println!(
         "bench fork: {} MiB: fork {} us, eager copy {} us, copy/fork = {}x",
-        pages * PAGE_SIZE >> 20,
+        (pages * PAGE_SIZE) >> 20,
         us(fork_ticks),
         us(copy_ticks),
         copy_ticks / fork_ticks.max(1)
