@@ -23,7 +23,8 @@ pub fn fork(mib: u64) -> Result<(), alloc::string::String> {
 fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::string::String> {
     let page = [0x5au8; PAGE_SIZE as usize];
     for i in 0..pages {
-        crate::mm::write_guest(vm, vm.ram.base + i * PAGE_SIZE, &page).map_err(|_| "out of memory filling the VM")?;
+        crate::mm::write_guest(vm, vm.ram.base + i * PAGE_SIZE, &page)
+            .map_err(|_| "out of memory filling the VM")?;
     }
     let t0 = crate::timer::now();
     let child = crate::fork::fork(vm, None, true).map_err(|e| alloc::format!("{e}"))?;
@@ -33,18 +34,28 @@ fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::stri
     let t0 = crate::timer::now();
     let mut copies = Vec::with_capacity(pages as usize);
     for i in 0..pages {
-        let src = vm.memory.lock().pa_of(vm.ram.base + i * PAGE_SIZE).ok_or("unmapped page")?;
-        let Some(dst) = frames::get().alloc() else { break };
+        let src = vm
+            .memory
+            .lock()
+            .pa_of(vm.ram.base + i * PAGE_SIZE)
+            .ok_or("unmapped page")?;
+        let Some(dst) = frames::get().alloc() else {
+            break;
+        };
         // SAFETY: `src` is a frame of the quiet bench VM, `dst` a frame we
         // just allocated; both identity mapped and distinct.
-        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, PAGE_SIZE as usize) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, PAGE_SIZE as usize)
+        };
         copies.push(dst);
     }
     let copy_ticks = crate::timer::now() - t0;
     let copied = copies.len();
     copies.into_iter().for_each(|pa| frames::get().free(pa));
     if copied as u64 != pages {
-        return Err(alloc::format!("only {copied} of {pages} frames free for the eager copy"));
+        return Err(alloc::format!(
+            "only {copied} of {pages} frames free for the eager copy"
+        ));
     }
     crate::println!(
         "bench fork: {} MiB: fork {} us, eager copy {} us, copy/fork = {}x",
