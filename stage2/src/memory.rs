@@ -10,7 +10,7 @@ pub type TablePage = [AtomicU64; ENTRIES_PER_TABLE];
 ///
 /// In the hypervisor (identity-mapped at EL2) [`TableMemory::table`] is the identity
 /// `PA -> &*(pa as *const TablePage)`; on the host it indexes a buffer playing physical memory
-/// ([`crate::HostMemory`]).
+/// (`HostMemory`, feature `host`).
 ///
 /// Implementations must be usable from several CPUs at once (`&self`).
 pub trait TableMemory {

@@ -110,6 +110,11 @@ fn a_batch_flushes_once() {
     );
     batch.finish();
     assert_eq!(tlb.take(), vec![TlbCall::Vmid { vmid: 0x1234 }]);
+    // A batch handed over to the caller does not flush.
+    let batch = t.batch(&tlb);
+    t.protect(IPA, 4096, Perm::RW, &batch).unwrap();
+    assert!(batch.into_pending());
+    assert_eq!(tlb.take(), vec![]);
     // An empty batch flushes nothing.
     t.batch(&tlb).finish();
     assert_eq!(tlb.take(), vec![]);

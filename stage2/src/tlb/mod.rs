@@ -97,6 +97,16 @@ impl<'a, T: TlbMaintenance> Batch<'a, T> {
     pub fn finish(self) {
         // Drop does the flush.
     }
+
+    /// Ends the batch *without* invalidating, returning whether an invalidation is owed: the
+    /// caller takes over the duty to call [`TlbMaintenance::invalidate_vmid`] (for a batch
+    /// kept across several calls, e.g. in state guarded by the VM's stage-2 lock).
+    #[must_use = "the caller owes a VMID-wide invalidation when this is true"]
+    pub fn into_pending(self) -> bool {
+        let pending = self.pending.replace(false);
+        drop(self);
+        pending
+    }
 }
 
 impl<T: TlbMaintenance> Drop for Batch<'_, T> {
