@@ -38,6 +38,11 @@ pub fn set_script(script: &str) {
     SCRIPT_DONE.store(c.script.is_empty(), Ordering::Release);
 }
 
+/// Sends typed input to VM `id` (an interactive guest started at boot).
+pub fn set_focus(id: u32) {
+    CONSOLE.lock().focus = Some(id);
+}
+
 pub fn script_done() -> bool {
     SCRIPT_DONE.load(Ordering::Acquire)
 }
@@ -76,6 +81,7 @@ fn input(b: u8) -> Option<String> {
         drop(c);
         if let Some(vm) = vm::get(id) {
             vm.uart.lock().push_rx(b);
+            crate::vpl011::update_irq(&vm);
         }
         return None;
     }
@@ -152,7 +158,10 @@ pub fn execute(line: &str) {
                 })
         }
         "rmap" => rmap_cmd(words.next()),
-        "bench" => match (words.next(), words.next().and_then(|m| m.parse::<u64>().ok())) {
+        "bench" => match (
+            words.next(),
+            words.next().and_then(|m| m.parse::<u64>().ok()),
+        ) {
             (Some("fork"), Some(mib)) if (1..=4096).contains(&mib) => crate::bench::fork(mib),
             _ => Err(String::from("usage: bench fork <MiB>")),
         },

@@ -33,10 +33,7 @@ pub fn handle(vcpu: &mut Vcpu, kind: ExitKind) -> Action {
     }
     let esr = read_sysreg!("esr_el2");
     match esr >> 26 {
-        EC_WFX => {
-            vcpu.regs.pc += 4;
-            Action::Yield
-        }
+        EC_WFX => crate::vtimer::wfx(vcpu, esr),
         EC_HVC64 => crate::hypercall::handle(vcpu),
         EC_SMC64 => {
             // We give guests no secure firmware: SMC returns NOT_SUPPORTED.
@@ -76,6 +73,9 @@ fn sysreg(vcpu: &mut Vcpu, esr: u64) -> Action {
     if is_dc_setway {
         vcpu.regs.pc += 4;
         return Action::Continue;
+    }
+    if let Some(action) = crate::vgic::sysreg(vcpu, esr) {
+        return action;
     }
     inject_undef(vcpu);
     Action::Continue

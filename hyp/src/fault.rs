@@ -34,6 +34,9 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     if in_uart && is_data && esr & ISS_S1PTW == 0 {
         return mmio(vcpu, esr, ipa - VPL011_BASE);
     }
+    if let Some(action) = crate::vgic::mmio(vcpu, esr, ipa) {
+        return action;
+    }
     wild(vcpu, ipa, is_data)
 }
 
@@ -88,12 +91,13 @@ fn mmio(vcpu: &mut Vcpu, esr: u64, off: u64) -> Action {
             vcpu.regs.x[srt] = value & mask;
         }
     }
+    crate::vpl011::update_irq(&vcpu.vm);
     vcpu.regs.pc += 4;
     Action::Continue
 }
 
 /// A guest line on the physical console, labelled when several VMs exist.
-fn print_guest_line(vcpu: &Vcpu, line: &[u8]) {
+pub(crate) fn print_guest_line(vcpu: &Vcpu, line: &[u8]) {
     if crate::vm::count() > 1 || crate::vm::CREATED.load(core::sync::atomic::Ordering::Relaxed) > 1
     {
         crate::print!("[vm{}] ", vcpu.vm.id);

@@ -154,6 +154,21 @@ impl FrameAllocator {
         self.free.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Hands reserved frames in `range` (boot images already copied into a
+    /// VM) to the allocator for good.
+    pub fn release_reserved(&self, range: MemRange) {
+        let mut banks = self.banks.lock();
+        for bank in banks.iter_mut() {
+            for i in 0..bank.frames() {
+                let pa = bank.range.base + i as u64 * PAGE_SIZE;
+                if pa >= range.base && pa + PAGE_SIZE <= range.end() && bank.set(i, false) {
+                    self.free.fetch_add(1, Ordering::Relaxed);
+                    self.total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     pub fn free_count(&self) -> usize {
         self.free.load(Ordering::Relaxed)
     }

@@ -11,6 +11,12 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 /// SGI used to make another CPU leave its guest and look at its queue.
 pub const SGI_KICK: u32 = 0;
 const PRIORITY: u32 = 0x80;
+const ICC_CTLR_EOIMODE: u64 = 1 << 1;
+const GICR_ISACTIVER0: u64 = 0x300;
+const GICR_ICACTIVER0: u64 = 0x380;
+/// Each CPU's redistributor (RD_base), found at init.
+static REDIST: [core::sync::atomic::AtomicU64; platform::board::MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; platform::board::MAX_CPUS];
 
 fn gicd(board: &Board) -> &'static GicdRegs {
     // SAFETY: the distributor's registers, from the DTB, identity mapped as
@@ -59,7 +65,13 @@ pub fn init_cpu(board: &Board) {
     rd.waker.modify(GICR_WAKER::PROCESSOR_SLEEP::CLEAR);
     while rd.waker.is_set(GICR_WAKER::CHILDREN_ASLEEP) {}
 
-    let ours = (1 << board.hyp_timer_intid) | (1 << SGI_KICK);
+    REDIST[crate::percpu::cpu_index()].store(base, core::sync::atomic::Ordering::Relaxed);
+    // Ours, and the guest's timer and the GIC maintenance interrupt, which
+    // exit the guest so the vGIC can act (vgic.rs).
+    let ours = (1 << board.hyp_timer_intid)
+        | (1 << SGI_KICK)
+        | (1 << crate::vgic::VTIMER_INTID)
+        | (1 << crate::vgic::MAINTENANCE_INTID);
     sgi.igroupr0.set(0xffff_ffff);
     for (i, reg) in sgi.ipriorityr.iter().enumerate() {
         let p = PRIORITY | PRIORITY << 8 | PRIORITY << 16 | PRIORITY << 24;
@@ -74,7 +86,9 @@ pub fn init_cpu(board: &Board) {
     isb();
     write_sysreg!("icc_pmr_el1", 0xff);
     write_sysreg!("icc_bpr1_el1", 0);
-    write_sysreg!("icc_ctlr_el1", 0);
+    // EOImode 1: EOI only drops priority, deactivation is separate, so a
+    // guest can deactivate a physical interrupt handed to it (vtimer.rs).
+    write_sysreg!("icc_ctlr_el1", ICC_CTLR_EOIMODE);
     write_sysreg!("icc_igrpen1_el1", 1);
     isb();
 }
@@ -85,8 +99,33 @@ pub fn ack() -> Option<u32> {
     (intid < INTID_SPURIOUS).then_some(intid)
 }
 
+/// Ends a hypervisor interrupt: priority drop and deactivation.
 pub fn eoi(intid: u32) {
     write_sysreg!("icc_eoir1_el1", intid as u64);
+    write_sysreg!("icc_dir_el1", intid as u64);
+}
+
+/// Priority drop only: the interrupt stays active until its guest
+/// deactivates it through a HW list register.
+pub fn priority_drop(intid: u32) {
+    write_sysreg!("icc_eoir1_el1", intid as u64);
+}
+
+/// Sets or clears the active state of SGI/PPI `intid` on this CPU (a vCPU
+/// moving between CPUs carries its timer interrupt's active state along).
+pub fn set_private_active(intid: u32, active: bool) {
+    let base = REDIST[crate::percpu::cpu_index()].load(core::sync::atomic::Ordering::Relaxed);
+    if base == 0 || intid >= 32 {
+        return;
+    }
+    let reg = if active {
+        GICR_ISACTIVER0
+    } else {
+        GICR_ICACTIVER0
+    };
+    // SAFETY: this CPU's redistributor SGI frame (found at init), device
+    // memory; ISACTIVER0/ICACTIVER0 only change the named interrupt's state.
+    unsafe { core::ptr::write_volatile((base + GICR_SGI_OFFSET + reg) as *mut u32, 1 << intid) };
 }
 
 /// Sends SGI `sgi` to the CPU with affinity `mpidr`.

@@ -24,6 +24,7 @@ mod gic;
 mod guest_dtb;
 mod heap;
 mod hypercall;
+mod linux;
 mod loader;
 mod memory;
 mod mm;
@@ -33,8 +34,10 @@ mod sched;
 mod semihost;
 mod timer;
 mod vcpu;
+mod vgic;
 mod vm;
 mod vpl011;
+mod vtimer;
 
 use alloc::string::String;
 use core::sync::atomic::Ordering;
@@ -114,16 +117,22 @@ extern "C" fn secondary_main(cpu: usize) -> ! {
 fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
     let start = &raw const __image_start as u64;
     let end = &raw const __image_end as u64;
-    let reserved = [
+    let mut reserved = alloc::vec![
         MemRange {
             base: start,
-            size: end - start,
+            size: end - start
         },
         MemRange {
             base: dtb.as_ptr() as u64 & !0xfff,
-            size: (dtb.len() as u64 + 0x1fff) & !0xfff,
+            size: (dtb.len() as u64 + 0x1fff) & !0xfff
         },
     ];
+    // Guest images QEMU's loader put in RAM stay put until copied (linux.rs).
+    reserved.extend(
+        bootargs::BootArgs::image_ranges(board.bootargs())
+            .into_iter()
+            .flatten(),
+    );
     frames::init(board, &reserved);
     let f = frames::get();
     println!(
@@ -158,6 +167,7 @@ fn start_default_vm(board: &Board) {
                 Err(e) => println!("[hyp] cannot start the test guest: {e}"),
             }
         }
-        other => println!("[hyp] unknown guest '{other}' (known: test, none)"),
+        "linux" => linux::start(&args, args.vcpus.unwrap_or(board.cpus.len())),
+        other => println!("[hyp] unknown guest '{other}' (known: test, linux, none)"),
     }
 }

@@ -50,7 +50,7 @@ fn dequeue() -> Option<Box<Vcpu>> {
     RUNQ.lock().pop_front()
 }
 
-fn queue_empty() -> bool {
+pub fn queue_empty() -> bool {
     RUNQ.lock().is_empty()
 }
 
@@ -66,14 +66,21 @@ pub fn kick_all() {
 }
 
 /// Host interrupts seen while handling: whether this CPU's slice ended.
-fn handle_host_irqs() -> bool {
+/// `vcpu` is the vCPU loaded on this CPU, which gets its timer's interrupt.
+pub fn handle_host_irqs(vcpu: Option<&Vcpu>) -> bool {
     let mut slice_over = false;
     while let Some(intid) = crate::gic::ack() {
         if BOARD.get().is_some_and(|b| intid == b.hyp_timer_intid) {
             crate::timer::arm_slice();
             slice_over = true;
         }
-        crate::gic::eoi(intid);
+        if !crate::vgic::host_irq(vcpu, intid) {
+            crate::gic::eoi(intid);
+        }
+    }
+    // Console input is polled by CPU 0 even while it runs a guest.
+    if slice_over && vcpu.is_some() && crate::percpu::cpu_index() == 0 {
+        crate::cmd::poll();
     }
     slice_over
 }
@@ -82,7 +89,7 @@ fn handle_host_irqs() -> bool {
 pub fn cpu_loop() -> ! {
     crate::timer::arm_slice();
     loop {
-        handle_host_irqs();
+        handle_host_irqs(None);
         if crate::percpu::cpu_index() == 0 {
             crate::cmd::poll();
             exit_if_idle();
@@ -117,14 +124,16 @@ fn run(vcpu: Box<Vcpu>) {
         if vm.state() != crate::vm::VmState::Running || vcpu.power != Power::On {
             break;
         }
+        crate::vgic::flush(&vcpu);
         let kind = vcpu.enter();
+        crate::vgic::sync(&vcpu);
         vm.exits.fetch_add(1, Ordering::Relaxed);
         crate::percpu::this_cpu()
             .exits
             .fetch_add(1, Ordering::Relaxed);
         let action = match kind {
             ExitKind::Irq | ExitKind::Fiq => {
-                if handle_host_irqs() && !queue_empty() {
+                if handle_host_irqs(Some(&vcpu)) && !queue_empty() {
                     Action::Yield
                 } else {
                     Action::Continue

@@ -151,6 +151,8 @@ impl Vcpu {
         write_sysreg!("vmpidr_el2", self.mpidr());
         write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
         self.vm.load_stage2();
+        crate::vtimer::load(self);
+        crate::vgic::load(self);
     }
 
     /// Saves the live EL1 and FP/SIMD state of this CPU into the vCPU.
@@ -158,6 +160,8 @@ impl Vcpu {
         self.el1.save();
         // SAFETY: `fp` is a valid, aligned FpRegs owned by this vCPU.
         unsafe { crate::arch::__fpsimd_save(&mut self.fp) };
+        crate::vgic::put(self);
+        crate::vtimer::put();
     }
 
     /// Runs the guest until its next exit.

@@ -61,6 +61,8 @@ pub struct Vm {
     /// The VM's stage-2 lock (DESIGN.md level 4) and the table it guards.
     pub memory: OrderedMutex<GuestMemory>,
     pub uart: Mutex<Vpl011>,
+    pub vgic: crate::vgic::Vgic,
+    pub vtimer: crate::vtimer::VTimer,
     state: AtomicU8,
     /// vCPUs not in `parked`: queued or running on a CPU.
     active_vcpus: AtomicUsize,
@@ -150,6 +152,8 @@ impl Vm {
             ),
             memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", memory),
             uart: Mutex::new(Vpl011::default()),
+            vgic: crate::vgic::Vgic::new(nr_vcpus),
+            vtimer: crate::vtimer::VTimer::new(),
             state: AtomicU8::new(VmState::Paused as u8),
             active_vcpus: AtomicUsize::new(0),
             parked: Mutex::new(Vec::new()),

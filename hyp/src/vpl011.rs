@@ -95,6 +95,16 @@ impl Vpl011 {
         rx | (1 << 5)
     }
 
+    /// The interrupt line (SPI 1): any unmasked raw interrupt.
+    pub fn irq_level(&self) -> bool {
+        self.raw_interrupts() & self.imsc != 0
+    }
+
+    /// A partial line waiting for its newline (a shell prompt, an echo).
+    pub fn take_partial(&mut self) -> Option<Vec<u8>> {
+        (!self.line.is_empty()).then(|| core::mem::take(&mut self.line))
+    }
+
     /// Copies device state for a forked VM (a partial line goes with it).
     pub fn clone_state(&self) -> Vpl011 {
         Vpl011 {
@@ -107,5 +117,21 @@ impl Vpl011 {
             ifls: self.ifls,
             imsc: self.imsc,
         }
+    }
+}
+
+/// Drives the VM's UART interrupt line from the device state; called after
+/// anything that can change it (a guest access, typed input).
+pub fn update_irq(vm: &crate::vm::Vm) {
+    let level = vm.uart.lock().irq_level();
+    vm.vgic.set_spi_level(crate::vgic::UART_INTID, level);
+}
+
+/// Prints what the guest wrote without a newline yet: it is idle now, so a
+/// prompt or an echoed key must reach the console.
+pub fn flush_partial_line(vcpu: &crate::vcpu::Vcpu) {
+    let line = vcpu.vm.uart.lock().take_partial();
+    if let Some(line) = line {
+        crate::fault::print_guest_line(vcpu, &line);
     }
 }

@@ -22,6 +22,9 @@ pub struct MachineConfig {
     pub guest_args: Option<String>,
     pub script: Option<String>,
     pub gdb: bool,
+    /// Linux `Image` and initramfs for `guest: "linux"`, put in RAM by
+    /// QEMU's generic loader.
+    pub linux: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for MachineConfig {
@@ -36,6 +39,7 @@ impl Default for MachineConfig {
             guest_args: None,
             script: None,
             gdb: false,
+            linux: None,
         }
     }
 }
@@ -50,11 +54,15 @@ impl MachineConfig {
         if let Some(m) = &self.guest_mem {
             words.push(format!("mem={m}"));
         }
-        if let Some(a) = &self.guest_args {
-            words.push(format!("args={}", a.replace(' ', ",")));
-        }
         if let Some(s) = &self.script {
             words.push(format!("script={}", s.replace(' ', ",")));
+        }
+        for (key, addr, path) in self.linux_loads() {
+            words.push(format!("{key}={addr:#x}:{}", file_size(&path)));
+        }
+        // The guest's command line goes last, verbatim (Linux's has ',' and '=').
+        if let Some(a) = &self.guest_args {
+            words.push(format!("-- {a}"));
         }
         words.join(" ")
     }
@@ -82,12 +90,91 @@ impl MachineConfig {
             .arg("-kernel")
             .arg(hyp)
             .args(["-append", &self.bootargs()]);
+        for (_, addr, path) in self.linux_loads() {
+            cmd.arg("-device").arg(format!(
+                "loader,file={},addr={addr:#x},force-raw=on",
+                path.display()
+            ));
+        }
         if self.gdb {
             cmd.args(["-s", "-S"]);
         }
         cmd
     }
 }
+
+impl MachineConfig {
+    /// Where QEMU's loader puts the Linux images in host RAM: from the
+    /// middle of RAM up, 2 MiB aligned, clear of the hypervisor at its start.
+    fn linux_loads(&self) -> Vec<(&'static str, u64, PathBuf)> {
+        let Some((kernel, initrd)) = &self.linux else {
+            return Vec::new();
+        };
+        let align = |x: u64| (x + 0x1f_ffff) & !0x1f_ffff;
+        let kernel_at = align(RAM_BASE + parse_size(&self.mem).unwrap_or(1 << 30) / 2);
+        let initrd_at = align(kernel_at + file_size(kernel));
+        vec![
+            ("kernel", kernel_at, kernel.clone()),
+            ("initrd", initrd_at, initrd.clone()),
+        ]
+    }
+}
+
+const RAM_BASE: u64 = 0x4000_0000;
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// QEMU's `-m` sizes: `1G`, `512M`, plain MiB.
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, shift) = match s.chars().last()? {
+        'G' | 'g' => (&s[..s.len() - 1], 30),
+        'M' | 'm' => (&s[..s.len() - 1], 20),
+        'K' | 'k' => (&s[..s.len() - 1], 10),
+        _ => (s, 20),
+    };
+    num.parse::<u64>().ok().map(|n| n << shift)
+}
+
+/// The Linux images `cargo xtask test` prepared (MHV_LINUX_DIR).
+pub fn linux_images() -> Option<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(std::env::var_os("MHV_LINUX_DIR")?);
+    Some((dir.join("Image"), dir.join("initramfs.cpio")))
+}
+
+/// The same kernel and initramfs booted bare at EL1 by QEMU, with the CPU,
+/// CPUs and guest memory of `cfg` (the benchmark's baseline).
+pub fn bare_linux_command(cfg: &MachineConfig) -> Command {
+    let qemu = std::env::var("MHV_QEMU").unwrap_or_else(|_| "qemu-system-aarch64".into());
+    let (kernel, initrd) = cfg
+        .linux
+        .clone()
+        .expect("bare_linux_command needs linux images");
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-M", "virt,gic-version=3", "-cpu", &cfg.cpu])
+        .args(["-smp", &cfg.vcpus.unwrap_or(cfg.smp).to_string()])
+        .args(["-m", cfg.guest_mem.as_deref().unwrap_or("256M")])
+        .args(["-display", "none", "-monitor", "none"])
+        .args([
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            cfg.guest_args.as_deref().unwrap_or(LINUX_CMDLINE),
+        ]);
+    cmd
+}
+
+/// The hypervisor's default Linux command line (hyp/src/linux.rs).
+pub const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x09000000 rdinit=/init";
 
 /// The hypervisor ELF under test, from `HYP_ELF` (set by `cargo xtask test`).
 pub fn hyp_elf() -> PathBuf {
@@ -109,7 +196,11 @@ pub struct Machine {
 
 impl Machine {
     pub fn boot(name: &str, config: &MachineConfig) -> Machine {
-        let mut cmd = config.command(&hyp_elf());
+        Machine::spawn(name, &mut config.command(&hyp_elf()))
+    }
+
+    /// Starts any QEMU command line with its console captured.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Machine {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -150,6 +241,14 @@ impl Machine {
     /// Waits until `needle` appears after what earlier `expect`s consumed;
     /// returns the console text up to and including it.
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.try_expect(needle, timeout) {
+            Ok(seen) => seen,
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    /// `expect` that reports a timeout or an exit instead of failing the test.
+    pub fn try_expect(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.transcript();
@@ -157,10 +256,10 @@ impl Machine {
                 let end = self.cursor + pos + needle.len();
                 let seen = text[self.cursor..end].to_string();
                 self.cursor = end;
-                return seen;
+                return Ok(seen);
             }
             if Instant::now() > deadline {
-                self.fail(&format!(
+                return Err(format!(
                     "timed out after {timeout:?} waiting for {needle:?}"
                 ));
             }
@@ -173,7 +272,7 @@ impl Machine {
                 {
                     continue;
                 }
-                self.fail(&format!(
+                return Err(format!(
                     "machine exited ({status}) before printing {needle:?}"
                 ));
             }

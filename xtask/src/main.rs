@@ -2,6 +2,7 @@
 //! guest and hypervisor images, and runs them under QEMU.
 
 mod build;
+mod linux;
 mod qemu;
 mod setup;
 
@@ -10,11 +11,14 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest test|none] [--vcpus N]
+  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
-                 build everything and boot the hypervisor with its default guest
+                 build everything and boot the hypervisor with a guest (default:
+                 Debian's arm64 Linux with a busybox shell; --guest-args is its
+                 kernel command line)
   test           clippy, host tests of every crate, then the QEMU scenarios in tests/
-  bench          benchmarks (results belong in docs/BENCHMARKS.md)
+  bench [linux]  benchmarks (results belong in docs/BENCHMARKS.md); `linux`: only
+                 the Linux boot time, bare QEMU against under the hypervisor
   build          build the images only
 ";
 
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => qemu::run(&args[1..]),
         Some("test") => test(),
-        Some("bench") => bench(),
+        Some("bench") => bench(&args[1..]),
         Some("build") => setup::ensure()
             .and_then(|_| build::images(false))
             .map(|_| ()),
@@ -46,6 +50,8 @@ fn test() -> Result<(), String> {
     setup::ensure()?;
     let images = build::images(false)?;
     build::clippy(&images)?;
+    let linux = linux::ensure()?;
+    let linux_dir = linux.kernel.parent().unwrap().to_str().unwrap().to_string();
     build::cargo(
         &[
             "test",
@@ -64,17 +70,25 @@ fn test() -> Result<(), String> {
         &[
             ("HYP_ELF", images.hyp.to_str().unwrap()),
             ("MHV_QEMU", "qemu-system-aarch64"),
+            ("MHV_LINUX_DIR", &linux_dir),
         ],
     )?;
     println!("xtask: all tests passed");
     Ok(())
 }
 
-fn bench() -> Result<(), String> {
+/// `bench [linux]`: all benchmarks, or only the Linux boot time.
+fn bench(args: &[String]) -> Result<(), String> {
     setup::ensure()?;
-    build::cargo(&["bench", "-p", "rmap", "--bench", "anon_vma_chain"], &[])?;
+    let only_linux = args.first().is_some_and(|a| a == "linux");
+    if !only_linux {
+        build::cargo(&["bench", "-p", "rmap", "--bench", "anon_vma_chain"], &[])?;
+    }
     let images = build::images(true)?;
-    fork_bench(&images)?;
+    if !only_linux {
+        fork_bench(&images)?;
+    }
+    linux::bench(&images.hyp, 3)?;
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())
 }
@@ -89,9 +103,15 @@ fn fork_bench(images: &build::Images) -> Result<(), String> {
         ..Default::default()
     };
     let mut cmd = cfg.command(&images.hyp);
-    let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| format!("qemu: {e}"))?;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("qemu: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("bench fork:")).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("bench fork:"))
+        .collect();
     if lines.len() != 3 {
         return Err(format!("fork benchmark did not complete:\n{text}"));
     }

@@ -6,7 +6,11 @@
 use qemu_tests::MachineConfig;
 
 fn parse(args: &[String]) -> Result<(MachineConfig, bool), String> {
-    let mut o = MachineConfig::default();
+    // `run` boots Linux unless told otherwise; the test harness defaults to the test guest.
+    let mut o = MachineConfig {
+        guest: "linux".into(),
+        ..MachineConfig::default()
+    };
     let mut release = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -34,6 +38,11 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool), String> {
 pub fn run(args: &[String]) -> Result<(), String> {
     let (o, release) = parse(args)?;
     crate::setup::ensure()?;
+    let mut o = o;
+    if o.guest == "linux" {
+        let linux = crate::linux::ensure()?;
+        o.linux = Some((linux.kernel, linux.initrd));
+    }
     let images = crate::build::images(release)?;
     let mut cmd = o.command(&images.hyp);
     let line: Vec<String> = std::iter::once(cmd.get_program())

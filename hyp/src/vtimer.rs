@@ -1,0 +1,95 @@
+//! The guest's virtual timer. Each VM has its own counter offset
+//! (CNTVOFF_EL2); each vCPU's CNTV_CTL/CVAL are part of its EL1 state
+//! (vcpu.rs). While a vCPU is loaded its timer is live in the hardware: when
+//! it fires, the physical PPI 27 interrupts EL2 and is injected as virtual
+//! PPI 27 with the HW bit (vgic.rs). While it is not loaded its timer is off
+//! in the hardware; it is loaded again before it runs, and a timer that
+//! expired meanwhile fires at once.
+//!
+//! A WFI blocks the physical CPU with the vCPU still loaded until its own
+//! timer, a kick from another CPU (an interrupt injected for it) or at most
+//! the next scheduling tick; it gives the CPU up if other vCPUs are waiting.
+
+use crate::arch::{read_sysreg, write_sysreg};
+use crate::exit::Action;
+use crate::vcpu::Vcpu;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const CTL_ENABLE: u64 = 1 << 0;
+const CTL_IMASK: u64 = 1 << 1;
+const CTL_ISTATUS: u64 = 1 << 2;
+/// ESR_EL2.ISS.TI for a trapped WFx: 1 = WFE.
+const ISS_WFE: u64 = 1;
+
+/// A VM's view of time.
+pub struct VTimer {
+    /// CNTVOFF_EL2: the guest's virtual counter reads physical - offset.
+    offset: AtomicU64,
+}
+
+impl VTimer {
+    /// The guest's virtual counter starts near zero.
+    pub fn new() -> VTimer {
+        VTimer {
+            offset: AtomicU64::new(crate::timer::now()),
+        }
+    }
+
+    /// Takes `src`'s time base (a fork continues its parent's clock).
+    #[allow(dead_code)] // for VM fork (fork.rs)
+    pub fn copy_from(&self, src: &VTimer) {
+        self.offset
+            .store(src.offset.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+impl Default for VTimer {
+    fn default() -> Self {
+        VTimer::new()
+    }
+}
+
+/// After the vCPU's EL1 state was loaded: its VM's counter offset.
+pub fn load(vcpu: &Vcpu) {
+    write_sysreg!("cntvoff_el2", vcpu.vm.vtimer.offset.load(Ordering::Relaxed));
+}
+
+/// After the vCPU's EL1 state was saved: its timer must not fire while
+/// another vCPU (or none) runs here.
+pub fn put() {
+    write_sysreg!("cntv_ctl_el0", 0);
+}
+
+/// Whether the loaded vCPU's timer condition is met and unmasked.
+fn firing() -> bool {
+    read_sysreg!("cntv_ctl_el0") & (CTL_ENABLE | CTL_IMASK | CTL_ISTATUS)
+        == CTL_ENABLE | CTL_ISTATUS
+}
+
+/// A trapped WFI or WFE.
+pub fn wfx(vcpu: &mut Vcpu, esr: u64) -> Action {
+    vcpu.regs.pc += 4;
+    crate::vpl011::flush_partial_line(vcpu);
+    if esr & ISS_WFE != 0 {
+        // A spinning lock waiter: let a waiting vCPU (maybe the holder) run.
+        return if crate::sched::queue_empty() {
+            Action::Continue
+        } else {
+            Action::Yield
+        };
+    }
+    loop {
+        if firing() || crate::vgic::has_pending(vcpu) {
+            return Action::Continue;
+        }
+        if !crate::sched::queue_empty() || vcpu.vm.state() != crate::vm::VmState::Running {
+            return Action::Yield;
+        }
+        crate::arch::wfi();
+        if crate::sched::handle_host_irqs(Some(vcpu)) {
+            // A scheduling tick: a spurious wake-up, which the architecture
+            // allows, for guests that wait with WFI for memory to change.
+            return Action::Continue;
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The Linux guest's images: Debian's current arm64 kernel (the version the
+//! `linux-image-arm64` metapackage depends on today) and an initramfs built
+//! around Debian's static busybox, fetched with apt and cached in
+//! target/linux/. Also the boot-time benchmark against the same kernel
+//! booted bare by QEMU.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The init script: mount the pseudo file systems, print the banner the
+/// tests and the benchmark wait for, and keep a shell on the console.
+const INIT: &str = r#"#!/bin/sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /usr/bin /usr/sbin /sbin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+hostname mhv-linux
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root PS1='\h:\w\$ '
+echo "MHV-LINUX-READY $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+while true; do setsid cttyhack sh; echo "[init] shell exited, starting another"; done
+"#;
+
+pub struct LinuxImages {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn dir() -> PathBuf {
+    crate::build::root().join("target/linux")
+}
+
+/// The cached images, fetched and built when missing.
+pub fn ensure() -> Result<LinuxImages, String> {
+    let dir = dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let images = LinuxImages {
+        kernel: dir.join("Image"),
+        initrd: dir.join("initramfs.cpio"),
+    };
+    let busybox = dir.join("busybox");
+    if !images.kernel.exists() || !busybox.exists() {
+        fetch(&dir)?;
+    }
+    let stamp = dir.join("init.stamp");
+    if !images.initrd.exists() || std::fs::read_to_string(&stamp).ok().as_deref() != Some(INIT) {
+        let busybox = std::fs::read(&busybox).map_err(|e| format!("busybox: {e}"))?;
+        std::fs::write(&images.initrd, initramfs(&busybox))
+            .map_err(|e| format!("initramfs: {e}"))?;
+        std::fs::write(&stamp, INIT).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        println!("xtask: built {}", images.initrd.display());
+    }
+    Ok(images)
+}
+
+fn output(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{cmd} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> Result<(), String> {
+    println!("xtask: $ {cmd} {}", args.join(" "));
+    let status = Command::new(cmd)
+        .current_dir(dir)
+        .args(args)
+        .status()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("`{cmd} {}` failed ({status})", args.join(" ")))
+}
+
+/// Makes apt see arm64 packages (needs root the first time).
+fn enable_arm64() -> Result<(), String> {
+    let foreign = output("dpkg", &["--print-foreign-architectures"])?;
+    let known = output("apt-cache", &["policy", "linux-image-arm64:arm64"]).unwrap_or_default();
+    if foreign.lines().any(|l| l.trim() == "arm64")
+        && known.contains("Candidate:")
+        && !known.contains("(none)")
+    {
+        return Ok(());
+    }
+    let is_root = output("id", &["-u"]).is_ok_and(|o| o.trim() == "0");
+    if !is_root {
+        return Err("the Linux guest needs Debian's arm64 packages: run `sudo dpkg --add-architecture arm64 && sudo apt-get update` and retry".into());
+    }
+    run_in(Path::new("/"), "dpkg", &["--add-architecture", "arm64"])?;
+    run_in(Path::new("/"), "apt-get", &["update", "-qq"])
+}
+
+/// The kernel package the arm64 metapackage points at today.
+fn kernel_package() -> Result<String, String> {
+    let deps = output("apt-cache", &["depends", "linux-image-arm64:arm64"])?;
+    deps.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|p| p.trim_end_matches(":arm64"))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(String::from)
+        .ok_or_else(|| {
+            format!("no kernel dependency in `apt-cache depends linux-image-arm64:arm64`:\n{deps}")
+        })
+}
+
+/// Downloads the kernel and busybox packages and unpacks what we need.
+fn fetch(dir: &Path) -> Result<(), String> {
+    enable_arm64()?;
+    let pkg = kernel_package()?;
+    let dl = dir.join("deb");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
+    run_in(
+        &dl,
+        "apt-get",
+        &[
+            "download",
+            "-q",
+            &format!("{pkg}:arm64"),
+            "busybox-static:arm64",
+        ],
+    )?;
+    for entry in std::fs::read_dir(&dl).map_err(|e| e.to_string())? {
+        let deb = entry.map_err(|e| e.to_string())?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            let deb = deb.to_string_lossy().into_owned();
+            run_in(&dl, "dpkg-deb", &["-x", &deb, "root"])?;
+        }
+    }
+    let root = dl.join("root");
+    let vmlinuz = std::fs::read_dir(root.join("boot"))
+        .map_err(|e| format!("no /boot in {pkg}: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .ok_or(format!("no vmlinuz in {pkg}"))?;
+    let image = std::fs::read(&vmlinuz).map_err(|e| e.to_string())?;
+    let image = if image.starts_with(&[0x1f, 0x8b]) {
+        gunzip(&vmlinuz)?
+    } else {
+        image
+    };
+    if image.len() < 64 || &image[56..60] != b"ARM\x64" {
+        return Err(format!("{} is not an arm64 Image", vmlinuz.display()));
+    }
+    std::fs::write(dir.join("Image"), image).map_err(|e| e.to_string())?;
+    std::fs::copy(root.join("bin/busybox"), dir.join("busybox"))
+        .map_err(|e| format!("busybox: {e}"))?;
+    std::fs::write(dir.join("VERSION"), format!("{pkg}\n")).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dl);
+    println!("xtask: Linux guest from {pkg} in {}", dir.display());
+    Ok(())
+}
+
+fn gunzip(path: &Path) -> Result<Vec<u8>, String> {
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .map_err(|e| format!("gzip: {e}"))?;
+    out.status
+        .success()
+        .then_some(out.stdout)
+        .ok_or_else(|| format!("gzip -dc {} failed", path.display()))
+}
+
+/// An uncompressed newc cpio archive: directories, /dev/console (so init
+/// has a console before devtmpfs), busybox, /bin/sh and /init. Written here
+/// rather than with cpio(1) so it needs neither the tool nor root for the
+/// device node.
+pub fn initramfs(busybox: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut ino = 1;
+    let mut add = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+        cpio_entry(&mut out, ino, name, mode, rdev, data);
+        ino += 1;
+    };
+    for d in [
+        "bin", "sbin", "dev", "etc", "proc", "root", "sys", "tmp", "usr", "usr/bin", "usr/sbin",
+    ] {
+        add(d, 0o040755, (0, 0), &[]);
+    }
+    add("dev/console", 0o020600, (5, 1), &[]);
+    add("bin/busybox", 0o100755, (0, 0), busybox);
+    add("bin/sh", 0o120777, (0, 0), b"busybox");
+    add("init", 0o100755, (0, 0), INIT.as_bytes());
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    out
+}
+
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+    let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        write!(out, "{f:08x}").unwrap();
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    pad4(out);
+    out.extend_from_slice(data);
+    pad4(out);
+}
+
+fn pad4(out: &mut Vec<u8>) {
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+/// Seconds from QEMU's start to the init banner, or an error with the console.
+fn time_to_banner(mut cmd: Command, timeout: Duration) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut m = qemu_tests::Machine::spawn("bench", &mut cmd);
+    let seen = m.try_expect("MHV-LINUX-READY", timeout);
+    let elapsed = start.elapsed().as_secs_f64();
+    seen.map(|_| elapsed)
+        .map_err(|e| format!("{e}\n{}", m.transcript()))
+}
+
+/// Boot time of the Linux guest under the hypervisor against the same
+/// kernel and initramfs booted bare at EL1, alternating, in one run.
+pub fn bench(hyp: &Path, reps: usize) -> Result<(), String> {
+    let images = ensure()?;
+    let under = qemu_tests::MachineConfig {
+        guest: "linux".into(),
+        linux: Some((images.kernel.clone(), images.initrd.clone())),
+        ..qemu_tests::MachineConfig::default()
+    };
+    let timeout = Duration::from_secs(180);
+    let (mut hyp_times, mut bare_times) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        let b = time_to_banner(qemu_tests::bare_linux_command(&under), timeout)?;
+        let h = time_to_banner(under.command(hyp), timeout)?;
+        println!(
+            "xtask: bench linux boot rep {}: bare {b:.2} s, under the hypervisor {h:.2} s",
+            i + 1
+        );
+        bare_times.push(b);
+        hyp_times.push(h);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, h) = (median(&mut bare_times), median(&mut hyp_times));
+    println!("\n| Linux boot to init banner ({reps} reps, median) | seconds |");
+    println!("|---|---|");
+    println!("| bare QEMU, EL1 (`-kernel Image -initrd`) | {b:.2} |");
+    println!("| under the hypervisor | {h:.2} |");
+    println!("| ratio | {:.2}x |", h / b);
+    Ok(())
+}
