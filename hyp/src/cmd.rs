@@ -47,9 +47,46 @@ pub fn script_done() -> bool {
     SCRIPT_DONE.load(Ordering::Acquire)
 }
 
-/// Called by CPU 0 between guest slices: runs the next script command and
-/// handles typed input. Commands run without the console state lock held.
+/// A command typed while CPU 0 had a vCPU loaded, waiting for `poll`.
+static TYPED: Mutex<Option<String>> = Mutex::new(None);
+/// CPU 0 should leave its guest and call `poll` (a typed or script command).
+static WAITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a command waits for CPU 0's scheduler loop (`poll`).
+pub fn command_waiting() -> bool {
+    WAITING.load(Ordering::Acquire)
+}
+
+/// Called by CPU 0 while it has a vCPU loaded: routes typed bytes, but a
+/// complete command (or a script's next one) only waits for `poll` from the
+/// scheduler loop, since it may have to quiesce that very vCPU's VM (fork).
+pub fn poll_input() {
+    if WAITING.load(Ordering::Acquire) {
+        return;
+    }
+    if !CONSOLE.lock().script.is_empty() {
+        WAITING.store(true, Ordering::Release);
+        return;
+    }
+    while let Some(b) = crate::console::read_byte() {
+        if let Some(cmd) = input(b) {
+            *TYPED.lock() = Some(cmd);
+            WAITING.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Called by CPU 0 between guest slices (no vCPU loaded): runs the next
+/// script command and handles typed input. Commands run without the console
+/// state lock held.
 pub fn poll() {
+    WAITING.store(false, Ordering::Release);
+    let typed = TYPED.lock().take();
+    if let Some(cmd) = typed {
+        execute(&cmd);
+        crate::print!("hyp> ");
+    }
     let next = CONSOLE.lock().script.pop_front();
     if let Some(cmd) = next {
         crate::println!("hyp> {cmd}");

@@ -98,11 +98,7 @@ fn mmio(vcpu: &mut Vcpu, esr: u64, off: u64) -> Action {
 
 /// A guest line on the physical console, labelled when several VMs exist.
 pub(crate) fn print_guest_line(vcpu: &Vcpu, line: &[u8]) {
-    if crate::vm::count() > 1 || crate::vm::CREATED.load(core::sync::atomic::Ordering::Relaxed) > 1
-    {
-        crate::print!("[vm{}] ", vcpu.vm.id);
-    }
-    crate::console::write_bytes(line);
+    crate::vpl011::print_output(&vcpu.vm, line);
 }
 
 /// An access outside the VM's RAM and devices: a synchronous external abort

@@ -65,8 +65,12 @@ fn fork_quiesced(
         let mut copy = Box::new(caller.clone_into(child.clone()));
         copy.regs.x[0] = 0;
         vcpus.push(copy);
+        // put() handed the timer and interrupt state back; the caller keeps running.
+        caller.load();
     }
     *child.uart.lock() = parent.uart.lock().clone_state();
+    child.vgic.copy_from(&parent.vgic);
+    child.vtimer.copy_from(&parent.vtimer);
     child.adopt_vcpus(vcpus);
     if !frozen {
         child.resume();
@@ -108,6 +112,10 @@ fn restore_quiesced(
     crate::mm::teardown(vm);
     vm.memory.lock().reinit().map_err(ForkError::Vm)?;
     crate::mm::fork_memory(snapshot, vm).map_err(ForkError::Memory)?;
+    // Device state first: the caller's vCPU is reloaded below with it.
+    *vm.uart.lock() = snapshot.uart.lock().clone_state();
+    vm.vgic.copy_from(&snapshot.vgic);
+    vm.vtimer.copy_from(&snapshot.vtimer);
     let mut vcpus = snapshot.clone_parked_vcpus(vm);
     if let Some(caller) = caller {
         if let Some(pos) = vcpus.iter().position(|v| v.index == caller.index) {
@@ -121,7 +129,6 @@ fn restore_quiesced(
             caller.load();
         }
     }
-    *vm.uart.lock() = snapshot.uart.lock().clone_state();
     vm.replace_parked_vcpus(vcpus);
     Ok(())
 }

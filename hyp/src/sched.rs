@@ -78,9 +78,10 @@ pub fn handle_host_irqs(vcpu: Option<&Vcpu>) -> bool {
             crate::gic::eoi(intid);
         }
     }
-    // Console input is polled by CPU 0 even while it runs a guest.
+    // Console input is polled by CPU 0 even while it runs a guest; commands
+    // wait until it is back in `cpu_loop` (see `run`).
     if slice_over && vcpu.is_some() && crate::percpu::cpu_index() == 0 {
-        crate::cmd::poll();
+        crate::cmd::poll_input();
     }
     slice_over
 }
@@ -142,8 +143,9 @@ fn run(vcpu: Box<Vcpu>) {
             _ => crate::exit::handle(&mut vcpu, kind),
         };
         match action {
-            Action::Continue => {}
-            Action::Yield => break,
+            Action::Continue if !crate::cmd::command_waiting() => {}
+            // A console command runs with no vCPU loaded (it may quiesce this VM).
+            _ => break,
         }
     }
     vcpu.put();

@@ -111,6 +111,7 @@ impl Irq {
 }
 
 /// A vCPU's redistributor and its CPU-interface state while it is not loaded.
+#[derive(Clone)]
 struct CpuIf {
     private: [Irq; 32],
     /// List registers (live in hardware while loaded; kept in sync on exit).
@@ -141,6 +142,7 @@ impl CpuIf {
     }
 }
 
+#[derive(Clone)]
 struct State {
     ctlr: u32,
     spis: [Irq; NR_SPIS],
@@ -210,35 +212,18 @@ impl Vgic {
         }
     }
 
-    /// Takes `src`'s interrupt configuration (a forked or restored VM):
-    /// nothing in flight, lines low, vCPUs not loaded anywhere.
-    #[allow(dead_code)] // for VM fork (fork.rs)
+    /// Becomes a copy of `src` (a forked or restored VM, both quiesced):
+    /// configuration, pending and active interrupts, the saved list
+    /// registers and CPU-interface state of every vCPU, exactly as a vCPU
+    /// moving to another physical CPU keeps them. Losing a pending SGI or an
+    /// active interrupt here would hang the guest (a lost IPI) or leave it
+    /// with a stuck active priority. Device lines are copied too: the devices
+    /// are copies as well.
     pub fn copy_from(&self, src: &Vgic) {
-        let quiet = |i: &Irq| Irq {
-            pending: false,
-            level: false,
-            lr: NO_LR,
-            ..*i
-        };
-        let copy = {
-            let st = src.state.lock();
-            let cpus = st
-                .cpus
-                .iter()
-                .map(|c| {
-                    let mut n = CpuIf::new();
-                    n.private = c.private.map(|i| quiet(&i));
-                    n.vmcr = c.vmcr;
-                    n.sleeping = c.sleeping;
-                    n
-                })
-                .collect();
-            State {
-                ctlr: st.ctlr,
-                spis: st.spis.map(|i| quiet(&i)),
-                cpus,
-            }
-        };
+        let mut copy = src.state.lock().clone();
+        for cpu in &mut copy.cpus {
+            cpu.running_on = None;
+        }
         *self.state.lock() = copy;
     }
 }

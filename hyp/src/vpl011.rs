@@ -4,7 +4,9 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
 use platform::pl011::{offset, ID_BYTES};
+use spin::Mutex;
 
 /// Guest-physical base of the emulated UART (as on a bare QEMU virt).
 pub const VPL011_BASE: u64 = 0x0900_0000;
@@ -105,11 +107,13 @@ impl Vpl011 {
         (!self.line.is_empty()).then(|| core::mem::take(&mut self.line))
     }
 
-    /// Copies device state for a forked VM (a partial line goes with it).
+    /// Copies device state for a forked VM: a partial line and typed bytes
+    /// the guest has not read yet go with it, so the copy's interrupt line
+    /// (copied with the vGIC) matches its state.
     pub fn clone_state(&self) -> Vpl011 {
         Vpl011 {
             line: self.line.clone(),
-            rx: VecDeque::new(),
+            rx: self.rx.clone(),
             cr: self.cr,
             lcr_h: self.lcr_h,
             ibrd: self.ibrd,
@@ -125,6 +129,34 @@ impl Vpl011 {
 pub fn update_irq(vm: &crate::vm::Vm) {
     let level = vm.uart.lock().irq_level();
     vm.vgic.set_spi_level(crate::vgic::UART_INTID, level);
+}
+
+/// The VM whose unfinished line (a prompt, an echo) is the last thing on the
+/// physical console, or 0. Guarded by its lock, which is taken before (never
+/// inside) the console lock and never encloses a memory-manager lock.
+static OPEN_LINE: Mutex<u32> = Mutex::new(0);
+
+/// A piece of a VM's console output on the physical console, labelled
+/// `[vmN] ` at the start of each of its lines once several VMs exist. A
+/// line printed in pieces (a prompt, then the echo of each typed key) gets
+/// one label; if another VM's output comes in between, the open line is
+/// ended first so every label starts a line.
+pub fn print_output(vm: &crate::vm::Vm, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    let labelled = crate::vm::count() > 1 || crate::vm::CREATED.load(Ordering::Relaxed) > 1;
+    let mut open = OPEN_LINE.lock();
+    if *open != vm.id {
+        if *open != 0 {
+            crate::console::write_bytes(b"\n");
+        }
+        if labelled {
+            crate::print!("[vm{}] ", vm.id);
+        }
+    }
+    crate::console::write_bytes(bytes);
+    *open = if bytes.ends_with(b"\n") { 0 } else { vm.id };
 }
 
 /// Prints what the guest wrote without a newline yet: it is idle now, so a

@@ -36,7 +36,6 @@ impl VTimer {
     }
 
     /// Takes `src`'s time base (a fork continues its parent's clock).
-    #[allow(dead_code)] // for VM fork (fork.rs)
     pub fn copy_from(&self, src: &VTimer) {
         self.offset
             .store(src.offset.load(Ordering::Relaxed), Ordering::Relaxed);

@@ -60,3 +60,76 @@ fn linux_guest_command_line_can_be_overridden() {
     assert_eq!(m.wait_exit(REPLY), 0, "exit status\n{}", m.transcript());
     m.assert_no_hyp_fault();
 }
+
+const CTRL_A: &str = "\x01";
+
+#[test]
+fn linux_fork_running_vm_both_shells_diverge() {
+    let mut m = Machine::boot("linux-fork", &linux_config());
+    m.expect("MHV-LINUX-READY", BOOT);
+    m.expect("# ", BOOT);
+    m.send("echo parent > /tmp/who; echo stored=$(cat /tmp/who)\n");
+    m.expect("stored=parent", REPLY);
+    // Input focus: vm 1 -> hypervisor console.
+    m.send(CTRL_A);
+    m.expect("[console: hypervisor]", REPLY);
+    m.send("fork 1\n");
+    m.expect("vm 1 forked: child vm 2", REPLY);
+    // hypervisor -> vm 1 -> vm 2.
+    m.send(CTRL_A);
+    m.expect("[console: vm 1]", REPLY);
+    m.send(CTRL_A);
+    m.expect("[console: vm 2]", REPLY);
+    m.send("hostname child; echo child > /tmp/who; echo C=$(hostname)/$(cat /tmp/who)\n");
+    m.expect("[vm2] C=child/child", REPLY);
+    // vm 2 -> hypervisor -> vm 1.
+    m.send(CTRL_A);
+    m.expect("[console: hypervisor]", REPLY);
+    m.send(CTRL_A);
+    m.expect("[console: vm 1]", REPLY);
+    m.send("echo P=$(hostname)/$(cat /tmp/who)\n");
+    m.expect("[vm1] P=mhv-linux/parent", REPLY);
+    m.send("poweroff -f\n");
+    m.expect("vm 1 (linux) stopped", REPLY);
+    // The focus was on vm 1, which is gone: the next VM is vm 2.
+    m.send(CTRL_A);
+    m.expect("[console: vm 2]", REPLY);
+    m.send("echo again=$((40+2))\n");
+    m.expect("[vm2] again=42", REPLY);
+    m.assert_no_hyp_fault();
+    println!("{}", m.transcript());
+}
+
+#[test]
+fn linux_eight_forks_of_an_idle_vm_in_1g_all_answer() {
+    // 1 GiB of host RAM, 256 MiB guests: nine of them fit only by sharing.
+    let cfg = MachineConfig {
+        mem: "1G".into(),
+        ..linux_config()
+    };
+    let mut m = Machine::boot("linux-fork8", &cfg);
+    m.expect("MHV-LINUX-READY", BOOT);
+    m.expect("# ", BOOT);
+    m.send(CTRL_A);
+    m.expect("[console: hypervisor]", REPLY);
+    m.send("fork 1 8\n");
+    m.expect("vm 1 forked: child vm 9", REPLY);
+    // Let them all idle for a while, then ask each one (focus: hyp -> vm 1 -> ... -> vm 9).
+    std::thread::sleep(Duration::from_secs(3));
+    for vm in 1..=9 {
+        m.send(CTRL_A);
+        m.expect(&format!("[console: vm {vm}]"), REPLY);
+        m.send(&format!(
+            "hostname vm{vm}; echo ok-$(hostname)-$(({vm}*7))\n"
+        ));
+        m.expect(&format!("[vm{vm}] ok-vm{vm}-{}", vm * 7), REPLY);
+    }
+    m.send(CTRL_A);
+    m.expect("[console: hypervisor]", REPLY);
+    m.send("vms\n");
+    m.expect("hyp> ", REPLY);
+    m.send("stats\n");
+    m.expect("vms: 9", REPLY);
+    m.assert_no_hyp_fault();
+    println!("{}", m.transcript());
+}
