@@ -5,6 +5,7 @@
 
 use crate::frames::{self, PAGE_SIZE};
 use crate::vm::{Vm, VmError};
+use alloc::vec::Vec;
 use rmap::lock::OrderedMutexGuard;
 use rmap::{S2Entry, Stage2, Stage2Locked, UnlinkProof};
 use spin::{Mutex, Once};
@@ -28,6 +29,7 @@ impl TableMemory for FrameTables {
     }
 
     fn alloc_zeroed_root(&self, pages: usize) -> Option<u64> {
+        // Unmovable: from the top of RAM, away from guest frames (evacuate).
         frames::get().alloc_contiguous_zeroed(pages)
     }
 
@@ -159,7 +161,16 @@ impl GuestMemory {
 
     /// Pages mapped (valid stage-2 page entries).
     pub fn resident_pages(&self) -> u64 {
-        self.table.as_ref().map_or(0, |t| t.stats().mapped_pages)
+        self.table.as_ref().map_or(0, |t| {
+            let st = t.stats();
+            st.mapped_pages + st.mapped_blocks_2m * 512 + st.mapped_blocks_1g * 512 * 512
+        })
+    }
+
+    /// Sets the access flag of the leaf mapping `ipa` (software AF: the
+    /// reclaim clock cleared it and the guest touched the page again).
+    pub fn mkyoung(&self, ipa: u64) -> bool {
+        self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
@@ -194,6 +205,9 @@ impl GuestMemory {
         }
     }
 }
+
+/// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
+pub const BLOCK_SIZE: u64 = 2 << 20;
 
 fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
     let Some(leaf) = leaf else {
@@ -243,23 +257,118 @@ impl LockedStage2<'_> {
         if found != old {
             return Err(found);
         }
-        let Some(current) = current else {
+        let Some(mut current) = current else {
             // Filling a hole may need table pages: map() obtains them first.
             return self.fill_hole(ipa, new);
         };
-        let result = if self.mem.batching {
-            let batch = Batch::new(&TLB, table.vttbr());
-            let r =
-                table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &batch);
-            core::mem::forget(batch); // the VMID-wide flush comes at end_batch()
-            r
-        } else {
-            table.compare_exchange_leaf(ipa, current.level, current.desc, encode(new), &TLB)
-        };
-        match result {
+        if current.level < stage2::LAST_LEVEL {
+            // rmap works page by page: a block is split before one page changes.
+            current = self.split(ipa).ok_or(found)?;
+        }
+        match self.replace_leaf(&current, new) {
             Ok(()) => Ok(()),
             Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, current.level, d), ipa)),
             Err(_) => Err(found),
+        }
+    }
+
+    /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
+    pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
+        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true)
+    }
+
+    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
+    fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
+        let table = self.mem.table();
+        if let Err(e) = table.split_block(ipa, &TLB) {
+            if e == stage2::Error::NoMemory {
+                self.mem.out_of_memory = true;
+            }
+            return None;
+        }
+        table.lookup(ipa)
+    }
+
+    /// update_range over a block leaf: if `f` only write-protects every page
+    /// of it (fork), the block stays a block; anything else splits it first.
+    fn update_block(
+        &mut self,
+        leaf: &LeafInfo,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, S2Entry) -> Option<S2Entry>,
+    ) {
+        let (lo, hi) = (leaf.ipa.max(start), (leaf.ipa + leaf.size()).min(end));
+        let mut changes = Vec::new();
+        let mut only_wrprotect = lo == leaf.ipa && hi == leaf.ipa + leaf.size();
+        for ipa in (lo..hi).step_by(PAGE_SIZE as usize) {
+            let old = decode(Some(*leaf), ipa);
+            if let Some(new) = f(ipa, old).filter(|&n| n != old) {
+                only_wrprotect &= matches!((old, new), (S2Entry::Page { pfn: a, .. }, S2Entry::Page { pfn: b, writable: false }) if a == b);
+                changes.push((ipa, old, new));
+            } else {
+                only_wrprotect = false;
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        if only_wrprotect {
+            let Leaf::Mapped(m) = leaf.leaf else { return };
+            let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
+                .expect("block descriptor");
+            let table = self.mem.table();
+            let batch = Batch::new(&TLB, table.vttbr());
+            let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &TLB };
+            if table
+                .compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, ro, flusher)
+                .is_ok()
+            {
+                let _ = batch.into_pending();
+                return;
+            }
+            let _ = batch.into_pending();
+        }
+        for (ipa, old, new) in changes {
+            let _ = self.cas(ipa, old, new);
+        }
+    }
+
+    /// CAS of a leaf found by a lookup or walk. Inside a batch the final
+    /// invalidation is left to `end_batch` (one VMID-wide flush).
+    fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+        let table = self.mem.table();
+        if self.mem.batching {
+            let batch = Batch::new(&TLB, table.vttbr());
+            let r =
+                table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &batch);
+            // The pending VMID-wide flush is issued by end_batch().
+            let _ = batch.into_pending();
+            r
+        } else {
+            table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &TLB)
+        }
+    }
+
+    /// Maps a run of pages with consecutive IPAs and frames in one table
+    /// operation; returns false if the table could not grow.
+    fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, writable: bool) -> bool {
+        let len = pages * PAGE_SIZE;
+        let table = self.mem.table();
+        let attrs = ram_attrs(writable);
+        // A whole aligned 2 MiB run (a forked block) stays one block entry.
+        let block = len == BLOCK_SIZE && ipa % BLOCK_SIZE == 0 && (pfn << 12) % BLOCK_SIZE == 0;
+        let result = if block {
+            table.map(ipa, pfn << 12, len, attrs, &TLB)
+        } else {
+            table.map_pages(ipa, pfn << 12, len, attrs, &TLB)
+        };
+        match result {
+            Ok(()) => true,
+            Err(_) => {
+                self.mem.out_of_memory = true;
+                false
+            }
         }
     }
 
@@ -302,22 +411,121 @@ impl Stage2Locked for LockedStage2<'_> {
     }
 
     fn compare_exchange(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
-        self.cas(ipa, old, new)
+        // Once the reclaim clock cleared an access flag, hardware AF may set
+        // it between our lookup and the CAS: the same entry, so retry (AF
+        // only goes 0 -> 1, so a few tries suffice; a persistent failure
+        // such as an unsplittable block is reported).
+        let mut tries = 0;
+        loop {
+            match self.cas(ipa, old, new) {
+                Err(found) if found == old && tries < 4 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn compare_exchange_deferred(
+        &mut self,
+        ipa: u64,
+        old: S2Entry,
+        new: S2Entry,
+    ) -> Result<(), S2Entry> {
+        // Batched migration/reclaim: the invalidation waits for
+        // `Stage2::flush_deferred`, which the batch calls before it copies.
+        let was = core::mem::replace(&mut self.mem.batching, true);
+        let r = self.compare_exchange(ipa, old, new);
+        self.mem.batching = was;
+        r
     }
 
     fn test_and_clear_young(&mut self, ipa: u64) -> bool {
         self.mem.table().test_and_clear_young(ipa)
     }
 
+    /// One walk over the range; each replacement is a CAS on the leaf the
+    /// walk just read (no second walk from the root).
+    fn update_range(
+        &mut self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, S2Entry) -> Option<S2Entry>,
+    ) {
+        let end = end.min(self.mem.table().config().ipa_limit());
+        if start >= end {
+            return;
+        }
+        let this = &*self;
+        let mut blocks = Vec::new();
+        let mut visit = |leaf: &LeafInfo| {
+            if leaf.level < stage2::LAST_LEVEL {
+                blocks.push(*leaf);
+                return;
+            }
+            let old = decode(Some(*leaf), leaf.ipa);
+            if let Some(new) = f(leaf.ipa, old).filter(|&n| n != old) {
+                // The VM is quiesced and its stage-2 lock held: only
+                // hardware AF updates could race, and those a retry absorbs.
+                let mut cur = *leaf;
+                while let Err(CasError::Mismatch(d)) = this.replace_leaf(&cur, new) {
+                    cur.desc = d;
+                    if decode(Some(cur), cur.ipa) != old {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = this.mem.table().walk(start, end - start, &mut visit);
+        // Blocks change shape (or not) outside the walk.
+        for leaf in blocks {
+            self.update_block(&leaf, start, end, f);
+        }
+    }
+
+    /// Runs of consecutive pages are mapped with one `map_pages` each (fork
+    /// children of demand-paged VMs have long runs).
+    fn fill(&mut self, entries: &[(u64, S2Entry)]) -> usize {
+        let mut done = 0;
+        while done < entries.len() {
+            let (ipa, entry) = entries[done];
+            let S2Entry::Page { pfn, writable } = entry else {
+                if self.fill_hole(ipa, entry).is_err() {
+                    return done;
+                }
+                done += 1;
+                continue;
+            };
+            let run = entries[done..]
+                .iter()
+                .enumerate()
+                .take_while(|(i, (ip, e))| {
+                    let i = *i as u64;
+                    *ip == ipa + i * PAGE_SIZE
+                        && *e
+                            == S2Entry::Page {
+                                pfn: pfn + i,
+                                writable,
+                            }
+                })
+                .count();
+            if !self.map_run(ipa, pfn, run as u64, writable) {
+                return done;
+            }
+            done += run;
+        }
+        done
+    }
+
     fn next_entry(&self, from: u64, end: u64) -> Option<(u64, S2Entry)> {
-        struct First(Option<(u64, S2Entry)>);
+        struct First(Option<(u64, S2Entry)>, u64);
         impl Visitor for First {
             fn leaf(&mut self, leaf: &LeafInfo) -> WalkAction {
-                self.0 = Some((leaf.ipa, decode(Some(*leaf), leaf.ipa)));
+                // A block starting before `from` is reported from `from` on.
+                let ipa = leaf.ipa.max(self.1);
+                self.0 = Some((ipa, decode(Some(*leaf), ipa)));
                 WalkAction::Stop
             }
         }
-        let mut first = First(None);
+        let mut first = First(None, from);
         let table = self.mem.table();
         let end = end.min(table.config().ipa_limit());
         if from >= end {
@@ -340,6 +548,13 @@ impl Stage2 for Vm {
     fn lock_nested(&self) -> LockedStage2<'_> {
         LockedStage2 {
             mem: self.memory.lock_nested(1),
+        }
+    }
+
+    fn flush_deferred(&self) {
+        let mem = self.memory.lock();
+        if mem.is_live() {
+            TLB.invalidate_vmid(mem.table().vttbr());
         }
     }
 

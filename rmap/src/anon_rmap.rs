@@ -41,6 +41,28 @@ impl Rmap {
         frame.inc_map();
     }
 
+    /// Records `pages` new frames starting at `pfn` that one block entry maps at consecutive
+    /// IPAs from `ipa` in `region` (a 2 MiB first touch, Linux's huge anonymous fault): each
+    /// frame becomes an exclusive anonymous page with its own index, exactly as if faulted
+    /// one by one, so later CoW, migration and reclaim work page by page after a split.
+    /// The frames come zeroed from the caller's allocator and are not yet visible.
+    pub fn add_new_anon_block(&self, pfn: Pfn, pages: u64, region: &Region, ipa: Ipa) {
+        for i in 0..pages {
+            let frame = self.frames.frame(pfn + i);
+            frame.init_allocated();
+            self.add_new_anon_rmap(pfn + i, region, ipa + i * crate::PAGE_SIZE, true);
+            let last = frame.put();
+            debug_assert!(!last, "a mapped frame keeps its reference");
+        }
+    }
+
+    /// Undoes [`Rmap::add_new_anon_block`] when the block entry could not be installed.
+    pub fn remove_new_anon_block(&self, pfn: Pfn, pages: u64, alloc: &impl FrameAllocator) {
+        for i in 0..pages {
+            self.remove_rmap(pfn + i, alloc);
+        }
+    }
+
     /// Records one more mapping of an already-anonymous frame (fork, migration restore).
     pub fn add_anon_rmap(&self, pfn: Pfn) {
         self.frames.frame(pfn).inc_map();

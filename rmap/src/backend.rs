@@ -50,9 +50,52 @@ pub trait Stage2Locked {
     fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry>;
     /// Clears the access flag of a valid leaf; returns whether it was set.
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool;
+    /// Like `compare_exchange`, but the TLB invalidation that replacing a valid leaf with an
+    /// invalid one owes may be left pending until [`Stage2::flush_deferred`] (implementations
+    /// must also do it before anyone else relies on this lock, as Linux's
+    /// `flush_tlb_batched_pending`). Batched migration and reclaim use it for one invalidation
+    /// per VM per batch. The default does not defer.
+    fn compare_exchange_deferred(
+        &mut self,
+        ipa: Ipa,
+        old: S2Entry,
+        new: S2Entry,
+    ) -> Result<(), S2Entry> {
+        self.compare_exchange(ipa, old, new)
+    }
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;
+
+    /// Visits every non-invalid leaf in `[start, end)` in IPA order; `f` returns a
+    /// replacement for the entry, or `None` to leave it. Fork write-protects a parent with
+    /// this. The default uses `next_entry` and `compare_exchange`; a real table does it in one
+    /// pass over its last-level tables.
+    fn update_range(
+        &mut self,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, S2Entry) -> Option<S2Entry>,
+    ) {
+        let mut from = start;
+        while let Some((ipa, entry)) = self.next_entry(from, end) {
+            from = ipa + crate::PAGE_SIZE;
+            if let Some(new) = f(ipa, entry) {
+                if new != entry {
+                    let _ = self.compare_exchange(ipa, entry, new);
+                }
+            }
+        }
+    }
+
+    /// Installs `entries` (ascending IPAs) into empty slots; returns how many were installed
+    /// before the first failure (the table could not grow). Fork fills a child with this.
+    fn fill(&mut self, entries: &[(Ipa, S2Entry)]) -> usize {
+        entries
+            .iter()
+            .take_while(|(ipa, e)| self.compare_exchange(*ipa, S2Entry::Invalid, *e).is_ok())
+            .count()
+    }
 }
 
 /// A VM's stage-2 table.
@@ -65,6 +108,9 @@ pub trait Stage2 {
     fn lock(&self) -> Self::Locked<'_>;
     /// Takes the stage-2 lock as the second of a pair (the fork child's, after the parent's).
     fn lock_nested(&self) -> Self::Locked<'_>;
+    /// Performs the TLB invalidations `compare_exchange_deferred` left pending (one VMID-wide
+    /// invalidation). The default has none pending.
+    fn flush_deferred(&self) {}
     /// Frees the table memory. Takes the proof that every region was unlinked from the reverse
     /// map first, so no rmap walker can reach freed tables (DESIGN lesson 5).
     fn free_tables(&self, proof: crate::UnlinkProof);

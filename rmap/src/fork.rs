@@ -3,7 +3,8 @@
 
 use crate::backend::{S2Entry, Stage2, Stage2Locked, SwapStore};
 use crate::region::{Region, RegionList};
-use crate::{Error, Rmap, PAGE_SIZE};
+use crate::{Error, Ipa, Rmap, PAGE_SIZE};
+use alloc::vec::Vec;
 
 impl Rmap {
     /// Forks `parent` (write-locked: no fault may change its entries meanwhile) into `child`
@@ -28,7 +29,7 @@ impl Rmap {
                 return Err(e);
             }
             child.insert(clone);
-            self.copy_entries(region, parent_s2, child_s2, swap);
+            self.copy_entries(region, parent_s2, child_s2, swap)?;
         }
         Ok(())
     }
@@ -74,44 +75,75 @@ impl Rmap {
     /// Copies a region's leaves into the child, making both read-only (CoW). Both stage-2
     /// locks are held for the whole copy (parent's first), like Linux's two PTE locks, so a
     /// walker sees each leaf either before it was copied or in both VMs.
+    /// Copies a region's entries from parent to child, 2 MiB of IPA at a time: one pass
+    /// write-protects the parent's entries and takes the child's references, then the child's
+    /// slots are filled in bulk. If the child's table cannot grow, the references taken for
+    /// entries not installed are dropped again and the fork fails (the caller destroys the
+    /// child, whose installed entries are then accounted normally).
     fn copy_entries<S: Stage2, W: SwapStore>(
         &self,
         region: &Region,
         parent_s2: &S,
         child_s2: &S,
         swap: &W,
-    ) {
+    ) -> Result<(), Error> {
+        const CHUNK: u64 = 512 * PAGE_SIZE;
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
-        let mut from = region.start();
-        while let Some((ipa, entry)) = parent.next_entry(from, region.end()) {
-            from = ipa + PAGE_SIZE;
-            let shared = match entry {
-                S2Entry::Page { pfn, .. } => {
-                    self.add_anon_rmap(pfn);
-                    S2Entry::Page {
-                        pfn,
-                        writable: false,
-                    }
-                }
-                S2Entry::Migration { pfn, .. } => S2Entry::Migration {
+        let mut batch: Vec<(Ipa, S2Entry)> = Vec::with_capacity(512);
+        let mut start = region.start();
+        while start < region.end() {
+            let end = ((start / CHUNK + 1) * CHUNK).min(region.end());
+            batch.clear();
+            parent.update_range(start, end, &mut |ipa, entry| {
+                let shared = self.share_entry(entry, swap)?;
+                batch.push((ipa, shared));
+                Some(shared)
+            });
+            let installed = child.fill(&batch);
+            if installed < batch.len() {
+                batch[installed..]
+                    .iter()
+                    .for_each(|&(_, e)| self.unshare_entry(e, swap));
+                return Err(Error::OutOfFrames);
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// The entry a fork child gets for a parent's `entry` (read-only, one more reference).
+    fn share_entry<W: SwapStore>(&self, entry: S2Entry, swap: &W) -> Option<S2Entry> {
+        match entry {
+            S2Entry::Page { pfn, .. } => {
+                self.add_anon_rmap(pfn);
+                Some(S2Entry::Page {
                     pfn,
                     writable: false,
-                },
-                S2Entry::Swap { slot } => {
-                    swap.dup(slot);
-                    entry
-                }
-                S2Entry::Invalid => continue,
-            };
-            if shared != entry {
-                parent
-                    .compare_exchange(ipa, entry, shared)
-                    .expect("parent locked");
+                })
             }
-            child
-                .compare_exchange(ipa, S2Entry::Invalid, shared)
-                .expect("fork child starts empty");
+            S2Entry::Migration { pfn, .. } => Some(S2Entry::Migration {
+                pfn,
+                writable: false,
+            }),
+            S2Entry::Swap { slot } => {
+                swap.dup(slot);
+                Some(entry)
+            }
+            S2Entry::Invalid => None,
+        }
+    }
+
+    /// Drops the reference `share_entry` took for an entry that was not installed. The
+    /// parent still maps the frame, so this never frees it.
+    fn unshare_entry<W: SwapStore>(&self, entry: S2Entry, swap: &W) {
+        match entry {
+            S2Entry::Page { pfn, .. } => {
+                let last = self.frames.frame(pfn).dec_map();
+                debug_assert!(!last, "the parent still maps it");
+            }
+            S2Entry::Swap { slot } => swap.put(slot),
+            _ => {}
         }
     }
 }
