@@ -154,6 +154,26 @@ impl FrameAllocator {
         self.free.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Turns `count` frames from `pa` that were reserved since boot (a boot
+    /// image QEMU's loader put in RAM) into allocated frames owned by the
+    /// caller, freed with `free` like any other. The caller must not also
+    /// `release_reserved` them.
+    pub fn take_reserved(&self, pa: u64, count: u64) {
+        let banks = self.banks.lock();
+        for i in 0..count {
+            let frame = pa + i * PAGE_SIZE;
+            let held = banks.iter().any(|b| {
+                let idx = ((frame - b.range.base) / PAGE_SIZE) as usize;
+                b.range.contains(frame) && b.used[idx / 64] & (1 << (idx % 64)) != 0
+            });
+            assert!(
+                held,
+                "take_reserved of frame {frame:#x}, which is not reserved"
+            );
+        }
+        self.total.fetch_add(count as usize, Ordering::Relaxed);
+    }
+
     /// Hands reserved frames in `range` (boot images already copied into a
     /// VM) to the allocator for good.
     pub fn release_reserved(&self, range: MemRange) {

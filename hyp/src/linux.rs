@@ -2,8 +2,10 @@
 //! following Documentation/arch/arm64/booting.rst. QEMU's generic loader put
 //! both images in host RAM (`-device loader,...,force-raw=on`) and the
 //! bootargs say where (`kernel=ADDR:SIZE initrd=ADDR:SIZE`); the frame
-//! allocator kept those frames reserved. They are copied into the VM's RAM
-//! and then given back to the allocator.
+//! allocator kept those frames reserved. Every whole 2 MiB of the kernel is
+//! mapped into the VM where it lies (a 2 MiB block entry each, no copy:
+//! `mm::adopt_block`); the rest is copied and then given back to the
+//! allocator.
 //!
 //! Guest RAM layout: the DTB at the start of RAM, the kernel 2 MiB in (a
 //! 2 MiB-aligned base plus the header's text_offset), the initrd at the end.
@@ -30,7 +32,9 @@ struct Layout {
 
 /// Starts the Linux guest named by the bootargs; reports failures on the console.
 pub fn start(args: &BootArgs, vcpus: usize) {
-    match boot(args, vcpus) {
+    // Bytes from the kernel's start that became the VM's own frames.
+    let mut adopted = 0;
+    match boot(args, vcpus, &mut adopted) {
         Ok(vm) => {
             crate::println!(
                 "[hyp] vm {} (linux): {} vCPUs, {} MiB; console input goes to it (Ctrl-A: hypervisor console)",
@@ -42,18 +46,22 @@ pub fn start(args: &BootArgs, vcpus: usize) {
         }
         Err(e) => crate::println!("[hyp] cannot start the Linux guest: {e}"),
     }
-    for range in [args.kernel, args.initrd].into_iter().flatten() {
+    let kernel_rest = args.kernel.map(|k| MemRange {
+        base: k.base + adopted,
+        size: k.size - adopted,
+    });
+    for range in [kernel_rest, args.initrd].into_iter().flatten() {
         crate::frames::get().release_reserved(range);
     }
 }
 
-fn boot(args: &BootArgs, vcpus: usize) -> Result<Arc<Vm>, VmError> {
-    let (Some(kernel), Some(initrd)) = (args.kernel, args.initrd) else {
+fn boot(args: &BootArgs, vcpus: usize, adopted: &mut u64) -> Result<Arc<Vm>, VmError> {
+    let (Some(kernel_range), Some(initrd)) = (args.kernel, args.initrd) else {
         return Err(VmError::BadConfig(
             "guest=linux needs kernel=ADDR:SIZE and initrd=ADDR:SIZE (cargo xtask run does this)",
         ));
     };
-    let kernel = host_bytes(kernel)?;
+    let kernel = host_bytes(kernel_range)?;
     let initrd = host_bytes(initrd)?;
     let vm = Vm::create("linux", vcpus, args.mem)?;
     let layout = match layout(&vm, kernel, initrd.len() as u64) {
@@ -70,7 +78,8 @@ fn boot(args: &BootArgs, vcpus: usize) -> Result<Arc<Vm>, VmError> {
     };
     let initrd_range = Some((layout.initrd.base, layout.initrd.end()));
     let loaded = crate::guest_dtb::build_with_initrd(&vm, cmdline, initrd_range).and_then(|dtb| {
-        copy_in(&vm, layout.kernel, kernel)?;
+        adopt_image(&vm, layout.kernel, kernel_range, adopted)?;
+        copy_in(&vm, layout.kernel + *adopted, &kernel[*adopted as usize..])?;
         copy_in(&vm, layout.initrd.base, initrd)?;
         copy_in(&vm, layout.dtb, &dtb)
     });
@@ -133,6 +142,24 @@ fn layout(vm: &Vm, kernel: &[u8], initrd_len: u64) -> Result<Layout, VmError> {
             size: initrd_len,
         },
     })
+}
+
+/// Maps the image's whole 2 MiB chunks at `host` into `vm` at `ipa` where
+/// QEMU's loader put them; `adopted` counts the bytes from the start that
+/// are the VM's now (including a chunk lost to an error, which the
+/// allocator already took back), so the caller releases only the rest.
+fn adopt_image(vm: &Vm, ipa: u64, host: MemRange, adopted: &mut u64) -> Result<(), VmError> {
+    while *adopted + ALIGN_2M <= host.size {
+        match crate::mm::adopt_block(vm, ipa + *adopted, host.base + *adopted) {
+            Ok(true) => *adopted += ALIGN_2M,
+            Ok(false) => break,
+            Err(_) => {
+                *adopted += ALIGN_2M;
+                return Err(VmError::NoMemory);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn copy_in(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), VmError> {

@@ -234,6 +234,53 @@ fn fault_block(vm: &Vm, ipa: u64) -> bool {
     true
 }
 
+/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
+/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
+/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
+/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
+/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
+/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
+/// still reserved; the caller copies instead. Err: no stage-2 table memory,
+/// and the frames went back to the allocator.
+pub fn adopt_block(vm: &Vm, ipa: u64, pa: u64) -> Result<bool, FaultError> {
+    use crate::memory::BLOCK_SIZE;
+    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
+        return Ok(false);
+    }
+    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
+    match prepared {
+        None => return Ok(false),
+        Some(false) => {
+            rmap()
+                .anon_vma_prepare(&mut vm.regions.write(), ipa)
+                .map_err(|_| FaultError::NoMemory)?;
+        }
+        Some(true) => {}
+    }
+    let regions = vm.regions.read();
+    let Some(region) = regions.find(ipa) else {
+        return Ok(false);
+    };
+    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
+        return Ok(false);
+    }
+    let mut s2 = vm.lock();
+    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
+        return Ok(false);
+    }
+    let pages = BLOCK_SIZE / PAGE_SIZE;
+    let pfn = pa / PAGE_SIZE;
+    frames::get().take_reserved(pa, pages);
+    // The image holds code: the guest fetches it through the I-cache.
+    crate::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
+    rmap().add_new_anon_block(pfn, pages, region, ipa);
+    if !s2.map_block(ipa, pa) {
+        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
+        return Err(FaultError::NoMemory);
+    }
+    Ok(true)
+}
+
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
 /// first, so every frame is a private, rmap-tracked page of the VM).
 pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {

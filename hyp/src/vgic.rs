@@ -123,6 +123,10 @@ struct CpuIf {
     sleeping: bool,
     /// Physical CPU it is loaded on.
     running_on: Option<usize>,
+    /// Something may have become deliverable to this vCPU since `flush`
+    /// last found nothing more to do: most exits (a UART byte, a page
+    /// fault) change no interrupt, and then `flush` costs nothing.
+    dirty: bool,
 }
 
 impl CpuIf {
@@ -138,6 +142,7 @@ impl CpuIf {
             ap1r: [0; 4],
             sleeping: true,
             running_on: None,
+            dirty: true,
         }
     }
 }
@@ -175,6 +180,18 @@ impl State {
         }
     }
 
+    /// Makes `flush` look at vCPU `cpu`'s interrupts again.
+    fn touch(&mut self, cpu: usize) {
+        if let Some(c) = self.cpus.get_mut(cpu) {
+            c.dirty = true;
+        }
+    }
+
+    /// Makes `flush` look again on every vCPU.
+    fn touch_all(&mut self) {
+        self.cpus.iter_mut().for_each(|c| c.dirty = true);
+    }
+
     /// The vCPU an SPI is delivered to.
     fn spi_target(&self, intid: u32) -> usize {
         self.spis.get(intid as usize - 32).map_or(0, |i| i.target)
@@ -206,9 +223,12 @@ impl Vgic {
         };
         let changed = irq.level != level;
         irq.level = level;
-        if changed && level {
+        if changed {
             let target = st.spi_target(intid);
-            st.kick(target);
+            st.touch(target);
+            if level {
+                st.kick(target);
+            }
         }
     }
 
@@ -223,6 +243,7 @@ impl Vgic {
         let mut copy = src.state.lock().clone();
         for cpu in &mut copy.cpus {
             cpu.running_on = None;
+            cpu.dirty = true;
         }
         *self.state.lock() = copy;
     }
@@ -292,6 +313,7 @@ pub fn load(vcpu: &Vcpu) {
     }
     write_sysreg!("ich_hcr_el2", HCR_EN);
     cpu.running_on = Some(crate::percpu::cpu_index());
+    cpu.dirty = true;
     // A timer interrupt the guest has not finished with keeps the physical
     // PPI active on whichever CPU the vCPU runs, so it cannot fire again
     // until the guest deactivates it (KVM does the same).
@@ -331,6 +353,11 @@ pub fn flush(vcpu: &Vcpu) {
     let Some(cpu) = st.cpus.get_mut(me) else {
         return;
     };
+    if !cpu.dirty {
+        // Nothing changed since the last flush found nothing to add; sync
+        // left ICH_HCR_EL2 enabled.
+        return;
+    }
     let lrs = nr_lrs();
     for i in 0..lrs {
         let intid = cpu.lr_intid[i];
@@ -367,6 +394,8 @@ pub fn flush(vcpu: &Vcpu) {
         cpu.lr_intid[slot] = intid;
         write_lr(slot, lr);
     }
+    // With an overflow the next flush must look again.
+    st.cpus[me].dirty = overflow;
     write_sysreg!(
         "ich_hcr_el2",
         if overflow { HCR_EN | HCR_UIE } else { HCR_EN }
@@ -414,6 +443,8 @@ pub fn sync(vcpu: &Vcpu) {
         write_lr(i, 0);
         cpu.lrs[i] = 0;
         cpu.lr_intid[i] = u32::MAX;
+        // A level still high, or an edge that came meanwhile, is due again.
+        cpu.dirty = true;
         let irq = if intid < 32 {
             &mut cpu.private[intid as usize]
         } else {
@@ -453,6 +484,7 @@ pub fn host_irq(vcpu: Option<&Vcpu>, intid: u32) -> bool {
         irq.hw = true;
         irq.level = true;
     }
+    st.touch(vcpu.index);
     true
 }
 
@@ -506,6 +538,7 @@ fn send_sgi(vcpu: &Vcpu, value: u64) {
             && (value >> (target % 16)) & 1 != 0;
         if (all_others && target != vcpu.index) || listed {
             st.cpus[target].private[intid].pending = true;
+            st.touch(target);
             st.kick(target);
         }
     }
@@ -690,6 +723,7 @@ fn irq_write(st: &mut State, cpu: usize, off: u64, size: u64, value: u64, privat
         }
     }
     // Something may have become deliverable somewhere: let the vCPUs look.
+    st.touch_all();
     (0..st.cpus.len()).for_each(|c| st.kick(c));
 }
 
@@ -714,6 +748,7 @@ fn dist_write(st: &mut State, off: u64, size: u64, value: u64) {
     match off {
         0x0000 => {
             st.ctlr = value as u32 & (CTLR_GRP0 | CTLR_GRP1);
+            st.touch_all();
             (0..st.cpus.len()).for_each(|c| st.kick(c));
         }
         0x6100..0x8000 => {
@@ -727,6 +762,7 @@ fn dist_write(st: &mut State, off: u64, size: u64, value: u64) {
             irq.route = (irq.route & !mask) | ((value << shift) & mask);
             irq.target = route_target(irq.route, nr_cpus);
             let target = irq.target;
+            st.touch_all();
             st.kick(target);
         }
         _ => irq_write(st, 0, off, size, value, false),

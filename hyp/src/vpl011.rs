@@ -27,6 +27,8 @@ pub struct Vpl011 {
     fbrd: u32,
     ifls: u32,
     imsc: u32,
+    /// The level last driven on the interrupt line (None: not yet).
+    driven: Option<bool>,
 }
 
 /// What a trapped access produced for the console.
@@ -120,15 +122,22 @@ impl Vpl011 {
             fbrd: self.fbrd,
             ifls: self.ifls,
             imsc: self.imsc,
+            driven: self.driven,
         }
     }
 }
 
 /// Drives the VM's UART interrupt line from the device state; called after
 /// anything that can change it (a guest access, typed input).
+/// The vGIC is told only of changes (most accesses change nothing), under
+/// the UART lock so two CPUs cannot leave it a stale level.
 pub fn update_irq(vm: &crate::vm::Vm) {
-    let level = vm.uart.lock().irq_level();
-    vm.vgic.set_spi_level(crate::vgic::UART_INTID, level);
+    let mut uart = vm.uart.lock();
+    let level = uart.irq_level();
+    if uart.driven != Some(level) {
+        uart.driven = Some(level);
+        vm.vgic.set_spi_level(crate::vgic::UART_INTID, level);
+    }
 }
 
 /// The VM whose unfinished line (a prompt, an echo) is the last thing on the
