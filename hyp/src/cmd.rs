@@ -195,6 +195,12 @@ pub fn execute(line: &str) {
                 })
         }
         "rmap" => rmap_cmd(words.next()),
+        "migrate" | "evacuate" | "online" | "reclaim" | "chaos" | "wait" => {
+            crate::memcmd::execute(cmd, &mut words)
+        }
+        "bench" if line.split_whitespace().nth(1) != Some("fork") => {
+            crate::memcmd::bench(&mut words)
+        }
         "bench" => match (
             words.next(),
             words.next().and_then(|m| m.parse::<u64>().ok()),
@@ -225,8 +231,10 @@ fn fork_cmd(vm: Option<&str>, count: Option<&str>) -> Result<(), String> {
             .ok_or_else(|| alloc::format!("bad count '{c}' (1..=1000)"))?,
     };
     for _ in 0..count {
+        let start = crate::timer::now();
         let child = crate::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
-        crate::println!("vm {} forked: child vm {}", parent.id, child.id);
+        let us = (crate::timer::now() - start) * 1_000_000 / crate::timer::frequency();
+        crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
     }
     Ok(())
 }
@@ -266,7 +274,8 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
 
 fn help() {
     crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor"
+        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n{}  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor",
+        crate::memcmd::HELP
     );
 }
 
@@ -307,4 +316,5 @@ fn stats() {
         heap_total,
         vm::count()
     );
+    crate::memcmd::stats();
 }

@@ -72,6 +72,10 @@ fn fork_quiesced(
     child.vgic.copy_from(&parent.vgic);
     child.vtimer.copy_from(&parent.vtimer);
     child.adopt_vcpus(vcpus);
+    if frozen {
+        // From now on the parent's changes are logged relative to it.
+        parent.dirty.lock().reset(Some(child.id));
+    }
     if !frozen {
         child.resume();
     }
@@ -109,9 +113,18 @@ fn restore_quiesced(
     caller: Option<&mut Vcpu>,
     cookie: u64,
 ) -> Result<(), ForkError> {
-    crate::mm::teardown(vm);
-    vm.memory.lock().reinit().map_err(ForkError::Vm)?;
-    crate::mm::fork_memory(snapshot, vm).map_err(ForkError::Memory)?;
+    let fast = {
+        let log = vm.dirty.lock();
+        log.base == Some(snapshot.id) && !log.overflow
+    };
+    if fast {
+        restore_dirty(vm, snapshot)?;
+    } else {
+        crate::mm::teardown(vm);
+        vm.memory.lock().reinit().map_err(ForkError::Vm)?;
+        crate::mm::fork_memory(snapshot, vm).map_err(ForkError::Memory)?;
+    }
+    vm.dirty.lock().reset(Some(snapshot.id));
     // Device state first: the caller's vCPU is reloaded below with it.
     *vm.uart.lock() = snapshot.uart.lock().clone_state();
     vm.vgic.copy_from(&snapshot.vgic);
@@ -131,4 +144,21 @@ fn restore_quiesced(
     }
     vm.replace_parked_vcpus(vcpus);
     Ok(())
+}
+
+/// Restore in time proportional to the pages dirtied since the snapshot
+/// (the VM's dirty log), not to the VM's size: each dirtied page is dropped
+/// and the snapshot's frame shared again.
+fn restore_dirty(vm: &Vm, snapshot: &Vm) -> Result<(), ForkError> {
+    let pages = core::mem::take(&mut vm.dirty.lock().pages);
+    let _regions = vm.regions.write();
+    // No vCPU of `vm` runs until we return, so its stale TLB entries are
+    // unused: one VMID-wide invalidation at the end covers every page, even
+    // though dropped frames are freed before it.
+    vm.memory.lock().begin_batch();
+    let result = pages
+        .into_iter()
+        .try_for_each(|ipa| crate::mm::restore_page(vm, snapshot, ipa));
+    vm.memory.lock().end_batch();
+    result.map_err(ForkError::Memory)
 }

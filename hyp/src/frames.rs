@@ -2,6 +2,13 @@
 //! (its image, stacks and heap, and the host DTB). A bitmap per RAM bank:
 //! O(1) free, next-fit allocation, and exact "is this frame free" answers for
 //! leak checks. Lock level: frame allocator (innermost, DESIGN.md).
+//!
+//! Movable and unmovable frames are kept apart (Linux's migratetypes, in
+//! miniature): guest frames, which the reverse map can migrate, come from the
+//! bottom of RAM upwards; stage-2 tables and other hypervisor frames, which
+//! nothing can move, from the top downwards. So `evacuate` of a low range
+//! finds guest frames, not tables. An "offline" bitmap keeps the allocator out
+//! of an evacuated range until it is put online again.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +21,11 @@ struct Bank {
     range: MemRange,
     /// One bit per frame, set = in use (or reserved).
     used: Vec<u64>,
+    /// One bit per frame, set = offline: never handed out (evacuated range).
+    offline: Vec<u64>,
     cursor: usize,
+    /// Next-fit cursor of unmovable allocations, going down.
+    top: usize,
 }
 
 impl Bank {
@@ -26,7 +37,7 @@ impl Bank {
         let words = self.used.len();
         for step in 0..=words {
             let w = (self.cursor / 64 + step) % words;
-            let free = !self.used[w];
+            let free = !(self.used[w] | self.offline[w]);
             if free == 0 {
                 continue;
             }
@@ -38,6 +49,53 @@ impl Bank {
             }
         }
         None
+    }
+
+    /// Like `find_free`, from the top of the bank downwards (unmovable frames).
+    fn find_free_top(&mut self) -> Option<usize> {
+        let words = self.used.len();
+        for step in 0..=words {
+            let w = (self.top / 64 + words - step % words) % words;
+            let mut free = !(self.used[w] | self.offline[w]);
+            while free != 0 {
+                let bit = 63 - free.leading_zeros() as usize;
+                let idx = w * 64 + bit;
+                if idx < self.frames() {
+                    self.top = idx;
+                    return Some(idx);
+                }
+                free &= !(1 << bit);
+            }
+        }
+        None
+    }
+
+    fn is_used(&self, idx: usize) -> bool {
+        self.used[idx / 64] & (1 << (idx % 64)) != 0
+    }
+
+    fn is_offline(&self, idx: usize) -> bool {
+        self.offline[idx / 64] & (1 << (idx % 64)) != 0
+    }
+
+    fn set_offline(&mut self, idx: usize, offline: bool) -> bool {
+        let (w, b) = (idx / 64, idx % 64);
+        let was = self.offline[w] & (1 << b) != 0;
+        if offline {
+            self.offline[w] |= 1 << b;
+        } else {
+            self.offline[w] &= !(1 << b);
+        }
+        was
+    }
+
+    /// Frame indices of this bank inside `[base, end)`.
+    fn indices(&self, base: u64, end: u64) -> core::ops::Range<usize> {
+        let lo = base.clamp(self.range.base, self.range.end());
+        let hi = end.clamp(self.range.base, self.range.end());
+        let first = (lo - self.range.base).div_ceil(PAGE_SIZE) as usize;
+        let last = ((hi - self.range.base) / PAGE_SIZE) as usize;
+        first..last.max(first)
     }
 
     fn set(&mut self, idx: usize, used: bool) -> bool {
@@ -54,6 +112,8 @@ impl Bank {
 
 pub struct FrameAllocator {
     banks: Mutex<Vec<Bank>>,
+    /// The lowest frame free at boot (above the hypervisor's own memory).
+    first_free: u64,
     free: AtomicUsize,
     total: AtomicUsize,
 }
@@ -73,7 +133,9 @@ pub fn init(board: &Board, reserved: &[MemRange]) {
         let mut bank = Bank {
             range: *range,
             used: alloc::vec![0; n.div_ceil(64)],
+            offline: alloc::vec![0; n.div_ceil(64)],
             cursor: 0,
+            top: n.saturating_sub(1),
         };
         for i in 0..n {
             let pa = range.base + i as u64 * PAGE_SIZE;
@@ -89,15 +151,31 @@ pub fn init(board: &Board, reserved: &[MemRange]) {
         banks.push(bank);
     }
     let total = free;
+    // The start of the longest free run at boot (past the hypervisor).
+    let mut first_free = 0;
+    let mut best = 0;
+    for b in &banks {
+        let mut run_start = 0;
+        for i in 0..=b.frames() {
+            if i == b.frames() || b.is_used(i) {
+                if i - run_start > best {
+                    best = i - run_start;
+                    first_free = b.range.base + run_start as u64 * PAGE_SIZE;
+                }
+                run_start = i + 1;
+            }
+        }
+    }
     FRAMES.call_once(|| FrameAllocator {
         banks: Mutex::new(banks),
+        first_free,
         free: AtomicUsize::new(free),
         total: AtomicUsize::new(total),
     });
 }
 
 impl FrameAllocator {
-    /// A frame, contents undefined.
+    /// A movable frame (guest memory), contents undefined.
     pub fn alloc(&self) -> Option<u64> {
         let mut banks = self.banks.lock();
         for bank in banks.iter_mut() {
@@ -110,16 +188,46 @@ impl FrameAllocator {
         None
     }
 
-    /// `n` (a power of two) zeroed contiguous frames aligned to `n` frames,
-    /// e.g. concatenated stage-2 root tables.
-    pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<u64> {
+    /// An unmovable frame (stage-2 table, hypervisor object), contents
+    /// undefined: taken from the top of RAM, away from guest frames.
+    pub fn alloc_unmovable(&self) -> Option<u64> {
         let mut banks = self.banks.lock();
-        for bank in banks.iter_mut() {
+        for bank in banks.iter_mut().rev() {
+            if let Some(idx) = bank.find_free_top() {
+                bank.set(idx, true);
+                self.free.fetch_sub(1, Ordering::Relaxed);
+                return Some(bank.range.base + idx as u64 * PAGE_SIZE);
+            }
+        }
+        None
+    }
+
+    /// `n` (a power of two) zeroed contiguous movable frames aligned to `n`
+    /// frames (a guest's 2 MiB block), lowest first.
+    pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<u64> {
+        self.alloc_contiguous(n, false)
+    }
+
+    /// `n` (a power of two) zeroed contiguous unmovable frames aligned to `n`
+    /// frames (concatenated stage-2 root tables), highest first.
+    pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<u64> {
+        self.alloc_contiguous(n, true)
+    }
+
+    fn alloc_contiguous(&self, n: usize, top: bool) -> Option<u64> {
+        let mut banks = self.banks.lock();
+        let count = banks.len();
+        for b in 0..count {
+            let bank = &mut banks[if top { count - 1 - b } else { b }];
             let first = (bank.range.base / PAGE_SIZE) as usize;
             let align = (n - first % n) % n;
-            let mut idx = align;
-            while idx + n <= bank.frames() {
-                if (idx..idx + n).all(|i| bank.used[i / 64] & (1 << (i % 64)) == 0) {
+            if bank.frames() < align + n {
+                continue;
+            }
+            let runs = (bank.frames() - align - n) / n + 1;
+            for r in 0..runs {
+                let idx = align + n * if top { runs - 1 - r } else { r };
+                if (idx..idx + n).all(|i| !bank.is_used(i) && !bank.is_offline(i)) {
                     (idx..idx + n).for_each(|i| {
                         bank.set(i, true);
                     });
@@ -128,15 +236,15 @@ impl FrameAllocator {
                     (0..n as u64).for_each(|i| zero_frame(pa + i * PAGE_SIZE));
                     return Some(pa);
                 }
-                idx += n;
             }
         }
         None
     }
 
-    /// A zeroed frame: nothing of a previous owner reaches the next one.
+    /// A zeroed unmovable frame (stage-2 tables): nothing of a previous
+    /// owner reaches the next one.
     pub fn alloc_zeroed(&self) -> Option<u64> {
-        let pa = self.alloc()?;
+        let pa = self.alloc_unmovable()?;
         zero_frame(pa);
         Some(pa)
     }
@@ -151,7 +259,87 @@ impl FrameAllocator {
             .expect("free of a non-RAM frame");
         let idx = ((pa - bank.range.base) / PAGE_SIZE) as usize;
         assert!(bank.set(idx, false), "double free of frame {pa:#x}");
-        self.free.fetch_add(1, Ordering::Relaxed);
+        if !bank.is_offline(idx) {
+            self.free.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the frames of `[base, end)` away from allocation (freed frames
+    /// in it stay out too) until `online`. Returns (frames now offline,
+    /// of which still in use).
+    pub fn offline(&self, base: u64, end: u64) -> (usize, usize) {
+        let mut banks = self.banks.lock();
+        let (mut total, mut used) = (0, 0);
+        for bank in banks.iter_mut() {
+            for i in bank.indices(base, end) {
+                total += 1;
+                if bank.is_used(i) {
+                    used += 1;
+                }
+                if !bank.set_offline(i, true) && !bank.is_used(i) {
+                    self.free.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        (total, used)
+    }
+
+    /// Gives the frames of `[base, end)` back to the allocator. Returns how
+    /// many were offline.
+    pub fn online(&self, base: u64, end: u64) -> usize {
+        let mut banks = self.banks.lock();
+        let mut count = 0;
+        for bank in banks.iter_mut() {
+            for i in bank.indices(base, end) {
+                if bank.set_offline(i, false) {
+                    count += 1;
+                    if !bank.is_used(i) {
+                        self.free.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        count
+    }
+
+    /// The frames of `[base, end)` in use, as physical addresses (at most
+    /// `max` of them).
+    pub fn used_in(&self, base: u64, end: u64, max: usize) -> Vec<u64> {
+        let banks = self.banks.lock();
+        let mut out = Vec::new();
+        for bank in banks.iter() {
+            for i in bank.indices(base, end) {
+                if bank.is_used(i) && out.len() < max {
+                    out.push(bank.range.base + i as u64 * PAGE_SIZE);
+                }
+            }
+        }
+        out
+    }
+
+    /// Where the longest run of frames free at boot starts: guest
+    /// (movable) frames are allocated upwards from here.
+    pub fn first_free(&self) -> u64 {
+        self.first_free
+    }
+
+    /// Whether `pa` is a RAM frame this allocator manages.
+    pub fn is_ram(&self, pa: u64) -> bool {
+        self.banks.lock().iter().any(|b| b.range.contains(pa))
+    }
+
+    /// Frames currently offline: (all, of which free).
+    pub fn offline_count(&self) -> (usize, usize) {
+        let banks = self.banks.lock();
+        let mut all = 0;
+        let mut free = 0;
+        for b in banks.iter() {
+            for (o, u) in b.offline.iter().zip(&b.used) {
+                all += o.count_ones() as usize;
+                free += (o & !u).count_ones() as usize;
+            }
+        }
+        (all, free)
     }
 
     /// Turns `count` frames from `pa` that were reserved since boot (a boot
@@ -181,7 +369,11 @@ impl FrameAllocator {
         for bank in banks.iter_mut() {
             for i in 0..bank.frames() {
                 let pa = bank.range.base + i as u64 * PAGE_SIZE;
-                if pa >= range.base && pa + PAGE_SIZE <= range.end() && bank.set(i, false) {
+                if pa >= range.base
+                    && pa + PAGE_SIZE <= range.end()
+                    && bank.set(i, false)
+                    && !bank.is_offline(i)
+                {
                     self.free.fetch_add(1, Ordering::Relaxed);
                     self.total.fetch_add(1, Ordering::Relaxed);
                 }

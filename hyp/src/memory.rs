@@ -21,7 +21,7 @@ pub struct FrameTables;
 
 impl TableMemory for FrameTables {
     fn alloc_zeroed_table(&self) -> Option<u64> {
-        frames::get().alloc_zeroed()
+        frames::get().alloc_zeroed().or_else(take_reserve)
     }
 
     fn free_table(&self, pa: u64) {
@@ -44,6 +44,30 @@ impl TableMemory for FrameTables {
         // owned by the table until freed), identity mapped at EL2; table
         // entries are only accessed atomically.
         unsafe { &*(pa as *const TablePage) }
+    }
+}
+
+/// Table pages kept back for splitting 2 MiB blocks when the allocator is
+/// empty: zapping, migrating or copying one page of a block must split it,
+/// and teardown must not fail for want of one table page. Lock level:
+/// frame allocator (innermost).
+static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayVec::new_const());
+
+fn take_reserve() -> Option<u64> {
+    let pa = RESERVE.lock().pop()?;
+    frames::zero_frame(pa);
+    Some(pa)
+}
+
+/// Tops the split reserve up from the allocator. Called where no
+/// memory-manager lock is held (the start of a fault).
+pub fn refill_reserve() {
+    let mut reserve = RESERVE.lock();
+    while !reserve.is_full() {
+        let Some(pa) = frames::get().alloc() else {
+            break;
+        };
+        reserve.push(pa);
     }
 }
 
@@ -165,12 +189,6 @@ impl GuestMemory {
             let st = t.stats();
             st.mapped_pages + st.mapped_blocks_2m * 512 + st.mapped_blocks_1g * 512 * 512
         })
-    }
-
-    /// Sets the access flag of the leaf mapping `ipa` (software AF: the
-    /// reclaim clock cleared it and the guest touched the page again).
-    pub fn mkyoung(&self, ipa: u64) -> bool {
-        self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
@@ -357,7 +375,9 @@ impl LockedStage2<'_> {
         let table = self.mem.table();
         let attrs = ram_attrs(writable);
         // A whole aligned 2 MiB run (a forked block) stays one block entry.
-        let block = len == BLOCK_SIZE && ipa % BLOCK_SIZE == 0 && (pfn << 12) % BLOCK_SIZE == 0;
+        let block = len == BLOCK_SIZE
+            && ipa.is_multiple_of(BLOCK_SIZE)
+            && (pfn << 12).is_multiple_of(BLOCK_SIZE);
         let result = if block {
             table.map(ipa, pfn << 12, len, attrs, &TLB)
         } else {

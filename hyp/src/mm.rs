@@ -184,9 +184,15 @@ pub enum FaultError {
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
 pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
+    crate::memory::refill_reserve();
     if fault_block(vm, ipa) {
+        let chunk = ipa & !(crate::memory::BLOCK_SIZE - 1);
+        let mut log = vm.dirty.lock();
+        (0..crate::memory::BLOCK_SIZE / PAGE_SIZE).for_each(|i| log.note(chunk + i * PAGE_SIZE));
         return Ok(());
     }
+    vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
+
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
     let oom = core::mem::take(&mut vm.memory.lock().out_of_memory);
     match result {
@@ -232,53 +238,6 @@ fn fault_block(vm: &Vm, ipa: u64) -> bool {
         return false;
     }
     true
-}
-
-/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
-/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
-/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
-/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
-/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
-/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
-/// still reserved; the caller copies instead. Err: no stage-2 table memory,
-/// and the frames went back to the allocator.
-pub fn adopt_block(vm: &Vm, ipa: u64, pa: u64) -> Result<bool, FaultError> {
-    use crate::memory::BLOCK_SIZE;
-    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
-        return Ok(false);
-    }
-    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
-    match prepared {
-        None => return Ok(false),
-        Some(false) => {
-            rmap()
-                .anon_vma_prepare(&mut vm.regions.write(), ipa)
-                .map_err(|_| FaultError::NoMemory)?;
-        }
-        Some(true) => {}
-    }
-    let regions = vm.regions.read();
-    let Some(region) = regions.find(ipa) else {
-        return Ok(false);
-    };
-    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
-        return Ok(false);
-    }
-    let mut s2 = vm.lock();
-    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
-        return Ok(false);
-    }
-    let pages = BLOCK_SIZE / PAGE_SIZE;
-    let pfn = pa / PAGE_SIZE;
-    frames::get().take_reserved(pa, pages);
-    // The image holds code: the guest fetches it through the I-cache.
-    crate::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
-    rmap().add_new_anon_block(pfn, pages, region, ipa);
-    if !s2.map_block(ipa, pa) {
-        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
-        return Err(FaultError::NoMemory);
-    }
-    Ok(true)
 }
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
@@ -359,4 +318,76 @@ pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
         Stat::AnonVmas => rmap().live_anon_vmas() as u64,
         Stat::Chains => rmap().live_chains() as u64,
     }
+}
+
+use rmap::S2Entry;
+
+/// Makes `vm`'s entry at `ipa` its snapshot's again (fuzzing-style reset):
+/// drops the page `vm` has there, then maps the snapshot's frame (or swap
+/// slot) read-only and shared, as fork would have. The snapshot's frame is
+/// locked meanwhile so migration or reclaim cannot move it under us. The
+/// caller holds `vm` quiesced with its region list write-locked.
+pub fn restore_page(vm: &Vm, snap: &Vm, ipa: u64) -> Result<(), rmap::Error> {
+    loop {
+        let want = snap.lock().lookup(ipa);
+        let target = match want {
+            S2Entry::Page { pfn, .. } => S2Entry::Page {
+                pfn,
+                writable: false,
+            },
+            S2Entry::Migration { pfn, .. } => {
+                rmap().wait_frame_unlocked(pfn);
+                continue;
+            }
+            other => other,
+        };
+        let have = vm.lock().lookup(ipa);
+        if have == target {
+            return Ok(());
+        }
+        let guard = target.pfn().map(|pfn| rmap().frames().lock(pfn));
+        if snap.lock().lookup(ipa) != want {
+            continue;
+        }
+        match have {
+            S2Entry::Migration { pfn, .. } => {
+                drop(guard);
+                rmap().wait_frame_unlocked(pfn);
+                continue;
+            }
+            S2Entry::Invalid => {}
+            _ if vm
+                .lock()
+                .compare_exchange(ipa, have, S2Entry::Invalid)
+                .is_err() =>
+            {
+                continue
+            }
+            S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+            S2Entry::Swap { slot } => STORE.put(slot),
+        }
+        return install_shared(vm, ipa, target);
+    }
+}
+
+/// Maps an entry another VM holds into `vm` (read-only, one more reference).
+fn install_shared(vm: &Vm, ipa: u64, entry: S2Entry) -> Result<(), rmap::Error> {
+    match entry {
+        S2Entry::Page { pfn, .. } => rmap().add_anon_rmap(pfn),
+        S2Entry::Swap { slot } => STORE.dup(slot),
+        _ => return Ok(()),
+    }
+    if vm
+        .lock()
+        .compare_exchange(ipa, S2Entry::Invalid, entry)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    match entry {
+        S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+        S2Entry::Swap { slot } => STORE.put(slot),
+        _ => {}
+    }
+    Err(rmap::Error::OutOfFrames)
 }

@@ -77,6 +77,40 @@ pub struct Vm {
     busy: AtomicBool,
     /// Guest exits handled (all vCPUs).
     pub exits: AtomicUsize,
+    /// Guest pages whose stage-2 entry may differ from this VM's latest
+    /// snapshot: what a restore to that snapshot has to undo.
+    pub dirty: Mutex<DirtyLog>,
+}
+
+/// Pages changed since a snapshot (a restore undoes exactly these). Past
+/// `MAX` pages the log gives up and a restore re-forks the whole VM.
+#[derive(Default)]
+pub struct DirtyLog {
+    /// The snapshot the log is relative to.
+    pub base: Option<u32>,
+    pub pages: alloc::collections::BTreeSet<u64>,
+    pub overflow: bool,
+}
+
+impl DirtyLog {
+    const MAX: usize = 1 << 16;
+
+    pub fn reset(&mut self, base: Option<u32>) {
+        self.base = base;
+        self.pages.clear();
+        self.overflow = false;
+    }
+
+    pub fn note(&mut self, page: u64) {
+        if self.base.is_none() || self.overflow {
+            return;
+        }
+        self.pages.insert(page);
+        if self.pages.len() > Self::MAX {
+            self.overflow = true;
+            self.pages.clear();
+        }
+    }
 }
 
 static VMS: Mutex<BTreeMap<u32, Arc<Vm>>> = Mutex::new(BTreeMap::new());
@@ -162,6 +196,7 @@ impl Vm {
             frozen,
             busy: AtomicBool::new(false),
             exits: AtomicUsize::new(0),
+            dirty: Mutex::new(DirtyLog::default()),
         });
         VMS.lock().insert(id, vm.clone());
         CREATED.fetch_add(1, Ordering::Relaxed);

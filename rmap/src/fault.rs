@@ -132,10 +132,12 @@ impl Rmap {
                     pfn,
                     writable: true,
                 };
-                table
-                    .compare_exchange(ipa, old, new)
-                    .expect("entry checked under lock");
-                Ok(Fault::Done)
+                // Checked under the lock, so only a table that cannot grow
+                // (a block to split) fails here: the caller sees no progress.
+                match table.compare_exchange(ipa, old, new) {
+                    Ok(()) => Ok(Fault::Done),
+                    Err(_) => Ok(Fault::Retry(None)),
+                }
             } else {
                 drop(table);
                 self.cow_copy(region, s2, alloc, ipa, pfn)

@@ -14,6 +14,8 @@ pub const FRAME_ALLOCATED: u16 = 1 << 1;
 pub const FRAME_ANON: u16 = 1 << 2;
 
 const FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "frame.lock");
+/// The frame locks a batch holds, recorded once (see `FrameTable::try_lock_batched`).
+pub(crate) const BATCH_FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "frame.lock (batch)");
 
 /// Metadata for one 4 KiB host frame: 16 bytes.
 ///
@@ -147,6 +149,8 @@ impl Frame {
 pub struct FrameGuard<'a> {
     frame: &'a Frame,
     pfn: Pfn,
+    /// Recorded in lockdep (false for a batch's frames, which lockdep sees as one lock).
+    tracked: bool,
 }
 
 impl FrameGuard<'_> {
@@ -164,7 +168,9 @@ impl FrameGuard<'_> {
 impl Drop for FrameGuard<'_> {
     fn drop(&mut self) {
         self.frame.unlock_bit();
-        lockdep::release(self.frame as *const Frame as usize);
+        if self.tracked {
+            lockdep::release(self.frame as *const Frame as usize);
+        }
     }
 }
 
@@ -222,7 +228,11 @@ impl FrameTable {
             core::hint::spin_loop();
         }
         lockdep::record(FRAME_LOCK, id);
-        FrameGuard { frame, pfn }
+        FrameGuard {
+            frame,
+            pfn,
+            tracked: true,
+        }
     }
 
     /// Locks a frame if it is free to lock (exempt from the order check: it never waits).
@@ -232,7 +242,26 @@ impl FrameTable {
             return None;
         }
         lockdep::record(FRAME_LOCK, frame as *const Frame as usize);
-        Some(FrameGuard { frame, pfn })
+        Some(FrameGuard {
+            frame,
+            pfn,
+            tracked: true,
+        })
+    }
+
+    /// Try-locks a frame of a batch (migration, reclaim), which may hold hundreds of frame
+    /// locks: like Linux's folio locks they are not tracked one by one; the batch records one
+    /// [`BATCH_FRAME_LOCK`] for all of them, so the order checks still apply.
+    pub(crate) fn try_lock_batched(&self, pfn: Pfn) -> Option<FrameGuard<'_>> {
+        let frame = self.frame(pfn);
+        if !frame.try_lock_bit() {
+            return None;
+        }
+        Some(FrameGuard {
+            frame,
+            pfn,
+            tracked: false,
+        })
     }
 }
 

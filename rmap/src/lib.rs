@@ -16,6 +16,7 @@ extern crate alloc;
 pub mod anon_rmap;
 pub mod anon_vma;
 pub mod backend;
+pub mod batch;
 pub mod chain;
 pub mod destroy;
 pub mod fault;
@@ -37,6 +38,7 @@ pub mod host;
 
 pub use anon_vma::{AnonHandle, AnonVma};
 pub use backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+pub use batch::Skip;
 pub use chain::{ChainHandle, ChainInfo};
 pub use destroy::UnlinkProof;
 pub use fault::Fault;

@@ -365,3 +365,60 @@ fn walk_callback_can_stop_early() {
         });
     assert_eq!(seen, 1);
 }
+
+#[test]
+fn batched_migration_and_reclaim_move_every_mapping() {
+    let w = world();
+    let p = w.create_vm(&[(RAM, 8)]);
+    for i in 0..8 {
+        p.write(&w.rmap, &w.machine, page_ipa(RAM, i), 100 + i)
+            .unwrap();
+    }
+    let c = w.fork(&p).unwrap();
+    c.write(&w.rmap, &w.machine, page_ipa(RAM, 1), 7).unwrap();
+    let old: Vec<Pfn> = (0..4).map(|i| pfn_at(&p, page_ipa(RAM, i))).collect();
+    // A frame locked by someone else and a free frame are skipped with their reasons.
+    let busy = pfn_at(&p, page_ipa(RAM, 5));
+    let guard = w.rmap.frames().lock(busy);
+    let mut batch = old.clone();
+    batch.push(busy);
+    batch.push(w.rmap.frames().base() + 500);
+    let mut out = Vec::new();
+    w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
+    drop(guard);
+    assert_eq!(out.len(), 6);
+    assert_eq!(out[4], Err(crate::Skip::Locked));
+    assert_eq!(out[5], Err(crate::Skip::NotMapped));
+    for (i, r) in out[..4].iter().enumerate() {
+        let new = r.unwrap();
+        assert_eq!(pfn_at(&p, page_ipa(RAM, i as u64)), new);
+        assert_eq!(
+            w.rmap.frames().frame(old[i]).refcount(),
+            0,
+            "old frame freed"
+        );
+    }
+    assert_eq!(
+        pfn_at(&c, RAM),
+        pfn_at(&p, RAM),
+        "shared frame still shared"
+    );
+    w.check().unwrap();
+
+    let resident: Vec<Pfn> = (0..8).map(|i| pfn_at(&p, page_ipa(RAM, i))).collect();
+    let mut out = Vec::new();
+    w.rmap
+        .reclaim_frames(&w.vms, &w.machine, &w.machine, &resident, &mut out);
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+    w.check().unwrap();
+    for i in 0..8 {
+        let want = 100 + i;
+        assert_eq!(p.read(&w.rmap, &w.machine, page_ipa(RAM, i)).unwrap(), want);
+        let child = if i == 1 { 7 } else { want };
+        assert_eq!(
+            c.read(&w.rmap, &w.machine, page_ipa(RAM, i)).unwrap(),
+            child
+        );
+    }
+    w.check().unwrap();
+}

@@ -87,9 +87,42 @@ fn bench(args: &[String]) -> Result<(), String> {
     let images = build::images(true)?;
     if !only_linux {
         fork_bench(&images)?;
+        migrate_bench(&images)?;
     }
     linux::bench(&images.hyp, 3)?;
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
+    Ok(())
+}
+
+/// The console script of `migrate_bench`.
+pub const MIGRATE_BENCH_SCRIPT: &str = "bench migrate 1 1024 1; bench migrate 1 1024 64; bench migrate 1 1024 512; bench migrate 10 1024 1; bench migrate 10 1024 64; bench migrate 10 1024 512; bench migrate 100 1024 1; bench migrate 100 1024 64; bench migrate 100 1024 512; bench reclaim 2048 1; bench reclaim 2048 64; bench reclaim 2048 512";
+
+/// Migration next to memcpy, reclaim next to LZ4 of the same frames, and
+/// fault-in latency, measured inside the hypervisor in one run (`bench
+/// migrate` / `bench reclaim` on its console).
+fn migrate_bench(images: &build::Images) -> Result<(), String> {
+    let cfg = qemu_tests::MachineConfig {
+        guest: "none".into(),
+        script: Some(MIGRATE_BENCH_SCRIPT.into()),
+        ..Default::default()
+    };
+    let mut cmd = cfg.command(&images.hyp);
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("qemu: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("bench migrate:") || l.starts_with("bench reclaim:"))
+        .collect();
+    if lines.len() != 12 {
+        return Err(format!("migration benchmark did not complete:\n{text}"));
+    }
+    println!(
+        "\nmigration vs memcpy, reclaim vs lz4 (release hypervisor, QEMU TCG, cortex-a72, -smp 2):"
+    );
+    lines.iter().for_each(|l| println!("  {l}"));
     Ok(())
 }
 

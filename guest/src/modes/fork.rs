@@ -23,6 +23,9 @@ const AREA_START: usize = 0x4040_0000;
 const AREA_PAGES: usize = 256; // 1 MiB
 const DIRTY_PAGES: usize = 64;
 
+/// Snapshot mode's start time (in RAM the snapshot captures).
+static T0: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 fn area() -> &'static mut [u64] {
     // SAFETY: [AREA_START, +1 MiB) is guest RAM above the image and its
     // stacks (image_size < 4 MiB), identity mapped; only vCPU 0 runs in
@@ -181,6 +184,10 @@ fn hvc2(fid: u32, a1: u64, a2: u64) -> (i64, u64) {
 pub fn snapshot(plat: &Platform) -> Result<(), Reason> {
     let cycles = arg(plat, "cycles", 100);
     fill(1, AREA_PAGES);
+    // The start time lives in the snapshot's memory, so every restore sees it.
+    let t0 = T0.as_ptr();
+    // SAFETY: a static of ours; only vCPU 0 runs this mode.
+    unsafe { t0.write_volatile(crate::cpu::ticks()) };
     // Memory is reset by each restore: the snapshot id and the iteration
     // travel in the restore cookie.
     let (r, cookie) = hvc2(HVC_SNAPSHOT, 0, 0);
@@ -191,10 +198,95 @@ pub fn snapshot(plat: &Platform) -> Result<(), Reason> {
     };
     verify(1).map_err(|e| reason!("after restore {iteration}: {}", e.as_str()))?;
     if iteration == cycles {
+        // SAFETY: as above.
+        let start = unsafe { t0.read_volatile() };
+        let ms = crate::cpu::ms_since(start).max(1);
         println!("GUEST: {cycles} restores of snapshot vm {snap} verified");
+        println!(
+            "GUEST: restore rate: {cycles} restores with {DIRTY_PAGES} dirtied pages each in {ms} ms = {} per second",
+            cycles * 1000 / ms
+        );
         return Ok(());
     }
     fill(iteration + 100, DIRTY_PAGES);
     let (err, _) = hvc2(HVC_RESTORE, snap, (snap << 32) | (iteration + 1));
     Err(reason!("RESTORE returned {err}"))
+}
+
+/// `cowbench`: the cost of a copy-on-write write fault next to a write to a
+/// page that is already private, a 4 KiB copy, and a trap (a null hypercall),
+/// all timed by this vCPU in one run.
+pub fn cow_bench(plat: &Platform) -> Result<(), Reason> {
+    let pages = (arg(plat, "pages", 128) as usize).min(AREA_PAGES / 2);
+    fill(1, AREA_PAGES);
+    // A snapshot keeps every page shared, so our next writes must copy.
+    match hvc(HVC_SNAPSHOT, 0, 0, 0) {
+        s if s > 0 => {}
+        err => return Err(reason!("SNAPSHOT failed: {err}")),
+    }
+    let a = area();
+    let words_per_page = PAGE / 8;
+    let time = |f: &mut dyn FnMut()| {
+        let t = crate::cpu::ticks();
+        f();
+        crate::cpu::ticks() - t
+    };
+    let cow = time(&mut || (0..pages).for_each(|p| a[p * words_per_page] = 7));
+    let private = time(&mut || (0..pages).for_each(|p| a[p * words_per_page] = 8));
+    // Copy into the pages just made private, from still-shared ones.
+    let (dst, src) = a.split_at_mut(pages * words_per_page);
+    let copy = time(&mut || dst.copy_from_slice(&src[..pages * words_per_page]));
+    let trap = time(&mut || {
+        (0..pages).for_each(|_| {
+            vm_id();
+        })
+    });
+    let ns = |t: u64| t * 1_000_000_000 / crate::cpu::ticks_per_sec() / pages as u64;
+    let (cow, private, copy, trap) = (ns(cow), ns(private), ns(copy), ns(trap));
+    println!(
+        "GUEST: cowbench: {pages} pages: CoW write fault {cow} ns/page, private write {private} ns/page, 4 KiB copy {copy} ns, trap {trap} ns; CoW / (copy + trap) = {}.{:02}",
+        cow / (copy + trap).max(1),
+        cow * 100 / (copy + trap).max(1) % 100
+    );
+    Ok(())
+}
+
+/// `forkmem`: host frames each idle fork costs once it has run for a while.
+pub fn fork_mem(plat: &Platform) -> Result<(), Reason> {
+    let forks = arg(plat, "forks", 8);
+    fill(1, AREA_PAGES);
+    fork_and_reap(0)?; // settle our own block splits first (see fork_loop)
+    println!("GUEST: forkmem: warm-up done");
+    let before = stat(Stat::FreeFrames);
+    for _ in 0..forks {
+        match hvc(HVC_FORK, 0, 0, 0) {
+            0 => idle_then_exit(),
+            c if c > 0 => {}
+            err => return Err(reason!("FORK failed: {err}")),
+        }
+    }
+    let deadline = crate::cpu::Deadline::after_ms(1000);
+    while !deadline.passed() {
+        yield_cpu();
+    }
+    let after = stat(Stat::FreeFrames);
+    let per_fork = before.saturating_sub(after) / forks.max(1);
+    println!(
+        "GUEST: forkmem: {forks} idle forks cost {} frames ({} KiB each)",
+        before.saturating_sub(after),
+        per_fork * 4
+    );
+    while stat(Stat::LiveVms) > 1 {
+        yield_cpu();
+    }
+    Ok(())
+}
+
+/// A fork child that idles (touching only its stack) for 2 s, then exits.
+fn idle_then_exit() -> ! {
+    let deadline = crate::cpu::Deadline::after_ms(2000);
+    while !deadline.passed() {
+        yield_cpu();
+    }
+    crate::psci::power_off(0)
 }

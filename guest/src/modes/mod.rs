@@ -23,6 +23,10 @@ pub enum Mode {
     ForkLoop,
     /// Snapshot then repeated dirty/restore.
     Snapshot,
+    /// Times a CoW write fault next to a private write, a copy and a trap.
+    CowBench,
+    /// Host memory per idle fork.
+    ForkMem,
 }
 
 impl Mode {
@@ -33,6 +37,8 @@ impl Mode {
             "forktree" => Some(Self::ForkTree),
             "forkloop" => Some(Self::ForkLoop),
             "snapshot" => Some(Self::Snapshot),
+            "cowbench" => Some(Self::CowBench),
+            "forkmem" => Some(Self::ForkMem),
             _ => None,
         }
     }
@@ -44,6 +50,8 @@ impl Mode {
             Self::ForkTree => "forktree",
             Self::ForkLoop => "forkloop",
             Self::Snapshot => "snapshot",
+            Self::CowBench => "cowbench",
+            Self::ForkMem => "forkmem",
         }
     }
 }
@@ -55,5 +63,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::ForkTree => fork::tree(plat),
         Mode::ForkLoop => fork::fork_loop(plat),
         Mode::Snapshot => fork::snapshot(plat),
+        Mode::CowBench => fork::cow_bench(plat),
+        Mode::ForkMem => fork::fork_mem(plat),
     }
 }

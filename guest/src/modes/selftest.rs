@@ -60,7 +60,7 @@ pub fn run(plat: &Platform, args: &Args) -> Result<(), Reason> {
     }
 }
 
-fn choose_area(plat: &Platform, mem: Option<MemSize>) -> Result<MemRange, Reason> {
+pub(crate) fn choose_area(plat: &Platform, mem: Option<MemSize>) -> Result<MemRange, Reason> {
     let free =
         free_ram(plat).ok_or_else(|| reason!("no free RAM above the image for the selftest"))?;
     let want = match mem {

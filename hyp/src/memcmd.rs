@@ -1,0 +1,330 @@
+//! Console commands for moving and reclaiming guest memory (`memctl.rs`),
+//! their `stats` lines, and their benchmarks (`bench migrate`, `bench
+//! reclaim`), run side by side with a memcpy / an LZ4 compression of the same
+//! frames in the same run.
+
+use crate::frames::{self, PAGE_SIZE};
+use crate::memctl::{self, Report};
+use crate::mm::{rmap, HypFrames, HypVms, STORE};
+use crate::vm::Vm;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+pub const HELP: &str = "  migrate <vm> <ipa> <ipa-end> [batch]  move a VM's frames in [ipa, ipa-end) to new frames\n  evacuate <pa> <pa-end> [batch]        move every frame out of [pa, pa-end) and keep it offline\n  online <pa> <pa-end>                  give an evacuated range back to the allocator\n  reclaim <pages> [batch]               push cold frames (access-bit clock) to the compressed store\n  chaos <secs> [seed] [max-vms]         random migrate/evacuate/reclaim/fork/destroy for secs\n  wait <secs>                           wait until no runnable VM is left (at most secs)\n  bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames\n  bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in\n";
+
+type Words<'a, 'b> = &'a mut core::str::SplitWhitespace<'b>;
+
+fn hex(arg: Option<&str>, what: &str) -> Result<u64, String> {
+    let arg = arg.ok_or_else(|| alloc::format!("missing {what}"))?;
+    u64::from_str_radix(arg.trim_start_matches("0x"), 16)
+        .map_err(|_| alloc::format!("'{arg}' is not a hex {what}"))
+}
+
+fn num(
+    arg: Option<&str>,
+    what: &str,
+    range: core::ops::RangeInclusive<u64>,
+) -> Result<u64, String> {
+    let arg = arg.ok_or_else(|| alloc::format!("missing {what}"))?;
+    arg.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| alloc::format!("bad {what} '{arg}' ({}..={})", range.start(), range.end()))
+}
+
+fn opt_num(
+    arg: Option<&str>,
+    what: &str,
+    range: core::ops::RangeInclusive<u64>,
+    default: u64,
+) -> Result<u64, String> {
+    match arg {
+        None => Ok(default),
+        a => num(a, what, range),
+    }
+}
+
+/// A page-aligned `[start, end)` from two hex words.
+fn range(words: Words, what: &str) -> Result<(u64, u64), String> {
+    let start = hex(words.next(), what)? & !(PAGE_SIZE - 1);
+    let end = hex(words.next(), &alloc::format!("{what} end"))?.next_multiple_of(PAGE_SIZE);
+    if end <= start {
+        return Err(alloc::format!("empty range {start:#x}..{end:#x}"));
+    }
+    Ok((start, end))
+}
+
+fn vm_arg(arg: Option<&str>) -> Result<Arc<Vm>, String> {
+    let arg = arg.ok_or_else(|| String::from("missing VM id"))?;
+    let id: u32 = arg
+        .parse()
+        .map_err(|_| alloc::format!("'{arg}' is not a VM id"))?;
+    crate::vm::get(id).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
+}
+
+pub fn execute(cmd: &str, words: Words) -> Result<(), String> {
+    let batch_range = 1..=4096;
+    match cmd {
+        "migrate" => {
+            let vm = vm_arg(words.next())?;
+            let (start, end) = range(words, "IPA")?;
+            if start < vm.ram.base || end > vm.ram.end() {
+                return Err(alloc::format!(
+                    "{start:#x}..{end:#x} is outside vm {}'s RAM {:#x}..{:#x}",
+                    vm.id,
+                    vm.ram.base,
+                    vm.ram.end()
+                ));
+            }
+            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
+            let r = memctl::migrate_vm(&vm, start, end, batch as usize);
+            crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
+        }
+        "evacuate" => {
+            let (start, end) = ram_range(words)?;
+            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
+            let (r, left) = memctl::evacuate(start, end, batch as usize);
+            crate::println!(
+                "evacuate {start:#x}..{end:#x}: moved {r}; left in use: {} ({} guest frames busy, {} unmovable); offline until `online`",
+                left.guest + left.unmovable,
+                left.guest,
+                left.unmovable
+            );
+        }
+        "online" => {
+            let (start, end) = ram_range(words)?;
+            let n = memctl::online(start, end);
+            crate::println!("online {start:#x}..{end:#x}: {n} frames back in the allocator");
+        }
+        "reclaim" => {
+            let pages = num(words.next(), "page count", 1..=1 << 24)?;
+            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
+            let zero0 = STORE.zero_mapped.load(Ordering::Relaxed);
+            let (r, scanned, young) = memctl::reclaim(pages, batch as usize);
+            let zero = STORE.zero_mapped.load(Ordering::Relaxed) - zero0;
+            crate::println!(
+                "reclaim: reclaimed {r} ({} stored, {zero} zero); scanned {scanned}, {young} referenced kept",
+                r.done.saturating_sub(zero)
+            );
+        }
+        "chaos" => {
+            let secs = num(words.next(), "seconds", 1..=600)?;
+            let seed = opt_num(words.next(), "seed", 0..=u64::MAX, 1)?;
+            let max = opt_num(words.next(), "max VMs", 1..=64, 12)?;
+            memctl::chaos(secs, seed, max as usize);
+        }
+        "wait" => {
+            let secs = num(words.next(), "seconds", 1..=3600)?;
+            let deadline = crate::timer::now() + secs * crate::timer::frequency();
+            while crate::vm::count_runnable() > 0 && crate::timer::now() < deadline {
+                core::hint::spin_loop();
+            }
+            match crate::vm::count_runnable() {
+                0 => crate::println!("wait: no runnable VMs left"),
+                n => crate::println!("wait: {n} VMs still runnable after {secs} s"),
+            }
+        }
+        _ => unreachable!("dispatched by cmd.rs"),
+    }
+    Ok(())
+}
+
+fn ram_range(words: Words) -> Result<(u64, u64), String> {
+    let (start, end) = range(words, "PA")?;
+    let f = frames::get();
+    if !f.is_ram(start) || !f.is_ram(end - PAGE_SIZE) {
+        return Err(alloc::format!("{start:#x}..{end:#x} is not RAM"));
+    }
+    Ok((start, end))
+}
+
+/// The memory lines of `stats`.
+pub fn stats() {
+    let (offline, offline_free) = frames::get().offline_count();
+    let (low, high) = memctl::watermarks();
+    crate::println!(
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); guest frames from {:#x}",
+        memctl::MIGRATED.load(Ordering::Relaxed),
+        memctl::RECLAIMED.load(Ordering::Relaxed),
+        STORE.stored.load(Ordering::Relaxed),
+        STORE.zero_mapped.load(Ordering::Relaxed),
+        STORE.swapped_in.load(Ordering::Relaxed),
+        STORE.used_slots(),
+        STORE.bytes.load(Ordering::Relaxed),
+        STORE.zero_refs(),
+        offline,
+        offline_free,
+        low,
+        high,
+        memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
+        frames::get().first_free(),
+    );
+}
+
+fn us(ticks: u64) -> u64 {
+    ticks * 1_000_000 / crate::timer::frequency()
+}
+
+/// MiB/s for `pages` in `ticks`.
+fn mibs(pages: u64, ticks: u64) -> u64 {
+    ((pages * PAGE_SIZE * crate::timer::frequency()) / ticks.max(1)) >> 20
+}
+
+/// A bench VM with `pages` touched: page i holds a compressible pattern
+/// (a per-page 16-byte value repeated, plus a counter every 64 bytes).
+fn bench_vm(pages: u64) -> Result<Arc<Vm>, String> {
+    let size = (pages * PAGE_SIZE).next_multiple_of(2 << 20);
+    let vm = Vm::create("bench", 1, size).map_err(|e| alloc::format!("{e}"))?;
+    let mut page = [0u64; PAGE_SIZE as usize / 8];
+    for i in 0..pages {
+        for (j, w) in page.iter_mut().enumerate() {
+            *w = if j % 8 == 0 {
+                (i << 20) | j as u64
+            } else {
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (j as u64 & 1)
+            };
+        }
+        // SAFETY: any u64 array is valid as bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
+        if crate::mm::write_guest(&vm, vm.ram.base + i * PAGE_SIZE, bytes).is_err() {
+            vm.stop(0);
+            return Err(String::from("out of memory filling the bench VM"));
+        }
+    }
+    Ok(vm)
+}
+
+pub fn bench(words: Words) -> Result<(), String> {
+    match words.next() {
+        Some("migrate") => {
+            let mappers = num(words.next(), "mappers", 1..=200)?;
+            let pages = num(words.next(), "pages", 1..=65536)?;
+            let batch = num(words.next(), "batch", 1..=4096)?;
+            bench_migrate(mappers, pages, batch as usize)
+        }
+        Some("reclaim") => {
+            let pages = num(words.next(), "pages", 1..=65536)?;
+            let batch = num(words.next(), "batch", 1..=4096)?;
+            bench_reclaim(pages, batch as usize)
+        }
+        _ => Err(String::from(
+            "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>",
+        )),
+    }
+}
+
+fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
+    let vm = bench_vm(pages)?;
+    let mut snaps = Vec::new();
+    let result = (|| {
+        for _ in 1..mappers {
+            snaps.push(crate::fork::fork(&vm, None, true).map_err(|e| alloc::format!("{e}"))?);
+        }
+        let end = vm.ram.base + pages * PAGE_SIZE;
+        // Split any block mapping first (not part of what is measured).
+        let pfns = memctl::vm_frames(&vm, vm.ram.base, end, usize::MAX);
+        let mut warm = Report::default();
+        memctl::migrate_pfns(&pfns, 4096, &mut warm);
+        let pfns = memctl::vm_frames(&vm, vm.ram.base, end, usize::MAX);
+        // memcpy of the same frames into fresh frames.
+        let mut dst = Vec::with_capacity(pfns.len());
+        for _ in 0..pfns.len() {
+            dst.push(frames::get().alloc().ok_or("no frames for the memcpy")?);
+        }
+        let t0 = crate::timer::now();
+        for (&src, &d) in pfns.iter().zip(&dst) {
+            // SAFETY: `src` is a frame of the idle bench VM, `d` one we own.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (src * PAGE_SIZE) as *const u8,
+                    d as *mut u8,
+                    PAGE_SIZE as usize,
+                )
+            };
+        }
+        let copy = crate::timer::now() - t0;
+        dst.into_iter().for_each(|pa| frames::get().free(pa));
+        let mut r = Report::default();
+        let t0 = crate::timer::now();
+        memctl::migrate_pfns(&pfns, batch, &mut r);
+        let mig = crate::timer::now() - t0;
+        if r.done != pfns.len() as u64 {
+            return Err(alloc::format!("migrated only {r}"));
+        }
+        let mapcount = rmap()
+            .frames()
+            .frame(memctl::vm_frames(&vm, vm.ram.base, end, 1)[0])
+            .mapcount();
+        crate::println!(
+            "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {} pages: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {}.{:02}x",
+            pfns.len(),
+            us(mig),
+            mibs(pfns.len() as u64, mig),
+            us(copy),
+            mibs(pfns.len() as u64, copy),
+            copy / mig.max(1),
+            copy * 100 / mig.max(1) % 100
+        );
+        Ok(())
+    })();
+    snaps.into_iter().for_each(|s| s.stop(0));
+    vm.stop(0);
+    result
+}
+
+fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
+    let vm = bench_vm(pages)?;
+    let result = (|| {
+        let end = vm.ram.base + pages * PAGE_SIZE;
+        let mut warm = Report::default();
+        let pfns = memctl::vm_frames(&vm, vm.ram.base, end, usize::MAX);
+        memctl::migrate_pfns(&pfns, 4096, &mut warm); // splits blocks
+        let pfns = memctl::vm_frames(&vm, vm.ram.base, end, usize::MAX);
+        let mut buf = [0u8; crate::store::MAX_COMPRESSED];
+        let mut bytes = 0;
+        let t0 = crate::timer::now();
+        for &pfn in &pfns {
+            // SAFETY: a frame of the idle bench VM, identity mapped.
+            let data = unsafe {
+                core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
+            };
+            bytes += crate::store::compress(data, &mut buf);
+        }
+        let lz4 = crate::timer::now() - t0;
+        let mut out = Vec::with_capacity(batch);
+        let mut done = 0;
+        let t0 = crate::timer::now();
+        for chunk in pfns.chunks(batch) {
+            out.clear();
+            rmap().reclaim_frames(&HypVms, &HypFrames, &STORE, chunk, &mut out);
+            done += out.iter().filter(|r| r.is_ok()).count();
+        }
+        let rec = crate::timer::now() - t0;
+        if done != pfns.len() {
+            return Err(alloc::format!("reclaimed only {done} of {}", pfns.len()));
+        }
+        let t0 = crate::timer::now();
+        for i in 0..pages {
+            crate::mm::fault(&vm, vm.ram.base + i * PAGE_SIZE, false)
+                .map_err(|_| "fault-in failed")?;
+        }
+        let fault = crate::timer::now() - t0;
+        crate::println!(
+            "bench reclaim: batch {batch}, {} pages ({} bytes compressed): reclaim {} us ({} MiB/s), lz4 {} us ({} MiB/s), reclaim/lz4 throughput = {}.{:02}x; fault-in {} ns/page",
+            pfns.len(),
+            bytes,
+            us(rec),
+            mibs(pfns.len() as u64, rec),
+            us(lz4),
+            mibs(pfns.len() as u64, lz4),
+            lz4 / rec.max(1),
+            lz4 * 100 / rec.max(1) % 100,
+            us(fault) * 1000 / pages
+        );
+        Ok(())
+    })();
+    vm.stop(0);
+    result
+}
