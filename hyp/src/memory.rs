@@ -30,7 +30,7 @@ impl TableMemory for FrameTables {
 
     fn alloc_zeroed_root(&self, pages: usize) -> Option<u64> {
         // Unmovable: from the top of RAM, away from guest frames (evacuate).
-        frames::get().alloc_contiguous_zeroed(pages)
+        frames::get().alloc_contiguous_zeroed_unmovable(pages)
     }
 
     fn free_root(&self, pa: u64, pages: usize) {
@@ -189,6 +189,12 @@ impl GuestMemory {
             let st = t.stats();
             st.mapped_pages + st.mapped_blocks_2m * 512 + st.mapped_blocks_1g * 512 * 512
         })
+    }
+
+    /// Sets the access flag of the leaf mapping `ipa` (software AF: the
+    /// reclaim clock cleared it and the guest touched the page again).
+    pub fn mkyoung(&self, ipa: u64) -> bool {
+        self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.

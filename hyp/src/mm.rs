@@ -6,14 +6,12 @@
 
 use crate::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
-use alloc::boxed::Box;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use rmap::{
     Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, Stage2, Stage2Locked,
-    SwapStore, VmId, VmSet,
+    VmId, VmSet,
 };
-use spin::{Mutex, Once};
+use spin::Once;
 use stage2::TlbMaintenance;
 
 static RMAP: Once<Rmap> = Once::new();
@@ -72,77 +70,8 @@ impl FrameAllocator for HypFrames {
     }
 }
 
-/// Swapped-out pages, one reference-counted slot per page (shared by every
-/// entry that points at it, like Linux's swap cache).
-/// A stored page and the number of entries referring to it.
-type Slot = Option<(Box<[u8]>, u32)>;
-
-pub struct PageStore {
-    slots: Mutex<Vec<Slot>>,
-}
-
-pub static STORE: PageStore = PageStore {
-    slots: Mutex::new(Vec::new()),
-};
-
-impl SwapStore for PageStore {
-    fn store(&self, pfn: Pfn) -> Option<u64> {
-        // SAFETY: a RAM frame the caller holds locked, identity mapped.
-        let data = unsafe {
-            core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
-        };
-        let mut slots = self.slots.lock();
-        let entry = Some((Box::from(data), 1));
-        match slots.iter().position(Option::is_none) {
-            Some(i) => {
-                slots[i] = entry;
-                Some(i as u64)
-            }
-            None => {
-                slots.push(entry);
-                Some(slots.len() as u64 - 1)
-            }
-        }
-    }
-
-    fn load(&self, slot: u64, pfn: Pfn) {
-        let slots = self.slots.lock();
-        let (data, _) = slots[slot as usize]
-            .as_ref()
-            .expect("load of a free swap slot");
-        // SAFETY: a freshly allocated RAM frame owned by the caller.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                (pfn * PAGE_SIZE) as *mut u8,
-                PAGE_SIZE as usize,
-            )
-        };
-    }
-
-    fn dup(&self, slot: u64) {
-        self.slots.lock()[slot as usize]
-            .as_mut()
-            .expect("dup of a free swap slot")
-            .1 += 1;
-    }
-
-    fn put(&self, slot: u64) {
-        let mut slots = self.slots.lock();
-        let s = &mut slots[slot as usize];
-        let refs = &mut s.as_mut().expect("put of a free swap slot").1;
-        *refs -= 1;
-        if *refs == 0 {
-            *s = None;
-        }
-    }
-}
-
-impl PageStore {
-    pub fn used_slots(&self) -> usize {
-        self.slots.lock().iter().filter(|s| s.is_some()).count()
-    }
-}
+/// Reclaimed pages: the compressed store (`store.rs`).
+pub use crate::store::STORE;
 
 /// The live VMs, as rmap walkers see them.
 pub struct HypVms;
@@ -192,13 +121,23 @@ pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
         return Ok(());
     }
     vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
-
+    // Below the low watermark, reclaim before allocating (no lock held here).
+    crate::memctl::balance();
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
-    let oom = core::mem::take(&mut vm.memory.lock().out_of_memory);
+    let oom = {
+        let mut mem = vm.memory.lock();
+        if matches!(result, Ok(Fault::Done)) {
+            // Software access flag: the reclaim clock cleared it.
+            mem.mkyoung(ipa & !(PAGE_SIZE - 1));
+        }
+        core::mem::take(&mut mem.out_of_memory)
+    };
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
+        Ok(_) if oom && crate::memctl::reclaim_for_fault() => {}
         Ok(_) if oom => return Err(FaultError::NoMemory),
         Ok(_) => {}
+        Err(rmap::Error::OutOfFrames) if crate::memctl::reclaim_for_fault() => {}
         Err(rmap::Error::OutOfFrames | rmap::Error::OutOfAnonVmas | rmap::Error::OutOfChains) => {
             return Err(FaultError::NoMemory)
         }
@@ -238,6 +177,53 @@ fn fault_block(vm: &Vm, ipa: u64) -> bool {
         return false;
     }
     true
+}
+
+/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
+/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
+/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
+/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
+/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
+/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
+/// still reserved; the caller copies instead. Err: no stage-2 table memory,
+/// and the frames went back to the allocator.
+pub fn adopt_block(vm: &Vm, ipa: u64, pa: u64) -> Result<bool, FaultError> {
+    use crate::memory::BLOCK_SIZE;
+    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
+        return Ok(false);
+    }
+    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
+    match prepared {
+        None => return Ok(false),
+        Some(false) => {
+            rmap()
+                .anon_vma_prepare(&mut vm.regions.write(), ipa)
+                .map_err(|_| FaultError::NoMemory)?;
+        }
+        Some(true) => {}
+    }
+    let regions = vm.regions.read();
+    let Some(region) = regions.find(ipa) else {
+        return Ok(false);
+    };
+    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
+        return Ok(false);
+    }
+    let mut s2 = vm.lock();
+    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
+        return Ok(false);
+    }
+    let pages = BLOCK_SIZE / PAGE_SIZE;
+    let pfn = pa / PAGE_SIZE;
+    frames::get().take_reserved(pa, pages);
+    // The image holds code: the guest fetches it through the I-cache.
+    crate::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
+    rmap().add_new_anon_block(pfn, pages, region, ipa);
+    if !s2.map_block(ipa, pa) {
+        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
+        return Err(FaultError::NoMemory);
+    }
+    Ok(true)
 }
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
@@ -320,7 +306,7 @@ pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
     }
 }
 
-use rmap::S2Entry;
+use rmap::{S2Entry, SwapStore as _};
 
 /// Makes `vm`'s entry at `ipa` its snapshot's again (fuzzing-style reset):
 /// drops the page `vm` has there, then maps the snapshot's frame (or swap

@@ -4,6 +4,7 @@
 //! it may use `smp::bring_up` to run work on every vCPU.
 
 mod fork;
+mod memstress;
 mod selftest;
 mod wild;
 
@@ -27,6 +28,9 @@ pub enum Mode {
     CowBench,
     /// Host memory per idle fork.
     ForkMem,
+    /// All vCPUs keep verifying checksummed memory while the hypervisor
+    /// migrates, reclaims and forks under them.
+    MemStress,
 }
 
 impl Mode {
@@ -39,6 +43,7 @@ impl Mode {
             "snapshot" => Some(Self::Snapshot),
             "cowbench" => Some(Self::CowBench),
             "forkmem" => Some(Self::ForkMem),
+            "memstress" => Some(Self::MemStress),
             _ => None,
         }
     }
@@ -52,6 +57,7 @@ impl Mode {
             Self::Snapshot => "snapshot",
             Self::CowBench => "cowbench",
             Self::ForkMem => "forkmem",
+            Self::MemStress => "memstress",
         }
     }
 }
@@ -65,5 +71,6 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Snapshot => fork::snapshot(plat),
         Mode::CowBench => fork::cow_bench(plat),
         Mode::ForkMem => fork::fork_mem(plat),
+        Mode::MemStress => memstress::run(plat, args),
     }
 }
