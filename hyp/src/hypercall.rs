@@ -53,6 +53,7 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
         abi::HVC_SNAPSHOT => return fork(vcpu, true),
         abi::HVC_RESTORE => return restore(vcpu, a1, a2),
         abi::HVC_STATS => stat(vcpu, a1),
+        abi::HVC_MEM_RELEASE => mem_release(vcpu, a1, a2),
         _ => err(psci::error::NOT_SUPPORTED),
     };
     vcpu.regs.x[0] = ret;
@@ -162,4 +163,24 @@ fn stat(vcpu: &Vcpu, which: u64) -> u64 {
         return smccc(abi::SMCCC_INVALID_PARAMETER);
     };
     crate::mm::stat(stat, &vcpu.vm)
+}
+
+/// MEM_RELEASE: the guest gives back `[start, start + len)` of its RAM; the
+/// pages read as zero afterwards (a fresh frame on the next touch).
+fn mem_release(vcpu: &Vcpu, start: u64, len: u64) -> u64 {
+    let page = crate::frames::PAGE_SIZE;
+    let ram = vcpu.vm.ram;
+    let end = start.checked_add(len);
+    let valid = len > 0
+        && start % page == 0
+        && len % page == 0
+        && ram.contains(start)
+        && end.is_some_and(|e| e <= ram.end());
+    if !valid {
+        return smccc(abi::SMCCC_INVALID_PARAMETER);
+    }
+    match crate::mm::release(&vcpu.vm, start, len) {
+        Ok(()) => 0,
+        Err(_) => smccc(abi::SMCCC_NO_MEMORY),
+    }
 }

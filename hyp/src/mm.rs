@@ -377,3 +377,38 @@ fn install_shared(vm: &Vm, ipa: u64, entry: S2Entry) -> Result<(), rmap::Error> 
     }
     Err(rmap::Error::OutOfFrames)
 }
+
+/// Drops `vm`'s pages in `[start, start + len)` (MEM_RELEASE): each entry is
+/// cleared and its frame or swap slot reference dropped; untouched pages
+/// cost nothing. Blocks are split first (the reserve covers the table page).
+pub fn release(vm: &Vm, start: u64, len: u64) -> Result<(), rmap::Error> {
+    let _regions = vm.regions.read();
+    let mut from = start;
+    loop {
+        let next = vm.lock().next_entry(from, start + len);
+        let Some((ipa, entry)) = next else {
+            return Ok(());
+        };
+        match entry {
+            S2Entry::Migration { pfn, .. } => {
+                rmap().wait_frame_unlocked(pfn);
+                continue;
+            }
+            _ if vm
+                .lock()
+                .compare_exchange(ipa, entry, S2Entry::Invalid)
+                .is_err() =>
+            {
+                if core::mem::take(&mut vm.memory.lock().out_of_memory) {
+                    return Err(rmap::Error::OutOfFrames);
+                }
+                continue;
+            }
+            S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+            S2Entry::Swap { slot } => STORE.put(slot),
+            S2Entry::Invalid => {}
+        }
+        vm.dirty.lock().note(ipa);
+        from = ipa + PAGE_SIZE;
+    }
+}

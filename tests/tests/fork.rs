@@ -83,3 +83,12 @@ fn console_fork_of_a_running_smp_guest_and_bad_commands() {
     );
     assert_eq!(status, 0, "{t}");
 }
+
+#[test]
+fn mem_release_returns_pages_and_refuses_bad_ranges() {
+    let mut m = Machine::boot("release", &guest("release"));
+    m.expect("GUEST: release: 256 pages returned", T);
+    m.expect("GUEST RESULT: PASS", T);
+    assert_eq!(m.wait_exit(T), 0);
+    m.assert_no_hyp_fault();
+}

@@ -290,3 +290,43 @@ fn idle_then_exit() -> ! {
     }
     crate::psci::power_off(0)
 }
+
+/// `release`: MEM_RELEASE gives pages back (they read as zero and the VM's
+/// page count drops); bad ranges are refused with INVALID_PARAMETER.
+pub fn release(_plat: &Platform) -> Result<(), Reason> {
+    use platform::abi::{HVC_MEM_RELEASE, SMCCC_INVALID_PARAMETER};
+    fill(1, AREA_PAGES);
+    let before = stat(Stat::VmPages);
+    let len = (AREA_PAGES * PAGE) as u64;
+    let r = hvc(HVC_MEM_RELEASE, AREA_START as u64, len, 0);
+    if r != 0 {
+        return Err(reason!("MEM_RELEASE failed: {r}"));
+    }
+    let after = stat(Stat::VmPages);
+    if before - after < AREA_PAGES as u64 {
+        return Err(reason!(
+            "VM pages {before} -> {after}: the area was not released"
+        ));
+    }
+    if let Some(i) = area().iter().position(|&w| w != 0) {
+        return Err(reason!(
+            "released word {i} reads {:#x}, not zero",
+            area()[i]
+        ));
+    }
+    for (start, len) in [
+        (AREA_START as u64 + 1, 4096),
+        (AREA_START as u64, 0),
+        (0x1000, 4096),
+        (u64::MAX - 4095, 4096),
+    ] {
+        let r = hvc(HVC_MEM_RELEASE, start, len, 0);
+        if r != SMCCC_INVALID_PARAMETER {
+            return Err(reason!(
+                "MEM_RELEASE({start:#x}, {len:#x}) returned {r}, not INVALID_PARAMETER"
+            ));
+        }
+    }
+    println!("GUEST: release: {} pages returned ({before} -> {after}), area reads zero, bad ranges refused", before - after);
+    Ok(())
+}

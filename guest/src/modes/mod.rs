@@ -28,6 +28,8 @@ pub enum Mode {
     CowBench,
     /// Host memory per idle fork.
     ForkMem,
+    /// MEM_RELEASE gives pages back.
+    Release,
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
@@ -43,6 +45,7 @@ impl Mode {
             "snapshot" => Some(Self::Snapshot),
             "cowbench" => Some(Self::CowBench),
             "forkmem" => Some(Self::ForkMem),
+            "release" => Some(Self::Release),
             "memstress" => Some(Self::MemStress),
             _ => None,
         }
@@ -57,6 +60,7 @@ impl Mode {
             Self::Snapshot => "snapshot",
             Self::CowBench => "cowbench",
             Self::ForkMem => "forkmem",
+            Self::Release => "release",
             Self::MemStress => "memstress",
         }
     }
@@ -71,6 +75,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Snapshot => fork::snapshot(plat),
         Mode::CowBench => fork::cow_bench(plat),
         Mode::ForkMem => fork::fork_mem(plat),
+        Mode::Release => fork::release(plat),
         Mode::MemStress => memstress::run(plat, args),
     }
 }
