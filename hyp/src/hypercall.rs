@@ -172,8 +172,8 @@ fn mem_release(vcpu: &Vcpu, start: u64, len: u64) -> u64 {
     let ram = vcpu.vm.ram;
     let end = start.checked_add(len);
     let valid = len > 0
-        && start % page == 0
-        && len % page == 0
+        && start.is_multiple_of(page)
+        && len.is_multiple_of(page)
         && ram.contains(start)
         && end.is_some_and(|e| e <= ram.end());
     if !valid {
