@@ -392,7 +392,38 @@ impl FrameAllocator {
 
 /// Zeroes a frame through the hypervisor's identity map.
 pub fn zero_frame(pa: u64) {
-    // SAFETY: `pa` is a RAM frame this caller owns exclusively (just
-    // allocated), identity mapped at EL2 as normal memory.
-    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
+    let block = zva_block();
+    if block == 0 {
+        // SAFETY: `pa` is a RAM frame this caller owns exclusively (just
+        // allocated), identity mapped at EL2 as normal memory.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
+        return;
+    }
+    // DC ZVA zeroes a whole block per instruction (many times faster than
+    // stores, under QEMU's TCG too, where a fault's 2 MiB block is zeroed).
+    for off in (0..PAGE_SIZE).step_by(block as usize) {
+        // SAFETY: as above; DC ZVA writes zeroes to one aligned block
+        // inside the frame (the block size divides PAGE_SIZE).
+        unsafe {
+            core::arch::asm!("dc zva, {}", in(reg) pa + off, options(nostack, preserves_flags))
+        };
+    }
+}
+
+/// DC ZVA's block size in bytes (DCZID_EL0), or 0 if it is prohibited.
+fn zva_block() -> u64 {
+    static BLOCK: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let cached = BLOCK.load(Ordering::Relaxed);
+    if cached != usize::MAX {
+        return cached as u64;
+    }
+    let dczid = crate::arch::read_sysreg!("dczid_el0");
+    let block = if dczid & (1 << 4) != 0 {
+        0
+    } else {
+        4u64 << (dczid & 0xf)
+    };
+    let block = if block > PAGE_SIZE { 0 } else { block };
+    BLOCK.store(block as usize, Ordering::Relaxed);
+    block
 }

@@ -22,8 +22,9 @@
 use crate::arch::{read_sysreg, write_sysreg};
 use crate::exit::Action;
 use crate::vcpu::Vcpu;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use spin::Mutex;
 
 /// Guest-physical distributor and redistributor frames (as on QEMU virt).
@@ -123,11 +124,15 @@ struct CpuIf {
     sleeping: bool,
     /// Physical CPU it is loaded on.
     running_on: Option<usize>,
-    /// Something may have become deliverable to this vCPU since `flush`
-    /// last found nothing more to do: most exits (a UART byte, a page
-    /// fault) change no interrupt, and then `flush` costs nothing.
-    dirty: bool,
 }
+
+/// Per-vCPU hints read without the vGIC lock (set and cleared under it), so
+/// the many exits that change no interrupt (a UART byte, a page fault) pass
+/// `sync` and `flush` without taking the lock the other vCPUs use too.
+/// Something may have become deliverable since `flush` last looked.
+const F_DIRTY: u8 = 1 << 0;
+/// Some list register of the vCPU holds an interrupt.
+const F_LRS: u8 = 1 << 1;
 
 impl CpuIf {
     fn new() -> CpuIf {
@@ -142,7 +147,6 @@ impl CpuIf {
             ap1r: [0; 4],
             sleeping: true,
             running_on: None,
-            dirty: true,
         }
     }
 }
@@ -152,6 +156,8 @@ struct State {
     ctlr: u32,
     spis: [Irq; NR_SPIS],
     cpus: Vec<CpuIf>,
+    /// F_* per vCPU: the same array as `Vgic::flags`.
+    flags: Arc<[AtomicU8]>,
 }
 
 impl State {
@@ -181,15 +187,15 @@ impl State {
     }
 
     /// Makes `flush` look at vCPU `cpu`'s interrupts again.
-    fn touch(&mut self, cpu: usize) {
-        if let Some(c) = self.cpus.get_mut(cpu) {
-            c.dirty = true;
+    fn touch(&self, cpu: usize) {
+        if let Some(f) = self.flags.get(cpu) {
+            f.fetch_or(F_DIRTY, Ordering::Release);
         }
     }
 
     /// Makes `flush` look again on every vCPU.
-    fn touch_all(&mut self) {
-        self.cpus.iter_mut().for_each(|c| c.dirty = true);
+    fn touch_all(&self) {
+        (0..self.flags.len()).for_each(|c| self.touch(c));
     }
 
     /// The vCPU an SPI is delivered to.
@@ -201,17 +207,21 @@ impl State {
 /// A VM's virtual GIC.
 pub struct Vgic {
     state: Mutex<State>,
+    flags: Arc<[AtomicU8]>,
 }
 
 impl Vgic {
     pub fn new(nr_vcpus: usize) -> Vgic {
         let cpus = (0..nr_vcpus).map(|_| CpuIf::new()).collect();
+        let flags: Arc<[AtomicU8]> = (0..nr_vcpus).map(|_| AtomicU8::new(F_DIRTY)).collect();
         Vgic {
             state: Mutex::new(State {
                 ctlr: 0,
                 spis: [Irq::new(false); NR_SPIS],
                 cpus,
+                flags: flags.clone(),
             }),
+            flags,
         }
     }
 
@@ -241,9 +251,14 @@ impl Vgic {
     /// are copies as well.
     pub fn copy_from(&self, src: &Vgic) {
         let mut copy = src.state.lock().clone();
-        for cpu in &mut copy.cpus {
+        copy.flags = self.flags.clone();
+        for (i, cpu) in copy.cpus.iter_mut().enumerate() {
             cpu.running_on = None;
-            cpu.dirty = true;
+            let lrs = cpu.lr_intid.iter().any(|&i| i != u32::MAX);
+            let f = F_DIRTY | if lrs { F_LRS } else { 0 };
+            if let Some(flag) = self.flags.get(i) {
+                flag.store(f, Ordering::Release);
+            }
         }
         *self.state.lock() = copy;
     }
@@ -313,7 +328,8 @@ pub fn load(vcpu: &Vcpu) {
     }
     write_sysreg!("ich_hcr_el2", HCR_EN);
     cpu.running_on = Some(crate::percpu::cpu_index());
-    cpu.dirty = true;
+    st.touch(vcpu.index);
+    let cpu = &st.cpus[vcpu.index];
     // A timer interrupt the guest has not finished with keeps the physical
     // PPI active on whichever CPU the vCPU runs, so it cannot fire again
     // until the guest deactivates it (KVM does the same).
@@ -347,17 +363,23 @@ pub fn put(vcpu: &Vcpu) {
 /// interrupts. If some do not fit, ask for an underflow maintenance
 /// interrupt so they get their turn.
 pub fn flush(vcpu: &Vcpu) {
-    let mut st = vcpu.vm.vgic.state.lock();
-    let st = &mut *st;
     let me = vcpu.index;
-    let Some(cpu) = st.cpus.get_mut(me) else {
-        return;
-    };
-    if !cpu.dirty {
+    let flags = &vcpu.vm.vgic.flags;
+    if flags
+        .get(me)
+        .is_none_or(|f| f.load(Ordering::Acquire) & F_DIRTY == 0)
+    {
         // Nothing changed since the last flush found nothing to add; sync
         // left ICH_HCR_EL2 enabled.
         return;
     }
+    let mut st = vcpu.vm.vgic.state.lock();
+    let st = &mut *st;
+    // Cleared under the lock: a change from now on sets it again.
+    flags[me].fetch_and(!F_DIRTY, Ordering::AcqRel);
+    let Some(cpu) = st.cpus.get_mut(me) else {
+        return;
+    };
     let lrs = nr_lrs();
     for i in 0..lrs {
         let intid = cpu.lr_intid[i];
@@ -393,9 +415,12 @@ pub fn flush(vcpu: &Vcpu) {
         cpu.lrs[slot] = lr;
         cpu.lr_intid[slot] = intid;
         write_lr(slot, lr);
+        flags[me].fetch_or(F_LRS, Ordering::Release);
     }
-    // With an overflow the next flush must look again.
-    st.cpus[me].dirty = overflow;
+    if overflow {
+        // The next flush must look again.
+        st.touch(me);
+    }
     write_sysreg!(
         "ich_hcr_el2",
         if overflow { HCR_EN | HCR_UIE } else { HCR_EN }
@@ -425,11 +450,22 @@ fn best_pending(st: &State, me: usize) -> Option<u32> {
 /// After an exit: note what the guest did with its list registers, and
 /// retire those it has deactivated.
 pub fn sync(vcpu: &Vcpu) {
+    let me = vcpu.index;
+    let flags = &vcpu.vm.vgic.flags;
+    // No list register in use: nothing to retire, and no underflow
+    // interrupt was asked for (that needs them all full).
+    if flags
+        .get(me)
+        .is_none_or(|f| f.load(Ordering::Acquire) & F_LRS == 0)
+    {
+        return;
+    }
     let mut st = vcpu.vm.vgic.state.lock();
     let st = &mut *st;
-    let Some(cpu) = st.cpus.get_mut(vcpu.index) else {
+    let Some(cpu) = st.cpus.get_mut(me) else {
         return;
     };
+    let mut retired = false;
     for i in 0..nr_lrs() {
         let intid = cpu.lr_intid[i];
         if intid == u32::MAX {
@@ -443,8 +479,7 @@ pub fn sync(vcpu: &Vcpu) {
         write_lr(i, 0);
         cpu.lrs[i] = 0;
         cpu.lr_intid[i] = u32::MAX;
-        // A level still high, or an edge that came meanwhile, is due again.
-        cpu.dirty = true;
+        retired = true;
         let irq = if intid < 32 {
             &mut cpu.private[intid as usize]
         } else {
@@ -455,6 +490,13 @@ pub fn sync(vcpu: &Vcpu) {
             // The physical timer interrupt was deactivated with it; if the
             // timer still fires it interrupts EL2 again.
             irq.level = false;
+        }
+    }
+    if retired {
+        // A level still high, or an edge that came meanwhile, is due again.
+        st.touch(me);
+        if st.cpus[me].lr_intid.iter().all(|&i| i == u32::MAX) {
+            flags[me].fetch_and(!F_LRS, Ordering::AcqRel);
         }
     }
     write_sysreg!("ich_hcr_el2", HCR_EN);

@@ -278,3 +278,82 @@ pub fn bench(hyp: &Path, reps: usize) -> Result<(), String> {
     println!("| ratio | {:.2}x |", h / b);
     Ok(())
 }
+
+/// Host frames in use, from the hypervisor's `stats` output
+/// ("frames: F free / T total (U used, S shared)"): the last such line.
+fn used_frames(text: &str) -> Option<u64> {
+    let line = text.lines().rev().find(|l| l.starts_with("frames:"))?;
+    let used = line.split('(').nth(1)?.split_whitespace().next()?;
+    used.parse().ok()
+}
+
+/// Fork latency of a running Linux VM and the host memory each idle fork
+/// costs: Linux boots to its shell (release hypervisor, 1 GiB of host RAM,
+/// 256 MiB guest, 2 vCPUs), idles, and the console forks it `forks` times
+/// (each `fork` times itself inside the hypervisor); `stats` before the
+/// forks and after every VM idled for `idle` gives the extra frames. Each
+/// child then answers a shell command, so only running forks are counted.
+pub fn fork_bench(hyp: &Path, forks: u32, idle: Duration) -> Result<(), String> {
+    let images = ensure()?;
+    let cfg = qemu_tests::MachineConfig {
+        guest: "linux".into(),
+        linux: Some((images.kernel.clone(), images.initrd.clone())),
+        ..qemu_tests::MachineConfig::default()
+    };
+    let t = Duration::from_secs(180);
+    let mut m = qemu_tests::Machine::spawn("bench-linux-fork", &mut cfg.command(hyp));
+    let fail = |m: &qemu_tests::Machine, e: String| format!("{e}\n{}", m.transcript());
+    m.try_expect("MHV-LINUX-READY", t)
+        .and_then(|_| m.try_expect("# ", t))
+        .map_err(|e| fail(&m, e))?;
+    std::thread::sleep(idle);
+    m.send("\x01stats\n");
+    let before = m
+        .try_expect("vms:", t)
+        .map_err(|e| fail(&m, e))
+        .and_then(|s| used_frames(&s).ok_or_else(|| format!("no frames line in {s}")))?;
+    m.send(&format!("fork 1 {forks}\n"));
+    let mut latencies = Vec::new();
+    for child in 2..2 + forks {
+        let seen = m
+            .try_expect(&format!("forked: child vm {child} in "), t)
+            .and_then(|_| m.try_expect(" us", t))
+            .map_err(|e| fail(&m, e))?;
+        let us: f64 = seen
+            .trim_end_matches(" us")
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad fork latency {seen:?}"))?;
+        latencies.push(us / 1000.0);
+    }
+    std::thread::sleep(idle);
+    m.send("stats\n");
+    let after = m
+        .try_expect("vms:", t)
+        .map_err(|e| fail(&m, e))
+        .and_then(|s| used_frames(&s).ok_or_else(|| format!("no frames line in {s}")))?;
+    // Every VM still answers (focus: hypervisor -> vm 1 -> ...).
+    for vm in 1..2 + forks {
+        m.send(&format!("\x01echo alive-$((6*{vm}))\n"));
+        m.try_expect(&format!("[vm{vm}] alive-{}", 6 * vm), t)
+            .map_err(|e| fail(&m, e))?;
+    }
+    m.send("\x01quit\n");
+    let per_fork = (after.saturating_sub(before)) as f64 * 4096.0 / f64::from(forks) / 1048576.0;
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "\n| Linux fork ({forks} forks of an idle 256 MiB, 2-vCPU guest; idle {} s) | |",
+        idle.as_secs()
+    );
+    println!("|---|---|");
+    println!(
+        "| fork latency, median (min - max) | {:.2} ms ({:.2} - {:.2}) |",
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1]
+    );
+    println!("| host frames used before / after | {before} / {after} |");
+    println!("| extra host memory per idle fork | {per_fork:.2} MiB |");
+    Ok(())
+}

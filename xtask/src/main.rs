@@ -90,6 +90,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         migrate_bench(&images)?;
     }
     linux::bench(&images.hyp, 3)?;
+    linux::fork_bench(&images.hyp, 8, std::time::Duration::from_secs(5))?;
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())
 }
