@@ -23,6 +23,8 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
     focus: None,
     script: VecDeque::new(),
 });
+/// A script `sleep` holds the next command back until this counter value.
+static SCRIPT_RESUME_AT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 
 /// Queues `;`-separated commands to run once the initial VMs are up.
@@ -87,7 +89,12 @@ pub fn poll() {
         execute(&cmd);
         crate::print!("hyp> ");
     }
-    let next = CONSOLE.lock().script.pop_front();
+    let paused = crate::timer::now() < SCRIPT_RESUME_AT.load(Ordering::Acquire);
+    let next = if paused {
+        None
+    } else {
+        CONSOLE.lock().script.pop_front()
+    };
     if let Some(cmd) = next {
         crate::println!("hyp> {cmd}");
         execute(&cmd);
@@ -208,6 +215,16 @@ pub fn execute(line: &str) {
             (Some("fork"), Some(mib)) if (1..=4096).contains(&mib) => crate::bench::fork(mib),
             _ => Err(String::from("usage: bench fork <MiB>")),
         },
+        "sleep" => match words.next().and_then(|m| m.parse::<u64>().ok()) {
+            Some(ms) if (1..=60_000).contains(&ms) => {
+                let until = crate::timer::now() + crate::timer::ms_to_ticks(ms);
+                SCRIPT_RESUME_AT.store(until, Ordering::Release);
+                Ok(())
+            }
+            _ => Err(String::from(
+                "usage: sleep <ms> (1..=60000; delays the next script command)",
+            )),
+        },
         "quit" => {
             let status = vm::WORST_STATUS.load(Ordering::Relaxed);
             crate::println!("[hyp] quit: exiting with status {status}");
@@ -274,7 +291,7 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
 
 fn help() {
     crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n{}  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor",
+        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n{}  sleep <ms>        (in a script) wait before the next command\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor",
         crate::memcmd::HELP
     );
 }

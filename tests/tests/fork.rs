@@ -92,3 +92,39 @@ fn mem_release_returns_pages_and_refuses_bad_ranges() {
     assert_eq!(m.wait_exit(T), 0);
     m.assert_no_hyp_fault();
 }
+
+#[test]
+fn garbage_hypercalls_get_error_codes() {
+    let cfg = MachineConfig {
+        vcpus: Some(2),
+        ..guest("badcalls")
+    };
+    let mut m = Machine::boot("badcalls", &cfg);
+    m.expect("garbage hypercalls refused with the right codes", T);
+    m.expect("GUEST RESULT: PASS", T);
+    assert_eq!(m.wait_exit(T), 0);
+    m.assert_no_hyp_fault();
+}
+
+/// `destroy` from the console while the VM is forking in a loop on one CPU,
+/// and while two vCPUs fault in fresh memory: the hypervisor survives and
+/// every frame comes back (only the 16-frame split reserve stays in use).
+#[test]
+fn destroy_while_forking_or_faulting() {
+    for (name, vcpus, args) in [
+        ("destroy-forking", 1, "forkloop cycles=100000"),
+        ("destroy-faulting", 2, "selftest mem=160"),
+    ] {
+        let cfg = MachineConfig {
+            vcpus: Some(vcpus),
+            guest_args: Some(args.into()),
+            script: Some("sleep 300; destroy 1; sleep 300; stats".into()),
+            ..MachineConfig::default()
+        };
+        let mut m = Machine::boot(name, &cfg);
+        m.expect("hyp> destroy 1", T);
+        m.expect("(16 used, 0 shared)", T);
+        assert_eq!(m.wait_exit(T), 0, "{}", m.transcript());
+        m.assert_no_hyp_fault();
+    }
+}

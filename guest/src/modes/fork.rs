@@ -330,3 +330,78 @@ pub fn release(_plat: &Platform) -> Result<(), Reason> {
     println!("GUEST: release: {} pages returned ({before} -> {after}), area reads zero, bad ranges refused", before - after);
     Ok(())
 }
+
+/// `badcalls`: hypercalls with garbage arguments get SMCCC/PSCI error codes
+/// and change nothing.
+pub fn bad_calls(_plat: &Platform) -> Result<(), Reason> {
+    use platform::abi::{SMCCC_INVALID_PARAMETER, SMCCC_NOT_SUPPORTED};
+    let me = vm_id();
+    let cases: [(&str, u32, u64, u64, i64); 10] = [
+        (
+            "unknown vendor call",
+            0xC600_00FF,
+            1,
+            2,
+            SMCCC_NOT_SUPPORTED,
+        ),
+        ("unknown call", 0xDEAD_BEEF, 0, 0, SMCCC_NOT_SUPPORTED),
+        (
+            "RESTORE of vm 0",
+            HVC_RESTORE,
+            0,
+            0,
+            SMCCC_INVALID_PARAMETER,
+        ),
+        (
+            "RESTORE of a missing vm",
+            HVC_RESTORE,
+            99_999,
+            0,
+            SMCCC_INVALID_PARAMETER,
+        ),
+        (
+            "RESTORE of a huge id",
+            HVC_RESTORE,
+            u64::MAX,
+            0,
+            SMCCC_INVALID_PARAMETER,
+        ),
+        (
+            "RESTORE to itself (not a snapshot)",
+            HVC_RESTORE,
+            me,
+            0,
+            SMCCC_INVALID_PARAMETER,
+        ),
+        (
+            "STATS of an unknown counter",
+            HVC_STATS,
+            99,
+            0,
+            SMCCC_INVALID_PARAMETER,
+        ),
+        (
+            "PSCI CPU_ON of a missing cpu",
+            0xC400_0003,
+            0xff00,
+            0x4008_0000,
+            -2,
+        ),
+        ("PSCI CPU_ON outside RAM", 0xC400_0003, 1, 0x10, -9),
+        ("PSCI AFFINITY_INFO bad level", 0xC400_0004, 0, 7, -2),
+    ];
+    for (what, fid, a1, a2, want) in cases {
+        let got = hvc(fid, a1, a2, 0);
+        if got != want {
+            return Err(reason!("{what}: got {got}, expected {want}"));
+        }
+    }
+    if vm_id() != me {
+        return Err(reason!("garbage calls changed our identity"));
+    }
+    println!(
+        "GUEST: badcalls: {} garbage hypercalls refused with the right codes",
+        cases.len()
+    );
+    Ok(())
+}

@@ -30,6 +30,8 @@ pub enum Mode {
     ForkMem,
     /// MEM_RELEASE gives pages back.
     Release,
+    /// Garbage hypercalls get error codes.
+    BadCalls,
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
@@ -46,6 +48,7 @@ impl Mode {
             "cowbench" => Some(Self::CowBench),
             "forkmem" => Some(Self::ForkMem),
             "release" => Some(Self::Release),
+            "badcalls" => Some(Self::BadCalls),
             "memstress" => Some(Self::MemStress),
             _ => None,
         }
@@ -61,6 +64,7 @@ impl Mode {
             Self::CowBench => "cowbench",
             Self::ForkMem => "forkmem",
             Self::Release => "release",
+            Self::BadCalls => "badcalls",
             Self::MemStress => "memstress",
         }
     }
@@ -76,6 +80,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::CowBench => fork::cow_bench(plat),
         Mode::ForkMem => fork::fork_mem(plat),
         Mode::Release => fork::release(plat),
+        Mode::BadCalls => fork::bad_calls(plat),
         Mode::MemStress => memstress::run(plat, args),
     }
 }
