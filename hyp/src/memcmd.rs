@@ -145,7 +145,7 @@ pub fn stats() {
     let (offline, offline_free) = frames::get().offline_count();
     let (low, high) = memctl::watermarks();
     crate::println!(
-        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); guest frames from {:#x}",
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
         memctl::MIGRATED.load(Ordering::Relaxed),
         memctl::RECLAIMED.load(Ordering::Relaxed),
         STORE.stored.load(Ordering::Relaxed),
@@ -159,6 +159,7 @@ pub fn stats() {
         low,
         high,
         memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
+        crate::memory::reserve_len(),
         frames::get().first_free(),
     );
 }

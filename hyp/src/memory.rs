@@ -59,6 +59,11 @@ fn take_reserve() -> Option<u64> {
     Some(pa)
 }
 
+/// Frames held in the split reserve (for leak checks: `stats`).
+pub fn reserve_len() -> usize {
+    RESERVE.lock().len()
+}
+
 /// Tops the split reserve up from the allocator. Called where no
 /// memory-manager lock is held (the start of a fault).
 pub fn refill_reserve() {
