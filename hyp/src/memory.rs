@@ -230,7 +230,9 @@ impl GuestMemory {
     /// Ends a batch: one VMID-wide invalidation covers every change made in it.
     pub fn end_batch(&mut self) {
         if core::mem::take(&mut self.batching) {
-            TLB.invalidate_vmid(self.table().vttbr());
+            if let Some(table) = &self.table {
+                TLB.invalidate_vmid(table.vttbr());
+            }
         }
     }
 }

@@ -259,7 +259,12 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
 /// Tears down a VM's memory: zap every entry, unlink its regions from the
 /// reverse map, and only then free its stage-2 tables (DESIGN lesson 5).
 pub fn teardown(vm: &Vm) {
+    // No vCPU of the VM runs again, so one VMID-wide invalidation after the
+    // zap covers every entry (destroy() flushes the VMID again before it is
+    // reused); frames freed meanwhile are unreachable through this VM.
+    vm.memory.lock().begin_batch();
     let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
+    vm.memory.lock().end_batch();
     vm.free_tables(proof);
 }
 

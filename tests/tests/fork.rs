@@ -118,7 +118,7 @@ fn destroy_while_forking_or_faulting() {
         let cfg = MachineConfig {
             vcpus: Some(vcpus),
             guest_args: Some(args.into()),
-            script: Some("sleep 300; destroy 1; sleep 300; stats".into()),
+            script: Some("sleep 300; destroy 1; wait 60; stats".into()),
             ..MachineConfig::default()
         };
         let mut m = Machine::boot(name, &cfg);
