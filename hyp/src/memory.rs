@@ -308,6 +308,50 @@ impl LockedStage2<'_> {
         self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true)
     }
 
+    /// CAS of a leaf the caller just read, retried while only a hardware
+    /// access-flag update got in between.
+    fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
+        let mut cur = *leaf;
+        while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
+            cur.desc = d;
+            if decode(Some(cur), cur.ipa) != old {
+                break;
+            }
+        }
+    }
+
+    /// Makes a writable block read-only as one entry, if `new` is exactly
+    /// that; false if it is some other change (the caller splits).
+    fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
+        let (
+            S2Entry::Page { pfn: a, .. },
+            S2Entry::Page {
+                pfn: b,
+                writable: false,
+            },
+        ) = (old, new)
+        else {
+            return false;
+        };
+        let Leaf::Mapped(m) = leaf.leaf else {
+            return false;
+        };
+        if a != b {
+            return false;
+        }
+        let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
+            .expect("block descriptor");
+        let table = self.mem.table();
+        let batch = Batch::new(&TLB, table.vttbr());
+        let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &TLB };
+        let ok = table
+            .compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, ro, flusher)
+            .is_ok();
+        // A pending flush is issued by end_batch() (or was already done).
+        let _ = batch.into_pending();
+        ok
+    }
+
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
     fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
         let table = self.mem.table();
@@ -512,6 +556,86 @@ impl Stage2Locked for LockedStage2<'_> {
         for leaf in blocks {
             self.update_block(&leaf, start, end, f);
         }
+    }
+
+    /// One walk; a whole block inside the range is reported once and, if the
+    /// replacement only write-protects it, stays one block entry (fork).
+    fn update_leaves(
+        &mut self,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
+    ) {
+        let end = end.min(self.mem.table().config().ipa_limit());
+        if start >= end {
+            return;
+        }
+        let mut blocks = Vec::new();
+        let this = &*self;
+        let mut visit = |leaf: &LeafInfo| {
+            if leaf.level < stage2::LAST_LEVEL {
+                blocks.push(*leaf);
+                return;
+            }
+            let old = decode(Some(*leaf), leaf.ipa);
+            if let Some(new) = f(leaf.ipa, 1, old).filter(|&n| n != old) {
+                this.replace_retrying(leaf, old, new);
+            }
+        };
+        let _ = this.mem.table().walk(start, end - start, &mut visit);
+        for leaf in blocks {
+            let whole = leaf.ipa >= start && leaf.ipa + leaf.size() <= end;
+            if !whole {
+                // Never for fork (2 MiB-aligned chunks); pages one by one.
+                self.update_block(&leaf, start, end, &mut |ipa, e| f(ipa, 1, e));
+                continue;
+            }
+            let pages = leaf.size() / PAGE_SIZE;
+            let old = decode(Some(leaf), leaf.ipa);
+            let Some(new) = f(leaf.ipa, pages, old).filter(|&n| n != old) else {
+                continue;
+            };
+            if !self.write_protect_block(&leaf, old, new) {
+                for i in 0..pages {
+                    let _ = self.cas(leaf.ipa + i * PAGE_SIZE, old.page(i), new.page(i));
+                }
+            }
+        }
+    }
+
+    /// Groups consecutive items into runs, each mapped with one table call (a
+    /// whole aligned 2 MiB run as one block entry).
+    fn fill_leaves(&mut self, leaves: &[(u64, u64, S2Entry)]) -> usize {
+        let mut done = 0;
+        while done < leaves.len() {
+            let (ipa, pages, entry) = leaves[done];
+            let S2Entry::Page { pfn, writable } = entry else {
+                if self.fill_hole(ipa, entry).is_err() {
+                    return done;
+                }
+                done += 1;
+                continue;
+            };
+            let (mut items, mut len) = (1, pages);
+            while let Some(&(next_ipa, next_pages, next)) = leaves.get(done + items) {
+                let contiguous = next_ipa == ipa + len * PAGE_SIZE
+                    && next
+                        == (S2Entry::Page {
+                            pfn: pfn + len,
+                            writable,
+                        });
+                if !contiguous || (len + next_pages) * PAGE_SIZE > BLOCK_SIZE {
+                    break;
+                }
+                len += next_pages;
+                items += 1;
+            }
+            if !self.map_run(ipa, pfn, len, writable) {
+                return done;
+            }
+            done += items;
+        }
+        done
     }
 
     /// Runs of consecutive pages are mapped with one `map_pages` each (fork

@@ -32,6 +32,17 @@ pub enum S2Entry {
 }
 
 impl S2Entry {
+    /// The entry for page `i` of a leaf whose first page is `self` (frames are consecutive).
+    pub fn page(self, i: u64) -> S2Entry {
+        match self {
+            S2Entry::Page { pfn, writable } => S2Entry::Page {
+                pfn: pfn + i,
+                writable,
+            },
+            other => other,
+        }
+    }
+
     /// The frame this entry refers to (page or migration entry).
     pub fn pfn(self) -> Option<Pfn> {
         match self {
@@ -86,6 +97,42 @@ pub trait Stage2Locked {
                 }
             }
         }
+    }
+
+    /// Like [`Stage2Locked::update_range`], but a leaf mapping `pages` consecutive pages (a
+    /// block) is reported once, as `f(ipa, pages, entry of its first page)`, and a replacement
+    /// applies to the whole leaf (page `i` gets the replacement's frame + `i`). Fork uses it
+    /// to copy a block as one entry. The default reports every page on its own.
+    fn update_leaves(
+        &mut self,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, S2Entry) -> Option<S2Entry>,
+    ) {
+        self.update_range(start, end, &mut |ipa, entry| f(ipa, 1, entry));
+    }
+
+    /// [`Stage2Locked::fill`] for leaves of several pages (`(ipa, pages, entry of the first
+    /// page)`); returns how many items were installed. The default installs page by page.
+    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, S2Entry)]) -> usize {
+        for (n, &(ipa, pages, entry)) in leaves.iter().enumerate() {
+            let page = |i: u64| (ipa + i * crate::PAGE_SIZE, entry.page(i));
+            let done = (0..pages)
+                .take_while(|&i| {
+                    let (at, e) = page(i);
+                    self.compare_exchange(at, S2Entry::Invalid, e).is_ok()
+                })
+                .count() as u64;
+            if done < pages {
+                // Take this item's pages out again so the count stays exact.
+                for i in 0..done {
+                    let (at, e) = page(i);
+                    let _ = self.compare_exchange(at, e, S2Entry::Invalid);
+                }
+                return n;
+            }
+        }
+        leaves.len()
     }
 
     /// Installs `entries` (ascending IPAs) into empty slots; returns how many were installed

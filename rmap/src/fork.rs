@@ -90,21 +90,21 @@ impl Rmap {
         const CHUNK: u64 = 512 * PAGE_SIZE;
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
-        let mut batch: Vec<(Ipa, S2Entry)> = Vec::with_capacity(512);
+        let mut batch: Vec<(Ipa, u64, S2Entry)> = Vec::with_capacity(512);
         let mut start = region.start();
         while start < region.end() {
             let end = ((start / CHUNK + 1) * CHUNK).min(region.end());
             batch.clear();
-            parent.update_range(start, end, &mut |ipa, entry| {
-                let shared = self.share_entry(entry, swap)?;
-                batch.push((ipa, shared));
+            parent.update_leaves(start, end, &mut |ipa, pages, entry| {
+                let shared = self.share_entry(entry, pages, swap)?;
+                batch.push((ipa, pages, shared));
                 Some(shared)
             });
-            let installed = child.fill(&batch);
+            let installed = child.fill_leaves(&batch);
             if installed < batch.len() {
                 batch[installed..]
                     .iter()
-                    .for_each(|&(_, e)| self.unshare_entry(e, swap));
+                    .for_each(|&(_, pages, e)| self.unshare_entry(e, pages, swap));
                 return Err(Error::OutOfFrames);
             }
             start = end;
@@ -112,11 +112,12 @@ impl Rmap {
         Ok(())
     }
 
-    /// The entry a fork child gets for a parent's `entry` (read-only, one more reference).
-    fn share_entry<W: SwapStore>(&self, entry: S2Entry, swap: &W) -> Option<S2Entry> {
+    /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
+    /// one more reference on each frame).
+    fn share_entry<W: SwapStore>(&self, entry: S2Entry, pages: u64, swap: &W) -> Option<S2Entry> {
         match entry {
             S2Entry::Page { pfn, .. } => {
-                self.add_anon_rmap(pfn);
+                (pfn..pfn + pages).for_each(|p| self.add_anon_rmap(p));
                 Some(S2Entry::Page {
                     pfn,
                     writable: false,
@@ -134,14 +135,14 @@ impl Rmap {
         }
     }
 
-    /// Drops the reference `share_entry` took for an entry that was not installed. The
-    /// parent still maps the frame, so this never frees it.
-    fn unshare_entry<W: SwapStore>(&self, entry: S2Entry, swap: &W) {
+    /// Drops the references `share_entry` took for an entry that was not installed. The
+    /// parent still maps the frames, so this never frees one.
+    fn unshare_entry<W: SwapStore>(&self, entry: S2Entry, pages: u64, swap: &W) {
         match entry {
-            S2Entry::Page { pfn, .. } => {
-                let last = self.frames.frame(pfn).dec_map();
+            S2Entry::Page { pfn, .. } => (pfn..pfn + pages).for_each(|p| {
+                let last = self.frames.frame(p).dec_map();
                 debug_assert!(!last, "the parent still maps it");
-            }
+            }),
             S2Entry::Swap { slot } => swap.put(slot),
             _ => {}
         }
