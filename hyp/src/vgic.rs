@@ -225,6 +225,14 @@ impl Vgic {
         }
     }
 
+    /// Makes every vCPU of the VM pass through `flush` (and so
+    /// `vpl011::sync_image`) before it next runs guest code.
+    pub fn poke(&self) {
+        let st = self.state.lock();
+        st.touch_all();
+        (0..st.cpus.len()).for_each(|c| st.kick(c));
+    }
+
     /// Drives the input line of a level-triggered SPI (a device model).
     pub fn set_spi_level(&self, intid: u32, level: bool) {
         let mut st = self.state.lock();
@@ -373,6 +381,9 @@ pub fn flush(vcpu: &Vcpu) {
         // left ICH_HCR_EL2 enabled.
         return;
     }
+    // Device state that must follow (the UART's register image), before
+    // the vGIC lock: it takes the UART and stage-2 locks.
+    crate::vpl011::sync_image(&vcpu.vm);
     let mut st = vcpu.vm.vgic.state.lock();
     let st = &mut *st;
     // Cleared under the lock: a change from now on sets it again.

@@ -1,11 +1,22 @@
 //! The per-VM emulated PL011 at the usual QEMU virt address. Transmit goes to
 //! the physical console a line at a time (labelled by VM when several exist);
 //! receive takes bytes the console routes to this VM.
+//!
+//! Register reads cost no exit while no received byte waits: a read-only
+//! image of the registers (a hypervisor frame, not guest RAM, not in the
+//! reverse map) is mapped at the UART's address, so a guest polling FR
+//! before each character (Linux's console does, twice per character for
+//! earlycon) only traps on the write to DR. The image is unmapped while
+//! received bytes wait (a DR read must pop one), and refreshed after every
+//! trapped write. Stage-2 changes happen only in `sync_image`, called from
+//! `vgic::flush` on a vCPU of the VM (so the VM is alive); everything else
+//! only asks for it through `Vgic::poke`.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use platform::pl011::{offset, ID_BYTES};
+use rmap::{S2Entry, Stage2, Stage2Locked};
 use spin::Mutex;
 
 /// Guest-physical base of the emulated UART (as on a bare QEMU virt).
@@ -29,6 +40,20 @@ pub struct Vpl011 {
     imsc: u32,
     /// The level last driven on the interrupt line (None: not yet).
     driven: Option<bool>,
+    /// Host PA of the register image (0: none yet), and whether it is
+    /// mapped at VPL011_BASE in the VM's stage 2.
+    image: u64,
+    mapped: bool,
+}
+
+impl Drop for Vpl011 {
+    fn drop(&mut self) {
+        // A Vpl011 is dropped with its VM (after its stage-2 table was
+        // freed) or replaced on a fork or restore before its VM ran.
+        if self.image != 0 {
+            crate::frames::get().free(self.image);
+        }
+    }
 }
 
 /// What a trapped access produced for the console.
@@ -42,6 +67,14 @@ impl Vpl011 {
     pub fn read(&mut self, off: u64) -> u32 {
         match off {
             offset::DR => self.rx.pop_front().map_or(0, u32::from),
+            _ => self.peek(off),
+        }
+    }
+
+    /// What a read of `off` returns, without a read's side effect (DR).
+    fn peek(&self, off: u64) -> u32 {
+        match off {
+            offset::DR => 0,
             offset::FR => FR_TXFE | if self.rx.is_empty() { FR_RXFE } else { 0 },
             offset::CR => self.cr,
             offset::LCR_H => self.lcr_h,
@@ -123,6 +156,9 @@ impl Vpl011 {
             ifls: self.ifls,
             imsc: self.imsc,
             driven: self.driven,
+            // The copy maps its own image on its first access.
+            image: 0,
+            mapped: false,
         }
     }
 }
@@ -137,6 +173,64 @@ pub fn update_irq(vm: &crate::vm::Vm) {
     if uart.driven != Some(level) {
         uart.driven = Some(level);
         vm.vgic.set_spi_level(crate::vgic::UART_INTID, level);
+    }
+    uart.refresh_image();
+    if uart.mapped != uart.rx.is_empty() {
+        // The image must be mapped or unmapped: by a vCPU of this VM, and
+        // before a vCPU of it reads the UART again.
+        vm.vgic.poke();
+    }
+}
+
+/// Page offsets the image holds (everything else reads zero).
+const IMAGE_REGS: [core::ops::Range<u64>; 2] = [0..0x48, offset::ID_START..VPL011_SIZE];
+
+impl Vpl011 {
+    /// Writes what reads return now into the image (while it may be mapped
+    /// only the trapped writes change these, and this runs after each).
+    fn refresh_image(&self) {
+        if self.image == 0 {
+            return;
+        }
+        for off in IMAGE_REGS.into_iter().flatten().step_by(4) {
+            let value = self.peek(off);
+            // SAFETY: `image` is a frame this UART owns, identity mapped at
+            // EL2; the guest only reads it (read-only at stage 2).
+            unsafe { core::ptr::write_volatile((self.image + off) as *mut u32, value) };
+        }
+    }
+}
+
+/// Maps the register image while no received byte waits, unmaps it while
+/// one does. Called on a vCPU of `vm` before it enters the guest, so the VM's
+/// stage 2 is alive; takes the UART lock, then the stage-2 lock.
+pub fn sync_image(vm: &crate::vm::Vm) {
+    let mut uart = vm.uart.lock();
+    let want = uart.rx.is_empty();
+    if uart.mapped == want {
+        return;
+    }
+    if want && uart.image == 0 {
+        let Some(pa) = crate::frames::get().alloc_contiguous_zeroed_unmovable(1) else {
+            return; // no frame: reads keep trapping
+        };
+        uart.image = pa;
+    }
+    uart.refresh_image();
+    let page = S2Entry::Page {
+        pfn: uart.image / crate::frames::PAGE_SIZE,
+        writable: false,
+    };
+    let (old, new) = if want {
+        (S2Entry::Invalid, page)
+    } else {
+        (page, S2Entry::Invalid)
+    };
+    let mut s2 = vm.lock();
+    match s2.compare_exchange(VPL011_BASE, old, new) {
+        Ok(()) => uart.mapped = want,
+        // Someone else's entry (never expected): leave it, keep trapping.
+        Err(found) => uart.mapped = found == page,
     }
 }
 

@@ -89,7 +89,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         fork_bench(&images)?;
         migrate_bench(&images)?;
     }
-    linux::bench(&images.hyp, 3)?;
+    linux::bench(&images.hyp, 5)?;
     linux::fork_bench(&images.hyp, 8, std::time::Duration::from_secs(5))?;
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())
