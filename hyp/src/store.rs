@@ -25,6 +25,8 @@ use spin::Mutex;
 /// The slot every all-zero page shares. Its reference count is the number of
 /// zero-marker entries in all stage-2 tables.
 pub const ZERO_SLOT: u64 = 0;
+/// Most bytes of page data the store keeps (the hypervisor heap is 64 MiB).
+pub const STORE_BUDGET: u64 = 32 << 20;
 const PAGE: usize = PAGE_SIZE as usize;
 /// The output room `lz4_flex` wants for a 4 KiB input.
 pub const MAX_COMPRESSED: usize = lz4_flex::block::get_maximum_output_size(PAGE);
@@ -115,13 +117,20 @@ impl PageStore {
         self.inner.lock().zero_refs
     }
 
-    fn insert(&self, data: Box<[u8]>) -> u64 {
+    /// None if the slot table cannot grow (heap full): never panics.
+    fn insert(&self, data: Box<[u8]>) -> Option<u64> {
         let mut s = self.inner.lock();
+        // Room for the slot, and for its index on the free list when it is
+        // released, so `put` never allocates.
+        let (slots, free) = (s.slots.len(), s.free.len());
+        if s.slots.try_reserve(2).is_err() || s.free.try_reserve(slots + 2 - free).is_err() {
+            return None;
+        }
         if s.slots.is_empty() {
             s.slots.push(Slot::Free); // slot 0 is the zero slot
         }
         let slot = Slot::Page { data, refs: 1 };
-        match s.free.pop() {
+        Some(match s.free.pop() {
             Some(i) => {
                 s.slots[i as usize] = slot;
                 u64::from(i)
@@ -130,7 +139,7 @@ impl PageStore {
                 s.slots.push(slot);
                 s.slots.len() as u64 - 1
             }
-        }
+        })
     }
 }
 
@@ -148,14 +157,20 @@ impl SwapStore for PageStore {
         }
         let mut buf = [0u8; MAX_COMPRESSED];
         let n = compress(data, &mut buf);
+        // The store lives on the hypervisor heap, which everything else
+        // needs too: past its budget, a frame stays resident.
+        if self.bytes.load(Ordering::Relaxed) + n as u64 > STORE_BUDGET {
+            return None;
+        }
         let mut boxed = Vec::new();
         if boxed.try_reserve_exact(n).is_err() {
             return None; // heap full: the frame stays resident
         }
         boxed.extend_from_slice(&buf[..n]);
+        let slot = self.insert(boxed.into_boxed_slice())?;
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.stored.fetch_add(1, Ordering::Relaxed);
-        Some(self.insert(boxed.into_boxed_slice()))
+        Some(slot)
     }
 
     fn load(&self, slot: u64, pfn: Pfn) {
