@@ -364,48 +364,21 @@ impl LockedStage2<'_> {
         table.lookup(ipa)
     }
 
-    /// update_range over a block leaf: if `f` only write-protects every page
-    /// of it (fork), the block stays a block; anything else splits it first.
-    fn update_block(
+    /// The pages of a block only partly inside an update: changed one by one
+    /// (`cas` splits the block first).
+    fn update_block_pages(
         &mut self,
         leaf: &LeafInfo,
         start: u64,
         end: u64,
-        f: &mut dyn FnMut(u64, S2Entry) -> Option<S2Entry>,
+        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
     ) {
         let (lo, hi) = (leaf.ipa.max(start), (leaf.ipa + leaf.size()).min(end));
-        let mut changes = Vec::new();
-        let mut only_wrprotect = lo == leaf.ipa && hi == leaf.ipa + leaf.size();
         for ipa in (lo..hi).step_by(PAGE_SIZE as usize) {
             let old = decode(Some(*leaf), ipa);
-            if let Some(new) = f(ipa, old).filter(|&n| n != old) {
-                only_wrprotect &= matches!((old, new), (S2Entry::Page { pfn: a, .. }, S2Entry::Page { pfn: b, writable: false }) if a == b);
-                changes.push((ipa, old, new));
-            } else {
-                only_wrprotect = false;
+            if let Some(new) = f(ipa, 1, old).filter(|&n| n != old) {
+                let _ = self.cas(ipa, old, new);
             }
-        }
-        if changes.is_empty() {
-            return;
-        }
-        if only_wrprotect {
-            let Leaf::Mapped(m) = leaf.leaf else { return };
-            let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
-                .expect("block descriptor");
-            let table = self.mem.table();
-            let batch = Batch::new(&TLB, table.vttbr());
-            let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &TLB };
-            if table
-                .compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, ro, flusher)
-                .is_ok()
-            {
-                let _ = batch.into_pending();
-                return;
-            }
-            let _ = batch.into_pending();
-        }
-        for (ipa, old, new) in changes {
-            let _ = self.cas(ipa, old, new);
         }
     }
 
@@ -519,45 +492,6 @@ impl Stage2Locked for LockedStage2<'_> {
         self.mem.table().test_and_clear_young(ipa)
     }
 
-    /// One walk over the range; each replacement is a CAS on the leaf the
-    /// walk just read (no second walk from the root).
-    fn update_range(
-        &mut self,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(u64, S2Entry) -> Option<S2Entry>,
-    ) {
-        let end = end.min(self.mem.table().config().ipa_limit());
-        if start >= end {
-            return;
-        }
-        let this = &*self;
-        let mut blocks = Vec::new();
-        let mut visit = |leaf: &LeafInfo| {
-            if leaf.level < stage2::LAST_LEVEL {
-                blocks.push(*leaf);
-                return;
-            }
-            let old = decode(Some(*leaf), leaf.ipa);
-            if let Some(new) = f(leaf.ipa, old).filter(|&n| n != old) {
-                // The VM is quiesced and its stage-2 lock held: only
-                // hardware AF updates could race, and those a retry absorbs.
-                let mut cur = *leaf;
-                while let Err(CasError::Mismatch(d)) = this.replace_leaf(&cur, new) {
-                    cur.desc = d;
-                    if decode(Some(cur), cur.ipa) != old {
-                        break;
-                    }
-                }
-            }
-        };
-        let _ = this.mem.table().walk(start, end - start, &mut visit);
-        // Blocks change shape (or not) outside the walk.
-        for leaf in blocks {
-            self.update_block(&leaf, start, end, f);
-        }
-    }
-
     /// One walk; a whole block inside the range is reported once and, if the
     /// replacement only write-protects it, stays one block entry (fork).
     fn update_leaves(
@@ -587,7 +521,7 @@ impl Stage2Locked for LockedStage2<'_> {
             let whole = leaf.ipa >= start && leaf.ipa + leaf.size() <= end;
             if !whole {
                 // Never for fork (2 MiB-aligned chunks); pages one by one.
-                self.update_block(&leaf, start, end, &mut |ipa, e| f(ipa, 1, e));
+                self.update_block_pages(&leaf, start, end, f);
                 continue;
             }
             let pages = leaf.size() / PAGE_SIZE;
@@ -634,40 +568,6 @@ impl Stage2Locked for LockedStage2<'_> {
                 return done;
             }
             done += items;
-        }
-        done
-    }
-
-    /// Runs of consecutive pages are mapped with one `map_pages` each (fork
-    /// children of demand-paged VMs have long runs).
-    fn fill(&mut self, entries: &[(u64, S2Entry)]) -> usize {
-        let mut done = 0;
-        while done < entries.len() {
-            let (ipa, entry) = entries[done];
-            let S2Entry::Page { pfn, writable } = entry else {
-                if self.fill_hole(ipa, entry).is_err() {
-                    return done;
-                }
-                done += 1;
-                continue;
-            };
-            let run = entries[done..]
-                .iter()
-                .enumerate()
-                .take_while(|(i, (ip, e))| {
-                    let i = *i as u64;
-                    *ip == ipa + i * PAGE_SIZE
-                        && *e
-                            == S2Entry::Page {
-                                pfn: pfn + i,
-                                writable,
-                            }
-                })
-                .count();
-            if !self.map_run(ipa, pfn, run as u64, writable) {
-                return done;
-            }
-            done += run;
         }
         done
     }

@@ -98,58 +98,63 @@ fn bench(args: &[String]) -> Result<(), String> {
 /// The console script of `migrate_bench`.
 pub const MIGRATE_BENCH_SCRIPT: &str = "bench migrate 1 1024 1; bench migrate 1 1024 64; bench migrate 1 1024 512; bench migrate 10 1024 1; bench migrate 10 1024 64; bench migrate 10 1024 512; bench migrate 100 1024 1; bench migrate 100 1024 64; bench migrate 100 1024 512; bench reclaim 2048 1; bench reclaim 2048 64; bench reclaim 2048 512";
 
-/// Migration next to memcpy, reclaim next to LZ4 of the same frames, and
-/// fault-in latency, measured inside the hypervisor in one run (`bench
-/// migrate` / `bench reclaim` on its console).
-fn migrate_bench(images: &build::Images) -> Result<(), String> {
+/// Boots the release hypervisor with no guest, runs `script` on its console
+/// and prints the `expected` result lines starting with one of `prefixes`.
+fn console_bench(
+    images: &build::Images,
+    mem: &str,
+    script: &str,
+    prefixes: &[&str],
+    expected: usize,
+    title: &str,
+) -> Result<(), String> {
     let cfg = qemu_tests::MachineConfig {
+        mem: mem.into(),
         guest: "none".into(),
-        script: Some(MIGRATE_BENCH_SCRIPT.into()),
+        script: Some(script.into()),
         ..Default::default()
     };
-    let mut cmd = cfg.command(&images.hyp);
-    let out = cmd
+    let out = cfg
+        .command(&images.hyp)
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("qemu: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("bench migrate:") || l.starts_with("bench reclaim:"))
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
         .collect();
-    if lines.len() != 12 {
-        return Err(format!("migration benchmark did not complete:\n{text}"));
+    if lines.len() != expected {
+        return Err(format!("{title}: benchmark did not complete:\n{text}"));
     }
-    println!(
-        "\nmigration vs memcpy, reclaim vs lz4 (release hypervisor, QEMU TCG, cortex-a72, -smp 2):"
-    );
+    println!("\n{title} (release hypervisor, QEMU TCG, cortex-a72, -smp 2):");
     lines.iter().for_each(|l| println!("  {l}"));
     Ok(())
+}
+
+/// Migration next to memcpy, reclaim next to LZ4 of the same frames, and
+/// fault-in latency, measured inside the hypervisor in one run (`bench
+/// migrate` / `bench reclaim` on its console).
+fn migrate_bench(images: &build::Images) -> Result<(), String> {
+    console_bench(
+        images,
+        "1G",
+        MIGRATE_BENCH_SCRIPT,
+        &["bench migrate:", "bench reclaim:"],
+        12,
+        "migration vs memcpy, reclaim vs lz4",
+    )
 }
 
 /// Fork vs eager copy of the same frames, measured inside the hypervisor in
 /// one run (`bench fork <MiB>` on its console).
 fn fork_bench(images: &build::Images) -> Result<(), String> {
-    let cfg = qemu_tests::MachineConfig {
-        mem: "3G".into(),
-        guest: "none".into(),
-        script: Some("bench fork 64; bench fork 256; bench fork 1024".into()),
-        ..Default::default()
-    };
-    let mut cmd = cfg.command(&images.hyp);
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("qemu: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("bench fork:"))
-        .collect();
-    if lines.len() != 3 {
-        return Err(format!("fork benchmark did not complete:\n{text}"));
-    }
-    println!("\nfork vs eager copy (release hypervisor, QEMU TCG, cortex-a72, -smp 2):");
-    lines.iter().for_each(|l| println!("  {l}"));
-    Ok(())
+    console_bench(
+        images,
+        "3G",
+        "bench fork 64; bench fork 256; bench fork 1024",
+        &["bench fork:"],
+        3,
+        "fork vs eager copy",
+    )
 }
