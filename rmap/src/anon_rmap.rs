@@ -10,8 +10,15 @@ use crate::{Error, Ipa, Pfn, Rmap};
 impl Rmap {
     /// A zeroed frame from `alloc`, returned with one pin (refcount 1) held by the caller.
     pub fn alloc_frame(&self, alloc: &impl FrameAllocator) -> Result<Pfn, Error> {
-        let pfn = alloc.alloc().ok_or(Error::OutOfFrames)?;
+        let pfn = self.alloc_frame_to_overwrite(alloc)?;
         alloc.zero(pfn);
+        Ok(pfn)
+    }
+
+    /// Like [`Rmap::alloc_frame`] without zeroing, for a caller that overwrites every byte
+    /// before any VM can see the frame (a CoW copy, a swap-in).
+    pub fn alloc_frame_to_overwrite(&self, alloc: &impl FrameAllocator) -> Result<Pfn, Error> {
+        let pfn = alloc.alloc().ok_or(Error::OutOfFrames)?;
         self.frames.frame(pfn).init_allocated();
         Ok(pfn)
     }

@@ -52,7 +52,9 @@ impl Rmap {
     ) -> Result<Fault, Error> {
         let entry = s2.lock().lookup(ipa);
         match entry {
-            S2Entry::Invalid => self.fault_new_frame_from(region, s2, alloc, ipa, entry, |_| ()),
+            S2Entry::Invalid => {
+                self.fault_new_frame_from(region, s2, alloc, ipa, entry, None::<fn(Pfn)>)
+            }
             S2Entry::Page {
                 pfn,
                 writable: false,
@@ -61,7 +63,7 @@ impl Rmap {
             S2Entry::Migration { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
             S2Entry::Swap { slot } => {
                 let load = |pfn| swap.load(slot, pfn);
-                let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, load)?;
+                let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, Some(load))?;
                 if done == Fault::Done {
                     swap.put(slot);
                 }
@@ -77,7 +79,8 @@ impl Rmap {
         }
     }
 
-    /// A fresh exclusive frame (zeroed, then filled by `fill`) replaces `old` at `ipa`.
+    /// A fresh exclusive frame replaces `old` at `ipa`: filled by `fill`, which overwrites
+    /// all of it (a copy, a swap-in), or zeroed when there is none.
     fn fault_new_frame_from<S: Stage2, A: FrameAllocator>(
         &self,
         region: &Region,
@@ -85,10 +88,16 @@ impl Rmap {
         alloc: &A,
         ipa: Ipa,
         old: S2Entry,
-        fill: impl FnOnce(Pfn),
+        fill: Option<impl FnOnce(Pfn)>,
     ) -> Result<Fault, Error> {
-        let pfn = self.alloc_frame(alloc)?;
-        fill(pfn);
+        let pfn = match fill {
+            Some(fill) => {
+                let pfn = self.alloc_frame_to_overwrite(alloc)?;
+                fill(pfn);
+                pfn
+            }
+            None => self.alloc_frame(alloc)?,
+        };
         self.add_new_anon_rmap(pfn, region, ipa, true);
         let new = S2Entry::Page {
             pfn,
@@ -160,8 +169,14 @@ impl Rmap {
             pfn,
             writable: false,
         };
-        let done =
-            self.fault_new_frame_from(region, s2, alloc, ipa, old, |new| alloc.copy(new, pfn))?;
+        let done = self.fault_new_frame_from(
+            region,
+            s2,
+            alloc,
+            ipa,
+            old,
+            Some(|new| alloc.copy(new, pfn)),
+        )?;
         if done == Fault::Done {
             self.remove_rmap(pfn, alloc);
         }
