@@ -160,7 +160,11 @@ fn linux_tmpfs_file_survives_migrate_evacuate_reclaim() {
     m.send("[ \"$(md5sum /tmp/big | cut -c1-32)\" = \"$(cat /tmp/sum)\" ] && echo CHECK-$((3*4))-same || echo CHECK-$((3*4))-DIFFERENT\n");
     m.expect("CHECK-12-", REPLY);
     let verdict = m.expect("\n", REPLY);
-    assert!(verdict.starts_with("same"), "checksum changed: {verdict:?}\n{}", m.transcript());
+    assert!(
+        verdict.starts_with("same"),
+        "checksum changed: {verdict:?}\n{}",
+        m.transcript()
+    );
     m.send("echo answer=$((6*7))\n");
     m.expect("answer=42", REPLY);
     m.send("poweroff -f\n");
