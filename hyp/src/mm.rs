@@ -8,8 +8,8 @@ use crate::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use rmap::{
-    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, Stage2, Stage2Locked,
-    VmId, VmSet,
+    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, S2Entry, Stage2,
+    Stage2Locked, SwapStore, VmId, VmSet,
 };
 use spin::Once;
 use stage2::TlbMaintenance;
@@ -114,6 +114,9 @@ pub enum FaultError {
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
 pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
     crate::memory::refill_reserve();
+    // Below the low watermark, reclaim before allocating (no lock held here),
+    // including before a 2 MiB first touch takes 512 frames.
+    crate::memctl::balance();
     if fault_block(vm, ipa) {
         let chunk = ipa & !(crate::memory::BLOCK_SIZE - 1);
         let mut log = vm.dirty.lock();
@@ -121,8 +124,6 @@ pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
         return Ok(());
     }
     vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
-    // Below the low watermark, reclaim before allocating (no lock held here).
-    crate::memctl::balance();
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
     let oom = {
         let mut mem = vm.memory.lock();
@@ -310,8 +311,6 @@ pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
         Stat::Chains => rmap().live_chains() as u64,
     }
 }
-
-use rmap::{S2Entry, SwapStore as _};
 
 /// Makes `vm`'s entry at `ipa` its snapshot's again (fuzzing-style reset):
 /// drops the page `vm` has there, then maps the snapshot's frame (or swap
