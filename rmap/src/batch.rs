@@ -11,13 +11,12 @@
 //! → root anon_vma (read, 3) → stage-2 (4) → allocator (5), as `migrate_frame`; a batch holds
 //! several frame locks at once, all taken with try-lock, so it never waits at level 2.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+use crate::backend::{FrameAllocator, S2Entry, Stage2, SwapStore, VmSet};
 use crate::frame::{FrameGuard, BATCH_FRAME_LOCK};
 use crate::lock::lockdep;
-use crate::walk::{AnonRef, Mapper};
+use crate::walk::AnonRef;
 use crate::{Pfn, Rmap, VmId};
 use alloc::vec::Vec;
-use core::ops::ControlFlow;
 
 /// Why a frame of a batch was left where it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,19 +67,27 @@ impl Drop for BatchLocks {
     }
 }
 
-/// One frame taken by a batch: locked, anon_vma pinned, every mapping a migration entry.
+/// One frame taken by a batch: locked, anon_vma pinned, target allocated (migration only).
 struct Taken<'a> {
+    /// Position in the caller's list.
+    at: usize,
     pfn: Pfn,
     guard: FrameGuard<'a>,
     pin: AnonRef<'a>,
     index: u64,
-    /// Migration target (migration only).
     new: Option<Pfn>,
+}
+
+impl Taken<'_> {
+    fn target(&self) -> Pfn {
+        self.new.expect("migration target")
+    }
 }
 
 impl Rmap {
     /// Migrates each frame of `pfns` to a new frame; `out` gets, per frame in order, the new
-    /// frame or why it was skipped. One TLB invalidation per VM for the whole batch.
+    /// frame or why it was skipped. One TLB invalidation per VM for the whole batch, and each
+    /// mapping VM is locked once per anon_vma of the batch, not once per frame.
     pub fn migrate_frames<V: VmSet, A: FrameAllocator>(
         &self,
         vms: &V,
@@ -88,42 +95,32 @@ impl Rmap {
         pfns: &[Pfn],
         out: &mut Vec<Result<Pfn, Skip>>,
     ) {
-        let mut flush = Vec::new();
-        let mut taken = Vec::with_capacity(pfns.len());
-        let mut results: Vec<Result<Pfn, Skip>> = Vec::with_capacity(pfns.len());
-        let _batch = BatchLocks::record(&taken);
-        for &pfn in pfns {
-            match self.take_frame(vms, alloc, pfn, true, &mut flush) {
-                Ok(t) => {
-                    results.push(Ok(t.new.expect("migration target")));
-                    taken.push(t);
-                }
-                Err(skip) => results.push(Err(skip)),
-            }
-        }
-        self.flush_vms(vms, &flush);
-        for t in taken {
-            let new = t.new.expect("migration target");
+        let mut results: Vec<Result<Pfn, Skip>> = alloc::vec![Err(Skip::NotMapped); pfns.len()];
+        let _batch = BatchLocks::record(&results);
+        let taken = self.take_frames(vms, alloc, pfns, true, &mut results);
+        let mut targets = Vec::with_capacity(taken.len());
+        for t in &taken {
+            let new = t.target();
             alloc.copy(new, t.pfn);
             let anon_vma = t
                 .guard
                 .frame()
                 .anon_vma()
                 .expect("locked anon frame keeps its anon_vma");
-            let new_guard = self
-                .frames
-                .try_lock_batched(new)
-                .expect("a fresh frame is unlocked");
+            let guard = self.frames.lock_fresh(new, true);
             self.frames.frame(new).set_anon(anon_vma, t.index);
-            self.remove_migration_entries(&t.pin, t.index, t.pfn, vms, |writable| {
-                self.add_anon_rmap(new);
-                S2Entry::Page { pfn: new, writable }
-            });
-            drop(new_guard);
-            self.put_frame(new, alloc);
-            drop(t.pin);
-            drop(t.guard);
-            self.put_frame(t.pfn, alloc); // our pin was the last reference
+            targets.push(guard);
+            results[t.at] = Ok(new);
+        }
+        self.remap_taken(&taken, vms, |k, writable| {
+            let new = taken[k].target();
+            self.add_anon_rmap(new);
+            S2Entry::Page { pfn: new, writable }
+        });
+        drop(targets);
+        for t in taken {
+            self.put_frame(t.target(), alloc);
+            self.release(t, alloc); // our pin was the old frame's last reference
         }
         out.extend(results);
     }
@@ -138,71 +135,123 @@ impl Rmap {
         pfns: &[Pfn],
         out: &mut Vec<Result<u64, Skip>>,
     ) {
-        let mut flush = Vec::new();
-        let mut taken = Vec::with_capacity(pfns.len());
-        let mut results: Vec<Result<u64, Skip>> = Vec::with_capacity(pfns.len());
-        let _batch = BatchLocks::record(&taken);
-        for &pfn in pfns {
-            match self.take_frame(vms, alloc, pfn, false, &mut flush) {
-                Ok(t) => {
-                    results.push(Ok(0));
-                    taken.push((results.len() - 1, t));
-                }
-                Err(skip) => results.push(Err(skip)),
+        let mut results: Vec<Result<u64, Skip>> = alloc::vec![Err(Skip::NotMapped); pfns.len()];
+        let _batch = BatchLocks::record(&results);
+        let taken = self.take_frames(vms, alloc, pfns, false, &mut results);
+        let slots: Vec<Option<u64>> = taken.iter().map(|t| swap.store(t.pfn)).collect();
+        self.remap_taken(&taken, vms, |k, writable| match slots[k] {
+            Some(slot) => {
+                swap.dup(slot);
+                S2Entry::Swap { slot }
             }
-        }
-        self.flush_vms(vms, &flush);
-        for (i, t) in taken {
-            match swap.store(t.pfn) {
-                Some(slot) => {
-                    self.remove_migration_entries(&t.pin, t.index, t.pfn, vms, |_| {
-                        swap.dup(slot);
-                        S2Entry::Swap { slot }
-                    });
-                    swap.put(slot);
-                    results[i] = Ok(slot);
-                }
-                None => {
-                    self.restore_mappings(&t.pin, t.index, t.pfn, vms);
-                    results[i] = Err(Skip::StoreFull);
+            None => {
+                // The store refused it: the frame's own mappings go back.
+                self.add_anon_rmap(taken[k].pfn);
+                S2Entry::Page {
+                    pfn: taken[k].pfn,
+                    writable,
                 }
             }
-            drop(t.pin);
-            drop(t.guard);
-            self.put_frame(t.pfn, alloc);
+        });
+        for (t, slot) in taken.into_iter().zip(slots) {
+            results[t.at] = slot.ok_or(Skip::StoreFull);
+            if let Some(slot) = slot {
+                swap.put(slot);
+            }
+            self.release(t, alloc);
         }
         out.extend(results);
     }
 
-    /// Pins, try-locks and unmaps one frame into migration entries (deferred invalidation),
-    /// noting the VMs to flush. For migration also allocates the target.
-    fn take_frame<'a, V: VmSet, A: FrameAllocator>(
+    /// Takes every frame it can (pin, try-lock, checks, target), then replaces all their
+    /// mappings with migration entries, VM by VM, and flushes each VM that lost one once.
+    /// Skipped frames get their reason in `results`. The frames returned are sorted by
+    /// (anon_vma, page offset), the order the batched walks need.
+    fn take_frames<'a, V: VmSet, A: FrameAllocator, T>(
         &'a self,
         vms: &V,
         alloc: &A,
+        pfns: &[Pfn],
+        migrate: bool,
+        results: &mut [Result<T, Skip>],
+    ) -> Vec<Taken<'a>> {
+        let mut taken = Vec::with_capacity(pfns.len());
+        for (at, &pfn) in pfns.iter().enumerate() {
+            match self.take_frame(alloc, at, pfn, migrate) {
+                Ok(t) => taken.push(t),
+                Err(skip) => results[at] = Err(skip),
+            }
+        }
+        taken.sort_unstable_by_key(|t| (t.pin.handle().raw(), t.index));
+        let mut flush = Vec::new();
+        for (base, group) in groups(&taken) {
+            let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
+            self.walk_batch(group[0].pin.handle(), &items, vms, |i, m, s2| {
+                let S2Entry::Page { writable, .. } = m.entry else {
+                    return;
+                };
+                let t = &taken[base + i];
+                let migration = S2Entry::Migration {
+                    pfn: t.pfn,
+                    writable,
+                };
+                // It can fail only if the table cannot change shape now (splitting a block
+                // needs a table page): the mapping stays, the frame is skipped below.
+                if s2
+                    .compare_exchange_deferred(m.ipa, m.entry, migration)
+                    .is_ok()
+                {
+                    let last = t.guard.frame().dec_map();
+                    debug_assert!(!last, "the batch's pin keeps the frame");
+                    if !flush.contains(&m.vm) {
+                        flush.push(m.vm);
+                    }
+                }
+            });
+        }
+        // Mapped somewhere the walk did not reach: put its mappings back and skip it.
+        let (taken, unreachable): (Vec<_>, Vec<_>) = taken
+            .into_iter()
+            .partition(|t| t.guard.frame().mapcount() == 0);
+        for t in unreachable {
+            self.restore_mappings(&t.pin, t.index, t.pfn, vms);
+            if let Some(new) = t.new {
+                self.put_frame(new, alloc);
+            }
+            results[t.at] = Err(Skip::Unreachable);
+            self.release(t, alloc);
+        }
+        self.flush_vms(vms, &flush);
+        taken
+    }
+
+    /// Pins and try-locks one frame and checks it can move; for migration also allocates
+    /// the target.
+    fn take_frame<A: FrameAllocator>(
+        &self,
+        alloc: &A,
+        at: usize,
         pfn: Pfn,
         migrate: bool,
-        flush: &mut Vec<VmId>,
-    ) -> Result<Taken<'a>, Skip> {
+    ) -> Result<Taken<'_>, Skip> {
         let frame = self.frames.get(pfn).ok_or(Skip::NotMapped)?;
         if !frame.try_pin() {
             return Err(Skip::NotMapped);
         }
-        let result = self.take_pinned(vms, alloc, pfn, migrate, flush);
+        let result = self.take_pinned(alloc, at, pfn, migrate);
         if result.is_err() {
             self.put_frame(pfn, alloc);
         }
         result
     }
 
-    fn take_pinned<'a, V: VmSet, A: FrameAllocator>(
-        &'a self,
-        vms: &V,
+    fn take_pinned<A: FrameAllocator>(
+        &self,
         alloc: &A,
+        at: usize,
         pfn: Pfn,
         migrate: bool,
-        flush: &mut Vec<VmId>,
-    ) -> Result<Taken<'a>, Skip> {
+    ) -> Result<Taken<'_>, Skip> {
         let guard = self.frames.try_lock_batched(pfn).ok_or(Skip::Locked)?;
         let frame = guard.frame();
         if !frame.is_mapped() || frame.anon_vma().is_none() {
@@ -214,49 +263,48 @@ impl Rmap {
         let pin = self.get_anon_vma(pfn).ok_or(Skip::NotMapped)?;
         let index = frame.index();
         let new = if migrate {
-            Some(self.alloc_frame(alloc).map_err(|_| Skip::NoMemory)?)
+            // Every byte is copied before any VM can see it: no need to zero it first.
+            let new = self.alloc_frame_to_overwrite(alloc);
+            Some(new.map_err(|_| Skip::NoMemory)?)
         } else {
             None
         };
-        self.walk_pinned(
-            &pin,
-            index,
-            pfn,
-            vms,
-            |m: &Mapper, s2: &mut dyn Stage2Locked| {
-                if let S2Entry::Page { writable, .. } = m.entry {
-                    let migration = S2Entry::Migration { pfn, writable };
-                    // It can fail only if the table cannot change shape now (splitting a
-                    // block needs a table page): the mapping stays, the frame is skipped.
-                    if s2
-                        .compare_exchange_deferred(m.ipa, m.entry, migration)
-                        .is_err()
-                    {
-                        return ControlFlow::Continue(());
-                    }
-                    let last = frame.dec_map();
-                    debug_assert!(!last, "the batch's pin keeps the frame");
-                    if !flush.contains(&m.vm) {
-                        flush.push(m.vm);
-                    }
-                }
-                ControlFlow::Continue(())
-            },
-        );
-        if frame.mapcount() != 0 {
-            self.restore_mappings(&pin, index, pfn, vms);
-            if let Some(new) = new {
-                self.put_frame(new, alloc);
-            }
-            return Err(Skip::Unreachable);
-        }
         Ok(Taken {
+            at,
             pfn,
             guard,
             pin,
             index,
             new,
         })
+    }
+
+    /// Replaces every migration entry of the taken frames with `replacement(k, writable)`,
+    /// `k` the frame's position in `taken` (Linux's `remove_migration_ptes`, batched).
+    fn remap_taken<V: VmSet>(
+        &self,
+        taken: &[Taken<'_>],
+        vms: &V,
+        mut replacement: impl FnMut(usize, bool) -> S2Entry,
+    ) {
+        for (base, group) in groups(taken) {
+            let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
+            self.walk_batch(group[0].pin.handle(), &items, vms, |i, m, s2| {
+                if let S2Entry::Migration { writable, .. } = m.entry {
+                    let new = replacement(base + i, writable);
+                    s2.compare_exchange(m.ipa, m.entry, new)
+                        .expect("stage-2 locked");
+                }
+            });
+        }
+    }
+
+    /// Unlocks a taken frame and drops the batch's pin on it (which may free it).
+    fn release<A: FrameAllocator>(&self, t: Taken<'_>, alloc: &A) {
+        let pfn = t.pfn;
+        drop(t.pin);
+        drop(t.guard);
+        self.put_frame(pfn, alloc);
     }
 
     /// Puts the frame's own mappings back in place of its migration entries.
@@ -274,4 +322,16 @@ impl Rmap {
             let _ = vms.with_vm(id, |vm| vm.flush_deferred());
         }
     }
+}
+
+/// The runs of taken frames that share an anon_vma, each with its position in `taken`.
+fn groups<'s, 'a>(taken: &'s [Taken<'a>]) -> impl Iterator<Item = (usize, &'s [Taken<'a>])> {
+    let mut base = 0;
+    taken
+        .chunk_by(|a, b| a.pin.handle() == b.pin.handle())
+        .map(move |group| {
+            let at = base;
+            base += group.len();
+            (at, group)
+        })
 }

@@ -249,6 +249,26 @@ impl FrameTable {
         })
     }
 
+    /// Locks a frame the caller has just allocated (a migration target). Its lock can only be
+    /// held for a moment by someone who pinned it by number while scanning frames (a batch of
+    /// a physical range, a clock sweep): they find it unmapped and let go, waiting on nothing
+    /// meanwhile, so spinning here cannot deadlock. Exempt from the order check for the same
+    /// reason. `batched`: one of a batch's many locks (see [`FrameTable::try_lock_batched`]).
+    pub(crate) fn lock_fresh(&self, pfn: Pfn, batched: bool) -> FrameGuard<'_> {
+        let frame = self.frame(pfn);
+        while !frame.try_lock_bit() {
+            core::hint::spin_loop();
+        }
+        if !batched {
+            lockdep::record(FRAME_LOCK, frame as *const Frame as usize);
+        }
+        FrameGuard {
+            frame,
+            pfn,
+            tracked: !batched,
+        }
+    }
+
     /// Try-locks a frame of a batch (migration, reclaim), which may hold hundreds of frame
     /// locks: like Linux's folio locks they are not tracked one by one; the batch records one
     /// [`BATCH_FRAME_LOCK`] for all of them, so the order checks still apply.

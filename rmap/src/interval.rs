@@ -99,6 +99,43 @@ impl<V: Copy + PartialEq> IntervalIndex<V> {
         self.stab_in(mid + 1, hi, offset, f)
     }
 
+    /// Visits, in the same order as [`IntervalIndex::stab`], the value of every range that
+    /// overlaps `[lo, hi)`: a batched walk visits each chain once for many offsets.
+    pub fn overlapping<B>(
+        &self,
+        lo: u64,
+        hi: u64,
+        f: &mut impl FnMut(V) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
+        self.overlapping_in(0, self.entries.len(), lo, hi, f)
+    }
+
+    fn overlapping_in<B>(
+        &self,
+        from: usize,
+        to: usize,
+        lo: u64,
+        hi: u64,
+        f: &mut impl FnMut(V) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
+        if from >= to {
+            return ControlFlow::Continue(());
+        }
+        let mid = from + (to - from) / 2;
+        if self.max_end[mid] <= lo {
+            return ControlFlow::Continue(());
+        }
+        self.overlapping_in(from, mid, lo, hi, f)?;
+        let entry = &self.entries[mid];
+        if entry.start >= hi {
+            return ControlFlow::Continue(());
+        }
+        if lo < entry.end {
+            f(entry.value)?;
+        }
+        self.overlapping_in(mid + 1, to, lo, hi, f)
+    }
+
     fn rebuild(&mut self) {
         self.max_end.clear();
         self.max_end.resize(self.entries.len(), 0);
@@ -159,6 +196,39 @@ mod tests {
                 .map(|r| r.2)
                 .collect();
             assert_eq!(collect(&index, offset), expect, "offset {offset}");
+        }
+    }
+
+    #[test]
+    fn overlapping_matches_brute_force() {
+        let mut index = IntervalIndex::default();
+        let mut ranges = Vec::new();
+        let mut seed = 777u64;
+        for value in 0..150u32 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let start = (seed >> 33) % 400;
+            let len = 1 + (seed >> 20) % 80;
+            index.insert(start, start + len, value);
+            ranges.push((start, start + len, value));
+        }
+        ranges.sort_by_key(|r| r.0);
+        for lo in (0..500).step_by(7) {
+            for width in [1, 3, 40, 200] {
+                let hi = lo + width;
+                let expect: Vec<u32> = ranges
+                    .iter()
+                    .filter(|r| r.0 < hi && lo < r.1)
+                    .map(|r| r.2)
+                    .collect();
+                let mut got = Vec::new();
+                let _ = index.overlapping::<()>(lo, hi, &mut |v| {
+                    got.push(v);
+                    ControlFlow::Continue(())
+                });
+                assert_eq!(got, expect, "[{lo}, {hi})");
+            }
         }
     }
 

@@ -36,11 +36,9 @@ impl Rmap {
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
         let frame = self.frames.frame(pfn);
         let index = frame.index();
-        let new = self.alloc_frame(alloc)?;
-        let new_guard = self
-            .frames
-            .try_lock(new)
-            .expect("a fresh frame is unlocked");
+        // Every byte is copied before any VM can see it: no need to zero it first.
+        let new = self.alloc_frame_to_overwrite(alloc)?;
+        let new_guard = self.frames.lock_fresh(new, false);
         if let Err(e) = self.unmap_to_migration(&pin, index, pfn, vms) {
             drop(new_guard);
             self.put_frame(new, alloc);

@@ -200,6 +200,66 @@ impl Rmap {
         })
     }
 
+    /// Walks the mappings of many frames of one anon_vma at once (batched migration and
+    /// reclaim): `items` are `(page offset, frame)` pairs sorted by offset, all pinned members
+    /// of `anon_vma`. Each chain overlapping the batch is visited once, so each mapping VM is
+    /// looked up and its stage-2 locked once per batch instead of once per frame; under that
+    /// lock every item the chain covers is verified (the leaf at the computed IPA refers to
+    /// the item's frame) before `f(item, mapper, table)` runs. Chains are visited in index
+    /// order, as [`Rmap::walk_pinned`] does, so for any one frame a fork child is still
+    /// visited after its parent.
+    pub(crate) fn walk_batch<V: VmSet>(
+        &self,
+        anon_vma: AnonHandle,
+        items: &[(u64, Pfn)],
+        vms: &V,
+        mut f: impl FnMut(usize, &Mapper, &mut dyn Stage2Locked),
+    ) {
+        let (Some(first), Some(last)) = (items.first(), items.last()) else {
+            return;
+        };
+        debug_assert!(
+            items.windows(2).all(|w| w[0].0 <= w[1].0),
+            "sorted by offset"
+        );
+        let family = self.lock_family_read(anon_vma);
+        let Some(node) = family.node(anon_vma) else {
+            return;
+        };
+        let _ = node
+            .chains
+            .overlapping::<()>(first.0, last.0 + 1, &mut |chain| {
+                let info = self.chain_info(chain);
+                if info.flags.contains(RegionFlags::TEMPORARY) {
+                    return ControlFlow::Continue(());
+                }
+                let lo = items.partition_point(|&(index, _)| index < info.pgoff);
+                let hi = items.partition_point(|&(index, _)| index < info.pgoff + info.pages);
+                if lo == hi {
+                    return ControlFlow::Continue(());
+                }
+                // A VM being destroyed is skipped: its own teardown zaps its entries.
+                let _ = vms.with_vm(info.vm, |vm| {
+                    let mut s2 = vm.lock();
+                    for (i, &(index, pfn)) in items.iter().enumerate().take(hi).skip(lo) {
+                        let ipa = info.ipa_of(index).expect("chain covers the item");
+                        let entry = s2.lookup(ipa);
+                        if entry.pfn() != Some(pfn) {
+                            continue; // not mapped here: not relevant
+                        }
+                        let mapper = Mapper {
+                            vm: info.vm,
+                            ipa,
+                            chain,
+                            entry,
+                        };
+                        f(i, &mapper, &mut s2);
+                    }
+                });
+                ControlFlow::Continue(())
+            });
+    }
+
     /// Every verified mapping of `pfn` (for the console's `rmap <pa>` and for tests).
     pub fn mappers<V: VmSet>(&self, pfn: Pfn, vms: &V) -> alloc::vec::Vec<Mapper> {
         let mut out = alloc::vec::Vec::new();

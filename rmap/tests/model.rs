@@ -7,7 +7,7 @@
 
 use proptest::prelude::*;
 use rmap::host::{page_ipa, HostVm, HostWorld};
-use rmap::VmId;
+use rmap::{Skip, VmId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -19,12 +19,34 @@ const MAX_VMS: usize = 6;
 #[derive(Clone, Debug)]
 enum Op {
     Create,
-    Write { vm: usize, page: usize, value: u64 },
-    Read { vm: usize, page: usize },
-    Fork { vm: usize },
-    Destroy { vm: usize },
-    Migrate { frame: usize },
-    Reclaim { frame: usize },
+    Write {
+        vm: usize,
+        page: usize,
+        value: u64,
+    },
+    Read {
+        vm: usize,
+        page: usize,
+    },
+    Fork {
+        vm: usize,
+    },
+    Destroy {
+        vm: usize,
+    },
+    Migrate {
+        frame: usize,
+    },
+    Reclaim {
+        frame: usize,
+    },
+    /// Batched migration or reclaim of up to `len` mapped frames from `frame` on (the path
+    /// the hypervisor uses: every VM visited once per anon_vma, one flush per VM).
+    Batch {
+        frame: usize,
+        len: usize,
+        reclaim: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -37,6 +59,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|vm| Op::Destroy { vm }),
         2 => any::<usize>().prop_map(|frame| Op::Migrate { frame }),
         2 => any::<usize>().prop_map(|frame| Op::Reclaim { frame }),
+        3 => (any::<usize>(), 1..24usize, any::<bool>())
+            .prop_map(|(frame, len, reclaim)| Op::Batch { frame, len, reclaim }),
     ]
 }
 
@@ -117,6 +141,48 @@ impl Model {
                         .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
                         .unwrap();
                 }
+            }
+            Op::Batch {
+                frame,
+                len,
+                reclaim,
+            } => {
+                let frames = w.mapped_frames();
+                if frames.is_empty() {
+                    return;
+                }
+                let start = frame % frames.len();
+                // Unsorted, across anon_vmas, with a duplicate and a free frame thrown in.
+                let mut batch: Vec<_> = frames
+                    .iter()
+                    .cycle()
+                    .skip(start)
+                    .take(len)
+                    .copied()
+                    .collect();
+                batch.reverse();
+                batch.push(frames[start]);
+                batch.push(w.rmap.frames().base() + w.rmap.frames().len() as u64 - 1);
+                let skipped = if reclaim {
+                    let mut out = Vec::new();
+                    w.rmap
+                        .reclaim_frames(&w.vms, &w.machine, &w.machine, &batch, &mut out);
+                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+                } else {
+                    let mut out = Vec::new();
+                    w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
+                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+                };
+                // Nothing else runs: only the repeats (locked by this very batch) and the
+                // tail frame (free unless mapped) may be skipped, and for no other reason.
+                let repeats = len - len.min(frames.len()) + 1;
+                assert!(skipped.len() <= repeats + 1, "{skipped:?}");
+                assert!(
+                    skipped
+                        .iter()
+                        .all(|s| matches!(s, Skip::NotMapped | Skip::Locked)),
+                    "{skipped:?}"
+                );
             }
             _ => {}
         }

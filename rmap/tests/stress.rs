@@ -4,7 +4,7 @@
 //! expected contents of its VMs. At the end every VM is destroyed and nothing may leak.
 
 use rmap::host::{page_ipa, HostVm, HostWorld};
-use rmap::Error;
+use rmap::{Error, Skip};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -104,6 +104,11 @@ fn mover(
     let mut rng = Rng(seed);
     let frames = world.rmap.frames();
     while !stop.load(Ordering::Relaxed) {
+        if rng.below(2) == 0 {
+            batch_move(&world, &mut rng, reclaim);
+            ops.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let pfn = frames.base() + rng.below(frames.len()) as u64;
         if !frames.frame(pfn).is_mapped() {
             continue;
@@ -127,6 +132,41 @@ fn mover(
             Err(e) => panic!("mover: {e:?}"),
         }
     }
+}
+
+/// The hypervisor's path: a batch of up to 64 frames from a random run of the frame table
+/// (mapped or not, several anon_vmas), migrated or reclaimed with one walk per anon_vma.
+fn batch_move(world: &HostWorld, rng: &mut Rng, reclaim: bool) {
+    let frames = world.rmap.frames();
+    let start = rng.below(frames.len());
+    let len = 1 + rng.below(64);
+    let batch: Vec<u64> = (start..(start + len).min(frames.len()))
+        .map(|i| frames.base() + i as u64)
+        .collect();
+    let skips: Vec<Skip> = if reclaim {
+        let mut out = Vec::new();
+        let m = &world.machine;
+        world
+            .rmap
+            .reclaim_frames(&world.vms, m, m, &batch, &mut out);
+        out.into_iter().filter_map(Result::err).collect()
+    } else {
+        let mut out = Vec::new();
+        world
+            .rmap
+            .migrate_frames(&world.vms, &world.machine, &batch, &mut out);
+        out.into_iter().filter_map(Result::err).collect()
+    };
+    // Busy frames, and frames of a VM being destroyed meanwhile (unreachable), are expected
+    // under load; a batch never fails for any other reason here (no temporary regions;
+    // memory and swap are large enough).
+    assert!(
+        skips.iter().all(|s| matches!(
+            s,
+            Skip::NotMapped | Skip::Locked | Skip::Pinned | Skip::Unreachable
+        )),
+        "{skips:?}"
+    );
 }
 
 #[test]

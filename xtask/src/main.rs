@@ -17,8 +17,10 @@ commands:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)
   test           clippy, host tests of every crate, then the QEMU scenarios in tests/
-  bench [linux]  benchmarks (results belong in docs/BENCHMARKS.md); `linux`: only
-                 the Linux boot time, bare QEMU against under the hypervisor
+  bench [chain|fork|migrate|linux]...
+                 benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
+                 ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
+                 and forks of a running Linux)
   build          build the images only
 ";
 
@@ -77,20 +79,28 @@ fn test() -> Result<(), String> {
     Ok(())
 }
 
-/// `bench [linux]`: all benchmarks, or only the Linux boot time.
+/// `bench [chain|fork|migrate|linux]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
+    const ALL: [&str; 4] = ["chain", "fork", "migrate", "linux"];
+    if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
+        return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
+    }
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     setup::ensure()?;
-    let only_linux = args.first().is_some_and(|a| a == "linux");
-    if !only_linux {
+    if wanted("chain") {
         build::cargo(&["bench", "-p", "rmap", "--bench", "anon_vma_chain"], &[])?;
     }
     let images = build::images(true)?;
-    if !only_linux {
+    if wanted("fork") {
         fork_bench(&images)?;
+    }
+    if wanted("migrate") {
         migrate_bench(&images)?;
     }
-    linux::bench(&images.hyp, 5)?;
-    linux::fork_bench(&images.hyp, 8, std::time::Duration::from_secs(5))?;
+    if wanted("linux") {
+        linux::bench(&images.hyp, 5)?;
+        linux::fork_bench(&images.hyp, 8, std::time::Duration::from_secs(5))?;
+    }
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())
 }
