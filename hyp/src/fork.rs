@@ -9,6 +9,7 @@ use crate::vm::{Vm, VmError};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
 
 #[derive(Debug)]
 pub enum ForkError {
@@ -100,10 +101,16 @@ pub fn restore(
             "the snapshot has another shape (vCPUs or RAM)",
         ));
     }
+    let t0 = crate::timer::now();
     let own = usize::from(caller.is_some());
     let was_running = vm.quiesce(own).ok_or(ForkError::Busy)?;
     let result = restore_quiesced(vm, snapshot, caller, cookie);
     vm.unquiesce(was_running);
+    if result.is_ok() {
+        vm.restores.fetch_add(1, Ordering::Relaxed);
+        let ticks = crate::timer::now() - t0;
+        vm.restore_ticks.fetch_add(ticks, Ordering::Relaxed);
+    }
     result
 }
 

@@ -6,6 +6,7 @@
 use crate::frames::{self, PAGE_SIZE};
 use crate::vm::{Vm, VmError};
 use alloc::vec::Vec;
+use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
 use rmap::{S2Entry, Stage2, Stage2Locked, UnlinkProof};
 use spin::{Mutex, Once};
@@ -278,12 +279,23 @@ fn encode(entry: S2Entry) -> Descriptor {
 /// The locked stage-2 as `rmap` uses it.
 pub struct LockedStage2<'a> {
     mem: OrderedMutexGuard<'a, GuestMemory>,
+    /// The leaf the last `lookup` found, by page: a reverse-map walk verifies
+    /// a page and then changes it, and the change reuses this instead of
+    /// walking the table again. Used at most once (`cas` takes it) and cleared
+    /// by every other change through this guard, so it can be stale only by
+    /// what the hardware did meanwhile (an access-flag update), which makes
+    /// the descriptor CAS fail and the retry look the leaf up afresh.
+    last: Cell<Option<(u64, Option<LeafInfo>)>>,
 }
 
 impl LockedStage2<'_> {
     fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
         let table = self.mem.table();
-        let current = table.lookup(ipa);
+        let page = ipa & !(PAGE_SIZE - 1);
+        let current = match self.last.take() {
+            Some((at, leaf)) if at == page => leaf,
+            _ => table.lookup(ipa),
+        };
         let found = decode(current, ipa);
         if found != old {
             return Err(found);
@@ -305,6 +317,7 @@ impl LockedStage2<'_> {
 
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
     pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
+        self.last.set(None);
         self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true)
     }
 
@@ -457,7 +470,9 @@ impl LockedStage2<'_> {
 
 impl Stage2Locked for LockedStage2<'_> {
     fn lookup(&self, ipa: u64) -> S2Entry {
-        decode(self.mem.table().lookup(ipa), ipa)
+        let leaf = self.mem.table().lookup(ipa);
+        self.last.set(Some((ipa & !(PAGE_SIZE - 1), leaf)));
+        decode(leaf, ipa)
     }
 
     fn compare_exchange(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
@@ -489,6 +504,7 @@ impl Stage2Locked for LockedStage2<'_> {
     }
 
     fn test_and_clear_young(&mut self, ipa: u64) -> bool {
+        self.last.set(None);
         self.mem.table().test_and_clear_young(ipa)
     }
 
@@ -500,6 +516,7 @@ impl Stage2Locked for LockedStage2<'_> {
         end: u64,
         f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
     ) {
+        self.last.set(None);
         let end = end.min(self.mem.table().config().ipa_limit());
         if start >= end {
             return;
@@ -540,6 +557,7 @@ impl Stage2Locked for LockedStage2<'_> {
     /// Groups consecutive items into runs, each mapped with one table call (a
     /// whole aligned 2 MiB run as one block entry).
     fn fill_leaves(&mut self, leaves: &[(u64, u64, S2Entry)]) -> usize {
+        self.last.set(None);
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
@@ -599,12 +617,14 @@ impl Stage2 for Vm {
     fn lock(&self) -> LockedStage2<'_> {
         LockedStage2 {
             mem: self.memory.lock(),
+            last: Cell::new(None),
         }
     }
 
     fn lock_nested(&self) -> LockedStage2<'_> {
         LockedStage2 {
             mem: self.memory.lock_nested(1),
+            last: Cell::new(None),
         }
     }
 

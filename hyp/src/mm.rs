@@ -7,6 +7,7 @@
 use crate::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
 use rmap::{
     Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, S2Entry, Stage2,
     Stage2Locked, SwapStore, VmId, VmSet,
@@ -309,6 +310,12 @@ pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
         Stat::LiveVms => crate::vm::count() as u64,
         Stat::AnonVmas => rmap().live_anon_vmas() as u64,
         Stat::Chains => rmap().live_chains() as u64,
+        Stat::Restores => vm.restores.load(Ordering::Relaxed),
+        Stat::RestoreNanos => {
+            let ticks = vm.restore_ticks.load(Ordering::Relaxed);
+            (u128::from(ticks) * 1_000_000_000 / u128::from(crate::timer::frequency().max(1)))
+                as u64
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use platform::MemRange;
 use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
 use rmap::RegionList;
@@ -80,6 +80,9 @@ pub struct Vm {
     /// Guest pages whose stage-2 entry may differ from this VM's latest
     /// snapshot: what a restore to that snapshot has to undo.
     pub dirty: Mutex<DirtyLog>,
+    /// Restores of this VM and the counter ticks they took (`STATS`).
+    pub restores: AtomicU64,
+    pub restore_ticks: AtomicU64,
 }
 
 /// Pages changed since a snapshot (a restore undoes exactly these). Past
@@ -197,6 +200,8 @@ impl Vm {
             busy: AtomicBool::new(false),
             exits: AtomicUsize::new(0),
             dirty: Mutex::new(DirtyLog::default()),
+            restores: AtomicU64::new(0),
+            restore_ticks: AtomicU64::new(0),
         });
         VMS.lock().insert(id, vm.clone());
         CREATED.fetch_add(1, Ordering::Relaxed);

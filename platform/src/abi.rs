@@ -46,6 +46,12 @@ pub enum Stat {
     AnonVmas = 5,
     /// anon_vma chains in use in the reverse map.
     Chains = 6,
+    /// Successful restores of the calling VM since it was created.
+    Restores = 7,
+    /// Nanoseconds the hypervisor spent in those restores, from taking the
+    /// call to the vCPU's reload (the restore alone, without the guest's own
+    /// work between restores).
+    RestoreNanos = 8,
 }
 
 impl Stat {
@@ -58,6 +64,8 @@ impl Stat {
             4 => Stat::LiveVms,
             5 => Stat::AnonVmas,
             6 => Stat::Chains,
+            7 => Stat::Restores,
+            8 => Stat::RestoreNanos,
             _ => return None,
         })
     }
