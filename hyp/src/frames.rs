@@ -410,6 +410,49 @@ pub fn zero_frame(pa: u64) {
     }
 }
 
+/// Copies the 4 KiB frame at `src` to the frame at `dst` with 16-byte load
+/// and store pairs of general registers, 64 bytes per iteration (as Linux's
+/// arm64 `copy_page`). The EL2 image is built without FP/SIMD, so the
+/// compiler's `memcpy` moves 8 bytes per load/store: this does a third of the
+/// instructions, which under QEMU's TCG makes a frame copy about 3x faster.
+pub fn copy_frame(dst: u64, src: u64) {
+    debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
+    debug_assert!(dst != src);
+    // SAFETY: the caller owns `dst` exclusively and keeps `src` alive for
+    // the copy (every caller states why); both are distinct RAM frames
+    // identity mapped at EL2 as normal memory. The loop reads exactly
+    // PAGE_SIZE bytes from `src` and writes PAGE_SIZE bytes to `dst`.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "ldp {a}, {b}, [{src}]",
+            "ldp {c}, {d}, [{src}, #16]",
+            "ldp {e}, {f}, [{src}, #32]",
+            "ldp {g}, {h}, [{src}, #48]",
+            "add {src}, {src}, #64",
+            "stp {a}, {b}, [{dst}]",
+            "stp {c}, {d}, [{dst}, #16]",
+            "stp {e}, {f}, [{dst}, #32]",
+            "stp {g}, {h}, [{dst}, #48]",
+            "add {dst}, {dst}, #64",
+            "subs {n}, {n}, #1",
+            "b.ne 2b",
+            src = inout(reg) src => _,
+            dst = inout(reg) dst => _,
+            n = inout(reg) PAGE_SIZE / 64 => _,
+            a = out(reg) _,
+            b = out(reg) _,
+            c = out(reg) _,
+            d = out(reg) _,
+            e = out(reg) _,
+            f = out(reg) _,
+            g = out(reg) _,
+            h = out(reg) _,
+            options(nostack),
+        );
+    }
+}
+
 /// DC ZVA's block size in bytes (DCZID_EL0), or 0 if it is prohibited.
 fn zva_block() -> u64 {
     static BLOCK: AtomicUsize = AtomicUsize::new(usize::MAX);

@@ -236,14 +236,9 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
         }
         let t0 = crate::timer::now();
         for (&src, &d) in pfns.iter().zip(&dst) {
-            // SAFETY: `src` is a frame of the idle bench VM, `d` one we own.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    (src * PAGE_SIZE) as *const u8,
-                    d as *mut u8,
-                    PAGE_SIZE as usize,
-                )
-            };
+            // `src` is a frame of the idle bench VM, `d` one we own; the
+            // same frame copy as migration's.
+            frames::copy_frame(d, src * PAGE_SIZE);
         }
         let copy = crate::timer::now() - t0;
         dst.into_iter().for_each(|pa| frames::get().free(pa));

@@ -56,16 +56,9 @@ impl FrameAllocator for HypFrames {
     }
 
     fn copy(&self, dst: Pfn, src: Pfn) {
-        // SAFETY: both are RAM frames identity mapped at EL2; `dst` is
-        // freshly allocated and owned by the caller, `src` is pinned by the
-        // caller for the copy; they are distinct frames.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                (src * PAGE_SIZE) as *const u8,
-                (dst * PAGE_SIZE) as *mut u8,
-                PAGE_SIZE as usize,
-            )
-        };
+        // `dst` is freshly allocated and owned by the caller, `src` is pinned
+        // by the caller for the copy; they are distinct frames.
+        frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE);
         // The page may hold guest code.
         crate::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
     }
