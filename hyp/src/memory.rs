@@ -318,7 +318,7 @@ impl LockedStage2<'_> {
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
     pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
         self.last.set(None);
-        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true)
+        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true, false)
     }
 
     /// CAS of a leaf the caller just read, retried while only a hardware
@@ -412,8 +412,10 @@ impl LockedStage2<'_> {
     }
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
-    /// operation; returns false if the table could not grow.
-    fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, writable: bool) -> bool {
+    /// operation; returns false if the table could not grow. `shared`: the
+    /// frames are mapped elsewhere already (a fork child's fill), so their
+    /// contents are coherent with the I-cache and need no maintenance.
+    fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, writable: bool, shared: bool) -> bool {
         let len = pages * PAGE_SIZE;
         let table = self.mem.table();
         let attrs = ram_attrs(writable);
@@ -421,10 +423,10 @@ impl LockedStage2<'_> {
         let block = len == BLOCK_SIZE
             && ipa.is_multiple_of(BLOCK_SIZE)
             && (pfn << 12).is_multiple_of(BLOCK_SIZE);
-        let result = if block {
-            table.map(ipa, pfn << 12, len, attrs, &TLB)
-        } else {
-            table.map_pages(ipa, pfn << 12, len, attrs, &TLB)
+        let result = match (shared, block) {
+            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &TLB),
+            (false, true) => table.map(ipa, pfn << 12, len, attrs, &TLB),
+            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &TLB),
         };
         match result {
             Ok(()) => true,
@@ -582,7 +584,7 @@ impl Stage2Locked for LockedStage2<'_> {
                 len += next_pages;
                 items += 1;
             }
-            if !self.map_run(ipa, pfn, len, writable) {
+            if !self.map_run(ipa, pfn, len, writable, true) {
                 return done;
             }
             done += items;

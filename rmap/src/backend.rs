@@ -114,6 +114,8 @@ pub trait Stage2Locked {
 
     /// [`Stage2Locked::fill`] for leaves of several pages (`(ipa, pages, entry of the first
     /// page)`); returns how many items were installed. The default installs page by page.
+    /// Fork fills a child with its parent's frames, already mapped (and so coherent with the
+    /// instruction cache) there: an implementation need not do I-cache maintenance again.
     fn fill_leaves(&mut self, leaves: &[(Ipa, u64, S2Entry)]) -> usize {
         for (n, &(ipa, pages, entry)) in leaves.iter().enumerate() {
             let page = |i: u64| (ipa + i * crate::PAGE_SIZE, entry.page(i));

@@ -283,6 +283,22 @@ fn executable_map_syncs_the_icache_before_entries_appear() {
 }
 
 #[test]
+fn coherent_map_skips_the_icache_and_needs_no_invalidation() {
+    let mem: &'static HostMemory = Box::leak(Box::new(HostMemory::new(64)));
+    let t = new_table(mem);
+    let tlb = RecordingTlb::new();
+    let seen = hooked(mem, &t, &tlb);
+    t.map_coherent(IPA, PA, 3 * 4096, S2Attrs::normal(Perm::RWX), false, &tlb)
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![]);
+    assert_eq!(
+        t.lookup(IPA + 2 * 4096)
+            .and_then(|l| l.pa_of(IPA + 2 * 4096)),
+        Some(PA + 2 * 4096)
+    );
+}
+
+#[test]
 fn unmap_invalidates_before_freeing_tables() {
     let mem: &'static HostMemory = Box::leak(Box::new(HostMemory::new(64)));
     let t = new_table(mem);

@@ -80,15 +80,25 @@ impl<M: TableMemory> MapRange<'_, M> {
 }
 
 /// [`Stage2Table::map`] and [`Stage2Table::map_pages`].
+/// How [`map`] lays out and prepares a mapping.
+#[derive(Clone, Copy)]
+pub(crate) struct MapMode {
+    /// Use 1 GiB and 2 MiB blocks where alignment allows.
+    pub blocks: bool,
+    /// The frames are already coherent with the instruction cache: no I-cache maintenance.
+    pub coherent: bool,
+}
+
 pub(crate) fn map<M: TableMemory, F: Flusher + ?Sized>(
     t: &Stage2Table<M>,
     ipa: u64,
     pa: u64,
     len: u64,
     attrs: S2Attrs,
-    blocks: bool,
+    how: MapMode,
     tlb: &F,
 ) -> Result<(), Error> {
+    let blocks = how.blocks;
     let end = t.check_range(ipa, len)?;
     attrs.validate()?;
     if !pa.is_multiple_of(crate::PAGE_SIZE) {
@@ -110,7 +120,7 @@ pub(crate) fn map<M: TableMemory, F: Flusher + ?Sized>(
     let start_level = t.cfg.start_level();
     let needed = range.count(Some(t.root_pa), start_level, ipa, end)?;
     let mut reserve = Reserve::new(&t.mem, needed)?;
-    if attrs.perm.exec {
+    if attrs.perm.exec && !how.coherent {
         OpFlush::new(tlb, t.vttbr()).icache(pa, len);
     }
     range.commit(t.root_pa, start_level, ipa, end, &mut reserve);
