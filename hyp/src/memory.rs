@@ -505,6 +505,51 @@ impl Stage2Locked for LockedStage2<'_> {
         r
     }
 
+    /// One pass over each last-level table (`Stage2Table::update_pages`),
+    /// every invalidation owed left to the caller's `Stage2::flush_deferred`;
+    /// a page still inside a block is split and changed the slow way.
+    fn update_pages(
+        &mut self,
+        ipas: &[u64],
+        decide: &mut dyn FnMut(usize, S2Entry) -> Option<S2Entry>,
+        applied: &mut dyn FnMut(usize, S2Entry, S2Entry),
+    ) {
+        self.last.set(None);
+        let change = Cell::new(None);
+        let mut blocked = Vec::new();
+        {
+            let table = self.mem.table();
+            let batch = Batch::new(&TLB, table.vttbr());
+            table.update_pages(
+                ipas,
+                &mut |k, leaf| {
+                    let old = decode(Some(*leaf), ipas[k]);
+                    let new = decide(k, old)?;
+                    change.set(Some((old, new)));
+                    Some(encode(new))
+                },
+                &mut |k, result| {
+                    let Some((old, new)) = change.take() else {
+                        return;
+                    };
+                    match result {
+                        Ok(()) => applied(k, old, new),
+                        Err(CasError::NoSlot { .. }) => blocked.push((k, old, new)),
+                        Err(_) => {}
+                    }
+                },
+                &batch,
+            );
+            // As compare_exchange_deferred: the flush is the caller's (flush_deferred).
+            let _ = batch.into_pending();
+        }
+        for (k, old, new) in blocked {
+            if self.compare_exchange_deferred(ipas[k], old, new).is_ok() {
+                applied(k, old, new);
+            }
+        }
+    }
+
     fn test_and_clear_young(&mut self, ipa: u64) -> bool {
         self.last.set(None);
         self.mem.table().test_and_clear_young(ipa)

@@ -74,6 +74,33 @@ pub trait Stage2Locked {
     ) -> Result<(), S2Entry> {
         self.compare_exchange(ipa, old, new)
     }
+    /// Changes many pages of this VM under one lock hold (batched migration and reclaim): for
+    /// each `ipas[k]` (ascending) reads the leaf and, if `decide(k, entry)` returns a
+    /// replacement, installs it, leaving the TLB invalidation a replaced valid leaf owes
+    /// pending as [`Stage2Locked::compare_exchange_deferred`] does; `applied(k, old, new)`
+    /// follows each change made (a block that cannot be split now stays as it was). Invalid
+    /// slots are skipped. Every frame installed must already be coherent with the instruction
+    /// cache: the frame that was there, or one [`FrameAllocator::copy`] wrote. The default
+    /// looks up and changes page by page; a real table walks each last-level table once.
+    fn update_pages(
+        &mut self,
+        ipas: &[Ipa],
+        decide: &mut dyn FnMut(usize, S2Entry) -> Option<S2Entry>,
+        applied: &mut dyn FnMut(usize, S2Entry, S2Entry),
+    ) {
+        for (k, &ipa) in ipas.iter().enumerate() {
+            let old = self.lookup(ipa);
+            if old == S2Entry::Invalid {
+                continue;
+            }
+            if let Some(new) = decide(k, old) {
+                if self.compare_exchange_deferred(ipa, old, new).is_ok() {
+                    applied(k, old, new);
+                }
+            }
+        }
+    }
+
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;

@@ -112,11 +112,15 @@ impl Rmap {
             targets.push(guard);
             results[t.at] = Ok(new);
         }
-        self.remap_taken(&taken, vms, |k, writable| {
-            let new = taken[k].target();
-            self.add_anon_rmap(new);
-            S2Entry::Page { pfn: new, writable }
-        });
+        self.remap_taken(
+            &taken,
+            vms,
+            |k, writable| S2Entry::Page {
+                pfn: taken[k].target(),
+                writable,
+            },
+            |k, _| self.add_anon_rmap(taken[k].target()),
+        );
         drop(targets);
         for t in taken {
             self.put_frame(t.target(), alloc);
@@ -139,20 +143,22 @@ impl Rmap {
         let _batch = BatchLocks::record(&results);
         let taken = self.take_frames(vms, alloc, pfns, false, &mut results);
         let slots: Vec<Option<u64>> = taken.iter().map(|t| swap.store(t.pfn)).collect();
-        self.remap_taken(&taken, vms, |k, writable| match slots[k] {
-            Some(slot) => {
-                swap.dup(slot);
-                S2Entry::Swap { slot }
-            }
-            None => {
+        self.remap_taken(
+            &taken,
+            vms,
+            |k, writable| match slots[k] {
+                Some(slot) => S2Entry::Swap { slot },
                 // The store refused it: the frame's own mappings go back.
-                self.add_anon_rmap(taken[k].pfn);
-                S2Entry::Page {
+                None => S2Entry::Page {
                     pfn: taken[k].pfn,
                     writable,
-                }
-            }
-        });
+                },
+            },
+            |k, new| match new {
+                S2Entry::Swap { slot } => swap.dup(slot),
+                _ => self.add_anon_rmap(taken[k].pfn),
+            },
+        );
         for (t, slot) in taken.into_iter().zip(slots) {
             results[t.at] = slot.ok_or(Skip::StoreFull);
             if let Some(slot) = slot {
@@ -184,30 +190,30 @@ impl Rmap {
         }
         taken.sort_unstable_by_key(|t| (t.pin.handle().raw(), t.index));
         let mut flush = Vec::new();
-        for (base, group) in groups(&taken) {
+        for (_, group) in groups(&taken) {
             let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
-            self.walk_batch(group[0].pin.handle(), &items, vms, |i, m, s2| {
-                let S2Entry::Page { writable, .. } = m.entry else {
-                    return;
-                };
-                let t = &taken[base + i];
-                let migration = S2Entry::Migration {
-                    pfn: t.pfn,
-                    writable,
-                };
-                // It can fail only if the table cannot change shape now (splitting a block
-                // needs a table page): the mapping stays, the frame is skipped below.
-                if s2
-                    .compare_exchange_deferred(m.ipa, m.entry, migration)
-                    .is_ok()
-                {
-                    let last = t.guard.frame().dec_map();
+            self.walk_batch(
+                group[0].pin.handle(),
+                &items,
+                vms,
+                |i, m| match m.entry {
+                    S2Entry::Page { writable, .. } => Some(S2Entry::Migration {
+                        pfn: group[i].pfn,
+                        writable,
+                    }),
+                    _ => None,
+                },
+                // A change can fail only if the table cannot change shape now (splitting a
+                // block needs a table page): that mapping stays, and the frame is skipped
+                // below.
+                |i, m, _| {
+                    let last = group[i].guard.frame().dec_map();
                     debug_assert!(!last, "the batch's pin keeps the frame");
-                    if !flush.contains(&m.vm) {
+                    if flush.last() != Some(&m.vm) && !flush.contains(&m.vm) {
                         flush.push(m.vm);
                     }
-                }
-            });
+                },
+            );
         }
         // Mapped somewhere the walk did not reach: put its mappings back and skip it.
         let (taken, unreachable): (Vec<_>, Vec<_>) = taken
@@ -280,22 +286,36 @@ impl Rmap {
     }
 
     /// Replaces every migration entry of the taken frames with `replacement(k, writable)`,
-    /// `k` the frame's position in `taken` (Linux's `remove_migration_ptes`, batched).
+    /// `k` the frame's position in `taken` (Linux's `remove_migration_ptes`, batched);
+    /// `installed(k, new)` accounts for each one put in place.
     fn remap_taken<V: VmSet>(
         &self,
         taken: &[Taken<'_>],
         vms: &V,
-        mut replacement: impl FnMut(usize, bool) -> S2Entry,
+        replacement: impl Fn(usize, bool) -> S2Entry,
+        mut installed: impl FnMut(usize, S2Entry),
     ) {
         for (base, group) in groups(taken) {
             let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
-            self.walk_batch(group[0].pin.handle(), &items, vms, |i, m, s2| {
-                if let S2Entry::Migration { writable, .. } = m.entry {
-                    let new = replacement(base + i, writable);
-                    s2.compare_exchange(m.ipa, m.entry, new)
-                        .expect("stage-2 locked");
-                }
-            });
+            let (mut wanted, mut done) = (0usize, 0usize);
+            self.walk_batch(
+                group[0].pin.handle(),
+                &items,
+                vms,
+                |i, m| match m.entry {
+                    S2Entry::Migration { writable, .. } => {
+                        wanted += 1;
+                        Some(replacement(base + i, writable))
+                    }
+                    _ => None,
+                },
+                |i, _, new| {
+                    done += 1;
+                    installed(base + i, new);
+                },
+            );
+            // A migration entry is a page-level slot we own: replacing it cannot fail.
+            assert_eq!(wanted, done, "a migration entry could not be replaced");
         }
     }
 

@@ -200,20 +200,22 @@ impl Rmap {
         })
     }
 
-    /// Walks the mappings of many frames of one anon_vma at once (batched migration and
+    /// Changes the mappings of many frames of one anon_vma at once (batched migration and
     /// reclaim): `items` are `(page offset, frame)` pairs sorted by offset, all pinned members
     /// of `anon_vma`. Each chain overlapping the batch is visited once, so each mapping VM is
-    /// looked up and its stage-2 locked once per batch instead of once per frame; under that
-    /// lock every item the chain covers is verified (the leaf at the computed IPA refers to
-    /// the item's frame) before `f(item, mapper, table)` runs. Chains are visited in index
-    /// order, as [`Rmap::walk_pinned`] does, so for any one frame a fork child is still
-    /// visited after its parent.
+    /// looked up and its stage-2 locked once per batch instead of once per frame, and all the
+    /// pages it maps of the batch are changed in one [`Stage2Locked::update_pages`]. Under
+    /// that lock every leaf is verified (it refers to the item's frame) before
+    /// `decide(item, mapper)` may name its replacement; `applied(item, mapper, new)` follows
+    /// each change made. Chains are visited in index order, as [`Rmap::walk_pinned`] does, so
+    /// for any one frame a fork child is still visited after its parent.
     pub(crate) fn walk_batch<V: VmSet>(
         &self,
         anon_vma: AnonHandle,
         items: &[(u64, Pfn)],
         vms: &V,
-        mut f: impl FnMut(usize, &Mapper, &mut dyn Stage2Locked),
+        mut decide: impl FnMut(usize, &Mapper) -> Option<S2Entry>,
+        mut applied: impl FnMut(usize, &Mapper, S2Entry),
     ) {
         let (Some(first), Some(last)) = (items.first(), items.last()) else {
             return;
@@ -226,6 +228,7 @@ impl Rmap {
         let Some(node) = family.node(anon_vma) else {
             return;
         };
+        let mut ipas = alloc::vec::Vec::with_capacity(items.len());
         let _ = node
             .chains
             .overlapping::<()>(first.0, last.0 + 1, &mut |chain| {
@@ -238,23 +241,30 @@ impl Rmap {
                 if lo == hi {
                     return ControlFlow::Continue(());
                 }
+                ipas.clear();
+                ipas.extend(
+                    items[lo..hi]
+                        .iter()
+                        .map(|&(index, _)| info.ipa_of(index).expect("chain covers the item")),
+                );
+                let mapper = |k: usize, entry| Mapper {
+                    vm: info.vm,
+                    ipa: ipas[k],
+                    chain,
+                    entry,
+                };
                 // A VM being destroyed is skipped: its own teardown zaps its entries.
                 let _ = vms.with_vm(info.vm, |vm| {
-                    let mut s2 = vm.lock();
-                    for (i, &(index, pfn)) in items.iter().enumerate().take(hi).skip(lo) {
-                        let ipa = info.ipa_of(index).expect("chain covers the item");
-                        let entry = s2.lookup(ipa);
-                        if entry.pfn() != Some(pfn) {
-                            continue; // not mapped here: not relevant
-                        }
-                        let mapper = Mapper {
-                            vm: info.vm,
-                            ipa,
-                            chain,
-                            entry,
-                        };
-                        f(i, &mapper, &mut s2);
-                    }
+                    vm.lock().update_pages(
+                        &ipas,
+                        &mut |k, entry| {
+                            // Not this item's frame: not mapped here, not relevant.
+                            (entry.pfn() == Some(items[lo + k].1))
+                                .then(|| decide(lo + k, &mapper(k, entry)))
+                                .flatten()
+                        },
+                        &mut |k, old, new| applied(lo + k, &mapper(k, old), new),
+                    )
                 });
                 ControlFlow::Continue(())
             });

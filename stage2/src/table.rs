@@ -348,6 +348,30 @@ impl<M: TableMemory> Stage2Table<M> {
         ops::leaf::compare_exchange_leaf(self, ipa, level, expected, new, tlb)
     }
 
+    /// Changes many pages under one lock hold: for each page `ipas[k]` (ascending), reads its
+    /// leaf and, if `f(k, leaf)` returns a new descriptor, installs it as
+    /// [`Stage2Table::compare_exchange_leaf`] would (break-before-make where needed, a racing
+    /// Access-flag update retried by asking `f` again), then reports the outcome with
+    /// `done(k, result)`. Consecutive pages in one last-level table are reached without
+    /// walking from the root again, and every invalidation owed goes to one flush (per IPA
+    /// for a few, the whole VMID past that, or the batch `tlb` defers to). A page still inside
+    /// a block gets `Err(CasError::NoSlot)` (the caller splits). Empty slots are skipped.
+    ///
+    /// The frames installed must already be coherent with the instruction cache (mapped
+    /// before, or written by the caller, who did the maintenance): no I-cache maintenance
+    /// is done here.
+    ///
+    /// Caller holds the VM's stage-2 lock.
+    pub fn update_pages<F: Flusher + ?Sized>(
+        &self,
+        ipas: &[u64],
+        f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
+        done: &mut dyn FnMut(usize, Result<(), CasError>),
+        tlb: &F,
+    ) {
+        ops::leaf::update_pages(self, ipas, f, done, tlb)
+    }
+
     /// Clears the Access flag of the valid leaf translating `ipa`; returns whether it was set
     /// (false for holes and software entries). For the reclaim clock.
     ///

@@ -98,6 +98,12 @@ enum Op {
         page: u64,
         frame: u64,
     },
+    /// `update_pages` remapping every other page of a run to consecutive frames.
+    UpdateRemap {
+        page: u64,
+        npages: u64,
+        frame: u64,
+    },
     CasStale {
         page: u64,
     },
@@ -138,6 +144,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (page(), sw_entry()).prop_map(|(page, entry)| Op::SetSoftware { page, entry }),
         2 => (page(), perm()).prop_map(|(page, perm)| Op::CasPerm { page, perm }),
         1 => (page(), 0..4096u64).prop_map(|(page, frame)| Op::CasRemap { page, frame }),
+        1 => (page(), 1..1100u64, 0..4096u64)
+            .prop_map(|(page, npages, frame)| Op::UpdateRemap { page, npages, frame }),
         1 => page().prop_map(|page| Op::CasStale { page }),
         1 => page().prop_map(|page| Op::ClearYoung { page }),
         1 => page().prop_map(|page| Op::MkYoung { page }),
@@ -366,6 +374,37 @@ impl World<'_> {
                     .unwrap();
                 if let Some(PageState::Mapped { pa: p, young, .. }) = self.model.get_mut(&ipa) {
                     (*p, *young) = (pa, true);
+                }
+            }
+            Op::UpdateRemap {
+                page,
+                npages,
+                frame,
+            } => {
+                let (ipa, len) = self.range(page, npages);
+                let ipas: Vec<u64> = (ipa..ipa + len).step_by(2 * PAGE as usize).collect();
+                let frames = self.setup.frames;
+                let new_pa = |k: usize| frames + (frame + k as u64) % 4096 * PAGE;
+                let mut changed = Vec::new();
+                self.table.update_pages(
+                    &ipas,
+                    &mut |k, l| {
+                        let m = l.mapping()?;
+                        Descriptor::page(new_pa(k), m.attrs).ok()
+                    },
+                    &mut |k, r| {
+                        if r.is_ok() {
+                            changed.push(k);
+                        }
+                    },
+                    tlb,
+                );
+                for k in changed {
+                    if let Some(PageState::Mapped { pa: p, young, .. }) =
+                        self.model.get_mut(&ipas[k])
+                    {
+                        (*p, *young) = (new_pa(k), true);
+                    }
                 }
             }
             Op::CasStale { page } => {

@@ -359,3 +359,61 @@ fn destroy_invalidates_the_vmid() {
     assert_eq!(tlb.take(), vec![TlbCall::Vmid { vmid: 0x1234 }]);
     assert_eq!(mem.allocated_pages(), 0);
 }
+
+#[test]
+fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
+    let mem = HostMemory::new(64);
+    let t = new_table(&mem);
+    let tlb = RecordingTlb::new();
+    t.map_pages(IPA, PA, 4 * 4096, S2Attrs::normal(Perm::RWX), &tlb)
+        .unwrap();
+    t.map(
+        IPA + MIB2,
+        PA + MIB2,
+        MIB2,
+        S2Attrs::normal(Perm::RWX),
+        &tlb,
+    )
+    .unwrap();
+    tlb.take();
+    // Pages 0 and 2 become migration entries, the hole at page 3 + 1 is skipped, the page
+    // inside the block is reported for the caller to split.
+    let targets = [IPA, IPA + 2 * 4096, IPA + 5 * 4096, IPA + MIB2 + 4096];
+    let mut outcome = Vec::new();
+    t.update_pages(
+        &targets,
+        &mut |k, leaf| {
+            assert_ne!(k, 2, "an empty slot is not offered");
+            let Leaf::Mapped(m) = leaf.leaf else {
+                panic!("{leaf:?}")
+            };
+            Some(Descriptor::software(SwEntry::Migration {
+                pfn: m.pa >> 12,
+                writable: true,
+            }))
+        },
+        &mut |k, r| outcome.push((k, r.is_ok())),
+        &tlb,
+    );
+    assert_eq!(outcome, vec![(0, true), (1, true), (3, false)]);
+    let calls = tlb.take();
+    assert_eq!(ipas(&calls), 2, "{calls:?}");
+    assert_eq!(calls.len(), 2, "no I-cache maintenance: {calls:?}");
+    // Back to valid, executable pages of other frames: no invalidation, no I-cache work.
+    let mut outcome = Vec::new();
+    t.update_pages(
+        &targets[..2],
+        &mut |k, leaf| {
+            assert!(matches!(leaf.leaf, Leaf::Software(_)));
+            let pa = PA + 0x10_0000 + k as u64 * 4096;
+            Descriptor::page(pa, S2Attrs::normal(Perm::RWX)).ok()
+        },
+        &mut |k, r| outcome.push((k, r.is_ok())),
+        &tlb,
+    );
+    assert_eq!(outcome, vec![(0, true), (1, true)]);
+    assert_eq!(tlb.take(), vec![]);
+    let pa = |ipa| t.lookup(ipa).and_then(|l| l.pa_of(ipa));
+    assert_eq!(pa(IPA + 2 * 4096), Some(PA + 0x10_0000 + 4096));
+    assert_eq!(pa(IPA + 4096), Some(PA + 4096), "untouched page");
+}

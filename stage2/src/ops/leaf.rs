@@ -7,7 +7,7 @@ use crate::{
     level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
     SwEntry, TableMemory, LAST_LEVEL, PAGE_SIZE,
 };
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// [`Stage2Table::set_software`].
 pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
@@ -81,9 +81,26 @@ pub(crate) fn compare_exchange_leaf<M: TableMemory, F: Flusher + ?Sized>(
     }
     let base = ipa & !(level_size(level) - 1);
     let flush = &mut OpFlush::new(tlb, t.vttbr());
+    cas_slot(t, slot, base, level, expected, new, true, flush)
+}
+
+/// The checked change of one leaf slot: break-before-make when a valid entry gets another
+/// output address or attributes, otherwise one CAS; the invalidation the change owes goes to
+/// `flush`. `icache`: make the I-cache coherent before a frame becomes executable.
+#[allow(clippy::too_many_arguments)]
+fn cas_slot<M: TableMemory, F: Flusher + ?Sized>(
+    t: &Stage2Table<M>,
+    slot: &AtomicU64,
+    base: u64,
+    level: u8,
+    expected: Descriptor,
+    new: Descriptor,
+    icache: bool,
+    flush: &mut OpFlush<'_, F>,
+) -> Result<(), CasError> {
     let bbm = expected.is_valid() && new.is_valid() && expected.bbm_bits() != new.bbm_bits();
     let was_exec = expected.is_valid() && expected.perm().exec && !bbm;
-    if new.is_valid() && new.perm().exec && !was_exec {
+    if icache && new.is_valid() && new.perm().exec && !was_exec {
         flush.icache(new.output_address(level), level_size(level));
     }
     if bbm {
@@ -98,6 +115,93 @@ pub(crate) fn compare_exchange_leaf<M: TableMemory, F: Flusher + ?Sized>(
     }
     t.counters.account(level, expected, new);
     Ok(())
+}
+
+/// [`Stage2Table::update_pages`].
+pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
+    t: &Stage2Table<M>,
+    ipas: &[u64],
+    f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
+    done: &mut dyn FnMut(usize, Result<(), CasError>),
+    tlb: &F,
+) {
+    let flush = &mut OpFlush::new(tlb, t.vttbr());
+    // The last-level table of the previous page, by the 2 MiB it covers.
+    let mut table: Option<(u64, u64)> = None;
+    for (k, &ipa) in ipas.iter().enumerate() {
+        let base = ipa & !(PAGE_SIZE - 1);
+        let span = base & !(level_size(LAST_LEVEL - 1) - 1);
+        let (level, slot) = match table {
+            Some((at, pa)) if at == span => (LAST_LEVEL, t.slot(pa, LAST_LEVEL, base)),
+            _ => match leaf_table(t, base) {
+                Ok((level, slot, pa)) => {
+                    table = pa.map(|pa| (span, pa));
+                    (level, slot)
+                }
+                Err(e) => {
+                    done(k, Err(CasError::Invalid(e)));
+                    continue;
+                }
+            },
+        };
+        // A hardware Access-flag update may race with us: read again and ask again.
+        let mut tries = 0;
+        loop {
+            let expected = load_settled(slot);
+            let Some(info) = LeafInfo::decode(base, level, expected) else {
+                break; // an empty slot: nothing to change
+            };
+            let Some(new) = f(k, &info) else {
+                break;
+            };
+            if level != LAST_LEVEL {
+                // A block: the caller splits it and changes the page its own way.
+                done(
+                    k,
+                    Err(CasError::NoSlot {
+                        level,
+                        found: expected,
+                    }),
+                );
+                break;
+            }
+            let r = check_new(new, level)
+                .map_err(CasError::Invalid)
+                .and_then(|()| cas_slot(t, slot, base, level, expected, new, false, flush));
+            if matches!(r, Err(CasError::Mismatch(_))) && tries < 4 {
+                tries += 1;
+                continue;
+            }
+            done(k, r);
+            break;
+        }
+    }
+}
+
+/// The slot translating page `ipa` at the last level it reaches (a block stops the walk
+/// higher), and the last-level table holding it, if it is one.
+fn leaf_table<M: TableMemory>(
+    t: &Stage2Table<M>,
+    ipa: u64,
+) -> Result<(u8, &AtomicU64, Option<u64>), Error> {
+    if ipa >= t.cfg.ipa_limit() {
+        return Err(Error::OutOfRange);
+    }
+    let mut table = t.root_pa;
+    let mut level = t.cfg.start_level();
+    loop {
+        let slot = t.slot(table, level, ipa);
+        if level == LAST_LEVEL {
+            return Ok((level, slot, Some(table)));
+        }
+        match Descriptor::from_raw(slot.load(Ordering::Acquire)).kind(level) {
+            DescriptorKind::Table { pa } => {
+                table = pa;
+                level += 1;
+            }
+            _ => return Ok((level, slot, None)),
+        }
+    }
 }
 
 /// Sets or clears the Access flag of the valid leaf translating `ipa`. Returns whether a valid
