@@ -17,7 +17,7 @@ commands:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)
   test           clippy, host tests of every crate, then the QEMU scenarios in tests/
-  bench [chain|fork|migrate|linux]...
+  bench [chain|fork|guest|migrate|linux]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
                  and forks of a running Linux)
@@ -79,9 +79,9 @@ fn test() -> Result<(), String> {
     Ok(())
 }
 
-/// `bench [chain|fork|migrate|linux]...`: all benchmarks, or only the named ones.
+/// `bench [chain|fork|guest|migrate|linux]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 4] = ["chain", "fork", "migrate", "linux"];
+    const ALL: [&str; 5] = ["chain", "fork", "guest", "migrate", "linux"];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
     }
@@ -93,6 +93,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     let images = build::images(true)?;
     if wanted("fork") {
         fork_bench(&images)?;
+    }
+    if wanted("guest") {
+        guest_bench(&images)?;
     }
     if wanted("migrate") {
         migrate_bench(&images)?;
@@ -154,6 +157,41 @@ fn migrate_bench(images: &build::Images) -> Result<(), String> {
         12,
         "migration vs memcpy, reclaim vs lz4",
     )
+}
+
+/// The measurements the test guest makes of itself (release hypervisor,
+/// one vCPU): CoW write fault next to a private write, a copy and a trap;
+/// the restore rate; the host frames an idle fork costs.
+fn guest_bench(images: &build::Images) -> Result<(), String> {
+    let runs: [(&str, &[&str]); 3] = [
+        ("cowbench", &["GUEST: cowbench:"]),
+        ("snapshot cycles=300", &["GUEST: restore"]),
+        ("forkmem", &["GUEST: forkmem: 8"]),
+    ];
+    println!("\nguest measurements (release hypervisor, QEMU TCG, cortex-a72, -smp 2, 1 vCPU):");
+    for (args, prefixes) in runs {
+        let cfg = qemu_tests::MachineConfig {
+            vcpus: Some(1),
+            guest_args: Some(args.into()),
+            ..Default::default()
+        };
+        let out = cfg
+            .command(&images.hyp)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("qemu: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(|l| l.trim_start_matches("[vm1] "))
+            .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+            .collect();
+        if lines.is_empty() || !text.contains("GUEST RESULT: PASS") {
+            return Err(format!("guest bench '{args}' did not complete:\n{text}"));
+        }
+        lines.iter().for_each(|l| println!("  {l}"));
+    }
+    Ok(())
 }
 
 /// Fork vs eager copy of the same frames, measured inside the hypervisor in
