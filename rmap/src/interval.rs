@@ -71,32 +71,7 @@ impl<V: Copy + PartialEq> IntervalIndex<V> {
 
     /// Visits, in order, the value of every range containing `offset`.
     pub fn stab<B>(&self, offset: u64, f: &mut impl FnMut(V) -> ControlFlow<B>) -> ControlFlow<B> {
-        self.stab_in(0, self.entries.len(), offset, f)
-    }
-
-    fn stab_in<B>(
-        &self,
-        lo: usize,
-        hi: usize,
-        offset: u64,
-        f: &mut impl FnMut(V) -> ControlFlow<B>,
-    ) -> ControlFlow<B> {
-        if lo >= hi {
-            return ControlFlow::Continue(());
-        }
-        let mid = lo + (hi - lo) / 2;
-        if self.max_end[mid] <= offset {
-            return ControlFlow::Continue(());
-        }
-        self.stab_in(lo, mid, offset, f)?;
-        let entry = &self.entries[mid];
-        if entry.start > offset {
-            return ControlFlow::Continue(());
-        }
-        if offset < entry.end {
-            f(entry.value)?;
-        }
-        self.stab_in(mid + 1, hi, offset, f)
+        self.overlapping(offset, offset + 1, f)
     }
 
     /// Visits, in the same order as [`IntervalIndex::stab`], the value of every range that

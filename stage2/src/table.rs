@@ -458,6 +458,17 @@ impl<M: TableMemory> Stage2Table<M> {
 
     /// As [`Self::find`], returning the slot itself.
     pub(crate) fn find_slot(&self, ipa: u64, target: u8) -> Result<(u8, &AtomicU64), Error> {
+        self.find_slot_in(ipa, target)
+            .map(|(level, slot, _)| (level, slot))
+    }
+
+    /// As [`Self::find_slot`], also returning the physical address of the table holding the
+    /// slot (so that neighbouring slots can be reached without another walk).
+    pub(crate) fn find_slot_in(
+        &self,
+        ipa: u64,
+        target: u8,
+    ) -> Result<(u8, &AtomicU64, u64), Error> {
         if ipa >= self.cfg.ipa_limit() {
             return Err(Error::OutOfRange);
         }
@@ -466,14 +477,14 @@ impl<M: TableMemory> Stage2Table<M> {
         loop {
             let slot = self.slot(table, level, ipa);
             if level == target {
-                return Ok((level, slot));
+                return Ok((level, slot, table));
             }
             match Descriptor::from_raw(slot.load(Ordering::Acquire)).kind(level) {
                 DescriptorKind::Table { pa } => {
                     table = pa;
                     level += 1;
                 }
-                _ => return Ok((level, slot)),
+                _ => return Ok((level, slot, table)),
             }
         }
     }

@@ -127,22 +127,41 @@ fn console_bench(
         script: Some(script.into()),
         ..Default::default()
     };
-    let out = cfg
-        .command(&images.hyp)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("qemu: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
-        .collect();
+    let (text, lines) = captured_lines(&cfg, images, prefixes)?;
     if lines.len() != expected {
         return Err(format!("{title}: benchmark did not complete:\n{text}"));
     }
     println!("\n{title} (release hypervisor, QEMU TCG, cortex-a72, -smp 2):");
     lines.iter().for_each(|l| println!("  {l}"));
     Ok(())
+}
+
+/// Boots `cfg` to the end and returns its console output with the lines
+/// that start with one of `prefixes` (a VM's `[vmN] ` label removed).
+fn captured_lines(
+    cfg: &qemu_tests::MachineConfig,
+    images: &build::Images,
+    prefixes: &[&str],
+) -> Result<(String, Vec<String>), String> {
+    let out = cfg
+        .command(&images.hyp)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("qemu: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let unlabel = |l: &str| match l.strip_prefix("[vm") {
+        Some(rest) => rest
+            .split_once("] ")
+            .map_or(l, |(_, line)| line)
+            .to_string(),
+        None => l.to_string(),
+    };
+    let lines = text
+        .lines()
+        .map(unlabel)
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        .collect();
+    Ok((text, lines))
 }
 
 /// Migration next to memcpy, reclaim next to LZ4 of the same frames, and
@@ -175,17 +194,7 @@ fn guest_bench(images: &build::Images) -> Result<(), String> {
             guest_args: Some(args.into()),
             ..Default::default()
         };
-        let out = cfg
-            .command(&images.hyp)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| format!("qemu: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(|l| l.trim_start_matches("[vm1] "))
-            .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
-            .collect();
+        let (text, lines) = captured_lines(&cfg, images, prefixes)?;
         if lines.is_empty() || !text.contains("GUEST RESULT: PASS") {
             return Err(format!("guest bench '{args}' did not complete:\n{text}"));
         }

@@ -184,24 +184,8 @@ fn leaf_table<M: TableMemory>(
     t: &Stage2Table<M>,
     ipa: u64,
 ) -> Result<(u8, &AtomicU64, Option<u64>), Error> {
-    if ipa >= t.cfg.ipa_limit() {
-        return Err(Error::OutOfRange);
-    }
-    let mut table = t.root_pa;
-    let mut level = t.cfg.start_level();
-    loop {
-        let slot = t.slot(table, level, ipa);
-        if level == LAST_LEVEL {
-            return Ok((level, slot, Some(table)));
-        }
-        match Descriptor::from_raw(slot.load(Ordering::Acquire)).kind(level) {
-            DescriptorKind::Table { pa } => {
-                table = pa;
-                level += 1;
-            }
-            _ => return Ok((level, slot, None)),
-        }
-    }
+    let (level, slot, table) = t.find_slot_in(ipa, LAST_LEVEL)?;
+    Ok((level, slot, (level == LAST_LEVEL).then_some(table)))
 }
 
 /// Sets or clears the Access flag of the valid leaf translating `ipa`. Returns whether a valid
