@@ -145,12 +145,13 @@ pub fn stats() {
     let (offline, offline_free) = frames::get().offline_count();
     let (low, high) = memctl::watermarks();
     crate::println!(
-        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
         memctl::MIGRATED.load(Ordering::Relaxed),
         memctl::RECLAIMED.load(Ordering::Relaxed),
         STORE.stored.load(Ordering::Relaxed),
         STORE.zero_mapped.load(Ordering::Relaxed),
         STORE.swapped_in.load(Ordering::Relaxed),
+        tlb_line(),
         STORE.used_slots(),
         STORE.bytes.load(Ordering::Relaxed),
         STORE.zero_refs(),
@@ -162,6 +163,16 @@ pub fn stats() {
         crate::memory::reserve_len(),
         frames::get().first_free(),
     );
+}
+
+/// How many stage-2 TLB invalidations stayed on one CPU (the VM had never
+/// been loaded elsewhere) and how many were broadcast.
+pub fn tlb_line() -> alloc::string::String {
+    alloc::format!(
+        "stage-2 TLB invalidations: {} on one CPU, {} broadcast",
+        crate::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),
+        crate::memory::BROADCAST_FLUSHES.load(Ordering::Relaxed)
+    )
 }
 
 fn us(ticks: u64) -> u64 {

@@ -7,13 +7,14 @@ use crate::frames::{self, PAGE_SIZE};
 use crate::vm::{Vm, VmError};
 use alloc::vec::Vec;
 use core::cell::Cell;
+use core::sync::atomic::{AtomicU64, Ordering};
 use rmap::lock::OrderedMutexGuard;
 use rmap::{S2Entry, Stage2, Stage2Locked, UnlinkProof};
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{
     Aarch64Tlb, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm, S2Attrs, S2Config, Stage2Table,
-    SwEntry, TableMemory, TlbMaintenance, Visitor, VmidBits, WalkAction,
+    SwEntry, TableMemory, TlbMaintenance, Visitor, VmidBits, Vttbr, WalkAction,
 };
 
 /// Table pages come from the frame allocator and are reached through the
@@ -87,6 +88,69 @@ static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator {
 // switched VTTBR_EL2.
 pub static TLB: Aarch64Tlb = unsafe { Aarch64Tlb::new() };
 
+/// Stage-2 invalidations (by IPA or VMID) kept on one CPU, and broadcast.
+pub static LOCAL_FLUSHES: AtomicU64 = AtomicU64::new(0);
+pub static BROADCAST_FLUSHES: AtomicU64 = AtomicU64::new(0);
+
+fn this_cpu_bit() -> u64 {
+    1 << crate::percpu::cpu_index()
+}
+
+/// TLB maintenance for one VM (stage-2 lock held): an invalidation stays on
+/// this CPU (`TLBI IPAS2E1`/`VMALLS12E1` with non-shareable barriers) when no
+/// other CPU can hold the VM's entries, which saves the broadcast (under
+/// QEMU's TCG it stops every vCPU thread; on silicon it is DVM traffic to
+/// every core), and is broadcast otherwise.
+struct VmTlb<'a> {
+    cpus: &'a AtomicU64,
+}
+
+impl VmTlb<'_> {
+    /// Whether this CPU is the only one that may hold the VM's entries.
+    /// It marks itself first: the invalidation loads the VM's VTTBR here.
+    fn only_here(&self) -> bool {
+        let me = this_cpu_bit();
+        self.cpus.fetch_or(me, Ordering::SeqCst);
+        // The descriptor stores before this are observed by every CPU before
+        // the mask is read (pairs with `GuestMemory::note_loaded_here`).
+        crate::arch::dsb_ish();
+        let local = self.cpus.load(Ordering::SeqCst) == me;
+        let counter = if local {
+            &LOCAL_FLUSHES
+        } else {
+            &BROADCAST_FLUSHES
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        local
+    }
+}
+
+impl TlbMaintenance for VmTlb<'_> {
+    fn invalidate_ipa(&self, vttbr: Vttbr, ipa: u64, level: u8) {
+        if self.only_here() {
+            TLB.invalidate_ipa_local(vttbr, ipa);
+        } else {
+            TLB.invalidate_ipa(vttbr, ipa, level);
+        }
+    }
+
+    fn invalidate_vmid(&self, vttbr: Vttbr) {
+        if self.only_here() {
+            TLB.invalidate_vmid_local(vttbr);
+        } else {
+            TLB.invalidate_vmid(vttbr);
+        }
+    }
+
+    fn invalidate_icache(&self, pa: u64, len: u64) {
+        TLB.invalidate_icache(pa, len);
+    }
+
+    fn invalidate_all(&self) {
+        TLB.invalidate_all();
+    }
+}
+
 /// VMIDs in use, one bit each (up to 16-bit VMIDs). VMID 0 is never given
 /// to a guest. A VMID is freed only after its table's destroy() invalidated
 /// every TLB entry of that VMID, so reuse finds nothing stale.
@@ -155,6 +219,11 @@ pub struct GuestMemory {
     batching: bool,
     /// A stage-2 table page could not be allocated during an update.
     pub out_of_memory: bool,
+    /// Physical CPUs that may hold TLB entries of this VMID: each sets its
+    /// bit before it loads the VM's VTTBR (`note_loaded_here`), and bits are
+    /// never cleared while the VMID lives. An invalidation with no other bit
+    /// set stays on its own CPU (`VmTlb`).
+    cpus: AtomicU64,
 }
 
 impl GuestMemory {
@@ -167,6 +236,7 @@ impl GuestMemory {
                 vmid,
                 batching: false,
                 out_of_memory: false,
+                cpus: AtomicU64::new(0),
             }),
             Err(_) => {
                 VMIDS.lock().free(vmid);
@@ -183,6 +253,20 @@ impl GuestMemory {
 
     pub fn vttbr(&self) -> u64 {
         self.table().vttbr().raw()
+    }
+
+    /// This CPU is about to load the VM's VTTBR and may cache its entries
+    /// from now on. The barrier orders the mark before the CPU's first table
+    /// walk, pairing with the one in `VmTlb::only_here`: a flusher either
+    /// sees the mark and broadcasts, or made its change visible first.
+    pub fn note_loaded_here(&self) {
+        self.cpus.fetch_or(this_cpu_bit(), Ordering::SeqCst);
+        crate::arch::dsb_ish();
+    }
+
+    /// TLB maintenance for this VM's table.
+    fn tlb(&self) -> VmTlb<'_> {
+        VmTlb { cpus: &self.cpus }
     }
 
     pub fn is_live(&self) -> bool {
@@ -218,7 +302,7 @@ impl GuestMemory {
     /// Frees the (already emptied and unlinked) table and the VMID.
     fn destroy(&mut self) {
         if let Some(table) = self.table.take() {
-            table.destroy(&TLB);
+            table.destroy(&self.tlb());
             VMIDS.lock().free(self.vmid);
         }
     }
@@ -232,7 +316,7 @@ impl GuestMemory {
     pub fn end_batch(&mut self) {
         if core::mem::take(&mut self.batching) {
             if let Some(table) = &self.table {
-                TLB.invalidate_vmid(table.vttbr());
+                self.tlb().invalidate_vmid(table.vttbr());
             }
         }
     }
@@ -355,8 +439,9 @@ impl LockedStage2<'_> {
         let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
             .expect("block descriptor");
         let table = self.mem.table();
-        let batch = Batch::new(&TLB, table.vttbr());
-        let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &TLB };
+        let tlb = self.mem.tlb();
+        let batch = Batch::new(&tlb, table.vttbr());
+        let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &tlb };
         let ok = table
             .compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, ro, flusher)
             .is_ok();
@@ -368,7 +453,7 @@ impl LockedStage2<'_> {
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
     fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
         let table = self.mem.table();
-        if let Err(e) = table.split_block(ipa, &TLB) {
+        if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
             if e == stage2::Error::NoMemory {
                 self.mem.out_of_memory = true;
             }
@@ -400,14 +485,21 @@ impl LockedStage2<'_> {
     fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
         let table = self.mem.table();
         if self.mem.batching {
-            let batch = Batch::new(&TLB, table.vttbr());
+            let tlb = self.mem.tlb();
+            let batch = Batch::new(&tlb, table.vttbr());
             let r =
                 table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &batch);
             // The pending VMID-wide flush is issued by end_batch().
             let _ = batch.into_pending();
             r
         } else {
-            table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &TLB)
+            table.compare_exchange_leaf(
+                leaf.ipa,
+                leaf.level,
+                leaf.desc,
+                encode(new),
+                &self.mem.tlb(),
+            )
         }
     }
 
@@ -424,9 +516,9 @@ impl LockedStage2<'_> {
             && ipa.is_multiple_of(BLOCK_SIZE)
             && (pfn << 12).is_multiple_of(BLOCK_SIZE);
         let result = match (shared, block) {
-            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &TLB),
-            (false, true) => table.map(ipa, pfn << 12, len, attrs, &TLB),
-            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &TLB),
+            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &self.mem.tlb()),
+            (false, true) => table.map(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
+            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
         };
         match result {
             Ok(()) => true,
@@ -441,11 +533,15 @@ impl LockedStage2<'_> {
         let table = self.mem.table();
         let result = match new {
             S2Entry::Invalid => return Ok(()),
-            S2Entry::Page { pfn, writable } => {
-                table.map(ipa, pfn << 12, PAGE_SIZE, ram_attrs(writable), &TLB)
-            }
+            S2Entry::Page { pfn, writable } => table.map(
+                ipa,
+                pfn << 12,
+                PAGE_SIZE,
+                ram_attrs(writable),
+                &self.mem.tlb(),
+            ),
             S2Entry::Migration { pfn, writable } => table
-                .set_software(ipa, SwEntry::Migration { pfn, writable }, &TLB)
+                .set_software(ipa, SwEntry::Migration { pfn, writable }, &self.mem.tlb())
                 .map(|_| ()),
             S2Entry::Swap { slot } => table
                 .set_software(
@@ -454,7 +550,7 @@ impl LockedStage2<'_> {
                         slot,
                         writable: false,
                     },
-                    &TLB,
+                    &self.mem.tlb(),
                 )
                 .map(|_| ()),
         };
@@ -519,7 +615,8 @@ impl Stage2Locked for LockedStage2<'_> {
         let mut blocked = Vec::new();
         {
             let table = self.mem.table();
-            let batch = Batch::new(&TLB, table.vttbr());
+            let tlb = self.mem.tlb();
+            let batch = Batch::new(&tlb, table.vttbr());
             table.update_pages(
                 ipas,
                 &mut |k, leaf| {
@@ -678,7 +775,7 @@ impl Stage2 for Vm {
     fn flush_deferred(&self) {
         let mem = self.memory.lock();
         if mem.is_live() {
-            TLB.invalidate_vmid(mem.table().vttbr());
+            mem.tlb().invalidate_vmid(mem.table().vttbr());
         }
     }
 

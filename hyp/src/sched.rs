@@ -109,6 +109,7 @@ fn exit_if_idle() {
     }
     if crate::vm::count_runnable() == 0 && crate::cmd::script_done() {
         let status = crate::vm::WORST_STATUS.load(Ordering::Relaxed);
+        crate::println!("[hyp] {}", crate::memcmd::tlb_line());
         crate::println!("[hyp] no runnable VMs left; exiting with status {status}");
         crate::semihost::exit(status.clamp(0, 255) as u32);
     }

@@ -214,7 +214,11 @@ impl Vm {
 
     /// Loads this VM's stage-2 translation on this CPU.
     pub fn load_stage2(&self) {
-        let vttbr = self.memory.lock().vttbr();
+        let vttbr = {
+            let mem = self.memory.lock();
+            mem.note_loaded_here();
+            mem.vttbr()
+        };
         crate::arch::write_sysreg!("vttbr_el2", vttbr);
         crate::arch::isb();
     }

@@ -52,6 +52,28 @@ fn snapshot_restore_loop_sees_the_snapshot_again() {
     m.expect("GUEST RESULT: PASS", T);
     assert_eq!(m.wait_exit(T), 0);
     m.assert_no_hyp_fault();
+    // One vCPU that stays on its CPU: its CoW breaks and restores need no
+    // broadcast invalidation.
+    let (local, _) = tlb_flushes(&m.transcript());
+    assert!(
+        local > 0,
+        "no invalidation stayed local\n{}",
+        m.transcript()
+    );
+}
+
+/// The hypervisor's last words: stage-2 invalidations (on one CPU, broadcast).
+fn tlb_flushes(text: &str) -> (u64, u64) {
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("stage-2 TLB invalidations:"))
+        .unwrap_or_else(|| panic!("no TLB invalidation count\n{text}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "stage-2 TLB invalidations: N on one CPU, M broadcast" ('2' is the first number).
+    (nums[1], nums[2])
 }
 
 #[test]
@@ -82,6 +104,10 @@ fn console_fork_of_a_running_smp_guest_and_bad_commands() {
         "parent and two children pass\n{t}"
     );
     assert_eq!(status, 0, "{t}");
+    // Two vCPUs on two CPUs: forking them write-protects entries both CPUs
+    // may cache, which only a broadcast invalidation reaches.
+    let (_, broadcast) = tlb_flushes(&t);
+    assert!(broadcast > 0, "no broadcast invalidation\n{t}");
 }
 
 #[test]

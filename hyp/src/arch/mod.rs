@@ -66,6 +66,14 @@ pub fn isb() {
     unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
 }
 
+/// Data synchronisation barrier, inner shareable: every memory access before
+/// it is complete and observed by all CPUs before any access after it.
+pub fn dsb_ish() {
+    // SAFETY: a barrier has no memory effects beyond ordering (no `nomem`:
+    // the compiler must not move memory accesses across it).
+    unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
 /// Waits for an interrupt (or event); interrupts stay masked at EL2, a
 /// pending one still wakes the CPU and is then acknowledged by polling.
 pub fn wfi() {

@@ -33,6 +33,50 @@ impl Aarch64Tlb {
     }
 }
 
+impl Aarch64Tlb {
+    /// [`TlbMaintenance::invalidate_ipa`] on this CPU only (`TLBI IPAS2E1`, `TLBI VMALLE1`,
+    /// non-shareable barriers): for a caller that knows no other CPU can hold entries of the
+    /// VM (it has never had the VM's VTTBR loaded since the VMID was last invalidated
+    /// everywhere). The descriptor store is still made visible to every CPU's walker first.
+    pub fn invalidate_ipa_local(&self, vttbr: Vttbr, ipa: u64) {
+        // SAFETY: barrier only, as in `invalidate_ipa`.
+        unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
+        with_vttbr(vttbr, || {
+            // SAFETY: as in `invalidate_ipa`, for this CPU's TLB only; touches no memory.
+            unsafe {
+                asm!(
+                    "tlbi ipas2e1, {ipa}",
+                    "dsb nsh",
+                    "tlbi vmalle1",
+                    "dsb nsh",
+                    "isb",
+                    ipa = in(reg) (ipa >> 12) & ((1 << 36) - 1),
+                    options(nostack, preserves_flags),
+                );
+            }
+        });
+    }
+
+    /// [`TlbMaintenance::invalidate_vmid`] on this CPU only (same contract as
+    /// [`Aarch64Tlb::invalidate_ipa_local`]).
+    pub fn invalidate_vmid_local(&self, vttbr: Vttbr) {
+        // SAFETY: barrier only, as above.
+        unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
+        with_vttbr(vttbr, || {
+            // SAFETY: invalidates this CPU's stage-1 and stage-2 entries of the current VMID;
+            // touches no memory.
+            unsafe {
+                asm!(
+                    "tlbi vmalls12e1",
+                    "dsb nsh",
+                    "isb",
+                    options(nostack, preserves_flags)
+                )
+            };
+        });
+    }
+}
+
 /// Runs `f` with `VTTBR_EL2 = vttbr`, restoring the previous value afterwards.
 fn with_vttbr(vttbr: Vttbr, f: impl FnOnce()) {
     let saved: u64;
