@@ -13,6 +13,8 @@ const ISS_S1PTW: u64 = 1 << 7;
 /// Fault status: synchronous external abort, not on a table walk.
 const FSC_SEA: u64 = 0x10;
 const EC_IABT_LOW: u64 = 0x20;
+/// Fault status class (FSC[5:2]) of a translation fault at any level.
+const FSC_TRANSLATION: u64 = 0b0001;
 
 /// The faulting IPA: page from HPFAR_EL2, offset from FAR_EL2.
 fn fault_ipa() -> u64 {
@@ -28,7 +30,8 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     // walk fault is a write fault, as KVM treats it.
     let write = is_data && (esr & ISS_WNR != 0 || esr & ISS_S1PTW != 0);
     if vcpu.vm.ram.contains(ipa) {
-        return ram_fault(vcpu, ipa, write);
+        let translation = (esr & 0x3f) >> 2 == FSC_TRANSLATION;
+        return ram_fault(vcpu, ipa, write, translation);
     }
     let in_uart = (VPL011_BASE..VPL011_BASE + VPL011_SIZE).contains(&ipa);
     if in_uart && is_data && esr & ISS_S1PTW == 0 {
@@ -40,8 +43,8 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     wild(vcpu, ipa, is_data)
 }
 
-fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool) -> Action {
-    match crate::mm::fault(&vcpu.vm, ipa, write) {
+fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool, translation: bool) -> Action {
+    match crate::mm::fault(&vcpu.vm, ipa, write, translation) {
         Ok(()) => Action::Continue,
         Err(FaultError::NoMemory) => {
             crate::println!(

@@ -336,7 +336,7 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
         }
         let t0 = crate::timer::now();
         for i in 0..pages {
-            crate::mm::fault(&vm, vm.ram.base + i * PAGE_SIZE, false)
+            crate::mm::fault(&vm, vm.ram.base + i * PAGE_SIZE, false, true)
                 .map_err(|_| "fault-in failed")?;
         }
         let fault = crate::timer::now() - t0;

@@ -106,12 +106,15 @@ pub enum FaultError {
 
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
-pub fn fault(vm: &Vm, ipa: u64, write: bool) -> Result<(), FaultError> {
+/// `translation`: the entry was invalid (a translation fault); otherwise a
+/// permission or access-flag fault on an entry that exists, which can never
+/// be a 2 MiB first touch.
+pub fn fault(vm: &Vm, ipa: u64, write: bool, translation: bool) -> Result<(), FaultError> {
     crate::memory::refill_reserve();
     // Below the low watermark, reclaim before allocating (no lock held here),
     // including before a 2 MiB first touch takes 512 frames.
     crate::memctl::balance();
-    if fault_block(vm, ipa) {
+    if translation && fault_block(vm, ipa) {
         let chunk = ipa & !(crate::memory::BLOCK_SIZE - 1);
         let mut log = vm.dirty.lock();
         (0..crate::memory::BLOCK_SIZE / PAGE_SIZE).for_each(|i| log.note(chunk + i * PAGE_SIZE));
@@ -231,14 +234,12 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
         let n = (PAGE_SIZE as usize - off).min(data.len() - done);
         let page = addr - off as u64;
         let pa = loop {
-            let writable = matches!(
-                vm.lock().lookup(page),
-                rmap::S2Entry::Page { writable: true, .. }
-            );
-            if writable {
+            let entry = vm.lock().lookup(page);
+            if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
                 break vm.memory.lock().pa_of(page).expect("mapped");
             }
-            fault(vm, page, true)?;
+            let translation = !matches!(entry, rmap::S2Entry::Page { .. });
+            fault(vm, page, true, translation)?;
         };
         // SAFETY: `pa` backs a writable page of this VM, identity mapped;
         // the VM is not running yet (loader), so nothing races the copy.
