@@ -145,7 +145,7 @@ pub fn stats() {
     let (offline, offline_free) = frames::get().offline_count();
     let (low, high) = memctl::watermarks();
     crate::println!(
-        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries, {} in the swap cache; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
         memctl::MIGRATED.load(Ordering::Relaxed),
         memctl::RECLAIMED.load(Ordering::Relaxed),
         STORE.stored.load(Ordering::Relaxed),
@@ -155,6 +155,7 @@ pub fn stats() {
         STORE.used_slots(),
         STORE.bytes.load(Ordering::Relaxed),
         STORE.zero_refs(),
+        rmap().swap_cache_entries().len(),
         offline,
         offline_free,
         low,

@@ -355,7 +355,7 @@ pub fn restore_page(vm: &Vm, snap: &Vm, ipa: u64) -> Result<(), rmap::Error> {
                 continue
             }
             S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-            S2Entry::Swap { slot } => STORE.put(slot),
+            S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
         }
         return install_shared(vm, ipa, target);
     }
@@ -410,7 +410,7 @@ pub fn release(vm: &Vm, start: u64, len: u64) -> Result<(), rmap::Error> {
                 continue;
             }
             S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-            S2Entry::Swap { slot } => STORE.put(slot),
+            S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
             S2Entry::Invalid => {}
         }
         vm.dirty.lock().note(ipa);

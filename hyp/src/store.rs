@@ -208,6 +208,16 @@ impl SwapStore for PageStore {
         }
     }
 
+    fn refs(&self, slot: u64) -> Option<u32> {
+        if slot == ZERO_SLOT {
+            return None; // a marker shared by every zero page, never cached
+        }
+        match self.inner.lock().slots.get(slot as usize) {
+            Some(Slot::Page { refs, .. }) => Some(*refs),
+            _ => Some(0),
+        }
+    }
+
     fn put(&self, slot: u64) {
         let mut s = self.inner.lock();
         if slot == ZERO_SLOT {

@@ -225,4 +225,8 @@ pub trait SwapStore {
     fn dup(&self, slot: u64);
     /// Drops one reference; the last frees the slot.
     fn put(&self, slot: u64);
+    /// References on `slot` now, or `None` for a slot that does not hold one page's
+    /// contents (a shared marker such as an all-zero page), which the swap cache never
+    /// caches.
+    fn refs(&self, slot: u64) -> Option<u32>;
 }

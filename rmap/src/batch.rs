@@ -162,7 +162,9 @@ impl Rmap {
         for (t, slot) in taken.into_iter().zip(slots) {
             results[t.at] = slot.ok_or(Skip::StoreFull);
             if let Some(slot) = slot {
-                swap.put(slot);
+                // The store's own reference: the entries are visible already and may have
+                // been faulted into the swap cache meanwhile.
+                self.put_swap(slot, swap, alloc);
             }
             self.release(t, alloc);
         }

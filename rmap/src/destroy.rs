@@ -104,7 +104,7 @@ impl Rmap {
                 .expect("stage-2 locked");
             match entry {
                 S2Entry::Page { pfn, .. } => self.remove_rmap(pfn, alloc),
-                S2Entry::Swap { slot } => swap.put(slot),
+                S2Entry::Swap { slot } => self.put_swap(slot, swap, alloc),
                 S2Entry::Migration { .. } | S2Entry::Invalid => {}
             }
         }

@@ -61,6 +61,10 @@ impl Rmap {
             } if write => self.fault_cow(region, s2, alloc, ipa, pfn),
             S2Entry::Page { .. } => Ok(Fault::Done),
             S2Entry::Migration { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
+            S2Entry::Swap { slot } if swap.refs(slot).is_some_and(|r| r > 1) => {
+                // Other entries (or the cache) still refer to it: share one frame.
+                self.fault_swap_cached(region, s2, alloc, swap, ipa, slot)
+            }
             S2Entry::Swap { slot } => {
                 let load = |pfn| swap.load(slot, pfn);
                 let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, Some(load))?;

@@ -161,6 +161,9 @@ impl SwapStore for HostMachine {
             .expect("dup of a free swap slot")
             .1 += 1;
     }
+    fn refs(&self, slot: u64) -> Option<u32> {
+        Some(self.swap.lock().slots.get(&slot).map_or(0, |s| s.1))
+    }
     fn put(&self, slot: u64) {
         let mut swap = self.swap.lock();
         let refs = &mut swap
@@ -489,7 +492,12 @@ impl HostWorld {
                 }
             }
         }
-        self.check_frames(&maps)?;
+        // The swap cache holds one pin on each cached frame and one reference on its slot.
+        let cached = self.rmap.swap_cache_entries();
+        for &(slot, _) in &cached {
+            *swaps.entry(slot).or_default() += 1;
+        }
+        self.check_frames(&maps, &cached)?;
         if swaps != self.machine.swap_refs() {
             return Err(format!(
                 "swap refs {:?} != entries {swaps:?}",
@@ -529,23 +537,30 @@ impl HostWorld {
         Ok(())
     }
 
-    fn check_frames(&self, maps: &BTreeMap<Pfn, u32>) -> Result<(), String> {
+    fn check_frames(&self, maps: &BTreeMap<Pfn, u32>, cached: &[(u64, Pfn)]) -> Result<(), String> {
+        let pins: BTreeMap<Pfn, u32> = cached.iter().map(|&(_, pfn)| (pfn, 1)).collect();
         for (pfn, frame) in self.rmap.frames().iter() {
             let expect = maps.get(&pfn).copied().unwrap_or(0);
-            if frame.mapcount() != expect || frame.refcount() != expect || frame.is_locked() {
+            let refs = expect + pins.get(&pfn).copied().unwrap_or(0);
+            if frame.mapcount() != expect || frame.refcount() != refs || frame.is_locked() {
                 return Err(format!(
-                    "frame {pfn:#x}: mapcount {} refcount {} locked {}, {expect} leaves",
+                    "frame {pfn:#x}: mapcount {} refcount {} locked {}, {expect} leaves, {} cache pins",
                     frame.mapcount(),
                     frame.refcount(),
-                    frame.is_locked()
+                    frame.is_locked(),
+                    refs - expect
                 ));
             }
         }
-        if self.machine.allocated() != maps.len() {
+        let in_use = maps
+            .keys()
+            .chain(pins.keys())
+            .collect::<alloc::collections::BTreeSet<_>>();
+        if self.machine.allocated() != in_use.len() {
             return Err(format!(
-                "{} frames allocated, {} mapped",
+                "{} frames allocated, {} mapped or cached",
                 self.machine.allocated(),
-                maps.len()
+                in_use.len()
             ));
         }
         Ok(())

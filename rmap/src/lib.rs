@@ -28,6 +28,7 @@ pub mod migrate;
 pub mod pool;
 pub mod reclaim;
 pub mod region;
+pub mod swap_cache;
 pub mod walk;
 
 #[cfg(test)]
@@ -88,6 +89,7 @@ pub struct Rmap {
     frames: FrameTable,
     anon_pool: Pool<AnonVma>,
     chain_pool: Pool<Chain>,
+    swap_cache: swap_cache::SwapCache,
 }
 
 impl Rmap {
@@ -98,6 +100,7 @@ impl Rmap {
             frames,
             anon_pool: Pool::new(max_anon_vmas, "pool.anon_vma"),
             chain_pool: Pool::new(max_chains, "pool.chain"),
+            swap_cache: swap_cache::SwapCache::default(),
         }
     }
 

@@ -35,6 +35,10 @@ impl Rmap {
         let _guard = self.frames.lock(pfn);
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
         let frame = self.frames.frame(pfn);
+        if frame.refcount() != frame.mapcount() + 1 {
+            // Referenced beyond its mappings and our pin (the swap cache, a fault).
+            return Err(Error::Busy);
+        }
         let index = frame.index();
         // Every byte is copied before any VM can see it: no need to zero it first.
         let new = self.alloc_frame_to_overwrite(alloc)?;

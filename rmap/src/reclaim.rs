@@ -19,21 +19,27 @@ impl Rmap {
         if !frame.try_pin() {
             return Err(Error::NotMapped);
         }
-        let result = self.reclaim_pinned(vms, swap, pfn);
+        let result = self.reclaim_pinned(vms, alloc, swap, pfn);
         self.put_frame(pfn, alloc);
         result
     }
 
-    fn reclaim_pinned<V: VmSet, W: SwapStore>(
+    fn reclaim_pinned<V: VmSet, A: FrameAllocator, W: SwapStore>(
         &self,
         vms: &V,
+        alloc: &A,
         swap: &W,
         pfn: Pfn,
     ) -> Result<u64, Error> {
         // Reclaim never waits for a frame lock: someone busy with the frame wants it resident.
         let _guard = self.frames.try_lock(pfn).ok_or(Error::Busy)?;
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
-        let index = self.frames.frame(pfn).index();
+        let frame = self.frames.frame(pfn);
+        if frame.refcount() != frame.mapcount() + 1 {
+            // Referenced beyond its mappings and our pin (the swap cache, a fault).
+            return Err(Error::Busy);
+        }
+        let index = frame.index();
         self.unmap_to_migration(&pin, index, pfn, vms)?;
         let Some(slot) = swap.store(pfn) else {
             self.remove_migration_entries(&pin, index, pfn, vms, |writable| {
@@ -46,7 +52,9 @@ impl Rmap {
             swap.dup(slot);
             S2Entry::Swap { slot }
         });
-        swap.put(slot);
+        // The store's own reference: the entries may have been faulted into the swap cache
+        // already.
+        self.put_swap(slot, swap, alloc);
         Ok(slot)
     }
 }

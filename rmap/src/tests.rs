@@ -5,6 +5,7 @@ extern crate std;
 use crate::host::{page_ipa, HostVm, HostWorld};
 use crate::region::RegionFlags;
 use crate::{AnonHandle, Error, Pfn, S2Entry, Stage2, Stage2Locked, VmId};
+use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::ControlFlow;
 
@@ -278,11 +279,61 @@ fn reclaim_then_fault_back_in() {
     assert_eq!(w.machine.swap_refs()[&slot], 2);
     w.check().unwrap();
     assert_eq!(c.read(&w.rmap, &w.machine, RAM).unwrap(), 31);
-    assert_eq!(p.read(&w.rmap, &w.machine, RAM).unwrap(), 31);
-    assert!(
-        w.machine.swap_refs().is_empty(),
-        "slot freed after both faulted in"
+    // The first fault left the frame in the swap cache, holding the slot for the parent.
+    let cached = w.rmap.swap_cache_entries();
+    assert_eq!(cached, vec![(slot, pfn_at(&c, RAM))]);
+    assert_eq!(
+        w.machine.swap_refs()[&slot],
+        2,
+        "parent's entry and the cache"
     );
+    w.check().unwrap();
+    assert_eq!(p.read(&w.rmap, &w.machine, RAM).unwrap(), 31);
+    assert_eq!(pfn_at(&p, RAM), pfn_at(&c, RAM), "one frame shared again");
+    assert_eq!(w.rmap.frames().frame(pfn_at(&p, RAM)).mapcount(), 2);
+    assert!(
+        w.machine.swap_refs().is_empty() && w.rmap.swap_cache_entries().is_empty(),
+        "slot and cache entry freed after both faulted in"
+    );
+    w.check().unwrap();
+    // Still copy-on-write.
+    p.write(&w.rmap, &w.machine, RAM, 32).unwrap();
+    assert_eq!(c.read(&w.rmap, &w.machine, RAM).unwrap(), 31);
+    assert_ne!(pfn_at(&p, RAM), pfn_at(&c, RAM));
+    w.check().unwrap();
+}
+
+#[test]
+fn swap_cache_lets_go_when_the_last_entry_goes() {
+    let w = world();
+    let p = w.create_vm(&[(RAM, 4)]);
+    p.write(&w.rmap, &w.machine, RAM, 7).unwrap();
+    let c1 = w.fork(&p).unwrap();
+    let c2 = w.fork(&p).unwrap();
+    let pfn = pfn_at(&p, RAM);
+    w.rmap
+        .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
+        .unwrap();
+    assert_eq!(c1.read(&w.rmap, &w.machine, RAM).unwrap(), 7);
+    let cached = pfn_at(&c1, RAM);
+    // A frame in the swap cache is pinned: migration and reclaim leave it.
+    assert_eq!(
+        w.rmap.migrate_frame(&w.vms, &w.machine, cached),
+        Err(Error::Busy)
+    );
+    let mut out = Vec::new();
+    w.rmap
+        .migrate_frames(&w.vms, &w.machine, &[cached], &mut out);
+    assert_eq!(out, vec![Err(crate::Skip::Pinned)]);
+    // The other two never fault it in: destroying them drops the slot and the cache entry.
+    w.destroy(&p);
+    assert_eq!(w.rmap.swap_cache_entries().len(), 1);
+    w.destroy(&c2);
+    assert!(w.rmap.swap_cache_entries().is_empty());
+    assert!(w.machine.swap_refs().is_empty());
+    w.check().unwrap();
+    w.destroy(&c1);
+    assert_eq!(w.machine.allocated(), 0);
     w.check().unwrap();
 }
 

@@ -205,6 +205,12 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
         "every thread made progress: {counts:?}"
     );
     world.check().unwrap();
+    let cached = world.rmap.swap_cache_entries();
+    let refs = world.machine.swap_refs();
+    assert!(
+        cached.is_empty(),
+        "swap cache left {cached:?}, slot refs {refs:?}"
+    );
     assert_eq!(world.machine.allocated(), 0);
     assert_eq!(world.rmap.live_anon_vmas(), 0);
     assert_eq!(world.rmap.live_chains(), 0);

@@ -46,18 +46,25 @@ impl Counters {
 
     /// Accounts for a slot at `level` changing from `old` to `new`.
     pub fn account(&self, level: u8, old: crate::Descriptor, new: crate::Descriptor) {
-        self.adjust(level, old, u64::wrapping_sub);
-        self.adjust(level, new, u64::wrapping_add);
+        let (from, to) = (self.counter(level, old), self.counter(level, new));
+        if from.is_some_and(|f| to.is_some_and(|t| core::ptr::eq(f, t))) {
+            return; // the same kind of slot before and after (a remap, a permission change)
+        }
+        if let Some(c) = from {
+            c.fetch_sub(1, Relaxed);
+        }
+        if let Some(c) = to {
+            c.fetch_add(1, Relaxed);
+        }
     }
 
-    fn adjust(&self, level: u8, d: crate::Descriptor, op: fn(u64, u64) -> u64) {
+    /// The counter a slot holding `d` at `level` counts in, if any.
+    fn counter(&self, level: u8, d: crate::Descriptor) -> Option<&AtomicU64> {
         use crate::DescriptorKind::*;
-        let counter = match d.kind(level) {
-            Leaf { .. } => &self.leaves[level as usize],
-            Software(_) => &self.software,
-            Empty | Table { .. } | Unknown(_) => return,
-        };
-        // fetch_update never fails with a closure returning Some.
-        let _ = counter.fetch_update(Relaxed, Relaxed, |v| Some(op(v, 1)));
+        match d.kind(level) {
+            Leaf { .. } => Some(&self.leaves[level as usize]),
+            Software(_) => Some(&self.software),
+            Empty | Table { .. } | Unknown(_) => None,
+        }
     }
 }

@@ -37,6 +37,10 @@ fn assert_all_free(t: &str) {
         "every frame free again after all VMs are gone\n{t}"
     );
     assert!(last_stats.contains("swap slots: 0"), "store empty\n{t}");
+    assert!(
+        last_stats.contains(" 0 in the swap cache"),
+        "swap cache empty\n{t}"
+    );
     assert!(last_stats.contains("offline frames: 0 "), "all online\n{t}");
 }
 
