@@ -233,28 +233,22 @@ const BENCH_ROUNDS: usize = 3;
 
 /// Time to copy `pfns` into fresh frames with the copy migration uses.
 fn time_copy(pfns: &[u64]) -> Result<u64, String> {
-    let mut dst = Vec::with_capacity(pfns.len());
-    for _ in 0..pfns.len() {
-        match frames::get().alloc() {
-            Some(pa) => dst.push(pa),
-            None => break,
-        }
+    let dst: Vec<u64> = (0..pfns.len())
+        .map_while(|_| frames::get().alloc())
+        .collect();
+    let release = |dst: Vec<u64>| dst.into_iter().for_each(|pa| frames::get().free(pa));
+    if dst.len() < pfns.len() {
+        release(dst);
+        return Err(String::from("no frames for the memcpy"));
     }
-    let enough = dst.len() == pfns.len();
     let t0 = crate::timer::now();
-    if enough {
-        for (&src, &d) in pfns.iter().zip(&dst) {
-            // `src` is a frame of the idle bench VM, `d` one we own.
-            frames::copy_frame(d, src * PAGE_SIZE);
-        }
+    for (&src, &d) in pfns.iter().zip(&dst) {
+        // `src` is a frame of the idle bench VM, `d` one we own.
+        frames::copy_frame(d, src * PAGE_SIZE);
     }
     let ticks = crate::timer::now() - t0;
-    dst.into_iter().for_each(|pa| frames::get().free(pa));
-    if enough {
-        Ok(ticks)
-    } else {
-        Err(String::from("no frames for the memcpy"))
-    }
+    release(dst);
+    Ok(ticks)
 }
 
 fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {

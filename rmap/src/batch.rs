@@ -14,7 +14,7 @@
 use crate::backend::{FrameAllocator, S2Entry, Stage2, SwapStore, VmSet};
 use crate::frame::{FrameGuard, BATCH_FRAME_LOCK};
 use crate::lock::lockdep;
-use crate::walk::AnonRef;
+use crate::walk::{AnonRef, Mapper};
 use crate::{Pfn, Rmap, VmId};
 use alloc::vec::Vec;
 
@@ -193,10 +193,8 @@ impl Rmap {
         taken.sort_unstable_by_key(|t| (t.pin.handle().raw(), t.index));
         let mut flush = Vec::new();
         for (_, group) in groups(&taken) {
-            let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
-            self.walk_batch(
-                group[0].pin.handle(),
-                &items,
+            self.walk_group(
+                group,
                 vms,
                 |i, m| match m.entry {
                     S2Entry::Page { writable, .. } => Some(S2Entry::Migration {
@@ -265,7 +263,7 @@ impl Rmap {
         if !frame.is_mapped() || frame.anon_vma().is_none() {
             return Err(Skip::NotMapped);
         }
-        if frame.refcount() != frame.mapcount() + 1 {
+        if frame.pinned_by_others() {
             return Err(Skip::Pinned);
         }
         let pin = self.get_anon_vma(pfn).ok_or(Skip::NotMapped)?;
@@ -298,11 +296,9 @@ impl Rmap {
         mut installed: impl FnMut(usize, S2Entry),
     ) {
         for (base, group) in groups(taken) {
-            let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
             let (mut wanted, mut done) = (0usize, 0usize);
-            self.walk_batch(
-                group[0].pin.handle(),
-                &items,
+            self.walk_group(
+                group,
                 vms,
                 |i, m| match m.entry {
                     S2Entry::Migration { writable, .. } => {
@@ -319,6 +315,18 @@ impl Rmap {
             // A migration entry is a page-level slot we own: replacing it cannot fail.
             assert_eq!(wanted, done, "a migration entry could not be replaced");
         }
+    }
+
+    /// [`Rmap::walk_batch`] over one group of taken frames (one anon_vma, sorted by offset).
+    fn walk_group<V: VmSet>(
+        &self,
+        group: &[Taken<'_>],
+        vms: &V,
+        decide: impl FnMut(usize, &Mapper) -> Option<S2Entry>,
+        applied: impl FnMut(usize, &Mapper, S2Entry),
+    ) {
+        let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
+        self.walk_batch(group[0].pin.handle(), &items, vms, decide, applied);
     }
 
     /// Unlocks a taken frame and drops the batch's pin on it (which may free it).

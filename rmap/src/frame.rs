@@ -100,6 +100,12 @@ impl Frame {
         self.put()
     }
 
+    /// Whether something besides its mappings and the caller's one pin holds the frame (the
+    /// swap cache, a fault in progress): migration and reclaim leave such a frame alone.
+    pub(crate) fn pinned_by_others(&self) -> bool {
+        self.refcount() != self.mapcount() + 1
+    }
+
     /// Pins an allocated frame (increment-if-not-zero). False if it is free.
     pub(crate) fn try_pin(&self) -> bool {
         let mut refs = self.refcount.load(Ordering::Relaxed);

@@ -35,8 +35,7 @@ impl Rmap {
         let _guard = self.frames.try_lock(pfn).ok_or(Error::Busy)?;
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
         let frame = self.frames.frame(pfn);
-        if frame.refcount() != frame.mapcount() + 1 {
-            // Referenced beyond its mappings and our pin (the swap cache, a fault).
+        if frame.pinned_by_others() {
             return Err(Error::Busy);
         }
         let index = frame.index();

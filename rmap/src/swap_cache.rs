@@ -12,7 +12,7 @@ use crate::fault::Fault;
 use crate::lock::{Level, OrderedMutex};
 use crate::region::Region;
 use crate::{Error, Ipa, Pfn, Rmap};
-use alloc::collections::BTreeMap;
+use alloc::collections::btree_map::{BTreeMap, Entry};
 use alloc::vec::Vec;
 
 /// Stored slot → the frame holding its contents.
@@ -109,15 +109,12 @@ impl Rmap {
             let frame = self.frames.frame(pfn);
             frame.set_anon(self.anon(own).root(), region.index_of(ipa));
             swap.dup(slot); // the cache's reference, taken before the entry is visible
-            let inserted = {
-                let mut cache = self.swap_cache.0.lock();
-                match cache.contains_key(&slot) {
-                    true => false,
-                    false => {
-                        cache.insert(slot, pfn);
-                        true
-                    }
+            let inserted = match self.swap_cache.0.lock().entry(slot) {
+                Entry::Vacant(e) => {
+                    e.insert(pfn);
+                    true
                 }
+                Entry::Occupied(_) => false,
             };
             if inserted {
                 // The allocation's reference is the cache's pin; take the caller's.

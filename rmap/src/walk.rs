@@ -258,10 +258,10 @@ impl Rmap {
                     vm.lock().update_pages(
                         &ipas,
                         &mut |k, entry| {
-                            // Not this item's frame: not mapped here, not relevant.
-                            (entry.pfn() == Some(items[lo + k].1))
-                                .then(|| decide(lo + k, &mapper(k, entry)))
-                                .flatten()
+                            if entry.pfn() != Some(items[lo + k].1) {
+                                return None; // not this item's frame: not relevant
+                            }
+                            decide(lo + k, &mapper(k, entry))
                         },
                         &mut |k, old, new| applied(lo + k, &mapper(k, old), new),
                     )
