@@ -4,8 +4,10 @@
 //! it may use `smp::bring_up` to run work on every vCPU.
 
 mod fork;
+mod hvcfuzz;
 mod memstress;
 mod selftest;
+mod snapsteal;
 mod wild;
 
 use crate::args::Args;
@@ -35,6 +37,10 @@ pub enum Mode {
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
+    /// Random hypercalls racing on every vCPU and VM, next to a checker VM.
+    HvcFuzz,
+    /// A child tries to restore itself into its parent's snapshots.
+    SnapSteal,
 }
 
 impl Mode {
@@ -50,6 +56,8 @@ impl Mode {
             "release" => Some(Self::Release),
             "badcalls" => Some(Self::BadCalls),
             "memstress" => Some(Self::MemStress),
+            "hvcfuzz" => Some(Self::HvcFuzz),
+            "snapsteal" => Some(Self::SnapSteal),
             _ => None,
         }
     }
@@ -66,6 +74,8 @@ impl Mode {
             Self::Release => "release",
             Self::BadCalls => "badcalls",
             Self::MemStress => "memstress",
+            Self::HvcFuzz => "hvcfuzz",
+            Self::SnapSteal => "snapsteal",
         }
     }
 }
@@ -82,5 +92,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Release => fork::release(plat),
         Mode::BadCalls => fork::bad_calls(plat),
         Mode::MemStress => memstress::run(plat, args),
+        Mode::HvcFuzz => hvcfuzz::run(plat),
+        Mode::SnapSteal => snapsteal::run(plat),
     }
 }
