@@ -67,8 +67,11 @@ pub fn verdict(text: &str, status: i32) -> Summary {
             s.problems.push(line.to_string());
         }
     }
-    s.root_calls = number_before(text, "[vm1] hvcfuzz: ", " hypercalls, seed");
-    if let Some(checker) = number_before(text, "[vm1] hvcfuzz: checker is vm ", "\n") {
+    // vm 1's lines are unlabelled while it is the only VM.
+    s.root_calls = ["[vm1] hvcfuzz: ", "hvcfuzz: "]
+        .iter()
+        .find_map(|p| number_before(text, p, " hypercalls, seed"));
+    if let Some(checker) = number_before(text, "[vm1] hvcfuzz: checker is vm ", "\r") {
         let prefix = format!("[vm{checker}] hvcfuzz checker: ");
         s.checker_rounds = number_before(text, &prefix, " rounds ok");
     }
@@ -88,10 +91,12 @@ pub fn verdict(text: &str, status: i32) -> Summary {
     s
 }
 
-/// The number between `before` and `after` on the line `before` starts.
+/// The number between `before` and `after` on the first line that starts
+/// with `before` and goes on with a number.
 fn number_before(text: &str, before: &str, after: &str) -> Option<u64> {
-    let start = text.find(before)? + before.len();
-    let rest = &text[start..];
-    let end = rest.find(after).unwrap_or(rest.len());
-    rest[..end].trim().parse().ok()
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(before)?;
+        let end = rest.find(after).unwrap_or(rest.len());
+        rest[..end].trim().parse().ok()
+    })
 }
