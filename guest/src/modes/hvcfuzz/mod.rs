@@ -59,6 +59,10 @@ static CLONE: AtomicU64 = AtomicU64::new(0);
 static SNAPS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static ROOT_SNAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static WRONG: AtomicU64 = AtomicU64::new(0);
+/// The VM that last snapshotted this memory (set just before each
+/// SNAPSHOT): a VM that resumes at a SNAPSHOT and finds another VM's id here
+/// restored itself into that VM's snapshot.
+static MEM_OWNER: AtomicU64 = AtomicU64::new(0);
 static MPIDRS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(u64::MAX) }; MAX_VCPUS];
 /// RAM, scratch (MEM_RELEASE), root pattern and checker areas.
 static LAYOUT: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
@@ -260,6 +264,9 @@ fn step(rng: &mut Rng, ctx: &Ctx) {
     if matches!(call.fid(), platform::abi::HVC_FORK | HVC_SNAPSHOT) && !may_grow(ctx) {
         return;
     }
+    if call.fid() == HVC_SNAPSHOT {
+        MEM_OWNER.store(ctx.me, SeqCst);
+    }
     let (r, x1) = hvc_raw(call.x);
     bump(ctx.vcpu);
     after(&call, r, x1, ctx);
@@ -304,7 +311,12 @@ fn record_snapshot(ctx: &Ctx, id: u64) {
 /// Execution resumed at a SNAPSHOT after a RESTORE with cookie `x1`. The
 /// root's own restore brings its count and snapshot budget back with it.
 fn restored(cookie: u64) {
-    if cookie >> 56 == ROOT_TAG && vm_id() == ROOT_ID.load(SeqCst) {
+    let (me, owner) = (vm_id(), MEM_OWNER.load(SeqCst));
+    if owner != me {
+        // A snapshot belongs to the VM it was taken of (issue 12, item 2).
+        println!("hvcfuzz: SNAPSTEAL: vm {me} restored into a snapshot of vm {owner} (cookie {cookie:#x})");
+    }
+    if cookie >> 56 == ROOT_TAG && me == ROOT_ID.load(SeqCst) {
         let before = cookie & MASK40;
         let now = total_calls();
         CARRIED.fetch_add(before.saturating_sub(now), SeqCst);
@@ -322,6 +334,7 @@ fn own_snapshot_work(rng: &mut Rng, ctx: &Ctx) {
     let want_new = count == 0 || (ctx.root && rng.one_in(4)) || (!ctx.root && rng.one_in(8));
     if want_new {
         if (ctx.root || count == 0) && may_grow(ctx) && (ctx.root || live_vms() < CAP / 2) {
+            MEM_OWNER.store(ctx.me, SeqCst);
             let (r, x1) = hvc_raw([u64::from(HVC_SNAPSHOT), 0, 0, 0]);
             bump(0);
             after(
