@@ -196,7 +196,8 @@ pub fn execute(line: &str) {
             let snap = parse_vm(words.next());
             vm.and_then(|vm| snap.map(|s| (vm, s)))
                 .and_then(|(vm, snap)| {
-                    crate::fork::restore(&vm, &snap, None, 0).map_err(|e| alloc::format!("{e}"))?;
+                    crate::fork::restore(&vm, &snap, crate::fork::Actor::Operator, None, 0)
+                        .map_err(|e| alloc::format!("{e}"))?;
                     crate::println!("vm {} restored to snapshot {}", vm.id, snap.id);
                     Ok(())
                 })

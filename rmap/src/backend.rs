@@ -101,6 +101,25 @@ pub trait Stage2Locked {
         }
     }
 
+    /// Clears the whole leaf holding `ipa` if the entry at `ipa` still is `old`: a page, or a
+    /// block lying inside `within`, which is cleared as one entry without being split, so this
+    /// never allocates (teardown and restore use it; a block partly outside `within` is split
+    /// and only `ipa`'s page cleared, which can fail for want of a table page). The TLB
+    /// invalidation is left pending as [`Stage2Locked::compare_exchange_deferred`] leaves it:
+    /// the caller flushes ([`Stage2::flush_deferred`]) before it frees what the leaf mapped.
+    /// Returns the leaf's first IPA, its page count and the old entry of its first page, or
+    /// what is at `ipa` if it is not `old` or could not be cleared. The default clears a page.
+    fn clear_leaf(
+        &mut self,
+        ipa: Ipa,
+        old: S2Entry,
+        within: core::ops::Range<Ipa>,
+    ) -> Result<(Ipa, u64, S2Entry), S2Entry> {
+        let _ = within;
+        let page = ipa & !(crate::PAGE_SIZE - 1);
+        self.compare_exchange_deferred(page, old, S2Entry::Invalid)
+            .map(|()| (page, 1, old))
+    }
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;
