@@ -70,6 +70,9 @@ fn fork_quiesced(
     frozen: bool,
 ) -> Result<Arc<Vm>, ForkError> {
     let name = if frozen { "snapshot" } else { "fork" };
+    if !crate::heap::guest_may_allocate(fork_heap_bytes(parent)) {
+        return Err(ForkError::Vm(VmError::NoMemory));
+    }
     let child = Vm::create_empty(
         name,
         parent.nr_vcpus,
@@ -103,6 +106,14 @@ fn fork_quiesced(
         child.resume();
     }
     Ok(child)
+}
+
+/// Heap a fork of `parent` takes, roughly (the admission check's estimate):
+/// the VM, its vCPUs (and the copies a restore makes), and its dirty log.
+fn fork_heap_bytes(parent: &Vm) -> usize {
+    let vcpus = parent.nr_vcpus * (core::mem::size_of::<Vcpu>() + 256);
+    let dirty = (parent.ram.size / crate::frames::PAGE_SIZE / 8) as usize;
+    core::mem::size_of::<Vm>() + 2 * vcpus + dirty + 16 * 1024
 }
 
 /// Resets `vm` to `snapshot`: its memory becomes the snapshot's (shared
@@ -154,6 +165,9 @@ fn check_restore(vm: &Vm, snapshot: &Vm, actor: Actor) -> Result<(), ForkError> 
         return Err(ForkError::NotRunnable(
             "the snapshot has another shape (vCPUs or RAM)",
         ));
+    }
+    if !crate::heap::guest_may_allocate(fork_heap_bytes(vm)) {
+        return Err(ForkError::Vm(VmError::NoMemory));
     }
     Ok(())
 }

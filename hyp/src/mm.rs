@@ -110,6 +110,10 @@ pub enum FaultError {
 /// permission or access-flag fault on an entry that exists, which can never
 /// be a 2 MiB first touch.
 pub fn fault(vm: &Vm, ipa: u64, write: bool, translation: bool) -> Result<(), FaultError> {
+    // The swap cache and region bookkeeping may allocate a little heap.
+    if !crate::heap::guest_may_allocate(4096) {
+        return Err(FaultError::NoMemory);
+    }
     crate::memory::refill_reserve();
     // Below the low watermark, reclaim before allocating (no lock held here),
     // including before a 2 MiB first touch takes 512 frames.
