@@ -5,6 +5,7 @@
 
 mod fork;
 mod memstress;
+mod pressure;
 mod selftest;
 mod wild;
 
@@ -35,6 +36,10 @@ pub enum Mode {
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
+    /// A child sharing every block exits while the host is out of frames.
+    ZapFull,
+    /// The UART register image survives snapshot/restore cycles.
+    UartImage,
 }
 
 impl Mode {
@@ -50,6 +55,8 @@ impl Mode {
             "release" => Some(Self::Release),
             "badcalls" => Some(Self::BadCalls),
             "memstress" => Some(Self::MemStress),
+            "zapfull" => Some(Self::ZapFull),
+            "uartimage" => Some(Self::UartImage),
             _ => None,
         }
     }
@@ -66,6 +73,8 @@ impl Mode {
             Self::Release => "release",
             Self::BadCalls => "badcalls",
             Self::MemStress => "memstress",
+            Self::ZapFull => "zapfull",
+            Self::UartImage => "uartimage",
         }
     }
 }
@@ -82,5 +91,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Release => fork::release(plat),
         Mode::BadCalls => fork::bad_calls(plat),
         Mode::MemStress => memstress::run(plat, args),
+        Mode::ZapFull => pressure::zap_full(plat),
+        Mode::UartImage => pressure::uart_image(plat),
     }
 }
