@@ -294,7 +294,7 @@ impl GuestMemory {
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
     pub fn pa_of(&self, ipa: u64) -> Option<u64> {
-        self.table().lookup(ipa).and_then(|l| l.pa_of(ipa))
+        self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 
     /// Frees the (already emptied and unlinked) table and the VMID.

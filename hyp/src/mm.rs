@@ -240,7 +240,11 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
         let pa = loop {
             let entry = vm.lock().lookup(page);
             if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
-                break vm.memory.lock().pa_of(page).expect("mapped");
+                // None: moved (migration) since the lookup; look again.
+                if let Some(pa) = vm.memory.lock().pa_of(page) {
+                    break pa;
+                }
+                continue;
             }
             let translation = !matches!(entry, rmap::S2Entry::Page { .. });
             fault(vm, page, true, translation)?;

@@ -36,10 +36,10 @@ pub enum Mode {
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
-    /// A child sharing every block exits while the host is out of frames.
-    ZapFull,
     /// The UART register image survives snapshot/restore cycles.
     UartImage,
+    /// Snapshots until the hypervisor refuses with an error code.
+    SnapFlood,
 }
 
 impl Mode {
@@ -55,8 +55,8 @@ impl Mode {
             "release" => Some(Self::Release),
             "badcalls" => Some(Self::BadCalls),
             "memstress" => Some(Self::MemStress),
-            "zapfull" => Some(Self::ZapFull),
             "uartimage" => Some(Self::UartImage),
+            "snapflood" => Some(Self::SnapFlood),
             _ => None,
         }
     }
@@ -73,8 +73,8 @@ impl Mode {
             Self::Release => "release",
             Self::BadCalls => "badcalls",
             Self::MemStress => "memstress",
-            Self::ZapFull => "zapfull",
             Self::UartImage => "uartimage",
+            Self::SnapFlood => "snapflood",
         }
     }
 }
@@ -91,7 +91,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Release => fork::release(plat),
         Mode::BadCalls => fork::bad_calls(plat),
         Mode::MemStress => memstress::run(plat, args),
-        Mode::ZapFull => pressure::zap_full(plat),
         Mode::UartImage => pressure::uart_image(plat),
+        Mode::SnapFlood => pressure::snap_flood(plat),
     }
 }

@@ -1,16 +1,14 @@
 //! Modes that put the hypervisor's own paths under pressure (run on vCPU 0).
 //!
-//! - `zapfull [mb=N]`: fill N MiB (2 MiB blocks at first touch) with data
-//!   that does not compress, fork, then dirty it all in the parent until the
-//!   host runs out of frames and pauses us; meanwhile the child, which shares
-//!   every block and owns nothing, exits once free frames run low. Its
-//!   teardown must neither split its blocks (no table page is left) nor
-//!   panic. The test reads the console.
 //! - `uartimage [cycles=N]`: snapshot, then N times: write a UART register
 //!   (a trapped write), read it back through the read-only register image,
 //!   let a forked child allocate and fill fresh frames, read every word of
 //!   the UART page, restore. The page must only ever show this UART's
 //!   registers: never a freed frame, another VM's image or a child's data.
+//! - `snapflood [max=N]`: snapshots itself until the hypervisor refuses
+//!   (VMIDs, frames, rmap pools or the heap reserve run out first): every
+//!   refusal must be an error code, never a hypervisor abort, and the VM
+//!   must keep working afterwards.
 
 use crate::dtb::Platform;
 use crate::psci::hvc;
@@ -40,42 +38,10 @@ fn scribble(p: usize, seed: u64) {
     let page = (FILL_START + p * PAGE) as *mut u64;
     for i in 0..PAGE / 8 {
         x = crate::fpsimd::splitmix64(x);
-        // SAFETY: the fill area is guest RAM above the image (the test gives
-        // the VM `mb` MiB more than 16 MiB); only vCPU 0 runs this mode.
+        // SAFETY: FILL_START is guest RAM 16 MiB above the image and its
+        // stacks (the tests give the VM at least 64 MiB); only vCPU 0 runs
+        // these modes.
         unsafe { page.add(i).write_volatile(x) };
-    }
-}
-
-pub fn zap_full(plat: &Platform) -> Result<(), Reason> {
-    let pages = arg(plat, "mb", 256) as usize * 256;
-    (0..pages).for_each(|p| scribble(p, 1));
-    println!("GUEST: zapfull: filled {} MiB", pages / 256);
-    match hvc(HVC_FORK, 0, 0, 0) {
-        0 => {
-            // The child: wait until the parent's copies used the host's
-            // frames up (or 60 s), then exit with every block still shared.
-            let deadline = crate::cpu::Deadline::after_ms(60_000);
-            while stat(Stat::FreeFrames) > 256 && !deadline.passed() {
-                crate::cpu::wait_for_event();
-            }
-            println!(
-                "GUEST: zapfull: child exits with {} free frames",
-                stat(Stat::FreeFrames)
-            );
-            hvc(HVC_EXIT, 0, 0, 0);
-            Err(reason!("HVC_EXIT returned"))
-        }
-        child if child > 0 => {
-            for p in 0..pages {
-                scribble(p, 2);
-                if p % 4096 == 0 {
-                    println!("GUEST: zapfull: parent dirtied {} MiB", p / 256);
-                }
-            }
-            println!("GUEST: zapfull: parent dirtied everything");
-            Ok(())
-        }
-        err => Err(reason!("FORK failed: {err}")),
     }
 }
 
@@ -157,4 +123,30 @@ pub fn uart_image(plat: &Platform) -> Result<(), Reason> {
     uart_write(UART_IMSC, base);
     let r = hvc(HVC_RESTORE, snap, (snap << 32) | (round + 1), 0);
     Err(reason!("RESTORE to vm {snap} returned {r}"))
+}
+
+pub fn snap_flood(plat: &Platform) -> Result<(), Reason> {
+    let max = arg(plat, "max", 100_000);
+    let mut taken = 0u64;
+    let err = loop {
+        match hvc(HVC_SNAPSHOT, 0, 0, 0) {
+            s if s > 0 => taken += 1,
+            0 => return Err(reason!("resumed in a snapshot nobody restored")),
+            err => break err,
+        }
+        if taken == max {
+            break 0;
+        }
+        if taken % 1000 == 0 {
+            println!("GUEST: snapflood: {taken} snapshots");
+        }
+    };
+    println!("GUEST: snapflood: {taken} snapshots, then error {err}");
+    if err != platform::abi::SMCCC_NO_MEMORY {
+        return Err(reason!("the refusal was {err}, not NO_MEMORY"));
+    }
+    // Still alive and still able to use memory.
+    scribble(0, 3);
+    println!("GUEST: snapflood: still running after the refusal");
+    Ok(())
 }
