@@ -49,8 +49,7 @@ fn snapshots_until_refused_end_in_an_error_code() {
     println!(
         "{}",
         seen.lines()
-            .filter(|l| l.contains("snapflood:"))
-            .last()
+            .rfind(|l| l.contains("snapflood:"))
             .unwrap_or("")
     );
     m.expect("GUEST RESULT: PASS", T);

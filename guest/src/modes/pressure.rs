@@ -137,7 +137,7 @@ pub fn snap_flood(plat: &Platform) -> Result<(), Reason> {
         if taken == max {
             break 0;
         }
-        if taken % 1000 == 0 {
+        if taken.is_multiple_of(1000) {
             println!("GUEST: snapflood: {taken} snapshots");
         }
     };
