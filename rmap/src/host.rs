@@ -72,11 +72,13 @@ impl HostMachine {
     }
 
     /// Reads the value a page holds; panics if its checksum does not match (a torn copy).
+    /// An all-zero page reads as 0: a demand-zero page that another vCPU's store has not
+    /// reached yet (its fault maps the zeroed frame, then the store lands).
     pub fn read_value(&self, pfn: Pfn) -> u64 {
         let page = self.page(pfn);
         let words: Vec<u64> = page.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         let value = words[0];
-        if words.len() > 1 {
+        if words.len() > 1 && words.iter().any(|&w| w != 0) {
             let mut sum = CHECK_SALT;
             for &w in &words[..words.len() - 1] {
                 sum = sum.rotate_left(7) ^ w;
