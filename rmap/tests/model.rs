@@ -1,5 +1,5 @@
-//! Model-based test: random sequences of create VM / write / read (fault back in) / fork /
-//! destroy / migrate a frame / reclaim a frame against a plain reference model of what each
+//! Model-based test: random sequences of create VM / write / read (fault back in) / release
+//! (MEM_RELEASE) / fork / destroy / migrate a frame / reclaim a frame against a plain reference model of what each
 //! VM should read at each page. After every step: every VM reads what it last wrote,
 //! mapcounts equal the leaves that exist, nothing leaks, and anon_vmas stay within 2x regions
 //! for as long as no VM with live descendants was destroyed (see `HostWorld::check_anon_bound`:
@@ -25,6 +25,11 @@ enum Op {
         value: u64,
     },
     Read {
+        vm: usize,
+        page: usize,
+    },
+    /// MEM_RELEASE of one page: its frame or swap slot reference goes, it reads 0 again.
+    Release {
         vm: usize,
         page: usize,
     },
@@ -55,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (any::<usize>(), any::<usize>(), 1..1000u64)
             .prop_map(|(vm, page, value)| Op::Write { vm, page, value }),
         2 => (any::<usize>(), any::<usize>()).prop_map(|(vm, page)| Op::Read { vm, page }),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(vm, page)| Op::Release { vm, page }),
         2 => any::<usize>().prop_map(|vm| Op::Fork { vm }),
         1 => any::<usize>().prop_map(|vm| Op::Destroy { vm }),
         2 => any::<usize>().prop_map(|frame| Op::Migrate { frame }),
@@ -116,6 +122,13 @@ impl Model {
                 let ipa = pages[page % pages.len()];
                 let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
                 assert_eq!(got, model.get(&ipa).copied().unwrap_or(0));
+            }
+            Op::Release { vm, page } if !self.vms.is_empty() => {
+                let n = self.vms.len();
+                let (vm, model, _) = &mut self.vms[vm % n];
+                let ipa = pages[page % pages.len()];
+                vm.release(&w.rmap, &w.machine, ipa);
+                model.remove(&ipa);
             }
             Op::Fork { vm } if !self.vms.is_empty() && self.vms.len() < MAX_VMS => {
                 let (parent, model, ancestors) = &self.vms[vm % self.vms.len()];
