@@ -3,6 +3,8 @@
 //! integration tests use to wait for output with a timeout and to report what
 //! was seen when a test fails.
 
+pub mod hvcfuzz;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};

@@ -5,6 +5,7 @@ mod build;
 mod linux;
 mod qemu;
 mod setup;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,10 @@ commands:
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
                  and forks of a running Linux)
+  soak [minutes] [guest args]
+                 the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
+                 checker VM) for minutes (default 10) on the release hypervisor;
+                 HVCFUZZ_SEED=<n> replays a seed
   build          build the images only
 ";
 
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
         Some("run") => qemu::run(&args[1..]),
         Some("test") => test(),
         Some("bench") => bench(&args[1..]),
+        Some("soak") => soak::soak(&args[1..]),
         Some("build") => setup::ensure()
             .and_then(|_| build::images(false))
             .map(|_| ()),

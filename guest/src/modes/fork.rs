@@ -53,7 +53,7 @@ fn verify(tag: u64) -> Result<(), Reason> {
     Ok(())
 }
 
-fn arg(plat: &Platform, key: &str, default: u64) -> u64 {
+pub(crate) fn arg(plat: &Platform, key: &str, default: u64) -> u64 {
     plat.bootargs()
         .split_ascii_whitespace()
         .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())

@@ -4,9 +4,11 @@
 //! it may use `smp::bring_up` to run work on every vCPU.
 
 mod fork;
+mod hvcfuzz;
 mod memstress;
 mod pressure;
 mod selftest;
+mod snapsteal;
 mod wild;
 
 use crate::args::Args;
@@ -40,6 +42,10 @@ pub enum Mode {
     UartImage,
     /// Snapshots until the hypervisor refuses with an error code.
     SnapFlood,
+    /// Random hypercalls racing on every vCPU and VM, next to a checker VM.
+    HvcFuzz,
+    /// A child tries to restore itself into its parent's snapshots.
+    SnapSteal,
 }
 
 impl Mode {
@@ -57,6 +63,8 @@ impl Mode {
             "memstress" => Some(Self::MemStress),
             "uartimage" => Some(Self::UartImage),
             "snapflood" => Some(Self::SnapFlood),
+            "hvcfuzz" => Some(Self::HvcFuzz),
+            "snapsteal" => Some(Self::SnapSteal),
             _ => None,
         }
     }
@@ -75,6 +83,8 @@ impl Mode {
             Self::MemStress => "memstress",
             Self::UartImage => "uartimage",
             Self::SnapFlood => "snapflood",
+            Self::HvcFuzz => "hvcfuzz",
+            Self::SnapSteal => "snapsteal",
         }
     }
 }
@@ -93,5 +103,7 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::MemStress => memstress::run(plat, args),
         Mode::UartImage => pressure::uart_image(plat),
         Mode::SnapFlood => pressure::snap_flood(plat),
+        Mode::HvcFuzz => hvcfuzz::run(plat),
+        Mode::SnapSteal => snapsteal::run(plat),
     }
 }

@@ -1,0 +1,357 @@
+//! `hvcfuzz [secs=N] [seed=S] [foreign=1] [anyvcpu=1]`: every vCPU issues
+//! random vendor and PSCI hypercalls (`gen.rs`) for N seconds while FORK,
+//! SNAPSHOT, RESTORE, MEM_RELEASE and EXIT race across vCPUs and VMs.
+//!
+//! - The root VM (the one booted) forks a checker first (`checker.rs`), a VM
+//!   that does nothing wrong and must keep passing its own checks; then it
+//!   brings up its vCPUs and fuzzes. It never exits, powers off vCPU 0 or
+//!   releases anything but its scratch area, so it survives to report.
+//! - Any other VM running this code (a fuzz FORK's child, a console/chaos
+//!   fork, a VM restored into a foreign snapshot) knows it by its VM id and
+//!   fuzzes for `CHILD_MS`, then exits 0.
+//! - Statics are per VM (each VM has its own copy-on-write memory); the root
+//!   carries its call count across its own restores in the restore cookie.
+//!
+//! Switches for known hypervisor bugs (findings in /work/notes):
+//! - `foreign=1`: the root restores random ids that may be other VMs'
+//!   snapshots (today's hypervisor lets it, turning the root into another VM).
+//! - `anyvcpu=1`: any vCPU may SNAPSHOT/RESTORE; otherwise only vCPU 0 does,
+//!   because a RESTORE by vCPU j gives j the snapshot's state of vCPU j with
+//!   x0/x1 overwritten, corrupting it unless j took the snapshot.
+
+mod checker;
+mod gen;
+mod oracle;
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+
+use crate::dtb::Platform;
+use crate::modes::fork::arg;
+use crate::report::{reason, Reason};
+use crate::smp::MAX_VCPUS;
+use crate::{cpu, entry, psci, smp};
+use gen::{Call, Ctx, Rng};
+use platform::abi::{Stat, HVC_RESTORE, HVC_SNAPSHOT, HVC_STATS, HVC_VM_ID, SMCCC_NO_MEMORY};
+
+/// VMs alive (snapshots included) above which nobody forks or snapshots.
+const CAP: u64 = 14;
+/// How long a VM other than the root fuzzes before it exits.
+const CHILD_MS: u64 = 1500;
+/// Snapshots the root takes of itself at most.
+const ROOT_SNAPS: u64 = 4;
+/// Restore cookie tags (top byte).
+const ROOT_TAG: u64 = 0xA5;
+const CHILD_TAG: u64 = 0x5A;
+const MASK40: u64 = (1 << 40) - 1;
+
+static ROOT_ID: AtomicU64 = AtomicU64::new(0);
+static SEED: AtomicU64 = AtomicU64::new(0);
+/// Root: the fuzzing ends at this counter value.
+static END: AtomicU64 = AtomicU64::new(0);
+static FOREIGN: AtomicBool = AtomicBool::new(false);
+static ANY_VCPU: AtomicBool = AtomicBool::new(false);
+static CALLS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// Calls made before the root's last restore that the restore undid.
+static CARRIED: AtomicU64 = AtomicU64::new(0);
+/// A VM other than the root: its id << 40 | its end (counter >> 8).
+static CLONE: AtomicU64 = AtomicU64::new(0);
+/// Snapshots of this VM: owner id << 32 | snapshot id, taken by vCPU 0.
+static SNAPS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static ROOT_SNAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
+static WRONG: AtomicU64 = AtomicU64::new(0);
+static MPIDRS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(u64::MAX) }; MAX_VCPUS];
+/// RAM, scratch (MEM_RELEASE), root pattern and checker areas.
+static LAYOUT: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+pub fn vm_id() -> u64 {
+    psci::hvc(HVC_VM_ID, 0, 0, 0) as u64
+}
+
+fn live_vms() -> u64 {
+    psci::hvc(HVC_STATS, Stat::LiveVms as u64, 0, 0) as u64
+}
+
+fn yield_cpu() {
+    // SAFETY: WFI only waits; under the hypervisor it traps and returns.
+    unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+}
+
+/// A hypercall with x0..x3 as given; returns x0 and x1.
+fn hvc_raw(x: [u64; 4]) -> (i64, u64) {
+    let (r0, r1): (i64, u64);
+    // SAFETY: an SMCCC call changes no memory of ours (a RESTORE replaces all
+    // of it and all registers, consistently); clobber_abi covers x0-x17.
+    unsafe {
+        core::arch::asm!("hvc #0", inlateout("x0") x[0] => r0, inlateout("x1") x[1] => r1,
+            in("x2") x[2], in("x3") x[3], clobber_abi("C"), options(nostack));
+    }
+    (r0, r1)
+}
+
+fn total_calls() -> u64 {
+    CARRIED.load(SeqCst) + CALLS.iter().map(|c| c.load(SeqCst)).sum::<u64>()
+}
+
+fn bump(vcpu: usize) {
+    CALLS[vcpu % MAX_VCPUS].fetch_add(1, SeqCst);
+}
+
+pub fn run(plat: &Platform) -> Result<(), Reason> {
+    let secs = arg(plat, "secs", 30);
+    let seed = match arg(plat, "seed", 0) {
+        0 => cpu::ticks() ^ 0x5eed,
+        s => s,
+    };
+    SEED.store(seed, SeqCst);
+    FOREIGN.store(arg(plat, "foreign", 0) != 0, SeqCst);
+    ANY_VCPU.store(arg(plat, "anyvcpu", 0) != 0, SeqCst);
+    let root = vm_id();
+    ROOT_ID.store(root, SeqCst);
+    set_layout(plat)?;
+    END.store(cpu::ticks() + secs * cpu::ticks_per_sec(), SeqCst);
+    println!("hvcfuzz: root vm {root}, seed {seed}, {secs} s");
+    checker::fill_root_area();
+    checker::fork_checker(secs)?;
+    if vm_id() != root {
+        clone_exit(vm_id()); // a console fork of us while we set up
+    }
+    let vcpus = smp::bring_up(plat, vcpu_job)?;
+    println!("hvcfuzz: {vcpus} vcpus fuzzing");
+    smp::release(vcpus);
+    vcpu_job(0, vcpus);
+    finish(root, seed)
+}
+
+/// The root's last words (a clone of the root that got here just exits).
+fn finish(root: u64, seed: u64) -> Result<(), Reason> {
+    if vm_id() != root {
+        clone_exit(vm_id());
+    }
+    checker::verify_root_area()?;
+    let restores = psci::hvc(HVC_STATS, Stat::Restores as u64, 0, 0);
+    println!(
+        "hvcfuzz: {} hypercalls, seed {seed} ({restores} restores of the root, {} wrong answers)",
+        total_calls(),
+        WRONG.load(SeqCst)
+    );
+    match WRONG.load(SeqCst) {
+        0 => Ok(()),
+        n => Err(reason!("{n} wrong answers to the root's hypercalls")),
+    }
+}
+
+fn set_layout(plat: &Platform) -> Result<(), Reason> {
+    let ram = plat.ram()[0];
+    let mib = 1 << 20;
+    let area = super::selftest::choose_area(plat, Some(crate::args::MemSize::MiB(8)))?;
+    if area.size < 8 * mib {
+        return Err(reason!("no 8 MiB free for the hvcfuzz areas"));
+    }
+    let a = area.start as u64;
+    let values = [
+        ram.start as u64,
+        ram.end() as u64,
+        a,
+        a + 4 * mib as u64,
+        a + 4 * mib as u64,
+        a + 6 * mib as u64,
+    ];
+    for (slot, v) in LAYOUT.iter().zip(values) {
+        slot.store(v, SeqCst);
+    }
+    // smp's vCPU order: the boot vCPU, then the others in DTB order.
+    let me = cpu::mpidr_affinity();
+    let others = plat.cpus().iter().copied().filter(|&m| m != me);
+    for (slot, m) in MPIDRS.iter().zip(core::iter::once(me).chain(others)) {
+        slot.store(m, SeqCst);
+    }
+    Ok(())
+}
+
+pub(super) fn layout(i: usize) -> u64 {
+    LAYOUT[i].load(SeqCst)
+}
+
+/// Every vCPU of every VM running this code: fuzz until its VM's end.
+fn vcpu_job(index: usize, _vcpus: usize) {
+    let mut rng = Rng::new(SEED.load(SeqCst) ^ (index as u64 + 1).wrapping_mul(0x1000_0001));
+    let mut mpidrs = [0u64; MAX_VCPUS];
+    let n = MPIDRS
+        .iter()
+        .take_while(|m| m.load(SeqCst) != u64::MAX)
+        .count();
+    for (d, s) in mpidrs.iter_mut().zip(&MPIDRS) {
+        *d = s.load(SeqCst);
+    }
+    let mut last = 0;
+    loop {
+        let me = vm_id();
+        bump(index);
+        if me != last {
+            rng.mix(me);
+            last = me;
+        }
+        let root = me == ROOT_ID.load(SeqCst);
+        if !root && clone_expired(me) {
+            if index == 0 {
+                clone_exit(me);
+            }
+            yield_cpu();
+            continue;
+        }
+        if root && cpu::ticks() > END.load(SeqCst) {
+            return;
+        }
+        let ctx = Ctx {
+            me,
+            root,
+            vcpu: index,
+            ram: (layout(0), layout(1)),
+            scratch: (layout(2), layout(3)),
+            mpidrs: &mpidrs[..n],
+            secondary_entry: entry::secondary_entry as *const () as u64,
+            foreign: FOREIGN.load(SeqCst),
+            any_vcpu: ANY_VCPU.load(SeqCst),
+        };
+        step(&mut rng, &ctx);
+    }
+}
+
+/// Whether this VM (not the root) has fuzzed long enough; the first vCPU
+/// to see a new VM id starts its clock.
+fn clone_expired(me: u64) -> bool {
+    let now = cpu::ticks() >> 8;
+    let mut cur = CLONE.load(SeqCst);
+    if cur >> 40 != me {
+        let end = now + CHILD_MS * cpu::ticks_per_sec() / 1000 / 256;
+        let new = (me << 40) | (end & MASK40);
+        cur = match CLONE.compare_exchange(cur, new, SeqCst, SeqCst) {
+            Ok(_) => new,
+            Err(other) => other,
+        };
+    }
+    // Nobody fuzzes past the root's end: the machine must run dry.
+    let over = cpu::ticks() > END.load(SeqCst);
+    over || (cur >> 40 == me && now & MASK40 > cur & MASK40)
+}
+
+fn clone_exit(me: u64) -> ! {
+    println!(
+        "hvcfuzz child vm {me}: {} hypercalls (with its ancestors'), seed {}",
+        total_calls(),
+        SEED.load(SeqCst)
+    );
+    psci::power_off(0)
+}
+
+fn step(rng: &mut Rng, ctx: &Ctx) {
+    if ctx.vcpu == 0 && rng.one_in(64) {
+        own_snapshot_work(rng, ctx);
+        return;
+    }
+    if ctx.root && ctx.vcpu == 0 && rng.one_in(256) {
+        if let Err(e) = checker::verify_root_area() {
+            crate::report::fail(format_args!("{e}"));
+        }
+    }
+    let Some(call) = gen::sanitize(gen::raw(rng, ctx), ctx, rng) else {
+        return;
+    };
+    if matches!(call.fid(), platform::abi::HVC_FORK | HVC_SNAPSHOT) && !may_grow(ctx) {
+        return;
+    }
+    let (r, x1) = hvc_raw(call.x);
+    bump(ctx.vcpu);
+    after(&call, r, x1, ctx);
+}
+
+/// FORK and SNAPSHOT only while few VMs live (snapshots never go away).
+fn may_grow(ctx: &Ctx) -> bool {
+    let live = live_vms();
+    let root_snaps = ROOT_SNAPS_TAKEN.load(SeqCst);
+    live < CAP && !(ctx.root && ctx.vcpu == 0 && root_snaps >= ROOT_SNAPS)
+}
+
+fn after(call: &Call, r: i64, x1: u64, ctx: &Ctx) {
+    if call.fid() == HVC_SNAPSHOT {
+        match r {
+            0 => restored(x1),
+            id if id > 0 && ctx.vcpu == 0 => record_snapshot(ctx, id as u64),
+            _ => {}
+        }
+    }
+    if let Some(want) = oracle::check(call, r, ctx) {
+        let n = WRONG.fetch_add(1, SeqCst);
+        if n < 5 {
+            println!(
+                "hvcfuzz: WRONG ANSWER in vm {} vcpu {}: call {:#x}({:#x}, {:#x}, {:#x}) returned {r} ({r:#x}), expected {want}",
+                ctx.me, ctx.vcpu, call.x[0], call.x[1], call.x[2], call.x[3]
+            );
+        }
+    }
+}
+
+fn record_snapshot(ctx: &Ctx, id: u64) {
+    if ctx.root {
+        ROOT_SNAPS_TAKEN.fetch_add(1, SeqCst);
+    }
+    let entry = (ctx.me << 32) | id;
+    if let Some(slot) = SNAPS.iter().find(|s| s.load(SeqCst) >> 32 != ctx.me) {
+        slot.store(entry, SeqCst);
+    }
+}
+
+/// Execution resumed at a SNAPSHOT after a RESTORE with cookie `x1`. The
+/// root's own restore brings its count and snapshot budget back with it.
+fn restored(cookie: u64) {
+    if cookie >> 56 == ROOT_TAG && vm_id() == ROOT_ID.load(SeqCst) {
+        let before = cookie & MASK40;
+        let now = total_calls();
+        CARRIED.fetch_add(before.saturating_sub(now), SeqCst);
+        ROOT_SNAPS_TAKEN.store((cookie >> 40) & 0xffff, SeqCst);
+    }
+}
+
+/// vCPU 0: snapshot itself, or restore one of its own snapshots.
+fn own_snapshot_work(rng: &mut Rng, ctx: &Ctx) {
+    let mine = SNAPS
+        .iter()
+        .map(|s| s.load(SeqCst))
+        .filter(|s| s >> 32 == ctx.me && s & 0xffff_ffff != 0);
+    let count = mine.clone().count() as u64;
+    let want_new = count == 0 || (ctx.root && rng.one_in(4)) || (!ctx.root && rng.one_in(8));
+    if want_new {
+        if (ctx.root || count == 0) && may_grow(ctx) && (ctx.root || live_vms() < CAP / 2) {
+            let (r, x1) = hvc_raw([u64::from(HVC_SNAPSHOT), 0, 0, 0]);
+            bump(0);
+            after(
+                &Call {
+                    x: [u64::from(HVC_SNAPSHOT), 0, 0, 0],
+                },
+                r,
+                x1,
+                ctx,
+            );
+        }
+        return;
+    }
+    let Some(snap) = mine.clone().nth(rng.below(count) as usize) else {
+        return;
+    };
+    let snap = snap & 0xffff_ffff;
+    let cookie = if ctx.root {
+        (ROOT_TAG << 56) | (ROOT_SNAPS_TAKEN.load(SeqCst) << 40) | (total_calls() & MASK40)
+    } else {
+        (CHILD_TAG << 56) | ctx.me
+    };
+    let (r, _) = hvc_raw([u64::from(HVC_RESTORE), snap, cookie, 0]);
+    bump(0);
+    if r == SMCCC_NO_MEMORY {
+        return;
+    }
+    println!(
+        "hvcfuzz: WRONG ANSWER in vm {}: RESTORE of its own snapshot {snap} returned {r}",
+        ctx.me
+    );
+    WRONG.fetch_add(1, SeqCst);
+}

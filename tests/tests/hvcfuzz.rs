@@ -1,0 +1,52 @@
+//! Proving it: random hypercalls from every vCPU of every VM while the
+//! console runs `chaos`, next to a VM that did nothing wrong (the guest's
+//! `hvcfuzz` mode); and snapshot ownership (`snapsteal`): a VM may restore
+//! only its own snapshots.
+//!
+//! `HVCFUZZ_SEED=<n>` replays a seed (as far as timing allows);
+//! `cargo xtask soak [minutes]` runs the fuzzer for longer.
+
+use qemu_tests::{hvcfuzz, Machine, MachineConfig};
+use std::time::Duration;
+
+const FUZZ_SECS: u64 = 30;
+
+#[test]
+fn hvcfuzz_with_chaos_harms_neither_the_hypervisor_nor_an_innocent_vm() {
+    let seed = hvcfuzz::seed();
+    println!("hvcfuzz: seed {seed} (HVCFUZZ_SEED={seed} to replay)");
+    let mut m = Machine::boot("hvcfuzz", &hvcfuzz::config(FUZZ_SECS, seed, ""));
+    let status = m.wait_exit(Duration::from_secs(FUZZ_SECS + 270));
+    let t = m.transcript();
+    m.assert_no_hyp_fault();
+    let s = hvcfuzz::verdict(&t, status);
+    println!(
+        "hvcfuzz: seed {seed}: root {:?} hypercalls, checker {:?} rounds, {} fuzz VMs ran out their time, {} checker clones",
+        s.root_calls, s.checker_rounds, s.children, s.checker_clones
+    );
+    assert!(
+        s.problems.is_empty(),
+        "seed {seed}: {:#?}\n----- console -----\n{t}",
+        s.problems
+    );
+}
+
+/// Expected to fail until HVC_RESTORE refuses snapshots of other VMs.
+#[test]
+fn a_vm_cannot_restore_itself_into_another_vms_snapshot() {
+    let cfg = MachineConfig {
+        smp: 2,
+        vcpus: Some(1),
+        guest_args: Some("snapsteal".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("snapsteal", &cfg);
+    let status = m.wait_exit(Duration::from_secs(240));
+    let t = m.transcript();
+    m.assert_no_hyp_fault();
+    assert!(!t.contains("SNAPSTEAL"), "a thief got in\n{t}");
+    assert!(t.contains("foreign ids refused"), "{t}");
+    assert!(t.contains("restored its own snapshot"), "{t}");
+    assert_eq!(t.matches("GUEST RESULT: PASS").count(), 2, "{t}");
+    assert_eq!(status, 0, "{t}");
+}
