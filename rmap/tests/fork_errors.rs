@@ -138,30 +138,24 @@ fn fork_with(pool: Pool, free: usize, destroy_parent: bool) -> bool {
         assert_eq!(d.read(&w.rmap, &w.machine, RAM + 0x1000).unwrap(), 77);
         w.destroy(&d);
     }
-    for vm in [filler, b] {
+    let mut rest = vec![filler, b];
+    if !destroy_parent {
+        rest.push(a);
+    }
+    destroy_all(&w, rest);
+    ok
+}
+
+/// Destroys `vms`; then nothing may be left.
+fn destroy_all(w: &HostWorld, vms: Vec<Arc<HostVm>>) {
+    for vm in vms {
         w.destroy(&vm);
     }
-    if !destroy_parent {
-        w.destroy(&a);
-    }
     w.check().unwrap();
-    assert_eq!(
-        w.rmap.live_chains(),
-        0,
-        "{pool:?} free {free}: chains leaked"
-    );
-    assert_eq!(
-        w.rmap.live_anon_vmas(),
-        0,
-        "{pool:?} free {free}: anon_vmas leaked"
-    );
-    assert_eq!(
-        w.machine.allocated(),
-        0,
-        "{pool:?} free {free}: frames leaked"
-    );
-    assert!(w.machine.swap_refs().is_empty());
-    ok
+    assert_eq!(w.rmap.live_chains(), 0, "chains leaked");
+    assert_eq!(w.rmap.live_anon_vmas(), 0, "anon_vmas leaked");
+    assert_eq!(w.machine.allocated(), 0, "frames leaked");
+    assert!(w.machine.swap_refs().is_empty(), "swap slots leaked");
 }
 
 /// Every pool limit from "fails at the first allocation" to "succeeds".

@@ -374,6 +374,38 @@ struct Slot1 {
     data: u32,
 }
 
+/// The fault of model 6: with the fix, its own slot reference is taken under the table lock.
+fn swap_in(table: &Mutex<u32>, store: &Mutex<Slot1>, variant: Variant) {
+    let held = {
+        let entry = table.lock().unwrap();
+        let mut slot = store.lock().unwrap();
+        let take = variant == Fixed && *entry == SWAP_1 && slot.refs > 0;
+        slot.refs += u32::from(take);
+        take
+    };
+    if variant == Fixed && !held {
+        return;
+    }
+    let data = {
+        let slot = store.lock().unwrap();
+        assert!(
+            slot.refs > 0,
+            "slot reused under the fault: load of a free slot"
+        );
+        slot.data
+    };
+    let installed = {
+        let mut entry = table.lock().unwrap();
+        let same = *entry == SWAP_1;
+        if same {
+            *entry = PAGE + data;
+        }
+        same
+    };
+    let puts = u32::from(installed) + u32::from(held);
+    store.lock().unwrap().refs -= puts;
+}
+
 fn swap_release_model(variant: Variant) {
     let table = Arc::new(Mutex::new(SWAP_1));
     let store = Arc::new(Mutex::new(Slot1 {
@@ -382,36 +414,7 @@ fn swap_release_model(variant: Variant) {
     }));
     let fault = {
         let (table, store) = (table.clone(), store.clone());
-        thread::spawn(move || {
-            let held = {
-                let entry = table.lock().unwrap();
-                let mut slot = store.lock().unwrap();
-                let take = variant == Fixed && *entry == SWAP_1 && slot.refs > 0;
-                slot.refs += u32::from(take);
-                take
-            };
-            if variant == Fixed && !held {
-                return;
-            }
-            let data = {
-                let slot = store.lock().unwrap();
-                assert!(
-                    slot.refs > 0,
-                    "slot reused under the fault: load of a free slot"
-                );
-                slot.data
-            };
-            let installed = {
-                let mut entry = table.lock().unwrap();
-                let same = *entry == SWAP_1;
-                if same {
-                    *entry = PAGE + data;
-                }
-                same
-            };
-            let puts = u32::from(installed) + u32::from(held);
-            store.lock().unwrap().refs -= puts;
-        })
+        thread::spawn(move || swap_in(&table, &store, variant))
     };
     // MEM_RELEASE, then the guest's store to the page and its reclaim.
     let dropped = std::mem::replace(&mut *table.lock().unwrap(), INVALID) == SWAP_1;

@@ -164,50 +164,54 @@ impl Model {
                 frame,
                 len,
                 reclaim,
-            } => {
-                let frames = w.mapped_frames();
-                if frames.is_empty() {
-                    return;
-                }
-                let start = frame % frames.len();
-                // Unsorted, across anon_vmas, with a duplicate and a free frame thrown in.
-                let mut batch: Vec<_> = frames
-                    .iter()
-                    .cycle()
-                    .skip(start)
-                    .take(len)
-                    .copied()
-                    .collect();
-                batch.reverse();
-                batch.push(frames[start]);
-                batch.push(w.rmap.frames().base() + w.rmap.frames().len() as u64 - 1);
-                let in_cache = batch.iter().filter(|&&p| cached(w, p)).count();
-                let skipped = if reclaim {
-                    let mut out = Vec::new();
-                    w.rmap
-                        .reclaim_frames(&w.vms, &w.machine, &w.machine, &batch, &mut out);
-                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
-                } else {
-                    let mut out = Vec::new();
-                    w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
-                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
-                };
-                // Nothing else runs: only the repeats (locked by this very batch) and the
-                // tail frame (free unless mapped) may be skipped, and for no other reason.
-                // Frames in the swap cache are pinned by it and stay where they are.
-                let repeats = len - len.min(frames.len()) + 1;
-                assert!(skipped.len() <= repeats + 1 + in_cache, "{skipped:?}");
-                assert!(
-                    skipped
-                        .iter()
-                        .all(|s| matches!(s, Skip::NotMapped | Skip::Locked | Skip::Pinned)),
-                    "{skipped:?}"
-                );
-                let pinned = skipped.iter().filter(|s| **s == Skip::Pinned).count();
-                assert!(pinned <= in_cache, "{skipped:?}");
-            }
+            } => self.batch(frame, len, reclaim),
             _ => {}
         }
+    }
+
+    /// A batched migration or reclaim of up to `len` mapped frames from `frame` on.
+    fn batch(&self, frame: usize, len: usize, reclaim: bool) {
+        let w = &self.world;
+        let frames = w.mapped_frames();
+        if frames.is_empty() {
+            return;
+        }
+        let start = frame % frames.len();
+        // Unsorted, across anon_vmas, with a duplicate and a free frame thrown in.
+        let mut batch: Vec<_> = frames
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(len)
+            .copied()
+            .collect();
+        batch.reverse();
+        batch.push(frames[start]);
+        batch.push(w.rmap.frames().base() + w.rmap.frames().len() as u64 - 1);
+        let in_cache = batch.iter().filter(|&&p| cached(w, p)).count();
+        let skipped = if reclaim {
+            let mut out = Vec::new();
+            w.rmap
+                .reclaim_frames(&w.vms, &w.machine, &w.machine, &batch, &mut out);
+            out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+        } else {
+            let mut out = Vec::new();
+            w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
+            out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+        };
+        // Nothing else runs: only the repeats (locked by this very batch) and the
+        // tail frame (free unless mapped) may be skipped, and for no other reason.
+        // Frames in the swap cache are pinned by it and stay where they are.
+        let repeats = len - len.min(frames.len()) + 1;
+        assert!(skipped.len() <= repeats + 1 + in_cache, "{skipped:?}");
+        assert!(
+            skipped
+                .iter()
+                .all(|s| matches!(s, Skip::NotMapped | Skip::Locked | Skip::Pinned)),
+            "{skipped:?}"
+        );
+        let pinned = skipped.iter().filter(|s| **s == Skip::Pinned).count();
+        assert!(pinned <= in_cache, "{skipped:?}");
     }
 
     fn check(&self) {

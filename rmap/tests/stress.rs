@@ -248,32 +248,7 @@ fn swap_in_races_mem_release_and_slot_reuse() {
     for (i, o) in ops.iter().enumerate() {
         let (w, s, o, vms) = (world.clone(), stop.clone(), o.clone(), vms.clone());
         handles.push(thread::spawn(move || {
-            let mut rng = Rng(0x7777 + i as u64);
-            let pages = ipas();
-            while !s.load(Ordering::Relaxed) {
-                o.fetch_add(1, Ordering::Relaxed);
-                let (vm, family) = &vms[rng.below(vms.len())];
-                let ipa = pages[rng.below(pages.len())];
-                match i {
-                    0 if rng.below(2) == 0 => vm.release(&w.rmap, &w.machine, ipa),
-                    0 => {
-                        let value = tagged(*family, ipa, rng.next());
-                        vm.write(&w.rmap, &w.machine, ipa, value).unwrap();
-                    }
-                    1 | 2 => {
-                        let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
-                        let want = tagged(*family, ipa, 0) >> 32;
-                        assert!(got == 0 || got >> 32 == want, "{ipa:#x}: {got:#x}");
-                    }
-                    _ if rng.below(2) == 0 => batch_move(&w, &mut rng, true),
-                    _ => {
-                        let frames = w.rmap.frames();
-                        let pfn = frames.base() + rng.below(frames.len()) as u64;
-                        let r = w.rmap.reclaim_frame(&w.vms, &w.machine, &w.machine, pfn);
-                        assert!(!matches!(r, Err(Error::OutOfSwap)), "{r:?}");
-                    }
-                }
-            }
+            release_race_worker(i, &w, &s, &o, &vms[..])
         }));
     }
     thread::sleep(RUN / 2);
@@ -292,4 +267,41 @@ fn swap_in_races_mem_release_and_slot_reuse() {
     assert!(world.machine.swap_refs().is_empty());
     assert_eq!(world.machine.allocated(), 0);
     assert_eq!(world.rmap.live_anon_vmas(), 0);
+}
+
+/// One thread of [`swap_in_races_mem_release_and_slot_reuse`]: 0 writes and releases, 1 and 2
+/// read, 3 reclaims.
+fn release_race_worker(
+    i: usize,
+    w: &HostWorld,
+    stop: &AtomicBool,
+    ops: &AtomicU64,
+    vms: &[(Arc<HostVm>, u64)],
+) {
+    let mut rng = Rng(0x7777 + i as u64);
+    let pages = ipas();
+    while !stop.load(Ordering::Relaxed) {
+        ops.fetch_add(1, Ordering::Relaxed);
+        let (vm, family) = &vms[rng.below(vms.len())];
+        let ipa = pages[rng.below(pages.len())];
+        match i {
+            0 if rng.below(2) == 0 => vm.release(&w.rmap, &w.machine, ipa),
+            0 => {
+                let value = tagged(*family, ipa, rng.next());
+                vm.write(&w.rmap, &w.machine, ipa, value).unwrap();
+            }
+            1 | 2 => {
+                let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
+                let want = tagged(*family, ipa, 0) >> 32;
+                assert!(got == 0 || got >> 32 == want, "{ipa:#x}: {got:#x}");
+            }
+            _ if rng.below(2) == 0 => batch_move(w, &mut rng, true),
+            _ => {
+                let frames = w.rmap.frames();
+                let pfn = frames.base() + rng.below(frames.len()) as u64;
+                let r = w.rmap.reclaim_frame(&w.vms, &w.machine, &w.machine, pfn);
+                assert!(!matches!(r, Err(Error::OutOfSwap)), "{r:?}");
+            }
+        }
+    }
 }
