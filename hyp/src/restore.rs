@@ -190,7 +190,7 @@ fn install_shared(vm: &Vm, ipa: u64, entry: S2Entry) -> Result<(), rmap::Error> 
     }
     match entry {
         S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-        S2Entry::Swap { slot } => STORE.put(slot),
+        S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
         _ => {}
     }
     Err(rmap::Error::OutOfFrames)
