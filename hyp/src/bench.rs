@@ -3,12 +3,9 @@
 //! fork of a VM with N MiB resident next to an eager copy of the same frames.
 
 use crate::frames::{self, PAGE_SIZE};
+use crate::timer::ticks_to_us as us;
 use crate::vm::Vm;
 use alloc::vec::Vec;
-
-fn us(ticks: u64) -> u64 {
-    ticks * 1_000_000 / crate::timer::frequency()
-}
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
 /// eagerly; prints both times and their ratio.

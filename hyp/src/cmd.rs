@@ -1,18 +1,27 @@
 //! The hypervisor console: commands typed on the physical UART (Ctrl-A
 //! switches input between the hypervisor and the VMs' consoles) or given as a
-//! boot script. Bad commands get a clear error; nothing here can hurt a VM
-//! that was not named.
+//! boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
+//! is an error message, never a panic); this file edits the typed line, runs
+//! the typed `Command` and answers what only the machine knows (does the VM
+//! exist). Nothing here can hurt a VM that was not named.
 
 use crate::vm;
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
+use hypcmd::{Command, VmId};
 use spin::Mutex;
 
 const CTRL_A: u8 = 0x01;
+/// A typed line longer than this is dropped whole: the heap is not the
+/// operator's to fill, and no command is anywhere near this long.
+const MAX_LINE: usize = 1024;
 
 struct Console {
     line: String,
+    /// The line being typed went past `MAX_LINE`; it is dropped at Enter.
+    too_long: bool,
     /// None: input goes to the hypervisor console; Some(id): to that VM.
     focus: Option<u32>,
     script: VecDeque<String>,
@@ -20,6 +29,7 @@ struct Console {
 
 static CONSOLE: Mutex<Console> = Mutex::new(Console {
     line: String::new(),
+    too_long: false,
     focus: None,
     script: VecDeque::new(),
 });
@@ -132,12 +142,24 @@ fn input(b: u8) -> Option<String> {
     match b {
         b'\r' | b'\n' => {
             crate::print!("\n");
-            Some(core::mem::take(&mut c.line))
+            let line = core::mem::take(&mut c.line);
+            if core::mem::take(&mut c.too_long) {
+                crate::println!("error: line too long (over {MAX_LINE} characters), ignored");
+                // An empty command: the caller prints the next prompt.
+                return Some(String::new());
+            }
+            Some(line)
         }
         0x7f | 0x08 => {
             if c.line.pop().is_some() {
                 crate::print!("\x08 \x08");
             }
+            None
+        }
+        _ if c.too_long => None,
+        b if (b.is_ascii_graphic() || b == b' ') && c.line.len() >= MAX_LINE => {
+            c.too_long = true;
+            c.line = String::new(); // frees the buffer now
             None
         }
         b if b.is_ascii_graphic() || b == b' ' => {
@@ -158,109 +180,74 @@ fn next_focus(cur: Option<u32>) -> Option<u32> {
     }
 }
 
-fn parse_vm(arg: Option<&str>) -> Result<alloc::sync::Arc<vm::Vm>, String> {
-    let arg = arg.ok_or_else(|| String::from("missing VM id"))?;
-    let id: u32 = arg
-        .parse()
-        .map_err(|_| alloc::format!("'{arg}' is not a VM id"))?;
-    vm::get(id).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
+/// The VM a command names, if it exists.
+pub fn vm(id: VmId) -> Result<Arc<vm::Vm>, String> {
+    vm::get(id.0).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
 }
 
+/// Parses and runs one console line; errors are printed. Parsing is
+/// `hypcmd::parse` (total); what remains here are the machine's answers.
 pub fn execute(line: &str) {
-    let mut words = line.split_whitespace();
-    let Some(cmd) = words.next() else { return };
-    let result = match cmd {
-        "help" => {
-            help();
-            Ok(())
-        }
-        "vms" => {
-            vms();
-            Ok(())
-        }
-        "stats" => {
-            stats();
-            Ok(())
-        }
-        "pause" => parse_vm(words.next()).and_then(|v| ok_or(v.pause(), "not running")),
-        "resume" => parse_vm(words.next()).and_then(|v| ok_or(v.resume(), "not paused")),
-        "destroy" => parse_vm(words.next()).map(|v| v.stop(0)),
-        "fork" => fork_cmd(words.next(), words.next()),
-        "snapshot" => parse_vm(words.next()).and_then(|v| {
-            let snap = crate::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
-            crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
-            Ok(())
-        }),
-        "restore" => {
-            let vm = parse_vm(words.next());
-            let snap = parse_vm(words.next());
-            vm.and_then(|vm| snap.map(|s| (vm, s)))
-                .and_then(|(vm, snap)| {
-                    crate::fork::restore(&vm, &snap, None, 0).map_err(|e| alloc::format!("{e}"))?;
-                    crate::println!("vm {} restored to snapshot {}", vm.id, snap.id);
-                    Ok(())
-                })
-        }
-        "rmap" => rmap_cmd(words.next()),
-        "migrate" | "evacuate" | "online" | "reclaim" | "chaos" | "wait" => {
-            crate::memcmd::execute(cmd, &mut words)
-        }
-        "bench" if line.split_whitespace().nth(1) != Some("fork") => {
-            crate::memcmd::bench(&mut words)
-        }
-        "bench" => match (
-            words.next(),
-            words.next().and_then(|m| m.parse::<u64>().ok()),
-        ) {
-            (Some("fork"), Some(mib)) if (1..=4096).contains(&mib) => crate::bench::fork(mib),
-            _ => Err(String::from("usage: bench fork <MiB>")),
-        },
-        "sleep" => match words.next().and_then(|m| m.parse::<u64>().ok()) {
-            Some(ms) if (1..=60_000).contains(&ms) => {
-                let until = crate::timer::now() + crate::timer::ms_to_ticks(ms);
-                SCRIPT_RESUME_AT.store(until, Ordering::Release);
-                Ok(())
-            }
-            _ => Err(String::from(
-                "usage: sleep <ms> (1..=60000; delays the next script command)",
-            )),
-        },
-        "quit" => {
-            let status = vm::WORST_STATUS.load(Ordering::Relaxed);
-            crate::println!("[hyp] quit: exiting with status {status}");
-            crate::semihost::exit(status.clamp(0, 255) as u32)
-        }
-        _ => Err(alloc::format!("unknown command '{cmd}' (try `help`)")),
+    let result = match hypcmd::parse(line) {
+        Ok(None) => return,
+        Ok(Some(cmd)) => run(cmd),
+        Err(e) => Err(alloc::format!("{e}")),
     };
     if let Err(e) = result {
         crate::println!("error: {e}");
     }
 }
 
-fn fork_cmd(vm: Option<&str>, count: Option<&str>) -> Result<(), String> {
-    let parent = parse_vm(vm)?;
-    let count: u32 = match count {
-        None => 1,
-        Some(c) => c
-            .parse()
-            .ok()
-            .filter(|&n| (1..=1000).contains(&n))
-            .ok_or_else(|| alloc::format!("bad count '{c}' (1..=1000)"))?,
-    };
+fn run(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Help => crate::println!("{}", hypcmd::HELP),
+        Command::Vms => vms(),
+        Command::Stats => stats(),
+        Command::Pause(id) => return ok_or(vm(id)?.pause(), "not running"),
+        Command::Resume(id) => return ok_or(vm(id)?.resume(), "not paused"),
+        Command::Destroy(id) => vm(id)?.stop(0),
+        Command::Fork { vm, count } => return fork_cmd(vm, count),
+        Command::Snapshot(id) => {
+            let v = vm(id)?;
+            let snap = crate::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
+            crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+        }
+        Command::Restore { vm: id, snapshot } => {
+            let (v, snap) = (vm(id)?, vm(snapshot)?);
+            crate::fork::restore(&v, &snap, crate::fork::Actor::Operator, None, 0)
+                .map_err(|e| alloc::format!("{e}"))?;
+            crate::println!("vm {} restored to snapshot {}", v.id, snap.id);
+        }
+        Command::Rmap { pa } => return rmap_cmd(pa),
+        Command::BenchFork { mib } => return crate::bench::fork(mib),
+        Command::Sleep { ms } => {
+            let until = crate::timer::now().saturating_add(crate::timer::ms_to_ticks(ms));
+            SCRIPT_RESUME_AT.store(until, Ordering::Release);
+        }
+        Command::Quit => {
+            let status = vm::WORST_STATUS.load(Ordering::Relaxed);
+            crate::println!("[hyp] quit: exiting with status {status}");
+            crate::semihost::exit(status.clamp(0, 255) as u32)
+        }
+        // Migration, reclaim, chaos, wait and their benches.
+        mem => return crate::memcmd::run(mem),
+    }
+    Ok(())
+}
+
+fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
+    let parent = vm(id)?;
     for _ in 0..count {
         let start = crate::timer::now();
         let child = crate::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
-        let us = (crate::timer::now() - start) * 1_000_000 / crate::timer::frequency();
+        let us = crate::timer::ticks_to_us(crate::timer::now().wrapping_sub(start));
         crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
     }
     Ok(())
 }
 
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
-fn rmap_cmd(arg: Option<&str>) -> Result<(), String> {
-    let arg = arg.ok_or_else(|| String::from("missing physical address"))?;
-    let pa = u64::from_str_radix(arg.trim_start_matches("0x"), 16)
-        .map_err(|_| alloc::format!("'{arg}' is not a hex address"))?;
+fn rmap_cmd(pa: u64) -> Result<(), String> {
     let rmap = crate::mm::rmap();
     let pfn = pa / crate::frames::PAGE_SIZE;
     let frame = rmap
@@ -287,13 +274,6 @@ fn ok_or(ok: bool, why: &str) -> Result<(), String> {
     } else {
         Err(String::from(why))
     }
-}
-
-fn help() {
-    crate::println!(
-        "commands:\n  help              this list\n  vms               list VMs\n  stats             memory and exit counters\n  pause <vm>        stop scheduling a VM's vCPUs\n  resume <vm>       resume a paused VM\n  destroy <vm>      stop a VM and free its memory\n  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write\n  snapshot <vm>     a frozen fork of a VM\n  restore <vm> <s>  reset a VM to snapshot s\n  rmap <pa>         which VMs map the frame at pa, and through which chain\n  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy\n{}  sleep <ms>        (in a script) wait before the next command\n  quit              end the machine\nCtrl-A cycles console input: hypervisor -> vm ... -> hypervisor",
-        crate::memcmd::HELP
-    );
 }
 
 fn vms() {

@@ -16,8 +16,22 @@ pub enum ForkError {
     /// Someone else is pausing, forking or stopping this VM right now.
     Busy,
     NotRunnable(&'static str),
+    /// A guest named a snapshot that is not its own (or no snapshot at all).
+    NotOwner,
     Vm(VmError),
     Memory(rmap::Error),
+    /// A restore failed after it had changed the VM's memory: the VM was
+    /// stopped rather than left running on half-restored memory.
+    Lost(&'static str),
+}
+
+/// Who asks for a restore: the rule for which snapshots it may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Actor {
+    /// The VM itself, by hypercall: only snapshots taken of itself.
+    Guest,
+    /// The console (the operator): any snapshot of the same shape.
+    Operator,
 }
 
 impl core::fmt::Display for ForkError {
@@ -27,6 +41,8 @@ impl core::fmt::Display for ForkError {
                 f.write_str("the VM is busy (being paused, forked or stopped); try again")
             }
             ForkError::NotRunnable(why) => f.write_str(why),
+            ForkError::NotOwner => f.write_str("that snapshot does not belong to the VM"),
+            ForkError::Lost(why) => write!(f, "{why}; the VM was stopped"),
             ForkError::Vm(e) => write!(f, "{e}"),
             ForkError::Memory(e) => write!(f, "out of memory-manager resources ({e:?})"),
         }
@@ -54,8 +70,16 @@ fn fork_quiesced(
     frozen: bool,
 ) -> Result<Arc<Vm>, ForkError> {
     let name = if frozen { "snapshot" } else { "fork" };
-    let child =
-        Vm::create_empty(name, parent.nr_vcpus, parent.ram.size, frozen).map_err(ForkError::Vm)?;
+    if !crate::heap::guest_may_allocate(fork_heap_bytes(parent)) {
+        return Err(ForkError::Vm(VmError::NoMemory));
+    }
+    let child = Vm::create_empty(
+        name,
+        parent.nr_vcpus,
+        parent.ram.size,
+        frozen.then_some(parent.id),
+    )
+    .map_err(ForkError::Vm)?;
     if let Err(e) = crate::mm::fork_memory(parent, &child) {
         child.stop(crate::vm::STATUS_FAULT);
         return Err(ForkError::Memory(e));
@@ -69,7 +93,8 @@ fn fork_quiesced(
         // put() handed the timer and interrupt state back; the caller keeps running.
         caller.load();
     }
-    *child.uart.lock() = parent.uart.lock().clone_state();
+    let uart = parent.uart.lock().clone_state();
+    child.uart.lock().restore_from(uart);
     child.vgic.copy_from(&parent.vgic);
     child.vtimer.copy_from(&parent.vtimer);
     child.adopt_vcpus(vcpus);
@@ -83,28 +108,37 @@ fn fork_quiesced(
     Ok(child)
 }
 
+/// Heap a fork of `parent` takes, roughly (the admission check's estimate):
+/// the VM, its vCPUs (and the copies a restore makes), and its dirty log.
+fn fork_heap_bytes(parent: &Vm) -> usize {
+    let vcpus = parent.nr_vcpus * (core::mem::size_of::<Vcpu>() + 256);
+    let dirty = (parent.ram.size / crate::frames::PAGE_SIZE / 8) as usize;
+    core::mem::size_of::<Vm>() + 2 * vcpus + dirty + 16 * 1024
+}
+
 /// Resets `vm` to `snapshot`: its memory becomes the snapshot's (shared
 /// copy-on-write again, pages it dirtied are freed) and its vCPUs take the
 /// snapshot's state. `caller` (a vCPU of `vm` asking by hypercall) gets the
-/// snapshot's state for its index with x0 = 0, x1 = `cookie`.
+/// snapshot's state for its index with x0 = 0, x1 = `cookie`. A guest
+/// (`Actor::Guest`) may name only a snapshot taken of itself; the operator
+/// any snapshot of the same shape. A refused restore changes nothing; one
+/// that fails after changing memory stops the VM (`ForkError::Lost`).
 pub fn restore(
     vm: &Arc<Vm>,
     snapshot: &Arc<Vm>,
+    actor: Actor,
     caller: Option<&mut Vcpu>,
     cookie: u64,
 ) -> Result<(), ForkError> {
-    if !snapshot.is_frozen() {
-        return Err(ForkError::NotRunnable("that VM is not a snapshot"));
-    }
-    if snapshot.nr_vcpus != vm.nr_vcpus || snapshot.ram != vm.ram {
-        return Err(ForkError::NotRunnable(
-            "the snapshot has another shape (vCPUs or RAM)",
-        ));
-    }
+    check_restore(vm, snapshot, actor)?;
     let t0 = crate::timer::now();
     let own = usize::from(caller.is_some());
     let was_running = vm.quiesce(own).ok_or(ForkError::Busy)?;
     let result = restore_quiesced(vm, snapshot, caller, cookie);
+    if let Err(ForkError::Lost(why)) = &result {
+        crate::println!("[hyp] vm {}: restore failed: {why}; stopping it", vm.id);
+        vm.stop(crate::vm::STATUS_FAULT);
+    }
     vm.unquiesce(was_running);
     if result.is_ok() {
         vm.restores.fetch_add(1, Ordering::Relaxed);
@@ -112,6 +146,30 @@ pub fn restore(
         vm.restore_ticks.fetch_add(ticks, Ordering::Relaxed);
     }
     result
+}
+
+/// Whether `actor` may restore `vm` to `snapshot` (nothing is changed).
+fn check_restore(vm: &Vm, snapshot: &Vm, actor: Actor) -> Result<(), ForkError> {
+    if actor == Actor::Guest && snapshot.snapshot_of != Some(vm.id) {
+        return Err(ForkError::NotOwner);
+    }
+    if !snapshot.is_frozen() {
+        return Err(ForkError::NotRunnable("that VM is not a snapshot"));
+    }
+    if vm.is_frozen() {
+        return Err(ForkError::NotRunnable(
+            "a snapshot cannot be restored into (fork it first)",
+        ));
+    }
+    if snapshot.nr_vcpus != vm.nr_vcpus || snapshot.ram != vm.ram {
+        return Err(ForkError::NotRunnable(
+            "the snapshot has another shape (vCPUs or RAM)",
+        ));
+    }
+    if !crate::heap::guest_may_allocate(fork_heap_bytes(vm)) {
+        return Err(ForkError::Vm(VmError::NoMemory));
+    }
+    Ok(())
 }
 
 fn restore_quiesced(
@@ -125,17 +183,43 @@ fn restore_quiesced(
         log.base == Some(snapshot.id) && !log.overflow
     };
     if fast {
-        restore_dirty(vm, snapshot)?;
+        use crate::restore::RestoreError;
+        match crate::restore::restore_dirty(vm, snapshot) {
+            Ok(()) => {}
+            // Checked before anything changed: the VM is as it was.
+            Err(RestoreError::SnapshotGone) => {
+                return Err(ForkError::NotRunnable("the snapshot is being destroyed"))
+            }
+            Err(RestoreError::Memory) => {
+                return Err(ForkError::Lost("out of stage-2 table memory mid-restore"))
+            }
+        }
     } else {
-        crate::mm::teardown(vm);
-        vm.memory.lock().reinit().map_err(ForkError::Vm)?;
-        crate::mm::fork_memory(snapshot, vm).map_err(ForkError::Memory)?;
+        if !snapshot.memory.lock().is_live() {
+            return Err(ForkError::NotRunnable("the snapshot is being destroyed"));
+        }
+        crate::restore::reset_memory(vm);
+        crate::mm::fork_memory(snapshot, vm)
+            .map_err(|_| ForkError::Lost("out of memory-manager resources mid-restore"))?;
+        if vm.regions.read().is_empty() {
+            return Err(ForkError::Lost("the snapshot was destroyed mid-restore"));
+        }
     }
     vm.dirty.lock().reset(Some(snapshot.id));
-    // Device state first: the caller's vCPU is reloaded below with it.
-    *vm.uart.lock() = snapshot.uart.lock().clone_state();
+    restore_devices(vm, snapshot, caller, cookie);
+    Ok(())
+}
+
+/// The snapshot's UART, vGIC, timer and vCPU state into `vm` (quiesced);
+/// the caller's vCPU is reloaded with it.
+fn restore_devices(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, cookie: u64) {
+    // Device state first: the caller's vCPU is reloaded below with it. The
+    // UART keeps its own register-image frame (still mapped at its IPA).
+    let uart = snapshot.uart.lock().clone_state();
+    vm.uart.lock().restore_from(uart);
     vm.vgic.copy_from(&snapshot.vgic);
     vm.vtimer.copy_from(&snapshot.vtimer);
+    crate::vpl011::update_irq(vm);
     let mut vcpus = snapshot.clone_parked_vcpus(vm);
     if let Some(caller) = caller {
         if let Some(pos) = vcpus.iter().position(|v| v.index == caller.index) {
@@ -150,22 +234,4 @@ fn restore_quiesced(
         }
     }
     vm.replace_parked_vcpus(vcpus);
-    Ok(())
-}
-
-/// Restore in time proportional to the pages dirtied since the snapshot
-/// (the VM's dirty log), not to the VM's size: each dirtied page is dropped
-/// and the snapshot's frame shared again.
-fn restore_dirty(vm: &Vm, snapshot: &Vm) -> Result<(), ForkError> {
-    let pages = core::mem::take(&mut vm.dirty.lock().pages);
-    let _regions = vm.regions.write();
-    // No vCPU of `vm` runs until we return, so its stale TLB entries are
-    // unused: one VMID-wide invalidation at the end covers every page, even
-    // though dropped frames are freed before it.
-    vm.memory.lock().begin_batch();
-    let result = pages
-        .into_iter()
-        .try_for_each(|ipa| crate::mm::restore_page(vm, snapshot, ipa));
-    vm.memory.lock().end_batch();
-    result.map_err(ForkError::Memory)
 }

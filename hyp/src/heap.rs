@@ -24,3 +24,17 @@ pub fn usage() -> (usize, usize) {
     let heap = HEAP.lock();
     (heap.stats_alloc_actual(), heap.stats_total_bytes())
 }
+
+/// Whether a guest-driven operation that allocates about `bytes` of heap (a
+/// fork's VM and vCPU objects, a restore's vCPU copies, a fault's
+/// bookkeeping) may go ahead. The heap has a fixed size and Rust's
+/// collections abort on exhaustion, so what guests can drive is admitted only
+/// while a reserve stays free: 1/8 of the heap, at least 1 MiB, covering
+/// operations already admitted on other CPUs and the hypervisor's own needs
+/// (console, teardown). A refused operation fails with an error to the guest
+/// (SMCCC_NO_MEMORY, or a paused VM for a fault), never with a panic.
+pub fn guest_may_allocate(bytes: usize) -> bool {
+    let (used, total) = usage();
+    let reserve = (total / 8).max(1 << 20);
+    used.saturating_add(bytes).saturating_add(reserve) <= total
+}

@@ -135,21 +135,28 @@ fn fork(vcpu: &mut Vcpu, frozen: bool) -> Action {
     Action::Continue
 }
 
+/// RESTORE: only to a snapshot taken of the calling VM (see
+/// docs/ARCHITECTURE.md, "Who may name what"); any other id, a VM that is not
+/// a snapshot, or a snapshot of another VM, gets INVALID_PARAMETER and changes
+/// nothing. A restore that fails after changing memory stops the VM.
 fn restore(vcpu: &mut Vcpu, snap: u64, cookie: u64) -> Action {
+    use crate::fork::{Actor, ForkError};
     let vm = vcpu.vm.clone();
     let Some(snapshot) = u32::try_from(snap).ok().and_then(crate::vm::get) else {
         vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER);
         return Action::Continue;
     };
-    match crate::fork::restore(&vm, &snapshot, Some(vcpu), cookie) {
+    match crate::fork::restore(&vm, &snapshot, Actor::Guest, Some(vcpu), cookie) {
         Ok(()) => {}
-        Err(crate::fork::ForkError::Busy) => {
+        Err(ForkError::Busy) => {
             vcpu.regs.pc -= 4;
             return Action::Yield;
         }
-        Err(crate::fork::ForkError::NotRunnable(_)) => {
+        Err(ForkError::NotRunnable(_) | ForkError::NotOwner) => {
             vcpu.regs.x[0] = smccc(abi::SMCCC_INVALID_PARAMETER)
         }
+        // The VM is stopping: this vCPU must not enter it again.
+        Err(ForkError::Lost(_)) => return Action::Yield,
         Err(e) => {
             crate::println!("[hyp] vm {}: restore failed: {e}", vm.id);
             vcpu.regs.x[0] = smccc(abi::SMCCC_NO_MEMORY);

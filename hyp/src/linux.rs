@@ -10,7 +10,7 @@
 //! Guest RAM layout: the DTB at the start of RAM, the kernel 2 MiB in (a
 //! 2 MiB-aligned base plus the header's text_offset), the initrd at the end.
 
-use crate::bootargs::BootArgs;
+use crate::bootargs::{mem_range, BootArgs};
 use crate::vm::{Vm, VmError};
 use alloc::sync::Arc;
 use platform::MemRange;
@@ -50,13 +50,18 @@ pub fn start(args: &BootArgs, vcpus: usize) {
         base: k.base + adopted,
         size: k.size - adopted,
     });
-    for range in [kernel_rest, args.initrd].into_iter().flatten() {
+    for range in [kernel_rest, args.initrd.map(mem_range)]
+        .into_iter()
+        .flatten()
+    {
         crate::frames::get().release_reserved(range);
     }
 }
 
 fn boot(args: &BootArgs, vcpus: usize, adopted: &mut u64) -> Result<Arc<Vm>, VmError> {
-    let (Some(kernel_range), Some(initrd)) = (args.kernel, args.initrd) else {
+    let (Some(kernel_range), Some(initrd)) =
+        (args.kernel.map(mem_range), args.initrd.map(mem_range))
+    else {
         return Err(VmError::BadConfig(
             "guest=linux needs kernel=ADDR:SIZE and initrd=ADDR:SIZE (cargo xtask run does this)",
         ));

@@ -14,6 +14,7 @@ mod bench;
 mod bootargs;
 mod cmd;
 mod console;
+mod dirty;
 mod el2;
 mod exception;
 mod exit;
@@ -32,6 +33,7 @@ mod memory;
 mod mm;
 mod mmu;
 mod percpu;
+mod restore;
 mod sched;
 mod semihost;
 mod store;
@@ -131,11 +133,7 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
         },
     ];
     // Guest images QEMU's loader put in RAM stay put until copied (linux.rs).
-    reserved.extend(
-        bootargs::BootArgs::image_ranges(board.bootargs())
-            .into_iter()
-            .flatten(),
-    );
+    reserved.extend(bootargs::image_ranges(board.bootargs()));
     frames::init(board, &reserved);
     let f = frames::get();
     println!(
@@ -146,7 +144,7 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
 }
 
 fn start_default_vm(board: &Board) {
-    let args = bootargs::BootArgs::parse(board.bootargs());
+    let args = bootargs::parse(board.bootargs());
     sched::STAY_WHEN_IDLE.store(args.stay, Ordering::Relaxed);
     cmd::set_script(args.script);
     match args.guest {

@@ -6,86 +6,23 @@
 use crate::frames::{self, PAGE_SIZE};
 use crate::memctl::{self, Report};
 use crate::mm::{rmap, HypFrames, HypVms, STORE};
+use crate::timer::ticks_to_us as us;
 use crate::vm::Vm;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
+use hypcmd::{Command, PageRange};
 
-pub const HELP: &str = "  migrate <vm> <ipa> <ipa-end> [batch]  move a VM's frames in [ipa, ipa-end) to new frames\n  evacuate <pa> <pa-end> [batch]        move every frame out of [pa, pa-end) and keep it offline\n  online <pa> <pa-end>                  give an evacuated range back to the allocator\n  reclaim <pages> [batch]               push cold frames (access-bit clock) to the compressed store\n  chaos <secs> [seed] [max-vms]         random migrate/evacuate/reclaim/fork/destroy for secs\n  wait <secs>                           wait until no runnable VM is left (at most secs)\n  bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames\n  bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in\n";
-
-type Words<'a, 'b> = &'a mut core::str::SplitWhitespace<'b>;
-
-fn hex(arg: Option<&str>, what: &str) -> Result<u64, String> {
-    let arg = arg.ok_or_else(|| alloc::format!("missing {what}"))?;
-    u64::from_str_radix(arg.trim_start_matches("0x"), 16)
-        .map_err(|_| alloc::format!("'{arg}' is not a hex {what}"))
-}
-
-fn num(
-    arg: Option<&str>,
-    what: &str,
-    range: core::ops::RangeInclusive<u64>,
-) -> Result<u64, String> {
-    let arg = arg.ok_or_else(|| alloc::format!("missing {what}"))?;
-    arg.parse()
-        .ok()
-        .filter(|n| range.contains(n))
-        .ok_or_else(|| alloc::format!("bad {what} '{arg}' ({}..={})", range.start(), range.end()))
-}
-
-fn opt_num(
-    arg: Option<&str>,
-    what: &str,
-    range: core::ops::RangeInclusive<u64>,
-    default: u64,
-) -> Result<u64, String> {
-    match arg {
-        None => Ok(default),
-        a => num(a, what, range),
-    }
-}
-
-/// A page-aligned `[start, end)` from two hex words.
-fn range(words: Words, what: &str) -> Result<(u64, u64), String> {
-    let start = hex(words.next(), what)? & !(PAGE_SIZE - 1);
-    let end = hex(words.next(), &alloc::format!("{what} end"))?.next_multiple_of(PAGE_SIZE);
-    if end <= start {
-        return Err(alloc::format!("empty range {start:#x}..{end:#x}"));
-    }
-    Ok((start, end))
-}
-
-fn vm_arg(arg: Option<&str>) -> Result<Arc<Vm>, String> {
-    let arg = arg.ok_or_else(|| String::from("missing VM id"))?;
-    let id: u32 = arg
-        .parse()
-        .map_err(|_| alloc::format!("'{arg}' is not a VM id"))?;
-    crate::vm::get(id).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
-}
-
-pub fn execute(cmd: &str, words: Words) -> Result<(), String> {
-    let batch_range = 1..=4096;
+/// Runs a memory command (`cmd.rs` passes every command it does not run
+/// itself). Arguments are already checked by `hypcmd`; what is checked here
+/// is the machine: the VM exists, the range is its RAM or the host's.
+pub fn run(cmd: Command) -> Result<(), String> {
     match cmd {
-        "migrate" => {
-            let vm = vm_arg(words.next())?;
-            let (start, end) = range(words, "IPA")?;
-            if start < vm.ram.base || end > vm.ram.end() {
-                return Err(alloc::format!(
-                    "{start:#x}..{end:#x} is outside vm {}'s RAM {:#x}..{:#x}",
-                    vm.id,
-                    vm.ram.base,
-                    vm.ram.end()
-                ));
-            }
-            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
-            let r = memctl::migrate_vm(&vm, start, end, batch as usize);
-            crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
-        }
-        "evacuate" => {
-            let (start, end) = ram_range(words)?;
-            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
-            let (r, left) = memctl::evacuate(start, end, batch as usize);
+        Command::Migrate { vm, range, batch } => return migrate(crate::cmd::vm(vm)?, range, batch),
+        Command::Evacuate { range, batch } => {
+            let (start, end) = ram_range(range)?;
+            let (r, left) = memctl::evacuate(start, end, batch.unwrap_or(memctl::BATCH));
             crate::println!(
                 "evacuate {start:#x}..{end:#x}: moved {r}; left in use: {} ({} guest frames busy, {} unmovable); offline until `online`",
                 left.guest + left.unmovable,
@@ -93,48 +30,75 @@ pub fn execute(cmd: &str, words: Words) -> Result<(), String> {
                 left.unmovable
             );
         }
-        "online" => {
-            let (start, end) = ram_range(words)?;
+        Command::Online { range } => {
+            let (start, end) = ram_range(range)?;
             let n = memctl::online(start, end);
             crate::println!("online {start:#x}..{end:#x}: {n} frames back in the allocator");
         }
-        "reclaim" => {
-            let pages = num(words.next(), "page count", 1..=1 << 24)?;
-            let batch = opt_num(words.next(), "batch", batch_range, memctl::BATCH as u64)?;
-            let zero0 = STORE.zero_mapped.load(Ordering::Relaxed);
-            let (r, scanned, young) = memctl::reclaim(pages, batch as usize);
-            let zero = STORE.zero_mapped.load(Ordering::Relaxed) - zero0;
-            crate::println!(
-                "reclaim: reclaimed {r} ({} stored, {zero} zero); scanned {scanned}, {young} referenced kept",
-                r.done.saturating_sub(zero)
-            );
-        }
-        "chaos" => {
-            let secs = num(words.next(), "seconds", 1..=600)?;
-            let seed = opt_num(words.next(), "seed", 0..=u64::MAX, 1)?;
-            let max = opt_num(words.next(), "max VMs", 1..=64, 12)?;
-            memctl::chaos(secs, seed, max as usize);
-        }
-        "wait" => {
-            let secs = num(words.next(), "seconds", 1..=3600)?;
-            let deadline = crate::timer::now() + secs * crate::timer::frequency();
-            while crate::vm::count_runnable() > 0 && crate::timer::now() < deadline {
-                core::hint::spin_loop();
-            }
-            match crate::vm::count_runnable() {
-                0 => crate::println!("wait: no runnable VMs left"),
-                n => crate::println!("wait: {n} VMs still runnable after {secs} s"),
-            }
-        }
-        _ => unreachable!("dispatched by cmd.rs"),
+        Command::Reclaim { pages, batch } => reclaim(pages, batch.unwrap_or(memctl::BATCH)),
+        Command::Chaos {
+            secs,
+            seed,
+            max_vms,
+        } => memctl::chaos(secs, seed, max_vms),
+        Command::Wait { secs } => wait(secs),
+        Command::BenchMigrate {
+            mappers,
+            pages,
+            batch,
+        } => return bench_migrate(mappers, pages, batch),
+        Command::BenchReclaim { pages, batch } => return bench_reclaim(pages, batch),
+        other => return Err(alloc::format!("`{other}` is not a memory command")),
     }
     Ok(())
 }
 
-fn ram_range(words: Words) -> Result<(u64, u64), String> {
-    let (start, end) = range(words, "PA")?;
+fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), String> {
+    let (start, end) = (range.start(), range.end());
+    let ram_end = vm.ram.base.saturating_add(vm.ram.size);
+    if start < vm.ram.base || end > ram_end {
+        return Err(alloc::format!(
+            "{start:#x}..{end:#x} is outside vm {}'s RAM {:#x}..{ram_end:#x}",
+            vm.id,
+            vm.ram.base,
+        ));
+    }
+    let r = memctl::migrate_vm(&vm, start, end, batch.unwrap_or(memctl::BATCH));
+    crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
+    Ok(())
+}
+
+fn reclaim(pages: u64, batch: usize) {
+    let zero0 = STORE.zero_mapped.load(Ordering::Relaxed);
+    let (r, scanned, young) = memctl::reclaim(pages, batch);
+    let zero = STORE
+        .zero_mapped
+        .load(Ordering::Relaxed)
+        .wrapping_sub(zero0);
+    crate::println!(
+        "reclaim: reclaimed {r} ({} stored, {zero} zero); scanned {scanned}, {young} referenced kept",
+        r.done.saturating_sub(zero)
+    );
+}
+
+/// Waits until no runnable VM is left, at most `secs`.
+fn wait(secs: u64) {
+    let ticks = secs.saturating_mul(crate::timer::frequency());
+    let deadline = crate::timer::now().saturating_add(ticks);
+    while crate::vm::count_runnable() > 0 && crate::timer::now() < deadline {
+        core::hint::spin_loop();
+    }
+    match crate::vm::count_runnable() {
+        0 => crate::println!("wait: no runnable VMs left"),
+        n => crate::println!("wait: {n} VMs still runnable after {secs} s"),
+    }
+}
+
+/// The range as `(start, end)` if its first and last pages are host RAM.
+fn ram_range(range: PageRange) -> Result<(u64, u64), String> {
+    let (start, end) = (range.start(), range.end());
     let f = frames::get();
-    if !f.is_ram(start) || !f.is_ram(end - PAGE_SIZE) {
+    if !f.is_ram(start) || !f.is_ram(range.last_page()) {
         return Err(alloc::format!("{start:#x}..{end:#x} is not RAM"));
     }
     Ok((start, end))
@@ -176,10 +140,6 @@ pub fn tlb_line() -> alloc::string::String {
     )
 }
 
-fn us(ticks: u64) -> u64 {
-    ticks * 1_000_000 / crate::timer::frequency()
-}
-
 /// MiB/s for `pages` in `ticks`.
 fn mibs(pages: u64, ticks: u64) -> u64 {
     ((pages * PAGE_SIZE * crate::timer::frequency()) / ticks.max(1)) >> 20
@@ -207,25 +167,6 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, String> {
         }
     }
     Ok(vm)
-}
-
-pub fn bench(words: Words) -> Result<(), String> {
-    match words.next() {
-        Some("migrate") => {
-            let mappers = num(words.next(), "mappers", 1..=200)?;
-            let pages = num(words.next(), "pages", 1..=65536)?;
-            let batch = num(words.next(), "batch", 1..=4096)?;
-            bench_migrate(mappers, pages, batch as usize)
-        }
-        Some("reclaim") => {
-            let pages = num(words.next(), "pages", 1..=65536)?;
-            let batch = num(words.next(), "batch", 1..=4096)?;
-            bench_reclaim(pages, batch as usize)
-        }
-        _ => Err(String::from(
-            "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>",
-        )),
-    }
 }
 
 /// Rounds of a side-by-side measurement; each result is the best round.
@@ -277,10 +218,9 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
                 return Err(alloc::format!("migrated only {r}"));
             }
         }
-        let mapcount = rmap()
-            .frames()
-            .frame(memctl::vm_frames(&vm, vm.ram.base, end, 1)[0])
-            .mapcount();
+        let first = memctl::vm_frames(&vm, vm.ram.base, end, 1);
+        let first = first.first().ok_or("the bench VM has no frames")?;
+        let mapcount = rmap().frames().frame(*first).mapcount();
         crate::println!(
             "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {} pages, best of {BENCH_ROUNDS}: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {}.{:02}x",
             pfns.len(),

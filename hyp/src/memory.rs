@@ -273,6 +273,11 @@ impl GuestMemory {
         self.table.is_some()
     }
 
+    /// The table, unless the VM was torn down.
+    fn live(&self) -> Option<&Stage2Table<FrameTables>> {
+        self.table.as_ref()
+    }
+
     /// Pages mapped (valid stage-2 page entries).
     pub fn resident_pages(&self) -> u64 {
         self.table.as_ref().map_or(0, |t| {
@@ -289,14 +294,7 @@ impl GuestMemory {
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
     pub fn pa_of(&self, ipa: u64) -> Option<u64> {
-        self.table().lookup(ipa).and_then(|l| l.pa_of(ipa))
-    }
-
-    /// A new empty table and VMID after the old ones were freed (restore).
-    pub fn reinit(&mut self) -> Result<(), VmError> {
-        debug_assert!(self.table.is_none());
-        *self = GuestMemory::new()?;
-        Ok(())
+        self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 
     /// Frees the (already emptied and unlinked) table and the VMID.
@@ -373,8 +371,23 @@ pub struct LockedStage2<'a> {
 }
 
 impl LockedStage2<'_> {
+    /// Whether a table page could not be allocated since the flag was last
+    /// taken (the fault path reports it as out of memory); clears it.
+    pub fn take_out_of_memory(&mut self) -> bool {
+        core::mem::take(&mut self.mem.out_of_memory)
+    }
+
+    /// The VM's table still exists (it is freed by teardown, under this lock).
+    pub fn is_live(&self) -> bool {
+        self.mem.is_live()
+    }
+
     fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
-        let table = self.mem.table();
+        // A torn-down VM reads as empty and refuses every change: a console
+        // command or rmap walker that still holds the VM must not panic.
+        let Some(table) = self.mem.live() else {
+            return Err(S2Entry::Invalid);
+        };
         let page = ipa & !(PAGE_SIZE - 1);
         let current = match self.last.take() {
             Some((at, leaf)) if at == page => leaf,
@@ -402,6 +415,9 @@ impl LockedStage2<'_> {
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
     pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
         self.last.set(None);
+        if !self.mem.is_live() {
+            return false;
+        }
         self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true, false)
     }
 
@@ -568,7 +584,10 @@ impl LockedStage2<'_> {
 
 impl Stage2Locked for LockedStage2<'_> {
     fn lookup(&self, ipa: u64) -> S2Entry {
-        let leaf = self.mem.table().lookup(ipa);
+        let Some(table) = self.mem.live() else {
+            return S2Entry::Invalid;
+        };
+        let leaf = table.lookup(ipa);
         self.last.set(Some((ipa & !(PAGE_SIZE - 1), leaf)));
         decode(leaf, ipa)
     }
@@ -611,6 +630,9 @@ impl Stage2Locked for LockedStage2<'_> {
         applied: &mut dyn FnMut(usize, S2Entry, S2Entry),
     ) {
         self.last.set(None);
+        if !self.mem.is_live() {
+            return;
+        }
         let change = Cell::new(None);
         let mut blocked = Vec::new();
         {
@@ -649,7 +671,45 @@ impl Stage2Locked for LockedStage2<'_> {
 
     fn test_and_clear_young(&mut self, ipa: u64) -> bool {
         self.last.set(None);
-        self.mem.table().test_and_clear_young(ipa)
+        self.mem.live().is_some_and(|t| t.test_and_clear_young(ipa))
+    }
+
+    /// A block inside `within` is cleared as one entry (teardown, restore):
+    /// no split, so no table page is needed.
+    fn clear_leaf(
+        &mut self,
+        ipa: u64,
+        old: S2Entry,
+        within: core::ops::Range<u64>,
+    ) -> Result<(u64, u64, S2Entry), S2Entry> {
+        self.last.set(None);
+        let leaf = self.mem.live().and_then(|t| t.lookup(ipa));
+        let Some(leaf) = leaf else {
+            return Err(S2Entry::Invalid);
+        };
+        let found = decode(Some(leaf), ipa);
+        if found != old {
+            return Err(found);
+        }
+        let whole = leaf.ipa >= within.start && leaf.ipa + leaf.size() <= within.end;
+        if leaf.level == stage2::LAST_LEVEL || !whole {
+            let page = ipa & !(PAGE_SIZE - 1);
+            return self
+                .compare_exchange_deferred(page, old, S2Entry::Invalid)
+                .map(|()| (page, 1, old));
+        }
+        let was = core::mem::replace(&mut self.mem.batching, true);
+        let result = self.replace_leaf(&leaf, S2Entry::Invalid);
+        self.mem.batching = was;
+        match result {
+            Ok(()) => Ok((
+                leaf.ipa,
+                leaf.size() / PAGE_SIZE,
+                decode(Some(leaf), leaf.ipa),
+            )),
+            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, leaf.level, d), ipa)),
+            Err(_) => Err(found),
+        }
     }
 
     /// One walk; a whole block inside the range is reported once and, if the
@@ -661,7 +721,10 @@ impl Stage2Locked for LockedStage2<'_> {
         f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
     ) {
         self.last.set(None);
-        let end = end.min(self.mem.table().config().ipa_limit());
+        let Some(table) = self.mem.live() else {
+            return;
+        };
+        let end = end.min(table.config().ipa_limit());
         if start >= end {
             return;
         }
@@ -702,6 +765,9 @@ impl Stage2Locked for LockedStage2<'_> {
     /// whole aligned 2 MiB run as one block entry).
     fn fill_leaves(&mut self, leaves: &[(u64, u64, S2Entry)]) -> usize {
         self.last.set(None);
+        if !self.mem.is_live() {
+            return 0;
+        }
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
@@ -745,7 +811,7 @@ impl Stage2Locked for LockedStage2<'_> {
             }
         }
         let mut first = First(None, from);
-        let table = self.mem.table();
+        let table = self.mem.live()?;
         let end = end.min(table.config().ipa_limit());
         if from >= end {
             return None;

@@ -10,7 +10,7 @@ use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 use rmap::{
     Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, RegionList, Rmap, S2Entry, Stage2,
-    Stage2Locked, SwapStore, VmId, VmSet,
+    Stage2Locked, VmId, VmSet,
 };
 use spin::Once;
 use stage2::TlbMaintenance;
@@ -110,6 +110,10 @@ pub enum FaultError {
 /// permission or access-flag fault on an entry that exists, which can never
 /// be a 2 MiB first touch.
 pub fn fault(vm: &Vm, ipa: u64, write: bool, translation: bool) -> Result<(), FaultError> {
+    // The swap cache and region bookkeeping may allocate a little heap.
+    if !crate::heap::guest_may_allocate(4096) {
+        return Err(FaultError::NoMemory);
+    }
     crate::memory::refill_reserve();
     // Below the low watermark, reclaim before allocating (no lock held here),
     // including before a 2 MiB first touch takes 512 frames.
@@ -236,7 +240,11 @@ pub fn write_guest(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
         let pa = loop {
             let entry = vm.lock().lookup(page);
             if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
-                break vm.memory.lock().pa_of(page).expect("mapped");
+                // None: moved (migration) since the lookup; look again.
+                if let Some(pa) = vm.memory.lock().pa_of(page) {
+                    break pa;
+                }
+                continue;
             }
             let translation = !matches!(entry, rmap::S2Entry::Page { .. });
             fault(vm, page, true, translation)?;
@@ -311,76 +319,6 @@ pub fn stat(which: platform::abi::Stat, vm: &Vm) -> u64 {
                 as u64
         }
     }
-}
-
-/// Makes `vm`'s entry at `ipa` its snapshot's again (fuzzing-style reset):
-/// drops the page `vm` has there, then maps the snapshot's frame (or swap
-/// slot) read-only and shared, as fork would have. The snapshot's frame is
-/// locked meanwhile so migration or reclaim cannot move it under us. The
-/// caller holds `vm` quiesced with its region list write-locked.
-pub fn restore_page(vm: &Vm, snap: &Vm, ipa: u64) -> Result<(), rmap::Error> {
-    loop {
-        let want = snap.lock().lookup(ipa);
-        let target = match want {
-            S2Entry::Page { pfn, .. } => S2Entry::Page {
-                pfn,
-                writable: false,
-            },
-            S2Entry::Migration { pfn, .. } => {
-                rmap().wait_frame_unlocked(pfn);
-                continue;
-            }
-            other => other,
-        };
-        let have = vm.lock().lookup(ipa);
-        if have == target {
-            return Ok(());
-        }
-        let guard = target.pfn().map(|pfn| rmap().frames().lock(pfn));
-        if snap.lock().lookup(ipa) != want {
-            continue;
-        }
-        match have {
-            S2Entry::Migration { pfn, .. } => {
-                drop(guard);
-                rmap().wait_frame_unlocked(pfn);
-                continue;
-            }
-            S2Entry::Invalid => {}
-            _ if vm
-                .lock()
-                .compare_exchange(ipa, have, S2Entry::Invalid)
-                .is_err() =>
-            {
-                continue
-            }
-            S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-            S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
-        }
-        return install_shared(vm, ipa, target);
-    }
-}
-
-/// Maps an entry another VM holds into `vm` (read-only, one more reference).
-fn install_shared(vm: &Vm, ipa: u64, entry: S2Entry) -> Result<(), rmap::Error> {
-    match entry {
-        S2Entry::Page { pfn, .. } => rmap().add_anon_rmap(pfn),
-        S2Entry::Swap { slot } => STORE.dup(slot),
-        _ => return Ok(()),
-    }
-    if vm
-        .lock()
-        .compare_exchange(ipa, S2Entry::Invalid, entry)
-        .is_ok()
-    {
-        return Ok(());
-    }
-    match entry {
-        S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-        S2Entry::Swap { slot } => STORE.put(slot),
-        _ => {}
-    }
-    Err(rmap::Error::OutOfFrames)
 }
 
 /// Drops `vm`'s pages in `[start, start + len)` (MEM_RELEASE): each entry is

@@ -8,9 +8,12 @@
 //!
 //! Slots are reference-counted: reclaim of a frame mapped by N VMs stores it
 //! once and all N swap entries point at that one slot (rmap takes one
-//! reference per entry; a fork duplicates them). Swap-in copies the slot into
-//! a new frame per faulting VM and drops that entry's reference; the last
-//! reference frees the slot.
+//! reference per entry; a fork duplicates them). Swap-in takes a reference
+//! of its own while its stage-2 lock still shows the entry (`try_dup`), so a
+//! concurrent MEM_RELEASE cannot free the slot (and its number cannot be
+//! reused for another page) while the fault reads it; it copies the slot into
+//! a new frame (or the swap cache's), drops that entry's reference, then its
+//! own. The last reference frees the slot.
 //!
 //! Lock level: allocator (innermost). Compression runs before the lock is
 //! taken; the lock covers only the slot table (and the copy out on load).
@@ -197,14 +200,25 @@ impl SwapStore for PageStore {
     }
 
     fn dup(&self, slot: u64) {
+        assert!(self.try_dup(slot), "dup of a free store slot {slot}");
+    }
+
+    fn try_dup(&self, slot: u64) -> bool {
         let mut s = self.inner.lock();
         if slot == ZERO_SLOT {
+            // Live while any zero-marker entry refers to it.
+            if s.zero_refs == 0 {
+                return false;
+            }
             s.zero_refs += 1;
-            return;
+            return true;
         }
         match s.slots.get_mut(slot as usize) {
-            Some(Slot::Page { refs, .. }) => *refs += 1,
-            _ => panic!("dup of a free store slot {slot}"),
+            Some(Slot::Page { refs, .. }) => {
+                *refs += 1;
+                true
+            }
+            _ => false,
         }
     }
 

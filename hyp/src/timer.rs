@@ -23,3 +23,10 @@ pub fn arm_slice() {
 pub fn ms_to_ticks(ms: u64) -> u64 {
     frequency() * ms / 1000
 }
+
+/// Microseconds in `ticks` of the counter (saturating: a measurement, not
+/// an address).
+pub fn ticks_to_us(ticks: u64) -> u64 {
+    let us = u128::from(ticks) * 1_000_000 / u128::from(frequency().max(1));
+    u64::try_from(us).unwrap_or(u64::MAX)
+}

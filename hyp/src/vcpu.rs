@@ -162,6 +162,7 @@ impl Vcpu {
         unsafe { crate::arch::__fpsimd_save(&mut self.fp) };
         crate::vgic::put(self);
         crate::vtimer::put();
+        self.vm.unload_stage2();
     }
 
     /// Runs the guest until its next exit.

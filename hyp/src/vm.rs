@@ -2,6 +2,7 @@
 //! the table of live VMs. A VM's memory (stage-2 + frames) lives in
 //! `memory::GuestMemory` behind the VM's stage-2 lock.
 
+pub use crate::dirty::DirtyLog;
 use crate::memory::GuestMemory;
 use crate::vcpu::{Power, Vcpu};
 use crate::vpl011::Vpl011;
@@ -80,40 +81,13 @@ pub struct Vm {
     /// Guest pages whose stage-2 entry may differ from this VM's latest
     /// snapshot: what a restore to that snapshot has to undo.
     pub dirty: Mutex<DirtyLog>,
+    /// For a snapshot, the VM it was taken of: the only VM that may restore
+    /// itself to it by hypercall (the console, as the operator, may restore
+    /// any VM of the same shape to it).
+    pub snapshot_of: Option<u32>,
     /// Restores of this VM and the counter ticks they took (`STATS`).
     pub restores: AtomicU64,
     pub restore_ticks: AtomicU64,
-}
-
-/// Pages changed since a snapshot (a restore undoes exactly these). Past
-/// `MAX` pages the log gives up and a restore re-forks the whole VM.
-#[derive(Default)]
-pub struct DirtyLog {
-    /// The snapshot the log is relative to.
-    pub base: Option<u32>,
-    pub pages: alloc::collections::BTreeSet<u64>,
-    pub overflow: bool,
-}
-
-impl DirtyLog {
-    const MAX: usize = 1 << 16;
-
-    pub fn reset(&mut self, base: Option<u32>) {
-        self.base = base;
-        self.pages.clear();
-        self.overflow = false;
-    }
-
-    pub fn note(&mut self, page: u64) {
-        if self.base.is_none() || self.overflow {
-            return;
-        }
-        self.pages.insert(page);
-        if self.pages.len() > Self::MAX {
-            self.overflow = true;
-            self.pages.clear();
-        }
-    }
 }
 
 static VMS: Mutex<BTreeMap<u32, Arc<Vm>>> = Mutex::new(BTreeMap::new());
@@ -147,7 +121,7 @@ impl Vm {
     /// Creates a VM with a guest RAM region (nothing mapped yet) and all
     /// vCPUs off and parked.
     pub fn create(name: &str, nr_vcpus: usize, ram_size: u64) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::create_empty(name, nr_vcpus, ram_size, false)?;
+        let vm = Vm::create_empty(name, nr_vcpus, ram_size, None)?;
         if crate::mm::create_ram_region(&vm).is_err() {
             vm.stop(STATUS_FAULT);
             return Err(VmError::BadConfig("guest RAM region"));
@@ -161,12 +135,12 @@ impl Vm {
     }
 
     /// A VM with no regions and no vCPUs, paused (fork fills it, then
-    /// `resume` starts it unless it is a frozen snapshot).
+    /// `resume` starts it unless it is a frozen snapshot of `snapshot_of`).
     pub fn create_empty(
         name: &str,
         nr_vcpus: usize,
         ram_size: u64,
-        frozen: bool,
+        snapshot_of: Option<u32>,
     ) -> Result<Arc<Vm>, VmError> {
         if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
             return Err(VmError::BadConfig("vCPU count must be 1..=16"));
@@ -196,10 +170,11 @@ impl Vm {
             parked: Mutex::new(Vec::new()),
             exit_status: AtomicI64::new(0),
             torn_down: AtomicBool::new(false),
-            frozen,
+            frozen: snapshot_of.is_some(),
             busy: AtomicBool::new(false),
             exits: AtomicUsize::new(0),
-            dirty: Mutex::new(DirtyLog::default()),
+            dirty: Mutex::new(DirtyLog::new(ram)),
+            snapshot_of,
             restores: AtomicU64::new(0),
             restore_ticks: AtomicU64::new(0),
         });
@@ -220,6 +195,18 @@ impl Vm {
             mem.vttbr()
         };
         crate::arch::write_sysreg!("vttbr_el2", vttbr);
+        crate::arch::isb();
+    }
+
+    /// Unloads the VM's stage-2 translation from this CPU (a vCPU was put):
+    /// VTTBR_EL2 names VMID 0, which no VM is given, and no table, as KVM's
+    /// nVHE `__load_host_stage2` does without a host stage 2. Otherwise the
+    /// VM's root (freed at teardown, and its VMID reused) stays the CPU's
+    /// stage-2 context while EL2 runs, which CPUs with the speculative-AT
+    /// errata (Cortex-A76 1165522, A55 1530923, A57/A72 1319367; KVM's
+    /// ARM64_WORKAROUND_SPECULATIVE_AT) may walk and cache from.
+    pub fn unload_stage2(&self) {
+        crate::arch::write_sysreg!("vttbr_el2", 0u64);
         crate::arch::isb();
     }
 
@@ -396,6 +383,12 @@ impl Vm {
             return;
         }
         crate::mm::teardown(self);
+        // The table is gone and its VMID invalidated: no stage-2 entry or
+        // TLB entry can reach the UART's register image any more.
+        let image = self.uart.lock().take_image();
+        if image != 0 {
+            crate::frames::get().free(image);
+        }
         VMS.lock().remove(&self.id);
         crate::println!(
             "[hyp] vm {} ({}) stopped, status {}",

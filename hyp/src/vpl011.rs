@@ -41,19 +41,15 @@ pub struct Vpl011 {
     /// The level last driven on the interrupt line (None: not yet).
     driven: Option<bool>,
     /// Host PA of the register image (0: none yet), and whether it is
-    /// mapped at VPL011_BASE in the VM's stage 2.
+    /// mapped at VPL011_BASE in the VM's stage 2. The frame belongs to the
+    /// VM, not to this register state: a fork or restore copies registers
+    /// into the VM's UART (`restore_from`) and never replaces the image, and
+    /// the frame is freed only by the VM's teardown, after its stage-2 table
+    /// was destroyed and the VMID invalidated (`take_image`). Dropping a
+    /// `Vpl011` that still has an image leaks the frame rather than free a
+    /// frame a stage-2 entry may still map.
     image: u64,
     mapped: bool,
-}
-
-impl Drop for Vpl011 {
-    fn drop(&mut self) {
-        // A Vpl011 is dropped with its VM (after its stage-2 table was
-        // freed) or replaced on a fork or restore before its VM ran.
-        if self.image != 0 {
-            crate::frames::get().free(self.image);
-        }
-    }
 }
 
 /// What a trapped access produced for the console.
@@ -142,6 +138,26 @@ impl Vpl011 {
         (!self.line.is_empty()).then(|| core::mem::take(&mut self.line))
     }
 
+    /// Takes `other`'s register state (a fork child from its parent, a VM
+    /// restored to its snapshot) and keeps this UART's own image frame and
+    /// its mapping, refreshed to the new state. If the new state has received
+    /// bytes waiting, `sync_image` unmaps the image before a vCPU of the VM
+    /// runs again (the caller pokes the vGIC through `update_irq`).
+    pub fn restore_from(&mut self, other: Vpl011) {
+        let (image, mapped) = (self.image, self.mapped);
+        *self = other;
+        self.image = image;
+        self.mapped = mapped;
+        self.refresh_image();
+    }
+
+    /// The image frame, for the VM's teardown to free once no stage-2 table
+    /// or TLB can reach it (0: none).
+    pub fn take_image(&mut self) -> u64 {
+        self.mapped = false;
+        core::mem::take(&mut self.image)
+    }
+
     /// Copies device state for a forked VM: a partial line and typed bytes
     /// the guest has not read yet go with it, so the copy's interrupt line
     /// (copied with the vGIC) matches its state.
@@ -226,11 +242,28 @@ pub fn sync_image(vm: &crate::vm::Vm) {
     } else {
         (page, S2Entry::Invalid)
     };
-    let mut s2 = vm.lock();
-    match s2.compare_exchange(VPL011_BASE, old, new) {
+    let result = {
+        let mut s2 = vm.lock();
+        let r = s2.compare_exchange(VPL011_BASE, old, new);
+        // No table page for the entry: it stays unmapped and reads keep
+        // trapping, which is correct, only slower (not the fault path's OOM).
+        s2.take_out_of_memory();
+        r
+    };
+    match result {
         Ok(()) => uart.mapped = want,
-        // Someone else's entry (never expected): leave it, keep trapping.
-        Err(found) => uart.mapped = found == page,
+        Err(found) if found == old && want => uart.mapped = false,
+        Err(found) => {
+            // An entry this UART did not make: a hypervisor bug. Say so and
+            // never treat it as ours.
+            uart.mapped = found == page;
+            drop(uart);
+            crate::println!(
+                "[hyp] vm {}: UART image not {}: found {found:?} at {VPL011_BASE:#x}",
+                vm.id,
+                if want { "mapped" } else { "unmapped" }
+            );
+        }
     }
 }
 

@@ -102,6 +102,13 @@ impl Family {
         self.nodes.remove(&anon_vma.raw())
     }
 
+    /// Every member that has a node, with its node (for inspection and host checks).
+    pub fn iter(&self) -> impl Iterator<Item = (AnonHandle, &Node)> {
+        self.nodes
+            .iter()
+            .map(|(&raw, node)| (AnonHandle::from_raw(raw), node))
+    }
+
     /// Members that still have a node.
     pub fn len(&self) -> usize {
         self.nodes.len()

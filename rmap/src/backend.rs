@@ -101,6 +101,25 @@ pub trait Stage2Locked {
         }
     }
 
+    /// Clears the whole leaf holding `ipa` if the entry at `ipa` still is `old`: a page, or a
+    /// block lying inside `within`, which is cleared as one entry without being split, so this
+    /// never allocates (teardown and restore use it; a block partly outside `within` is split
+    /// and only `ipa`'s page cleared, which can fail for want of a table page). The TLB
+    /// invalidation is left pending as [`Stage2Locked::compare_exchange_deferred`] leaves it:
+    /// the caller flushes ([`Stage2::flush_deferred`]) before it frees what the leaf mapped.
+    /// Returns the leaf's first IPA, its page count and the old entry of its first page, or
+    /// what is at `ipa` if it is not `old` or could not be cleared. The default clears a page.
+    fn clear_leaf(
+        &mut self,
+        ipa: Ipa,
+        old: S2Entry,
+        within: core::ops::Range<Ipa>,
+    ) -> Result<(Ipa, u64, S2Entry), S2Entry> {
+        let _ = within;
+        let page = ipa & !(crate::PAGE_SIZE - 1);
+        self.compare_exchange_deferred(page, old, S2Entry::Invalid)
+            .map(|()| (page, 1, old))
+    }
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;
@@ -215,14 +234,25 @@ pub trait FrameAllocator {
 }
 
 /// Where reclaimed pages go. Slots are reference-counted: one per swap entry in any stage-2,
-/// plus one held by whoever created or is loading the slot.
+/// plus one held by whoever created the slot (until its entries are installed), one by the
+/// swap cache while it caches the slot, and one by each fault using the slot. A slot number
+/// may be reused for another page as soon as its last reference is dropped, so nobody may use
+/// a slot without holding a reference of their own (or the stage-2 lock of an entry that
+/// still names it).
 pub trait SwapStore {
     /// Saves a frame's contents into a new slot holding one reference; `None` if full.
     fn store(&self, pfn: Pfn) -> Option<u64>;
-    /// Copies a slot's contents into a frame.
+    /// Copies a slot's contents into a frame (the caller holds a reference).
     fn load(&self, slot: u64, pfn: Pfn);
-    /// Takes one more reference (a new swap entry, e.g. in a fork child).
+    /// Takes one more reference on a slot the caller knows is live (a new swap entry, e.g. in
+    /// a fork child, copied from an entry that holds one).
     fn dup(&self, slot: u64);
+    /// Takes one more reference if `slot` is live; false (and nothing taken) if it is free.
+    /// A fault takes its own reference with this while its stage-2 lock shows the entry
+    /// (Linux's swap-in holds the swap entry the same way, `get_swap_device` and
+    /// `swapcache_prepare`), so a concurrent zap (MEM_RELEASE) cannot free the slot, and
+    /// the number cannot be reused for another page, while the fault still uses it.
+    fn try_dup(&self, slot: u64) -> bool;
     /// Drops one reference; the last frees the slot.
     fn put(&self, slot: u64);
     /// References on `slot` now, or `None` for a slot that does not hold one page's

@@ -86,8 +86,13 @@ impl Rmap {
         self.unlink_region(&mut region);
     }
 
-    /// Clears every leaf of `region`. A migration entry's frame already lost this mapping when
-    /// the entry was installed; the migrator simply will not find it again.
+    /// Clears every leaf of `region` and drops what each mapped, [`ZAP_CHUNK`] leaves at a time:
+    /// the leaves are cleared under the stage-2 lock, their TLB entries invalidated
+    /// ([`Stage2::flush_deferred`]), and only then are the frames and swap slots they held let
+    /// go, so no TLB entry can reach a freed frame. A block is cleared whole (never split), so
+    /// teardown needs no table page even when nothing it frees comes back before the end. A
+    /// migration entry's frame already lost this mapping when the entry was installed; the
+    /// migrator simply will not find it again.
     fn zap<S: Stage2, A: FrameAllocator, W: SwapStore>(
         &self,
         region: &Region,
@@ -95,18 +100,48 @@ impl Rmap {
         alloc: &A,
         swap: &W,
     ) {
-        let mut table = s2.lock();
         let mut from = region.start();
-        while let Some((ipa, entry)) = table.next_entry(from, region.end()) {
-            from = ipa + PAGE_SIZE;
-            table
-                .compare_exchange(ipa, entry, S2Entry::Invalid)
-                .expect("stage-2 locked");
-            match entry {
-                S2Entry::Page { pfn, .. } => self.remove_rmap(pfn, alloc),
-                S2Entry::Swap { slot } => self.put_swap(slot, swap, alloc),
-                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+        loop {
+            let mut cleared = [(0, 0, S2Entry::Invalid); ZAP_CHUNK];
+            let mut n = 0;
+            {
+                let mut table = s2.lock();
+                while n < ZAP_CHUNK {
+                    let Some((ipa, entry)) = table.next_entry(from, region.end()) else {
+                        break;
+                    };
+                    match table.clear_leaf(ipa, entry, region.start()..region.end()) {
+                        Ok((start, pages, first)) => {
+                            cleared[n] = (start, pages, first);
+                            n += 1;
+                            from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
+                        }
+                        // Changed under us (a hardware access-flag update): look again.
+                        Err(found) if found != entry => {}
+                        // Cannot be cleared (a block across the region's end with no table page
+                        // to split it): leave it. Its frames stay referenced, so they leak
+                        // rather than be freed while mapped; the table goes with the VM.
+                        Err(_) => from = ipa + PAGE_SIZE,
+                    }
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            s2.flush_deferred();
+            for &(_, pages, first) in &cleared[..n] {
+                for i in 0..pages {
+                    match first.page(i) {
+                        S2Entry::Page { pfn, .. } => self.remove_rmap(pfn, alloc),
+                        S2Entry::Swap { slot } => self.put_swap(slot, swap, alloc),
+                        S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                    }
+                }
             }
         }
     }
 }
+
+/// Leaves a zap clears between TLB flushes: each flush is one VMID-wide invalidation, and the
+/// chunk lives on the stack.
+const ZAP_CHUNK: usize = 64;

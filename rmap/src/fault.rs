@@ -50,7 +50,19 @@ impl Rmap {
         ipa: Ipa,
         write: bool,
     ) -> Result<Fault, Error> {
-        let entry = s2.lock().lookup(ipa);
+        let entry = {
+            let table = s2.lock();
+            let entry = table.lookup(ipa);
+            match entry {
+                // Our own reference, taken while the lock shows the entry (so the slot is
+                // live: the entry holds one): once we unlock, MEM_RELEASE may zap the entry
+                // and drop its reference, and without ours the slot could be freed and
+                // reused for another page while we load it (Linux's `do_swap_page` holds the
+                // swap entry likewise, and re-checks `pte_same` before installing: our CAS).
+                S2Entry::Swap { slot } if !swap.try_dup(slot) => return Ok(Fault::Retry(None)),
+                _ => entry,
+            }
+        };
         match entry {
             S2Entry::Invalid => {
                 self.fault_new_frame_from(region, s2, alloc, ipa, entry, None::<fn(Pfn)>)
@@ -61,19 +73,40 @@ impl Rmap {
             } if write => self.fault_cow(region, s2, alloc, ipa, pfn),
             S2Entry::Page { .. } => Ok(Fault::Done),
             S2Entry::Migration { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
-            S2Entry::Swap { slot } if swap.refs(slot).is_some_and(|r| r > 1) => {
-                // Other entries (or the cache) still refer to it: share one frame.
-                self.fault_swap_cached(region, s2, alloc, swap, ipa, slot)
-            }
             S2Entry::Swap { slot } => {
-                let load = |pfn| swap.load(slot, pfn);
-                let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, Some(load))?;
-                if done == Fault::Done {
-                    swap.put(slot);
-                }
-                Ok(done)
+                let done = self.fault_swap(region, s2, alloc, swap, ipa, slot);
+                // Our reference goes on every path, through `put_swap`: it may be the last
+                // one besides the swap cache's, which must then let go too.
+                self.put_swap(slot, swap, alloc);
+                done
             }
         }
+    }
+
+    /// Swap-in of `slot` at `ipa` (Linux's `do_swap_page`); the caller holds a reference on
+    /// the slot besides the entry's.
+    fn fault_swap<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        region: &Region,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+        ipa: Ipa,
+        slot: u64,
+    ) -> Result<Fault, Error> {
+        // The entry's reference and ours: any more are other entries (or the cache, or other
+        // faults): share one frame.
+        if swap.refs(slot).is_some_and(|r| r > 2) {
+            return self.fault_swap_cached(region, s2, alloc, swap, ipa, slot);
+        }
+        let load = |pfn| swap.load(slot, pfn);
+        let entry = S2Entry::Swap { slot };
+        let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, Some(load))?;
+        if done == Fault::Done {
+            // The replaced entry's reference.
+            self.put_swap(slot, swap, alloc);
+        }
+        Ok(done)
     }
 
     /// Spins until `pfn`'s lock bit clears (a migration or reclaim finished).

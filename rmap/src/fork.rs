@@ -44,16 +44,23 @@ impl Rmap {
         };
         let child_vm = child.vm();
         let mut family = self.lock_family_write(parent_anon);
+        // The candidate is only noted until every link is made: on a failed link the caller
+        // unlinks the child's chains with `unlink_region`, which decrements
+        // `num_active_regions` of the region's anon_vma, so the region may name it only once
+        // that was incremented (Linux's anon_vma_clone clears `dst->anon_vma` on its
+        // enomem_failure path for the same reason).
+        let mut reuse = None;
         for &chain in parent.chains() {
             let anon_vma = self.chain_info(chain).anon_vma;
             self.link(&mut family, anon_vma, child_vm, child)?;
             let node = family.node_mut(anon_vma);
-            if child.anon_vma.is_none() && node.num_active_regions == 0 && node.num_children < 2 {
-                child.anon_vma = Some(anon_vma);
+            if reuse.is_none() && node.num_active_regions == 0 && node.num_children < 2 {
+                reuse = Some(anon_vma);
             }
         }
-        if let Some(reused) = child.anon_vma {
+        if let Some(reused) = reuse {
             family.node_mut(reused).num_active_regions += 1;
+            child.anon_vma = Some(reused);
             return Ok(());
         }
         // The new anon_vma joins the family under the root lock we hold, before it is

@@ -2,14 +2,18 @@
 //! benchmark: "physical memory" of page contents, a swap store, per-VM stage-2 maps, a VM set,
 //! and whole-world invariant checks. Hardware-free and small; not for use at EL2.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+mod check;
+mod swap;
+
+pub use swap::SwapOp;
+use swap::{Hooks, SwapTable};
+
+use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, VmSet};
 use crate::lock::{Level, OrderedMutex, OrderedMutexGuard, OrderedRwLock};
 use crate::region::{RegionFlags, RegionList};
 use crate::{Error, Fault, Ipa, Pfn, Rmap, UnlinkProof, VmId, PAGE_SIZE};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
-use alloc::format;
-use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -22,12 +26,7 @@ pub struct HostMachine {
     free: OrderedMutex<Vec<Pfn>>,
     swap: OrderedMutex<SwapTable>,
     swap_capacity: usize,
-}
-
-#[derive(Default)]
-struct SwapTable {
-    slots: BTreeMap<u64, (Box<[u64]>, u32)>,
-    next: u64,
+    hooks: Hooks,
 }
 
 const CHECK_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -48,6 +47,7 @@ impl HostMachine {
             ),
             swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
             swap_capacity,
+            hooks: Hooks::default(),
         }
     }
 
@@ -72,11 +72,13 @@ impl HostMachine {
     }
 
     /// Reads the value a page holds; panics if its checksum does not match (a torn copy).
+    /// An all-zero page reads as 0: a demand-zero page that another vCPU's store has not
+    /// reached yet (its fault maps the zeroed frame, then the store lands).
     pub fn read_value(&self, pfn: Pfn) -> u64 {
         let page = self.page(pfn);
         let words: Vec<u64> = page.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         let value = words[0];
-        if words.len() > 1 {
+        if words.len() > 1 && words.iter().any(|&w| w != 0) {
             let mut sum = CHECK_SALT;
             for &w in &words[..words.len() - 1] {
                 sum = sum.rotate_left(7) ^ w;
@@ -126,54 +128,6 @@ impl FrameAllocator for HostMachine {
     fn copy(&self, dst: Pfn, src: Pfn) {
         for (d, s) in self.page(dst).iter().zip(self.page(src)) {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-    }
-}
-
-impl SwapStore for HostMachine {
-    fn store(&self, pfn: Pfn) -> Option<u64> {
-        let contents = self
-            .page(pfn)
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed))
-            .collect();
-        let mut swap = self.swap.lock();
-        if swap.slots.len() >= self.swap_capacity {
-            return None;
-        }
-        swap.next += 1;
-        let slot = swap.next;
-        swap.slots.insert(slot, (contents, 1));
-        Some(slot)
-    }
-    fn load(&self, slot: u64, pfn: Pfn) {
-        let swap = self.swap.lock();
-        let (contents, _) = swap.slots.get(&slot).expect("load of a free swap slot");
-        for (d, &s) in self.page(pfn).iter().zip(contents.iter()) {
-            d.store(s, Ordering::Relaxed);
-        }
-    }
-    fn dup(&self, slot: u64) {
-        self.swap
-            .lock()
-            .slots
-            .get_mut(&slot)
-            .expect("dup of a free swap slot")
-            .1 += 1;
-    }
-    fn refs(&self, slot: u64) -> Option<u32> {
-        Some(self.swap.lock().slots.get(&slot).map_or(0, |s| s.1))
-    }
-    fn put(&self, slot: u64) {
-        let mut swap = self.swap.lock();
-        let refs = &mut swap
-            .slots
-            .get_mut(&slot)
-            .expect("put of a free swap slot")
-            .1;
-        *refs -= 1;
-        if *refs == 0 {
-            swap.slots.remove(&slot);
         }
     }
 }
@@ -343,6 +297,34 @@ impl HostVm {
         }
     }
 
+    /// MEM_RELEASE of the page at `ipa`, as `hyp::mm::release` does it: under the region
+    /// list's read lock only, so it races this VM's faults; the entry is cleared by CAS and
+    /// its frame mapping or swap-slot reference dropped.
+    pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) {
+        let _regions = self.regions.read();
+        loop {
+            let entry = self.s2.lock().lookup(ipa);
+            match entry {
+                S2Entry::Invalid => return,
+                S2Entry::Migration { pfn, .. } => {
+                    rmap.wait_frame_unlocked(pfn);
+                    continue;
+                }
+                _ if self
+                    .s2
+                    .lock()
+                    .compare_exchange(ipa, entry, S2Entry::Invalid)
+                    .is_err() =>
+                {
+                    continue
+                }
+                S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
+                S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
+            }
+            return;
+        }
+    }
+
     fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
         match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
             Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
@@ -470,100 +452,6 @@ impl HostWorld {
         vm.s2.free_tables(proof);
         drop(list);
         self.vms.remove(vm.id);
-    }
-
-    /// Checks, at a quiescent point, that mapcounts equal the leaves that exist, refcounts
-    /// equal mapcounts, swap references equal swap entries, no frame, chain or anon_vma
-    /// leaked, and anon_vmas stay within twice the regions. Returns a description of the
-    /// first violation.
-    pub fn check(&self) -> Result<(), String> {
-        let mut maps: BTreeMap<Pfn, u32> = BTreeMap::new();
-        let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
-        let (mut regions, mut chains) = (0, 0);
-        for vm in self.vms.all() {
-            let list = vm.regions.read();
-            regions += list.len();
-            chains += list.iter().map(|r| r.chains().len()).sum::<usize>();
-            for (ipa, entry) in vm.s2.entries() {
-                match entry {
-                    S2Entry::Page { pfn, .. } => *maps.entry(pfn).or_default() += 1,
-                    S2Entry::Swap { slot } => *swaps.entry(slot).or_default() += 1,
-                    other => return Err(format!("{:?} {ipa:#x}: stray {other:?}", vm.id)),
-                }
-            }
-        }
-        // The swap cache holds one pin on each cached frame and one reference on its slot.
-        let cached = self.rmap.swap_cache_entries();
-        for &(slot, _) in &cached {
-            *swaps.entry(slot).or_default() += 1;
-        }
-        self.check_frames(&maps, &cached)?;
-        if swaps != self.machine.swap_refs() {
-            return Err(format!(
-                "swap refs {:?} != entries {swaps:?}",
-                self.machine.swap_refs()
-            ));
-        }
-        if self.rmap.live_chains() != chains {
-            return Err(format!(
-                "{} live chains, regions hold {chains}",
-                self.rmap.live_chains()
-            ));
-        }
-        // Every live anon_vma is linked by at least one chain (none is orphaned).
-        let anon = self.rmap.live_anon_vmas();
-        if anon > chains {
-            return Err(format!("{anon} anon_vmas but only {chains} chains"));
-        }
-        let _ = regions;
-        Ok(())
-    }
-
-    /// Linux's bound from the 2015 reuse heuristic: anon_vmas stay within twice the regions.
-    /// It holds while every anon_vma without a live region has at least two children, which
-    /// fork maintains; destroying a VM in the middle of a lineage leaves a one-child anon_vma
-    /// behind until a later fork reuses it, so callers check this only for such histories.
-    pub fn check_anon_bound(&self) -> Result<(), String> {
-        let regions: usize = self
-            .vms
-            .all()
-            .iter()
-            .map(|vm| vm.regions.read().len())
-            .sum();
-        let anon = self.rmap.live_anon_vmas();
-        if anon > 2 * regions {
-            return Err(format!("{anon} anon_vmas for {regions} regions"));
-        }
-        Ok(())
-    }
-
-    fn check_frames(&self, maps: &BTreeMap<Pfn, u32>, cached: &[(u64, Pfn)]) -> Result<(), String> {
-        let pins: BTreeMap<Pfn, u32> = cached.iter().map(|&(_, pfn)| (pfn, 1)).collect();
-        for (pfn, frame) in self.rmap.frames().iter() {
-            let expect = maps.get(&pfn).copied().unwrap_or(0);
-            let refs = expect + pins.get(&pfn).copied().unwrap_or(0);
-            if frame.mapcount() != expect || frame.refcount() != refs || frame.is_locked() {
-                return Err(format!(
-                    "frame {pfn:#x}: mapcount {} refcount {} locked {}, {expect} leaves, {} cache pins",
-                    frame.mapcount(),
-                    frame.refcount(),
-                    frame.is_locked(),
-                    refs - expect
-                ));
-            }
-        }
-        let in_use = maps
-            .keys()
-            .chain(pins.keys())
-            .collect::<alloc::collections::BTreeSet<_>>();
-        if self.machine.allocated() != in_use.len() {
-            return Err(format!(
-                "{} frames allocated, {} mapped or cached",
-                self.machine.allocated(),
-                in_use.len()
-            ));
-        }
-        Ok(())
     }
 
     /// Every allocated frame that is mapped somewhere (candidates for migrate / reclaim).

@@ -55,7 +55,9 @@ impl Rmap {
 
     /// Swap-in of a slot other entries still refer to: find its frame in the cache (or read it
     /// into a new one and cache that), then map it read-only at `ipa` in place of the swap
-    /// entry. A write then takes the copy-on-write path, as for any shared frame.
+    /// entry. A write then takes the copy-on-write path, as for any shared frame. The caller
+    /// holds its own reference on the slot, so the slot cannot be freed and reused for another
+    /// page (another VM's) while it is read and cached here.
     pub(crate) fn fault_swap_cached<S: Stage2, A: FrameAllocator, W: SwapStore>(
         &self,
         region: &Region,
@@ -122,7 +124,7 @@ impl Rmap {
                 debug_assert!(pinned, "a cached frame is allocated");
                 return Ok(pfn);
             }
-            swap.put(slot); // our entry still holds the slot
+            swap.put(slot); // the fault's own reference still holds the slot
             self.put_frame(pfn, alloc);
         }
     }

@@ -1,4 +1,5 @@
-//! loom models of the five seed races, each with the fix and with the fix removed.
+//! loom models of the five seed races and of the swap-in / MEM_RELEASE race, each with the
+//! fix and with the fix removed.
 //!
 //! Each model is the crate's protocol in miniature, with loom's atomics, locks and
 //! `UnsafeCell` (which reports unsynchronised access) in place of ours; the comment on each
@@ -352,6 +353,110 @@ fn fork_walk_broken_is_caught() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 6. Swap-in vs MEM_RELEASE and slot reuse (issue 12, item 3; `Rmap::fault_locked`,
+//    `SwapStore::try_dup`, hyp `mm::release`). The fault reads `Swap(1)` under the stage-2
+//    lock, loads slot 1 unlocked, then installs with a CAS on `Swap(1)`. MEM_RELEASE clears
+//    the entry and drops its slot reference; the guest writes the page again and reclaim
+//    stores it, reusing the lowest free slot number. The fault must hold its own reference
+//    (taken while the lock shows the entry), or it loads a free slot or installs the stale
+//    page over the newer one (the CAS sees `Swap(1)` again: ABA).
+
+const SWAP_1: u32 = 1;
+const SWAP_2: u32 = 2;
+const PAGE: u32 = 100; // PAGE + contents
+const OLD_DATA: u32 = 10;
+const NEW_DATA: u32 = 20;
+
+/// Slot 1's references and contents (the store's lock, innermost); slot 2 always holds
+/// NEW_DATA once used.
+struct Slot1 {
+    refs: u32,
+    data: u32,
+}
+
+/// The fault of model 6: with the fix, its own slot reference is taken under the table lock.
+fn swap_in(table: &Mutex<u32>, store: &Mutex<Slot1>, variant: Variant) {
+    let held = {
+        let entry = table.lock().unwrap();
+        let mut slot = store.lock().unwrap();
+        let take = variant == Fixed && *entry == SWAP_1 && slot.refs > 0;
+        slot.refs += u32::from(take);
+        take
+    };
+    if variant == Fixed && !held {
+        return;
+    }
+    let data = {
+        let slot = store.lock().unwrap();
+        assert!(
+            slot.refs > 0,
+            "slot reused under the fault: load of a free slot"
+        );
+        slot.data
+    };
+    let installed = {
+        let mut entry = table.lock().unwrap();
+        let same = *entry == SWAP_1;
+        if same {
+            *entry = PAGE + data;
+        }
+        same
+    };
+    let puts = u32::from(installed) + u32::from(held);
+    store.lock().unwrap().refs -= puts;
+}
+
+fn swap_release_model(variant: Variant) {
+    let table = Arc::new(Mutex::new(SWAP_1));
+    let store = Arc::new(Mutex::new(Slot1 {
+        refs: 1,
+        data: OLD_DATA,
+    }));
+    let fault = {
+        let (table, store) = (table.clone(), store.clone());
+        thread::spawn(move || swap_in(&table, &store, variant))
+    };
+    // MEM_RELEASE, then the guest's store to the page and its reclaim.
+    let dropped = std::mem::replace(&mut *table.lock().unwrap(), INVALID) == SWAP_1;
+    store.lock().unwrap().refs -= u32::from(dropped);
+    let reused = {
+        let mut slot = store.lock().unwrap();
+        let free = slot.refs == 0;
+        if free {
+            *slot = Slot1 {
+                refs: 1,
+                data: NEW_DATA,
+            };
+        }
+        free
+    };
+    *table.lock().unwrap() = if reused { SWAP_1 } else { SWAP_2 };
+    fault.join().unwrap();
+    let entry = *table.lock().unwrap();
+    let slot = store.lock().unwrap();
+    let data = match entry {
+        SWAP_1 => slot.data,
+        SWAP_2 => NEW_DATA,
+        page => page - PAGE,
+    };
+    assert_eq!(
+        data, NEW_DATA,
+        "slot reused under the fault: stale page installed"
+    );
+    assert_eq!(slot.refs, u32::from(entry == SWAP_1), "slot references");
+}
+
+#[test]
+fn swap_release_fixed() {
+    holds(swap_release_model);
+}
+
+#[test]
+fn swap_release_broken_is_caught() {
+    caught(swap_release_model, "slot reused under the fault");
+}
+
+// ---------------------------------------------------------------------------------------
 // Unbounded (exhaustive) runs of the fixed models.
 
 #[test]
@@ -363,6 +468,7 @@ fn all_fixed_models_exhaustive() {
         reuse_model,
         unlink_model,
         fork_walk_model,
+        swap_release_model,
     ] {
         explore(None, move || model(Fixed));
     }

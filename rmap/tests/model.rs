@@ -1,5 +1,5 @@
-//! Model-based test: random sequences of create VM / write / read (fault back in) / fork /
-//! destroy / migrate a frame / reclaim a frame against a plain reference model of what each
+//! Model-based test: random sequences of create VM / write / read (fault back in) / release
+//! (MEM_RELEASE) / fork / destroy / migrate a frame / reclaim a frame against a plain reference model of what each
 //! VM should read at each page. After every step: every VM reads what it last wrote,
 //! mapcounts equal the leaves that exist, nothing leaks, and anon_vmas stay within 2x regions
 //! for as long as no VM with live descendants was destroyed (see `HostWorld::check_anon_bound`:
@@ -25,6 +25,11 @@ enum Op {
         value: u64,
     },
     Read {
+        vm: usize,
+        page: usize,
+    },
+    /// MEM_RELEASE of one page: its frame or swap slot reference goes, it reads 0 again.
+    Release {
         vm: usize,
         page: usize,
     },
@@ -55,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (any::<usize>(), any::<usize>(), 1..1000u64)
             .prop_map(|(vm, page, value)| Op::Write { vm, page, value }),
         2 => (any::<usize>(), any::<usize>()).prop_map(|(vm, page)| Op::Read { vm, page }),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(vm, page)| Op::Release { vm, page }),
         2 => any::<usize>().prop_map(|vm| Op::Fork { vm }),
         1 => any::<usize>().prop_map(|vm| Op::Destroy { vm }),
         2 => any::<usize>().prop_map(|frame| Op::Migrate { frame }),
@@ -117,6 +123,13 @@ impl Model {
                 let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
                 assert_eq!(got, model.get(&ipa).copied().unwrap_or(0));
             }
+            Op::Release { vm, page } if !self.vms.is_empty() => {
+                let n = self.vms.len();
+                let (vm, model, _) = &mut self.vms[vm % n];
+                let ipa = pages[page % pages.len()];
+                vm.release(&w.rmap, &w.machine, ipa);
+                model.remove(&ipa);
+            }
             Op::Fork { vm } if !self.vms.is_empty() && self.vms.len() < MAX_VMS => {
                 let (parent, model, ancestors) = &self.vms[vm % self.vms.len()];
                 let child = w.fork(parent).unwrap();
@@ -151,50 +164,54 @@ impl Model {
                 frame,
                 len,
                 reclaim,
-            } => {
-                let frames = w.mapped_frames();
-                if frames.is_empty() {
-                    return;
-                }
-                let start = frame % frames.len();
-                // Unsorted, across anon_vmas, with a duplicate and a free frame thrown in.
-                let mut batch: Vec<_> = frames
-                    .iter()
-                    .cycle()
-                    .skip(start)
-                    .take(len)
-                    .copied()
-                    .collect();
-                batch.reverse();
-                batch.push(frames[start]);
-                batch.push(w.rmap.frames().base() + w.rmap.frames().len() as u64 - 1);
-                let in_cache = batch.iter().filter(|&&p| cached(w, p)).count();
-                let skipped = if reclaim {
-                    let mut out = Vec::new();
-                    w.rmap
-                        .reclaim_frames(&w.vms, &w.machine, &w.machine, &batch, &mut out);
-                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
-                } else {
-                    let mut out = Vec::new();
-                    w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
-                    out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
-                };
-                // Nothing else runs: only the repeats (locked by this very batch) and the
-                // tail frame (free unless mapped) may be skipped, and for no other reason.
-                // Frames in the swap cache are pinned by it and stay where they are.
-                let repeats = len - len.min(frames.len()) + 1;
-                assert!(skipped.len() <= repeats + 1 + in_cache, "{skipped:?}");
-                assert!(
-                    skipped
-                        .iter()
-                        .all(|s| matches!(s, Skip::NotMapped | Skip::Locked | Skip::Pinned)),
-                    "{skipped:?}"
-                );
-                let pinned = skipped.iter().filter(|s| **s == Skip::Pinned).count();
-                assert!(pinned <= in_cache, "{skipped:?}");
-            }
+            } => self.batch(frame, len, reclaim),
             _ => {}
         }
+    }
+
+    /// A batched migration or reclaim of up to `len` mapped frames from `frame` on.
+    fn batch(&self, frame: usize, len: usize, reclaim: bool) {
+        let w = &self.world;
+        let frames = w.mapped_frames();
+        if frames.is_empty() {
+            return;
+        }
+        let start = frame % frames.len();
+        // Unsorted, across anon_vmas, with a duplicate and a free frame thrown in.
+        let mut batch: Vec<_> = frames
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(len)
+            .copied()
+            .collect();
+        batch.reverse();
+        batch.push(frames[start]);
+        batch.push(w.rmap.frames().base() + w.rmap.frames().len() as u64 - 1);
+        let in_cache = batch.iter().filter(|&&p| cached(w, p)).count();
+        let skipped = if reclaim {
+            let mut out = Vec::new();
+            w.rmap
+                .reclaim_frames(&w.vms, &w.machine, &w.machine, &batch, &mut out);
+            out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+        } else {
+            let mut out = Vec::new();
+            w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
+            out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
+        };
+        // Nothing else runs: only the repeats (locked by this very batch) and the
+        // tail frame (free unless mapped) may be skipped, and for no other reason.
+        // Frames in the swap cache are pinned by it and stay where they are.
+        let repeats = len - len.min(frames.len()) + 1;
+        assert!(skipped.len() <= repeats + 1 + in_cache, "{skipped:?}");
+        assert!(
+            skipped
+                .iter()
+                .all(|s| matches!(s, Skip::NotMapped | Skip::Locked | Skip::Pinned)),
+            "{skipped:?}"
+        );
+        let pinned = skipped.iter().filter(|s| **s == Skip::Pinned).count();
+        assert!(pinned <= in_cache, "{skipped:?}");
     }
 
     fn check(&self) {

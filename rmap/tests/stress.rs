@@ -1,5 +1,6 @@
 //! Host stress: real threads faulting, forking, destroying (two "vCPU" owners of VM families),
-//! migrating and reclaiming (two background threads) at once, for a bounded time. Pages carry
+//! migrating and reclaiming (two background threads) at once, for a bounded time; and
+//! swap-ins racing MEM_RELEASE and the reuse of freed swap slots. Pages carry
 //! checksums, so a torn copy or a lost write shows up on read; each owner keeps the exact
 //! expected contents of its VMs. At the end every VM is destroyed and nothing may leak.
 
@@ -214,4 +215,93 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
     assert_eq!(world.machine.allocated(), 0);
     assert_eq!(world.rmap.live_anon_vmas(), 0);
     assert_eq!(world.rmap.live_chains(), 0);
+}
+
+/// A value for page `ipa` of fork family `family`: a read that finds another family's or
+/// another page's value saw a swap slot reused under a fault (a cross-VM leak).
+fn tagged(family: u64, ipa: u64, n: u64) -> u64 {
+    family << 56 | (ipa >> 12 & 0xff_ffff) << 32 | (n & 0xffff_ffff)
+}
+
+/// MEM_RELEASE racing swap-in (issue 12, item 3): VMs A and C (a fork of A) and an unrelated
+/// B; one thread writes and releases their pages (MEM_RELEASE holds only the region list's
+/// read lock, so it races faults), two read them (concurrent swap-ins of one entry and of
+/// shared slots), one reclaims (swap entries; freed slot numbers are reused at once). Every
+/// read returns 0 or a value of the same family and page.
+#[test]
+fn swap_in_races_mem_release_and_slot_reuse() {
+    let world = Arc::new(HostWorld::new(512, 8, 256, 1024));
+    let (w, m) = (&world, &world.machine);
+    let a = w.create_vm(&REGIONS);
+    for ipa in ipas() {
+        a.write(&w.rmap, m, ipa, tagged(1, ipa, 0)).unwrap();
+    }
+    let c = w.fork(&a).unwrap();
+    let b = w.create_vm(&REGIONS);
+    for ipa in ipas() {
+        b.write(&w.rmap, m, ipa, tagged(2, ipa, 0)).unwrap();
+    }
+    let vms = Arc::new([(a, 1), (c, 1), (b, 2)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut handles = Vec::new();
+    for (i, o) in ops.iter().enumerate() {
+        let (w, s, o, vms) = (world.clone(), stop.clone(), o.clone(), vms.clone());
+        handles.push(thread::spawn(move || {
+            release_race_worker(i, &w, &s, &o, &vms[..])
+        }));
+    }
+    thread::sleep(RUN / 2);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().expect("worker panicked");
+    }
+    let counts: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
+    println!("ops: writer/releaser, readers, reclaimer {counts:?}");
+    assert!(counts.iter().all(|&c| c > 0), "progress: {counts:?}");
+    world.check().unwrap();
+    for (vm, _) in vms.iter() {
+        world.destroy(vm);
+    }
+    world.check().unwrap();
+    assert!(world.machine.swap_refs().is_empty());
+    assert_eq!(world.machine.allocated(), 0);
+    assert_eq!(world.rmap.live_anon_vmas(), 0);
+}
+
+/// One thread of [`swap_in_races_mem_release_and_slot_reuse`]: 0 writes and releases, 1 and 2
+/// read, 3 reclaims.
+fn release_race_worker(
+    i: usize,
+    w: &HostWorld,
+    stop: &AtomicBool,
+    ops: &AtomicU64,
+    vms: &[(Arc<HostVm>, u64)],
+) {
+    let mut rng = Rng(0x7777 + i as u64);
+    let pages = ipas();
+    while !stop.load(Ordering::Relaxed) {
+        ops.fetch_add(1, Ordering::Relaxed);
+        let (vm, family) = &vms[rng.below(vms.len())];
+        let ipa = pages[rng.below(pages.len())];
+        match i {
+            0 if rng.below(2) == 0 => vm.release(&w.rmap, &w.machine, ipa),
+            0 => {
+                let value = tagged(*family, ipa, rng.next());
+                vm.write(&w.rmap, &w.machine, ipa, value).unwrap();
+            }
+            1 | 2 => {
+                let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
+                let want = tagged(*family, ipa, 0) >> 32;
+                assert!(got == 0 || got >> 32 == want, "{ipa:#x}: {got:#x}");
+            }
+            _ if rng.below(2) == 0 => batch_move(w, &mut rng, true),
+            _ => {
+                let frames = w.rmap.frames();
+                let pfn = frames.base() + rng.below(frames.len()) as u64;
+                let r = w.rmap.reclaim_frame(&w.vms, &w.machine, &w.machine, pfn);
+                assert!(!matches!(r, Err(Error::OutOfSwap)), "{r:?}");
+            }
+        }
+    }
 }

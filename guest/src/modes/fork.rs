@@ -170,7 +170,7 @@ fn fork_and_reap(i: u64) -> Result<(), Reason> {
 }
 
 /// HVC returning x0 and x1 (SNAPSHOT resumes with x1 = the restore cookie).
-fn hvc2(fid: u32, a1: u64, a2: u64) -> (i64, u64) {
+pub(super) fn hvc2(fid: u32, a1: u64, a2: u64) -> (i64, u64) {
     let (r0, r1): (i64, u64);
     // SAFETY: an SMCCC call changes no memory of ours; clobber_abi("C")
     // covers the registers the callee may change.

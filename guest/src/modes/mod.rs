@@ -6,6 +6,7 @@
 mod fork;
 mod hvcfuzz;
 mod memstress;
+mod pressure;
 mod selftest;
 mod snapsteal;
 mod wild;
@@ -37,6 +38,10 @@ pub enum Mode {
     /// All vCPUs keep verifying checksummed memory while the hypervisor
     /// migrates, reclaims and forks under them.
     MemStress,
+    /// The UART register image survives snapshot/restore cycles.
+    UartImage,
+    /// Snapshots until the hypervisor refuses with an error code.
+    SnapFlood,
     /// Random hypercalls racing on every vCPU and VM, next to a checker VM.
     HvcFuzz,
     /// A child tries to restore itself into its parent's snapshots.
@@ -56,6 +61,8 @@ impl Mode {
             "release" => Some(Self::Release),
             "badcalls" => Some(Self::BadCalls),
             "memstress" => Some(Self::MemStress),
+            "uartimage" => Some(Self::UartImage),
+            "snapflood" => Some(Self::SnapFlood),
             "hvcfuzz" => Some(Self::HvcFuzz),
             "snapsteal" => Some(Self::SnapSteal),
             _ => None,
@@ -74,6 +81,8 @@ impl Mode {
             Self::Release => "release",
             Self::BadCalls => "badcalls",
             Self::MemStress => "memstress",
+            Self::UartImage => "uartimage",
+            Self::SnapFlood => "snapflood",
             Self::HvcFuzz => "hvcfuzz",
             Self::SnapSteal => "snapsteal",
         }
@@ -92,6 +101,8 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::Release => fork::release(plat),
         Mode::BadCalls => fork::bad_calls(plat),
         Mode::MemStress => memstress::run(plat, args),
+        Mode::UartImage => pressure::uart_image(plat),
+        Mode::SnapFlood => pressure::snap_flood(plat),
         Mode::HvcFuzz => hvcfuzz::run(plat),
         Mode::SnapSteal => snapsteal::run(plat),
     }

@@ -1,0 +1,206 @@
+//! The console's commands as values. Every field holds a value the parser
+//! checked, and `Display` prints a command back in the console syntax
+//! (`parse(&cmd.to_string()) == Ok(Some(cmd))`).
+
+use crate::PAGE_SIZE;
+use core::fmt;
+
+/// A VM id as typed; whether that VM exists is the hypervisor's question.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmId(pub u32);
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A non-empty, page-aligned `[start, end)` of addresses (IPA or PA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageRange {
+    start: u64,
+    end: u64,
+}
+
+impl PageRange {
+    /// `None` unless both ends are page-aligned and `start < end`.
+    pub const fn new(start: u64, end: u64) -> Option<PageRange> {
+        if !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) || start >= end {
+            return None;
+        }
+        Some(PageRange { start, end })
+    }
+
+    pub const fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Exclusive; at least `start + PAGE_SIZE`, so `end - PAGE_SIZE` never
+    /// underflows.
+    pub const fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The address of the range's last page.
+    pub const fn last_page(&self) -> u64 {
+        self.end - PAGE_SIZE
+    }
+}
+
+impl fmt::Display for PageRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x} {:#x}", self.start, self.end)
+    }
+}
+
+/// One console command with validated arguments. Optional batch sizes stay
+/// `None` when not typed: the default is the memory manager's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Help,
+    Vms,
+    Stats,
+    Pause(VmId),
+    Resume(VmId),
+    Destroy(VmId),
+    /// `fork <vm> [n]`: n in 1..=1000, 1 when not typed.
+    Fork {
+        vm: VmId,
+        count: u32,
+    },
+    Snapshot(VmId),
+    Restore {
+        vm: VmId,
+        snapshot: VmId,
+    },
+    /// `rmap <pa>`: who maps the frame at `pa` (hex).
+    Rmap {
+        pa: u64,
+    },
+    /// `migrate <vm> <ipa> <ipa-end> [batch]`.
+    Migrate {
+        vm: VmId,
+        range: PageRange,
+        batch: Option<usize>,
+    },
+    /// `evacuate <pa> <pa-end> [batch]`.
+    Evacuate {
+        range: PageRange,
+        batch: Option<usize>,
+    },
+    /// `online <pa> <pa-end>`.
+    Online {
+        range: PageRange,
+    },
+    /// `reclaim <pages> [batch]`.
+    Reclaim {
+        pages: u64,
+        batch: Option<usize>,
+    },
+    /// `chaos <secs> [seed] [max-vms]`: seed 1 and 12 VMs when not typed.
+    Chaos {
+        secs: u64,
+        seed: u64,
+        max_vms: usize,
+    },
+    /// `wait <secs>`.
+    Wait {
+        secs: u64,
+    },
+    /// `bench fork <MiB>`.
+    BenchFork {
+        mib: u64,
+    },
+    /// `bench migrate <mappers> <pages> <batch>`.
+    BenchMigrate {
+        mappers: u64,
+        pages: u64,
+        batch: usize,
+    },
+    /// `bench reclaim <pages> <batch>`.
+    BenchReclaim {
+        pages: u64,
+        batch: usize,
+    },
+    /// `sleep <ms>`: holds the next script command back.
+    Sleep {
+        ms: u64,
+    },
+    Quit,
+}
+
+/// Prints ` <batch>` when one was typed.
+struct Batch(Option<usize>);
+
+impl fmt::Display for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(b) => write!(f, " {b}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Command::*;
+        match self {
+            Help => f.write_str("help"),
+            Vms => f.write_str("vms"),
+            Stats => f.write_str("stats"),
+            Pause(vm) => write!(f, "pause {vm}"),
+            Resume(vm) => write!(f, "resume {vm}"),
+            Destroy(vm) => write!(f, "destroy {vm}"),
+            Fork { vm, count } => write!(f, "fork {vm} {count}"),
+            Snapshot(vm) => write!(f, "snapshot {vm}"),
+            Restore { vm, snapshot } => write!(f, "restore {vm} {snapshot}"),
+            Rmap { pa } => write!(f, "rmap {pa:#x}"),
+            Migrate { vm, range, batch } => write!(f, "migrate {vm} {range}{}", Batch(*batch)),
+            Evacuate { range, batch } => write!(f, "evacuate {range}{}", Batch(*batch)),
+            Online { range } => write!(f, "online {range}"),
+            Reclaim { pages, batch } => write!(f, "reclaim {pages}{}", Batch(*batch)),
+            Chaos {
+                secs,
+                seed,
+                max_vms,
+            } => write!(f, "chaos {secs} {seed} {max_vms}"),
+            Wait { secs } => write!(f, "wait {secs}"),
+            BenchFork { mib } => write!(f, "bench fork {mib}"),
+            BenchMigrate {
+                mappers,
+                pages,
+                batch,
+            } => {
+                write!(f, "bench migrate {mappers} {pages} {batch}")
+            }
+            BenchReclaim { pages, batch } => write!(f, "bench reclaim {pages} {batch}"),
+            Sleep { ms } => write!(f, "sleep {ms}"),
+            Quit => f.write_str("quit"),
+        }
+    }
+}
+
+/// The console's `help` text: the syntax `parse` accepts.
+pub const HELP: &str = "commands:
+  help              this list
+  vms               list VMs
+  stats             memory and exit counters
+  pause <vm>        stop scheduling a VM's vCPUs
+  resume <vm>       resume a paused VM
+  destroy <vm>      stop a VM and free its memory
+  fork <vm> [n]     fork a VM (n times); children share memory copy-on-write
+  snapshot <vm>     a frozen fork of a VM
+  restore <vm> <s>  reset a VM to snapshot s
+  rmap <pa>         which VMs map the frame at pa, and through which chain
+  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy
+  migrate <vm> <ipa> <ipa-end> [batch]  move a VM's frames in [ipa, ipa-end) to new frames
+  evacuate <pa> <pa-end> [batch]        move every frame out of [pa, pa-end) and keep it offline
+  online <pa> <pa-end>                  give an evacuated range back to the allocator
+  reclaim <pages> [batch]               push cold frames (access-bit clock) to the compressed store
+  chaos <secs> [seed] [max-vms]         random migrate/evacuate/reclaim/fork/destroy for secs
+  wait <secs>                           wait until no runnable VM is left (at most secs)
+  bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames
+  bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
+  sleep <ms>        (in a script) wait before the next command
+  quit              end the machine
+Ctrl-A cycles console input: hypervisor -> vm ... -> hypervisor";

@@ -1,0 +1,326 @@
+//! The console syntax: words separated by whitespace, VM ids and counts in
+//! decimal, addresses in hex (`0x` optional). [`parse`] is total: it only
+//! splits, parses numbers with the standard library's checked parsers,
+//! compares, and rounds with checked arithmetic.
+
+use crate::command::{Command, PageRange, VmId};
+use crate::PAGE_SIZE;
+use alloc::string::String;
+use core::fmt;
+use core::ops::RangeInclusive;
+use core::str::SplitWhitespace;
+
+/// Why a console line is not a command. `Display` is the console's message
+/// (printed after `error: `).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// The first word is no command.
+    Unknown(String),
+    /// A required argument is absent; names it.
+    Missing(&'static str),
+    /// A VM id that is not a decimal `u32`.
+    NotVmId(String),
+    /// An address that is not a hex `u64`.
+    NotHex { what: &'static str, arg: String },
+    /// A decimal number that is not one, or outside its allowed range.
+    OutOfRange {
+        what: &'static str,
+        arg: String,
+        min: u64,
+        max: u64,
+    },
+    /// A range end that rounds up past the last page of the address space.
+    EndOverflow { what: &'static str, arg: String },
+    /// A range whose page-aligned end is not above its start.
+    EmptyRange { start: u64, end: u64 },
+    /// A command whose arguments are checked as a whole: its usage line.
+    Usage(&'static str),
+    /// A word after the last argument `cmd` takes.
+    Extra { cmd: &'static str, arg: String },
+}
+
+/// At most this many characters of a typed word are echoed in a message
+/// (a pasted megabyte stays one line of error).
+const ECHO_CHARS: usize = 40;
+
+/// A typed word, shortened for a message.
+struct Echo<'a>(&'a str);
+
+impl fmt::Display for Echo<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut chars = self.0.chars();
+        for c in chars.by_ref().take(ECHO_CHARS) {
+            write!(f, "{c}")?;
+        }
+        if chars.next().is_some() {
+            f.write_str("...")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Unknown(cmd) => write!(f, "unknown command '{}' (try `help`)", Echo(cmd)),
+            ParseError::Missing(what) => write!(f, "missing {what}"),
+            ParseError::NotVmId(arg) => write!(f, "'{}' is not a VM id", Echo(arg)),
+            ParseError::NotHex { what, arg } => write!(f, "'{}' is not a hex {what}", Echo(arg)),
+            ParseError::OutOfRange {
+                what,
+                arg,
+                min,
+                max,
+            } => write!(f, "bad {what} '{}' ({min}..={max})", Echo(arg)),
+            ParseError::EndOverflow { what, arg } => write!(
+                f,
+                "{what} '{}' rounds up past the last page (at most {:#x})",
+                Echo(arg),
+                u64::MAX - (PAGE_SIZE - 1)
+            ),
+            ParseError::EmptyRange { start, end } => write!(f, "empty range {start:#x}..{end:#x}"),
+            ParseError::Usage(usage) => write!(f, "usage: {usage}"),
+            ParseError::Extra { cmd, arg } => write!(
+                f,
+                "unexpected argument '{}' to `{cmd}` (see `help`)",
+                Echo(arg)
+            ),
+        }
+    }
+}
+
+type Result<T> = core::result::Result<T, ParseError>;
+
+const BATCH: RangeInclusive<u64> = 1..=4096;
+const BENCH_USAGE: &str =
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>";
+const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
+const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
+
+/// Parses one console line. `Ok(None)`: the line is empty or blank.
+pub fn parse(line: &str) -> Result<Option<Command>> {
+    let mut words = line.split_whitespace();
+    let Some(word) = words.next() else {
+        return Ok(None);
+    };
+    let mut args = Args(words);
+    let (name, cmd) = match word {
+        "help" => ("help", Command::Help),
+        "vms" => ("vms", Command::Vms),
+        "stats" => ("stats", Command::Stats),
+        "quit" => ("quit", Command::Quit),
+        "pause" => ("pause", Command::Pause(args.vm()?)),
+        "resume" => ("resume", Command::Resume(args.vm()?)),
+        "destroy" => ("destroy", Command::Destroy(args.vm()?)),
+        "snapshot" => ("snapshot", Command::Snapshot(args.vm()?)),
+        "fork" => ("fork", fork(&mut args)?),
+        "restore" => ("restore", restore(&mut args)?),
+        "rmap" => ("rmap", rmap(&mut args)?),
+        "migrate" => ("migrate", migrate(&mut args)?),
+        "evacuate" => ("evacuate", evacuate(&mut args)?),
+        "online" => ("online", online(&mut args)?),
+        "reclaim" => ("reclaim", reclaim(&mut args)?),
+        "chaos" => ("chaos", chaos(&mut args)?),
+        "wait" => ("wait", wait(&mut args)?),
+        "bench" => ("bench", bench(&mut args)?),
+        "sleep" => ("sleep", sleep(&mut args)?),
+        _ => return Err(ParseError::Unknown(String::from(word))),
+    };
+    args.done(name)?;
+    Ok(Some(cmd))
+}
+
+fn fork(args: &mut Args) -> Result<Command> {
+    let vm = args.vm()?;
+    let count = args.opt_num("count", 1..=1000)?.unwrap_or(1);
+    Ok(Command::Fork {
+        vm,
+        count: narrow(count, "count", 1..=1000)?,
+    })
+}
+
+fn restore(args: &mut Args) -> Result<Command> {
+    let vm = args.vm()?;
+    let snapshot = args.vm()?;
+    Ok(Command::Restore { vm, snapshot })
+}
+
+fn rmap(args: &mut Args) -> Result<Command> {
+    let arg = args.next("physical address")?;
+    let pa = hex(arg).ok_or_else(|| ParseError::NotHex {
+        what: "address",
+        arg: String::from(arg),
+    })?;
+    Ok(Command::Rmap { pa })
+}
+
+fn migrate(args: &mut Args) -> Result<Command> {
+    let vm = args.vm()?;
+    let range = args.range("IPA", "IPA end")?;
+    let batch = args.batch()?;
+    Ok(Command::Migrate { vm, range, batch })
+}
+
+fn evacuate(args: &mut Args) -> Result<Command> {
+    let range = args.range("PA", "PA end")?;
+    let batch = args.batch()?;
+    Ok(Command::Evacuate { range, batch })
+}
+
+fn online(args: &mut Args) -> Result<Command> {
+    let range = args.range("PA", "PA end")?;
+    Ok(Command::Online { range })
+}
+
+fn reclaim(args: &mut Args) -> Result<Command> {
+    let pages = args.num("page count", 1..=1 << 24)?;
+    let batch = args.batch()?;
+    Ok(Command::Reclaim { pages, batch })
+}
+
+fn chaos(args: &mut Args) -> Result<Command> {
+    let secs = args.num("seconds", 1..=600)?;
+    let seed = args.opt_num("seed", 0..=u64::MAX)?.unwrap_or(1);
+    let max_vms = args.opt_num("max VMs", 1..=64)?.unwrap_or(12);
+    Ok(Command::Chaos {
+        secs,
+        seed,
+        max_vms: narrow(max_vms, "max VMs", 1..=64)?,
+    })
+}
+
+fn wait(args: &mut Args) -> Result<Command> {
+    let secs = args.num("seconds", 1..=3600)?;
+    Ok(Command::Wait { secs })
+}
+
+fn bench(args: &mut Args) -> Result<Command> {
+    match args.0.next() {
+        Some("fork") => {
+            let mib = args
+                .num("MiB", 1..=4096)
+                .map_err(|_| ParseError::Usage(BENCH_FORK_USAGE))?;
+            Ok(Command::BenchFork { mib })
+        }
+        Some("migrate") => {
+            let mappers = args.num("mappers", 1..=200)?;
+            let pages = args.num("pages", 1..=65536)?;
+            let batch = args.num("batch", BATCH)?;
+            let batch = narrow(batch, "batch", BATCH)?;
+            Ok(Command::BenchMigrate {
+                mappers,
+                pages,
+                batch,
+            })
+        }
+        Some("reclaim") => {
+            let pages = args.num("pages", 1..=65536)?;
+            let batch = narrow(args.num("batch", BATCH)?, "batch", BATCH)?;
+            Ok(Command::BenchReclaim { pages, batch })
+        }
+        _ => Err(ParseError::Usage(BENCH_USAGE)),
+    }
+}
+
+fn sleep(args: &mut Args) -> Result<Command> {
+    let ms = args
+        .num("ms", 1..=60_000)
+        .map_err(|_| ParseError::Usage(SLEEP_USAGE))?;
+    Ok(Command::Sleep { ms })
+}
+
+/// A hex `u64`, with or without `0x`.
+fn hex(arg: &str) -> Option<u64> {
+    let digits = arg.strip_prefix("0x").unwrap_or(arg);
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// `n` (already checked against `range`) as a narrower integer; the range
+/// is repeated so that a too-wide range is an error, not a truncation.
+fn narrow<T: TryFrom<u64>>(n: u64, what: &'static str, range: RangeInclusive<u64>) -> Result<T> {
+    T::try_from(n).map_err(|_| ParseError::OutOfRange {
+        what,
+        arg: alloc::format!("{n}"),
+        min: *range.start(),
+        max: *range.end(),
+    })
+}
+
+/// The words after the command.
+struct Args<'a>(SplitWhitespace<'a>);
+
+impl<'a> Args<'a> {
+    fn next(&mut self, what: &'static str) -> Result<&'a str> {
+        self.0.next().ok_or(ParseError::Missing(what))
+    }
+
+    fn vm(&mut self) -> Result<VmId> {
+        let arg = self.next("VM id")?;
+        arg.parse()
+            .map(VmId)
+            .map_err(|_| ParseError::NotVmId(String::from(arg)))
+    }
+
+    fn num(&mut self, what: &'static str, range: RangeInclusive<u64>) -> Result<u64> {
+        let arg = self.next(what)?;
+        check_num(arg, what, range)
+    }
+
+    fn opt_num(&mut self, what: &'static str, range: RangeInclusive<u64>) -> Result<Option<u64>> {
+        self.0
+            .next()
+            .map(|arg| check_num(arg, what, range))
+            .transpose()
+    }
+
+    fn batch(&mut self) -> Result<Option<usize>> {
+        self.opt_num("batch", BATCH)?
+            .map(|b| narrow(b, "batch", BATCH))
+            .transpose()
+    }
+
+    /// `[start, end)` from two hex words: the start rounded down to its
+    /// page, the end up to a page boundary (an error past the last page).
+    fn range(&mut self, what: &'static str, what_end: &'static str) -> Result<PageRange> {
+        let arg = self.next(what)?;
+        let start = hex(arg).ok_or_else(|| ParseError::NotHex {
+            what,
+            arg: String::from(arg),
+        })? & !(PAGE_SIZE - 1);
+        let arg = self.next(what_end)?;
+        let end = hex(arg).ok_or_else(|| ParseError::NotHex {
+            what: what_end,
+            arg: String::from(arg),
+        })?;
+        let end =
+            end.checked_next_multiple_of(PAGE_SIZE)
+                .ok_or_else(|| ParseError::EndOverflow {
+                    what: what_end,
+                    arg: String::from(arg),
+                })?;
+        PageRange::new(start, end).ok_or(ParseError::EmptyRange { start, end })
+    }
+
+    /// Fails on any word left over.
+    fn done(mut self, cmd: &'static str) -> Result<()> {
+        match self.0.next() {
+            None => Ok(()),
+            Some(arg) => Err(ParseError::Extra {
+                cmd,
+                arg: String::from(arg),
+            }),
+        }
+    }
+}
+
+fn check_num(arg: &str, what: &'static str, range: RangeInclusive<u64>) -> Result<u64> {
+    arg.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| ParseError::OutOfRange {
+            what,
+            arg: String::from(arg),
+            min: *range.start(),
+            max: *range.end(),
+        })
+}
