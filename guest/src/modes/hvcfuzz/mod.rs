@@ -216,6 +216,7 @@ fn vcpu_job(index: usize, _vcpus: usize) {
             secondary_entry: entry::secondary_entry as *const () as u64,
             foreign: FOREIGN.load(SeqCst),
             any_vcpu: ANY_VCPU.load(SeqCst),
+            avoid: mislabeled(me),
         };
         step(&mut rng, &ctx);
     }
@@ -298,14 +299,31 @@ fn after(call: &Call, r: i64, x1: u64, ctx: &Ctx) {
     }
 }
 
+/// Marks a snapshot whose memory names another VM as its taker.
+const MISLABELED: u64 = 1 << 31;
+
 fn record_snapshot(ctx: &Ctx, id: u64) {
-    if ctx.root {
+    // A fork of this VM between the MEM_OWNER store and the SNAPSHOT leaves
+    // the child holding a snapshot of itself whose memory names the parent:
+    // the child must never resume there (it would look like a stolen one).
+    let now = vm_id();
+    let flag = if now == ctx.me { 0 } else { MISLABELED };
+    if ctx.root && flag == 0 {
         ROOT_SNAPS_TAKEN.fetch_add(1, SeqCst);
     }
-    let entry = (ctx.me << 32) | id;
-    if let Some(slot) = SNAPS.iter().find(|s| s.load(SeqCst) >> 32 != ctx.me) {
+    let entry = (now << 32) | flag | id;
+    if let Some(slot) = SNAPS.iter().find(|s| s.load(SeqCst) >> 32 != now) {
         slot.store(entry, SeqCst);
     }
+}
+
+/// The id of this VM's mislabeled snapshot (see `record_snapshot`), or 0.
+fn mislabeled(me: u64) -> u64 {
+    SNAPS
+        .iter()
+        .map(|s| s.load(SeqCst))
+        .find(|s| s >> 32 == me && s & MISLABELED != 0)
+        .map_or(0, |s| s & 0x7fff_ffff)
 }
 
 /// Execution resumed at a SNAPSHOT after a RESTORE with cookie `x1`. The
@@ -332,7 +350,7 @@ fn own_snapshot_work(rng: &mut Rng, ctx: &Ctx) {
     let mine = SNAPS
         .iter()
         .map(|s| s.load(SeqCst))
-        .filter(|s| s >> 32 == ctx.me && s & 0xffff_ffff != 0);
+        .filter(|s| s >> 32 == ctx.me && s & MISLABELED == 0 && s & 0x7fff_ffff != 0);
     let count = mine.clone().count() as u64;
     let want_new = count == 0 || (ctx.root && rng.one_in(4)) || (!ctx.root && rng.one_in(8));
     if want_new {
