@@ -113,7 +113,8 @@ fn checker(_secs: u64) -> ! {
         yield_cpu();
         check(tag, rounds, "");
         rounds += 1;
-        if snap != 0 && rounds % RESTORE_EVERY == 0 && vm_id() == CHECKER_ID.load(SeqCst) {
+        let may = !super::NO_RESTORE.load(SeqCst) && vm_id() == CHECKER_ID.load(SeqCst);
+        if snap != 0 && rounds % RESTORE_EVERY == 0 && may {
             let cookie = COOKIE_TAG << 56 | (restores + 1) << 40 | snap << 24 | rounds;
             let r = psci::hvc(HVC_RESTORE, snap, cookie, 0);
             println!(

@@ -17,7 +17,10 @@
 //!   snapshots (today's hypervisor lets it, turning the root into another VM).
 //! - `anyvcpu=1`: any vCPU may SNAPSHOT/RESTORE; otherwise only vCPU 0 does,
 //!   because a RESTORE by vCPU j gives j the snapshot's state of vCPU j with
-//!   x0/x1 overwritten, corrupting it unless j took the snapshot.
+//!   x0/x1 overwritten, corrupting it unless j took the snapshot (F3).
+//! - `norestore=1`: no RESTORE that could succeed (the checker's and every
+//!   VM's own included): a fast restore waiting on a frame lock while holding
+//!   the snapshot's stage-2 lock deadlocks with chaos reclaim (F5).
 
 mod checker;
 mod gen;
@@ -51,6 +54,7 @@ static SEED: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
 static FOREIGN: AtomicBool = AtomicBool::new(false);
 static ANY_VCPU: AtomicBool = AtomicBool::new(false);
+pub(super) static NO_RESTORE: AtomicBool = AtomicBool::new(false);
 static CALLS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 /// Calls made before the root's last restore that the restore undid.
 static CARRIED: AtomicU64 = AtomicU64::new(0);
@@ -110,6 +114,7 @@ pub fn run(plat: &Platform) -> Result<(), Reason> {
     SEED.store(seed, SeqCst);
     FOREIGN.store(arg(plat, "foreign", 0) != 0, SeqCst);
     ANY_VCPU.store(arg(plat, "anyvcpu", 0) != 0, SeqCst);
+    NO_RESTORE.store(arg(plat, "norestore", 0) != 0, SeqCst);
     let root = vm_id();
     ROOT_ID.store(root, SeqCst);
     set_layout(plat)?;
@@ -221,6 +226,7 @@ fn vcpu_job(index: usize, _vcpus: usize) {
             foreign: FOREIGN.load(SeqCst),
             any_vcpu: ANY_VCPU.load(SeqCst),
             avoid: mislabeled(me),
+            no_restore: NO_RESTORE.load(SeqCst),
         };
         step(&mut rng, &ctx);
     }
@@ -386,6 +392,9 @@ fn own_snapshot_work(rng: &mut Rng, ctx: &Ctx) {
                 ctx,
             );
         }
+        return;
+    }
+    if ctx.no_restore {
         return;
     }
     let Some(snap) = mine.clone().nth(rng.below(count) as usize) else {
