@@ -10,6 +10,7 @@
 extern crate alloc;
 
 mod arch;
+mod bbm;
 mod bench;
 mod bootargs;
 mod cmd;
