@@ -296,7 +296,8 @@ fn allowed(seen: &str) -> Option<u32> {
     Some(most)
 }
 
-/// `count` lines to type, each with the line the hypervisor will see.
+/// About `count` lines to type (an evacuate that parses brings its
+/// `online`), deterministic for a seed.
 fn fuzz_lines(seed: u64, count: usize) -> Vec<String> {
     let mut rng = Rng(seed);
     let mut budget = NEW_VMS;
