@@ -18,7 +18,7 @@
 //! The seed is printed on failure; `MHV_FUZZ_SEED=<n>` replays it.
 
 use hypcmd::{parse, Command, VmId};
-use qemu_tests::{linux_images, Machine, MachineConfig};
+use qemu_tests::{linux_config, Machine};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -335,17 +335,6 @@ fn seed() -> u64 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
-    }
-}
-
-fn linux_config() -> MachineConfig {
-    let images =
-        linux_images().expect("MHV_LINUX_DIR is not set: run these tests with `cargo xtask test`");
-    MachineConfig {
-        guest: "linux".into(),
-        linux: Some(images),
-        vcpus: Some(2),
-        ..MachineConfig::default()
     }
 }
 
