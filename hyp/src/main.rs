@@ -10,6 +10,7 @@
 extern crate alloc;
 
 mod arch;
+#[cfg(debug_assertions)]
 mod bbm;
 mod bench;
 mod bootargs;
