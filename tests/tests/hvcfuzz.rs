@@ -50,3 +50,24 @@ fn a_vm_cannot_restore_itself_into_another_vms_snapshot() {
     assert_eq!(t.matches("GUEST RESULT: PASS").count(), 2, "{t}");
     assert_eq!(status, 0, "{t}");
 }
+
+/// Expected to fail until a RESTORE puts x0/x1 (the cookie) into the vCPU
+/// that took the snapshot, not the caller's, or refuses other callers: on
+/// 93d4bea vCPU 0 (the taker) resumes with x1 = 0 and vCPU 1 (the caller)
+/// resumes in the middle of its loop with x0 = 0 and x1 = the cookie.
+#[test]
+fn a_restore_from_another_vcpu_corrupts_no_registers() {
+    let cfg = MachineConfig {
+        smp: 2,
+        vcpus: Some(2),
+        guest_args: Some("snapvcpu".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("snapvcpu", &cfg);
+    let status = m.wait_exit(Duration::from_secs(180));
+    let t = m.transcript();
+    m.assert_no_hyp_fault();
+    assert!(!t.contains("SNAPVCPU"), "registers corrupted\n{t}");
+    assert!(t.contains("GUEST RESULT: PASS"), "{t}");
+    assert_eq!(status, 0, "{t}");
+}

@@ -9,6 +9,7 @@ mod memstress;
 mod pressure;
 mod selftest;
 mod snapsteal;
+mod snapvcpu;
 mod wild;
 
 use crate::args::Args;
@@ -46,6 +47,8 @@ pub enum Mode {
     HvcFuzz,
     /// A child tries to restore itself into its parent's snapshots.
     SnapSteal,
+    /// RESTORE from a vCPU that did not take the snapshot.
+    SnapVcpu,
 }
 
 impl Mode {
@@ -65,6 +68,7 @@ impl Mode {
             "snapflood" => Some(Self::SnapFlood),
             "hvcfuzz" => Some(Self::HvcFuzz),
             "snapsteal" => Some(Self::SnapSteal),
+            "snapvcpu" => Some(Self::SnapVcpu),
             _ => None,
         }
     }
@@ -85,6 +89,7 @@ impl Mode {
             Self::SnapFlood => "snapflood",
             Self::HvcFuzz => "hvcfuzz",
             Self::SnapSteal => "snapsteal",
+            Self::SnapVcpu => "snapvcpu",
         }
     }
 }
@@ -105,5 +110,6 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::SnapFlood => pressure::snap_flood(plat),
         Mode::HvcFuzz => hvcfuzz::run(plat),
         Mode::SnapSteal => snapsteal::run(plat),
+        Mode::SnapVcpu => snapvcpu::run(plat),
     }
 }

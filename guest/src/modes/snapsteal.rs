@@ -129,6 +129,9 @@ fn thief() -> Result<(), Reason> {
         i64::MAX as u64,
         1 << 63,
     ];
+    // Refused calls change nothing: this must still read back afterwards.
+    let mine = 0x7E1E_F000_0000_0000 | me;
+    MARKER.store(mine, SeqCst);
     let mut refused = 0;
     for id in (0..=me + 300).chain(edges) {
         let (r, _) = hvc2(HVC_RESTORE, id, THIEF_TAG | me);
@@ -138,8 +141,11 @@ fn thief() -> Result<(), Reason> {
             r => return Err(reason!("RESTORE({id}) returned {r}, not INVALID_PARAMETER")),
         }
     }
-    if MARKER.load(SeqCst) != 0 {
-        return Err(reason!("the thief sees a marker it never wrote"));
+    let (seen, id) = (MARKER.load(SeqCst), vm_id());
+    if seen != mine || id != me {
+        return Err(reason!(
+            "refused restores changed the thief: marker {seen:#x} (wrote {mine:#x}), id {id} (was {me})"
+        ));
     }
     println!("snapsteal: {refused} foreign ids refused (thief vm {me})");
     Ok(())

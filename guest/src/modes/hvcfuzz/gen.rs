@@ -69,6 +69,8 @@ pub struct Ctx<'a> {
     /// Switches for known hypervisor bugs (see `mod.rs`).
     pub foreign: bool,
     pub any_vcpu: bool,
+    /// A snapshot of this VM it must not resume (mod.rs `record_snapshot`).
+    pub avoid: u64,
 }
 
 /// One hypercall: x0 (function id, maybe with garbage in its upper half)
@@ -235,7 +237,8 @@ pub fn sanitize(mut call: Call, ctx: &Ctx, rng: &mut Rng) -> Option<Call> {
             // The root restores only its own snapshots (mod.rs) unless told
             // to try foreign ones; only vCPU 0 may restore anything real.
             let free = (ctx.vcpu == 0 && (!ctx.root || ctx.foreign)) || ctx.any_vcpu;
-            if !free && !surely_no_snapshot(x[1], ctx.me) {
+            if (!free && !surely_no_snapshot(x[1], ctx.me)) || (ctx.avoid != 0 && x[1] == ctx.avoid)
+            {
                 x[1] |= 1 << 63;
             }
         }

@@ -43,6 +43,7 @@ const ROOT_SNAPS: u64 = 4;
 const ROOT_TAG: u64 = 0xA5;
 const CHILD_TAG: u64 = 0x5A;
 const MASK40: u64 = (1 << 40) - 1;
+const PROBE_TAG: u64 = 0xCC;
 
 static ROOT_ID: AtomicU64 = AtomicU64::new(0);
 static SEED: AtomicU64 = AtomicU64::new(0);
@@ -59,6 +60,10 @@ static CLONE: AtomicU64 = AtomicU64::new(0);
 static SNAPS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static ROOT_SNAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static WRONG: AtomicU64 = AtomicU64::new(0);
+/// The VM that last snapshotted this memory (set just before each
+/// SNAPSHOT): a VM that resumes at a SNAPSHOT and finds another VM's id here
+/// restored itself into that VM's snapshot.
+static MEM_OWNER: AtomicU64 = AtomicU64::new(0);
 static MPIDRS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(u64::MAX) }; MAX_VCPUS];
 /// RAM, scratch (MEM_RELEASE), root pattern and checker areas.
 static LAYOUT: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
@@ -189,6 +194,9 @@ fn vcpu_job(index: usize, _vcpus: usize) {
         bump(index);
         if me != last {
             rng.mix(me);
+            if index == 0 && last != 0 {
+                println!("hvcfuzz: vm {me} is a copy of vm {last}");
+            }
             last = me;
         }
         let root = me == ROOT_ID.load(SeqCst);
@@ -212,6 +220,7 @@ fn vcpu_job(index: usize, _vcpus: usize) {
             secondary_entry: entry::secondary_entry as *const () as u64,
             foreign: FOREIGN.load(SeqCst),
             any_vcpu: ANY_VCPU.load(SeqCst),
+            avoid: mislabeled(me),
         };
         step(&mut rng, &ctx);
     }
@@ -260,6 +269,15 @@ fn step(rng: &mut Rng, ctx: &Ctx) {
     if matches!(call.fid(), platform::abi::HVC_FORK | HVC_SNAPSHOT) && !may_grow(ctx) {
         return;
     }
+    if call.fid() == HVC_SNAPSHOT {
+        MEM_OWNER.store(ctx.me, SeqCst);
+    }
+    let mut call = call;
+    if call.fid() == HVC_RESTORE && ctx.vcpu == 0 && rng.one_in(2) {
+        // A cookie that says who restored what, should it ever succeed.
+        // Our id read right before the call: a fork in between shows.
+        call.x[2] = (PROBE_TAG << 56) | (vm_id() << 24) | (call.x[1] & 0xff_ffff);
+    }
     let (r, x1) = hvc_raw(call.x);
     bump(ctx.vcpu);
     after(&call, r, x1, ctx);
@@ -291,20 +309,54 @@ fn after(call: &Call, r: i64, x1: u64, ctx: &Ctx) {
     }
 }
 
+/// Marks a snapshot whose memory names another VM as its taker.
+const MISLABELED: u64 = 1 << 31;
+
 fn record_snapshot(ctx: &Ctx, id: u64) {
-    if ctx.root {
+    // A fork of this VM between the MEM_OWNER store and the SNAPSHOT leaves
+    // the child holding a snapshot of itself whose memory names the parent:
+    // the child must never resume there (it would look like a stolen one).
+    let now = vm_id();
+    let flag = if now == ctx.me { 0 } else { MISLABELED };
+    if ctx.root && flag == 0 {
         ROOT_SNAPS_TAKEN.fetch_add(1, SeqCst);
     }
-    let entry = (ctx.me << 32) | id;
-    if let Some(slot) = SNAPS.iter().find(|s| s.load(SeqCst) >> 32 != ctx.me) {
+    let entry = (now << 32) | flag | id;
+    let note = if flag == 0 {
+        ""
+    } else {
+        " (its memory names its parent)"
+    };
+    println!("hvcfuzz: vm {now} took snapshot {id}{note}");
+    if let Some(slot) = SNAPS.iter().find(|s| s.load(SeqCst) >> 32 != now) {
         slot.store(entry, SeqCst);
     }
+}
+
+/// The id of this VM's mislabeled snapshot (see `record_snapshot`), or 0.
+fn mislabeled(me: u64) -> u64 {
+    SNAPS
+        .iter()
+        .map(|s| s.load(SeqCst))
+        .find(|s| s >> 32 == me && s & MISLABELED != 0)
+        .map_or(0, |s| s & 0x7fff_ffff)
 }
 
 /// Execution resumed at a SNAPSHOT after a RESTORE with cookie `x1`. The
 /// root's own restore brings its count and snapshot budget back with it.
 fn restored(cookie: u64) {
-    if cookie >> 56 == ROOT_TAG && vm_id() == ROOT_ID.load(SeqCst) {
+    let (me, owner) = (vm_id(), MEM_OWNER.load(SeqCst));
+    // Judged only for probe cookies issued by this very VM: a fork between
+    // reading our id and the RESTORE, or between the resume and here, leaves
+    // a copy with its parent's memory that did nothing wrong.
+    let (by, id) = ((cookie >> 24) & 0xffff_ffff, cookie & 0xff_ffff);
+    if cookie >> 56 == PROBE_TAG && by == me && owner != me {
+        // A snapshot belongs to the VM it was taken of (issue 12, item 2).
+        println!(
+            "hvcfuzz: SNAPSTEAL: vm {me} restored into a snapshot of vm {owner} (RESTORE({id}), cookie {cookie:#x})"
+        );
+    }
+    if cookie >> 56 == ROOT_TAG && me == ROOT_ID.load(SeqCst) {
         let before = cookie & MASK40;
         let now = total_calls();
         CARRIED.fetch_add(before.saturating_sub(now), SeqCst);
@@ -317,11 +369,12 @@ fn own_snapshot_work(rng: &mut Rng, ctx: &Ctx) {
     let mine = SNAPS
         .iter()
         .map(|s| s.load(SeqCst))
-        .filter(|s| s >> 32 == ctx.me && s & 0xffff_ffff != 0);
+        .filter(|s| s >> 32 == ctx.me && s & MISLABELED == 0 && s & 0x7fff_ffff != 0);
     let count = mine.clone().count() as u64;
     let want_new = count == 0 || (ctx.root && rng.one_in(4)) || (!ctx.root && rng.one_in(8));
     if want_new {
         if (ctx.root || count == 0) && may_grow(ctx) && (ctx.root || live_vms() < CAP / 2) {
+            MEM_OWNER.store(ctx.me, SeqCst);
             let (r, x1) = hvc_raw([u64::from(HVC_SNAPSHOT), 0, 0, 0]);
             bump(0);
             after(
