@@ -79,29 +79,34 @@ impl HostVm {
 
     /// MEM_RELEASE of the page at `ipa`, as `hyp::mm::release` does it: under the region
     /// list's read lock only, so it races this VM's faults; the entry is cleared by CAS and
-    /// its frame mapping or swap-slot reference dropped.
-    pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) {
+    /// its frame mapping or swap-slot reference dropped. A page of a block needs the block
+    /// split: `OutOfFrames` (nothing changed) if no table page is left, as in hyp.
+    pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<(), Error> {
         let _regions = self.regions.read();
         loop {
             let entry = self.s2.lock().lookup(ipa);
             match entry {
-                S2Entry::Invalid => return,
+                S2Entry::Invalid => return Ok(()),
                 S2Entry::Migration { pfn, .. } => {
                     rmap.wait_frame_unlocked(pfn);
                     continue;
                 }
-                _ if self
-                    .s2
-                    .lock()
-                    .compare_exchange(ipa, entry, S2Entry::Invalid)
-                    .is_err() =>
-                {
-                    continue
+                _ => {}
+            }
+            let mut s2 = self.s2.lock();
+            if s2.compare_exchange(ipa, entry, S2Entry::Invalid).is_err() {
+                if s2.take_out_of_memory() {
+                    return Err(Error::OutOfFrames);
                 }
+                continue;
+            }
+            drop(s2);
+            match entry {
                 S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
                 S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
+                S2Entry::Migration { .. } | S2Entry::Invalid => {}
             }
-            return;
+            return Ok(());
         }
     }
 
@@ -149,9 +154,12 @@ impl HostVm {
         true
     }
 
-    /// Handles a fault; a retry because a table page was missing is out of memory (as hyp's
-    /// fault path reports it), so a caller does not spin on a table that cannot grow.
+    /// Handles a fault; a retry because a table page was missing during it is out of memory
+    /// (as hyp's fault path reports it), so a caller does not spin on a table that cannot
+    /// grow.
     fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
+        // A flag left by someone else's failure (a batch that could not split) is not ours.
+        self.s2.lock().take_out_of_memory();
         match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
             Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
             Fault::Retry(None) if self.s2.lock().take_out_of_memory() => {
