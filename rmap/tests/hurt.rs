@@ -189,11 +189,34 @@ fn blocks_split_only_with_a_table_page() {
     assert_eq!(w.hw().tables_allocated(), 1);
     drop(s2);
     assert!(vm.s2.blocks().is_empty());
+    update_leaves_reports_a_block_once(&w);
     // Put it back writable so the world's accounting stays exact, then tear down.
     vm.s2.lock().compare_exchange(mid, ro, page(9)).unwrap();
     w.destroy(&vm);
     w.check().unwrap();
     assert_eq!(w.machine.allocated(), 0);
+}
+
+/// `update_leaves` reports a block once (512 pages); a write-protect keeps it one block
+/// entry, with no table page.
+fn update_leaves_reports_a_block_once(w: &HostWorld) {
+    let vm = w.create_vm(&REGION);
+    assert!(w.fault_block(&vm, RAM));
+    let pfn = vm.s2.lock().lookup(RAM).pfn().unwrap();
+    let ro = |writable| S2Entry::Page { pfn, writable };
+    let tables = w.hw().tables_allocated();
+    let mut seen = Vec::new();
+    vm.s2
+        .lock()
+        .update_leaves(RAM, RAM + BLOCK_SIZE, &mut |ipa, pages, e| {
+            seen.push((ipa, pages, e));
+            Some(ro(false))
+        });
+    assert_eq!(seen, [(RAM, BLOCK_PAGES, ro(true))]);
+    assert_eq!(vm.s2.blocks(), [RAM]);
+    assert_eq!(vm.s2.lock().lookup(RAM + 4096), ro(false).page(1));
+    assert_eq!(w.hw().tables_allocated(), tables, "no split");
+    w.destroy(&vm);
 }
 
 /// A page needs a last-level table: with no table page left a first touch outside a block
