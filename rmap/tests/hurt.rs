@@ -338,3 +338,28 @@ fn a_free_frame_nobody_cached_is_fine() {
     w.machine.free(pfn);
     assert!(w.hw().failures().is_empty());
 }
+
+/// As hyp's fill: a fork child gets one block for a whole aligned run of consecutive frames
+/// even where the parent's block was split (a sole owner's CoW reuse keeps the frame), and
+/// its teardown with no table page left clears that block whole.
+#[test]
+fn a_split_run_of_consecutive_frames_forks_as_a_block() {
+    let w = world();
+    let (a, mut model) = blocky_vm(&w);
+    let b = w.fork(&a).unwrap();
+    w.destroy(&b);
+    let ipa = page_ipa(RAM, 3);
+    a.write(&w.rmap, &w.machine, ipa, 3).unwrap();
+    model.insert(ipa, 3);
+    assert!(!a.s2.blocks().contains(&RAM), "split by the reuse");
+    let c = w.fork(&a).unwrap();
+    assert!(c.s2.blocks().contains(&RAM), "{:?}", c.s2.blocks());
+    assert_reads(&w, &c, &model);
+    w.hw().set_table_budget(Some(0));
+    w.destroy(&c);
+    w.check().unwrap();
+    assert_reads(&w, &a, &model);
+    w.destroy(&a);
+    w.check().unwrap();
+    assert_eq!(w.machine.allocated(), 0);
+}

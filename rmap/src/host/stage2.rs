@@ -82,6 +82,32 @@ impl Tables {
 
 type Table = Option<Tables>;
 
+/// How many items from the start of `leaves` make one whole aligned 2 MiB run of consecutive
+/// IPAs and frames with one permission (0 if they do not).
+fn block_run(leaves: &[(Ipa, u64, S2Entry)]) -> usize {
+    let Some(&(ipa, _, S2Entry::Page { pfn, writable })) = leaves.first() else {
+        return 0;
+    };
+    if !ipa.is_multiple_of(BLOCK_SIZE) || !pfn.is_multiple_of(BLOCK_PAGES) {
+        return 0;
+    }
+    let mut len = 0;
+    for (n, &(at, pages, e)) in leaves.iter().enumerate() {
+        let next = S2Entry::Page {
+            pfn: pfn + len,
+            writable,
+        };
+        if at != ipa + len * PAGE_SIZE || e != next || len + pages > BLOCK_PAGES {
+            return 0;
+        }
+        len += pages;
+        if len == BLOCK_PAGES {
+            return n + 1;
+        }
+    }
+    0
+}
+
 /// A VM's stage 2 (see the module documentation). `None` once freed: any access after that
 /// panics, which is how a test sees a walker reach freed tables.
 pub struct HostStage2 {
@@ -202,15 +228,9 @@ impl HostStage2Guard<'_> {
         self.map().blocks.contains_key(&chunk(ipa))
     }
 
-    /// Installs one item of `fill_leaves`: a whole aligned block as a block, else page by
-    /// page (taken out again if a page fails, so the count stays exact).
+    /// Installs one item of `fill_leaves` page by page (taken out again if a page fails, so
+    /// the count stays exact).
     fn fill_leaf(&mut self, ipa: Ipa, pages: u64, entry: S2Entry) -> bool {
-        if let S2Entry::Page { pfn, .. } = entry {
-            let aligned = ipa.is_multiple_of(BLOCK_SIZE) && pfn.is_multiple_of(BLOCK_PAGES);
-            if pages == BLOCK_PAGES && aligned && self.install_block(ipa, entry) {
-                return true;
-            }
-        }
         let page = |i: u64| (ipa + i * PAGE_SIZE, entry.page(i));
         let done = (0..pages)
             .take_while(|&i| {
@@ -321,11 +341,23 @@ impl Stage2Locked for HostStage2Guard<'_> {
             }
         }
     }
+    /// As hyp: consecutive items (IPAs and frames) that make up a whole aligned 2 MiB run
+    /// become one block leaf; anything else goes item by item.
     fn fill_leaves(&mut self, leaves: &[(Ipa, u64, S2Entry)]) -> usize {
-        leaves
-            .iter()
-            .take_while(|&&(ipa, pages, entry)| self.fill_leaf(ipa, pages, entry))
-            .count()
+        let mut done = 0;
+        while done < leaves.len() {
+            let (ipa, pages, entry) = leaves[done];
+            let items = block_run(&leaves[done..]);
+            if items > 0 && self.install_block(ipa, entry) {
+                done += items;
+                continue;
+            }
+            if !self.fill_leaf(ipa, pages, entry) {
+                break;
+            }
+            done += 1;
+        }
+        done
     }
 }
 
