@@ -363,3 +363,43 @@ fn a_split_run_of_consecutive_frames_forks_as_a_block() {
     w.check().unwrap();
     assert_eq!(w.machine.allocated(), 0);
 }
+
+/// Break-before-make (as hyp's `bbm.rs` witness): a valid entry installed where the VM's TLB
+/// may still hold another translation, its invalidation deferred and not yet flushed, is a
+/// failure; after the flush the same change is clean.
+#[test]
+fn a_valid_entry_over_a_pending_invalidation_is_caught() {
+    let w = world();
+    let vm = w.create_vm(&REGION);
+    let ipa = page_ipa(RAM, 1);
+    vm.write(&w.rmap, &w.machine, ipa, 1).unwrap();
+    let pfn = vm.s2.lock().lookup(ipa).pfn().unwrap();
+    let entry = |writable| S2Entry::Page { pfn, writable };
+    {
+        let mut s2 = vm.s2.lock();
+        s2.compare_exchange_deferred(ipa, entry(true), S2Entry::Invalid)
+            .unwrap();
+        s2.compare_exchange(ipa, S2Entry::Invalid, entry(false))
+            .unwrap();
+    }
+    let failures = w.hw().take_failures();
+    assert!(
+        failures.len() == 1 && failures[0].contains("break-before-make"),
+        "{failures:?}"
+    );
+    vm.s2.flush_deferred();
+    {
+        let mut s2 = vm.s2.lock();
+        s2.compare_exchange_deferred(ipa, entry(false), S2Entry::Invalid)
+            .unwrap();
+        drop(s2);
+        vm.s2.flush_deferred();
+        let mut s2 = vm.s2.lock();
+        s2.compare_exchange(ipa, S2Entry::Invalid, entry(true))
+            .unwrap();
+    }
+    w.check().unwrap();
+    assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), 1);
+    w.destroy(&vm);
+    w.check().unwrap();
+}

@@ -1,7 +1,8 @@
 //! The hardware the host stage 2 stands on, shared by every VM of a [`super::HostWorld`]: a
 //! bounded allocator of last-level table pages (failure injection), a per-VM TLB model, and
 //! the record of what went wrong (a frame freed while a TLB entry may still reach it, an
-//! access through such a stale entry).
+//! access through such a stale entry, a valid entry installed where the TLB may still hold
+//! another translation: break-before-make with the invalidation still pending).
 //!
 //! The TLB model: a vCPU access ([`super::HostVm::read`] / [`super::HostVm::write`]) caches
 //! the page entry it used, per VM, until an invalidation covers it. `compare_exchange` of a
@@ -99,6 +100,27 @@ impl HostHw {
     /// Invalidates every cached translation of `vm` (TLBI by VMID).
     pub(super) fn flush(&self, vm: VmId) {
         self.tlb.lock().remove(&vm);
+    }
+
+    /// Break-before-make, as hyp's witness (`hyp/src/bbm.rs`) checks it: a valid leaf of
+    /// `pages` pages from `first` (frames consecutive) is being installed at `ipa`; any
+    /// translation `vm`'s TLB still caches in its range for something else (an invalidation
+    /// still pending) is a failure.
+    pub(super) fn check_install(&self, vm: VmId, ipa: Ipa, pages: u64, first: Pfn, writable: bool) {
+        let tlbs = self.tlb.lock();
+        let Some(cached) = tlbs.get(&vm) else {
+            return;
+        };
+        for (&at, c) in cached.range(ipa..ipa + pages * PAGE_SIZE) {
+            let pfn = first + (at - ipa) / PAGE_SIZE;
+            if (c.pfn, c.writable) != (pfn, writable) {
+                self.record(format!(
+                    "{vm:?}: break-before-make: frame {pfn:#x} (writable {writable}) mapped at \
+                     IPA {at:#x} while the TLB may still hold frame {:#x} (writable {}) there",
+                    c.pfn, c.writable
+                ));
+            }
+        }
     }
 
     /// Records a failure (reported by [`super::HostWorld::check`]).

@@ -197,6 +197,9 @@ impl HostStage2Guard<'_> {
         if matches!(old, S2Entry::Page { .. }) && !defer {
             self.hw.invalidate(self.vm, page..page + PAGE_SIZE);
         }
+        if let S2Entry::Page { pfn, writable } = new {
+            self.hw.check_install(self.vm, page, 1, pfn, writable);
+        }
         Ok(())
     }
 
@@ -218,6 +221,10 @@ impl HostStage2Guard<'_> {
     fn install_block(&mut self, ipa: Ipa, entry: S2Entry) -> bool {
         if self.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
             return false;
+        }
+        if let S2Entry::Page { pfn, writable } = entry {
+            self.hw
+                .check_install(self.vm, ipa, BLOCK_PAGES, pfn, writable);
         }
         self.map_mut().blocks.insert(ipa, (entry, true));
         true
