@@ -96,6 +96,12 @@ fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<Atomi
             _ => {}
         }
     }
+    finish(&world, vms);
+}
+
+/// An owner's last step: every VM reads what it last wrote, then goes.
+fn finish(world: &HostWorld, vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)>) {
+    let (rmap, m) = (&world.rmap, &world.machine);
     for (vm, model) in &vms {
         for (&ipa, &value) in model {
             assert_eq!(vm.read(rmap, m, ipa).unwrap(), value);
