@@ -43,6 +43,9 @@ pub fn init_this_cpu() {
     let pmcr_n = (crate::arch::read_sysreg!("pmcr_el0") >> 11) & 0x1f;
     write_sysreg!("mdcr_el2", pmcr_n);
     write_sysreg!("vtcr_el2", crate::memory::vtcr());
+    // VTTBR_EL2 resets to an UNKNOWN value: VMID 0 and no table until a
+    // vCPU is loaded (the scheduler checks it is so whenever none is).
+    write_sysreg!("vttbr_el2", 0);
     crate::arch::isb();
 }
 

@@ -89,6 +89,9 @@ fn fork_quiesced(
         caller.put();
         let mut copy = Box::new(caller.clone_into(child.clone()));
         copy.regs.x[0] = 0;
+        if frozen {
+            child.snapshot_vcpu.call_once(|| caller.index);
+        }
         vcpus.push(copy);
         // put() handed the timer and interrupt state back; the caller keeps running.
         caller.load();
@@ -118,8 +121,10 @@ fn fork_heap_bytes(parent: &Vm) -> usize {
 
 /// Resets `vm` to `snapshot`: its memory becomes the snapshot's (shared
 /// copy-on-write again, pages it dirtied are freed) and its vCPUs take the
-/// snapshot's state. `caller` (a vCPU of `vm` asking by hypercall) gets the
-/// snapshot's state for its index with x0 = 0, x1 = `cookie`. A guest
+/// snapshot's state: the vCPU that took it (by hypercall) resumes after its
+/// HVC with x0 = 0, x1 = `cookie`, every other vCPU where the snapshot found
+/// it. `caller` (a vCPU of `vm` asking by hypercall) is reloaded with the
+/// state of its own index. A guest
 /// (`Actor::Guest`) may name only a snapshot taken of itself; the operator
 /// any snapshot of the same shape. A refused restore changes nothing; one
 /// that fails after changing memory stops the VM (`ForkError::Lost`).
@@ -221,6 +226,15 @@ fn restore_devices(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, 
     vm.vtimer.copy_from(&snapshot.vtimer);
     crate::vpl011::update_irq(vm);
     let mut vcpus = snapshot.clone_parked_vcpus(vm);
+    // The vCPU that took the snapshot resumes after its HVC with x0 = 0
+    // (set when the snapshot was taken) and x1 = the cookie. Every other
+    // vCPU, the caller included if it is another, resumes exactly where the
+    // snapshot found it: its registers are not ours to change.
+    if let Some(&taker) = snapshot.snapshot_vcpu.get() {
+        if let Some(v) = vcpus.iter_mut().find(|v| v.index == taker) {
+            v.regs.x[1] = cookie;
+        }
+    }
     if let Some(caller) = caller {
         if let Some(pos) = vcpus.iter().position(|v| v.index == caller.index) {
             let state = vcpus.swap_remove(pos);
@@ -228,8 +242,6 @@ fn restore_devices(vm: &Arc<Vm>, snapshot: &Arc<Vm>, caller: Option<&mut Vcpu>, 
             caller.el1 = state.el1.clone();
             caller.fp = state.fp.clone();
             caller.power = state.power;
-            caller.regs.x[0] = 0;
-            caller.regs.x[1] = cookie;
             caller.load();
         }
     }

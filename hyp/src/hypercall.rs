@@ -23,8 +23,12 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
         psci::PSCI_VERSION => PSCI_VERSION_1_0,
         psci::PSCI_FEATURES => features(a1 as u32),
         psci::PSCI_MIGRATE_INFO_TYPE => 2, // no trusted OS to migrate
-        psci::PSCI_CPU_ON_64 | psci::PSCI_CPU_ON_32 => cpu_on(vcpu, a1, a2, a3),
-        psci::PSCI_AFFINITY_INFO_64 | psci::PSCI_AFFINITY_INFO_32 => affinity_info(vcpu, a1, a2),
+        psci::PSCI_CPU_ON_64 => cpu_on(vcpu, a1, a2, a3),
+        psci::PSCI_AFFINITY_INFO_64 => affinity_info(vcpu, a1, a2),
+        // SMC32/HVC32 calls take their arguments in the W registers: the
+        // upper halves are not the caller's (SMCCC, "Argument passing").
+        psci::PSCI_CPU_ON_32 => cpu_on(vcpu, w(a1), w(a2), w(a3)),
+        psci::PSCI_AFFINITY_INFO_32 => affinity_info(vcpu, w(a1), w(a2)),
         psci::PSCI_CPU_OFF => {
             vcpu.power = Power::Off;
             return Action::Yield;
@@ -60,8 +64,15 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
     Action::Continue
 }
 
+/// The 32-bit argument of an SMC32/HVC32 call.
+fn w(x: u64) -> u64 {
+    x & 0xffff_ffff
+}
+
 fn features(fid: u32) -> u64 {
     match fid {
+        // Linux finds SMCCC 1.1 (and so SMCCC_VERSION) through this.
+        SMCCC_VERSION => 0,
         psci::PSCI_VERSION
         | psci::PSCI_FEATURES
         | psci::PSCI_CPU_ON_64

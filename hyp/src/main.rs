@@ -10,6 +10,8 @@
 extern crate alloc;
 
 mod arch;
+#[cfg(debug_assertions)]
+mod bbm;
 mod bench;
 mod bootargs;
 mod cmd;

@@ -217,6 +217,9 @@ pub struct GuestMemory {
     /// Defer this lock holder's TLB invalidations to one VMID-wide flush
     /// (fork write-protecting a whole VM).
     batching: bool,
+    /// IPAs cleared with their invalidation still pending (`bbm.rs`).
+    #[cfg(debug_assertions)]
+    unflushed: core::cell::RefCell<crate::bbm::Unflushed>,
     /// A stage-2 table page could not be allocated during an update.
     pub out_of_memory: bool,
     /// Physical CPUs that may hold TLB entries of this VMID: each sets its
@@ -235,6 +238,8 @@ impl GuestMemory {
                 table: Some(table),
                 vmid,
                 batching: false,
+                #[cfg(debug_assertions)]
+                unflushed: Default::default(),
                 out_of_memory: false,
                 cpus: AtomicU64::new(0),
             }),
@@ -271,6 +276,27 @@ impl GuestMemory {
 
     pub fn is_live(&self) -> bool {
         self.table.is_some()
+    }
+
+    /// Break-before-make witness (`bbm.rs`, debug builds): `[ipa, +len)` was
+    /// made invalid with its invalidation deferred.
+    fn bbm_note(&self, ipa: u64, len: u64) {
+        #[cfg(debug_assertions)]
+        self.unflushed.borrow_mut().note(ipa, len);
+        let _ = (ipa, len);
+    }
+
+    /// Every deferred invalidation was issued.
+    fn bbm_flushed(&self) {
+        #[cfg(debug_assertions)]
+        self.unflushed.borrow_mut().flushed();
+    }
+
+    /// A valid entry is about to be made at `[ipa, +len)`.
+    fn bbm_check_make(&self, ipa: u64, len: u64) {
+        #[cfg(debug_assertions)]
+        self.unflushed.borrow().check_make(ipa, len);
+        let _ = (ipa, len);
     }
 
     /// The table, unless the VM was torn down.
@@ -316,6 +342,7 @@ impl GuestMemory {
             if let Some(table) = &self.table {
                 self.tlb().invalidate_vmid(table.vttbr());
             }
+            self.bbm_flushed();
         }
     }
 }
@@ -396,6 +423,9 @@ impl LockedStage2<'_> {
         let found = decode(current, ipa);
         if found != old {
             return Err(found);
+        }
+        if !matches!(old, S2Entry::Page { .. }) && matches!(new, S2Entry::Page { .. }) {
+            self.mem.bbm_check_make(page, PAGE_SIZE);
         }
         let Some(mut current) = current else {
             // Filling a hole may need table pages: map() obtains them first.
@@ -499,6 +529,13 @@ impl LockedStage2<'_> {
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
     fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+        if self.mem.batching
+            && matches!(leaf.leaf, Leaf::Mapped(_))
+            && !matches!(new, S2Entry::Page { .. })
+        {
+            // Noted before the write (a failed CAS only makes it stricter).
+            self.mem.bbm_note(leaf.ipa, leaf.size());
+        }
         let table = self.mem.table();
         if self.mem.batching {
             let tlb = self.mem.tlb();
@@ -525,6 +562,7 @@ impl LockedStage2<'_> {
     /// contents are coherent with the I-cache and need no maintenance.
     fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, writable: bool, shared: bool) -> bool {
         let len = pages * PAGE_SIZE;
+        self.mem.bbm_check_make(ipa, len);
         let table = self.mem.table();
         let attrs = ram_attrs(writable);
         // A whole aligned 2 MiB run (a forked block) stays one block entry.
@@ -652,7 +690,14 @@ impl Stage2Locked for LockedStage2<'_> {
                         return;
                     };
                     match result {
-                        Ok(()) => applied(k, old, new),
+                        Ok(()) => {
+                            if let (S2Entry::Page { .. }, false) =
+                                (old, matches!(new, S2Entry::Page { .. }))
+                            {
+                                self.mem.bbm_note(ipas[k] & !(PAGE_SIZE - 1), PAGE_SIZE);
+                            }
+                            applied(k, old, new)
+                        }
                         Err(CasError::NoSlot { .. }) => blocked.push((k, old, new)),
                         Err(_) => {}
                     }
@@ -843,6 +888,7 @@ impl Stage2 for Vm {
         if mem.is_live() {
             mem.tlb().invalidate_vmid(mem.table().vttbr());
         }
+        mem.bbm_flushed();
     }
 
     fn free_tables(&self, proof: UnlinkProof) {

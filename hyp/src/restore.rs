@@ -72,17 +72,28 @@ pub fn restore_dirty(vm: &Vm, snap: &Vm) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// The entry `snap` has at `ipa`, as the restored VM maps it (read-only),
-/// once no migration of it is in flight.
+/// The entry `snap` has at `ipa`, as the restored VM maps it (read-only);
+/// a migration entry is returned as it is.
+fn snapshot_entry_now(snap: &Vm, ipa: u64) -> S2Entry {
+    // Bound first: the stage-2 guard must be gone before anyone waits.
+    let entry = snap.lock().lookup(ipa);
+    match entry {
+        S2Entry::Page { pfn, .. } => S2Entry::Page {
+            pfn,
+            writable: false,
+        },
+        other => other,
+    }
+}
+
+/// `snapshot_entry_now` once no migration of it is in flight. The wait for
+/// the frame lock holds no stage-2 lock: the migrator or reclaimer that owns
+/// the frame needs the snapshot's stage-2 lock to finish (lock order: frame,
+/// then stage 2). A guard kept alive through a `match` on `snap.lock()` once
+/// deadlocked exactly so (found by hvcfuzz under chaos).
 fn snapshot_entry(snap: &Vm, ipa: u64) -> S2Entry {
     loop {
-        match snap.lock().lookup(ipa) {
-            S2Entry::Page { pfn, .. } => {
-                return S2Entry::Page {
-                    pfn,
-                    writable: false,
-                }
-            }
+        match snapshot_entry_now(snap, ipa) {
             S2Entry::Migration { pfn, .. } => rmap().wait_frame_unlocked(pfn),
             other => return other,
         }
@@ -164,7 +175,10 @@ fn install_from_snapshot(vm: &Vm, snap: &Vm, ipa: u64) -> Result<(), rmap::Error
     loop {
         let target = snapshot_entry(snap, ipa);
         let _frame = target.pfn().map(|pfn| rmap().frames().lock(pfn));
-        if snapshot_entry(snap, ipa) != target {
+        // Under the frame lock the entry cannot become a migration entry
+        // of this frame; if it changed otherwise, start over (no waiting
+        // while the frame is locked).
+        if snapshot_entry_now(snap, ipa) != target {
             continue;
         }
         return install_shared(vm, ipa, target);

@@ -95,6 +95,13 @@ pub fn cpu_loop() -> ! {
             crate::cmd::poll();
             exit_if_idle();
         }
+        // No vCPU is loaded here: no VM's stage 2 may stay this CPU's
+        // context (a torn-down VM's root would; see Vm::unload_stage2).
+        debug_assert_eq!(
+            crate::arch::read_sysreg!("vttbr_el2"),
+            0,
+            "a VM's VTTBR is still loaded with no vCPU on this CPU"
+        );
         match dequeue() {
             Some(vcpu) => run(vcpu),
             None => wfi(),

@@ -85,6 +85,9 @@ pub struct Vm {
     /// itself to it by hypercall (the console, as the operator, may restore
     /// any VM of the same shape to it).
     pub snapshot_of: Option<u32>,
+    /// For a snapshot taken by hypercall, the index of the vCPU that took it:
+    /// a restore resumes that vCPU after its HVC with x0 = 0, x1 = cookie.
+    pub snapshot_vcpu: spin::Once<usize>,
     /// Restores of this VM and the counter ticks they took (`STATS`).
     pub restores: AtomicU64,
     pub restore_ticks: AtomicU64,
@@ -175,6 +178,7 @@ impl Vm {
             exits: AtomicUsize::new(0),
             dirty: Mutex::new(DirtyLog::new(ram)),
             snapshot_of,
+            snapshot_vcpu: spin::Once::new(),
             restores: AtomicU64::new(0),
             restore_ticks: AtomicU64::new(0),
         });
@@ -396,6 +400,18 @@ impl Vm {
             self.name,
             self.exit_status.load(Ordering::Relaxed)
         );
+        // Snapshots this VM took of itself by hypercall: only it could
+        // restore them, so they would only hold memory and a VMID. (Those
+        // the console took stay: the operator may restore any VM to them.)
+        let own: Vec<Arc<Vm>> = VMS
+            .lock()
+            .values()
+            .filter(|v| v.snapshot_of == Some(self.id) && v.snapshot_vcpu.get().is_some())
+            .cloned()
+            .collect();
+        for snapshot in own {
+            snapshot.stop(0);
+        }
     }
 }
 

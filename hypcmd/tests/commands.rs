@@ -367,3 +367,17 @@ fn help_lists_every_command() {
         assert!(hypcmd::HELP.contains(&format!("  {word} ")), "{word}");
     }
 }
+
+#[test]
+fn page_ranges_are_non_empty_and_aligned() {
+    assert!(PageRange::new(0, 0).is_none());
+    assert!(PageRange::new(0x2000, 0x1000).is_none());
+    assert!(PageRange::new(0x1001, 0x2000).is_none());
+    assert!(PageRange::new(0x1000, 0x2001).is_none());
+    let r = PageRange::new(0, 0xffff_ffff_ffff_f000).unwrap();
+    assert_eq!(
+        (r.start(), r.end(), r.last_page()),
+        (0, 0xffff_ffff_ffff_f000, 0xffff_ffff_ffff_e000)
+    );
+    assert_eq!(r.to_string(), "0x0 0xfffffffffffff000");
+}

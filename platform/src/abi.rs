@@ -11,8 +11,11 @@ pub const HVC_FORK: u32 = VENDOR_HYP_BASE | 0x01;
 /// Take a snapshot (a frozen fork) of the calling VM; returns its id (and 0
 /// when execution later resumes there through HVC_RESTORE).
 pub const HVC_SNAPSHOT: u32 = VENDOR_HYP_BASE | 0x02;
-/// Reset the calling VM to snapshot `x1`: on success execution continues
-/// where the snapshot was taken, with x0 = 0 and x1 = the cookie in `x2`.
+/// Reset the calling VM to snapshot `x1` (one taken of the calling VM; any
+/// other id gets SMCCC_INVALID_PARAMETER): on success the vCPU that took the
+/// snapshot continues after its SNAPSHOT call with x0 = 0 and x1 = the cookie
+/// in `x2`; every other vCPU (the caller too, if it is another) continues
+/// where the snapshot found it. The call itself does not return.
 pub const HVC_RESTORE: u32 = VENDOR_HYP_BASE | 0x03;
 /// Return guest RAM `[x1, x1 + x2)` (page aligned) to the hypervisor.
 pub const HVC_MEM_RELEASE: u32 = VENDOR_HYP_BASE | 0x04;

@@ -3,15 +3,21 @@
 //! and whole-world invariant checks. Hardware-free and small; not for use at EL2.
 
 mod check;
+mod hw;
+mod stage2;
 mod swap;
+mod vm;
 
+pub use hw::HostHw;
+pub use stage2::{HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
 pub use swap::SwapOp;
 use swap::{Hooks, SwapTable};
+pub use vm::HostVm;
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, VmSet};
-use crate::lock::{Level, OrderedMutex, OrderedMutexGuard, OrderedRwLock};
-use crate::region::{RegionFlags, RegionList};
-use crate::{Error, Fault, Ipa, Pfn, Rmap, UnlinkProof, VmId, PAGE_SIZE};
+use crate::backend::{FrameAllocator, Stage2, Stage2Locked, VmSet};
+use crate::lock::{Level, OrderedMutex, OrderedRwLock};
+use crate::region::RegionFlags;
+use crate::{Error, Ipa, Pfn, Rmap, VmId, PAGE_SIZE};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -27,6 +33,9 @@ pub struct HostMachine {
     swap: OrderedMutex<SwapTable>,
     swap_capacity: usize,
     hooks: Hooks,
+    /// Per frame, bumped when it is freed (the TLB model tells a stale entry by it).
+    gens: Box<[AtomicU64]>,
+    hw: Arc<HostHw>,
 }
 
 const CHECK_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -48,7 +57,35 @@ impl HostMachine {
             swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
             swap_capacity,
             hooks: Hooks::default(),
+            gens: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            hw: Arc::default(),
         }
+    }
+
+    /// The table-page budget, TLB model and failure record this machine's VMs share.
+    pub fn hw(&self) -> &Arc<HostHw> {
+        &self.hw
+    }
+
+    /// The frame's generation (changes when it is freed).
+    pub(super) fn gen(&self, pfn: Pfn) -> u64 {
+        self.gens[(pfn - self.base) as usize].load(Ordering::SeqCst)
+    }
+
+    /// `pages` (a power of two) free frames from an aligned PFN, zeroed, or `None` if no
+    /// such run is free (hyp's `alloc_contiguous_zeroed`, for a first-touch block).
+    pub fn alloc_contiguous(&self, pages: u64) -> Option<Pfn> {
+        let mut free = self.free.lock();
+        let set: alloc::collections::BTreeSet<Pfn> = free.iter().copied().collect();
+        let first = self.base.next_multiple_of(pages);
+        let end = self.base + self.gens.len() as u64;
+        let pfn = (first..end)
+            .step_by(pages as usize)
+            .find(|&p| p + pages <= end && (p..p + pages).all(|q| set.contains(&q)))?;
+        free.retain(|&q| !(pfn..pfn + pages).contains(&q));
+        drop(free);
+        (pfn..pfn + pages).for_each(|q| self.zero(q));
+        Some(pfn)
     }
 
     fn page(&self, pfn: Pfn) -> &[AtomicU64] {
@@ -117,7 +154,13 @@ impl FrameAllocator for HostMachine {
     fn alloc(&self) -> Option<Pfn> {
         self.free.lock().pop()
     }
+    /// Also the TLB model's check: no VM may still cache a translation to the frame.
     fn free(&self, pfn: Pfn) {
+        {
+            let tlbs = self.hw.tlb.lock();
+            self.hw.check_free(&tlbs, pfn);
+            self.gens[(pfn - self.base) as usize].fetch_add(1, Ordering::SeqCst);
+        }
         self.free.lock().push(pfn);
     }
     fn zero(&self, pfn: Pfn) {
@@ -132,229 +175,33 @@ impl FrameAllocator for HostMachine {
     }
 }
 
-type Table = Option<BTreeMap<Ipa, (S2Entry, bool)>>;
-
-/// A VM's stage-2 as a map from IPA to leaf (plus an access flag). `None` once freed: any
-/// access after that panics, which is how a test sees a walker reach freed tables.
-pub struct HostStage2 {
-    vm: VmId,
-    table: OrderedMutex<Table>,
-}
-
-/// A locked [`HostStage2`].
-pub struct HostStage2Guard<'a> {
-    vm: VmId,
-    table: OrderedMutexGuard<'a, Table>,
-}
-
-impl HostStage2Guard<'_> {
-    fn map(&self) -> &BTreeMap<Ipa, (S2Entry, bool)> {
-        let vm = self.vm;
-        self.table
-            .as_ref()
-            .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
-    }
-
-    fn map_mut(&mut self) -> &mut BTreeMap<Ipa, (S2Entry, bool)> {
-        let vm = self.vm;
-        self.table
-            .as_mut()
-            .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
-    }
-}
-
-impl Stage2Locked for HostStage2Guard<'_> {
-    fn lookup(&self, ipa: Ipa) -> S2Entry {
-        self.map().get(&ipa).map_or(S2Entry::Invalid, |e| e.0)
-    }
-    fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
-        let current = self.lookup(ipa);
-        if current != old {
-            return Err(current);
-        }
-        match new {
-            S2Entry::Invalid => self.map_mut().remove(&ipa),
-            _ => self.map_mut().insert(ipa, (new, true)),
-        };
-        Ok(())
-    }
-    fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
-        self.map_mut()
-            .get_mut(&ipa)
-            .is_some_and(|e| core::mem::replace(&mut e.1, false))
-    }
-    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)> {
-        self.map()
-            .range(from..end)
-            .next()
-            .map(|(&ipa, e)| (ipa, e.0))
-    }
-}
-
-impl HostStage2 {
-    /// Empty tables for `vm`.
-    pub fn new(vm: VmId) -> Self {
-        HostStage2 {
-            vm,
-            table: OrderedMutex::new(Level::STAGE2, "vm.stage2", Some(BTreeMap::new())),
-        }
-    }
-
-    /// Every leaf (empty once freed).
-    pub fn entries(&self) -> Vec<(Ipa, S2Entry)> {
-        let table = self.table.lock();
-        table
-            .iter()
-            .flat_map(|t| t.iter().map(|(&ipa, e)| (ipa, e.0)))
-            .collect()
-    }
-}
-
-impl Stage2 for HostStage2 {
-    type Locked<'a> = HostStage2Guard<'a>;
-    fn lock(&self) -> HostStage2Guard<'_> {
-        HostStage2Guard {
-            vm: self.vm,
-            table: self.table.lock(),
-        }
-    }
-    fn lock_nested(&self) -> HostStage2Guard<'_> {
-        HostStage2Guard {
-            vm: self.vm,
-            table: self.table.lock_nested(1),
-        }
-    }
-    fn free_tables(&self, proof: UnlinkProof) {
-        assert_eq!(proof.vm(), self.vm, "proof for another VM");
-        *self.table.lock() = None;
-    }
-}
-
-/// A host VM: region list and stage-2.
-pub struct HostVm {
-    /// Its id.
-    pub id: VmId,
-    /// Region list (level 1).
-    pub regions: OrderedRwLock<RegionList>,
-    /// Stage-2 (level 4).
-    pub s2: HostStage2,
-}
-
-impl HostVm {
-    /// A VM with no regions.
-    pub fn new(id: VmId) -> Self {
-        HostVm {
-            id,
-            regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", RegionList::new(id)),
-            s2: HostStage2::new(id),
-        }
-    }
-
-    /// A guest store of `value` to the page at `ipa`, faulting as the hardware would. The
-    /// store happens under the stage-2 lock, standing in for "the TLB still holds a valid,
-    /// writable entry": once a migrator replaced the entry, no store reaches the old frame.
-    pub fn write(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, value: u64) -> Result<(), Error> {
-        loop {
-            if let S2Entry::Page {
-                pfn,
-                writable: true,
-            } = self.s2.lock().lookup(ipa)
-            {
-                m.write_value(pfn, value);
-                return Ok(());
-            }
-            self.fault(rmap, m, ipa, true)?;
-        }
-    }
-
-    /// A guest load from the page at `ipa` (0 if never written).
-    pub fn read(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<u64, Error> {
-        loop {
-            let entry = {
-                let table = self.s2.lock();
-                match table.lookup(ipa) {
-                    // Read under the lock, as a TLB hit on a still-valid entry would.
-                    S2Entry::Page { pfn, .. } => return Ok(m.read_value(pfn)),
-                    other => other,
-                }
-            };
-            if entry == S2Entry::Invalid {
-                let mapped = self.regions.read().find(ipa).is_some();
-                return if mapped { Ok(0) } else { Err(Error::NoRegion) };
-            }
-            self.fault(rmap, m, ipa, false)?;
-        }
-    }
-
-    /// What the guest would read at `ipa`, without faulting anything in (for checks at
-    /// quiescent points: a swapped page is read from the store).
-    pub fn peek(&self, m: &HostMachine, ipa: Ipa) -> u64 {
-        match self.s2.lock().lookup(ipa) {
-            S2Entry::Page { pfn, .. } => m.read_value(pfn),
-            S2Entry::Swap { slot } => m.swap_value(slot),
-            S2Entry::Invalid => 0,
-            S2Entry::Migration { .. } => panic!("migration entry at a quiescent point"),
-        }
-    }
-
-    /// MEM_RELEASE of the page at `ipa`, as `hyp::mm::release` does it: under the region
-    /// list's read lock only, so it races this VM's faults; the entry is cleared by CAS and
-    /// its frame mapping or swap-slot reference dropped.
-    pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) {
-        let _regions = self.regions.read();
-        loop {
-            let entry = self.s2.lock().lookup(ipa);
-            match entry {
-                S2Entry::Invalid => return,
-                S2Entry::Migration { pfn, .. } => {
-                    rmap.wait_frame_unlocked(pfn);
-                    continue;
-                }
-                _ if self
-                    .s2
-                    .lock()
-                    .compare_exchange(ipa, entry, S2Entry::Invalid)
-                    .is_err() =>
-                {
-                    continue
-                }
-                S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
-                S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
-            }
-            return;
-        }
-    }
-
-    fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
-        match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
-            Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
-            Fault::Retry(None) => core::hint::spin_loop(),
-            Fault::Done => {}
-        }
-        Ok(())
-    }
-}
-
 /// The VM set: `Arc`s so a walker keeps a VM alive while it looks at it.
 pub struct HostVms {
     vms: OrderedRwLock<BTreeMap<VmId, Arc<HostVm>>>,
     next: AtomicU32,
+    hw: Arc<HostHw>,
 }
 
 impl Default for HostVms {
     fn default() -> Self {
-        HostVms {
-            vms: OrderedRwLock::new(Level::ALLOCATOR, "host.vms", BTreeMap::new()),
-            next: AtomicU32::new(1),
-        }
+        Self::with_hw(Arc::default())
     }
 }
 
 impl HostVms {
+    /// An empty set whose VMs stand on `hw` (a machine's: [`HostMachine::hw`]).
+    pub fn with_hw(hw: Arc<HostHw>) -> Self {
+        HostVms {
+            vms: OrderedRwLock::new(Level::ALLOCATOR, "host.vms", BTreeMap::new()),
+            next: AtomicU32::new(1),
+            hw,
+        }
+    }
+
     /// A new empty VM.
     pub fn create(&self) -> Arc<HostVm> {
         let id = VmId(self.next.fetch_add(1, Ordering::Relaxed));
-        let vm = Arc::new(HostVm::new(id));
+        let vm = Arc::new(HostVm::with_hw(id, self.hw.clone()));
         self.vms.write().insert(id, vm.clone());
         vm
     }
@@ -397,15 +244,61 @@ impl HostWorld {
     /// A world of `frames` frames with `words` u64 per page, and pools sized for them.
     pub fn new(frames: usize, words: usize, max_anon_vmas: usize, max_chains: usize) -> Self {
         let base = 0x40_000;
+        let machine = HostMachine::new(base, frames, words, frames);
         HostWorld {
             rmap: Rmap::new(
                 crate::FrameTable::new(base, frames),
                 max_anon_vmas,
                 max_chains,
             ),
-            machine: HostMachine::new(base, frames, words, frames),
-            vms: HostVms::default(),
+            vms: HostVms::with_hw(machine.hw().clone()),
+            machine,
         }
+    }
+
+    /// The table-page budget, TLB model and failure record of this world.
+    pub fn hw(&self) -> &HostHw {
+        self.machine.hw()
+    }
+
+    /// A huge first touch, as hyp's `fault_block`: if the 2 MiB chunk holding `ipa` lies in a
+    /// region of `vm` and has no leaf yet, 512 fresh zeroed frames (aligned) are recorded as
+    /// exclusive pages (`Rmap::add_new_anon_block`) and mapped as one writable block leaf.
+    /// False if the chunk does not qualify or no aligned run of free frames is left.
+    pub fn fault_block(&self, vm: &HostVm, ipa: Ipa) -> bool {
+        let chunk = ipa & !(BLOCK_SIZE - 1);
+        let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
+        match prepared {
+            None => return false,
+            Some(false)
+                if self
+                    .rmap
+                    .anon_vma_prepare(&mut vm.regions.write(), ipa)
+                    .is_err() =>
+            {
+                return false
+            }
+            _ => {}
+        }
+        let regions = vm.regions.read();
+        let Some(region) = regions.find(ipa) else {
+            return false;
+        };
+        if chunk < region.start() || chunk + BLOCK_SIZE > region.end() {
+            return false;
+        }
+        let mut s2 = vm.s2.lock();
+        if s2.next_entry(chunk, chunk + BLOCK_SIZE).is_some() {
+            return false;
+        }
+        let Some(pfn) = self.machine.alloc_contiguous(BLOCK_PAGES) else {
+            return false;
+        };
+        self.rmap
+            .add_new_anon_block(pfn, BLOCK_PAGES, region, chunk);
+        let mapped = s2.map_block(chunk, pfn);
+        assert!(mapped, "an empty chunk takes a block");
+        true
     }
 
     /// A VM with the given `(start IPA, pages)` regions.

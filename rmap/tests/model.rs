@@ -4,16 +4,30 @@
 //! mapcounts equal the leaves that exist, nothing leaks, and anon_vmas stay within 2x regions
 //! for as long as no VM with live descendants was destroyed (see `HostWorld::check_anon_bound`:
 //! such a destroy leaves one-child anon_vmas that only a later fork reuses, in Linux too).
+//! The host stage 2 hurts (`rmap::host::HostHw`): a fourth region takes 2 MiB first-touch
+//! blocks (split before one page changes, taking a table page), the table-page budget is
+//! sometimes cut to a few pages or none (faults and forks may then fail, which the model
+//! allows; VMs are destroyed under it), and every access goes through the TLB model, whose
+//! failures `HostWorld::check` reports.
 
 use proptest::prelude::*;
-use rmap::host::{page_ipa, HostVm, HostWorld};
-use rmap::{Skip, VmId};
+use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
+use rmap::{Error, Skip, VmId};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 const RAM: u64 = 0x4000_0000;
-/// Two adjacent regions (the second adopts the first's anon_vma) and a distant one.
-const REGIONS: [(u64, u64); 3] = [(RAM, 6), (RAM + 6 * 4096, 4), (RAM + 0x10_0000, 4)];
+/// Where a VM's 2 MiB first-touch block goes (a region of exactly one block).
+const BLOCK: u64 = RAM + 0x20_0000;
+/// Two adjacent regions (the second adopts the first's anon_vma), a distant one, and a block.
+const REGIONS: [(u64, u64); 4] = [
+    (RAM, 6),
+    (RAM + 6 * 4096, 4),
+    (RAM + 0x10_0000, 4),
+    (BLOCK, BLOCK_PAGES),
+];
+/// The pages of the block region the model writes and reads (the others stay zero).
+const BLOCK_SAMPLE: [u64; 4] = [0, 1, 255, 511];
 const MAX_VMS: usize = 6;
 
 #[derive(Clone, Debug)]
@@ -52,6 +66,14 @@ enum Op {
         len: usize,
         reclaim: bool,
     },
+    /// A 2 MiB first touch of the block region (if it is still empty and memory allows).
+    Block {
+        vm: usize,
+    },
+    /// Table pages allowed from now on (`None`: unlimited).
+    Budget {
+        pages: Option<u64>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +89,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|frame| Op::Reclaim { frame }),
         3 => (any::<usize>(), 1..24usize, any::<bool>())
             .prop_map(|(frame, len, reclaim)| Op::Batch { frame, len, reclaim }),
+        2 => any::<usize>().prop_map(|vm| Op::Block { vm }),
+        1 => prop::option::of(0..3u64).prop_map(|pages| Op::Budget { pages }),
     ]
 }
 
@@ -76,9 +100,10 @@ fn cached(w: &HostWorld, pfn: u64) -> bool {
 }
 
 fn pages() -> Vec<u64> {
-    REGIONS
+    REGIONS[..3]
         .iter()
         .flat_map(|&(start, n)| (0..n).map(move |i| page_ipa(start, i)))
+        .chain(BLOCK_SAMPLE.iter().map(|&i| page_ipa(BLOCK, i)))
         .collect()
 }
 
@@ -91,48 +116,37 @@ struct Model {
     vms: Vec<ModelVm>,
     /// A VM that still had live descendants was destroyed.
     interior_destroyed: bool,
+    /// The table-page budget is limited: faults and forks may fail for want of a table page.
+    limited: bool,
 }
 
 impl Model {
     fn new() -> Self {
         Model {
-            world: HostWorld::new(400, 4, 256, 1024),
+            world: HostWorld::new(1600, 4, 256, 1024),
             vms: Vec::new(),
             interior_destroyed: false,
+            limited: false,
         }
     }
 
     fn apply(&mut self, op: &Op) {
         let w = &self.world;
-        let pages = pages();
         match *op {
             Op::Create if self.vms.len() < MAX_VMS => {
                 self.vms
                     .push((w.create_vm(&REGIONS), BTreeMap::new(), Vec::new()));
             }
-            Op::Write { vm, page, value } if !self.vms.is_empty() => {
-                let n = self.vms.len();
-                let (vm, model, _) = &mut self.vms[vm % n];
-                let ipa = pages[page % pages.len()];
-                vm.write(&w.rmap, &w.machine, ipa, value).unwrap();
-                model.insert(ipa, value);
-            }
-            Op::Read { vm, page } if !self.vms.is_empty() => {
-                let (vm, model, _) = &self.vms[vm % self.vms.len()];
-                let ipa = pages[page % pages.len()];
-                let got = vm.read(&w.rmap, &w.machine, ipa).unwrap();
-                assert_eq!(got, model.get(&ipa).copied().unwrap_or(0));
-            }
-            Op::Release { vm, page } if !self.vms.is_empty() => {
-                let n = self.vms.len();
-                let (vm, model, _) = &mut self.vms[vm % n];
-                let ipa = pages[page % pages.len()];
-                vm.release(&w.rmap, &w.machine, ipa);
-                model.remove(&ipa);
+            Op::Write { .. } | Op::Read { .. } | Op::Release { .. } if !self.vms.is_empty() => {
+                self.page_op(op)
             }
             Op::Fork { vm } if !self.vms.is_empty() && self.vms.len() < MAX_VMS => {
                 let (parent, model, ancestors) = &self.vms[vm % self.vms.len()];
-                let child = w.fork(parent).unwrap();
+                let child = match w.fork(parent) {
+                    Ok(child) => child,
+                    Err(Error::OutOfFrames) if self.limited => return,
+                    Err(e) => panic!("fork: {e:?}"),
+                };
                 let mut lineage = ancestors.clone();
                 lineage.push(parent.id);
                 let model = model.clone();
@@ -144,29 +158,73 @@ impl Model {
                 let interior = self.vms.iter().any(|(_, _, a)| a.contains(&vm.id));
                 self.interior_destroyed |= interior;
             }
-            Op::Migrate { frame } => {
-                let frames = w.mapped_frames();
-                if !frames.is_empty() {
-                    let pfn = frames[frame % frames.len()];
-                    let r = w.rmap.migrate_frame(&w.vms, &w.machine, pfn);
-                    assert!(r.is_ok() || cached(w, pfn), "{r:?}");
-                }
-            }
-            Op::Reclaim { frame } => {
-                let frames = w.mapped_frames();
-                if !frames.is_empty() {
-                    let pfn = frames[frame % frames.len()];
-                    let r = w.rmap.reclaim_frame(&w.vms, &w.machine, &w.machine, pfn);
-                    assert!(r.is_ok() || cached(w, pfn), "{r:?}");
-                }
-            }
+            // Single-frame migration and reclaim panic on a block they cannot split (the
+            // ignored test in tests/hurt.rs): only with table pages to spare.
+            Op::Migrate { frame } if !self.limited => self.move_one(frame, false),
+            Op::Reclaim { frame } if !self.limited => self.move_one(frame, true),
             Op::Batch {
                 frame,
                 len,
                 reclaim,
             } => self.batch(frame, len, reclaim),
+            Op::Block { vm } if !self.vms.is_empty() => {
+                let (vm, _, _) = &self.vms[vm % self.vms.len()];
+                w.fault_block(vm, BLOCK);
+            }
+            Op::Budget { pages } => {
+                w.hw().set_table_budget(pages);
+                self.limited = pages.is_some();
+            }
             _ => {}
         }
+    }
+
+    /// A write, read or MEM_RELEASE of one page by one VM. With a limited table budget any
+    /// may fail for want of a table page (a first touch, a swap-in, a block split), changing
+    /// nothing.
+    fn page_op(&mut self, op: &Op) {
+        let (w, pages, limited) = (&self.world, pages(), self.limited);
+        let (Op::Write { vm, page, .. } | Op::Read { vm, page } | Op::Release { vm, page }) = *op
+        else {
+            unreachable!("a page op")
+        };
+        let n = self.vms.len();
+        let (vm, model, _) = &mut self.vms[vm % n];
+        let ipa = pages[page % pages.len()];
+        let result = match *op {
+            Op::Write { value, .. } => vm.write(&w.rmap, &w.machine, ipa, value).map(|()| {
+                model.insert(ipa, value);
+            }),
+            Op::Read { .. } => vm.read(&w.rmap, &w.machine, ipa).map(|got| {
+                assert_eq!(got, model.get(&ipa).copied().unwrap_or(0), "{ipa:#x}");
+            }),
+            _ => vm.release(&w.rmap, &w.machine, ipa).map(|()| {
+                model.remove(&ipa);
+            }),
+        };
+        match result {
+            Ok(()) => {}
+            Err(Error::OutOfFrames) if limited => {}
+            Err(e) => panic!("{op:?}: {e:?}"),
+        }
+    }
+
+    /// A single-frame migration or reclaim of the `frame`-th mapped frame.
+    fn move_one(&self, frame: usize, reclaim: bool) {
+        let w = &self.world;
+        let frames = w.mapped_frames();
+        if frames.is_empty() {
+            return;
+        }
+        let pfn = frames[frame % frames.len()];
+        let r = if reclaim {
+            w.rmap
+                .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
+                .map(drop)
+        } else {
+            w.rmap.migrate_frame(&w.vms, &w.machine, pfn).map(drop)
+        };
+        assert!(r.is_ok() || cached(w, pfn), "{r:?}");
     }
 
     /// A batched migration or reclaim of up to `len` mapped frames from `frame` on.
@@ -199,6 +257,9 @@ impl Model {
             w.rmap.migrate_frames(&w.vms, &w.machine, &batch, &mut out);
             out.iter().filter_map(|r| r.err()).collect::<Vec<_>>()
         };
+        if self.limited {
+            return; // a block that cannot be split is skipped too
+        }
         // Nothing else runs: only the repeats (locked by this very batch) and the
         // tail frame (free unless mapped) may be skipped, and for no other reason.
         // Frames in the swap cache are pinned by it and stay where they are.

@@ -3,8 +3,11 @@
 //! swap-ins racing MEM_RELEASE and the reuse of freed swap slots. Pages carry
 //! checksums, so a torn copy or a lost write shows up on read; each owner keeps the exact
 //! expected contents of its VMs. At the end every VM is destroyed and nothing may leak.
+//! A third region takes 2 MiB first-touch blocks (the owners' `fault_block`), which forks
+//! share as blocks and faults, migration and reclaim split; every access goes through the
+//! host TLB model, whose failures `HostWorld::check` reports.
 
-use rmap::host::{page_ipa, HostVm, HostWorld};
+use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
 use rmap::{Error, Skip};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const RAM: u64 = 0x4000_0000;
-const REGIONS: [(u64, u64); 2] = [(RAM, 24), (RAM + 0x20_0000, 8)];
+/// Where a VM's 2 MiB first-touch block goes (a region of exactly one block).
+const BLOCK: u64 = RAM + 0x40_0000;
+const REGIONS: [(u64, u64); 3] = [(RAM, 24), (RAM + 0x20_0000, 8), (BLOCK, BLOCK_PAGES)];
 const RUN: Duration = Duration::from_millis(2500);
 
 struct Rng(u64);
@@ -29,10 +34,12 @@ impl Rng {
     }
 }
 
+/// The pages the tests touch: the first two regions and a few pages of the block region.
 fn ipas() -> Vec<u64> {
-    REGIONS
+    REGIONS[..2]
         .iter()
         .flat_map(|&(s, n)| (0..n).map(move |i| page_ipa(s, i)))
+        .chain([0, 1, 100, 511].map(|i| page_ipa(BLOCK, i)))
         .collect()
 }
 
@@ -73,6 +80,10 @@ fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<Atomi
                     Err(e) => panic!("write: {e:?}"),
                 }
             }
+            12 if !vms.is_empty() => {
+                let (vm, _) = &vms[rng.below(vms.len())];
+                world.fault_block(vm, BLOCK);
+            }
             _ if !vms.is_empty() => {
                 let (vm, model) = &vms[rng.below(vms.len())];
                 let ipa = pages[rng.below(pages.len())];
@@ -85,6 +96,12 @@ fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<Atomi
             _ => {}
         }
     }
+    finish(&world, vms);
+}
+
+/// An owner's last step: every VM reads what it last wrote, then goes.
+fn finish(world: &HostWorld, vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)>) {
+    let (rmap, m) = (&world.rmap, &world.machine);
     for (vm, model) in &vms {
         for (&ipa, &value) in model {
             assert_eq!(vm.read(rmap, m, ipa).unwrap(), value);
@@ -172,7 +189,7 @@ fn batch_move(world: &HostWorld, rng: &mut Rng, reclaim: bool) {
 
 #[test]
 fn threads_fault_fork_migrate_reclaim_destroy() {
-    let world = Arc::new(HostWorld::new(1024, 8, 512, 4096));
+    let world = Arc::new(HostWorld::new(3072, 8, 512, 4096));
     let stop = Arc::new(AtomicBool::new(false));
     let ops: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let mut handles = Vec::new();
@@ -285,7 +302,7 @@ fn release_race_worker(
         let (vm, family) = &vms[rng.below(vms.len())];
         let ipa = pages[rng.below(pages.len())];
         match i {
-            0 if rng.below(2) == 0 => vm.release(&w.rmap, &w.machine, ipa),
+            0 if rng.below(2) == 0 => vm.release(&w.rmap, &w.machine, ipa).unwrap(),
             0 => {
                 let value = tagged(*family, ipa, rng.next());
                 vm.write(&w.rmap, &w.machine, ipa, value).unwrap();

@@ -52,7 +52,7 @@ fn release_during_swap_in_does_not_free_the_slot() {
     let a2 = a.clone();
     at_next(&w, SwapOp::Refs, move |w, s| {
         assert_eq!(s, slot);
-        a2.release(&w.rmap, &w.machine, RAM);
+        a2.release(&w.rmap, &w.machine, RAM).unwrap();
     });
     assert_eq!(a.read(&w.rmap, &w.machine, RAM).unwrap(), 0, "released");
     assert!(w.machine.swap_refs().is_empty(), "slot freed once");
@@ -74,7 +74,7 @@ fn slot_reused_at_the_same_page_is_not_installed_stale() {
     let a2 = a.clone();
     at_next(&w, SwapOp::Load, move |w, s| {
         assert_eq!(s, slot);
-        a2.release(&w.rmap, &w.machine, RAM);
+        a2.release(&w.rmap, &w.machine, RAM).unwrap();
         a2.write(&w.rmap, &w.machine, RAM, 0x2222).unwrap();
         reclaim(w, &a2, RAM);
     });
@@ -102,8 +102,8 @@ fn slot_reused_by_another_vm_is_not_cached_for_it() {
     let (a2, b2, c2) = (a.clone(), b.clone(), c.clone());
     at_next(&w, SwapOp::Load, move |w, s| {
         assert_eq!(s, slot);
-        a2.release(&w.rmap, &w.machine, RAM);
-        c2.release(&w.rmap, &w.machine, RAM);
+        a2.release(&w.rmap, &w.machine, RAM).unwrap();
+        c2.release(&w.rmap, &w.machine, RAM).unwrap();
         reclaim(w, &b2, RAM);
     });
     assert_eq!(a.read(&w.rmap, &w.machine, RAM).unwrap(), 0, "released");
@@ -164,8 +164,8 @@ fn host_store_reuses_the_lowest_free_slot() {
         a.write(&w.rmap, &w.machine, ipa, i as u64 + 1).unwrap();
     }
     let slots: Vec<u64> = ipas.iter().map(|&ipa| reclaim(&w, &a, ipa)).collect();
-    a.release(&w.rmap, &w.machine, ipas[1]);
-    a.release(&w.rmap, &w.machine, ipas[0]);
+    a.release(&w.rmap, &w.machine, ipas[1]).unwrap();
+    a.release(&w.rmap, &w.machine, ipas[0]).unwrap();
     a.write(&w.rmap, &w.machine, RAM + 0x3000, 9).unwrap();
     assert_eq!(reclaim(&w, &a, RAM + 0x3000), slots[0]);
     w.check().unwrap();

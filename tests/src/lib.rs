@@ -47,7 +47,7 @@ impl Default for MachineConfig {
 }
 
 impl MachineConfig {
-    /// The hypervisor's bootargs (hyp/src/bootargs.rs): a space inside a value becomes ','.
+    /// The hypervisor's bootargs (hypcmd/src/bootargs.rs): a space inside a value becomes ','.
     pub fn bootargs(&self) -> String {
         let mut words = vec![format!("guest={}", self.guest)];
         if let Some(v) = self.vcpus {
@@ -140,6 +140,18 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// The Linux images `cargo xtask test` prepared (MHV_LINUX_DIR).
+/// Debian's Linux on 2 vCPUs (the images `cargo xtask test` fetched).
+pub fn linux_config() -> MachineConfig {
+    let images =
+        linux_images().expect("MHV_LINUX_DIR is not set: run these tests with `cargo xtask test`");
+    MachineConfig {
+        guest: "linux".into(),
+        linux: Some(images),
+        vcpus: Some(2),
+        ..MachineConfig::default()
+    }
+}
+
 pub fn linux_images() -> Option<(PathBuf, PathBuf)> {
     let dir = PathBuf::from(std::env::var_os("MHV_LINUX_DIR")?);
     Some((dir.join("Image"), dir.join("initramfs.cpio")))

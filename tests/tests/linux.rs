@@ -3,23 +3,12 @@
 //! SMP boot to init, an interactive shell on the emulated PL011 (receive
 //! interrupts through the vGIC), and a clean power-off through PSCI.
 
-use qemu_tests::{linux_images, Machine, MachineConfig};
+use qemu_tests::{linux_config, Machine, MachineConfig};
 use std::time::Duration;
 
 /// TCG boots the Debian kernel in 10-30 s; leave room for a loaded machine.
 const BOOT: Duration = Duration::from_secs(240);
 const REPLY: Duration = Duration::from_secs(60);
-
-fn linux_config() -> MachineConfig {
-    let images =
-        linux_images().expect("MHV_LINUX_DIR is not set: run these tests with `cargo xtask test`");
-    MachineConfig {
-        guest: "linux".into(),
-        linux: Some(images),
-        vcpus: Some(2),
-        ..MachineConfig::default()
-    }
-}
 
 #[test]
 fn linux_boots_smp_runs_shell_commands_and_powers_off() {

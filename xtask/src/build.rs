@@ -99,6 +99,19 @@ pub fn images(release: bool) -> Result<Images, String> {
 pub fn clippy(images: &Images) -> Result<(), String> {
     let env = [("HYP_GUEST_IMAGE", images.guest.to_str().unwrap())];
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])?;
+    // The QEMU scenarios are not a default member (they need the images).
+    cargo(
+        &[
+            "clippy",
+            "-p",
+            "qemu-tests",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
     cargo(
         &[
             "clippy",

@@ -1,10 +1,11 @@
 //! Modes that put the hypervisor's own paths under pressure (run on vCPU 0).
 //!
-//! - `uartimage [cycles=N]`: snapshot, then N times: write a UART register
-//!   (a trapped write), read it back through the read-only register image,
-//!   let a forked child allocate and fill fresh frames, read every word of
-//!   the UART page, restore. The page must only ever show this UART's
-//!   registers: never a freed frame, another VM's image or a child's data.
+//! - `uartimage [cycles=N] [churn_ms=M]`: fork a churner that forks
+//!   short-lived children for M ms (stage-2 table pages come and go on the
+//!   other CPU), snapshot, then N times: write a UART register (a trapped
+//!   write), read the page back through the read-only register image, dirty
+//!   a page, restore. The page must only ever read as this UART's image:
+//!   never a freed frame reused as a table or as another VM's image.
 //! - `snapflood [max=N]`: snapshots itself until the hypervisor refuses
 //!   (VMIDs, frames, rmap pools or the heap reserve run out first): every
 //!   refusal must be an error code, never a hypervisor abort, and the VM
@@ -19,7 +20,6 @@ const PAGE: usize = 4096;
 const FILL_START: usize = 0x4100_0000;
 const UART: usize = 0x0900_0000;
 const UART_IMSC: usize = 0x38;
-const CHILD_MARK: u64 = 0x5EC2_E7C4_11D0_0000;
 
 fn arg(plat: &Platform, key: &str, default: u64) -> u64 {
     plat.bootargs()
@@ -56,7 +56,10 @@ fn uart_write(off: usize, v: u32) {
     unsafe { ((UART + off) as *mut u32).write_volatile(v) }
 }
 
-/// Every word of the UART page: registers, IDs, or zero; never a child's mark.
+/// The UART page must read as this UART's register image: the IMSC value
+/// last written, TXFE in FR, and the PL011 identification registers. A freed
+/// frame reused as a stage-2 table, a zeroed guest page or another VM's
+/// image reads otherwise.
 fn check_uart_page(imsc: u32, round: u64) -> Result<(), Reason> {
     let seen = uart_read(UART_IMSC);
     if seen != imsc {
@@ -64,43 +67,48 @@ fn check_uart_page(imsc: u32, round: u64) -> Result<(), Reason> {
             "round {round}: UART IMSC reads {seen:#x} after writing {imsc:#x}: the page is not this UART's image"
         ));
     }
-    for off in (0..PAGE).step_by(4) {
-        let w = uart_read(off);
-        if u64::from(w) == CHILD_MARK >> 32 || u64::from(w) == CHILD_MARK & 0xffff_ffff {
+    if uart_read(0x18) & (1 << 7) == 0 {
+        return Err(reason!(
+            "round {round}: UART FR lost TXFE: not a UART image"
+        ));
+    }
+    for (i, &id) in platform::pl011::ID_BYTES.iter().enumerate() {
+        let w = uart_read(0xfe0 + 4 * i);
+        if w != id {
             return Err(reason!(
-                "round {round}: UART page offset {off:#x} shows a child's data {w:#x}"
+                "round {round}: UART ID register {i} reads {w:#x}, not {id:#x}: not this UART's image"
             ));
         }
     }
     Ok(())
 }
 
-/// A child that takes fresh frames (zeroed, then marked) and exits.
-fn churn_child() -> Result<(), Reason> {
-    match hvc(HVC_FORK, 0, 0, 0) {
-        0 => {
-            for p in 0..64 {
-                let page = (FILL_START + p * PAGE) as *mut u64;
-                for i in 0..PAGE / 8 {
-                    // SAFETY: guest RAM above the image, this VM's own copy.
-                    unsafe { page.add(i).write_volatile(CHILD_MARK | i as u64) };
-                }
-            }
-            hvc(HVC_EXIT, 0, 0, 0);
-            Err(reason!("HVC_EXIT returned"))
+/// The churner: forks short-lived children for `ms` so that stage-2 table
+/// pages (allocated like the UART image, from the top of RAM) are taken and
+/// freed on the other CPU while the parent restores. A restore that freed
+/// the image frame the VM still maps loses it to one of them.
+fn churn(ms: u64) -> ! {
+    let deadline = crate::cpu::Deadline::after_ms(ms);
+    while !deadline.passed() {
+        if stat(Stat::LiveVms) >= 8 {
+            crate::cpu::wait_for_event();
+            continue;
         }
-        c if c > 0 => {
-            while stat(Stat::LiveVms) > 2 {
-                crate::cpu::wait_for_event();
-            }
-            Ok(())
+        if hvc(HVC_FORK, 0, 0, 0) == 0 {
+            break;
         }
-        err => Err(reason!("FORK failed: {err}")),
     }
+    hvc(HVC_EXIT, 0, 0, 0);
+    crate::cpu::halt()
 }
 
 pub fn uart_image(plat: &Platform) -> Result<(), Reason> {
-    let cycles = arg(plat, "cycles", 50);
+    let cycles = arg(plat, "cycles", 200);
+    match hvc(HVC_FORK, 0, 0, 0) {
+        0 => churn(arg(plat, "churn_ms", 20_000)),
+        c if c > 0 => {}
+        err => return Err(reason!("FORK of the churner failed: {err}")),
+    }
     // On the stack the snapshot captures: every restore sees it again.
     let base = uart_read(UART_IMSC);
     let (r, cookie) = super::fork::hvc2(HVC_SNAPSHOT, 0, 0);
@@ -118,8 +126,8 @@ pub fn uart_image(plat: &Platform) -> Result<(), Reason> {
     let imsc = (round as u32 % 15) + 1;
     uart_write(UART_IMSC, imsc);
     check_uart_page(imsc, round)?;
-    churn_child()?;
-    check_uart_page(imsc, round)?;
+    // Dirty a page so the restore has work, then restore.
+    scribble(0, round);
     uart_write(UART_IMSC, base);
     let r = hvc(HVC_RESTORE, snap, (snap << 32) | (round + 1), 0);
     Err(reason!("RESTORE to vm {snap} returned {r}"))

@@ -9,11 +9,16 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 impl HostWorld {
-    /// Checks, at a quiescent point, that mapcounts equal the leaves that exist, refcounts
+    /// Checks, at a quiescent point, that the TLB model saw no frame freed while a VM's TLB
+    /// could still reach it and no access through a stale translation, that mapcounts equal the leaves that exist, refcounts
     /// equal mapcounts, swap references equal swap entries, no frame, chain or anon_vma
     /// leaked, and anon_vmas stay within twice the regions. Returns a description of the
     /// first violation.
     pub fn check(&self) -> Result<(), String> {
+        let failures = self.hw().failures();
+        if !failures.is_empty() {
+            return Err(format!("TLB model: {}", failures.join("; ")));
+        }
         let mut maps: BTreeMap<Pfn, u32> = BTreeMap::new();
         let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
         let (mut regions, mut chains) = (0, 0);

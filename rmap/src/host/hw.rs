@@ -1,0 +1,168 @@
+//! The hardware the host stage 2 stands on, shared by every VM of a [`super::HostWorld`]: a
+//! bounded allocator of last-level table pages (failure injection), a per-VM TLB model, and
+//! the record of what went wrong (a frame freed while a TLB entry may still reach it, an
+//! access through such a stale entry, a valid entry installed where the TLB may still hold
+//! another translation: break-before-make with the invalidation still pending).
+//!
+//! The TLB model: a vCPU access ([`super::HostVm::read`] / [`super::HostVm::write`]) caches
+//! the page entry it used, per VM, until an invalidation covers it. `compare_exchange` of a
+//! valid entry invalidates at once (break-before-make), as does splitting a block;
+//! `compare_exchange_deferred`, `update_pages` and `clear_leaf` leave it cached until
+//! [`crate::Stage2::flush_deferred`] (VMID-wide), and `free_tables` drops the VM's entries
+//! (its VMID is invalidated with its tables). Accesses run under the TLB lock, so an
+//! invalidation waits for them, as TLBI + DSB waits for accesses in flight.
+
+use crate::lock::{Level, OrderedMutex};
+use crate::{Ipa, Pfn, VmId, PAGE_SIZE};
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// A cached translation of one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Cached {
+    pub(super) pfn: Pfn,
+    pub(super) writable: bool,
+    /// The frame's generation when it was cached: it changes when the frame is freed.
+    pub(super) gen: u64,
+}
+
+/// Per VM, page IPA → cached translation.
+pub(super) type Tlbs = BTreeMap<VmId, BTreeMap<Ipa, Cached>>;
+
+/// Table-page budget, TLB model and failure record (see the module documentation).
+pub struct HostHw {
+    /// Table pages that may still be allocated; `u64::MAX` is unlimited.
+    budget: AtomicU64,
+    tables: AtomicU64,
+    ooms: AtomicU64,
+    pub(super) tlb: OrderedMutex<Tlbs>,
+    failures: OrderedMutex<Vec<String>>,
+}
+
+impl Default for HostHw {
+    fn default() -> Self {
+        HostHw {
+            budget: AtomicU64::new(u64::MAX),
+            tables: AtomicU64::new(0),
+            ooms: AtomicU64::new(0),
+            tlb: OrderedMutex::new(Level::ALLOCATOR, "host.tlb", BTreeMap::new()),
+            failures: OrderedMutex::new(Level::ALLOCATOR, "host.failures", Vec::new()),
+        }
+    }
+}
+
+impl HostHw {
+    /// Allows `n` more table-page allocations (`None`: unlimited); the next one after those
+    /// fails, as a hypervisor out of table memory does.
+    pub fn set_table_budget(&self, n: Option<u64>) {
+        self.budget.store(n.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Table pages allocated so far (splits and new last-level tables).
+    pub fn tables_allocated(&self) -> u64 {
+        self.tables.load(Ordering::SeqCst)
+    }
+
+    /// Table-page allocations that failed so far.
+    pub fn out_of_memory_count(&self) -> u64 {
+        self.ooms.load(Ordering::SeqCst)
+    }
+
+    /// Takes one table page from the budget; false (and counted) when none is left.
+    pub(super) fn alloc_table(&self) -> bool {
+        let took = self
+            .budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| match b {
+                u64::MAX => Some(b),
+                0 => None,
+                b => Some(b - 1),
+            })
+            .is_ok();
+        let counter = if took { &self.tables } else { &self.ooms };
+        counter.fetch_add(1, Ordering::SeqCst);
+        took
+    }
+
+    /// Invalidates `vm`'s cached translations in `range` (TLBI by IPA).
+    pub(super) fn invalidate(&self, vm: VmId, range: Range<Ipa>) {
+        if let Some(cached) = self.tlb.lock().get_mut(&vm) {
+            let gone: Vec<Ipa> = cached.range(range).map(|(&ipa, _)| ipa).collect();
+            gone.iter().for_each(|ipa| {
+                cached.remove(ipa);
+            });
+        }
+    }
+
+    /// Invalidates every cached translation of `vm` (TLBI by VMID).
+    pub(super) fn flush(&self, vm: VmId) {
+        self.tlb.lock().remove(&vm);
+    }
+
+    /// Break-before-make, as hyp's witness (`hyp/src/bbm.rs`) checks it: a valid leaf of
+    /// `pages` pages from `first` (frames consecutive) is being installed at `ipa`; any
+    /// translation `vm`'s TLB still caches in its range for something else (an invalidation
+    /// still pending) is a failure.
+    pub(super) fn check_install(&self, vm: VmId, ipa: Ipa, pages: u64, first: Pfn, writable: bool) {
+        let tlbs = self.tlb.lock();
+        let Some(cached) = tlbs.get(&vm) else {
+            return;
+        };
+        for (&at, c) in cached.range(ipa..ipa + pages * PAGE_SIZE) {
+            let pfn = first + (at - ipa) / PAGE_SIZE;
+            if (c.pfn, c.writable) != (pfn, writable) {
+                self.record(format!(
+                    "{vm:?}: break-before-make: frame {pfn:#x} (writable {writable}) mapped at \
+                     IPA {at:#x} while the TLB may still hold frame {:#x} (writable {}) there",
+                    c.pfn, c.writable
+                ));
+            }
+        }
+    }
+
+    /// Records a failure (reported by [`super::HostWorld::check`]).
+    pub(super) fn record(&self, what: String) {
+        self.failures.lock_nested(1).push(what);
+    }
+
+    /// Called with the TLB lock held when `pfn` is freed: every VM still caching a
+    /// translation to it is a failure (the entries stay, so a later access through one is
+    /// reported too).
+    pub(super) fn check_free(&self, tlbs: &Tlbs, pfn: Pfn) {
+        for (vm, cached) in tlbs {
+            for (ipa, c) in cached.iter().filter(|(_, c)| c.pfn == pfn) {
+                self.record(format!(
+                    "frame {pfn:#x} freed while {vm:?}'s TLB may still hold it at IPA {ipa:#x} \
+                     (writable {})",
+                    c.writable
+                ));
+            }
+        }
+    }
+
+    /// The failures recorded so far (TLB model).
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().clone()
+    }
+
+    /// Forgets the failures recorded so far (a test that provoked them on purpose).
+    pub fn take_failures(&self) -> Vec<String> {
+        core::mem::take(&mut *self.failures.lock())
+    }
+
+    /// Pages `vm`'s TLB model caches now.
+    pub fn cached_pages(&self, vm: VmId) -> Vec<Ipa> {
+        self.tlb
+            .lock()
+            .get(&vm)
+            .map_or_else(Vec::new, |c| c.keys().copied().collect())
+    }
+}
+
+/// The page holding `ipa`.
+pub(super) fn page_of(ipa: Ipa) -> Ipa {
+    ipa & !(PAGE_SIZE - 1)
+}

@@ -1,0 +1,173 @@
+//! A host VM: its region list and stage 2, and the guest's own accesses (loads and stores
+//! through the TLB model, faults, MEM_RELEASE).
+
+use super::hw::{page_of, Cached, HostHw};
+use super::{HostMachine, HostStage2};
+use crate::backend::{S2Entry, Stage2, Stage2Locked};
+use crate::lock::{Level, OrderedRwLock};
+use crate::region::RegionList;
+use crate::{Error, Fault, Ipa, Pfn, Rmap, VmId};
+use alloc::format;
+use alloc::sync::Arc;
+
+/// A host VM: region list and stage-2.
+pub struct HostVm {
+    /// Its id.
+    pub id: VmId,
+    /// Region list (level 1).
+    pub regions: OrderedRwLock<RegionList>,
+    /// Stage-2 (level 4).
+    pub s2: HostStage2,
+}
+
+impl HostVm {
+    /// A VM with no regions, on hardware of its own.
+    pub fn new(id: VmId) -> Self {
+        Self::with_hw(id, Arc::default())
+    }
+
+    /// A VM with no regions on shared hardware (a world's budget and TLB model).
+    pub fn with_hw(id: VmId, hw: Arc<HostHw>) -> Self {
+        HostVm {
+            id,
+            regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", RegionList::new(id)),
+            s2: HostStage2::with_hw(id, hw),
+        }
+    }
+
+    /// A guest store of `value` to the page at `ipa`, faulting as the hardware would, through
+    /// the TLB model ([`HostVm::access`]): a cached writable translation is used until an
+    /// invalidation covers it.
+    pub fn write(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, value: u64) -> Result<(), Error> {
+        loop {
+            if self.access(m, ipa, true, |pfn| m.write_value(pfn, value)) {
+                return Ok(());
+            }
+            self.fault(rmap, m, ipa, true)?;
+        }
+    }
+
+    /// A guest load from the page at `ipa` (0 if never written), through the TLB model.
+    pub fn read(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<u64, Error> {
+        loop {
+            let mut value = 0;
+            if self.access(m, ipa, false, |pfn| value = m.read_value(pfn)) {
+                return Ok(value);
+            }
+            let entry = self.s2.lock().lookup(ipa);
+            if let S2Entry::Page { .. } = entry {
+                continue; // mapped meanwhile
+            }
+            if entry == S2Entry::Invalid {
+                let mapped = self.regions.read().find(ipa).is_some();
+                return if mapped { Ok(0) } else { Err(Error::NoRegion) };
+            }
+            self.fault(rmap, m, ipa, false)?;
+        }
+    }
+
+    /// What the guest would read at `ipa`, without faulting anything in (for checks at
+    /// quiescent points: a swapped page is read from the store).
+    pub fn peek(&self, m: &HostMachine, ipa: Ipa) -> u64 {
+        match self.s2.lock().lookup(ipa) {
+            S2Entry::Page { pfn, .. } => m.read_value(pfn),
+            S2Entry::Swap { slot } => m.swap_value(slot),
+            S2Entry::Invalid => 0,
+            S2Entry::Migration { .. } => panic!("migration entry at a quiescent point"),
+        }
+    }
+
+    /// MEM_RELEASE of the page at `ipa`, as `hyp::mm::release` does it: under the region
+    /// list's read lock only, so it races this VM's faults; the entry is cleared by CAS and
+    /// its frame mapping or swap-slot reference dropped. A page of a block needs the block
+    /// split: `OutOfFrames` (nothing changed) if no table page is left, as in hyp.
+    pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<(), Error> {
+        let _regions = self.regions.read();
+        loop {
+            let entry = self.s2.lock().lookup(ipa);
+            match entry {
+                S2Entry::Invalid => return Ok(()),
+                S2Entry::Migration { pfn, .. } => {
+                    rmap.wait_frame_unlocked(pfn);
+                    continue;
+                }
+                _ => {}
+            }
+            let mut s2 = self.s2.lock();
+            if s2.compare_exchange(ipa, entry, S2Entry::Invalid).is_err() {
+                if s2.take_out_of_memory() {
+                    return Err(Error::OutOfFrames);
+                }
+                continue;
+            }
+            drop(s2);
+            match entry {
+                S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
+                S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
+                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+            }
+            return Ok(());
+        }
+    }
+
+    /// A vCPU access to the page at `ipa`: `f` gets the frame, under the TLB lock (so an
+    /// invalidation waits for it, as TLBI + DSB waits for accesses in flight). A translation
+    /// the VM's TLB model caches is used as it is; on a miss the stage 2 is walked and the
+    /// translation cached. False if neither allows the access (the caller faults). An access
+    /// through a cached translation whose frame was freed since is recorded as a failure (and
+    /// not done).
+    pub fn access(&self, m: &HostMachine, ipa: Ipa, write: bool, f: impl FnOnce(Pfn)) -> bool {
+        let page = page_of(ipa);
+        let hw = self.s2.hw();
+        {
+            let mut tlbs = hw.tlb.lock();
+            let cached = tlbs.get(&self.id).and_then(|t| t.get(&page)).copied();
+            match cached {
+                Some(c) if c.gen == m.gen(c.pfn) && (c.writable || !write) => {
+                    f(c.pfn);
+                    return true;
+                }
+                Some(c) if c.gen != m.gen(c.pfn) => {
+                    let what = if write { "store to" } else { "load from" };
+                    hw.record(format!(
+                        "{:?}: {what} IPA {page:#x} through a stale TLB entry: frame {:#x} was \
+                         freed (or reused) since it was cached",
+                        self.id, c.pfn
+                    ));
+                    tlbs.get_mut(&self.id).map(|t| t.remove(&page));
+                }
+                _ => {}
+            }
+        }
+        let table = self.s2.lock();
+        let S2Entry::Page { pfn, writable } = table.lookup(page) else {
+            return false;
+        };
+        if write && !writable {
+            return false;
+        }
+        let gen = m.gen(pfn);
+        let mut tlbs = hw.tlb.lock();
+        let c = Cached { pfn, writable, gen };
+        tlbs.entry(self.id).or_default().insert(page, c);
+        f(pfn);
+        true
+    }
+
+    /// Handles a fault; a retry because a table page was missing during it is out of memory
+    /// (as hyp's fault path reports it), so a caller does not spin on a table that cannot
+    /// grow.
+    fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
+        // A flag left by someone else's failure (a batch that could not split) is not ours.
+        self.s2.lock().take_out_of_memory();
+        match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
+            Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
+            Fault::Retry(None) if self.s2.lock().take_out_of_memory() => {
+                return Err(Error::OutOfFrames)
+            }
+            Fault::Retry(None) => core::hint::spin_loop(),
+            Fault::Done => {}
+        }
+        Ok(())
+    }
+}
