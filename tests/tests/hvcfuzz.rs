@@ -31,7 +31,8 @@ fn hvcfuzz_with_chaos_harms_neither_the_hypervisor_nor_an_innocent_vm() {
     );
 }
 
-/// Expected to fail until HVC_RESTORE refuses snapshots of other VMs.
+/// Failed on 1447395 (the thief restored into the root's snapshot and read
+/// its marker); passes since 40a99c5 (snapshots belong to their VM).
 #[test]
 fn a_vm_cannot_restore_itself_into_another_vms_snapshot() {
     let cfg = MachineConfig {
@@ -51,10 +52,11 @@ fn a_vm_cannot_restore_itself_into_another_vms_snapshot() {
     assert_eq!(status, 0, "{t}");
 }
 
-/// Expected to fail until a RESTORE puts x0/x1 (the cookie) into the vCPU
-/// that took the snapshot, not the caller's, or refuses other callers: on
-/// 93d4bea vCPU 0 (the taker) resumes with x1 = 0 and vCPU 1 (the caller)
-/// resumes in the middle of its loop with x0 = 0 and x1 = the cookie.
+/// A RESTORE puts x0/x1 (the cookie) into the vCPU that took the snapshot
+/// and leaves every other vCPU's registers alone (or is refused). Failed on
+/// 93d4bea: vCPU 0 (the taker) resumed with x1 = 0 and vCPU 1 (the caller)
+/// in the middle of its loop with x0 = 0 and x1 = the cookie; passes since
+/// 2b14864.
 #[test]
 fn a_restore_from_another_vcpu_corrupts_no_registers() {
     let cfg = MachineConfig {
