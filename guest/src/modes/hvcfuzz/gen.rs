@@ -219,9 +219,19 @@ pub fn sanitize(mut call: Call, ctx: &Ctx, rng: &mut Rng) -> Option<Call> {
         HVC_EXIT => x[1] = 0,
         PSCI_CPU_OFF if ctx.vcpu == 0 => return None,
         PSCI_CPU_ON_64 | PSCI_CPU_ON_32 => {
-            let target = ctx.mpidrs.iter().position(|&m| m == x[1]);
-            let entry_ok = x[2] == ctx.secondary_entry;
-            let refused = !(ctx.ram.0..ctx.ram.1).contains(&x[2]) || x[2] & 3 != 0;
+            // CPU_ON_32 takes W registers: judge what the hypervisor will see
+            // (the junk above bit 31 stays, to check it is ignored).
+            let seen = |v: u64| {
+                if x[0] as u32 == PSCI_CPU_ON_32 {
+                    v as u32 as u64
+                } else {
+                    v
+                }
+            };
+            let (target, entry) = (seen(x[1]), seen(x[2]));
+            let target = ctx.mpidrs.iter().position(|&m| m == target);
+            let entry_ok = entry == ctx.secondary_entry;
+            let refused = !(ctx.ram.0..ctx.ram.1).contains(&entry) || entry & 3 != 0;
             match target {
                 Some(index) if entry_ok => x[3] = index as u64,
                 // Any other entry in RAM would run garbage: only refused ones.

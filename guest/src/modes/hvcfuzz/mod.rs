@@ -1,4 +1,4 @@
-//! `hvcfuzz [secs=N] [seed=S] [foreign=1] [anyvcpu=1]`: every vCPU issues
+//! `hvcfuzz [secs=N] [seed=S] [switches]`: every vCPU issues
 //! random vendor and PSCI hypercalls (`gen.rs`) for N seconds while FORK,
 //! SNAPSHOT, RESTORE, MEM_RELEASE and EXIT race across vCPUs and VMs.
 //!
@@ -12,15 +12,18 @@
 //! - Statics are per VM (each VM has its own copy-on-write memory); the root
 //!   carries its call count across its own restores in the restore cookie.
 //!
-//! Switches for known hypervisor bugs (findings in /work/notes):
-//! - `foreign=1`: the root restores random ids that may be other VMs'
-//!   snapshots (today's hypervisor lets it, turning the root into another VM).
-//! - `anyvcpu=1`: any vCPU may SNAPSHOT/RESTORE; otherwise only vCPU 0 does,
-//!   because a RESTORE by vCPU j gives j the snapshot's state of vCPU j with
-//!   x0/x1 overwritten, corrupting it unless j took the snapshot (F3).
+//! Switches for hypervisor bugs the fuzzer found (findings in
+//! /work/notes/hvcfuzz-findings.md), to fuzz past them on a hypervisor that
+//! still has them:
+//! - `foreign=0`: the root restores only ids that cannot be snapshots or its
+//!   own (before 40a99c5 any VM's snapshot was accepted, turning the root
+//!   into another VM; F1). Default 1: it tries ids near its own.
+//! - `anyvcpu=0`: only vCPU 0 SNAPSHOTs/RESTOREs anything real (before
+//!   2b14864 a RESTORE by vCPU j gave j its own snapshot state with x0/x1
+//!   overwritten at an arbitrary PC; F3). Default 1: any vCPU does.
 //! - `norestore=1`: no RESTORE that could succeed (the checker's and every
-//!   VM's own included): a fast restore waiting on a frame lock while holding
-//!   the snapshot's stage-2 lock deadlocks with chaos reclaim (F5).
+//!   VM's own included): before eccd210 a fast restore waited on a frame lock
+//!   holding the snapshot's stage-2 lock, deadlocking with reclaim (F5).
 
 mod checker;
 mod gen;
@@ -112,8 +115,8 @@ pub fn run(plat: &Platform) -> Result<(), Reason> {
         s => s,
     };
     SEED.store(seed, SeqCst);
-    FOREIGN.store(arg(plat, "foreign", 0) != 0, SeqCst);
-    ANY_VCPU.store(arg(plat, "anyvcpu", 0) != 0, SeqCst);
+    FOREIGN.store(arg(plat, "foreign", 1) != 0, SeqCst);
+    ANY_VCPU.store(arg(plat, "anyvcpu", 1) != 0, SeqCst);
     NO_RESTORE.store(arg(plat, "norestore", 0) != 0, SeqCst);
     let root = vm_id();
     ROOT_ID.store(root, SeqCst);
