@@ -73,6 +73,10 @@ pub struct Ctx<'a> {
     pub avoid: u64,
     /// `norestore=1`: no RESTORE that could succeed (mod.rs).
     pub no_restore: bool,
+    /// This VM's own snapshots (0 = none): the root restores them only on
+    /// purpose (mod.rs `own_snapshot_work`), else it would spend its run
+    /// jumping back to them and never get anywhere.
+    pub own: [u64; 8],
 }
 
 /// One hypercall: x0 (function id, maybe with garbage in its upper half)
@@ -248,10 +252,11 @@ pub fn sanitize(mut call: Call, ctx: &Ctx, rng: &mut Rng) -> Option<Call> {
         HVC_RESTORE => {
             // The root restores only its own snapshots (mod.rs) unless told
             // to try foreign ones; only vCPU 0 may restore anything real.
-            let free =
-                ((ctx.vcpu == 0 && (!ctx.root || ctx.foreign)) || ctx.any_vcpu) && !ctx.no_restore;
-            if (!free && !surely_no_snapshot(x[1], ctx.me)) || (ctx.avoid != 0 && x[1] == ctx.avoid)
-            {
+            let any = ctx.vcpu == 0 || ctx.any_vcpu;
+            let free = any && (!ctx.root || ctx.foreign) && !ctx.no_restore;
+            let own = ctx.root && ctx.own.contains(&x[1]);
+            let avoid = ctx.avoid != 0 && x[1] == ctx.avoid;
+            if (!free && !surely_no_snapshot(x[1], ctx.me)) || avoid || own {
                 x[1] |= 1 << 63;
             }
         }
