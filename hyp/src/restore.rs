@@ -60,14 +60,14 @@ pub fn restore_dirty(vm: &Vm, snap: &Vm) -> Result<(), RestoreError> {
     let mut from = Some(vm.ram.base);
     while let Some(start) = from {
         let mut cleared = ArrayVec::<Cleared, CHUNK>::new();
-        from = break_chunk(vm, snap, start, &mut cleared);
-        if cleared.is_empty() {
-            continue;
+        let next = break_chunk(vm, snap, start, &mut cleared);
+        if !cleared.is_empty() {
+            // No TLB may still hold a cleared leaf before a frame it mapped
+            // can be freed, or before a new valid entry is written at its IPA.
+            vm.flush_deferred();
+            make_chunk(vm, snap, &cleared)?;
         }
-        // No TLB may still hold a cleared leaf before a frame it mapped can
-        // be freed, or before a new valid entry is written at its IPA.
-        vm.flush_deferred();
-        make_chunk(vm, snap, &cleared)?;
+        from = next?;
     }
     Ok(())
 }
@@ -102,15 +102,17 @@ fn snapshot_entry(snap: &Vm, ipa: u64) -> S2Entry {
 
 /// Step 1: clears up to CHUNK leaves of logged pages that differ from the
 /// snapshot, from `from` on. Returns where the next chunk starts (None: the
-/// log is done).
+/// log is done). What was cleared so far is in `cleared` even on an error.
 fn break_chunk(
     vm: &Vm,
     snap: &Vm,
     mut from: u64,
     cleared: &mut ArrayVec<Cleared, CHUNK>,
-) -> Option<u64> {
+) -> Result<Option<u64>, RestoreError> {
     while !cleared.is_full() {
-        let ipa = vm.dirty.lock().next_from(from)?;
+        let Some(ipa) = vm.dirty.lock().next_from(from) else {
+            return Ok(None);
+        };
         let target = snapshot_entry(snap, ipa);
         let mut s2 = vm.lock();
         let have = s2.lookup(ipa);
@@ -128,19 +130,21 @@ fn break_chunk(
                 cleared.push((ipa, 1, S2Entry::Invalid));
                 from = ipa + PAGE_SIZE;
             }
-            _ => {
-                // Err: changed since the lookup (a migration or reclaim of
-                // the frame got in between): look again.
-                if let Ok((start, pages, first)) =
-                    s2.clear_leaf(ipa, have, vm.ram.base..vm.ram.end())
-                {
+            _ => match s2.clear_leaf(ipa, have, vm.ram.base..vm.ram.end()) {
+                Ok((start, pages, first)) => {
                     cleared.push((start, pages, first));
                     from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                 }
-            }
+                // Still there: it cannot be cleared (a block that would need
+                // splitting; never for RAM, whose blocks lie inside it).
+                Err(found) if found == have => return Err(RestoreError::Memory),
+                // Changed since the lookup (a migration or reclaim of the
+                // frame got in between): look again.
+                Err(_) => {}
+            },
         }
     }
-    Some(from)
+    Ok(Some(from))
 }
 
 /// Step 3: lets go of what the cleared leaves held (their TLB entries are

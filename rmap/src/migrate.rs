@@ -79,10 +79,12 @@ impl Rmap {
             |m: &Mapper, s2: &mut dyn Stage2Locked| {
                 if let S2Entry::Page { writable, .. } = m.entry {
                     let migration = S2Entry::Migration { pfn, writable };
-                    s2.compare_exchange(m.ipa, m.entry, migration)
-                        .expect("stage-2 locked");
-                    let last = frame.dec_map();
-                    debug_assert!(!last, "the migrator's pin keeps the frame");
+                    // Refused only when a block holding the page cannot be split (no table
+                    // page): that mapping stays, the mapcount says so, and we back off below.
+                    if s2.compare_exchange(m.ipa, m.entry, migration).is_ok() {
+                        let last = frame.dec_map();
+                        debug_assert!(!last, "the migrator's pin keeps the frame");
+                    }
                 }
                 ControlFlow::Continue(())
             },

@@ -315,7 +315,6 @@ fn batches_leave_an_unsplittable_block_alone() {
 /// unsplittable block is reported"), so the migrator panics instead of backing off (Busy).
 /// The hypervisor keeps a table-page reserve, so this needs the reserve exhausted there.
 #[test]
-#[ignore = "rmap bug: migrate.rs unmap_to_migration panics when a block cannot be split"]
 fn migrating_a_block_frame_without_a_table_page_backs_off() {
     let w = world();
     let (a, model) = blocky_vm(&w);

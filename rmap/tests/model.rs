@@ -158,10 +158,9 @@ impl Model {
                 let interior = self.vms.iter().any(|(_, _, a)| a.contains(&vm.id));
                 self.interior_destroyed |= interior;
             }
-            // Single-frame migration and reclaim panic on a block they cannot split (the
-            // ignored test in tests/hurt.rs): only with table pages to spare.
-            Op::Migrate { frame } if !self.limited => self.move_one(frame, false),
-            Op::Reclaim { frame } if !self.limited => self.move_one(frame, true),
+            // With the budget cut, a block that cannot be split makes these back off (Busy).
+            Op::Migrate { frame } => self.move_one(frame, false),
+            Op::Reclaim { frame } => self.move_one(frame, true),
             Op::Batch {
                 frame,
                 len,
@@ -224,7 +223,10 @@ impl Model {
         } else {
             w.rmap.migrate_frame(&w.vms, &w.machine, pfn).map(drop)
         };
-        assert!(r.is_ok() || cached(w, pfn), "{r:?}");
+        // Busy is also right when a block holding the frame cannot be split for want of a
+        // table page: the mapping stays and the migrator backs off.
+        let no_split = self.limited && matches!(r, Err(Error::Busy));
+        assert!(r.is_ok() || cached(w, pfn) || no_split, "{r:?}");
     }
 
     /// A batched migration or reclaim of up to `len` mapped frames from `frame` on.
