@@ -531,7 +531,7 @@ impl LockedStage2<'_> {
     fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
         if self.mem.batching
             && matches!(leaf.leaf, Leaf::Mapped(_))
-            && !matches!(new, S2Entry::Page { .. })
+            && matches!(new, S2Entry::Invalid | S2Entry::Swap { .. })
         {
             // Noted before the write (a failed CAS only makes it stricter).
             self.mem.bbm_note(leaf.ipa, leaf.size());
@@ -691,8 +691,12 @@ impl Stage2Locked for LockedStage2<'_> {
                     };
                     match result {
                         Ok(()) => {
-                            if let (S2Entry::Page { .. }, false) =
-                                (old, matches!(new, S2Entry::Page { .. }))
+                            // A migration entry keeps its frame: putting the
+                            // same frame back needs no break (same output
+                            // address), and a new one is installed only after
+                            // the batch's flush, so only Invalid/Swap count.
+                            if let (S2Entry::Page { .. }, true) =
+                                (old, matches!(new, S2Entry::Invalid | S2Entry::Swap { .. }))
                             {
                                 self.mem.bbm_note(ipas[k] & !(PAGE_SIZE - 1), PAGE_SIZE);
                             }
