@@ -11,9 +11,9 @@ use crate::chain::ChainHandle;
 use crate::interval::IntervalIndex;
 use crate::lock::{Level, OrderedReadGuard, OrderedRwLock, OrderedWriteGuard};
 use crate::pool::Handle;
+use crate::sync::atomic::{AtomicU32, Ordering};
 use crate::{Error, Rmap};
 use alloc::collections::BTreeMap;
-use core::sync::atomic::{AtomicU32, Ordering};
 
 /// A generation-checked handle to an [`AnonVma`].
 pub type AnonHandle = Handle<AnonVma>;

@@ -101,6 +101,7 @@ impl Rmap {
         let mut targets = Vec::with_capacity(taken.len());
         for t in &taken {
             let new = t.target();
+            #[cfg(not(feature = "mutate-copy-before-flush"))]
             alloc.copy(new, t.pfn);
             let anon_vma = t
                 .guard
@@ -226,6 +227,12 @@ impl Rmap {
             }
             results[t.at] = Err(Skip::Unreachable);
             self.release(t, alloc);
+        }
+        // Broken variant: the frames are copied while a VM's TLB may still hold a writable
+        // translation to them (a store after the copy is lost).
+        #[cfg(feature = "mutate-copy-before-flush")]
+        for t in taken.iter().filter(|t| migrate && t.new.is_some()) {
+            alloc.copy(t.target(), t.pfn);
         }
         self.flush_vms(vms, &flush);
         taken

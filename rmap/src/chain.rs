@@ -5,9 +5,9 @@
 use crate::anon_vma::{AnonHandle, Family};
 use crate::pool::Handle;
 use crate::region::{Region, RegionFlags};
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::{Error, Ipa, Rmap, VmId};
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// A generation-checked handle to a chain.
 pub type ChainHandle = Handle<Chain>;

@@ -47,9 +47,41 @@ impl Rmap {
         alloc: &A,
         swap: &W,
     ) -> UnlinkProof {
+        #[cfg(feature = "mutate-free-tables-before-unlink")]
+        return self.destroy_vm_freeing_first(list, s2, alloc, swap);
+        #[allow(unreachable_code)]
         for start in list.starts() {
             let region = list.take(start).expect("listed");
             self.remove_region(region, s2, alloc, swap);
+        }
+        UnlinkProof {
+            vm: list.vm(),
+            range: 0..Ipa::MAX,
+        }
+    }
+
+    /// Broken variant (lesson 5): the stage-2 tables are freed after the zap but before the
+    /// regions are unlinked, so a walker can still follow a chain into them.
+    #[cfg(feature = "mutate-free-tables-before-unlink")]
+    fn destroy_vm_freeing_first<S: Stage2, A: FrameAllocator, W: SwapStore>(
+        &self,
+        list: &mut RegionList,
+        s2: &S,
+        alloc: &A,
+        swap: &W,
+    ) -> UnlinkProof {
+        let mut regions = alloc::vec::Vec::new();
+        for start in list.starts() {
+            let region = list.take(start).expect("listed");
+            self.zap(&region, s2, alloc, swap);
+            regions.push(region);
+        }
+        s2.free_tables(UnlinkProof {
+            vm: list.vm(),
+            range: 0..Ipa::MAX,
+        });
+        for mut region in regions {
+            self.unlink_region(&mut region);
         }
         UnlinkProof {
             vm: list.vm(),

@@ -112,7 +112,7 @@ impl Rmap {
     /// Spins until `pfn`'s lock bit clears (a migration or reclaim finished).
     pub fn wait_frame_unlocked(&self, pfn: Pfn) {
         while self.frames.frame(pfn).is_locked() {
-            core::hint::spin_loop();
+            crate::sync::spin_loop();
         }
     }
 
@@ -162,7 +162,13 @@ impl Rmap {
         if !frame.try_pin() {
             return Ok(Fault::Retry(None));
         }
+        // Broken variant (lesson 2): the stage-2 lock (level 4) held while waiting for the
+        // frame lock (level 2), against the one written order.
+        #[cfg(feature = "mutate-lock-order")]
+        let early = s2.lock();
         let guard = self.frames.lock(pfn);
+        #[cfg(feature = "mutate-lock-order")]
+        drop(early);
         let old = S2Entry::Page {
             pfn,
             writable: false,

@@ -17,12 +17,12 @@ pub use vm::HostVm;
 use crate::backend::{FrameAllocator, Stage2, Stage2Locked, VmSet};
 use crate::lock::{Level, OrderedMutex, OrderedRwLock};
 use crate::region::RegionFlags;
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::{Error, Ipa, Pfn, Rmap, VmId, PAGE_SIZE};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Host frames with contents (`words` u64 per page), a free list, and a swap store.
 pub struct HostMachine {

@@ -39,7 +39,11 @@ impl<V> Default for IntervalIndex<V> {
 impl<V: Copy + PartialEq> IntervalIndex<V> {
     /// Adds `[start, end)` after every entry with the same start.
     pub fn insert(&mut self, start: u64, end: u64, value: V) {
+        #[cfg(not(feature = "mutate-chain-head-insert"))]
         let pos = self.entries.partition_point(|e| e.start <= start);
+        // Broken variant (lesson 3): a new chain goes before the older ones of its start.
+        #[cfg(feature = "mutate-chain-head-insert")]
+        let pos = self.entries.partition_point(|e| e.start < start);
         self.entries.insert(pos, Entry { start, end, value });
         self.rebuild();
     }

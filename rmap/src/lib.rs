@@ -29,6 +29,7 @@ pub mod pool;
 pub mod reclaim;
 pub mod region;
 pub mod swap_cache;
+pub mod sync;
 pub mod walk;
 
 #[cfg(test)]

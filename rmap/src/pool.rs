@@ -7,11 +7,11 @@
 //! the handle named". Handles pack into 32 bits so a `Frame` can hold one and stay 16 bytes.
 
 use crate::lock::{Level, OrderedMutex};
+use crate::sync::atomic::{AtomicU32, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU32, Ordering};
 
 /// Bits of a packed handle used for the slot index (so at most 2^18 slots per pool).
 pub const SLOT_BITS: u32 = 18;
@@ -213,8 +213,13 @@ impl<T> Pool<T> {
     pub fn recycle(&self, handle: Handle<T>) {
         let slot = self.slot(handle);
         debug_assert_eq!(slot.refs(), 0);
+        // Broken variant (lesson 1): the slot is handed back for reuse before its old
+        // identity is invalidated, so a new owner can be published under the stale handle.
+        #[cfg(feature = "mutate-recycle-before-invalidate")]
+        self.free.lock().push(handle.index() as u32);
         slot.gen
             .store(next_gen(handle.generation()), Ordering::Release);
+        #[cfg(not(feature = "mutate-recycle-before-invalidate"))]
         self.free.lock().push(handle.index() as u32);
     }
 

@@ -110,7 +110,13 @@ impl Rmap {
                 // Generations only grow: still equal means the slot was never freed in between,
                 // so `root` was this anon_vma's root; mapped means chains (unlinked only under
                 // the write lock we now block) keep it alive.
-                if frame.is_mapped() && slot.is(anon_vma) && frame.anon_vma() == Some(anon_vma) {
+                #[cfg(not(feature = "mutate-anon-vma-recheck"))]
+                let still =
+                    frame.is_mapped() && slot.is(anon_vma) && frame.anon_vma() == Some(anon_vma);
+                // Broken variant (lesson 4): the fast path trusts what it read before locking.
+                #[cfg(feature = "mutate-anon-vma-recheck")]
+                let still = true;
+                if still {
                     return Some(AnonReadLock {
                         family,
                         anon_vma,

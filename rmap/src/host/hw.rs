@@ -13,13 +13,13 @@
 //! invalidation waits for them, as TLBI + DSB waits for accesses in flight.
 
 use crate::lock::{Level, OrderedMutex};
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{Ipa, Pfn, VmId, PAGE_SIZE};
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// A cached translation of one page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,11 +6,11 @@
 use super::HostMachine;
 use crate::backend::SwapStore;
 use crate::lock::{Level, OrderedMutex};
+use crate::sync::atomic::Ordering;
 use crate::Pfn;
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
 
 /// Slot number → (contents, references); numbers freed and not yet reused.
 #[derive(Default)]

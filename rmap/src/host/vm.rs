@@ -165,7 +165,7 @@ impl HostVm {
             Fault::Retry(None) if self.s2.lock().take_out_of_memory() => {
                 return Err(Error::OutOfFrames)
             }
-            Fault::Retry(None) => core::hint::spin_loop(),
+            Fault::Retry(None) => crate::sync::spin_loop(),
             Fault::Done => {}
         }
         Ok(())
