@@ -1,0 +1,264 @@
+//! The five seed races of DESIGN.md ("seed lessons"), and the batch-flush race, run against
+//! the crate's REAL code (`rmap::host` backend) under shuttle's randomised and PCT schedulers.
+//! `tests/loom_races.rs` keeps the miniature models of the same races as documentation.
+//!
+//! Each scenario has a broken variant of the real code behind a cargo feature (the fix
+//! removed where it lives in `src/`); under that feature the scenario's test asserts that
+//! shuttle finds a failing schedule, and that it fails for the expected reason, so every check
+//! here is known to be able to fail:
+//!
+//! | test | lesson | mutation feature | what breaks |
+//! |---|---|---|---|
+//! | `seed1_publish_*` | 1 | `mutate-recycle-before-invalidate` | `Pool::recycle` frees the slot before bumping its generation: a new anon_vma is published under the stale handle |
+//! | `seed2_adopt_*` | 2 | `mutate-lock-order` | `fault_cow` holds the stage-2 lock while it waits for the frame lock |
+//! | `seed3_fork_walk_*` | 3 | `mutate-chain-head-insert` | `IntervalIndex::insert` puts a fork child's chain before its parent's |
+//! | `seed4_walker_*` | 4 | `mutate-anon-vma-recheck` | `lock_anon_vma_read`'s fast path skips the re-check after the try-lock |
+//! | `seed5_unlink_*` | 5 | `mutate-free-tables-before-unlink` | `destroy_vm` frees the stage-2 tables before unlinking |
+//! | `batch_flush_*` | (TLB) | `mutate-copy-before-flush` | batched migration copies frames before the TLB flush |
+//!
+//! Run: `cargo test -p rmap --features shuttle --test shuttle_seeds` (CI-sized: each scenario
+//! `DEFAULT` iterations per scheduler). Search longer: `RMAP_SHUTTLE_ITERS=20000 cargo test
+//! -p rmap --release --features shuttle --test shuttle_seeds` (a debug build also runs
+//! lockdep). A mutation: `cargo test -p rmap --features mutate-chain-head-insert --test
+//! shuttle_seeds seed3` (only that scenario: a mutation may break others too). `cargo xtask
+//! test` runs all of them. A failure prints the schedule; `shuttle::replay` reproduces it.
+#![cfg(feature = "shuttle")]
+
+mod shuttle_common;
+
+use rmap::Error;
+use shuttle::thread;
+use shuttle_common::{
+    check, frame_at, holds_unless_mutated, migrate, read, world, write, PAGE, RAM,
+};
+
+/// Iterations per scheduler per scenario in CI.
+const DEFAULT: usize = 1000;
+
+/// Lesson 1: a new anon_vma is fully set up and locked before it is published, and a stale
+/// handle can never name it. VM 1's only page is torn down while VM 2's first fault needs an
+/// anon_vma from a pool of one (so it gets VM 1's recycled slot), and a lockless walker holds
+/// VM 1's frame's (stale) anon_vma handle. Whatever the walker pins must be live, and at the
+/// end every counter and handle must be consistent.
+fn publish() {
+    let w = world(4, 1, 4);
+    let vm1 = w.create_vm(&[(RAM, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let vm2 = w.create_vm(&[(RAM, 1)]);
+    let walker = {
+        let w = w.clone();
+        thread::spawn(move || {
+            if let Some(pin) = w.rmap.get_anon_vma(pfn) {
+                let live = w.rmap.anon_vma(pin.handle()).is_some();
+                assert!(live, "get_anon_vma pinned an anon_vma that is not live");
+            }
+        })
+    };
+    let destroyer = {
+        let w = w.clone();
+        thread::spawn(move || w.destroy(&vm1))
+    };
+    // The pool has one anon_vma: the first fault waits for VM 1's to be recycled.
+    while let Err(e) = vm2.write(&w.rmap, &w.machine, RAM, 2) {
+        assert_eq!(e, Error::OutOfAnonVmas);
+        thread::yield_now();
+    }
+    walker.join().unwrap();
+    destroyer.join().unwrap();
+    assert_eq!(read(&w, &vm2, RAM), 2);
+    check(&w);
+    w.destroy(&vm2);
+    check(&w);
+}
+
+#[test]
+fn seed1_publish_real_code() {
+    let mutated = cfg!(feature = "mutate-recycle-before-invalidate");
+    holds_unless_mutated(
+        DEFAULT,
+        publish,
+        mutated,
+        &["named by a region is free", "not live"],
+    );
+}
+
+/// Lesson 2: adopting a neighbour's anon_vma takes that family's lock, and every path takes
+/// its locks in the one written order. VM 1's second region adopts the first one's anon_vma
+/// (its first fault) while the fork child's CoW fault and a migration of the shared frame
+/// run in the same family; then VM 1 writes its CoW page too.
+fn adopt() {
+    let w = world(8, 4, 8);
+    let vm1 = w.create_vm(&[(RAM, 1), (RAM + PAGE, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let vm2 = w.fork(&vm1).unwrap();
+    let adopter = {
+        let (w, vm1) = (w.clone(), vm1.clone());
+        thread::spawn(move || {
+            write(&w, &vm1, RAM + PAGE, 3);
+            write(&w, &vm1, RAM, 4);
+        })
+    };
+    let cow = {
+        let (w, vm2) = (w.clone(), vm2.clone());
+        thread::spawn(move || write(&w, &vm2, RAM, 2))
+    };
+    migrate(&w, &[pfn]);
+    adopter.join().unwrap();
+    cow.join().unwrap();
+    check(&w);
+    assert_eq!(read(&w, &vm1, RAM), 4);
+    assert_eq!(read(&w, &vm1, RAM + PAGE), 3);
+    assert_eq!(read(&w, &vm2, RAM), 2);
+    let adopted = vm1
+        .regions
+        .read()
+        .iter()
+        .map(|r| r.anon_vma())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        adopted[0], adopted[1],
+        "the second region adopted the first's anon_vma"
+    );
+    w.destroy(&vm1);
+    w.destroy(&vm2);
+    check(&w);
+}
+
+#[test]
+fn seed2_adopt_real_code() {
+    let mutated = cfg!(feature = "mutate-lock-order");
+    holds_unless_mutated(DEFAULT, adopt, mutated, &["lock order inversion"]);
+}
+
+/// Lesson 3: a fork child's chains go at the tail, so a migration walk that passes the
+/// parent before the child's entry was copied still finds that entry later. VM 1 forks while
+/// its only frame is migrated; no migration entry may be left anywhere and both VMs read the
+/// page's contents.
+fn fork_walk() {
+    let w = world(8, 4, 8);
+    let vm1 = w.create_vm(&[(RAM, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let forker = {
+        let (w, vm1) = (w.clone(), vm1.clone());
+        thread::spawn(move || w.fork(&vm1).unwrap())
+    };
+    migrate(&w, &[pfn]);
+    let vm2 = forker.join().unwrap();
+    // Before any read: a stray migration entry would make a fault wait forever.
+    check(&w);
+    assert_eq!(read(&w, &vm1, RAM), 1);
+    assert_eq!(read(&w, &vm2, RAM), 1);
+    w.destroy(&vm1);
+    w.destroy(&vm2);
+    check(&w);
+}
+
+#[test]
+fn seed3_fork_walk_real_code() {
+    let mutated = cfg!(feature = "mutate-chain-head-insert");
+    holds_unless_mutated(DEFAULT, fork_walk, mutated, &["stray Migration"]);
+}
+
+/// Lesson 4: a lockless walker re-verifies what it read before it trusts the lock it got.
+/// `lock_anon_vma_read` races the teardown of the only VM mapping the frame; a lock it
+/// returns must hold the family of a live anon_vma with its node (what the walk then visits).
+fn walker() {
+    let w = world(4, 2, 4);
+    let vm1 = w.create_vm(&[(RAM, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let walker = {
+        let w = w.clone();
+        thread::spawn(move || {
+            if let Some(locked) = w.rmap.lock_anon_vma_read(pfn) {
+                let node = locked.family().node(locked.handle()).is_some();
+                assert!(
+                    node,
+                    "lock_anon_vma_read locked a family without the frame's anon_vma"
+                );
+            }
+        })
+    };
+    w.destroy(&vm1);
+    walker.join().unwrap();
+    check(&w);
+}
+
+#[test]
+fn seed4_walker_real_code() {
+    let mutated = cfg!(feature = "mutate-anon-vma-recheck");
+    holds_unless_mutated(
+        DEFAULT,
+        walker,
+        mutated,
+        &["locked a family without the frame's anon_vma"],
+    );
+}
+
+/// Lesson 5: a VM's regions are unlinked before its stage-2 tables go, so a walker that
+/// reaches a VM through a chain finds live tables (the host stage 2 panics on freed ones).
+/// The parent is destroyed while the frame it shares with its fork child is walked.
+fn unlink() {
+    let w = world(8, 4, 8);
+    let vm1 = w.create_vm(&[(RAM, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let vm2 = w.fork(&vm1).unwrap();
+    let walker = {
+        let w = w.clone();
+        thread::spawn(move || w.rmap.mappers(pfn, &w.vms))
+    };
+    w.destroy(&vm1);
+    let found = walker.join().unwrap();
+    assert!(
+        found.iter().any(|m| m.vm == vm2.id),
+        "the child's mapping: {found:?}"
+    );
+    check(&w);
+    assert_eq!(read(&w, &vm2, RAM), 1);
+    w.destroy(&vm2);
+    check(&w);
+}
+
+#[test]
+fn seed5_unlink_real_code() {
+    let mutated = cfg!(feature = "mutate-free-tables-before-unlink");
+    holds_unless_mutated(DEFAULT, unlink, mutated, &["reached freed stage-2 tables"]);
+}
+
+/// Batched migration: frames are copied only after every VM's TLB was flushed, so a vCPU's
+/// store through a translation it still caches is never lost. A vCPU stores to its page
+/// (whose writable translation it cached) while the frame is migrated, then loads it back.
+fn batch_flush() {
+    let w = world(8, 2, 4);
+    let vm1 = w.create_vm(&[(RAM, 1)]);
+    write(&w, &vm1, RAM, 1);
+    let pfn = frame_at(&vm1, RAM);
+    let vcpu = {
+        let (w, vm1) = (w.clone(), vm1.clone());
+        thread::spawn(move || {
+            write(&w, &vm1, RAM, 2);
+            assert_eq!(read(&w, &vm1, RAM), 2, "a store was lost");
+        })
+    };
+    migrate(&w, &[pfn]);
+    vcpu.join().unwrap();
+    check(&w);
+    assert_eq!(read(&w, &vm1, RAM), 2, "a store was lost");
+    w.destroy(&vm1);
+    check(&w);
+}
+
+#[test]
+fn batch_flush_real_code() {
+    let mutated = cfg!(feature = "mutate-copy-before-flush");
+    holds_unless_mutated(
+        DEFAULT,
+        batch_flush,
+        mutated,
+        &["a store was lost", "checksum mismatch"],
+    );
+}
