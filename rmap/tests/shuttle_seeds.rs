@@ -33,7 +33,7 @@ use shuttle_common::{
 };
 
 /// Iterations per scheduler per scenario in CI.
-const DEFAULT: usize = 1000;
+const DEFAULT: usize = 4000;
 
 /// Lesson 1: a new anon_vma is fully set up and locked before it is published, and a stale
 /// handle can never name it. VM 1's only page is torn down while VM 2's first fault needs an

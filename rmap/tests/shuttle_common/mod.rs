@@ -1,4 +1,6 @@
 //! Shared by `tests/shuttle_*.rs`: the schedulers, the iteration count, small worlds.
+// Each test file uses its own subset.
+#![allow(dead_code)]
 
 use rmap::host::{HostVm, HostWorld};
 use rmap::{Pfn, S2Entry};
@@ -90,16 +92,17 @@ pub fn check(w: &HostWorld) {
     }
 }
 
-/// Migrates `pfns` in one batch.
-pub fn migrate(w: &HostWorld, pfns: &[Pfn]) {
+/// Migrates `pfns` in one batch; how many moved.
+pub fn migrate(w: &HostWorld, pfns: &[Pfn]) -> usize {
     let mut out = Vec::new();
     w.rmap.migrate_frames(&w.vms, &w.machine, pfns, &mut out);
+    out.iter().filter(|r| r.is_ok()).count()
 }
 
-/// Reclaims `pfns` in one batch.
-#[allow(dead_code)] // not every test file reclaims
-pub fn reclaim(w: &HostWorld, pfns: &[Pfn]) {
+/// Reclaims `pfns` in one batch; how many went to swap.
+pub fn reclaim(w: &HostWorld, pfns: &[Pfn]) -> usize {
     let mut out = Vec::new();
     w.rmap
         .reclaim_frames(&w.vms, &w.machine, &w.machine, pfns, &mut out);
+    out.iter().filter(|r| r.is_ok()).count()
 }
