@@ -18,6 +18,7 @@ commands:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)
   test           clippy, host tests of every crate, then the QEMU scenarios in tests/
+  shuttle        only rmap's shuttle runs and mutation checks (part of test)
   bench [chain|fork|guest|migrate|linux]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => qemu::run(&args[1..]),
         Some("test") => test(),
+        Some("shuttle") => shuttle(),
         Some("bench") => bench(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("build") => setup::ensure()
@@ -73,6 +75,7 @@ fn test() -> Result<(), String> {
         ],
         &[],
     )?;
+    shuttle()?;
     build::cargo(
         &["test", "-p", "qemu-tests", "--", "--test-threads=1"],
         &[
@@ -82,6 +85,44 @@ fn test() -> Result<(), String> {
         ],
     )?;
     println!("xtask: all tests passed");
+    Ok(())
+}
+
+/// rmap's broken variants (`mutate-*` features of rmap/Cargo.toml) and the shuttle scenario
+/// of `rmap/tests/shuttle_seeds.rs` that must catch each.
+const MUTATIONS: [(&str, &str); 6] = [
+    ("mutate-recycle-before-invalidate", "seed1"),
+    ("mutate-lock-order", "seed2"),
+    ("mutate-chain-head-insert", "seed3"),
+    ("mutate-anon-vma-recheck", "seed4"),
+    ("mutate-free-tables-before-unlink", "seed5"),
+    ("mutate-copy-before-flush", "batch_flush"),
+];
+
+/// rmap's real code under shuttle (`tests/shuttle_*.rs`, CI-sized; `RMAP_SHUTTLE_ITERS`
+/// raises it), then each mutation with the scenario that must catch it (one build each).
+fn shuttle() -> Result<(), String> {
+    let manifest = std::fs::read_to_string(build::root().join("rmap/Cargo.toml"))
+        .map_err(|e| format!("rmap/Cargo.toml: {e}"))?;
+    let mut features = manifest
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .filter(|(f, _)| f.starts_with("mutate-"));
+    if let Some((f, _)) = features.find(|(f, _)| !MUTATIONS.iter().any(|(m, _)| m == f)) {
+        return Err(format!(
+            "rmap feature {f} has no shuttle scenario in xtask's MUTATIONS"
+        ));
+    }
+    let tests = ["--test", "shuttle_seeds", "--test", "shuttle_stress"];
+    let mut args = vec!["test", "-p", "rmap", "--features", "shuttle"];
+    build::cargo(&[&args[..], &tests].concat(), &[])?;
+    for (feature, scenario) in MUTATIONS {
+        args = vec!["test", "-p", "rmap", "--features", feature];
+        build::cargo(
+            &[&args[..], &["--test", "shuttle_seeds", scenario]].concat(),
+            &[],
+        )?;
+    }
     Ok(())
 }
 
