@@ -49,7 +49,7 @@ impl Rmap {
     ) -> UnlinkProof {
         #[cfg(feature = "mutate-free-tables-before-unlink")]
         return self.destroy_vm_freeing_first(list, s2, alloc, swap);
-        #[allow(unreachable_code)]
+        #[cfg_attr(feature = "mutate-free-tables-before-unlink", allow(unreachable_code))]
         for start in list.starts() {
             let region = list.take(start).expect("listed");
             self.remove_region(region, s2, alloc, swap);

@@ -29,6 +29,8 @@ type HeldStack = ArrayVec<Held, MAX_HELD>;
 #[derive(Debug, PartialEq, Eq)]
 pub struct HookAlreadySet;
 
+// Real `spin` primitives even under the checker: the hook is set once at boot, and the per-CPU
+// slots exist only at EL2 (host builds, shuttle's included, keep the stack per thread).
 static CPU_HOOK: spin::Once<fn() -> usize> = spin::Once::new();
 
 /// Installs the function that returns the current CPU's index (`< MAX_CPUS`). Once only.
