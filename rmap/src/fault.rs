@@ -16,6 +16,15 @@ pub enum Fault {
     Retry(Option<Pfn>),
 }
 
+/// Broken variant (the swap-slot race of issue 12): a swap-in holds no slot reference of its
+/// own, so MEM_RELEASE can free the slot, and its number be reused, under the fault.
+const MUTATE_SWAP_IN_WITHOUT_REF: bool = cfg!(feature = "mutate-swap-in-without-ref");
+
+/// Takes the swap-in's own reference on `slot` (false if the slot is free).
+fn take_swap_ref<W: SwapStore>(swap: &W, slot: u64) -> bool {
+    MUTATE_SWAP_IN_WITHOUT_REF || swap.try_dup(slot)
+}
+
 impl Rmap {
     /// Handles a stage-2 fault at `ipa` in the VM whose region list is `regions` (taken for
     /// read; briefly for write on the first fault of a region, to prepare its anon_vma).
@@ -59,7 +68,9 @@ impl Rmap {
                 // and drop its reference, and without ours the slot could be freed and
                 // reused for another page while we load it (Linux's `do_swap_page` holds the
                 // swap entry likewise, and re-checks `pte_same` before installing: our CAS).
-                S2Entry::Swap { slot } if !swap.try_dup(slot) => return Ok(Fault::Retry(None)),
+                S2Entry::Swap { slot } if !take_swap_ref(swap, slot) => {
+                    return Ok(Fault::Retry(None))
+                }
                 _ => entry,
             }
         };
@@ -77,7 +88,9 @@ impl Rmap {
                 let done = self.fault_swap(region, s2, alloc, swap, ipa, slot);
                 // Our reference goes on every path, through `put_swap`: it may be the last
                 // one besides the swap cache's, which must then let go too.
-                self.put_swap(slot, swap, alloc);
+                if !MUTATE_SWAP_IN_WITHOUT_REF {
+                    self.put_swap(slot, swap, alloc);
+                }
                 done
             }
         }
@@ -96,7 +109,8 @@ impl Rmap {
     ) -> Result<Fault, Error> {
         // The entry's reference and ours: any more are other entries (or the cache, or other
         // faults): share one frame.
-        if swap.refs(slot).is_some_and(|r| r > 2) {
+        let own = if MUTATE_SWAP_IN_WITHOUT_REF { 1 } else { 2 };
+        if swap.refs(slot).is_some_and(|r| r > own) {
             return self.fault_swap_cached(region, s2, alloc, swap, ipa, slot);
         }
         let load = |pfn| swap.load(slot, pfn);
