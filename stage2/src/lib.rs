@@ -34,6 +34,7 @@
 //! deferred to one `invalidate_vmid` when the batch ends; the "break" invalidation of a
 //! break-before-make and the invalidation before table pages are freed are never deferred.
 //! I-cache maintenance is done before an executable mapping of a frame becomes visible.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![no_std]
 #![deny(missing_docs)]
 

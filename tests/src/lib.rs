@@ -2,6 +2,7 @@
 //! the command line (shared with `cargo xtask run`) and the helpers the
 //! integration tests use to wait for output with a timeout and to report what
 //! was seen when a test fails.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod hvcfuzz;
 
