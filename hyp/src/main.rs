@@ -2,7 +2,11 @@
 //! anon_vma reverse map (see docs/ARCHITECTURE.md).
 #![no_std]
 #![no_main]
-#![deny(missing_docs, unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 // vCPUs are boxed in every queue: moving one between the run queue and its
 // VM moves a pointer, and its register block keeps a stable address.
 #![allow(clippy::vec_box)]

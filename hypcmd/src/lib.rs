@@ -16,7 +16,6 @@
 //! from execution lets a second syntax (a JSON control channel) produce the
 //! same [`Command`]s later.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-
 #![no_std]
 
 extern crate alloc;
