@@ -36,10 +36,10 @@ impl TableMemory for FrameTables {
         }
     }
 
-    fn table(&self, pa: u64) -> &TablePage {
-        // SAFETY: `pa` is a table page this memory handed out (a RAM frame
-        // owned by the table until freed), identity mapped at EL2; table
-        // entries are only accessed atomically.
+    unsafe fn table(&self, pa: u64) -> &TablePage {
+        // SAFETY: by the contract `pa` is a table page this memory handed
+        // out and has not taken back (a RAM frame owned by the table),
+        // identity mapped at EL2; table entries are only accessed atomically.
         unsafe { &*(pa as *const TablePage) }
     }
 }
@@ -52,7 +52,9 @@ static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayV
 
 fn take_reserve() -> Option<u64> {
     let pa = RESERVE.lock().pop()?;
-    frames::zero_frame(pa);
+    // SAFETY: reserve frames are allocated and owned by the reserve alone;
+    // popped, this one is the caller's.
+    unsafe { frames::zero_frame(pa) };
     Some(pa)
 }
 
