@@ -285,9 +285,9 @@ pub fn teardown(vm: &VmMemory) {
     // No vCPU of the VM runs again, so one VMID-wide invalidation after the
     // zap covers every entry (destroy() flushes the VMID again before it is
     // reused); frames freed meanwhile are unreachable through this VM.
-    vm.memory.lock().begin_batch();
+    let batch = vm.batch();
     let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
-    vm.memory.lock().end_batch();
+    drop(batch);
     vm.free_tables(proof);
 }
 
@@ -298,16 +298,14 @@ pub fn teardown(vm: &VmMemory) {
 pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
     let mut parent_regions = parent.regions.write();
     let mut child_regions = child.regions.write_nested(1);
-    parent.memory.lock().begin_batch();
-    let result = rmap().fork_vm(
+    let _batch = parent.batch();
+    rmap().fork_vm(
         &mut parent_regions,
         parent,
         &mut child_regions,
         child,
         &STORE,
-    );
-    parent.memory.lock().end_batch();
-    result
+    )
 }
 
 /// Frames mapped by more than one stage-2 entry.

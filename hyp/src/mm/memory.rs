@@ -328,13 +328,14 @@ impl GuestMemory {
         }
     }
 
-    /// Starts deferring TLB invalidations to one flush (see `end_batch`).
-    pub fn begin_batch(&mut self) {
+    /// Starts deferring TLB invalidations to one flush (see `end_batch`);
+    /// used through `VmMemory::batch`.
+    pub(super) fn begin_batch(&mut self) {
         self.batching = true;
     }
 
     /// Ends a batch: one VMID-wide invalidation covers every change made in it.
-    pub fn end_batch(&mut self) {
+    pub(super) fn end_batch(&mut self) {
         if core::mem::take(&mut self.batching) {
             if let Some(table) = &self.table {
                 self.tlb().invalidate_vmid(table.vttbr());
