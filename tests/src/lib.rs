@@ -80,19 +80,30 @@ impl MachineConfig {
         } else {
             self.cpu.clone()
         };
-        cmd.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", &cpu])
-            .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
-            .args(["-display", "none", "-monitor", "none"])
-            .args([
-                "-chardev",
-                "stdio,id=con,signal=off",
-                "-serial",
-                "chardev:con",
-            ])
-            .args(["-semihosting-config", "enable=on,target=native"])
-            .arg("-kernel")
-            .arg(hyp)
-            .args(["-append", &self.bootargs()]);
+        // RAM from a backend that reserves nothing: QEMU then maps host
+        // memory as the guest touches it, so a 64 GiB machine boots on a
+        // smaller host (a plain `-m 32G` is refused under the kernel's
+        // overcommit heuristic).
+        let ram = format!("memory-backend-ram,id=ram,size={},reserve=off", self.mem);
+        cmd.args([
+            "-M",
+            "virt,virtualization=on,gic-version=3,memory-backend=ram",
+            "-cpu",
+            &cpu,
+        ])
+        .args(["-object", &ram])
+        .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
+        .args(["-display", "none", "-monitor", "none"])
+        .args([
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+        ])
+        .args(["-semihosting-config", "enable=on,target=native"])
+        .arg("-kernel")
+        .arg(hyp)
+        .args(["-append", &self.bootargs()]);
         for (_, addr, path) in self.linux_loads() {
             cmd.arg("-device").arg(format!(
                 "loader,file={},addr={addr:#x},force-raw=on",

@@ -120,6 +120,11 @@ pub struct FrameAllocator {
 
 static FRAMES: Once<FrameAllocator> = Once::new();
 
+/// The frame allocator, once `init` has run (the heap grows from it).
+pub fn try_get() -> Option<&'static FrameAllocator> {
+    FRAMES.get()
+}
+
 pub fn get() -> &'static FrameAllocator {
     FRAMES.get().expect("frame allocator not initialised")
 }
@@ -205,28 +210,34 @@ impl FrameAllocator {
     /// `n` (a power of two) zeroed contiguous movable frames aligned to `n`
     /// frames (a guest's 2 MiB block), lowest first.
     pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<u64> {
-        self.alloc_contiguous(n, false)
+        self.alloc_contiguous(n, n, false)
     }
 
     /// `n` (a power of two) zeroed contiguous unmovable frames aligned to `n`
     /// frames (concatenated stage-2 root tables), highest first.
     pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<u64> {
-        self.alloc_contiguous(n, true)
+        self.alloc_contiguous(n, n, true)
     }
 
-    fn alloc_contiguous(&self, n: usize, top: bool) -> Option<u64> {
+    /// `n` zeroed contiguous unmovable frames whose first is aligned to
+    /// `align` frames (a power of two), highest first: the heap's growth.
+    pub fn alloc_run_zeroed_unmovable(&self, n: usize, align: usize) -> Option<u64> {
+        self.alloc_contiguous(n, align, true)
+    }
+
+    fn alloc_contiguous(&self, n: usize, align: usize, top: bool) -> Option<u64> {
         let mut banks = self.banks.lock();
         let count = banks.len();
         for b in 0..count {
             let bank = &mut banks[if top { count - 1 - b } else { b }];
             let first = (bank.range.base / PAGE_SIZE) as usize;
-            let align = (n - first % n) % n;
-            if bank.frames() < align + n {
+            let skip = (align - first % align) % align;
+            if bank.frames() < skip + n {
                 continue;
             }
-            let runs = (bank.frames() - align - n) / n + 1;
+            let runs = (bank.frames() - skip - n) / align + 1;
             for r in 0..runs {
-                let idx = align + n * if top { runs - 1 - r } else { r };
+                let idx = skip + align * if top { runs - 1 - r } else { r };
                 if (idx..idx + n).all(|i| !bank.is_used(i) && !bank.is_offline(i)) {
                     (idx..idx + n).for_each(|i| {
                         bank.set(i, true);
@@ -308,8 +319,11 @@ impl FrameAllocator {
     /// The frames of `[base, end)` in use, as physical addresses (at most
     /// `max` of them).
     pub fn used_in(&self, base: u64, end: u64, max: usize) -> Vec<u64> {
+        // Sized before the lock: the heap may grow from frames, so nothing
+        // may allocate while this allocator's lock is held.
+        let span = (end.saturating_sub(base) / PAGE_SIZE) as usize;
+        let mut out = Vec::with_capacity(span.min(max));
         let banks = self.banks.lock();
-        let mut out = Vec::new();
         for bank in banks.iter() {
             for i in bank.indices(base, end) {
                 if bank.is_used(i) && out.len() < max {

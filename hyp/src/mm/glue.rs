@@ -31,11 +31,29 @@ pub fn init(board: &platform::Board) {
     let count = ((hi - lo) / PAGE_SIZE) as usize;
     RMAP.call_once(|| {
         Rmap::new(
-            FrameTable::new(lo / PAGE_SIZE, count),
+            frame_table(lo / PAGE_SIZE, count),
             MAX_ANON_VMAS,
             MAX_CHAINS,
         )
     });
+}
+
+/// The frame table (16 bytes per frame of the RAM span) in frames of its
+/// own, sized to the machine at boot: not from the heap, whose buddy
+/// allocator would round a 64 GiB host's 256 MiB table up to 512 MiB.
+fn frame_table(base: Pfn, count: usize) -> FrameTable {
+    let bytes = count * core::mem::size_of::<rmap::Frame>();
+    let pages = bytes.div_ceil(PAGE_SIZE as usize);
+    let pa = frames::get()
+        .alloc_run_zeroed_unmovable(pages, 1)
+        .expect("no frames for the frame table at boot");
+    // SAFETY: `pages` frames at `pa` were just allocated for good to the
+    // frame table (never freed), identity mapped at EL2 as normal memory,
+    // page-aligned (so aligned for `Frame`) and large enough for `count`.
+    let memory = unsafe {
+        core::slice::from_raw_parts_mut(pa as *mut core::mem::MaybeUninit<rmap::Frame>, count)
+    };
+    FrameTable::in_memory(base, memory)
 }
 
 /// The frame allocator as rmap sees it.
