@@ -42,8 +42,8 @@ pub struct BootArgs<'a> {
     /// typed. For the test guest the hypervisor turns each `,` into a space; the
     /// `--` tail is meant for Linux, whose command line may hold `,` and `=`.
     pub guest_args: &'a str,
-    /// `script=`: console commands to run at boot, separated by `;` (empty:
-    /// none).
+    /// `script=`: console commands to run at boot, separated by `;`, with
+    /// `,` standing for a space (the hypervisor turns it back); empty: none.
     pub script: &'a str,
     /// `stay=1`: keep the hypervisor running when no VM is left, instead of
     /// exiting QEMU. Any other value means no.
