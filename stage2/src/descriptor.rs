@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | 0 | valid = 1 | valid = 1 |
 //! | 1 | 1 | 0 = block (levels 1, 2), 1 = page (level 3) |
-//! | 5:2 | | MemAttr (FWB = 0): `0b1111` normal WB, `0b0001` Device-nGnRE |
+//! | 5:2 | | MemAttr, see [`AttrEncoding`]: normal WB `0b1111` (FWB = 0) or `0b0110` (FWB = 1), Device-nGnRE `0b0001` (both) |
 //! | 7:6 | | S2AP: bit 6 = read, bit 7 = write |
 //! | 9:8 | | SH (`0b11` inner shareable) |
 //! | 10 | | AF (access flag) |
@@ -37,10 +37,16 @@ pub mod fields {
                 Block = 0,
                 TableOrPage = 1
             ],
-            /// Stage-2 memory attributes (VTCR/HCR FWB = 0 encoding).
+            /// Stage-2 memory attributes (see [`super::AttrEncoding`]).
             MEMATTR OFFSET(2) NUMBITS(4) [
+                /// Device-nGnRE, with `HCR_EL2.FWB` 0 or 1.
                 DeviceNGnRE = 0b0001,
-                NormalWriteBack = 0b1111
+                /// `HCR_EL2.FWB = 0`: Normal Inner/Outer Write-Back; combined with stage 1,
+                /// the stronger (less cacheable) of the two wins.
+                NormalWriteBack = 0b1111,
+                /// `HCR_EL2.FWB = 1`: forced Write-Back, whatever stage 1 says (MemAttr\[3\]
+                /// is RES0 then).
+                FwbNormalWriteBack = 0b0110
             ],
             /// Stage-2 read access.
             S2AP_R OFFSET(6) NUMBITS(1) [],
@@ -120,6 +126,26 @@ pub enum MemType {
     Normal,
     /// Device-nGnRE (for pass-through MMIO); never executable.
     Device,
+}
+
+/// How a leaf's MemAttr field (bits 5:2) is encoded, which `HCR_EL2.FWB` decides (Arm ARM D8,
+/// "Stage 2 memory type and Cacheability attributes when FEAT_S2FWB is disabled / enabled").
+///
+/// - [`AttrEncoding::Combine`] (FWB = 0): stage 2 gives an upper bound that stage 1 combines
+///   with; Normal is `0b1111` (Inner/Outer Write-Back), and a guest whose stage 1 says Device or
+///   Non-cacheable (MMU or data cache off, a UART it maps as Device) gets non-cacheable
+///   accesses, which read DRAM past the caches.
+/// - [`AttrEncoding::ForceWriteBack`] (FWB = 1, FEAT_S2FWB): MemAttr\[2\] = 1 is Normal and
+///   `0b110` forces Write-Back *whatever stage 1 says* (Linux's `MT_S2_FWB_NORMAL`); MemAttr\[2\]
+///   = 0 is Device with MemAttr\[1:0\] its type, so Device-nGnRE is `0b0001` as without FWB.
+///   Every guest access to RAM is then cacheable and coherent with the hypervisor's writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AttrEncoding {
+    /// `HCR_EL2.FWB = 0`.
+    #[default]
+    Combine,
+    /// `HCR_EL2.FWB = 1`.
+    ForceWriteBack,
 }
 
 /// Attributes of a leaf mapping.
@@ -234,8 +260,20 @@ impl Descriptor {
     }
 
     /// A leaf (block at level 1 or 2, page at level 3) mapping `pa` with `attrs`, Access flag
-    /// set to `young`.
+    /// set to `young`, MemAttr in the [`AttrEncoding::Combine`] (FWB = 0) encoding.
     pub fn leaf(pa: u64, level: u8, attrs: S2Attrs, young: bool) -> Result<Self, Error> {
+        Self::leaf_encoded(pa, level, attrs, young, AttrEncoding::Combine)
+    }
+
+    /// [`Descriptor::leaf`] with MemAttr in `enc` (use the table's
+    /// [`crate::S2Config::attr_encoding`]).
+    pub fn leaf_encoded(
+        pa: u64,
+        level: u8,
+        attrs: S2Attrs,
+        young: bool,
+        enc: AttrEncoding,
+    ) -> Result<Self, Error> {
         attrs.validate()?;
         if !(1..=LAST_LEVEL).contains(&level) {
             return Err(Error::BadDescriptor);
@@ -252,9 +290,10 @@ impl Descriptor {
         r.write(
             S2_DESC::VALID::SET + ty + S2_DESC::ADDR.val(pa >> 12) + S2_DESC::SH::InnerShareable,
         );
-        r.modify(match attrs.mem {
-            MemType::Normal => S2_DESC::MEMATTR::NormalWriteBack,
-            MemType::Device => S2_DESC::MEMATTR::DeviceNGnRE,
+        r.modify(match (attrs.mem, enc) {
+            (MemType::Normal, AttrEncoding::Combine) => S2_DESC::MEMATTR::NormalWriteBack,
+            (MemType::Normal, AttrEncoding::ForceWriteBack) => S2_DESC::MEMATTR::FwbNormalWriteBack,
+            (MemType::Device, _) => S2_DESC::MEMATTR::DeviceNGnRE,
         });
         r.modify(S2_DESC::AF.val(young as u64) + S2_DESC::SW.val(attrs.sw as u64));
         Ok(Descriptor(r.get()).with_perm(attrs.perm))
@@ -300,13 +339,14 @@ impl Descriptor {
         matches!(self.kind(level), DescriptorKind::Table { .. })
     }
 
-    /// Attributes of a valid leaf (meaningless for other descriptors).
+    /// Attributes of a valid leaf (meaningless for other descriptors). Both encodings decode
+    /// (this crate writes only `0b1111` or `0b0110` for Normal, `0b0001` for Device).
     pub fn attrs(self) -> S2Attrs {
         let r = self.reg();
-        let mem = if r.read(S2_DESC::MEMATTR) == 0b1111 {
-            MemType::Normal
-        } else {
-            MemType::Device
+        let mem = match r.read_as_enum(S2_DESC::MEMATTR) {
+            Some(S2_DESC::MEMATTR::Value::NormalWriteBack)
+            | Some(S2_DESC::MEMATTR::Value::FwbNormalWriteBack) => MemType::Normal,
+            _ => MemType::Device,
         };
         S2Attrs {
             perm: self.perm(),
