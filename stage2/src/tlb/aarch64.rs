@@ -114,10 +114,12 @@ impl TlbMaintenance for Aarch64Tlb {
         let line = dcache_line();
         let mut va = pa & !(line - 1);
         while va < pa + len {
-            // SAFETY: cleans a data cache line to the point of coherency; `va` is mapped
-            // (identity map, per `Aarch64Tlb::new`'s contract). Writes dirty data back to
-            // memory without changing its value.
-            unsafe { asm!("dc cvac, {va}", va = in(reg) va, options(nostack, preserves_flags)) };
+            // SAFETY: cleans and invalidates a data cache line to the point of coherency;
+            // `va` is mapped (identity map, per `Aarch64Tlb::new`'s contract). Dirty data is
+            // written back first, so no value changes. Invalidating too (as KVM's
+            // `kvm_flush_dcache_to_poc` does) leaves no line that a guest's later
+            // non-cacheable writes would make stale for the hypervisor's cacheable reads.
+            unsafe { asm!("dc civac, {va}", va = in(reg) va, options(nostack, preserves_flags)) };
             va += line;
         }
         // SAFETY: barrier only: completes the cleans for every observer (a non-cacheable

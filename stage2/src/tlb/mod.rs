@@ -31,8 +31,8 @@ pub trait TlbMaintenance {
     /// Invalidates every EL1&0 TLB entry of every VMID (VMID generation rollover).
     fn invalidate_all(&self);
 
-    /// Cleans the data cache over physical `pa..pa + len` to the point of coherency (`DC CVAC`
-    /// by line, then `DSB SY`), so that a *non-cacheable* access — a guest running with its
+    /// Cleans the data cache over physical `pa..pa + len` to the point of coherency (and
+    /// invalidates it: `DC CIVAC` by line, then `DSB SY`, as KVM does), so that a *non-cacheable* access — a guest running with its
     /// MMU or data cache off, or one mapping the frame as Device at stage 1 — reads what the
     /// hypervisor wrote through its cacheable map, not the stale DRAM beneath (Arm ARM D7,
     /// "Data cache maintenance for data seen by non-cacheable accesses"). Owed once per frame
