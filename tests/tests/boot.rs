@@ -22,7 +22,11 @@ fn selftest(name: &str, cfg: &MachineConfig, vcpus: u32) {
     let mut m = Machine::boot(name, cfg);
     // FEAT_S2FWB (ID_AA64MMFR2_EL1.FWB): QEMU 7.2's `max` has it, `cortex-a72`
     // (Armv8.0) does not, so both cache-maintenance policies boot here.
-    let fwb = if cfg.cpu == "max" { "FWB on" } else { "FWB off" };
+    let fwb = if cfg.cpu == "max" {
+        "FWB on"
+    } else {
+        "FWB off"
+    };
     m.expect(fwb, BOOT);
     m.expect(&format!("{} CPU(s) online", cfg.smp), BOOT);
     m.expect(&format!("GUEST: {vcpus} vcpus up"), BOOT);
