@@ -42,6 +42,7 @@
 //! [`publish_frames`] ([`TlbMaintenance::clean_dcache_poc`]), unless the configuration uses
 //! FEAT_S2FWB ([`S2Config::with_fwb`], leaves then force Write-Back so no guest access is
 //! non-cacheable). Table pages need none: walks are cacheable (`VTCR_EL2.IRGN0/ORGN0`).
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![no_std]
 #![deny(missing_docs)]
 

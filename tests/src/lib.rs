@@ -2,6 +2,7 @@
 //! the command line (shared with `cargo xtask run`) and the helpers the
 //! integration tests use to wait for output with a timeout and to report what
 //! was seen when a test fails.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod hvcfuzz;
 
@@ -187,7 +188,7 @@ pub fn bare_linux_command(cfg: &MachineConfig) -> Command {
     cmd
 }
 
-/// The hypervisor's default Linux command line (hyp/src/linux.rs).
+/// The hypervisor's default Linux command line (hyp/src/boot/linux.rs).
 pub const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x09000000 rdinit=/init";
 
 /// The hypervisor ELF under test, from `HYP_ELF` (set by `cargo xtask test`).
