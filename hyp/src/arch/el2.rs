@@ -35,9 +35,11 @@ const HCR_EL2: u64 = (1 << 0) // VM
 const CPTR_EL2: u64 = 0x33ff;
 
 /// Sets this CPU's EL2 controls; `vtcr` is the stage-2 configuration all
-/// VMs share (the memory manager's, passed in by `main`).
-pub fn init_this_cpu(vtcr: u64) {
-    write_sysreg!("hcr_el2", HCR_EL2);
+/// VMs share and `fwb` whether its leaves are encoded for FEAT_S2FWB (both
+/// the memory manager's, passed in by `main`): then `HCR_EL2.FWB` is set.
+pub fn init_this_cpu(vtcr: u64, fwb: bool) {
+    let fwb = if fwb { stage2::HCR_EL2_FWB } else { 0 };
+    write_sysreg!("hcr_el2", HCR_EL2 | fwb);
     write_sysreg!("cptr_el2", CPTR_EL2);
     // EL1 may read the physical counter but not program the physical timer.
     write_sysreg!("cnthctl_el2", 1);
