@@ -62,8 +62,8 @@ pub mod table;
 pub mod tlb;
 pub mod walk;
 
-pub use config::{fwb_supported, S2Config, VmidBits, Vttbr, HCR_EL2_FWB};
-pub use descriptor::{AttrEncoding, Descriptor, DescriptorKind, MemType, Perm, S2Attrs};
+pub use config::{fwb_supported, AttrEncoding, S2Config, VmidBits, Vttbr, HCR_EL2_FWB};
+pub use descriptor::{Descriptor, DescriptorKind, MemType, Perm, S2Attrs};
 #[cfg(any(test, feature = "host"))]
 pub use host::{HostMemory, RecordingTlb, TlbCall};
 pub use memory::TableMemory;
