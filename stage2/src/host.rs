@@ -160,7 +160,7 @@ impl TableMemory for HostMemory {
         self.free(pa, pages)
     }
 
-    fn table(&self, pa: u64) -> &TablePage {
+    unsafe fn table(&self, pa: u64) -> &TablePage {
         assert!(
             self.contains(pa) && pa.is_multiple_of(PAGE_SIZE),
             "table outside host memory: {pa:#x}"

@@ -209,7 +209,8 @@ fn run(cmd: Command) -> Result<(), String> {
         Command::Fork { vm, count } => return fork_cmd(vm, count),
         Command::Snapshot(id) => {
             let v = vm(id)?;
-            let snap = crate::vm::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
+            let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)
+                .map_err(|e| alloc::format!("{e}"))?;
             crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
         }
         Command::Restore { vm: id, snapshot } => {
@@ -240,8 +241,8 @@ fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
     let parent = vm(id)?;
     for _ in 0..count {
         let start = crate::arch::timer::now();
-        let child =
-            crate::vm::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
+        let child = crate::vm::fork::fork(&parent, None, crate::vm::fork::ForkKind::Running)
+            .map_err(|e| alloc::format!("{e}"))?;
         let us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(start));
         crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
     }

@@ -233,7 +233,9 @@ impl FrameAllocator {
                     });
                     self.free.fetch_sub(n, Ordering::Relaxed);
                     let pa = bank.range.base + idx as u64 * PAGE_SIZE;
-                    (0..n as u64).for_each(|i| zero_frame(pa + i * PAGE_SIZE));
+                    // SAFETY: the run was free and is now marked used, so
+                    // these frames are this caller's alone.
+                    (0..n as u64).for_each(|i| unsafe { zero_frame(pa + i * PAGE_SIZE) });
                     return Some(pa);
                 }
             }
@@ -245,7 +247,8 @@ impl FrameAllocator {
     /// owner reaches the next one.
     pub fn alloc_zeroed(&self) -> Option<u64> {
         let pa = self.alloc_unmovable()?;
-        zero_frame(pa);
+        // SAFETY: just allocated: nothing else has this frame.
+        unsafe { zero_frame(pa) };
         Some(pa)
     }
 
@@ -391,11 +394,17 @@ impl FrameAllocator {
 }
 
 /// Zeroes a frame through the hypervisor's identity map.
-pub fn zero_frame(pa: u64) {
+///
+/// # Safety
+///
+/// `pa` is the page-aligned address of a RAM frame the caller owns
+/// exclusively (just allocated, or taken out of every stage-2 table with the
+/// TLBs flushed): nothing else reads or writes it during the call.
+pub unsafe fn zero_frame(pa: u64) {
     let block = zva_block();
     if block == 0 {
-        // SAFETY: `pa` is a RAM frame this caller owns exclusively (just
-        // allocated), identity mapped at EL2 as normal memory.
+        // SAFETY: `pa` is a RAM frame the caller owns exclusively (this
+        // function's contract), identity mapped at EL2 as normal memory.
         unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
         return;
     }
@@ -415,11 +424,18 @@ pub fn zero_frame(pa: u64) {
 /// arm64 `copy_page`). The EL2 image is built without FP/SIMD, so the
 /// compiler's `memcpy` moves 8 bytes per load/store: this does a third of the
 /// instructions, which under QEMU's TCG makes a frame copy about 3x faster.
-pub fn copy_frame(dst: u64, src: u64) {
+///
+/// # Safety
+///
+/// `dst` and `src` are page-aligned addresses of two distinct RAM frames;
+/// the caller owns `dst` exclusively and keeps `src` from being freed or
+/// written for the duration of the copy.
+pub unsafe fn copy_frame(dst: u64, src: u64) {
     debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
     debug_assert!(dst != src);
-    // SAFETY: the caller owns `dst` exclusively and keeps `src` alive for
-    // the copy (every caller states why); both are distinct RAM frames
+    // SAFETY: the caller owns `dst` exclusively and keeps `src` alive and
+    // unwritten for the copy (this function's contract); both are distinct
+    // RAM frames
     // identity mapped at EL2 as normal memory. The loop reads exactly
     // PAGE_SIZE bytes from `src` and writes PAGE_SIZE bytes to `dst`.
     unsafe {

@@ -36,10 +36,10 @@ impl TableMemory for FrameTables {
         }
     }
 
-    fn table(&self, pa: u64) -> &TablePage {
-        // SAFETY: `pa` is a table page this memory handed out (a RAM frame
-        // owned by the table until freed), identity mapped at EL2; table
-        // entries are only accessed atomically.
+    unsafe fn table(&self, pa: u64) -> &TablePage {
+        // SAFETY: by the contract `pa` is a table page this memory handed
+        // out and has not taken back (a RAM frame owned by the table),
+        // identity mapped at EL2; table entries are only accessed atomically.
         unsafe { &*(pa as *const TablePage) }
     }
 }
@@ -52,7 +52,9 @@ static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayV
 
 fn take_reserve() -> Option<u64> {
     let pa = RESERVE.lock().pop()?;
-    frames::zero_frame(pa);
+    // SAFETY: reserve frames are allocated and owned by the reserve alone;
+    // popped, this one is the caller's.
+    unsafe { frames::zero_frame(pa) };
     Some(pa)
 }
 
@@ -359,13 +361,14 @@ impl GuestMemory {
         }
     }
 
-    /// Starts deferring TLB invalidations to one flush (see `end_batch`).
-    pub fn begin_batch(&mut self) {
+    /// Starts deferring TLB invalidations to one flush (see `end_batch`);
+    /// used through `VmMemory::batch`.
+    pub(super) fn begin_batch(&mut self) {
         self.batching = true;
     }
 
     /// Ends a batch: one VMID-wide invalidation covers every change made in it.
-    pub fn end_batch(&mut self) {
+    pub(super) fn end_batch(&mut self) {
         if core::mem::take(&mut self.batching) {
             if let Some(table) = &self.table {
                 self.tlb().invalidate_vmid(table.vttbr());

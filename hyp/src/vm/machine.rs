@@ -191,7 +191,9 @@ impl Vm {
             mem.note_loaded_here();
             mem.vttbr()
         };
-        crate::arch::write_sysreg!("vttbr_el2", vttbr);
+        // SAFETY: the root and VMID of this VM's live stage-2 table (guest
+        // translation only: EL2's own map is TTBR0_EL2).
+        unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", vttbr) };
         crate::arch::isb();
     }
 
@@ -203,7 +205,9 @@ impl Vm {
     /// errata (Cortex-A76 1165522, A55 1530923, A57/A72 1319367; KVM's
     /// ARM64_WORKAROUND_SPECULATIVE_AT) may walk and cache from.
     pub fn unload_stage2(&self) {
-        crate::arch::write_sysreg!("vttbr_el2", 0u64);
+        // SAFETY: no stage-2 table for this CPU; only guest translation is
+        // affected, and no vCPU runs here until one is loaded again.
+        unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", 0u64) };
         crate::arch::isb();
     }
 
