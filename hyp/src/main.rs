@@ -81,7 +81,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     reserve_and_init_frames(&board, dtb);
     mm::memory::init();
     mm::glue::init(&board);
-    el2::init_this_cpu(mm::memory::vtcr());
+    el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_distributor(&board);
     gic::init_cpu(&board);
     sched::init(&board, &console::HOOKS);
@@ -96,7 +96,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
 extern "C" fn secondary_main(cpu: usize) -> ! {
     percpu::init(cpu);
     mmu::enable_this_cpu();
-    el2::init_this_cpu(mm::memory::vtcr());
+    el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_cpu(el2::board());
     percpu::this_cpu().online.store(true, Ordering::Release);
     sched::cpu_loop()

@@ -35,15 +35,18 @@ const HCR_EL2: u64 = (1 << 0) // VM
 const CPTR_EL2: u64 = 0x33ff;
 
 /// Sets this CPU's EL2 controls; `vtcr` is the stage-2 configuration all
-/// VMs share (the memory manager's, passed in by `main`).
-pub fn init_this_cpu(vtcr: u64) {
+/// VMs share and `fwb` whether its leaves are encoded for FEAT_S2FWB (both
+/// the memory manager's, passed in by `main`): then `HCR_EL2.FWB` is set.
+pub fn init_this_cpu(vtcr: u64, fwb: bool) {
+    let fwb = if fwb { stage2::HCR_EL2_FWB } else { 0 };
     let pmcr_n = (crate::arch::read_sysreg!("pmcr_el0") >> 11) & 0x1f;
     // SAFETY: these configure what traps from EL1/EL0 and how stage 2
     // translates guest accesses; none changes EL2's own translation, vectors
-    // or stack. HCR_EL2 keeps E2H = 0 (EL2 stays a separate regime); VTTBR
+    // or stack. HCR_EL2 keeps E2H = 0 (EL2 stays a separate regime), and its
+    // FWB only changes how stage 2 combines guest memory types; VTTBR
     // with no table is only used once a vCPU loads its own.
     unsafe {
-        write_el2_sysreg!("hcr_el2", HCR_EL2);
+        write_el2_sysreg!("hcr_el2", HCR_EL2 | fwb);
         write_el2_sysreg!("cptr_el2", CPTR_EL2);
         // EL1 may read the physical counter but not program the physical timer.
         write_el2_sysreg!("cnthctl_el2", 1);

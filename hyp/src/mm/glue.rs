@@ -71,7 +71,9 @@ impl FrameAllocator for HypFrames {
     fn zero(&self, pfn: Pfn) {
         // SAFETY: rmap zeroes only a frame it just allocated and has not
         // mapped yet.
-        unsafe { frames::zero_frame(pfn * PAGE_SIZE) }
+        unsafe { frames::zero_frame(pfn * PAGE_SIZE) };
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
     }
 
     fn copy(&self, dst: Pfn, src: Pfn) {
@@ -79,6 +81,8 @@ impl FrameAllocator for HypFrames {
         // is pinned (locked, or its writers replaced by migration entries)
         // by the caller for the copy; they are distinct frames.
         unsafe { frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE) };
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(dst * PAGE_SIZE, PAGE_SIZE);
         // The page may hold guest code.
         crate::mm::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
     }
@@ -205,6 +209,8 @@ fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
     let Some(pa) = frames::get().alloc_contiguous_zeroed(pages as usize) else {
         return false;
     };
+    // Zeroed through our cacheable map: clean before the guest sees it.
+    crate::mm::memory::publish(pa, BLOCK_SIZE);
     let pfn = pa / PAGE_SIZE;
     rmap().add_new_anon_block(pfn, pages, region, chunk);
     if !s2.map_block(chunk, pa) {
@@ -252,6 +258,9 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
     let pfn = pa / PAGE_SIZE;
     frames::get().take_reserved(pa, pages);
     // The image holds code: the guest fetches it through the I-cache.
+    // Whoever loaded the image need not have cleaned it to the PoC, and
+    // the guest reads it with its MMU off first.
+    crate::mm::memory::publish(pa, BLOCK_SIZE);
     crate::mm::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
     rmap().add_new_anon_block(pfn, pages, region, ipa);
     if !s2.map_block(ipa, pa) {
@@ -291,6 +300,9 @@ pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultErro
         unsafe {
             core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
         };
+        // The page is mapped already: clean it before the VM runs (it reads
+        // its image and DTB with the MMU off).
+        crate::mm::memory::publish(pa + off as u64, n as u64);
         crate::mm::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
         done += n;
     }

@@ -196,6 +196,8 @@ impl SwapStore for PageStore {
         let out = unsafe { page_mut(pfn) };
         if slot == ZERO_SLOT {
             out.fill(0);
+            // rmap's contract: clean to the PoC on return.
+            crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
             return;
         }
         let s = self.inner.lock();
@@ -209,6 +211,8 @@ impl SwapStore for PageStore {
             assert_eq!(n, PAGE, "store slot {slot} decompressed short");
         }
         drop(s);
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
         // The page may hold guest code.
         use stage2::TlbMaintenance;
         crate::mm::memory::TLB.invalidate_icache(pfn * PAGE_SIZE, PAGE_SIZE);
