@@ -77,6 +77,7 @@ impl HostMachine {
 
 impl SwapStore for HostMachine {
     fn store(&self, pfn: Pfn) -> Option<u64> {
+        self.check_copy(None, Some(pfn));
         let contents = self
             .page(pfn)
             .iter()
@@ -91,6 +92,7 @@ impl SwapStore for HostMachine {
         Some(slot)
     }
     fn load(&self, slot: u64, pfn: Pfn) {
+        self.check_copy(Some(pfn), None);
         {
             let swap = self.swap.lock();
             let (contents, _) = swap.slots.get(&slot).expect("load of a free swap slot");
