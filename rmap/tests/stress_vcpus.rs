@@ -14,11 +14,11 @@
 //! or a stale translation shows up as another VM's value); a snapshot must still hold what
 //! its VM held when it was taken. At the end everything is destroyed and nothing may leak.
 //!
-//! `RMAP_STRESS_ROUNDS` (default 40) and `RMAP_STRESS_SEED` select the run; the seed and
+//! `RMAP_STRESS_ROUNDS` (default 300) and `RMAP_STRESS_SEED` select the run; the seed and
 //! round are printed on failure. Thread interleavings are not reproducible, each thread's
 //! sequence of operations is.
 
-use rmap::host::{page_ipa, HostWorld, BLOCK_PAGES};
+use rmap::host::{page_ipa, HostWorld, SwapOp, BLOCK_PAGES};
 use rmap::Error;
 use std::sync::atomic::Ordering;
 use std::sync::Barrier;
@@ -217,6 +217,13 @@ fn mover(w: &HostWorld, reclaim: bool, seed: u64, c: &Counters) {
     let mut rng = Rng::new(seed);
     let (frames, m) = (w.rmap.frames(), &w.machine);
     for _ in 0..OPS {
+        if reclaim && rng.below(8) == 0 {
+            // Widen the window in which a swap-in uses its slot (after the count is read,
+            // after the contents are copied out): MEM_RELEASE and slot reuse get in there.
+            let pause = std::time::Duration::from_micros(20);
+            m.on_next(SwapOp::Refs, move |_| thread::sleep(pause));
+            m.on_next(SwapOp::Load, move |_| thread::sleep(pause));
+        }
         let start = rng.below(frames.len());
         if rng.below(3) == 0 {
             let len = 1 + rng.below(48);
@@ -236,7 +243,14 @@ fn mover(w: &HostWorld, reclaim: bool, seed: u64, c: &Counters) {
             c.moved.fetch_add(moved as u64, Ordering::Relaxed);
             continue;
         }
-        let pfn = frames.base() + start as u64;
+        // Half the time a frame that is mapped now (most of the table is free).
+        let mapped = (rng.below(2) == 0)
+            .then(|| w.mapped_frames())
+            .unwrap_or_default();
+        let pfn = match mapped.len() {
+            0 => frames.base() + start as u64,
+            n => mapped[start % n],
+        };
         let r = if reclaim {
             w.rmap.referenced(pfn, &w.vms);
             w.rmap.reclaim_frame(&w.vms, m, m, pfn).map(|_| ())
@@ -286,7 +300,9 @@ fn refill(
         if slots[i].is_some() {
             continue;
         }
-        *lineages += 1;
+        // An 8-bit tag, never 0; a number comes back only after 255 newer VMs, long after
+        // every VM that could hold it is gone.
+        *lineages = *lineages % 255 + 1;
         let vcpus = 2 + rng.below(3);
         let parent = slots.iter().flatten().next().filter(|_| rng.below(2) == 0);
         let clone = parent.map(|p| (p, w.fork(&p.vm)));
@@ -368,7 +384,7 @@ fn env(name: &str, default: u64) -> u64 {
 #[test]
 fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved() {
     let seed = env("RMAP_STRESS_SEED", 0x5eed_0013);
-    let rounds = env("RMAP_STRESS_ROUNDS", 40) as usize;
+    let rounds = env("RMAP_STRESS_ROUNDS", 300) as usize;
     // 4096 frames: room for a few 2 MiB blocks, not for many; tight pools and swap.
     let w = HostWorld::with_swap(4096, 8, 20, 44, 96);
     let c = Counters::default();
