@@ -2,6 +2,7 @@
 //! the exact contents its vCPUs wrote), a seeded generator and the counters it reports.
 
 use rmap::host::{HostVm, HostWorld};
+use rmap::Error;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,15 +40,29 @@ pub struct Counters {
     pub overlapping: AtomicU64,
     pub releases: AtomicU64,
     pub blocks: AtomicU64,
-    pub guest_failures: AtomicU64,
     pub dead_vcpu_ops: AtomicU64,
     pub snapshots: AtomicU64,
-    pub fork_failures: AtomicU64,
+    /// Guest operations and snapshots refused: no frame or table page, a full pool.
+    pub memory_failures: AtomicU64,
+    pub pool_failures: AtomicU64,
     pub restores: AtomicU64,
     pub restore_failures: AtomicU64,
     pub destroys: AtomicU64,
     pub moved: AtomicU64,
     pub mover_failures: AtomicU64,
+}
+
+impl Counters {
+    /// Counts an operation that ran out of memory, table pages or pool slots (the only
+    /// failures allowed); panics on any other error.
+    pub fn failed(&self, e: Error, what: &str) {
+        let counter = match e {
+            Error::OutOfFrames => &self.memory_failures,
+            Error::OutOfAnonVmas | Error::OutOfChains => &self.pool_failures,
+            e => panic!("{what} failed: {e:?}"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A fork of the slot's VM that never runs, and the exact owned contents it was taken with.
