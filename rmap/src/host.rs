@@ -11,8 +11,8 @@ mod vm;
 
 pub use hw::HostHw;
 pub use stage2::{HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
-pub use swap::SwapOp;
 use swap::{Hooks, SwapTable};
+pub use swap::{SwapOp, SwapStats};
 pub use vm::HostVm;
 
 use crate::backend::{FrameAllocator, Stage2, Stage2Locked, VmSet};
@@ -23,7 +23,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Host frames with contents (`words` u64 per page), a free list, and a swap store.
 pub struct HostMachine {
@@ -32,7 +32,7 @@ pub struct HostMachine {
     mem: Box<[AtomicU64]>,
     free: OrderedMutex<Vec<Pfn>>,
     swap: OrderedMutex<SwapTable>,
-    swap_capacity: usize,
+    swap_capacity: AtomicUsize,
     hooks: Hooks,
     /// Per frame, bumped when it is freed (the TLB model tells a stale entry by it).
     gens: Box<[AtomicU64]>,
@@ -59,7 +59,7 @@ impl HostMachine {
                 (base..base + frames as u64).rev().collect(),
             ),
             swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
-            swap_capacity,
+            swap_capacity: AtomicUsize::new(swap_capacity),
             hooks: Hooks::default(),
             gens: (0..frames).map(|_| AtomicU64::new(0)).collect(),
             hw: Arc::default(),
@@ -74,6 +74,11 @@ impl HostMachine {
     pub fn set_frame_budget(&self, n: Option<u64>) {
         self.frame_budget
             .store(n.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Room for `n` swapped pages from now on (slots in use beyond it stay until freed).
+    pub fn set_swap_capacity(&self, n: usize) {
+        self.swap_capacity.store(n, Ordering::SeqCst);
     }
 
     /// Frame allocations refused so far (budget spent or no free frame).

@@ -334,8 +334,14 @@ fn round(w: &HostWorld, slots: &[Option<Slot>], seed: u64, c: &Counters) {
     let mut rng = Rng::new(seed);
     let tables = (rng.below(3) == 0).then(|| rng.below(6) as u64);
     let frames = (rng.below(4) == 0).then(|| rng.below(64) as u64);
+    let swap = if rng.below(4) == 0 {
+        1 + rng.below(64)
+    } else {
+        1024
+    };
     w.hw().set_table_budget(tables);
     w.machine.set_frame_budget(frames);
+    w.machine.set_swap_capacity(swap);
     let live: Vec<&Slot> = slots.iter().flatten().collect();
     let threads = live.iter().map(|s| s.vcpus + 1).sum::<usize>() + 2;
     // Everyone starts together, so the vCPUs of one VM really overlap.
@@ -394,8 +400,8 @@ fn env(name: &str, default: u64) -> u64 {
 fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved() {
     let seed = env("RMAP_STRESS_SEED", 0x5eed_0013);
     let rounds = env("RMAP_STRESS_ROUNDS", 300) as usize;
-    // 4096 frames: room for a few 2 MiB blocks, not for many; tight pools and swap.
-    let w = HostWorld::with_swap(4096, 8, 12, 26, 96);
+    // 4096 frames: room for a few 2 MiB blocks, not for many; tight pools; swap cut per round.
+    let w = HostWorld::with_swap(4096, 8, 12, 26, 1024);
     let c = Counters::default();
     let mut rng = Rng::new(seed);
     let mut slots: Vec<Option<Slot>> = (0..SLOTS).map(|_| None).collect();
@@ -422,10 +428,12 @@ fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved(
     }
     w.check().unwrap();
     println!(
-        "{rounds} rounds in {:?}: {c:?}; frame allocations refused {}, table pages refused {}",
+        "{rounds} rounds in {:?}: {c:?}; frame allocations refused {}, table pages refused {}, \
+         swap {:?}",
         start.elapsed(),
         w.machine.frame_failures(),
-        w.hw().out_of_memory_count()
+        w.hw().out_of_memory_count(),
+        w.machine.swap_stats()
     );
     assert!(w.rmap.swap_cache_entries().is_empty(), "swap cache left");
     assert!(w.machine.swap_refs().is_empty(), "swap slots left");
@@ -440,6 +448,8 @@ fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved(
         c.pool_failures.load(Ordering::Relaxed) > 0,
         "pools never ran out"
     );
+    let swap = w.machine.swap_stats();
+    assert!(swap.reused > 0 && swap.loads > 0, "{swap:?}");
 }
 
 /// The quiescent TLB check can fail: a MEM_RELEASE whose invalidation is deferred and never
