@@ -153,6 +153,13 @@ fn guest_op(
 /// The slot's event for this round, run alongside its vCPUs.
 fn event(w: &HostWorld, slot: &Slot, seed: u64, c: &Counters) {
     let mut rng = Rng::new(seed);
+    // Somewhere in the middle of the vCPUs' run (they keep running around a destroy; a
+    // snapshot or restore waits for the operations in flight and holds the rest off).
+    let at = rng.below(OPS * slot.vcpus) as u64;
+    while slot.ops.load(Ordering::Relaxed) < at && slot.finished.load(Ordering::SeqCst) < slot.vcpus
+    {
+        thread::yield_now();
+    }
     match rng.below(10) {
         0..=2 => {
             let _quiet = slot.gate.write().unwrap();
@@ -174,13 +181,6 @@ fn event(w: &HostWorld, slot: &Slot, seed: u64, c: &Counters) {
         }
         3..=5 => restore(w, slot, c),
         6 => {
-            // Destroy under running vCPUs: wait until they are some way in.
-            let at = rng.below(OPS * slot.vcpus);
-            while slot.ops.load(Ordering::Relaxed) < at as u64
-                && slot.finished.load(Ordering::SeqCst) < slot.vcpus
-            {
-                thread::yield_now();
-            }
             slot.dead.store(true, Ordering::SeqCst);
             w.destroy(&slot.vm);
             if let Some(s) = slot.snapshot.lock().unwrap().take() {
