@@ -2,6 +2,7 @@
 //! benchmark: "physical memory" of page contents, a swap store, per-VM stage-2 maps, a VM set,
 //! and whole-world invariant checks. Hardware-free and small; not for use at EL2.
 
+mod cache;
 mod check;
 mod hw;
 mod restore;
@@ -230,19 +231,22 @@ impl FrameAllocator for HostMachine {
         }
         self.free.lock().push(pfn);
     }
+    /// Also the cache model's record: the frame is written, then cleaned to the PoC.
     fn zero(&self, pfn: Pfn) {
         self.check_copy(Some(pfn), None);
         self.page(pfn)
             .iter()
             .for_each(|w| w.store(0, Ordering::Relaxed));
+        self.hw.wrote_and_published(pfn);
     }
-    /// Also the TLB model's check: no vCPU may write `src` while it is copied, nor see
-    /// `dst` before the copy is complete.
+    /// As `zero`, recorded in the cache model. Also the TLB model's check: no vCPU may
+    /// write `src` while it is copied, nor see `dst` before the copy is complete.
     fn copy(&self, dst: Pfn, src: Pfn) {
         self.check_copy(Some(dst), Some(src));
         for (d, s) in self.page(dst).iter().zip(self.page(src)) {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        self.hw.wrote_and_published(dst);
     }
 }
 
