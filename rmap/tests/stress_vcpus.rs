@@ -312,15 +312,16 @@ fn refill(
         // An 8-bit tag, never 0; a number comes back only after 255 newer VMs, long after
         // every VM that could hold it is gone.
         *lineages = *lineages % 255 + 1;
-        let vcpus = 2 + rng.below(3);
-        let parent = slots.iter().flatten().next().filter(|_| rng.below(2) == 0);
+        // Drawn whatever happens next, so the plan does not depend on which fork failed.
+        let (vcpus, clone, block) = (2 + rng.below(3), rng.below(2) == 0, rng.below(2) == 0);
+        let parent = slots.iter().flatten().next().filter(|_| clone);
         let clone = parent.map(|p| (p, w.fork(&p.vm)));
         slots[i] = Some(match clone {
             Some((p, Ok(vm))) => p.clone_into(vm, *lineages, vcpus),
             _ => {
                 let vm = w.create_vm(&REGIONS);
                 // Half the fresh VMs start with their 2 MiB block (hyp's first touch).
-                if rng.below(2) == 0 && w.fault_block(&vm, BLOCK) {
+                if block && w.fault_block(&vm, BLOCK) {
                     c.blocks.fetch_add(1, Ordering::Relaxed);
                 }
                 Slot::new(vm, *lineages, vcpus)
