@@ -112,8 +112,10 @@ impl HostWorld {
         }
         if held.len() + free.len() != self.rmap.frames().len() {
             return Err(format!(
-                "{} frames neither free nor held by the reverse map",
-                self.rmap.frames().len() - free.len()
+                "{} frames held by the reverse map + {} free != {} frames",
+                held.len(),
+                free.len(),
+                self.rmap.frames().len()
             ));
         }
         let in_use = maps.keys().chain(pins.keys()).collect::<BTreeSet<_>>();
