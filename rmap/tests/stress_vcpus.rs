@@ -506,3 +506,37 @@ fn a_mapped_frame_on_the_free_list_is_caught() {
     w.destroy(&vm);
     assert_eq!(w.machine.allocated(), 0);
 }
+
+/// The TLB model's copy checks can fail: copying a frame a vCPU can still write through its
+/// TLB (a migration that copies before the flush), and filling one a vCPU can still reach
+/// (a frame mapped before it was filled), are each recorded.
+#[test]
+fn copying_or_filling_a_frame_a_tlb_reaches_is_caught() {
+    use rmap::{FrameAllocator, Stage2, Stage2Locked};
+    let w = HostWorld::new(64, 2, 8, 16);
+    let vm = w.create_vm(&REGIONS[..1]);
+    let ipa = page_ipa(RAM, 2);
+    vm.write(&w.rmap, &w.machine, ipa, 3).unwrap(); // cached writable
+    let pfn = vm.s2.lock().lookup(ipa).pfn().unwrap();
+    let spare = w.rmap.alloc_frame(&w.machine).unwrap();
+    w.machine.copy(spare, pfn);
+    let failures = w.hw().take_failures();
+    assert!(
+        failures.len() == 1 && failures[0].contains("copied while"),
+        "{failures:?}"
+    );
+    w.machine.zero(pfn);
+    let failures = w.hw().take_failures();
+    assert!(
+        failures.len() == 1 && failures[0].contains("filled while"),
+        "{failures:?}"
+    );
+    vm.s2.flush_deferred();
+    w.machine.copy(spare, pfn);
+    w.machine.zero(pfn);
+    assert!(w.hw().take_failures().is_empty(), "clean once flushed");
+    w.rmap.put_frame(spare, &w.machine);
+    w.destroy(&vm);
+    w.check().unwrap();
+    assert_eq!(w.machine.allocated(), 0);
+}
