@@ -19,9 +19,13 @@
 /// ordering as `SeqCst`).
 pub mod atomic {
     #[cfg(not(feature = "shuttle"))]
-    pub use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+    pub use core::sync::atomic::{
+        AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
     #[cfg(feature = "shuttle")]
-    pub use shuttle::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+    pub use shuttle::sync::atomic::{
+        AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
 }
 
 /// Called in every spin-wait iteration: a CPU hint normally, a yield to the scheduler under

@@ -1,7 +1,13 @@
 //! `cargo xtask run|test|bench|build`: installs what is missing, builds the
 //! guest and hypervisor images, and runs them under QEMU.
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 
 mod build;
+mod layers;
 mod linux;
 mod qemu;
 mod setup;
@@ -14,10 +20,12 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
+      [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS]
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)
-  test           clippy, host tests of every crate, then the QEMU scenarios in tests/
+  test           hyp's layer rule, clippy, host tests of every crate, then the
+                 QEMU scenarios in tests/
   shuttle        only rmap's shuttle runs and mutation checks (part of test)
   bench [chain|fork|guest|migrate|linux]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
@@ -57,6 +65,7 @@ fn main() -> ExitCode {
 
 /// Everything that proves it works, cheapest first.
 fn test() -> Result<(), String> {
+    layers::check()?;
     setup::ensure()?;
     let images = build::images(false)?;
     build::clippy(&images)?;

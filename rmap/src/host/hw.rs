@@ -11,6 +11,9 @@
 //! [`crate::Stage2::flush_deferred`] (VMID-wide), and `free_tables` drops the VM's entries
 //! (its VMID is invalidated with its tables). Accesses run under the TLB lock, so an
 //! invalidation waits for them, as TLBI + DSB waits for accesses in flight.
+//!
+//! The data-cache model (frames written and not cleaned to the point of coherency) is in
+//! [`super::cache`].
 
 use crate::lock::{Level, OrderedMutex};
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +44,8 @@ pub struct HostHw {
     ooms: AtomicU64,
     pub(super) tlb: OrderedMutex<Tlbs>,
     failures: OrderedMutex<Vec<String>>,
+    /// Frames written and not cleaned to the point of coherency ([`super::cache`]).
+    pub(super) cache: super::cache::CacheModel,
 }
 
 impl Default for HostHw {
@@ -51,6 +56,7 @@ impl Default for HostHw {
             ooms: AtomicU64::new(0),
             tlb: OrderedMutex::new(Level::ALLOCATOR, "host.tlb", BTreeMap::new()),
             failures: OrderedMutex::new(Level::ALLOCATOR, "host.failures", Vec::new()),
+            cache: Default::default(),
         }
     }
 }
@@ -105,8 +111,10 @@ impl HostHw {
     /// Break-before-make, as hyp's witness (`hyp/src/bbm.rs`) checks it: a valid leaf of
     /// `pages` pages from `first` (frames consecutive) is being installed at `ipa`; any
     /// translation `vm`'s TLB still caches in its range for something else (an invalidation
-    /// still pending) is a failure.
+    /// still pending) is a failure. So is a frame not cleaned to the point of coherency since
+    /// the hypervisor wrote it ([`super::cache`]).
     pub(super) fn check_install(&self, vm: VmId, ipa: Ipa, pages: u64, first: Pfn, writable: bool) {
+        self.check_clean(vm, ipa, pages, first);
         let tlbs = self.tlb.lock();
         let Some(cached) = tlbs.get(&vm) else {
             return;
@@ -139,6 +147,36 @@ impl HostHw {
                      (writable {})",
                     c.writable
                 ));
+            }
+        }
+    }
+
+    /// Called with the TLB lock held when a frame is written or read whole by the host:
+    /// `dst` filled (zeroed, copied into, loaded from swap) or `src` read (copied, stored to
+    /// swap). A VM whose TLB can reach `dst` could see it half-written; one whose TLB can
+    /// still write `src` could change it half-way through the copy (a lost write). Entries
+    /// whose frame was freed since they were cached (`gen` differs) are reported on use.
+    pub(super) fn check_copy(
+        &self,
+        tlbs: &Tlbs,
+        dst: Option<Pfn>,
+        src: Option<Pfn>,
+        gen: &dyn Fn(Pfn) -> u64,
+    ) {
+        for (vm, cached) in tlbs {
+            for (ipa, c) in cached.iter().filter(|(_, c)| c.gen == gen(c.pfn)) {
+                if Some(c.pfn) == dst {
+                    self.record(format!(
+                        "frame {:#x} filled while {vm:?}'s TLB may still reach it at IPA {ipa:#x}",
+                        c.pfn
+                    ));
+                }
+                if Some(c.pfn) == src && c.writable {
+                    self.record(format!(
+                        "frame {:#x} copied while {vm:?}'s TLB may still write it at IPA {ipa:#x}",
+                        c.pfn
+                    ));
+                }
             }
         }
     }
