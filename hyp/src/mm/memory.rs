@@ -6,6 +6,7 @@
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::MemError;
 use core::sync::atomic::{AtomicU64, Ordering};
+use platform::board::MAX_CPUS;
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{
@@ -250,8 +251,12 @@ pub struct GuestMemory {
     /// IPAs cleared with their invalidation still pending (`bbm.rs`).
     #[cfg(debug_assertions)]
     unflushed: core::cell::RefCell<crate::mm::bbm::Unflushed>,
-    /// A stage-2 table page could not be allocated during an update.
-    pub out_of_memory: bool,
+    /// Per physical CPU: a stage-2 table page could not be allocated during
+    /// an update this CPU made. Per CPU because several vCPUs of the VM fault
+    /// at once: one whose own fault succeeded must not take (and act on)
+    /// another's failure, which that one would then miss. Set and taken
+    /// under the stage-2 lock, by the CPU that made the update.
+    oom: [core::sync::atomic::AtomicBool; MAX_CPUS],
     /// Physical CPUs that may hold TLB entries of this VMID: each sets its
     /// bit before it loads the VM's VTTBR (`note_loaded_here`), and bits are
     /// never cleared while the VMID lives. An invalidation with no other bit
@@ -270,7 +275,7 @@ impl GuestMemory {
                 batching: false,
                 #[cfg(debug_assertions)]
                 unflushed: Default::default(),
-                out_of_memory: false,
+                oom: [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS],
                 cpus: AtomicU64::new(0),
             }),
             Err(_) => {
@@ -359,6 +364,17 @@ impl GuestMemory {
             table.destroy(&self.tlb());
             VMIDS.lock().free(self.vmid);
         }
+    }
+
+    /// Notes that an update on this CPU could not allocate a table page.
+    pub(super) fn note_oom(&self) {
+        self.oom[crate::arch::percpu::cpu_index()].store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an update this CPU made since the last call could not
+    /// allocate a table page; clears it.
+    pub fn take_oom(&self) -> bool {
+        self.oom[crate::arch::percpu::cpu_index()].swap(false, Ordering::Relaxed)
     }
 
     /// Starts deferring TLB invalidations to one flush (see `end_batch`);
