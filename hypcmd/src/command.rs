@@ -68,7 +68,11 @@ pub enum Command {
         vm: VmId,
         count: u32,
     },
-    Snapshot(VmId),
+    /// `snapshot <vm> [n]`: n in 1..=1000, 1 when not typed.
+    Snapshot {
+        vm: VmId,
+        count: u32,
+    },
     Restore {
         vm: VmId,
         snapshot: VmId,
@@ -152,7 +156,7 @@ impl fmt::Display for Command {
             Resume(vm) => write!(f, "resume {vm}"),
             Destroy(vm) => write!(f, "destroy {vm}"),
             Fork { vm, count } => write!(f, "fork {vm} {count}"),
-            Snapshot(vm) => write!(f, "snapshot {vm}"),
+            Snapshot { vm, count } => write!(f, "snapshot {vm} {count}"),
             Restore { vm, snapshot } => write!(f, "restore {vm} {snapshot}"),
             Rmap { pa } => write!(f, "rmap {pa:#x}"),
             Migrate { vm, range, batch } => write!(f, "migrate {vm} {range}{}", Batch(*batch)),
@@ -189,7 +193,7 @@ pub const HELP: &str = "commands:
   resume <vm>       resume a paused VM
   destroy <vm>      stop a VM and free its memory
   fork <vm> [n]     fork a VM (n times); children share memory copy-on-write
-  snapshot <vm>     a frozen fork of a VM
+  snapshot <vm> [n] a frozen fork of a VM (n times); snapshots hold no VMID
   restore <vm> <s>  reset a VM to snapshot s
   rmap <pa>         which VMs map the frame at pa, and through which chain
   bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy

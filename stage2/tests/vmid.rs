@@ -281,7 +281,7 @@ fn model_run_rolls_over() {
         .map(|_| {
             let r = xorshift(&mut seed);
             let (vm, cpu) = ((r >> 8) as usize % 400, (r >> 40) as usize % CPUS);
-            if r % 5 == 0 {
+            if r.is_multiple_of(5) {
                 Op::Put { cpu }
             } else {
                 Op::Load { vm, cpu }
@@ -339,7 +339,7 @@ fn rollover_while_vcpus_stay_loaded_elsewhere() {
             let (tlb, alloc, v, reg) = (tlb.clone(), alloc.clone(), v.clone(), reg.clone());
             let (start, done, held_across) = (start.clone(), done.clone(), held_across.clone());
             std::thread::spawn(move || {
-                let mut seed = 0x2545_f491_4f6c_dd1d ^ (cpu as u64 + 1) * 0x1000_0001;
+                let mut seed = 0x2545_f491_4f6c_dd1d ^ ((cpu as u64 + 1) * 0x1000_0001);
                 let mut loads = 0u64;
                 start.wait();
                 while if cpu == HOLDER {
