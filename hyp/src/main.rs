@@ -9,42 +9,19 @@
 
 extern crate alloc;
 
+// The layers, lowest first; each imports only the ones before it (checked by
+// `layers` in xtask's tests against the table in docs/ARCHITECTURE.md).
 mod arch;
-#[cfg(debug_assertions)]
-mod bbm;
-mod bench;
-mod bootargs;
-mod cmd;
+mod boot;
 mod console;
-mod dirty;
-mod el2;
-mod exception;
-mod exit;
-mod fault;
-mod fork;
-mod frames;
-mod gic;
-mod guest_dtb;
-mod heap;
-mod hypercall;
-mod linux;
-mod loader;
-mod memcmd;
-mod memctl;
-mod memory;
 mod mm;
-mod mmu;
-mod percpu;
-mod restore;
-mod sched;
-mod semihost;
-mod store;
-mod timer;
-mod vcpu;
-mod vgic;
+mod vdev;
 mod vm;
-mod vpl011;
-mod vtimer;
+
+use arch::{el2, gic, mmu, percpu, semihost, uart};
+use boot::{bootargs, linux, loader};
+use mm::{frames, heap};
+use vm::sched;
 
 use alloc::string::String;
 use core::sync::atomic::Ordering;
@@ -83,12 +60,12 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     let board = match Board::from_dtb(dtb) {
         Ok(b) => b,
         Err(e) => {
-            console::init(FALLBACK_UART);
+            uart::init(FALLBACK_UART);
             println!("[hyp] cannot use this board: {e}");
             semihost::exit(STATUS_BAD_BOARD);
         }
     };
-    console::init(board.uart.base);
+    uart::init(board.uart.base);
     println!(
         "[hyp] microhypervisor at EL2, {} CPUs, {} RAM bank(s)",
         board.cpus.len(),
@@ -98,12 +75,12 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     mmu::init(&board);
     let _ = rmap::lock::lockdep::set_cpu_index_hook(percpu::cpu_index);
     reserve_and_init_frames(&board, dtb);
-    memory::init();
-    mm::init(&board);
-    el2::init_this_cpu();
+    mm::memory::init();
+    mm::glue::init(&board);
+    el2::init_this_cpu(mm::memory::vtcr());
     gic::init_distributor(&board);
     gic::init_cpu(&board);
-    sched::init(&board);
+    sched::init(&board, &console::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);
     start_default_vm(&board);
@@ -115,7 +92,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
 extern "C" fn secondary_main(cpu: usize) -> ! {
     percpu::init(cpu);
     mmu::enable_this_cpu();
-    el2::init_this_cpu();
+    el2::init_this_cpu(mm::memory::vtcr());
     gic::init_cpu(el2::board());
     percpu::this_cpu().online.store(true, Ordering::Release);
     sched::cpu_loop()
@@ -148,7 +125,7 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
 fn start_default_vm(board: &Board) {
     let args = bootargs::parse(board.bootargs());
     sched::STAY_WHEN_IDLE.store(args.stay, Ordering::Relaxed);
-    cmd::set_script(args.script);
+    console::cmd::set_script(args.script);
     match args.guest {
         "none" => println!("[hyp] no default guest"),
         "test" if GUEST_IMAGE.is_empty() => {
@@ -170,7 +147,11 @@ fn start_default_vm(board: &Board) {
                 Err(e) => println!("[hyp] cannot start the test guest: {e}"),
             }
         }
-        "linux" => linux::start(&args, args.vcpus.unwrap_or(board.cpus.len())),
+        "linux" => {
+            if let Some(id) = linux::start(&args, args.vcpus.unwrap_or(board.cpus.len())) {
+                console::cmd::set_focus(id);
+            }
+        }
         other => println!("[hyp] unknown guest '{other}' (known: test, linux, none)"),
     }
 }

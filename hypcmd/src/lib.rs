@@ -12,7 +12,7 @@
 //! What it may use: `core` and `alloc` only. It knows nothing of the
 //! hypervisor (`hyp/`): whether a VM exists, whether a range is RAM or inside
 //! a VM's memory are questions about the running machine, answered where the
-//! command runs (`hyp/src/cmd.rs`, `hyp/src/memcmd.rs`). Keeping parsing apart
+//! command runs (`hyp/src/console/cmd.rs`, `hyp/src/console/memcmd.rs`). Keeping parsing apart
 //! from execution lets a second syntax (a JSON control channel) produce the
 //! same [`Command`]s later.
 

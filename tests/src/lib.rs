@@ -187,7 +187,7 @@ pub fn bare_linux_command(cfg: &MachineConfig) -> Command {
     cmd
 }
 
-/// The hypervisor's default Linux command line (hyp/src/linux.rs).
+/// The hypervisor's default Linux command line (hyp/src/boot/linux.rs).
 pub const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x09000000 rdinit=/init";
 
 /// The hypervisor ELF under test, from `HYP_ELF` (set by `cargo xtask test`).

@@ -241,7 +241,7 @@ fn random_line(rng: &mut Rng) -> String {
     }
 }
 
-/// What the hypervisor's line editor (`input` in hyp/src/cmd.rs) makes of
+/// What the hypervisor's line editor (`input` in hyp/src/console/cmd.rs) makes of
 /// typed text: printable ASCII and space kept, DEL and BS erase, the rest
 /// dropped.
 fn as_seen(typed: &str) -> String {

@@ -2,6 +2,7 @@
 //! guest and hypervisor images, and runs them under QEMU.
 
 mod build;
+mod layers;
 mod linux;
 mod qemu;
 mod setup;
@@ -17,7 +18,8 @@ commands:
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)
-  test           clippy, host tests of every crate, then the QEMU scenarios in tests/
+  test           hyp's layer rule, clippy, host tests of every crate, then the
+                 QEMU scenarios in tests/
   bench [chain|fork|guest|migrate|linux]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
 
 /// Everything that proves it works, cheapest first.
 fn test() -> Result<(), String> {
+    layers::check()?;
     setup::ensure()?;
     let images = build::images(false)?;
     build::clippy(&images)?;

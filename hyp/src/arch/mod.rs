@@ -1,5 +1,24 @@
-//! Assembly: boot entry, exception vectors, the guest world switch, and
-//! FP/SIMD save/restore. Everything else is Rust.
+//! `arch`: what the hypervisor runs on. Lowest layer: may use only `platform`
+//! and external crates, nothing else of `hyp`.
+//!
+//! Owns the boot entry, exception vectors and guest world switch (assembly
+//! here), system-register access, EL2 setup (`el2`) and the EL2 stage-1 MMU
+//! (`mmu`), the physical timer (`timer`), the GIC distributor and CPU
+//! interface (`gic`), the hypervisor's own UART output and `println!`
+//! (`uart`), per-CPU state (`percpu`), semihosting exit (`semihost`) and the
+//! report of a hypervisor fault (`exception`). The register blocks the
+//! assembly saves and restores (`GuestRegs`, `FpRegs`) are defined here
+//! because their layout is the assembly's.
+
+pub mod el2;
+pub mod esr;
+pub mod exception;
+pub mod gic;
+pub mod mmu;
+pub mod percpu;
+pub mod semihost;
+pub mod timer;
+pub mod uart;
 
 use core::arch::global_asm;
 
@@ -28,11 +47,29 @@ impl ExitKind {
     }
 }
 
+/// General registers, PC and PSTATE. Layout known to vectors.S (saved and restored there).
+#[repr(C)]
+#[derive(Clone, Default)]
+pub struct GuestRegs {
+    pub x: [u64; 31],
+    pub pc: u64,
+    pub pstate: u64,
+}
+
+/// FP/SIMD registers. Layout known to vectors.S (saved and restored there).
+#[repr(C, align(16))]
+#[derive(Clone, Default)]
+pub struct FpRegs {
+    pub q: [u128; 32],
+    pub fpsr: u64,
+    pub fpcr: u64,
+}
+
 unsafe extern "C" {
     /// Runs the guest whose registers the per-CPU block points at.
-    pub fn __guest_enter(regs: *mut crate::vcpu::GuestRegs) -> u64;
-    pub fn __fpsimd_save(fp: *mut crate::vcpu::FpRegs);
-    pub fn __fpsimd_restore(fp: *const crate::vcpu::FpRegs);
+    pub fn __guest_enter(regs: *mut GuestRegs) -> u64;
+    pub fn __fpsimd_save(fp: *mut FpRegs);
+    pub fn __fpsimd_restore(fp: *const FpRegs);
     pub fn secondary_entry();
 }
 

@@ -1,0 +1,298 @@
+//! The hypervisor console: commands typed on the physical UART (Ctrl-A
+//! switches input between the hypervisor and the VMs' consoles) or given as a
+//! boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
+//! is an error message, never a panic); this file edits the typed line, runs
+//! the typed `Command` and answers what only the machine knows (does the VM
+//! exist). Nothing here can hurt a VM that was not named.
+
+use crate::vm;
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, Ordering};
+use hypcmd::{Command, VmId};
+use spin::Mutex;
+
+const CTRL_A: u8 = 0x01;
+/// A typed line longer than this is dropped whole: the heap is not the
+/// operator's to fill, and no command is anywhere near this long.
+const MAX_LINE: usize = 1024;
+
+struct Console {
+    line: String,
+    /// The line being typed went past `MAX_LINE`; it is dropped at Enter.
+    too_long: bool,
+    /// None: input goes to the hypervisor console; Some(id): to that VM.
+    focus: Option<u32>,
+    script: VecDeque<String>,
+}
+
+static CONSOLE: Mutex<Console> = Mutex::new(Console {
+    line: String::new(),
+    too_long: false,
+    focus: None,
+    script: VecDeque::new(),
+});
+/// A script `sleep` holds the next command back until this counter value.
+static SCRIPT_RESUME_AT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
+
+/// Queues `;`-separated commands to run once the initial VMs are up.
+pub fn set_script(script: &str) {
+    let mut c = CONSOLE.lock();
+    // On the command line a ',' stands for a space (bootargs split on spaces).
+    for cmd in script.split(';').map(|c| c.replace(',', " ")) {
+        let cmd = cmd.trim();
+        if !cmd.is_empty() {
+            c.script.push_back(String::from(cmd));
+        }
+    }
+    SCRIPT_DONE.store(c.script.is_empty(), Ordering::Release);
+}
+
+/// Sends typed input to VM `id` (an interactive guest started at boot).
+pub fn set_focus(id: u32) {
+    CONSOLE.lock().focus = Some(id);
+}
+
+pub fn script_done() -> bool {
+    SCRIPT_DONE.load(Ordering::Acquire)
+}
+
+/// A command typed while CPU 0 had a vCPU loaded, waiting for `poll`.
+static TYPED: Mutex<Option<String>> = Mutex::new(None);
+/// CPU 0 should leave its guest and call `poll` (a typed or script command).
+static WAITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a command waits for CPU 0's scheduler loop (`poll`).
+pub fn command_waiting() -> bool {
+    WAITING.load(Ordering::Acquire)
+}
+
+/// Called by CPU 0 while it has a vCPU loaded: routes typed bytes, but a
+/// complete command (or a script's next one) only waits for `poll` from the
+/// scheduler loop, since it may have to quiesce that very vCPU's VM (fork).
+pub fn poll_input() {
+    if WAITING.load(Ordering::Acquire) {
+        return;
+    }
+    if !CONSOLE.lock().script.is_empty() {
+        WAITING.store(true, Ordering::Release);
+        return;
+    }
+    while let Some(b) = crate::arch::uart::read_byte() {
+        if let Some(cmd) = input(b) {
+            *TYPED.lock() = Some(cmd);
+            WAITING.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Called by CPU 0 between guest slices (no vCPU loaded): runs the next
+/// script command and handles typed input. Commands run without the console
+/// state lock held.
+pub fn poll() {
+    WAITING.store(false, Ordering::Release);
+    let typed = TYPED.lock().take();
+    if let Some(cmd) = typed {
+        execute(&cmd);
+        crate::print!("hyp> ");
+    }
+    let paused = crate::arch::timer::now() < SCRIPT_RESUME_AT.load(Ordering::Acquire);
+    let next = if paused {
+        None
+    } else {
+        CONSOLE.lock().script.pop_front()
+    };
+    if let Some(cmd) = next {
+        crate::println!("hyp> {cmd}");
+        execute(&cmd);
+        if CONSOLE.lock().script.is_empty() {
+            SCRIPT_DONE.store(true, Ordering::Release);
+        }
+    }
+    while let Some(b) = crate::arch::uart::read_byte() {
+        if let Some(cmd) = input(b) {
+            execute(&cmd);
+            crate::print!("hyp> ");
+        }
+    }
+}
+
+/// One typed byte; returns a complete command line for the hypervisor.
+fn input(b: u8) -> Option<String> {
+    let mut c = CONSOLE.lock();
+    if b == CTRL_A {
+        c.focus = next_focus(c.focus);
+        match c.focus {
+            None => crate::print!("\n[console: hypervisor]\nhyp> "),
+            Some(id) => crate::print!("\n[console: vm {id}]\n"),
+        }
+        return None;
+    }
+    if let Some(id) = c.focus {
+        drop(c);
+        if let Some(vm) = vm::get(id) {
+            vm.uart.lock().push_rx(b);
+            crate::vm::devices::update_irq(&vm);
+        }
+        return None;
+    }
+    match b {
+        b'\r' | b'\n' => {
+            crate::print!("\n");
+            let line = core::mem::take(&mut c.line);
+            if core::mem::take(&mut c.too_long) {
+                crate::println!("error: line too long (over {MAX_LINE} characters), ignored");
+                // An empty command: the caller prints the next prompt.
+                return Some(String::new());
+            }
+            Some(line)
+        }
+        0x7f | 0x08 => {
+            if c.line.pop().is_some() {
+                crate::print!("\x08 \x08");
+            }
+            None
+        }
+        _ if c.too_long => None,
+        b if (b.is_ascii_graphic() || b == b' ') && c.line.len() >= MAX_LINE => {
+            c.too_long = true;
+            c.line = String::new(); // frees the buffer now
+            None
+        }
+        b if b.is_ascii_graphic() || b == b' ' => {
+            c.line.push(b as char);
+            crate::print!("{}", b as char);
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Hypervisor, then each VM in id order, then back.
+fn next_focus(cur: Option<u32>) -> Option<u32> {
+    let ids: alloc::vec::Vec<u32> = vm::all().iter().map(|v| v.id).collect();
+    match cur {
+        None => ids.first().copied(),
+        Some(id) => ids.iter().copied().find(|&i| i > id),
+    }
+}
+
+/// The VM a command names, if it exists.
+pub fn vm(id: VmId) -> Result<Arc<vm::Vm>, String> {
+    vm::get(id.0).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
+}
+
+/// Parses and runs one console line; errors are printed. Parsing is
+/// `hypcmd::parse` (total); what remains here are the machine's answers.
+pub fn execute(line: &str) {
+    let result = match hypcmd::parse(line) {
+        Ok(None) => return,
+        Ok(Some(cmd)) => run(cmd),
+        Err(e) => Err(alloc::format!("{e}")),
+    };
+    if let Err(e) = result {
+        crate::println!("error: {e}");
+    }
+}
+
+fn run(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Help => crate::println!("{}", hypcmd::HELP),
+        Command::Vms => vms(),
+        Command::Stats => crate::console::stats::print(),
+        Command::Pause(id) => return ok_or(vm(id)?.pause(), "not running"),
+        Command::Resume(id) => return ok_or(vm(id)?.resume(), "not paused"),
+        Command::Destroy(id) => vm(id)?.stop(0),
+        Command::Fork { vm, count } => return fork_cmd(vm, count),
+        Command::Snapshot(id) => {
+            let v = vm(id)?;
+            let snap = crate::vm::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
+            crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+        }
+        Command::Restore { vm: id, snapshot } => {
+            let (v, snap) = (vm(id)?, vm(snapshot)?);
+            crate::vm::fork::restore(&v, &snap, crate::vm::fork::Actor::Operator, None, 0)
+                .map_err(|e| alloc::format!("{e}"))?;
+            crate::println!("vm {} restored to snapshot {}", v.id, snap.id);
+        }
+        Command::Rmap { pa } => return rmap_cmd(pa),
+        Command::BenchFork { mib } => return crate::console::bench::fork(mib),
+        Command::Sleep { ms } => {
+            let until =
+                crate::arch::timer::now().saturating_add(crate::arch::timer::ms_to_ticks(ms));
+            SCRIPT_RESUME_AT.store(until, Ordering::Release);
+        }
+        Command::Quit => {
+            let status = vm::WORST_STATUS.load(Ordering::Relaxed);
+            crate::println!("[hyp] quit: exiting with status {status}");
+            crate::arch::semihost::exit(status.clamp(0, 255) as u32)
+        }
+        // Migration, reclaim, chaos, wait and their benches.
+        mem => return crate::console::memcmd::run(mem),
+    }
+    Ok(())
+}
+
+fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
+    let parent = vm(id)?;
+    for _ in 0..count {
+        let start = crate::arch::timer::now();
+        let child =
+            crate::vm::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
+        let us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(start));
+        crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
+    }
+    Ok(())
+}
+
+/// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
+fn rmap_cmd(pa: u64) -> Result<(), String> {
+    let rmap = crate::mm::glue::rmap();
+    let pfn = pa / crate::mm::frames::PAGE_SIZE;
+    let frame = rmap
+        .frames()
+        .get(pfn)
+        .ok_or_else(|| alloc::format!("{pa:#x} is not a RAM frame"))?;
+    let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
+    crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
+    for m in rmap.mappers(pfn, &crate::mm::glue::HypVms) {
+        crate::println!(
+            "  vm {} ipa {:#x} {:?} via chain {:?}",
+            m.vm.0,
+            m.ipa,
+            m.entry,
+            m.chain
+        );
+    }
+    Ok(())
+}
+
+fn ok_or(ok: bool, why: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(String::from(why))
+    }
+}
+
+fn vms() {
+    crate::println!("  id  name        state     vcpus  active  pages  exits");
+    for v in vm::all() {
+        // Read under the stage-2 lock first, print after: the console lock
+        // and memory-manager locks are never nested.
+        let pages = v.mem.memory.lock().resident_pages();
+        crate::println!(
+            "  {:<3} {:<11} {:<9} {:<6} {:<7} {:<6} {}",
+            v.id,
+            v.name,
+            v.state().name(),
+            v.nr_vcpus,
+            v.active_vcpus(),
+            pages,
+            v.exits.load(Ordering::Relaxed)
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! `console`: the operator's side. Top layer: may use every other layer;
+//! nothing imports it (the scheduler reaches it only through the hooks `main`
+//! installs in `vm::sched`).
+//!
+//! Owns the line editor, focus and command dispatch (`cmd`; parsing itself is
+//! the host-tested `hypcmd` crate), the memory-manager commands (`memcmd`) and
+//! the in-hypervisor benchmarks (`bench`).
+
+pub mod bench;
+pub mod chaos;
+pub mod cmd;
+pub mod memcmd;
+pub mod stats;
+
+/// How the scheduler reaches the console (installed by `main`).
+pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHooks {
+    poll_input: cmd::poll_input,
+    poll: cmd::poll,
+    command_waiting: cmd::command_waiting,
+    script_done: cmd::script_done,
+    exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
+};

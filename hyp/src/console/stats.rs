@@ -1,0 +1,65 @@
+//! `stats`: every counter the operator sees, in one place.
+
+use crate::mm::frames;
+use crate::mm::glue::{rmap, STORE};
+use crate::mm::memctl;
+use core::sync::atomic::Ordering;
+
+/// `stats`: frames, rmap objects, heap, VMs, then the memory manager's
+/// counters.
+pub fn print() {
+    let frames = crate::mm::frames::get();
+    let (heap_used, heap_total) = crate::mm::heap::usage();
+    let rmap = crate::mm::glue::rmap();
+    let shared = crate::mm::glue::shared_frames();
+    crate::println!(
+        "frames: {} free / {} total ({} used, {} shared)\nanon_vmas: {}  chains: {}  swap slots: {}\nheap: {} / {} bytes\nvms: {}",
+        frames.free_count(),
+        frames.total_count(),
+        frames.total_count() - frames.free_count(),
+        shared,
+        rmap.live_anon_vmas(),
+        rmap.live_chains(),
+        crate::mm::glue::STORE.used_slots(),
+        heap_used,
+        heap_total,
+        crate::vm::count()
+    );
+    memory();
+}
+
+/// The memory lines of `stats`.
+fn memory() {
+    let (offline, offline_free) = frames::get().offline_count();
+    let (low, high) = memctl::watermarks();
+    crate::println!(
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries, {} in the swap cache; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
+        memctl::MIGRATED.load(Ordering::Relaxed),
+        memctl::RECLAIMED.load(Ordering::Relaxed),
+        STORE.stored.load(Ordering::Relaxed),
+        STORE.zero_mapped.load(Ordering::Relaxed),
+        STORE.swapped_in.load(Ordering::Relaxed),
+        tlb_line(),
+        STORE.used_slots(),
+        STORE.bytes.load(Ordering::Relaxed),
+        STORE.zero_refs(),
+        rmap().swap_cache_entries().len(),
+        offline,
+        offline_free,
+        low,
+        high,
+        memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
+        crate::mm::memory::reserve_len(),
+        frames::get().first_free(),
+    );
+}
+
+/// How many stage-2 TLB invalidations stayed on one CPU (the VM had never
+/// been loaded elsewhere) and how many were broadcast.
+pub fn tlb_line() -> alloc::string::String {
+    alloc::format!(
+        "stage-2 TLB invalidations: {} on one CPU, {} broadcast",
+        crate::mm::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),
+        crate::mm::memory::BROADCAST_FLUSHES.load(Ordering::Relaxed)
+    )
+}

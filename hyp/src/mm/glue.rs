@@ -1,0 +1,332 @@
+//! The memory manager: one reverse map (`rmap::Rmap`) over every RAM frame,
+//! and what it needs from the machine: the frame allocator, a page store for
+//! swapped-out pages, and the set of live VMs. Faults, loading, fork and
+//! teardown of guest memory all go through here, so every guest frame is
+//! accounted for in the rmap (mapcount, anon_vma, index).
+
+use crate::mm::frames::{self, PAGE_SIZE};
+use crate::mm::vmmem::{self, VmMemory};
+use alloc::sync::Arc;
+use rmap::{
+    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, Rmap, S2Entry, Stage2, Stage2Locked, VmId,
+    VmSet,
+};
+use spin::Once;
+use stage2::TlbMaintenance;
+
+static RMAP: Once<Rmap> = Once::new();
+/// anon_vma and chain pool sizes: bounded chains (DESIGN lesson 6) keep
+/// these proportional to live regions.
+const MAX_ANON_VMAS: usize = 1 << 14;
+const MAX_CHAINS: usize = 1 << 16;
+
+pub fn rmap() -> &'static Rmap {
+    RMAP.get().expect("rmap not initialised")
+}
+
+/// Frame metadata for every frame of the RAM banks' span.
+pub fn init(board: &platform::Board) {
+    let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
+    let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
+    let count = ((hi - lo) / PAGE_SIZE) as usize;
+    RMAP.call_once(|| {
+        Rmap::new(
+            FrameTable::new(lo / PAGE_SIZE, count),
+            MAX_ANON_VMAS,
+            MAX_CHAINS,
+        )
+    });
+}
+
+/// The frame allocator as rmap sees it.
+pub struct HypFrames;
+
+impl FrameAllocator for HypFrames {
+    fn alloc(&self) -> Option<Pfn> {
+        frames::get().alloc().map(|pa| pa / PAGE_SIZE)
+    }
+
+    fn free(&self, pfn: Pfn) {
+        frames::get().free(pfn * PAGE_SIZE)
+    }
+
+    fn zero(&self, pfn: Pfn) {
+        frames::zero_frame(pfn * PAGE_SIZE)
+    }
+
+    fn copy(&self, dst: Pfn, src: Pfn) {
+        // `dst` is freshly allocated and owned by the caller, `src` is pinned
+        // by the caller for the copy; they are distinct frames.
+        frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE);
+        // The page may hold guest code.
+        crate::mm::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
+    }
+}
+
+/// Reclaimed pages: the compressed store (`store.rs`).
+pub use crate::mm::store::STORE;
+
+/// The live VMs, as rmap walkers see them.
+pub struct HypVms;
+
+impl VmSet for HypVms {
+    type Vm = VmMemory;
+
+    fn with_vm<R>(&self, id: VmId, f: impl FnOnce(&VmMemory) -> R) -> Option<R> {
+        let vm: Arc<VmMemory> = vmmem::get(id.0)?;
+        if !vm.memory.lock().is_live() {
+            return None;
+        }
+        Some(f(&vm))
+    }
+}
+
+/// Guest RAM as one region of the VM's IPA space.
+pub fn create_ram_region(vm: &VmMemory) -> Result<(), rmap::Error> {
+    let mut list = vm.regions.write();
+    rmap().region_create(
+        &mut list,
+        vm.ram.base,
+        vm.ram.size / PAGE_SIZE,
+        RegionFlags::NONE,
+    )
+}
+
+/// Why a fault could not be resolved.
+pub enum FaultError {
+    NoMemory,
+    NoRegion,
+    Other(rmap::Error),
+}
+
+/// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
+/// swap-in, or waiting out a migration). Returns once the guest can retry.
+/// `translation`: the entry was invalid (a translation fault); otherwise a
+/// permission or access-flag fault on an entry that exists, which can never
+/// be a 2 MiB first touch.
+pub fn fault(vm: &VmMemory, ipa: u64, write: bool, translation: bool) -> Result<(), FaultError> {
+    // The swap cache and region bookkeeping may allocate a little heap.
+    if !crate::mm::heap::guest_may_allocate(4096) {
+        return Err(FaultError::NoMemory);
+    }
+    crate::mm::memory::refill_reserve();
+    // Below the low watermark, reclaim before allocating (no lock held here),
+    // including before a 2 MiB first touch takes 512 frames.
+    crate::mm::memctl::balance();
+    if translation && fault_block(vm, ipa) {
+        let chunk = ipa & !(crate::mm::memory::BLOCK_SIZE - 1);
+        let mut log = vm.dirty.lock();
+        (0..crate::mm::memory::BLOCK_SIZE / PAGE_SIZE)
+            .for_each(|i| log.note(chunk + i * PAGE_SIZE));
+        return Ok(());
+    }
+    vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
+    let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
+    let oom = {
+        let mut mem = vm.memory.lock();
+        if matches!(result, Ok(Fault::Done)) {
+            // Software access flag: the reclaim clock cleared it.
+            mem.mkyoung(ipa & !(PAGE_SIZE - 1));
+        }
+        core::mem::take(&mut mem.out_of_memory)
+    };
+    match result {
+        Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
+        Ok(_) if oom && crate::mm::memctl::reclaim_for_fault() => {}
+        Ok(_) if oom => return Err(FaultError::NoMemory),
+        Ok(_) => {}
+        Err(rmap::Error::OutOfFrames) if crate::mm::memctl::reclaim_for_fault() => {}
+        Err(rmap::Error::OutOfFrames | rmap::Error::OutOfAnonVmas | rmap::Error::OutOfChains) => {
+            return Err(FaultError::NoMemory)
+        }
+        Err(rmap::Error::NoRegion) => return Err(FaultError::NoRegion),
+        Err(e) => return Err(FaultError::Other(e)),
+    }
+    Ok(())
+}
+
+/// Linux's huge anonymous fault: the first touch of an empty 2 MiB-aligned
+/// chunk that the region covers maps 512 fresh zeroed frames with one block
+/// entry (fewer faults, and fork copies one entry instead of 512). Falls back
+/// to the page path when the chunk is partly mapped, the region has no
+/// anon_vma yet, or no aligned 2 MiB of frames is free.
+fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
+    use crate::mm::memory::BLOCK_SIZE;
+    let chunk = ipa & !(BLOCK_SIZE - 1);
+    let regions = vm.regions.read();
+    let Some(region) = regions.find(ipa) else {
+        return false;
+    };
+    if region.anon_vma().is_none() || chunk < region.start() || chunk + BLOCK_SIZE > region.end() {
+        return false;
+    }
+    let mut s2 = vm.lock();
+    if s2.next_entry(chunk, chunk + BLOCK_SIZE).is_some() {
+        return false;
+    }
+    let pages = BLOCK_SIZE / PAGE_SIZE;
+    let Some(pa) = frames::get().alloc_contiguous_zeroed(pages as usize) else {
+        return false;
+    };
+    let pfn = pa / PAGE_SIZE;
+    rmap().add_new_anon_block(pfn, pages, region, chunk);
+    if !s2.map_block(chunk, pa) {
+        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
+        return false;
+    }
+    true
+}
+
+/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
+/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
+/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
+/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
+/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
+/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
+/// still reserved; the caller copies instead. Err: no stage-2 table memory,
+/// and the frames went back to the allocator.
+pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError> {
+    use crate::mm::memory::BLOCK_SIZE;
+    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
+        return Ok(false);
+    }
+    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
+    match prepared {
+        None => return Ok(false),
+        Some(false) => {
+            rmap()
+                .anon_vma_prepare(&mut vm.regions.write(), ipa)
+                .map_err(|_| FaultError::NoMemory)?;
+        }
+        Some(true) => {}
+    }
+    let regions = vm.regions.read();
+    let Some(region) = regions.find(ipa) else {
+        return Ok(false);
+    };
+    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
+        return Ok(false);
+    }
+    let mut s2 = vm.lock();
+    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
+        return Ok(false);
+    }
+    let pages = BLOCK_SIZE / PAGE_SIZE;
+    let pfn = pa / PAGE_SIZE;
+    frames::get().take_reserved(pa, pages);
+    // The image holds code: the guest fetches it through the I-cache.
+    crate::mm::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
+    rmap().add_new_anon_block(pfn, pages, region, ipa);
+    if !s2.map_block(ipa, pa) {
+        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
+        return Err(FaultError::NoMemory);
+    }
+    Ok(true)
+}
+
+/// Writes `data` into guest RAM at `ipa` as the guest would (write faults
+/// first, so every frame is a private, rmap-tracked page of the VM).
+pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let addr = ipa + done as u64;
+        let off = (addr % PAGE_SIZE) as usize;
+        let n = (PAGE_SIZE as usize - off).min(data.len() - done);
+        let page = addr - off as u64;
+        let pa = loop {
+            let entry = vm.lock().lookup(page);
+            if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
+                // None: moved (migration) since the lookup; look again.
+                if let Some(pa) = vm.memory.lock().pa_of(page) {
+                    break pa;
+                }
+                continue;
+            }
+            let translation = !matches!(entry, rmap::S2Entry::Page { .. });
+            fault(vm, page, true, translation)?;
+        };
+        // SAFETY: `pa` backs a writable page of this VM, identity mapped;
+        // the VM is not running yet (loader), so nothing races the copy.
+        unsafe {
+            core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
+        };
+        crate::mm::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Tears down a VM's memory: zap every entry, unlink its regions from the
+/// reverse map, and only then free its stage-2 tables (DESIGN lesson 5).
+pub fn teardown(vm: &VmMemory) {
+    // No vCPU of the VM runs again, so one VMID-wide invalidation after the
+    // zap covers every entry (destroy() flushes the VMID again before it is
+    // reused); frames freed meanwhile are unreachable through this VM.
+    vm.memory.lock().begin_batch();
+    let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
+    vm.memory.lock().end_batch();
+    vm.free_tables(proof);
+}
+
+/// Shares every page of `parent` copy-on-write with the empty `child`:
+/// regions cloned and linked into the reverse map, parent entries made
+/// read-only with one batched TLB invalidation, child entries filled from the
+/// parent's. Both VMs must be stopped (no vCPU on a CPU).
+pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
+    let mut parent_regions = parent.regions.write();
+    let mut child_regions = child.regions.write_nested(1);
+    parent.memory.lock().begin_batch();
+    let result = rmap().fork_vm(
+        &mut parent_regions,
+        parent,
+        &mut child_regions,
+        child,
+        &STORE,
+    );
+    parent.memory.lock().end_batch();
+    result
+}
+
+/// Frames mapped by more than one stage-2 entry.
+pub fn shared_frames() -> u64 {
+    rmap()
+        .frames()
+        .iter()
+        .filter(|(_, f)| f.mapcount() > 1)
+        .count() as u64
+}
+
+/// Drops `vm`'s pages in `[start, start + len)` (MEM_RELEASE): each entry is
+/// cleared and its frame or swap slot reference dropped; untouched pages
+/// cost nothing. Blocks are split first (the reserve covers the table page).
+pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
+    let _regions = vm.regions.read();
+    let mut from = start;
+    loop {
+        let next = vm.lock().next_entry(from, start + len);
+        let Some((ipa, entry)) = next else {
+            return Ok(());
+        };
+        match entry {
+            S2Entry::Migration { pfn, .. } => {
+                rmap().wait_frame_unlocked(pfn);
+                continue;
+            }
+            _ if vm
+                .lock()
+                .compare_exchange(ipa, entry, S2Entry::Invalid)
+                .is_err() =>
+            {
+                if core::mem::take(&mut vm.memory.lock().out_of_memory) {
+                    return Err(rmap::Error::OutOfFrames);
+                }
+                continue;
+            }
+            S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+            S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
+            S2Entry::Invalid => {}
+        }
+        vm.dirty.lock().note(ipa);
+        from = ipa + PAGE_SIZE;
+    }
+}

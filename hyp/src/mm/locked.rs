@@ -1,0 +1,300 @@
+//! `LockedStage2`: a VM's stage-2 table with its lock held (DESIGN level 4),
+//! as the reverse map changes it, and the conversion between rmap's page
+//! states (`S2Entry`) and stage-2 descriptors. The `rmap::Stage2Locked`
+//! operations on it are in `s2locked`.
+
+use crate::mm::frames::PAGE_SIZE;
+use core::cell::Cell;
+use rmap::lock::OrderedMutexGuard;
+use rmap::S2Entry;
+use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
+
+use super::memory::{ram_attrs, GuestMemory};
+
+/// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
+pub const BLOCK_SIZE: u64 = 2 << 20;
+
+pub(super) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
+    let Some(leaf) = leaf else {
+        return S2Entry::Invalid;
+    };
+    match leaf.leaf {
+        Leaf::Mapped(m) => S2Entry::Page {
+            pfn: (m.pa + (ipa - leaf.ipa)) >> 12,
+            writable: m.attrs.perm.write,
+        },
+        Leaf::Software(SwEntry::Migration { pfn, writable }) => {
+            S2Entry::Migration { pfn, writable }
+        }
+        Leaf::Software(SwEntry::Swap { slot, .. }) => S2Entry::Swap { slot },
+        // A transient break-before-make owner: report it as a migration of
+        // nothing, so callers retry.
+        Leaf::Software(_) => S2Entry::Invalid,
+    }
+}
+
+pub(super) fn encode(entry: S2Entry) -> Descriptor {
+    match entry {
+        S2Entry::Invalid => Descriptor::EMPTY,
+        S2Entry::Page { pfn, writable } => {
+            Descriptor::page(pfn << 12, ram_attrs(writable)).expect("page descriptor")
+        }
+        S2Entry::Migration { pfn, writable } => {
+            Descriptor::software(SwEntry::Migration { pfn, writable })
+        }
+        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap {
+            slot,
+            writable: false,
+        }),
+    }
+}
+
+/// The locked stage-2 as `rmap` uses it.
+pub struct LockedStage2<'a> {
+    pub(super) mem: OrderedMutexGuard<'a, GuestMemory>,
+    /// The leaf the last `lookup` found, by page: a reverse-map walk verifies
+    /// a page and then changes it, and the change reuses this instead of
+    /// walking the table again. Used at most once (`cas` takes it) and cleared
+    /// by every other change through this guard, so it can be stale only by
+    /// what the hardware did meanwhile (an access-flag update), which makes
+    /// the descriptor CAS fail and the retry look the leaf up afresh.
+    pub(super) last: Cell<Option<(u64, Option<LeafInfo>)>>,
+}
+
+impl<'a> LockedStage2<'a> {
+    /// The view of a locked table (the guard is the VM's stage-2 lock).
+    pub(super) fn new(mem: OrderedMutexGuard<'a, GuestMemory>) -> Self {
+        LockedStage2 {
+            mem,
+            last: Cell::new(None),
+        }
+    }
+
+    /// Whether a table page could not be allocated since the flag was last
+    /// taken (the fault path reports it as out of memory); clears it.
+    pub fn take_out_of_memory(&mut self) -> bool {
+        core::mem::take(&mut self.mem.out_of_memory)
+    }
+
+    /// The VM's table still exists (it is freed by teardown, under this lock).
+    pub fn is_live(&self) -> bool {
+        self.mem.is_live()
+    }
+
+    pub(super) fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+        // A torn-down VM reads as empty and refuses every change: a console
+        // command or rmap walker that still holds the VM must not panic.
+        let Some(table) = self.mem.live() else {
+            return Err(S2Entry::Invalid);
+        };
+        let page = ipa & !(PAGE_SIZE - 1);
+        let current = match self.last.take() {
+            Some((at, leaf)) if at == page => leaf,
+            _ => table.lookup(ipa),
+        };
+        let found = decode(current, ipa);
+        if found != old {
+            return Err(found);
+        }
+        if !matches!(old, S2Entry::Page { .. }) && matches!(new, S2Entry::Page { .. }) {
+            self.mem.bbm_check_make(page, PAGE_SIZE);
+        }
+        let Some(mut current) = current else {
+            // Filling a hole may need table pages: map() obtains them first.
+            return self.fill_hole(ipa, new);
+        };
+        if current.level < stage2::LAST_LEVEL {
+            // rmap works page by page: a block is split before one page changes.
+            current = self.split(ipa).ok_or(found)?;
+        }
+        match self.replace_leaf(&current, new) {
+            Ok(()) => Ok(()),
+            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, current.level, d), ipa)),
+            Err(_) => Err(found),
+        }
+    }
+
+    /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
+    pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
+        self.last.set(None);
+        if !self.mem.is_live() {
+            return false;
+        }
+        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true, false)
+    }
+
+    /// CAS of a leaf the caller just read, retried while only a hardware
+    /// access-flag update got in between.
+    pub(super) fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
+        let mut cur = *leaf;
+        while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
+            cur.desc = d;
+            if decode(Some(cur), cur.ipa) != old {
+                break;
+            }
+        }
+    }
+
+    /// Makes a writable block read-only as one entry, if `new` is exactly
+    /// that; false if it is some other change (the caller splits).
+    pub(super) fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
+        let (
+            S2Entry::Page { pfn: a, .. },
+            S2Entry::Page {
+                pfn: b,
+                writable: false,
+            },
+        ) = (old, new)
+        else {
+            return false;
+        };
+        let Leaf::Mapped(m) = leaf.leaf else {
+            return false;
+        };
+        if a != b {
+            return false;
+        }
+        let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
+            .expect("block descriptor");
+        let table = self.mem.table();
+        let tlb = self.mem.tlb();
+        let batch = Batch::new(&tlb, table.vttbr());
+        let flusher: &dyn stage2::Flusher = if self.mem.batching { &batch } else { &tlb };
+        let ok = table
+            .compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, ro, flusher)
+            .is_ok();
+        // A pending flush is issued by end_batch() (or was already done).
+        let _ = batch.into_pending();
+        ok
+    }
+
+    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
+    pub(super) fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
+        let table = self.mem.table();
+        if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
+            if e == stage2::Error::NoMemory {
+                self.mem.out_of_memory = true;
+            }
+            return None;
+        }
+        table.lookup(ipa)
+    }
+
+    /// The pages of a block only partly inside an update: changed one by one
+    /// (`cas` splits the block first).
+    pub(super) fn update_block_pages(
+        &mut self,
+        leaf: &LeafInfo,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
+    ) {
+        let (lo, hi) = (leaf.ipa.max(start), (leaf.ipa + leaf.size()).min(end));
+        for ipa in (lo..hi).step_by(PAGE_SIZE as usize) {
+            let old = decode(Some(*leaf), ipa);
+            if let Some(new) = f(ipa, 1, old).filter(|&n| n != old) {
+                let _ = self.cas(ipa, old, new);
+            }
+        }
+    }
+
+    /// CAS of a leaf found by a lookup or walk. Inside a batch the final
+    /// invalidation is left to `end_batch` (one VMID-wide flush).
+    pub(super) fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+        if self.mem.batching
+            && matches!(leaf.leaf, Leaf::Mapped(_))
+            && matches!(new, S2Entry::Invalid | S2Entry::Swap { .. })
+        {
+            // Noted before the write (a failed CAS only makes it stricter).
+            self.mem.bbm_note(leaf.ipa, leaf.size());
+        }
+        let table = self.mem.table();
+        if self.mem.batching {
+            let tlb = self.mem.tlb();
+            let batch = Batch::new(&tlb, table.vttbr());
+            let r =
+                table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &batch);
+            // The pending VMID-wide flush is issued by end_batch().
+            let _ = batch.into_pending();
+            r
+        } else {
+            table.compare_exchange_leaf(
+                leaf.ipa,
+                leaf.level,
+                leaf.desc,
+                encode(new),
+                &self.mem.tlb(),
+            )
+        }
+    }
+
+    /// Maps a run of pages with consecutive IPAs and frames in one table
+    /// operation; returns false if the table could not grow. `shared`: the
+    /// frames are mapped elsewhere already (a fork child's fill), so their
+    /// contents are coherent with the I-cache and need no maintenance.
+    pub(super) fn map_run(
+        &mut self,
+        ipa: u64,
+        pfn: u64,
+        pages: u64,
+        writable: bool,
+        shared: bool,
+    ) -> bool {
+        let len = pages * PAGE_SIZE;
+        self.mem.bbm_check_make(ipa, len);
+        let table = self.mem.table();
+        let attrs = ram_attrs(writable);
+        // A whole aligned 2 MiB run (a forked block) stays one block entry.
+        let block = len == BLOCK_SIZE
+            && ipa.is_multiple_of(BLOCK_SIZE)
+            && (pfn << 12).is_multiple_of(BLOCK_SIZE);
+        let result = match (shared, block) {
+            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &self.mem.tlb()),
+            (false, true) => table.map(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
+            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
+        };
+        match result {
+            Ok(()) => true,
+            Err(_) => {
+                self.mem.out_of_memory = true;
+                false
+            }
+        }
+    }
+
+    pub(super) fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
+        let table = self.mem.table();
+        let result = match new {
+            S2Entry::Invalid => return Ok(()),
+            S2Entry::Page { pfn, writable } => table.map(
+                ipa,
+                pfn << 12,
+                PAGE_SIZE,
+                ram_attrs(writable),
+                &self.mem.tlb(),
+            ),
+            S2Entry::Migration { pfn, writable } => table
+                .set_software(ipa, SwEntry::Migration { pfn, writable }, &self.mem.tlb())
+                .map(|_| ()),
+            S2Entry::Swap { slot } => table
+                .set_software(
+                    ipa,
+                    SwEntry::Swap {
+                        slot,
+                        writable: false,
+                    },
+                    &self.mem.tlb(),
+                )
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e == stage2::Error::NoMemory {
+                    self.mem.out_of_memory = true;
+                }
+                Err(S2Entry::Invalid)
+            }
+        }
+    }
+}

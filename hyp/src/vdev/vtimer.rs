@@ -1,0 +1,64 @@
+//! The guest's virtual timer. Each VM has its own counter offset
+//! (CNTVOFF_EL2); each vCPU's CNTV_CTL/CVAL are part of its EL1 state
+//! (vcpu.rs). While a vCPU is loaded its timer is live in the hardware: when
+//! it fires, the physical PPI 27 interrupts EL2 and is injected as virtual
+//! PPI 27 with the HW bit (vgic.rs). While it is not loaded its timer is off
+//! in the hardware; it is loaded again before it runs, and a timer that
+//! expired meanwhile fires at once.
+//!
+//! A WFI blocks the physical CPU with the vCPU still loaded until its own
+//! timer fires (`firing`), a kick from another CPU or at most the next
+//! scheduling tick (`vm::exit`'s WFx handler, which owns that policy).
+
+use crate::arch::{read_sysreg, write_sysreg};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const CTL_ENABLE: u64 = 1 << 0;
+const CTL_IMASK: u64 = 1 << 1;
+const CTL_ISTATUS: u64 = 1 << 2;
+
+/// A VM's view of time.
+pub struct VTimer {
+    /// CNTVOFF_EL2: the guest's virtual counter reads physical - offset.
+    offset: AtomicU64,
+}
+
+impl VTimer {
+    /// The guest's virtual counter starts near zero.
+    pub fn new() -> VTimer {
+        VTimer {
+            offset: AtomicU64::new(crate::arch::timer::now()),
+        }
+    }
+
+    /// Takes `src`'s time base (a fork continues its parent's clock).
+    pub fn copy_from(&self, src: &VTimer) {
+        self.offset
+            .store(src.offset.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+impl Default for VTimer {
+    fn default() -> Self {
+        VTimer::new()
+    }
+}
+
+impl VTimer {
+    /// After a vCPU's EL1 state was loaded: its VM's counter offset.
+    pub fn load(&self) {
+        write_sysreg!("cntvoff_el2", self.offset.load(Ordering::Relaxed));
+    }
+}
+
+/// After the vCPU's EL1 state was saved: its timer must not fire while
+/// another vCPU (or none) runs here.
+pub fn put() {
+    write_sysreg!("cntv_ctl_el0", 0);
+}
+
+/// Whether the loaded vCPU's timer condition is met and unmasked.
+pub fn firing() -> bool {
+    read_sysreg!("cntv_ctl_el0") & (CTL_ENABLE | CTL_IMASK | CTL_ISTATUS)
+        == CTL_ENABLE | CTL_ISTATUS
+}

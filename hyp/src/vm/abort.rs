@@ -1,0 +1,79 @@
+//! Stage-2 aborts: demand paging of guest RAM, emulated MMIO, and wild
+//! accesses (an injected external abort, or the VM stopped with a message).
+
+use crate::arch::esr::{Abort, ESR_IL, FSC_SEA};
+use crate::arch::read_sysreg;
+use crate::mm::glue::FaultError;
+use crate::vm::devices;
+use crate::vm::exit::{inject_sync, stop, Action};
+use crate::vm::vcpu::Vcpu;
+
+/// The faulting IPA: page from HPFAR_EL2, offset from FAR_EL2.
+fn fault_ipa() -> u64 {
+    let hpfar = read_sysreg!("hpfar_el2");
+    let far = read_sysreg!("far_el2");
+    ((hpfar >> 4) & 0xff_ffff_ffff) << 12 | (far & 0xfff)
+}
+
+pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
+    let ipa = fault_ipa();
+    let abort = Abort::decode(esr);
+    if vcpu.vm.mem.ram.contains(ipa) {
+        return ram_fault(vcpu, ipa, abort.write, abort.translation);
+    }
+    if abort.is_data && !abort.s1ptw {
+        match abort.access {
+            Some(access) => {
+                if let Some(action) = devices::mmio(vcpu, access, ipa) {
+                    return action;
+                }
+            }
+            None if devices::is_device(&vcpu.vm, ipa) => return devices::unemulatable(vcpu),
+            None => {}
+        }
+    }
+    wild(vcpu, ipa, abort.is_data)
+}
+
+fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool, translation: bool) -> Action {
+    match crate::mm::glue::fault(&vcpu.vm.mem, ipa, write, translation) {
+        Ok(()) => Action::Continue,
+        Err(FaultError::NoMemory) => {
+            crate::println!(
+                "[hyp] vm {} ({}) paused: out of memory faulting IPA {ipa:#x}; free memory and `resume {}`",
+                vcpu.vm.id,
+                vcpu.vm.name,
+                vcpu.vm.id
+            );
+            vcpu.vm.pause();
+            Action::Yield
+        }
+        Err(FaultError::NoRegion) => wild(vcpu, ipa, true),
+        Err(FaultError::Other(e)) => {
+            crate::println!(
+                "[hyp] vm {}: fault at IPA {ipa:#x} failed: {e:?}",
+                vcpu.vm.id
+            );
+            stop(vcpu, "hit a memory-manager error")
+        }
+    }
+}
+
+/// An access outside the VM's RAM and devices: a synchronous external abort
+/// for the guest to handle, as real hardware would give for a bus error.
+fn wild(vcpu: &mut Vcpu, ipa: u64, is_data: bool) -> Action {
+    let from_el1 = vcpu.regs.pstate & 0xf != 0;
+    let ec = if is_data { 0x24 } else { 0x20 } + u64::from(from_el1);
+    let esr = (ec << 26) | ESR_IL | FSC_SEA;
+    let far = read_sysreg!("far_el2");
+    crate::println!(
+        "[hyp] vm {} vcpu {}: access to IPA {ipa:#x} outside its memory (PC={:#x}); injecting an external abort",
+        vcpu.vm.id,
+        vcpu.index,
+        vcpu.regs.pc
+    );
+    match inject_sync(vcpu, esr, Some(far)) {
+        Ok(()) => Action::Continue,
+        Err(why) => stop(vcpu, why),
+    }
+}

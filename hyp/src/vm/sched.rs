@@ -1,0 +1,193 @@
+//! The scheduler: one global run queue of vCPUs shared by all physical CPUs,
+//! round-robin with time slices from the EL2 timer. More vCPUs than CPUs is
+//! the normal case once VMs fork. The run-queue lock is a scheduling lock: it
+//! never encloses a memory-manager lock.
+
+use crate::arch::{wfi, ExitKind};
+use crate::vm::exit::Action;
+use crate::vm::vcpu::{Power, Vcpu};
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use core::sync::atomic::{AtomicBool, Ordering};
+use platform::Board;
+use spin::{Mutex, Once};
+
+static RUNQ: Mutex<VecDeque<Box<Vcpu>>> = Mutex::new(VecDeque::new());
+static BOARD: Once<Board> = Once::new();
+/// Set once the boot CPU has created the initial VMs.
+pub static STARTED: AtomicBool = AtomicBool::new(false);
+/// Keep running with no VMs left (interactive use).
+pub static STAY_WHEN_IDLE: AtomicBool = AtomicBool::new(false);
+
+/// What the scheduler needs of the operator's console, which sits above it
+/// (layers.txt): `main` installs these at boot so `vm` never imports
+/// `console`. Before they are installed (or with none), there is no input.
+pub struct ConsoleHooks {
+    /// Reads pending keyboard input into the line editor (cheap; CPU 0, even
+    /// between two time slices of a guest).
+    pub poll_input: fn(),
+    /// Runs a complete command line or script step, with no vCPU loaded.
+    pub poll: fn(),
+    /// Whether a command waits to run (the running vCPU then gives up CPU 0).
+    pub command_waiting: fn() -> bool,
+    /// Whether the boot script has finished (the machine may then exit idle).
+    pub script_done: fn() -> bool,
+    /// The last line printed before the machine exits (TLB statistics).
+    pub exit_report: fn(),
+}
+
+static CONSOLE: Once<&'static ConsoleHooks> = Once::new();
+
+pub fn init(board: &Board, console: &'static ConsoleHooks) {
+    BOARD.call_once(|| board.clone());
+    CONSOLE.call_once(|| console);
+}
+
+fn console() -> Option<&'static ConsoleHooks> {
+    CONSOLE.get().copied()
+}
+
+pub fn enqueue(vcpu: Box<Vcpu>) {
+    RUNQ.lock().push_back(vcpu);
+    kick_all();
+}
+
+/// Takes `vm`'s queued vCPUs off the run queue and lets the VM park them
+/// (it is pausing or stopping).
+pub fn park_queued(vm: &crate::vm::Vm) {
+    let mine: VecDeque<Box<Vcpu>> = {
+        let mut q = RUNQ.lock();
+        let (mine, rest) = core::mem::take(&mut *q)
+            .into_iter()
+            .partition(|v| core::ptr::eq(&*v.vm, vm));
+        *q = rest;
+        mine
+    };
+    for v in mine {
+        if let Some(v) = vm.settle(v) {
+            RUNQ.lock().push_back(v);
+        }
+    }
+}
+
+fn dequeue() -> Option<Box<Vcpu>> {
+    RUNQ.lock().pop_front()
+}
+
+pub fn queue_empty() -> bool {
+    RUNQ.lock().is_empty()
+}
+
+/// Makes every other online CPU leave its guest (or its WFI) and look again.
+pub fn kick_all() {
+    let Some(board) = BOARD.get() else { return };
+    let me = crate::arch::percpu::cpu_index();
+    for (i, &mpidr) in board.cpus.iter().enumerate() {
+        if i != me && crate::arch::percpu::get(i).online.load(Ordering::Acquire) {
+            crate::arch::gic::send_sgi(crate::arch::gic::SGI_KICK, mpidr);
+        }
+    }
+}
+
+/// Host interrupts seen while handling: whether this CPU's slice ended.
+/// `vcpu` is the vCPU loaded on this CPU, which gets its timer's interrupt.
+pub fn handle_host_irqs(vcpu: Option<&Vcpu>) -> bool {
+    let mut slice_over = false;
+    while let Some(intid) = crate::arch::gic::ack() {
+        if BOARD.get().is_some_and(|b| intid == b.hyp_timer_intid) {
+            crate::arch::timer::arm_slice();
+            slice_over = true;
+        }
+        if !crate::vdev::vgic::host_irq(vcpu.map(|v| (&v.vm.vgic, v.index)), intid) {
+            crate::arch::gic::eoi(intid);
+        }
+    }
+    // Console input is polled by CPU 0 even while it runs a guest; commands
+    // wait until it is back in `cpu_loop` (see `run`).
+    if slice_over && vcpu.is_some() && crate::arch::percpu::cpu_index() == 0 {
+        if let Some(c) = console() {
+            (c.poll_input)();
+        }
+    }
+    slice_over
+}
+
+/// Each physical CPU's life after boot.
+pub fn cpu_loop() -> ! {
+    crate::arch::timer::arm_slice();
+    loop {
+        handle_host_irqs(None);
+        if crate::arch::percpu::cpu_index() == 0 {
+            if let Some(c) = console() {
+                (c.poll)();
+            }
+            exit_if_idle();
+        }
+        // No vCPU is loaded here: no VM's stage 2 may stay this CPU's
+        // context (a torn-down VM's root would; see Vm::unload_stage2).
+        debug_assert_eq!(
+            crate::arch::read_sysreg!("vttbr_el2"),
+            0,
+            "a VM's VTTBR is still loaded with no vCPU on this CPU"
+        );
+        match dequeue() {
+            Some(vcpu) => run(vcpu),
+            None => wfi(),
+        }
+    }
+}
+
+/// With every VM gone, the machine ends with the worst VM exit status.
+fn exit_if_idle() {
+    if !STARTED.load(Ordering::Acquire) || STAY_WHEN_IDLE.load(Ordering::Relaxed) {
+        return;
+    }
+    if crate::vm::count_runnable() == 0 && console().is_none_or(|c| (c.script_done)()) {
+        let status = crate::vm::WORST_STATUS.load(Ordering::Relaxed);
+        if let Some(c) = console() {
+            (c.exit_report)();
+        }
+        crate::println!("[hyp] no runnable VMs left; exiting with status {status}");
+        crate::arch::semihost::exit(status.clamp(0, 255) as u32);
+    }
+}
+
+/// Runs one vCPU for up to a time slice, then hands it back.
+fn run(vcpu: Box<Vcpu>) {
+    let vm = vcpu.vm.clone();
+    let Some(mut vcpu) = vm.settle(vcpu) else {
+        return;
+    };
+    vcpu.load();
+    loop {
+        if vm.state() != crate::vm::VmState::Running || vcpu.power != Power::On {
+            break;
+        }
+        crate::vm::devices::flush(&vcpu);
+        let kind = vcpu.enter();
+        vm.vgic.sync(vcpu.index);
+        vm.exits.fetch_add(1, Ordering::Relaxed);
+        crate::arch::percpu::this_cpu()
+            .exits
+            .fetch_add(1, Ordering::Relaxed);
+        let action = match kind {
+            ExitKind::Irq | ExitKind::Fiq => {
+                if handle_host_irqs(Some(&vcpu)) && !queue_empty() {
+                    Action::Yield
+                } else {
+                    Action::Continue
+                }
+            }
+            _ => crate::vm::exit::handle(&mut vcpu, kind),
+        };
+        match action {
+            Action::Continue if !console().is_some_and(|c| (c.command_waiting)()) => {}
+            // A console command runs with no vCPU loaded (it may quiesce this VM).
+            _ => break,
+        }
+    }
+    vcpu.put();
+    if let Some(v) = vm.settle(vcpu) {
+        RUNQ.lock().push_back(v);
+    }
+}
