@@ -34,8 +34,35 @@
 
 use crate::config::VmidBits;
 use crate::tlb::TlbMaintenance;
-use core::sync::atomic::{AtomicU64, Ordering};
-use spin::Mutex;
+use core::ops::DerefMut;
+#[cfg(not(loom))]
+use core::sync::atomic::AtomicU64;
+use core::sync::atomic::Ordering;
+#[cfg(loom)]
+use loom::sync::atomic::AtomicU64;
+
+/// The allocator's lock: a spin lock in the hypervisor, loom's mutex when loom explores the
+/// interleavings of `load`, `put` and rollover (`--cfg loom`, tests/vmid_loom.rs).
+struct Lock<T>(
+    #[cfg(not(loom))] spin::Mutex<T>,
+    #[cfg(loom)] loom::sync::Mutex<T>,
+);
+
+impl<T> Lock<T> {
+    fn new(value: T) -> Self {
+        #[cfg(not(loom))]
+        return Lock(spin::Mutex::new(value));
+        #[cfg(loom)]
+        return Lock(loom::sync::Mutex::new(value));
+    }
+
+    fn lock(&self) -> impl DerefMut<Target = T> + '_ {
+        #[cfg(not(loom))]
+        return self.0.lock();
+        #[cfg(loom)]
+        return self.0.lock().unwrap();
+    }
+}
 
 /// The number sits in the low 16 bits whatever the width, the generation above it.
 const GEN_SHIFT: u32 = 16;
@@ -54,12 +81,25 @@ fn number(id: u64) -> u16 {
 }
 
 /// A VM's VMID: `generation << 16 | number`, 0 until the VM first runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Vmid(AtomicU64);
+
+impl Default for Vmid {
+    fn default() -> Self {
+        Vmid::new()
+    }
+}
 
 impl Vmid {
     /// No VMID yet.
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
+        Vmid(AtomicU64::new(0))
+    }
+
+    /// No VMID yet (loom's atomics have no `const` constructor).
+    #[cfg(loom)]
+    pub fn new() -> Self {
         Vmid(AtomicU64::new(0))
     }
 
@@ -127,7 +167,7 @@ pub struct VmidAllocator<const CPUS: usize> {
     generation: AtomicU64,
     /// Per CPU: the VMID word of the VM loaded there, [`INACTIVE`], or 0 after a rollover.
     active: [AtomicU64; CPUS],
-    locked: Mutex<Locked<CPUS>>,
+    locked: Lock<Locked<CPUS>>,
     rollovers: AtomicU64,
 }
 
@@ -147,7 +187,7 @@ impl<const CPUS: usize> VmidAllocator<CPUS> {
             max,
             generation: AtomicU64::new(GEN_ONE),
             active: core::array::from_fn(|_| AtomicU64::new(INACTIVE)),
-            locked: Mutex::new(Locked {
+            locked: Lock::new(Locked {
                 map,
                 reserved: [0; CPUS],
                 next: 1,
