@@ -285,8 +285,10 @@ impl<const CPUS: usize> VmidAllocator<CPUS> {
     /// rollover and have not reloaded since) stay taken, and every TLB entry goes. Returns the
     /// new generation. Lock held.
     fn rollover(&self, locked: &mut Locked<CPUS>, tlb: &dyn TlbMaintenance) -> u64 {
-        // Bumped before the swaps below: a fast path that exchanges after its CPU's swap fails,
-        // and one that exchanged before it is seen here.
+        // A fast path racing this on another CPU is settled by that CPU's active word alone, not
+        // by the order of this bump and the swaps: its exchange either came before the swap (the
+        // swap sees, and reserves, its VM's number) or fails on the 0 the swap left. (loom:
+        // tests/vmid_loom.rs; bumping after the swaps passes it too.)
         let generation = self.generation.fetch_add(GEN_ONE, Ordering::AcqRel) + GEN_ONE;
         locked.map = [0; MAP_WORDS];
         locked.map[0] = 1;
