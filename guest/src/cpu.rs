@@ -113,15 +113,19 @@ fn dcache_line() -> usize {
     4 << ((ctr >> 16) & 0xf)
 }
 
-/// Invalidates (without cleaning) the data cache over `range` to the point of
-/// coherency: discards stale clean lines so data written with the MMU off
-/// (straight to memory) is what cacheable reads see afterwards.
+/// Invalidates the data cache over `range` to the point of coherency: discards
+/// stale lines so data written with the MMU off (straight to memory) is what
+/// cacheable reads see afterwards. Only for memory we wrote with the MMU off
+/// after the entry code invalidated it (`entry.rs`): under a hypervisor
+/// DC IVAC may clean as well (it is DC CIVAC at EL1 when HCR_EL2.VM = 1), so
+/// a dirty line left by someone else would be written over our data.
 pub fn invalidate_dcache(range: Range<usize>) {
     let line = dcache_line();
     for addr in (range.start & !(line - 1)..range.end).step_by(line) {
-        // SAFETY: the lines hold nothing dirty of ours (they were written with
-        // the MMU off, and the loader cleaned the image to PoC as the boot
-        // protocol requires), so dropping them loses nothing.
+        // SAFETY: the range is ours and holds nothing dirty: it was invalidated
+        // before we wrote it, and only with the MMU off (non-cacheable), so
+        // dropping its lines loses nothing. `range` is page aligned (guest.ld),
+        // so no line is shared with the loaded image.
         unsafe { asm!("dc ivac, {}", in(reg) addr, options(nostack, preserves_flags)) };
     }
     // SAFETY: a barrier only orders.

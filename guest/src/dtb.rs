@@ -4,6 +4,7 @@
 use platform::abi::{DT_HYPERVISOR_COMPATIBLE, DT_HYPERVISOR_NODE};
 
 use crate::console::DEFAULT_UART;
+use crate::cpu;
 use crate::fdt::{read_cells, Fdt, Node};
 use crate::sync::SetOnce;
 
@@ -64,6 +65,7 @@ impl Platform {
             plat.dtb_error = Some("x0 is not a DTB address");
             return plat;
         }
+        clean_before_reading(addr);
         // SAFETY: the boot protocol passes a DTB in x0; `from_ptr` reads the
         // 8-byte header first and checks the magic before trusting the size.
         match unsafe { Fdt::from_ptr(addr as *const u8) } {
@@ -180,5 +182,23 @@ impl Platform {
 
     pub fn bootargs(&self) -> &str {
         core::str::from_utf8(&self.bootargs[..self.bootargs_len]).unwrap_or("")
+    }
+}
+
+/// We read the DTB with the MMU off, straight from memory, but booting.rst
+/// asks the loader to clean only the kernel image to the PoC: a loader that
+/// wrote the DTB with its caches on may have left it in dirty lines. Clean
+/// them out first (by VA, which works with the MMU off): the header, then the
+/// size it gives, bounded as `Fdt::from_ptr` bounds it.
+fn clean_before_reading(addr: usize) {
+    cpu::clean_dcache(addr..addr + 8);
+    // SAFETY: the boot protocol passes a DTB in x0 (8-byte aligned, checked
+    // by the caller), so its 8-byte header is readable: the big-endian magic
+    // and `totalsize`.
+    let word =
+        |off: usize| u32::from_be(unsafe { core::ptr::read_volatile((addr + off) as *const u32) });
+    if word(0) == crate::fdt::MAGIC {
+        let size = (word(4) as usize).min(crate::fdt::MAX_SIZE);
+        cpu::clean_dcache(addr..addr + size);
     }
 }

@@ -10,6 +10,19 @@
 //! and not position independent, so a loader must use exactly RAM base +
 //! `text_offset`; the entry code checks this and, if violated, prints a FAIL
 //! line directly on the PL011 at 0x0900_0000 and powers off.
+//!
+//! Caches (booting.rst: "the address range corresponding to the loaded kernel
+//! image must be cleaned to the PoC"): only the *loaded* part (text, rodata,
+//! data) is clean; we run from it and never write it with the MMU off. The
+//! rest of the image (.bss and the stacks, NOLOAD) is RAM in whatever state its
+//! last user left it, possibly with dirty lines that could be evicted over
+//! what we write there with the MMU off (non-cacheable, straight to memory).
+//! So the entry code invalidates that range *before* writing it, and
+//! `mmu::enable_boot` invalidates it again before turning the MMU on (lines
+//! speculatively allocated meanwhile through a cacheable alias are stale).
+//! Under a hypervisor, DC IVAC at EL1 is performed as DC CIVAC
+//! (HCR_EL2.VM = 1): that is why the first pass must come before our writes,
+//! not only after them.
 
 use core::arch::global_asm;
 
@@ -50,6 +63,14 @@ primary_entry:
     b.ne    wrong_load_address
     bl      cpu_early_init
 
+    // Nothing dirty may be left over .bss and the stacks when we write them
+    // with the MMU off (see the module comment).
+    adrp    x0, __bss_start
+    add     x0, x0, :lo12:__bss_start
+    adrp    x1, __image_end
+    add     x1, x1, :lo12:__image_end
+    bl      dcache_inval_poc
+
     // Zero .bss (MMU off: these stores go straight to memory).
     adrp    x1, __bss_start
     add     x1, x1, :lo12:__bss_start
@@ -88,6 +109,24 @@ cpu_early_init:
     add     x9, x9, :lo12:exception_vectors
     msr     vbar_el1, x9
     isb
+    ret
+
+    // Invalidates the data cache to the PoC over [x0, x1) by line
+    // (CTR_EL0.DminLine), then DSB SY. Leaf, no stack; clobbers x0, x2, x3.
+    .global dcache_inval_poc
+dcache_inval_poc:
+    mrs     x3, ctr_el0
+    ubfx    x3, x3, #16, #4
+    mov     x2, #4
+    lsl     x2, x2, x3                  // line size in bytes
+    sub     x3, x2, #1
+    bic     x0, x0, x3
+1:  cmp     x0, x1
+    b.hs    2f
+    dc      ivac, x0
+    add     x0, x0, x2
+    b       1b
+2:  dsb     sy
     ret
 
 wrong_load_address:
@@ -171,10 +210,17 @@ unsafe extern "C" {
     /// PSCI CPU_ON entry point of the secondary vCPUs.
     pub fn secondary_entry();
     static __image_start: u8;
+    static __bss_start: u8;
     static __image_end: u8;
 }
 
 /// Where the image (code, data, .bss and stacks) is in memory.
 pub fn image_range() -> core::ops::Range<usize> {
     (&raw const __image_start) as usize..(&raw const __image_end) as usize
+}
+
+/// The part of the image the loader did not load (.bss and the stacks, page
+/// aligned): the only part written with the MMU off.
+pub fn unloaded_range() -> core::ops::Range<usize> {
+    (&raw const __bss_start) as usize..(&raw const __image_end) as usize
 }

@@ -7,13 +7,14 @@
 //! it misses `/cpus` and `/chosen` in a DTB that libfdt has edited in place,
 //! e.g. QEMU's `-dtb` plus `-append`.
 
-const MAGIC: u32 = 0xd00d_feed;
+/// A DTB header's first word (big-endian).
+pub const MAGIC: u32 = 0xd00d_feed;
 const BEGIN_NODE: u32 = 1;
 const END_NODE: u32 = 2;
 const PROP: u32 = 3;
 const NOP: u32 = 4;
 /// More than any DTB we expect; bounds what we read from an untrusted header.
-const MAX_SIZE: usize = 1 << 20;
+pub const MAX_SIZE: usize = 1 << 20;
 
 pub struct Fdt<'a> {
     structs: &'a [u8],

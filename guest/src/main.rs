@@ -7,6 +7,11 @@
 //!
 //! Only the `aarch64-unknown-none` build is the guest; a host build of the
 //! workspace compiles this crate to an empty stub so it never breaks there.
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]

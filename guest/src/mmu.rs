@@ -80,9 +80,11 @@ pub fn enable_boot(plat: &Platform) {
         SCTLR,
     ];
 
-    // Everything we wrote so far went straight to memory. Drop any stale clean
-    // lines over the image (tables, .bss, stacks) so cached reads see it.
-    cpu::invalidate_dcache(entry::image_range());
+    // Everything we wrote so far (.bss with the tables, the boot stack) went
+    // straight to memory. Drop any stale line allocated there since the entry
+    // code's invalidation, so cached reads see it. The loaded image needs none:
+    // we never wrote it, and the loader cleaned it to the PoC (booting.rst).
+    cpu::invalidate_dcache(entry::unloaded_range());
     // SAFETY: the parameters describe an identity map of all RAM (this code,
     // its stack and data included), so execution continues unchanged.
     unsafe { entry::enable_mmu(params) };

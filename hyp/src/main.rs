@@ -2,7 +2,11 @@
 //! anon_vma reverse map (see docs/ARCHITECTURE.md).
 #![no_std]
 #![no_main]
-#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 // vCPUs are boxed in every queue: moving one between the run queue and its
 // VM moves a pointer, and its register block keeps a stable address.
 #![allow(clippy::vec_box)]
@@ -77,7 +81,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     reserve_and_init_frames(&board, dtb);
     mm::memory::init();
     mm::glue::init(&board);
-    el2::init_this_cpu(mm::memory::vtcr());
+    el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_distributor(&board);
     gic::init_cpu(&board);
     sched::init(&board, &console::HOOKS);
@@ -92,7 +96,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
 extern "C" fn secondary_main(cpu: usize) -> ! {
     percpu::init(cpu);
     mmu::enable_this_cpu();
-    el2::init_this_cpu(mm::memory::vtcr());
+    el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_cpu(el2::board());
     percpu::this_cpu().online.store(true, Ordering::Release);
     sched::cpu_loop()

@@ -21,19 +21,36 @@ use alloc::vec::Vec;
 /// Bytes at `base..base + size` (the sum is known not to overflow).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImageRange {
+    /// Physical address of the first byte.
     pub base: u64,
+    /// Length in bytes.
     pub size: u64,
 }
 
+/// The hypervisor's boot options, parsed from its command line by
+/// [`BootArgs::parse`]. String fields borrow from that line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootArgs<'a> {
+    /// `guest=`: which default VM to start; the hypervisor knows `test`, `linux`
+    /// and `none` (any other word is kept here and reported there).
     pub guest: &'a str,
+    /// `vcpus=`: vCPUs of the default VM; `None` means one per host CPU.
     pub vcpus: Option<usize>,
+    /// `mem=`: RAM of the default VM in bytes (256 MiB when not given).
     pub mem: u64,
+    /// `args=`, or everything after a lone `--`: the guest's command line, as
+    /// typed. For the test guest the hypervisor turns each `,` into a space; the
+    /// `--` tail is meant for Linux, whose command line may hold `,` and `=`.
     pub guest_args: &'a str,
+    /// `script=`: console commands to run at boot, separated by `;`, with
+    /// `,` standing for a space (the hypervisor turns it back); empty: none.
     pub script: &'a str,
+    /// `stay=1`: keep the hypervisor running when no VM is left, instead of
+    /// exiting QEMU. Any other value means no.
     pub stay: bool,
+    /// `kernel=ADDR:SIZE`: where QEMU's loader put a Linux Image in RAM.
     pub kernel: Option<ImageRange>,
+    /// `initrd=ADDR:SIZE`: where QEMU's loader put the Linux initramfs.
     pub initrd: Option<ImageRange>,
     /// Words with an unknown key or a bad value, in order; the rest of the
     /// line still counts.

@@ -31,6 +31,7 @@ impl PageRange {
         Some(PageRange { start, end })
     }
 
+    /// First address of the range, page-aligned.
     pub const fn start(&self) -> u64 {
         self.start
     }
@@ -57,79 +58,120 @@ impl fmt::Display for PageRange {
 /// `None` when not typed: the default is the memory manager's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
+    /// `help`: print [`HELP`](crate::HELP).
     Help,
+    /// `vms`: list the VMs and their state.
     Vms,
+    /// `stats`: print the memory manager's and the exit counters.
     Stats,
+    /// `pause <vm>`: stop scheduling the VM's vCPUs until `resume`.
     Pause(VmId),
+    /// `resume <vm>`: schedule a paused VM's vCPUs again.
     Resume(VmId),
+    /// `destroy <vm>`: stop the VM (exit status 0) and free its memory once its
+    /// last running vCPU is out.
     Destroy(VmId),
     /// `fork <vm> [n]`: n in 1..=1000, 1 when not typed.
     Fork {
+        /// The VM to fork.
         vm: VmId,
+        /// How many children to create, 1..=1000.
         count: u32,
     },
-    /// `snapshot <vm> [n]`: n in 1..=1000, 1 when not typed.
+    /// `snapshot <vm> [n]`: n frozen forks of the VM, sharing its memory
+    /// copy-on-write (a snapshot never runs, so it holds no VMID); each id is
+    /// what `restore` takes.
     Snapshot {
+        /// The VM to snapshot.
         vm: VmId,
+        /// How many snapshots to take, 1..=1000 (1 when not typed).
         count: u32,
     },
+    /// `restore <vm> <s>`: reset the VM's memory and vCPUs to snapshot `s`.
     Restore {
+        /// The VM to reset.
         vm: VmId,
+        /// The snapshot to reset it to (a VM id printed by `snapshot`): any frozen
+        /// VM of the same shape (RAM layout and vCPU count), not only one of `vm`.
         snapshot: VmId,
     },
     /// `rmap <pa>`: who maps the frame at `pa` (hex).
     Rmap {
+        /// Physical address of the frame, any byte in it (not rounded here).
         pa: u64,
     },
     /// `migrate <vm> <ipa> <ipa-end> [batch]`.
     Migrate {
+        /// The VM whose frames move.
         vm: VmId,
+        /// The guest-physical (IPA) range whose frames move; it must lie in the VM's
+        /// RAM.
         range: PageRange,
+        /// Frames per TLB invalidation, 1..=4096.
         batch: Option<usize>,
     },
     /// `evacuate <pa> <pa-end> [batch]`.
     Evacuate {
+        /// The host-physical range to empty; its first and last pages must be RAM.
         range: PageRange,
+        /// Frames per TLB invalidation, 1..=4096.
         batch: Option<usize>,
     },
     /// `online <pa> <pa-end>`.
     Online {
+        /// The host-physical range to put back into the frame allocator.
         range: PageRange,
     },
     /// `reclaim <pages> [batch]`.
     Reclaim {
+        /// How many cold frames to reclaim, 1..=2^24.
         pages: u64,
+        /// Frames per TLB invalidation, 1..=4096.
         batch: Option<usize>,
     },
     /// `chaos <secs> [seed] [max-vms]`: seed 1 and 12 VMs when not typed.
     Chaos {
+        /// How long to run, 1..=600 seconds.
         secs: u64,
+        /// Seed of the xorshift generator that picks the operations (any `u64`).
         seed: u64,
+        /// Chaos forks only while fewer than this many VMs exist (all VMs, not only
+        /// its own), 1..=64.
         max_vms: usize,
     },
     /// `wait <secs>`.
     Wait {
+        /// The longest wait, 1..=3600 seconds.
         secs: u64,
     },
     /// `bench fork <MiB>`.
     BenchFork {
+        /// MiB of touched RAM in the forked VM, 1..=4096.
         mib: u64,
     },
     /// `bench migrate <mappers> <pages> <batch>`.
     BenchMigrate {
+        /// How many VMs map each frame (the bench VM and its snapshots), 1..=200.
         mappers: u64,
+        /// Frames migrated per round, 1..=65536.
         pages: u64,
+        /// Frames per TLB invalidation, 1..=4096.
         batch: usize,
     },
     /// `bench reclaim <pages> <batch>`.
     BenchReclaim {
+        /// Pages reclaimed, 1..=65536.
         pages: u64,
+        /// Frames per TLB invalidation, 1..=4096.
         batch: usize,
     },
     /// `sleep <ms>`: holds the next script command back.
     Sleep {
+        /// Delay in milliseconds, 1..=60000.
         ms: u64,
     },
+    /// `quit`: end the machine, exiting QEMU with the worst VM exit status seen
+    /// (clamped to 0..=255).
     Quit,
 }
 

@@ -15,7 +15,11 @@
 //! command runs (`hyp/src/console/cmd.rs`, `hyp/src/console/memcmd.rs`). Keeping parsing apart
 //! from execution lets a second syntax (a JSON control channel) produce the
 //! same [`Command`]s later.
-
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 #![no_std]
 
 extern crate alloc;

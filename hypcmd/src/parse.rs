@@ -21,22 +21,46 @@ pub enum ParseError {
     /// A VM id that is not a decimal `u32`.
     NotVmId(String),
     /// An address that is not a hex `u64`.
-    NotHex { what: &'static str, arg: String },
+    NotHex {
+        /// Which argument: its name in the usage ("address", "IPA end"...).
+        what: &'static str,
+        /// The word as typed.
+        arg: String,
+    },
     /// A decimal number that is not one, or outside its allowed range.
     OutOfRange {
+        /// Which number: its name in the usage ("count", "seconds"...).
         what: &'static str,
+        /// The word as typed.
         arg: String,
+        /// Smallest value allowed.
         min: u64,
+        /// Largest value allowed.
         max: u64,
     },
     /// A range end that rounds up past the last page of the address space.
-    EndOverflow { what: &'static str, arg: String },
+    EndOverflow {
+        /// Which end: "IPA end" or "PA end".
+        what: &'static str,
+        /// The word as typed.
+        arg: String,
+    },
     /// A range whose page-aligned end is not above its start.
-    EmptyRange { start: u64, end: u64 },
+    EmptyRange {
+        /// The start, rounded down to its page.
+        start: u64,
+        /// The end, rounded up to a page boundary.
+        end: u64,
+    },
     /// A command whose arguments are checked as a whole: its usage line.
     Usage(&'static str),
     /// A word after the last argument `cmd` takes.
-    Extra { cmd: &'static str, arg: String },
+    Extra {
+        /// The command's name.
+        cmd: &'static str,
+        /// The first word too many, as typed.
+        arg: String,
+    },
 }
 
 /// At most this many characters of a typed word are echoed in a message

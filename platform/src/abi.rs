@@ -28,8 +28,11 @@ pub const HVC_VM_ID: u32 = VENDOR_HYP_BASE | 0x07;
 
 /// SMCCC return codes.
 pub const SMCCC_SUCCESS: i64 = 0;
+/// SMCCC: the function ID is not implemented.
 pub const SMCCC_NOT_SUPPORTED: i64 = -1;
+/// SMCCC: the call is implemented but has nothing to do on this system.
 pub const SMCCC_NOT_REQUIRED: i64 = -2;
+/// SMCCC: an argument is out of range or names nothing the caller may use.
 pub const SMCCC_INVALID_PARAMETER: i64 = -3;
 /// Ours (outside the SMCCC-defined set): the hypervisor lacks memory or ids.
 pub const SMCCC_NO_MEMORY: i64 = -4;
@@ -38,8 +41,13 @@ pub const SMCCC_NO_MEMORY: i64 = -4;
 #[repr(u64)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
+    /// 4 KiB host frames free in the hypervisor's frame allocator.
     FreeFrames = 0,
+    /// 4 KiB host frames allocated: guest memory, stage-2 tables and other
+    /// hypervisor metadata (total frames minus [`Stat::FreeFrames`]).
     UsedFrames = 1,
+    /// Host frames mapped by more than one stage-2 entry (shared copy-on-write
+    /// since a fork or snapshot).
     SharedFrames = 2,
     /// Pages mapped in the calling VM's stage 2.
     VmPages = 3,
@@ -58,6 +66,8 @@ pub enum Stat {
 }
 
 impl Stat {
+    /// The counter with selector `v` (the value a guest passes in `x1`), or
+    /// `None` for an unknown selector.
     pub fn from_u64(v: u64) -> Option<Stat> {
         Some(match v {
             0 => Stat::FreeFrames,
@@ -77,4 +87,5 @@ impl Stat {
 /// The guest DTB carries this node so a guest knows it runs under this
 /// hypervisor (and may use the vendor calls above), like Xen's `/hypervisor`.
 pub const DT_HYPERVISOR_NODE: &str = "/hypervisor";
+/// The `compatible` string of [`DT_HYPERVISOR_NODE`].
 pub const DT_HYPERVISOR_COMPATIBLE: &str = "mhv,hypervisor";

@@ -11,15 +11,19 @@ pub const MAX_RAM_BANKS: usize = 8;
 /// A physical address range `[base, base + size)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemRange {
+    /// First byte of the range (physical address).
     pub base: u64,
+    /// Length in bytes; `base + size` is one past the last byte.
     pub size: u64,
 }
 
 impl MemRange {
+    /// One past the last byte: `base + size`.
     pub const fn end(&self) -> u64 {
         self.base + self.size
     }
 
+    /// Whether `addr` lies in `[base, base + size)`.
     pub const fn contains(&self, addr: u64) -> bool {
         addr >= self.base && addr < self.end()
     }
@@ -28,19 +32,31 @@ impl MemRange {
 /// PSCI conduit named by the DTB's `/psci` `method`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PsciConduit {
+    /// `method = "smc"`: PSCI calls are SMCs to EL3 firmware.
     Smc,
+    /// `method = "hvc"`: PSCI calls are HVCs to EL2 (firmware that expects to
+    /// be called from EL1 below a hypervisor it trusts).
     Hvc,
 }
 
 /// Everything the hypervisor learns from the host DTB.
 #[derive(Clone, Debug)]
 pub struct Board {
+    /// RAM banks: the non-empty `reg` ranges of every `device_type = "memory"`
+    /// node, in DTB order; banks past [`MAX_RAM_BANKS`] are dropped.
     pub ram: ArrayVec<MemRange, MAX_RAM_BANKS>,
     /// MPIDR affinity value of each CPU, in DTB order (index = our CPU number).
     pub cpus: ArrayVec<u64, MAX_CPUS>,
+    /// Registers of the first `arm,pl011` node (its first `reg` range).
     pub uart: MemRange,
+    /// GICv3 distributor registers: the first `reg` range of the `arm,gic-v3`
+    /// node.
     pub gicd: MemRange,
+    /// GICv3 redistributor region: the second `reg` range of the `arm,gic-v3`
+    /// node, holding one [`GICR_STRIDE`](crate::gicv3::GICR_STRIDE)-sized
+    /// redistributor per CPU.
     pub gicr: MemRange,
+    /// How to call PSCI firmware (CPU_ON, SYSTEM_OFF...), from `/psci`'s `method`.
     pub psci: PsciConduit,
     /// INTID of the EL2 physical timer (CNTHP), a PPI.
     pub hyp_timer_intid: u32,
@@ -55,12 +71,21 @@ pub struct Board {
 /// Why a DTB could not describe a board we can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BoardError {
+    /// The blob is not a valid flattened device tree (bad magic, truncated...).
     BadDtb,
+    /// No `device_type = "memory"` node with a non-empty `reg` range.
     NoMemory,
+    /// No `/cpus` node, or no `cpu@...` child with a one- or two-cell `reg`.
     NoCpus,
+    /// No `arm,pl011` node with a sized `reg` range.
     NoUart,
+    /// No `arm,gic-v3` node with two sized `reg` ranges (distributor and
+    /// redistributors); QEMU needs `-machine gic-version=3`.
     NoGicV3,
+    /// No `arm,armv8-timer` node whose `interrupts` lists at least four PPIs
+    /// (secure, non-secure, virtual, hypervisor).
     NoTimer,
+    /// No PSCI node (`arm,psci`, `-0.2` or `-1.0`) with `method` `smc` or `hvc`.
     NoPsci,
 }
 

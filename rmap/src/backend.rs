@@ -222,14 +222,28 @@ pub trait VmSet {
 }
 
 /// Host frames: allocation and contents.
+///
+/// Every frame this crate maps into a VM was last written by `zero`, `copy` or
+/// [`SwapStore::load`] (or by the VM itself). Those three owe the data-cache maintenance a
+/// guest needs: **on return the frame is clean to the point of coherency** — the hypervisor's
+/// writes through its cacheable map are in memory, so a guest reading with its MMU or data
+/// cache off, or through a Device mapping (non-cacheable accesses), sees them and not the
+/// previous owner's data — or the CPU forces Write-Back at stage 2 (FEAT_S2FWB), which makes
+/// the clean unnecessary. It is owed once per frame written, not per mapping: a frame mapped
+/// again (fork, CoW sharing, putting a migration entry back) holds nothing new.
 pub trait FrameAllocator {
-    /// A free frame, or `None` when memory is exhausted.
+    /// A free frame, or `None` when memory is exhausted. Its contents are unspecified, and so
+    /// is the state of its cache lines: it reaches a VM only after `zero` or a full overwrite.
     fn alloc(&self) -> Option<Pfn>;
     /// Returns a frame whose last reference was dropped.
     fn free(&self, pfn: Pfn);
-    /// Fills a frame with zeroes (before it reaches a VM).
+    /// Fills a frame with zeroes (before it reaches a VM); clean to the point of coherency on
+    /// return (see the trait documentation).
     fn zero(&self, pfn: Pfn);
-    /// Copies a frame's contents (CoW, migration). Code pages need I-cache maintenance after.
+    /// Copies a frame's contents (CoW, migration); `dst` is clean to the point of coherency on
+    /// return. Code pages need I-cache maintenance after (cleaning to the PoC does not make
+    /// instruction fetch see the copy: that is the point of unification and an I-cache
+    /// invalidation, done by the stage 2 when the frame is mapped executable).
     fn copy(&self, dst: Pfn, src: Pfn);
 }
 
@@ -242,7 +256,8 @@ pub trait FrameAllocator {
 pub trait SwapStore {
     /// Saves a frame's contents into a new slot holding one reference; `None` if full.
     fn store(&self, pfn: Pfn) -> Option<u64>;
-    /// Copies a slot's contents into a frame (the caller holds a reference).
+    /// Copies a slot's contents into a frame (the caller holds a reference). The frame is
+    /// clean to the point of coherency on return, as after [`FrameAllocator::copy`].
     fn load(&self, slot: u64, pfn: Pfn);
     /// Takes one more reference on a slot the caller knows is live (a new swap entry, e.g. in
     /// a fork child, copied from an entry that holds one).

@@ -183,14 +183,54 @@ impl Drop for FrameGuard<'_> {
 /// Metadata for every frame of a contiguous PFN range.
 pub struct FrameTable {
     base: Pfn,
-    frames: Box<[Frame]>,
+    frames: Storage,
+}
+
+/// Where the table lives: the heap (hosts, tests), or memory the caller gave
+/// it for good (the hypervisor: frames sized to the machine's RAM at boot, so
+/// a large host's table does not come from, or fragment, the heap).
+enum Storage {
+    Heap(Box<[Frame]>),
+    Given(&'static [Frame]),
+}
+
+impl core::ops::Deref for Storage {
+    type Target = [Frame];
+
+    fn deref(&self) -> &[Frame] {
+        match self {
+            Storage::Heap(b) => b,
+            Storage::Given(s) => s,
+        }
+    }
 }
 
 impl FrameTable {
-    /// Metadata for PFNs `base .. base + count`.
+    /// Metadata for PFNs `base .. base + count`, on the heap.
     pub fn new(base: Pfn, count: usize) -> Self {
         let frames = (0..count).map(|_| Frame::default()).collect();
-        FrameTable { base, frames }
+        FrameTable {
+            base,
+            frames: Storage::Heap(frames),
+        }
+    }
+
+    /// Metadata for PFNs `base .. base + memory.len()`, in `memory`, which the
+    /// table keeps for good (it is initialised here).
+    pub fn in_memory(base: Pfn, memory: &'static mut [core::mem::MaybeUninit<Frame>]) -> Self {
+        for slot in memory.iter_mut() {
+            slot.write(Frame::default());
+        }
+        let len = memory.len();
+        let ptr = memory.as_mut_ptr().cast::<Frame>();
+        // SAFETY: every element was initialised just above, and
+        // `MaybeUninit<Frame>` has `Frame`'s layout; the memory is 'static
+        // and given to the table for good (no other reference remains).
+        let frames = unsafe { core::slice::from_raw_parts(ptr, len) };
+        FrameTable {
+            base,
+            frames: Storage::Given(frames),
+        }
     }
 
     /// The metadata of `pfn`, if in range.
@@ -321,5 +361,27 @@ mod tests {
         assert!(frame.try_pin());
         assert!(!frame.put());
         assert!(frame.put());
+    }
+}
+
+#[cfg(test)]
+mod storage_tests {
+    use super::*;
+    use alloc::vec::Vec;
+    use core::mem::MaybeUninit;
+
+    #[test]
+    fn a_table_in_given_memory_covers_exactly_that_memory() {
+        let memory: &'static mut [MaybeUninit<Frame>] =
+            Vec::leak((0..5).map(|_| MaybeUninit::uninit()).collect::<Vec<_>>());
+        let table = FrameTable::in_memory(100, memory);
+        assert_eq!(table.len(), 5);
+        assert!(table.get(99).is_none());
+        assert!(table.get(105).is_none());
+        assert_eq!(table.frame(104).mapcount(), 0);
+        assert_eq!(
+            table.iter().map(|(pfn, _)| pfn).collect::<Vec<_>>(),
+            [100, 101, 102, 103, 104]
+        );
     }
 }

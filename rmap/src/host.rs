@@ -2,6 +2,7 @@
 //! benchmark: "physical memory" of page contents, a swap store, per-VM stage-2 maps, a VM set,
 //! and whole-world invariant checks. Hardware-free and small; not for use at EL2.
 
+mod cache;
 mod check;
 mod hw;
 mod stage2;
@@ -163,15 +164,19 @@ impl FrameAllocator for HostMachine {
         }
         self.free.lock().push(pfn);
     }
+    /// Also the cache model's record: the frame is written, then cleaned to the PoC.
     fn zero(&self, pfn: Pfn) {
         self.page(pfn)
             .iter()
             .for_each(|w| w.store(0, Ordering::Relaxed));
+        self.hw.wrote_and_published(pfn);
     }
+    /// As `zero`, recorded in the cache model.
     fn copy(&self, dst: Pfn, src: Pfn) {
         for (d, s) in self.page(dst).iter().zip(self.page(src)) {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        self.hw.wrote_and_published(dst);
     }
 }
 

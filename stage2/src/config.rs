@@ -17,6 +17,9 @@
 //! - `HA` (hardware Access-flag update) is off unless asked for with
 //!   [`S2Config::with_hw_access_flag`]; the crate works with software AF (Access-flag faults)
 //!   either way. `HD` (hardware dirty state) is never set.
+//! - Stage-2 MemAttr is encoded for `HCR_EL2.FWB` as [`S2Config::with_fwb`] says
+//!   ([`AttrEncoding`]); `HCR_EL2` itself is the hypervisor's to write
+//!   ([`HCR_EL2_FWB`]). Set it only where [`fwb_supported`] (`ID_AA64MMFR2_EL1.FWB`).
 
 use crate::{level_shift, Error};
 use tock_registers::LocalRegisterCopy;
@@ -73,10 +76,38 @@ pub mod fields {
 }
 pub use fields::{VTCR, VTTBR};
 
+/// `HCR_EL2.FWB` (bit 46, FEAT_S2FWB): stage 2 can force Write-Back.
+pub const HCR_EL2_FWB: u64 = 1 << 46;
+
+/// Whether the CPU has FEAT_S2FWB: `ID_AA64MMFR2_EL1.FWB` (bits 43:40) is `0b0001`.
+pub const fn fwb_supported(id_aa64mmfr2: u64) -> bool {
+    (id_aa64mmfr2 >> 40) & 0xf == 1
+}
+
 /// Largest PARange value understood (0b0110 = 52 bits).
 const PARANGE_BITS: [u8; 7] = [32, 36, 40, 42, 44, 48, 52];
 /// PARange encoding of 48 bits, the most this crate's descriptors can output.
 const PARANGE_48: u8 = 5;
+
+/// How a leaf's MemAttr field (bits 5:2) is encoded, which `HCR_EL2.FWB` decides (Arm ARM D8,
+/// "Stage 2 memory type and Cacheability attributes when FEAT_S2FWB is disabled / enabled").
+///
+/// - [`AttrEncoding::Combine`] (FWB = 0): stage 2 gives an upper bound that stage 1 combines
+///   with; Normal is `0b1111` (Inner/Outer Write-Back), and a guest whose stage 1 says Device or
+///   Non-cacheable (MMU or data cache off, a UART it maps as Device) gets non-cacheable
+///   accesses, which read DRAM past the caches.
+/// - [`AttrEncoding::ForceWriteBack`] (FWB = 1, FEAT_S2FWB): MemAttr\[2\] = 1 is Normal and
+///   `0b110` forces Write-Back *whatever stage 1 says* (Linux's `MT_S2_FWB_NORMAL`); MemAttr\[2\]
+///   = 0 is Device with MemAttr\[1:0\] its type, so Device-nGnRE is `0b0001` as without FWB.
+///   Every guest access to RAM is then cacheable and coherent with the hypervisor's writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AttrEncoding {
+    /// `HCR_EL2.FWB = 0`.
+    #[default]
+    Combine,
+    /// `HCR_EL2.FWB = 1`.
+    ForceWriteBack,
+}
 
 /// Width of VMIDs (`VTCR_EL2.VS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +161,7 @@ pub struct S2Config {
     start_level: u8,
     root_pages: u8,
     hw_af: bool,
+    fwb: bool,
 }
 
 impl S2Config {
@@ -158,6 +190,7 @@ impl S2Config {
             start_level,
             root_pages: 1 << root_bits,
             hw_af: false,
+            fwb: false,
         })
     }
 
@@ -167,6 +200,31 @@ impl S2Config {
     pub fn with_hw_access_flag(mut self, on: bool) -> Self {
         self.hw_af = on;
         self
+    }
+
+    /// Encodes leaves for `HCR_EL2.FWB = 1` ([`AttrEncoding::ForceWriteBack`]). Only set it
+    /// when the CPU has FEAT_S2FWB ([`fwb_supported`]) and the hypervisor sets
+    /// [`HCR_EL2_FWB`] before any guest runs: with FWB = 0 the encoding `0b0110` would mean
+    /// Normal *Non-cacheable* outer, Write-Through inner, not Write-Back.
+    pub fn with_fwb(mut self, on: bool) -> Self {
+        self.fwb = on;
+        self
+    }
+
+    /// Whether leaves are encoded for `HCR_EL2.FWB = 1`. When true, guest accesses to RAM are
+    /// Write-Back whatever the guest's stage 1 says, so frames the hypervisor writes need no
+    /// cleaning to the point of coherency ([`crate::TlbMaintenance::clean_dcache_poc`]).
+    pub fn fwb(&self) -> bool {
+        self.fwb
+    }
+
+    /// The MemAttr encoding of this configuration's leaves.
+    pub fn attr_encoding(&self) -> AttrEncoding {
+        if self.fwb {
+            AttrEncoding::ForceWriteBack
+        } else {
+            AttrEncoding::Combine
+        }
     }
 
     /// The `VTCR_EL2` value.
@@ -312,6 +370,22 @@ mod tests {
         let c = S2Config::new(6, 48, VmidBits::Eight).unwrap();
         assert_eq!((c.vtcr() >> 16) & 7, 5);
         assert_eq!(c.pa_bits(), 48);
+    }
+
+    #[test]
+    fn fwb_detection_and_encoding() {
+        // ID_AA64MMFR2_EL1.FWB is bits 43:40; other fields do not matter.
+        assert!(fwb_supported(1 << 40));
+        assert!(fwb_supported(0xffff_f1ff_ffff_ffff));
+        assert!(!fwb_supported(0));
+        assert!(!fwb_supported(0xffff_f0ff_ffff_ffff));
+        assert_eq!(HCR_EL2_FWB, 0x4000_0000_0000);
+        let c = S2Config::new(5, 40, VmidBits::Eight).unwrap();
+        assert_eq!((c.fwb(), c.attr_encoding()), (false, AttrEncoding::Combine));
+        let f = c.with_fwb(true);
+        assert_eq!(f.attr_encoding(), AttrEncoding::ForceWriteBack);
+        // FWB lives in HCR_EL2, not VTCR_EL2.
+        assert_eq!(f.vtcr(), c.vtcr());
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl TableMemory for HostMemory {
         self.free(pa, pages)
     }
 
-    fn table(&self, pa: u64) -> &TablePage {
+    unsafe fn table(&self, pa: u64) -> &TablePage {
         assert!(
             self.contains(pa) && pa.is_multiple_of(PAGE_SIZE),
             "table outside host memory: {pa:#x}"
@@ -196,6 +196,13 @@ pub enum TlbCall {
     },
     /// [`TlbMaintenance::invalidate_all`].
     All,
+    /// [`TlbMaintenance::clean_dcache_poc`].
+    CleanPoc {
+        /// Physical start.
+        pa: u64,
+        /// Length.
+        len: u64,
+    },
 }
 
 type Hook = Box<dyn Fn(&TlbCall) + Send + Sync>;
@@ -261,5 +268,9 @@ impl TlbMaintenance for RecordingTlb {
 
     fn invalidate_all(&self) {
         self.record(TlbCall::All);
+    }
+
+    fn clean_dcache_poc(&self, pa: u64, len: u64) {
+        self.record(TlbCall::CleanPoc { pa, len });
     }
 }

@@ -35,6 +35,15 @@
 //! deferred to one `invalidate_vmid` when the batch ends; the "break" invalidation of a
 //! break-before-make and the invalidation before table pages are freed are never deferred.
 //! I-cache maintenance is done before an executable mapping of a frame becomes visible.
+//!
+//! # Cache maintenance to the point of coherency
+//!
+//! Mapping never cleans data caches: a frame the hypervisor writes (zeroes, copies, loads) owes
+//! one clean to the point of coherency before any guest may map it, done by its writer with
+//! [`publish_frames`] ([`TlbMaintenance::clean_dcache_poc`]), unless the configuration uses
+//! FEAT_S2FWB ([`S2Config::with_fwb`], leaves then force Write-Back so no guest access is
+//! non-cacheable). Table pages need none: walks are cacheable (`VTCR_EL2.IRGN0/ORGN0`).
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![no_std]
 #![deny(missing_docs)]
 
@@ -55,7 +64,7 @@ pub mod tlb;
 pub mod vmid;
 pub mod walk;
 
-pub use config::{S2Config, VmidBits, Vttbr};
+pub use config::{fwb_supported, AttrEncoding, S2Config, VmidBits, Vttbr, HCR_EL2_FWB};
 pub use descriptor::{Descriptor, DescriptorKind, MemType, Perm, S2Attrs};
 #[cfg(any(test, feature = "host"))]
 pub use host::{HostMemory, RecordingTlb, TlbCall};
@@ -65,7 +74,7 @@ pub use stats::Stats;
 pub use table::{CasError, Leaf, LeafInfo, Mapping, Stage2Table};
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use tlb::aarch64::Aarch64Tlb;
-pub use tlb::{Batch, Flusher, TlbMaintenance};
+pub use tlb::{publish_frames, Batch, Flusher, TlbMaintenance};
 pub use vmid::{Vmid, VmidAllocator};
 pub use walk::{Visitor, WalkAction};
 

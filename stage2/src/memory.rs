@@ -28,8 +28,15 @@ pub trait TableMemory {
     /// Returns a root obtained from [`TableMemory::alloc_zeroed_root`] with the same `pages`.
     fn free_root(&self, pa: u64, pages: usize);
 
-    /// The table page at `pa` (which this memory handed out and has not taken back).
-    fn table(&self, pa: u64) -> &TablePage;
+    /// The table page at `pa`.
+    ///
+    /// # Safety
+    ///
+    /// `pa` was returned by [`TableMemory::alloc_zeroed_table`] or is a page of a root from
+    /// [`TableMemory::alloc_zeroed_root`], and is not freed while the returned reference lives.
+    /// (An implementation over real memory turns `pa` into a reference; a wrong `pa` reads or
+    /// writes memory that is not a table.)
+    unsafe fn table(&self, pa: u64) -> &TablePage;
 }
 
 impl<T: TableMemory + ?Sized> TableMemory for &T {
@@ -45,7 +52,8 @@ impl<T: TableMemory + ?Sized> TableMemory for &T {
     fn free_root(&self, pa: u64, pages: usize) {
         (**self).free_root(pa, pages)
     }
-    fn table(&self, pa: u64) -> &TablePage {
-        (**self).table(pa)
+    unsafe fn table(&self, pa: u64) -> &TablePage {
+        // SAFETY: the caller upholds the same contract for the inner memory.
+        unsafe { (**self).table(pa) }
     }
 }

@@ -446,7 +446,11 @@ impl<M: TableMemory> Stage2Table<M> {
         } else {
             idx & 511
         };
-        &self.mem.table(table_pa + (idx >> 9) as u64 * PAGE_SIZE)[idx & 511]
+        // SAFETY: callers pass this table's root or the output address of a table descriptor
+        // they read from it; the crate's concurrency contract (no `unmap`/`destroy` concurrent
+        // with any other operation) keeps such a page allocated while they use the slot.
+        let page = unsafe { self.mem.table(table_pa + (idx >> 9) as u64 * PAGE_SIZE) };
+        &page[idx & 511]
     }
 
     /// Walks towards `ipa`, stopping at `target` or at the first non-table slot. Returns

@@ -554,6 +554,9 @@ impl World<'_> {
                 TlbCall::Ipa { vmid: v, .. } | TlbCall::Vmid { vmid: v } => assert_eq!(*v, vmid),
                 TlbCall::Icache { .. } => {}
                 TlbCall::All => panic!("no operation needs invalidate_all"),
+                // Cleaning to the PoC is owed once per frame by whoever wrote it, never by a
+                // mapping operation (publish_frames).
+                TlbCall::CleanPoc { .. } => panic!("a stage-2 operation cleaned to the PoC"),
             }
         }
         let whole = calls.iter().any(|c| matches!(c, TlbCall::Vmid { .. }));

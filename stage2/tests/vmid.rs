@@ -43,6 +43,9 @@ impl TlbMaintenance for ModelTlb {
     fn invalidate_icache(&self, _: u64, _: u64) {
         unreachable!("the allocator invalidates only everything")
     }
+    fn clean_dcache_poc(&self, _: u64, _: u64) {
+        unreachable!("the allocator invalidates only everything")
+    }
     fn invalidate_all(&self) {
         for cpu in &self.cpus {
             cpu.lock().unwrap().clear();

@@ -16,6 +16,7 @@ impl TlbMaintenance for NoTlb {
     fn invalidate_vmid(&self, _: Vttbr) {}
     fn invalidate_icache(&self, _: u64, _: u64) {}
     fn invalidate_all(&self) {}
+    fn clean_dcache_poc(&self, _: u64, _: u64) {}
 }
 
 fn explore(model: impl Fn() + Sync + Send + 'static) {

@@ -39,9 +39,13 @@ pub fn seed() -> u64 {
 pub struct Summary {
     /// The root's hypercall count (its final line).
     pub root_calls: Option<u64>,
+    /// Rounds of rewriting and verifying its pattern that the checker VM reported
+    /// passing at its end; `None` if it never reported.
     pub checker_rounds: Option<u64>,
     /// Lines of fuzz VMs that ended by running out their time.
     pub children: usize,
+    /// Lines of console (chaos) forks of the checker, each of which kept
+    /// checking and passed.
     pub checker_clones: usize,
     /// Everything that must not happen, one line each.
     pub problems: Vec<String>,
@@ -60,6 +64,10 @@ const BAD: [&str; 9] = [
     "still runnable",
 ];
 
+/// Judges a run from its console `text` and QEMU exit `status`: collects
+/// every line that means a bug, the root's and checker's final counts, and a
+/// problem for each missing count or a non-zero status. The run passed iff
+/// `problems` is empty.
 pub fn verdict(text: &str, status: i32) -> Summary {
     let mut s = Summary::default();
     for line in text.lines() {

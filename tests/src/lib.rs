@@ -2,6 +2,11 @@
 //! the command line (shared with `cargo xtask run`) and the helpers the
 //! integration tests use to wait for output with a timeout and to report what
 //! was seen when a test fails.
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 
 pub mod hvcfuzz;
 
@@ -14,15 +19,26 @@ use std::time::{Duration, Instant};
 /// How to boot the machine.
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
+    /// Host CPUs QEMU gives the machine (`-smp`).
     pub smp: u32,
+    /// Host RAM in QEMU's `-m` syntax (`1G`, `512M`, plain MiB).
     pub mem: String,
     /// `cortex-a72` (8-bit VMIDs, no hardware AF) or `max` (16-bit VMIDs, HAFDBS).
     pub cpu: String,
+    /// The default VM (bootargs `guest=`): `test`, `linux` or `none`.
     pub guest: String,
+    /// vCPUs of the default VM (bootargs `vcpus=`); `None`: one per host CPU.
     pub vcpus: Option<u32>,
+    /// RAM of the default VM (bootargs `mem=`, e.g. `256M`); `None`: the
+    /// hypervisor's default, 256 MiB.
     pub guest_mem: Option<String>,
+    /// The guest's command line, passed verbatim after `--` (for the test guest,
+    /// its mode and options, e.g. `hvcfuzz secs=30`).
     pub guest_args: Option<String>,
+    /// Console commands the hypervisor runs at boot, separated by `;` (spaces
+    /// may be used; they are sent as `,`).
     pub script: Option<String>,
+    /// Start QEMU halted with a gdb server on tcp::1234 (`-s -S`).
     pub gdb: bool,
     /// Linux `Image` and initramfs for `guest: "linux"`, put in RAM by
     /// QEMU's generic loader.
@@ -79,19 +95,30 @@ impl MachineConfig {
         } else {
             self.cpu.clone()
         };
-        cmd.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", &cpu])
-            .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
-            .args(["-display", "none", "-monitor", "none"])
-            .args([
-                "-chardev",
-                "stdio,id=con,signal=off",
-                "-serial",
-                "chardev:con",
-            ])
-            .args(["-semihosting-config", "enable=on,target=native"])
-            .arg("-kernel")
-            .arg(hyp)
-            .args(["-append", &self.bootargs()]);
+        // RAM from a backend that reserves nothing: QEMU then maps host
+        // memory as the guest touches it, so a 64 GiB machine boots on a
+        // smaller host (a plain `-m 32G` is refused under the kernel's
+        // overcommit heuristic).
+        let ram = format!("memory-backend-ram,id=ram,size={},reserve=off", self.mem);
+        cmd.args([
+            "-M",
+            "virt,virtualization=on,gic-version=3,memory-backend=ram",
+            "-cpu",
+            &cpu,
+        ])
+        .args(["-object", &ram])
+        .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
+        .args(["-display", "none", "-monitor", "none"])
+        .args([
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+        ])
+        .args(["-semihosting-config", "enable=on,target=native"])
+        .arg("-kernel")
+        .arg(hyp)
+        .args(["-append", &self.bootargs()]);
         for (_, addr, path) in self.linux_loads() {
             cmd.arg("-device").arg(format!(
                 "loader,file={},addr={addr:#x},force-raw=on",
@@ -152,6 +179,8 @@ pub fn linux_config() -> MachineConfig {
     }
 }
 
+/// The kernel `Image` and `initramfs.cpio` in `$MHV_LINUX_DIR`, or `None`
+/// when that variable is unset (the files themselves are not checked).
 pub fn linux_images() -> Option<(PathBuf, PathBuf)> {
     let dir = PathBuf::from(std::env::var_os("MHV_LINUX_DIR")?);
     Some((dir.join("Image"), dir.join("initramfs.cpio")))
@@ -205,10 +234,13 @@ pub struct Machine {
     output: Arc<Mutex<Vec<u8>>>,
     /// Byte offset up to which `expect` has consumed the console.
     cursor: usize,
+    /// Label for this machine in failure messages (`[name] ...`).
     pub name: String,
 }
 
 impl Machine {
+    /// Boots the hypervisor ELF from `HYP_ELF` (see [`hyp_elf`]) with `config`;
+    /// panics if QEMU cannot be started.
     pub fn boot(name: &str, config: &MachineConfig) -> Machine {
         Machine::spawn(name, &mut config.command(&hyp_elf()))
     }

@@ -1,5 +1,5 @@
 //! QEMU scenarios for the foundation: boot on 1, 2 and 4 CPUs with both CPU
-//! models, the test guest's SMP self-check, more vCPUs than CPUs, a wild
+//! models (with and without FEAT_S2FWB), the test guest's SMP self-check, more vCPUs than CPUs, a wild
 //! guest access, and exit statuses that reach QEMU's exit code.
 
 use qemu_tests::{Machine, MachineConfig};
@@ -20,6 +20,14 @@ fn config(smp: u32, cpu: &str, guest_args: &str) -> MachineConfig {
 /// Boots, waits for the guest's verdict, and checks the machine's exit status.
 fn selftest(name: &str, cfg: &MachineConfig, vcpus: u32) {
     let mut m = Machine::boot(name, cfg);
+    // FEAT_S2FWB (ID_AA64MMFR2_EL1.FWB): QEMU 7.2's `max` has it, `cortex-a72`
+    // (Armv8.0) does not, so both cache-maintenance policies boot here.
+    let fwb = if cfg.cpu == "max" {
+        "FWB on"
+    } else {
+        "FWB off"
+    };
+    m.expect(fwb, BOOT);
     m.expect(&format!("{} CPU(s) online", cfg.smp), BOOT);
     m.expect(&format!("GUEST: {vcpus} vcpus up"), BOOT);
     m.expect("GUEST RESULT: PASS", SELFTEST);

@@ -1,5 +1,10 @@
 //! `cargo xtask run|test|bench|build`: installs what is missing, builds the
 //! guest and hypervisor images, and runs them under QEMU.
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
 
 mod build;
 mod layers;

@@ -1,7 +1,7 @@
 //! Per-CPU EL2 configuration for running guests, and bringing up the
 //! secondary CPUs with PSCI CPU_ON through the firmware (SMC conduit).
 
-use crate::arch::write_sysreg;
+use crate::arch::{write_el2_sysreg, write_sysreg};
 use core::sync::atomic::Ordering;
 use platform::board::PsciConduit;
 use platform::Board;
@@ -35,19 +35,28 @@ const HCR_EL2: u64 = (1 << 0) // VM
 const CPTR_EL2: u64 = 0x33ff;
 
 /// Sets this CPU's EL2 controls; `vtcr` is the stage-2 configuration all
-/// VMs share (the memory manager's, passed in by `main`).
-pub fn init_this_cpu(vtcr: u64) {
-    write_sysreg!("hcr_el2", HCR_EL2);
-    write_sysreg!("cptr_el2", CPTR_EL2);
-    // EL1 may read the physical counter but not program the physical timer.
-    write_sysreg!("cnthctl_el2", 1);
-    write_sysreg!("cntvoff_el2", 0);
+/// VMs share and `fwb` whether its leaves are encoded for FEAT_S2FWB (both
+/// the memory manager's, passed in by `main`): then `HCR_EL2.FWB` is set.
+pub fn init_this_cpu(vtcr: u64, fwb: bool) {
+    let fwb = if fwb { stage2::HCR_EL2_FWB } else { 0 };
     let pmcr_n = (crate::arch::read_sysreg!("pmcr_el0") >> 11) & 0x1f;
-    write_sysreg!("mdcr_el2", pmcr_n);
-    write_sysreg!("vtcr_el2", vtcr);
-    // VTTBR_EL2 resets to an UNKNOWN value: VMID 0 and no table until a
-    // vCPU is loaded (the scheduler checks it is so whenever none is).
-    write_sysreg!("vttbr_el2", 0);
+    // SAFETY: these configure what traps from EL1/EL0 and how stage 2
+    // translates guest accesses; none changes EL2's own translation, vectors
+    // or stack. HCR_EL2 keeps E2H = 0 (EL2 stays a separate regime), and its
+    // FWB only changes how stage 2 combines guest memory types; VTTBR
+    // with no table is only used once a vCPU loads its own.
+    unsafe {
+        write_el2_sysreg!("hcr_el2", HCR_EL2 | fwb);
+        write_el2_sysreg!("cptr_el2", CPTR_EL2);
+        // EL1 may read the physical counter but not program the physical timer.
+        write_el2_sysreg!("cnthctl_el2", 1);
+        write_el2_sysreg!("mdcr_el2", pmcr_n);
+        write_el2_sysreg!("vtcr_el2", vtcr);
+        // VTTBR_EL2 resets to an UNKNOWN value: VMID 0 and no table until a
+        // vCPU is loaded (the scheduler checks it is so whenever none is).
+        write_el2_sysreg!("vttbr_el2", 0);
+    }
+    write_sysreg!("cntvoff_el2", 0);
     crate::arch::isb();
 }
 

@@ -87,7 +87,9 @@ pub fn init_cpu(board: &Board) {
     sgi.isenabler0.set(ours);
 
     // ICC_SRE_EL2: SRE, DFB, DIB, and Enable (EL1 may use its own SRE).
-    write_sysreg!("icc_sre_el2", 0xf);
+    // SAFETY: enables the system-register GIC interface at EL2 and lets EL1
+    // use its own; no memory effect.
+    unsafe { crate::arch::write_el2_sysreg!("icc_sre_el2", 0xf) };
     isb();
     write_sysreg!("icc_pmr_el1", 0xff);
     write_sysreg!("icc_bpr1_el1", 0);

@@ -10,7 +10,7 @@ use aarch64_paging::paging::{El2, MemoryRegion};
 use core::sync::atomic::{AtomicU64, Ordering};
 use platform::Board;
 
-use crate::arch::{isb, read_sysreg, write_sysreg};
+use crate::arch::{isb, read_sysreg, write_el2_sysreg};
 
 const MAIR: Mair = Mair::EMPTY
     .with_attribute(0, MairAttribute::DEVICE_NGNRE)
@@ -95,13 +95,20 @@ pub fn enable_this_cpu() {
         | (1 << 5)
         | (1 << 4);
     const SCTLR: u64 = SCTLR_RES1 | (1 << 12) | (1 << 3) | (1 << 2) | 1;
-    write_sysreg!("mair_el2", MAIR.0);
-    write_sysreg!("tcr_el2", TCR.load(Ordering::Acquire));
-    write_sysreg!("ttbr0_el2", TTBR0.load(Ordering::Acquire));
+    // SAFETY: the attributes, translation control and root of the identity
+    // map `init` built (every RAM and device range the hypervisor uses,
+    // mapped at its own address), written while translation is still off.
+    unsafe {
+        write_el2_sysreg!("mair_el2", MAIR.0);
+        write_el2_sysreg!("tcr_el2", TCR.load(Ordering::Acquire));
+        write_el2_sysreg!("ttbr0_el2", TTBR0.load(Ordering::Acquire));
+    }
     isb();
     // SAFETY: invalidating this CPU's EL2 TLB before turning translation on
     // has no effect on memory.
     unsafe { core::arch::asm!("tlbi alle2", "dsb nsh", options(nostack, preserves_flags)) };
-    write_sysreg!("sctlr_el2", SCTLR);
+    // SAFETY: turns on the identity map just installed (addresses do not
+    // change) with caches and alignment checks; RES1 bits kept.
+    unsafe { write_el2_sysreg!("sctlr_el2", SCTLR) };
     isb();
 }

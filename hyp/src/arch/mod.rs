@@ -83,18 +83,86 @@ macro_rules! read_sysreg {
     }};
 }
 
-/// Writes a system register by name.
+/// Writes a system register by name: only one that `guest_state_register`
+/// accepts (checked at compile time). For EL2's own controls use
+/// `write_el2_sysreg!` inside an `unsafe` block.
 macro_rules! write_sysreg {
     ($name:literal, $v:expr) => {{
+        const _: () = assert!(
+            $crate::arch::guest_state_register($name),
+            concat!($name, " controls EL2: use write_el2_sysreg! in an unsafe block")
+        );
         let v: u64 = $v;
-        // SAFETY: callers only write registers whose new value keeps the
-        // hypervisor's own translation and exception state intact (guest EL1
-        // state, timers, GIC CPU interface).
+        // SAFETY: the register is guest (EL1/EL0) state, the GIC CPU
+        // interface or a timer (asserted above): with HCR_EL2.E2H = 0 none of
+        // them changes EL2's translation, exception or memory state, so no
+        // value written here can break the hypervisor's memory safety.
         unsafe { core::arch::asm!(concat!("msr ", $name, ", {}"), in(reg) v, options(nostack, preserves_flags)) };
     }};
 }
 
+/// Writes one of EL2's own control registers (HCR, SCTLR, TCR, TTBR0, MAIR,
+/// VTCR, VTTBR, TPIDR, CPTR, MDCR, CNTHCTL, ICC_SRE_EL2). Expands to the bare
+/// instruction, so it only compiles inside an `unsafe` block whose SAFETY
+/// comment says why the new value keeps the hypervisor's translation,
+/// exception vectors and per-CPU state sound.
+macro_rules! write_el2_sysreg {
+    ($name:literal, $v:expr) => {{
+        let v: u64 = $v;
+        core::arch::asm!(concat!("msr ", $name, ", {}"), in(reg) v, options(nostack, preserves_flags))
+    }};
+}
+
+/// Whether writing system register `name` touches only guest-visible state:
+/// an EL1 or EL0 register, the GIC's virtual interface (`ich_*`), a timer
+/// (`cnthp_*`, `cntvoff_el2`) or the virtual CPU ids (`vpidr_el2`,
+/// `vmpidr_el2`).
+pub const fn guest_state_register(name: &str) -> bool {
+    let b = name.as_bytes();
+    ends_with(b, b"_el1")
+        || ends_with(b, b"_el0")
+        || starts_with(b, b"ich_")
+        || starts_with(b, b"cnthp_")
+        || eq(b, b"cntvoff_el2")
+        || eq(b, b"vpidr_el2")
+        || eq(b, b"vmpidr_el2")
+}
+
+const fn starts_with(s: &[u8], p: &[u8]) -> bool {
+    if s.len() < p.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < p.len() {
+        if s[i] != p[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const fn ends_with(s: &[u8], p: &[u8]) -> bool {
+    if s.len() < p.len() {
+        return false;
+    }
+    let off = s.len() - p.len();
+    let mut i = 0;
+    while i < p.len() {
+        if s[off + i] != p[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const fn eq(s: &[u8], p: &[u8]) -> bool {
+    s.len() == p.len() && starts_with(s, p)
+}
+
 pub(crate) use read_sysreg;
+pub(crate) use write_el2_sysreg;
 pub(crate) use write_sysreg;
 
 /// Instruction synchronisation barrier.

@@ -26,7 +26,9 @@ static PERCPU: [PerCpu; MAX_CPUS] = [OFFLINE; MAX_CPUS];
 
 /// Points TPIDR_EL2 at CPU `index`'s block. First thing each CPU does in Rust.
 pub fn init(index: usize) {
-    crate::arch::write_sysreg!("tpidr_el2", &PERCPU[index] as *const PerCpu as u64);
+    // SAFETY: TPIDR_EL2 must point at a PerCpu that lives forever (the guest
+    // exit path stores through it); PERCPU is static.
+    unsafe { crate::arch::write_el2_sysreg!("tpidr_el2", &PERCPU[index] as *const PerCpu as u64) };
 }
 
 /// This CPU's index (0 before `init`).

@@ -61,11 +61,13 @@ pub fn read_byte() -> Option<u8> {
     UART.get()?.get_byte()
 }
 
+/// Prints to the hypervisor's console (the physical PL011), like `std`'s.
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => { $crate::arch::uart::print(format_args!($($arg)*)) };
 }
 
+/// Prints a line to the hypervisor's console, written whole under its lock.
 #[macro_export]
 macro_rules! println {
     () => { $crate::print!("\n") };

@@ -95,7 +95,7 @@ fn step(
             t.ops[2] += 1;
         }
         7 | 8 if !vm.is_frozen() && crate::vm::count() < max_vms => {
-            if let Ok(child) = crate::vm::fork::fork(vm, None, false) {
+            if let Ok(child) = crate::vm::fork::fork(vm, None, crate::vm::fork::ForkKind::Running) {
                 t.mine.push(child.id);
                 t.ops[3] += 1;
             }

@@ -210,8 +210,8 @@ fn run(cmd: Command) -> Result<(), String> {
         Command::Snapshot { vm: id, count } => {
             let v = vm(id)?;
             for _ in 0..count {
-                let snap =
-                    crate::vm::fork::fork(&v, None, true).map_err(|e| alloc::format!("{e}"))?;
+                let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)
+                    .map_err(|e| alloc::format!("{e}"))?;
                 crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
             }
         }
@@ -243,8 +243,8 @@ fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
     let parent = vm(id)?;
     for _ in 0..count {
         let start = crate::arch::timer::now();
-        let child =
-            crate::vm::fork::fork(&parent, None, false).map_err(|e| alloc::format!("{e}"))?;
+        let child = crate::vm::fork::fork(&parent, None, crate::vm::fork::ForkKind::Running)
+            .map_err(|e| alloc::format!("{e}"))?;
         let us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(start));
         crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
     }

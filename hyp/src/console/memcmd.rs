@@ -150,8 +150,9 @@ fn time_copy(pfns: &[u64]) -> Result<u64, String> {
     }
     let t0 = crate::arch::timer::now();
     for (&src, &d) in pfns.iter().zip(&dst) {
-        // `src` is a frame of the idle bench VM, `d` one we own.
-        frames::copy_frame(d, src * PAGE_SIZE);
+        // SAFETY: `src` is a frame of the idle bench VM (nothing writes it),
+        // `d` one we allocated.
+        unsafe { frames::copy_frame(d, src * PAGE_SIZE) };
     }
     let ticks = crate::arch::timer::now() - t0;
     release(dst);
@@ -163,7 +164,10 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
     let mut snaps = Vec::new();
     let result = (|| {
         for _ in 1..mappers {
-            snaps.push(crate::vm::fork::fork(&vm, None, true).map_err(|e| alloc::format!("{e}"))?);
+            snaps.push(
+                crate::vm::fork::fork(&vm, None, crate::vm::fork::ForkKind::Snapshot)
+                    .map_err(|e| alloc::format!("{e}"))?,
+            );
         }
         let end = vm.mem.ram.base + pages * PAGE_SIZE;
         // Split any block mapping first (not part of what is measured).
@@ -237,8 +241,13 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
         }
         let t0 = crate::arch::timer::now();
         for i in 0..pages {
-            crate::mm::glue::fault(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, false, true)
-                .map_err(|_| "fault-in failed")?;
+            crate::mm::glue::fault(
+                &vm.mem,
+                vm.mem.ram.base + i * PAGE_SIZE,
+                crate::mm::glue::Access::Read,
+                crate::mm::glue::FaultKind::Translation,
+            )
+            .map_err(|_| "fault-in failed")?;
         }
         let fault = crate::arch::timer::now() - t0;
         crate::println!(

@@ -25,6 +25,19 @@ pub fn print() {
         heap_total,
         crate::vm::count()
     );
+    // What the hypervisor keeps about memory and VMs: the frame table (in
+    // frames of its own) and the heap (frame bitmaps, rmap pools, dirty logs,
+    // VM objects).
+    let ram_frames = rmap.frames().len().max(1);
+    let table = ram_frames * core::mem::size_of::<rmap::Frame>();
+    crate::println!(
+        "metadata: {} bytes per 4 KiB frame of RAM (frame table {} bytes, heap in use {} bytes, for {} frames; the heap grew {} bytes from frames)",
+        (table + heap_used) / ram_frames,
+        table,
+        heap_used,
+        ram_frames,
+        crate::mm::heap::grown()
+    );
     let (max, generation, rollovers) = crate::mm::memory::vmid_stats();
     crate::println!(
         "vmids: 1..={max}, generation {generation}, rollovers {rollovers}; invalidations skipped for VMs that never ran: {}",

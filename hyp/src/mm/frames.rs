@@ -120,6 +120,11 @@ pub struct FrameAllocator {
 
 static FRAMES: Once<FrameAllocator> = Once::new();
 
+/// The frame allocator, once `init` has run (the heap grows from it).
+pub fn try_get() -> Option<&'static FrameAllocator> {
+    FRAMES.get()
+}
+
 pub fn get() -> &'static FrameAllocator {
     FRAMES.get().expect("frame allocator not initialised")
 }
@@ -205,35 +210,43 @@ impl FrameAllocator {
     /// `n` (a power of two) zeroed contiguous movable frames aligned to `n`
     /// frames (a guest's 2 MiB block), lowest first.
     pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<u64> {
-        self.alloc_contiguous(n, false)
+        self.alloc_contiguous(n, n, false)
     }
 
     /// `n` (a power of two) zeroed contiguous unmovable frames aligned to `n`
     /// frames (concatenated stage-2 root tables), highest first.
     pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<u64> {
-        self.alloc_contiguous(n, true)
+        self.alloc_contiguous(n, n, true)
     }
 
-    fn alloc_contiguous(&self, n: usize, top: bool) -> Option<u64> {
+    /// `n` zeroed contiguous unmovable frames whose first is aligned to
+    /// `align` frames (a power of two), highest first: the heap's growth.
+    pub fn alloc_run_zeroed_unmovable(&self, n: usize, align: usize) -> Option<u64> {
+        self.alloc_contiguous(n, align, true)
+    }
+
+    fn alloc_contiguous(&self, n: usize, align: usize, top: bool) -> Option<u64> {
         let mut banks = self.banks.lock();
         let count = banks.len();
         for b in 0..count {
             let bank = &mut banks[if top { count - 1 - b } else { b }];
             let first = (bank.range.base / PAGE_SIZE) as usize;
-            let align = (n - first % n) % n;
-            if bank.frames() < align + n {
+            let skip = (align - first % align) % align;
+            if bank.frames() < skip + n {
                 continue;
             }
-            let runs = (bank.frames() - align - n) / n + 1;
+            let runs = (bank.frames() - skip - n) / align + 1;
             for r in 0..runs {
-                let idx = align + n * if top { runs - 1 - r } else { r };
+                let idx = skip + align * if top { runs - 1 - r } else { r };
                 if (idx..idx + n).all(|i| !bank.is_used(i) && !bank.is_offline(i)) {
                     (idx..idx + n).for_each(|i| {
                         bank.set(i, true);
                     });
                     self.free.fetch_sub(n, Ordering::Relaxed);
                     let pa = bank.range.base + idx as u64 * PAGE_SIZE;
-                    (0..n as u64).for_each(|i| zero_frame(pa + i * PAGE_SIZE));
+                    // SAFETY: the run was free and is now marked used, so
+                    // these frames are this caller's alone.
+                    (0..n as u64).for_each(|i| unsafe { zero_frame(pa + i * PAGE_SIZE) });
                     return Some(pa);
                 }
             }
@@ -245,7 +258,8 @@ impl FrameAllocator {
     /// owner reaches the next one.
     pub fn alloc_zeroed(&self) -> Option<u64> {
         let pa = self.alloc_unmovable()?;
-        zero_frame(pa);
+        // SAFETY: just allocated: nothing else has this frame.
+        unsafe { zero_frame(pa) };
         Some(pa)
     }
 
@@ -305,8 +319,11 @@ impl FrameAllocator {
     /// The frames of `[base, end)` in use, as physical addresses (at most
     /// `max` of them).
     pub fn used_in(&self, base: u64, end: u64, max: usize) -> Vec<u64> {
+        // Sized before the lock: the heap may grow from frames, so nothing
+        // may allocate while this allocator's lock is held.
+        let span = (end.saturating_sub(base) / PAGE_SIZE) as usize;
+        let mut out = Vec::with_capacity(span.min(max));
         let banks = self.banks.lock();
-        let mut out = Vec::new();
         for bank in banks.iter() {
             for i in bank.indices(base, end) {
                 if bank.is_used(i) && out.len() < max {
@@ -391,11 +408,17 @@ impl FrameAllocator {
 }
 
 /// Zeroes a frame through the hypervisor's identity map.
-pub fn zero_frame(pa: u64) {
+///
+/// # Safety
+///
+/// `pa` is the page-aligned address of a RAM frame the caller owns
+/// exclusively (just allocated, or taken out of every stage-2 table with the
+/// TLBs flushed): nothing else reads or writes it during the call.
+pub unsafe fn zero_frame(pa: u64) {
     let block = zva_block();
     if block == 0 {
-        // SAFETY: `pa` is a RAM frame this caller owns exclusively (just
-        // allocated), identity mapped at EL2 as normal memory.
+        // SAFETY: `pa` is a RAM frame the caller owns exclusively (this
+        // function's contract), identity mapped at EL2 as normal memory.
         unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE as usize) };
         return;
     }
@@ -415,11 +438,18 @@ pub fn zero_frame(pa: u64) {
 /// arm64 `copy_page`). The EL2 image is built without FP/SIMD, so the
 /// compiler's `memcpy` moves 8 bytes per load/store: this does a third of the
 /// instructions, which under QEMU's TCG makes a frame copy about 3x faster.
-pub fn copy_frame(dst: u64, src: u64) {
+///
+/// # Safety
+///
+/// `dst` and `src` are page-aligned addresses of two distinct RAM frames;
+/// the caller owns `dst` exclusively and keeps `src` from being freed or
+/// written for the duration of the copy.
+pub unsafe fn copy_frame(dst: u64, src: u64) {
     debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
     debug_assert!(dst != src);
-    // SAFETY: the caller owns `dst` exclusively and keeps `src` alive for
-    // the copy (every caller states why); both are distinct RAM frames
+    // SAFETY: the caller owns `dst` exclusively and keeps `src` alive and
+    // unwritten for the copy (this function's contract); both are distinct
+    // RAM frames
     // identity mapped at EL2 as normal memory. The loop reads exactly
     // PAGE_SIZE bytes from `src` and writes PAGE_SIZE bytes to `dst`.
     unsafe {

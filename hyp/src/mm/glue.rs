@@ -31,11 +31,29 @@ pub fn init(board: &platform::Board) {
     let count = ((hi - lo) / PAGE_SIZE) as usize;
     RMAP.call_once(|| {
         Rmap::new(
-            FrameTable::new(lo / PAGE_SIZE, count),
+            frame_table(lo / PAGE_SIZE, count),
             MAX_ANON_VMAS,
             MAX_CHAINS,
         )
     });
+}
+
+/// The frame table (16 bytes per frame of the RAM span) in frames of its
+/// own, sized to the machine at boot: not from the heap, whose buddy
+/// allocator would round a 64 GiB host's 256 MiB table up to 512 MiB.
+fn frame_table(base: Pfn, count: usize) -> FrameTable {
+    let bytes = count * core::mem::size_of::<rmap::Frame>();
+    let pages = bytes.div_ceil(PAGE_SIZE as usize);
+    let pa = frames::get()
+        .alloc_run_zeroed_unmovable(pages, 1)
+        .expect("no frames for the frame table at boot");
+    // SAFETY: `pages` frames at `pa` were just allocated for good to the
+    // frame table (never freed), identity mapped at EL2 as normal memory,
+    // page-aligned (so aligned for `Frame`) and large enough for `count`.
+    let memory = unsafe {
+        core::slice::from_raw_parts_mut(pa as *mut core::mem::MaybeUninit<rmap::Frame>, count)
+    };
+    FrameTable::in_memory(base, memory)
 }
 
 /// The frame allocator as rmap sees it.
@@ -51,13 +69,20 @@ impl FrameAllocator for HypFrames {
     }
 
     fn zero(&self, pfn: Pfn) {
-        frames::zero_frame(pfn * PAGE_SIZE)
+        // SAFETY: rmap zeroes only a frame it just allocated and has not
+        // mapped yet.
+        unsafe { frames::zero_frame(pfn * PAGE_SIZE) };
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
     }
 
     fn copy(&self, dst: Pfn, src: Pfn) {
-        // `dst` is freshly allocated and owned by the caller, `src` is pinned
+        // SAFETY: `dst` is freshly allocated and owned by the caller, `src`
+        // is pinned (locked, or its writers replaced by migration entries)
         // by the caller for the copy; they are distinct frames.
-        frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE);
+        unsafe { frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE) };
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(dst * PAGE_SIZE, PAGE_SIZE);
         // The page may hold guest code.
         crate::mm::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
     }
@@ -99,12 +124,28 @@ pub enum FaultError {
     Other(rmap::Error),
 }
 
+/// The access that faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A load or an instruction fetch.
+    Read,
+    /// A store (or the guest's own stage-1 walk, which may write A/D flags).
+    Write,
+}
+
+/// What the stage-2 entry was when the access faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The entry was invalid: the only kind that can be a 2 MiB first touch.
+    Translation,
+    /// A permission or access-flag fault on an entry that exists.
+    Permission,
+}
+
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
-/// `translation`: the entry was invalid (a translation fault); otherwise a
-/// permission or access-flag fault on an entry that exists, which can never
-/// be a 2 MiB first touch.
-pub fn fault(vm: &VmMemory, ipa: u64, write: bool, translation: bool) -> Result<(), FaultError> {
+pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result<(), FaultError> {
+    let write = access == Access::Write;
     // The swap cache and region bookkeeping may allocate a little heap.
     if !crate::mm::heap::guest_may_allocate(4096) {
         return Err(FaultError::NoMemory);
@@ -113,7 +154,7 @@ pub fn fault(vm: &VmMemory, ipa: u64, write: bool, translation: bool) -> Result<
     // Below the low watermark, reclaim before allocating (no lock held here),
     // including before a 2 MiB first touch takes 512 frames.
     crate::mm::memctl::balance();
-    if translation && fault_block(vm, ipa) {
+    if kind == FaultKind::Translation && fault_block(vm, ipa) {
         let chunk = ipa & !(crate::mm::memory::BLOCK_SIZE - 1);
         let mut log = vm.dirty.lock();
         (0..crate::mm::memory::BLOCK_SIZE / PAGE_SIZE)
@@ -168,6 +209,8 @@ fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
     let Some(pa) = frames::get().alloc_contiguous_zeroed(pages as usize) else {
         return false;
     };
+    // Zeroed through our cacheable map: clean before the guest sees it.
+    crate::mm::memory::publish(pa, BLOCK_SIZE);
     let pfn = pa / PAGE_SIZE;
     rmap().add_new_anon_block(pfn, pages, region, chunk);
     if !s2.map_block(chunk, pa) {
@@ -215,6 +258,9 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
     let pfn = pa / PAGE_SIZE;
     frames::get().take_reserved(pa, pages);
     // The image holds code: the guest fetches it through the I-cache.
+    // Whoever loaded the image need not have cleaned it to the PoC, and
+    // the guest reads it with its MMU off first.
+    crate::mm::memory::publish(pa, BLOCK_SIZE);
     crate::mm::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
     rmap().add_new_anon_block(pfn, pages, region, ipa);
     if !s2.map_block(ipa, pa) {
@@ -242,14 +288,21 @@ pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultErro
                 }
                 continue;
             }
-            let translation = !matches!(entry, rmap::S2Entry::Page { .. });
-            fault(vm, page, true, translation)?;
+            let kind = if matches!(entry, rmap::S2Entry::Page { .. }) {
+                FaultKind::Permission
+            } else {
+                FaultKind::Translation
+            };
+            fault(vm, page, Access::Write, kind)?;
         };
         // SAFETY: `pa` backs a writable page of this VM, identity mapped;
         // the VM is not running yet (loader), so nothing races the copy.
         unsafe {
             core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
         };
+        // The page is mapped already: clean it before the VM runs (it reads
+        // its image and DTB with the MMU off).
+        crate::mm::memory::publish(pa + off as u64, n as u64);
         crate::mm::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
         done += n;
     }
@@ -262,9 +315,9 @@ pub fn teardown(vm: &VmMemory) {
     // No vCPU of the VM runs again, so one VMID-wide invalidation after the
     // zap covers every entry (destroy() flushes the VMID again before it is
     // reused); frames freed meanwhile are unreachable through this VM.
-    vm.memory.lock().begin_batch();
+    let batch = vm.batch();
     let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
-    vm.memory.lock().end_batch();
+    drop(batch);
     vm.free_tables(proof);
 }
 
@@ -275,16 +328,14 @@ pub fn teardown(vm: &VmMemory) {
 pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
     let mut parent_regions = parent.regions.write();
     let mut child_regions = child.regions.write_nested(1);
-    parent.memory.lock().begin_batch();
-    let result = rmap().fork_vm(
+    let _batch = parent.batch();
+    rmap().fork_vm(
         &mut parent_regions,
         parent,
         &mut child_regions,
         child,
         &STORE,
-    );
-    parent.memory.lock().end_batch();
-    result
+    )
 }
 
 /// Frames mapped by more than one stage-2 entry.

@@ -1,9 +1,60 @@
-//! The hypervisor heap: a fixed area reserved by the link map (qemu-virt.ld).
+//! The hypervisor heap: a fixed area reserved by the link map (qemu-virt.ld)
+//! to boot with, grown from the frame allocator as metadata grows with the
+//! machine (the frame table of a 64 GiB host alone is 256 MiB) and with the
+//! number of VMs. Memory the heap takes stays the heap's.
+//!
+//! Lock order: the heap lock is a leaf (nothing is taken while it is held).
+//! Growing takes the frame allocator's lock with the heap lock released, so
+//! nothing may allocate heap while holding the frame allocator's lock
+//! (`frames.rs` never does).
 
+use crate::mm::frames::{self, PAGE_SIZE};
 use buddy_system_allocator::LockedHeap;
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// The heap grows by at least this much at a time (2 MiB, one block).
+const GROW_FRAMES: usize = 512;
+
+/// The buddy allocator, and what it may grow by.
+struct GrowingHeap {
+    heap: LockedHeap<32>,
+    /// Bytes taken from the frame allocator so far.
+    grown: AtomicUsize,
+}
 
 #[global_allocator]
-static HEAP: LockedHeap<32> = LockedHeap::empty();
+static HEAP: GrowingHeap = GrowingHeap {
+    heap: LockedHeap::empty(),
+    grown: AtomicUsize::new(0),
+};
+
+// SAFETY: allocation and deallocation go to the buddy allocator under its
+// lock; memory added to it comes only from the link map's heap area and from
+// frames the frame allocator handed over for good (`grow`).
+unsafe impl GlobalAlloc for GrowingHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        loop {
+            if let Ok(p) = self.heap.lock().alloc(layout) {
+                return p.as_ptr();
+            }
+            if !grow(layout.size().max(layout.align())) {
+                return core::ptr::null_mut();
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` with this layout (GlobalAlloc's
+        // contract), so it is non-null and the buddy allocator's.
+        unsafe {
+            self.heap
+                .lock()
+                .dealloc(NonNull::new_unchecked(ptr), layout)
+        }
+    }
+}
 
 unsafe extern "C" {
     static __heap_start: u8;
@@ -16,25 +67,63 @@ pub fn init() {
     let end = &raw const __heap_end as usize;
     // SAFETY: [__heap_start, __heap_end) is reserved for the heap by the link
     // map, kept out of the frame allocator, and handed over exactly once.
-    unsafe { HEAP.lock().init(start, end - start) };
+    unsafe { HEAP.heap.lock().init(start, end - start) };
 }
 
-/// (bytes in use, bytes total)
+/// Adds at least `bytes` (2 MiB at least, in whole 2 MiB-aligned runs) of
+/// frames to the heap. False when the frame allocator is not up yet or has
+/// no such run free.
+fn grow(bytes: usize) -> bool {
+    let Some(frames) = frames::try_get() else {
+        return false;
+    };
+    // Slack for the buddy allocator's alignment of a large block.
+    let n = (bytes.div_ceil(PAGE_SIZE as usize) * 2)
+        .max(GROW_FRAMES)
+        .next_multiple_of(GROW_FRAMES);
+    let Some(pa) = frames.alloc_run_zeroed_unmovable(n, GROW_FRAMES) else {
+        return false;
+    };
+    let len = n * PAGE_SIZE as usize;
+    // SAFETY: the frames are allocated to the heap for good (never freed),
+    // identity mapped at EL2 as normal memory, and in no other use.
+    unsafe {
+        HEAP.heap.lock().add_to_heap(pa as usize, pa as usize + len);
+    }
+    HEAP.grown.fetch_add(len, Ordering::Relaxed);
+    true
+}
+
+/// (bytes in use, bytes the heap has now)
 pub fn usage() -> (usize, usize) {
-    let heap = HEAP.lock();
+    let heap = HEAP.heap.lock();
     (heap.stats_alloc_actual(), heap.stats_total_bytes())
+}
+
+/// Bytes the heap took from the frame allocator.
+pub fn grown() -> usize {
+    HEAP.grown.load(Ordering::Relaxed)
 }
 
 /// Whether a guest-driven operation that allocates about `bytes` of heap (a
 /// fork's VM and vCPU objects, a restore's vCPU copies, a fault's
-/// bookkeeping) may go ahead. The heap has a fixed size and Rust's
-/// collections abort on exhaustion, so what guests can drive is admitted only
-/// while a reserve stays free: 1/8 of the heap, at least 1 MiB, covering
-/// operations already admitted on other CPUs and the hypervisor's own needs
-/// (console, teardown). A refused operation fails with an error to the guest
+/// bookkeeping) may go ahead. Rust's collections abort on exhaustion, so what
+/// guests can drive is admitted only while a reserve stays free in the heap
+/// itself: 1/8 of it, at least 1 MiB, covering operations already admitted
+/// on other CPUs and the hypervisor's own needs (console, teardown). The
+/// heap is grown first when frames allow, so admission is refused only when
+/// frames ran out too. A refused operation fails with an error to the guest
 /// (SMCCC_NO_MEMORY, or a paused VM for a fault), never with a panic.
 pub fn guest_may_allocate(bytes: usize) -> bool {
-    let (used, total) = usage();
-    let reserve = (total / 8).max(1 << 20);
-    used.saturating_add(bytes).saturating_add(reserve) <= total
+    loop {
+        let (used, total) = usage();
+        let reserve = (total / 8).max(1 << 20);
+        let need = used.saturating_add(bytes).saturating_add(reserve);
+        if need <= total {
+            return true;
+        }
+        if !grow(need - total) {
+            return false;
+        }
+    }
 }

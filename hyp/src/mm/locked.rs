@@ -9,7 +9,7 @@ use rmap::lock::OrderedMutexGuard;
 use rmap::S2Entry;
 use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
 
-use super::memory::{ram_attrs, GuestMemory};
+use super::memory::{attr_encoding, ram_attrs, GuestMemory};
 
 /// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
 pub const BLOCK_SIZE: u64 = 2 << 20;
@@ -37,7 +37,9 @@ pub(super) fn encode(entry: S2Entry) -> Descriptor {
     match entry {
         S2Entry::Invalid => Descriptor::EMPTY,
         S2Entry::Page { pfn, writable } => {
-            Descriptor::page(pfn << 12, ram_attrs(writable)).expect("page descriptor")
+            let attrs = ram_attrs(writable);
+            Descriptor::leaf_encoded(pfn << 12, 3, attrs, true, attr_encoding())
+                .expect("page descriptor")
         }
         S2Entry::Migration { pfn, writable } => {
             Descriptor::software(SwEntry::Migration { pfn, writable })
@@ -154,8 +156,9 @@ impl<'a> LockedStage2<'a> {
         if a != b {
             return false;
         }
-        let ro = Descriptor::leaf(m.pa, leaf.level, ram_attrs(false), m.young)
-            .expect("block descriptor");
+        let ro =
+            Descriptor::leaf_encoded(m.pa, leaf.level, ram_attrs(false), m.young, attr_encoding())
+                .expect("block descriptor");
         let table = self.mem.table();
         let tlb = self.mem.tlb();
         let batch = Batch::new(&tlb, table.vttbr());

@@ -38,10 +38,10 @@ impl TableMemory for FrameTables {
         }
     }
 
-    fn table(&self, pa: u64) -> &TablePage {
-        // SAFETY: `pa` is a table page this memory handed out (a RAM frame
-        // owned by the table until freed), identity mapped at EL2; table
-        // entries are only accessed atomically.
+    unsafe fn table(&self, pa: u64) -> &TablePage {
+        // SAFETY: by the contract `pa` is a table page this memory handed
+        // out and has not taken back (a RAM frame owned by the table),
+        // identity mapped at EL2; table entries are only accessed atomically.
         unsafe { &*(pa as *const TablePage) }
     }
 }
@@ -54,7 +54,9 @@ static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayV
 
 fn take_reserve() -> Option<u64> {
     let pa = RESERVE.lock().pop()?;
-    frames::zero_frame(pa);
+    // SAFETY: reserve frames are allocated and owned by the reserve alone;
+    // popped, this one is the caller's.
+    unsafe { frames::zero_frame(pa) };
     Some(pa)
 }
 
@@ -173,6 +175,10 @@ impl TlbMaintenance for VmTlb<'_> {
     fn invalidate_all(&self) {
         TLB.invalidate_all();
     }
+
+    fn clean_dcache_poc(&self, pa: u64, len: u64) {
+        TLB.clean_dcache_poc(pa, len);
+    }
 }
 
 /// Chooses the stage-2 configuration from this CPU's ID registers.
@@ -186,23 +192,52 @@ pub fn init() {
         VmidBits::Eight
     };
     let hw_af = mmfr1 & 0xf != 0;
+    // FEAT_S2FWB: stage 2 forces Write-Back, so frames need no PoC cleaning
+    // (docs/ARCHITECTURE.md, "Cache maintenance"); `fwb()` sets HCR_EL2.FWB.
+    let mmfr2 = crate::arch::read_sysreg!("id_aa64mmfr2_el1");
+    let fwb = stage2::fwb_supported(mmfr2);
     let pa_bits = [32u8, 36, 40, 42, 44, 48, 52][(parange as usize).min(6)];
     let cfg = S2Config::new(parange, pa_bits.min(40), vmid_bits)
         .expect("stage-2 configuration")
-        .with_hw_access_flag(hw_af);
+        .with_hw_access_flag(hw_af)
+        .with_fwb(fwb);
     VMIDS.call_once(|| VmidAllocator::new(vmid_bits));
     crate::println!(
-        "[hyp] stage 2: {}-bit IPA, {}-bit PA, {} VMIDs, hardware access flag {}",
+        "[hyp] stage 2: {}-bit IPA, {}-bit PA, {} VMIDs, hardware access flag {}, \
+         ID_AA64MMFR2_EL1 {mmfr2:#x}: FWB {}",
         cfg.ipa_bits(),
         cfg.pa_bits(),
         cfg.max_vmid(),
-        if hw_af { "on" } else { "off" }
+        if hw_af { "on" } else { "off" },
+        if fwb {
+            "on (no PoC cleaning)"
+        } else {
+            "off (frames cleaned to PoC)"
+        }
     );
     CONFIG.call_once(|| cfg);
 }
 
 pub fn vtcr() -> u64 {
     CONFIG.get().expect("stage-2 config").vtcr()
+}
+
+/// Whether stage 2 uses FEAT_S2FWB: every CPU must then set `HCR_EL2.FWB`.
+pub fn fwb() -> bool {
+    CONFIG.get().expect("stage-2 config").fwb()
+}
+
+/// Makes `pa..pa + len`, just written through the hypervisor's cacheable
+/// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
+/// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
+/// guest can map (or, if mapped, read) it.
+pub fn publish(pa: u64, len: u64) {
+    stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa, len);
+}
+
+/// How stage-2 leaves encode MemAttr (for FWB or not).
+pub(super) fn attr_encoding() -> stage2::AttrEncoding {
+    CONFIG.get().expect("stage-2 config").attr_encoding()
 }
 
 /// Stage-2 attributes of guest RAM: normal memory, executable, writable
@@ -345,13 +380,14 @@ impl GuestMemory {
         }
     }
 
-    /// Starts deferring TLB invalidations to one flush (see `end_batch`).
-    pub fn begin_batch(&mut self) {
+    /// Starts deferring TLB invalidations to one flush (see `end_batch`);
+    /// used through `VmMemory::batch`.
+    pub(super) fn begin_batch(&mut self) {
         self.batching = true;
     }
 
     /// Ends a batch: one VMID-wide invalidation covers every change made in it.
-    pub fn end_batch(&mut self) {
+    pub(super) fn end_batch(&mut self) {
         if core::mem::take(&mut self.batching) {
             if let Some(table) = &self.table {
                 self.tlb().invalidate_vmid(table.vttbr());

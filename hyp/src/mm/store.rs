@@ -73,15 +73,26 @@ pub static STORE: PageStore = PageStore {
     bytes: AtomicU64::new(0),
 };
 
-fn page(pfn: Pfn) -> &'static [u8] {
-    // SAFETY: a RAM frame identity mapped at EL2 that the caller holds
-    // (locked for reclaim, or owned); guest writes are excluded by the
-    // migration entries that replaced every mapping.
+/// The contents of frame `pfn`.
+///
+/// # Safety
+///
+/// `pfn` is a RAM frame (identity mapped at EL2) that nothing writes while
+/// the returned slice lives: the caller holds it locked for reclaim with
+/// every mapping replaced by a migration entry, or owns it.
+unsafe fn page<'a>(pfn: Pfn) -> &'a [u8] {
+    // SAFETY: this function's contract.
     unsafe { core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE) }
 }
 
-fn page_mut(pfn: Pfn) -> &'static mut [u8] {
-    // SAFETY: a freshly allocated frame owned by the caller, identity mapped.
+/// Frame `pfn` to fill.
+///
+/// # Safety
+///
+/// `pfn` is a RAM frame (identity mapped at EL2) the caller owns exclusively
+/// while the returned slice lives: freshly allocated and not yet mapped.
+unsafe fn page_mut<'a>(pfn: Pfn) -> &'a mut [u8] {
+    // SAFETY: this function's contract.
     unsafe { core::slice::from_raw_parts_mut((pfn * PAGE_SIZE) as *mut u8, PAGE) }
 }
 
@@ -148,7 +159,9 @@ impl PageStore {
 
 impl SwapStore for PageStore {
     fn store(&self, pfn: Pfn) -> Option<u64> {
-        let data = page(pfn);
+        // SAFETY: rmap stores only a frame its reclaim holds locked with
+        // every mapping replaced by a migration entry: nothing writes it.
+        let data = unsafe { page(pfn) };
         if is_zero(data) {
             let mut s = self.inner.lock();
             if s.slots.is_empty() {
@@ -178,9 +191,13 @@ impl SwapStore for PageStore {
 
     fn load(&self, slot: u64, pfn: Pfn) {
         self.swapped_in.fetch_add(1, Ordering::Relaxed);
-        let out = page_mut(pfn);
+        // SAFETY: rmap loads only into a frame it just allocated for a
+        // swap-in and maps only after the load returns.
+        let out = unsafe { page_mut(pfn) };
         if slot == ZERO_SLOT {
             out.fill(0);
+            // rmap's contract: clean to the PoC on return.
+            crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
             return;
         }
         let s = self.inner.lock();
@@ -194,6 +211,8 @@ impl SwapStore for PageStore {
             assert_eq!(n, PAGE, "store slot {slot} decompressed short");
         }
         drop(s);
+        // rmap's contract: clean to the PoC on return.
+        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
         // The page may hold guest code.
         use stage2::TlbMaintenance;
         crate::mm::memory::TLB.invalidate_icache(pfn * PAGE_SIZE, PAGE_SIZE);

@@ -59,6 +59,28 @@ impl VmMemory {
     }
 }
 
+impl VmMemory {
+    /// Opens a batch: the stage-2 changes made until the guard drops defer
+    /// their TLB invalidations to one VMID-wide flush at the drop (fork's
+    /// write-protect pass, teardown's zap). Frames those changes unmapped
+    /// must not be reused before then. Takes the stage-2 lock (level 4)
+    /// briefly now and at the drop: neither may happen with it held.
+    pub fn batch(&self) -> BatchGuard<'_> {
+        self.memory.lock().begin_batch();
+        BatchGuard(self)
+    }
+}
+
+/// An open batch of a VM's stage-2 changes (see [`VmMemory::batch`]).
+#[must_use = "the batch ends (one flush) when the guard drops"]
+pub struct BatchGuard<'a>(&'a VmMemory);
+
+impl Drop for BatchGuard<'_> {
+    fn drop(&mut self) {
+        self.0.memory.lock().end_batch();
+    }
+}
+
 /// The memory of VM `id`, if it is registered.
 pub fn get(id: u32) -> Option<Arc<VmMemory>> {
     REGISTRY.lock().get(&id).cloned()

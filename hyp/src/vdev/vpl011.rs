@@ -174,6 +174,9 @@ impl Vpl011 {
     /// Gives the UART its image frame (once; the VM's teardown frees it).
     pub fn set_image(&mut self, pa: u64) {
         debug_assert_eq!(self.image, 0);
+        // Offsets outside IMAGE_REGS read this frame's zeroes: clean it whole
+        // once (`refresh_image` cleans only the registers it rewrites).
+        crate::mm::memory::publish(pa, VPL011_SIZE);
         self.image = pa;
         self.refresh_image();
     }
@@ -226,6 +229,12 @@ impl Vpl011 {
             // SAFETY: `image` is a frame this UART owns, identity mapped at
             // EL2; the guest only reads it (read-only at stage 2).
             unsafe { core::ptr::write_volatile((self.image + off) as *mut u32, value) };
+        }
+        // Linux maps the UART as Device: without FWB its reads of the image
+        // are non-cacheable and see DRAM, not our cached writes. Owed after
+        // every refresh, since the image stays mapped while it changes.
+        for r in IMAGE_REGS {
+            crate::mm::memory::publish(self.image + r.start, r.end - r.start);
         }
     }
 }

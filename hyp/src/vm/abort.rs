@@ -3,7 +3,7 @@
 
 use crate::arch::esr::{Abort, ESR_IL, FSC_SEA};
 use crate::arch::read_sysreg;
-use crate::mm::glue::FaultError;
+use crate::mm::glue::{Access, FaultError, FaultKind};
 use crate::vm::devices;
 use crate::vm::exit::{inject_sync, stop, Action};
 use crate::vm::vcpu::Vcpu;
@@ -19,7 +19,17 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     let ipa = fault_ipa();
     let abort = Abort::decode(esr);
     if vcpu.vm.mem.ram.contains(ipa) {
-        return ram_fault(vcpu, ipa, abort.write, abort.translation);
+        let access = if abort.write {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let kind = if abort.translation {
+            FaultKind::Translation
+        } else {
+            FaultKind::Permission
+        };
+        return ram_fault(vcpu, ipa, access, kind);
     }
     if abort.is_data && !abort.s1ptw {
         match abort.access {
@@ -35,8 +45,8 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     wild(vcpu, ipa, abort.is_data)
 }
 
-fn ram_fault(vcpu: &mut Vcpu, ipa: u64, write: bool, translation: bool) -> Action {
-    match crate::mm::glue::fault(&vcpu.vm.mem, ipa, write, translation) {
+fn ram_fault(vcpu: &mut Vcpu, ipa: u64, access: Access, kind: FaultKind) -> Action {
+    match crate::mm::glue::fault(&vcpu.vm.mem, ipa, access, kind) {
         Ok(()) => Action::Continue,
         Err(FaultError::NoMemory) => {
             crate::println!(

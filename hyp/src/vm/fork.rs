@@ -49,14 +49,23 @@ impl core::fmt::Display for ForkError {
     }
 }
 
+/// What a fork makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForkKind {
+    /// A new VM that starts running.
+    Running,
+    /// A frozen snapshot: never scheduled, only forked from or restored to.
+    Snapshot,
+}
+
 /// Clones `parent` into a new VM. `caller` is the parent's vCPU that asked
-/// (a hypercall), owned by this CPU; None from the console. The new VM starts
-/// running unless `frozen` (a snapshot).
+/// (a hypercall), owned by this CPU; None from the console.
 pub fn fork(
     parent: &Arc<Vm>,
     caller: Option<&mut Vcpu>,
-    frozen: bool,
+    kind: ForkKind,
 ) -> Result<Arc<Vm>, ForkError> {
+    let frozen = kind == ForkKind::Snapshot;
     let own = usize::from(caller.is_some());
     let was_running = parent.quiesce(own).ok_or(ForkError::Busy)?;
     let result = fork_quiesced(parent, caller, frozen);

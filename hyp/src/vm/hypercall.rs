@@ -2,6 +2,7 @@
 //! (platform::abi). Every argument is validated; a bad one gets an error code.
 
 use crate::vm::exit::Action;
+use crate::vm::fork::ForkKind;
 use crate::vm::vcpu::{Power, Vcpu};
 use platform::abi;
 use smccc::psci;
@@ -53,8 +54,8 @@ pub fn handle(vcpu: &mut Vcpu) -> Action {
             return Action::Yield;
         }
         abi::HVC_VM_ID => vcpu.vm.id as u64,
-        abi::HVC_FORK => return fork(vcpu, false),
-        abi::HVC_SNAPSHOT => return fork(vcpu, true),
+        abi::HVC_FORK => return fork(vcpu, ForkKind::Running),
+        abi::HVC_SNAPSHOT => return fork(vcpu, ForkKind::Snapshot),
         abi::HVC_RESTORE => return restore(vcpu, a1, a2),
         abi::HVC_STATS => stat(vcpu, a1),
         abi::HVC_MEM_RELEASE => mem_release(vcpu, a1, a2),
@@ -130,9 +131,9 @@ fn smccc(code: i64) -> u64 {
 /// FORK / SNAPSHOT: the child's (or snapshot's) id to the caller, 0 in the
 /// child. If another fork or a pause holds the VM, the call is retried once
 /// the vCPU runs again.
-fn fork(vcpu: &mut Vcpu, frozen: bool) -> Action {
+fn fork(vcpu: &mut Vcpu, kind: ForkKind) -> Action {
     let vm = vcpu.vm.clone();
-    match crate::vm::fork::fork(&vm, Some(vcpu), frozen) {
+    match crate::vm::fork::fork(&vm, Some(vcpu), kind) {
         Ok(child) => vcpu.regs.x[0] = child.id as u64,
         Err(crate::vm::fork::ForkError::Busy) => {
             vcpu.regs.pc -= 4;

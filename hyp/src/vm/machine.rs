@@ -184,7 +184,10 @@ impl Vm {
     /// Loads this VM's stage-2 translation on this CPU.
     pub fn load_stage2(&self) {
         let vttbr = self.mem.memory.lock().load_here();
-        crate::arch::write_sysreg!("vttbr_el2", vttbr);
+        // SAFETY: the root of this VM's live stage-2 table and the VMID it
+        // holds while this vCPU is loaded (guest translation only: EL2's own
+        // map is TTBR0_EL2).
+        unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", vttbr) };
         crate::arch::isb();
     }
 
@@ -196,7 +199,9 @@ impl Vm {
     /// errata (Cortex-A76 1165522, A55 1530923, A57/A72 1319367; KVM's
     /// ARM64_WORKAROUND_SPECULATIVE_AT) may walk and cache from.
     pub fn unload_stage2(&self) {
-        crate::arch::write_sysreg!("vttbr_el2", 0u64);
+        // SAFETY: no stage-2 table for this CPU; only guest translation is
+        // affected, and no vCPU runs here until one is loaded again.
+        unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", 0u64) };
         crate::arch::isb();
         crate::mm::memory::GuestMemory::unload_here();
     }

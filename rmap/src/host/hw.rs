@@ -11,6 +11,9 @@
 //! [`crate::Stage2::flush_deferred`] (VMID-wide), and `free_tables` drops the VM's entries
 //! (its VMID is invalidated with its tables). Accesses run under the TLB lock, so an
 //! invalidation waits for them, as TLBI + DSB waits for accesses in flight.
+//!
+//! The data-cache model (frames written and not cleaned to the point of coherency) is in
+//! [`super::cache`].
 
 use crate::lock::{Level, OrderedMutex};
 use crate::{Ipa, Pfn, VmId, PAGE_SIZE};
@@ -41,6 +44,8 @@ pub struct HostHw {
     ooms: AtomicU64,
     pub(super) tlb: OrderedMutex<Tlbs>,
     failures: OrderedMutex<Vec<String>>,
+    /// Frames written and not cleaned to the point of coherency ([`super::cache`]).
+    pub(super) cache: super::cache::CacheModel,
 }
 
 impl Default for HostHw {
@@ -51,6 +56,7 @@ impl Default for HostHw {
             ooms: AtomicU64::new(0),
             tlb: OrderedMutex::new(Level::ALLOCATOR, "host.tlb", BTreeMap::new()),
             failures: OrderedMutex::new(Level::ALLOCATOR, "host.failures", Vec::new()),
+            cache: Default::default(),
         }
     }
 }
@@ -105,8 +111,10 @@ impl HostHw {
     /// Break-before-make, as hyp's witness (`hyp/src/bbm.rs`) checks it: a valid leaf of
     /// `pages` pages from `first` (frames consecutive) is being installed at `ipa`; any
     /// translation `vm`'s TLB still caches in its range for something else (an invalidation
-    /// still pending) is a failure.
+    /// still pending) is a failure. So is a frame not cleaned to the point of coherency since
+    /// the hypervisor wrote it ([`super::cache`]).
     pub(super) fn check_install(&self, vm: VmId, ipa: Ipa, pages: u64, first: Pfn, writable: bool) {
+        self.check_clean(vm, ipa, pages, first);
         let tlbs = self.tlb.lock();
         let Some(cached) = tlbs.get(&vm) else {
             return;

@@ -98,6 +98,7 @@ impl SwapStore for HostMachine {
                 d.store(s, Ordering::Relaxed);
             }
         }
+        self.hw.wrote_and_published(pfn);
         self.run_hook(SwapOp::Load, slot);
     }
     fn dup(&self, slot: u64) {

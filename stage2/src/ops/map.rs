@@ -71,7 +71,8 @@ impl<M: TableMemory> MapRange<'_, M> {
     }
 
     fn install_leaf(&self, slot: &core::sync::atomic::AtomicU64, level: u8, base: u64) {
-        let new = Descriptor::leaf(self.pa_of(base), level, self.attrs, true)
+        let enc = self.t.cfg.attr_encoding();
+        let new = Descriptor::leaf_encoded(self.pa_of(base), level, self.attrs, true, enc)
             .expect("stage2: checked leaf");
         cas(slot, Descriptor::EMPTY, new)
             .expect("stage2: empty slot filled under the stage-2 lock");

@@ -86,7 +86,9 @@ impl<'m, M: TableMemory> Reserve<'m, M> {
         let mut reserve = Reserve { mem, head: 0 };
         for _ in 0..count {
             let pa = mem.alloc_zeroed_table().ok_or(Error::NoMemory)?;
-            mem.table(pa)[0].store(reserve.head, Ordering::Relaxed);
+            // SAFETY: `pa` was just allocated and is owned by the reserve until taken.
+            let page = unsafe { mem.table(pa) };
+            page[0].store(reserve.head, Ordering::Relaxed);
             reserve.head = pa;
         }
         Ok(reserve)
@@ -99,7 +101,8 @@ impl<'m, M: TableMemory> Reserve<'m, M> {
             pa, 0,
             "stage2: table reserve exhausted (prepare under-counted)"
         );
-        self.head = self.mem.table(pa)[0].swap(0, Ordering::Relaxed);
+        // SAFETY: `pa` is the head of the reserve's list of allocated, unlinked pages.
+        self.head = unsafe { self.mem.table(pa) }[0].swap(0, Ordering::Relaxed);
         pa
     }
 }

@@ -61,7 +61,10 @@ pub(crate) fn split_slot<M: TableMemory, F: Flusher + ?Sized>(
     // the children are built from its final value.
     cas(slot, old, Descriptor::from_raw(locked()))?;
     let table = reserve.take();
-    for (i, e) in t.mem.table(table).iter().enumerate() {
+    // SAFETY: the reserve holds pages from `alloc_zeroed_table`; this one is ours until it is
+    // linked below, and a linked table lives until `unmap`/`destroy`, which cannot run
+    // concurrently with a split (the caller holds the stage-2 lock).
+    for (i, e) in unsafe { t.mem.table(table) }.iter().enumerate() {
         e.store(
             old.with_output(pa + i as u64 * sub, level + 1).raw(),
             Ordering::Relaxed,

@@ -71,7 +71,9 @@ impl<M: TableMemory, F: Flusher + ?Sized, L: FnMut(&LeafInfo)> Unmapper<'_, '_, 
     }
 
     fn unlink_if_empty(&mut self, slot: &core::sync::atomic::AtomicU64, d: Descriptor, table: u64) {
-        let page = self.t.mem.table(table);
+        // SAFETY: `table` is the output address of a table descriptor of this table, read under
+        // the stage-2 lock: allocated and linked until this unmap unlinks and frees it.
+        let page = unsafe { self.t.mem.table(table) };
         if page.iter().any(|e| e.load(Ordering::Acquire) != 0) {
             return;
         }
@@ -89,7 +91,8 @@ impl<M: TableMemory, F: Flusher + ?Sized, L: FnMut(&LeafInfo)> Unmapper<'_, '_, 
         self.flush.vmid_now();
         while self.unlinked.head != 0 {
             let pa = self.unlinked.head;
-            self.unlinked.head = self.t.mem.table(pa)[0].load(Ordering::Relaxed);
+            // SAFETY: `pa` is on this unmap's list of unlinked pages, not yet freed.
+            self.unlinked.head = unsafe { self.t.mem.table(pa) }[0].load(Ordering::Relaxed);
             self.t.mem.free_table(pa);
             self.t.counters.table_pages.fetch_sub(1, Ordering::Relaxed);
         }

@@ -1,4 +1,4 @@
-//! TLB and I-cache maintenance on the real CPU, at EL2 (non-VHE, identity-mapped: PA == VA).
+//! TLB and cache maintenance on the real CPU, at EL2 (non-VHE, identity-mapped: PA == VA).
 //!
 //! TLBIs by IPA and by VMID act on the VMID in `VTTBR_EL2`, so each operation switches
 //! `VTTBR_EL2` to the target VM's value and restores the previous one afterwards, as Linux
@@ -26,8 +26,8 @@ impl Aarch64Tlb {
     /// Only use it at EL2 with `HCR_EL2.E2H = 0`, on a CPU where nothing else changes
     /// `VTTBR_EL2` concurrently (an interrupt handler switching VMs while an invalidation has
     /// switched it): call it with interrupts masked or from code no interrupt handler
-    /// re-enters. Physical addresses given to `invalidate_icache` must be mapped at the same
-    /// virtual address (identity map).
+    /// re-enters. Physical addresses given to `invalidate_icache` and `clean_dcache_poc` must
+    /// be mapped at the same virtual address (identity map).
     pub const unsafe fn new() -> Self {
         Aarch64Tlb { _private: () }
     }
@@ -100,7 +100,33 @@ fn with_vttbr(vttbr: Vttbr, f: impl FnOnce()) {
     }
 }
 
+/// The smallest data cache line of the CPU (`CTR_EL0.DminLine`, in words), the stride of
+/// by-line maintenance.
+fn dcache_line() -> u64 {
+    let ctr: u64;
+    // SAFETY: reads CTR_EL0, a read-only identification register.
+    unsafe { asm!("mrs {c}, ctr_el0", c = out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    4u64 << ((ctr >> 16) & 0xf)
+}
+
 impl TlbMaintenance for Aarch64Tlb {
+    fn clean_dcache_poc(&self, pa: u64, len: u64) {
+        let line = dcache_line();
+        let mut va = pa & !(line - 1);
+        while va < pa + len {
+            // SAFETY: cleans and invalidates a data cache line to the point of coherency;
+            // `va` is mapped (identity map, per `Aarch64Tlb::new`'s contract). Dirty data is
+            // written back first, so no value changes. Invalidating too (as KVM's
+            // `kvm_flush_dcache_to_poc` does) leaves no line that a guest's later
+            // non-cacheable writes would make stale for the hypervisor's cacheable reads.
+            unsafe { asm!("dc civac, {va}", va = in(reg) va, options(nostack, preserves_flags)) };
+            va += line;
+        }
+        // SAFETY: barrier only: completes the cleans for every observer (a non-cacheable
+        // reader may be any agent, so full system), as Linux's `dcache_clean_poc` does.
+        unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+    }
+
     fn invalidate_ipa(&self, vttbr: Vttbr, ipa: u64, _level: u8) {
         // SAFETY: barrier only: makes the descriptor store visible to table walkers before the
         // invalidation.
@@ -141,12 +167,7 @@ impl TlbMaintenance for Aarch64Tlb {
     }
 
     fn invalidate_icache(&self, pa: u64, len: u64) {
-        let ctr: u64;
-        // SAFETY: reads CTR_EL0, a read-only identification register.
-        unsafe {
-            asm!("mrs {c}, ctr_el0", c = out(reg) ctr, options(nomem, nostack, preserves_flags))
-        };
-        let line = 4u64 << ((ctr >> 16) & 0xf);
+        let line = dcache_line();
         let mut va = pa & !(line - 1);
         while va < pa + len {
             // SAFETY: cleans a data cache line to the point of unification; `va` is mapped

@@ -1,4 +1,4 @@
-//! TLB and I-cache maintenance behind a trait, and batching.
+//! TLB and cache maintenance behind a trait, and batching.
 //!
 //! Operations of [`crate::Stage2Table`] take a [`Flusher`]: either any [`TlbMaintenance`]
 //! (each operation then finishes its own invalidation before returning) or a [`Batch`] (the
@@ -11,8 +11,9 @@ use core::cell::Cell;
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod aarch64;
 
-/// TLB and I-cache maintenance for stage-2 changes. Every method is complete (the
-/// invalidation is finished and visible to all CPUs of the inner-shareable domain) on return.
+/// TLB and cache maintenance for stage-2 changes and for frames the hypervisor hands to guests.
+/// Every method is complete (the invalidation or clean is finished and visible to all CPUs of
+/// the inner-shareable domain) on return.
 pub trait TlbMaintenance {
     /// Invalidates the stage-2 and combined stage-1&2 TLB entries that may translate `ipa` in the
     /// VM of `vttbr` (its VMID), on all CPUs. `level` is the level of the descriptor that changed
@@ -29,6 +30,28 @@ pub trait TlbMaintenance {
 
     /// Invalidates every EL1&0 TLB entry of every VMID (VMID generation rollover).
     fn invalidate_all(&self);
+
+    /// Cleans the data cache over physical `pa..pa + len` to the point of coherency (and
+    /// invalidates it: `DC CIVAC` by line, then `DSB SY`, as KVM does), so that a *non-cacheable* access — a guest running with its
+    /// MMU or data cache off, or one mapping the frame as Device at stage 1 — reads what the
+    /// hypervisor wrote through its cacheable map, not the stale DRAM beneath (Arm ARM D7,
+    /// "Data cache maintenance for data seen by non-cacheable accesses"). Owed once per frame
+    /// the hypervisor writes and a guest may then map, *unless* stage 2 forces Write-Back
+    /// ([`crate::S2Config::fwb`]); see [`publish_frames`].
+    fn clean_dcache_poc(&self, pa: u64, len: u64);
+}
+
+/// Makes `pa..pa + len`, just written by the hypervisor through its cacheable map, safe to
+/// show to a guest of configuration `cfg` whatever attributes the guest's stage 1 uses: with
+/// FEAT_S2FWB (`cfg.fwb()`) every guest access is Write-Back cacheable and coherent already,
+/// so nothing is owed; otherwise the range is cleaned to the point of coherency.
+///
+/// Call it once per frame handed out (after zeroing, copying, swapping in or loading it), not
+/// per mapping: a frame mapped again (fork, CoW sharing, remap) holds nothing new.
+pub fn publish_frames(cfg: &crate::S2Config, tlb: &dyn TlbMaintenance, pa: u64, len: u64) {
+    if !cfg.fwb() {
+        tlb.clean_dcache_poc(pa, len);
+    }
 }
 
 /// How a [`crate::Stage2Table`] operation invalidates what it changed. Implemented by every

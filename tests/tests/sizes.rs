@@ -1,0 +1,101 @@
+//! QEMU scenarios at the machine sizes a user picks: a 64 GiB host (QEMU
+//! maps its RAM lazily, `reserve=off`) and a 256 MiB one, each running the
+//! test guest and Linux. On 64 GiB the hypervisor's metadata stays within
+//! 16 bytes per 4 KiB frame plus 0.1% of RAM, as `stats` reports it.
+
+use qemu_tests::{linux_config, Machine, MachineConfig};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(120);
+/// TCG boots the Debian kernel in 10-30 s; leave room for a loaded machine.
+const LINUX: Duration = Duration::from_secs(240);
+const REPLY: Duration = Duration::from_secs(60);
+
+/// The numbers of the `metadata:` line of `stats`: (frame table bytes, heap
+/// bytes in use, RAM frames).
+fn metadata(line: &str) -> (u64, u64, u64) {
+    let num = |after: &str| -> u64 {
+        let at = line
+            .find(after)
+            .unwrap_or_else(|| panic!("no '{after}' in {line}"));
+        line[at + after.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after '{after}' in {line}"))
+    };
+    (num("frame table "), num("heap in use "), num("bytes, for "))
+}
+
+/// Boots the test guest's self-test on a `mem` host, prints `stats` and
+/// returns its metadata line.
+fn selftest_on(name: &str, mem: &str) -> String {
+    let cfg = MachineConfig {
+        mem: mem.into(),
+        guest_mem: Some("64M".into()),
+        guest_args: Some("selftest mem=16".into()),
+        script: Some("wait 2; stats".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot(name, &cfg);
+    m.expect("GUEST RESULT: PASS", BOOT);
+    let seen = m.expect("guest frames from", BOOT);
+    let status = m.wait_exit(BOOT);
+    m.assert_no_hyp_fault();
+    assert_eq!(status, 0, "[{name}] exit status\n{}", m.transcript());
+    seen.lines()
+        .find(|l| l.starts_with("metadata:"))
+        .unwrap_or_else(|| panic!("[{name}] no metadata line\n{seen}"))
+        .to_string()
+}
+
+#[test]
+fn test_guest_on_a_64g_host_with_metadata_in_budget() {
+    let line = selftest_on("64g-test", "64G");
+    let (table, heap, frames) = metadata(&line);
+    assert!(frames > 16_000_000, "a 64 GiB host: {line}");
+    assert!(table <= 16 * frames, "frame table over 16 B/frame: {line}");
+    assert!(
+        heap * 1000 <= frames * 4096,
+        "heap over 0.1% of RAM: {line}"
+    );
+}
+
+#[test]
+fn test_guest_on_a_256m_host() {
+    let line = selftest_on("256m-test", "256M");
+    let (table, _, frames) = metadata(&line);
+    assert!(frames <= 65_536, "a 256 MiB host: {line}");
+    assert!(table <= 16 * frames, "frame table over 16 B/frame: {line}");
+}
+
+/// Linux boots to its shell on a `mem` host with `guest_mem` of its own,
+/// answers a command and powers off.
+fn linux_on(name: &str, mem: &str, guest_mem: &str) {
+    let cfg = MachineConfig {
+        mem: mem.into(),
+        guest_mem: Some(guest_mem.into()),
+        ..linux_config()
+    };
+    let mut m = Machine::boot(name, &cfg);
+    m.expect("MHV-LINUX-READY", LINUX);
+    m.expect("# ", LINUX);
+    m.send("echo answer=$((6*7)); grep MemTotal /proc/meminfo\n");
+    m.expect("answer=42", REPLY);
+    m.expect("MemTotal:", REPLY);
+    m.send("poweroff -f\n");
+    m.expect("powered off (PSCI SYSTEM_OFF)", REPLY);
+    let status = m.wait_exit(REPLY);
+    m.assert_no_hyp_fault();
+    assert_eq!(status, 0, "[{name}] exit status\n{}", m.transcript());
+}
+
+#[test]
+fn linux_on_a_64g_host() {
+    linux_on("64g-linux", "64G", "1G");
+}
+
+#[test]
+fn linux_on_a_256m_host() {
+    linux_on("256m-linux", "256M", "128M");
+}
