@@ -117,6 +117,17 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
     ];
     // Guest images QEMU's loader put in RAM stay put until copied (linux.rs).
     reserved.extend(bootargs::image_ranges(board.bootargs()));
+    // The rmap's frame table, sized to the machine (mm::glue::init), at the
+    // top of RAM: nothing else may be there.
+    let table = mm::glue::frame_table_range(board);
+    if reserved
+        .iter()
+        .any(|r| r.base < table.end() && table.base < r.end())
+    {
+        println!("[hyp] the frame table's RAM {table:?} is taken by a boot image");
+        semihost::exit(STATUS_BAD_BOARD);
+    }
+    reserved.push(table);
     frames::init(board, &reserved);
     let f = frames::get();
     println!(

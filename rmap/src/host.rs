@@ -5,14 +5,15 @@
 mod cache;
 mod check;
 mod hw;
+mod restore;
 mod stage2;
 mod swap;
 mod vm;
 
 pub use hw::HostHw;
 pub use stage2::{HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
-pub use swap::SwapOp;
 use swap::{Hooks, SwapTable};
+pub use swap::{SwapOp, SwapStats};
 pub use vm::HostVm;
 
 use crate::backend::{FrameAllocator, Stage2, Stage2Locked, VmSet};
@@ -23,7 +24,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Host frames with contents (`words` u64 per page), a free list, and a swap store.
 pub struct HostMachine {
@@ -32,11 +33,14 @@ pub struct HostMachine {
     mem: Box<[AtomicU64]>,
     free: OrderedMutex<Vec<Pfn>>,
     swap: OrderedMutex<SwapTable>,
-    swap_capacity: usize,
+    swap_capacity: AtomicUsize,
     hooks: Hooks,
     /// Per frame, bumped when it is freed (the TLB model tells a stale entry by it).
     gens: Box<[AtomicU64]>,
     hw: Arc<HostHw>,
+    /// Frame allocations that may still succeed (`u64::MAX`: unlimited), and those refused.
+    frame_budget: AtomicU64,
+    frame_failures: AtomicU64,
 }
 
 const CHECK_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -56,11 +60,64 @@ impl HostMachine {
                 (base..base + frames as u64).rev().collect(),
             ),
             swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
-            swap_capacity,
+            swap_capacity: AtomicUsize::new(swap_capacity),
             hooks: Hooks::default(),
             gens: (0..frames).map(|_| AtomicU64::new(0)).collect(),
             hw: Arc::default(),
+            frame_budget: AtomicU64::new(u64::MAX),
+            frame_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Allows `n` more frame allocations (`None`: as many as there are free frames); the
+    /// next one after those fails, as the hypervisor's allocator does when memory runs out
+    /// (a block's run counts as one allocation).
+    pub fn set_frame_budget(&self, n: Option<u64>) {
+        self.frame_budget
+            .store(n.unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Room for `n` swapped pages from now on (slots in use beyond it stay until freed).
+    pub fn set_swap_capacity(&self, n: usize) {
+        self.swap_capacity.store(n, Ordering::SeqCst);
+    }
+
+    /// Frame allocations refused so far (budget spent or no free frame).
+    pub fn frame_failures(&self) -> u64 {
+        self.frame_failures.load(Ordering::SeqCst)
+    }
+
+    /// Takes one allocation from the budget; false (and counted) when none is left.
+    fn take_budget(&self) -> bool {
+        let took = self
+            .frame_budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| match b {
+                u64::MAX => Some(b),
+                0 => None,
+                b => Some(b - 1),
+            })
+            .is_ok();
+        if !took {
+            self.frame_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        took
+    }
+
+    /// The TLB model's check of a whole-frame fill of `dst` or read of `src`
+    /// ([`HostHw`]'s `check_copy`).
+    pub(super) fn check_copy(&self, dst: Option<Pfn>, src: Option<Pfn>) {
+        let tlbs = self.hw.tlb.lock();
+        self.hw.check_copy(&tlbs, dst, src, &|pfn| self.gen(pfn));
+    }
+
+    /// Whether `pfn` is on the free list (for the invariant checks).
+    pub fn is_free(&self, pfn: Pfn) -> bool {
+        self.free.lock().contains(&pfn)
+    }
+
+    /// The frames on the free list.
+    pub fn free_frames(&self) -> alloc::collections::BTreeSet<Pfn> {
+        self.free.lock().iter().copied().collect()
     }
 
     /// The table-page budget, TLB model and failure record this machine's VMs share.
@@ -76,6 +133,9 @@ impl HostMachine {
     /// `pages` (a power of two) free frames from an aligned PFN, zeroed, or `None` if no
     /// such run is free (hyp's `alloc_contiguous_zeroed`, for a first-touch block).
     pub fn alloc_contiguous(&self, pages: u64) -> Option<Pfn> {
+        if !self.take_budget() {
+            return None;
+        }
         let mut free = self.free.lock();
         let set: alloc::collections::BTreeSet<Pfn> = free.iter().copied().collect();
         let first = self.base.next_multiple_of(pages);
@@ -153,7 +213,14 @@ impl HostMachine {
 
 impl FrameAllocator for HostMachine {
     fn alloc(&self) -> Option<Pfn> {
-        self.free.lock().pop()
+        if !self.take_budget() {
+            return None;
+        }
+        let pfn = self.free.lock().pop();
+        if pfn.is_none() {
+            self.frame_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        pfn
     }
     /// Also the TLB model's check: no VM may still cache a translation to the frame.
     fn free(&self, pfn: Pfn) {
@@ -166,13 +233,16 @@ impl FrameAllocator for HostMachine {
     }
     /// Also the cache model's record: the frame is written, then cleaned to the PoC.
     fn zero(&self, pfn: Pfn) {
+        self.check_copy(Some(pfn), None);
         self.page(pfn)
             .iter()
             .for_each(|w| w.store(0, Ordering::Relaxed));
         self.hw.wrote_and_published(pfn);
     }
-    /// As `zero`, recorded in the cache model.
+    /// As `zero`, recorded in the cache model. Also the TLB model's check: no vCPU may
+    /// write `src` while it is copied, nor see `dst` before the copy is complete.
     fn copy(&self, dst: Pfn, src: Pfn) {
+        self.check_copy(Some(dst), Some(src));
         for (d, s) in self.page(dst).iter().zip(self.page(src)) {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -248,8 +318,19 @@ pub struct HostWorld {
 impl HostWorld {
     /// A world of `frames` frames with `words` u64 per page, and pools sized for them.
     pub fn new(frames: usize, words: usize, max_anon_vmas: usize, max_chains: usize) -> Self {
+        Self::with_swap(frames, words, max_anon_vmas, max_chains, frames)
+    }
+
+    /// [`HostWorld::new`] with room for only `swap_capacity` swapped pages.
+    pub fn with_swap(
+        frames: usize,
+        words: usize,
+        max_anon_vmas: usize,
+        max_chains: usize,
+        swap_capacity: usize,
+    ) -> Self {
         let base = 0x40_000;
-        let machine = HostMachine::new(base, frames, words, frames);
+        let machine = HostMachine::new(base, frames, words, swap_capacity);
         HostWorld {
             rmap: Rmap::new(
                 crate::FrameTable::new(base, frames),

@@ -15,6 +15,40 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory (`CARGO_TARGET_DIR`, `build.target-dir` or
+/// `target/`), as `cargo metadata` reports it; asked once.
+pub fn target_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .current_dir(root())
+            .output();
+        out.ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| json_string(&String::from_utf8_lossy(&o.stdout), "target_directory"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"))
+    })
+    .clone()
+}
+
+/// The string value of the first `"key":"..."` in a JSON text (enough for
+/// `cargo metadata`'s flat `target_directory`; handles `\\` and `\"`).
+fn json_string(json: &str, key: &str) -> Option<String> {
+    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut out = String::new();
+    let mut chars = json[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => out.push(chars.next()?),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
 /// Runs cargo in the workspace root with extra environment.
 pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -63,7 +97,7 @@ pub fn images(release: bool) -> Result<Images, String> {
         ],
         &[],
     )?;
-    let target = root().join("target");
+    let target = target_dir();
     let guest_elf = target.join("aarch64-unknown-none/release/guest");
     let guest = target.join("guest.bin");
     let objcopy =
@@ -138,4 +172,30 @@ pub fn clippy(images: &Images) -> Result<(), String> {
         ],
         &[],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_string;
+
+    #[test]
+    fn target_directory_is_read_from_cargo_metadata_json() {
+        let json = r#"{"packages":[],"target_directory":"/tmp/x \"y\"\\z","version":1}"#;
+        assert_eq!(
+            json_string(json, "target_directory").as_deref(),
+            Some(r#"/tmp/x "y"\z"#)
+        );
+        assert_eq!(json_string(json, "workspace_root"), None);
+        assert_eq!(
+            json_string(r#"{"target_directory":"/unterminated"#, "target_directory"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_target_directory_follows_cargo_target_dir() {
+        // cargo metadata is what honours CARGO_TARGET_DIR and config files.
+        let dir = super::target_dir();
+        assert!(dir.is_absolute(), "{}", dir.display());
+    }
 }

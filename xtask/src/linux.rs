@@ -29,7 +29,7 @@ pub struct LinuxImages {
 }
 
 fn dir() -> PathBuf {
-    crate::build::root().join("target/linux")
+    crate::build::target_dir().join("linux")
 }
 
 /// The cached images, fetched and built when missing.

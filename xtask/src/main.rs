@@ -20,6 +20,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
+      [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS]
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line)

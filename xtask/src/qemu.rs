@@ -4,14 +4,24 @@
 //! prompt ends the machine.
 
 use qemu_tests::MachineConfig;
+use std::path::PathBuf;
 
-fn parse(args: &[String]) -> Result<(MachineConfig, bool), String> {
+/// A user's own Linux images (`--kernel`, `--initrd`), in place of the
+/// fetched Debian ones.
+#[derive(Default, Debug, PartialEq)]
+struct OwnImages {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
     // `run` boots Linux unless told otherwise; the test harness defaults to the test guest.
     let mut o = MachineConfig {
         guest: "linux".into(),
         ..MachineConfig::default()
     };
     let mut release = false;
+    let mut own = OwnImages::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -22,7 +32,9 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool), String> {
             "--guest" => o.guest = val()?,
             "--vcpus" => o.vcpus = Some(val()?.parse().map_err(|_| "--vcpus takes a number")?),
             "--guest-mem" => o.guest_mem = Some(val()?),
-            "--guest-args" => o.guest_args = Some(val()?),
+            "--guest-args" | "--cmdline" => o.guest_args = Some(val()?),
+            "--kernel" => own.kernel = Some(existing(val()?)?),
+            "--initrd" => own.initrd = Some(existing(val()?)?),
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
             "--release" => release = true,
@@ -32,16 +44,42 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool), String> {
     if !(1..=8).contains(&o.smp) {
         return Err("--smp must be 1..=8".into());
     }
-    Ok((o, release))
+    if (own.kernel.is_some() || own.initrd.is_some()) && o.guest != "linux" {
+        return Err("--kernel and --initrd boot a Linux guest (--guest linux)".into());
+    }
+    Ok((o, release, own))
+}
+
+/// `path`, if it names a file.
+fn existing(path: String) -> Result<PathBuf, String> {
+    let p = PathBuf::from(&path);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{path}: no such file"))
+    }
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let (o, release) = parse(args)?;
+    let (mut o, release, own) = parse(args)?;
     crate::setup::ensure()?;
-    let mut o = o;
     if o.guest == "linux" {
-        let linux = crate::linux::ensure()?;
-        o.linux = Some((linux.kernel, linux.initrd));
+        // The fetched Debian kernel and busybox initramfs fill in whatever
+        // the user did not bring.
+        let (kernel, initrd) = match own {
+            OwnImages {
+                kernel: Some(k),
+                initrd: Some(i),
+            } => (k, i),
+            OwnImages { kernel, initrd } => {
+                let linux = crate::linux::ensure()?;
+                (
+                    kernel.unwrap_or(linux.kernel),
+                    initrd.unwrap_or(linux.initrd),
+                )
+            }
+        };
+        o.linux = Some((kernel, initrd));
     }
     let images = crate::build::images(release)?;
     let mut cmd = o.command(&images.hyp);
@@ -70,5 +108,40 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some(0) => Ok(()),
         Some(c) => Err(format!("the hypervisor exited with status {c}")),
         None => Err("QEMU was killed".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn own_kernel_initrd_and_cmdline_are_taken() {
+        let file = std::env::current_exe().unwrap();
+        let f = file.to_str().unwrap();
+        let (o, _, own) = parse(&args(&[
+            "--kernel",
+            f,
+            "--initrd",
+            f,
+            "--cmdline",
+            "console=ttyAMA0 quiet",
+        ]))
+        .unwrap();
+        assert_eq!(own.kernel.as_deref(), Some(file.as_path()));
+        assert_eq!(own.initrd.as_deref(), Some(file.as_path()));
+        assert_eq!(o.guest_args.as_deref(), Some("console=ttyAMA0 quiet"));
+    }
+
+    #[test]
+    fn missing_images_and_other_guests_are_refused() {
+        assert!(parse(&args(&["--kernel", "/no/such/Image"])).is_err());
+        let file = std::env::current_exe().unwrap();
+        let f = file.to_str().unwrap();
+        assert!(parse(&args(&["--guest", "test", "--kernel", f])).is_err());
     }
 }

@@ -27,8 +27,8 @@ pub fn soak(args: &[String]) -> Result<(), String> {
     let mut m = Machine::spawn("soak", &mut cfg.command(&images.hyp));
     let status = m.wait_exit(Duration::from_secs(secs + 600));
     let text = m.transcript();
-    let dir = std::path::Path::new("target/soak");
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = crate::build::target_dir().join("soak");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let log = dir.join(format!("hvcfuzz-{seed}.log"));
     std::fs::write(&log, &text).map_err(|e| format!("{}: {e}", log.display()))?;
     let s = hvcfuzz::verdict(&text, status);

@@ -51,7 +51,7 @@ fn memory() {
     let (offline, offline_free) = frames::get().offline_count();
     let (low, high) = memctl::watermarks();
     crate::println!(
-        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries, {} in the swap cache; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; guest frames from {:#x}",
+        "memory: migrated {}  reclaimed {}  stored {}  zero-mapped {}  swapped-in {}\n{}\nstore: {} slots, {} bytes, {} zero entries, {} in the swap cache; offline frames: {} ({} free); watermarks {}/{} (runs {}); split reserve {} frames; heap {} frames; guest frames from {:#x}",
         memctl::MIGRATED.load(Ordering::Relaxed),
         memctl::RECLAIMED.load(Ordering::Relaxed),
         STORE.stored.load(Ordering::Relaxed),
@@ -68,6 +68,7 @@ fn memory() {
         high,
         memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
         crate::mm::memory::reserve_len(),
+        crate::mm::heap::grown() / crate::mm::frames::PAGE_SIZE as usize,
         frames::get().first_free(),
     );
 }

@@ -24,34 +24,50 @@ pub fn rmap() -> &'static Rmap {
     RMAP.get().expect("rmap not initialised")
 }
 
-/// Frame metadata for every frame of the RAM banks' span.
-pub fn init(board: &platform::Board) {
-    let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
-    let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
-    let count = ((hi - lo) / PAGE_SIZE) as usize;
-    RMAP.call_once(|| {
-        Rmap::new(
-            frame_table(lo / PAGE_SIZE, count),
-            MAX_ANON_VMAS,
-            MAX_CHAINS,
-        )
-    });
+/// The PFN span the frame table covers (every RAM bank) and where the table
+/// itself lives: the top of the highest bank, page-aligned, 16 bytes per
+/// frame of the span. Sized to the machine at boot and kept out of the frame
+/// allocator like the hypervisor's image (`main` reserves it), so it comes
+/// neither from the heap (whose buddy allocator would round a 64 GiB host's
+/// 256 MiB table up to 512 MiB) nor from the frames guests use.
+pub fn frame_table_range(board: &platform::Board) -> platform::MemRange {
+    let (_, count) = span(board);
+    let bytes =
+        (count as u64 * core::mem::size_of::<rmap::Frame>() as u64).next_multiple_of(PAGE_SIZE);
+    let top = board.ram.iter().map(|r| r.end()).max().unwrap_or(0) & !(PAGE_SIZE - 1);
+    platform::MemRange {
+        base: top - bytes,
+        size: bytes,
+    }
 }
 
-/// The frame table (16 bytes per frame of the RAM span) in frames of its
-/// own, sized to the machine at boot: not from the heap, whose buddy
-/// allocator would round a 64 GiB host's 256 MiB table up to 512 MiB.
-fn frame_table(base: Pfn, count: usize) -> FrameTable {
-    let bytes = count * core::mem::size_of::<rmap::Frame>();
-    let pages = bytes.div_ceil(PAGE_SIZE as usize);
-    let pa = frames::get()
-        .alloc_run_zeroed_unmovable(pages, 1)
-        .expect("no frames for the frame table at boot");
-    // SAFETY: `pages` frames at `pa` were just allocated for good to the
-    // frame table (never freed), identity mapped at EL2 as normal memory,
-    // page-aligned (so aligned for `Frame`) and large enough for `count`.
+/// First PFN and number of frames of the RAM banks' span.
+fn span(board: &platform::Board) -> (Pfn, usize) {
+    let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
+    let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
+    (lo / PAGE_SIZE, ((hi - lo) / PAGE_SIZE) as usize)
+}
+
+/// Frame metadata for every frame of the RAM banks' span, in the memory of
+/// `frame_table_range` (which `main` kept out of the frame allocator).
+pub fn init(board: &platform::Board) {
+    let (base, count) = span(board);
+    let table = frame_table_range(board);
+    RMAP.call_once(|| Rmap::new(frame_table(base, count, table), MAX_ANON_VMAS, MAX_CHAINS));
+}
+
+/// The frame table (16 bytes per frame of the RAM span) in `at`.
+fn frame_table(base: Pfn, count: usize, at: platform::MemRange) -> FrameTable {
+    assert!(
+        count * core::mem::size_of::<rmap::Frame>() <= at.size as usize,
+        "frame table range too small"
+    );
+    // SAFETY: `at` is RAM kept out of the frame allocator for the frame table
+    // alone (main reserves `frame_table_range`) and given to it for good,
+    // identity mapped at EL2 as normal memory, page-aligned (so aligned for
+    // `Frame`) and large enough for `count` (checked above). Called once.
     let memory = unsafe {
-        core::slice::from_raw_parts_mut(pa as *mut core::mem::MaybeUninit<rmap::Frame>, count)
+        core::slice::from_raw_parts_mut(at.base as *mut core::mem::MaybeUninit<rmap::Frame>, count)
     };
     FrameTable::in_memory(base, memory)
 }
@@ -146,8 +162,11 @@ pub enum FaultKind {
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
 pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result<(), FaultError> {
     let write = access == Access::Write;
-    // The swap cache and region bookkeeping may allocate a little heap.
-    if !crate::mm::heap::guest_may_allocate(4096) {
+    // The swap cache and region bookkeeping may allocate a little heap; the
+    // heap may have to grow, from frames reclaim can give back.
+    let heap_ok = || crate::mm::heap::guest_may_allocate(4096);
+    let heap_ok = heap_ok() || (crate::mm::memctl::reclaim_for_fault() && heap_ok());
+    if !heap_ok {
         return Err(FaultError::NoMemory);
     }
     crate::mm::memory::refill_reserve();

@@ -70,18 +70,28 @@ pub fn init() {
     unsafe { HEAP.heap.lock().init(start, end - start) };
 }
 
-/// Adds at least `bytes` (2 MiB at least, in whole 2 MiB-aligned runs) of
-/// frames to the heap. False when the frame allocator is not up yet or has
-/// no such run free.
+/// Adds at least `bytes` of frames to the heap: a 2 MiB-aligned run of 2 MiB
+/// or more when one is free, else (RAM fragmented by guests, typically under
+/// the memory pressure that has reclaim storing pages in the heap) the
+/// smallest power-of-two run, aligned to its size, that holds `bytes`: a
+/// single frame for a small allocation. False when the frame allocator is
+/// not up yet or has no such run free.
 fn grow(bytes: usize) -> bool {
     let Some(frames) = frames::try_get() else {
         return false;
     };
+    let pages = bytes.div_ceil(PAGE_SIZE as usize).next_power_of_two();
     // Slack for the buddy allocator's alignment of a large block.
-    let n = (bytes.div_ceil(PAGE_SIZE as usize) * 2)
-        .max(GROW_FRAMES)
-        .next_multiple_of(GROW_FRAMES);
-    let Some(pa) = frames.alloc_run_zeroed_unmovable(n, GROW_FRAMES) else {
+    let big = (pages * 2).next_multiple_of(GROW_FRAMES);
+    let run = frames
+        .alloc_run_zeroed_unmovable(big, GROW_FRAMES)
+        .map(|pa| (pa, big))
+        .or_else(|| {
+            frames
+                .alloc_run_zeroed_unmovable(pages, pages)
+                .map(|pa| (pa, pages))
+        });
+    let Some((pa, n)) = run else {
         return false;
     };
     let len = n * PAGE_SIZE as usize;
@@ -111,9 +121,12 @@ pub fn grown() -> usize {
 /// guests can drive is admitted only while a reserve stays free in the heap
 /// itself: 1/8 of it, at least 1 MiB, covering operations already admitted
 /// on other CPUs and the hypervisor's own needs (console, teardown). The
-/// heap is grown first when frames allow, so admission is refused only when
-/// frames ran out too. A refused operation fails with an error to the guest
-/// (SMCCC_NO_MEMORY, or a paused VM for a fault), never with a panic.
+/// heap is grown first when frames allow, but guests may grow it only up to
+/// 1/8 of RAM (`GUEST_HEAP_SHARE`): what they drive (forks, snapshots) then
+/// runs into a bound before it eats the frames every VM needs, while the
+/// hypervisor's own allocations may still grow it. A refused operation fails
+/// with an error to the guest (SMCCC_NO_MEMORY, or a paused VM for a fault),
+/// never with a panic.
 pub fn guest_may_allocate(bytes: usize) -> bool {
     loop {
         let (used, total) = usage();
@@ -122,8 +135,12 @@ pub fn guest_may_allocate(bytes: usize) -> bool {
         if need <= total {
             return true;
         }
-        if !grow(need - total) {
+        let ram = frames::try_get().map_or(0, |f| f.total_count() * PAGE_SIZE as usize);
+        if need > ram / GUEST_HEAP_SHARE || !grow(need - total) {
             return false;
         }
     }
 }
+
+/// Guest-driven heap growth stops at 1/GUEST_HEAP_SHARE of RAM.
+const GUEST_HEAP_SHARE: usize = 8;

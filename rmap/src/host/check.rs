@@ -1,7 +1,7 @@
 //! Whole-world invariant checks for host tests, at quiescent points.
 
 use super::HostWorld;
-use crate::backend::S2Entry;
+use crate::backend::{S2Entry, Stage2};
 use crate::{AnonHandle, Pfn};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -19,6 +19,7 @@ impl HostWorld {
         if !failures.is_empty() {
             return Err(format!("TLB model: {}", failures.join("; ")));
         }
+        self.check_tlbs()?;
         let mut maps: BTreeMap<Pfn, u32> = BTreeMap::new();
         let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
         let (mut regions, mut chains) = (0, 0);
@@ -94,6 +95,29 @@ impl HostWorld {
                 ));
             }
         }
+        // A frame the reverse map holds is not on the allocator's free list, and one it does
+        // not hold is (a frame freed while still counted, or never given back, shows here).
+        let free = self.machine.free_frames();
+        let held: Vec<_> = self
+            .rmap
+            .frames()
+            .iter()
+            .filter(|(_, f)| f.refcount() > 0)
+            .collect();
+        if let Some((pfn, f)) = held.iter().find(|(pfn, _)| free.contains(pfn)) {
+            return Err(format!(
+                "frame {pfn:#x} is on the free list with refcount {}",
+                f.refcount()
+            ));
+        }
+        if held.len() + free.len() != self.rmap.frames().len() {
+            return Err(format!(
+                "{} frames held by the reverse map + {} free != {} frames",
+                held.len(),
+                free.len(),
+                self.rmap.frames().len()
+            ));
+        }
         let in_use = maps.keys().chain(pins.keys()).collect::<BTreeSet<_>>();
         if self.machine.allocated() != in_use.len() {
             return Err(format!(
@@ -101,6 +125,35 @@ impl HostWorld {
                 self.machine.allocated(),
                 in_use.len()
             ));
+        }
+        Ok(())
+    }
+
+    /// At a quiescent point every invalidation a change owed was made: each translation a
+    /// VM's TLB model caches is still its stage 2's (same frame; a read-only cached entry
+    /// for a page made writable since is fine, as on hardware), and a VM that is gone
+    /// caches nothing. A deferred invalidation never flushed, or a leaf changed without
+    /// one, shows here even if no access used the stale entry.
+    fn check_tlbs(&self) -> Result<(), String> {
+        let tlbs = self.hw().tlb.lock().clone();
+        for (id, cached) in tlbs.iter().filter(|(_, c)| !c.is_empty()) {
+            let Some(vm) = self.vms.get(*id) else {
+                return Err(format!("{id:?} is gone but its TLB caches {cached:?}"));
+            };
+            for (&ipa, c) in cached {
+                let ok = match vm.s2.lock().live_lookup(ipa) {
+                    Some(S2Entry::Page { pfn, writable }) => {
+                        pfn == c.pfn && (writable || !c.writable)
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!(
+                        "{id:?}: TLB caches {c:?} at IPA {ipa:#x}, stage 2 has {:?}",
+                        vm.s2.lock().live_lookup(ipa)
+                    ));
+                }
+            }
         }
         Ok(())
     }

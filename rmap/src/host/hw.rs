@@ -151,6 +151,36 @@ impl HostHw {
         }
     }
 
+    /// Called with the TLB lock held when a frame is written or read whole by the host:
+    /// `dst` filled (zeroed, copied into, loaded from swap) or `src` read (copied, stored to
+    /// swap). A VM whose TLB can reach `dst` could see it half-written; one whose TLB can
+    /// still write `src` could change it half-way through the copy (a lost write). Entries
+    /// whose frame was freed since they were cached (`gen` differs) are reported on use.
+    pub(super) fn check_copy(
+        &self,
+        tlbs: &Tlbs,
+        dst: Option<Pfn>,
+        src: Option<Pfn>,
+        gen: &dyn Fn(Pfn) -> u64,
+    ) {
+        for (vm, cached) in tlbs {
+            for (ipa, c) in cached.iter().filter(|(_, c)| c.gen == gen(c.pfn)) {
+                if Some(c.pfn) == dst {
+                    self.record(format!(
+                        "frame {:#x} filled while {vm:?}'s TLB may still reach it at IPA {ipa:#x}",
+                        c.pfn
+                    ));
+                }
+                if Some(c.pfn) == src && c.writable {
+                    self.record(format!(
+                        "frame {:#x} copied while {vm:?}'s TLB may still write it at IPA {ipa:#x}",
+                        c.pfn
+                    ));
+                }
+            }
+        }
+    }
+
     /// The failures recorded so far (TLB model).
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().clone()

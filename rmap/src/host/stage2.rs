@@ -139,9 +139,19 @@ impl HostStage2Guard<'_> {
     }
 
     /// Whether a table page could not be allocated since this was last called (the fault
-    /// path reports it as out of memory, as hyp's `take_out_of_memory`); clears it.
+    /// path reports it as out of memory, as hyp's `take_out_of_memory`); clears it. False
+    /// once the tables are freed (a vCPU of a VM destroyed under it).
     pub fn take_out_of_memory(&mut self) -> bool {
-        core::mem::take(&mut self.map_mut().out_of_memory)
+        self.table
+            .as_mut()
+            .is_some_and(|t| core::mem::take(&mut t.out_of_memory))
+    }
+
+    /// The leaf at `ipa`, or `None` once the tables are freed: for the guest's own accesses,
+    /// which may outlive a destroy that ran under them (an rmap walker reaching freed tables
+    /// is a bug, and `lookup` panics for it).
+    pub fn live_lookup(&self, ipa: Ipa) -> Option<S2Entry> {
+        self.table.as_ref().map(|t| t.lookup(ipa))
     }
 
     /// A table page for `chunk`, unless it has one; false (and recorded) if none is left.

@@ -18,15 +18,30 @@ pub(super) struct SwapTable {
     pub(super) slots: BTreeMap<u64, (Box<[u64]>, u32)>,
     free: BTreeSet<u64>,
     next: u64,
+    stats: SwapStats,
+}
+
+/// What the swap store did so far (a stress test shows slot reuse really happened).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwapStats {
+    /// Pages stored.
+    pub stores: u64,
+    /// Stores that got a slot number freed before (reuse).
+    pub reused: u64,
+    /// Slots read back into frames (swap-ins, swap-cache fills).
+    pub loads: u64,
 }
 
 impl SwapTable {
     /// The lowest free slot number (slot numbers start at 1).
     fn take_number(&mut self) -> u64 {
-        self.free.pop_first().unwrap_or_else(|| {
-            self.next += 1;
-            self.next
-        })
+        self.stats.stores += 1;
+        if let Some(slot) = self.free.pop_first() {
+            self.stats.reused += 1;
+            return slot;
+        }
+        self.next += 1;
+        self.next
     }
 }
 
@@ -63,6 +78,11 @@ impl HostMachine {
         self.hooks.0.lock().push((op, Box::new(hook)));
     }
 
+    /// Stores, slot-number reuses and loads so far.
+    pub fn swap_stats(&self) -> SwapStats {
+        self.swap.lock().stats
+    }
+
     fn run_hook(&self, op: SwapOp, slot: u64) {
         let hook = {
             let mut hooks = self.hooks.0.lock();
@@ -77,13 +97,14 @@ impl HostMachine {
 
 impl SwapStore for HostMachine {
     fn store(&self, pfn: Pfn) -> Option<u64> {
+        self.check_copy(None, Some(pfn));
         let contents = self
             .page(pfn)
             .iter()
             .map(|w| w.load(Ordering::Relaxed))
             .collect();
         let mut swap = self.swap.lock();
-        if swap.slots.len() >= self.swap_capacity {
+        if swap.slots.len() >= self.swap_capacity.load(Ordering::SeqCst) {
             return None;
         }
         let slot = swap.take_number();
@@ -91,8 +112,10 @@ impl SwapStore for HostMachine {
         Some(slot)
     }
     fn load(&self, slot: u64, pfn: Pfn) {
+        self.check_copy(Some(pfn), None);
         {
-            let swap = self.swap.lock();
+            let mut swap = self.swap.lock();
+            swap.stats.loads += 1;
             let (contents, _) = swap.slots.get(&slot).expect("load of a free swap slot");
             for (d, &s) in self.page(pfn).iter().zip(contents.iter()) {
                 d.store(s, Ordering::Relaxed);

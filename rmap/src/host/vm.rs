@@ -54,7 +54,8 @@ impl HostVm {
             if self.access(m, ipa, false, |pfn| value = m.read_value(pfn)) {
                 return Ok(value);
             }
-            let entry = self.s2.lock().lookup(ipa);
+            // A VM destroyed under its vCPU (its tables gone) has no memory left.
+            let entry = self.s2.lock().live_lookup(ipa).ok_or(Error::NoRegion)?;
             if let S2Entry::Page { .. } = entry {
                 continue; // mapped meanwhile
             }
@@ -77,21 +78,38 @@ impl HostVm {
         }
     }
 
-    /// MEM_RELEASE of the page at `ipa`, as `hyp::mm::release` does it: under the region
-    /// list's read lock only, so it races this VM's faults; the entry is cleared by CAS and
-    /// its frame mapping or swap-slot reference dropped. A page of a block needs the block
-    /// split: `OutOfFrames` (nothing changed) if no table page is left, as in hyp.
+    /// MEM_RELEASE of the page at `ipa` ([`HostVm::release_range`] of one page).
     pub fn release(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa) -> Result<(), Error> {
-        let _regions = self.regions.read();
+        self.release_range(rmap, m, page_of(ipa), crate::PAGE_SIZE)
+    }
+
+    /// MEM_RELEASE of `[start, start + len)`, as `hyp::mm::release` does it: under the region
+    /// list's read lock only, so it races this VM's faults (and its other vCPUs' releases);
+    /// each entry is cleared by CAS (an immediate invalidation) and only then its frame
+    /// mapping or swap-slot reference dropped; untouched pages cost nothing. A page of a
+    /// block needs the block split: `OutOfFrames` (what was released stays released) if no
+    /// table page is left, as in hyp. `NoRegion` if no region covers `start` (a VM
+    /// destroyed under its vCPU: its tables are gone).
+    pub fn release_range(
+        &self,
+        rmap: &Rmap,
+        m: &HostMachine,
+        start: Ipa,
+        len: u64,
+    ) -> Result<(), Error> {
+        let regions = self.regions.read();
+        // Tables are freed only with the list write-locked and emptied: a region found here
+        // means they are live for as long as we hold the read lock.
+        regions.find(start).ok_or(Error::NoRegion)?;
+        let mut from = start;
         loop {
-            let entry = self.s2.lock().lookup(ipa);
-            match entry {
-                S2Entry::Invalid => return Ok(()),
-                S2Entry::Migration { pfn, .. } => {
-                    rmap.wait_frame_unlocked(pfn);
-                    continue;
-                }
-                _ => {}
+            let next = self.s2.lock().next_entry(from, start + len);
+            let Some((ipa, entry)) = next else {
+                return Ok(());
+            };
+            if let S2Entry::Migration { pfn, .. } = entry {
+                rmap.wait_frame_unlocked(pfn);
+                continue;
             }
             let mut s2 = self.s2.lock();
             if s2.compare_exchange(ipa, entry, S2Entry::Invalid).is_err() {
@@ -106,7 +124,7 @@ impl HostVm {
                 S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
                 S2Entry::Migration { .. } | S2Entry::Invalid => {}
             }
-            return Ok(());
+            from = ipa + crate::PAGE_SIZE;
         }
     }
 
@@ -115,7 +133,7 @@ impl HostVm {
     /// the VM's TLB model caches is used as it is; on a miss the stage 2 is walked and the
     /// translation cached. False if neither allows the access (the caller faults). An access
     /// through a cached translation whose frame was freed since is recorded as a failure (and
-    /// not done).
+    /// not done). False too once the VM's tables are freed.
     pub fn access(&self, m: &HostMachine, ipa: Ipa, write: bool, f: impl FnOnce(Pfn)) -> bool {
         let page = page_of(ipa);
         let hw = self.s2.hw();
@@ -140,7 +158,8 @@ impl HostVm {
             }
         }
         let table = self.s2.lock();
-        let S2Entry::Page { pfn, writable } = table.lookup(page) else {
+        // Tables freed (the VM was destroyed under this vCPU): nothing to access.
+        let Some(S2Entry::Page { pfn, writable }) = table.live_lookup(page) else {
             return false;
         };
         if write && !writable {
@@ -157,12 +176,20 @@ impl HostVm {
     /// Handles a fault; a retry because a table page was missing during it is out of memory
     /// (as hyp's fault path reports it), so a caller does not spin on a table that cannot
     /// grow.
+    ///
+    /// The flag is per VM, so another vCPU's fault may take ours before we look; a table
+    /// page refused anywhere during our fault counts too, so vCPUs of one VM cannot keep
+    /// taking each other's flag and retry forever.
     fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
         // A flag left by someone else's failure (a batch that could not split) is not ours.
         self.s2.lock().take_out_of_memory();
+        let ooms = self.s2.hw().out_of_memory_count();
         match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
             Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
-            Fault::Retry(None) if self.s2.lock().take_out_of_memory() => {
+            Fault::Retry(None)
+                if self.s2.lock().take_out_of_memory()
+                    || self.s2.hw().out_of_memory_count() != ooms =>
+            {
                 return Err(Error::OutOfFrames)
             }
             Fault::Retry(None) => core::hint::spin_loop(),
