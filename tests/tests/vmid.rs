@@ -97,9 +97,28 @@ fn four_thousand_snapshots_and_three_hundred_running_forks_on_8bit_vmids() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let second = stats(&mut m);
+    // A snapshot never ran, so it never had a VMID: tearing it down invalidates nothing.
+    m.send("destroy 2\nwait 1\n");
+    m.expect("hyp> wait 1", T);
+    let seen = {
+        m.send("stats\n");
+        m.expect("invalidations skipped for VMs that never ran", T);
+        m.expect("\n", T)
+    };
+    let skipped: u64 = seen
+        .trim()
+        .trim_start_matches(':')
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        skipped > 0,
+        "destroying a snapshot skipped no invalidation ({seen:?})"
+    );
     let text = m.transcript();
     assert!(second > first, "rollovers stopped at {first}\n{text}");
     assert!(text.contains(&format!("vms: {last}")), "{text}");
+    assert!(text.contains(&format!("vms: {}", last - 1)), "{text}");
     assert!(!text.contains("error:"), "{text}");
     for what in ["heap: ", "frames: ", "vmids: "] {
         if let Some(line) = text.lines().rfind(|l| l.starts_with(what)) {
@@ -108,7 +127,8 @@ fn four_thousand_snapshots_and_three_hundred_running_forks_on_8bit_vmids() {
     }
     eprintln!(
         "vmid: {SNAPSHOTS} snapshots after {snapped:?}, {FORKS} forks after {forked:?}, \
-         all {} running VMs beat after rollovers at {:?}; rollovers {first} then {second}",
+         all {} running VMs beat after rollovers at {:?}; rollovers {first} then {second}; \
+         destroying a snapshot skipped {skipped} invalidations",
         running.len(),
         start.elapsed()
     );
