@@ -78,9 +78,15 @@ pub enum Command {
         /// How many children to create, 1..=1000.
         count: u32,
     },
-    /// `snapshot <vm>`: a frozen fork of the VM, sharing its memory
-    /// copy-on-write; its id is what `restore` takes.
-    Snapshot(VmId),
+    /// `snapshot <vm> [n]`: n frozen forks of the VM, sharing its memory
+    /// copy-on-write (a snapshot never runs, so it holds no VMID); each id is
+    /// what `restore` takes.
+    Snapshot {
+        /// The VM to snapshot.
+        vm: VmId,
+        /// How many snapshots to take, 1..=1000 (1 when not typed).
+        count: u32,
+    },
     /// `restore <vm> <s>`: reset the VM's memory and vCPUs to snapshot `s`.
     Restore {
         /// The VM to reset.
@@ -192,7 +198,7 @@ impl fmt::Display for Command {
             Resume(vm) => write!(f, "resume {vm}"),
             Destroy(vm) => write!(f, "destroy {vm}"),
             Fork { vm, count } => write!(f, "fork {vm} {count}"),
-            Snapshot(vm) => write!(f, "snapshot {vm}"),
+            Snapshot { vm, count } => write!(f, "snapshot {vm} {count}"),
             Restore { vm, snapshot } => write!(f, "restore {vm} {snapshot}"),
             Rmap { pa } => write!(f, "rmap {pa:#x}"),
             Migrate { vm, range, batch } => write!(f, "migrate {vm} {range}{}", Batch(*batch)),
@@ -229,7 +235,7 @@ pub const HELP: &str = "commands:
   resume <vm>       resume a paused VM
   destroy <vm>      stop a VM and free its memory
   fork <vm> [n]     fork a VM (n times); children share memory copy-on-write
-  snapshot <vm>     a frozen fork of a VM
+  snapshot <vm> [n] a frozen fork of a VM (n times); snapshots hold no VMID
   restore <vm> <s>  reset a VM to snapshot s
   rmap <pa>         which VMs map the frame at pa, and through which chain
   bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy

@@ -136,7 +136,7 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "pause" => ("pause", Command::Pause(args.vm()?)),
         "resume" => ("resume", Command::Resume(args.vm()?)),
         "destroy" => ("destroy", Command::Destroy(args.vm()?)),
-        "snapshot" => ("snapshot", Command::Snapshot(args.vm()?)),
+        "snapshot" => ("snapshot", snapshot(&mut args)?),
         "fork" => ("fork", fork(&mut args)?),
         "restore" => ("restore", restore(&mut args)?),
         "rmap" => ("rmap", rmap(&mut args)?),
@@ -155,12 +155,20 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
 }
 
 fn fork(args: &mut Args) -> Result<Command> {
+    let (vm, count) = vm_count(args)?;
+    Ok(Command::Fork { vm, count })
+}
+
+fn snapshot(args: &mut Args) -> Result<Command> {
+    let (vm, count) = vm_count(args)?;
+    Ok(Command::Snapshot { vm, count })
+}
+
+/// `<vm> [n]`, n in 1..=1000 and 1 when not typed (`fork`, `snapshot`).
+fn vm_count(args: &mut Args) -> Result<(VmId, u32)> {
     let vm = args.vm()?;
     let count = args.opt_num("count", 1..=1000)?.unwrap_or(1);
-    Ok(Command::Fork {
-        vm,
-        count: narrow(count, "count", 1..=1000)?,
-    })
+    Ok((vm, narrow(count, "count", 1..=1000)?))
 }
 
 fn restore(args: &mut Args) -> Result<Command> {

@@ -50,7 +50,13 @@ fn vm_commands() {
     assert_eq!(ok("pause 1"), Command::Pause(VmId(1)));
     assert_eq!(ok("resume 2"), Command::Resume(VmId(2)));
     assert_eq!(ok("destroy 4294967295"), Command::Destroy(VmId(u32::MAX)));
-    assert_eq!(ok("snapshot 3"), Command::Snapshot(VmId(3)));
+    assert_eq!(
+        ok("snapshot 3"),
+        Command::Snapshot {
+            vm: VmId(3),
+            count: 1
+        }
+    );
     assert_eq!(
         ok("restore 1 2"),
         Command::Restore {
@@ -104,6 +110,32 @@ fn fork_counts() {
     assert_eq!(
         err("fork 1 2 3"),
         "unexpected argument '3' to `fork` (see `help`)"
+    );
+}
+
+#[test]
+fn snapshot_counts() {
+    assert_eq!(
+        ok("snapshot 1 1000"),
+        Command::Snapshot {
+            vm: VmId(1),
+            count: 1000
+        }
+    );
+    assert_eq!(
+        ok("snapshot 7 4"),
+        Command::Snapshot {
+            vm: VmId(7),
+            count: 4
+        }
+    );
+    assert_eq!(err("snapshot"), "missing VM id");
+    assert_eq!(err("snapshot 1 0"), "bad count '0' (1..=1000)");
+    assert_eq!(err("snapshot 1 1001"), "bad count '1001' (1..=1000)");
+    assert_eq!(err("snapshot x 2"), "'x' is not a VM id");
+    assert_eq!(
+        err("snapshot 1 2 3"),
+        "unexpected argument '3' to `snapshot` (see `help`)"
     );
 }
 
@@ -321,6 +353,7 @@ fn display_is_the_console_syntax() {
     for line in [
         "help",
         "fork 1 8",
+        "snapshot 3 1000",
         "restore 1 2",
         "rmap 0x40000000",
         "migrate 1 0x40000000 0x50000000",

@@ -103,9 +103,9 @@ fn command() -> impl Strategy<Value = Command> {
             vm().prop_map(Pause),
             vm().prop_map(Resume),
             vm().prop_map(Destroy),
-            vm().prop_map(Snapshot)
         ],
         (vm(), 1u32..=1000).prop_map(|(vm, count)| Fork { vm, count }),
+        (vm(), 1u32..=1000).prop_map(|(vm, count)| Snapshot { vm, count }),
         (vm(), vm()).prop_map(|(vm, snapshot)| Restore { vm, snapshot }),
         any::<u64>().prop_map(|pa| Rmap { pa }),
         (vm(), page_range(), prop::option::of(batch())).prop_map(|(vm, range, batch)| Migrate {

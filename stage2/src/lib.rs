@@ -3,7 +3,8 @@
 //! This crate owns everything about a VM's stage-2 tables: the descriptor format
 //! ([`descriptor`]), the `VTCR_EL2`/`VTTBR_EL2` values ([`config`]), software entries kept in
 //! invalid descriptors ([`software`]), the table operations with break-before-make
-//! ([`Stage2Table`]), a visitor walker ([`walk`]) and TLB maintenance behind a trait ([`tlb`]).
+//! ([`Stage2Table`]), a visitor walker ([`walk`]), TLB maintenance behind a trait ([`tlb`]) and
+//! the VMID generation allocator ([`vmid`]).
 //! It knows nothing of the machine beyond two traits: [`TableMemory`] (where table pages come
 //! from, and how a table's physical address becomes a reference) and [`TlbMaintenance`].
 //!
@@ -60,6 +61,7 @@ pub mod software;
 pub mod stats;
 pub mod table;
 pub mod tlb;
+pub mod vmid;
 pub mod walk;
 
 pub use config::{fwb_supported, AttrEncoding, S2Config, VmidBits, Vttbr, HCR_EL2_FWB};
@@ -73,6 +75,7 @@ pub use table::{CasError, Leaf, LeafInfo, Mapping, Stage2Table};
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use tlb::aarch64::Aarch64Tlb;
 pub use tlb::{publish_frames, Batch, Flusher, TlbMaintenance};
+pub use vmid::{Vmid, VmidAllocator};
 pub use walk::{Visitor, WalkAction};
 
 /// Size of a page (the translation granule) in bytes.

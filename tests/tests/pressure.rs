@@ -30,8 +30,8 @@ fn uart_image_stays_the_vms_own_across_restores() {
     assert!(!t.contains("UART image not"), "{t}");
 }
 
-/// Snapshots until the hypervisor refuses: on `max` (16-bit VMIDs) the
-/// frames, rmap pools or the heap reserve run out before the VMIDs. Every
+/// Snapshots until the hypervisor refuses: frames, rmap pools or the heap
+/// reserve run out (snapshots hold no VMID, so VMIDs never do). Every
 /// refusal is SMCCC_NO_MEMORY, never a hypervisor abort, and the VM keeps
 /// running after it.
 #[test]

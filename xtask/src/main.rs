@@ -85,6 +85,17 @@ fn test() -> Result<(), String> {
         &[],
     )?;
     shuttle()?;
+    // The VMID allocator's loom runs need its atomics swapped for loom's
+    // (`--cfg loom`), in a target dir of their own so the flag does not
+    // rebuild everything else.
+    let loom_dir = build::target_dir().join("loom");
+    build::cargo(
+        &["test", "-p", "stage2", "--release", "--test", "vmid_loom"],
+        &[
+            ("RUSTFLAGS", "--cfg loom"),
+            ("CARGO_TARGET_DIR", loom_dir.to_str().unwrap()),
+        ],
+    )?;
     build::cargo(
         &["test", "-p", "qemu-tests", "--", "--test-threads=1"],
         &[

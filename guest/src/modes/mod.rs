@@ -5,6 +5,7 @@
 
 mod fork;
 mod hvcfuzz;
+mod idle;
 mod memstress;
 mod pressure;
 mod selftest;
@@ -49,6 +50,8 @@ pub enum Mode {
     SnapSteal,
     /// RESTORE from a vCPU that did not take the snapshot.
     SnapVcpu,
+    /// Waits for (timer) interrupts forever with a heartbeat: cheap VMs.
+    Idle,
 }
 
 impl Mode {
@@ -69,6 +72,7 @@ impl Mode {
             "hvcfuzz" => Some(Self::HvcFuzz),
             "snapsteal" => Some(Self::SnapSteal),
             "snapvcpu" => Some(Self::SnapVcpu),
+            "idle" => Some(Self::Idle),
             _ => None,
         }
     }
@@ -90,6 +94,7 @@ impl Mode {
             Self::HvcFuzz => "hvcfuzz",
             Self::SnapSteal => "snapsteal",
             Self::SnapVcpu => "snapvcpu",
+            Self::Idle => "idle",
         }
     }
 }
@@ -111,5 +116,6 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::HvcFuzz => hvcfuzz::run(plat),
         Mode::SnapSteal => snapsteal::run(plat),
         Mode::SnapVcpu => snapvcpu::run(plat),
+        Mode::Idle => idle::run(plat),
     }
 }

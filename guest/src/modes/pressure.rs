@@ -7,7 +7,7 @@
 //!   a page, restore. The page must only ever read as this UART's image:
 //!   never a freed frame reused as a table or as another VM's image.
 //! - `snapflood [max=N]`: snapshots itself until the hypervisor refuses
-//!   (VMIDs, frames, rmap pools or the heap reserve run out first): every
+//!   (frames, rmap pools or the heap reserve run out first): every
 //!   refusal must be an error code, never a hypervisor abort, and the VM
 //!   must keep working afterwards.
 

@@ -207,11 +207,13 @@ fn run(cmd: Command) -> Result<(), String> {
         Command::Resume(id) => return ok_or(vm(id)?.resume(), "not paused"),
         Command::Destroy(id) => vm(id)?.stop(0),
         Command::Fork { vm, count } => return fork_cmd(vm, count),
-        Command::Snapshot(id) => {
+        Command::Snapshot { vm: id, count } => {
             let v = vm(id)?;
-            let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)
-                .map_err(|e| alloc::format!("{e}"))?;
-            crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+            for _ in 0..count {
+                let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)
+                    .map_err(|e| alloc::format!("{e}"))?;
+                crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+            }
         }
         Command::Restore { vm: id, snapshot } => {
             let (v, snap) = (vm(id)?, vm(snapshot)?);

@@ -38,6 +38,11 @@ pub fn print() {
         ram_frames,
         crate::mm::heap::grown()
     );
+    let (max, generation, rollovers) = crate::mm::memory::vmid_stats();
+    crate::println!(
+        "vmids: 1..={max}, generation {generation}, rollovers {rollovers}; invalidations skipped for VMs that never ran: {}",
+        crate::mm::memory::NO_VMID_FLUSHES.load(Ordering::Relaxed)
+    );
     memory();
 }
 

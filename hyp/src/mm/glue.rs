@@ -181,14 +181,16 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
         return Ok(());
     }
     vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
+    // A flag left by an earlier operation on this CPU is not this fault's.
+    vm.memory.lock().take_oom();
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
     let oom = {
-        let mut mem = vm.memory.lock();
+        let mem = vm.memory.lock();
         if matches!(result, Ok(Fault::Done)) {
             // Software access flag: the reclaim clock cleared it.
             mem.mkyoung(ipa & !(PAGE_SIZE - 1));
         }
-        core::mem::take(&mut mem.out_of_memory)
+        mem.take_oom()
     };
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
@@ -371,6 +373,8 @@ pub fn shared_frames() -> u64 {
 /// cost nothing. Blocks are split first (the reserve covers the table page).
 pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
     let _regions = vm.regions.read();
+    // A flag left by an earlier operation on this CPU is not this release's.
+    vm.memory.lock().take_oom();
     let mut from = start;
     loop {
         let next = vm.lock().next_entry(from, start + len);
@@ -387,7 +391,7 @@ pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
                 .compare_exchange(ipa, entry, S2Entry::Invalid)
                 .is_err() =>
             {
-                if core::mem::take(&mut vm.memory.lock().out_of_memory) {
+                if vm.memory.lock().take_oom() {
                     return Err(rmap::Error::OutOfFrames);
                 }
                 continue;

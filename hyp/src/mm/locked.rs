@@ -72,10 +72,11 @@ impl<'a> LockedStage2<'a> {
         }
     }
 
-    /// Whether a table page could not be allocated since the flag was last
-    /// taken (the fault path reports it as out of memory); clears it.
+    /// Whether an update this CPU made could not allocate a table page
+    /// since the flag was last taken (the fault path reports it as out of
+    /// memory); clears it.
     pub fn take_out_of_memory(&mut self) -> bool {
-        core::mem::take(&mut self.mem.out_of_memory)
+        self.mem.take_oom()
     }
 
     /// The VM's table still exists (it is freed by teardown, under this lock).
@@ -176,7 +177,7 @@ impl<'a> LockedStage2<'a> {
         let table = self.mem.table();
         if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
             if e == stage2::Error::NoMemory {
-                self.mem.out_of_memory = true;
+                self.mem.note_oom();
             }
             return None;
         }
@@ -259,7 +260,7 @@ impl<'a> LockedStage2<'a> {
         match result {
             Ok(()) => true,
             Err(_) => {
-                self.mem.out_of_memory = true;
+                self.mem.note_oom();
                 false
             }
         }
@@ -294,7 +295,7 @@ impl<'a> LockedStage2<'a> {
             Ok(()) => Ok(()),
             Err(e) => {
                 if e == stage2::Error::NoMemory {
-                    self.mem.out_of_memory = true;
+                    self.mem.note_oom();
                 }
                 Err(S2Entry::Invalid)
             }

@@ -6,10 +6,12 @@
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::MemError;
 use core::sync::atomic::{AtomicU64, Ordering};
+use platform::board::MAX_CPUS;
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{
-    Aarch64Tlb, Perm, S2Attrs, S2Config, Stage2Table, TableMemory, TlbMaintenance, VmidBits, Vttbr,
+    Aarch64Tlb, Perm, S2Attrs, S2Config, Stage2Table, TableMemory, TlbMaintenance, Vmid,
+    VmidAllocator, VmidBits, Vttbr,
 };
 
 /// Table pages come from the frame allocator and are reached through the
@@ -76,10 +78,10 @@ pub fn refill_reserve() {
 }
 
 static CONFIG: Once<S2Config> = Once::new();
-static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator {
-    used: [0; 1024],
-    max: 0,
-});
+/// VMIDs are a cache held only by VMs that run (`stage2::vmid`): each vCPU
+/// load revalidates its VM's (`GuestMemory::load_here`), and running out
+/// starts a new generation after invalidating every TLB entry.
+static VMIDS: Once<VmidAllocator<MAX_CPUS>> = Once::new();
 // SAFETY: the hypervisor runs at EL2 without VHE, identity mapped, with
 // interrupts masked at EL2, so nothing re-enters an invalidation that has
 // switched VTTBR_EL2.
@@ -88,6 +90,18 @@ pub static TLB: Aarch64Tlb = unsafe { Aarch64Tlb::new() };
 /// Stage-2 invalidations (by IPA or VMID) kept on one CPU, and broadcast.
 pub static LOCAL_FLUSHES: AtomicU64 = AtomicU64::new(0);
 pub static BROADCAST_FLUSHES: AtomicU64 = AtomicU64::new(0);
+/// Invalidations skipped because the VM never had a VMID (never ran).
+pub static NO_VMID_FLUSHES: AtomicU64 = AtomicU64::new(0);
+
+fn vmids() -> &'static VmidAllocator<MAX_CPUS> {
+    VMIDS.get().expect("stage-2 config")
+}
+
+/// The VMID allocator's (largest number, generation, rollovers), for `stats`.
+pub fn vmid_stats() -> (u16, u64, u64) {
+    let v = vmids();
+    (v.max(), v.generation(), v.rollovers())
+}
 
 fn this_cpu_bit() -> u64 {
     1 << crate::arch::percpu::cpu_index()
@@ -98,44 +112,59 @@ fn this_cpu_bit() -> u64 {
 /// other CPU can hold the VM's entries, which saves the broadcast (under
 /// QEMU's TCG it stops every vCPU thread; on silicon it is DVM traffic to
 /// every core), and is broadcast otherwise.
+///
+/// The VMID invalidated is the VM's *current number* (`Vmid::number`), not
+/// the table's VTTBR (whose VMID field is 0: the table owns none). Whatever
+/// the number's generation: a vCPU loaded since before a rollover, and not
+/// loaded again, still runs under it (the rollover reserved it) and caches
+/// entries, so a stale generation does not mean "nothing cached". A number
+/// that meanwhile went to another VM only costs that VM refills: its
+/// previous holder's entries under it went with the rollover that freed it.
+/// Only a VM that never had a number (never ran) has nothing cached, and is
+/// skipped.
 pub(super) struct VmTlb<'a> {
     cpus: &'a AtomicU64,
+    vmid: &'a Vmid,
 }
 
 impl VmTlb<'_> {
-    /// Whether this CPU is the only one that may hold the VM's entries.
+    /// The VTTBR to invalidate with, and whether this CPU is the only one
+    /// that may hold the VM's entries; None if the VM never had a VMID.
     /// It marks itself first: the invalidation loads the VM's VTTBR here.
-    fn only_here(&self) -> bool {
+    fn target(&self, table: Vttbr) -> Option<(Vttbr, bool)> {
         let me = this_cpu_bit();
         self.cpus.fetch_or(me, Ordering::SeqCst);
         // The descriptor stores before this are observed by every CPU before
-        // the mask is read (pairs with `GuestMemory::note_loaded_here`).
+        // the mask and the VMID are read. Pairs with `GuestMemory::load_here`,
+        // which takes the VMID, then marks its CPU, then walks: either we see
+        // its mark and number, or its walks see the new descriptors.
         crate::arch::dsb_ish();
         let local = self.cpus.load(Ordering::SeqCst) == me;
-        let counter = if local {
-            &LOCAL_FLUSHES
-        } else {
-            &BROADCAST_FLUSHES
+        let number = self.vmid.number();
+        let counter = match (number, local) {
+            (0, _) => &NO_VMID_FLUSHES,
+            (_, true) => &LOCAL_FLUSHES,
+            (_, false) => &BROADCAST_FLUSHES,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        local
+        (number != 0).then(|| (Vttbr::new(table.baddr(), number), local))
     }
 }
 
 impl TlbMaintenance for VmTlb<'_> {
     fn invalidate_ipa(&self, vttbr: Vttbr, ipa: u64, level: u8) {
-        if self.only_here() {
-            TLB.invalidate_ipa_local(vttbr, ipa);
-        } else {
-            TLB.invalidate_ipa(vttbr, ipa, level);
+        match self.target(vttbr) {
+            Some((vttbr, true)) => TLB.invalidate_ipa_local(vttbr, ipa),
+            Some((vttbr, false)) => TLB.invalidate_ipa(vttbr, ipa, level),
+            None => {}
         }
     }
 
     fn invalidate_vmid(&self, vttbr: Vttbr) {
-        if self.only_here() {
-            TLB.invalidate_vmid_local(vttbr);
-        } else {
-            TLB.invalidate_vmid(vttbr);
+        match self.target(vttbr) {
+            Some((vttbr, true)) => TLB.invalidate_vmid_local(vttbr),
+            Some((vttbr, false)) => TLB.invalidate_vmid(vttbr),
+            None => {}
         }
     }
 
@@ -149,28 +178,6 @@ impl TlbMaintenance for VmTlb<'_> {
 
     fn clean_dcache_poc(&self, pa: u64, len: u64) {
         TLB.clean_dcache_poc(pa, len);
-    }
-}
-
-/// VMIDs in use, one bit each (up to 16-bit VMIDs). VMID 0 is never given
-/// to a guest. A VMID is freed only after its table's destroy() invalidated
-/// every TLB entry of that VMID, so reuse finds nothing stale.
-struct VmidAllocator {
-    used: [u64; 1024],
-    max: u16,
-}
-
-impl VmidAllocator {
-    fn alloc(&mut self) -> Option<u16> {
-        (1..=self.max)
-            .find(|&v| self.used[v as usize / 64] & (1 << (v % 64)) == 0)
-            .inspect(|&v| {
-                self.used[v as usize / 64] |= 1 << (v % 64);
-            })
-    }
-
-    fn free(&mut self, v: u16) {
-        self.used[v as usize / 64] &= !(1 << (v % 64));
     }
 }
 
@@ -194,7 +201,7 @@ pub fn init() {
         .expect("stage-2 configuration")
         .with_hw_access_flag(hw_af)
         .with_fwb(fwb);
-    VMIDS.lock().max = cfg.max_vmid();
+    VMIDS.call_once(|| VmidAllocator::new(vmid_bits));
     crate::println!(
         "[hyp] stage 2: {}-bit IPA, {}-bit PA, {} VMIDs, hardware access flag {}, \
          ID_AA64MMFR2_EL1 {mmfr2:#x}: FWB {}",
@@ -241,42 +248,46 @@ pub(super) fn ram_attrs(writable: bool) -> S2Attrs {
 
 /// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock.
 pub struct GuestMemory {
-    /// None once torn down (no vCPU of the VM can run any more).
+    /// None once torn down (no vCPU of the VM can run any more). Its own
+    /// VMID field is 0: the VMID comes from `vmid` at each load.
     table: Option<Stage2Table<FrameTables>>,
-    vmid: u16,
+    /// The VMID (generation and number): none until a vCPU first loads, so
+    /// a snapshot (never scheduled) never holds one.
+    vmid: Vmid,
     /// Defer this lock holder's TLB invalidations to one VMID-wide flush
     /// (fork write-protecting a whole VM).
     pub(super) batching: bool,
     /// IPAs cleared with their invalidation still pending (`bbm.rs`).
     #[cfg(debug_assertions)]
     unflushed: core::cell::RefCell<crate::mm::bbm::Unflushed>,
-    /// A stage-2 table page could not be allocated during an update.
-    pub out_of_memory: bool,
-    /// Physical CPUs that may hold TLB entries of this VMID: each sets its
-    /// bit before it loads the VM's VTTBR (`note_loaded_here`), and bits are
-    /// never cleared while the VMID lives. An invalidation with no other bit
-    /// set stays on its own CPU (`VmTlb`).
+    /// Per physical CPU: a stage-2 table page could not be allocated during
+    /// an update this CPU made. Per CPU because several vCPUs of the VM fault
+    /// at once: one whose own fault succeeded must not take (and act on)
+    /// another's failure, which that one would then miss. Set and taken
+    /// under the stage-2 lock, by the CPU that made the update.
+    oom: [core::sync::atomic::AtomicBool; MAX_CPUS],
+    /// Physical CPUs that may hold TLB entries of this VM: each sets its bit
+    /// before it loads the VM's VTTBR (`load_here`), and bits are never
+    /// cleared. An invalidation with no other bit set stays on its own CPU
+    /// (`VmTlb`). A renumbered VM keeps its bits (an over-approximation):
+    /// what other CPUs held under its old number went with the rollover.
     cpus: AtomicU64,
 }
 
 impl GuestMemory {
     pub fn new() -> Result<GuestMemory, MemError> {
         let cfg = *CONFIG.get().expect("stage-2 config");
-        let vmid = VMIDS.lock().alloc().ok_or(MemError::NoVmid)?;
-        match Stage2Table::new(cfg, vmid, FrameTables) {
+        match Stage2Table::new(cfg, 0, FrameTables) {
             Ok(table) => Ok(GuestMemory {
                 table: Some(table),
-                vmid,
+                vmid: Vmid::new(),
                 batching: false,
                 #[cfg(debug_assertions)]
                 unflushed: Default::default(),
-                out_of_memory: false,
+                oom: [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS],
                 cpus: AtomicU64::new(0),
             }),
-            Err(_) => {
-                VMIDS.lock().free(vmid);
-                Err(MemError::NoMemory)
-            }
+            Err(_) => Err(MemError::NoMemory),
         }
     }
 
@@ -286,22 +297,33 @@ impl GuestMemory {
             .expect("guest memory used after teardown")
     }
 
-    pub fn vttbr(&self) -> u64 {
-        self.table().vttbr().raw()
+    /// A vCPU of this VM is being loaded on this CPU: revalidates the VM's
+    /// VMID (a new one if a rollover took it, which may itself roll over)
+    /// and returns the VTTBR_EL2 value to run under until the vCPU is put
+    /// (`unload_here`). The VMID is taken before the CPU marks itself, and
+    /// the barrier orders both before the CPU's first table walk, pairing
+    /// with the one in `VmTlb::target`: a flusher either sees the mark and
+    /// the number, or made its change visible first.
+    pub fn load_here(&self) -> u64 {
+        let cpu = crate::arch::percpu::cpu_index();
+        let number = vmids().load(&self.vmid, cpu, &TLB);
+        self.cpus.fetch_or(1 << cpu, Ordering::SeqCst);
+        crate::arch::dsb_ish();
+        Vttbr::new(self.table().vttbr().baddr(), number).raw()
     }
 
-    /// This CPU is about to load the VM's VTTBR and may cache its entries
-    /// from now on. The barrier orders the mark before the CPU's first table
-    /// walk, pairing with the one in `VmTlb::only_here`: a flusher either
-    /// sees the mark and broadcasts, or made its change visible first.
-    pub fn note_loaded_here(&self) {
-        self.cpus.fetch_or(this_cpu_bit(), Ordering::SeqCst);
-        crate::arch::dsb_ish();
+    /// The vCPU loaded by `load_here` was put (VTTBR_EL2 no longer names
+    /// the VM here): a rollover need not keep the VM's number for this CPU.
+    pub fn unload_here() {
+        vmids().put(crate::arch::percpu::cpu_index());
     }
 
     /// TLB maintenance for this VM's table.
     pub(super) fn tlb(&self) -> VmTlb<'_> {
-        VmTlb { cpus: &self.cpus }
+        VmTlb {
+            cpus: &self.cpus,
+            vmid: &self.vmid,
+        }
     }
 
     pub fn is_live(&self) -> bool {
@@ -353,12 +375,24 @@ impl GuestMemory {
         self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 
-    /// Frees the (already emptied and unlinked) table and the VMID.
+    /// Frees the (already emptied and unlinked) table. The VMID number is
+    /// not given back: it stays taken until the next rollover, which
+    /// invalidates everything before any reuse.
     pub(super) fn destroy(&mut self) {
         if let Some(table) = self.table.take() {
             table.destroy(&self.tlb());
-            VMIDS.lock().free(self.vmid);
         }
+    }
+
+    /// Notes that an update on this CPU could not allocate a table page.
+    pub(super) fn note_oom(&self) {
+        self.oom[crate::arch::percpu::cpu_index()].store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an update this CPU made since the last call could not
+    /// allocate a table page; clears it.
+    pub fn take_oom(&self) -> bool {
+        self.oom[crate::arch::percpu::cpu_index()].swap(false, Ordering::Relaxed)
     }
 
     /// Starts deferring TLB invalidations to one flush (see `end_batch`);

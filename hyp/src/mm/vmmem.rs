@@ -16,8 +16,6 @@ use stage2::TlbMaintenance;
 /// Why a VM's memory could not be set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemError {
-    /// Every VMID is taken.
-    NoVmid,
     /// No frame for the stage-2 root or the dirty log.
     NoMemory,
 }

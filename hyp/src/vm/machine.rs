@@ -94,7 +94,6 @@ pub static CREATED: AtomicUsize = AtomicUsize::new(0);
 /// Errors creating a VM.
 #[derive(Debug)]
 pub enum VmError {
-    NoVmid,
     NoMemory,
     BadImage(&'static str),
     BadConfig(&'static str),
@@ -103,7 +102,6 @@ pub enum VmError {
 impl From<MemError> for VmError {
     fn from(e: MemError) -> VmError {
         match e {
-            MemError::NoVmid => VmError::NoVmid,
             MemError::NoMemory => VmError::NoMemory,
         }
     }
@@ -112,7 +110,6 @@ impl From<MemError> for VmError {
 impl core::fmt::Display for VmError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            VmError::NoVmid => f.write_str("no free VMID"),
             VmError::NoMemory => f.write_str("out of memory"),
             VmError::BadImage(why) => write!(f, "bad guest image: {why}"),
             VmError::BadConfig(why) => write!(f, "bad VM configuration: {why}"),
@@ -186,13 +183,10 @@ impl Vm {
 
     /// Loads this VM's stage-2 translation on this CPU.
     pub fn load_stage2(&self) {
-        let vttbr = {
-            let mem = self.mem.memory.lock();
-            mem.note_loaded_here();
-            mem.vttbr()
-        };
-        // SAFETY: the root and VMID of this VM's live stage-2 table (guest
-        // translation only: EL2's own map is TTBR0_EL2).
+        let vttbr = self.mem.memory.lock().load_here();
+        // SAFETY: the root of this VM's live stage-2 table and the VMID it
+        // holds while this vCPU is loaded (guest translation only: EL2's own
+        // map is TTBR0_EL2).
         unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", vttbr) };
         crate::arch::isb();
     }
@@ -209,6 +203,7 @@ impl Vm {
         // affected, and no vCPU runs here until one is loaded again.
         unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", 0u64) };
         crate::arch::isb();
+        crate::mm::memory::GuestMemory::unload_here();
     }
 
     /// Powers on vCPU `index` at `entry` with x0 = `context` (boot or PSCI CPU_ON).
