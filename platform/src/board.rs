@@ -3,8 +3,13 @@
 use arrayvec::ArrayVec;
 use fdt::Fdt;
 
-/// Most CPUs the hypervisor drives (QEMU virt with GICv3 goes to 512; we stop here).
-pub const MAX_CPUS: usize = 8;
+/// Most CPUs the hypervisor drives. QEMU virt's GICv3 takes 123 CPUs with its
+/// first redistributor region (512 with the high one), and the DTB and PSCI
+/// name CPUs by any MPIDR; the limit here is the hypervisor's own: each VM's
+/// set of CPUs that may hold its TLB entries is one 64-bit mask (the local
+/// invalidation fast path in `hyp/src/mm/memory.rs`). Per-CPU state costs
+/// 64 KiB of stack and a few hundred bytes of tables per CPU.
+pub const MAX_CPUS: usize = 64;
 /// Most RAM banks we track.
 pub const MAX_RAM_BANKS: usize = 8;
 

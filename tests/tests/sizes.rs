@@ -1,7 +1,8 @@
-//! QEMU scenarios at the machine sizes a user picks: a 64 GiB host (QEMU
-//! maps its RAM lazily, `reserve=off`) and a 256 MiB one, each running the
-//! test guest and Linux. On 64 GiB the hypervisor's metadata stays within
-//! 16 bytes per 4 KiB frame plus 0.1% of RAM, as `stats` reports it.
+//! QEMU scenarios at the machine sizes a user picks: 8 CPUs running Linux on
+//! 8 vCPUs, a 64 GiB host (QEMU maps its RAM lazily, `reserve=off`) and a
+//! 256 MiB one, each running the test guest and Linux. On 64 GiB the
+//! hypervisor's metadata stays within 16 bytes per 4 KiB frame plus 0.1% of
+//! RAM, as `stats` reports it.
 
 use qemu_tests::{linux_config, Machine, MachineConfig};
 use std::time::Duration;
@@ -98,4 +99,44 @@ fn linux_on_a_64g_host() {
 #[test]
 fn linux_on_a_256m_host() {
     linux_on("256m-linux", "256M", "128M");
+}
+
+#[test]
+fn linux_on_eight_cpus_with_eight_vcpus() {
+    let cfg = MachineConfig {
+        smp: 8,
+        vcpus: Some(8),
+        ..linux_config()
+    };
+    let mut m = Machine::boot("8cpu-linux", &cfg);
+    m.expect("8 CPU(s) online", BOOT);
+    m.expect("smp: Brought up 1 node, 8 CPUs", LINUX);
+    m.expect("MHV-LINUX-READY", LINUX);
+    m.expect("# ", LINUX);
+    m.send("grep -c processor /proc/cpuinfo\n");
+    m.expect("\n8", REPLY);
+    m.send("poweroff -f\n");
+    m.expect("powered off (PSCI SYSTEM_OFF)", REPLY);
+    let status = m.wait_exit(REPLY);
+    m.assert_no_hyp_fault();
+    assert_eq!(status, 0, "exit status\n{}", m.transcript());
+}
+
+#[test]
+fn test_guest_on_sixteen_cpus() {
+    // More physical CPUs than one GICv3 affinity-0 group (16 per cluster on
+    // QEMU virt): kicks and SGIs reach CPUs in the second cluster.
+    let cfg = MachineConfig {
+        smp: 16,
+        vcpus: Some(16),
+        guest_args: Some("selftest mem=32".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("16cpu-test", &cfg);
+    m.expect("16 CPU(s) online", BOOT);
+    m.expect("GUEST: 16 vcpus up", BOOT);
+    m.expect("GUEST RESULT: PASS", LINUX);
+    let status = m.wait_exit(BOOT);
+    m.assert_no_hyp_fault();
+    assert_eq!(status, 0, "exit status\n{}", m.transcript());
 }

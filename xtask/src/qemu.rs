@@ -41,8 +41,8 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
-    if !(1..=8).contains(&o.smp) {
-        return Err("--smp must be 1..=8".into());
+    if !(1..=64).contains(&o.smp) {
+        return Err("--smp must be 1..=64".into());
     }
     if (own.kernel.is_some() || own.initrd.is_some()) && o.guest != "linux" {
         return Err("--kernel and --initrd boot a Linux guest (--guest linux)".into());

@@ -7,6 +7,9 @@ use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::MemError;
 use core::sync::atomic::{AtomicU64, Ordering};
 use platform::board::MAX_CPUS;
+
+// The CPUs that may hold a VM's TLB entries are one u64 mask (`cpus`).
+const _: () = assert!(MAX_CPUS <= 64);
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{

@@ -12,8 +12,8 @@ use arrayvec::ArrayVec;
 
 /// Whether the checker runs (debug builds only).
 pub const ENABLED: bool = cfg!(debug_assertions);
-/// Per-CPU state slots at EL2.
-pub const MAX_CPUS: usize = 16;
+/// Per-CPU state slots at EL2 (`platform::board::MAX_CPUS`).
+pub const MAX_CPUS: usize = 64;
 /// Locks one CPU may hold at once.
 pub const MAX_HELD: usize = 16;
 
