@@ -102,11 +102,26 @@ impl Rmap {
         while start < region.end() {
             let end = ((start / CHUNK + 1) * CHUNK).min(region.end());
             batch.clear();
+            let mut too_many = false;
             parent.update_leaves(start, end, &mut |ipa, pages, entry| {
-                let shared = self.share_entry(entry, pages, swap)?;
+                if too_many {
+                    return None;
+                }
+                let Some(shared) = self.share_entry(entry, pages, swap) else {
+                    too_many = entry != S2Entry::Invalid;
+                    return None;
+                };
                 batch.push((ipa, pages, shared));
                 Some(shared)
             });
+            if too_many {
+                // Refused before the child sees anything of this chunk; the parent's entries
+                // made read-only meanwhile just take a copy-on-write fault that re-homes them.
+                batch
+                    .iter()
+                    .for_each(|&(_, pages, e)| self.unshare_entry(e, pages, swap));
+                return Err(Error::TooManyMappings);
+            }
             let installed = child.fill_leaves(&batch);
             if installed < batch.len() {
                 batch[installed..]
@@ -120,11 +135,20 @@ impl Rmap {
     }
 
     /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
-    /// one more reference on each frame).
+    /// one more reference on each frame). None for an invalid entry, and when a frame already
+    /// has the map limit's mappings or the swap slot as many references (nothing taken).
     fn share_entry<W: SwapStore>(&self, entry: S2Entry, pages: u64, swap: &W) -> Option<S2Entry> {
         match entry {
             S2Entry::Page { pfn, .. } => {
-                (pfn..pfn + pages).for_each(|p| self.add_anon_rmap(p));
+                for p in pfn..pfn + pages {
+                    if !self.frames.frame(p).try_inc_map(self.map_limit) {
+                        (pfn..p).for_each(|q| {
+                            let last = self.frames.frame(q).dec_map();
+                            debug_assert!(!last, "the parent still maps it");
+                        });
+                        return None;
+                    }
+                }
                 Some(S2Entry::Page {
                     pfn,
                     writable: false,
@@ -135,6 +159,9 @@ impl Rmap {
                 writable: false,
             }),
             S2Entry::Swap { slot } => {
+                if swap.refs(slot).is_some_and(|r| r >= self.map_limit) {
+                    return None;
+                }
                 swap.dup(slot);
                 Some(entry)
             }

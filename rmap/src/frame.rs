@@ -86,6 +86,27 @@ impl Frame {
         self.flags.fetch_or(FRAME_ANON, Ordering::Release);
     }
 
+    /// Adds a mapping unless the frame already has `limit`; false then.
+    pub(crate) fn try_inc_map(&self, limit: u32) -> bool {
+        let mut old = self.mapcount.load(Ordering::Relaxed);
+        loop {
+            if u32::from(old) >= limit {
+                return false;
+            }
+            match self.mapcount.compare_exchange_weak(
+                old,
+                old + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => old = seen,
+            }
+        }
+        self.refcount.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
     pub(crate) fn inc_map(&self) {
         let old = self.mapcount.fetch_add(1, Ordering::AcqRel);
         assert!(old < u16::MAX, "mapcount overflow");

@@ -83,7 +83,15 @@ pub enum Error {
     /// The frame is locked or pinned by someone else, or mapped where the walk may not go
     /// (a temporary region): try later.
     Busy,
+    /// A fork would map a frame, or share a swap slot, more than [`MAP_LIMIT`] times.
+    TooManyMappings,
 }
+
+/// The most mappings a fork may give one frame (or references one swap slot). A frame's
+/// mapcount is 16 bits (it keeps `Frame` at 16 bytes); capping forks at half of that leaves
+/// room for what later paths add without a check (a swap-in maps the slot's frame once per
+/// reference), so no path can overflow it.
+pub const MAP_LIMIT: u32 = (u16::MAX / 2) as u32;
 
 /// The reverse map: frame metadata plus the type-stable pools of anon_vmas and chains.
 pub struct Rmap {
@@ -91,18 +99,29 @@ pub struct Rmap {
     anon_pool: Pool<AnonVma>,
     chain_pool: Pool<Chain>,
     swap_cache: swap_cache::SwapCache,
+    /// Forks refuse to map a frame (or share a swap slot) more often ([`MAP_LIMIT`]).
+    map_limit: u32,
 }
 
 impl Rmap {
-    /// A reverse map over `frames` with room for `max_anon_vmas` anon_vmas and `max_chains`
-    /// chains (both allocated now; at most [`pool::MAX_SLOTS`] each).
+    /// A reverse map over `frames` with room for up to `max_anon_vmas` anon_vmas and
+    /// `max_chains` chains (at most [`pool::MAX_SLOTS`] each). The pools start with one segment
+    /// and grow as the VMs need them.
     pub fn new(frames: FrameTable, max_anon_vmas: usize, max_chains: usize) -> Self {
         Rmap {
             frames,
-            anon_pool: Pool::new(max_anon_vmas, "pool.anon_vma"),
-            chain_pool: Pool::new(max_chains, "pool.chain"),
+            anon_pool: Pool::new(pool::SEGMENT_SLOTS, max_anon_vmas, "pool.anon_vma"),
+            chain_pool: Pool::new(pool::SEGMENT_SLOTS, max_chains, "pool.chain"),
             swap_cache: swap_cache::SwapCache::default(),
+            map_limit: MAP_LIMIT,
         }
+    }
+
+    /// Lowers the most mappings a fork may give one frame (or references one swap slot) below
+    /// [`MAP_LIMIT`], the default: an operator's cap on how widely a page may be shared, or a
+    /// test's way to reach the limit quickly.
+    pub fn limit_mappings(&mut self, limit: u32) {
+        self.map_limit = limit.min(MAP_LIMIT);
     }
 
     /// The frame metadata table.

@@ -7,7 +7,7 @@
 //! the handle named". Handles pack into 32 bits so a `Frame` can hold one and stay 16 bytes.
 
 use crate::lock::{Level, OrderedMutex};
-use crate::sync::atomic::{AtomicU32, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
@@ -104,10 +104,28 @@ impl<T> Slot<T> {
     }
 }
 
-/// A fixed-capacity, type-stable pool.
+/// Slots per segment: the pool grows a segment at a time.
+pub const SEGMENT_SLOTS: usize = 256;
+const SEGMENTS: usize = MAX_SLOTS / SEGMENT_SLOTS;
+
+/// A type-stable pool that grows, a segment of [`SEGMENT_SLOTS`] slots at a time, up to a cap
+/// (at most [`MAX_SLOTS`]). A segment, once added, stays for the pool's life: memory that was
+/// a slot stays a slot of this type, which is what lets a lockless reader touch a slot through
+/// a stale handle (like the kernel's `SLAB_TYPESAFE_BY_RCU` slabs, which also grow).
 pub struct Pool<T> {
-    slots: Box<[Slot<T>]>,
+    /// Segment `i` holds slots `i * SEGMENT_SLOTS ..`: the address of a leaked
+    /// `[Slot<T>; SEGMENT_SLOTS]`, or 0. Published with `Release` after the slots are built.
+    segments: Box<[AtomicUsize]>,
+    /// Segments claimed (some may be 0 for a moment while being built, or for good if building
+    /// one failed).
+    claimed: AtomicUsize,
+    /// Slots this pool may have (its cap); the last segment may be partly usable.
+    max: usize,
     free: OrderedMutex<Vec<u32>>,
+    /// Slots built (the capacity today).
+    built: AtomicUsize,
+    /// The pool owns its slots' `T`s (through the segment addresses).
+    _owns: PhantomData<T>,
 }
 
 /// The pool is full.
@@ -115,49 +133,128 @@ pub struct Pool<T> {
 pub struct PoolExhausted;
 
 impl<T: Default> Pool<T> {
-    /// A pool of `capacity` slots (at most [`MAX_SLOTS`]), all allocated now.
-    pub fn new(capacity: usize, name: &'static str) -> Self {
-        assert!(
-            capacity <= MAX_SLOTS,
-            "pool {name}: capacity above MAX_SLOTS"
-        );
-        let slots = (0..capacity)
-            .map(|_| Slot {
-                gen: AtomicU32::new(1),
-                refs: AtomicU32::new(0),
-                value: T::default(),
-            })
-            .collect();
+    /// A pool that starts with `initial` slots and grows to at most `max` (rounded up to whole
+    /// segments; at most [`MAX_SLOTS`]).
+    pub fn new(initial: usize, max: usize, name: &'static str) -> Self {
+        assert!(max <= MAX_SLOTS, "pool {name}: capacity above MAX_SLOTS");
+        let pool = Pool {
+            segments: (0..SEGMENTS).map(|_| AtomicUsize::new(0)).collect(),
+            claimed: AtomicUsize::new(0),
+            max,
+            free: OrderedMutex::new(Level::ALLOCATOR, name, Vec::new()),
+            built: AtomicUsize::new(0),
+            _owns: PhantomData,
+        };
+        while pool.built.load(Ordering::Relaxed) < initial.min(max) {
+            if !pool.grow() {
+                break;
+            }
+        }
+        pool
+    }
+
+    /// Adds one segment; false at the cap or when memory for it is short (never aborts).
+    fn grow(&self) -> bool {
+        let seg = self.claimed.fetch_add(1, Ordering::AcqRel);
+        if seg >= self.max.div_ceil(SEGMENT_SLOTS) {
+            self.claimed.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let mut slots: Vec<Slot<T>> = Vec::new();
+        if slots.try_reserve_exact(SEGMENT_SLOTS).is_err() {
+            // Give the index back if no one claimed a later one meanwhile.
+            let _ =
+                self.claimed
+                    .compare_exchange(seg + 1, seg, Ordering::AcqRel, Ordering::Relaxed);
+            return false;
+        }
+        slots.extend((0..SEGMENT_SLOTS).map(|_| Slot {
+            gen: AtomicU32::new(1),
+            refs: AtomicU32::new(0),
+            value: T::default(),
+        }));
+        let first = seg * SEGMENT_SLOTS;
+        let usable = (first + SEGMENT_SLOTS).min(self.max) - first;
+        let mut free = self.free.lock();
+        if free.try_reserve(SEGMENT_SLOTS).is_err() {
+            drop(free);
+            let _ =
+                self.claimed
+                    .compare_exchange(seg + 1, seg, Ordering::AcqRel, Ordering::Relaxed);
+            return false;
+        }
+        let segment = Box::leak(slots.into_boxed_slice()).as_mut_ptr();
+        self.segments[seg].store(segment as usize, Ordering::Release);
+        self.built.fetch_add(usable, Ordering::Relaxed);
         // Popped from the end: hand out low indices first (nicer to read in dumps).
-        let free = (0..capacity as u32).rev().collect();
-        Pool {
-            slots,
-            free: OrderedMutex::new(Level::ALLOCATOR, name, free),
+        free.extend((first as u32..(first + usable) as u32).rev());
+        true
+    }
+
+    /// Takes a free slot, growing the pool if it has none (see [`Pool::alloc`]).
+    pub fn alloc(&self, init: impl FnOnce(Handle<T>, &T)) -> Result<Handle<T>, PoolExhausted> {
+        loop {
+            let index = self.free.lock().pop();
+            match index {
+                Some(index) => return Ok(self.publish(index, init)),
+                None if self.grow() => {}
+                None => return Err(PoolExhausted),
+            }
+        }
+    }
+}
+
+impl<T> Drop for Pool<T> {
+    fn drop(&mut self) {
+        for seg in self.segments.iter() {
+            let ptr = seg.load(Ordering::Acquire) as *mut Slot<T>;
+            if !ptr.is_null() {
+                // SAFETY: `ptr` came from `Box::leak` of a boxed slice of exactly SEGMENT_SLOTS
+                // slots (`grow`), and `&mut self` means no reference into it is left.
+                drop(unsafe {
+                    Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, SEGMENT_SLOTS))
+                });
+            }
         }
     }
 }
 
 impl<T> Pool<T> {
-    /// Takes a free slot, lets `init` set the object up, then publishes it with one reference.
-    /// `init` runs before the reference count becomes non-zero, so a stale reader's
+    /// Lets `init` set up the object of free slot `index`, then publishes it with one
+    /// reference. `init` runs before the reference count becomes non-zero, so a stale reader's
     /// increment-if-not-zero cannot succeed on a half-initialised object.
-    pub fn alloc(&self, init: impl FnOnce(Handle<T>, &T)) -> Result<Handle<T>, PoolExhausted> {
-        let index = self.free.lock().pop().ok_or(PoolExhausted)?;
-        let slot = &self.slots[index as usize];
+    fn publish(&self, index: u32, init: impl FnOnce(Handle<T>, &T)) -> Handle<T> {
+        let slot = self
+            .slot_at(index as usize)
+            .expect("a free index names a built slot");
         let handle = Handle::new(index, slot.gen.load(Ordering::Relaxed));
         init(handle, &slot.value);
         slot.refs.store(1, Ordering::Release);
-        Ok(handle)
+        handle
+    }
+
+    /// Slot `index`, if its segment is built.
+    fn slot_at(&self, index: usize) -> Option<&Slot<T>> {
+        let seg = self.segments.get(index / SEGMENT_SLOTS)?;
+        let ptr = seg.load(Ordering::Acquire) as *const Slot<T>;
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: a non-zero segment is a leaked boxed slice of SEGMENT_SLOTS initialised slots
+        // (published with Release after they were built, read with Acquire), freed only when
+        // the pool is dropped; `index % SEGMENT_SLOTS` is in bounds.
+        Some(unsafe { &*ptr.add(index % SEGMENT_SLOTS) })
     }
 
     /// The slot a handle names, stale or not (type-stable: always safe to read).
     pub fn slot(&self, handle: Handle<T>) -> &Slot<T> {
-        &self.slots[handle.index()]
+        self.slot_at(handle.index())
+            .unwrap_or_else(|| panic!("handle {handle:?} names no built slot"))
     }
 
     /// The object if `handle` is live right now (see [`Slot::is`] for what that promises).
     pub fn get(&self, handle: Handle<T>) -> Option<&T> {
-        let slot = self.slots.get(handle.index())?;
+        let slot = self.slot_at(handle.index())?;
         slot.is(handle).then_some(&slot.value)
     }
 
@@ -166,7 +263,7 @@ impl<T> Pool<T> {
     /// reused, the accidental reference on the new object is dropped again, and should that be
     /// the last one, `on_last` finalises the new object (with its current handle).
     pub fn try_get(&self, handle: Handle<T>, on_last: impl FnOnce(Handle<T>)) -> Option<&T> {
-        let slot = self.slots.get(handle.index())?;
+        let slot = self.slot_at(handle.index())?;
         let mut refs = slot.refs.load(Ordering::Relaxed);
         loop {
             if refs == 0 {
@@ -225,11 +322,72 @@ impl<T> Pool<T> {
 
     /// Live objects.
     pub fn live(&self) -> usize {
-        self.slots.len() - self.free.lock().len()
+        let free = self.free.lock().len();
+        self.capacity() - free
     }
 
-    /// Capacity.
+    /// Slots built so far (grows up to the cap).
     pub fn capacity(&self) -> usize {
-        self.slots.len()
+        self.built.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    #[derive(Default)]
+    struct Obj(AtomicU32);
+
+    #[test]
+    fn grows_a_segment_at_a_time_up_to_an_exact_cap() {
+        let pool: Pool<Obj> = Pool::new(1, SEGMENT_SLOTS + 3, "test.pool");
+        assert_eq!(pool.capacity(), SEGMENT_SLOTS, "one segment to start");
+        let handles: Vec<_> = (0..SEGMENT_SLOTS + 3)
+            .map(|i| {
+                pool.alloc(|_, o| o.0.store(i as u32, Ordering::Relaxed))
+                    .expect("room up to the cap")
+            })
+            .collect();
+        assert_eq!(
+            pool.capacity(),
+            SEGMENT_SLOTS + 3,
+            "the last segment is capped"
+        );
+        assert_eq!(pool.alloc(|_, _| {}), Err(PoolExhausted));
+        assert_eq!(pool.live(), SEGMENT_SLOTS + 3);
+        // Every object keeps its identity across the growth.
+        for (i, h) in handles.iter().enumerate() {
+            assert_eq!(pool.get(*h).unwrap().0.load(Ordering::Relaxed), i as u32);
+        }
+    }
+
+    #[test]
+    fn a_stale_handle_into_a_grown_segment_is_detected() {
+        let pool: Pool<Obj> = Pool::new(1, 4 * SEGMENT_SLOTS, "test.pool");
+        let first: Vec<_> = (0..SEGMENT_SLOTS + 1)
+            .map(|_| pool.alloc(|_, _| {}).unwrap())
+            .collect();
+        let late = *first.last().unwrap();
+        assert!(late.index() >= SEGMENT_SLOTS, "from the second segment");
+        assert!(pool.put(late));
+        pool.recycle(late);
+        assert!(pool.get(late).is_none(), "freed");
+        let again = pool.alloc(|_, _| {}).unwrap();
+        assert_eq!(again.index(), late.index(), "the slot is reused");
+        assert!(pool.get(late).is_none(), "the old handle stays stale");
+        assert!(pool
+            .try_get(late, |_| panic!("not the last reference"))
+            .is_none());
+        assert!(pool.get(again).is_some());
+    }
+
+    #[test]
+    fn a_handle_into_a_segment_never_built_names_nothing() {
+        let pool: Pool<Obj> = Pool::new(1, MAX_SLOTS, "test.pool");
+        let far = Handle::<Obj>::new((3 * SEGMENT_SLOTS) as u32, 1);
+        assert!(pool.get(far).is_none());
+        assert!(pool.try_get(far, |_| {}).is_none());
     }
 }

@@ -65,9 +65,10 @@ fn test_guest_on_a_64g_host_with_metadata_in_budget() {
 #[test]
 fn test_guest_on_a_256m_host() {
     let line = selftest_on("256m-test", "256M");
-    let (table, _, frames) = metadata(&line);
+    let (table, heap, frames) = metadata(&line);
     assert!(frames <= 65_536, "a 256 MiB host: {line}");
     assert!(table <= 16 * frames, "frame table over 16 B/frame: {line}");
+    assert!(heap * 1000 <= frames * 4096, "heap over 0.1% of RAM: {line}");
 }
 
 /// Linux boots to its shell on a `mem` host with `guest_mem` of its own,

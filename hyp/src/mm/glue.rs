@@ -15,10 +15,12 @@ use spin::Once;
 use stage2::TlbMaintenance;
 
 static RMAP: Once<Rmap> = Once::new();
-/// anon_vma and chain pool sizes: bounded chains (DESIGN lesson 6) keep
-/// these proportional to live regions.
-const MAX_ANON_VMAS: usize = 1 << 14;
-const MAX_CHAINS: usize = 1 << 16;
+/// anon_vma and chain pools start with one segment and grow from the heap
+/// (and so from frames) as VMs need them, to the most a 32-bit handle can
+/// name; bounded chains (DESIGN lesson 6) keep them proportional to live
+/// regions.
+const MAX_ANON_VMAS: usize = rmap::pool::MAX_SLOTS;
+const MAX_CHAINS: usize = rmap::pool::MAX_SLOTS;
 
 pub fn rmap() -> &'static Rmap {
     RMAP.get().expect("rmap not initialised")

@@ -44,6 +44,11 @@ impl core::fmt::Display for ForkError {
             ForkError::NotOwner => f.write_str("that snapshot does not belong to the VM"),
             ForkError::Lost(why) => write!(f, "{why}; the VM was stopped"),
             ForkError::Vm(e) => write!(f, "{e}"),
+            ForkError::Memory(rmap::Error::TooManyMappings) => write!(
+                f,
+                "a page would be shared by more than {} VMs (its 16-bit mapcount's limit)",
+                rmap::MAP_LIMIT
+            ),
             ForkError::Memory(e) => write!(f, "out of memory-manager resources ({e:?})"),
         }
     }
