@@ -75,7 +75,7 @@ impl Vgic {
         for i in 0..nr_lrs() {
             write_lr(i, cpu.lrs[i]);
         }
-        write_sysreg!("ich_hcr_el2", HCR_EN);
+        write_sysreg!("ich_hcr_el2", hcr(false));
         cpu.running_on = Some(crate::arch::percpu::cpu_index());
         st.touch(me);
         let cpu = &st.cpus[me];
@@ -142,15 +142,19 @@ impl Vgic {
             } else {
                 &mut st.spis[intid as usize - 32]
             };
-            let mut lr = LR_PENDING | u64::from(intid) | (u64::from(irq.priority) << 48);
+            let mut fields = ICH_LR0_EL2::State::Pending
+                + ICH_LR0_EL2::vINTID.val(u64::from(intid))
+                + ICH_LR0_EL2::Priority.val(u64::from(irq.priority));
             if irq.group1 {
-                lr |= LR_GROUP1;
+                fields += ICH_LR0_EL2::Group::SET;
             }
             if irq.hw {
-                lr |= LR_HW | (u64::from(intid) << 32);
+                fields += ICH_LR0_EL2::HW::SET + ICH_LR0_EL2::pINTID.val(u64::from(intid));
             } else if !irq.edge {
-                lr |= LR_EOI;
+                // Level: a maintenance interrupt on deactivation samples the line again.
+                fields += ICH_LR0_EL2::EOI::SET;
             }
+            let lr = fields.value;
             irq.pending = false;
             irq.lr = slot as u8;
             cpu.lrs[slot] = lr;
@@ -162,10 +166,7 @@ impl Vgic {
             // The next flush must look again.
             st.touch(me);
         }
-        write_sysreg!(
-            "ich_hcr_el2",
-            if overflow { HCR_EN | HCR_UIE } else { HCR_EN }
-        );
+        write_sysreg!("ich_hcr_el2", hcr(overflow));
     }
 
     /// After an exit: note what the guest did with its list registers, and
@@ -193,7 +194,7 @@ impl Vgic {
             }
             let lr = read_lr(i);
             cpu.lrs[i] = lr;
-            if lr & LR_STATE != 0 {
+            if lr_live(lr) {
                 continue;
             }
             write_lr(i, 0);
@@ -219,7 +220,7 @@ impl Vgic {
                 flags[me].fetch_and(!F_LRS, Ordering::AcqRel);
             }
         }
-        write_sysreg!("ich_hcr_el2", HCR_EN);
+        write_sysreg!("ich_hcr_el2", hcr(false));
     }
 
     /// Whether vCPU `me` has an interrupt to take (its WFI should end).
@@ -228,7 +229,7 @@ impl Vgic {
         let Some(cpu) = st.cpus.get(me) else {
             return false;
         };
-        cpu.lrs.iter().any(|lr| lr & LR_PENDING != 0) || best_pending(&st, me).is_some()
+        cpu.lrs.iter().any(|&lr| lr_pending(lr)) || best_pending(&st, me).is_some()
     }
 }
 
@@ -237,9 +238,9 @@ impl Vgic {
 fn repend_edges(cpu: &mut CpuIf, lrs: usize) {
     for i in 0..lrs {
         let intid = cpu.lr_intid[i];
-        if intid < 32 && cpu.private[intid as usize].pending && cpu.lrs[i] & LR_PENDING == 0 {
+        if intid < 32 && cpu.private[intid as usize].pending && !lr_pending(cpu.lrs[i]) {
             cpu.private[intid as usize].pending = false;
-            cpu.lrs[i] |= LR_PENDING;
+            cpu.lrs[i] = lr_repend(cpu.lrs[i]);
             write_lr(i, cpu.lrs[i]);
         }
     }

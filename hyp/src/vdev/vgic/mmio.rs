@@ -137,7 +137,7 @@ fn irq_read(st: &mut State, cpu: usize, off: u64, size: u64, private: bool) -> u
             && st
                 .cpus
                 .get(if intid < 32 { cpu } else { irq.target })
-                .is_some_and(|c| c.lrs[irq.lr as usize] & LR_ACTIVE != 0)
+                .is_some_and(|c| lr_active(c.lrs[irq.lr as usize]))
     };
     match field {
         Field::Priority => (0..size.min(8) as u32).fold(0, |acc, i| {

@@ -52,17 +52,47 @@ const NR_INTIDS: u32 = 32 + NR_SPIS as u32;
 const MAX_LRS: usize = 16;
 const NO_LR: u8 = u8::MAX;
 
-// List register fields (ICH_LR<n>_EL2).
-const LR_PENDING: u64 = 1 << 62;
-const LR_ACTIVE: u64 = 1 << 63;
-const LR_STATE: u64 = LR_PENDING | LR_ACTIVE;
-const LR_HW: u64 = 1 << 61;
-const LR_GROUP1: u64 = 1 << 60;
-const LR_EOI: u64 = 1 << 41;
+// List registers (ICH_LR<n>_EL2) and ICH_HCR_EL2, as `aarch64-cpu` describes
+// them (every LR has ICH_LR0_EL2's layout).
+use aarch64_cpu::registers::{ICH_HCR_EL2, ICH_LR0_EL2};
+use tock_registers::LocalRegisterCopy;
 
-// ICH_HCR_EL2 fields.
-const HCR_EN: u64 = 1 << 0;
-const HCR_UIE: u64 = 1 << 1;
+/// A list register's value.
+type Lr = LocalRegisterCopy<u64, ICH_LR0_EL2::Register>;
+
+/// The LR holds a pending (or pending and active) interrupt.
+fn lr_pending(lr: u64) -> bool {
+    Lr::new(lr).read(ICH_LR0_EL2::State) & 0b01 != 0
+}
+
+/// The LR holds an active (or active and pending) interrupt.
+fn lr_active(lr: u64) -> bool {
+    Lr::new(lr).read(ICH_LR0_EL2::State) & 0b10 != 0
+}
+
+/// The LR still holds its interrupt (pending, active or both).
+fn lr_live(lr: u64) -> bool {
+    Lr::new(lr).read(ICH_LR0_EL2::State) != 0
+}
+
+/// The same LR, pending again (an edge that fired while it was active).
+fn lr_repend(lr: u64) -> u64 {
+    let mut r = Lr::new(lr);
+    let state = r.read(ICH_LR0_EL2::State);
+    r.modify(ICH_LR0_EL2::State.val(state | 0b01));
+    r.get()
+}
+
+/// ICH_HCR_EL2 with the virtual CPU interface on, and the underflow
+/// maintenance interrupt if more interrupts wait than LRs hold.
+fn hcr(underflow: bool) -> u64 {
+    let on = ICH_HCR_EL2::En::SET;
+    if underflow {
+        (on + ICH_HCR_EL2::UIE::SET).value
+    } else {
+        on.value
+    }
+}
 
 // GICD_CTLR: group enables; ARE and DS are RAO (affinity routing, one security state).
 const CTLR_GRP0: u32 = 1 << 0;
