@@ -3,29 +3,29 @@
 //! fork of a VM with N MiB resident next to an eager copy of the same frames.
 
 use crate::arch::timer::ticks_to_us as us;
+use crate::console::error::CmdError;
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::vec::Vec;
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
 /// eagerly; prints both times and their ratio.
-pub fn fork(mib: u64) -> Result<(), alloc::string::String> {
+pub fn fork(mib: u64) -> Result<(), CmdError> {
     let pages = mib * (1 << 20) / PAGE_SIZE;
-    let vm = Vm::create("bench", 1, mib << 20).map_err(|e| alloc::format!("{e}"))?;
+    let vm = Vm::create("bench", 1, mib << 20)?;
     let result = fork_vs_copy(&vm, pages);
     vm.stop(0);
     result
 }
 
-fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::string::String> {
+fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), CmdError> {
     let page = [0x5au8; PAGE_SIZE as usize];
     for i in 0..pages {
         crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, &page)
-            .map_err(|_| "out of memory filling the VM")?;
+            .map_err(|_| CmdError::Bench("out of memory filling the VM"))?;
     }
     let t0 = crate::arch::timer::now();
-    let child = crate::vm::fork::fork(vm, None, crate::vm::fork::ForkKind::Snapshot)
-        .map_err(|e| alloc::format!("{e}"))?;
+    let child = crate::vm::fork::fork(vm, None, crate::vm::fork::ForkKind::Snapshot)?;
     let fork_ticks = crate::arch::timer::now() - t0;
     child.stop(0);
 
@@ -37,7 +37,7 @@ fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::stri
             .memory
             .lock()
             .pa_of(vm.mem.ram.base + i * PAGE_SIZE)
-            .ok_or("unmapped page")?;
+            .ok_or(CmdError::Bench("unmapped page"))?;
         let Some(dst) = frames::get().alloc() else {
             break;
         };
@@ -51,9 +51,11 @@ fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), alloc::stri
     let copied = copies.len();
     copies.into_iter().for_each(|pa| frames::get().free(pa));
     if copied as u64 != pages {
-        return Err(alloc::format!(
-            "only {copied} of {pages} frames free for the eager copy"
-        ));
+        return Err(CmdError::BenchShort {
+            what: "frames free for the eager copy:",
+            done: copied as u64,
+            of: pages,
+        });
     }
     crate::println!(
         "bench fork: {} MiB: fork {} us, eager copy {} us, copy/fork = {}x",

@@ -5,6 +5,7 @@
 //! the typed `Command` and answers what only the machine knows (does the VM
 //! exist). Nothing here can hurt a VM that was not named.
 
+use crate::console::error::CmdError;
 use crate::vm;
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -181,8 +182,8 @@ fn next_focus(cur: Option<u32>) -> Option<u32> {
 }
 
 /// The VM a command names, if it exists.
-pub fn vm(id: VmId) -> Result<Arc<vm::Vm>, String> {
-    vm::get(id.0).ok_or_else(|| alloc::format!("no VM {id} (see `vms`)"))
+pub fn vm(id: VmId) -> Result<Arc<vm::Vm>, CmdError> {
+    vm::get(id.0).ok_or(CmdError::NoVm(id))
 }
 
 /// Parses and runs one console line; errors are printed. Parsing is
@@ -191,34 +192,32 @@ pub fn execute(line: &str) {
     let result = match hypcmd::parse(line) {
         Ok(None) => return,
         Ok(Some(cmd)) => run(cmd),
-        Err(e) => Err(alloc::format!("{e}")),
+        Err(e) => Err(CmdError::from(e)),
     };
     if let Err(e) = result {
         crate::println!("error: {e}");
     }
 }
 
-fn run(cmd: Command) -> Result<(), String> {
+fn run(cmd: Command) -> Result<(), CmdError> {
     match cmd {
         Command::Help => crate::println!("{}", hypcmd::HELP),
         Command::Vms => vms(),
         Command::Stats => crate::console::stats::print(),
-        Command::Pause(id) => return ok_or(vm(id)?.pause(), "not running"),
-        Command::Resume(id) => return ok_or(vm(id)?.resume(), "not paused"),
+        Command::Pause(id) => return ok_or(vm(id)?.pause(), id, "not running"),
+        Command::Resume(id) => return ok_or(vm(id)?.resume(), id, "not paused"),
         Command::Destroy(id) => vm(id)?.stop(0),
         Command::Fork { vm, count } => return fork_cmd(vm, count),
         Command::Snapshot { vm: id, count } => {
             let v = vm(id)?;
             for _ in 0..count {
-                let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)
-                    .map_err(|e| alloc::format!("{e}"))?;
+                let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)?;
                 crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
             }
         }
         Command::Restore { vm: id, snapshot } => {
             let (v, snap) = (vm(id)?, vm(snapshot)?);
-            crate::vm::fork::restore(&v, &snap, crate::vm::fork::Actor::Operator, None, 0)
-                .map_err(|e| alloc::format!("{e}"))?;
+            crate::vm::fork::restore(&v, &snap, crate::vm::fork::Actor::Operator, None, 0)?;
             crate::println!("vm {} restored to snapshot {}", v.id, snap.id);
         }
         Command::Rmap { pa } => return rmap_cmd(pa),
@@ -239,12 +238,11 @@ fn run(cmd: Command) -> Result<(), String> {
     Ok(())
 }
 
-fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
+fn fork_cmd(id: VmId, count: u32) -> Result<(), CmdError> {
     let parent = vm(id)?;
     for _ in 0..count {
         let start = crate::arch::timer::now();
-        let child = crate::vm::fork::fork(&parent, None, crate::vm::fork::ForkKind::Running)
-            .map_err(|e| alloc::format!("{e}"))?;
+        let child = crate::vm::fork::fork(&parent, None, crate::vm::fork::ForkKind::Running)?;
         let us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(start));
         crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
     }
@@ -252,13 +250,10 @@ fn fork_cmd(id: VmId, count: u32) -> Result<(), String> {
 }
 
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
-fn rmap_cmd(pa: u64) -> Result<(), String> {
+fn rmap_cmd(pa: u64) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
     let pfn = pa / crate::mm::frames::PAGE_SIZE;
-    let frame = rmap
-        .frames()
-        .get(pfn)
-        .ok_or_else(|| alloc::format!("{pa:#x} is not a RAM frame"))?;
+    let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
     let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
     crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
     for m in rmap.mappers(pfn, &crate::mm::glue::HypVms) {
@@ -273,11 +268,11 @@ fn rmap_cmd(pa: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn ok_or(ok: bool, why: &str) -> Result<(), String> {
+fn ok_or(ok: bool, vm: VmId, not: &'static str) -> Result<(), CmdError> {
     if ok {
         Ok(())
     } else {
-        Err(String::from(why))
+        Err(CmdError::WrongState { vm, not })
     }
 }
 

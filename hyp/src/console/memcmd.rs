@@ -4,11 +4,11 @@
 //! frames in the same run.
 
 use crate::arch::timer::ticks_to_us as us;
+use crate::console::error::CmdError;
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::glue::{rmap, HypFrames, HypVms, STORE};
 use crate::mm::memctl::{self, Report};
 use crate::vm::Vm;
-use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -17,7 +17,7 @@ use hypcmd::{Command, PageRange};
 /// Runs a memory command (`cmd.rs` passes every command it does not run
 /// itself). Arguments are already checked by `hypcmd`; what is checked here
 /// is the machine: the VM exists, the range is its RAM or the host's.
-pub fn run(cmd: Command) -> Result<(), String> {
+pub fn run(cmd: Command) -> Result<(), CmdError> {
     match cmd {
         Command::Migrate { vm, range, batch } => {
             return migrate(crate::console::cmd::vm(vm)?, range, batch)
@@ -50,20 +50,20 @@ pub fn run(cmd: Command) -> Result<(), String> {
             batch,
         } => return bench_migrate(mappers, pages, batch),
         Command::BenchReclaim { pages, batch } => return bench_reclaim(pages, batch),
-        other => return Err(alloc::format!("`{other}` is not a memory command")),
+        other => return Err(CmdError::NotHere(other)),
     }
     Ok(())
 }
 
-fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), String> {
+fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), CmdError> {
     let (start, end) = (range.start(), range.end());
     let ram_end = vm.mem.ram.base.saturating_add(vm.mem.ram.size);
     if start < vm.mem.ram.base || end > ram_end {
-        return Err(alloc::format!(
-            "{start:#x}..{end:#x} is outside vm {}'s RAM {:#x}..{ram_end:#x}",
-            vm.id,
-            vm.mem.ram.base,
-        ));
+        return Err(CmdError::OutsideVmRam {
+            vm: vm.id,
+            start,
+            end,
+        });
     }
     let r = memctl::migrate_vm(&vm.mem, start, end, batch.unwrap_or(memctl::BATCH));
     crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
@@ -97,11 +97,11 @@ fn wait(secs: u64) {
 }
 
 /// The range as `(start, end)` if its first and last pages are host RAM.
-fn ram_range(range: PageRange) -> Result<(u64, u64), String> {
+fn ram_range(range: PageRange) -> Result<(u64, u64), CmdError> {
     let (start, end) = (range.start(), range.end());
     let f = frames::get();
     if !f.is_ram(start) || !f.is_ram(range.last_page()) {
-        return Err(alloc::format!("{start:#x}..{end:#x} is not RAM"));
+        return Err(CmdError::NotRam { start, end });
     }
     Ok((start, end))
 }
@@ -113,9 +113,9 @@ fn mibs(pages: u64, ticks: u64) -> u64 {
 
 /// A bench VM with `pages` touched: page i holds a compressible pattern
 /// (a per-page 16-byte value repeated, plus a counter every 64 bytes).
-fn bench_vm(pages: u64) -> Result<Arc<Vm>, String> {
+fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
     let size = (pages * PAGE_SIZE).next_multiple_of(2 << 20);
-    let vm = Vm::create("bench", 1, size).map_err(|e| alloc::format!("{e}"))?;
+    let vm = Vm::create("bench", 1, size)?;
     let mut page = [0u64; PAGE_SIZE as usize / 8];
     for i in 0..pages {
         for (j, w) in page.iter_mut().enumerate() {
@@ -129,7 +129,7 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, String> {
         let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
         if crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, bytes).is_err() {
             vm.stop(0);
-            return Err(String::from("out of memory filling the bench VM"));
+            return Err(CmdError::Bench("out of memory filling the bench VM"));
         }
     }
     Ok(vm)
@@ -139,14 +139,14 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, String> {
 const BENCH_ROUNDS: usize = 3;
 
 /// Time to copy `pfns` into fresh frames with the copy migration uses.
-fn time_copy(pfns: &[u64]) -> Result<u64, String> {
+fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
     let dst: Vec<u64> = (0..pfns.len())
         .map_while(|_| frames::get().alloc())
         .collect();
     let release = |dst: Vec<u64>| dst.into_iter().for_each(|pa| frames::get().free(pa));
     if dst.len() < pfns.len() {
         release(dst);
-        return Err(String::from("no frames for the memcpy"));
+        return Err(CmdError::Bench("no frames for the memcpy"));
     }
     let t0 = crate::arch::timer::now();
     for (&src, &d) in pfns.iter().zip(&dst) {
@@ -159,15 +159,16 @@ fn time_copy(pfns: &[u64]) -> Result<u64, String> {
     Ok(ticks)
 }
 
-fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
+fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let mut snaps = Vec::new();
     let result = (|| {
         for _ in 1..mappers {
-            snaps.push(
-                crate::vm::fork::fork(&vm, None, crate::vm::fork::ForkKind::Snapshot)
-                    .map_err(|e| alloc::format!("{e}"))?,
-            );
+            snaps.push(crate::vm::fork::fork(
+                &vm,
+                None,
+                crate::vm::fork::ForkKind::Snapshot,
+            )?);
         }
         let end = vm.mem.ram.base + pages * PAGE_SIZE;
         // Split any block mapping first (not part of what is measured).
@@ -185,11 +186,17 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
             memctl::migrate_pfns(&pfns, batch, &mut r);
             mig = mig.min(crate::arch::timer::now() - t0);
             if r.done != pfns.len() as u64 {
-                return Err(alloc::format!("migrated only {r}"));
+                return Err(CmdError::BenchShort {
+                    what: "migrated",
+                    done: r.done,
+                    of: pfns.len() as u64,
+                });
             }
         }
         let first = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, 1);
-        let first = first.first().ok_or("the bench VM has no frames")?;
+        let first = first
+            .first()
+            .ok_or(CmdError::Bench("the bench VM has no frames"))?;
         let mapcount = rmap().frames().frame(*first).mapcount();
         crate::println!(
             "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {} pages, best of {BENCH_ROUNDS}: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {}.{:02}x",
@@ -208,7 +215,7 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), String> {
     result
 }
 
-fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
+fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let result = (|| {
         let end = vm.mem.ram.base + pages * PAGE_SIZE;
@@ -237,7 +244,11 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
         }
         let rec = crate::arch::timer::now() - t0;
         if done != pfns.len() {
-            return Err(alloc::format!("reclaimed only {done} of {}", pfns.len()));
+            return Err(CmdError::BenchShort {
+                what: "reclaimed",
+                done: done as u64,
+                of: pfns.len() as u64,
+            });
         }
         let t0 = crate::arch::timer::now();
         for i in 0..pages {
@@ -247,7 +258,7 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), String> {
                 crate::mm::glue::Access::Read,
                 crate::mm::glue::FaultKind::Translation,
             )
-            .map_err(|_| "fault-in failed")?;
+            .map_err(|_| CmdError::Bench("fault-in failed"))?;
         }
         let fault = crate::arch::timer::now() - t0;
         crate::println!(

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod cmd;
+pub mod error;
 pub mod memcmd;
 pub mod stats;
 

@@ -1,0 +1,100 @@
+//! What a console command can fail with, as values: the dispatcher prints
+//! them (`error: ...`), and the control channel to come can map each to a
+//! code instead of parsing text.
+
+use crate::vm::fork::ForkError;
+use crate::vm::VmError;
+use core::fmt;
+use hypcmd::{Command, ParseError, VmId};
+
+/// A console command's failure.
+#[derive(Debug)]
+pub enum CmdError {
+    /// The line does not parse.
+    Parse(ParseError),
+    /// No VM has this id.
+    NoVm(VmId),
+    /// The VM is not in the state the command needs (`pause` of a paused
+    /// VM, `resume` of a running one).
+    WrongState {
+        /// The VM.
+        vm: VmId,
+        /// What it is not.
+        not: &'static str,
+    },
+    /// Creating a VM failed.
+    Vm(VmError),
+    /// A fork, snapshot or restore was refused or failed.
+    Fork(ForkError),
+    /// The address is not a RAM frame the hypervisor manages.
+    NotRamFrame(u64),
+    /// The physical range is not all RAM.
+    NotRam {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// The IPA range is not inside the VM's RAM.
+    OutsideVmRam {
+        /// The VM.
+        vm: u32,
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// A command reached a dispatcher that does not run it (a bug in the
+    /// dispatch, reported rather than panicking).
+    NotHere(Command),
+    /// A benchmark could not set itself up or finish its work (it measures
+    /// nothing then).
+    Bench(&'static str),
+    /// A benchmark's batch did only part of its work.
+    BenchShort {
+        /// What was short.
+        what: &'static str,
+        /// How much was done.
+        done: u64,
+        /// Out of how much.
+        of: u64,
+    },
+}
+
+impl fmt::Display for CmdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CmdError::Parse(e) => write!(f, "{e}"),
+            CmdError::NoVm(id) => write!(f, "no VM {id} (see `vms`)"),
+            CmdError::WrongState { vm, not } => write!(f, "vm {vm} is {not}"),
+            CmdError::Vm(e) => write!(f, "{e}"),
+            CmdError::Fork(e) => write!(f, "{e}"),
+            CmdError::NotRamFrame(pa) => write!(f, "{pa:#x} is not a RAM frame"),
+            CmdError::NotRam { start, end } => write!(f, "{start:#x}..{end:#x} is not RAM"),
+            CmdError::OutsideVmRam { vm, start, end } => {
+                write!(f, "{start:#x}..{end:#x} is outside vm {vm}'s RAM")
+            }
+            CmdError::NotHere(cmd) => write!(f, "`{cmd}` is not a memory command"),
+            CmdError::Bench(why) => f.write_str(why),
+            CmdError::BenchShort { what, done, of } => write!(f, "{what} only {done} of {of}"),
+        }
+    }
+}
+
+impl From<ForkError> for CmdError {
+    fn from(e: ForkError) -> Self {
+        CmdError::Fork(e)
+    }
+}
+
+impl From<VmError> for CmdError {
+    fn from(e: VmError) -> Self {
+        CmdError::Vm(e)
+    }
+}
+
+impl From<ParseError> for CmdError {
+    fn from(e: ParseError) -> Self {
+        CmdError::Parse(e)
+    }
+}
