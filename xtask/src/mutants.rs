@@ -2,8 +2,10 @@
 //! and stage2's core files (issue 13, item 5), recorded in docs/TESTING.md. Not part of CI.
 //!
 //! One `cargo mutants` run per file, in [`FILES`] order (the most important results first),
-//! all sharing one target directory (`target/mutants`) so that only the first run builds the
-//! dependencies; each run's report goes to `target/mutants-out/<file>/mutants.out`. Only the
+//! the runs of one package sharing a target directory (`target/mutants-<package>`) so that only
+//! the first builds the dependencies, and the two packages using different ones so that they can
+//! be scored at once (`cargo xtask mutants rmap/src/*.rs` next to `... stage2/src/ops/*.rs`);
+//! each run's report goes to `target/mutants-out/<file>/mutants.out`. Only the
 //! fast, deterministic host tests are built and run for each mutant: the threaded stress tests
 //! are timing-dependent (a mutant could pass or fail by chance) and slow to build, and the loom
 //! models do not run the crates' code at all. Proptest gets a fixed seed for the same reason.
@@ -37,9 +39,9 @@ const FAST_TESTS: [(&str, &[&str]); 2] = [
     ("stage2", &["api", "concurrency", "model", "tlb"]),
 ];
 
-/// Seconds a mutant's test run may take: the baseline runs in a few seconds, so a mutant that
-/// takes this long is stuck (a spin loop that never ends), not slow.
-const TEST_TIMEOUT: &str = "60";
+/// Seconds a mutant's test run may take: the baseline's tests run in about 2 s (5 s on a busy
+/// machine), so a mutant that takes this long is stuck (a fault retried forever), not slow.
+const TEST_TIMEOUT: &str = "20";
 /// Seconds a mutant's build may take (an incremental build of one crate and its tests).
 const BUILD_TIMEOUT: &str = "600";
 /// Proptest's seed, so that a mutant is caught or missed the same way on every run.
@@ -73,8 +75,18 @@ pub fn mutants(args: &[String]) -> Result<(), String> {
     crate::setup::cargo_mutants()?;
     let root = workspace_root();
     let mut scores = Vec::new();
+    let mut tested = Vec::new();
     for file in &files {
-        scores.push(run_file(&root, file, shard.as_deref(), re.as_deref())?);
+        let package = file.split('/').next().unwrap_or_default().to_string();
+        let baseline = !tested.contains(&package);
+        scores.push(run_file(
+            &root,
+            file,
+            shard.as_deref(),
+            re.as_deref(),
+            baseline,
+        )?);
+        tested.push(package);
     }
     print_scores(&scores);
     Ok(())
@@ -115,12 +127,15 @@ fn test_targets(root: &Path, package: &str) -> Result<Vec<String>, String> {
     Ok(args)
 }
 
-/// Runs `cargo mutants` on one file and reads back its outcome lists.
+/// Runs `cargo mutants` on one file and reads back its outcome lists. `baseline`: test the
+/// unmutated tree first (once per package and invocation is enough: every file's run starts
+/// from the same tree).
 fn run_file(
     root: &Path,
     file: &str,
     shard: Option<&str>,
     re: Option<&str>,
+    baseline: bool,
 ) -> Result<Score, String> {
     let package = file.split('/').next().unwrap_or_default();
     if !root.join(file).is_file() {
@@ -145,8 +160,17 @@ fn run_file(
         .args(["--timeout", TEST_TIMEOUT, "--build-timeout", BUILD_TIMEOUT])
         .arg("--output")
         .arg(&out_dir)
-        .env("CARGO_TARGET_DIR", root.join("target/mutants"))
-        .env("PROPTEST_RNG_SEED", PROPTEST_SEED);
+        .env(
+            "CARGO_TARGET_DIR",
+            root.join(format!("target/mutants-{package}")),
+        )
+        .env("PROPTEST_RNG_SEED", PROPTEST_SEED)
+        // No debug info: linking five test binaries per mutant is most of its build time.
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
+        .env("CARGO_PROFILE_TEST_DEBUG", "0");
+    if !baseline {
+        cmd.args(["--baseline", "skip"]);
+    }
     if std::env::var_os("CARGO_BUILD_JOBS").is_none() {
         cmd.env("CARGO_BUILD_JOBS", "2");
     }
