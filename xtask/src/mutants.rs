@@ -129,6 +129,15 @@ fn test_targets(root: &Path, package: &str) -> Result<Vec<String>, String> {
     Ok(args)
 }
 
+/// Where `package`'s mutants are built: `MUTANTS_TARGET_DIR` if set (to score two files of
+/// one package at once, each invocation needs its own), else `target/mutants-<package>`.
+fn target_dir(root: &Path, package: &str) -> PathBuf {
+    match std::env::var_os("MUTANTS_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => root.join(format!("target/mutants-{package}")),
+    }
+}
+
 /// Runs `cargo mutants` on one file and reads back its outcome lists. `baseline`: test the
 /// unmutated tree first (once per package and invocation is enough: every file's run starts
 /// from the same tree).
@@ -162,10 +171,7 @@ fn run_file(
         .args(["--timeout", TEST_TIMEOUT, "--build-timeout", BUILD_TIMEOUT])
         .arg("--output")
         .arg(&out_dir)
-        .env(
-            "CARGO_TARGET_DIR",
-            root.join(format!("target/mutants-{package}")),
-        )
+        .env("CARGO_TARGET_DIR", target_dir(root, package))
         .env("PROPTEST_RNG_SEED", PROPTEST_SEED)
         // No debug info: linking five test binaries per mutant is most of its build time.
         .env("CARGO_PROFILE_DEV_DEBUG", "0")
