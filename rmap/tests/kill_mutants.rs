@@ -135,3 +135,21 @@ fn a_write_to_a_swap_cached_frame_copies_it() {
     assert_eq!(c1.read(&w.rmap, &w.machine, RAM).unwrap(), 8);
     w.check().unwrap();
 }
+
+/// `chain.rs`, `ChainInfo::ipa_of`: `<` → `<=`. A chain answers for exactly its region's page
+/// offsets: the offset one past its last page is not its (the walk's interval query happens to
+/// filter that offset out first, so only this public function shows it).
+#[test]
+fn a_chain_covers_exactly_its_regions_offsets() {
+    let w = world();
+    let vm = w.create_vm(&[(RAM, 4)]);
+    vm.write(&w.rmap, &w.machine, RAM, 1).unwrap();
+    let list = vm.regions.read();
+    let region = list.find(RAM).unwrap();
+    let info = w.rmap.chain_info(region.chains()[0]);
+    let first = region.pgoff();
+    assert_eq!(info.ipa_of(first), Some(RAM));
+    assert_eq!(info.ipa_of(first + 3), Some(RAM + 3 * 4096));
+    assert_eq!(info.ipa_of(first + 4), None, "one past the end");
+    assert_eq!(info.ipa_of(first - 1), None, "one before the start");
+}
