@@ -153,3 +153,24 @@ fn a_chain_covers_exactly_its_regions_offsets() {
     assert_eq!(info.ipa_of(first + 4), None, "one past the end");
     assert_eq!(info.ipa_of(first - 1), None, "one before the start");
 }
+
+/// `chain.rs`, `link`: `+` → `*` in the chain's interval end (`pgoff + pages`). A chain is
+/// indexed over exactly its region's offsets; with `pgoff * pages` a one-page region's chain
+/// gets an empty interval and the walk never finds its frames (larger regions only get an
+/// interval that is too long, which `ipa_of` hides).
+#[test]
+fn a_one_page_region_is_found_by_the_walk() {
+    let w = world();
+    let vm = w.create_vm(&[(RAM, 1), (RAM + 0x10_0000, 3)]);
+    for ipa in [RAM, RAM + 0x10_0000] {
+        vm.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+        let pfn = pfn_at(&vm, ipa);
+        let mappers = w.rmap.mappers(pfn, &w.vms);
+        assert_eq!(mappers.len(), 1, "{mappers:?}");
+        assert_eq!((mappers[0].vm, mappers[0].ipa), (vm.id, ipa));
+        let new = w.rmap.migrate_frame(&w.vms, &w.machine, pfn).unwrap();
+        assert_eq!(pfn_at(&vm, ipa), new);
+        assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), ipa >> 12);
+    }
+    w.check().unwrap();
+}
