@@ -174,3 +174,21 @@ fn a_one_page_region_is_found_by_the_walk() {
     }
     w.check().unwrap();
 }
+
+/// `batch.rs`, `Skip::as_str` → `""` / `"xyzzy"`. The console prints why a frame was left
+/// where it is: each reason reads as itself, and no two read alike.
+#[test]
+fn every_skip_reason_reads_as_itself() {
+    use rmap::Skip;
+    let all = [
+        (Skip::NotMapped, "not a mapped guest frame"),
+        (Skip::Locked, "locked"),
+        (Skip::Pinned, "pinned"),
+        (Skip::Unreachable, "unreachable mapping"),
+        (Skip::NoMemory, "no free frame"),
+        (Skip::StoreFull, "store full"),
+    ];
+    for (skip, text) in all {
+        assert_eq!(skip.as_str(), text, "{skip:?}");
+    }
+}
