@@ -192,3 +192,27 @@ fn every_skip_reason_reads_as_itself() {
         assert_eq!(skip.as_str(), text, "{skip:?}");
     }
 }
+
+/// `anon_vma.rs`, `Family::len` → `0` / `1` (and `Family::is_empty` → `true`). A family's
+/// inspection counts (the console's `rmap <pa>`) agree with its members: a VM that wrote a
+/// page and a fork child that copied it on write are two members of one family.
+#[test]
+fn a_family_counts_its_members() {
+    let w = world();
+    let p = w.create_vm(&[(RAM, 4)]);
+    p.write(&w.rmap, &w.machine, RAM, 1).unwrap();
+    let root = p.regions.read().find(RAM).unwrap().anon_vma().unwrap();
+    {
+        let family = w.rmap.lock_family_read(root);
+        assert_eq!((family.len(), family.is_empty()), (1, false));
+    }
+    let c = w.fork(&p).unwrap();
+    c.write(&w.rmap, &w.machine, RAM, 2).unwrap();
+    let own = c.regions.read().find(RAM).unwrap().anon_vma().unwrap();
+    assert_ne!(own, root);
+    let family = w.rmap.lock_family_read(own);
+    let members: Vec<_> = family.iter().map(|(a, _)| a).collect();
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(members.contains(&root) && members.contains(&own));
+    assert_eq!((family.len(), family.is_empty()), (2, false));
+}
