@@ -325,3 +325,34 @@ fn a_batch_flushes_each_vm_once() {
     }
     w.check().unwrap();
 }
+
+/// `batch.rs`, `take_pinned`: `||` → `&&` in the not-mapped test. A frame that only the swap
+/// cache still holds (its one mapping was released) is not a mapped guest frame: a batch says
+/// so, rather than calling it pinned.
+#[test]
+fn a_batch_calls_an_unmapped_swap_cached_frame_not_mapped() {
+    let w = world();
+    let p = w.create_vm(&[(RAM, 4)]);
+    p.write(&w.rmap, &w.machine, RAM, 3).unwrap();
+    let c1 = w.fork(&p).unwrap();
+    let _c2 = w.fork(&p).unwrap();
+    let pfn = pfn_at(&p, RAM);
+    w.rmap
+        .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
+        .unwrap();
+    assert_eq!(c1.read(&w.rmap, &w.machine, RAM).unwrap(), 3);
+    let cached = pfn_at(&c1, RAM);
+    c1.release(&w.rmap, &w.machine, RAM).unwrap();
+    let frame = w.rmap.frames().frame(cached);
+    assert_eq!(
+        (frame.mapcount(), frame.refcount()),
+        (0, 1),
+        "the cache's pin"
+    );
+    let mut out = Vec::new();
+    w.rmap
+        .migrate_frames(&w.vms, &w.machine, &[cached], &mut out);
+    assert_eq!(out, vec![Err(rmap::Skip::NotMapped)]);
+    assert_eq!(p.read(&w.rmap, &w.machine, RAM).unwrap(), 3);
+    w.check().unwrap();
+}
