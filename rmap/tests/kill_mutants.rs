@@ -356,3 +356,34 @@ fn a_batch_calls_an_unmapped_swap_cached_frame_not_mapped() {
     assert_eq!(p.read(&w.rmap, &w.machine, RAM).unwrap(), 3);
     w.check().unwrap();
 }
+
+/// `destroy.rs`, `unmap_region` → `None`. Removing one region (like `munmap`) zaps it, unlinks
+/// it and returns the proof for exactly its range; the VM's other regions are untouched.
+#[test]
+fn unmapping_a_region_proves_its_range_and_frees_its_frames() {
+    let w = world();
+    let far = RAM + 0x10_0000;
+    let vm = w.create_vm(&[(RAM, 4), (far, 2)]);
+    for ipa in [RAM, RAM + 4096, far] {
+        vm.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+    }
+    let gone = pfn_at(&vm, RAM);
+    let before = w.machine.allocated();
+    let proof = w
+        .rmap
+        .unmap_region(&mut vm.regions.write(), RAM, &vm.s2, &w.machine, &w.machine)
+        .expect("a region starts there");
+    assert_eq!((proof.vm(), proof.range()), (vm.id, RAM..RAM + 4 * 4096));
+    assert_eq!(w.machine.allocated(), before - 2);
+    assert!(w.rmap.mappers(gone, &w.vms).is_empty());
+    assert_eq!(entry(&vm, RAM), S2Entry::Invalid);
+    assert!(vm.regions.read().find(RAM).is_none());
+    assert_eq!(vm.read(&w.rmap, &w.machine, far).unwrap(), far >> 12);
+    let mut list = vm.regions.write();
+    let again = w
+        .rmap
+        .unmap_region(&mut list, RAM, &vm.s2, &w.machine, &w.machine);
+    assert!(again.is_none(), "no region starts there any more");
+    drop(list);
+    w.check().unwrap();
+}

@@ -48,8 +48,95 @@ fn only_changes_the_walk_sees_are_invalidated() {
     assert_eq!(cas_calls(&t, &tlb, IPA, |d| d.with_sw(0x5)), vec![]);
     assert_eq!(cas_calls(&t, &tlb, IPA, |d| d.with_sw(0xa)), vec![]);
     assert_eq!(cas_calls(&t, &tlb, IPA, |d| d.with_young(false)), this_page);
-    assert_eq!(cas_calls(&t, &tlb, IPA, |d| d.with_perm(Perm::RO)), this_page);
+    assert_eq!(
+        cas_calls(&t, &tlb, IPA, |d| d.with_perm(Perm::RO)),
+        this_page
+    );
     let leaf = t.lookup(IPA).unwrap();
     assert!(!leaf.desc.young());
     assert_eq!(leaf.desc, leaf.desc.with_sw(0xa), "software bits kept");
+}
+
+const MIB2: u64 = 2 << 20;
+
+/// Runs `update_pages` over `ipas`, write-protecting every leaf it is offered; returns, per
+/// page, the (level, output address) it was offered and how it ended.
+fn protect_pages(
+    t: &Stage2Table<&HostMemory>,
+    tlb: &RecordingTlb,
+    ipas: &[u64],
+) -> (Vec<Option<(u8, u64)>>, Vec<Option<Result<(), CasError>>>) {
+    let mut offered = vec![None; ipas.len()];
+    let mut ended = vec![None; ipas.len()];
+    t.update_pages(
+        ipas,
+        &mut |k, info| {
+            offered[k] = Some((info.level, info.desc.output_address(info.level)));
+            Some(info.desc.with_perm(Perm::RO))
+        },
+        &mut |k, r| ended[k] = Some(r),
+        tlb,
+    );
+    (offered, ended)
+}
+
+/// `leaf.rs`, `update_pages`: the last-level table it keeps between pages is keyed by the 2 MiB
+/// span a page lies in (`delete !`, `&` → `|`, `- 1` → `+ 1` and `/ 1` in the key's mask). Two
+/// pages at the same offset of neighbouring 2 MiB spans have different tables: each page is
+/// offered its own leaf and changed in its own table.
+#[test]
+fn update_pages_looks_up_each_2m_span_in_its_own_table() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    let base = 4 * MIB2; // 4 MiB-aligned: the neighbour differs in bit 21
+    let ipas = [base, base + MIB2, base + 2 * MIB2 + 4096];
+    for (i, &ipa) in ipas.iter().enumerate() {
+        t.map_pages(
+            ipa,
+            PA + i as u64 * 0x10_0000,
+            4096,
+            S2Attrs::normal(Perm::RW),
+            &tlb,
+        )
+        .unwrap();
+    }
+    let (offered, ended) = protect_pages(&t, &tlb, &ipas);
+    for (i, &ipa) in ipas.iter().enumerate() {
+        assert_eq!(offered[i], Some((3, PA + i as u64 * 0x10_0000)), "page {i}");
+        assert_eq!(ended[i], Some(Ok(())), "page {i}");
+        assert_eq!(t.lookup(ipa).unwrap().desc.perm(), Perm::RO, "page {i}");
+    }
+}
+
+/// `leaf.rs`, `leaf_table`: `==` → `!=`. Only a last-level table is kept for the next page: a
+/// page inside a 2 MiB block is offered the block (and left to the caller to split), never a
+/// descriptor of the level-2 table read as if it were a page table.
+#[test]
+fn update_pages_offers_each_page_of_a_block_the_block() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    let base = 4 * MIB2;
+    t.map(base, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    // The next slot of the same level-2 table points at a page table.
+    t.map_pages(
+        base + MIB2,
+        PA + MIB2,
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    assert_eq!(t.lookup(base).unwrap().level, 2);
+    let (offered, ended) = protect_pages(&t, &tlb, &[base, base + 4096]);
+    assert_eq!(offered, vec![Some((2, PA)); 2]);
+    for r in ended {
+        assert!(
+            matches!(r, Some(Err(CasError::NoSlot { level: 2, .. }))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(t.lookup(base + 4096).unwrap().desc.perm(), Perm::RW);
 }
