@@ -59,13 +59,12 @@ fn only_changes_the_walk_sees_are_invalidated() {
 
 const MIB2: u64 = 2 << 20;
 
+/// Per page: the (level, output address) `update_pages` offered it, and how it ended.
+type Offered = (Vec<Option<(u8, u64)>>, Vec<Option<Result<(), CasError>>>);
+
 /// Runs `update_pages` over `ipas`, write-protecting every leaf it is offered; returns, per
 /// page, the (level, output address) it was offered and how it ended.
-fn protect_pages(
-    t: &Stage2Table<&HostMemory>,
-    tlb: &RecordingTlb,
-    ipas: &[u64],
-) -> (Vec<Option<(u8, u64)>>, Vec<Option<Result<(), CasError>>>) {
+fn protect_pages(t: &Stage2Table<&HostMemory>, tlb: &RecordingTlb, ipas: &[u64]) -> Offered {
     let mut offered = vec![None; ipas.len()];
     let mut ended = vec![None; ipas.len()];
     t.update_pages(
