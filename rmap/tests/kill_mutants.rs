@@ -387,3 +387,21 @@ fn unmapping_a_region_proves_its_range_and_frees_its_frames() {
     drop(list);
     w.check().unwrap();
 }
+
+/// `destroy.rs`, `zap`: `+` → `-` in `start + pages * PAGE_SIZE` and in `ipa + PAGE_SIZE`.
+/// A region at IPA 0 is torn down like any other: where the next scan starts is computed
+/// without going below zero (which panics in a debug build and, wrapped in a release build,
+/// would end the scan and leak every later page).
+#[test]
+fn a_region_at_ipa_zero_is_torn_down_whole() {
+    let w = world();
+    let vm = w.create_vm(&[(0, 4)]);
+    for ipa in [0, 4096, 3 * 4096] {
+        vm.write(&w.rmap, &w.machine, ipa, ipa + 1).unwrap();
+    }
+    assert_eq!(vm.read(&w.rmap, &w.machine, 4096).unwrap(), 4097);
+    w.destroy(&vm);
+    assert_eq!(w.machine.allocated(), 0);
+    assert_eq!(w.rmap.live_anon_vmas(), 0);
+    w.check().unwrap();
+}
