@@ -139,3 +139,44 @@ fn update_pages_offers_each_page_of_a_block_the_block() {
     }
     assert_eq!(t.lookup(base + 4096).unwrap().desc.perm(), Perm::RW);
 }
+
+const GIB: u64 = 1 << 30;
+
+/// `split.rs`, `split_cost`: `-> 1`, `&&` → `||`, `<` → `==` / `>` / `<=`, `delete !`, `+` → `-`.
+/// Changing part of a 1 GiB block reserves exactly the table pages the split takes: one for a
+/// whole 2 MiB inside it, two for a single page (the 1 GiB table and one 2 MiB table). Too few
+/// would panic halfway; too many would fail with `NoMemory` when memory is tight.
+#[test]
+fn splitting_a_1g_block_reserves_exactly_the_pages_it_takes() {
+    for (len, pages) in [(MIB2, 1), (4096, 2)] {
+        let mem = HostMemory::new(64);
+        let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+        let tlb = RecordingTlb::new();
+        t.map(GIB, PA, GIB, S2Attrs::normal(Perm::RW), &tlb)
+            .unwrap();
+        let before = mem.allocated_pages();
+        mem.fail_after(Some(pages));
+        let at = GIB + 5 * MIB2;
+        assert_eq!(t.unmap(at, len, &tlb, |_| {}), Ok(len), "{len:#x}");
+        assert_eq!(mem.allocated_pages(), before + pages, "{len:#x}");
+        assert!(t.lookup(at).is_none());
+        assert_eq!(t.lookup(at + len).unwrap().desc.perm(), Perm::RW);
+    }
+}
+
+/// `map.rs`, `map`: `>` → `>=` in the physical-range check. A mapping may end exactly at the
+/// top of the physical address space (40 bits here), not one byte past it.
+#[test]
+fn a_mapping_may_end_at_the_top_of_the_pa_space() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    let top = 1u64 << 40;
+    let attrs = S2Attrs::normal(Perm::RW);
+    assert_eq!(
+        t.map_pages(GIB, top - 4096, 8192, attrs, &tlb),
+        Err(Error::OutOfRange)
+    );
+    t.map_pages(GIB, top - 4096, 4096, attrs, &tlb).unwrap();
+    assert_eq!(t.lookup(GIB).unwrap().desc.output_address(3), top - 4096);
+}
