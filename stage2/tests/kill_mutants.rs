@@ -180,3 +180,22 @@ fn a_mapping_may_end_at_the_top_of_the_pa_space() {
     t.map_pages(GIB, top - 4096, 4096, attrs, &tlb).unwrap();
     assert_eq!(t.lookup(GIB).unwrap().desc.output_address(3), top - 4096);
 }
+
+/// `split.rs`, `path_cost`: `-` → `+`. Giving one page of a 2 MiB block its own slot reserves
+/// one table page (`LAST_LEVEL - level`), so it succeeds with only one page left.
+#[test]
+fn splitting_a_2m_block_needs_one_table_page() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    t.map(GIB, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    assert_eq!(t.lookup(GIB).unwrap().level, 2);
+    mem.fail_after(Some(1));
+    t.split_block(GIB + 4096, &tlb).unwrap();
+    assert_eq!(t.lookup(GIB + 4096).unwrap().level, 3);
+    assert_eq!(
+        t.set_software(GIB + 8192, SwEntry::Zero, &tlb).map(|_| ()),
+        Ok(())
+    );
+}
