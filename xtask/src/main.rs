@@ -9,6 +9,7 @@
 mod build;
 mod layers;
 mod linux;
+mod mutants;
 mod qemu;
 mod setup;
 mod soak;
@@ -36,6 +37,10 @@ commands:
                  checker VM) for minutes (default 10) on the release hypervisor;
                  HVCFUZZ_SEED=<n> replays a seed
   build          build the images only
+  mutants [--shard k/n] [--re REGEX] [file...]
+                 mutation score (cargo-mutants) of rmap's and stage2's core files, or
+                 of the named ones, with the fast host tests (results belong in
+                 docs/TESTING.md)
 ";
 
 fn main() -> ExitCode {
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Some("shuttle") => shuttle(),
         Some("bench") => bench(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
+        Some("mutants") => mutants::mutants(&args[1..]),
         Some("build") => setup::ensure()
             .and_then(|_| build::images(false))
             .map(|_| ()),

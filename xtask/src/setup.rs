@@ -66,3 +66,27 @@ fn qemu() -> Result<(), String> {
     run("apt-get", &["update", "-qq"])?;
     run("apt-get", &["install", "-y", "-qq", "qemu-system-arm"])
 }
+
+/// The cargo-mutants release `cargo xtask mutants` was scored with (docs/TESTING.md).
+const CARGO_MUTANTS: &str = "27.1.0";
+
+/// Installs cargo-mutants (only `cargo xtask mutants` needs it) unless that release is there.
+pub fn cargo_mutants() -> Result<(), String> {
+    let out = Command::new("cargo")
+        .args(["mutants", "--version"])
+        .output();
+    let have = out.is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout).trim() == format!("cargo-mutants {CARGO_MUTANTS}")
+    });
+    if have {
+        return Ok(());
+    }
+    run(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            &format!("cargo-mutants@{CARGO_MUTANTS}"),
+        ],
+    )
+}
