@@ -11,7 +11,7 @@ mod swap;
 mod vm;
 
 pub use hw::HostHw;
-pub use stage2::{HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
+pub use stage2::{ClearFault, HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
 use swap::{Hooks, SwapTable};
 pub use swap::{SwapOp, SwapStats};
 pub use vm::HostVm;

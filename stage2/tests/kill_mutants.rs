@@ -199,3 +199,51 @@ fn splitting_a_2m_block_needs_one_table_page() {
         Ok(())
     );
 }
+
+/// Changes `ipa`'s leaf the way the hardware's Access-flag update would, between
+/// `update_pages`' read of the slot and its compare-and-swap.
+fn race_access_flag(t: &Stage2Table<&HostMemory>, ipa: u64) {
+    if !t.test_and_clear_young(ipa) {
+        assert!(t.mkyoung(ipa), "a valid leaf");
+    }
+}
+
+/// `leaf.rs`, `update_pages`' bound on retrying a compare-and-swap that lost to an
+/// Access-flag update: `<` → `==`, `>`, `<=` in `tries < 4`, and `+=` → `-=`, `*=` on the
+/// count. A lost race is retried (the update still lands), and a race lost every time gives
+/// up after exactly five tries with the mismatch (not a livelock, not a silent success).
+#[test]
+fn update_pages_retries_a_lost_race_a_bounded_number_of_times() {
+    let mem = HostMemory::new(64);
+    let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
+        .unwrap();
+    let read_only = Descriptor::page(PA, S2Attrs::normal(Perm::RO)).unwrap();
+    for (lose, tries, lands) in [(1, 2, true), (usize::MAX, 5, false)] {
+        let mut calls = 0;
+        let mut result = None;
+        t.update_pages(
+            &[IPA],
+            &mut |_, _| {
+                calls += 1;
+                if calls <= lose {
+                    race_access_flag(&t, IPA);
+                }
+                (calls < 100).then_some(read_only)
+            },
+            &mut |_, r| result = Some(r),
+            &tlb,
+        );
+        assert_eq!(calls, tries, "losing {lose} races");
+        match result {
+            Some(Ok(())) if lands => {}
+            Some(Err(CasError::Mismatch(_))) if !lands => {}
+            other => panic!("losing {lose} races: {other:?}"),
+        }
+    }
+    match t.lookup(IPA).unwrap().leaf {
+        Leaf::Mapped(m) => assert!(!m.attrs.perm.write, "the first update landed"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -35,6 +35,19 @@ pub(super) struct Tables {
     tables: BTreeSet<Ipa>,
     /// A table page could not be allocated since this was last taken.
     out_of_memory: bool,
+    /// `clear_leaf` failures a test injected, by page.
+    clear_faults: BTreeMap<Ipa, ClearFault>,
+}
+
+/// How an injected `clear_leaf` failure behaves (what hyp's real table can do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClearFault {
+    /// Once: the entry reads as changed (the hardware set its access flag between the
+    /// caller's lookup and the clear); the next try succeeds.
+    Changed,
+    /// Always: the entry cannot be cleared (a block across the region's end with no table
+    /// page to split it); it stays mapped.
+    Stuck,
 }
 
 impl Tables {
@@ -324,6 +337,18 @@ impl Stage2Locked for HostStage2Guard<'_> {
         if found != old {
             return Err(found);
         }
+        match self.map_mut().clear_faults.get(&page).copied() {
+            Some(ClearFault::Changed) => {
+                self.map_mut().clear_faults.remove(&page);
+                // Any other entry: the caller must look again.
+                return Err(S2Entry::Migration {
+                    pfn: u64::MAX,
+                    writable: false,
+                });
+            }
+            Some(ClearFault::Stuck) => return Err(found),
+            None => {}
+        }
         let base = chunk(page);
         if base >= within.start && base + BLOCK_SIZE <= within.end {
             // A whole block goes as one entry: no split, no table page; TLB left pending.
@@ -404,6 +429,14 @@ impl HostStage2 {
             .lock()
             .as_ref()
             .map_or_else(Vec::new, Tables::entries)
+    }
+
+    /// Makes `clear_leaf` of the page at `ipa` fail as `fault` says (tests of the callers'
+    /// failure paths, which the host tables otherwise never take).
+    pub fn inject_clear_fault(&self, ipa: Ipa, fault: ClearFault) {
+        if let Some(t) = self.table.lock().as_mut() {
+            t.clear_faults.insert(page_of(ipa), fault);
+        }
     }
 
     /// First IPAs of the block leaves (empty once freed).
