@@ -2,8 +2,8 @@
 //! memory, and [`RecordingTlb`], which records every maintenance call.
 
 use crate::memory::{TableMemory, TablePage};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::{TlbMaintenance, Vttbr, PAGE_SIZE};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::boxed::Box;
 use std::sync::Mutex;
 use std::vec::Vec;

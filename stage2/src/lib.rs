@@ -59,6 +59,7 @@ pub mod memory;
 mod ops;
 pub mod software;
 pub mod stats;
+pub mod sync;
 pub mod table;
 pub mod tlb;
 pub mod vmid;

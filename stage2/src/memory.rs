@@ -1,7 +1,7 @@
 //! Where table pages come from.
 
+use crate::sync::atomic::AtomicU64;
 use crate::ENTRIES_PER_TABLE;
-use core::sync::atomic::AtomicU64;
 
 /// One table page seen as descriptors.
 pub type TablePage = [AtomicU64; ENTRIES_PER_TABLE];

@@ -1,6 +1,6 @@
 //! Counters of a stage-2 table.
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use crate::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A snapshot of a table's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,10 +7,10 @@ use crate::descriptor::{Descriptor, DescriptorKind, S2Attrs};
 use crate::memory::TableMemory;
 use crate::software::SwEntry;
 use crate::stats::{Counters, Stats};
+use crate::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use crate::tlb::{Batch, Flusher, TlbMaintenance};
 use crate::walk::Visitor;
 use crate::{level_shift, level_size, ops, Error, Perm, PAGE_SIZE};
-use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 /// What a non-empty leaf slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

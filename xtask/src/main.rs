@@ -150,6 +150,12 @@ fn shuttle() -> Result<(), String> {
             &[],
         )?;
     }
+    // stage2's table code: break-before-make and lockless Access-flag updates, then its
+    // broken variant, which must be caught (`should_panic` under that feature).
+    for feature in ["shuttle", "mutate-bbm-blind-lock"] {
+        let args = ["test", "-p", "stage2", "--features", feature];
+        build::cargo(&[&args[..], &["--test", "shuttle_table"]].concat(), &[])?;
+    }
     Ok(())
 }
 

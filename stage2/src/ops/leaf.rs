@@ -3,11 +3,11 @@
 use super::split::{page_slot, path_cost};
 use super::{cas, load_settled, locked, Reserve};
 use crate::flush::OpFlush;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{
     level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
     SwEntry, TableMemory, LAST_LEVEL, PAGE_SIZE,
 };
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// [`Stage2Table::set_software`].
 pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
@@ -104,7 +104,12 @@ fn cas_slot<M: TableMemory, F: Flusher + ?Sized>(
         flush.icache(new.output_address(level), level_size(level));
     }
     if bbm {
+        #[cfg(not(feature = "mutate-bbm-blind-lock"))]
         cas(slot, expected, Descriptor::from_raw(locked())).map_err(CasError::Mismatch)?;
+        // Broken variant: the break takes the slot without comparing, so an Access-flag
+        // update (or another remap) between the caller's read and here is overwritten.
+        #[cfg(feature = "mutate-bbm-blind-lock")]
+        slot.store(locked(), Ordering::Release);
         flush.break_now(base, level);
         slot.store(new.raw(), Ordering::Release);
     } else {

@@ -3,11 +3,11 @@
 use super::split::install_table;
 use super::{cas, chunks, Chunk, Reserve};
 use crate::flush::OpFlush;
+use crate::sync::atomic::Ordering;
 use crate::{
     level_size, Descriptor, DescriptorKind, Error, Flusher, S2Attrs, Stage2Table, TableMemory,
     LAST_LEVEL,
 };
-use core::sync::atomic::Ordering;
 
 struct MapRange<'t, M: TableMemory> {
     t: &'t Stage2Table<M>,
@@ -70,7 +70,7 @@ impl<M: TableMemory> MapRange<'_, M> {
         }
     }
 
-    fn install_leaf(&self, slot: &core::sync::atomic::AtomicU64, level: u8, base: u64) {
+    fn install_leaf(&self, slot: &crate::sync::atomic::AtomicU64, level: u8, base: u64) {
         let enc = self.t.cfg.attr_encoding();
         let new = Descriptor::leaf_encoded(self.pa_of(base), level, self.attrs, true, enc)
             .expect("stage2: checked leaf");

@@ -11,8 +11,8 @@ pub(crate) mod split;
 pub(crate) mod unmap;
 pub(crate) mod walk;
 
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{level_size, Descriptor, Error, SwEntry, TableMemory};
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The part of a range `[start, end)` inside the slot that starts at `base`.
 #[derive(Clone, Copy, Debug)]
@@ -62,7 +62,7 @@ pub(crate) fn load_settled(slot: &AtomicU64) -> Descriptor {
         if v != locked {
             return Descriptor::from_raw(v);
         }
-        core::hint::spin_loop();
+        crate::sync::spin_loop();
     }
 }
 

@@ -2,10 +2,10 @@
 
 use super::{cas, chunks, load_settled, locked, Reserve};
 use crate::flush::OpFlush;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{
     level_size, Descriptor, DescriptorKind, Error, Flusher, Stage2Table, TableMemory, LAST_LEVEL,
 };
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Table pages needed to split the block at `level` so that exactly `[start, end)` (part of it)
 /// gets its own descriptors: one table, plus the splits of partly covered blocks below.

@@ -3,10 +3,10 @@
 use super::split::{count_partial_blocks, split_slot};
 use super::{cas, chunks, load_settled, Reserve};
 use crate::flush::OpFlush;
+use crate::sync::atomic::Ordering;
 use crate::{
     Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table, TableMemory, LAST_LEVEL,
 };
-use core::sync::atomic::Ordering;
 
 /// Unlinked table pages waiting for the TLB invalidation that must precede their freeing,
 /// chained through their first word (an invalid descriptor: a stale walk reading it faults).
@@ -70,7 +70,12 @@ impl<M: TableMemory, F: Flusher + ?Sized, L: FnMut(&LeafInfo)> Unmapper<'_, '_, 
         }
     }
 
-    fn unlink_if_empty(&mut self, slot: &core::sync::atomic::AtomicU64, d: Descriptor, table: u64) {
+    fn unlink_if_empty(
+        &mut self,
+        slot: &crate::sync::atomic::AtomicU64,
+        d: Descriptor,
+        table: u64,
+    ) {
         // SAFETY: `table` is the output address of a table descriptor of this table, read under
         // the stage-2 lock: allocated and linked until this unmap unlinks and frees it.
         let page = unsafe { self.t.mem.table(table) };

@@ -1,10 +1,10 @@
 //! The visitor walk.
 
 use super::chunks;
+use crate::sync::atomic::Ordering;
 use crate::{
     Descriptor, DescriptorKind, Error, LeafInfo, Stage2Table, TableMemory, Visitor, WalkAction,
 };
-use core::sync::atomic::Ordering;
 
 /// Visits the table at `table_pa` of `level` over `[start, end)`; `true` when told to stop.
 fn walk_table<M: TableMemory, V: Visitor + ?Sized>(
