@@ -140,7 +140,14 @@ fn shuttle() -> Result<(), String> {
             "rmap feature {f} has no shuttle scenario in xtask's MUTATIONS"
         ));
     }
-    let tests = ["--test", "shuttle_seeds", "--test", "shuttle_stress"];
+    let tests = [
+        "--test",
+        "shuttle_seeds",
+        "--test",
+        "shuttle_stress",
+        "--test",
+        "shuttle_walker",
+    ];
     let mut args = vec!["test", "-p", "rmap", "--features", "shuttle"];
     build::cargo(&[&args[..], &tests].concat(), &[])?;
     for (feature, scenario) in MUTATIONS {
@@ -150,6 +157,18 @@ fn shuttle() -> Result<(), String> {
             &[],
         )?;
     }
+    // The walker scenario with reuse must catch the recheck's removal too.
+    let args = [
+        "test",
+        "-p",
+        "rmap",
+        "--features",
+        "mutate-anon-vma-recheck",
+    ];
+    build::cargo(
+        &[&args[..], &["--test", "shuttle_walker", "walker_meets"]].concat(),
+        &[],
+    )?;
     // stage2's table code: break-before-make and lockless Access-flag updates, then its
     // broken variant, which must be caught (`should_panic` under that feature).
     for feature in ["shuttle", "mutate-bbm-blind-lock"] {
