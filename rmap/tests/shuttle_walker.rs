@@ -19,6 +19,17 @@ use shuttle_common::{check, frame_at, holds_unless_mutated, read, world, write, 
 
 const DEFAULT: usize = 4000;
 
+/// VM 2's first store, retried while VM 1 still holds the frame or the anon_vma slot it needs.
+fn write_when_free(w: &rmap::host::HostWorld, vm: &rmap::host::HostVm, value: u64) {
+    loop {
+        match vm.write(&w.rmap, &w.machine, RAM, value) {
+            Ok(()) => return,
+            Err(Error::OutOfFrames | Error::OutOfAnonVmas) => thread::yield_now(),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
 fn walker_meets_reuse() {
     let w = world(1, 2, 4);
     let vm1 = w.create_vm(&[(RAM, 1)]);
@@ -44,13 +55,7 @@ fn walker_meets_reuse() {
     // One frame in all: VM 2's fault waits for VM 1's frame; with two anon_vma slots, VM 2's
     // anon_vma (prepared before its fault finds no frame) takes the other slot, so the
     // walker's stale handle names a dead family, not a reused one.
-    loop {
-        match vm2.write(&w.rmap, &w.machine, RAM, 2) {
-            Ok(()) => break,
-            Err(Error::OutOfFrames | Error::OutOfAnonVmas) => thread::yield_now(),
-            Err(e) => panic!("{e:?}"),
-        }
-    }
+    write_when_free(&w, &vm2, 2);
     walker.join().unwrap();
     destroyer.join().unwrap();
     assert_eq!(read(&w, &vm2, RAM), 2);
@@ -75,13 +80,7 @@ fn pin_meets_reuse_and_release() {
         thread::spawn(move || drop(w.rmap.get_anon_vma(pfn)))
     };
     w.destroy(&vm1);
-    loop {
-        match vm2.write(&w.rmap, &w.machine, RAM, 2) {
-            Ok(()) => break,
-            Err(Error::OutOfFrames | Error::OutOfAnonVmas) => thread::yield_now(),
-            Err(e) => panic!("{e:?}"),
-        }
-    }
+    write_when_free(&w, &vm2, 2);
     w.destroy(&vm2);
     walker.join().unwrap();
     check(&w);
