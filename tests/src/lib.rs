@@ -179,6 +179,15 @@ pub fn linux_config() -> MachineConfig {
     }
 }
 
+/// The decimal number right after the first `key` in `text` (a counter in `stats`).
+pub fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The kernel `Image` and `initramfs.cpio` in `$MHV_LINUX_DIR`, or `None`
 /// when that variable is unset (the files themselves are not checked).
 pub fn linux_images() -> Option<(PathBuf, PathBuf)> {

@@ -2,7 +2,7 @@
 //! through the reverse map, driven by the test guest's hypercalls and by the
 //! console.
 
-use qemu_tests::{Machine, MachineConfig};
+use qemu_tests::{number_after, Machine, MachineConfig};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
@@ -152,11 +152,7 @@ fn destroy_while_forking_or_faulting() {
         let stats = m.expect("guest frames from", T);
         // Only the split reserve and what the heap grew by stay in use.
         let num = |after: &str| -> u64 {
-            stats
-                .split(after)
-                .nth(1)
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok())
+            number_after(&stats, after)
                 .unwrap_or_else(|| panic!("[{name}] no '{after}' in\n{stats}"))
         };
         let (used, reserve, heap) = (num(" total ("), num("split reserve "), num("; heap "));

@@ -3,7 +3,7 @@
 //! VM-tagged memory on every vCPU while the hypervisor moves and takes back
 //! its frames.
 
-use qemu_tests::{Machine, MachineConfig};
+use qemu_tests::{number_after, Machine, MachineConfig};
 use std::time::Duration;
 
 fn count(text: &str, needle: &str) -> usize {
@@ -25,19 +25,9 @@ fn assert_all_free(t: &str) {
     let (free, total) = frames_line(t);
     let last_stats = &t[t.rfind("\nframes: ").unwrap()..];
     // The hypervisor keeps a few table pages back for splitting blocks.
-    let reserve: u64 = last_stats
-        .split("split reserve ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("split reserve in stats");
+    let reserve = number_after(last_stats, "split reserve ").expect("split reserve in stats");
     // And the frames the heap grew by (the heap keeps what it takes).
-    let heap: u64 = last_stats
-        .split("; heap ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("heap frames in stats");
+    let heap = number_after(last_stats, "; heap ").expect("heap frames in stats");
     assert_eq!(
         free + reserve + heap,
         total,

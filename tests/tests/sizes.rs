@@ -4,7 +4,7 @@
 //! hypervisor's metadata stays within 16 bytes per 4 KiB frame plus 0.1% of
 //! RAM, as `stats` reports it.
 
-use qemu_tests::{linux_config, Machine, MachineConfig};
+use qemu_tests::{linux_config, number_after, Machine, MachineConfig};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -16,14 +16,7 @@ const REPLY: Duration = Duration::from_secs(60);
 /// bytes in use, RAM frames).
 fn metadata(line: &str) -> (u64, u64, u64) {
     let num = |after: &str| -> u64 {
-        let at = line
-            .find(after)
-            .unwrap_or_else(|| panic!("no '{after}' in {line}"));
-        line[at + after.len()..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no number after '{after}' in {line}"))
+        number_after(line, after).unwrap_or_else(|| panic!("no number after '{after}' in {line}"))
     };
     (num("frame table "), num("heap in use "), num("bytes, for "))
 }

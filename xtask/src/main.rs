@@ -27,7 +27,8 @@ commands:
                  kernel command line)
   test           hyp's layer rule, clippy, host tests of every crate, then the
                  QEMU scenarios in tests/
-  shuttle        only rmap's shuttle runs and mutation checks (part of test)
+  shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
+                 (part of test)
   bench [chain|fork|guest|migrate|linux]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
