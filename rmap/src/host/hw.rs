@@ -108,7 +108,7 @@ impl HostHw {
         self.tlb.lock().remove(&vm);
     }
 
-    /// Break-before-make, as hyp's witness (`hyp/src/bbm.rs`) checks it: a valid leaf of
+    /// Break-before-make, as hyp's witness (`hyp/src/mm/bbm.rs`) checks it: a valid leaf of
     /// `pages` pages from `first` (frames consecutive) is being installed at `ipa`; any
     /// translation `vm`'s TLB still caches in its range for something else (an invalidation
     /// still pending) is a failure. So is a frame not cleaned to the point of coherency since

@@ -1,4 +1,4 @@
-//! Restoring a VM to a snapshot of it, with rmap's API, in the sequence `hyp/src/restore.rs`
+//! Restoring a VM to a snapshot of it, with rmap's API, in the sequence `hyp/src/mm/restore.rs`
 //! uses: chunks of leaves that differ from the snapshot are cleared under the VM's stage-2
 //! lock (a block whole, never split), one VMID-wide invalidation, then what the cleared
 //! leaves held is let go and the snapshot's entries are installed read-only and shared.

@@ -1,5 +1,5 @@
 //! The host swap store: page contents in reference-counted slots. Like the hypervisor's store
-//! (`hyp/src/store.rs`) it reuses freed slot numbers, lowest first, so a slot number can come
+//! (`hyp/src/mm/store.rs`) it reuses freed slot numbers, lowest first, so a slot number can come
 //! back for another page as soon as its last reference goes; a test can run code of its own
 //! at the moment a swap-in uses a slot ([`HostMachine::on_next`]).
 
