@@ -11,6 +11,34 @@ use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
 
 use super::memory::{attr_encoding, ram_attrs, GuestMemory};
 
+/// What a run of pages is mapped for (`LockedStage2::map_run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Run {
+    /// The guest's access: read-only (copy-on-write) or writable.
+    pub access: RunAccess,
+    /// Where the frames come from.
+    pub frames: Frames,
+}
+
+/// A run's guest permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RunAccess {
+    /// Read (and execute): a copy-on-write share.
+    Read,
+    /// Read and write.
+    Write,
+}
+
+/// Where a run's frames come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Frames {
+    /// Just filled by the hypervisor: the table's maintenance applies.
+    Fresh,
+    /// Mapped elsewhere already (a fork child's fill): their contents are
+    /// coherent with the I-cache and need no maintenance.
+    Shared,
+}
+
 /// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
 pub const BLOCK_SIZE: u64 = 2 << 20;
 
@@ -123,7 +151,11 @@ impl<'a> LockedStage2<'a> {
         if !self.mem.is_live() {
             return false;
         }
-        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, true, false)
+        let run = Run {
+            access: RunAccess::Write,
+            frames: Frames::Fresh,
+        };
+        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, run)
     }
 
     /// CAS of a leaf the caller just read, retried while only a hardware
@@ -233,17 +265,9 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
-    /// operation; returns false if the table could not grow. `shared`: the
-    /// frames are mapped elsewhere already (a fork child's fill), so their
-    /// contents are coherent with the I-cache and need no maintenance.
-    pub(super) fn map_run(
-        &mut self,
-        ipa: u64,
-        pfn: u64,
-        pages: u64,
-        writable: bool,
-        shared: bool,
-    ) -> bool {
+    /// operation; returns false if the table could not grow.
+    pub(super) fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, run: Run) -> bool {
+        let (writable, shared) = (run.access == RunAccess::Write, run.frames == Frames::Shared);
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
         let table = self.mem.table();

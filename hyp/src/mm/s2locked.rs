@@ -8,7 +8,7 @@ use core::cell::Cell;
 use rmap::{S2Entry, Stage2Locked};
 use stage2::{Batch, CasError, LeafInfo, Visitor, WalkAction};
 
-use super::locked::{decode, encode, LockedStage2, BLOCK_SIZE};
+use super::locked::{decode, encode, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE};
 
 impl Stage2Locked for LockedStage2<'_> {
     fn lookup(&self, ipa: u64) -> S2Entry {
@@ -231,7 +231,15 @@ impl Stage2Locked for LockedStage2<'_> {
                 len += next_pages;
                 items += 1;
             }
-            if !self.map_run(ipa, pfn, len, writable, true) {
+            let run = Run {
+                access: if writable {
+                    RunAccess::Write
+                } else {
+                    RunAccess::Read
+                },
+                frames: Frames::Shared,
+            };
+            if !self.map_run(ipa, pfn, len, run) {
                 return done;
             }
             done += items;
