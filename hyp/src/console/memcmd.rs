@@ -215,6 +215,21 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError>
     result
 }
 
+/// Counter ticks to fault `pages` reclaimed pages of `vm` back in (swap-ins).
+fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
+    let t0 = crate::arch::timer::now();
+    for i in 0..pages {
+        crate::mm::glue::fault(
+            &vm.mem,
+            vm.mem.ram.base + i * PAGE_SIZE,
+            crate::mm::glue::Access::Read,
+            crate::mm::glue::FaultKind::Translation,
+        )
+        .map_err(|_| CmdError::Bench("fault-in failed"))?;
+    }
+    Ok(crate::arch::timer::now() - t0)
+}
+
 fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let result = (|| {
@@ -250,17 +265,7 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
                 of: pfns.len() as u64,
             });
         }
-        let t0 = crate::arch::timer::now();
-        for i in 0..pages {
-            crate::mm::glue::fault(
-                &vm.mem,
-                vm.mem.ram.base + i * PAGE_SIZE,
-                crate::mm::glue::Access::Read,
-                crate::mm::glue::FaultKind::Translation,
-            )
-            .map_err(|_| CmdError::Bench("fault-in failed"))?;
-        }
-        let fault = crate::arch::timer::now() - t0;
+        let fault = time_fault_in(&vm, pages)?;
         crate::println!(
             "bench reclaim: batch {batch}, {} pages ({} bytes compressed): reclaim {} us ({} MiB/s), lz4 {} us ({} MiB/s), reclaim/lz4 throughput = {}.{:02}x; fault-in {} ns/page",
             pfns.len(),
