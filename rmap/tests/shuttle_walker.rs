@@ -13,14 +13,16 @@
 
 mod shuttle_common;
 
-use rmap::Error;
+use rmap::host::{HostVm, HostWorld};
+use rmap::{Error, Pfn};
 use shuttle::thread;
 use shuttle_common::{check, frame_at, holds_unless_mutated, read, world, write, RAM};
+use std::sync::Arc;
 
 const DEFAULT: usize = 4000;
 
 /// VM 2's first store, retried while VM 1 still holds the frame or the anon_vma slot it needs.
-fn write_when_free(w: &rmap::host::HostWorld, vm: &rmap::host::HostVm, value: u64) {
+fn write_when_free(w: &HostWorld, vm: &HostVm, value: u64) {
     loop {
         match vm.write(&w.rmap, &w.machine, RAM, value) {
             Ok(()) => return,
@@ -30,12 +32,19 @@ fn write_when_free(w: &rmap::host::HostWorld, vm: &rmap::host::HostVm, value: u6
     }
 }
 
-fn walker_meets_reuse() {
-    let w = world(1, 2, 4);
+/// A world of `frames` frames and `anon` anon_vma slots with VM 1's one page written (its
+/// frame returned) and an empty VM 2.
+fn two_vms(frames: usize, anon: usize) -> (Arc<HostWorld>, Arc<HostVm>, Pfn, Arc<HostVm>) {
+    let w = world(frames, anon, 4);
     let vm1 = w.create_vm(&[(RAM, 1)]);
     write(&w, &vm1, RAM, 1);
     let pfn = frame_at(&vm1, RAM);
     let vm2 = w.create_vm(&[(RAM, 1)]);
+    (w, vm1, pfn, vm2)
+}
+
+fn walker_meets_reuse() {
+    let (w, vm1, pfn, vm2) = two_vms(1, 2);
     let walker = {
         let w = w.clone();
         thread::spawn(move || {
@@ -70,11 +79,7 @@ fn walker_meets_reuse() {
 /// is destroyed, VM 2 takes the same anon_vma slot (a pool of one) and is destroyed too, all
 /// while the walker pins VM 1's frame's anon_vma; at the end nothing may be left.
 fn pin_meets_reuse_and_release() {
-    let w = world(2, 1, 4);
-    let vm1 = w.create_vm(&[(RAM, 1)]);
-    write(&w, &vm1, RAM, 1);
-    let pfn = frame_at(&vm1, RAM);
-    let vm2 = w.create_vm(&[(RAM, 1)]);
+    let (w, vm1, pfn, vm2) = two_vms(2, 1);
     let walker = {
         let w = w.clone();
         thread::spawn(move || drop(w.rmap.get_anon_vma(pfn)))
