@@ -4,14 +4,13 @@
 //! never reaches up to the VM itself.
 
 use crate::mm::dirty::DirtyLog;
-use crate::mm::memory::{GuestMemory, LockedStage2};
+use crate::mm::memory::{new_guest_memory, GuestMemory, LockedStage2};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use platform::MemRange;
 use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
 use rmap::{RegionList, Stage2, UnlinkProof, VmId};
 use spin::Mutex;
-use stage2::TlbMaintenance;
 
 /// Why a VM's memory could not be set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +45,7 @@ impl VmMemory {
     /// A VM's memory with an empty region list and stage-2 table, registered
     /// under `id` until [`unregister`].
     pub fn create(id: u32, ram: MemRange) -> Result<Arc<VmMemory>, MemError> {
-        let memory = GuestMemory::new()?;
+        let memory = new_guest_memory()?;
         let mem = Arc::new(VmMemory {
             id,
             ram,
@@ -103,11 +102,7 @@ impl Stage2 for VmMemory {
     }
 
     fn flush_deferred(&self) {
-        let mem = self.memory.lock();
-        if mem.is_live() {
-            mem.tlb().invalidate_vmid(mem.table().vttbr());
-        }
-        mem.bbm_flushed();
+        self.memory.lock().flush_deferred();
     }
 
     fn free_tables(&self, proof: UnlinkProof) {

@@ -1,0 +1,31 @@
+//! The hypervisor's stage-2 adapter: a VM's `stage2::Stage2Table` as rmap's
+//! `Stage2Locked` sees it (page states decoded from and encoded into stage-2
+//! descriptors, break-before-make, 2 MiB runs), with the VM's VMID and the
+//! choice between a local and a broadcast TLB invalidation.
+//!
+//! Everything the adapter needs from the machine (table pages, TLB and cache
+//! maintenance, this CPU's index, barriers, the VMID allocator) comes through
+//! [`Machine`], so the same code runs at EL2 (hyp's `HypMachine`, a
+//! zero-sized type: monomorphised, no dynamic dispatch on the fault path)
+//! and in host tests (`tests/`, over stage2's `HostMemory`/`RecordingTlb`
+//! and rmap's real `Rmap`).
+
+#![no_std]
+
+extern crate alloc;
+
+#[cfg(debug_assertions)]
+pub mod bbm;
+mod locked;
+mod machine;
+mod memory;
+mod s2locked;
+
+pub use locked::{LockedStage2, BLOCK_SIZE};
+pub use machine::Machine;
+pub use memory::{
+    ram_attrs, GuestMemory, VmTlb, BROADCAST_FLUSHES, LOCAL_FLUSHES, NO_VMID_FLUSHES,
+};
+
+/// Bytes in a page (the 4 KiB granule).
+pub const PAGE_SIZE: u64 = stage2::PAGE_SIZE;
