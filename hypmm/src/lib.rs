@@ -3,6 +3,9 @@
 //! descriptors, break-before-make, 2 MiB runs), with the VM's VMID and the
 //! choice between a local and a broadcast TLB invalidation.
 //!
+//! It also holds the huge first-touch fault and MEM_RELEASE (`ops`), and
+//! rmap's frame allocator over the machine's frames (`frames`).
+//!
 //! Everything the adapter needs from the machine (table pages, TLB and cache
 //! maintenance, this CPU's index, barriers, the VMID allocator) comes through
 //! [`Machine`], so the same code runs at EL2 (hyp's `HypMachine`, a
@@ -16,16 +19,20 @@ extern crate alloc;
 
 #[cfg(debug_assertions)]
 pub mod bbm;
+mod frames;
 mod locked;
 mod machine;
 mod memory;
+mod ops;
 mod s2locked;
 
+pub use frames::{publish, Frames};
 pub use locked::{LockedStage2, BLOCK_SIZE};
 pub use machine::Machine;
 pub use memory::{
     ram_attrs, GuestMemory, VmTlb, BROADCAST_FLUSHES, LOCAL_FLUSHES, NO_VMID_FLUSHES,
 };
+pub use ops::{fault_block, release};
 
 /// Bytes in a page (the 4 KiB granule).
 pub const PAGE_SIZE: u64 = stage2::PAGE_SIZE;

@@ -1,7 +1,7 @@
 //! What the stage-2 adapter needs from the machine it runs on.
 
 use platform::board::MAX_CPUS;
-use stage2::{TableMemory, TlbMaintenance, VmidAllocator, Vttbr};
+use stage2::{S2Config, TableMemory, TlbMaintenance, VmidAllocator, Vttbr};
 
 /// The machine under the adapter: hyp's EL2 (frame allocator, `TLBI`/`DC`
 /// instructions, `MPIDR`-derived CPU index) or a host model in tests.
@@ -38,4 +38,33 @@ pub trait Machine {
 
     /// The VMID allocator every VM of this machine draws from.
     fn vmids(&self) -> &VmidAllocator<MAX_CPUS>;
+
+    /// The stage-2 configuration every VM of this machine uses (FWB or not).
+    fn config(&self) -> S2Config;
+
+    /// A free guest (movable) frame's physical address, contents undefined.
+    fn alloc_frame(&self) -> Option<u64>;
+
+    /// `pages` (a power of two) zeroed contiguous guest frames aligned to
+    /// `pages` frames (a 2 MiB block), or None.
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<u64>;
+
+    /// Returns a guest frame to the allocator.
+    fn free_frame(&self, pa: u64);
+
+    /// Zeroes the frame at `pa` through the hypervisor's cacheable map.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the frame (just allocated) and nothing maps it yet.
+    unsafe fn zero_frame(&self, pa: u64);
+
+    /// Copies the frame at `src` into the frame at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `dst` is freshly allocated and owned by the caller, `src` is pinned
+    /// by the caller for the copy (locked, or its writers replaced by
+    /// migration entries); they are distinct frames.
+    unsafe fn copy_frame(&self, dst: u64, src: u64);
 }

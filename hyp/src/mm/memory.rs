@@ -140,6 +140,40 @@ impl hypmm::Machine for HypMachine {
     fn vmids(&self) -> &VmidAllocator<MAX_CPUS> {
         vmids()
     }
+
+    #[inline]
+    fn config(&self) -> S2Config {
+        *CONFIG.get().expect("stage-2 config")
+    }
+
+    #[inline]
+    fn alloc_frame(&self) -> Option<u64> {
+        frames::get().alloc()
+    }
+
+    #[inline]
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<u64> {
+        frames::get().alloc_contiguous_zeroed(pages)
+    }
+
+    #[inline]
+    fn free_frame(&self, pa: u64) {
+        frames::get().free(pa)
+    }
+
+    #[inline]
+    unsafe fn zero_frame(&self, pa: u64) {
+        // SAFETY: the caller owns the frame and nothing maps it (the trait's
+        // contract), which is `zero_frame`'s.
+        unsafe { frames::zero_frame(pa) }
+    }
+
+    #[inline]
+    unsafe fn copy_frame(&self, dst: u64, src: u64) {
+        // SAFETY: the trait's contract (`dst` owned and fresh, `src` pinned,
+        // distinct) is `copy_frame`'s.
+        unsafe { frames::copy_frame(dst, src) }
+    }
 }
 
 /// Chooses the stage-2 configuration from this CPU's ID registers.
