@@ -3,8 +3,11 @@
 //! descriptors, break-before-make, 2 MiB runs), with the VM's VMID and the
 //! choice between a local and a broadcast TLB invalidation.
 //!
-//! It also holds the huge first-touch fault and MEM_RELEASE (`ops`), and
-//! rmap's frame allocator over the machine's frames (`frames`).
+//! It also holds what hyp does with guest memory on top of rmap, generic
+//! over the VM ([`GuestVm`]): the huge first-touch fault and MEM_RELEASE
+//! (`ops`), fork and teardown (`vm`), the memory half of snapshot restore
+//! (`restore`), and rmap's frame allocator over the machine's frames
+//! (`frames`).
 //!
 //! Everything the adapter needs from the machine (table pages, TLB and cache
 //! maintenance, this CPU's index, barriers, the VMID allocator) comes through
@@ -24,7 +27,9 @@ mod locked;
 mod machine;
 mod memory;
 mod ops;
+mod restore;
 mod s2locked;
+mod vm;
 
 pub use frames::{publish, Frames};
 pub use locked::{LockedStage2, BLOCK_SIZE};
@@ -33,6 +38,8 @@ pub use memory::{
     ram_attrs, GuestMemory, VmTlb, BROADCAST_FLUSHES, LOCAL_FLUSHES, NO_VMID_FLUSHES,
 };
 pub use ops::{fault_block, release};
+pub use restore::{reset_memory, restore_dirty, RestoreError};
+pub use vm::{fork_memory, teardown, BatchGuard, GuestVm, MemCtx};
 
 /// Bytes in a page (the 4 KiB granule).
 pub const PAGE_SIZE: u64 = stage2::PAGE_SIZE;

@@ -177,13 +177,8 @@ fn release_splits_a_block_and_teardown_frees_everything() {
     w.access(&vm, RAM_BASE + BLOCK_SIZE + PAGE_SIZE, true);
     let block = vm.memory.lock().pa_of(RAM_BASE).unwrap();
 
-    let mut released = Vec::new();
     let range = RAM_BASE + 2 * PAGE_SIZE..RAM_BASE + 5 * PAGE_SIZE;
-    let swap = &w.hw().frames;
-    let r = hypmm::release(&w.rmap, &vm.regions, &*vm, (&w.m, swap), range, |ipa| {
-        released.push(ipa)
-    });
-    r.expect("release");
+    let released = w.release(&vm, range).expect("release");
     let expect: Vec<u64> = (2..5).map(|i| RAM_BASE + i * PAGE_SIZE).collect();
     assert_eq!(released, expect);
     for &ipa in &expect {
@@ -235,9 +230,7 @@ fn table_exhaustion_is_an_error_not_a_panic() {
     w.access(&big, RAM_BASE, true);
     w.hw().tables.fail_after(Some(0));
     let range = RAM_BASE + PAGE_SIZE..RAM_BASE + 2 * PAGE_SIZE;
-    let swap = &w.hw().frames;
-    let r = hypmm::release(&w.rmap, &big.regions, &*big, (&w.m, swap), range, |_| {});
-    assert_eq!(r, Err(rmap::Error::OutOfFrames));
+    assert_eq!(w.release(&big, range), Err(rmap::Error::OutOfFrames));
     assert_eq!(w.level(&big, RAM_BASE), Some(2), "the block is untouched");
 }
 

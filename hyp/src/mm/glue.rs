@@ -298,33 +298,26 @@ pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultErro
     Ok(())
 }
 
-/// Tears down a VM's memory: zap every entry, unlink its regions from the
-/// reverse map, and only then free its stage-2 tables (DESIGN lesson 5).
-pub fn teardown(vm: &VmMemory) {
-    // No vCPU of the VM runs again, so one VMID-wide invalidation after the
-    // zap covers every entry (destroy() flushes the VMID again before it is
-    // reused); frames freed meanwhile are unreachable through this VM.
-    let batch = vm.batch();
-    let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
-    drop(batch);
-    vm.free_tables(proof);
+/// What `hypmm`'s generic memory operations work with on this machine.
+pub fn cx(rmap: &Rmap) -> hypmm::MemCtx<'_, HypMachine, crate::mm::store::PageStore> {
+    hypmm::MemCtx {
+        rmap,
+        machine: &HypMachine,
+        swap: &STORE,
+    }
 }
 
-/// Shares every page of `parent` copy-on-write with the empty `child`:
-/// regions cloned and linked into the reverse map, parent entries made
-/// read-only with one batched TLB invalidation, child entries filled from the
-/// parent's. Both VMs must be stopped (no vCPU on a CPU).
+/// Tears down a VM's memory (`hypmm::teardown`): zap every entry, unlink
+/// its regions, and only then free its stage-2 tables (DESIGN lesson 5).
+pub fn teardown(vm: &VmMemory) {
+    hypmm::teardown(&cx(rmap()), vm)
+}
+
+/// Shares every page of `parent` copy-on-write with the empty `child`
+/// (`hypmm::fork_memory`): one batched TLB invalidation for the parent.
+/// Both VMs must be stopped (no vCPU on a CPU).
 pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
-    let mut parent_regions = parent.regions.write();
-    let mut child_regions = child.regions.write_nested(1);
-    let _batch = parent.batch();
-    rmap().fork_vm(
-        &mut parent_regions,
-        parent,
-        &mut child_regions,
-        child,
-        &STORE,
-    )
+    hypmm::fork_memory(&cx(rmap()), parent, child)
 }
 
 /// Frames mapped by more than one stage-2 entry.

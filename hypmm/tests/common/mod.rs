@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use hypmm::{GuestMemory, LockedStage2, Machine, PAGE_SIZE};
+use hypmm::{GuestMemory, GuestVm, LockedStage2, Machine, MemCtx, PAGE_SIZE};
 use platform::board::MAX_CPUS;
 use rmap::host::HostMachine;
 use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
@@ -16,7 +16,8 @@ use rmap::{
 };
 use stage2::host::{HostMemory, RecordingTlb, TlbCall};
 use stage2::{S2Config, VmidAllocator, VmidBits, Vttbr};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -142,6 +143,23 @@ pub struct TestVm {
     pub root: u64,
     pub regions: OrderedRwLock<RegionList>,
     pub memory: OrderedMutex<GuestMemory<HostMach>>,
+    /// The dirty log: pages whose entry may differ from the latest snapshot.
+    pub dirty: Mutex<BTreeSet<u64>>,
+}
+
+impl GuestVm<HostMach> for TestVm {
+    fn regions(&self) -> &OrderedRwLock<RegionList> {
+        &self.regions
+    }
+    fn ram(&self) -> Range<u64> {
+        RAM_BASE..RAM_BASE + RAM_PAGES * PAGE_SIZE
+    }
+    fn next_dirty(&self, from: u64) -> Option<u64> {
+        self.dirty.lock().unwrap().range(from..).next().copied()
+    }
+    fn clear_dirty(&self, ipa: u64) {
+        self.dirty.lock().unwrap().remove(&ipa);
+    }
 }
 
 impl Stage2 for TestVm {
@@ -239,6 +257,7 @@ impl World {
             root,
             regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", RegionList::new(VmId(id))),
             memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", mem),
+            dirty: Mutex::new(BTreeSet::new()),
         });
         self.vms.0.lock().unwrap().insert(id, vm.clone());
         vm
@@ -252,8 +271,12 @@ impl World {
         for _ in 0..8 {
             let translation = vm.lock().lookup(ipa) == S2Entry::Invalid;
             if translation && hypmm::fault_block(&self.rmap, &vm.regions, vm, &self.m, ipa) {
+                let chunk = ipa & !(hypmm::BLOCK_SIZE - 1);
+                let mut dirty = vm.dirty.lock().unwrap();
+                dirty.extend((0..BLOCK_PAGES).map(|i| chunk + i * PAGE_SIZE));
                 return Ok(());
             }
+            vm.dirty.lock().unwrap().insert(ipa & !(PAGE_SIZE - 1));
             vm.lock().take_out_of_memory();
             let r = self.rmap.handle_fault(
                 &vm.regions,
@@ -300,29 +323,37 @@ impl World {
         vm.memory.lock().table().lookup(ipa).map(|l| l.level)
     }
 
-    /// Forks `parent` into the empty `child` as hyp's `fork_memory` does:
-    /// regions cloned, parent write-protected in one batch.
-    pub fn fork(&self, parent: &TestVm, child: &TestVm) {
-        let mut pr = parent.regions.write();
-        let mut cr = child.regions.write_nested(1);
-        parent.memory.lock().begin_batch();
-        let r = self
-            .rmap
-            .fork_vm(&mut pr, parent, &mut cr, child, &self.hw().frames);
-        parent.memory.lock().end_batch();
-        r.expect("fork");
+    /// What hypmm's generic operations work with.
+    pub fn cx(&self) -> MemCtx<'_, HostMach, HostMachine> {
+        MemCtx {
+            rmap: &self.rmap,
+            machine: &self.m,
+            swap: &self.hw().frames,
+        }
     }
 
-    /// Tears `vm` down as hyp's `glue::teardown` does.
+    /// Forks `parent` into the empty `child` (`hypmm::fork_memory`); the
+    /// parent's dirty log is then relative to the child (a snapshot).
+    pub fn fork(&self, parent: &TestVm, child: &TestVm) {
+        hypmm::fork_memory(&self.cx(), parent, child).expect("fork");
+        parent.dirty.lock().unwrap().clear();
+    }
+
+    /// Tears `vm` down (`hypmm::teardown`).
     pub fn teardown(&self, vm: &TestVm) {
-        vm.memory.lock().begin_batch();
-        let frames = hypmm::Frames(&self.m);
-        let proof = self
-            .rmap
-            .destroy_vm(&mut vm.regions.write(), vm, &frames, &self.hw().frames);
-        vm.memory.lock().end_batch();
-        vm.free_tables(proof);
+        hypmm::teardown(&self.cx(), vm);
         self.vms.0.lock().unwrap().remove(&vm.id);
+    }
+
+    /// Releases `range` of `vm` (`hypmm::release`), logging what it cleared.
+    pub fn release(&self, vm: &TestVm, range: Range<u64>) -> Result<Vec<u64>, rmap::Error> {
+        let mut released = Vec::new();
+        let both = (&self.m, &self.hw().frames);
+        hypmm::release(&self.rmap, &vm.regions, vm, both, range, |ipa| {
+            released.push(ipa);
+        })?;
+        vm.dirty.lock().unwrap().extend(released.iter().copied());
+        Ok(released)
     }
 }
 
