@@ -2,15 +2,20 @@
 //! `platform`, `hypmm` crates); never `vdev`, `vm`, `boot` or `console`.
 //!
 //! Owns physical memory and every guest's view of it: the frame allocator and
-//! the hypervisor heap (`frames`, `heap`), the machine under the stage-2
-//! adapter (`memory`: `HypMachine`, the frame-backed table pages and split
-//! reserve, the EL2 TLB, the VMID allocator; the adapter itself, rmap's
-//! `Stage2Locked` over a `stage2::Stage2Table` with its debug break-before-make
-//! witness, is the host-tested `hypmm` crate), rmap's `Stage2` for a VM
-//! (`vmmem`), the rmap glue (`glue`: the
-//! stage-2 fault on RAM, `FrameAllocator`, `VmSet`, statistics), the swap
-//! store (`store`), the dirty log (`dirty`), migration and reclaim control
-//! (`memctl`), and the memory half of snapshot restore (`restore`).
+//! the hypervisor heap (`frames`, `heap`); the machine under the stage-2
+//! adapter (`memory`: `HypMachine`, the stage-2 configuration, frame-backed
+//! table pages with the split reserve, the EL2 TLB, the VMID allocator);
+//! rmap's `Stage2` and `hypmm::GuestVm` for a VM (`vmmem`); the rmap glue
+//! (`glue`: the stage-2 fault on RAM, `FrameAllocator`, `VmSet`, statistics);
+//! the swap store (`store`), the dirty log (`dirty`), migration and reclaim
+//! control (`memctl`), and restore (`restore`).
+//!
+//! The adapter itself (rmap's `Stage2Locked` over a `stage2::Stage2Table`,
+//! with its debug break-before-make witness) and the logic of the 2 MiB
+//! first touch, MEM_RELEASE, fork, teardown and the memory half of snapshot
+//! restore live in the workspace crate `hypmm`, generic over
+//! `hypmm::Machine` and host-tested there; `glue` and `restore` here are
+//! thin wrappers that instantiate it.
 //!
 //! A VM's memory is a [`VmMemory`]: its RAM range, region list (lock level 1),
 //! stage-2 table (level 4) and dirty log. `vm::Vm` owns one; `mm` finds it by
