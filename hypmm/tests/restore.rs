@@ -9,9 +9,8 @@ use hypmm::{RestoreError, PAGE_SIZE};
 use rmap::{S2Entry, Stage2, Stage2Locked};
 
 /// Every page of `vm`'s RAM as rmap sees it.
-fn entries(w: &World, vm: &TestVm) -> Vec<S2Entry> {
+fn entries(vm: &TestVm) -> Vec<S2Entry> {
     let s2 = vm.lock();
-    let _ = w;
     (0..RAM_PAGES)
         .map(|i| s2.lookup(RAM_BASE + i * PAGE_SIZE))
         .collect()
@@ -51,14 +50,14 @@ fn changed_vm(w: &World) -> (std::sync::Arc<TestVm>, std::sync::Arc<TestVm>) {
 fn restore_dirty_makes_every_logged_page_the_snapshots_again() {
     let w = World::new(false);
     let (vm, snap) = changed_vm(&w);
-    let want = read_only(entries(&w, &snap));
-    assert_ne!(entries(&w, &vm), want, "the VM changed");
+    let want = read_only(entries(&snap));
+    assert_ne!(entries(&vm), want, "the VM changed");
     let logged = vm.dirty.lock().unwrap().len();
     assert!(logged >= 3, "{logged} pages logged");
 
     hypmm::restore_dirty(&w.cx(), &*vm, &*snap).expect("restore");
 
-    assert_eq!(entries(&w, &vm), want);
+    assert_eq!(entries(&vm), want);
     assert!(
         vm.dirty.lock().unwrap().is_empty(),
         "every logged page done"
@@ -85,10 +84,10 @@ fn restore_from_a_torn_down_snapshot_is_refused() {
 fn reset_then_fork_is_the_slow_path_to_the_same_memory() {
     let w = World::new(false);
     let (vm, snap) = changed_vm(&w);
-    let want = read_only(entries(&w, &snap));
+    let want = read_only(entries(&snap));
     hypmm::reset_memory(&w.cx(), &*vm);
-    assert!(entries(&w, &vm).iter().all(|e| *e == S2Entry::Invalid));
+    assert!(entries(&vm).iter().all(|e| *e == S2Entry::Invalid));
     assert!(vm.memory.lock().is_live(), "the table and VMID are kept");
     w.fork(&snap, &vm);
-    assert_eq!(entries(&w, &vm), want);
+    assert_eq!(entries(&vm), want);
 }

@@ -62,7 +62,7 @@ impl Hw {
         }
     }
 
-    /// Recorded calls of one kind.
+    /// The PoC cleans recorded so far, as (PA, length).
     pub fn cleans(&self) -> Vec<(u64, u64)> {
         let calls = self.tlb.calls();
         let f = |c: &TlbCall| match *c {
