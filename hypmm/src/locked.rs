@@ -3,17 +3,17 @@
 //! states (`S2Entry`) and stage-2 descriptors. The `rmap::Stage2Locked`
 //! operations on it are in `s2locked`.
 
-use crate::mm::frames::PAGE_SIZE;
+use crate::machine::Machine;
+use crate::memory::{ram_attrs, GuestMemory};
+use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
 use rmap::S2Entry;
-use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
-
-use super::memory::{attr_encoding, ram_attrs, GuestMemory};
+use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
 
 /// What a run of pages is mapped for (`LockedStage2::map_run`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Run {
+pub(crate) struct Run {
     /// The guest's access: read-only (copy-on-write) or writable.
     pub access: RunAccess,
     /// Where the frames come from.
@@ -22,7 +22,7 @@ pub(super) struct Run {
 
 /// A run's guest permission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum RunAccess {
+pub(crate) enum RunAccess {
     /// Read (and execute): a copy-on-write share.
     Read,
     /// Read and write.
@@ -31,7 +31,7 @@ pub(super) enum RunAccess {
 
 /// Where a run's frames come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Frames {
+pub(crate) enum Frames {
     /// Just filled by the hypervisor: the table's maintenance applies.
     Fresh,
     /// Mapped elsewhere already (a fork child's fill): their contents are
@@ -42,7 +42,7 @@ pub(super) enum Frames {
 /// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
 pub const BLOCK_SIZE: u64 = 2 << 20;
 
-pub(super) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
+pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
     let Some(leaf) = leaf else {
         return S2Entry::Invalid;
     };
@@ -61,13 +61,14 @@ pub(super) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
     }
 }
 
-pub(super) fn encode(entry: S2Entry) -> Descriptor {
+/// The descriptor for `entry`, its MemAttr encoded as the table's
+/// configuration says (FWB or not).
+pub(crate) fn encode(entry: S2Entry, enc: AttrEncoding) -> Descriptor {
     match entry {
         S2Entry::Invalid => Descriptor::EMPTY,
         S2Entry::Page { pfn, writable } => {
             let attrs = ram_attrs(writable);
-            Descriptor::leaf_encoded(pfn << 12, 3, attrs, true, attr_encoding())
-                .expect("page descriptor")
+            Descriptor::leaf_encoded(pfn << 12, 3, attrs, true, enc).expect("page descriptor")
         }
         S2Entry::Migration { pfn, writable } => {
             Descriptor::software(SwEntry::Migration { pfn, writable })
@@ -80,20 +81,20 @@ pub(super) fn encode(entry: S2Entry) -> Descriptor {
 }
 
 /// The locked stage-2 as `rmap` uses it.
-pub struct LockedStage2<'a> {
-    pub(super) mem: OrderedMutexGuard<'a, GuestMemory>,
+pub struct LockedStage2<'a, M: Machine> {
+    pub(crate) mem: OrderedMutexGuard<'a, GuestMemory<M>>,
     /// The leaf the last `lookup` found, by page: a reverse-map walk verifies
     /// a page and then changes it, and the change reuses this instead of
     /// walking the table again. Used at most once (`cas` takes it) and cleared
     /// by every other change through this guard, so it can be stale only by
     /// what the hardware did meanwhile (an access-flag update), which makes
     /// the descriptor CAS fail and the retry look the leaf up afresh.
-    pub(super) last: Cell<Option<(u64, Option<LeafInfo>)>>,
+    pub(crate) last: Cell<Option<(u64, Option<LeafInfo>)>>,
 }
 
-impl<'a> LockedStage2<'a> {
+impl<'a, M: Machine> LockedStage2<'a, M> {
     /// The view of a locked table (the guard is the VM's stage-2 lock).
-    pub(super) fn new(mem: OrderedMutexGuard<'a, GuestMemory>) -> Self {
+    pub fn new(mem: OrderedMutexGuard<'a, GuestMemory<M>>) -> Self {
         LockedStage2 {
             mem,
             last: Cell::new(None),
@@ -112,7 +113,12 @@ impl<'a> LockedStage2<'a> {
         self.mem.is_live()
     }
 
-    pub(super) fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+    /// How this table's leaves encode MemAttr (for FWB or not).
+    pub(crate) fn enc(&self) -> AttrEncoding {
+        self.mem.table().config().attr_encoding()
+    }
+
+    pub(crate) fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
         // A torn-down VM reads as empty and refuses every change: a console
         // command or rmap walker that still holds the VM must not panic.
         let Some(table) = self.mem.live() else {
@@ -160,7 +166,7 @@ impl<'a> LockedStage2<'a> {
 
     /// CAS of a leaf the caller just read, retried while only a hardware
     /// access-flag update got in between.
-    pub(super) fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
+    pub(crate) fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
         let mut cur = *leaf;
         while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
             cur.desc = d;
@@ -172,7 +178,7 @@ impl<'a> LockedStage2<'a> {
 
     /// Makes a writable block read-only as one entry, if `new` is exactly
     /// that; false if it is some other change (the caller splits).
-    pub(super) fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
+    pub(crate) fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
         let (
             S2Entry::Page { pfn: a, .. },
             S2Entry::Page {
@@ -189,9 +195,8 @@ impl<'a> LockedStage2<'a> {
         if a != b {
             return false;
         }
-        let ro =
-            Descriptor::leaf_encoded(m.pa, leaf.level, ram_attrs(false), m.young, attr_encoding())
-                .expect("block descriptor");
+        let ro = Descriptor::leaf_encoded(m.pa, leaf.level, ram_attrs(false), m.young, self.enc())
+            .expect("block descriptor");
         let table = self.mem.table();
         let tlb = self.mem.tlb();
         let batch = Batch::new(&tlb, table.vttbr());
@@ -205,7 +210,7 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
-    pub(super) fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
+    pub(crate) fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
         let table = self.mem.table();
         if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
             if e == stage2::Error::NoMemory {
@@ -218,7 +223,7 @@ impl<'a> LockedStage2<'a> {
 
     /// The pages of a block only partly inside an update: changed one by one
     /// (`cas` splits the block first).
-    pub(super) fn update_block_pages(
+    pub(crate) fn update_block_pages(
         &mut self,
         leaf: &LeafInfo,
         start: u64,
@@ -236,7 +241,7 @@ impl<'a> LockedStage2<'a> {
 
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
-    pub(super) fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+    pub(crate) fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
         if self.mem.batching
             && matches!(leaf.leaf, Leaf::Mapped(_))
             && matches!(new, S2Entry::Invalid | S2Entry::Swap { .. })
@@ -248,8 +253,13 @@ impl<'a> LockedStage2<'a> {
         if self.mem.batching {
             let tlb = self.mem.tlb();
             let batch = Batch::new(&tlb, table.vttbr());
-            let r =
-                table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &batch);
+            let r = table.compare_exchange_leaf(
+                leaf.ipa,
+                leaf.level,
+                leaf.desc,
+                encode(new, self.enc()),
+                &batch,
+            );
             // The pending VMID-wide flush is issued by end_batch().
             let _ = batch.into_pending();
             r
@@ -258,7 +268,7 @@ impl<'a> LockedStage2<'a> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new),
+                encode(new, self.enc()),
                 &self.mem.tlb(),
             )
         }
@@ -266,7 +276,7 @@ impl<'a> LockedStage2<'a> {
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
     /// operation; returns false if the table could not grow.
-    pub(super) fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, run: Run) -> bool {
+    pub(crate) fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, run: Run) -> bool {
         let (writable, shared) = (run.access == RunAccess::Write, run.frames == Frames::Shared);
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
@@ -290,7 +300,7 @@ impl<'a> LockedStage2<'a> {
         }
     }
 
-    pub(super) fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
+    pub(crate) fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
         let table = self.mem.table();
         let result = match new {
             S2Entry::Invalid => return Ok(()),
