@@ -1,6 +1,6 @@
 //! `cargo xtask run`: boots the hypervisor under QEMU with the console on
-//! this terminal. Ctrl-A belongs to the hypervisor console (it switches
-//! between VM consoles), so QEMU's own mux is off: `quit` at the `hyp>`
+//! this terminal. Ctrl-A belongs to the hypervisor console (its prefix key
+//! switches between VM consoles, `hypcmd::keys`), so QEMU's own mux is off: `quit` at the `hyp>`
 //! prompt ends the machine.
 
 use qemu_tests::MachineConfig;

@@ -1,6 +1,6 @@
-//! The hypervisor console: commands typed on the physical UART (Ctrl-A
-//! switches input between the hypervisor and the VMs' consoles) or given as a
-//! boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
+//! The hypervisor console: commands typed on the physical UART (the Ctrl-A
+//! keys of `hypcmd::keys`, or `console <vm>`, move the keyboard between the
+//! hypervisor and the VMs' consoles) or given as a boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
 //! is an error message, never a panic); this file edits the typed line, runs
 //! the typed `Command` and answers what only the machine knows (does the VM
 //! exist). Nothing here can hurt a VM that was not named.
@@ -11,10 +11,10 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
-use hypcmd::{Command, VmId};
+use hypcmd::keys::{Key, Keys, KEYS_HELP};
+use hypcmd::{Command, Focus, VmId};
 use spin::Mutex;
 
-const CTRL_A: u8 = 0x01;
 /// A typed line longer than this is dropped whole: the heap is not the
 /// operator's to fill, and no command is anywhere near this long.
 const MAX_LINE: usize = 1024;
@@ -25,6 +25,8 @@ struct Console {
     too_long: bool,
     /// None: input goes to the hypervisor console; Some(id): to that VM.
     focus: Option<u32>,
+    /// The Ctrl-A prefix keys in progress.
+    keys: Keys,
     script: VecDeque<String>,
 }
 
@@ -32,6 +34,7 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
     line: String::new(),
     too_long: false,
     focus: None,
+    keys: Keys::new(),
     script: VecDeque::new(),
 });
 /// A script `sleep` holds the next command back until this counter value.
@@ -98,7 +101,7 @@ pub fn poll() {
     let typed = TYPED.lock().take();
     if let Some(cmd) = typed {
         execute(&cmd);
-        crate::print!("hyp> ");
+        prompt();
     }
     let paused = crate::arch::timer::now() < SCRIPT_RESUME_AT.load(Ordering::Acquire);
     let next = if paused {
@@ -116,22 +119,46 @@ pub fn poll() {
     while let Some(b) = crate::arch::uart::read_byte() {
         if let Some(cmd) = input(b) {
             execute(&cmd);
-            crate::print!("hyp> ");
+            prompt();
         }
+    }
+}
+
+/// The hypervisor's prompt, if it has the keyboard (a `console <vm>` just
+/// gave it away: the VM's console answers next).
+fn prompt() {
+    if CONSOLE.lock().focus.is_none() {
+        crate::print!("hyp> ");
     }
 }
 
 /// One typed byte; returns a complete command line for the hypervisor.
 fn input(b: u8) -> Option<String> {
     let mut c = CONSOLE.lock();
-    if b == CTRL_A {
-        c.focus = next_focus(c.focus);
-        match c.focus {
-            None => crate::print!("\n[console: hypervisor]\nhyp> "),
-            Some(id) => crate::print!("\n[console: vm {id}]\n"),
+    let b = match c.keys.feed(b) {
+        Key::Input(b) => b,
+        Key::Pending => return None,
+        Key::Cycle => {
+            let to = next_focus(c.focus);
+            switch(&mut c, to);
+            return None;
         }
-        return None;
-    }
+        Key::Hypervisor => {
+            switch(&mut c, None);
+            return None;
+        }
+        Key::Vm(id) => {
+            switch(&mut c, Some(id));
+            return None;
+        }
+        Key::Unknown => {
+            crate::print!("\n[console: {KEYS_HELP}]\n");
+            if c.focus.is_none() {
+                crate::print!("hyp> {}", c.line);
+            }
+            return None;
+        }
+    };
     if let Some(id) = c.focus {
         drop(c);
         if let Some(vm) = vm::get(id) {
@@ -170,6 +197,43 @@ fn input(b: u8) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Gives the keyboard to `to` (None: the hypervisor), if that VM exists, and
+/// says so on the console.
+fn switch(c: &mut Console, to: Option<u32>) {
+    match to {
+        Some(id) if vm::get(id).is_none() => {
+            crate::print!("\n[console: no vm {id}; the keyboard stays ");
+            match c.focus {
+                None => crate::print!("with the hypervisor]\nhyp> {}", c.line),
+                Some(cur) => crate::print!("with vm {cur}]\n"),
+            }
+        }
+        None => {
+            c.focus = None;
+            crate::print!("\n[console: hypervisor]\nhyp> {}", c.line);
+        }
+        Some(id) => {
+            c.focus = Some(id);
+            crate::print!("\n[console: vm {id}]\n");
+        }
+    }
+}
+
+/// `console <vm>|hyp`: run from `execute`, without the console lock.
+fn console_cmd(to: Focus) -> Result<(), CmdError> {
+    let to = match to {
+        Focus::Hypervisor => None,
+        Focus::Vm(id) => Some(vm(id)?.id),
+    };
+    let mut c = CONSOLE.lock();
+    c.focus = to;
+    match to {
+        None => crate::println!("[console: hypervisor]"),
+        Some(id) => crate::println!("[console: vm {id}]"),
+    }
+    Ok(())
 }
 
 /// Hypervisor, then each VM in id order, then back.
@@ -221,6 +285,7 @@ fn run(cmd: Command) -> Result<(), CmdError> {
             crate::println!("vm {} restored to snapshot {}", v.id, snap.id);
         }
         Command::Rmap { pa } => return rmap_cmd(pa),
+        Command::Console(to) => return console_cmd(to),
         Command::BenchFork { mib } => return crate::console::bench::fork(mib),
         Command::Sleep { ms } => {
             let until =
