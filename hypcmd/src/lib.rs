@@ -27,6 +27,7 @@ extern crate alloc;
 pub mod bootargs;
 mod command;
 pub mod keys;
+pub mod lines;
 mod parse;
 
 pub use command::{Command, Focus, PageRange, VmId, HELP};
