@@ -18,6 +18,7 @@ extern crate alloc;
 mod arch;
 mod boot;
 mod console;
+mod dev;
 mod mm;
 mod vdev;
 mod vm;
@@ -84,6 +85,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_distributor(&board);
     gic::init_cpu(&board);
+    dev::control::init(&board);
     sched::init(&board, &console::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);

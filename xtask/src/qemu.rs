@@ -37,6 +37,7 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--initrd" => own.initrd = Some(existing(val()?)?),
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
+            "--api" => o.api = Some(val()?.into()),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }
