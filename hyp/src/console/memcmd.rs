@@ -5,6 +5,7 @@
 
 use crate::arch::timer::ticks_to_us as us;
 use crate::console::error::CmdError;
+use crate::console::reply::Reply;
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::glue::{rmap, HypFrames, HypVms, STORE};
 use crate::mm::memctl::{self, Report};
@@ -17,45 +18,68 @@ use hypcmd::{Command, PageRange};
 /// Runs a memory command (`cmd.rs` passes every command it does not run
 /// itself). Arguments are already checked by `hypcmd`; what is checked here
 /// is the machine: the VM exists, the range is its RAM or the host's.
-pub fn run(cmd: Command) -> Result<(), CmdError> {
+pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
     match cmd {
         Command::Migrate { vm, range, batch } => {
-            return migrate(crate::console::cmd::vm(vm)?, range, batch)
+            return migrate(crate::console::cmd::vm(vm)?, range, batch, r)
         }
-        Command::Evacuate { range, batch } => {
-            let (start, end) = ram_range(range)?;
-            let (r, left) = memctl::evacuate(start, end, batch.unwrap_or(memctl::BATCH));
-            crate::println!(
-                "evacuate {start:#x}..{end:#x}: moved {r}; left in use: {} ({} guest frames busy, {} unmovable); offline until `online`",
-                left.guest + left.unmovable,
-                left.guest,
-                left.unmovable
-            );
-        }
+        Command::Evacuate { range, batch } => return evacuate(range, batch, r),
         Command::Online { range } => {
             let (start, end) = ram_range(range)?;
             let n = memctl::online(start, end);
-            crate::println!("online {start:#x}..{end:#x}: {n} frames back in the allocator");
+            crate::say!(
+                r,
+                "online {start:#x}..{end:#x}: {n} frames back in the allocator"
+            );
+            r.set("frames", n);
         }
-        Command::Reclaim { pages, batch } => reclaim(pages, batch.unwrap_or(memctl::BATCH)),
+        Command::Reclaim { pages, batch } => reclaim(pages, batch.unwrap_or(memctl::BATCH), r),
         Command::Chaos {
             secs,
             seed,
             max_vms,
         } => crate::console::chaos::chaos(secs, seed, max_vms),
-        Command::Wait { secs } => wait(secs),
+        Command::Wait { secs } => wait(secs, r),
         Command::BenchMigrate {
             mappers,
             pages,
             batch,
-        } => return bench_migrate(mappers, pages, batch),
-        Command::BenchReclaim { pages, batch } => return bench_reclaim(pages, batch),
+        } => return bench_migrate(mappers, pages, batch, r),
+        Command::BenchReclaim { pages, batch } => return bench_reclaim(pages, batch, r),
         other => return Err(CmdError::NotHere(other)),
     }
     Ok(())
 }
 
-fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), CmdError> {
+/// A memctl report as answer fields.
+fn report(r: &mut Reply, rep: &Report) {
+    r.set("moved", rep.done);
+    r.set("skipped", rep.skipped_total());
+    r.set("batches", rep.batches);
+}
+
+fn evacuate(range: PageRange, batch: Option<usize>, r: &mut Reply) -> Result<(), CmdError> {
+    let (start, end) = ram_range(range)?;
+    let (rep, left) = memctl::evacuate(start, end, batch.unwrap_or(memctl::BATCH));
+    crate::say!(
+        r,
+        "evacuate {start:#x}..{end:#x}: moved {rep}; left in use: {} ({} guest frames busy, {} unmovable); offline until `online`",
+        left.guest + left.unmovable,
+        left.guest,
+        left.unmovable
+    );
+    report(r, &rep);
+    r.set("busy", left.guest);
+    r.set("unmovable", left.unmovable);
+    Ok(())
+}
+
+fn migrate(
+    vm: Arc<Vm>,
+    range: PageRange,
+    batch: Option<usize>,
+    r: &mut Reply,
+) -> Result<(), CmdError> {
     let (start, end) = (range.start(), range.end());
     let ram_end = vm.mem.ram.base.saturating_add(vm.mem.ram.size);
     if start < vm.mem.ram.base || end > ram_end {
@@ -65,34 +89,40 @@ fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), Cm
             end,
         });
     }
-    let r = memctl::migrate_vm(&vm.mem, start, end, batch.unwrap_or(memctl::BATCH));
-    crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
+    let rep = memctl::migrate_vm(&vm.mem, start, end, batch.unwrap_or(memctl::BATCH));
+    crate::say!(r, "migrate vm {} {start:#x}..{end:#x}: moved {rep}", vm.id);
+    report(r, &rep);
     Ok(())
 }
 
-fn reclaim(pages: u64, batch: usize) {
+fn reclaim(pages: u64, batch: usize, out: &mut Reply) {
     let zero0 = STORE.zero_mapped.load(Ordering::Relaxed);
     let (r, scanned, young) = memctl::reclaim(pages, batch);
     let zero = STORE
         .zero_mapped
         .load(Ordering::Relaxed)
         .wrapping_sub(zero0);
-    crate::println!(
+    crate::say!(
+        out,
         "reclaim: reclaimed {r} ({} stored, {zero} zero); scanned {scanned}, {young} referenced kept",
         r.done.saturating_sub(zero)
     );
+    out.set("reclaimed", r.done);
+    out.set("zero", zero);
+    out.set("scanned", scanned);
+    out.set("referenced", young);
 }
 
 /// Waits until no runnable VM is left, at most `secs`.
-fn wait(secs: u64) {
+fn wait(secs: u64, r: &mut Reply) {
     let ticks = secs.saturating_mul(crate::arch::timer::frequency());
     let deadline = crate::arch::timer::now().saturating_add(ticks);
     while crate::vm::count_runnable() > 0 && crate::arch::timer::now() < deadline {
         core::hint::spin_loop();
     }
     match crate::vm::count_runnable() {
-        0 => crate::println!("wait: no runnable VMs left"),
-        n => crate::println!("wait: {n} VMs still runnable after {secs} s"),
+        0 => crate::say!(r, "wait: no runnable VMs left"),
+        n => crate::say!(r, "wait: {n} VMs still runnable after {secs} s"),
     }
 }
 
@@ -159,7 +189,7 @@ fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
     Ok(ticks)
 }
 
-fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError> {
+fn bench_migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let mut snaps = Vec::new();
     let result = (|| {
@@ -198,7 +228,8 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError>
             .first()
             .ok_or(CmdError::Bench("the bench VM has no frames"))?;
         let mapcount = rmap().frames().frame(*first).mapcount();
-        crate::println!(
+        crate::say!(
+            out,
             "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {} pages, best of {BENCH_ROUNDS}: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {}.{:02}x",
             pfns.len(),
             us(mig),
@@ -230,7 +261,7 @@ fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
     Ok(crate::arch::timer::now() - t0)
 }
 
-fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
+fn bench_reclaim(pages: u64, batch: usize, reply: &mut Reply) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let result = (|| {
         let end = vm.mem.ram.base + pages * PAGE_SIZE;
@@ -266,7 +297,8 @@ fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
             });
         }
         let fault = time_fault_in(&vm, pages)?;
-        crate::println!(
+        crate::say!(
+            reply,
             "bench reclaim: batch {batch}, {} pages ({} bytes compressed): reclaim {} us ({} MiB/s), lz4 {} us ({} MiB/s), reclaim/lz4 throughput = {}.{:02}x; fault-in {} ns/page",
             pfns.len(),
             bytes,
