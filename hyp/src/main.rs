@@ -17,6 +17,7 @@ extern crate alloc;
 // `layers` in xtask's tests against the table in docs/ARCHITECTURE.md).
 mod arch;
 mod boot;
+mod channel;
 mod console;
 mod dev;
 mod mm;
@@ -86,7 +87,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     gic::init_distributor(&board);
     gic::init_cpu(&board);
     dev::control::init(&board);
-    sched::init(&board, &console::HOOKS);
+    sched::init(&board, &channel::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);
     start_default_vm(&board);

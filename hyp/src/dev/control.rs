@@ -9,17 +9,13 @@
 //! reads loses output (counted, [`dropped`]), and garbage comes out as
 //! [`LineError`]s.
 
-// The line API's caller is the console layer's request loop (issue 19), which
-// lands separately; until then only `init` is called.
-#![allow(dead_code)]
-
 use super::hal::HypHal;
 use super::virtio::{self, Claimed};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hypcmd::lines::LineAssembler;
 pub use hypcmd::lines::LineError;
-use hypcmd::lines::{LineAssembler, DEFAULT_CAP};
 use platform::Board;
 use spin::Mutex;
 use virtio_drivers::device::console::VirtIOConsole;
@@ -54,7 +50,7 @@ pub fn init(board: &Board) {
         Ok(dev) => {
             *CONTROL.lock() = Some(Control {
                 dev,
-                lines: LineAssembler::new(DEFAULT_CAP),
+                lines: LineAssembler::new(hypapi::MAX_LINE),
             });
             crate::println!(
                 "[hyp] control channel: virtio-console at {:#x}",
@@ -75,7 +71,8 @@ pub fn present() -> bool {
 
 /// The next complete line from the client, without its newline: `None` when
 /// no whole line has arrived (or there is no channel). A line over 64 KiB is
-/// discarded up to its newline and reported once as [`LineError::TooLong`];
+/// discarded up to its newline and reported once as [`LineError::TooLong`]
+/// (the protocol's cap, `hypapi::MAX_LINE`);
 /// one that is not UTF-8 as [`LineError::NotUtf8`].
 pub fn read_line() -> Option<Result<String, LineError>> {
     let mut guard = CONTROL.lock();
