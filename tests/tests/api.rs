@@ -57,6 +57,13 @@ fn api_answers_requests_and_survives_bad_lines() {
         "{a}"
     );
 
+    // A client that goes away and a new one: the channel serves the new one.
+    drop(client);
+    let mut client = ApiClient::connect(&sock, REPLY).expect("reconnect to the api socket");
+    client.send_line(r#"{"id":3,"cmd":"vms"}"#).unwrap();
+    let a = answer(&mut client, &m);
+    assert!(a.contains(r#""id":3"#) && a.contains(r#""ok":true"#), "{a}");
+
     m.send("poweroff -f\n");
     let status = m.wait_exit(REPLY);
     m.assert_no_hyp_fault();
