@@ -13,7 +13,10 @@ const BENCH: Duration = Duration::from_secs(240);
 /// The `<a>.<bb>x (min <c>.<dd>x, max <e>.<ff>x, median of 5 interleaved
 /// pairs)` after `key` in `line`, as hundredths (median, min, max).
 fn ratio(line: &str, key: &str) -> (u64, u64, u64) {
-    let rest = &line[line.find(key).unwrap_or_else(|| panic!("no {key:?} in {line}")) + key.len()..];
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line}"))
+        + key.len()..];
     let nums: Vec<u64> = rest
         .split(|c: char| !c.is_ascii_digit() && c != '.')
         .filter(|w| w.contains('.'))
@@ -37,8 +40,14 @@ fn benches_report_medians_of_interleaved_pairs() {
     let mut m = Machine::boot("bench-pairs", &cfg);
     for (prefix, key) in [
         ("bench fork: 8 MiB", "copy/fork = "),
-        ("bench migrate: mappers 2 (mapcount 2)", "migrate/memcpy throughput = "),
-        ("bench reclaim: batch 64, 128 pages", "reclaim/lz4 throughput = "),
+        (
+            "bench migrate: mappers 2 (mapcount 2)",
+            "migrate/memcpy throughput = ",
+        ),
+        (
+            "bench reclaim: batch 64, 128 pages",
+            "reclaim/lz4 throughput = ",
+        ),
     ] {
         m.expect(prefix, if prefix.contains("fork") { BOOT } else { BENCH });
         let line = m.expect("\n", BENCH);
