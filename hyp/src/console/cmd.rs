@@ -290,7 +290,7 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         }
         Command::Rmap { pa } => return rmap_cmd(pa, r),
         Command::Console(to) => return console_cmd(to),
-        Command::BenchFork { mib } => return crate::console::bench::fork(mib),
+        Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
         Command::Sleep { ms } => {
             let until =
                 crate::arch::timer::now().saturating_add(crate::arch::timer::ms_to_ticks(ms));

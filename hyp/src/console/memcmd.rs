@@ -1,17 +1,13 @@
-//! Console commands for moving and reclaiming guest memory (`memctl.rs`),
-//! their `stats` lines, and their benchmarks (`bench migrate`, `bench
-//! reclaim`), run side by side with a memcpy / an LZ4 compression of the same
-//! frames in the same run.
+//! Console commands for moving and reclaiming guest memory (`memctl.rs`);
+//! their benchmarks are `membench`.
 
-use crate::arch::timer::ticks_to_us as us;
 use crate::console::error::CmdError;
 use crate::console::reply::Reply;
-use crate::mm::frames::{self, PAGE_SIZE};
-use crate::mm::glue::{rmap, HypFrames, HypVms, STORE};
+use crate::mm::frames;
+use crate::mm::glue::STORE;
 use crate::mm::memctl::{self, Report};
 use crate::vm::Vm;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use hypcmd::{Command, PageRange};
 
@@ -44,8 +40,10 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
             mappers,
             pages,
             batch,
-        } => return bench_migrate(mappers, pages, batch, r),
-        Command::BenchReclaim { pages, batch } => return bench_reclaim(pages, batch, r),
+        } => return crate::console::membench::migrate(mappers, pages, batch, r),
+        Command::BenchReclaim { pages, batch } => {
+            return crate::console::membench::reclaim(pages, batch, r)
+        }
         other => return Err(CmdError::NotHere(other)),
     }
     Ok(())
@@ -134,184 +132,4 @@ fn ram_range(range: PageRange) -> Result<(u64, u64), CmdError> {
         return Err(CmdError::NotRam { start, end });
     }
     Ok((start, end))
-}
-
-/// MiB/s for `pages` in `ticks`.
-fn mibs(pages: u64, ticks: u64) -> u64 {
-    ((pages * PAGE_SIZE * crate::arch::timer::frequency()) / ticks.max(1)) >> 20
-}
-
-/// A bench VM with `pages` touched: page i holds a compressible pattern
-/// (a per-page 16-byte value repeated, plus a counter every 64 bytes).
-fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
-    let size = (pages * PAGE_SIZE).next_multiple_of(2 << 20);
-    let vm = Vm::create("bench", 1, size)?;
-    let mut page = [0u64; PAGE_SIZE as usize / 8];
-    for i in 0..pages {
-        for (j, w) in page.iter_mut().enumerate() {
-            *w = if j % 8 == 0 {
-                (i << 20) | j as u64
-            } else {
-                i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (j as u64 & 1)
-            };
-        }
-        // SAFETY: any u64 array is valid as bytes.
-        let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
-        if crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, bytes).is_err() {
-            vm.stop(0);
-            return Err(CmdError::Bench("out of memory filling the bench VM"));
-        }
-    }
-    Ok(vm)
-}
-
-/// Rounds of a side-by-side measurement; each result is the best round.
-const BENCH_ROUNDS: usize = 3;
-
-/// Time to copy `pfns` into fresh frames with the copy migration uses.
-fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
-    let dst: Vec<u64> = (0..pfns.len())
-        .map_while(|_| frames::get().alloc())
-        .collect();
-    let release = |dst: Vec<u64>| dst.into_iter().for_each(|pa| frames::get().free(pa));
-    if dst.len() < pfns.len() {
-        release(dst);
-        return Err(CmdError::Bench("no frames for the memcpy"));
-    }
-    let t0 = crate::arch::timer::now();
-    for (&src, &d) in pfns.iter().zip(&dst) {
-        // SAFETY: `src` is a frame of the idle bench VM (nothing writes it),
-        // `d` one we allocated.
-        unsafe { frames::copy_frame(d, src * PAGE_SIZE) };
-    }
-    let ticks = crate::arch::timer::now() - t0;
-    release(dst);
-    Ok(ticks)
-}
-
-fn bench_migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Result<(), CmdError> {
-    let vm = bench_vm(pages)?;
-    let mut snaps = Vec::new();
-    let result = (|| {
-        for _ in 1..mappers {
-            snaps.push(crate::vm::fork::fork(
-                &vm,
-                None,
-                crate::vm::fork::ForkKind::Snapshot,
-            )?);
-        }
-        let end = vm.mem.ram.base + pages * PAGE_SIZE;
-        // Split any block mapping first (not part of what is measured).
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
-        let mut warm = Report::default();
-        memctl::migrate_pfns(&pfns, 4096, &mut warm);
-        // Best of three rounds, each a memcpy of the frames into fresh frames
-        // next to their migration (QEMU's speed drifts within a run).
-        let (mut copy, mut mig, mut pfns) = (u64::MAX, u64::MAX, Vec::new());
-        for _ in 0..BENCH_ROUNDS {
-            pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
-            copy = copy.min(time_copy(&pfns)?);
-            let mut r = Report::default();
-            let t0 = crate::arch::timer::now();
-            memctl::migrate_pfns(&pfns, batch, &mut r);
-            mig = mig.min(crate::arch::timer::now() - t0);
-            if r.done != pfns.len() as u64 {
-                return Err(CmdError::BenchShort {
-                    what: "migrated",
-                    done: r.done,
-                    of: pfns.len() as u64,
-                });
-            }
-        }
-        let first = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, 1);
-        let first = first
-            .first()
-            .ok_or(CmdError::Bench("the bench VM has no frames"))?;
-        let mapcount = rmap().frames().frame(*first).mapcount();
-        crate::say!(
-            out,
-            "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {} pages, best of {BENCH_ROUNDS}: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {}.{:02}x",
-            pfns.len(),
-            us(mig),
-            mibs(pfns.len() as u64, mig),
-            us(copy),
-            mibs(pfns.len() as u64, copy),
-            copy / mig.max(1),
-            copy * 100 / mig.max(1) % 100
-        );
-        Ok(())
-    })();
-    snaps.into_iter().for_each(|s| s.stop(0));
-    vm.stop(0);
-    result
-}
-
-/// Counter ticks to fault `pages` reclaimed pages of `vm` back in (swap-ins).
-fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
-    let t0 = crate::arch::timer::now();
-    for i in 0..pages {
-        crate::mm::glue::fault(
-            &vm.mem,
-            vm.mem.ram.base + i * PAGE_SIZE,
-            crate::mm::glue::Access::Read,
-            crate::mm::glue::FaultKind::Translation,
-        )
-        .map_err(|_| CmdError::Bench("fault-in failed"))?;
-    }
-    Ok(crate::arch::timer::now() - t0)
-}
-
-fn bench_reclaim(pages: u64, batch: usize, reply: &mut Reply) -> Result<(), CmdError> {
-    let vm = bench_vm(pages)?;
-    let result = (|| {
-        let end = vm.mem.ram.base + pages * PAGE_SIZE;
-        let mut warm = Report::default();
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
-        memctl::migrate_pfns(&pfns, 4096, &mut warm); // splits blocks
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
-        let mut buf = [0u8; crate::mm::store::MAX_COMPRESSED];
-        let mut bytes = 0;
-        let t0 = crate::arch::timer::now();
-        for &pfn in &pfns {
-            // SAFETY: a frame of the idle bench VM, identity mapped.
-            let data = unsafe {
-                core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
-            };
-            bytes += crate::mm::store::compress(data, &mut buf);
-        }
-        let lz4 = crate::arch::timer::now() - t0;
-        let mut out = Vec::with_capacity(batch);
-        let mut done = 0;
-        let t0 = crate::arch::timer::now();
-        for chunk in pfns.chunks(batch) {
-            out.clear();
-            rmap().reclaim_frames(&HypVms, &HypFrames, &STORE, chunk, &mut out);
-            done += out.iter().filter(|r| r.is_ok()).count();
-        }
-        let rec = crate::arch::timer::now() - t0;
-        if done != pfns.len() {
-            return Err(CmdError::BenchShort {
-                what: "reclaimed",
-                done: done as u64,
-                of: pfns.len() as u64,
-            });
-        }
-        let fault = time_fault_in(&vm, pages)?;
-        crate::say!(
-            reply,
-            "bench reclaim: batch {batch}, {} pages ({} bytes compressed): reclaim {} us ({} MiB/s), lz4 {} us ({} MiB/s), reclaim/lz4 throughput = {}.{:02}x; fault-in {} ns/page",
-            pfns.len(),
-            bytes,
-            us(rec),
-            mibs(pfns.len() as u64, rec),
-            us(lz4),
-            mibs(pfns.len() as u64, lz4),
-            lz4 / rec.max(1),
-            lz4 * 100 / rec.max(1) % 100,
-            us(fault) * 1000 / pages
-        );
-        Ok(())
-    })();
-    vm.stop(0);
-    result
 }

@@ -17,7 +17,9 @@ pub mod bench;
 pub mod chaos;
 pub mod cmd;
 pub mod error;
+pub mod membench;
 pub mod memcmd;
+pub mod pairs;
 #[allow(dead_code)]
 pub mod reply;
 pub mod stats;

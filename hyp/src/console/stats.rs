@@ -45,6 +45,7 @@ pub fn print(r: &mut Reply) {
     r.set("metadata_bytes_per_frame", (table + heap_used) / ram_frames);
     r.set("frame_table_bytes", table);
     r.set("heap_grown", grown);
+    r.set("ram_frames", ram_frames);
     let (max, generation, rollovers) = crate::mm::memory::vmid_stats();
     let skipped = crate::mm::memory::NO_VMID_FLUSHES.load(Ordering::Relaxed);
     crate::say!(
@@ -54,6 +55,7 @@ pub fn print(r: &mut Reply) {
     r.set("vmid_max", max);
     r.set("vmid_generation", generation);
     r.set("vmid_rollovers", rollovers);
+    r.set("vmid_flushes_skipped", skipped);
     memory(r);
 }
 
@@ -87,6 +89,13 @@ fn memory(r: &mut Reply) {
         ("store_bytes", bytes),
         ("swap_cache", swap_cache as u64),
         ("offline", offline as u64),
+        ("offline_free", offline_free as u64),
+        ("zero_refs", STORE.zero_refs()),
+        ("split_reserve", crate::mm::memory::reserve_len() as u64),
+        (
+            "heap_frames",
+            (crate::mm::heap::grown() / crate::mm::frames::PAGE_SIZE as usize) as u64,
+        ),
         (
             "local_flushes",
             crate::mm::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),
