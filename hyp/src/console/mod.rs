@@ -9,9 +9,6 @@
 //! memory-manager commands (`memcmd`) and the in-hypervisor benchmarks
 //! (`bench`).
 
-// Wired to the virtio-console control channel by `dev::control` (its
-// transport lands separately); until then only its event hook is used.
-#[allow(dead_code)]
 pub mod api;
 pub mod bench;
 pub mod chaos;
@@ -20,7 +17,6 @@ pub mod error;
 pub mod membench;
 pub mod memcmd;
 pub mod pairs;
-#[allow(dead_code)]
 pub mod reply;
 pub mod stats;
 
