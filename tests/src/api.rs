@@ -20,6 +20,12 @@ pub struct ApiClient {
     stream: UnixStream,
     /// Bytes received after the last complete line.
     pending: Vec<u8>,
+    /// Events read while waiting for answers, oldest first.
+    pub events: Vec<serde_json::Value>,
+    /// Answers to other requests (an earlier connection's) read while
+    /// waiting for one of ours.
+    pub stray: Vec<serde_json::Value>,
+    next_id: u64,
 }
 
 impl ApiClient {
@@ -33,6 +39,9 @@ impl ApiClient {
                     return Ok(ApiClient {
                         stream,
                         pending: Vec::new(),
+                        events: Vec::new(),
+                        stray: Vec::new(),
+                        next_id: 1,
                     })
                 }
                 Err(e) if Instant::now() >= deadline => return Err(e),
@@ -74,5 +83,61 @@ impl ApiClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The next answer (a line with an `id`) within `timeout`, parsed;
+    /// events read before it go to [`ApiClient::events`].
+    pub fn answer(&mut self, timeout: Duration) -> Result<serde_json::Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .read_line(left)
+                .map_err(|e| format!("api socket: {e}"))?
+                .ok_or_else(|| format!("no answer within {timeout:?}"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| format!("not JSON: {line:?}: {e}"))?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Sends `{"id":N,"cmd":cmd,...args}` and returns the answer's `result`,
+    /// or the error answer as `Err`.
+    pub fn call(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = serde_json::json!({"id": id, "cmd": cmd});
+        if let (Some(req), Some(args)) = (req.as_object_mut(), args.as_object()) {
+            req.extend(args.clone());
+        }
+        self.send_line(&req.to_string())
+            .map_err(|e| format!("api socket: {e}"))?;
+        // Answers to requests an earlier connection sent (and left before
+        // reading) may come first: the hypervisor answers every request, and
+        // the channel has no notion of connections (docs/API.md). Our ids
+        // are unique, so anything else is one of those.
+        let mut a = self.answer(timeout)?;
+        while a["id"] != serde_json::json!(id) {
+            self.stray.push(a);
+            a = self.answer(timeout)?;
+        }
+        match a["ok"].as_bool() {
+            Some(true) => Ok(a["result"].clone()),
+            _ => Err(a.to_string()),
+        }
+    }
+
+    /// `stats` as its fields.
+    pub fn stats(&mut self, timeout: Duration) -> Result<serde_json::Value, String> {
+        self.call("stats", serde_json::json!({}), timeout)
     }
 }
