@@ -3,7 +3,9 @@
 //! VM-tagged memory on every vCPU while the hypervisor moves and takes back
 //! its frames.
 
+use qemu_tests::api::{socket_path, ApiClient};
 use qemu_tests::{number_after, Machine, MachineConfig};
+use serde_json::json;
 use std::time::Duration;
 
 fn count(text: &str, needle: &str) -> usize {
@@ -71,48 +73,58 @@ fn chaos_under_smp_memstress_corrupts_nothing_and_leaks_nothing() {
     assert_eq!(status, 0, "{t}");
 }
 
+/// Ten VMs' frames moved out of a range and back, driven and measured over
+/// the control channel (`docs/API.md`).
 #[test]
 fn evacuate_a_range_used_by_ten_forked_vms() {
+    const T: Duration = Duration::from_secs(60);
+    let sock = socket_path("migrate-evacuate");
     let cfg = MachineConfig {
         smp: 2,
         vcpus: Some(1),
         guest_mem: Some("32M".into()),
         guest_args: Some("memstress mem=6 secs=40 fork=9 zero=10".into()),
-        script: Some("wait 12; stats".into()),
+        api: Some(sock.clone()),
         ..MachineConfig::default()
     };
     let mut m = Machine::boot("migrate-evacuate", &cfg);
-    let seen = m.expect("guest frames from 0x", Duration::from_secs(60));
-    let text = m.expect("\n", Duration::from_secs(5));
-    assert_eq!(
-        count(&seen, "GUEST: memstress vm"),
-        10,
-        "ten VMs run\n{seen}"
-    );
-    let base = u64::from_str_radix(text.trim(), 16).unwrap();
+    let mut c = ApiClient::connect(&sock, T).expect("connect to the api socket");
+    let deadline = std::time::Instant::now() + T;
+    while count(&m.transcript(), "GUEST: memstress vm") < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ten VMs run\n{}",
+            m.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let base = c.stats(T).unwrap()["guest_frames_from"].as_u64().unwrap();
     let (start, end) = (base, base + (48 << 20));
-    m.send(&format!(
-        "rmap {start:#x}\nevacuate {start:#x} {end:#x}\nstats\n"
-    ));
-    let line = m.expect("offline until `online`", Duration::from_secs(60));
-    assert!(line.contains("left in use: 0 "), "{line}");
-    let moved: u64 = line
-        .split("moved ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+    let rmap = c.call("rmap", json!({"pa": start}), T).unwrap();
+    assert!(rmap["mapcount"].as_u64().is_some(), "{rmap}");
+    let ev = c
+        .call("evacuate", json!({"start": start, "end": end}), T)
         .unwrap();
-    assert!(moved > 1000, "the range held the VMs' frames: {line}");
+    assert_eq!(
+        (&ev["busy"], &ev["unmovable"]),
+        (&json!(0), &json!(0)),
+        "{ev}"
+    );
+    assert!(
+        ev["moved"].as_u64().unwrap() > 1000,
+        "the range held the VMs' frames: {ev}"
+    );
     let pages = (end - start) / 4096;
-    m.expect(
-        &format!("offline frames: {pages} ({pages} free)"),
-        Duration::from_secs(30),
+    let stats = c.stats(T).unwrap();
+    assert_eq!(
+        (stats["offline"].as_u64(), stats["offline_free"].as_u64()),
+        (Some(pages), Some(pages)),
+        "{stats}"
     );
-    m.send(&format!("online {start:#x} {end:#x}\n"));
-    m.expect(
-        &format!("{pages} frames back in the allocator"),
-        Duration::from_secs(30),
-    );
+    let online = c
+        .call("online", json!({"start": start, "end": end}), T)
+        .unwrap();
+    assert_eq!(online["frames"].as_u64(), Some(pages), "{online}");
     let status = m.wait_exit(Duration::from_secs(120));
     let t = m.transcript();
     m.assert_no_hyp_fault();
@@ -123,6 +135,7 @@ fn evacuate_a_range_used_by_ten_forked_vms() {
         "every VM reads its own data\n{t}"
     );
     assert_eq!(status, 0, "{t}");
+    let _ = std::fs::remove_file(&sock);
 }
 
 #[test]

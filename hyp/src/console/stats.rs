@@ -96,6 +96,7 @@ fn memory(r: &mut Reply) {
             "heap_frames",
             (crate::mm::heap::grown() / crate::mm::frames::PAGE_SIZE as usize) as u64,
         ),
+        ("guest_frames_from", frames::get().first_free()),
         (
             "local_flushes",
             crate::mm::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),
