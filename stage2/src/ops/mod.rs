@@ -4,11 +4,14 @@
 //! and reserves them ([`Reserve`]), failing with nothing changed; *commit* makes the change and
 //! cannot fail for lack of memory.
 
+mod commit;
+pub(crate) mod driver;
 pub(crate) mod leaf;
 pub(crate) mod map;
 pub(crate) mod protect;
 pub(crate) mod split;
 pub(crate) mod unmap;
+mod update;
 pub(crate) mod walk;
 
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -94,23 +97,36 @@ impl<'m, M: TableMemory> Reserve<'m, M> {
         Ok(reserve)
     }
 
-    /// A zeroed page. Running out is a bug in the prepare phase's count.
-    pub fn take(&mut self) -> u64 {
+    /// No pages: for a commit whose visitor never creates or splits tables.
+    pub fn empty(mem: &'m M) -> Self {
+        Reserve { mem, head: 0 }
+    }
+
+    /// A zeroed page, or `None` once the reserve is used up (the walker makes that a typed
+    /// error; see [`driver`] for why a prepared commit never gets there).
+    pub fn take(&mut self) -> Option<u64> {
         let pa = self.head;
-        assert_ne!(
-            pa, 0,
-            "stage2: table reserve exhausted (prepare under-counted)"
-        );
+        if pa == 0 {
+            return None;
+        }
         // SAFETY: `pa` is the head of the reserve's list of allocated, unlinked pages.
         self.head = unsafe { self.mem.table(pa) }[0].swap(0, Ordering::Relaxed);
-        pa
+        Some(pa)
+    }
+
+    /// Gives back a page from [`Reserve::take`] that was not linked (its slot changed before
+    /// the compare-and-swap), still zeroed.
+    pub fn put_back(&mut self, pa: u64) {
+        // SAFETY: `pa` came from this reserve and was never linked: the reserve owns it again.
+        let page = unsafe { self.mem.table(pa) };
+        page[0].store(self.head, Ordering::Relaxed);
+        self.head = pa;
     }
 }
 
 impl<M: TableMemory> Drop for Reserve<'_, M> {
     fn drop(&mut self) {
-        while self.head != 0 {
-            let pa = self.take();
+        while let Some(pa) = self.take() {
             self.mem.free_table(pa);
         }
     }
