@@ -76,7 +76,17 @@ struct Snapshot {
     allocated: usize,
 }
 
-impl World<'_> {
+impl<'m> World<'m> {
+    /// A 40-bit IPA table (level 1 start, two root pages) in `mem`.
+    fn new(mem: &'m HostMemory) -> Self {
+        let cfg = S2Config::new(2, 40, VmidBits::Sixteen).unwrap();
+        World {
+            mem,
+            t: Stage2Table::new(cfg, 1, mem).unwrap(),
+            tlb: RecordingTlb::new(),
+        }
+    }
+
     fn oracle(&self) -> Oracle<'_> {
         Oracle::new(self.mem, self.t.vtcr(), self.t.vttbr().raw())
     }
@@ -151,12 +161,7 @@ impl World<'_> {
 
 fn run(ops: Vec<Op>) {
     let mem = HostMemory::new(256);
-    let cfg = S2Config::new(2, 40, VmidBits::Sixteen).unwrap();
-    let w = World {
-        mem: &mem,
-        t: Stage2Table::new(cfg, 1, &mem).unwrap(),
-        tlb: RecordingTlb::new(),
-    };
+    let w = World::new(&mem);
     for op in ops {
         let before = w.oracle().tree().1;
         let (counted, r) = w.apply_with_least_budget(op);
@@ -189,12 +194,7 @@ proptest! {
 #[test]
 fn known_counts() {
     let mem = HostMemory::new(64);
-    let cfg = S2Config::new(2, 40, VmidBits::Sixteen).unwrap();
-    let w = World {
-        mem: &mem,
-        t: Stage2Table::new(cfg, 1, &mem).unwrap(),
-        tlb: RecordingTlb::new(),
-    };
+    let w = World::new(&mem);
     let map = |page, npages, blocks| Op::Map {
         page,
         npages,

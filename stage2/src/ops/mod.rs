@@ -1,8 +1,42 @@
-//! The implementations behind [`crate::Stage2Table`]'s operations.
+//! The implementations behind [`crate::Stage2Table`]'s operations: one walker, and each
+//! operation a visitor of it (as pKVM's `kvm_pgtable_walk` and Hafnium's
+//! `mm_ptable_prepare`/`commit`).
 //!
-//! Every structural operation has two phases: *prepare* counts the table pages the change needs
-//! and reserves them ([`Reserve`]), failing with nothing changed; *commit* makes the change and
-//! cannot fail for lack of memory.
+//! # The walker ([`driver`])
+//!
+//! [`driver::Walk`] owns the descent over `[start, end)`: level by level, slot by slot
+//! ([`chunks`]), it loads each slot (settled, [`load_settled`], unless the visitor wants to see
+//! `Locked` slots) and asks the operation's [`driver::OpVisitor`] what to do with it, given
+//! the level, the part of the range inside the slot and the descriptor. The visitor answers a
+//! [`driver::Step`]: `Next` (nothing more here), `Again` (load and ask again), `Descend` into
+//! the table the slot holds, `Create` a table in the empty slot and descend, `Split` the valid
+//! block into a table of next-level leaves and descend, `Write` a new (empty, leaf or software)
+//! value, or `Stop` with the operation's error. After a subtree, in the commit, it answers an
+//! [`driver::After`]: keep the table, unlink it if empty (freed after a VMID-wide invalidation
+//! when the walk ends), free it (destroy), or stop. The walker does every write itself
+//! ([`commit`]): the compare-and-swap, break-before-make (`Locked`, immediate invalidation, new
+//! value) when a valid entry changes output address or attributes, the invalidation owed
+//! (through the operation's `OpFlush`, so per IPA, VMID-wide or deferred to a `Batch`), I-cache
+//! maintenance before a frame becomes executable where the operation asks for it, and the
+//! counters. A write that loses its compare-and-swap shows the slot to the visitor again.
+//!
+//! # Two phases, one visitor
+//!
+//! An operation that may create or split tables runs its visitor twice over the same range:
+//!
+//! - *prepare* writes nothing: `Write` is skipped; `Create` and `Split` each count one page
+//!   and descend into the table they would make, seen as it would be (all empty, or the
+//!   block's leaves). Its count is reserved ([`Reserve`]) or the operation fails with
+//!   `NoMemory`, nothing changed (a `Stop` fails it before anything is allocated);
+//! - *commit* makes the change, taking the pages from the reserve.
+//!
+//! The two cannot disagree by construction: the visitor is not told the phase ([`driver::Visit`]
+//! has none), only its `written`/`table_post` callbacks are commit-only, and the prepare shows
+//! it what the commit will find. The one residual assumption, that nothing links tables or
+//! fills empty slots in between, is the stage-2 lock's (see [`driver::Walk::commit`]); were it
+//! broken, running out is a typed `NoMemory` (asserted in debug builds), not a panic.
+//! Operations that never create or split (compare-and-swap, `update_pages`, Access flag, the
+//! read-only walk, destroy) run the commit alone with an empty reserve.
 
 mod commit;
 pub(crate) mod driver;
