@@ -15,6 +15,14 @@ pub(crate) fn needs_invalidation(old: Descriptor, new: Descriptor) -> bool {
     !new.is_valid() || (old.raw() ^ new.raw()) & !SW & !af_set != 0
 }
 
+/// The leaf that splitting `block` (at `level`) puts in the next-level slot translating `ipa`
+/// (inside the block): the same attributes, the block's output plus `ipa`'s offset in it. The
+/// prepare's view of a split table uses it too, so it sees what the commit will write.
+pub(crate) fn split_child(block: Descriptor, level: u8, ipa: u64) -> Descriptor {
+    let offset = ipa & (level_size(level) - 1);
+    block.with_output(block.output_address(level) + offset, level + 1)
+}
+
 /// The commit phase: loads, writes, links new tables from the reserve, unlinks emptied ones.
 pub(crate) struct Commit<'t, 'x, M: TableMemory, X: Maintenance> {
     t: &'t Stage2Table<M>,
@@ -144,12 +152,12 @@ impl<M: TableMemory, X: Maintenance> Pass<M> for Commit<'_, '_, M, X> {
             self.reserve.put_back(below);
             return Ok(None);
         }
-        let (pa, sub) = (old.output_address(level), level_size(level + 1));
+        let sub = level_size(level + 1);
         // SAFETY: the reserve holds pages from `alloc_zeroed_table`; this one is ours until it is
         // linked below, and a linked table lives until `unmap`/`destroy`, which cannot run
         // concurrently with a split (the caller holds the stage-2 lock).
         for (i, e) in unsafe { self.t.mem.table(below) }.iter().enumerate() {
-            let child = old.with_output(pa + i as u64 * sub, level + 1);
+            let child = split_child(old, level, v.chunk.base + i as u64 * sub);
             e.store(child.raw(), Ordering::Relaxed);
         }
         self.flush.break_now(v.chunk.base, level);

@@ -1,11 +1,11 @@
 //! The one walk every operation runs: the descent, its two phases, and what a visitor answers.
 //! See the [`super`] module docs for the design.
 
-use super::commit::Commit;
+use super::commit::{split_child, Commit};
 use super::{chunks, load_settled, Chunk, Reserve};
 use crate::flush::OpFlush;
 use crate::sync::atomic::Ordering;
-use crate::{level_size, Descriptor, DescriptorKind, Error, Flusher, Stage2Table, TableMemory};
+use crate::{Descriptor, DescriptorKind, Error, Flusher, Stage2Table, TableMemory};
 
 /// One slot, as the walker shows it to a visitor. The phase is deliberately not part of it:
 /// a visitor cannot answer the prepare and the commit differently.
@@ -208,11 +208,8 @@ impl<M: TableMemory> Pass<M> for Prepare<'_, M> {
         match table {
             Planned::Linked(pa) => load(self.t, pa, level, chunk, settle),
             Planned::Empty => Descriptor::EMPTY,
-            // The leaf a split gives this slot: the block's output plus the slot's offset.
-            Planned::Split(block) => {
-                let offset = chunk.base & (level_size(level - 1) - 1);
-                block.with_output(block.output_address(level - 1) + offset, level)
-            }
+            // The leaf the commit's split will write in this slot.
+            Planned::Split(block) => split_child(block, level - 1, chunk.base),
         }
     }
 
