@@ -44,6 +44,8 @@ pub(crate) mod leaf;
 pub(crate) mod map;
 pub(crate) mod protect;
 pub(crate) mod split;
+#[cfg(test)]
+mod tests;
 pub(crate) mod unmap;
 mod update;
 pub(crate) mod walk;
