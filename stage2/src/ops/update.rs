@@ -1,20 +1,20 @@
-//! [`Stage2Table::update_pages`]: many pages changed in one pass over each last-level table.
+//! [`Stage2Table::update_pages`]: many pages changed in one walk, each table descended once.
 
 use super::driver::{OpVisitor, Step, Visit, Walk};
 use super::leaf::check_new;
 use super::Reserve;
 use crate::flush::OpFlush;
 use crate::{
-    level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
-    TableMemory, LAST_LEVEL, PAGE_SIZE,
+    CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table, TableMemory,
+    LAST_LEVEL, PAGE_SIZE,
 };
 
 /// Compare-and-swaps lost to a racing Access-flag update before the page reports the
 /// mismatch: the first attempt and four retries.
 const ATTEMPTS: u32 = 5;
 
-/// The visitor: over one run of ascending pages within one last-level table's span, offers
-/// each page's leaf to `f` and installs what it answers.
+/// The visitor: over one run of ascending pages, offers each page's leaf to `f` and installs
+/// what it answers.
 struct Updater<'a, 'f> {
     ipas: &'a [u64],
     /// The next page to handle, and the end of the run.
@@ -148,21 +148,17 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
         writing: false,
     };
     let limit = t.cfg.ipa_limit();
-    let span = |k: usize| ipas[k] & !(level_size(LAST_LEVEL - 1) - 1);
     while u.k < ipas.len() {
         if ipas[u.k] >= limit {
             (u.done)(u.k, Err(CasError::Invalid(Error::OutOfRange)));
             u.k += 1;
             continue;
         }
-        // A run: ascending pages of one last-level table, reached with one walk from the root.
+        // A run of ascending pages, reached in one walk: each table holding some is descended
+        // into once, and slots without any are passed over without descending.
         let start = u.k;
         u.end = start + 1;
-        while u.end < ipas.len()
-            && ipas[u.end] < limit
-            && ipas[u.end] >= ipas[u.end - 1]
-            && span(u.end) == span(start)
-        {
+        while u.end < ipas.len() && ipas[u.end] < limit && ipas[u.end] >= ipas[u.end - 1] {
             u.end += 1;
         }
         let walk = Walk::new(t, u.page(start), u.page(u.end - 1) + PAGE_SIZE);
