@@ -64,3 +64,38 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
         assert_eq!(m.attrs.perm, Perm::RO, "{ipa:#x}");
     }
 }
+
+/// `walk.rs`, `ReadOnly::table_post`: `delete match arm WalkAction::Stop` (a visitor's stop
+/// after a subtree ignored). `Stop` from `table_post` ends the walk: nothing after that
+/// table is visited.
+#[test]
+fn a_stop_after_a_subtree_ends_the_walk() {
+    struct FirstTable {
+        leaves: Vec<u64>,
+        posts: usize,
+    }
+    impl Visitor for FirstTable {
+        fn leaf(&mut self, leaf: &LeafInfo) -> WalkAction {
+            self.leaves.push(leaf.ipa);
+            WalkAction::Continue
+        }
+        fn table_post(&mut self, _: u64, _: u8, _: u64) -> WalkAction {
+            self.posts += 1;
+            WalkAction::Stop
+        }
+    }
+    let mem = HostMemory::new(64);
+    let cfg = S2Config::new(2, 40, VmidBits::Sixteen).unwrap();
+    let t = Stage2Table::new(cfg, 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    for ipa in [IPA, IPA + MIB2] {
+        t.map_pages(ipa, PA + (ipa - IPA), 4096, S2Attrs::normal(Perm::RW), &tlb)
+            .unwrap();
+    }
+    let mut v = FirstTable {
+        leaves: vec![],
+        posts: 0,
+    };
+    t.walk(IPA, 2 * MIB2, &mut v).unwrap();
+    assert_eq!((v.leaves, v.posts), (vec![IPA], 1));
+}
