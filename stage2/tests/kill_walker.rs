@@ -9,8 +9,8 @@ const PA: u64 = 0x1_0000_0000;
 const MIB2: u64 = 2 << 20;
 
 /// `update.rs`, `update_pages`: `replace += with -=` / `*=` on the page index after a page out
-/// of the IPA space (an endless loop or a page answered twice), and `replace < with ==`, `>`,
-/// `<=` / `replace >= with <` in the bounds of a run (a page past the IPA space walked, or a
+/// of the IPA space (an endless loop or a page answered twice), and `replace < with >` / `<=`
+/// and `replace >= with <` in the bounds of a run (a page past the IPA space walked, or a
 /// page out of order left unanswered). Every page gets exactly one answer, in order: pages
 /// past the IPA space `OutOfRange`, the others the outcome of their update, wherever they
 /// stand in the list.
@@ -30,9 +30,10 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
         IPA,
         IPA + 4096,
         IPA + 4096,
-        limit - 4096, // a hole: skipped, no answer
-        limit,
+        limit - 8192, // holes: skipped, no answer
         limit + 4096,
+        limit - 4096,
+        limit,
     ];
     let mut offered = vec![];
     let mut answers = vec![];
@@ -54,7 +55,7 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
             (2, Ok(())),
             (3, Ok(())),
             (5, range),
-            (6, range)
+            (7, range)
         ]
     );
     let want = [(0, IPA + MIB2), (1, IPA), (2, IPA + 4096), (3, IPA + 4096)];
