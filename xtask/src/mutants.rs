@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every file scored by default, most important first.
-pub const FILES: [&str; 15] = [
+pub const FILES: [&str; 18] = [
     "rmap/src/fault.rs",
     "rmap/src/walk.rs",
     "rmap/src/fork.rs",
@@ -23,7 +23,10 @@ pub const FILES: [&str; 15] = [
     "rmap/src/batch.rs",
     "rmap/src/swap_cache.rs",
     "rmap/src/destroy.rs",
+    "stage2/src/ops/driver.rs",
+    "stage2/src/ops/commit.rs",
     "stage2/src/ops/leaf.rs",
+    "stage2/src/ops/update.rs",
     "stage2/src/ops/map.rs",
     "stage2/src/ops/split.rs",
     "stage2/src/ops/unmap.rs",
@@ -38,7 +41,7 @@ pub const FILES: [&str; 15] = [
 /// tens of seconds on a loaded machine (a spurious timeout would count as a kill).
 const FAST_TESTS: [(&str, &[&str]); 2] = [
     ("rmap", &["fork_errors", "hurt", "model", "swap_release"]),
-    ("stage2", &["api", "model", "tlb"]),
+    ("stage2", &["api", "model", "tlb", "walker"]),
 ];
 
 /// Seconds a mutant's test run may take: the baseline's tests run in about 2 s (5 s on a busy

@@ -1,41 +1,17 @@
 //! Single-leaf operations: software entries, compare-and-swap, Access flag.
 
-use super::split::{page_slot, path_cost};
-use super::{cas, load_settled, locked, Reserve};
+use super::driver::{Halt, NoMaintenance, OpVisitor, Step, Visit, Walk};
+use super::Reserve;
 use crate::flush::OpFlush;
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{
-    level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
-    SwEntry, TableMemory, LAST_LEVEL, PAGE_SIZE,
+    CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table, SwEntry,
+    TableMemory, LAST_LEVEL,
 };
 
-/// [`Stage2Table::set_software`].
-pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
-    t: &Stage2Table<M>,
-    ipa: u64,
-    entry: SwEntry,
-    tlb: &F,
-) -> Result<Option<LeafInfo>, Error> {
-    let mut reserve = Reserve::new(&t.mem, path_cost(t, ipa)?)?;
-    let mut flush = OpFlush::new(tlb, t.vttbr());
-    let slot =
-        page_slot(t, ipa, true, &mut reserve, &mut flush).map_err(|_| Error::BadDescriptor)?;
-    let new = Descriptor::software(entry);
-    let base = ipa & !(PAGE_SIZE - 1);
-    loop {
-        let old = load_settled(slot);
-        if cas(slot, old, new).is_ok() {
-            t.counters.account(LAST_LEVEL, old, new);
-            if old.is_valid() {
-                flush.changed(base, LAST_LEVEL);
-            }
-            return Ok(LeafInfo::decode(base, LAST_LEVEL, old));
-        }
-    }
-}
+pub(crate) use super::update::update_pages;
 
 /// Checks `new` may be stored in a leaf slot of `level`.
-fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
+pub(crate) fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
     match new.kind(level) {
         DescriptorKind::Empty
         | DescriptorKind::Leaf { .. }
@@ -45,13 +21,81 @@ fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
     }
 }
 
-/// Whether changing the valid `old` into `new` needs a TLB invalidation: anything but setting
-/// the Access flag or changing software bits.
-fn needs_invalidation(old: Descriptor, new: Descriptor) -> bool {
-    const AF: u64 = 1 << 10;
-    const SW: u64 = 0xF << 55;
-    let af_set = if new.raw() & AF != 0 { AF } else { 0 };
-    !new.is_valid() || (old.raw() ^ new.raw()) & !SW & !af_set != 0
+/// The visitor of [`set_software`]: make the path to the page slot (create tables in empty
+/// slots, split blocks), then store the entry whatever the slot held.
+struct SetSoftware {
+    new: Descriptor,
+    old: Option<LeafInfo>,
+}
+
+impl OpVisitor for SetSoftware {
+    type Error = Error;
+
+    fn visit(&mut self, v: &Visit) -> Step<Error> {
+        if v.level == LAST_LEVEL {
+            return Step::Write(self.new);
+        }
+        match v.desc.kind(v.level) {
+            DescriptorKind::Table { .. } => Step::Descend,
+            DescriptorKind::Empty => Step::Create,
+            DescriptorKind::Leaf { .. } => Step::Split,
+            // A software entry above the page level, an unknown pattern.
+            _ => Step::Stop(Error::BadDescriptor),
+        }
+    }
+
+    fn written(&mut self, v: &Visit, _: Descriptor) -> bool {
+        self.old = LeafInfo::decode(v.chunk.base, v.level, v.desc);
+        false
+    }
+}
+
+/// [`Stage2Table::set_software`].
+pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
+    t: &Stage2Table<M>,
+    ipa: u64,
+    entry: SwEntry,
+    tlb: &F,
+) -> Result<Option<LeafInfo>, Error> {
+    let walk = Walk::page(t, ipa)?;
+    let mut op = SetSoftware {
+        new: Descriptor::software(entry),
+        old: None,
+    };
+    let mut flush = OpFlush::new(tlb, t.vttbr());
+    walk.run(&mut op, &mut flush)?;
+    Ok(op.old)
+}
+
+/// The visitor of [`compare_exchange_leaf`]: down to `level` through tables, then `new` if
+/// the slot holds `expected`.
+struct Exchange {
+    level: u8,
+    expected: Descriptor,
+    new: Descriptor,
+}
+
+impl OpVisitor for Exchange {
+    type Error = CasError;
+    // The value found is reported, `Locked` included: the caller decides whether to wait.
+    const SETTLE: bool = false;
+    const ICACHE: bool = true;
+
+    fn visit(&mut self, v: &Visit) -> Step<CasError> {
+        if v.level < self.level {
+            return match v.desc.kind(v.level) {
+                DescriptorKind::Table { .. } => Step::Descend,
+                _ => Step::Stop(CasError::NoSlot {
+                    level: v.level,
+                    found: v.desc,
+                }),
+            };
+        }
+        if v.desc != self.expected {
+            return Step::Stop(CasError::Mismatch(v.desc));
+        }
+        Step::Write(self.new)
+    }
 }
 
 /// [`Stage2Table::compare_exchange_leaf`].
@@ -71,144 +115,64 @@ pub(crate) fn compare_exchange_leaf<M: TableMemory, F: Flusher + ?Sized>(
         // Tables are linked and unlinked only by structural operations.
         return Err(CasError::Invalid(Error::BadDescriptor));
     }
-    let (found, slot) = t.find_slot(ipa, level).map_err(CasError::Invalid)?;
-    if found != level {
-        let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
-        return Err(CasError::NoSlot {
-            level: found,
-            found: d,
-        });
-    }
-    let base = ipa & !(level_size(level) - 1);
-    let flush = &mut OpFlush::new(tlb, t.vttbr());
-    cas_slot(t, slot, base, level, expected, new, true, flush)
+    let walk = Walk::page(t, ipa).map_err(CasError::Invalid)?;
+    let mut op = Exchange {
+        level,
+        expected,
+        new,
+    };
+    let mut flush = OpFlush::new(tlb, t.vttbr());
+    // Commit only: the visitor never creates or splits, so it needs no pages.
+    walk.commit(&mut op, Reserve::empty(&t.mem), &mut flush)
+        .map_err(|h| match h {
+            Halt::Stopped(e) => e,
+            Halt::NoMemory => CasError::Invalid(Error::NoMemory),
+        })
 }
 
-/// The checked change of one leaf slot: break-before-make when a valid entry gets another
-/// output address or attributes, otherwise one CAS; the invalidation the change owes goes to
-/// `flush`. `icache`: make the I-cache coherent before a frame becomes executable.
-#[allow(clippy::too_many_arguments)]
-fn cas_slot<M: TableMemory, F: Flusher + ?Sized>(
-    t: &Stage2Table<M>,
-    slot: &AtomicU64,
-    base: u64,
-    level: u8,
-    expected: Descriptor,
-    new: Descriptor,
-    icache: bool,
-    flush: &mut OpFlush<'_, F>,
-) -> Result<(), CasError> {
-    let bbm = expected.is_valid() && new.is_valid() && expected.bbm_bits() != new.bbm_bits();
-    let was_exec = expected.is_valid() && expected.perm().exec && !bbm;
-    if icache && new.is_valid() && new.perm().exec && !was_exec {
-        flush.icache(new.output_address(level), level_size(level));
-    }
-    if bbm {
-        #[cfg(not(feature = "mutate-bbm-blind-lock"))]
-        cas(slot, expected, Descriptor::from_raw(locked())).map_err(CasError::Mismatch)?;
-        // Broken variant: the break takes the slot without comparing, so an Access-flag
-        // update (or another remap) between the caller's read and here is overwritten.
-        #[cfg(feature = "mutate-bbm-blind-lock")]
-        slot.store(locked(), Ordering::Release);
-        flush.break_now(base, level);
-        slot.store(new.raw(), Ordering::Release);
-    } else {
-        cas(slot, expected, new).map_err(CasError::Mismatch)?;
-        if expected.is_valid() && needs_invalidation(expected, new) {
-            flush.changed(base, level);
+/// The visitor of [`update_young`]: the first non-table slot on the path of the page.
+struct Young {
+    young: bool,
+    answer: bool,
+}
+
+impl OpVisitor for Young {
+    type Error = core::convert::Infallible;
+    const SETTLE: bool = false;
+    // Neither setting nor clearing the Access flag is invalidated (see `test_and_clear_young`).
+    const INVALIDATE: bool = false;
+
+    fn visit(&mut self, v: &Visit) -> Step<Self::Error> {
+        match v.desc.kind(v.level) {
+            DescriptorKind::Table { .. } => Step::Descend,
+            DescriptorKind::Leaf { .. } if v.desc.young() != self.young => {
+                Step::Write(v.desc.with_young(self.young))
+            }
+            DescriptorKind::Leaf { .. } => {
+                self.answer = self.young;
+                Step::Next
+            }
+            _ => Step::Next,
         }
     }
-    t.counters.account(level, expected, new);
-    Ok(())
-}
 
-/// [`Stage2Table::update_pages`].
-pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
-    t: &Stage2Table<M>,
-    ipas: &[u64],
-    f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
-    done: &mut dyn FnMut(usize, Result<(), CasError>),
-    tlb: &F,
-) {
-    let flush = &mut OpFlush::new(tlb, t.vttbr());
-    // The last-level table of the previous page, by the 2 MiB it covers.
-    let mut table: Option<(u64, u64)> = None;
-    for (k, &ipa) in ipas.iter().enumerate() {
-        let base = ipa & !(PAGE_SIZE - 1);
-        let span = base & !(level_size(LAST_LEVEL - 1) - 1);
-        let (level, slot) = match table {
-            Some((at, pa)) if at == span => (LAST_LEVEL, t.slot(pa, LAST_LEVEL, base)),
-            _ => match leaf_table(t, base) {
-                Ok((level, slot, pa)) => {
-                    table = pa.map(|pa| (span, pa));
-                    (level, slot)
-                }
-                Err(e) => {
-                    done(k, Err(CasError::Invalid(e)));
-                    continue;
-                }
-            },
-        };
-        // A hardware Access-flag update may race with us: read again and ask again.
-        let mut tries = 0;
-        loop {
-            let expected = load_settled(slot);
-            let Some(info) = LeafInfo::decode(base, level, expected) else {
-                break; // an empty slot: nothing to change
-            };
-            let Some(new) = f(k, &info) else {
-                break;
-            };
-            if level != LAST_LEVEL {
-                // A block: the caller splits it and changes the page its own way.
-                done(
-                    k,
-                    Err(CasError::NoSlot {
-                        level,
-                        found: expected,
-                    }),
-                );
-                break;
-            }
-            let r = check_new(new, level)
-                .map_err(CasError::Invalid)
-                .and_then(|()| cas_slot(t, slot, base, level, expected, new, false, flush));
-            if matches!(r, Err(CasError::Mismatch(_))) && tries < 4 {
-                tries += 1;
-                continue;
-            }
-            done(k, r);
-            break;
-        }
+    fn written(&mut self, _: &Visit, _: Descriptor) -> bool {
+        self.answer = true;
+        false
     }
-}
-
-/// The slot translating page `ipa` at the last level it reaches (a block stops the walk
-/// higher), and the last-level table holding it, if it is one.
-fn leaf_table<M: TableMemory>(
-    t: &Stage2Table<M>,
-    ipa: u64,
-) -> Result<(u8, &AtomicU64, Option<u64>), Error> {
-    let (level, slot, table) = t.find_slot_in(ipa, LAST_LEVEL)?;
-    Ok((level, slot, (level == LAST_LEVEL).then_some(table)))
 }
 
 /// Sets or clears the Access flag of the valid leaf translating `ipa`. Returns whether a valid
 /// leaf was found (setting) or whether the flag was set (clearing).
 pub(crate) fn update_young<M: TableMemory>(t: &Stage2Table<M>, ipa: u64, young: bool) -> bool {
-    let Ok((level, slot)) = t.find_slot(ipa, LAST_LEVEL) else {
+    let Ok(walk) = Walk::page(t, ipa) else {
         return false;
     };
-    loop {
-        let d = Descriptor::from_raw(slot.load(Ordering::Acquire));
-        if !matches!(d.kind(level), DescriptorKind::Leaf { .. }) {
-            return false;
-        }
-        if d.young() == young {
-            return young;
-        }
-        if cas(slot, d, d.with_young(young)).is_ok() {
-            return true;
-        }
-    }
+    let mut op = Young {
+        young,
+        answer: false,
+    };
+    // Takes no pages, never stops; its writes change only the Access flag.
+    let _ = walk.commit(&mut op, Reserve::empty(&t.mem), &mut NoMaintenance);
+    op.answer
 }

@@ -1,14 +1,53 @@
-//! The implementations behind [`crate::Stage2Table`]'s operations.
+//! The implementations behind [`crate::Stage2Table`]'s operations: one walker, and each
+//! operation a visitor of it (as pKVM's `kvm_pgtable_walk` and Hafnium's
+//! `mm_ptable_prepare`/`commit`).
 //!
-//! Every structural operation has two phases: *prepare* counts the table pages the change needs
-//! and reserves them ([`Reserve`]), failing with nothing changed; *commit* makes the change and
-//! cannot fail for lack of memory.
+//! # The walker ([`driver`])
+//!
+//! [`driver::Walk`] owns the descent over `[start, end)`: level by level, slot by slot
+//! ([`chunks`]), it loads each slot (settled, [`load_settled`], unless the visitor wants to see
+//! `Locked` slots) and asks the operation's [`driver::OpVisitor`] what to do with it, given
+//! the level, the part of the range inside the slot and the descriptor. The visitor answers a
+//! [`driver::Step`]: `Next` (nothing more here), `Again` (load and ask again), `Descend` into
+//! the table the slot holds, `Create` a table in the empty slot and descend, `Split` the valid
+//! block into a table of next-level leaves and descend, `Write` a new (empty, leaf or software)
+//! value, or `Stop` with the operation's error. After a subtree, in the commit, it answers an
+//! [`driver::After`]: keep the table, unlink it if empty (freed after a VMID-wide invalidation
+//! when the walk ends), free it (destroy), or stop. The walker does every write itself
+//! ([`commit`]): the compare-and-swap, break-before-make (`Locked`, immediate invalidation, new
+//! value) when a valid entry changes output address or attributes, the invalidation owed
+//! (through the operation's `OpFlush`, so per IPA, VMID-wide or deferred to a `Batch`), I-cache
+//! maintenance before a frame becomes executable where the operation asks for it, and the
+//! counters. A write that loses its compare-and-swap shows the slot to the visitor again.
+//!
+//! # Two phases, one visitor
+//!
+//! An operation that may create or split tables runs its visitor twice over the same range:
+//!
+//! - *prepare* writes nothing: `Write` is skipped; `Create` and `Split` each count one page
+//!   and descend into the table they would make, seen as it would be (all empty, or the
+//!   block's leaves). Its count is reserved ([`Reserve`]) or the operation fails with
+//!   `NoMemory`, nothing changed (a `Stop` fails it before anything is allocated);
+//! - *commit* makes the change, taking the pages from the reserve.
+//!
+//! The two cannot disagree by construction: the visitor is not told the phase ([`driver::Visit`]
+//! has none), only its `written`/`table_post` callbacks are commit-only, and the prepare shows
+//! it what the commit will find. The one residual assumption, that nothing links tables or
+//! fills empty slots in between, is the stage-2 lock's (see [`driver::Walk::commit`]); were it
+//! broken, running out is a typed `NoMemory` (asserted in debug builds), not a panic.
+//! Operations that never create or split (compare-and-swap, `update_pages`, Access flag, the
+//! read-only walk, destroy) run the commit alone with an empty reserve.
 
+mod commit;
+pub(crate) mod driver;
 pub(crate) mod leaf;
 pub(crate) mod map;
 pub(crate) mod protect;
 pub(crate) mod split;
+#[cfg(test)]
+mod tests;
 pub(crate) mod unmap;
+mod update;
 pub(crate) mod walk;
 
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -94,23 +133,36 @@ impl<'m, M: TableMemory> Reserve<'m, M> {
         Ok(reserve)
     }
 
-    /// A zeroed page. Running out is a bug in the prepare phase's count.
-    pub fn take(&mut self) -> u64 {
+    /// No pages: for a commit whose visitor never creates or splits tables.
+    pub fn empty(mem: &'m M) -> Self {
+        Reserve { mem, head: 0 }
+    }
+
+    /// A zeroed page, or `None` once the reserve is used up (the walker makes that a typed
+    /// error; see [`driver`] for why a prepared commit never gets there).
+    pub fn take(&mut self) -> Option<u64> {
         let pa = self.head;
-        assert_ne!(
-            pa, 0,
-            "stage2: table reserve exhausted (prepare under-counted)"
-        );
+        if pa == 0 {
+            return None;
+        }
         // SAFETY: `pa` is the head of the reserve's list of allocated, unlinked pages.
         self.head = unsafe { self.mem.table(pa) }[0].swap(0, Ordering::Relaxed);
-        pa
+        Some(pa)
+    }
+
+    /// Gives back a page from [`Reserve::take`] that was not linked (its slot changed before
+    /// the compare-and-swap), still zeroed.
+    pub fn put_back(&mut self, pa: u64) {
+        // SAFETY: `pa` came from this reserve and was never linked: the reserve owns it again.
+        let page = unsafe { self.mem.table(pa) };
+        page[0].store(self.head, Ordering::Relaxed);
+        self.head = pa;
     }
 }
 
 impl<M: TableMemory> Drop for Reserve<'_, M> {
     fn drop(&mut self) {
-        while self.head != 0 {
-            let pa = self.take();
+        while let Some(pa) = self.take() {
             self.mem.free_table(pa);
         }
     }

@@ -1,71 +1,51 @@
 //! Changing the permissions of a range.
 
-use super::split::{count_partial_blocks, split_slot};
-use super::{cas, chunks, load_settled, Reserve};
+use super::driver::{OpVisitor, Step, Visit, Walk};
 use crate::flush::OpFlush;
 use crate::{
-    level_size, Descriptor, DescriptorKind, Error, Flusher, MemType, Perm, Stage2Table,
-    TableMemory, LAST_LEVEL,
+    Descriptor, DescriptorKind, Error, Flusher, MemType, Perm, Stage2Table, TableMemory, LAST_LEVEL,
 };
 
-struct Protector<'a, 'r, M: TableMemory, F: Flusher + ?Sized> {
-    t: &'a Stage2Table<M>,
+/// The visitor: every valid leaf the range covers gets the permissions (a block covered in
+/// part is split first); migration and swap entries lose `writable` with write permission.
+struct Protector {
     perm: Perm,
-    reserve: Reserve<'r, M>,
-    flush: OpFlush<'a, F>,
 }
 
-impl<M: TableMemory, F: Flusher + ?Sized> Protector<'_, '_, M, F> {
-    fn walk(&mut self, table: u64, level: u8, start: u64, end: u64) {
-        for c in chunks(level, start, end) {
-            let slot = self.t.slot(table, level, c.start);
-            loop {
-                let d = load_settled(slot);
-                let new = match d.kind(level) {
-                    DescriptorKind::Table { pa } => {
-                        self.walk(pa, level + 1, c.start, c.end);
-                        break;
-                    }
-                    DescriptorKind::Leaf { .. } if level < LAST_LEVEL && !c.full(level) => {
-                        let _ = split_slot(
-                            self.t,
-                            slot,
-                            level,
-                            c.base,
-                            d,
-                            &mut self.reserve,
-                            &mut self.flush,
-                        );
-                        continue;
-                    }
-                    DescriptorKind::Leaf { pa, attrs, .. } => {
-                        let perm = match attrs.mem {
-                            MemType::Normal => self.perm,
-                            MemType::Device => Perm {
-                                exec: false,
-                                ..self.perm
-                            },
-                        };
-                        if perm.exec && !attrs.perm.exec {
-                            self.flush.icache(pa, level_size(level));
-                        }
-                        d.with_perm(perm)
-                    }
-                    DescriptorKind::Software(e) => {
-                        Descriptor::software(e.restrict_writable(self.perm.write))
-                    }
-                    DescriptorKind::Empty | DescriptorKind::Unknown(_) => break,
-                };
-                if new == d {
-                    break;
-                }
-                if cas(slot, d, new).is_ok() {
-                    if d.is_valid() {
-                        self.flush.changed(c.base, level);
-                    }
-                    break;
-                }
+impl Protector {
+    /// What `d` (at `level`) becomes, if it is a leaf or software entry.
+    fn protected(&self, d: Descriptor, level: u8) -> Option<Descriptor> {
+        match d.kind(level) {
+            DescriptorKind::Leaf { attrs, .. } => Some(d.with_perm(match attrs.mem {
+                MemType::Normal => self.perm,
+                // Device memory is never executable.
+                MemType::Device => Perm {
+                    exec: false,
+                    ..self.perm
+                },
+            })),
+            DescriptorKind::Software(e) => {
+                Some(Descriptor::software(e.restrict_writable(self.perm.write)))
             }
+            _ => None,
+        }
+    }
+}
+
+impl OpVisitor for Protector {
+    type Error = Error;
+    const ICACHE: bool = true;
+
+    fn visit(&mut self, v: &Visit) -> Step<Error> {
+        match v.desc.kind(v.level) {
+            DescriptorKind::Table { .. } => Step::Descend,
+            DescriptorKind::Leaf { .. } if v.level < LAST_LEVEL && !v.chunk.full(v.level) => {
+                Step::Split
+            }
+            _ => match self.protected(v.desc, v.level) {
+                Some(new) if new != v.desc => Step::Write(new),
+                _ => Step::Next,
+            },
         }
     }
 }
@@ -79,15 +59,6 @@ pub(crate) fn protect<M: TableMemory, F: Flusher + ?Sized>(
     tlb: &F,
 ) -> Result<(), Error> {
     let end = t.check_range(ipa, len)?;
-    let level = t.cfg.start_level();
-    let reserve = Reserve::new(&t.mem, count_partial_blocks(t, t.root_pa, level, ipa, end))?;
-    let flush = OpFlush::new(tlb, t.vttbr());
-    let mut p = Protector {
-        t,
-        perm,
-        reserve,
-        flush,
-    };
-    p.walk(t.root_pa, level, ipa, end);
-    Ok(())
+    let mut flush = OpFlush::new(tlb, t.vttbr());
+    Ok(Walk::new(t, ipa, end).run(&mut Protector { perm }, &mut flush)?)
 }

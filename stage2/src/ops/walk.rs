@@ -1,42 +1,42 @@
-//! The visitor walk.
+//! The public visitor walk ([`Stage2Table::walk`]) as one more visitor of the walker.
 
-use super::chunks;
-use crate::sync::atomic::Ordering;
-use crate::{
-    Descriptor, DescriptorKind, Error, LeafInfo, Stage2Table, TableMemory, Visitor, WalkAction,
-};
+use super::driver::{After, NoMaintenance, OpVisitor, Step, Visit, Walk};
+use super::Reserve;
+use crate::{DescriptorKind, Error, LeafInfo, Stage2Table, TableMemory, Visitor, WalkAction};
 
-/// Visits the table at `table_pa` of `level` over `[start, end)`; `true` when told to stop.
-fn walk_table<M: TableMemory, V: Visitor + ?Sized>(
-    t: &Stage2Table<M>,
-    table_pa: u64,
-    level: u8,
-    start: u64,
-    end: u64,
-    v: &mut V,
-) -> bool {
-    for c in chunks(level, start, end) {
-        let d = Descriptor::from_raw(t.slot(table_pa, level, c.start).load(Ordering::Acquire));
-        let action = match d.kind(level) {
-            DescriptorKind::Table { pa } => match v.table_pre(c.base, level, pa) {
-                WalkAction::Continue => {
-                    if walk_table(t, pa, level + 1, c.start, c.end, v) {
-                        return true;
-                    }
-                    v.table_post(c.base, level, pa)
-                }
-                other => other,
+/// A [`Visitor`] seen as an operation that only reads.
+struct ReadOnly<'v, V: Visitor + ?Sized>(&'v mut V);
+
+impl<V: Visitor + ?Sized> OpVisitor for ReadOnly<'_, V> {
+    type Error = ();
+    // Each descriptor read once, whatever it holds (`Locked` is reported as a software entry).
+    const SETTLE: bool = false;
+
+    fn visit(&mut self, v: &Visit) -> Step<()> {
+        let action = match v.desc.kind(v.level) {
+            DescriptorKind::Table { pa } => match self.0.table_pre(v.chunk.base, v.level, pa) {
+                WalkAction::Continue => return Step::Descend,
+                WalkAction::SkipTable => return Step::Next,
+                WalkAction::Stop => WalkAction::Stop,
             },
-            _ => match LeafInfo::decode(c.base, level, d) {
-                Some(info) => v.leaf(&info),
+            _ => match LeafInfo::decode(v.chunk.base, v.level, v.desc) {
+                Some(info) => self.0.leaf(&info),
                 None => WalkAction::Continue,
             },
         };
-        if action == WalkAction::Stop {
-            return true;
+        match action {
+            WalkAction::Stop => Step::Stop(()),
+            _ => Step::Next,
         }
     }
-    false
+
+    fn table_post(&mut self, v: &Visit) -> After<()> {
+        let pa = v.desc.output_address(v.level);
+        match self.0.table_post(v.chunk.base, v.level, pa) {
+            WalkAction::Stop => After::Stop(()),
+            _ => After::Keep,
+        }
+    }
 }
 
 /// [`Stage2Table::walk`].
@@ -50,6 +50,8 @@ pub(crate) fn walk<M: TableMemory, V: Visitor + ?Sized>(
         .checked_add(len)
         .filter(|&e| e <= t.cfg.ipa_limit())
         .ok_or(Error::OutOfRange)?;
-    walk_table(t, t.root_pa, t.cfg.start_level(), ipa, end, v);
+    // Commit only, and nothing is written: no pages, no maintenance. A stop is not an error.
+    let _ =
+        Walk::new(t, ipa, end).commit(&mut ReadOnly(v), Reserve::empty(&t.mem), &mut NoMaintenance);
     Ok(())
 }

@@ -139,6 +139,13 @@ impl<'a> Oracle<'a> {
     /// allocated page reachable exactly once. Returns the leaves and the number of table pages
     /// (root pages included).
     pub fn dump(&self) -> (Vec<RawLeaf>, usize) {
+        let root_pages = (self.root_entries * 8).div_ceil(4096) as usize;
+        let (leaves, tables) = self.tree();
+        (leaves, root_pages + tables.len())
+    }
+
+    /// As [`Oracle::dump`], with the set of table pages below the root (their addresses).
+    pub fn tree(&self) -> (Vec<RawLeaf>, BTreeSet<u64>) {
         let mut leaves = Vec::new();
         let mut seen = BTreeSet::new();
         let root_pages = (self.root_entries * 8).div_ceil(4096) as usize;
@@ -153,7 +160,7 @@ impl<'a> Oracle<'a> {
             &mut leaves,
             &mut seen,
         );
-        (leaves, root_pages + seen.len())
+        (leaves, seen)
     }
 
     fn dump_table(
