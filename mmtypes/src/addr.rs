@@ -24,6 +24,8 @@ macro_rules! byte_address {
         impl $name {
             /// Address zero.
             pub const ZERO: Self = Self(0);
+            /// The highest address (an open upper bound: "to the end").
+            pub const MAX: Self = Self(u64::MAX);
 
             /// The address with raw value `raw` (the hardware boundary: registers,
             /// descriptors, the device tree).
@@ -62,6 +64,21 @@ macro_rules! byte_address {
             /// The byte offset inside its page.
             pub const fn page_offset(self) -> u64 {
                 self.0 & (PAGE_SIZE - 1)
+            }
+
+            /// The page number: the address divided by [`PAGE_SIZE`].
+            pub const fn page_index(self) -> u64 {
+                self.0 >> PAGE_SHIFT
+            }
+
+            /// `self - bytes`, or zero if that would be below it.
+            pub const fn saturating_sub(self, bytes: u64) -> Self {
+                Self(self.0.saturating_sub(bytes))
+            }
+
+            /// `self + bytes` in a constant expression (`+` is not `const`).
+            pub const fn offset(self, bytes: u64) -> Self {
+                Self(self.0 + bytes)
             }
 
             /// `self + bytes`, or `None` on overflow.
@@ -170,8 +187,13 @@ impl Pfn {
         self.0 & (frames - 1) == 0
     }
 
+    /// How many frames `self` lies above `base`, or `None` if below it.
+    pub const fn checked_offset_from(self, base: Pfn) -> Option<u64> {
+        self.0.checked_sub(base.0)
+    }
+
     /// The frames `self, self + 1, ..` (`count` of them).
-    pub fn run(self, count: u64) -> impl Iterator<Item = Pfn> + Clone {
+    pub fn run(self, count: u64) -> impl DoubleEndedIterator<Item = Pfn> + Clone {
         (self.0..self.0 + count).map(Pfn)
     }
 }
@@ -186,6 +208,13 @@ impl Add<u64> for Pfn {
 impl AddAssign<u64> for Pfn {
     fn add_assign(&mut self, frames: u64) {
         self.0 += frames;
+    }
+}
+
+impl Sub<u64> for Pfn {
+    type Output = Pfn;
+    fn sub(self, frames: u64) -> Pfn {
+        Pfn(self.0 - frames)
     }
 }
 

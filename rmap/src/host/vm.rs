@@ -3,7 +3,7 @@
 
 use super::hw::{page_of, Cached, HostHw};
 use super::{HostMachine, HostStage2};
-use crate::backend::{S2Entry, Stage2, Stage2Locked};
+use crate::backend::{PageState, Stage2, Stage2Locked};
 use crate::lock::{Level, OrderedRwLock};
 use crate::region::RegionList;
 use crate::{Error, Fault, Ipa, Pfn, Rmap, VmId};
@@ -56,10 +56,10 @@ impl HostVm {
             }
             // A VM destroyed under its vCPU (its tables gone) has no memory left.
             let entry = self.s2.lock().live_lookup(ipa).ok_or(Error::NoRegion)?;
-            if let S2Entry::Page { .. } = entry {
+            if let PageState::Mapped { .. } = entry {
                 continue; // mapped meanwhile
             }
-            if entry == S2Entry::Invalid {
+            if entry == PageState::Invalid {
                 let mapped = self.regions.read().find(ipa).is_some();
                 return if mapped { Ok(0) } else { Err(Error::NoRegion) };
             }
@@ -71,10 +71,10 @@ impl HostVm {
     /// quiescent points: a swapped page is read from the store).
     pub fn peek(&self, m: &HostMachine, ipa: Ipa) -> u64 {
         match self.s2.lock().lookup(ipa) {
-            S2Entry::Page { pfn, .. } => m.read_value(pfn),
-            S2Entry::Swap { slot } => m.swap_value(slot),
-            S2Entry::Invalid => 0,
-            S2Entry::Migration { .. } => panic!("migration entry at a quiescent point"),
+            PageState::Mapped { pfn, .. } => m.read_value(pfn),
+            PageState::Swapped { slot } => m.swap_value(slot),
+            PageState::Invalid => 0,
+            PageState::Migrating { .. } => panic!("migration entry at a quiescent point"),
         }
     }
 
@@ -107,12 +107,12 @@ impl HostVm {
             let Some((ipa, entry)) = next else {
                 return Ok(());
             };
-            if let S2Entry::Migration { pfn, .. } = entry {
+            if let PageState::Migrating { pfn, .. } = entry {
                 rmap.wait_frame_unlocked(pfn);
                 continue;
             }
             let mut s2 = self.s2.lock();
-            if s2.compare_exchange(ipa, entry, S2Entry::Invalid).is_err() {
+            if s2.compare_exchange(ipa, entry, PageState::Invalid).is_err() {
                 if s2.take_out_of_memory() {
                     return Err(Error::OutOfFrames);
                 }
@@ -120,9 +120,9 @@ impl HostVm {
             }
             drop(s2);
             match entry {
-                S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
-                S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
-                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, m),
+                PageState::Swapped { slot } => rmap.put_swap(slot, m, m),
+                PageState::Migrating { .. } | PageState::Invalid => {}
             }
             from = ipa + crate::PAGE_SIZE;
         }
@@ -159,7 +159,7 @@ impl HostVm {
         }
         let table = self.s2.lock();
         // Tables freed (the VM was destroyed under this vCPU): nothing to access.
-        let Some(S2Entry::Page { pfn, writable }) = table.live_lookup(page) else {
+        let Some(PageState::Mapped { pfn, writable }) = table.live_lookup(page) else {
             return false;
         };
         if write && !writable {
