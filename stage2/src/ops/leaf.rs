@@ -6,21 +6,22 @@ use crate::flush::OpFlush;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{
     level_size, CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table,
-    SwEntry, TableMemory, LAST_LEVEL, PAGE_SIZE,
+    TableMemory, LAST_LEVEL, PAGE_SIZE,
 };
+use mmtypes::{Ipa, PageState};
 
 /// [`Stage2Table::set_software`].
 pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
     t: &Stage2Table<M>,
     ipa: u64,
-    entry: SwEntry,
+    entry: PageState,
     tlb: &F,
 ) -> Result<Option<LeafInfo>, Error> {
+    let new = Descriptor::software(entry)?;
     let mut reserve = Reserve::new(&t.mem, path_cost(t, ipa)?)?;
     let mut flush = OpFlush::new(tlb, t.vttbr());
     let slot =
         page_slot(t, ipa, true, &mut reserve, &mut flush).map_err(|_| Error::BadDescriptor)?;
-    let new = Descriptor::software(entry);
     let base = ipa & !(PAGE_SIZE - 1);
     loop {
         let old = load_settled(slot);
@@ -29,7 +30,7 @@ pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
             if old.is_valid() {
                 flush.changed(base, LAST_LEVEL);
             }
-            return Ok(LeafInfo::decode(base, LAST_LEVEL, old));
+            return Ok(LeafInfo::decode_raw(base, LAST_LEVEL, old));
         }
     }
 }
@@ -37,9 +38,7 @@ pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
 /// Checks `new` may be stored in a leaf slot of `level`.
 fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
     match new.kind(level) {
-        DescriptorKind::Empty
-        | DescriptorKind::Leaf { .. }
-        | DescriptorKind::Software(SwEntry::Locked) => Ok(()),
+        DescriptorKind::Empty | DescriptorKind::Leaf { .. } | DescriptorKind::Locked => Ok(()),
         DescriptorKind::Software(_) if level == LAST_LEVEL => Ok(()),
         _ => Err(Error::BadDescriptor),
     }
@@ -125,7 +124,7 @@ fn cas_slot<M: TableMemory, F: Flusher + ?Sized>(
 /// [`Stage2Table::update_pages`].
 pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
     t: &Stage2Table<M>,
-    ipas: &[u64],
+    ipas: &[Ipa],
     f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
     done: &mut dyn FnMut(usize, Result<(), CasError>),
     tlb: &F,
@@ -134,7 +133,7 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
     // The last-level table of the previous page, by the 2 MiB it covers.
     let mut table: Option<(u64, u64)> = None;
     for (k, &ipa) in ipas.iter().enumerate() {
-        let base = ipa & !(PAGE_SIZE - 1);
+        let base = ipa.raw() & !(PAGE_SIZE - 1);
         let span = base & !(level_size(LAST_LEVEL - 1) - 1);
         let (level, slot) = match table {
             Some((at, pa)) if at == span => (LAST_LEVEL, t.slot(pa, LAST_LEVEL, base)),
@@ -153,7 +152,7 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
         let mut tries = 0;
         loop {
             let expected = load_settled(slot);
-            let Some(info) = LeafInfo::decode(base, level, expected) else {
+            let Some(info) = LeafInfo::decode_raw(base, level, expected) else {
                 break; // an empty slot: nothing to change
             };
             let Some(new) = f(k, &info) else {

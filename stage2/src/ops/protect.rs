@@ -3,6 +3,7 @@
 use super::split::{count_partial_blocks, split_slot};
 use super::{cas, chunks, load_settled, Reserve};
 use crate::flush::OpFlush;
+use crate::software;
 use crate::{
     level_size, Descriptor, DescriptorKind, Error, Flusher, MemType, Perm, Stage2Table,
     TableMemory, LAST_LEVEL,
@@ -52,9 +53,12 @@ impl<M: TableMemory, F: Flusher + ?Sized> Protector<'_, '_, M, F> {
                         d.with_perm(perm)
                     }
                     DescriptorKind::Software(e) => {
-                        Descriptor::software(e.restrict_writable(self.perm.write))
+                        let e = software::restrict_writable(e, self.perm.write);
+                        Descriptor::software(e).unwrap_or(d)
                     }
-                    DescriptorKind::Empty | DescriptorKind::Unknown(_) => break,
+                    DescriptorKind::Empty | DescriptorKind::Locked | DescriptorKind::Unknown(_) => {
+                        break
+                    }
                 };
                 if new == d {
                     break;
