@@ -7,6 +7,7 @@ use crate::console::error::CmdError;
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::vec::Vec;
+use rmap::Ipa;
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
 /// eagerly; prints both times and their ratio.
@@ -21,7 +22,7 @@ pub fn fork(mib: u64) -> Result<(), CmdError> {
 fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), CmdError> {
     let page = [0x5au8; PAGE_SIZE as usize];
     for i in 0..pages {
-        crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, &page)
+        crate::mm::glue::write_guest(&vm.mem, Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE, &page)
             .map_err(|_| CmdError::Bench("out of memory filling the VM"))?;
     }
     let t0 = crate::arch::timer::now();
@@ -36,7 +37,7 @@ fn fork_vs_copy(vm: &alloc::sync::Arc<Vm>, pages: u64) -> Result<(), CmdError> {
             .mem
             .memory
             .lock()
-            .pa_of(vm.mem.ram.base + i * PAGE_SIZE)
+            .pa_of(Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE)
             .ok_or(CmdError::Bench("unmapped page"))?;
         let Some(dst) = frames::get().alloc() else {
             break;

@@ -252,7 +252,7 @@ fn fork_cmd(id: VmId, count: u32) -> Result<(), CmdError> {
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
 fn rmap_cmd(pa: u64) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
-    let pfn = pa / crate::mm::frames::PAGE_SIZE;
+    let pfn = rmap::Pa::new(pa).pfn();
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
     let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
     crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");

@@ -13,6 +13,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use hypcmd::{Command, PageRange};
+use rmap::{Ipa, Pa, Pfn};
 
 /// Runs a memory command (`cmd.rs` passes every command it does not run
 /// itself). Arguments are already checked by `hypcmd`; what is checked here
@@ -65,7 +66,8 @@ fn migrate(vm: Arc<Vm>, range: PageRange, batch: Option<usize>) -> Result<(), Cm
             end,
         });
     }
-    let r = memctl::migrate_vm(&vm.mem, start, end, batch.unwrap_or(memctl::BATCH));
+    let (from, to) = (Ipa::new(start), Ipa::new(end));
+    let r = memctl::migrate_vm(&vm.mem, from, to, batch.unwrap_or(memctl::BATCH));
     crate::println!("migrate vm {} {start:#x}..{end:#x}: moved {r}", vm.id);
     Ok(())
 }
@@ -127,7 +129,9 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
         }
         // SAFETY: any u64 array is valid as bytes.
         let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
-        if crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, bytes).is_err() {
+        if crate::mm::glue::write_guest(&vm.mem, Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE, bytes)
+            .is_err()
+        {
             vm.stop(0);
             return Err(CmdError::Bench("out of memory filling the bench VM"));
         }
@@ -139,11 +143,11 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
 const BENCH_ROUNDS: usize = 3;
 
 /// Time to copy `pfns` into fresh frames with the copy migration uses.
-fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
-    let dst: Vec<u64> = (0..pfns.len())
+fn time_copy(pfns: &[Pfn]) -> Result<u64, CmdError> {
+    let dst: Vec<Pa> = (0..pfns.len())
         .map_while(|_| frames::get().alloc())
         .collect();
-    let release = |dst: Vec<u64>| dst.into_iter().for_each(|pa| frames::get().free(pa));
+    let release = |dst: Vec<Pa>| dst.into_iter().for_each(|pa| frames::get().free(pa));
     if dst.len() < pfns.len() {
         release(dst);
         return Err(CmdError::Bench("no frames for the memcpy"));
@@ -152,7 +156,7 @@ fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
     for (&src, &d) in pfns.iter().zip(&dst) {
         // SAFETY: `src` is a frame of the idle bench VM (nothing writes it),
         // `d` one we allocated.
-        unsafe { frames::copy_frame(d, src * PAGE_SIZE) };
+        unsafe { frames::copy_frame(d, src.pa()) };
     }
     let ticks = crate::arch::timer::now() - t0;
     release(dst);
@@ -170,16 +174,16 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError>
                 crate::vm::fork::ForkKind::Snapshot,
             )?);
         }
-        let end = vm.mem.ram.base + pages * PAGE_SIZE;
+        let end = Ipa::new(vm.mem.ram.base) + pages * PAGE_SIZE;
         // Split any block mapping first (not part of what is measured).
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
+        let pfns = memctl::vm_frames(&vm.mem, Ipa::new(vm.mem.ram.base), end, usize::MAX);
         let mut warm = Report::default();
         memctl::migrate_pfns(&pfns, 4096, &mut warm);
         // Best of three rounds, each a memcpy of the frames into fresh frames
         // next to their migration (QEMU's speed drifts within a run).
         let (mut copy, mut mig, mut pfns) = (u64::MAX, u64::MAX, Vec::new());
         for _ in 0..BENCH_ROUNDS {
-            pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
+            pfns = memctl::vm_frames(&vm.mem, Ipa::new(vm.mem.ram.base), end, usize::MAX);
             copy = copy.min(time_copy(&pfns)?);
             let mut r = Report::default();
             let t0 = crate::arch::timer::now();
@@ -193,7 +197,7 @@ fn bench_migrate(mappers: u64, pages: u64, batch: usize) -> Result<(), CmdError>
                 });
             }
         }
-        let first = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, 1);
+        let first = memctl::vm_frames(&vm.mem, Ipa::new(vm.mem.ram.base), end, 1);
         let first = first
             .first()
             .ok_or(CmdError::Bench("the bench VM has no frames"))?;
@@ -221,7 +225,7 @@ fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
     for i in 0..pages {
         crate::mm::glue::fault(
             &vm.mem,
-            vm.mem.ram.base + i * PAGE_SIZE,
+            Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE,
             crate::mm::glue::Access::Read,
             crate::mm::glue::FaultKind::Translation,
         )
@@ -233,18 +237,18 @@ fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
 fn bench_reclaim(pages: u64, batch: usize) -> Result<(), CmdError> {
     let vm = bench_vm(pages)?;
     let result = (|| {
-        let end = vm.mem.ram.base + pages * PAGE_SIZE;
+        let end = Ipa::new(vm.mem.ram.base) + pages * PAGE_SIZE;
         let mut warm = Report::default();
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
+        let pfns = memctl::vm_frames(&vm.mem, Ipa::new(vm.mem.ram.base), end, usize::MAX);
         memctl::migrate_pfns(&pfns, 4096, &mut warm); // splits blocks
-        let pfns = memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX);
+        let pfns = memctl::vm_frames(&vm.mem, Ipa::new(vm.mem.ram.base), end, usize::MAX);
         let mut buf = [0u8; crate::mm::store::MAX_COMPRESSED];
         let mut bytes = 0;
         let t0 = crate::arch::timer::now();
         for &pfn in &pfns {
             // SAFETY: a frame of the idle bench VM, identity mapped.
             let data = unsafe {
-                core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
+                core::slice::from_raw_parts(pfn.pa().raw() as *const u8, PAGE_SIZE as usize)
             };
             bytes += crate::mm::store::compress(data, &mut buf);
         }

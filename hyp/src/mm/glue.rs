@@ -8,8 +8,8 @@ use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::{self, VmMemory};
 use alloc::sync::Arc;
 use rmap::{
-    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, Rmap, S2Entry, Stage2, Stage2Locked, VmId,
-    VmSet,
+    Fault, FrameAllocator, FrameTable, Ipa, Pa, PageState, Pfn, RegionFlags, Rmap, Stage2,
+    Stage2Locked, VmId, VmSet,
 };
 use spin::Once;
 use stage2::TlbMaintenance;
@@ -47,7 +47,7 @@ pub fn frame_table_range(board: &platform::Board) -> platform::MemRange {
 fn span(board: &platform::Board) -> (Pfn, usize) {
     let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
     let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
-    (lo / PAGE_SIZE, ((hi - lo) / PAGE_SIZE) as usize)
+    (Pa::new(lo).pfn(), ((hi - lo) / PAGE_SIZE) as usize)
 }
 
 /// Frame metadata for every frame of the RAM banks' span, in the memory of
@@ -79,30 +79,30 @@ pub struct HypFrames;
 
 impl FrameAllocator for HypFrames {
     fn alloc(&self) -> Option<Pfn> {
-        frames::get().alloc().map(|pa| pa / PAGE_SIZE)
+        frames::get().alloc().map(Pa::pfn)
     }
 
     fn free(&self, pfn: Pfn) {
-        frames::get().free(pfn * PAGE_SIZE)
+        frames::get().free(pfn.pa())
     }
 
     fn zero(&self, pfn: Pfn) {
         // SAFETY: rmap zeroes only a frame it just allocated and has not
         // mapped yet.
-        unsafe { frames::zero_frame(pfn * PAGE_SIZE) };
+        unsafe { frames::zero_frame(pfn.pa()) };
         // rmap's contract: clean to the PoC on return.
-        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
+        crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
     }
 
     fn copy(&self, dst: Pfn, src: Pfn) {
         // SAFETY: `dst` is freshly allocated and owned by the caller, `src`
         // is pinned (locked, or its writers replaced by migration entries)
         // by the caller for the copy; they are distinct frames.
-        unsafe { frames::copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE) };
+        unsafe { frames::copy_frame(dst.pa(), src.pa()) };
         // rmap's contract: clean to the PoC on return.
-        crate::mm::memory::publish(dst * PAGE_SIZE, PAGE_SIZE);
+        crate::mm::memory::publish(dst.pa(), PAGE_SIZE);
         // The page may hold guest code.
-        crate::mm::memory::TLB.invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
+        crate::mm::memory::TLB.invalidate_icache(dst.pa().raw(), PAGE_SIZE);
     }
 }
 
@@ -129,7 +129,7 @@ pub fn create_ram_region(vm: &VmMemory) -> Result<(), rmap::Error> {
     let mut list = vm.regions.write();
     rmap().region_create(
         &mut list,
-        vm.ram.base,
+        Ipa::new(vm.ram.base),
         vm.ram.size / PAGE_SIZE,
         RegionFlags::NONE,
     )
@@ -162,7 +162,7 @@ pub enum FaultKind {
 
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
-pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result<(), FaultError> {
+pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result<(), FaultError> {
     let write = access == Access::Write;
     // The swap cache and region bookkeeping may allocate a little heap; the
     // heap may have to grow, from frames reclaim can give back.
@@ -176,13 +176,14 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
     // including before a 2 MiB first touch takes 512 frames.
     crate::mm::memctl::balance();
     if kind == FaultKind::Translation && fault_block(vm, ipa) {
-        let chunk = ipa & !(crate::mm::memory::BLOCK_SIZE - 1);
+        let chunk = ipa.align_down(crate::mm::memory::BLOCK_SIZE);
         let mut log = vm.dirty.lock();
-        (0..crate::mm::memory::BLOCK_SIZE / PAGE_SIZE)
-            .for_each(|i| log.note(chunk + i * PAGE_SIZE));
+        chunk
+            .pages_to(chunk + crate::mm::memory::BLOCK_SIZE)
+            .for_each(|page| log.note(page));
         return Ok(());
     }
-    vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
+    vm.dirty.lock().note(ipa.page());
     // A flag left by an earlier operation on this CPU is not this fault's.
     vm.memory.lock().take_oom();
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
@@ -190,7 +191,7 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
         let mem = vm.memory.lock();
         if matches!(result, Ok(Fault::Done)) {
             // Software access flag: the reclaim clock cleared it.
-            mem.mkyoung(ipa & !(PAGE_SIZE - 1));
+            mem.mkyoung(ipa.page());
         }
         mem.take_oom()
     };
@@ -214,9 +215,9 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
 /// entry (fewer faults, and fork copies one entry instead of 512). Falls back
 /// to the page path when the chunk is partly mapped, the region has no
 /// anon_vma yet, or no aligned 2 MiB of frames is free.
-fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
+fn fault_block(vm: &VmMemory, ipa: Ipa) -> bool {
     use crate::mm::memory::BLOCK_SIZE;
-    let chunk = ipa & !(BLOCK_SIZE - 1);
+    let chunk = ipa.align_down(BLOCK_SIZE);
     let regions = vm.regions.read();
     let Some(region) = regions.find(ipa) else {
         return false;
@@ -234,7 +235,7 @@ fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
     };
     // Zeroed through our cacheable map: clean before the guest sees it.
     crate::mm::memory::publish(pa, BLOCK_SIZE);
-    let pfn = pa / PAGE_SIZE;
+    let pfn = pa.pfn();
     rmap().add_new_anon_block(pfn, pages, region, chunk);
     if !s2.map_block(chunk, pa) {
         rmap().remove_new_anon_block(pfn, pages, &HypFrames);
@@ -251,9 +252,9 @@ fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
 /// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
 /// still reserved; the caller copies instead. Err: no stage-2 table memory,
 /// and the frames went back to the allocator.
-pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError> {
+pub fn adopt_block(vm: &VmMemory, ipa: Ipa, pa: Pa) -> Result<bool, FaultError> {
     use crate::mm::memory::BLOCK_SIZE;
-    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
+    if !ipa.is_aligned(BLOCK_SIZE) || !pa.is_aligned(BLOCK_SIZE) {
         return Ok(false);
     }
     let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
@@ -278,13 +279,13 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
         return Ok(false);
     }
     let pages = BLOCK_SIZE / PAGE_SIZE;
-    let pfn = pa / PAGE_SIZE;
+    let pfn = pa.pfn();
     frames::get().take_reserved(pa, pages);
     // The image holds code: the guest fetches it through the I-cache.
     // Whoever loaded the image need not have cleaned it to the PoC, and
     // the guest reads it with its MMU off first.
     crate::mm::memory::publish(pa, BLOCK_SIZE);
-    crate::mm::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
+    crate::mm::memory::TLB.invalidate_icache(pa.raw(), BLOCK_SIZE);
     rmap().add_new_anon_block(pfn, pages, region, ipa);
     if !s2.map_block(ipa, pa) {
         rmap().remove_new_anon_block(pfn, pages, &HypFrames);
@@ -295,23 +296,23 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
 /// first, so every frame is a private, rmap-tracked page of the VM).
-pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
+pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultError> {
     let mut done = 0usize;
     while done < data.len() {
         let addr = ipa + done as u64;
-        let off = (addr % PAGE_SIZE) as usize;
+        let off = addr.page_offset() as usize;
         let n = (PAGE_SIZE as usize - off).min(data.len() - done);
-        let page = addr - off as u64;
+        let page = addr.page();
         let pa = loop {
             let entry = vm.lock().lookup(page);
-            if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
+            if matches!(entry, rmap::PageState::Mapped { writable: true, .. }) {
                 // None: moved (migration) since the lookup; look again.
                 if let Some(pa) = vm.memory.lock().pa_of(page) {
                     break pa;
                 }
                 continue;
             }
-            let kind = if matches!(entry, rmap::S2Entry::Page { .. }) {
+            let kind = if matches!(entry, rmap::PageState::Mapped { .. }) {
                 FaultKind::Permission
             } else {
                 FaultKind::Translation
@@ -321,12 +322,16 @@ pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultErro
         // SAFETY: `pa` backs a writable page of this VM, identity mapped;
         // the VM is not running yet (loader), so nothing races the copy.
         unsafe {
-            core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
+            core::ptr::copy_nonoverlapping(
+                data[done..].as_ptr(),
+                (pa + off as u64).raw() as *mut u8,
+                n,
+            )
         };
         // The page is mapped already: clean it before the VM runs (it reads
         // its image and DTB with the MMU off).
         crate::mm::memory::publish(pa + off as u64, n as u64);
-        crate::mm::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
+        crate::mm::memory::TLB.invalidate_icache((pa + off as u64).raw(), n as u64);
         done += n;
     }
     Ok(())
@@ -373,7 +378,7 @@ pub fn shared_frames() -> u64 {
 /// Drops `vm`'s pages in `[start, start + len)` (MEM_RELEASE): each entry is
 /// cleared and its frame or swap slot reference dropped; untouched pages
 /// cost nothing. Blocks are split first (the reserve covers the table page).
-pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
+pub fn release(vm: &VmMemory, start: Ipa, len: u64) -> Result<(), rmap::Error> {
     let _regions = vm.regions.read();
     // A flag left by an earlier operation on this CPU is not this release's.
     vm.memory.lock().take_oom();
@@ -384,13 +389,13 @@ pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
             return Ok(());
         };
         match entry {
-            S2Entry::Migration { pfn, .. } => {
+            PageState::Migrating { pfn, .. } => {
                 rmap().wait_frame_unlocked(pfn);
                 continue;
             }
             _ if vm
                 .lock()
-                .compare_exchange(ipa, entry, S2Entry::Invalid)
+                .compare_exchange(ipa, entry, PageState::Invalid)
                 .is_err() =>
             {
                 if vm.memory.lock().take_oom() {
@@ -398,9 +403,9 @@ pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
                 }
                 continue;
             }
-            S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-            S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
-            S2Entry::Invalid => {}
+            PageState::Mapped { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+            PageState::Swapped { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
+            PageState::Invalid => {}
         }
         vm.dirty.lock().note(ipa);
         from = ipa + PAGE_SIZE;

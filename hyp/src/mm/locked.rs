@@ -1,13 +1,14 @@
 //! `LockedStage2`: a VM's stage-2 table with its lock held (DESIGN level 4),
-//! as the reverse map changes it, and the conversion between rmap's page
-//! states (`S2Entry`) and stage-2 descriptors. The `rmap::Stage2Locked`
+//! as the reverse map changes it, and the conversion between page states
+//! (`mmtypes::PageState`, the vocabulary rmap and stage2 share) and stage-2
+//! leaves. The `rmap::Stage2Locked`
 //! operations on it are in `s2locked`.
 
 use crate::mm::frames::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
-use rmap::S2Entry;
-use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
+use rmap::{Ipa, PageState, Pfn};
+use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo};
 
 use super::memory::{attr_encoding, ram_attrs, GuestMemory};
 
@@ -42,40 +43,46 @@ pub(super) enum Frames {
 /// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
 pub const BLOCK_SIZE: u64 = 2 << 20;
 
-pub(super) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
+/// The page state of page `ipa` of `leaf` (a slot stage2 reports as no
+/// leaf, a hole or one a break-before-make holds, is `Invalid`: callers
+/// retry).
+pub(super) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
     let Some(leaf) = leaf else {
-        return S2Entry::Invalid;
+        return PageState::Invalid;
     };
     match leaf.leaf {
-        Leaf::Mapped(m) => S2Entry::Page {
-            pfn: (m.pa + (ipa - leaf.ipa)) >> 12,
+        Leaf::Mapped(m) => PageState::Mapped {
+            pfn: (m.pa + (ipa.page() - leaf.ipa)).pfn(),
             writable: m.attrs.perm.write,
         },
-        Leaf::Software(SwEntry::Migration { pfn, writable }) => {
-            S2Entry::Migration { pfn, writable }
-        }
-        Leaf::Software(SwEntry::Swap { slot, .. }) => S2Entry::Swap { slot },
-        // A transient break-before-make owner: report it as a migration of
-        // nothing, so callers retry.
-        Leaf::Software(_) => S2Entry::Invalid,
+        Leaf::Software(state) => state,
     }
 }
 
-pub(super) fn encode(entry: S2Entry) -> Descriptor {
-    match entry {
-        S2Entry::Invalid => Descriptor::EMPTY,
-        S2Entry::Page { pfn, writable } => {
+/// The page-level descriptor of `state`.
+pub(super) fn encode(state: PageState) -> Descriptor {
+    match state {
+        PageState::Invalid => Descriptor::EMPTY,
+        PageState::Mapped { pfn, writable } => {
             let attrs = ram_attrs(writable);
-            Descriptor::leaf_encoded(pfn << 12, 3, attrs, true, attr_encoding())
+            Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, attr_encoding())
                 .expect("page descriptor")
         }
-        S2Entry::Migration { pfn, writable } => {
-            Descriptor::software(SwEntry::Migration { pfn, writable })
+        PageState::Migrating { .. } | PageState::Swapped { .. } => {
+            Descriptor::software(state).expect("a state an invalid descriptor keeps")
         }
-        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap {
-            slot,
-            writable: false,
-        }),
+    }
+}
+
+/// Checks a change against the transition table (`mmtypes::state`) in
+/// debug builds: rmap decides every change, from states only the
+/// hypervisor writes, so a guest cannot reach a refused one; one is a
+/// hypervisor bug. rmap's host tests check every change in every build.
+pub(super) fn check_transition(old: PageState, new: PageState) {
+    if cfg!(debug_assertions) {
+        if let Err(bad) = PageState::check_transition(old, new) {
+            panic!("{bad}");
+        }
     }
 }
 
@@ -88,7 +95,7 @@ pub struct LockedStage2<'a> {
     /// by every other change through this guard, so it can be stale only by
     /// what the hardware did meanwhile (an access-flag update), which makes
     /// the descriptor CAS fail and the retry look the leaf up afresh.
-    pub(super) last: Cell<Option<(u64, Option<LeafInfo>)>>,
+    pub(super) last: Cell<Option<(Ipa, Option<LeafInfo>)>>,
 }
 
 impl<'a> LockedStage2<'a> {
@@ -112,13 +119,18 @@ impl<'a> LockedStage2<'a> {
         self.mem.is_live()
     }
 
-    pub(super) fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+    pub(super) fn cas(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), PageState> {
         // A torn-down VM reads as empty and refuses every change: a console
         // command or rmap walker that still holds the VM must not panic.
         let Some(table) = self.mem.live() else {
-            return Err(S2Entry::Invalid);
+            return Err(PageState::Invalid);
         };
-        let page = ipa & !(PAGE_SIZE - 1);
+        let page = ipa.page();
         let current = match self.last.take() {
             Some((at, leaf)) if at == page => leaf,
             _ => table.lookup(ipa),
@@ -127,7 +139,8 @@ impl<'a> LockedStage2<'a> {
         if found != old {
             return Err(found);
         }
-        if !matches!(old, S2Entry::Page { .. }) && matches!(new, S2Entry::Page { .. }) {
+        check_transition(old, new);
+        if !matches!(old, PageState::Mapped { .. }) && matches!(new, PageState::Mapped { .. }) {
             self.mem.bbm_check_make(page, PAGE_SIZE);
         }
         let Some(mut current) = current else {
@@ -146,7 +159,7 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
-    pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
+    pub fn map_block(&mut self, ipa: Ipa, pa: rmap::Pa) -> bool {
         self.last.set(None);
         if !self.mem.is_live() {
             return false;
@@ -155,12 +168,12 @@ impl<'a> LockedStage2<'a> {
             access: RunAccess::Write,
             frames: Frames::Fresh,
         };
-        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, run)
+        self.map_run(ipa, pa.pfn(), BLOCK_SIZE / PAGE_SIZE, run)
     }
 
     /// CAS of a leaf the caller just read, retried while only a hardware
     /// access-flag update got in between.
-    pub(super) fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
+    pub(super) fn replace_retrying(&self, leaf: &LeafInfo, old: PageState, new: PageState) {
         let mut cur = *leaf;
         while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
             cur.desc = d;
@@ -172,10 +185,15 @@ impl<'a> LockedStage2<'a> {
 
     /// Makes a writable block read-only as one entry, if `new` is exactly
     /// that; false if it is some other change (the caller splits).
-    pub(super) fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
+    pub(super) fn write_protect_block(
+        &self,
+        leaf: &LeafInfo,
+        old: PageState,
+        new: PageState,
+    ) -> bool {
         let (
-            S2Entry::Page { pfn: a, .. },
-            S2Entry::Page {
+            PageState::Mapped { pfn: a, .. },
+            PageState::Mapped {
                 pfn: b,
                 writable: false,
             },
@@ -189,9 +207,15 @@ impl<'a> LockedStage2<'a> {
         if a != b {
             return false;
         }
-        let ro =
-            Descriptor::leaf_encoded(m.pa, leaf.level, ram_attrs(false), m.young, attr_encoding())
-                .expect("block descriptor");
+        check_transition(old, new);
+        let ro = Descriptor::leaf_encoded(
+            m.pa.raw(),
+            leaf.level,
+            ram_attrs(false),
+            m.young,
+            attr_encoding(),
+        )
+        .expect("block descriptor");
         let table = self.mem.table();
         let tlb = self.mem.tlb();
         let batch = Batch::new(&tlb, table.vttbr());
@@ -205,7 +229,7 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
-    pub(super) fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
+    pub(super) fn split(&mut self, ipa: Ipa) -> Option<LeafInfo> {
         let table = self.mem.table();
         if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
             if e == stage2::Error::NoMemory {
@@ -221,12 +245,12 @@ impl<'a> LockedStage2<'a> {
     pub(super) fn update_block_pages(
         &mut self,
         leaf: &LeafInfo,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
     ) {
         let (lo, hi) = (leaf.ipa.max(start), (leaf.ipa + leaf.size()).min(end));
-        for ipa in (lo..hi).step_by(PAGE_SIZE as usize) {
+        for ipa in lo.pages_to(hi) {
             let old = decode(Some(*leaf), ipa);
             if let Some(new) = f(ipa, 1, old).filter(|&n| n != old) {
                 let _ = self.cas(ipa, old, new);
@@ -236,10 +260,10 @@ impl<'a> LockedStage2<'a> {
 
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
-    pub(super) fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+    pub(super) fn replace_leaf(&self, leaf: &LeafInfo, new: PageState) -> Result<(), CasError> {
         if self.mem.batching
             && matches!(leaf.leaf, Leaf::Mapped(_))
-            && matches!(new, S2Entry::Invalid | S2Entry::Swap { .. })
+            && matches!(new, PageState::Invalid | PageState::Swapped { .. })
         {
             // Noted before the write (a failed CAS only makes it stricter).
             self.mem.bbm_note(leaf.ipa, leaf.size());
@@ -266,20 +290,20 @@ impl<'a> LockedStage2<'a> {
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
     /// operation; returns false if the table could not grow.
-    pub(super) fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, run: Run) -> bool {
+    pub(super) fn map_run(&mut self, ipa: Ipa, pfn: Pfn, pages: u64, run: Run) -> bool {
         let (writable, shared) = (run.access == RunAccess::Write, run.frames == Frames::Shared);
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
         let table = self.mem.table();
         let attrs = ram_attrs(writable);
         // A whole aligned 2 MiB run (a forked block) stays one block entry.
-        let block = len == BLOCK_SIZE
-            && ipa.is_multiple_of(BLOCK_SIZE)
-            && (pfn << 12).is_multiple_of(BLOCK_SIZE);
+        let block =
+            len == BLOCK_SIZE && ipa.is_aligned(BLOCK_SIZE) && pfn.pa().is_aligned(BLOCK_SIZE);
+        let pa = pfn.pa();
         let result = match (shared, block) {
-            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &self.mem.tlb()),
-            (false, true) => table.map(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
-            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
+            (true, _) => table.map_coherent(ipa, pa, len, attrs, block, &self.mem.tlb()),
+            (false, true) => table.map(ipa, pa, len, attrs, &self.mem.tlb()),
+            (false, false) => table.map_pages(ipa, pa, len, attrs, &self.mem.tlb()),
         };
         match result {
             Ok(()) => true,
@@ -290,30 +314,20 @@ impl<'a> LockedStage2<'a> {
         }
     }
 
-    pub(super) fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
+    pub(super) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), PageState> {
         let table = self.mem.table();
         let result = match new {
-            S2Entry::Invalid => return Ok(()),
-            S2Entry::Page { pfn, writable } => table.map(
-                ipa,
-                pfn << 12,
+            PageState::Invalid => return Ok(()),
+            PageState::Mapped { pfn, writable } => table.map(
+                ipa.page(),
+                pfn.pa(),
                 PAGE_SIZE,
                 ram_attrs(writable),
                 &self.mem.tlb(),
             ),
-            S2Entry::Migration { pfn, writable } => table
-                .set_software(ipa, SwEntry::Migration { pfn, writable }, &self.mem.tlb())
-                .map(|_| ()),
-            S2Entry::Swap { slot } => table
-                .set_software(
-                    ipa,
-                    SwEntry::Swap {
-                        slot,
-                        writable: false,
-                    },
-                    &self.mem.tlb(),
-                )
-                .map(|_| ()),
+            PageState::Migrating { .. } | PageState::Swapped { .. } => {
+                table.set_software(ipa, new, &self.mem.tlb()).map(|_| ())
+            }
         };
         match result {
             Ok(()) => Ok(()),
@@ -321,7 +335,7 @@ impl<'a> LockedStage2<'a> {
                 if e == stage2::Error::NoMemory {
                     self.mem.note_oom();
                 }
-                Err(S2Entry::Invalid)
+                Err(PageState::Invalid)
             }
         }
     }

@@ -10,6 +10,7 @@ use platform::board::MAX_CPUS;
 
 // The CPUs that may hold a VM's TLB entries are one u64 mask (`cpus`).
 const _: () = assert!(MAX_CPUS <= 64);
+use rmap::{Ipa, Pa};
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{
@@ -22,22 +23,29 @@ use stage2::{
 pub struct FrameTables;
 
 impl TableMemory for FrameTables {
+    // stage2's TableMemory speaks raw table addresses (its descriptor
+    // boundary); the allocator's typed ones are converted here, once.
     fn alloc_zeroed_table(&self) -> Option<u64> {
-        frames::get().alloc_zeroed().or_else(take_reserve)
+        frames::get()
+            .alloc_zeroed()
+            .or_else(take_reserve)
+            .map(Pa::raw)
     }
 
     fn free_table(&self, pa: u64) {
-        frames::get().free(pa)
+        frames::get().free(Pa::new(pa))
     }
 
     fn alloc_zeroed_root(&self, pages: usize) -> Option<u64> {
         // Unmovable: from the top of RAM, away from guest frames (evacuate).
-        frames::get().alloc_contiguous_zeroed_unmovable(pages)
+        frames::get()
+            .alloc_contiguous_zeroed_unmovable(pages)
+            .map(Pa::raw)
     }
 
     fn free_root(&self, pa: u64, pages: usize) {
         for i in 0..pages as u64 {
-            frames::get().free(pa + i * PAGE_SIZE);
+            frames::get().free(Pa::new(pa + i * PAGE_SIZE));
         }
     }
 
@@ -53,9 +61,9 @@ impl TableMemory for FrameTables {
 /// empty: zapping, migrating or copying one page of a block must split it,
 /// and teardown must not fail for want of one table page. Lock level:
 /// frame allocator (innermost).
-static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayVec::new_const());
+static RESERVE: Mutex<arrayvec::ArrayVec<Pa, 16>> = Mutex::new(arrayvec::ArrayVec::new_const());
 
-fn take_reserve() -> Option<u64> {
+fn take_reserve() -> Option<Pa> {
     let pa = RESERVE.lock().pop()?;
     // SAFETY: reserve frames are allocated and owned by the reserve alone;
     // popped, this one is the caller's.
@@ -234,8 +242,8 @@ pub fn fwb() -> bool {
 /// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
 /// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
 /// guest can map (or, if mapped, read) it.
-pub fn publish(pa: u64, len: u64) {
-    stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa, len);
+pub fn publish(pa: rmap::Pa, len: u64) {
+    stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa.raw(), len);
 }
 
 /// How stage-2 leaves encode MemAttr (for FWB or not).
@@ -335,7 +343,8 @@ impl GuestMemory {
 
     /// Break-before-make witness (`bbm.rs`, debug builds): `[ipa, +len)` was
     /// made invalid with its invalidation deferred.
-    pub(super) fn bbm_note(&self, ipa: u64, len: u64) {
+    pub(super) fn bbm_note(&self, ipa: Ipa, len: u64) {
+        let ipa = ipa.raw();
         #[cfg(debug_assertions)]
         self.unflushed.borrow_mut().note(ipa, len);
         let _ = (ipa, len);
@@ -348,7 +357,8 @@ impl GuestMemory {
     }
 
     /// A valid entry is about to be made at `[ipa, +len)`.
-    pub(super) fn bbm_check_make(&self, ipa: u64, len: u64) {
+    pub(super) fn bbm_check_make(&self, ipa: Ipa, len: u64) {
+        let ipa = ipa.raw();
         #[cfg(debug_assertions)]
         self.unflushed.borrow().check_make(ipa, len);
         let _ = (ipa, len);
@@ -369,12 +379,12 @@ impl GuestMemory {
 
     /// Sets the access flag of the leaf mapping `ipa` (software AF: the
     /// reclaim clock cleared it and the guest touched the page again).
-    pub fn mkyoung(&self, ipa: u64) -> bool {
+    pub fn mkyoung(&self, ipa: Ipa) -> bool {
         self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
-    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+    pub fn pa_of(&self, ipa: Ipa) -> Option<Pa> {
         self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 

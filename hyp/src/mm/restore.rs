@@ -27,7 +27,7 @@ use crate::mm::frames::PAGE_SIZE;
 use crate::mm::glue::{rmap, HypFrames, STORE};
 use crate::mm::VmMemory;
 use arrayvec::ArrayVec;
-use rmap::{S2Entry, Stage2, Stage2Locked, SwapStore};
+use rmap::{Ipa, PageState, Stage2, Stage2Locked, SwapStore};
 
 /// Leaves cleared between two TLB invalidations (kept on the stack).
 const CHUNK: usize = 64;
@@ -43,7 +43,7 @@ pub enum RestoreError {
 
 /// A leaf of the VM cleared by a chunk's break step: its first IPA, its page
 /// count, and the entry its first page had.
-type Cleared = (u64, u64, S2Entry);
+type Cleared = (Ipa, u64, PageState);
 
 /// Makes every logged page of `vm` its snapshot's again. The caller holds
 /// `vm` quiesced; `snap` is frozen.
@@ -57,7 +57,7 @@ pub fn restore_dirty(vm: &VmMemory, snap: &VmMemory) -> Result<(), RestoreError>
     if snap_regions.is_empty() || !snap.lock().is_live() {
         return Err(RestoreError::SnapshotGone);
     }
-    let mut from = Some(vm.ram.base);
+    let mut from = Some(Ipa::new(vm.ram.base));
     while let Some(start) = from {
         let mut cleared = ArrayVec::<Cleared, CHUNK>::new();
         let next = break_chunk(vm, snap, start, &mut cleared);
@@ -74,11 +74,11 @@ pub fn restore_dirty(vm: &VmMemory, snap: &VmMemory) -> Result<(), RestoreError>
 
 /// The entry `snap` has at `ipa`, as the restored VM maps it (read-only);
 /// a migration entry is returned as it is.
-fn snapshot_entry_now(snap: &VmMemory, ipa: u64) -> S2Entry {
+fn snapshot_entry_now(snap: &VmMemory, ipa: Ipa) -> PageState {
     // Bound first: the stage-2 guard must be gone before anyone waits.
     let entry = snap.lock().lookup(ipa);
     match entry {
-        S2Entry::Page { pfn, .. } => S2Entry::Page {
+        PageState::Mapped { pfn, .. } => PageState::Mapped {
             pfn,
             writable: false,
         },
@@ -91,10 +91,10 @@ fn snapshot_entry_now(snap: &VmMemory, ipa: u64) -> S2Entry {
 /// the frame needs the snapshot's stage-2 lock to finish (lock order: frame,
 /// then stage 2). A guard kept alive through a `match` on `snap.lock()` once
 /// deadlocked exactly so (found by hvcfuzz under chaos).
-fn snapshot_entry(snap: &VmMemory, ipa: u64) -> S2Entry {
+fn snapshot_entry(snap: &VmMemory, ipa: Ipa) -> PageState {
     loop {
         match snapshot_entry_now(snap, ipa) {
-            S2Entry::Migration { pfn, .. } => rmap().wait_frame_unlocked(pfn),
+            PageState::Migrating { pfn, .. } => rmap().wait_frame_unlocked(pfn),
             other => return other,
         }
     }
@@ -106,9 +106,9 @@ fn snapshot_entry(snap: &VmMemory, ipa: u64) -> S2Entry {
 fn break_chunk(
     vm: &VmMemory,
     snap: &VmMemory,
-    mut from: u64,
+    mut from: Ipa,
     cleared: &mut ArrayVec<Cleared, CHUNK>,
-) -> Result<Option<u64>, RestoreError> {
+) -> Result<Option<Ipa>, RestoreError> {
     while !cleared.is_full() {
         let Some(ipa) = vm.dirty.lock().next_from(from) else {
             return Ok(None);
@@ -122,15 +122,15 @@ fn break_chunk(
                 vm.dirty.lock().clear(ipa);
                 from = ipa + PAGE_SIZE;
             }
-            S2Entry::Migration { pfn, .. } => {
+            PageState::Migrating { pfn, .. } => {
                 drop(s2);
                 rmap().wait_frame_unlocked(pfn);
             }
-            S2Entry::Invalid => {
-                cleared.push((ipa, 1, S2Entry::Invalid));
+            PageState::Invalid => {
+                cleared.push((ipa, 1, PageState::Invalid));
                 from = ipa + PAGE_SIZE;
             }
-            _ => match s2.clear_leaf(ipa, have, vm.ram.base..vm.ram.end()) {
+            _ => match s2.clear_leaf(ipa, have, Ipa::new(vm.ram.base)..Ipa::new(vm.ram.end())) {
                 Ok((start, pages, first)) => {
                     cleared.push((start, pages, first));
                     from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
@@ -155,9 +155,9 @@ fn make_chunk(vm: &VmMemory, snap: &VmMemory, cleared: &[Cleared]) -> Result<(),
     for &(_, pages, first) in cleared {
         for i in 0..pages {
             match first.page(i) {
-                S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-                S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
-                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                PageState::Mapped { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+                PageState::Swapped { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
+                PageState::Migrating { .. } | PageState::Invalid => {}
             }
         }
     }
@@ -175,7 +175,7 @@ fn make_chunk(vm: &VmMemory, snap: &VmMemory, cleared: &[Cleared]) -> Result<(),
 /// and shared, as fork would have. The snapshot's frame is locked meanwhile,
 /// so migration or reclaim cannot move it between our lookup and the new
 /// mapping's reference.
-fn install_from_snapshot(vm: &VmMemory, snap: &VmMemory, ipa: u64) -> Result<(), rmap::Error> {
+fn install_from_snapshot(vm: &VmMemory, snap: &VmMemory, ipa: Ipa) -> Result<(), rmap::Error> {
     loop {
         let target = snapshot_entry(snap, ipa);
         let _frame = target.pfn().map(|pfn| rmap().frames().lock(pfn));
@@ -191,15 +191,15 @@ fn install_from_snapshot(vm: &VmMemory, snap: &VmMemory, ipa: u64) -> Result<(),
 
 /// Maps an entry another VM holds into `vm`'s empty slot at `ipa` (one more
 /// reference on the frame or swap slot).
-fn install_shared(vm: &VmMemory, ipa: u64, entry: S2Entry) -> Result<(), rmap::Error> {
+fn install_shared(vm: &VmMemory, ipa: Ipa, entry: PageState) -> Result<(), rmap::Error> {
     match entry {
-        S2Entry::Page { pfn, .. } => rmap().add_anon_rmap(pfn),
-        S2Entry::Swap { slot } => STORE.dup(slot),
+        PageState::Mapped { pfn, .. } => rmap().add_anon_rmap(pfn),
+        PageState::Swapped { slot } => STORE.dup(slot),
         _ => return Ok(()),
     }
     let installed = {
         let mut s2 = vm.lock();
-        let r = s2.compare_exchange(ipa, S2Entry::Invalid, entry);
+        let r = s2.compare_exchange(ipa, PageState::Invalid, entry);
         s2.take_out_of_memory();
         r
     };
@@ -207,8 +207,8 @@ fn install_shared(vm: &VmMemory, ipa: u64, entry: S2Entry) -> Result<(), rmap::E
         return Ok(());
     }
     match entry {
-        S2Entry::Page { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-        S2Entry::Swap { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
+        PageState::Mapped { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
+        PageState::Swapped { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
         _ => {}
     }
     Err(rmap::Error::OutOfFrames)
