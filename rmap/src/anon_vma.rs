@@ -11,7 +11,7 @@ use crate::chain::ChainHandle;
 use crate::interval::IntervalIndex;
 use crate::lock::{Level, OrderedReadGuard, OrderedRwLock, OrderedWriteGuard};
 use crate::pool::Handle;
-use crate::sync::atomic::{AtomicU32, Ordering};
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::{Error, Rmap};
 use alloc::collections::BTreeMap;
 
@@ -20,16 +20,16 @@ pub type AnonHandle = Handle<AnonVma>;
 
 /// One anon_vma slot. Lives forever in the type-stable pool; re-initialised on allocation.
 pub struct AnonVma {
-    root: AtomicU32,
-    parent: AtomicU32,
+    root: AtomicU64,
+    parent: AtomicU64,
     family: OrderedRwLock<Family>,
 }
 
 impl Default for AnonVma {
     fn default() -> Self {
         AnonVma {
-            root: AtomicU32::new(0),
-            parent: AtomicU32::new(0),
+            root: AtomicU64::new(0),
+            parent: AtomicU64::new(0),
             family: OrderedRwLock::new(Level::ANON_VMA, "anon_vma.root", Family::default()),
         }
     }
@@ -74,7 +74,7 @@ impl Node {
 /// Everything a root's lock protects: the nodes of all members of the fork family.
 #[derive(Default, Debug)]
 pub struct Family {
-    nodes: BTreeMap<u32, Node>,
+    nodes: BTreeMap<u64, Node>,
 }
 
 impl Family {

@@ -103,10 +103,8 @@ impl Rmap {
             let new = t.target();
             #[cfg(not(feature = "mutate-copy-before-flush"))]
             alloc.copy(new, t.pfn);
-            let anon_vma = t
-                .guard
-                .frame()
-                .anon_vma()
+            let anon_vma = self
+                .frame_anon_vma(t.guard.frame())
                 .expect("locked anon frame keeps its anon_vma");
             let guard = self.frames.lock_fresh(new, true);
             self.frames.frame(new).set_anon(anon_vma, t.index);
@@ -267,7 +265,7 @@ impl Rmap {
     ) -> Result<Taken<'_>, Skip> {
         let guard = self.frames.try_lock_batched(pfn).ok_or(Skip::Locked)?;
         let frame = guard.frame();
-        if !frame.is_mapped() || frame.anon_vma().is_none() {
+        if !frame.is_mapped() || frame.anon_slot().is_none() {
             return Err(Skip::NotMapped);
         }
         if frame.pinned_by_others() {

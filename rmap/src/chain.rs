@@ -17,7 +17,7 @@ pub type ChainHandle = Handle<Chain>;
 /// root's read lock reads a consistent region geometry.
 #[derive(Default)]
 pub struct Chain {
-    anon_vma: AtomicU32,
+    anon_vma: AtomicU64,
     vm: AtomicU32,
     start: AtomicU64,
     pgoff: AtomicU64,

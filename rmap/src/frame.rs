@@ -10,7 +10,7 @@ use alloc::boxed::Box;
 pub const FRAME_LOCKED: u16 = 1 << 0;
 /// The frame is allocated (owned by some VM mapping or a caller's pin).
 pub const FRAME_ALLOCATED: u16 = 1 << 1;
-/// The frame holds anonymous guest memory and `anon_vma` is meaningful.
+/// The frame holds anonymous guest memory and `anon_slot` is meaningful.
 pub const FRAME_ANON: u16 = 1 << 2;
 
 const FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "frame.lock");
@@ -20,8 +20,14 @@ pub(crate) const BATCH_FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "fra
 /// Metadata for one 4 KiB host frame: 16 bytes.
 ///
 /// `mapcount` counts stage-2 leaf entries that map the frame; `refcount` counts those plus
-/// temporary pins (a migration or reclaim in progress). `anon_vma` is a generation-checked
-/// handle that, like `page->mapping`, may be stale when read without the frame lock; `index`
+/// temporary pins (a migration or reclaim in progress). `anon_slot` names the anon_vma's pool
+/// slot (index + 1; 0: none) and, like `page->mapping`, may be stale when read without the
+/// frame lock. It carries no generation, as `page->mapping` carries none: 32 bits name any of
+/// the 2^32 slots a pool can have, so the number of anon_vmas (and VMs) is bounded by memory
+/// alone while `Frame` stays 16 bytes. A lockless reader pins the slot's object under the
+/// generation it reads there, then re-checks that the frame is still mapped and still names
+/// the slot ([`crate::Rmap::get_anon_vma`]): a mapped frame's anon_vma cannot be freed, so
+/// the pinned object is the frame's. `index`
 /// is the frame's page offset in its regions' linear space (like `page->index`), so the IPA in
 /// a region is `region.start + (index - region.pgoff) * 4 KiB`. Page offsets are 32-bit, which
 /// covers a 44-bit IPA space.
@@ -31,7 +37,7 @@ pub struct Frame {
     flags: AtomicU16,
     mapcount: AtomicU16,
     refcount: AtomicU32,
-    anon_vma: AtomicU32,
+    anon_slot: AtomicU32,
     index: AtomicU32,
 }
 
@@ -56,12 +62,10 @@ impl Frame {
         self.refcount.load(Ordering::Acquire)
     }
 
-    /// The anon_vma this frame belongs to (possibly stale unless the frame is locked).
-    pub fn anon_vma(&self) -> Option<AnonHandle> {
-        match self.anon_vma.load(Ordering::Acquire) {
-            0 => None,
-            raw => Some(AnonHandle::from_raw(raw)),
-        }
+    /// The pool slot of the anon_vma this frame belongs to (possibly stale unless the frame
+    /// is locked); [`crate::Rmap::frame_anon_vma`] turns it into a handle.
+    pub fn anon_slot(&self) -> Option<u32> {
+        self.anon_slot.load(Ordering::Acquire).checked_sub(1)
     }
 
     /// Page offset in the linear space of the regions that map it.
@@ -71,7 +75,7 @@ impl Frame {
 
     pub(crate) fn init_allocated(&self) {
         self.mapcount.store(0, Ordering::Relaxed);
-        self.anon_vma.store(0, Ordering::Relaxed);
+        self.anon_slot.store(0, Ordering::Relaxed);
         self.index.store(0, Ordering::Relaxed);
         self.refcount.store(1, Ordering::Relaxed);
         self.flags.store(FRAME_ALLOCATED, Ordering::Release);
@@ -82,7 +86,8 @@ impl Frame {
     pub(crate) fn set_anon(&self, anon_vma: AnonHandle, index: u64) {
         let index = u32::try_from(index).expect("page offset beyond 32 bits");
         self.index.store(index, Ordering::Relaxed);
-        self.anon_vma.store(anon_vma.raw(), Ordering::Release);
+        let slot = u32::try_from(anon_vma.index() + 1).expect("pool slots are below u32::MAX");
+        self.anon_slot.store(slot, Ordering::Release);
         self.flags.fetch_or(FRAME_ANON, Ordering::Release);
     }
 
@@ -154,7 +159,7 @@ impl Frame {
 
     pub(crate) fn clear(&self) {
         debug_assert_eq!(self.mapcount(), 0);
-        self.anon_vma.store(0, Ordering::Release);
+        self.anon_slot.store(0, Ordering::Release);
         self.flags.store(0, Ordering::Release);
     }
 
@@ -364,6 +369,17 @@ mod tests {
     #[test]
     fn frame_is_16_bytes() {
         assert_eq!(core::mem::size_of::<Frame>(), 16);
+    }
+
+    #[test]
+    fn names_any_slot_a_pool_can_have() {
+        let table = FrameTable::new(Pfn::new(0), 1);
+        let frame = table.frame(Pfn::new(0));
+        frame.init_allocated();
+        assert_eq!(frame.anon_slot(), None);
+        let last = crate::pool::MAX_SLOTS as u64 - 1;
+        frame.set_anon(AnonHandle::from_raw(last << crate::pool::GEN_BITS | 7), 0);
+        assert_eq!(frame.anon_slot(), Some(last as u32));
     }
 
     #[test]

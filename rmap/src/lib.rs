@@ -28,6 +28,7 @@ pub mod migrate;
 pub mod pool;
 pub mod reclaim;
 pub mod region;
+mod segdir;
 pub mod swap_cache;
 pub mod sync;
 pub mod walk;

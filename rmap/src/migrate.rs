@@ -48,8 +48,8 @@ impl Rmap {
             return Err(e);
         }
         alloc.copy(new, pfn);
-        let anon_vma = frame
-            .anon_vma()
+        let anon_vma = self
+            .frame_anon_vma(frame)
             .expect("locked anon frame keeps its anon_vma");
         self.frames.frame(new).set_anon(anon_vma, index);
         self.remove_migration_entries(&pin, index, pfn, vms, |writable| {

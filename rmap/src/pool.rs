@@ -4,38 +4,42 @@
 //! returned to a general heap. A lockless reader holding a stale [`Handle`] can therefore always
 //! touch the slot (its lock, its atomics) and then detect reuse by comparing generations. The
 //! generation is bumped when a slot is freed, so `slot.gen == handle.gen` means "still the object
-//! the handle named". Handles pack into 32 bits so a `Frame` can hold one and stay 16 bytes.
+//! the handle named". Handles pack into 64 bits (32 for the slot, 32 for the generation), so
+//! a pool is capped by memory alone: a `Frame` holds one in 8 of its 24 bytes.
 
 use crate::lock::{Level, OrderedMutex};
+use crate::segdir::SegmentDirectory;
 use crate::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 use core::marker::PhantomData;
 
-/// Bits of a packed handle used for the slot index (so at most 2^18 slots per pool).
-pub const SLOT_BITS: u32 = 18;
+/// Bits of a packed handle used for the slot index: 2^32 slots per pool, more anon_vmas or
+/// chains than any machine's memory could hold, so the number of VMs is bounded by memory
+/// alone (issue 14), not by the handle format.
+pub const SLOT_BITS: u32 = 32;
 /// Bits of a packed handle used for the generation. A stale handle is misread only if its
 /// slot is freed and reused `2^GEN_BITS` times while one reader is between two instructions;
 /// the walker's second check (frame still mapped, same anon_vma) narrows that further.
-pub const GEN_BITS: u32 = 32 - SLOT_BITS;
-/// Largest pool capacity.
-pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
-const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
+pub const GEN_BITS: u32 = 64 - SLOT_BITS;
+/// Largest pool capacity (slot indices are `u32`; `u32::MAX` itself is never built).
+pub const MAX_SLOTS: usize = u32::MAX as usize;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 
 /// A generation-checked reference to a pool slot. The raw value 0 is never a valid handle.
 pub struct Handle<T> {
-    raw: u32,
+    raw: u64,
     _type: PhantomData<fn() -> T>,
 }
 
 impl<T> Handle<T> {
     fn new(index: u32, gen: u32) -> Self {
-        Self::from_raw(index << GEN_BITS | gen)
+        Self::from_raw((index as u64) << GEN_BITS | gen as u64)
     }
 
     /// Rebuilds a handle from [`Handle::raw`] (e.g. read from a frame's metadata).
-    pub const fn from_raw(raw: u32) -> Self {
+    pub const fn from_raw(raw: u64) -> Self {
         Handle {
             raw,
             _type: PhantomData,
@@ -43,7 +47,7 @@ impl<T> Handle<T> {
     }
 
     /// The packed value (never 0).
-    pub const fn raw(self) -> u32 {
+    pub const fn raw(self) -> u64 {
         self.raw
     }
 
@@ -54,7 +58,7 @@ impl<T> Handle<T> {
 
     /// The generation this handle expects.
     pub const fn generation(self) -> u32 {
-        self.raw & GEN_MASK
+        (self.raw & GEN_MASK) as u32
     }
 }
 
@@ -78,8 +82,7 @@ impl<T> fmt::Debug for Handle<T> {
 
 fn next_gen(gen: u32) -> u32 {
     // Generation 0 is skipped so that raw handle 0 (slot 0, gen 0) always means "none".
-    let next = (gen + 1) & GEN_MASK;
-    next.max(1)
+    gen.wrapping_add(1).max(1)
 }
 
 /// One pool slot: the object plus its generation and reference count.
@@ -106,7 +109,6 @@ impl<T> Slot<T> {
 
 /// Slots per segment: the pool grows a segment at a time.
 pub const SEGMENT_SLOTS: usize = 256;
-const SEGMENTS: usize = MAX_SLOTS / SEGMENT_SLOTS;
 
 /// A type-stable pool that grows, a segment of [`SEGMENT_SLOTS`] slots at a time, up to a cap
 /// (at most [`MAX_SLOTS`]). A segment, once added, stays for the pool's life: memory that was
@@ -115,7 +117,7 @@ const SEGMENTS: usize = MAX_SLOTS / SEGMENT_SLOTS;
 pub struct Pool<T> {
     /// Segment `i` holds slots `i * SEGMENT_SLOTS ..`: the address of a leaked
     /// `[Slot<T>; SEGMENT_SLOTS]`, or 0. Published with `Release` after the slots are built.
-    segments: Box<[AtomicUsize]>,
+    segments: SegmentDirectory,
     /// Segments claimed (some may be 0 for a moment while being built, or for good if building
     /// one failed).
     claimed: AtomicUsize,
@@ -138,7 +140,7 @@ impl<T: Default> Pool<T> {
     pub fn new(initial: usize, max: usize, name: &'static str) -> Self {
         assert!(max <= MAX_SLOTS, "pool {name}: capacity above MAX_SLOTS");
         let pool = Pool {
-            segments: (0..SEGMENTS).map(|_| AtomicUsize::new(0)).collect(),
+            segments: SegmentDirectory::new(max.div_ceil(SEGMENT_SLOTS)),
             claimed: AtomicUsize::new(0),
             max,
             free: OrderedMutex::new(Level::ALLOCATOR, name, Vec::new()),
@@ -160,12 +162,22 @@ impl<T: Default> Pool<T> {
             self.claimed.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        let mut slots: Vec<Slot<T>> = Vec::new();
-        if slots.try_reserve_exact(SEGMENT_SLOTS).is_err() {
+        let built = self.build_segment(seg);
+        if !built {
             // Give the index back if no one claimed a later one meanwhile.
             let _ =
                 self.claimed
                     .compare_exchange(seg + 1, seg, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        built
+    }
+
+    /// Builds claimed segment `seg`, publishes it and frees its slots; false, with nothing
+    /// published, if memory for it (its slots, the free list's room, its directory block) is
+    /// short.
+    fn build_segment(&self, seg: usize) -> bool {
+        let mut slots: Vec<Slot<T>> = Vec::new();
+        if slots.try_reserve_exact(SEGMENT_SLOTS).is_err() {
             return false;
         }
         slots.extend((0..SEGMENT_SLOTS).map(|_| Slot {
@@ -177,14 +189,14 @@ impl<T: Default> Pool<T> {
         let usable = (first + SEGMENT_SLOTS).min(self.max) - first;
         let mut free = self.free.lock();
         if free.try_reserve(SEGMENT_SLOTS).is_err() {
-            drop(free);
-            let _ =
-                self.claimed
-                    .compare_exchange(seg + 1, seg, Ordering::AcqRel, Ordering::Relaxed);
             return false;
         }
         let segment = Box::leak(slots.into_boxed_slice()).as_mut_ptr();
-        self.segments[seg].store(segment as usize, Ordering::Release);
+        if !self.segments.set(seg, segment as usize) {
+            // SAFETY: leaked just above and never published.
+            drop(unsafe { Self::unleak(segment as usize) });
+            return false;
+        }
         self.built.fetch_add(usable, Ordering::Relaxed);
         // Popped from the end: hand out low indices first (nicer to read in dumps).
         free.extend((first as u32..(first + usable) as u32).rev());
@@ -204,17 +216,28 @@ impl<T: Default> Pool<T> {
     }
 }
 
+impl<T> Pool<T> {
+    /// # Safety
+    /// `addr` came from `Box::leak` of a boxed slice of exactly [`SEGMENT_SLOTS`] slots, and no
+    /// reference into it is left or will be made.
+    unsafe fn unleak(addr: usize) -> Box<[Slot<T>]> {
+        // SAFETY: by the contract.
+        unsafe {
+            Box::from_raw(core::ptr::slice_from_raw_parts_mut(
+                addr as *mut Slot<T>,
+                SEGMENT_SLOTS,
+            ))
+        }
+    }
+}
+
 impl<T> Drop for Pool<T> {
     fn drop(&mut self) {
-        for seg in self.segments.iter() {
-            let ptr = seg.load(Ordering::Acquire) as *mut Slot<T>;
-            if !ptr.is_null() {
-                // SAFETY: `ptr` came from `Box::leak` of a boxed slice of exactly SEGMENT_SLOTS
-                // slots (`grow`), and `&mut self` means no reference into it is left.
-                drop(unsafe {
-                    Box::from_raw(core::ptr::slice_from_raw_parts_mut(ptr, SEGMENT_SLOTS))
-                });
-            }
+        let built: Vec<usize> = self.segments.built().collect();
+        for addr in built {
+            // SAFETY: every built segment is a leaked boxed slice of SEGMENT_SLOTS slots
+            // (`build_segment`), and `&mut self` means no reference into it is left.
+            drop(unsafe { Self::unleak(addr) });
         }
     }
 }
@@ -235,8 +258,7 @@ impl<T> Pool<T> {
 
     /// Slot `index`, if its segment is built.
     fn slot_at(&self, index: usize) -> Option<&Slot<T>> {
-        let seg = self.segments.get(index / SEGMENT_SLOTS)?;
-        let ptr = seg.load(Ordering::Acquire) as *const Slot<T>;
+        let ptr = self.segments.get(index / SEGMENT_SLOTS) as *const Slot<T>;
         if ptr.is_null() {
             return None;
         }
@@ -250,6 +272,15 @@ impl<T> Pool<T> {
     pub fn slot(&self, handle: Handle<T>) -> &Slot<T> {
         self.slot_at(handle.index())
             .unwrap_or_else(|| panic!("handle {handle:?} names no built slot"))
+    }
+
+    /// The handle of whatever slot `index` holds now, under its current generation (`None` if
+    /// the slot was never built). Like [`Pool::slot`], only a snapshot: a caller pins it with
+    /// [`Pool::try_get`] or checks it with [`Slot::is`] under a lock, then re-checks whatever
+    /// told it the index (a frame's `anon_slot`).
+    pub fn current(&self, index: u32) -> Option<Handle<T>> {
+        let slot = self.slot_at(index as usize)?;
+        Some(Handle::new(index, slot.gen.load(Ordering::Acquire)))
     }
 
     /// The object if `handle` is live right now (see [`Slot::is`] for what that promises).
@@ -381,6 +412,30 @@ mod tests {
             .try_get(late, |_| panic!("not the last reference"))
             .is_none());
         assert!(pool.get(again).is_some());
+    }
+
+    #[test]
+    fn grows_past_what_an_18_bit_slot_index_could_name() {
+        // The old 32-bit handles (18-bit slot) capped a pool, and so the VMs, at 2^18.
+        let pool: Pool<Obj> = Pool::new(1, MAX_SLOTS, "test.pool");
+        let old_cap = 1 << 18;
+        let mut last = None;
+        for _ in 0..=old_cap {
+            last = Some(
+                pool.alloc(|_, _| {})
+                    .expect("memory, not the handle, is the limit"),
+            );
+        }
+        let last = last.unwrap();
+        assert_eq!(last.index(), old_cap);
+        assert_eq!(pool.current(old_cap as u32), Some(last));
+        assert!(pool.put(last));
+        pool.recycle(last);
+        let again = pool.alloc(|_, _| {}).unwrap();
+        assert_eq!(again.index(), old_cap);
+        assert_ne!(again, last, "a new generation");
+        assert_eq!(pool.current(old_cap as u32), Some(again));
+        assert_eq!(pool.current(old_cap as u32 + SEGMENT_SLOTS as u32), None);
     }
 
     #[test]

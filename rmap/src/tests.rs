@@ -69,7 +69,7 @@ fn fresh_frame_goes_to_own_anon_vma_and_is_found() {
     vm.write(&w.rmap, &w.machine, page_ipa(RAM, 3), 42).unwrap();
     let pfn = pfn_at(&vm, page_ipa(RAM, 3));
     let frame = w.rmap.frames().frame(pfn);
-    assert_eq!(frame.anon_vma(), Some(own_anon(&vm, RAM)));
+    assert_eq!(w.rmap.frame_anon_vma(frame), Some(own_anon(&vm, RAM)));
     assert_eq!(frame.index(), RAM.page_index() + 3);
     assert_eq!(frame.mapcount(), 1);
     let mappers = w.rmap.mappers(pfn, &w.vms);
@@ -90,7 +90,10 @@ fn shared_frame_goes_to_the_root() {
     let region = list.find(RAM).unwrap();
     let pfn = w.rmap.alloc_frame(&w.machine).unwrap();
     w.rmap.add_new_anon_rmap(pfn, region, RAM + 0x1000, false);
-    assert_eq!(w.rmap.frames().frame(pfn).anon_vma(), Some(root));
+    assert_eq!(
+        w.rmap.frame_anon_vma(w.rmap.frames().frame(pfn)),
+        Some(root)
+    );
     w.rmap.remove_rmap(pfn, &w.machine);
     w.rmap.put_frame(pfn, &w.machine);
 }
@@ -133,7 +136,7 @@ fn cow_copy_goes_to_the_writers_own_anon_vma() {
     let copy = pfn_at(&c, RAM);
     assert_ne!(copy, shared);
     assert_eq!(
-        w.rmap.frames().frame(copy).anon_vma(),
+        w.rmap.frame_anon_vma(w.rmap.frames().frame(copy)),
         Some(own_anon(&c, RAM))
     );
     assert_eq!(w.rmap.frames().frame(shared).mapcount(), 1);
@@ -156,7 +159,7 @@ fn sole_owner_after_fork_is_rehomed_not_copied() {
     assert_eq!(pfn_at(&c, RAM), pfn, "reused in place");
     assert_eq!(w.machine.allocated(), before, "no copy");
     assert_eq!(
-        w.rmap.frames().frame(pfn).anon_vma(),
+        w.rmap.frame_anon_vma(w.rmap.frames().frame(pfn)),
         Some(own_anon(&c, RAM))
     );
     assert_eq!(mapper_vms(&w, pfn), [c.id]);

@@ -13,7 +13,7 @@ use crate::backend::{PageState, Stage2, Stage2Locked, VmSet};
 use crate::chain::ChainHandle;
 use crate::lock::OrderedReadGuard;
 use crate::region::RegionFlags;
-use crate::{Ipa, Pfn, Rmap, VmId};
+use crate::{Frame, Ipa, Pfn, Rmap, VmId};
 use core::ops::ControlFlow;
 
 /// One verified mapping found by a walk.
@@ -69,23 +69,34 @@ impl AnonReadLock<'_> {
 }
 
 impl Rmap {
+    /// The anon_vma a frame names now: its slot's object under the slot's current generation.
+    /// Exact while the caller holds the frame lock of an anonymous frame (which keeps its
+    /// anon_vma); a snapshot otherwise (see [`Rmap::get_anon_vma`] for the lockless way).
+    pub fn frame_anon_vma(&self, frame: &Frame) -> Option<AnonHandle> {
+        self.anon_pool.current(frame.anon_slot()?)
+    }
+
     /// Pins the anon_vma of a frame read without its lock (Linux's `folio_get_anon_vma`):
-    /// mapped check, increment-if-not-zero with generation check, mapped re-check. `None` if
-    /// the frame is not (or no longer) a mapped anonymous frame.
+    /// mapped check, increment-if-not-zero on the slot's object with a generation check, then
+    /// the re-check that the frame is still mapped and still names that slot. `None` if the
+    /// frame is not (or no longer) a mapped anonymous frame.
     pub fn get_anon_vma(&self, pfn: Pfn) -> Option<AnonRef<'_>> {
         let frame = self.frames.get(pfn)?;
-        let anon_vma = frame.anon_vma()?;
+        let slot = frame.anon_slot()?;
         if !frame.is_mapped() {
             return None;
         }
+        let anon_vma = self.anon_pool.current(slot)?;
         self.anon_pool
             .try_get(anon_vma, |reused| self.put_stale(reused))?;
         let pin = AnonRef {
             rmap: self,
             anon_vma,
         };
-        // Mapped after we pinned: the anon_vma we pinned is the one its mappers are linked to.
-        frame.is_mapped().then_some(pin)
+        // Mapped after we pinned, and still naming the slot whose object we pinned (which
+        // cannot be replaced while pinned): that object is the frame's anon_vma, the one its
+        // mappers are linked to (a mapped frame's anon_vma is not freed).
+        (frame.is_mapped() && frame.anon_slot() == Some(slot)).then_some(pin)
     }
 
     /// Our accidental reference on a reused slot was its last: finish freeing it.
@@ -99,20 +110,22 @@ impl Rmap {
     /// that fails fall back to a pinned reference and a blocking lock.
     pub fn lock_anon_vma_read(&self, pfn: Pfn) -> Option<AnonReadLock<'_>> {
         let frame = self.frames.get(pfn)?;
-        let anon_vma = frame.anon_vma()?;
+        let index = frame.anon_slot()?;
         if !frame.is_mapped() {
             return None;
         }
+        let anon_vma = self.anon_pool.current(index)?;
         let slot = self.anon_pool.slot(anon_vma);
         if slot.is(anon_vma) {
             let root = slot.value.root();
             if let Some(family) = self.anon(root).family().try_read() {
                 // Generations only grow: still equal means the slot was never freed in between,
-                // so `root` was this anon_vma's root; mapped means chains (unlinked only under
-                // the write lock we now block) keep it alive.
+                // so `root` was this anon_vma's root; mapped and still naming the slot means it
+                // is the frame's anon_vma, which chains (unlinked only under the write lock we
+                // now block) keep alive.
                 #[cfg(not(feature = "mutate-anon-vma-recheck"))]
                 let still =
-                    frame.is_mapped() && slot.is(anon_vma) && frame.anon_vma() == Some(anon_vma);
+                    frame.is_mapped() && slot.is(anon_vma) && frame.anon_slot() == Some(index);
                 // Broken variant (lesson 4): the fast path trusts what it read before locking.
                 #[cfg(feature = "mutate-anon-vma-recheck")]
                 let still = true;

@@ -34,7 +34,7 @@ struct Snapshot {
     frames: usize,
     swap: Vec<(u64, u32)>,
     /// (anon_vma, num_active_regions, num_children, chains) of the forked VM's family.
-    nodes: Vec<(u32, u32, u32, usize)>,
+    nodes: Vec<(u64, u32, u32, usize)>,
 }
 
 fn snapshot(w: &HostWorld, vm: &HostVm) -> Snapshot {

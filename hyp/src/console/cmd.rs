@@ -254,7 +254,7 @@ fn rmap_cmd(pa: u64) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
     let pfn = rmap::Pa::new(pa).pfn();
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
-    let (mapcount, anon, index) = (frame.mapcount(), frame.anon_vma(), frame.index());
+    let (mapcount, anon, index) = (frame.mapcount(), rmap.frame_anon_vma(frame), frame.index());
     crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
     for m in rmap.mappers(pfn, &crate::mm::glue::HypVms) {
         crate::println!(

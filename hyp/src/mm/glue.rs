@@ -5,11 +5,12 @@
 //! accounted for in the rmap (mapcount, anon_vma, index).
 
 use crate::mm::frames::{self, PAGE_SIZE};
+use crate::mm::memory::HypMachine;
 use crate::mm::vmmem::{self, VmMemory};
 use alloc::sync::Arc;
 use rmap::{
-    Fault, FrameAllocator, FrameTable, Ipa, Pa, PageState, Pfn, RegionFlags, Rmap, Stage2,
-    Stage2Locked, VmId, VmSet,
+    Fault, FrameAllocator, FrameTable, Ipa, Pa, Pfn, RegionFlags, Rmap, Stage2, Stage2Locked, VmId,
+    VmSet,
 };
 use spin::Once;
 use stage2::TlbMaintenance;
@@ -78,31 +79,24 @@ fn frame_table(base: Pfn, count: usize, at: platform::MemRange) -> FrameTable {
 pub struct HypFrames;
 
 impl FrameAllocator for HypFrames {
+    #[inline]
     fn alloc(&self) -> Option<Pfn> {
-        frames::get().alloc().map(Pa::pfn)
+        hypmm::Frames(&HypMachine).alloc()
     }
 
+    #[inline]
     fn free(&self, pfn: Pfn) {
-        frames::get().free(pfn.pa())
+        hypmm::Frames(&HypMachine).free(pfn)
     }
 
+    #[inline]
     fn zero(&self, pfn: Pfn) {
-        // SAFETY: rmap zeroes only a frame it just allocated and has not
-        // mapped yet.
-        unsafe { frames::zero_frame(pfn.pa()) };
-        // rmap's contract: clean to the PoC on return.
-        crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
+        hypmm::Frames(&HypMachine).zero(pfn)
     }
 
+    #[inline]
     fn copy(&self, dst: Pfn, src: Pfn) {
-        // SAFETY: `dst` is freshly allocated and owned by the caller, `src`
-        // is pinned (locked, or its writers replaced by migration entries)
-        // by the caller for the copy; they are distinct frames.
-        unsafe { frames::copy_frame(dst.pa(), src.pa()) };
-        // rmap's contract: clean to the PoC on return.
-        crate::mm::memory::publish(dst.pa(), PAGE_SIZE);
-        // The page may hold guest code.
-        crate::mm::memory::TLB.invalidate_icache(dst.pa().raw(), PAGE_SIZE);
+        hypmm::Frames(&HypMachine).copy(dst, src)
     }
 }
 
@@ -210,38 +204,11 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
     Ok(())
 }
 
-/// Linux's huge anonymous fault: the first touch of an empty 2 MiB-aligned
-/// chunk that the region covers maps 512 fresh zeroed frames with one block
-/// entry (fewer faults, and fork copies one entry instead of 512). Falls back
-/// to the page path when the chunk is partly mapped, the region has no
-/// anon_vma yet, or no aligned 2 MiB of frames is free.
+/// Linux's huge anonymous fault (`hypmm::fault_block`): the first touch of
+/// an empty 2 MiB chunk maps 512 fresh zeroed frames with one block entry;
+/// false sends the fault down the page path.
 fn fault_block(vm: &VmMemory, ipa: Ipa) -> bool {
-    use crate::mm::memory::BLOCK_SIZE;
-    let chunk = ipa.align_down(BLOCK_SIZE);
-    let regions = vm.regions.read();
-    let Some(region) = regions.find(ipa) else {
-        return false;
-    };
-    if region.anon_vma().is_none() || chunk < region.start() || chunk + BLOCK_SIZE > region.end() {
-        return false;
-    }
-    let mut s2 = vm.lock();
-    if s2.next_entry(chunk, chunk + BLOCK_SIZE).is_some() {
-        return false;
-    }
-    let pages = BLOCK_SIZE / PAGE_SIZE;
-    let Some(pa) = frames::get().alloc_contiguous_zeroed(pages as usize) else {
-        return false;
-    };
-    // Zeroed through our cacheable map: clean before the guest sees it.
-    crate::mm::memory::publish(pa, BLOCK_SIZE);
-    let pfn = pa.pfn();
-    rmap().add_new_anon_block(pfn, pages, region, chunk);
-    if !s2.map_block(chunk, pa) {
-        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
-        return false;
-    }
-    true
+    hypmm::fault_block(rmap(), &vm.regions, vm, &HypMachine, ipa)
 }
 
 /// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
@@ -337,33 +304,26 @@ pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultErro
     Ok(())
 }
 
-/// Tears down a VM's memory: zap every entry, unlink its regions from the
-/// reverse map, and only then free its stage-2 tables (DESIGN lesson 5).
-pub fn teardown(vm: &VmMemory) {
-    // No vCPU of the VM runs again, so one VMID-wide invalidation after the
-    // zap covers every entry (destroy() flushes the VMID again before it is
-    // reused); frames freed meanwhile are unreachable through this VM.
-    let batch = vm.batch();
-    let proof = rmap().destroy_vm(&mut vm.regions.write(), vm, &HypFrames, &STORE);
-    drop(batch);
-    vm.free_tables(proof);
+/// What `hypmm`'s generic memory operations work with on this machine.
+pub fn cx(rmap: &Rmap) -> hypmm::MemCtx<'_, HypMachine, crate::mm::store::PageStore> {
+    hypmm::MemCtx {
+        rmap,
+        machine: &HypMachine,
+        swap: &STORE,
+    }
 }
 
-/// Shares every page of `parent` copy-on-write with the empty `child`:
-/// regions cloned and linked into the reverse map, parent entries made
-/// read-only with one batched TLB invalidation, child entries filled from the
-/// parent's. Both VMs must be stopped (no vCPU on a CPU).
+/// Tears down a VM's memory (`hypmm::teardown`): zap every entry, unlink
+/// its regions, and only then free its stage-2 tables (DESIGN lesson 5).
+pub fn teardown(vm: &VmMemory) {
+    hypmm::teardown(&cx(rmap()), vm)
+}
+
+/// Shares every page of `parent` copy-on-write with the empty `child`
+/// (`hypmm::fork_memory`): one batched TLB invalidation for the parent.
+/// Both VMs must be stopped (no vCPU on a CPU).
 pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
-    let mut parent_regions = parent.regions.write();
-    let mut child_regions = child.regions.write_nested(1);
-    let _batch = parent.batch();
-    rmap().fork_vm(
-        &mut parent_regions,
-        parent,
-        &mut child_regions,
-        child,
-        &STORE,
-    )
+    hypmm::fork_memory(&cx(rmap()), parent, child)
 }
 
 /// Frames mapped by more than one stage-2 entry.
@@ -379,35 +339,13 @@ pub fn shared_frames() -> u64 {
 /// cleared and its frame or swap slot reference dropped; untouched pages
 /// cost nothing. Blocks are split first (the reserve covers the table page).
 pub fn release(vm: &VmMemory, start: Ipa, len: u64) -> Result<(), rmap::Error> {
-    let _regions = vm.regions.read();
-    // A flag left by an earlier operation on this CPU is not this release's.
-    vm.memory.lock().take_oom();
-    let mut from = start;
-    loop {
-        let next = vm.lock().next_entry(from, start + len);
-        let Some((ipa, entry)) = next else {
-            return Ok(());
-        };
-        match entry {
-            PageState::Migrating { pfn, .. } => {
-                rmap().wait_frame_unlocked(pfn);
-                continue;
-            }
-            _ if vm
-                .lock()
-                .compare_exchange(ipa, entry, PageState::Invalid)
-                .is_err() =>
-            {
-                if vm.memory.lock().take_oom() {
-                    return Err(rmap::Error::OutOfFrames);
-                }
-                continue;
-            }
-            PageState::Mapped { pfn, .. } => rmap().remove_rmap(pfn, &HypFrames),
-            PageState::Swapped { slot } => rmap().put_swap(slot, &STORE, &HypFrames),
-            PageState::Invalid => {}
-        }
-        vm.dirty.lock().note(ipa);
-        from = ipa + PAGE_SIZE;
-    }
+    let machine = (&HypMachine, &STORE);
+    hypmm::release(
+        rmap(),
+        &vm.regions,
+        vm,
+        machine,
+        start..start + len,
+        |ipa| vm.dirty.lock().note(ipa),
+    )
 }

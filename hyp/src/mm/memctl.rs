@@ -220,7 +220,7 @@ pub fn reclaim(pages: u64, batch: usize) -> (Report, u64, u64) {
         scanned += 1;
         let pfn = base + i;
         let f = table.frame(pfn);
-        if f.mapcount() == 0 || f.anon_vma().is_none() || f.is_locked() {
+        if f.mapcount() == 0 || f.anon_slot().is_none() || f.is_locked() {
             continue;
         }
         if rmap().referenced(pfn, &HypVms) > 0 {

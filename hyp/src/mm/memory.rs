@@ -1,22 +1,16 @@
-//! A VM's stage-2 table (the `stage2` crate) as the reverse map sees it: the
-//! `rmap::Stage2` / `Stage2Locked` traits over the VM's stage-2 lock (DESIGN
-//! level 4). Guest RAM is mapped page by page; entries are valid pages
-//! (writable, or read-only for copy-on-write) or software entries.
+//! The machine under the stage-2 adapter: stage-2 configuration from the ID
+//! registers, table pages from the frame allocator (with the split reserve),
+//! the VMID allocator and the EL2 TLB. The adapter itself (a VM's table and
+//! VMID, rmap's `Stage2Locked` over it) is the host-tested `hypmm` crate,
+//! instantiated here with [`HypMachine`].
 
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::MemError;
-use core::sync::atomic::{AtomicU64, Ordering};
 use platform::board::MAX_CPUS;
-
-// The CPUs that may hold a VM's TLB entries are one u64 mask (`cpus`).
-const _: () = assert!(MAX_CPUS <= 64);
-use rmap::{Ipa, Pa};
+use rmap::Pa;
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
-use stage2::{
-    Aarch64Tlb, Perm, S2Attrs, S2Config, Stage2Table, TableMemory, TlbMaintenance, Vmid,
-    VmidAllocator, VmidBits, Vttbr,
-};
+use stage2::{Aarch64Tlb, S2Config, TableMemory, VmidAllocator, VmidBits, Vttbr};
 
 /// Table pages come from the frame allocator and are reached through the
 /// hypervisor's identity map.
@@ -98,11 +92,7 @@ static VMIDS: Once<VmidAllocator<MAX_CPUS>> = Once::new();
 // switched VTTBR_EL2.
 pub static TLB: Aarch64Tlb = unsafe { Aarch64Tlb::new() };
 
-/// Stage-2 invalidations (by IPA or VMID) kept on one CPU, and broadcast.
-pub static LOCAL_FLUSHES: AtomicU64 = AtomicU64::new(0);
-pub static BROADCAST_FLUSHES: AtomicU64 = AtomicU64::new(0);
-/// Invalidations skipped because the VM never had a VMID (never ran).
-pub static NO_VMID_FLUSHES: AtomicU64 = AtomicU64::new(0);
+pub use hypmm::{BROADCAST_FLUSHES, LOCAL_FLUSHES, NO_VMID_FLUSHES};
 
 fn vmids() -> &'static VmidAllocator<MAX_CPUS> {
     VMIDS.get().expect("stage-2 config")
@@ -114,81 +104,83 @@ pub fn vmid_stats() -> (u16, u64, u64) {
     (v.max(), v.generation(), v.rollovers())
 }
 
-fn this_cpu_bit() -> u64 {
-    1 << crate::arch::percpu::cpu_index()
-}
+/// The machine under the stage-2 adapter (`hypmm`): table pages from the
+/// frame allocator, `TLBI`/`DC` through [`TLB`], this CPU by `MPIDR_EL1`.
+/// Zero-sized, so `hypmm`'s generic code compiles to direct calls.
+#[derive(Clone, Copy, Debug)]
+pub struct HypMachine;
 
-/// TLB maintenance for one VM (stage-2 lock held): an invalidation stays on
-/// this CPU (`TLBI IPAS2E1`/`VMALLS12E1` with non-shareable barriers) when no
-/// other CPU can hold the VM's entries, which saves the broadcast (under
-/// QEMU's TCG it stops every vCPU thread; on silicon it is DVM traffic to
-/// every core), and is broadcast otherwise.
-///
-/// The VMID invalidated is the VM's *current number* (`Vmid::number`), not
-/// the table's VTTBR (whose VMID field is 0: the table owns none). Whatever
-/// the number's generation: a vCPU loaded since before a rollover, and not
-/// loaded again, still runs under it (the rollover reserved it) and caches
-/// entries, so a stale generation does not mean "nothing cached". A number
-/// that meanwhile went to another VM only costs that VM refills: its
-/// previous holder's entries under it went with the rollover that freed it.
-/// Only a VM that never had a number (never ran) has nothing cached, and is
-/// skipped.
-pub(super) struct VmTlb<'a> {
-    cpus: &'a AtomicU64,
-    vmid: &'a Vmid,
-}
+impl hypmm::Machine for HypMachine {
+    type Tables = FrameTables;
+    type Tlb = Aarch64Tlb;
 
-impl VmTlb<'_> {
-    /// The VTTBR to invalidate with, and whether this CPU is the only one
-    /// that may hold the VM's entries; None if the VM never had a VMID.
-    /// It marks itself first: the invalidation loads the VM's VTTBR here.
-    fn target(&self, table: Vttbr) -> Option<(Vttbr, bool)> {
-        let me = this_cpu_bit();
-        self.cpus.fetch_or(me, Ordering::SeqCst);
-        // The descriptor stores before this are observed by every CPU before
-        // the mask and the VMID are read. Pairs with `GuestMemory::load_here`,
-        // which takes the VMID, then marks its CPU, then walks: either we see
-        // its mark and number, or its walks see the new descriptors.
+    #[inline]
+    fn tables(&self) -> FrameTables {
+        FrameTables
+    }
+
+    #[inline]
+    fn tlb(&self) -> &Aarch64Tlb {
+        &TLB
+    }
+
+    #[inline]
+    fn invalidate_ipa_local(&self, vttbr: Vttbr, ipa: u64) {
+        TLB.invalidate_ipa_local(vttbr, ipa);
+    }
+
+    #[inline]
+    fn invalidate_vmid_local(&self, vttbr: Vttbr) {
+        TLB.invalidate_vmid_local(vttbr);
+    }
+
+    #[inline]
+    fn cpu_index(&self) -> usize {
+        crate::arch::percpu::cpu_index()
+    }
+
+    #[inline]
+    fn dsb_ish(&self) {
         crate::arch::dsb_ish();
-        let local = self.cpus.load(Ordering::SeqCst) == me;
-        let number = self.vmid.number();
-        let counter = match (number, local) {
-            (0, _) => &NO_VMID_FLUSHES,
-            (_, true) => &LOCAL_FLUSHES,
-            (_, false) => &BROADCAST_FLUSHES,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        (number != 0).then(|| (Vttbr::new(table.baddr(), number), local))
-    }
-}
-
-impl TlbMaintenance for VmTlb<'_> {
-    fn invalidate_ipa(&self, vttbr: Vttbr, ipa: u64, level: u8) {
-        match self.target(vttbr) {
-            Some((vttbr, true)) => TLB.invalidate_ipa_local(vttbr, ipa),
-            Some((vttbr, false)) => TLB.invalidate_ipa(vttbr, ipa, level),
-            None => {}
-        }
     }
 
-    fn invalidate_vmid(&self, vttbr: Vttbr) {
-        match self.target(vttbr) {
-            Some((vttbr, true)) => TLB.invalidate_vmid_local(vttbr),
-            Some((vttbr, false)) => TLB.invalidate_vmid(vttbr),
-            None => {}
-        }
+    #[inline]
+    fn vmids(&self) -> &VmidAllocator<MAX_CPUS> {
+        vmids()
     }
 
-    fn invalidate_icache(&self, pa: u64, len: u64) {
-        TLB.invalidate_icache(pa, len);
+    #[inline]
+    fn config(&self) -> S2Config {
+        *CONFIG.get().expect("stage-2 config")
     }
 
-    fn invalidate_all(&self) {
-        TLB.invalidate_all();
+    #[inline]
+    fn alloc_frame(&self) -> Option<Pa> {
+        frames::get().alloc()
     }
 
-    fn clean_dcache_poc(&self, pa: u64, len: u64) {
-        TLB.clean_dcache_poc(pa, len);
+    #[inline]
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa> {
+        frames::get().alloc_contiguous_zeroed(pages)
+    }
+
+    #[inline]
+    fn free_frame(&self, pa: Pa) {
+        frames::get().free(pa)
+    }
+
+    #[inline]
+    unsafe fn zero_frame(&self, pa: Pa) {
+        // SAFETY: the caller owns the frame and nothing maps it (the trait's
+        // contract), which is `zero_frame`'s.
+        unsafe { frames::zero_frame(pa) }
+    }
+
+    #[inline]
+    unsafe fn copy_frame(&self, dst: Pa, src: Pa) {
+        // SAFETY: the trait's contract (`dst` owned and fresh, `src` pinned,
+        // distinct) is `copy_frame`'s.
+        unsafe { frames::copy_frame(dst, src) }
     }
 }
 
@@ -242,187 +234,27 @@ pub fn fwb() -> bool {
 /// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
 /// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
 /// guest can map (or, if mapped, read) it.
-pub fn publish(pa: rmap::Pa, len: u64) {
+pub fn publish(pa: Pa, len: u64) {
     stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa.raw(), len);
 }
 
-/// How stage-2 leaves encode MemAttr (for FWB or not).
-pub(super) fn attr_encoding() -> stage2::AttrEncoding {
-    CONFIG.get().expect("stage-2 config").attr_encoding()
+/// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock
+/// (`hypmm::GuestMemory` on this machine).
+pub type GuestMemory = hypmm::GuestMemory<HypMachine>;
+
+/// A VM's stage-2 table with its lock held, as rmap changes it.
+pub type LockedStage2<'a> = hypmm::LockedStage2<'a, HypMachine>;
+
+pub use hypmm::BLOCK_SIZE;
+
+/// A new VM's empty stage-2 table.
+pub fn new_guest_memory() -> Result<GuestMemory, MemError> {
+    let cfg = *CONFIG.get().expect("stage-2 config");
+    GuestMemory::new(cfg, HypMachine).ok_or(MemError::NoMemory)
 }
 
-/// Stage-2 attributes of guest RAM: normal memory, executable, writable
-/// unless shared copy-on-write.
-pub(super) fn ram_attrs(writable: bool) -> S2Attrs {
-    S2Attrs::normal(if writable { Perm::RWX } else { Perm::RX })
+/// The vCPU loaded by `GuestMemory::load_here` was put (VTTBR_EL2 no longer
+/// names the VM here): a rollover need not keep the VM's number for this CPU.
+pub fn unload_here() {
+    vmids().put(crate::arch::percpu::cpu_index());
 }
-
-/// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock.
-pub struct GuestMemory {
-    /// None once torn down (no vCPU of the VM can run any more). Its own
-    /// VMID field is 0: the VMID comes from `vmid` at each load.
-    table: Option<Stage2Table<FrameTables>>,
-    /// The VMID (generation and number): none until a vCPU first loads, so
-    /// a snapshot (never scheduled) never holds one.
-    vmid: Vmid,
-    /// Defer this lock holder's TLB invalidations to one VMID-wide flush
-    /// (fork write-protecting a whole VM).
-    pub(super) batching: bool,
-    /// IPAs cleared with their invalidation still pending (`bbm.rs`).
-    #[cfg(debug_assertions)]
-    unflushed: core::cell::RefCell<crate::mm::bbm::Unflushed>,
-    /// Per physical CPU: a stage-2 table page could not be allocated during
-    /// an update this CPU made. Per CPU because several vCPUs of the VM fault
-    /// at once: one whose own fault succeeded must not take (and act on)
-    /// another's failure, which that one would then miss. Set and taken
-    /// under the stage-2 lock, by the CPU that made the update.
-    oom: [core::sync::atomic::AtomicBool; MAX_CPUS],
-    /// Physical CPUs that may hold TLB entries of this VM: each sets its bit
-    /// before it loads the VM's VTTBR (`load_here`), and bits are never
-    /// cleared. An invalidation with no other bit set stays on its own CPU
-    /// (`VmTlb`). A renumbered VM keeps its bits (an over-approximation):
-    /// what other CPUs held under its old number went with the rollover.
-    cpus: AtomicU64,
-}
-
-impl GuestMemory {
-    pub fn new() -> Result<GuestMemory, MemError> {
-        let cfg = *CONFIG.get().expect("stage-2 config");
-        match Stage2Table::new(cfg, 0, FrameTables) {
-            Ok(table) => Ok(GuestMemory {
-                table: Some(table),
-                vmid: Vmid::new(),
-                batching: false,
-                #[cfg(debug_assertions)]
-                unflushed: Default::default(),
-                oom: [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS],
-                cpus: AtomicU64::new(0),
-            }),
-            Err(_) => Err(MemError::NoMemory),
-        }
-    }
-
-    pub(super) fn table(&self) -> &Stage2Table<FrameTables> {
-        self.table
-            .as_ref()
-            .expect("guest memory used after teardown")
-    }
-
-    /// A vCPU of this VM is being loaded on this CPU: revalidates the VM's
-    /// VMID (a new one if a rollover took it, which may itself roll over)
-    /// and returns the VTTBR_EL2 value to run under until the vCPU is put
-    /// (`unload_here`). The VMID is taken before the CPU marks itself, and
-    /// the barrier orders both before the CPU's first table walk, pairing
-    /// with the one in `VmTlb::target`: a flusher either sees the mark and
-    /// the number, or made its change visible first.
-    pub fn load_here(&self) -> u64 {
-        let cpu = crate::arch::percpu::cpu_index();
-        let number = vmids().load(&self.vmid, cpu, &TLB);
-        self.cpus.fetch_or(1 << cpu, Ordering::SeqCst);
-        crate::arch::dsb_ish();
-        Vttbr::new(self.table().vttbr().baddr(), number).raw()
-    }
-
-    /// The vCPU loaded by `load_here` was put (VTTBR_EL2 no longer names
-    /// the VM here): a rollover need not keep the VM's number for this CPU.
-    pub fn unload_here() {
-        vmids().put(crate::arch::percpu::cpu_index());
-    }
-
-    /// TLB maintenance for this VM's table.
-    pub(super) fn tlb(&self) -> VmTlb<'_> {
-        VmTlb {
-            cpus: &self.cpus,
-            vmid: &self.vmid,
-        }
-    }
-
-    pub fn is_live(&self) -> bool {
-        self.table.is_some()
-    }
-
-    /// Break-before-make witness (`bbm.rs`, debug builds): `[ipa, +len)` was
-    /// made invalid with its invalidation deferred.
-    pub(super) fn bbm_note(&self, ipa: Ipa, len: u64) {
-        let ipa = ipa.raw();
-        #[cfg(debug_assertions)]
-        self.unflushed.borrow_mut().note(ipa, len);
-        let _ = (ipa, len);
-    }
-
-    /// Every deferred invalidation was issued.
-    pub(super) fn bbm_flushed(&self) {
-        #[cfg(debug_assertions)]
-        self.unflushed.borrow_mut().flushed();
-    }
-
-    /// A valid entry is about to be made at `[ipa, +len)`.
-    pub(super) fn bbm_check_make(&self, ipa: Ipa, len: u64) {
-        let ipa = ipa.raw();
-        #[cfg(debug_assertions)]
-        self.unflushed.borrow().check_make(ipa, len);
-        let _ = (ipa, len);
-    }
-
-    /// The table, unless the VM was torn down.
-    pub(super) fn live(&self) -> Option<&Stage2Table<FrameTables>> {
-        self.table.as_ref()
-    }
-
-    /// Pages mapped (valid stage-2 page entries).
-    pub fn resident_pages(&self) -> u64 {
-        self.table.as_ref().map_or(0, |t| {
-            let st = t.stats();
-            st.mapped_pages + st.mapped_blocks_2m * 512 + st.mapped_blocks_1g * 512 * 512
-        })
-    }
-
-    /// Sets the access flag of the leaf mapping `ipa` (software AF: the
-    /// reclaim clock cleared it and the guest touched the page again).
-    pub fn mkyoung(&self, ipa: Ipa) -> bool {
-        self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
-    }
-
-    /// Host PA of guest page `ipa`, if a valid page maps it.
-    pub fn pa_of(&self, ipa: Ipa) -> Option<Pa> {
-        self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
-    }
-
-    /// Frees the (already emptied and unlinked) table. The VMID number is
-    /// not given back: it stays taken until the next rollover, which
-    /// invalidates everything before any reuse.
-    pub(super) fn destroy(&mut self) {
-        if let Some(table) = self.table.take() {
-            table.destroy(&self.tlb());
-        }
-    }
-
-    /// Notes that an update on this CPU could not allocate a table page.
-    pub(super) fn note_oom(&self) {
-        self.oom[crate::arch::percpu::cpu_index()].store(true, Ordering::Relaxed);
-    }
-
-    /// Whether an update this CPU made since the last call could not
-    /// allocate a table page; clears it.
-    pub fn take_oom(&self) -> bool {
-        self.oom[crate::arch::percpu::cpu_index()].swap(false, Ordering::Relaxed)
-    }
-
-    /// Starts deferring TLB invalidations to one flush (see `end_batch`);
-    /// used through `VmMemory::batch`.
-    pub(super) fn begin_batch(&mut self) {
-        self.batching = true;
-    }
-
-    /// Ends a batch: one VMID-wide invalidation covers every change made in it.
-    pub(super) fn end_batch(&mut self) {
-        if core::mem::take(&mut self.batching) {
-            if let Some(table) = &self.table {
-                self.tlb().invalidate_vmid(table.vttbr());
-            }
-            self.bbm_flushed();
-        }
-    }
-}
-
-pub use super::locked::{LockedStage2, BLOCK_SIZE};

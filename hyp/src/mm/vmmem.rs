@@ -4,14 +4,13 @@
 //! never reaches up to the VM itself.
 
 use crate::mm::dirty::DirtyLog;
-use crate::mm::memory::{GuestMemory, LockedStage2};
+use crate::mm::memory::{new_guest_memory, GuestMemory, HypMachine, LockedStage2};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use platform::MemRange;
 use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
 use rmap::{RegionList, Stage2, UnlinkProof, VmId};
 use spin::Mutex;
-use stage2::TlbMaintenance;
 
 /// Why a VM's memory could not be set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +45,7 @@ impl VmMemory {
     /// A VM's memory with an empty region list and stage-2 table, registered
     /// under `id` until [`unregister`].
     pub fn create(id: u32, ram: MemRange) -> Result<Arc<VmMemory>, MemError> {
-        let memory = GuestMemory::new()?;
+        let memory = new_guest_memory()?;
         let mem = Arc::new(VmMemory {
             id,
             ram,
@@ -56,28 +55,6 @@ impl VmMemory {
         });
         REGISTRY.lock().insert(id, mem.clone());
         Ok(mem)
-    }
-}
-
-impl VmMemory {
-    /// Opens a batch: the stage-2 changes made until the guard drops defer
-    /// their TLB invalidations to one VMID-wide flush at the drop (fork's
-    /// write-protect pass, teardown's zap). Frames those changes unmapped
-    /// must not be reused before then. Takes the stage-2 lock (level 4)
-    /// briefly now and at the drop: neither may happen with it held.
-    pub fn batch(&self) -> BatchGuard<'_> {
-        self.memory.lock().begin_batch();
-        BatchGuard(self)
-    }
-}
-
-/// An open batch of a VM's stage-2 changes (see [`VmMemory::batch`]).
-#[must_use = "the batch ends (one flush) when the guard drops"]
-pub struct BatchGuard<'a>(&'a VmMemory);
-
-impl Drop for BatchGuard<'_> {
-    fn drop(&mut self) {
-        self.0.memory.lock().end_batch();
     }
 }
 
@@ -103,15 +80,29 @@ impl Stage2 for VmMemory {
     }
 
     fn flush_deferred(&self) {
-        let mem = self.memory.lock();
-        if mem.is_live() {
-            mem.tlb().invalidate_vmid(mem.table().vttbr());
-        }
-        mem.bbm_flushed();
+        self.memory.lock().flush_deferred();
     }
 
     fn free_tables(&self, proof: UnlinkProof) {
         debug_assert_eq!(proof.vm().0, self.id);
         self.memory.lock().destroy();
+    }
+}
+
+impl hypmm::GuestVm<HypMachine> for VmMemory {
+    fn regions(&self) -> &OrderedRwLock<RegionList> {
+        &self.regions
+    }
+
+    fn ram(&self) -> core::ops::Range<rmap::Ipa> {
+        rmap::Ipa::new(self.ram.base)..rmap::Ipa::new(self.ram.end())
+    }
+
+    fn next_dirty(&self, from: rmap::Ipa) -> Option<rmap::Ipa> {
+        self.dirty.lock().next_from(from)
+    }
+
+    fn clear_dirty(&self, ipa: rmap::Ipa) {
+        self.dirty.lock().clear(ipa);
     }
 }

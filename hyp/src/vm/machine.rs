@@ -203,7 +203,7 @@ impl Vm {
         // affected, and no vCPU runs here until one is loaded again.
         unsafe { crate::arch::write_el2_sysreg!("vttbr_el2", 0u64) };
         crate::arch::isb();
-        crate::mm::memory::GuestMemory::unload_here();
+        crate::mm::memory::unload_here();
     }
 
     /// Powers on vCPU `index` at `entry` with x0 = `context` (boot or PSCI CPU_ON).

@@ -164,8 +164,8 @@ impl HostWorld {
     /// its family forked from it, its index = the chains that name it; and every anon_vma a
     /// region names has a node in its family.
     fn check_anon_counters(&self) -> Result<(), String> {
-        let mut active: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut chains: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut active: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut chains: BTreeMap<u64, usize> = BTreeMap::new();
         for vm in self.vms.all() {
             for region in vm.regions.read().iter() {
                 if let Some(own) = region.anon_vma() {

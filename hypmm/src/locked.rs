@@ -4,17 +4,17 @@
 //! leaves. The `rmap::Stage2Locked`
 //! operations on it are in `s2locked`.
 
-use crate::mm::frames::PAGE_SIZE;
+use crate::machine::Machine;
+use crate::memory::{ram_attrs, GuestMemory};
+use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
-use rmap::{Ipa, PageState, Pfn};
-use stage2::{Batch, CasError, Descriptor, Leaf, LeafInfo};
-
-use super::memory::{attr_encoding, ram_attrs, GuestMemory};
+use rmap::{Ipa, Pa, PageState, Pfn};
+use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo};
 
 /// What a run of pages is mapped for (`LockedStage2::map_run`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Run {
+pub(crate) struct Run {
     /// The guest's access: read-only (copy-on-write) or writable.
     pub access: RunAccess,
     /// Where the frames come from.
@@ -23,7 +23,7 @@ pub(super) struct Run {
 
 /// A run's guest permission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum RunAccess {
+pub(crate) enum RunAccess {
     /// Read (and execute): a copy-on-write share.
     Read,
     /// Read and write.
@@ -32,7 +32,7 @@ pub(super) enum RunAccess {
 
 /// Where a run's frames come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Frames {
+pub(crate) enum Frames {
     /// Just filled by the hypervisor: the table's maintenance applies.
     Fresh,
     /// Mapped elsewhere already (a fork child's fill): their contents are
@@ -46,7 +46,7 @@ pub const BLOCK_SIZE: u64 = 2 << 20;
 /// The page state of page `ipa` of `leaf` (a slot stage2 reports as no
 /// leaf, a hole or one a break-before-make holds, is `Invalid`: callers
 /// retry).
-pub(super) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
+pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
     let Some(leaf) = leaf else {
         return PageState::Invalid;
     };
@@ -59,14 +59,14 @@ pub(super) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
     }
 }
 
-/// The page-level descriptor of `state`.
-pub(super) fn encode(state: PageState) -> Descriptor {
+/// The page-level descriptor of `state`, its MemAttr encoded as the
+/// table's configuration says (FWB or not).
+pub(crate) fn encode(state: PageState, enc: AttrEncoding) -> Descriptor {
     match state {
         PageState::Invalid => Descriptor::EMPTY,
         PageState::Mapped { pfn, writable } => {
             let attrs = ram_attrs(writable);
-            Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, attr_encoding())
-                .expect("page descriptor")
+            Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
         }
         PageState::Migrating { .. } | PageState::Swapped { .. } => {
             Descriptor::software(state).expect("a state an invalid descriptor keeps")
@@ -77,8 +77,9 @@ pub(super) fn encode(state: PageState) -> Descriptor {
 /// Checks a change against the transition table (`mmtypes::state`) in
 /// debug builds: rmap decides every change, from states only the
 /// hypervisor writes, so a guest cannot reach a refused one; one is a
-/// hypervisor bug. rmap's host tests check every change in every build.
-pub(super) fn check_transition(old: PageState, new: PageState) {
+/// hypervisor bug. rmap's host tests check every change in every build,
+/// and this crate's host tests run with debug assertions.
+pub(crate) fn check_transition(old: PageState, new: PageState) {
     if cfg!(debug_assertions) {
         if let Err(bad) = PageState::check_transition(old, new) {
             panic!("{bad}");
@@ -87,20 +88,20 @@ pub(super) fn check_transition(old: PageState, new: PageState) {
 }
 
 /// The locked stage-2 as `rmap` uses it.
-pub struct LockedStage2<'a> {
-    pub(super) mem: OrderedMutexGuard<'a, GuestMemory>,
+pub struct LockedStage2<'a, M: Machine> {
+    pub(crate) mem: OrderedMutexGuard<'a, GuestMemory<M>>,
     /// The leaf the last `lookup` found, by page: a reverse-map walk verifies
     /// a page and then changes it, and the change reuses this instead of
     /// walking the table again. Used at most once (`cas` takes it) and cleared
     /// by every other change through this guard, so it can be stale only by
     /// what the hardware did meanwhile (an access-flag update), which makes
     /// the descriptor CAS fail and the retry look the leaf up afresh.
-    pub(super) last: Cell<Option<(Ipa, Option<LeafInfo>)>>,
+    pub(crate) last: Cell<Option<(Ipa, Option<LeafInfo>)>>,
 }
 
-impl<'a> LockedStage2<'a> {
+impl<'a, M: Machine> LockedStage2<'a, M> {
     /// The view of a locked table (the guard is the VM's stage-2 lock).
-    pub(super) fn new(mem: OrderedMutexGuard<'a, GuestMemory>) -> Self {
+    pub fn new(mem: OrderedMutexGuard<'a, GuestMemory<M>>) -> Self {
         LockedStage2 {
             mem,
             last: Cell::new(None),
@@ -119,7 +120,12 @@ impl<'a> LockedStage2<'a> {
         self.mem.is_live()
     }
 
-    pub(super) fn cas(
+    /// How this table's leaves encode MemAttr (for FWB or not).
+    pub(crate) fn enc(&self) -> AttrEncoding {
+        self.mem.table().config().attr_encoding()
+    }
+
+    pub(crate) fn cas(
         &mut self,
         ipa: Ipa,
         old: PageState,
@@ -159,7 +165,7 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
-    pub fn map_block(&mut self, ipa: Ipa, pa: rmap::Pa) -> bool {
+    pub fn map_block(&mut self, ipa: Ipa, pa: Pa) -> bool {
         self.last.set(None);
         if !self.mem.is_live() {
             return false;
@@ -173,7 +179,7 @@ impl<'a> LockedStage2<'a> {
 
     /// CAS of a leaf the caller just read, retried while only a hardware
     /// access-flag update got in between.
-    pub(super) fn replace_retrying(&self, leaf: &LeafInfo, old: PageState, new: PageState) {
+    pub(crate) fn replace_retrying(&self, leaf: &LeafInfo, old: PageState, new: PageState) {
         let mut cur = *leaf;
         while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
             cur.desc = d;
@@ -185,7 +191,7 @@ impl<'a> LockedStage2<'a> {
 
     /// Makes a writable block read-only as one entry, if `new` is exactly
     /// that; false if it is some other change (the caller splits).
-    pub(super) fn write_protect_block(
+    pub(crate) fn write_protect_block(
         &self,
         leaf: &LeafInfo,
         old: PageState,
@@ -213,7 +219,7 @@ impl<'a> LockedStage2<'a> {
             leaf.level,
             ram_attrs(false),
             m.young,
-            attr_encoding(),
+            self.enc(),
         )
         .expect("block descriptor");
         let table = self.mem.table();
@@ -229,7 +235,7 @@ impl<'a> LockedStage2<'a> {
     }
 
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
-    pub(super) fn split(&mut self, ipa: Ipa) -> Option<LeafInfo> {
+    pub(crate) fn split(&mut self, ipa: Ipa) -> Option<LeafInfo> {
         let table = self.mem.table();
         if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
             if e == stage2::Error::NoMemory {
@@ -242,7 +248,7 @@ impl<'a> LockedStage2<'a> {
 
     /// The pages of a block only partly inside an update: changed one by one
     /// (`cas` splits the block first).
-    pub(super) fn update_block_pages(
+    pub(crate) fn update_block_pages(
         &mut self,
         leaf: &LeafInfo,
         start: Ipa,
@@ -260,7 +266,7 @@ impl<'a> LockedStage2<'a> {
 
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
-    pub(super) fn replace_leaf(&self, leaf: &LeafInfo, new: PageState) -> Result<(), CasError> {
+    pub(crate) fn replace_leaf(&self, leaf: &LeafInfo, new: PageState) -> Result<(), CasError> {
         if self.mem.batching
             && matches!(leaf.leaf, Leaf::Mapped(_))
             && matches!(new, PageState::Invalid | PageState::Swapped { .. })
@@ -272,8 +278,13 @@ impl<'a> LockedStage2<'a> {
         if self.mem.batching {
             let tlb = self.mem.tlb();
             let batch = Batch::new(&tlb, table.vttbr());
-            let r =
-                table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, encode(new), &batch);
+            let r = table.compare_exchange_leaf(
+                leaf.ipa,
+                leaf.level,
+                leaf.desc,
+                encode(new, self.enc()),
+                &batch,
+            );
             // The pending VMID-wide flush is issued by end_batch().
             let _ = batch.into_pending();
             r
@@ -282,7 +293,7 @@ impl<'a> LockedStage2<'a> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new),
+                encode(new, self.enc()),
                 &self.mem.tlb(),
             )
         }
@@ -290,7 +301,7 @@ impl<'a> LockedStage2<'a> {
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
     /// operation; returns false if the table could not grow.
-    pub(super) fn map_run(&mut self, ipa: Ipa, pfn: Pfn, pages: u64, run: Run) -> bool {
+    pub(crate) fn map_run(&mut self, ipa: Ipa, pfn: Pfn, pages: u64, run: Run) -> bool {
         let (writable, shared) = (run.access == RunAccess::Write, run.frames == Frames::Shared);
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
@@ -314,7 +325,7 @@ impl<'a> LockedStage2<'a> {
         }
     }
 
-    pub(super) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), PageState> {
+    pub(crate) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), PageState> {
         let table = self.mem.table();
         let result = match new {
             PageState::Invalid => return Ok(()),

@@ -2,17 +2,18 @@
 //! updates with break-before-make, range walks for fork and restore, and
 //! leaf clears for teardown and release.
 
-use crate::mm::frames::PAGE_SIZE;
+use crate::machine::Machine;
+use crate::PAGE_SIZE;
 use alloc::vec::Vec;
 use core::cell::Cell;
 use rmap::{Ipa, PageState, Stage2Locked};
 use stage2::{Batch, CasError, LeafInfo, Visitor, WalkAction};
 
-use super::locked::{
+use crate::locked::{
     check_transition, decode, encode, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE,
 };
 
-impl Stage2Locked for LockedStage2<'_> {
+impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
     fn lookup(&self, ipa: Ipa) -> PageState {
         let Some(table) = self.mem.live() else {
             return PageState::Invalid;
@@ -74,13 +75,14 @@ impl Stage2Locked for LockedStage2<'_> {
             let table = self.mem.table();
             let tlb = self.mem.tlb();
             let batch = Batch::new(&tlb, table.vttbr());
+            let enc = self.enc();
             table.update_pages(
                 ipas,
                 &mut |k, leaf| {
                     let old = decode(Some(*leaf), ipas[k]);
                     let new = decide(k, old)?;
                     change.set(Some((old, new)));
-                    Some(encode(new))
+                    Some(encode(new, enc))
                 },
                 &mut |k, result| {
                     let Some((old, new)) = change.take() else {

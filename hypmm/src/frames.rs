@@ -1,0 +1,47 @@
+//! Guest frames as rmap allocates them, and making what the hypervisor wrote
+//! into a frame visible to the guest.
+
+use crate::machine::Machine;
+use crate::PAGE_SIZE;
+use rmap::{FrameAllocator, Pa, Pfn};
+use stage2::TlbMaintenance;
+
+/// Makes `pa..pa + len`, just written through the hypervisor's cacheable
+/// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
+/// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
+/// guest can map (or, if mapped, read) it.
+pub fn publish<M: Machine>(machine: &M, pa: Pa, len: u64) {
+    stage2::publish_frames(&machine.config(), machine.tlb(), pa.raw(), len);
+}
+
+/// rmap's frame allocator over a machine's guest frames: every frame rmap
+/// has zeroed or copied is published (rmap's contract: clean to the PoC on
+/// return) before rmap can map it.
+pub struct Frames<'a, M: Machine>(pub &'a M);
+
+impl<M: Machine> FrameAllocator for Frames<'_, M> {
+    fn alloc(&self) -> Option<Pfn> {
+        self.0.alloc_frame().map(Pa::pfn)
+    }
+
+    fn free(&self, pfn: Pfn) {
+        self.0.free_frame(pfn.pa())
+    }
+
+    fn zero(&self, pfn: Pfn) {
+        // SAFETY: rmap zeroes only a frame it just allocated and has not
+        // mapped yet.
+        unsafe { self.0.zero_frame(pfn.pa()) };
+        publish(self.0, pfn.pa(), PAGE_SIZE);
+    }
+
+    fn copy(&self, dst: Pfn, src: Pfn) {
+        // SAFETY: rmap copies into a frame it just allocated and owns, from
+        // one it pinned for the copy (locked, or its writers replaced by
+        // migration entries); the two are distinct.
+        unsafe { self.0.copy_frame(dst.pa(), src.pa()) };
+        publish(self.0, dst.pa(), PAGE_SIZE);
+        // The page may hold guest code.
+        self.0.tlb().invalidate_icache(dst.pa().raw(), PAGE_SIZE);
+    }
+}

@@ -1,0 +1,71 @@
+//! What the stage-2 adapter needs from the machine it runs on.
+
+use platform::board::MAX_CPUS;
+use rmap::Pa;
+use stage2::{S2Config, TableMemory, TlbMaintenance, VmidAllocator, Vttbr};
+
+/// The machine under the adapter: hyp's EL2 (frame allocator, `TLBI`/`DC`
+/// instructions, `MPIDR`-derived CPU index) or a host model in tests.
+///
+/// Implemented by a small handle (hyp's is zero-sized) that every
+/// [`crate::GuestMemory`] keeps a copy of; the adapter is generic over it, so
+/// the hypervisor's calls are static and inlined.
+pub trait Machine {
+    /// Where stage-2 table pages come from.
+    type Tables: TableMemory;
+    /// Broadcast (inner-shareable) TLB and cache maintenance.
+    type Tlb: TlbMaintenance;
+
+    /// A table-page source for a new VM's table.
+    fn tables(&self) -> Self::Tables;
+
+    /// The broadcast maintenance.
+    fn tlb(&self) -> &Self::Tlb;
+
+    /// Invalidates what may translate `ipa` under `vttbr` on this CPU only
+    /// (`TLBI IPAS2E1` + `VMALLE1`, non-shareable barriers): no other CPU can
+    /// hold the VM's entries.
+    fn invalidate_ipa_local(&self, vttbr: Vttbr, ipa: u64);
+
+    /// Invalidates every entry of `vttbr`'s VMID on this CPU only.
+    fn invalidate_vmid_local(&self, vttbr: Vttbr);
+
+    /// This physical CPU's index, below [`MAX_CPUS`].
+    fn cpu_index(&self) -> usize;
+
+    /// `DSB ISH`: every earlier memory access (descriptor stores) is observed
+    /// by every CPU of the inner-shareable domain before any later one.
+    fn dsb_ish(&self);
+
+    /// The VMID allocator every VM of this machine draws from.
+    fn vmids(&self) -> &VmidAllocator<MAX_CPUS>;
+
+    /// The stage-2 configuration every VM of this machine uses (FWB or not).
+    fn config(&self) -> S2Config;
+
+    /// A free guest (movable) frame's physical address, contents undefined.
+    fn alloc_frame(&self) -> Option<Pa>;
+
+    /// `pages` (a power of two) zeroed contiguous guest frames aligned to
+    /// `pages` frames (a 2 MiB block), or None.
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa>;
+
+    /// Returns a guest frame to the allocator.
+    fn free_frame(&self, pa: Pa);
+
+    /// Zeroes the frame at `pa` through the hypervisor's cacheable map.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the frame (just allocated) and nothing maps it yet.
+    unsafe fn zero_frame(&self, pa: Pa);
+
+    /// Copies the frame at `src` into the frame at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `dst` is freshly allocated and owned by the caller, `src` is pinned
+    /// by the caller for the copy (locked, or its writers replaced by
+    /// migration entries); they are distinct frames.
+    unsafe fn copy_frame(&self, dst: Pa, src: Pa);
+}
