@@ -9,6 +9,7 @@ use crate::memory::{ram_attrs, GuestMemory};
 use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
+use rmap::CasError as Refused;
 use rmap::{Ipa, Pa, PageState, Pfn};
 use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo};
 
@@ -108,13 +109,6 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         }
     }
 
-    /// Whether an update this CPU made could not allocate a table page
-    /// since the flag was last taken (the fault path reports it as out of
-    /// memory); clears it.
-    pub fn take_out_of_memory(&mut self) -> bool {
-        self.mem.take_oom()
-    }
-
     /// The VM's table still exists (it is freed by teardown, under this lock).
     pub fn is_live(&self) -> bool {
         self.mem.is_live()
@@ -125,16 +119,11 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         self.mem.table().config().attr_encoding()
     }
 
-    pub(crate) fn cas(
-        &mut self,
-        ipa: Ipa,
-        old: PageState,
-        new: PageState,
-    ) -> Result<(), PageState> {
+    pub(crate) fn cas(&mut self, ipa: Ipa, old: PageState, new: PageState) -> Result<(), Refused> {
         // A torn-down VM reads as empty and refuses every change: a console
         // command or rmap walker that still holds the VM must not panic.
         let Some(table) = self.mem.live() else {
-            return Err(PageState::Invalid);
+            return Err(Refused::Changed(PageState::Invalid));
         };
         let page = ipa.page();
         let current = match self.last.take() {
@@ -143,7 +132,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         };
         let found = decode(current, ipa);
         if found != old {
-            return Err(found);
+            return Err(Refused::Changed(found));
         }
         check_transition(old, new);
         if !matches!(old, PageState::Mapped { .. }) && matches!(new, PageState::Mapped { .. }) {
@@ -155,12 +144,15 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         };
         if current.level < stage2::LAST_LEVEL {
             // rmap works page by page: a block is split before one page changes.
-            current = self.split(ipa).ok_or(found)?;
+            current = self.split(ipa)?;
         }
         match self.replace_leaf(&current, new) {
             Ok(()) => Ok(()),
-            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, current.level, d), ipa)),
-            Err(_) => Err(found),
+            Err(CasError::Mismatch(d)) => Err(Refused::Changed(decode(
+                LeafInfo::decode(ipa, current.level, d),
+                ipa,
+            ))),
+            Err(_) => Err(Refused::Changed(found)),
         }
     }
 
@@ -234,16 +226,16 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         ok
     }
 
-    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
-    pub(crate) fn split(&mut self, ipa: Ipa) -> Option<LeafInfo> {
+    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards,
+    /// or why not: no table page for the split, or the block changed.
+    pub(crate) fn split(&mut self, ipa: Ipa) -> Result<LeafInfo, Refused> {
         let table = self.mem.table();
-        if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
-            if e == stage2::Error::NoMemory {
-                self.mem.note_oom();
-            }
-            return None;
+        let changed = || Refused::Changed(decode(table.lookup(ipa), ipa));
+        match table.split_block(ipa, &self.mem.tlb()) {
+            Err(stage2::Error::NoMemory) => Err(Refused::NoMemory),
+            Err(_) => Err(changed()),
+            Ok(()) => table.lookup(ipa).ok_or_else(changed),
         }
-        table.lookup(ipa)
     }
 
     /// The pages of a block only partly inside an update: changed one by one
@@ -316,16 +308,12 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             (false, true) => table.map(ipa, pa, len, attrs, &self.mem.tlb()),
             (false, false) => table.map_pages(ipa, pa, len, attrs, &self.mem.tlb()),
         };
-        match result {
-            Ok(()) => true,
-            Err(_) => {
-                self.mem.note_oom();
-                false
-            }
-        }
+        // Out of table pages, as the callers report it: a short fill (fork's
+        // OutOfFrames), or a block not mapped (the fault takes the page path).
+        result.is_ok()
     }
 
-    pub(crate) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), PageState> {
+    pub(crate) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), Refused> {
         let table = self.mem.table();
         let result = match new {
             PageState::Invalid => return Ok(()),
@@ -342,12 +330,8 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         };
         match result {
             Ok(()) => Ok(()),
-            Err(e) => {
-                if e == stage2::Error::NoMemory {
-                    self.mem.note_oom();
-                }
-                Err(PageState::Invalid)
-            }
+            Err(stage2::Error::NoMemory) => Err(Refused::NoMemory),
+            Err(_) => Err(Refused::Changed(PageState::Invalid)),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::locked::{LockedStage2, BLOCK_SIZE};
 use crate::machine::Machine;
 use crate::PAGE_SIZE;
 use rmap::lock::OrderedRwLock;
-use rmap::{Ipa, PageState, RegionList, Rmap, Stage2, Stage2Locked, SwapStore};
+use rmap::{CasError, Ipa, PageState, RegionList, Rmap, Stage2, Stage2Locked, SwapStore};
 
 /// Linux's huge anonymous fault: the first touch of an empty 2 MiB-aligned
 /// chunk that the region covers maps 512 fresh zeroed frames with one block
@@ -72,8 +72,6 @@ where
     W: SwapStore,
 {
     let _regions = regions.read();
-    // A flag left by an earlier operation on this CPU is not this release's.
-    vm.lock().take_out_of_memory();
     let mut from = range.start;
     loop {
         let next = vm.lock().next_entry(from, range.end);
@@ -85,19 +83,16 @@ where
                 rmap.wait_frame_unlocked(pfn);
                 continue;
             }
-            _ if vm
-                .lock()
-                .compare_exchange(ipa, entry, PageState::Invalid)
-                .is_err() =>
-            {
-                if vm.lock().take_out_of_memory() {
-                    return Err(rmap::Error::OutOfFrames);
-                }
-                continue;
-            }
+            _ => match vm.lock().compare_exchange(ipa, entry, PageState::Invalid) {
+                Err(CasError::NoMemory) => return Err(rmap::Error::OutOfFrames),
+                Err(CasError::Changed(_)) => continue,
+                Ok(()) => {}
+            },
+        }
+        match entry {
             PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, &Frames(machine)),
             PageState::Swapped { slot } => rmap.put_swap(slot, swap, &Frames(machine)),
-            PageState::Invalid => {}
+            PageState::Migrating { .. } | PageState::Invalid => {}
         }
         released(ipa);
         from = ipa + PAGE_SIZE;

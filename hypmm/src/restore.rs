@@ -30,6 +30,7 @@ use crate::machine::Machine;
 use crate::vm::{GuestVm, MemCtx};
 use crate::PAGE_SIZE;
 use arrayvec::ArrayVec;
+use rmap::CasError as Refused;
 use rmap::{Ipa, PageState, Stage2Locked, SwapStore};
 
 /// Leaves cleared between two TLB invalidations (kept on the stack).
@@ -143,9 +144,10 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
                     cleared.push((start, pages, first));
                     from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                 }
-                // Still there: it cannot be cleared (a block that would need
-                // splitting; never for RAM, whose blocks lie inside it).
-                Err(found) if found == have => return Err(RestoreError::Memory),
+                // It cannot be cleared (a block that would need splitting;
+                // never for RAM, whose blocks lie inside it).
+                Err(Refused::NoMemory) => return Err(RestoreError::Memory),
+                Err(Refused::Changed(found)) if found == have => return Err(RestoreError::Memory),
                 // Changed since the lookup (a migration or reclaim of the
                 // frame got in between): look again.
                 Err(_) => {}
@@ -222,9 +224,7 @@ fn install_shared<M: Machine, V: GuestVm<M>, W: SwapStore>(
     }
     let installed = {
         let mut s2 = vm.lock();
-        let r = s2.compare_exchange(ipa, PageState::Invalid, entry);
-        s2.take_out_of_memory();
-        r
+        s2.compare_exchange(ipa, PageState::Invalid, entry)
     };
     if installed.is_ok() {
         return Ok(());

@@ -6,6 +6,7 @@ use crate::machine::Machine;
 use crate::PAGE_SIZE;
 use alloc::vec::Vec;
 use core::cell::Cell;
+use rmap::CasError as Refused;
 use rmap::{Ipa, PageState, Stage2Locked};
 use stage2::{Batch, CasError, LeafInfo, Visitor, WalkAction};
 
@@ -28,7 +29,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), Refused> {
         // Once the reclaim clock cleared an access flag, hardware AF may set
         // it between our lookup and the CAS: the same entry, so retry (AF
         // only goes 0 -> 1, so a few tries suffice; a persistent failure
@@ -36,7 +37,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         let mut tries = 0;
         loop {
             match self.cas(ipa, old, new) {
-                Err(found) if found == old && tries < 4 => tries += 1,
+                Err(Refused::Changed(found)) if found == old && tries < 4 => tries += 1,
                 r => return r,
             }
         }
@@ -47,7 +48,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), Refused> {
         // Batched migration/reclaim: the invalidation waits for
         // `Stage2::flush_deferred`, which the batch calls before it copies.
         let was = core::mem::replace(&mut self.mem.batching, true);
@@ -130,15 +131,15 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         ipa: Ipa,
         old: PageState,
         within: core::ops::Range<Ipa>,
-    ) -> Result<(Ipa, u64, PageState), PageState> {
+    ) -> Result<(Ipa, u64, PageState), Refused> {
         self.last.set(None);
         let leaf = self.mem.live().and_then(|t| t.lookup(ipa));
         let Some(leaf) = leaf else {
-            return Err(PageState::Invalid);
+            return Err(Refused::Changed(PageState::Invalid));
         };
         let found = decode(Some(leaf), ipa);
         if found != old {
-            return Err(found);
+            return Err(Refused::Changed(found));
         }
         let whole = leaf.ipa >= within.start && leaf.ipa + leaf.size() <= within.end;
         if leaf.level == stage2::LAST_LEVEL || !whole {
@@ -157,8 +158,11 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                 leaf.size() / PAGE_SIZE,
                 decode(Some(leaf), leaf.ipa),
             )),
-            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, leaf.level, d), ipa)),
-            Err(_) => Err(found),
+            Err(CasError::Mismatch(d)) => Err(Refused::Changed(decode(
+                LeafInfo::decode(ipa, leaf.level, d),
+                ipa,
+            ))),
+            Err(_) => Err(Refused::Changed(found)),
         }
     }
 

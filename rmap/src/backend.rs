@@ -5,18 +5,30 @@
 use crate::{Ipa, Pfn, VmId};
 pub use mmtypes::PageState;
 
+/// Why a stage-2 change was not made. Out of memory is a value here, returned by the change
+/// that needed the table page, not a flag the caller reads later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CasError {
+    /// The slot no longer holds the expected state; it holds this one.
+    Changed(PageState),
+    /// The change needed a stage-2 table page (a last-level table to create, a block to
+    /// split) and none was left; the slot still holds the expected state.
+    NoMemory,
+}
+
 /// A VM's stage-2 table while its lock is held (lock order level 4). Implementations do the
 /// TLB maintenance a change needs (break-before-make) inside `compare_exchange`.
 pub trait Stage2Locked {
     /// The leaf at `ipa`.
     fn lookup(&self, ipa: Ipa) -> PageState;
-    /// Replaces the leaf at `ipa` if it still is `old`; returns what was there otherwise.
+    /// Replaces the leaf at `ipa` if it still is `old`; otherwise says what was there, or
+    /// that the table could not grow for the change.
     fn compare_exchange(
         &mut self,
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState>;
+    ) -> Result<(), CasError>;
     /// Clears the access flag of a valid leaf; returns whether it was set.
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool;
     /// Like `compare_exchange`, but the TLB invalidation that replacing a valid leaf with an
@@ -29,7 +41,7 @@ pub trait Stage2Locked {
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), CasError> {
         self.compare_exchange(ipa, old, new)
     }
     /// Changes many pages of this VM under one lock hold (batched migration and reclaim): for
@@ -66,13 +78,14 @@ pub trait Stage2Locked {
     /// invalidation is left pending as [`Stage2Locked::compare_exchange_deferred`] leaves it:
     /// the caller flushes ([`Stage2::flush_deferred`]) before it frees what the leaf mapped.
     /// Returns the leaf's first IPA, its page count and the old entry of its first page, or
-    /// what is at `ipa` if it is not `old` or could not be cleared. The default clears a page.
+    /// what is at `ipa` if it is not `old`, or `NoMemory` if it could not be cleared for want
+    /// of a table page to split a block. The default clears a page.
     fn clear_leaf(
         &mut self,
         ipa: Ipa,
         old: PageState,
         within: core::ops::Range<Ipa>,
-    ) -> Result<(Ipa, u64, PageState), PageState> {
+    ) -> Result<(Ipa, u64, PageState), CasError> {
         let _ = within;
         let page = ipa.page();
         self.compare_exchange_deferred(page, old, PageState::Invalid)

@@ -1,7 +1,7 @@
 //! Region and VM teardown: zap the leaves, unlink from the reverse map, and only then let the
 //! stage-2 tables go (lesson 5: every table an rmap walk can reach is alive).
 
-use crate::backend::{FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::region::{Region, RegionList};
 use crate::{Ipa, Rmap, VmId, PAGE_SIZE};
 use core::ops::Range;
@@ -149,7 +149,7 @@ impl Rmap {
                             from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                         }
                         // Changed under us (a hardware access-flag update): look again.
-                        Err(found) if found != entry => {}
+                        Err(CasError::Changed(found)) if found != entry => {}
                         // Cannot be cleared (a block across the region's end with no table page
                         // to split it): leave it. Its frames stay referenced, so they leak
                         // rather than be freed while mapped; the table goes with the VM.

@@ -1,7 +1,7 @@
 //! Stage-2 fault handling over the reverse map: demand-zero, copy-on-write (reuse a solely
 //! owned frame by re-homing it, or copy), swap-in, and waiting out a migration entry.
 
-use crate::backend::{FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::lock::OrderedRwLock;
 use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Pfn, Rmap};
@@ -159,7 +159,7 @@ impl Rmap {
             self.remove_rmap(pfn, alloc);
         }
         self.put_frame(pfn, alloc);
-        Ok(installed.map_or(Fault::Retry(None), |_| Fault::Done))
+        cas_outcome(installed)
     }
 
     /// A write to a read-only (CoW) page. Linux's `do_wp_page`: a frame this region solely maps
@@ -199,11 +199,8 @@ impl Rmap {
                     writable: true,
                 };
                 // Checked under the lock, so only a table that cannot grow
-                // (a block to split) fails here: the caller sees no progress.
-                match table.compare_exchange(ipa, old, new) {
-                    Ok(()) => Ok(Fault::Done),
-                    Err(_) => Ok(Fault::Retry(None)),
-                }
+                // (a block to split) fails here: out of memory.
+                cas_outcome(table.compare_exchange(ipa, old, new))
             } else {
                 drop(table);
                 self.cow_copy(region, s2, alloc, ipa, pfn)
@@ -238,5 +235,15 @@ impl Rmap {
             self.remove_rmap(pfn, alloc);
         }
         Ok(done)
+    }
+}
+
+/// A fault's installing change as the fault's outcome: done, retried when the entry changed
+/// under it, and out of memory, as an error, when the table could not grow for it.
+pub(crate) fn cas_outcome(installed: Result<(), CasError>) -> Result<Fault, Error> {
+    match installed {
+        Ok(()) => Ok(Fault::Done),
+        Err(CasError::Changed(_)) => Ok(Fault::Retry(None)),
+        Err(CasError::NoMemory) => Err(Error::OutOfFrames),
     }
 }

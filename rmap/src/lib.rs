@@ -40,7 +40,7 @@ mod tests;
 pub mod host;
 
 pub use anon_vma::{AnonHandle, AnonVma};
-pub use backend::{FrameAllocator, Stage2, Stage2Locked, SwapStore, VmSet};
+pub use backend::{CasError, FrameAllocator, Stage2, Stage2Locked, SwapStore, VmSet};
 pub use batch::Skip;
 pub use chain::{ChainHandle, ChainInfo};
 pub use destroy::UnlinkProof;

@@ -75,18 +75,14 @@ impl Rmap {
             pfn,
             writable: false,
         };
-        let installed = s2.lock().compare_exchange(ipa, old, new).is_ok();
-        if installed {
+        let installed = s2.lock().compare_exchange(ipa, old, new);
+        if installed.is_ok() {
             self.put_swap(slot, swap, alloc);
         } else {
             self.remove_rmap(pfn, alloc);
         }
         self.put_frame(pfn, alloc);
-        Ok(if installed {
-            Fault::Done
-        } else {
-            Fault::Retry(None)
-        })
+        crate::fault::cas_outcome(installed)
     }
 
     /// The cached frame of `slot`, pinned for the caller: found, or read in and inserted

@@ -4,7 +4,7 @@
 //! mistakes that a plain map hides fail here.
 
 use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES, BLOCK_SIZE};
-use rmap::{FrameAllocator, PageState, Stage2, Stage2Locked};
+use rmap::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked};
 use rmap::{Ipa, Pfn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -180,12 +180,15 @@ fn blocks_split_only_with_a_table_page() {
         pfn: pfn + 9,
         writable: false,
     };
-    assert_eq!(s2.compare_exchange(mid, page(9), ro), Err(page(9)));
-    assert!(s2.take_out_of_memory());
+    // Out of memory is the change's own answer, not a flag read later.
+    assert_eq!(
+        s2.compare_exchange(mid, page(9), ro),
+        Err(CasError::NoMemory)
+    );
     assert_eq!(w.hw().out_of_memory_count(), 1);
     // Partly outside `within`: only the page would go, which needs a split.
     let within = RAM..RAM + 4096 * 16;
-    assert_eq!(s2.clear_leaf(mid, page(9), within), Err(page(9)));
+    assert_eq!(s2.clear_leaf(mid, page(9), within), Err(CasError::NoMemory));
     w.hw().set_table_budget(Some(1));
     assert_eq!(s2.compare_exchange(mid, page(9), ro), Ok(()));
     assert_eq!(s2.lookup(page_ipa(RAM, 10)), page(10));
@@ -407,5 +410,27 @@ fn a_valid_entry_over_a_pending_invalidation_is_caught() {
     w.check().unwrap();
     assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), 1);
     w.destroy(&vm);
+    w.check().unwrap();
+}
+
+/// A fault whose own change needs a table page the table cannot get says so in its result
+/// (`OutOfFrames`, which hyp answers by reclaiming), not through a flag read afterwards; the
+/// frame it took goes back. With a table page the same fault succeeds.
+#[test]
+fn a_fault_without_a_table_page_is_out_of_frames() {
+    let w = world();
+    let vm = w.create_vm(&[(RAM, 4)]);
+    w.hw().set_table_budget(Some(0));
+    let fault = || {
+        let m = &w.machine;
+        w.rmap.handle_fault(&vm.regions, &vm.s2, m, m, RAM, true)
+    };
+    // The region's first fault only prepares its anon_vma.
+    assert_eq!(fault(), Ok(rmap::Fault::Retry(None)));
+    assert_eq!(fault(), Err(rmap::Error::OutOfFrames));
+    assert_eq!(vm.s2.lock().lookup(RAM), PageState::Invalid);
+    w.check().unwrap();
+    w.hw().set_table_budget(None);
+    assert_eq!(fault(), Ok(rmap::Fault::Done));
     w.check().unwrap();
 }

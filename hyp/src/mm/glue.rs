@@ -178,21 +178,15 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
         return Ok(());
     }
     vm.dirty.lock().note(ipa.page());
-    // A flag left by an earlier operation on this CPU is not this fault's.
-    vm.memory.lock().take_oom();
+    // A stage-2 table page missing for the fault's own change comes back as
+    // OutOfFrames, like a missing frame.
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
-    let oom = {
-        let mem = vm.memory.lock();
-        if matches!(result, Ok(Fault::Done)) {
-            // Software access flag: the reclaim clock cleared it.
-            mem.mkyoung(ipa.page());
-        }
-        mem.take_oom()
-    };
+    if matches!(result, Ok(Fault::Done)) {
+        // Software access flag: the reclaim clock cleared it.
+        vm.memory.lock().mkyoung(ipa.page());
+    }
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
-        Ok(_) if oom && crate::mm::memctl::reclaim_for_fault() => {}
-        Ok(_) if oom => return Err(FaultError::NoMemory),
         Ok(_) => {}
         Err(rmap::Error::OutOfFrames) if crate::mm::memctl::reclaim_for_fault() => {}
         Err(rmap::Error::OutOfFrames | rmap::Error::OutOfAnonVmas | rmap::Error::OutOfChains) => {

@@ -11,7 +11,7 @@ use crate::vm::exit::{stop, Action};
 use crate::vm::vcpu::Vcpu;
 use crate::vm::Vm;
 use core::sync::atomic::Ordering;
-use rmap::{PageState, Stage2, Stage2Locked};
+use rmap::{CasError, PageState, Stage2, Stage2Locked};
 use spin::Mutex;
 
 /// Drives the VM's UART interrupt line from the device state; called after
@@ -55,18 +55,20 @@ pub fn sync_image(vm: &Vm) {
     } else {
         (page, PageState::Invalid)
     };
-    let result = {
-        let mut s2 = vm.mem.lock();
-        let r = s2.compare_exchange(rmap::Ipa::new(VPL011_BASE), old, new);
-        // No table page for the entry: it stays unmapped and reads keep
-        // trapping, which is correct, only slower (not the fault path's OOM).
-        s2.take_out_of_memory();
-        r
-    };
+    let result = vm
+        .mem
+        .lock()
+        .compare_exchange(rmap::Ipa::new(VPL011_BASE), old, new);
     match result {
         Ok(()) => uart.set_mapped(want),
-        Err(found) if found == old && want => uart.set_mapped(false),
-        Err(found) => {
+        // No table page for the entry: it stays unmapped and reads keep
+        // trapping, which is correct, only slower (not the fault path's OOM).
+        Err(CasError::NoMemory) if want => uart.set_mapped(false),
+        Err(e) => {
+            let found = match e {
+                CasError::Changed(found) => found,
+                CasError::NoMemory => old,
+            };
             // An entry this UART did not make: a hypervisor bug. Say so and
             // never treat it as ours.
             uart.set_mapped(found == page);

@@ -278,7 +278,7 @@ impl World {
                 return Ok(());
             }
             vm.dirty.lock().unwrap().insert(ipa.page());
-            vm.lock().take_out_of_memory();
+            // A table page missing for the fault's change is its error (OutOfFrames).
             let r = self.rmap.handle_fault(
                 &vm.regions,
                 vm,
@@ -287,9 +287,6 @@ impl World {
                 ipa,
                 write,
             )?;
-            if vm.lock().take_out_of_memory() {
-                return Err(rmap::Error::OutOfFrames);
-            }
             match r {
                 Fault::Done => return Ok(()),
                 Fault::Retry(Some(pfn)) => self.rmap.wait_frame_unlocked(pfn),

@@ -8,7 +8,7 @@
 //! The host has no dirty log: every page where either VM has a leaf is compared instead.
 
 use super::{HostVm, HostWorld};
-use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::{Error, Ipa, PAGE_SIZE};
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -98,9 +98,9 @@ impl HostWorld {
                         from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                     }
                     // A block across the region's end that cannot be split.
-                    Err(found) if found == have => return Err(Error::OutOfFrames),
+                    Err(CasError::NoMemory) => return Err(Error::OutOfFrames),
                     // Changed since the lookup (migration, reclaim): look again.
-                    Err(_) => {}
+                    Err(CasError::Changed(_)) => {}
                 },
             }
         }
@@ -153,9 +153,7 @@ impl HostWorld {
         }
         let installed = {
             let mut s2 = vm.s2.lock();
-            let r = s2.compare_exchange(ipa, PageState::Invalid, entry);
-            s2.take_out_of_memory();
-            r
+            s2.compare_exchange(ipa, PageState::Invalid, entry)
         };
         if installed.is_ok() {
             return Ok(());

@@ -7,7 +7,7 @@
 //! model as the hypervisor's table invalidates the TLB (see [`super::hw`]).
 
 use super::hw::{page_of, HostHw};
-use crate::backend::{PageState, Stage2, Stage2Locked};
+use crate::backend::{CasError, PageState, Stage2, Stage2Locked};
 use crate::lock::{Level, OrderedMutex, OrderedMutexGuard};
 use crate::{Ipa, Pfn, UnlinkProof, VmId, PAGE_SIZE};
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -33,8 +33,6 @@ pub(super) struct Tables {
     blocks: BTreeMap<Ipa, (PageState, bool)>,
     /// Chunks that have a last-level table.
     tables: BTreeSet<Ipa>,
-    /// A table page could not be allocated since this was last taken.
-    out_of_memory: bool,
     /// `clear_leaf` failures a test injected, by page.
     clear_faults: BTreeMap<Ipa, ClearFault>,
 }
@@ -159,15 +157,6 @@ impl HostStage2Guard<'_> {
             .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
     }
 
-    /// Whether a table page could not be allocated since this was last called (the fault
-    /// path reports it as out of memory, as hyp's `take_out_of_memory`); clears it. False
-    /// once the tables are freed (a vCPU of a VM destroyed under it).
-    pub fn take_out_of_memory(&mut self) -> bool {
-        self.table
-            .as_mut()
-            .is_some_and(|t| core::mem::take(&mut t.out_of_memory))
-    }
-
     /// The leaf at `ipa`, or `None` once the tables are freed: for the guest's own accesses,
     /// which may outlive a destroy that ran under them (an rmap walker reaching freed tables
     /// is a bug, and `lookup` panics for it).
@@ -175,13 +164,13 @@ impl HostStage2Guard<'_> {
         self.table.as_ref().map(|t| t.lookup(ipa))
     }
 
-    /// A table page for `chunk`, unless it has one; false (and recorded) if none is left.
+    /// A table page for `chunk`, unless it has one; false if none is left (the world's
+    /// hardware counts the refusal).
     fn ensure_table(&mut self, chunk: Ipa) -> bool {
         if self.map().tables.contains(&chunk) {
             return true;
         }
         if !self.hw.alloc_table() {
-            self.map_mut().out_of_memory = true;
             return false;
         }
         self.map_mut().tables.insert(chunk);
@@ -214,18 +203,18 @@ impl HostStage2Guard<'_> {
         old: PageState,
         new: PageState,
         defer: bool,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), CasError> {
         let page = page_of(ipa);
         let current = self.lookup(page);
         if current != old {
-            return Err(current);
+            return Err(CasError::Changed(current));
         }
         check_transition(old, new);
         if !self.split(page) {
-            return Err(current);
+            return Err(CasError::NoMemory);
         }
         if new != PageState::Invalid && !self.ensure_table(chunk(page)) {
-            return Err(current);
+            return Err(CasError::NoMemory);
         }
         let t = self.map_mut();
         match new {
@@ -332,7 +321,7 @@ impl Stage2Locked for HostStage2Guard<'_> {
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), CasError> {
         self.cas(ipa, old, new, false)
     }
     fn compare_exchange_deferred(
@@ -340,7 +329,7 @@ impl Stage2Locked for HostStage2Guard<'_> {
         ipa: Ipa,
         old: PageState,
         new: PageState,
-    ) -> Result<(), PageState> {
+    ) -> Result<(), CasError> {
         self.cas(ipa, old, new, true)
     }
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
@@ -357,22 +346,22 @@ impl Stage2Locked for HostStage2Guard<'_> {
         ipa: Ipa,
         old: PageState,
         within: Range<Ipa>,
-    ) -> Result<(Ipa, u64, PageState), PageState> {
+    ) -> Result<(Ipa, u64, PageState), CasError> {
         let page = page_of(ipa);
         let found = self.lookup(page);
         if found != old {
-            return Err(found);
+            return Err(CasError::Changed(found));
         }
         match self.map_mut().clear_faults.get(&page).copied() {
             Some(ClearFault::Changed) => {
                 self.map_mut().clear_faults.remove(&page);
                 // Any other entry: the caller must look again.
-                return Err(PageState::Migrating {
+                return Err(CasError::Changed(PageState::Migrating {
                     pfn: Pfn::new(u64::MAX),
                     writable: false,
-                });
+                }));
             }
-            Some(ClearFault::Stuck) => return Err(found),
+            Some(ClearFault::Stuck) => return Err(CasError::NoMemory),
             None => {}
         }
         let base = chunk(page);
