@@ -51,11 +51,6 @@ impl LeafInfo {
     /// a table descriptor, a slot a break-before-make holds ([`Descriptor::LOCKED`]) or an
     /// unknown pattern.
     pub fn decode(ipa: Ipa, level: u8, desc: Descriptor) -> Option<Self> {
-        Self::decode_raw(ipa.raw(), level, desc)
-    }
-
-    /// [`LeafInfo::decode`] for the raw IPA arithmetic of the table walks.
-    pub(crate) fn decode_raw(ipa: u64, level: u8, desc: Descriptor) -> Option<Self> {
         let leaf = match desc.kind(level) {
             DescriptorKind::Leaf { pa, attrs, young } => Leaf::Mapped(Mapping {
                 pa: Pa::new(pa),
@@ -66,7 +61,7 @@ impl LeafInfo {
             _ => return None,
         };
         Some(LeafInfo {
-            ipa: Ipa::new(ipa).align_down(level_size(level)),
+            ipa: ipa.align_down(level_size(level)),
             level,
             desc,
             leaf,

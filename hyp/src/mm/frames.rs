@@ -267,8 +267,7 @@ impl FrameAllocator {
     /// Returns a frame. Freeing a frame that is not allocated is a
     /// hypervisor bug and panics (it would hand one frame to two owners).
     pub fn free(&self, pa: Pa) {
-        let pa = pa.raw();
-        let mut banks = self.banks.lock();
+        let (pa, mut banks) = (pa.raw(), self.banks.lock());
         let bank = banks
             .iter_mut()
             .find(|b| b.range.contains(pa))
@@ -366,8 +365,7 @@ impl FrameAllocator {
     /// caller, freed with `free` like any other. The caller must not also
     /// `release_reserved` them.
     pub fn take_reserved(&self, pa: Pa, count: u64) {
-        let pa = pa.raw();
-        let banks = self.banks.lock();
+        let (pa, banks) = (pa.raw(), self.banks.lock());
         for i in 0..count {
             let frame = pa + i * PAGE_SIZE;
             let held = banks.iter().any(|b| {

@@ -30,7 +30,7 @@ pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
             if old.is_valid() {
                 flush.changed(base, LAST_LEVEL);
             }
-            return Ok(LeafInfo::decode_raw(base, LAST_LEVEL, old));
+            return Ok(LeafInfo::decode(Ipa::new(base), LAST_LEVEL, old));
         }
     }
 }
@@ -152,7 +152,7 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
         let mut tries = 0;
         loop {
             let expected = load_settled(slot);
-            let Some(info) = LeafInfo::decode_raw(base, level, expected) else {
+            let Some(info) = LeafInfo::decode(Ipa::new(base), level, expected) else {
                 break; // an empty slot: nothing to change
             };
             let Some(new) = f(k, &info) else {

@@ -65,7 +65,7 @@ impl<M: TableMemory, F: Flusher + ?Sized, L: FnMut(&LeafInfo)> Unmapper<'_, '_, 
             self.flush.changed(base, level);
             self.removed += crate::level_size(level);
         }
-        if let Some(info) = LeafInfo::decode_raw(base, level, d) {
+        if let Some(info) = LeafInfo::decode(crate::Ipa::new(base), level, d) {
             (self.on_leaf)(&info);
         }
     }

@@ -27,7 +27,7 @@ fn walk_table<M: TableMemory, V: Visitor + ?Sized>(
                 }
                 other => other,
             },
-            _ => match LeafInfo::decode_raw(c.base, level, d) {
+            _ => match LeafInfo::decode(crate::Ipa::new(c.base), level, d) {
                 Some(info) => v.leaf(&info),
                 None => WalkAction::Continue,
             },
