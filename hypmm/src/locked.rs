@@ -158,6 +158,11 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
 
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
     pub fn map_block(&mut self, ipa: Ipa, pa: Pa) -> bool {
+        let first_touch = PageState::Mapped {
+            pfn: pa.pfn(),
+            writable: true,
+        };
+        check_transition(PageState::Invalid, first_touch);
         self.last.set(None);
         if !self.mem.is_live() {
             return false;
@@ -172,6 +177,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
     /// CAS of a leaf the caller just read, retried while only a hardware
     /// access-flag update got in between.
     pub(crate) fn replace_retrying(&self, leaf: &LeafInfo, old: PageState, new: PageState) {
+        check_transition(old, new);
         let mut cur = *leaf;
         while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
             cur.desc = d;

@@ -82,6 +82,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                 &mut |k, leaf| {
                     let old = decode(Some(*leaf), ipas[k]);
                     let new = decide(k, old)?;
+                    check_transition(old, new);
                     change.set(Some((old, new)));
                     Some(encode(new, enc))
                 },
@@ -225,6 +226,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
+            check_transition(PageState::Invalid, entry);
             let PageState::Mapped { pfn, writable } = entry else {
                 if self.fill_hole(ipa, entry).is_err() {
                     return done;
