@@ -15,7 +15,9 @@
 //! and `q` are frames, `q ≠ p`. Every change also holds the VM's stage-2 lock (DESIGN level 4),
 //! so that column lists only what is held besides. [`PageState::check_transition`] encodes
 //! the table and returns the row; `rmap`'s host backend calls it on every change (a failure
-//! panics: it is a bug in the reverse map), the hypervisor in debug builds.
+//! panics: it is a bug in the reverse map), the hypervisor's adapter (`hypmm`) in debug
+//! builds, on every path that changes a leaf. The operation is not passed in: the pair of
+//! states names the row, so the check needs nothing from the trait's callers.
 //!
 //! | from | to | [`Transition`] | operation | also held |
 //! |---|---|---|---|---|
@@ -31,7 +33,7 @@
 //! | `Migrating(p, x)` | `Swapped(s)` | `SwapOut` | reclaim stored the frame in slot `s` | frame lock, anon_vma (read) |
 //! | `Swapped(s)` | `Mapped(q, w)` | `SwapIn` | a fault reads the slot into a fresh frame of its own | region list (read), a slot reference |
 //! | `Swapped(s)` | `Mapped(q, ro)` | `SwapIn` | a fault maps the slot's shared frame from the swap cache | region list (read), a slot reference |
-//! | any but `Invalid` | `Invalid` | `Release` | MEM_RELEASE, VM teardown, snapshot restore, a failed fork fill taken back, the UART image unmapped | region list (write) or the VM unlinked |
+//! | any but `Invalid` | `Invalid` | `Release` | MEM_RELEASE (region list read), VM teardown and snapshot restore (region list write), a failed fork fill taken back, the UART image unmapped (UART lock) | as the operation says |
 //!
 //! Everything else is refused, in particular: a state into itself (not a change), a frame
 //! changing under a writable mapping, `Swapped` straight to `Migrating`, `Mapped` straight to
