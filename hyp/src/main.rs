@@ -17,7 +17,9 @@ extern crate alloc;
 // `layers` in xtask's tests against the table in docs/ARCHITECTURE.md).
 mod arch;
 mod boot;
+mod channel;
 mod console;
+mod dev;
 mod mm;
 mod vdev;
 mod vm;
@@ -84,7 +86,8 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     el2::init_this_cpu(mm::memory::vtcr(), mm::memory::fwb());
     gic::init_distributor(&board);
     gic::init_cpu(&board);
-    sched::init(&board, &console::HOOKS);
+    dev::control::init(&board);
+    sched::init(&board, &channel::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);
     start_default_vm(&board);

@@ -173,6 +173,27 @@ pub enum Command {
     /// `quit`: end the machine, exiting QEMU with the worst VM exit status seen
     /// (clamped to 0..=255).
     Quit,
+    /// `console <vm>|hyp`: give the keyboard to that VM's console (or keep
+    /// it at the hypervisor's).
+    Console(Focus),
+}
+
+/// Which console has the keyboard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Focus {
+    /// The hypervisor's own (`hyp>`).
+    Hypervisor,
+    /// A VM's console.
+    Vm(VmId),
+}
+
+impl fmt::Display for Focus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Focus::Hypervisor => f.write_str("hyp"),
+            Focus::Vm(vm) => write!(f, "{vm}"),
+        }
+    }
 }
 
 /// Prints ` <batch>` when one was typed.
@@ -222,6 +243,7 @@ impl fmt::Display for Command {
             BenchReclaim { pages, batch } => write!(f, "bench reclaim {pages} {batch}"),
             Sleep { ms } => write!(f, "sleep {ms}"),
             Quit => f.write_str("quit"),
+            Console(to) => write!(f, "console {to}"),
         }
     }
 }
@@ -248,5 +270,7 @@ pub const HELP: &str = "commands:
   bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames
   bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
   sleep <ms>        (in a script) wait before the next command
+  console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
   quit              end the machine
-Ctrl-A cycles console input: hypervisor -> vm ... -> hypervisor";
+keys: Ctrl-A Ctrl-A next console (hypervisor -> vm ... -> hypervisor);
+      Ctrl-A <vm> Enter that VM; Ctrl-A h the hypervisor; Ctrl-A a a literal Ctrl-A";

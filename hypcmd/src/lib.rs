@@ -1,6 +1,6 @@
 //! What the operator types, as typed values: the hypervisor console's
-//! commands ([`Command`], parsed by [`parse`]) and the hypervisor's own boot
-//! command line ([`bootargs`]).
+//! commands ([`Command`], parsed by [`parse`]), the console focus keys
+//! ([`keys`]) and the hypervisor's own boot command line ([`bootargs`]).
 //!
 //! This crate owns the syntax and nothing else. Its parsers are total: any
 //! string, however long, malformed or non-ASCII, gives a value or a typed
@@ -26,9 +26,11 @@ extern crate alloc;
 
 pub mod bootargs;
 mod command;
+pub mod keys;
+pub mod lines;
 mod parse;
 
-pub use command::{Command, PageRange, VmId, HELP};
+pub use command::{Command, Focus, PageRange, VmId, HELP};
 pub use parse::{parse, ParseError};
 
 /// The granule of every address range a command names.

@@ -3,7 +3,7 @@
 //! splits, parses numbers with the standard library's checked parsers,
 //! compares, and rounds with checked arithmetic.
 
-use crate::command::{Command, PageRange, VmId};
+use crate::command::{Command, Focus, PageRange, VmId};
 use crate::PAGE_SIZE;
 use alloc::string::String;
 use core::fmt;
@@ -148,10 +148,21 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "wait" => ("wait", wait(&mut args)?),
         "bench" => ("bench", bench(&mut args)?),
         "sleep" => ("sleep", sleep(&mut args)?),
+        "console" => ("console", console(&mut args)?),
         _ => return Err(ParseError::Unknown(String::from(word))),
     };
     args.done(name)?;
     Ok(Some(cmd))
+}
+
+fn console(args: &mut Args) -> Result<Command> {
+    let arg = args.next("VM id or `hyp`")?;
+    if arg == "hyp" {
+        return Ok(Command::Console(Focus::Hypervisor));
+    }
+    arg.parse()
+        .map(|id| Command::Console(Focus::Vm(VmId(id))))
+        .map_err(|_| ParseError::NotVmId(String::from(arg)))
 }
 
 fn fork(args: &mut Args) -> Result<Command> {

@@ -2,7 +2,7 @@
 //! the console prints for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use hypcmd::{parse, Command, PageRange, ParseError, VmId};
+use hypcmd::{parse, Command, Focus, PageRange, ParseError, VmId};
 
 fn ok(line: &str) -> Command {
     match parse(line) {
@@ -27,6 +27,18 @@ fn blank_lines_are_no_command() {
     for line in ["", " ", "\t  \t", "\u{a0}\u{2003}"] {
         assert_eq!(parse(line), Ok(None), "{line:?}");
     }
+}
+
+#[test]
+fn console_takes_a_vm_or_hyp() {
+    assert_eq!(ok("console 7"), Command::Console(Focus::Vm(VmId(7))));
+    assert_eq!(ok("console hyp"), Command::Console(Focus::Hypervisor));
+    assert_eq!(err("console"), "missing VM id or `hyp`");
+    assert_eq!(err("console vm1"), "'vm1' is not a VM id");
+    assert_eq!(
+        err("console 1 2"),
+        "unexpected argument '2' to `console` (see `help`)"
+    );
 }
 
 #[test]
@@ -395,6 +407,7 @@ fn help_lists_every_command() {
         "bench migrate",
         "bench reclaim",
         "sleep",
+        "console",
         "quit",
     ] {
         assert!(hypcmd::HELP.contains(&format!("  {word} ")), "{word}");

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypcmd::bootargs::{parse_range, parse_size, BootArgs};
-use hypcmd::{parse, Command, PageRange, VmId, PAGE_SIZE};
+use hypcmd::{parse, Command, Focus, PageRange, VmId, PAGE_SIZE};
 use proptest::prelude::*;
 
 /// A parse that succeeded must describe itself: printing it and parsing
@@ -56,6 +56,7 @@ fn number() -> impl Strategy<Value = String> {
 const COMMANDS: &[&str] = &[
     "help", "vms", "stats", "pause", "resume", "destroy", "fork", "snapshot", "restore", "rmap",
     "migrate", "evacuate", "online", "reclaim", "chaos", "wait", "bench", "sleep", "quit",
+    "console", "hyp",
 ];
 
 /// A console-like line: a command word (usually), then arguments that are
@@ -103,6 +104,8 @@ fn command() -> impl Strategy<Value = Command> {
             vm().prop_map(Pause),
             vm().prop_map(Resume),
             vm().prop_map(Destroy),
+            vm().prop_map(|vm| Console(Focus::Vm(vm))),
+            Just(Console(Focus::Hypervisor)),
         ],
         (vm(), 1u32..=1000).prop_map(|(vm, count)| Fork { vm, count }),
         (vm(), 1u32..=1000).prop_map(|(vm, count)| Snapshot { vm, count }),

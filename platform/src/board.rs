@@ -12,6 +12,8 @@ use fdt::Fdt;
 pub const MAX_CPUS: usize = 64;
 /// Most RAM banks we track.
 pub const MAX_RAM_BANKS: usize = 8;
+/// Most virtio-mmio transports we track: QEMU virt creates 32.
+pub const MAX_VIRTIO_MMIO: usize = 32;
 
 /// A physical address range `[base, base + size)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +34,15 @@ impl MemRange {
     pub const fn contains(&self, addr: u64) -> bool {
         addr >= self.base && addr < self.end()
     }
+}
+
+/// One `virtio,mmio` transport: its register window and interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmio {
+    /// The transport's registers (its first `reg` range).
+    pub regs: MemRange,
+    /// Its GIC INTID (an SPI, `32 + n`), if `interrupts` names one.
+    pub intid: Option<u32>,
 }
 
 /// PSCI conduit named by the DTB's `/psci` `method`.
@@ -71,6 +82,10 @@ pub struct Board {
     pub bootargs: ArrayVec<u8, 512>,
     /// CPUs listed in the DTB beyond [`MAX_CPUS`], ignored.
     pub cpus_ignored: usize,
+    /// Every `virtio,mmio` node with a sized `reg` range, in DTB order
+    /// (nodes past [`MAX_VIRTIO_MMIO`] are dropped). Devices the hypervisor
+    /// itself may drive; never shown to guests.
+    pub virtio_mmio: ArrayVec<VirtioMmio, MAX_VIRTIO_MMIO>,
 }
 
 /// Why a DTB could not describe a board we can run on.
@@ -111,6 +126,8 @@ impl core::fmt::Display for BoardError {
 
 /// Offset of the PPI range in GIC INTIDs (a DTB PPI number `n` is INTID `16 + n`).
 const PPI_BASE: u32 = 16;
+/// Offset of the SPI range in GIC INTIDs (a DTB SPI number `n` is INTID `32 + n`).
+const SPI_BASE: u32 = 32;
 
 impl Board {
     /// Parses a flattened device tree blob.
@@ -130,6 +147,7 @@ impl Board {
             virt_timer_intid,
             bootargs: bootargs(&fdt),
             cpus_ignored,
+            virtio_mmio: virtio_mmio(&fdt),
         })
     }
 
@@ -257,6 +275,43 @@ fn psci(fdt: &Fdt) -> Result<PsciConduit, BoardError> {
     }
 }
 
+/// Every `virtio,mmio` node, in DTB order. A node without a sized `reg` is
+/// skipped (nothing to drive); one without a GIC SPI keeps `intid: None`.
+fn virtio_mmio(fdt: &Fdt) -> ArrayVec<VirtioMmio, MAX_VIRTIO_MMIO> {
+    let mut out = ArrayVec::new();
+    for node in fdt.all_nodes() {
+        let is_virtio = node
+            .compatible()
+            .is_some_and(|c| c.all().any(|s| s == "virtio,mmio"));
+        let Some(reg) = node.reg().and_then(|mut r| r.next()) else {
+            continue;
+        };
+        let (true, Some(size)) = (is_virtio, reg.size) else {
+            continue;
+        };
+        // GIC interrupt specifiers are three cells: type (0 = SPI), number, flags.
+        let intid = node.property("interrupts").and_then(|p| {
+            let cell = |i: usize| {
+                Some(u32::from_be_bytes(
+                    p.value.get(i * 4..i * 4 + 4)?.try_into().ok()?,
+                ))
+            };
+            (cell(0)? == 0).then_some(cell(1)? + SPI_BASE)
+        });
+        let dev = VirtioMmio {
+            regs: MemRange {
+                base: reg.starting_address as u64,
+                size: size as u64,
+            },
+            intid,
+        };
+        if out.try_push(dev).is_err() {
+            break;
+        }
+    }
+    out
+}
+
 fn bootargs(fdt: &Fdt) -> ArrayVec<u8, 512> {
     let mut out = ArrayVec::new();
     if let Some(args) = fdt.chosen().bootargs() {
@@ -297,6 +352,24 @@ mod tests {
         assert_eq!(b.virt_timer_intid, 27);
         assert_eq!(b.cpu_index(2), Some(2));
         assert_eq!(b.bootargs(), "");
+    }
+
+    #[test]
+    fn lists_qemu_virts_32_virtio_mmio_transports_in_dtb_order() {
+        let b = Board::from_dtb(VIRT_SMP4).unwrap();
+        assert_eq!(b.virtio_mmio.len(), MAX_VIRTIO_MMIO);
+        // QEMU virt: transport i at 0x0a000000 + 0x200 i, on SPI 16 + i.
+        for (i, d) in b.virtio_mmio.iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(
+                d.regs,
+                MemRange {
+                    base: 0x0a00_0000 + 0x200 * i,
+                    size: 0x200
+                }
+            );
+            assert_eq!(d.intid, Some(32 + 16 + i as u32));
+        }
     }
 
     #[test]

@@ -13,4 +13,4 @@ pub mod board;
 pub mod gicv3;
 pub mod pl011;
 
-pub use board::{Board, BoardError, MemRange};
+pub use board::{Board, BoardError, MemRange, VirtioMmio};

@@ -4,8 +4,9 @@
 //! so the directory has two levels, like a page table: a small top level (one word per
 //! [`PER_BLOCK`] segments, allocated with the pool and sized by its cap) whose entries point to
 //! blocks of [`PER_BLOCK`] segment words, each allocated the first time a segment in it is
-//! built. A pool of a few hundred slots costs one block; a pool of 2^32 slots costs a 32 KiB
-//! top level plus one 32 KiB block per million slots actually built.
+//! built. A pool of a few hundred slots costs one 8 KiB block and a top level sized by its cap
+//! (the hypervisor's cap for a 64 GiB host, 2^31 slots, takes 64 KiB); each further block
+//! serves 262,144 slots.
 //!
 //! Entries only ever go from 0 to an address and stay until the pool is dropped, which is what
 //! lets a lockless reader look a segment up through a stale handle with two Acquire loads.
@@ -14,8 +15,8 @@ use crate::sync::atomic::{AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-/// Segment words per directory block (32 KiB of addresses).
-pub const PER_BLOCK: usize = 4096;
+/// Segment words per directory block (8 KiB of addresses).
+pub const PER_BLOCK: usize = 1024;
 
 /// One block: the addresses of [`PER_BLOCK`] consecutive segments (0: not built).
 type Block = [AtomicUsize];
@@ -133,7 +134,7 @@ mod tests {
     #[test]
     fn segments_in_far_blocks_cost_only_their_block() {
         let dir = SegmentDirectory::new(u32::MAX as usize / 256);
-        assert_eq!(dir.top.len(), 4096, "2^32 slots: a 32 KiB top level");
+        assert_eq!(dir.top.len(), 16384, "2^32 slots: a 128 KiB top level");
         assert_eq!(dir.get(5), 0);
         assert!(dir.set(5, 0x1000));
         let far = 3 * PER_BLOCK + 7;

@@ -8,6 +8,7 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+pub mod api;
 pub mod hvcfuzz;
 
 use std::io::{Read, Write};
@@ -43,6 +44,9 @@ pub struct MachineConfig {
     /// Linux `Image` and initramfs for `guest: "linux"`, put in RAM by
     /// QEMU's generic loader.
     pub linux: Option<(PathBuf, PathBuf)>,
+    /// The control channel (issue 19): a virtio-console the hypervisor
+    /// drives, which QEMU serves as a unix socket at this path ([`api`]).
+    pub api: Option<PathBuf>,
 }
 
 impl Default for MachineConfig {
@@ -58,6 +62,7 @@ impl Default for MachineConfig {
             script: None,
             gdb: false,
             linux: None,
+            api: None,
         }
     }
 }
@@ -124,6 +129,15 @@ impl MachineConfig {
                 "loader,file={},addr={addr:#x},force-raw=on",
                 path.display()
             ));
+        }
+        if let Some(path) = &self.api {
+            // A virtio-serial device on a virtio-mmio transport, its port 0 a
+            // console port; QEMU listens on the socket and does not wait for
+            // a client (output with no client connected is dropped).
+            let chardev = format!("socket,id=api,path={},server=on,wait=off", path.display());
+            cmd.args(["-device", "virtio-serial-device"])
+                .args(["-chardev", &chardev])
+                .args(["-device", "virtconsole,chardev=api"]);
         }
         if self.gdb {
             cmd.args(["-s", "-S"]);

@@ -50,7 +50,16 @@ fn linux_guest_command_line_can_be_overridden() {
     m.assert_no_hyp_fault();
 }
 
-const CTRL_A: &str = "\x01";
+/// Ctrl-A Ctrl-A: the keyboard goes to the next console (hypervisor -> vm 1
+/// -> ... -> hypervisor).
+const NEXT: &str = "\x01\x01";
+/// Ctrl-A h: the keyboard goes to the hypervisor.
+const HYP: &str = "\x01h";
+
+/// Ctrl-A <vm> Enter: the keyboard goes to that VM.
+fn to_vm(vm: u32) -> String {
+    format!("\x01{vm}\r")
+}
 
 #[test]
 fn linux_fork_running_vm_both_shells_diverge() {
@@ -60,28 +69,33 @@ fn linux_fork_running_vm_both_shells_diverge() {
     m.send("echo parent > /tmp/who; echo stored=$(cat /tmp/who)\n");
     m.expect("stored=parent", REPLY);
     // Input focus: vm 1 -> hypervisor console.
-    m.send(CTRL_A);
+    m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
     m.send("fork 1\n");
     m.expect("vm 1 forked: child vm 2", REPLY);
-    // hypervisor -> vm 1 -> vm 2.
-    m.send(CTRL_A);
-    m.expect("[console: vm 1]", REPLY);
-    m.send(CTRL_A);
+    // Straight to vm 2 by number.
+    m.send(&to_vm(2));
     m.expect("[console: vm 2]", REPLY);
     m.send("hostname child; echo child > /tmp/who; echo C=$(hostname)/$(cat /tmp/who)\n");
     m.expect("[vm2] C=child/child", REPLY);
-    // vm 2 -> hypervisor -> vm 1.
-    m.send(CTRL_A);
+    // A VM that does not exist leaves the keyboard where it is.
+    m.send(&to_vm(99));
+    m.expect("[console: no vm 99; the keyboard stays with vm 2]", REPLY);
+    // Ctrl-A a types a literal Ctrl-A into the guest.
+    m.send("read -r x; echo got-$(printf '%s' \"$x\" | od -An -tx1 | tr -d ' ')\n");
+    m.send("\x01a\n");
+    m.expect("[vm2] got-01", REPLY);
+    // vm 2 -> hypervisor -> (`console 1`) vm 1.
+    m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
-    m.send(CTRL_A);
+    m.send("console 1\n");
     m.expect("[console: vm 1]", REPLY);
     m.send("echo P=$(hostname)/$(cat /tmp/who)\n");
     m.expect("[vm1] P=mhv-linux/parent", REPLY);
     m.send("poweroff -f\n");
     m.expect("vm 1 (linux) stopped", REPLY);
     // The focus was on vm 1, which is gone: the next VM is vm 2.
-    m.send(CTRL_A);
+    m.send(NEXT);
     m.expect("[console: vm 2]", REPLY);
     m.send("echo again=$((40+2))\n");
     m.expect("[vm2] again=42", REPLY);
@@ -99,21 +113,21 @@ fn linux_eight_forks_of_an_idle_vm_in_1g_all_answer() {
     let mut m = Machine::boot("linux-fork8", &cfg);
     m.expect("MHV-LINUX-READY", BOOT);
     m.expect("# ", BOOT);
-    m.send(CTRL_A);
+    m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
     m.send("fork 1 8\n");
     m.expect("vm 1 forked: child vm 9", REPLY);
     // Let them all idle for a while, then ask each one (focus: hyp -> vm 1 -> ... -> vm 9).
     std::thread::sleep(Duration::from_secs(3));
     for vm in 1..=9 {
-        m.send(CTRL_A);
+        m.send(NEXT);
         m.expect(&format!("[console: vm {vm}]"), REPLY);
         m.send(&format!(
             "hostname vm{vm}; echo ok-$(hostname)-$(({vm}*7))\n"
         ));
         m.expect(&format!("[vm{vm}] ok-vm{vm}-{}", vm * 7), REPLY);
     }
-    m.send(CTRL_A);
+    m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
     m.send("vms\n");
     m.expect("hyp> ", REPLY);
@@ -134,7 +148,7 @@ fn linux_tmpfs_file_survives_migrate_evacuate_reclaim() {
     // matches them.
     m.send("dd if=/dev/urandom of=/tmp/big bs=1M count=24 2>/dev/null; md5sum /tmp/big | cut -c1-32 > /tmp/sum; echo SUM-$((2*3))-$(cat /tmp/sum)\n");
     m.expect("SUM-6-", REPLY);
-    m.send(CTRL_A);
+    m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
     m.send("migrate 1 0x40000000 0x50000000\n");
     m.expect("migrate vm 1", REPLY);
@@ -144,7 +158,7 @@ fn linux_tmpfs_file_survives_migrate_evacuate_reclaim() {
     m.expect("reclaim: reclaimed", REPLY);
     m.send("online 0x48000000 0x4a000000\n");
     m.expect("online 0x48000000", REPLY);
-    m.send(CTRL_A);
+    m.send(NEXT);
     m.expect("[console: vm 1]", REPLY);
     m.send("[ \"$(md5sum /tmp/big | cut -c1-32)\" = \"$(cat /tmp/sum)\" ] && echo CHECK-$((3*4))-same || echo CHECK-$((3*4))-DIFFERENT\n");
     m.expect("CHECK-12-", REPLY);

@@ -314,7 +314,8 @@ pub fn fork_bench(hyp: &Path, forks: u32, idle: Duration) -> Result<(), String> 
         .and_then(|_| m.try_expect("# ", t))
         .map_err(|e| fail(&m, e))?;
     std::thread::sleep(idle);
-    m.send("\x01stats\n");
+    // Ctrl-A h: the keyboard goes to the hypervisor console.
+    m.send("\x01hstats\n");
     let before = m
         .try_expect("vms:", t)
         .map_err(|e| fail(&m, e))
@@ -339,13 +340,13 @@ pub fn fork_bench(hyp: &Path, forks: u32, idle: Duration) -> Result<(), String> 
         .try_expect("vms:", t)
         .map_err(|e| fail(&m, e))
         .and_then(|s| used_frames(&s).ok_or_else(|| format!("no frames line in {s}")))?;
-    // Every VM still answers (focus: hypervisor -> vm 1 -> ...).
+    // Every VM still answers (Ctrl-A <vm> Enter gives it the keyboard).
     for vm in 1..2 + forks {
-        m.send(&format!("\x01echo alive-$((6*{vm}))\n"));
+        m.send(&format!("\x01{vm}\recho alive-$((6*{vm}))\n"));
         m.try_expect(&format!("[vm{vm}] alive-{}", 6 * vm), t)
             .map_err(|e| fail(&m, e))?;
     }
-    m.send("\x01quit\n");
+    m.send("\x01hquit\n");
     let per_fork = (after.saturating_sub(before)) as f64 * 4096.0 / f64::from(forks) / 1048576.0;
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);

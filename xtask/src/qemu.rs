@@ -1,6 +1,6 @@
 //! `cargo xtask run`: boots the hypervisor under QEMU with the console on
-//! this terminal. Ctrl-A belongs to the hypervisor console (it switches
-//! between VM consoles), so QEMU's own mux is off: `quit` at the `hyp>`
+//! this terminal. Ctrl-A belongs to the hypervisor console (its prefix key
+//! switches between VM consoles, `hypcmd::keys`), so QEMU's own mux is off: `quit` at the `hyp>`
 //! prompt ends the machine.
 
 use qemu_tests::MachineConfig;
@@ -37,6 +37,7 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--initrd" => own.initrd = Some(existing(val()?)?),
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
+            "--api" => o.api = Some(val()?.into()),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }

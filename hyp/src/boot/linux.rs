@@ -41,7 +41,7 @@ pub fn start(args: &BootArgs, vcpus: usize) -> Option<u32> {
     match started {
         Ok(vm) => {
             crate::println!(
-                "[hyp] vm {} (linux): {} vCPUs, {} MiB; console input goes to it (Ctrl-A: hypervisor console)",
+                "[hyp] vm {} (linux): {} vCPUs, {} MiB; console input goes to it (Ctrl-A h: hypervisor console)",
                 vm.id,
                 vcpus,
                 args.mem >> 20

@@ -1,20 +1,21 @@
-//! The hypervisor console: commands typed on the physical UART (Ctrl-A
-//! switches input between the hypervisor and the VMs' consoles) or given as a
-//! boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
+//! The hypervisor console: commands typed on the physical UART (the Ctrl-A
+//! keys of `hypcmd::keys`, or `console <vm>`, move the keyboard between the
+//! hypervisor and the VMs' consoles) or given as a boot script. A line is parsed once, by `hypcmd::parse` (total: a bad line
 //! is an error message, never a panic); this file edits the typed line, runs
 //! the typed `Command` and answers what only the machine knows (does the VM
 //! exist). Nothing here can hurt a VM that was not named.
 
 use crate::console::error::CmdError;
+use crate::console::reply::Reply;
 use crate::vm;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, Ordering};
-use hypcmd::{Command, VmId};
+use hypcmd::keys::{Key, Keys, KEYS_HELP};
+use hypcmd::{Command, Focus, VmId};
 use spin::Mutex;
 
-const CTRL_A: u8 = 0x01;
 /// A typed line longer than this is dropped whole: the heap is not the
 /// operator's to fill, and no command is anywhere near this long.
 const MAX_LINE: usize = 1024;
@@ -25,6 +26,8 @@ struct Console {
     too_long: bool,
     /// None: input goes to the hypervisor console; Some(id): to that VM.
     focus: Option<u32>,
+    /// The Ctrl-A prefix keys in progress.
+    keys: Keys,
     script: VecDeque<String>,
 }
 
@@ -32,6 +35,7 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
     line: String::new(),
     too_long: false,
     focus: None,
+    keys: Keys::new(),
     script: VecDeque::new(),
 });
 /// A script `sleep` holds the next command back until this counter value.
@@ -98,7 +102,7 @@ pub fn poll() {
     let typed = TYPED.lock().take();
     if let Some(cmd) = typed {
         execute(&cmd);
-        crate::print!("hyp> ");
+        prompt();
     }
     let paused = crate::arch::timer::now() < SCRIPT_RESUME_AT.load(Ordering::Acquire);
     let next = if paused {
@@ -116,22 +120,24 @@ pub fn poll() {
     while let Some(b) = crate::arch::uart::read_byte() {
         if let Some(cmd) = input(b) {
             execute(&cmd);
-            crate::print!("hyp> ");
+            prompt();
         }
+    }
+}
+
+/// The hypervisor's prompt, if it has the keyboard (a `console <vm>` just
+/// gave it away: the VM's console answers next).
+fn prompt() {
+    if CONSOLE.lock().focus.is_none() {
+        crate::print!("hyp> ");
     }
 }
 
 /// One typed byte; returns a complete command line for the hypervisor.
 fn input(b: u8) -> Option<String> {
     let mut c = CONSOLE.lock();
-    if b == CTRL_A {
-        c.focus = next_focus(c.focus);
-        match c.focus {
-            None => crate::print!("\n[console: hypervisor]\nhyp> "),
-            Some(id) => crate::print!("\n[console: vm {id}]\n"),
-        }
-        return None;
-    }
+    let key = c.keys.feed(b);
+    let b = focus_key(&mut c, key)?;
     if let Some(id) = c.focus {
         drop(c);
         if let Some(vm) = vm::get(id) {
@@ -172,6 +178,65 @@ fn input(b: u8) -> Option<String> {
     }
 }
 
+/// Acts on a focus key; returns the byte if it is input for the focused
+/// console.
+fn focus_key(c: &mut Console, key: Key) -> Option<u8> {
+    match key {
+        Key::Input(b) => return Some(b),
+        Key::Pending => {}
+        Key::Cycle => {
+            let to = next_focus(c.focus);
+            switch(c, to);
+        }
+        Key::Hypervisor => switch(c, None),
+        Key::Vm(id) => switch(c, Some(id)),
+        Key::Unknown => {
+            crate::print!("\n[console: {KEYS_HELP}]\n");
+            if c.focus.is_none() {
+                crate::print!("hyp> {}", c.line);
+            }
+        }
+    }
+    None
+}
+
+/// Gives the keyboard to `to` (None: the hypervisor), if that VM exists, and
+/// says so on the console.
+fn switch(c: &mut Console, to: Option<u32>) {
+    match to {
+        Some(id) if vm::get(id).is_none() => {
+            crate::print!("\n[console: no vm {id}; the keyboard stays ");
+            match c.focus {
+                None => crate::print!("with the hypervisor]\nhyp> {}", c.line),
+                Some(cur) => crate::print!("with vm {cur}]\n"),
+            }
+        }
+        None => {
+            c.focus = None;
+            crate::print!("\n[console: hypervisor]\nhyp> {}", c.line);
+        }
+        Some(id) => {
+            c.focus = Some(id);
+            crate::print!("\n[console: vm {id}]\n");
+        }
+    }
+}
+
+/// `console <vm>|hyp`: run from `execute`, without the console lock.
+fn console_cmd(to: Focus) -> Result<(), CmdError> {
+    let to = match to {
+        Focus::Hypervisor => None,
+        Focus::Vm(id) => Some(vm(id)?.id),
+    };
+    let mut c = CONSOLE.lock();
+    c.focus = to;
+    match to {
+        None => crate::println!("[console: hypervisor]"),
+        Some(id) => crate::println!("[console: vm {id}]"),
+    }
+    Ok(())
+}
+
 /// Hypervisor, then each VM in id order, then back.
 fn next_focus(cur: Option<u32>) -> Option<u32> {
     let ids: alloc::vec::Vec<u32> = vm::all().iter().map(|v| v.id).collect();
@@ -191,7 +256,7 @@ pub fn vm(id: VmId) -> Result<Arc<vm::Vm>, CmdError> {
 pub fn execute(line: &str) {
     let result = match hypcmd::parse(line) {
         Ok(None) => return,
-        Ok(Some(cmd)) => run(cmd),
+        Ok(Some(cmd)) => run(cmd, &mut Reply::console()),
         Err(e) => Err(CmdError::from(e)),
     };
     if let Err(e) = result {
@@ -199,29 +264,33 @@ pub fn execute(line: &str) {
     }
 }
 
-fn run(cmd: Command) -> Result<(), CmdError> {
+/// Runs one command, its answer going to `r` (the console, or the control
+/// channel's answer).
+pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
     match cmd {
-        Command::Help => crate::println!("{}", hypcmd::HELP),
-        Command::Vms => vms(),
-        Command::Stats => crate::console::stats::print(),
+        Command::Help => crate::say!(r, "{}", hypcmd::HELP),
+        Command::Vms => vms(r),
+        Command::Stats => crate::console::stats::print(r),
         Command::Pause(id) => return ok_or(vm(id)?.pause(), id, "not running"),
         Command::Resume(id) => return ok_or(vm(id)?.resume(), id, "not paused"),
         Command::Destroy(id) => vm(id)?.stop(0),
-        Command::Fork { vm, count } => return fork_cmd(vm, count),
+        Command::Fork { vm, count } => return fork_cmd(vm, count, r),
         Command::Snapshot { vm: id, count } => {
             let v = vm(id)?;
             for _ in 0..count {
                 let snap = crate::vm::fork::fork(&v, None, crate::vm::fork::ForkKind::Snapshot)?;
-                crate::println!("snapshot of vm {} is vm {}", v.id, snap.id);
+                crate::say!(r, "snapshot of vm {} is vm {}", v.id, snap.id);
+                r.push("snapshots", snap.id);
             }
         }
         Command::Restore { vm: id, snapshot } => {
             let (v, snap) = (vm(id)?, vm(snapshot)?);
             crate::vm::fork::restore(&v, &snap, crate::vm::fork::Actor::Operator, None, 0)?;
-            crate::println!("vm {} restored to snapshot {}", v.id, snap.id);
+            crate::say!(r, "vm {} restored to snapshot {}", v.id, snap.id);
         }
-        Command::Rmap { pa } => return rmap_cmd(pa),
-        Command::BenchFork { mib } => return crate::console::bench::fork(mib),
+        Command::Rmap { pa } => return rmap_cmd(pa, r),
+        Command::Console(to) => return console_cmd(to),
+        Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
         Command::Sleep { ms } => {
             let until =
                 crate::arch::timer::now().saturating_add(crate::arch::timer::ms_to_ticks(ms));
@@ -233,37 +302,53 @@ fn run(cmd: Command) -> Result<(), CmdError> {
             crate::arch::semihost::exit(status.clamp(0, 255) as u32)
         }
         // Migration, reclaim, chaos, wait and their benches.
-        mem => return crate::console::memcmd::run(mem),
+        mem => return crate::console::memcmd::run(mem, r),
     }
     Ok(())
 }
 
-fn fork_cmd(id: VmId, count: u32) -> Result<(), CmdError> {
+fn fork_cmd(id: VmId, count: u32, r: &mut Reply) -> Result<(), CmdError> {
     let parent = vm(id)?;
     for _ in 0..count {
         let start = crate::arch::timer::now();
         let child = crate::vm::fork::fork(&parent, None, crate::vm::fork::ForkKind::Running)?;
         let us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(start));
-        crate::println!("vm {} forked: child vm {} in {us} us", parent.id, child.id);
+        crate::say!(
+            r,
+            "vm {} forked: child vm {} in {us} us",
+            parent.id,
+            child.id
+        );
+        r.push("children", hypapi::Value::from(child.id));
+        r.push("us", us);
     }
     Ok(())
 }
 
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
-fn rmap_cmd(pa: u64) -> Result<(), CmdError> {
+fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
     let pfn = rmap::Pa::new(pa).pfn();
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
     let (mapcount, anon, index) = (frame.mapcount(), rmap.frame_anon_vma(frame), frame.index());
-    crate::println!("frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}");
+    crate::say!(
+        r,
+        "frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}"
+    );
+    r.set("mapcount", mapcount);
     for m in rmap.mappers(pfn, &crate::mm::glue::HypVms) {
-        crate::println!(
+        crate::say!(
+            r,
             "  vm {} ipa {:#x} {:?} via chain {:?}",
             m.vm.0,
             m.ipa,
             m.entry,
             m.chain
         );
+        let mut mapper = hypapi::Map::new();
+        mapper.insert("vm".into(), m.vm.0.into());
+        mapper.insert("ipa".into(), m.ipa.raw().into());
+        r.push("mappers", mapper);
     }
     Ok(())
 }
@@ -276,13 +361,15 @@ fn ok_or(ok: bool, vm: VmId, not: &'static str) -> Result<(), CmdError> {
     }
 }
 
-fn vms() {
-    crate::println!("  id  name        state     vcpus  active  pages  exits");
+fn vms(r: &mut Reply) {
+    crate::say!(r, "  id  name        state     vcpus  active  pages  exits");
     for v in vm::all() {
         // Read under the stage-2 lock first, print after: the console lock
         // and memory-manager locks are never nested.
         let pages = v.mem.memory.lock().resident_pages();
-        crate::println!(
+        let exits = v.exits.load(Ordering::Relaxed);
+        crate::say!(
+            r,
             "  {:<3} {:<11} {:<9} {:<6} {:<7} {:<6} {}",
             v.id,
             v.name,
@@ -290,7 +377,16 @@ fn vms() {
             v.nr_vcpus,
             v.active_vcpus(),
             pages,
-            v.exits.load(Ordering::Relaxed)
+            exits
         );
+        let mut row = hypapi::Map::new();
+        row.insert("id".into(), v.id.into());
+        row.insert("name".into(), v.name.as_str().into());
+        row.insert("state".into(), v.state().name().into());
+        row.insert("vcpus".into(), v.nr_vcpus.into());
+        row.insert("active".into(), v.active_vcpus().into());
+        row.insert("pages".into(), pages.into());
+        row.insert("exits".into(), exits.into());
+        r.push("vms", row);
     }
 }

@@ -3,14 +3,21 @@
 //! installs in `vm::sched`).
 //!
 //! Owns the line editor, focus and command dispatch (`cmd`; parsing itself is
-//! the host-tested `hypcmd` crate), the memory-manager commands (`memcmd`) and
-//! the in-hypervisor benchmarks (`bench`).
+//! the host-tested `hypcmd` crate), where answers go (`reply`: printed, or
+//! gathered for the control channel), the control channel's requests and
+//! events (`api`; the protocol is the host-tested `hypapi` crate), the
+//! memory-manager commands (`memcmd`) and the in-hypervisor benchmarks
+//! (`bench`).
 
+pub mod api;
 pub mod bench;
 pub mod chaos;
 pub mod cmd;
 pub mod error;
+pub mod membench;
 pub mod memcmd;
+pub mod pairs;
+pub mod reply;
 pub mod stats;
 
 /// How the scheduler reaches the console (installed by `main`).
@@ -20,4 +27,5 @@ pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHook
     command_waiting: cmd::command_waiting,
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
+    vm_event: api::push_event,
 };

@@ -17,11 +17,17 @@ use stage2::TlbMaintenance;
 
 static RMAP: Once<Rmap> = Once::new();
 /// anon_vma and chain pools start with one segment and grow from the heap
-/// (and so from frames) as VMs need them, to the most a 32-bit handle can
-/// name; bounded chains (DESIGN lesson 6) keep them proportional to live
-/// regions.
-const MAX_ANON_VMAS: usize = rmap::pool::MAX_SLOTS;
-const MAX_CHAINS: usize = rmap::pool::MAX_SLOTS;
+/// (and so from frames) as VMs need them; bounded chains (DESIGN lesson 6)
+/// keep them proportional to live regions. Their cap is what RAM could hold
+/// if it held nothing but pool slots (none is smaller than this many bytes),
+/// so memory runs out first: the cap only sizes the pools' segment
+/// directories (a few KiB), it never refuses a VM memory could hold.
+const MIN_SLOT_BYTES: usize = 32;
+
+/// The pools' cap for `frames` frames of RAM.
+fn pool_cap(frames: usize) -> usize {
+    (frames.saturating_mul(PAGE_SIZE as usize) / MIN_SLOT_BYTES).min(rmap::pool::MAX_SLOTS)
+}
 
 pub fn rmap() -> &'static Rmap {
     RMAP.get().expect("rmap not initialised")
@@ -56,7 +62,12 @@ fn span(board: &platform::Board) -> (Pfn, usize) {
 pub fn init(board: &platform::Board) {
     let (base, count) = span(board);
     let table = frame_table_range(board);
-    RMAP.call_once(|| Rmap::new(frame_table(base, count, table), MAX_ANON_VMAS, MAX_CHAINS));
+    const {
+        assert!(core::mem::size_of::<rmap::pool::Slot<rmap::AnonVma>>() >= MIN_SLOT_BYTES);
+        assert!(core::mem::size_of::<rmap::pool::Slot<rmap::chain::Chain>>() >= MIN_SLOT_BYTES);
+    }
+    let cap = pool_cap(count);
+    RMAP.call_once(|| Rmap::new(frame_table(base, count, table), cap, cap));
 }
 
 /// The frame table (16 bytes per frame of the RAM span) in `at`.

@@ -151,7 +151,7 @@ pub fn inject_undef(vcpu: &mut Vcpu) {
 }
 
 /// Stops the vCPU's VM with a message; other VMs are unaffected.
-pub fn stop(vcpu: &mut Vcpu, why: &str) -> Action {
+pub fn stop(vcpu: &mut Vcpu, why: &'static str) -> Action {
     crate::println!(
         "[hyp] vm {} ({}) stopped: vcpu {} {why} at PC={:#x}",
         vcpu.vm.id,
@@ -159,6 +159,12 @@ pub fn stop(vcpu: &mut Vcpu, why: &str) -> Action {
         vcpu.index,
         vcpu.regs.pc
     );
+    crate::vm::sched::vm_event(crate::vm::sched::VmEvent::Faulted {
+        vm: vcpu.vm.id,
+        vcpu: vcpu.index,
+        why,
+        pc: vcpu.regs.pc,
+    });
     vcpu.vm.stop(crate::vm::STATUS_FAULT);
     Action::Yield
 }

@@ -387,12 +387,16 @@ impl Vm {
         }
         crate::mm::vmmem::unregister(self.id);
         VMS.lock().remove(&self.id);
+        let status = self.exit_status.load(Ordering::Relaxed);
         crate::println!(
-            "[hyp] vm {} ({}) stopped, status {}",
+            "[hyp] vm {} ({}) stopped, status {status}",
             self.id,
-            self.name,
-            self.exit_status.load(Ordering::Relaxed)
+            self.name
         );
+        crate::vm::sched::vm_event(crate::vm::sched::VmEvent::Exited {
+            vm: self.id,
+            status,
+        });
         // Snapshots this VM took of itself by hypercall: only it could
         // restore them, so they would only hold memory and a VMID. (Those
         // the console took stay: the operator may restore any VM to them.)

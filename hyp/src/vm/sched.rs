@@ -34,6 +34,39 @@ pub struct ConsoleHooks {
     pub script_done: fn() -> bool,
     /// The last line printed before the machine exits (TLB statistics).
     pub exit_report: fn(),
+    /// A VM exited or faulted (the control channel pushes it as an event).
+    /// Called on any CPU, possibly with a vCPU loaded: it only queues.
+    pub vm_event: fn(VmEvent),
+}
+
+/// What happened to a VM, for the console's event stream.
+#[derive(Clone, Copy, Debug)]
+pub enum VmEvent {
+    /// The VM is gone (torn down) with this exit status.
+    Exited {
+        /// VM id.
+        vm: u32,
+        /// Its exit status.
+        status: i64,
+    },
+    /// A vCPU did something the hypervisor stopped the VM for.
+    Faulted {
+        /// VM id.
+        vm: u32,
+        /// vCPU index.
+        vcpu: usize,
+        /// Why.
+        why: &'static str,
+        /// The guest PC.
+        pc: u64,
+    },
+}
+
+/// Tells the console about `e`, if one is installed.
+pub fn vm_event(e: VmEvent) {
+    if let Some(c) = console() {
+        (c.vm_event)(e);
+    }
 }
 
 static CONSOLE: Once<&'static ConsoleHooks> = Once::new();

@@ -1,0 +1,213 @@
+//! `bench migrate` and `bench reclaim`: migration next to a memcpy of the
+//! same frames, reclaim next to an LZ4 compression of the same pages, in
+//! interleaved pairs (`pairs`) on the same machine in the same run.
+
+use crate::arch::timer::ticks_to_us as us;
+use crate::console::error::CmdError;
+use crate::console::pairs::{interleave, median, PAIRS};
+use crate::console::reply::Reply;
+use crate::mm::frames::{self, PAGE_SIZE};
+use crate::mm::glue::{rmap, HypFrames, HypVms, STORE};
+use crate::mm::memctl::{self, Report};
+use crate::vm::Vm;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use rmap::{Ipa, Pa, Pfn};
+
+/// MiB/s for `pages` in `ticks`.
+fn mibs(pages: u64, ticks: u64) -> u64 {
+    ((pages * PAGE_SIZE * crate::arch::timer::frequency()) / ticks.max(1)) >> 20
+}
+
+/// A bench VM with `pages` touched: page i holds a compressible pattern
+/// (a per-page 16-byte value repeated, plus a counter every 64 bytes).
+fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
+    let size = (pages * PAGE_SIZE).next_multiple_of(2 << 20);
+    let vm = Vm::create("bench", 1, size)?;
+    let mut page = [0u64; PAGE_SIZE as usize / 8];
+    for i in 0..pages {
+        for (j, w) in page.iter_mut().enumerate() {
+            *w = if j % 8 == 0 {
+                (i << 20) | j as u64
+            } else {
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (j as u64 & 1)
+            };
+        }
+        // SAFETY: any u64 array is valid as bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
+        let ipa = Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE;
+        if crate::mm::glue::write_guest(&vm.mem, ipa, bytes).is_err() {
+            vm.stop(0);
+            return Err(CmdError::Bench("out of memory filling the bench VM"));
+        }
+    }
+    // Split any block mapping (not part of what is measured).
+    let mut warm = Report::default();
+    memctl::migrate_pfns(&frames_of(&vm, pages), 4096, &mut warm);
+    Ok(vm)
+}
+
+/// The frames of the bench VM's first `pages` pages, now.
+fn frames_of(vm: &Vm, pages: u64) -> Vec<Pfn> {
+    let start = Ipa::new(vm.mem.ram.base);
+    memctl::vm_frames(&vm.mem, start, start + pages * PAGE_SIZE, usize::MAX)
+}
+
+/// Ticks to copy `pfns` into fresh frames with the copy migration uses.
+fn time_copy(pfns: &[Pfn]) -> Result<u64, CmdError> {
+    let dst: Vec<Pa> = (0..pfns.len())
+        .map_while(|_| frames::get().alloc())
+        .collect();
+    let release = |dst: Vec<Pa>| dst.into_iter().for_each(|pa| frames::get().free(pa));
+    if dst.len() < pfns.len() {
+        release(dst);
+        return Err(CmdError::Bench("no frames for the memcpy"));
+    }
+    let t0 = crate::arch::timer::now();
+    for (&src, &d) in pfns.iter().zip(&dst) {
+        // SAFETY: `src` is a frame of the idle bench VM (nothing writes it),
+        // `d` one we allocated.
+        unsafe { frames::copy_frame(d, src.pa()) };
+    }
+    let ticks = crate::arch::timer::now() - t0;
+    release(dst);
+    Ok(ticks)
+}
+
+/// Ticks to migrate every frame of the bench VM's `pages`, in `batch`es.
+fn time_migrate(vm: &Vm, pages: u64, batch: usize) -> Result<u64, CmdError> {
+    let pfns = frames_of(vm, pages);
+    let mut r = Report::default();
+    let t0 = crate::arch::timer::now();
+    memctl::migrate_pfns(&pfns, batch, &mut r);
+    let ticks = crate::arch::timer::now() - t0;
+    if r.done != pfns.len() as u64 {
+        return Err(CmdError::BenchShort {
+            what: "migrated",
+            done: r.done,
+            of: pfns.len() as u64,
+        });
+    }
+    Ok(ticks)
+}
+
+/// `bench migrate <mappers> <pages> <batch>`.
+pub fn migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Result<(), CmdError> {
+    let vm = bench_vm(pages)?;
+    let mut snaps = Vec::new();
+    let result = (|| {
+        for _ in 1..mappers {
+            let kind = crate::vm::fork::ForkKind::Snapshot;
+            snaps.push(crate::vm::fork::fork(&vm, None, kind)?);
+        }
+        let p = interleave(
+            PAIRS,
+            || time_copy(&frames_of(&vm, pages)),
+            || time_migrate(&vm, pages, batch),
+        )?;
+        let first = frames_of(&vm, 1);
+        let first = first
+            .first()
+            .ok_or(CmdError::Bench("the bench VM has no frames"))?;
+        let mapcount = rmap().frames().frame(*first).mapcount();
+        let (copy, mig) = (median(&p.base), median(&p.subject));
+        let ratio = p.ratio();
+        crate::say!(
+            out,
+            "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {pages} pages, medians: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {ratio}",
+            us(mig),
+            mibs(pages, mig),
+            us(copy),
+            mibs(pages, copy),
+        );
+        out.set("ratio_x100", ratio.median);
+        Ok(())
+    })();
+    snaps.into_iter().for_each(|s| s.stop(0));
+    vm.stop(0);
+    result
+}
+
+/// Ticks to compress every page of `pfns` with the store's LZ4; sets
+/// `bytes` to the compressed size.
+fn time_lz4(pfns: &[Pfn], bytes: &mut usize) -> u64 {
+    let mut buf = [0u8; crate::mm::store::MAX_COMPRESSED];
+    let mut total = 0;
+    let t0 = crate::arch::timer::now();
+    for &pfn in pfns {
+        // SAFETY: a frame of the idle bench VM, identity mapped.
+        let data =
+            unsafe { core::slice::from_raw_parts(pfn.pa().raw() as *const u8, PAGE_SIZE as usize) };
+        total += crate::mm::store::compress(data, &mut buf);
+    }
+    let ticks = crate::arch::timer::now() - t0;
+    *bytes = total;
+    ticks
+}
+
+/// Ticks to reclaim every frame of the bench VM's `pages`, then faults them
+/// back in (timed into `fault`) so the next pair has frames to reclaim.
+fn time_reclaim(vm: &Vm, pages: u64, batch: usize, fault: &mut Vec<u64>) -> Result<u64, CmdError> {
+    let pfns = frames_of(vm, pages);
+    let mut out = Vec::with_capacity(batch);
+    let mut done = 0;
+    let t0 = crate::arch::timer::now();
+    for chunk in pfns.chunks(batch) {
+        out.clear();
+        rmap().reclaim_frames(&HypVms, &HypFrames, &STORE, chunk, &mut out);
+        done += out.iter().filter(|r| r.is_ok()).count();
+    }
+    let ticks = crate::arch::timer::now() - t0;
+    if done != pfns.len() {
+        return Err(CmdError::BenchShort {
+            what: "reclaimed",
+            done: done as u64,
+            of: pfns.len() as u64,
+        });
+    }
+    fault.push(time_fault_in(vm, pages)?);
+    Ok(ticks)
+}
+
+/// Counter ticks to fault `pages` reclaimed pages of `vm` back in (swap-ins).
+fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
+    let t0 = crate::arch::timer::now();
+    for i in 0..pages {
+        crate::mm::glue::fault(
+            &vm.mem,
+            Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE,
+            crate::mm::glue::Access::Read,
+            crate::mm::glue::FaultKind::Translation,
+        )
+        .map_err(|_| CmdError::Bench("fault-in failed"))?;
+    }
+    Ok(crate::arch::timer::now() - t0)
+}
+
+/// `bench reclaim <pages> <batch>`.
+pub fn reclaim(pages: u64, batch: usize, reply: &mut Reply) -> Result<(), CmdError> {
+    let vm = bench_vm(pages)?;
+    let result = (|| {
+        let (mut bytes, mut fault) = (0, Vec::new());
+        let p = interleave(
+            PAIRS,
+            || Ok(time_lz4(&frames_of(&vm, pages), &mut bytes)),
+            || time_reclaim(&vm, pages, batch, &mut fault),
+        )?;
+        let (lz4, rec) = (median(&p.base), median(&p.subject));
+        let ratio = p.ratio();
+        crate::say!(
+            reply,
+            "bench reclaim: batch {batch}, {pages} pages ({bytes} bytes compressed), medians: reclaim {} us ({} MiB/s), lz4 {} us ({} MiB/s), reclaim/lz4 throughput = {ratio}; fault-in {} ns/page",
+            us(rec),
+            mibs(pages, rec),
+            us(lz4),
+            mibs(pages, lz4),
+            us(median(&fault)) * 1000 / pages
+        );
+        reply.set("ratio_x100", ratio.median);
+        Ok(())
+    })();
+    vm.stop(0);
+    result
+}

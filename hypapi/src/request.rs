@@ -1,0 +1,234 @@
+//! Requests: a JSON object's fields laid out as a console command's words,
+//! then parsed by `hypcmd::parse` (one parser, one set of checks).
+
+use crate::{ErrorCode, VERSION};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use hypcmd::Command;
+use serde_json::{Map, Value};
+
+/// The longest string `id` accepted (a number is always accepted).
+pub const MAX_ID_LEN: usize = 128;
+
+/// A request the hypervisor can execute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The client's id, echoed in the answer: a number or a short string.
+    pub id: Value,
+    /// What to do.
+    pub cmd: Command,
+}
+
+/// A request line that was refused. `id` is the request's id if it had a
+/// usable one (so the client can match the answer), `null` otherwise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    /// The id to answer with.
+    pub id: Value,
+    /// Why.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+/// How a field becomes a console word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A VM id: a non-negative integer.
+    Vm,
+    /// A count or size: a non-negative integer, written in decimal.
+    Dec,
+    /// An address: a non-negative integer, or a `"0x..."` string, written in hex.
+    Addr,
+}
+
+/// One argument: its field name, kind, and whether it may be left out
+/// (optional arguments come last, as on the console).
+#[derive(Clone, Copy, Debug)]
+struct Arg(&'static str, Kind, bool);
+
+const VM: Arg = Arg("vm", Kind::Vm, false);
+const COUNT: Arg = Arg("count", Kind::Dec, true);
+const START: Arg = Arg("start", Kind::Addr, false);
+const END: Arg = Arg("end", Kind::Addr, false);
+const BATCH: Arg = Arg("batch", Kind::Dec, true);
+
+/// The commands the control channel takes, each with its fields in the order
+/// of the console's words. Console-only commands (`console`, `wait`,
+/// `sleep`, `chaos`, `bench`) are not here: they hold the keyboard, the
+/// script or CPU 0 for a long time.
+const SIGNATURES: &[(&str, &[Arg])] = &[
+    ("help", &[]),
+    ("vms", &[]),
+    ("stats", &[]),
+    ("quit", &[]),
+    ("pause", &[VM]),
+    ("resume", &[VM]),
+    ("destroy", &[VM]),
+    ("fork", &[VM, COUNT]),
+    ("snapshot", &[VM, COUNT]),
+    ("restore", &[VM, Arg("snapshot", Kind::Vm, false)]),
+    ("rmap", &[Arg("pa", Kind::Addr, false)]),
+    ("migrate", &[VM, START, END, BATCH]),
+    ("evacuate", &[START, END, BATCH]),
+    ("online", &[START, END]),
+    ("reclaim", &[Arg("pages", Kind::Dec, false), BATCH]),
+];
+
+/// Fields every request may have besides its arguments.
+const RESERVED: [&str; 3] = ["id", "v", "cmd"];
+
+fn refuse(id: &Value, code: ErrorCode, message: String) -> RequestError {
+    RequestError {
+        id: id.clone(),
+        code,
+        message,
+    }
+}
+
+/// Parses one request line (without its newline). Total: any string gives a
+/// request or an error, never a panic (serde_json limits nesting to 128).
+pub fn parse_request(line: &str) -> Result<Request, RequestError> {
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| refuse(&Value::Null, ErrorCode::BadJson, format!("not JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(refuse(
+            &Value::Null,
+            ErrorCode::BadRequest,
+            "a request is a JSON object".into(),
+        ));
+    };
+    let id = request_id(&obj)?;
+    match obj.get("v") {
+        None => {}
+        Some(v) if v.as_u64() == Some(VERSION) => {}
+        Some(v) => {
+            let msg = format!("protocol version {v} is not supported (this is {VERSION})");
+            return Err(refuse(&id, ErrorCode::Version, msg));
+        }
+    }
+    let Some(name) = obj.get("cmd").and_then(Value::as_str) else {
+        return Err(refuse(
+            &id,
+            ErrorCode::BadRequest,
+            "missing \"cmd\" (a string)".into(),
+        ));
+    };
+    let Some(&(name, args)) = SIGNATURES.iter().find(|(n, _)| *n == name) else {
+        let msg = format!("unknown command {:?} (see docs/API.md)", Truncated(name));
+        return Err(refuse(&id, ErrorCode::UnknownCommand, msg));
+    };
+    let words = words(name, args, &obj).map_err(|m| refuse(&id, ErrorCode::BadArgument, m))?;
+    match hypcmd::parse(&words.join(" ")) {
+        Ok(Some(cmd)) => Ok(Request { id, cmd }),
+        Ok(None) => Err(refuse(&id, ErrorCode::BadRequest, "empty command".into())),
+        Err(e) => Err(refuse(&id, ErrorCode::BadArgument, e.to_string())),
+    }
+}
+
+/// The `id`: a number, or a string of at most [`MAX_ID_LEN`] bytes.
+fn request_id(obj: &Map<String, Value>) -> Result<Value, RequestError> {
+    match obj.get("id") {
+        Some(id @ Value::Number(_)) => Ok(id.clone()),
+        Some(Value::String(s)) if s.len() <= MAX_ID_LEN => Ok(Value::String(s.clone())),
+        Some(_) => Err(refuse(
+            &Value::Null,
+            ErrorCode::BadRequest,
+            format!("\"id\" must be a number or a string of at most {MAX_ID_LEN} bytes"),
+        )),
+        None => Err(refuse(
+            &Value::Null,
+            ErrorCode::BadRequest,
+            "missing \"id\"".into(),
+        )),
+    }
+}
+
+/// The console words for `name` with `args` taken from `obj`'s fields.
+fn words(name: &str, args: &[Arg], obj: &Map<String, Value>) -> Result<Vec<String>, String> {
+    if let Some(extra) = obj
+        .keys()
+        .find(|k| !RESERVED.contains(&k.as_str()) && !args.iter().any(|a| a.0 == k.as_str()))
+    {
+        return Err(format!(
+            "unexpected field {:?} for {name:?}",
+            Truncated(extra)
+        ));
+    }
+    let mut words = Vec::with_capacity(args.len() + 1);
+    words.push(String::from(name));
+    let mut left_out = None;
+    for &Arg(field, kind, optional) in args {
+        match (obj.get(field), optional) {
+            (None, true) => left_out = Some(field),
+            (None, false) => return Err(format!("missing field {field:?}")),
+            (Some(_), _) if left_out.is_some() => {
+                return Err(format!(
+                    "{field:?} needs {:?} too",
+                    left_out.unwrap_or_default()
+                ))
+            }
+            (Some(v), _) => words.push(word(field, kind, v)?),
+        }
+    }
+    Ok(words)
+}
+
+/// One field as a console word.
+fn word(field: &str, kind: Kind, v: &Value) -> Result<String, String> {
+    match (kind, v) {
+        (Kind::Vm | Kind::Dec, Value::Number(n)) if n.as_u64().is_some() => Ok(n.to_string()),
+        (Kind::Addr, Value::Number(n)) => match n.as_u64() {
+            Some(a) => Ok(format!("{a:#x}")),
+            None => Err(format!(
+                "{field:?} must be a non-negative integer or a \"0x...\" string"
+            )),
+        },
+        (Kind::Addr, Value::String(s))
+            if s.starts_with("0x")
+                && s.len() <= 18
+                && s.bytes().skip(2).all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Ok(s.clone())
+        }
+        (Kind::Addr, _) => Err(format!(
+            "{field:?} must be a non-negative integer or a \"0x...\" string"
+        )),
+        _ => Err(format!("{field:?} must be a non-negative integer")),
+    }
+}
+
+/// At most 64 characters of a client's string, for messages.
+struct Truncated<'a>(&'a str);
+
+impl core::fmt::Debug for Truncated<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut end = self.0.len().min(64);
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{:?}", self.0.get(..end).unwrap_or_default())
+    }
+}
+
+/// The request line for `cmd` with `id`, or `None` if the channel does not
+/// take that command. `parse_request` of the line gives `cmd` back.
+pub fn request_line(id: &Value, cmd: &Command) -> Option<String> {
+    let text = cmd.to_string();
+    let mut words = text.split_whitespace();
+    let name = words.next()?;
+    let &(name, args) = SIGNATURES.iter().find(|(n, _)| *n == name)?;
+    let mut obj = Map::new();
+    obj.insert("v".into(), VERSION.into());
+    obj.insert("id".into(), id.clone());
+    obj.insert("cmd".into(), name.into());
+    for (&Arg(field, kind, _), w) in args.iter().zip(words) {
+        let n = match kind {
+            Kind::Addr => u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()?,
+            Kind::Vm | Kind::Dec => w.parse().ok()?,
+        };
+        obj.insert(field.into(), n.into());
+    }
+    serde_json::to_string(&Value::Object(obj)).ok()
+}

@@ -1,0 +1,109 @@
+//! Properties: no line makes the request parser panic (arbitrary strings,
+//! and JSON objects built from the protocol's own field names and edge
+//! values), an accepted request is one the console parser accepts too, and
+//! every command the channel takes round-trips through its request line.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use hypapi::{parse_request, request_line, Value};
+use hypcmd::{Command, PageRange, VmId, PAGE_SIZE};
+use proptest::prelude::*;
+
+const NAMES: &[&str] = &[
+    "id", "v", "cmd", "vm", "count", "start", "end", "batch", "pa", "pages", "snapshot", "x",
+];
+const CMDS: &[&str] = &[
+    "help", "vms", "stats", "quit", "pause", "resume", "destroy", "fork", "snapshot", "restore",
+    "rmap", "migrate", "evacuate", "online", "reclaim", "wait", "console", "",
+];
+
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "0",
+            "1",
+            "-1",
+            "1.5",
+            "1e3",
+            "4096",
+            "4097",
+            "1000",
+            "1001",
+            "4294967295",
+            "4294967296",
+            "18446744073709551615",
+            "18446744073709551616",
+            "null",
+            "true",
+            "[]",
+            "{}",
+            "\"0x1000\"",
+            "\"0xfffffffffffff000\"",
+            "\"0x\"",
+            "\"zz\"",
+            "\"1\"",
+        ])
+        .prop_map(String::from),
+        prop::sample::select(CMDS.to_vec()).prop_map(|c| format!("{c:?}")),
+        any::<u64>().prop_map(|n| n.to_string()),
+    ]
+}
+
+fn object() -> impl Strategy<Value = String> {
+    prop::collection::vec((prop::sample::select(NAMES.to_vec()), value()), 0..8).prop_map(
+        |fields| {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+            format!("{{{}}}", body.join(","))
+        },
+    )
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    let vm = (1u32..10).prop_map(VmId);
+    let range = (0u64..1 << 30, 1u64..1 << 20).prop_map(|(s, n)| {
+        let start = s * PAGE_SIZE;
+        PageRange::new(start, start + n * PAGE_SIZE).unwrap()
+    });
+    let batch = prop::option::of(1usize..=4096);
+    prop_oneof![
+        Just(Command::Vms),
+        Just(Command::Stats),
+        vm.clone().prop_map(Command::Pause),
+        (vm.clone(), 1u32..=1000).prop_map(|(vm, count)| Command::Fork { vm, count }),
+        (vm.clone(), 1u32..=1000).prop_map(|(vm, count)| Command::Snapshot { vm, count }),
+        (vm.clone(), vm.clone()).prop_map(|(vm, snapshot)| Command::Restore { vm, snapshot }),
+        any::<u64>().prop_map(|pa| Command::Rmap { pa }),
+        (vm, range.clone(), batch.clone()).prop_map(|(vm, range, batch)| Command::Migrate {
+            vm,
+            range,
+            batch
+        }),
+        (range.clone(), batch.clone())
+            .prop_map(|(range, batch)| Command::Evacuate { range, batch }),
+        range.prop_map(|range| Command::Online { range }),
+        (1u64..=1 << 24, batch).prop_map(|(pages, batch)| Command::Reclaim { pages, batch }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn any_string_is_a_request_or_an_error(line in ".{0,200}") {
+        let _ = parse_request(&line);
+    }
+
+    #[test]
+    fn protocol_shaped_objects_never_panic_and_agree_with_the_console(line in object()) {
+        if let Ok(req) = parse_request(&line) {
+            let again = request_line(&req.id, &req.cmd).expect("an accepted command is on the channel");
+            prop_assert_eq!(parse_request(&again).map(|r| r.cmd), Ok(req.cmd.clone()));
+            prop_assert_eq!(hypcmd::parse(&req.cmd.to_string()), Ok(Some(req.cmd)));
+        }
+    }
+
+    #[test]
+    fn commands_round_trip(cmd in command(), id in any::<u32>()) {
+        let line = request_line(&Value::from(id), &cmd).expect("on the channel");
+        let req = parse_request(&line).expect("its own line parses");
+        prop_assert_eq!(req.id, Value::from(id));
+        prop_assert_eq!(req.cmd, cmd);
+    }
+}
