@@ -3,15 +3,15 @@
 
 use crate::machine::Machine;
 use crate::PAGE_SIZE;
-use rmap::{FrameAllocator, Pfn};
+use rmap::{FrameAllocator, Pa, Pfn};
 use stage2::TlbMaintenance;
 
 /// Makes `pa..pa + len`, just written through the hypervisor's cacheable
 /// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
 /// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
 /// guest can map (or, if mapped, read) it.
-pub fn publish<M: Machine>(machine: &M, pa: u64, len: u64) {
-    stage2::publish_frames(&machine.config(), machine.tlb(), pa, len);
+pub fn publish<M: Machine>(machine: &M, pa: Pa, len: u64) {
+    stage2::publish_frames(&machine.config(), machine.tlb(), pa.raw(), len);
 }
 
 /// rmap's frame allocator over a machine's guest frames: every frame rmap
@@ -21,27 +21,27 @@ pub struct Frames<'a, M: Machine>(pub &'a M);
 
 impl<M: Machine> FrameAllocator for Frames<'_, M> {
     fn alloc(&self) -> Option<Pfn> {
-        self.0.alloc_frame().map(|pa| pa / PAGE_SIZE)
+        self.0.alloc_frame().map(Pa::pfn)
     }
 
     fn free(&self, pfn: Pfn) {
-        self.0.free_frame(pfn * PAGE_SIZE)
+        self.0.free_frame(pfn.pa())
     }
 
     fn zero(&self, pfn: Pfn) {
         // SAFETY: rmap zeroes only a frame it just allocated and has not
         // mapped yet.
-        unsafe { self.0.zero_frame(pfn * PAGE_SIZE) };
-        publish(self.0, pfn * PAGE_SIZE, PAGE_SIZE);
+        unsafe { self.0.zero_frame(pfn.pa()) };
+        publish(self.0, pfn.pa(), PAGE_SIZE);
     }
 
     fn copy(&self, dst: Pfn, src: Pfn) {
         // SAFETY: rmap copies into a frame it just allocated and owns, from
         // one it pinned for the copy (locked, or its writers replaced by
         // migration entries); the two are distinct.
-        unsafe { self.0.copy_frame(dst * PAGE_SIZE, src * PAGE_SIZE) };
-        publish(self.0, dst * PAGE_SIZE, PAGE_SIZE);
+        unsafe { self.0.copy_frame(dst.pa(), src.pa()) };
+        publish(self.0, dst.pa(), PAGE_SIZE);
         // The page may hold guest code.
-        self.0.tlb().invalidate_icache(dst * PAGE_SIZE, PAGE_SIZE);
+        self.0.tlb().invalidate_icache(dst.pa().raw(), PAGE_SIZE);
     }
 }

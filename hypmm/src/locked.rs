@@ -1,6 +1,7 @@
 //! `LockedStage2`: a VM's stage-2 table with its lock held (DESIGN level 4),
-//! as the reverse map changes it, and the conversion between rmap's page
-//! states (`S2Entry`) and stage-2 descriptors. The `rmap::Stage2Locked`
+//! as the reverse map changes it, and the conversion between page states
+//! (`mmtypes::PageState`, the vocabulary rmap and stage2 share) and stage-2
+//! leaves. The `rmap::Stage2Locked`
 //! operations on it are in `s2locked`.
 
 use crate::machine::Machine;
@@ -8,8 +9,9 @@ use crate::memory::{ram_attrs, GuestMemory};
 use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
-use rmap::S2Entry;
-use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo, SwEntry};
+use rmap::CasError as Refused;
+use rmap::{Ipa, Pa, PageState, Pfn};
+use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo};
 
 /// What a run of pages is mapped for (`LockedStage2::map_run`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,41 +44,47 @@ pub(crate) enum Frames {
 /// A 2 MiB block: guest RAM's first touch of an empty aligned chunk maps one.
 pub const BLOCK_SIZE: u64 = 2 << 20;
 
-pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: u64) -> S2Entry {
+/// The page state of page `ipa` of `leaf` (a slot stage2 reports as no
+/// leaf, a hole or one a break-before-make holds, is `Invalid`: callers
+/// retry).
+pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
     let Some(leaf) = leaf else {
-        return S2Entry::Invalid;
+        return PageState::Invalid;
     };
     match leaf.leaf {
-        Leaf::Mapped(m) => S2Entry::Page {
-            pfn: (m.pa + (ipa - leaf.ipa)) >> 12,
+        Leaf::Mapped(m) => PageState::Mapped {
+            pfn: (m.pa + (ipa.page() - leaf.ipa)).pfn(),
             writable: m.attrs.perm.write,
         },
-        Leaf::Software(SwEntry::Migration { pfn, writable }) => {
-            S2Entry::Migration { pfn, writable }
-        }
-        Leaf::Software(SwEntry::Swap { slot, .. }) => S2Entry::Swap { slot },
-        // A transient break-before-make owner: report it as a migration of
-        // nothing, so callers retry.
-        Leaf::Software(_) => S2Entry::Invalid,
+        Leaf::Software(state) => state,
     }
 }
 
-/// The descriptor for `entry`, its MemAttr encoded as the table's
-/// configuration says (FWB or not).
-pub(crate) fn encode(entry: S2Entry, enc: AttrEncoding) -> Descriptor {
-    match entry {
-        S2Entry::Invalid => Descriptor::EMPTY,
-        S2Entry::Page { pfn, writable } => {
+/// The page-level descriptor of `state`, its MemAttr encoded as the
+/// table's configuration says (FWB or not).
+pub(crate) fn encode(state: PageState, enc: AttrEncoding) -> Descriptor {
+    match state {
+        PageState::Invalid => Descriptor::EMPTY,
+        PageState::Mapped { pfn, writable } => {
             let attrs = ram_attrs(writable);
-            Descriptor::leaf_encoded(pfn << 12, 3, attrs, true, enc).expect("page descriptor")
+            Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
         }
-        S2Entry::Migration { pfn, writable } => {
-            Descriptor::software(SwEntry::Migration { pfn, writable })
+        PageState::Migrating { .. } | PageState::Swapped { .. } => {
+            Descriptor::software(state).expect("a state an invalid descriptor keeps")
         }
-        S2Entry::Swap { slot } => Descriptor::software(SwEntry::Swap {
-            slot,
-            writable: false,
-        }),
+    }
+}
+
+/// Checks a change against the transition table (`mmtypes::state`) in
+/// debug builds: rmap decides every change, from states only the
+/// hypervisor writes, so a guest cannot reach a refused one; one is a
+/// hypervisor bug. rmap's host tests check every change in every build,
+/// and this crate's host tests run with debug assertions.
+pub(crate) fn check_transition(old: PageState, new: PageState) {
+    if cfg!(debug_assertions) {
+        if let Err(bad) = PageState::check_transition(old, new) {
+            panic!("{bad}");
+        }
     }
 }
 
@@ -89,7 +97,7 @@ pub struct LockedStage2<'a, M: Machine> {
     /// by every other change through this guard, so it can be stale only by
     /// what the hardware did meanwhile (an access-flag update), which makes
     /// the descriptor CAS fail and the retry look the leaf up afresh.
-    pub(crate) last: Cell<Option<(u64, Option<LeafInfo>)>>,
+    pub(crate) last: Cell<Option<(Ipa, Option<LeafInfo>)>>,
 }
 
 impl<'a, M: Machine> LockedStage2<'a, M> {
@@ -99,13 +107,6 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             mem,
             last: Cell::new(None),
         }
-    }
-
-    /// Whether an update this CPU made could not allocate a table page
-    /// since the flag was last taken (the fault path reports it as out of
-    /// memory); clears it.
-    pub fn take_out_of_memory(&mut self) -> bool {
-        self.mem.take_oom()
     }
 
     /// The VM's table still exists (it is freed by teardown, under this lock).
@@ -118,22 +119,23 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         self.mem.table().config().attr_encoding()
     }
 
-    pub(crate) fn cas(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+    pub(crate) fn cas(&mut self, ipa: Ipa, old: PageState, new: PageState) -> Result<(), Refused> {
         // A torn-down VM reads as empty and refuses every change: a console
         // command or rmap walker that still holds the VM must not panic.
         let Some(table) = self.mem.live() else {
-            return Err(S2Entry::Invalid);
+            return Err(Refused::Changed(PageState::Invalid));
         };
-        let page = ipa & !(PAGE_SIZE - 1);
+        let page = ipa.page();
         let current = match self.last.take() {
             Some((at, leaf)) if at == page => leaf,
             _ => table.lookup(ipa),
         };
         let found = decode(current, ipa);
         if found != old {
-            return Err(found);
+            return Err(Refused::Changed(found));
         }
-        if !matches!(old, S2Entry::Page { .. }) && matches!(new, S2Entry::Page { .. }) {
+        check_transition(old, new);
+        if !matches!(old, PageState::Mapped { .. }) && matches!(new, PageState::Mapped { .. }) {
             self.mem.bbm_check_make(page, PAGE_SIZE);
         }
         let Some(mut current) = current else {
@@ -142,17 +144,25 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         };
         if current.level < stage2::LAST_LEVEL {
             // rmap works page by page: a block is split before one page changes.
-            current = self.split(ipa).ok_or(found)?;
+            current = self.split(ipa)?;
         }
         match self.replace_leaf(&current, new) {
             Ok(()) => Ok(()),
-            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, current.level, d), ipa)),
-            Err(_) => Err(found),
+            Err(CasError::Mismatch(d)) => Err(Refused::Changed(decode(
+                LeafInfo::decode(ipa, current.level, d),
+                ipa,
+            ))),
+            Err(_) => Err(Refused::Changed(found)),
         }
     }
 
     /// Maps a fresh, writable 2 MiB block (huge first-touch fault).
-    pub fn map_block(&mut self, ipa: u64, pa: u64) -> bool {
+    pub fn map_block(&mut self, ipa: Ipa, pa: Pa) -> bool {
+        let first_touch = PageState::Mapped {
+            pfn: pa.pfn(),
+            writable: true,
+        };
+        check_transition(PageState::Invalid, first_touch);
         self.last.set(None);
         if !self.mem.is_live() {
             return false;
@@ -161,12 +171,13 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             access: RunAccess::Write,
             frames: Frames::Fresh,
         };
-        self.map_run(ipa, pa / PAGE_SIZE, BLOCK_SIZE / PAGE_SIZE, run)
+        self.map_run(ipa, pa.pfn(), BLOCK_SIZE / PAGE_SIZE, run)
     }
 
     /// CAS of a leaf the caller just read, retried while only a hardware
     /// access-flag update got in between.
-    pub(crate) fn replace_retrying(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) {
+    pub(crate) fn replace_retrying(&self, leaf: &LeafInfo, old: PageState, new: PageState) {
+        check_transition(old, new);
         let mut cur = *leaf;
         while let Err(CasError::Mismatch(d)) = self.replace_leaf(&cur, new) {
             cur.desc = d;
@@ -178,10 +189,15 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
 
     /// Makes a writable block read-only as one entry, if `new` is exactly
     /// that; false if it is some other change (the caller splits).
-    pub(crate) fn write_protect_block(&self, leaf: &LeafInfo, old: S2Entry, new: S2Entry) -> bool {
+    pub(crate) fn write_protect_block(
+        &self,
+        leaf: &LeafInfo,
+        old: PageState,
+        new: PageState,
+    ) -> bool {
         let (
-            S2Entry::Page { pfn: a, .. },
-            S2Entry::Page {
+            PageState::Mapped { pfn: a, .. },
+            PageState::Mapped {
                 pfn: b,
                 writable: false,
             },
@@ -195,8 +211,15 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         if a != b {
             return false;
         }
-        let ro = Descriptor::leaf_encoded(m.pa, leaf.level, ram_attrs(false), m.young, self.enc())
-            .expect("block descriptor");
+        check_transition(old, new);
+        let ro = Descriptor::leaf_encoded(
+            m.pa.raw(),
+            leaf.level,
+            ram_attrs(false),
+            m.young,
+            self.enc(),
+        )
+        .expect("block descriptor");
         let table = self.mem.table();
         let tlb = self.mem.tlb();
         let batch = Batch::new(&tlb, table.vttbr());
@@ -209,16 +232,16 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         ok
     }
 
-    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards.
-    pub(crate) fn split(&mut self, ipa: u64) -> Option<LeafInfo> {
+    /// Splits the block mapping `ipa` into pages; the page's leaf afterwards,
+    /// or why not: no table page for the split, or the block changed.
+    pub(crate) fn split(&mut self, ipa: Ipa) -> Result<LeafInfo, Refused> {
         let table = self.mem.table();
-        if let Err(e) = table.split_block(ipa, &self.mem.tlb()) {
-            if e == stage2::Error::NoMemory {
-                self.mem.note_oom();
-            }
-            return None;
+        let changed = || Refused::Changed(decode(table.lookup(ipa), ipa));
+        match table.split_block(ipa, &self.mem.tlb()) {
+            Err(stage2::Error::NoMemory) => Err(Refused::NoMemory),
+            Err(_) => Err(changed()),
+            Ok(()) => table.lookup(ipa).ok_or_else(changed),
         }
-        table.lookup(ipa)
     }
 
     /// The pages of a block only partly inside an update: changed one by one
@@ -226,12 +249,12 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
     pub(crate) fn update_block_pages(
         &mut self,
         leaf: &LeafInfo,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
     ) {
         let (lo, hi) = (leaf.ipa.max(start), (leaf.ipa + leaf.size()).min(end));
-        for ipa in (lo..hi).step_by(PAGE_SIZE as usize) {
+        for ipa in lo.pages_to(hi) {
             let old = decode(Some(*leaf), ipa);
             if let Some(new) = f(ipa, 1, old).filter(|&n| n != old) {
                 let _ = self.cas(ipa, old, new);
@@ -241,10 +264,10 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
 
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
-    pub(crate) fn replace_leaf(&self, leaf: &LeafInfo, new: S2Entry) -> Result<(), CasError> {
+    pub(crate) fn replace_leaf(&self, leaf: &LeafInfo, new: PageState) -> Result<(), CasError> {
         if self.mem.batching
             && matches!(leaf.leaf, Leaf::Mapped(_))
-            && matches!(new, S2Entry::Invalid | S2Entry::Swap { .. })
+            && matches!(new, PageState::Invalid | PageState::Swapped { .. })
         {
             // Noted before the write (a failed CAS only makes it stricter).
             self.mem.bbm_note(leaf.ipa, leaf.size());
@@ -276,63 +299,45 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
 
     /// Maps a run of pages with consecutive IPAs and frames in one table
     /// operation; returns false if the table could not grow.
-    pub(crate) fn map_run(&mut self, ipa: u64, pfn: u64, pages: u64, run: Run) -> bool {
+    pub(crate) fn map_run(&mut self, ipa: Ipa, pfn: Pfn, pages: u64, run: Run) -> bool {
         let (writable, shared) = (run.access == RunAccess::Write, run.frames == Frames::Shared);
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
         let table = self.mem.table();
         let attrs = ram_attrs(writable);
         // A whole aligned 2 MiB run (a forked block) stays one block entry.
-        let block = len == BLOCK_SIZE
-            && ipa.is_multiple_of(BLOCK_SIZE)
-            && (pfn << 12).is_multiple_of(BLOCK_SIZE);
+        let block =
+            len == BLOCK_SIZE && ipa.is_aligned(BLOCK_SIZE) && pfn.pa().is_aligned(BLOCK_SIZE);
+        let pa = pfn.pa();
         let result = match (shared, block) {
-            (true, _) => table.map_coherent(ipa, pfn << 12, len, attrs, block, &self.mem.tlb()),
-            (false, true) => table.map(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
-            (false, false) => table.map_pages(ipa, pfn << 12, len, attrs, &self.mem.tlb()),
+            (true, _) => table.map_coherent(ipa, pa, len, attrs, block, &self.mem.tlb()),
+            (false, true) => table.map(ipa, pa, len, attrs, &self.mem.tlb()),
+            (false, false) => table.map_pages(ipa, pa, len, attrs, &self.mem.tlb()),
         };
-        match result {
-            Ok(()) => true,
-            Err(_) => {
-                self.mem.note_oom();
-                false
-            }
-        }
+        // Out of table pages, as the callers report it: a short fill (fork's
+        // OutOfFrames), or a block not mapped (the fault takes the page path).
+        result.is_ok()
     }
 
-    pub(crate) fn fill_hole(&mut self, ipa: u64, new: S2Entry) -> Result<(), S2Entry> {
+    pub(crate) fn fill_hole(&mut self, ipa: Ipa, new: PageState) -> Result<(), Refused> {
         let table = self.mem.table();
         let result = match new {
-            S2Entry::Invalid => return Ok(()),
-            S2Entry::Page { pfn, writable } => table.map(
-                ipa,
-                pfn << 12,
+            PageState::Invalid => return Ok(()),
+            PageState::Mapped { pfn, writable } => table.map(
+                ipa.page(),
+                pfn.pa(),
                 PAGE_SIZE,
                 ram_attrs(writable),
                 &self.mem.tlb(),
             ),
-            S2Entry::Migration { pfn, writable } => table
-                .set_software(ipa, SwEntry::Migration { pfn, writable }, &self.mem.tlb())
-                .map(|_| ()),
-            S2Entry::Swap { slot } => table
-                .set_software(
-                    ipa,
-                    SwEntry::Swap {
-                        slot,
-                        writable: false,
-                    },
-                    &self.mem.tlb(),
-                )
-                .map(|_| ()),
+            PageState::Migrating { .. } | PageState::Swapped { .. } => {
+                table.set_software(ipa, new, &self.mem.tlb()).map(|_| ())
+            }
         };
         match result {
             Ok(()) => Ok(()),
-            Err(e) => {
-                if e == stage2::Error::NoMemory {
-                    self.mem.note_oom();
-                }
-                Err(S2Entry::Invalid)
-            }
+            Err(stage2::Error::NoMemory) => Err(Refused::NoMemory),
+            Err(_) => Err(Refused::Changed(PageState::Invalid)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! What the stage-2 adapter needs from the machine it runs on.
 
 use platform::board::MAX_CPUS;
+use rmap::Pa;
 use stage2::{S2Config, TableMemory, TlbMaintenance, VmidAllocator, Vttbr};
 
 /// The machine under the adapter: hyp's EL2 (frame allocator, `TLBI`/`DC`
@@ -43,21 +44,21 @@ pub trait Machine {
     fn config(&self) -> S2Config;
 
     /// A free guest (movable) frame's physical address, contents undefined.
-    fn alloc_frame(&self) -> Option<u64>;
+    fn alloc_frame(&self) -> Option<Pa>;
 
     /// `pages` (a power of two) zeroed contiguous guest frames aligned to
     /// `pages` frames (a 2 MiB block), or None.
-    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<u64>;
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa>;
 
     /// Returns a guest frame to the allocator.
-    fn free_frame(&self, pa: u64);
+    fn free_frame(&self, pa: Pa);
 
     /// Zeroes the frame at `pa` through the hypervisor's cacheable map.
     ///
     /// # Safety
     ///
     /// The caller owns the frame (just allocated) and nothing maps it yet.
-    unsafe fn zero_frame(&self, pa: u64);
+    unsafe fn zero_frame(&self, pa: Pa);
 
     /// Copies the frame at `src` into the frame at `dst`.
     ///
@@ -66,5 +67,5 @@ pub trait Machine {
     /// `dst` is freshly allocated and owned by the caller, `src` is pinned
     /// by the caller for the copy (locked, or its writers replaced by
     /// migration entries); they are distinct frames.
-    unsafe fn copy_frame(&self, dst: u64, src: u64);
+    unsafe fn copy_frame(&self, dst: Pa, src: Pa);
 }

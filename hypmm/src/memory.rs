@@ -4,8 +4,9 @@
 //! pages (writable, or read-only for copy-on-write) or software entries.
 
 use crate::machine::Machine;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use platform::board::MAX_CPUS;
+use rmap::{Ipa, Pa};
 use stage2::{Perm, S2Attrs, S2Config, Stage2Table, TlbMaintenance, Vmid, Vttbr};
 
 // The CPUs that may hold a VM's TLB entries are one u64 mask (`cpus`).
@@ -114,12 +115,6 @@ pub struct GuestMemory<M: Machine> {
     /// IPAs cleared with their invalidation still pending (`bbm.rs`).
     #[cfg(debug_assertions)]
     unflushed: core::cell::RefCell<crate::bbm::Unflushed>,
-    /// Per physical CPU: a stage-2 table page could not be allocated during
-    /// an update this CPU made. Per CPU because several vCPUs of the VM fault
-    /// at once: one whose own fault succeeded must not take (and act on)
-    /// another's failure, which that one would then miss. Set and taken
-    /// under the stage-2 lock, by the CPU that made the update.
-    oom: [AtomicBool; MAX_CPUS],
     /// Physical CPUs that may hold TLB entries of this VM: each sets its bit
     /// before it loads the VM's VTTBR (`load_here`), and bits are never
     /// cleared. An invalidation with no other bit set stays on its own CPU
@@ -140,7 +135,6 @@ impl<M: Machine> GuestMemory<M> {
             batching: false,
             #[cfg(debug_assertions)]
             unflushed: Default::default(),
-            oom: [const { AtomicBool::new(false) }; MAX_CPUS],
             cpus: AtomicU64::new(0),
         })
     }
@@ -186,7 +180,8 @@ impl<M: Machine> GuestMemory<M> {
 
     /// Break-before-make witness (`bbm.rs`, debug builds): `[ipa, +len)` was
     /// made invalid with its invalidation deferred.
-    pub(crate) fn bbm_note(&self, ipa: u64, len: u64) {
+    pub(crate) fn bbm_note(&self, ipa: Ipa, len: u64) {
+        let ipa = ipa.raw();
         #[cfg(debug_assertions)]
         self.unflushed.borrow_mut().note(ipa, len);
         let _ = (ipa, len);
@@ -199,7 +194,8 @@ impl<M: Machine> GuestMemory<M> {
     }
 
     /// A valid entry is about to be made at `[ipa, +len)`.
-    pub(crate) fn bbm_check_make(&self, ipa: u64, len: u64) {
+    pub(crate) fn bbm_check_make(&self, ipa: Ipa, len: u64) {
+        let ipa = ipa.raw();
         #[cfg(debug_assertions)]
         self.unflushed.borrow().check_make(ipa, len);
         let _ = (ipa, len);
@@ -220,12 +216,12 @@ impl<M: Machine> GuestMemory<M> {
 
     /// Sets the access flag of the leaf mapping `ipa` (software AF: the
     /// reclaim clock cleared it and the guest touched the page again).
-    pub fn mkyoung(&self, ipa: u64) -> bool {
+    pub fn mkyoung(&self, ipa: Ipa) -> bool {
         self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.
-    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+    pub fn pa_of(&self, ipa: Ipa) -> Option<Pa> {
         self.live()?.lookup(ipa).and_then(|l| l.pa_of(ipa))
     }
 
@@ -245,17 +241,6 @@ impl<M: Machine> GuestMemory<M> {
         if let Some(table) = self.table.take() {
             table.destroy(&self.tlb());
         }
-    }
-
-    /// Notes that an update on this CPU could not allocate a table page.
-    pub(crate) fn note_oom(&self) {
-        self.oom[self.machine.cpu_index()].store(true, Ordering::Relaxed);
-    }
-
-    /// Whether an update this CPU made since the last call could not
-    /// allocate a table page; clears it.
-    pub fn take_oom(&self) -> bool {
-        self.oom[self.machine.cpu_index()].swap(false, Ordering::Relaxed)
     }
 
     /// Starts deferring TLB invalidations to one flush (see `end_batch`).

@@ -7,7 +7,7 @@ use crate::locked::{LockedStage2, BLOCK_SIZE};
 use crate::machine::Machine;
 use crate::PAGE_SIZE;
 use rmap::lock::OrderedRwLock;
-use rmap::{RegionList, Rmap, S2Entry, Stage2, Stage2Locked, SwapStore};
+use rmap::{CasError, Ipa, PageState, RegionList, Rmap, Stage2, Stage2Locked, SwapStore};
 
 /// Linux's huge anonymous fault: the first touch of an empty 2 MiB-aligned
 /// chunk that the region covers maps 512 fresh zeroed frames with one block
@@ -20,13 +20,13 @@ pub fn fault_block<M, S>(
     regions: &OrderedRwLock<RegionList>,
     vm: &S,
     machine: &M,
-    ipa: u64,
+    ipa: Ipa,
 ) -> bool
 where
     M: Machine,
     S: for<'a> Stage2<Locked<'a> = LockedStage2<'a, M>>,
 {
-    let chunk = ipa & !(BLOCK_SIZE - 1);
+    let chunk = ipa.align_down(BLOCK_SIZE);
     let regions = regions.read();
     let Some(region) = regions.find(ipa) else {
         return false;
@@ -44,7 +44,7 @@ where
     };
     // Zeroed through our cacheable map: clean before the guest sees it.
     publish(machine, pa, BLOCK_SIZE);
-    let pfn = pa / PAGE_SIZE;
+    let pfn = pa.pfn();
     rmap.add_new_anon_block(pfn, pages, region, chunk);
     if !s2.map_block(chunk, pa) {
         rmap.remove_new_anon_block(pfn, pages, &Frames(machine));
@@ -63,8 +63,8 @@ pub fn release<M, S, W>(
     regions: &OrderedRwLock<RegionList>,
     vm: &S,
     (machine, swap): (&M, &W),
-    range: core::ops::Range<u64>,
-    mut released: impl FnMut(u64),
+    range: core::ops::Range<Ipa>,
+    mut released: impl FnMut(Ipa),
 ) -> Result<(), rmap::Error>
 where
     M: Machine,
@@ -72,8 +72,6 @@ where
     W: SwapStore,
 {
     let _regions = regions.read();
-    // A flag left by an earlier operation on this CPU is not this release's.
-    vm.lock().take_out_of_memory();
     let mut from = range.start;
     loop {
         let next = vm.lock().next_entry(from, range.end);
@@ -81,23 +79,20 @@ where
             return Ok(());
         };
         match entry {
-            S2Entry::Migration { pfn, .. } => {
+            PageState::Migrating { pfn, .. } => {
                 rmap.wait_frame_unlocked(pfn);
                 continue;
             }
-            _ if vm
-                .lock()
-                .compare_exchange(ipa, entry, S2Entry::Invalid)
-                .is_err() =>
-            {
-                if vm.lock().take_out_of_memory() {
-                    return Err(rmap::Error::OutOfFrames);
-                }
-                continue;
-            }
-            S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, &Frames(machine)),
-            S2Entry::Swap { slot } => rmap.put_swap(slot, swap, &Frames(machine)),
-            S2Entry::Invalid => {}
+            _ => match vm.lock().compare_exchange(ipa, entry, PageState::Invalid) {
+                Err(CasError::NoMemory) => return Err(rmap::Error::OutOfFrames),
+                Err(CasError::Changed(_)) => continue,
+                Ok(()) => {}
+            },
+        }
+        match entry {
+            PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, &Frames(machine)),
+            PageState::Swapped { slot } => rmap.put_swap(slot, swap, &Frames(machine)),
+            PageState::Migrating { .. } | PageState::Invalid => {}
         }
         released(ipa);
         from = ipa + PAGE_SIZE;

@@ -30,7 +30,8 @@ use crate::machine::Machine;
 use crate::vm::{GuestVm, MemCtx};
 use crate::PAGE_SIZE;
 use arrayvec::ArrayVec;
-use rmap::{S2Entry, Stage2Locked, SwapStore};
+use rmap::CasError as Refused;
+use rmap::{Ipa, PageState, Stage2Locked, SwapStore};
 
 /// Leaves cleared between two TLB invalidations (kept on the stack).
 const CHUNK: usize = 64;
@@ -46,7 +47,7 @@ pub enum RestoreError {
 
 /// A leaf of the VM cleared by a chunk's break step: its first IPA, its page
 /// count, and the entry its first page had.
-type Cleared = (u64, u64, S2Entry);
+type Cleared = (Ipa, u64, PageState);
 
 /// Makes every logged page of `vm` its snapshot's again. The caller holds
 /// `vm` quiesced; `snap` is frozen.
@@ -81,11 +82,11 @@ pub fn restore_dirty<M: Machine, V: GuestVm<M>, W: SwapStore>(
 
 /// The entry `snap` has at `ipa`, as the restored VM maps it (read-only);
 /// a migration entry is returned as it is.
-fn snapshot_entry_now<M: Machine, V: GuestVm<M>>(snap: &V, ipa: u64) -> S2Entry {
+fn snapshot_entry_now<M: Machine, V: GuestVm<M>>(snap: &V, ipa: Ipa) -> PageState {
     // Bound first: the stage-2 guard must be gone before anyone waits.
     let entry = snap.lock().lookup(ipa);
     match entry {
-        S2Entry::Page { pfn, .. } => S2Entry::Page {
+        PageState::Mapped { pfn, .. } => PageState::Mapped {
             pfn,
             writable: false,
         },
@@ -98,10 +99,10 @@ fn snapshot_entry_now<M: Machine, V: GuestVm<M>>(snap: &V, ipa: u64) -> S2Entry 
 /// the frame needs the snapshot's stage-2 lock to finish (lock order: frame,
 /// then stage 2). A guard kept alive through a `match` on `snap.lock()` once
 /// deadlocked exactly so (found by hvcfuzz under chaos).
-fn snapshot_entry<M: Machine, V: GuestVm<M>>(rmap: &rmap::Rmap, snap: &V, ipa: u64) -> S2Entry {
+fn snapshot_entry<M: Machine, V: GuestVm<M>>(rmap: &rmap::Rmap, snap: &V, ipa: Ipa) -> PageState {
     loop {
         match snapshot_entry_now(snap, ipa) {
-            S2Entry::Migration { pfn, .. } => rmap.wait_frame_unlocked(pfn),
+            PageState::Migrating { pfn, .. } => rmap.wait_frame_unlocked(pfn),
             other => return other,
         }
     }
@@ -114,9 +115,9 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
     cx: &MemCtx<'_, M, W>,
     vm: &V,
     snap: &V,
-    mut from: u64,
+    mut from: Ipa,
     cleared: &mut ArrayVec<Cleared, CHUNK>,
-) -> Result<Option<u64>, RestoreError> {
+) -> Result<Option<Ipa>, RestoreError> {
     while !cleared.is_full() {
         let Some(ipa) = vm.next_dirty(from) else {
             return Ok(None);
@@ -130,12 +131,12 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
                 vm.clear_dirty(ipa);
                 from = ipa + PAGE_SIZE;
             }
-            S2Entry::Migration { pfn, .. } => {
+            PageState::Migrating { pfn, .. } => {
                 drop(s2);
                 cx.rmap.wait_frame_unlocked(pfn);
             }
-            S2Entry::Invalid => {
-                cleared.push((ipa, 1, S2Entry::Invalid));
+            PageState::Invalid => {
+                cleared.push((ipa, 1, PageState::Invalid));
                 from = ipa + PAGE_SIZE;
             }
             _ => match s2.clear_leaf(ipa, have, vm.ram()) {
@@ -143,9 +144,10 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
                     cleared.push((start, pages, first));
                     from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                 }
-                // Still there: it cannot be cleared (a block that would need
-                // splitting; never for RAM, whose blocks lie inside it).
-                Err(found) if found == have => return Err(RestoreError::Memory),
+                // It cannot be cleared (a block that would need splitting;
+                // never for RAM, whose blocks lie inside it).
+                Err(Refused::NoMemory) => return Err(RestoreError::Memory),
+                Err(Refused::Changed(found)) if found == have => return Err(RestoreError::Memory),
                 // Changed since the lookup (a migration or reclaim of the
                 // frame got in between): look again.
                 Err(_) => {}
@@ -168,9 +170,9 @@ fn make_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
     for &(_, pages, first) in cleared {
         for i in 0..pages {
             match first.page(i) {
-                S2Entry::Page { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
-                S2Entry::Swap { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
-                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                PageState::Mapped { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
+                PageState::Swapped { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
+                PageState::Migrating { .. } | PageState::Invalid => {}
             }
         }
     }
@@ -192,7 +194,7 @@ fn install_from_snapshot<M: Machine, V: GuestVm<M>, W: SwapStore>(
     cx: &MemCtx<'_, M, W>,
     vm: &V,
     snap: &V,
-    ipa: u64,
+    ipa: Ipa,
 ) -> Result<(), rmap::Error> {
     loop {
         let target = snapshot_entry(cx.rmap, snap, ipa);
@@ -212,26 +214,24 @@ fn install_from_snapshot<M: Machine, V: GuestVm<M>, W: SwapStore>(
 fn install_shared<M: Machine, V: GuestVm<M>, W: SwapStore>(
     cx: &MemCtx<'_, M, W>,
     vm: &V,
-    ipa: u64,
-    entry: S2Entry,
+    ipa: Ipa,
+    entry: PageState,
 ) -> Result<(), rmap::Error> {
     match entry {
-        S2Entry::Page { pfn, .. } => cx.rmap.add_anon_rmap(pfn),
-        S2Entry::Swap { slot } => cx.swap.dup(slot),
+        PageState::Mapped { pfn, .. } => cx.rmap.add_anon_rmap(pfn),
+        PageState::Swapped { slot } => cx.swap.dup(slot),
         _ => return Ok(()),
     }
     let installed = {
         let mut s2 = vm.lock();
-        let r = s2.compare_exchange(ipa, S2Entry::Invalid, entry);
-        s2.take_out_of_memory();
-        r
+        s2.compare_exchange(ipa, PageState::Invalid, entry)
     };
     if installed.is_ok() {
         return Ok(());
     }
     match entry {
-        S2Entry::Page { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
-        S2Entry::Swap { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
+        PageState::Mapped { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
+        PageState::Swapped { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
         _ => {}
     }
     Err(rmap::Error::OutOfFrames)

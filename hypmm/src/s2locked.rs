@@ -6,22 +6,30 @@ use crate::machine::Machine;
 use crate::PAGE_SIZE;
 use alloc::vec::Vec;
 use core::cell::Cell;
-use rmap::{S2Entry, Stage2Locked};
+use rmap::CasError as Refused;
+use rmap::{Ipa, PageState, Stage2Locked};
 use stage2::{Batch, CasError, LeafInfo, Visitor, WalkAction};
 
-use crate::locked::{decode, encode, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE};
+use crate::locked::{
+    check_transition, decode, encode, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE,
+};
 
 impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
-    fn lookup(&self, ipa: u64) -> S2Entry {
+    fn lookup(&self, ipa: Ipa) -> PageState {
         let Some(table) = self.mem.live() else {
-            return S2Entry::Invalid;
+            return PageState::Invalid;
         };
         let leaf = table.lookup(ipa);
-        self.last.set(Some((ipa & !(PAGE_SIZE - 1), leaf)));
+        self.last.set(Some((ipa.page(), leaf)));
         decode(leaf, ipa)
     }
 
-    fn compare_exchange(&mut self, ipa: u64, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+    fn compare_exchange(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), Refused> {
         // Once the reclaim clock cleared an access flag, hardware AF may set
         // it between our lookup and the CAS: the same entry, so retry (AF
         // only goes 0 -> 1, so a few tries suffice; a persistent failure
@@ -29,7 +37,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         let mut tries = 0;
         loop {
             match self.cas(ipa, old, new) {
-                Err(found) if found == old && tries < 4 => tries += 1,
+                Err(Refused::Changed(found)) if found == old && tries < 4 => tries += 1,
                 r => return r,
             }
         }
@@ -37,10 +45,10 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
 
     fn compare_exchange_deferred(
         &mut self,
-        ipa: u64,
-        old: S2Entry,
-        new: S2Entry,
-    ) -> Result<(), S2Entry> {
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), Refused> {
         // Batched migration/reclaim: the invalidation waits for
         // `Stage2::flush_deferred`, which the batch calls before it copies.
         let was = core::mem::replace(&mut self.mem.batching, true);
@@ -54,9 +62,9 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
     /// a page still inside a block is split and changed the slow way.
     fn update_pages(
         &mut self,
-        ipas: &[u64],
-        decide: &mut dyn FnMut(usize, S2Entry) -> Option<S2Entry>,
-        applied: &mut dyn FnMut(usize, S2Entry, S2Entry),
+        ipas: &[Ipa],
+        decide: &mut dyn FnMut(usize, PageState) -> Option<PageState>,
+        applied: &mut dyn FnMut(usize, PageState, PageState),
     ) {
         self.last.set(None);
         if !self.mem.is_live() {
@@ -74,6 +82,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                 &mut |k, leaf| {
                     let old = decode(Some(*leaf), ipas[k]);
                     let new = decide(k, old)?;
+                    check_transition(old, new);
                     change.set(Some((old, new)));
                     Some(encode(new, enc))
                 },
@@ -87,10 +96,11 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                             // same frame back needs no break (same output
                             // address), and a new one is installed only after
                             // the batch's flush, so only Invalid/Swap count.
-                            if let (S2Entry::Page { .. }, true) =
-                                (old, matches!(new, S2Entry::Invalid | S2Entry::Swap { .. }))
-                            {
-                                self.mem.bbm_note(ipas[k] & !(PAGE_SIZE - 1), PAGE_SIZE);
+                            if let (PageState::Mapped { .. }, true) = (
+                                old,
+                                matches!(new, PageState::Invalid | PageState::Swapped { .. }),
+                            ) {
+                                self.mem.bbm_note(ipas[k].page(), PAGE_SIZE);
                             }
                             applied(k, old, new)
                         }
@@ -110,7 +120,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         }
     }
 
-    fn test_and_clear_young(&mut self, ipa: u64) -> bool {
+    fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
         self.last.set(None);
         self.mem.live().is_some_and(|t| t.test_and_clear_young(ipa))
     }
@@ -119,28 +129,29 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
     /// no split, so no table page is needed.
     fn clear_leaf(
         &mut self,
-        ipa: u64,
-        old: S2Entry,
-        within: core::ops::Range<u64>,
-    ) -> Result<(u64, u64, S2Entry), S2Entry> {
+        ipa: Ipa,
+        old: PageState,
+        within: core::ops::Range<Ipa>,
+    ) -> Result<(Ipa, u64, PageState), Refused> {
         self.last.set(None);
         let leaf = self.mem.live().and_then(|t| t.lookup(ipa));
         let Some(leaf) = leaf else {
-            return Err(S2Entry::Invalid);
+            return Err(Refused::Changed(PageState::Invalid));
         };
         let found = decode(Some(leaf), ipa);
         if found != old {
-            return Err(found);
+            return Err(Refused::Changed(found));
         }
         let whole = leaf.ipa >= within.start && leaf.ipa + leaf.size() <= within.end;
         if leaf.level == stage2::LAST_LEVEL || !whole {
-            let page = ipa & !(PAGE_SIZE - 1);
+            let page = ipa.page();
             return self
-                .compare_exchange_deferred(page, old, S2Entry::Invalid)
+                .compare_exchange_deferred(page, old, PageState::Invalid)
                 .map(|()| (page, 1, old));
         }
+        check_transition(old, PageState::Invalid);
         let was = core::mem::replace(&mut self.mem.batching, true);
-        let result = self.replace_leaf(&leaf, S2Entry::Invalid);
+        let result = self.replace_leaf(&leaf, PageState::Invalid);
         self.mem.batching = was;
         match result {
             Ok(()) => Ok((
@@ -148,8 +159,11 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                 leaf.size() / PAGE_SIZE,
                 decode(Some(leaf), leaf.ipa),
             )),
-            Err(CasError::Mismatch(d)) => Err(decode(LeafInfo::decode(ipa, leaf.level, d), ipa)),
-            Err(_) => Err(found),
+            Err(CasError::Mismatch(d)) => Err(Refused::Changed(decode(
+                LeafInfo::decode(ipa, leaf.level, d),
+                ipa,
+            ))),
+            Err(_) => Err(Refused::Changed(found)),
         }
     }
 
@@ -157,15 +171,15 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
     /// replacement only write-protects it, stays one block entry (fork).
     fn update_leaves(
         &mut self,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(u64, u64, S2Entry) -> Option<S2Entry>,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
     ) {
         self.last.set(None);
         let Some(table) = self.mem.live() else {
             return;
         };
-        let end = end.min(table.config().ipa_limit());
+        let end = end.min(Ipa::new(table.config().ipa_limit()));
         if start >= end {
             return;
         }
@@ -204,7 +218,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
 
     /// Groups consecutive items into runs, each mapped with one table call (a
     /// whole aligned 2 MiB run as one block entry).
-    fn fill_leaves(&mut self, leaves: &[(u64, u64, S2Entry)]) -> usize {
+    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, PageState)]) -> usize {
         self.last.set(None);
         if !self.mem.is_live() {
             return 0;
@@ -212,7 +226,8 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
-            let S2Entry::Page { pfn, writable } = entry else {
+            check_transition(PageState::Invalid, entry);
+            let PageState::Mapped { pfn, writable } = entry else {
                 if self.fill_hole(ipa, entry).is_err() {
                     return done;
                 }
@@ -223,7 +238,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
             while let Some(&(next_ipa, next_pages, next)) = leaves.get(done + items) {
                 let contiguous = next_ipa == ipa + len * PAGE_SIZE
                     && next
-                        == (S2Entry::Page {
+                        == (PageState::Mapped {
                             pfn: pfn + len,
                             writable,
                         });
@@ -249,8 +264,8 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         done
     }
 
-    fn next_entry(&self, from: u64, end: u64) -> Option<(u64, S2Entry)> {
-        struct First(Option<(u64, S2Entry)>, u64);
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
+        struct First(Option<(Ipa, PageState)>, Ipa);
         impl Visitor for First {
             fn leaf(&mut self, leaf: &LeafInfo) -> WalkAction {
                 // A block starting before `from` is reported from `from` on.
@@ -261,7 +276,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         }
         let mut first = First(None, from);
         let table = self.mem.live()?;
-        let end = end.min(table.config().ipa_limit());
+        let end = end.min(Ipa::new(table.config().ipa_limit()));
         if from >= end {
             return None;
         }

@@ -6,7 +6,7 @@ use crate::locked::LockedStage2;
 use crate::machine::Machine;
 use core::ops::Range;
 use rmap::lock::OrderedRwLock;
-use rmap::{RegionList, Rmap, Stage2, SwapStore};
+use rmap::{Ipa, RegionList, Rmap, Stage2, SwapStore};
 
 /// A VM's memory (hyp's `VmMemory`, or a host test's VM): rmap's `Stage2`
 /// over the adapter, its region list, its RAM and its dirty log. `'static`:
@@ -15,12 +15,12 @@ pub trait GuestVm<M: Machine>: 'static + for<'a> Stage2<Locked<'a> = LockedStage
     /// The VM's region list (DESIGN level 1).
     fn regions(&self) -> &OrderedRwLock<RegionList>;
     /// Guest RAM in the VM's IPA space.
-    fn ram(&self) -> Range<u64>;
+    fn ram(&self) -> Range<Ipa>;
     /// The first page at or after `from` whose entry may differ from the
     /// VM's latest snapshot (the dirty log), if any.
-    fn next_dirty(&self, from: u64) -> Option<u64>;
+    fn next_dirty(&self, from: Ipa) -> Option<Ipa>;
     /// The page at `ipa` is its snapshot's again.
-    fn clear_dirty(&self, ipa: u64);
+    fn clear_dirty(&self, ipa: Ipa);
 }
 
 /// What the memory operations work with: the reverse map, the machine (its

@@ -6,7 +6,7 @@ mod common;
 
 use common::{World, BLOCK_PAGES, RAM_BASE, RAM_PAGES};
 use hypmm::{BLOCK_SIZE, PAGE_SIZE};
-use rmap::{S2Entry, Skip};
+use rmap::{Ipa, Pa, PageState, Skip};
 use stage2::host::TlbCall;
 use std::sync::atomic::Ordering;
 
@@ -17,7 +17,8 @@ fn check_clean_before_map(w: &World, vms: Vec<std::sync::Arc<common::TestVm>>) {
     hw.tlb.set_hook(move |call| {
         if let TlbCall::CleanPoc { pa, len } = *call {
             for vm in &vms {
-                for ipa in (RAM_BASE..RAM_BASE + RAM_PAGES * PAGE_SIZE).step_by(4096) {
+                for ipa in (RAM_BASE.raw()..(RAM_BASE + RAM_PAGES * PAGE_SIZE).raw()).step_by(4096)
+                {
                     let mapped = common::walk(hw, vm.root, ipa);
                     let inside = mapped.is_some_and(|p| p >= pa && p < pa + len);
                     assert!(!inside, "frame {pa:#x} cleaned after {ipa:#x} mapped it");
@@ -38,17 +39,17 @@ fn first_touch_maps_a_block_and_cleans_it_first() {
     assert_eq!(w.level(&vm, ipa), Some(2), "one 2 MiB block entry");
     assert_eq!(vm.memory.lock().resident_pages(), BLOCK_PAGES);
     let pa = vm.memory.lock().pa_of(RAM_BASE).unwrap();
-    assert_eq!(pa % BLOCK_SIZE, 0);
+    assert!(pa.is_aligned(BLOCK_SIZE));
     assert_eq!(
         w.entry(&vm, ipa),
-        S2Entry::Page {
-            pfn: pa / PAGE_SIZE + 5,
+        PageState::Mapped {
+            pfn: pa.pfn() + 5,
             writable: true
         }
     );
     assert_eq!(
         w.hw().cleans(),
-        vec![(pa, BLOCK_SIZE)],
+        vec![(pa.raw(), BLOCK_SIZE)],
         "the block cleaned once"
     );
 }
@@ -69,11 +70,11 @@ fn a_page_fault_maps_one_cleaned_page_and_fwb_cleans_nothing() {
         if fwb {
             assert!(cleans.is_empty(), "FWB: nothing to clean, got {cleans:?}");
         } else {
-            assert_eq!(cleans, vec![(pa, PAGE_SIZE)]);
+            assert_eq!(cleans, vec![(pa.raw(), PAGE_SIZE)]);
         }
         let lookup = w.entry(&vm, ipa);
-        let expected = S2Entry::Page {
-            pfn: pa / PAGE_SIZE,
+        let expected = PageState::Mapped {
+            pfn: pa.pfn(),
             writable: true,
         };
         assert_eq!(lookup, expected);
@@ -85,7 +86,7 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
     let w = World::new(false);
     let parent = w.vm(1, RAM_PAGES);
     w.access(&parent, RAM_BASE, true);
-    let block_pfn = parent.memory.lock().pa_of(RAM_BASE).unwrap() / PAGE_SIZE;
+    let block_pfn = parent.memory.lock().pa_of(RAM_BASE).unwrap().pfn();
     w.hw().frames.write_value(block_pfn + 7, 77);
     let child = w.empty_vm(2);
     w.hw().tlb.take();
@@ -101,7 +102,7 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
     );
     for vm in [&parent, &child] {
         assert_eq!(w.level(vm, RAM_BASE), Some(2));
-        let ro = S2Entry::Page {
+        let ro = PageState::Mapped {
             pfn: block_pfn + 7,
             writable: false,
         };
@@ -114,7 +115,7 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
     check_clean_before_map(&w, vec![child.clone()]);
     let ipa = RAM_BASE + 7 * PAGE_SIZE;
     w.access(&child, ipa, true);
-    let S2Entry::Page {
+    let PageState::Mapped {
         pfn,
         writable: true,
     } = w.entry(&child, ipa)
@@ -125,13 +126,13 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
     assert_eq!(w.hw().frames.read_value(pfn), 77, "contents copied");
     assert_eq!(w.level(&child, ipa), Some(3), "the child's block was split");
     let neighbour = RAM_BASE + 8 * PAGE_SIZE;
-    let shared = S2Entry::Page {
+    let shared = PageState::Mapped {
         pfn: block_pfn + 8,
         writable: false,
     };
     assert_eq!(w.entry(&child, neighbour), shared);
-    assert_eq!(w.hw().cleans(), vec![(pfn * PAGE_SIZE, PAGE_SIZE)]);
-    let ro = S2Entry::Page {
+    assert_eq!(w.hw().cleans(), vec![(pfn.pa().raw(), PAGE_SIZE)]);
+    let ro = PageState::Mapped {
         pfn: block_pfn + 7,
         writable: false,
     };
@@ -144,7 +145,7 @@ fn migration_moves_a_page_and_frees_the_old_frame_after_the_flush() {
     let vm = w.vm(1, 16);
     let ipa = RAM_BASE + 2 * PAGE_SIZE;
     w.access(&vm, ipa, true);
-    let old = vm.memory.lock().pa_of(ipa).unwrap() / PAGE_SIZE;
+    let old = vm.memory.lock().pa_of(ipa).unwrap().pfn();
     w.hw().frames.write_value(old, 1234);
     let mut out = Vec::new();
     let frames = hypmm::Frames(&w.m);
@@ -154,13 +155,13 @@ fn migration_moves_a_page_and_frees_the_old_frame_after_the_flush() {
         ref r => panic!("migration failed: {r:?}"),
     };
     assert_ne!(new, old);
-    let moved = S2Entry::Page {
+    let moved = PageState::Mapped {
         pfn: new,
         writable: true,
     };
     assert_eq!(w.entry(&vm, ipa), moved);
     assert_eq!(w.hw().frames.read_value(new), 1234);
-    assert!(w.hw().freed.lock().unwrap().contains(&(old * PAGE_SIZE)));
+    assert!(w.hw().freed.lock().unwrap().contains(&old.pa().raw()));
     // A second migration of the frame now unmapped is skipped, not a panic.
     out.clear();
     w.rmap.migrate_frames(&w.vms, &frames, &[old], &mut out);
@@ -179,17 +180,24 @@ fn release_splits_a_block_and_teardown_frees_everything() {
 
     let range = RAM_BASE + 2 * PAGE_SIZE..RAM_BASE + 5 * PAGE_SIZE;
     let released = w.release(&vm, range).expect("release");
-    let expect: Vec<u64> = (2..5).map(|i| RAM_BASE + i * PAGE_SIZE).collect();
+    let expect: Vec<Ipa> = (2..5).map(|i| RAM_BASE + i * PAGE_SIZE).collect();
     assert_eq!(released, expect);
     for &ipa in &expect {
-        assert_eq!(w.entry(&vm, ipa), S2Entry::Invalid);
+        assert_eq!(w.entry(&vm, ipa), PageState::Invalid);
     }
     assert_eq!(w.level(&vm, RAM_BASE), Some(3), "the block was split");
     assert_eq!(
         vm.memory.lock().pa_of(RAM_BASE + 5 * PAGE_SIZE),
         Some(block + 5 * PAGE_SIZE)
     );
-    let freed = w.hw().freed.lock().unwrap().clone();
+    let freed: Vec<Pa> = w
+        .hw()
+        .freed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&p| Pa::new(p))
+        .collect();
     assert_eq!(
         freed,
         vec![
@@ -217,7 +225,7 @@ fn table_exhaustion_is_an_error_not_a_panic() {
     w.hw().tables.fail_after(Some(0));
     let r = w.fault(&vm, RAM_BASE, true);
     assert_eq!(r, Err(rmap::Error::OutOfFrames));
-    assert_eq!(w.entry(&vm, RAM_BASE), S2Entry::Invalid);
+    assert_eq!(w.entry(&vm, RAM_BASE), PageState::Invalid);
     assert_eq!(
         w.hw().frames.allocated(),
         frames_before,
@@ -242,7 +250,7 @@ fn invalidations_stay_local_until_another_cpu_loads_the_vm() {
     let local = || w.hw().local_flushes.load(Ordering::SeqCst);
     let before = local();
     let frames = hypmm::Frames(&w.m);
-    let pfn = vm.memory.lock().pa_of(RAM_BASE).unwrap() / PAGE_SIZE;
+    let pfn = vm.memory.lock().pa_of(RAM_BASE).unwrap().pfn();
     let mut out = Vec::new();
     w.rmap.migrate_frames(&w.vms, &frames, &[pfn], &mut out);
     assert!(local() > before, "only CPU 0 ran the VM: a local flush");

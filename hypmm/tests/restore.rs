@@ -6,10 +6,10 @@ mod common;
 
 use common::{TestVm, World, BLOCK_PAGES, RAM_BASE, RAM_PAGES};
 use hypmm::{RestoreError, PAGE_SIZE};
-use rmap::{S2Entry, Stage2, Stage2Locked};
+use rmap::{PageState, Stage2, Stage2Locked};
 
 /// Every page of `vm`'s RAM as rmap sees it.
-fn entries(vm: &TestVm) -> Vec<S2Entry> {
+fn entries(vm: &TestVm) -> Vec<PageState> {
     let s2 = vm.lock();
     (0..RAM_PAGES)
         .map(|i| s2.lookup(RAM_BASE + i * PAGE_SIZE))
@@ -17,9 +17,9 @@ fn entries(vm: &TestVm) -> Vec<S2Entry> {
 }
 
 /// The snapshot's entries as the restored VM maps them: read-only.
-fn read_only(list: Vec<S2Entry>) -> Vec<S2Entry> {
+fn read_only(list: Vec<PageState>) -> Vec<PageState> {
     let ro = |e| match e {
-        S2Entry::Page { pfn, .. } => S2Entry::Page {
+        PageState::Mapped { pfn, .. } => PageState::Mapped {
             pfn,
             writable: false,
         },
@@ -86,7 +86,7 @@ fn reset_then_fork_is_the_slow_path_to_the_same_memory() {
     let (vm, snap) = changed_vm(&w);
     let want = read_only(entries(&snap));
     hypmm::reset_memory(&w.cx(), &*vm);
-    assert!(entries(&vm).iter().all(|e| *e == S2Entry::Invalid));
+    assert!(entries(&vm).iter().all(|e| *e == PageState::Invalid));
     assert!(vm.memory.lock().is_live(), "the table and VMID are kept");
     w.fork(&snap, &vm);
     assert_eq!(entries(&vm), want);

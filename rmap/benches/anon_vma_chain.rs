@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-const RAM: Ipa = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 const PAGES: u64 = 1000;
 
 /// A pre-2010 anon_vma: every region of the fork family on one list.
@@ -70,7 +70,7 @@ fn build(children: usize) -> Setup {
     family.push(grandchild.id);
     let ipa = page_ipa(RAM, PAGES / 2);
     let pfn = first.s2.lock().lookup(ipa).pfn().unwrap();
-    let pgoff = RAM / PAGE_SIZE;
+    let pgoff = RAM.page_index();
     let flat = FlatFamily {
         regions: spin::RwLock::new(family.iter().map(|&vm| (vm, RAM, pgoff)).collect()),
     };

@@ -3,62 +3,32 @@
 //! plain in-memory implementations for tests.
 
 use crate::{Ipa, Pfn, VmId};
+pub use mmtypes::PageState;
 
-/// A stage-2 leaf (or its software encoding in an invalid descriptor).
+/// Why a stage-2 change was not made. Out of memory is a value here, returned by the change
+/// that needed the table page, not a flag the caller reads later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum S2Entry {
-    /// Nothing mapped.
-    Invalid,
-    /// A valid page mapping.
-    Page {
-        /// The host frame.
-        pfn: Pfn,
-        /// Writable (false for copy-on-write sharing).
-        writable: bool,
-    },
-    /// The frame is being moved (migration or reclaim); a fault waits until the frame's lock
-    /// bit clears and retries.
-    Migration {
-        /// The frame being moved.
-        pfn: Pfn,
-        /// Whether the mapping was writable.
-        writable: bool,
-    },
-    /// The page's contents are in the swap store.
-    Swap {
-        /// The store's slot.
-        slot: u64,
-    },
-}
-
-impl S2Entry {
-    /// The entry for page `i` of a leaf whose first page is `self` (frames are consecutive).
-    pub fn page(self, i: u64) -> S2Entry {
-        match self {
-            S2Entry::Page { pfn, writable } => S2Entry::Page {
-                pfn: pfn + i,
-                writable,
-            },
-            other => other,
-        }
-    }
-
-    /// The frame this entry refers to (page or migration entry).
-    pub fn pfn(self) -> Option<Pfn> {
-        match self {
-            S2Entry::Page { pfn, .. } | S2Entry::Migration { pfn, .. } => Some(pfn),
-            _ => None,
-        }
-    }
+pub enum CasError {
+    /// The slot no longer holds the expected state; it holds this one.
+    Changed(PageState),
+    /// The change needed a stage-2 table page (a last-level table to create, a block to
+    /// split) and none was left; the slot still holds the expected state.
+    NoMemory,
 }
 
 /// A VM's stage-2 table while its lock is held (lock order level 4). Implementations do the
 /// TLB maintenance a change needs (break-before-make) inside `compare_exchange`.
 pub trait Stage2Locked {
     /// The leaf at `ipa`.
-    fn lookup(&self, ipa: Ipa) -> S2Entry;
-    /// Replaces the leaf at `ipa` if it still is `old`; returns what was there otherwise.
-    fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry>;
+    fn lookup(&self, ipa: Ipa) -> PageState;
+    /// Replaces the leaf at `ipa` if it still is `old`; otherwise says what was there, or
+    /// that the table could not grow for the change.
+    fn compare_exchange(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError>;
     /// Clears the access flag of a valid leaf; returns whether it was set.
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool;
     /// Like `compare_exchange`, but the TLB invalidation that replacing a valid leaf with an
@@ -69,9 +39,9 @@ pub trait Stage2Locked {
     fn compare_exchange_deferred(
         &mut self,
         ipa: Ipa,
-        old: S2Entry,
-        new: S2Entry,
-    ) -> Result<(), S2Entry> {
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
         self.compare_exchange(ipa, old, new)
     }
     /// Changes many pages of this VM under one lock hold (batched migration and reclaim): for
@@ -85,12 +55,12 @@ pub trait Stage2Locked {
     fn update_pages(
         &mut self,
         ipas: &[Ipa],
-        decide: &mut dyn FnMut(usize, S2Entry) -> Option<S2Entry>,
-        applied: &mut dyn FnMut(usize, S2Entry, S2Entry),
+        decide: &mut dyn FnMut(usize, PageState) -> Option<PageState>,
+        applied: &mut dyn FnMut(usize, PageState, PageState),
     ) {
         for (k, &ipa) in ipas.iter().enumerate() {
             let old = self.lookup(ipa);
-            if old == S2Entry::Invalid {
+            if old == PageState::Invalid {
                 continue;
             }
             if let Some(new) = decide(k, old) {
@@ -108,21 +78,22 @@ pub trait Stage2Locked {
     /// invalidation is left pending as [`Stage2Locked::compare_exchange_deferred`] leaves it:
     /// the caller flushes ([`Stage2::flush_deferred`]) before it frees what the leaf mapped.
     /// Returns the leaf's first IPA, its page count and the old entry of its first page, or
-    /// what is at `ipa` if it is not `old` or could not be cleared. The default clears a page.
+    /// what is at `ipa` if it is not `old`, or `NoMemory` if it could not be cleared for want
+    /// of a table page to split a block. The default clears a page.
     fn clear_leaf(
         &mut self,
         ipa: Ipa,
-        old: S2Entry,
+        old: PageState,
         within: core::ops::Range<Ipa>,
-    ) -> Result<(Ipa, u64, S2Entry), S2Entry> {
+    ) -> Result<(Ipa, u64, PageState), CasError> {
         let _ = within;
-        let page = ipa & !(crate::PAGE_SIZE - 1);
-        self.compare_exchange_deferred(page, old, S2Entry::Invalid)
+        let page = ipa.page();
+        self.compare_exchange_deferred(page, old, PageState::Invalid)
             .map(|()| (page, 1, old))
     }
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
-    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)>;
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)>;
 
     /// Visits every non-invalid leaf in `[start, end)` in IPA order; `f` returns a
     /// replacement for the entry, or `None` to leave it. Fork write-protects a parent with
@@ -132,7 +103,7 @@ pub trait Stage2Locked {
         &mut self,
         start: Ipa,
         end: Ipa,
-        f: &mut dyn FnMut(Ipa, S2Entry) -> Option<S2Entry>,
+        f: &mut dyn FnMut(Ipa, PageState) -> Option<PageState>,
     ) {
         let mut from = start;
         while let Some((ipa, entry)) = self.next_entry(from, end) {
@@ -153,7 +124,7 @@ pub trait Stage2Locked {
         &mut self,
         start: Ipa,
         end: Ipa,
-        f: &mut dyn FnMut(Ipa, u64, S2Entry) -> Option<S2Entry>,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
     ) {
         self.update_range(start, end, &mut |ipa, entry| f(ipa, 1, entry));
     }
@@ -162,20 +133,20 @@ pub trait Stage2Locked {
     /// page)`); returns how many items were installed. The default installs page by page.
     /// Fork fills a child with its parent's frames, already mapped (and so coherent with the
     /// instruction cache) there: an implementation need not do I-cache maintenance again.
-    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, S2Entry)]) -> usize {
+    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, PageState)]) -> usize {
         for (n, &(ipa, pages, entry)) in leaves.iter().enumerate() {
             let page = |i: u64| (ipa + i * crate::PAGE_SIZE, entry.page(i));
             let done = (0..pages)
                 .take_while(|&i| {
                     let (at, e) = page(i);
-                    self.compare_exchange(at, S2Entry::Invalid, e).is_ok()
+                    self.compare_exchange(at, PageState::Invalid, e).is_ok()
                 })
                 .count() as u64;
             if done < pages {
                 // Take this item's pages out again so the count stays exact.
                 for i in 0..done {
                     let (at, e) = page(i);
-                    let _ = self.compare_exchange(at, e, S2Entry::Invalid);
+                    let _ = self.compare_exchange(at, e, PageState::Invalid);
                 }
                 return n;
             }
@@ -185,10 +156,10 @@ pub trait Stage2Locked {
 
     /// Installs `entries` (ascending IPAs) into empty slots; returns how many were installed
     /// before the first failure (the table could not grow). Fork fills a child with this.
-    fn fill(&mut self, entries: &[(Ipa, S2Entry)]) -> usize {
+    fn fill(&mut self, entries: &[(Ipa, PageState)]) -> usize {
         entries
             .iter()
-            .take_while(|(ipa, e)| self.compare_exchange(*ipa, S2Entry::Invalid, *e).is_ok())
+            .take_while(|(ipa, e)| self.compare_exchange(*ipa, PageState::Invalid, *e).is_ok())
             .count()
     }
 }

@@ -11,7 +11,7 @@
 //! → root anon_vma (read, 3) → stage-2 (4) → allocator (5), as `migrate_frame`; a batch holds
 //! several frame locks at once, all taken with try-lock, so it never waits at level 2.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, SwapStore, VmSet};
+use crate::backend::{FrameAllocator, PageState, Stage2, SwapStore, VmSet};
 use crate::frame::{FrameGuard, BATCH_FRAME_LOCK};
 use crate::lock::lockdep;
 use crate::walk::{AnonRef, Mapper};
@@ -114,7 +114,7 @@ impl Rmap {
         self.remap_taken(
             &taken,
             vms,
-            |k, writable| S2Entry::Page {
+            |k, writable| PageState::Mapped {
                 pfn: taken[k].target(),
                 writable,
             },
@@ -146,15 +146,15 @@ impl Rmap {
             &taken,
             vms,
             |k, writable| match slots[k] {
-                Some(slot) => S2Entry::Swap { slot },
+                Some(slot) => PageState::Swapped { slot },
                 // The store refused it: the frame's own mappings go back.
-                None => S2Entry::Page {
+                None => PageState::Mapped {
                     pfn: taken[k].pfn,
                     writable,
                 },
             },
             |k, new| match new {
-                S2Entry::Swap { slot } => swap.dup(slot),
+                PageState::Swapped { slot } => swap.dup(slot),
                 _ => self.add_anon_rmap(taken[k].pfn),
             },
         );
@@ -196,7 +196,7 @@ impl Rmap {
                 group,
                 vms,
                 |i, m| match m.entry {
-                    S2Entry::Page { writable, .. } => Some(S2Entry::Migration {
+                    PageState::Mapped { writable, .. } => Some(PageState::Migrating {
                         pfn: group[i].pfn,
                         writable,
                     }),
@@ -297,8 +297,8 @@ impl Rmap {
         &self,
         taken: &[Taken<'_>],
         vms: &V,
-        replacement: impl Fn(usize, bool) -> S2Entry,
-        mut installed: impl FnMut(usize, S2Entry),
+        replacement: impl Fn(usize, bool) -> PageState,
+        mut installed: impl FnMut(usize, PageState),
     ) {
         for (base, group) in groups(taken) {
             let (mut wanted, mut done) = (0usize, 0usize);
@@ -306,7 +306,7 @@ impl Rmap {
                 group,
                 vms,
                 |i, m| match m.entry {
-                    S2Entry::Migration { writable, .. } => {
+                    PageState::Migrating { writable, .. } => {
                         wanted += 1;
                         Some(replacement(base + i, writable))
                     }
@@ -327,8 +327,8 @@ impl Rmap {
         &self,
         group: &[Taken<'_>],
         vms: &V,
-        decide: impl FnMut(usize, &Mapper) -> Option<S2Entry>,
-        applied: impl FnMut(usize, &Mapper, S2Entry),
+        decide: impl FnMut(usize, &Mapper) -> Option<PageState>,
+        applied: impl FnMut(usize, &Mapper, PageState),
     ) {
         let items: Vec<(u64, Pfn)> = group.iter().map(|t| (t.index, t.pfn)).collect();
         self.walk_batch(group[0].pin.handle(), &items, vms, decide, applied);
@@ -346,7 +346,7 @@ impl Rmap {
     fn restore_mappings<V: VmSet>(&self, pin: &AnonRef<'_>, index: u64, pfn: Pfn, vms: &V) {
         self.remove_migration_entries(pin, index, pfn, vms, |writable| {
             self.add_anon_rmap(pfn);
-            S2Entry::Page { pfn, writable }
+            PageState::Mapped { pfn, writable }
         });
     }
 

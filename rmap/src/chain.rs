@@ -55,7 +55,7 @@ impl Chain {
         ChainInfo {
             anon_vma: AnonHandle::from_raw(self.anon_vma.load(Ordering::Relaxed)),
             vm: VmId(self.vm.load(Ordering::Relaxed)),
-            start: self.start.load(Ordering::Relaxed),
+            start: Ipa::new(self.start.load(Ordering::Relaxed)),
             pgoff: self.pgoff.load(Ordering::Relaxed),
             pages: self.pages.load(Ordering::Relaxed),
             flags: RegionFlags::from_bits(self.flags.load(Ordering::Relaxed)),
@@ -83,7 +83,7 @@ impl Rmap {
             .alloc(|_, c| {
                 c.anon_vma.store(anon_vma.raw(), Ordering::Relaxed);
                 c.vm.store(vm.0, Ordering::Relaxed);
-                c.start.store(region.start(), Ordering::Relaxed);
+                c.start.store(region.start().raw(), Ordering::Relaxed);
                 c.pgoff.store(region.pgoff(), Ordering::Relaxed);
                 c.pages.store(region.pages(), Ordering::Relaxed);
                 c.flags.store(region.flags().bits(), Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! Region and VM teardown: zap the leaves, unlink from the reverse map, and only then let the
 //! stage-2 tables go (lesson 5: every table an rmap walk can reach is alive).
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::region::{Region, RegionList};
 use crate::{Ipa, Rmap, VmId, PAGE_SIZE};
 use core::ops::Range;
@@ -21,7 +21,7 @@ impl UnlinkProof {
     pub(crate) fn forged_for_test(vm: VmId) -> Self {
         UnlinkProof {
             vm,
-            range: 0..Ipa::MAX,
+            range: Ipa::ZERO..Ipa::MAX,
         }
     }
 
@@ -56,7 +56,7 @@ impl Rmap {
         }
         UnlinkProof {
             vm: list.vm(),
-            range: 0..Ipa::MAX,
+            range: Ipa::ZERO..Ipa::MAX,
         }
     }
 
@@ -78,14 +78,14 @@ impl Rmap {
         }
         s2.free_tables(UnlinkProof {
             vm: list.vm(),
-            range: 0..Ipa::MAX,
+            range: Ipa::ZERO..Ipa::MAX,
         });
         for mut region in regions {
             self.unlink_region(&mut region);
         }
         UnlinkProof {
             vm: list.vm(),
-            range: 0..Ipa::MAX,
+            range: Ipa::ZERO..Ipa::MAX,
         }
     }
 
@@ -134,7 +134,7 @@ impl Rmap {
     ) {
         let mut from = region.start();
         loop {
-            let mut cleared = [(0, 0, S2Entry::Invalid); ZAP_CHUNK];
+            let mut cleared = [(Ipa::ZERO, 0, PageState::Invalid); ZAP_CHUNK];
             let mut n = 0;
             {
                 let mut table = s2.lock();
@@ -149,7 +149,7 @@ impl Rmap {
                             from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                         }
                         // Changed under us (a hardware access-flag update): look again.
-                        Err(found) if found != entry => {}
+                        Err(CasError::Changed(found)) if found != entry => {}
                         // Cannot be cleared (a block across the region's end with no table page
                         // to split it): leave it. Its frames stay referenced, so they leak
                         // rather than be freed while mapped; the table goes with the VM.
@@ -164,9 +164,9 @@ impl Rmap {
             for &(_, pages, first) in &cleared[..n] {
                 for i in 0..pages {
                     match first.page(i) {
-                        S2Entry::Page { pfn, .. } => self.remove_rmap(pfn, alloc),
-                        S2Entry::Swap { slot } => self.put_swap(slot, swap, alloc),
-                        S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                        PageState::Mapped { pfn, .. } => self.remove_rmap(pfn, alloc),
+                        PageState::Swapped { slot } => self.put_swap(slot, swap, alloc),
+                        PageState::Migrating { .. } | PageState::Invalid => {}
                     }
                 }
             }

@@ -1,10 +1,10 @@
 //! Stage-2 fault handling over the reverse map: demand-zero, copy-on-write (reuse a solely
 //! owned frame by re-homing it, or copy), swap-in, and waiting out a migration entry.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::lock::OrderedRwLock;
 use crate::region::{Region, RegionList};
-use crate::{Error, Ipa, Pfn, Rmap, PAGE_SIZE};
+use crate::{Error, Ipa, Pfn, Rmap};
 
 /// What the faulting vCPU does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +37,7 @@ impl Rmap {
         ipa: Ipa,
         write: bool,
     ) -> Result<Fault, Error> {
-        let ipa = ipa & !(PAGE_SIZE - 1);
+        let ipa = ipa.page();
         {
             let list = regions.read();
             let region = list.find(ipa).ok_or(Error::NoRegion)?;
@@ -68,23 +68,23 @@ impl Rmap {
                 // and drop its reference, and without ours the slot could be freed and
                 // reused for another page while we load it (Linux's `do_swap_page` holds the
                 // swap entry likewise, and re-checks `pte_same` before installing: our CAS).
-                S2Entry::Swap { slot } if !take_swap_ref(swap, slot) => {
+                PageState::Swapped { slot } if !take_swap_ref(swap, slot) => {
                     return Ok(Fault::Retry(None))
                 }
                 _ => entry,
             }
         };
         match entry {
-            S2Entry::Invalid => {
+            PageState::Invalid => {
                 self.fault_new_frame_from(region, s2, alloc, ipa, entry, None::<fn(Pfn)>)
             }
-            S2Entry::Page {
+            PageState::Mapped {
                 pfn,
                 writable: false,
             } if write => self.fault_cow(region, s2, alloc, ipa, pfn),
-            S2Entry::Page { .. } => Ok(Fault::Done),
-            S2Entry::Migration { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
-            S2Entry::Swap { slot } => {
+            PageState::Mapped { .. } => Ok(Fault::Done),
+            PageState::Migrating { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
+            PageState::Swapped { slot } => {
                 let done = self.fault_swap(region, s2, alloc, swap, ipa, slot);
                 // Our reference goes on every path, through `put_swap`: it may be the last
                 // one besides the swap cache's, which must then let go too.
@@ -114,7 +114,7 @@ impl Rmap {
             return self.fault_swap_cached(region, s2, alloc, swap, ipa, slot);
         }
         let load = |pfn| swap.load(slot, pfn);
-        let entry = S2Entry::Swap { slot };
+        let entry = PageState::Swapped { slot };
         let done = self.fault_new_frame_from(region, s2, alloc, ipa, entry, Some(load))?;
         if done == Fault::Done {
             // The replaced entry's reference.
@@ -138,7 +138,7 @@ impl Rmap {
         s2: &S,
         alloc: &A,
         ipa: Ipa,
-        old: S2Entry,
+        old: PageState,
         fill: Option<impl FnOnce(Pfn)>,
     ) -> Result<Fault, Error> {
         let pfn = match fill {
@@ -150,7 +150,7 @@ impl Rmap {
             None => self.alloc_frame(alloc)?,
         };
         self.add_new_anon_rmap(pfn, region, ipa, true);
-        let new = S2Entry::Page {
+        let new = PageState::Mapped {
             pfn,
             writable: true,
         };
@@ -159,7 +159,7 @@ impl Rmap {
             self.remove_rmap(pfn, alloc);
         }
         self.put_frame(pfn, alloc);
-        Ok(installed.map_or(Fault::Retry(None), |_| Fault::Done))
+        cas_outcome(installed)
     }
 
     /// A write to a read-only (CoW) page. Linux's `do_wp_page`: a frame this region solely maps
@@ -183,7 +183,7 @@ impl Rmap {
         let guard = self.frames.lock(pfn);
         #[cfg(feature = "mutate-lock-order")]
         drop(early);
-        let old = S2Entry::Page {
+        let old = PageState::Mapped {
             pfn,
             writable: false,
         };
@@ -194,16 +194,13 @@ impl Rmap {
             } else if frame.mapcount() == 1 && frame.refcount() == 2 {
                 // Sole owner (one mapping plus our pin): reuse instead of copying.
                 self.move_anon_rmap(&guard, region);
-                let new = S2Entry::Page {
+                let new = PageState::Mapped {
                     pfn,
                     writable: true,
                 };
                 // Checked under the lock, so only a table that cannot grow
-                // (a block to split) fails here: the caller sees no progress.
-                match table.compare_exchange(ipa, old, new) {
-                    Ok(()) => Ok(Fault::Done),
-                    Err(_) => Ok(Fault::Retry(None)),
-                }
+                // (a block to split) fails here: out of memory.
+                cas_outcome(table.compare_exchange(ipa, old, new))
             } else {
                 drop(table);
                 self.cow_copy(region, s2, alloc, ipa, pfn)
@@ -222,7 +219,7 @@ impl Rmap {
         ipa: Ipa,
         pfn: Pfn,
     ) -> Result<Fault, Error> {
-        let old = S2Entry::Page {
+        let old = PageState::Mapped {
             pfn,
             writable: false,
         };
@@ -238,5 +235,15 @@ impl Rmap {
             self.remove_rmap(pfn, alloc);
         }
         Ok(done)
+    }
+}
+
+/// A fault's installing change as the fault's outcome: done, retried when the entry changed
+/// under it, and out of memory, as an error, when the table could not grow for it.
+pub(crate) fn cas_outcome(installed: Result<(), CasError>) -> Result<Fault, Error> {
+    match installed {
+        Ok(()) => Ok(Fault::Done),
+        Err(CasError::Changed(_)) => Ok(Fault::Retry(None)),
+        Err(CasError::NoMemory) => Err(Error::OutOfFrames),
     }
 }

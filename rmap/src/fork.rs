@@ -1,7 +1,7 @@
 //! VM fork: regions cloned, chains linked (Linux's `anon_vma_fork` / `anon_vma_clone`), then
 //! stage-2 entries copied read-only, in time proportional to the mapped entries.
 
-use crate::backend::{S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
 use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
 use alloc::vec::Vec;
@@ -97,10 +97,10 @@ impl Rmap {
         const CHUNK: u64 = 512 * PAGE_SIZE;
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
-        let mut batch: Vec<(Ipa, u64, S2Entry)> = Vec::with_capacity(512);
+        let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(512);
         let mut start = region.start();
         while start < region.end() {
-            let end = ((start / CHUNK + 1) * CHUNK).min(region.end());
+            let end = (start.align_down(CHUNK) + CHUNK).min(region.end());
             batch.clear();
             let mut too_many = false;
             parent.update_leaves(start, end, &mut |ipa, pages, entry| {
@@ -108,7 +108,7 @@ impl Rmap {
                     return None;
                 }
                 let Some(shared) = self.share_entry(entry, pages, swap) else {
-                    too_many = entry != S2Entry::Invalid;
+                    too_many = entry != PageState::Invalid;
                     return None;
                 };
                 batch.push((ipa, pages, shared));
@@ -137,47 +137,52 @@ impl Rmap {
     /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
     /// one more reference on each frame). None for an invalid entry, and when a frame already
     /// has the map limit's mappings or the swap slot as many references (nothing taken).
-    fn share_entry<W: SwapStore>(&self, entry: S2Entry, pages: u64, swap: &W) -> Option<S2Entry> {
+    fn share_entry<W: SwapStore>(
+        &self,
+        entry: PageState,
+        pages: u64,
+        swap: &W,
+    ) -> Option<PageState> {
         match entry {
-            S2Entry::Page { pfn, .. } => {
-                for p in pfn..pfn + pages {
+            PageState::Mapped { pfn, .. } => {
+                for p in pfn.run(pages) {
                     if !self.frames.frame(p).try_inc_map(self.map_limit) {
-                        (pfn..p).for_each(|q| {
+                        pfn.run(p - pfn).for_each(|q| {
                             let last = self.frames.frame(q).dec_map();
                             debug_assert!(!last, "the parent still maps it");
                         });
                         return None;
                     }
                 }
-                Some(S2Entry::Page {
+                Some(PageState::Mapped {
                     pfn,
                     writable: false,
                 })
             }
-            S2Entry::Migration { pfn, .. } => Some(S2Entry::Migration {
+            PageState::Migrating { pfn, .. } => Some(PageState::Migrating {
                 pfn,
                 writable: false,
             }),
-            S2Entry::Swap { slot } => {
+            PageState::Swapped { slot } => {
                 if swap.refs(slot).is_some_and(|r| r >= self.map_limit) {
                     return None;
                 }
                 swap.dup(slot);
                 Some(entry)
             }
-            S2Entry::Invalid => None,
+            PageState::Invalid => None,
         }
     }
 
     /// Drops the references `share_entry` took for an entry that was not installed. The
     /// parent still maps the frames, so this never frees one.
-    fn unshare_entry<W: SwapStore>(&self, entry: S2Entry, pages: u64, swap: &W) {
+    fn unshare_entry<W: SwapStore>(&self, entry: PageState, pages: u64, swap: &W) {
         match entry {
-            S2Entry::Page { pfn, .. } => (pfn..pfn + pages).for_each(|p| {
+            PageState::Mapped { pfn, .. } => pfn.run(pages).for_each(|p| {
                 let last = self.frames.frame(p).dec_map();
                 debug_assert!(!last, "the parent still maps it");
             }),
-            S2Entry::Swap { slot } => swap.put(slot),
+            PageState::Swapped { slot } => swap.put(slot),
             _ => {}
         }
     }

@@ -261,7 +261,7 @@ impl FrameTable {
 
     /// The metadata of `pfn`, if in range.
     pub fn get(&self, pfn: Pfn) -> Option<&Frame> {
-        let offset = pfn.checked_sub(self.base)?;
+        let offset = pfn.checked_offset_from(self.base)?;
         self.frames.get(usize::try_from(offset).ok()?)
     }
 
@@ -288,7 +288,10 @@ impl FrameTable {
 
     /// Iterates `(pfn, frame)`.
     pub fn iter(&self) -> impl Iterator<Item = (Pfn, &Frame)> {
-        (self.base..).zip(self.frames.iter())
+        self.frames
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (self.base + i as u64, f))
     }
 
     /// Locks a frame (lock order level 2), spinning while another CPU holds it.
@@ -370,8 +373,8 @@ mod tests {
 
     #[test]
     fn names_any_slot_a_pool_can_have() {
-        let table = FrameTable::new(0, 1);
-        let frame = table.frame(0);
+        let table = FrameTable::new(Pfn::new(0), 1);
+        let frame = table.frame(Pfn::new(0));
         frame.init_allocated();
         assert_eq!(frame.anon_slot(), None);
         let last = crate::pool::MAX_SLOTS as u64 - 1;
@@ -381,20 +384,20 @@ mod tests {
 
     #[test]
     fn lock_bit_excludes() {
-        let table = FrameTable::new(0x100, 4);
-        let guard = table.lock(0x101);
-        assert!(table.frame(0x101).is_locked());
-        assert!(table.try_lock(0x101).is_none());
+        let table = FrameTable::new(Pfn::new(0x100), 4);
+        let guard = table.lock(Pfn::new(0x101));
+        assert!(table.frame(Pfn::new(0x101)).is_locked());
+        assert!(table.try_lock(Pfn::new(0x101)).is_none());
         drop(guard);
-        assert!(table.try_lock(0x101).is_some());
-        assert!(table.get(0x104).is_none());
-        assert!(table.get(0xff).is_none());
+        assert!(table.try_lock(Pfn::new(0x101)).is_some());
+        assert!(table.get(Pfn::new(0x104)).is_none());
+        assert!(table.get(Pfn::new(0xff)).is_none());
     }
 
     #[test]
     fn pin_only_allocated_frames() {
-        let table = FrameTable::new(0, 1);
-        let frame = table.frame(0);
+        let table = FrameTable::new(Pfn::new(0), 1);
+        let frame = table.frame(Pfn::new(0));
         assert!(!frame.try_pin());
         frame.init_allocated();
         assert!(frame.try_pin());
@@ -413,14 +416,14 @@ mod storage_tests {
     fn a_table_in_given_memory_covers_exactly_that_memory() {
         let memory: &'static mut [MaybeUninit<Frame>] =
             Vec::leak((0..5).map(|_| MaybeUninit::uninit()).collect::<Vec<_>>());
-        let table = FrameTable::in_memory(100, memory);
+        let table = FrameTable::in_memory(Pfn::new(100), memory);
         assert_eq!(table.len(), 5);
-        assert!(table.get(99).is_none());
-        assert!(table.get(105).is_none());
-        assert_eq!(table.frame(104).mapcount(), 0);
+        assert!(table.get(Pfn::new(99)).is_none());
+        assert!(table.get(Pfn::new(105)).is_none());
+        assert_eq!(table.frame(Pfn::new(104)).mapcount(), 0);
         assert_eq!(
             table.iter().map(|(pfn, _)| pfn).collect::<Vec<_>>(),
-            [100, 101, 102, 103, 104]
+            Pfn::new(100).run(5).collect::<Vec<_>>()
         );
     }
 }

@@ -57,7 +57,7 @@ impl HostMachine {
             free: OrderedMutex::new(
                 Level::ALLOCATOR,
                 "host.frames",
-                (base..base + frames as u64).rev().collect(),
+                base.run(frames as u64).rev().collect(),
             ),
             swap: OrderedMutex::new(Level::ALLOCATOR, "host.swap", SwapTable::default()),
             swap_capacity: AtomicUsize::new(swap_capacity),
@@ -138,14 +138,15 @@ impl HostMachine {
         }
         let mut free = self.free.lock();
         let set: alloc::collections::BTreeSet<Pfn> = free.iter().copied().collect();
-        let first = self.base.next_multiple_of(pages);
-        let end = self.base + self.gens.len() as u64;
+        let first = self.base.raw().next_multiple_of(pages);
+        let end = self.base.raw() + self.gens.len() as u64;
         let pfn = (first..end)
             .step_by(pages as usize)
-            .find(|&p| p + pages <= end && (p..p + pages).all(|q| set.contains(&q)))?;
+            .map(Pfn::new)
+            .find(|&p| p.raw() + pages <= end && p.run(pages).all(|q| set.contains(&q)))?;
         free.retain(|&q| !(pfn..pfn + pages).contains(&q));
         drop(free);
-        (pfn..pfn + pages).for_each(|q| self.zero(q));
+        pfn.run(pages).for_each(|q| self.zero(q));
         Some(pfn)
     }
 
@@ -329,7 +330,7 @@ impl HostWorld {
         max_chains: usize,
         swap_capacity: usize,
     ) -> Self {
-        let base = 0x40_000;
+        let base = Pfn::new(0x40_000);
         let machine = HostMachine::new(base, frames, words, swap_capacity);
         HostWorld {
             rmap: Rmap::new(
@@ -352,7 +353,7 @@ impl HostWorld {
     /// exclusive pages (`Rmap::add_new_anon_block`) and mapped as one writable block leaf.
     /// False if the chunk does not qualify or no aligned run of free frames is left.
     pub fn fault_block(&self, vm: &HostVm, ipa: Ipa) -> bool {
-        let chunk = ipa & !(BLOCK_SIZE - 1);
+        let chunk = ipa.align_down(BLOCK_SIZE);
         let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
         match prepared {
             None => return false,

@@ -40,7 +40,7 @@ mod tests;
 pub mod host;
 
 pub use anon_vma::{AnonHandle, AnonVma};
-pub use backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore, VmSet};
+pub use backend::{CasError, FrameAllocator, Stage2, Stage2Locked, SwapStore, VmSet};
 pub use batch::Skip;
 pub use chain::{ChainHandle, ChainInfo};
 pub use destroy::UnlinkProof;
@@ -53,12 +53,9 @@ pub use walk::{AnonRef, Mapper};
 use chain::Chain;
 use pool::Pool;
 
-/// A host frame number.
-pub type Pfn = u64;
-/// A guest intermediate physical address.
-pub type Ipa = u64;
-/// Size of a frame and of a stage-2 page.
-pub const PAGE_SIZE: u64 = 4096;
+// The typed addresses and the page-state vocabulary are `mmtypes`'s, re-exported so
+// users of the reverse map need not name that crate.
+pub use mmtypes::{Ipa, Pa, PageState, Pfn, PAGE_SIZE};
 
 /// A VM's identity as the reverse map records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

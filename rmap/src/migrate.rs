@@ -3,7 +3,7 @@
 //! the migration entries with mappings of the new frame. Faults on a migration entry wait for
 //! the frame lock. Reclaim reuses the first and last steps.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2Locked, VmSet};
+use crate::backend::{FrameAllocator, PageState, Stage2Locked, VmSet};
 use crate::walk::{AnonRef, Mapper};
 use crate::{Error, Pfn, Rmap};
 use core::ops::ControlFlow;
@@ -54,7 +54,7 @@ impl Rmap {
         self.frames.frame(new).set_anon(anon_vma, index);
         self.remove_migration_entries(&pin, index, pfn, vms, |writable| {
             self.add_anon_rmap(new);
-            S2Entry::Page { pfn: new, writable }
+            PageState::Mapped { pfn: new, writable }
         });
         drop(new_guard);
         self.put_frame(new, alloc);
@@ -77,8 +77,8 @@ impl Rmap {
             pfn,
             vms,
             |m: &Mapper, s2: &mut dyn Stage2Locked| {
-                if let S2Entry::Page { writable, .. } = m.entry {
-                    let migration = S2Entry::Migration { pfn, writable };
+                if let PageState::Mapped { writable, .. } = m.entry {
+                    let migration = PageState::Migrating { pfn, writable };
                     // Refused only when a block holding the page cannot be split (no table
                     // page): that mapping stays, the mapcount says so, and we back off below.
                     if s2.compare_exchange(m.ipa, m.entry, migration).is_ok() {
@@ -94,7 +94,7 @@ impl Rmap {
         }
         self.remove_migration_entries(pin, index, pfn, vms, |writable| {
             self.add_anon_rmap(pfn);
-            S2Entry::Page { pfn, writable }
+            PageState::Mapped { pfn, writable }
         });
         Err(Error::Busy)
     }
@@ -108,7 +108,7 @@ impl Rmap {
         index: u64,
         pfn: Pfn,
         vms: &V,
-        mut replacement: impl FnMut(bool) -> S2Entry,
+        mut replacement: impl FnMut(bool) -> PageState,
     ) {
         self.walk_pinned(
             pin,
@@ -116,7 +116,7 @@ impl Rmap {
             pfn,
             vms,
             |m: &Mapper, s2: &mut dyn Stage2Locked| {
-                if let S2Entry::Migration { writable, .. } = m.entry {
+                if let PageState::Migrating { writable, .. } = m.entry {
                     let new = replacement(writable);
                     s2.compare_exchange(m.ipa, m.entry, new)
                         .expect("stage-2 locked");

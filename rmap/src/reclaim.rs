@@ -2,7 +2,7 @@
 //! migration entry (faults wait), write the contents to the swap store while no VM can write,
 //! replace the migration entries with swap entries, free the frame. Swap-in is in `fault`.
 
-use crate::backend::{FrameAllocator, S2Entry, SwapStore, VmSet};
+use crate::backend::{FrameAllocator, PageState, SwapStore, VmSet};
 use crate::{Error, Pfn, Rmap};
 
 impl Rmap {
@@ -43,13 +43,13 @@ impl Rmap {
         let Some(slot) = swap.store(pfn) else {
             self.remove_migration_entries(&pin, index, pfn, vms, |writable| {
                 self.add_anon_rmap(pfn);
-                S2Entry::Page { pfn, writable }
+                PageState::Mapped { pfn, writable }
             });
             return Err(Error::OutOfSwap);
         };
         self.remove_migration_entries(&pin, index, pfn, vms, |_| {
             swap.dup(slot);
-            S2Entry::Swap { slot }
+            PageState::Swapped { slot }
         });
         // The store's own reference: the entries may have been faulted into the swap cache
         // already.

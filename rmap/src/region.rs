@@ -225,14 +225,14 @@ impl Rmap {
             .checked_mul(PAGE_SIZE)
             .and_then(|len| start.checked_add(len))
             .ok_or(Error::BadRange)?;
-        if !start.is_multiple_of(PAGE_SIZE) || pages == 0 || list.overlaps(start, end) {
+        if !start.is_aligned(PAGE_SIZE) || pages == 0 || list.overlaps(start, end) {
             return Err(Error::BadRange);
         }
         list.insert(Region {
             vm: list.vm,
             start,
             pages,
-            pgoff: start / PAGE_SIZE,
+            pgoff: start.page_index(),
             flags,
             anon_vma: None,
             chains: Vec::new(),

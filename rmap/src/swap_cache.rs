@@ -7,7 +7,7 @@
 //! The cache lock is at the allocator's level (innermost): it is held only to look up, insert
 //! or remove an entry and to pin the frame found, never while calling out.
 
-use crate::backend::{FrameAllocator, S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::fault::Fault;
 use crate::lock::{Level, OrderedMutex};
 use crate::region::Region;
@@ -70,23 +70,19 @@ impl Rmap {
         let pfn = self.swap_cache_get_or_load(region, alloc, swap, ipa, slot)?;
         // One more mapping; our pin from the lookup is dropped below.
         self.add_anon_rmap(pfn);
-        let old = S2Entry::Swap { slot };
-        let new = S2Entry::Page {
+        let old = PageState::Swapped { slot };
+        let new = PageState::Mapped {
             pfn,
             writable: false,
         };
-        let installed = s2.lock().compare_exchange(ipa, old, new).is_ok();
-        if installed {
+        let installed = s2.lock().compare_exchange(ipa, old, new);
+        if installed.is_ok() {
             self.put_swap(slot, swap, alloc);
         } else {
             self.remove_rmap(pfn, alloc);
         }
         self.put_frame(pfn, alloc);
-        Ok(if installed {
-            Fault::Done
-        } else {
-            Fault::Retry(None)
-        })
+        crate::fault::cas_outcome(installed)
     }
 
     /// The cached frame of `slot`, pinned for the caller: found, or read in and inserted

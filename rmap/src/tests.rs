@@ -4,22 +4,22 @@ extern crate std;
 
 use crate::host::{page_ipa, HostVm, HostWorld};
 use crate::region::RegionFlags;
-use crate::{AnonHandle, Error, Pfn, S2Entry, Stage2, Stage2Locked, VmId};
+use crate::{AnonHandle, Error, Ipa, PageState, Pfn, Stage2, Stage2Locked, VmId};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::ControlFlow;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 
 fn world() -> HostWorld {
     HostWorld::new(512, 4, 256, 1024)
 }
 
-fn pfn_at(vm: &HostVm, ipa: u64) -> Pfn {
+fn pfn_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     vm.s2.lock().lookup(ipa).pfn().expect("mapped")
 }
 
-fn own_anon(vm: &HostVm, ipa: u64) -> AnonHandle {
+fn own_anon(vm: &HostVm, ipa: Ipa) -> AnonHandle {
     vm.regions.read().find(ipa).unwrap().anon_vma().unwrap()
 }
 
@@ -39,7 +39,10 @@ fn prepare_allocates_then_is_idempotent() {
     let family = w.rmap.lock_family_read(a);
     assert_eq!(family.node(a).unwrap().num_active_regions, 1);
     assert_eq!(w.rmap.anon_vma(a).unwrap().root(), a);
-    assert_eq!(w.rmap.anon_vma_prepare(&mut list, 0), Err(Error::NoRegion));
+    assert_eq!(
+        w.rmap.anon_vma_prepare(&mut list, Ipa::ZERO),
+        Err(Error::NoRegion)
+    );
 }
 
 #[test]
@@ -67,7 +70,7 @@ fn fresh_frame_goes_to_own_anon_vma_and_is_found() {
     let pfn = pfn_at(&vm, page_ipa(RAM, 3));
     let frame = w.rmap.frames().frame(pfn);
     assert_eq!(w.rmap.frame_anon_vma(frame), Some(own_anon(&vm, RAM)));
-    assert_eq!(frame.index(), RAM / 4096 + 3);
+    assert_eq!(frame.index(), RAM.page_index() + 3);
     assert_eq!(frame.mapcount(), 1);
     let mappers = w.rmap.mappers(pfn, &w.vms);
     assert_eq!(mappers.len(), 1);
@@ -233,11 +236,11 @@ fn walk_verifies_the_mapping_and_skips_temporary_regions() {
     c.s2.lock()
         .compare_exchange(
             RAM,
-            S2Entry::Page {
+            PageState::Mapped {
                 pfn: proof_pfn,
                 writable: false,
             },
-            S2Entry::Invalid,
+            PageState::Invalid,
         )
         .unwrap();
     w.rmap.remove_rmap(proof_pfn, &w.machine);
@@ -277,7 +280,7 @@ fn reclaim_then_fault_back_in() {
         .rmap
         .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
         .unwrap();
-    assert_eq!(p.s2.lock().lookup(RAM), S2Entry::Swap { slot });
+    assert_eq!(p.s2.lock().lookup(RAM), PageState::Swapped { slot });
     assert_eq!(w.rmap.frames().frame(pfn).refcount(), 0, "frame freed");
     assert_eq!(w.machine.swap_refs()[&slot], 2);
     w.check().unwrap();

@@ -9,7 +9,7 @@
 //! Temporary regions are skipped (lesson 3).
 
 use crate::anon_vma::{AnonHandle, Family};
-use crate::backend::{S2Entry, Stage2, Stage2Locked, VmSet};
+use crate::backend::{PageState, Stage2, Stage2Locked, VmSet};
 use crate::chain::ChainHandle;
 use crate::lock::OrderedReadGuard;
 use crate::region::RegionFlags;
@@ -26,7 +26,7 @@ pub struct Mapper {
     /// The chain that led here (for `rmap <pa>` on the console).
     pub chain: ChainHandle,
     /// The leaf as found under the VM's stage-2 lock.
-    pub entry: S2Entry,
+    pub entry: PageState,
 }
 
 /// A reference on an anon_vma (Linux's `get_anon_vma`), dropped with `put_anon_vma`.
@@ -233,8 +233,8 @@ impl Rmap {
         anon_vma: AnonHandle,
         items: &[(u64, Pfn)],
         vms: &V,
-        mut decide: impl FnMut(usize, &Mapper) -> Option<S2Entry>,
-        mut applied: impl FnMut(usize, &Mapper, S2Entry),
+        mut decide: impl FnMut(usize, &Mapper) -> Option<PageState>,
+        mut applied: impl FnMut(usize, &Mapper, PageState),
     ) {
         let (Some(first), Some(last)) = (items.first(), items.last()) else {
             return;

@@ -6,10 +6,11 @@
 //! missing from each write path.
 
 use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
+use rmap::Ipa;
 use rmap::{Pfn, Stage2, Stage2Locked};
 use std::sync::Arc;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 const PAGES: u64 = 1024;
 
 fn world(fwb: bool) -> HostWorld {
@@ -18,7 +19,7 @@ fn world(fwb: bool) -> HostWorld {
     w
 }
 
-fn pfn_at(vm: &HostVm, ipa: u64) -> Pfn {
+fn pfn_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     vm.s2.lock().lookup(ipa).pfn().expect("mapped")
 }
 

@@ -9,13 +9,14 @@
 //! left, for every `free` from "fails at once" to "succeeds", and checks after each fork.
 
 use rmap::host::{page_ipa, HostVm, HostWorld};
+use rmap::Ipa;
 use rmap::{Error, Pfn, Stage2, Stage2Locked};
 use std::sync::Arc;
 
-const RAM: u64 = 0x4000_0000;
-const REGIONS: [(u64, u64); 2] = [(RAM, 8), (RAM + 0x20_0000, 4)];
+const RAM: Ipa = Ipa::new(0x4000_0000);
+const REGIONS: [(Ipa, u64); 2] = [(RAM, 8), (RAM.offset(0x20_0000), 4)];
 /// Where filler regions go: one page each, two pages apart (never adopted by a neighbour).
-const FILL: u64 = 0x8000_0000;
+const FILL: Ipa = Ipa::new(0x8000_0000);
 const ROOMY: usize = 256;
 const TIGHT: usize = 48;
 
@@ -58,7 +59,7 @@ fn snapshot(w: &HostWorld, vm: &HostVm) -> Snapshot {
     }
 }
 
-fn pfn_at(vm: &HostVm, ipa: u64) -> Pfn {
+fn pfn_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     vm.s2.lock().lookup(ipa).pfn().expect("mapped")
 }
 

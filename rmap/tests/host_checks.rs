@@ -4,9 +4,10 @@
 //! frame copied or filled while a vCPU's TLB can still reach it.
 
 use rmap::host::{page_ipa, HostWorld};
+use rmap::Ipa;
 
-const RAM: u64 = 0x4000_0000;
-const REGIONS: [(u64, u64); 1] = [(RAM, 24)];
+const RAM: Ipa = Ipa::new(0x4000_0000);
+const REGIONS: [(Ipa, u64); 1] = [(RAM, 24)];
 
 /// The quiescent TLB check can fail: a MEM_RELEASE whose invalidation is deferred and never
 /// flushed leaves the VM's TLB holding a translation its stage 2 no longer has. The frame is
@@ -14,7 +15,7 @@ const REGIONS: [(u64, u64); 1] = [(RAM, 24)];
 /// same world is clean.
 #[test]
 fn a_translation_left_in_the_tlb_is_caught_at_a_quiescent_point() {
-    use rmap::{S2Entry, Stage2, Stage2Locked};
+    use rmap::{PageState, Stage2, Stage2Locked};
     let w = HostWorld::new(64, 2, 8, 16);
     let vm = w.create_vm(&REGIONS);
     let ipa = page_ipa(RAM, 3);
@@ -23,12 +24,12 @@ fn a_translation_left_in_the_tlb_is_caught_at_a_quiescent_point() {
     assert_eq!(vm.read(&w.rmap, &w.machine, ipa), Ok(7)); // cached in the TLB model
     w.check().unwrap();
     let entry = vm.s2.lock().lookup(ipa);
-    let S2Entry::Page { pfn, .. } = entry else {
+    let PageState::Mapped { pfn, .. } = entry else {
         panic!("{entry:?}");
     };
     vm.s2
         .lock()
-        .compare_exchange_deferred(ipa, entry, S2Entry::Invalid)
+        .compare_exchange_deferred(ipa, entry, PageState::Invalid)
         .unwrap();
     w.rmap.remove_rmap(pfn, &w.machine);
     let err = w.check().expect_err("stale translation");
@@ -94,4 +95,35 @@ fn copying_or_filling_a_frame_a_tlb_reaches_is_caught() {
     w.destroy(&vm);
     w.check().unwrap();
     assert_eq!(w.machine.allocated(), 0);
+}
+
+/// The transition check can fail: every change of a host stage-2 leaf is checked against
+/// `PageState`'s transition table. A mapping turned straight into a swap entry (reclaim
+/// skipping the migration entry a fault waits on) and a read-only page remapped writable
+/// under another frame are refused; the rows they skip are accepted.
+#[test]
+fn a_change_outside_the_transition_table_is_caught() {
+    use rmap::{PageState, Stage2, Stage2Locked};
+    let w = HostWorld::new(64, 2, 8, 16);
+    let vm = w.create_vm(&REGIONS);
+    let ipa = page_ipa(RAM, 1);
+    vm.write(&w.rmap, &w.machine, ipa, 7).unwrap();
+    let mapped = vm.s2.lock().lookup(ipa);
+    let PageState::Mapped { pfn, writable } = mapped else {
+        panic!("{mapped:?}");
+    };
+    let swapped = PageState::Swapped { slot: 1 };
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = vm.s2.lock().compare_exchange(ipa, mapped, swapped);
+    }));
+    let message = refused.expect_err("Mapped -> Swapped accepted");
+    let text = message.downcast_ref::<String>().expect("a formatted panic");
+    assert!(text.contains("not in the table"), "{text}");
+    // The check runs before any change: the table still holds the mapping, and the rows
+    // through a migration entry are accepted.
+    let migrating = PageState::Migrating { pfn, writable };
+    let mut s2 = vm.s2.lock();
+    assert_eq!(s2.lookup(ipa), mapped);
+    assert_eq!(s2.compare_exchange(ipa, mapped, migrating), Ok(()));
+    assert_eq!(s2.compare_exchange(ipa, migrating, mapped), Ok(()));
 }

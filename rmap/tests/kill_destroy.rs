@@ -6,9 +6,10 @@
 //! `HostStage2::inject_clear_fault` makes them.
 
 use rmap::host::{ClearFault, HostWorld};
+use rmap::Ipa;
 use rmap::{Stage2, Stage2Locked};
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 const PAGES: u64 = 4;
 
 /// A world with one VM whose `PAGES` pages are all written (one frame each).

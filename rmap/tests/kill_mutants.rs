@@ -3,29 +3,30 @@
 //! property of the crate's own functions that the other tests happened not to pin down.
 
 use rmap::host::{HostStage2Guard, HostVm, HostWorld};
-use rmap::{Fault, Pfn, S2Entry, Stage2, Stage2Locked, UnlinkProof, VmId, VmSet};
+use rmap::Ipa;
+use rmap::{Fault, PageState, Pfn, Stage2, Stage2Locked, UnlinkProof, VmId, VmSet};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 
 fn world() -> HostWorld {
     HostWorld::new(256, 4, 64, 256)
 }
 
-fn entry(vm: &HostVm, ipa: u64) -> S2Entry {
+fn entry(vm: &HostVm, ipa: Ipa) -> PageState {
     vm.s2.lock().lookup(ipa)
 }
 
-fn pfn_at(vm: &HostVm, ipa: u64) -> Pfn {
+fn pfn_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     entry(vm, ipa).pfn().expect("mapped")
 }
 
 /// Calls the fault handler directly, as hyp's abort handler does (the host VM's own accesses
 /// fault only where the TLB model says they must).
-fn fault(w: &HostWorld, vm: &HostVm, ipa: u64, write: bool) -> Fault {
+fn fault(w: &HostWorld, vm: &HostVm, ipa: Ipa, write: bool) -> Fault {
     w.rmap
         .handle_fault(&vm.regions, &vm.s2, &w.machine, &w.machine, ipa, write)
         .expect("fault handled")
@@ -43,7 +44,7 @@ fn a_read_fault_on_a_shared_page_changes_nothing() {
     let shared = entry(&c, RAM);
     assert_eq!(
         shared,
-        S2Entry::Page {
+        PageState::Mapped {
             pfn: pfn_at(&p, RAM),
             writable: false
         }
@@ -71,10 +72,10 @@ fn a_sole_swap_entry_comes_back_private_and_writable() {
         .rmap
         .reclaim_frame(&w.vms, &w.machine, &w.machine, pfn)
         .unwrap();
-    assert_eq!(entry(&vm, RAM), S2Entry::Swap { slot });
+    assert_eq!(entry(&vm, RAM), PageState::Swapped { slot });
     assert_eq!(fault(&w, &vm, RAM, false), Fault::Done);
     assert!(
-        matches!(entry(&vm, RAM), S2Entry::Page { writable: true, .. }),
+        matches!(entry(&vm, RAM), PageState::Mapped { writable: true, .. }),
         "{:?}",
         entry(&vm, RAM)
     );
@@ -165,14 +166,15 @@ fn a_one_page_region_is_found_by_the_walk() {
     let w = world();
     let vm = w.create_vm(&[(RAM, 1), (RAM + 0x10_0000, 3)]);
     for ipa in [RAM, RAM + 0x10_0000] {
-        vm.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+        vm.write(&w.rmap, &w.machine, ipa, ipa.page_index())
+            .unwrap();
         let pfn = pfn_at(&vm, ipa);
         let mappers = w.rmap.mappers(pfn, &w.vms);
         assert_eq!(mappers.len(), 1, "{mappers:?}");
         assert_eq!((mappers[0].vm, mappers[0].ipa), (vm.id, ipa));
         let new = w.rmap.migrate_frame(&w.vms, &w.machine, pfn).unwrap();
         assert_eq!(pfn_at(&vm, ipa), new);
-        assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), ipa >> 12);
+        assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), ipa.page_index());
     }
     w.check().unwrap();
 }
@@ -227,9 +229,10 @@ fn a_family_counts_its_members() {
 fn a_batched_reclaim_swaps_out_every_frame_it_answers_for() {
     let w = world();
     let vm = w.create_vm(&[(RAM, 4)]);
-    let ipas: Vec<u64> = (0..4).map(|i| RAM + i * 4096).collect();
+    let ipas: Vec<Ipa> = (0..4).map(|i| RAM + i * 4096).collect();
     for &ipa in &ipas {
-        vm.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+        vm.write(&w.rmap, &w.machine, ipa, ipa.page_index())
+            .unwrap();
     }
     let frames: Vec<Pfn> = ipas.iter().map(|&ipa| pfn_at(&vm, ipa)).collect();
     let before = w.machine.allocated();
@@ -239,11 +242,11 @@ fn a_batched_reclaim_swaps_out_every_frame_it_answers_for() {
     assert_eq!(out.len(), frames.len(), "{out:?}");
     for (&ipa, slot) in ipas.iter().zip(&out) {
         let slot = slot.expect("reclaimed");
-        assert_eq!(entry(&vm, ipa), S2Entry::Swap { slot });
+        assert_eq!(entry(&vm, ipa), PageState::Swapped { slot });
     }
     assert_eq!(w.machine.allocated(), before - frames.len());
     for &ipa in &ipas {
-        assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), ipa >> 12);
+        assert_eq!(vm.read(&w.rmap, &w.machine, ipa).unwrap(), ipa.page_index());
     }
     w.check().unwrap();
 }
@@ -302,7 +305,7 @@ fn a_batch_flushes_each_vm_once() {
     let far = RAM + 0x10_0000;
     let p = w.create_vm(&[(RAM, 2), (far, 2)]);
     for ipa in [RAM, RAM + 4096, far, far + 4096] {
-        p.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+        p.write(&w.rmap, &w.machine, ipa, ipa.page_index()).unwrap();
     }
     let c = w.fork(&p).unwrap();
     let frames: Vec<Pfn> = [RAM, far, RAM + 4096, far + 4096]
@@ -321,7 +324,7 @@ fn a_batch_flushes_each_vm_once() {
     assert_eq!(counts, BTreeMap::from([(p.id, 1), (c.id, 1)]));
     for ipa in [RAM, RAM + 4096, far, far + 4096] {
         assert_eq!(pfn_at(&p, ipa), pfn_at(&c, ipa), "still shared");
-        assert_eq!(c.read(&w.rmap, &w.machine, ipa).unwrap(), ipa >> 12);
+        assert_eq!(c.read(&w.rmap, &w.machine, ipa).unwrap(), ipa.page_index());
     }
     w.check().unwrap();
 }
@@ -365,7 +368,8 @@ fn unmapping_a_region_proves_its_range_and_frees_its_frames() {
     let far = RAM + 0x10_0000;
     let vm = w.create_vm(&[(RAM, 4), (far, 2)]);
     for ipa in [RAM, RAM + 4096, far] {
-        vm.write(&w.rmap, &w.machine, ipa, ipa >> 12).unwrap();
+        vm.write(&w.rmap, &w.machine, ipa, ipa.page_index())
+            .unwrap();
     }
     let gone = pfn_at(&vm, RAM);
     let before = w.machine.allocated();
@@ -376,9 +380,9 @@ fn unmapping_a_region_proves_its_range_and_frees_its_frames() {
     assert_eq!((proof.vm(), proof.range()), (vm.id, RAM..RAM + 4 * 4096));
     assert_eq!(w.machine.allocated(), before - 2);
     assert!(w.rmap.mappers(gone, &w.vms).is_empty());
-    assert_eq!(entry(&vm, RAM), S2Entry::Invalid);
+    assert_eq!(entry(&vm, RAM), PageState::Invalid);
     assert!(vm.regions.read().find(RAM).is_none());
-    assert_eq!(vm.read(&w.rmap, &w.machine, far).unwrap(), far >> 12);
+    assert_eq!(vm.read(&w.rmap, &w.machine, far).unwrap(), far.page_index());
     let mut list = vm.regions.write();
     let again = w
         .rmap
@@ -395,11 +399,11 @@ fn unmapping_a_region_proves_its_range_and_frees_its_frames() {
 #[test]
 fn a_region_at_ipa_zero_is_torn_down_whole() {
     let w = world();
-    let vm = w.create_vm(&[(0, 4)]);
-    for ipa in [0, 4096, 3 * 4096] {
-        vm.write(&w.rmap, &w.machine, ipa, ipa + 1).unwrap();
+    let vm = w.create_vm(&[(Ipa::ZERO, 4)]);
+    for ipa in [0, 4096, 3 * 4096].map(Ipa::new) {
+        vm.write(&w.rmap, &w.machine, ipa, ipa.raw() + 1).unwrap();
     }
-    assert_eq!(vm.read(&w.rmap, &w.machine, 4096).unwrap(), 4097);
+    assert_eq!(vm.read(&w.rmap, &w.machine, Ipa::new(4096)).unwrap(), 4097);
     w.destroy(&vm);
     assert_eq!(w.machine.allocated(), 0);
     assert_eq!(w.rmap.live_anon_vmas(), 0);

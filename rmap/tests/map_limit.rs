@@ -5,10 +5,11 @@
 //! would have been a guest-reachable hypervisor panic.
 
 use rmap::host::{HostVm, HostWorld};
+use rmap::Ipa;
 use rmap::{Error, Stage2, Stage2Locked, MAP_LIMIT};
 use std::sync::Arc;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 /// A lower limit than the real one, so the test forks a few hundred times, not 32,767
 /// (`the_real_limit_fits_the_mapcount` checks the real one's arithmetic).
 const LIMIT: u32 = 300;

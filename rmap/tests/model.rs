@@ -13,17 +13,18 @@
 use proptest::prelude::*;
 use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
 use rmap::{Error, Skip, VmId};
+use rmap::{Ipa, Pfn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 /// Where a VM's 2 MiB first-touch block goes (a region of exactly one block).
-const BLOCK: u64 = RAM + 0x20_0000;
+const BLOCK: Ipa = RAM.offset(0x20_0000);
 /// Two adjacent regions (the second adopts the first's anon_vma), a distant one, and a block.
-const REGIONS: [(u64, u64); 4] = [
+const REGIONS: [(Ipa, u64); 4] = [
     (RAM, 6),
-    (RAM + 6 * 4096, 4),
-    (RAM + 0x10_0000, 4),
+    (RAM.offset(6 * 4096), 4),
+    (RAM.offset(0x10_0000), 4),
     (BLOCK, BLOCK_PAGES),
 ];
 /// The pages of the block region the model writes and reads (the others stay zero).
@@ -95,11 +96,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Whether `pfn` is held by the swap cache (so migration and reclaim leave it).
-fn cached(w: &HostWorld, pfn: u64) -> bool {
+fn cached(w: &HostWorld, pfn: Pfn) -> bool {
     w.rmap.swap_cache_entries().iter().any(|&(_, p)| p == pfn)
 }
 
-fn pages() -> Vec<u64> {
+fn pages() -> Vec<Ipa> {
     REGIONS[..3]
         .iter()
         .flat_map(|&(start, n)| (0..n).map(move |i| page_ipa(start, i)))
@@ -108,7 +109,7 @@ fn pages() -> Vec<u64> {
 }
 
 /// A VM, what it should read at each page, and its ancestors.
-type ModelVm = (Arc<HostVm>, BTreeMap<u64, u64>, Vec<VmId>);
+type ModelVm = (Arc<HostVm>, BTreeMap<Ipa, u64>, Vec<VmId>);
 
 struct Model {
     world: HostWorld,

@@ -170,7 +170,7 @@ fn fork_walk() {
 #[test]
 fn seed3_fork_walk_real_code() {
     let mutated = cfg!(feature = "mutate-chain-head-insert");
-    holds_unless_mutated(DEFAULT, fork_walk, mutated, &["stray Migration"]);
+    holds_unless_mutated(DEFAULT, fork_walk, mutated, &["stray Migrating"]);
 }
 
 /// Lesson 4: a lockless walker re-verifies what it read before it trusts the lock it got.

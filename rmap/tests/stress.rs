@@ -9,16 +9,17 @@
 
 use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
 use rmap::{Error, Skip};
+use rmap::{Ipa, Pfn};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 /// Where a VM's 2 MiB first-touch block goes (a region of exactly one block).
-const BLOCK: u64 = RAM + 0x40_0000;
-const REGIONS: [(u64, u64); 3] = [(RAM, 24), (RAM + 0x20_0000, 8), (BLOCK, BLOCK_PAGES)];
+const BLOCK: Ipa = RAM.offset(0x40_0000);
+const REGIONS: [(Ipa, u64); 3] = [(RAM, 24), (RAM.offset(0x20_0000), 8), (BLOCK, BLOCK_PAGES)];
 const RUN: Duration = Duration::from_millis(2500);
 
 struct Rng(u64);
@@ -35,7 +36,7 @@ impl Rng {
 }
 
 /// The pages the tests touch: the first two regions and a few pages of the block region.
-fn ipas() -> Vec<u64> {
+fn ipas() -> Vec<Ipa> {
     REGIONS[..2]
         .iter()
         .flat_map(|&(s, n)| (0..n).map(move |i| page_ipa(s, i)))
@@ -46,7 +47,7 @@ fn ipas() -> Vec<u64> {
 fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<AtomicU64>) {
     let mut rng = Rng(seed);
     let pages = ipas();
-    let mut vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)> = Vec::new();
+    let mut vms: Vec<(Arc<HostVm>, BTreeMap<Ipa, u64>)> = Vec::new();
     let (rmap, m) = (&world.rmap, &world.machine);
     while !stop.load(Ordering::Relaxed) {
         ops.fetch_add(1, Ordering::Relaxed);
@@ -100,7 +101,7 @@ fn owner(world: Arc<HostWorld>, stop: Arc<AtomicBool>, seed: u64, ops: Arc<Atomi
 }
 
 /// An owner's last step: every VM reads what it last wrote, then goes.
-fn finish(world: &HostWorld, vms: Vec<(Arc<HostVm>, BTreeMap<u64, u64>)>) {
+fn finish(world: &HostWorld, vms: Vec<(Arc<HostVm>, BTreeMap<Ipa, u64>)>) {
     let (rmap, m) = (&world.rmap, &world.machine);
     for (vm, model) in &vms {
         for (&ipa, &value) in model {
@@ -158,7 +159,7 @@ fn batch_move(world: &HostWorld, rng: &mut Rng, reclaim: bool) {
     let frames = world.rmap.frames();
     let start = rng.below(frames.len());
     let len = 1 + rng.below(64);
-    let batch: Vec<u64> = (start..(start + len).min(frames.len()))
+    let batch: Vec<Pfn> = (start..(start + len).min(frames.len()))
         .map(|i| frames.base() + i as u64)
         .collect();
     let skips: Vec<Skip> = if reclaim {
@@ -236,8 +237,8 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
 
 /// A value for page `ipa` of fork family `family`: a read that finds another family's or
 /// another page's value saw a swap slot reused under a fault (a cross-VM leak).
-fn tagged(family: u64, ipa: u64, n: u64) -> u64 {
-    family << 56 | (ipa >> 12 & 0xff_ffff) << 32 | (n & 0xffff_ffff)
+fn tagged(family: u64, ipa: Ipa, n: u64) -> u64 {
+    family << 56 | (ipa.page_index() & 0xff_ffff) << 32 | (n & 0xffff_ffff)
 }
 
 /// MEM_RELEASE racing swap-in (issue 12, item 3): VMs A and C (a fork of A) and an unrelated

@@ -20,14 +20,15 @@
 
 use rmap::host::{page_ipa, HostWorld, SwapOp, BLOCK_PAGES};
 use rmap::Error;
+use rmap::{Ipa, Pfn};
 use std::sync::atomic::Ordering;
 use std::sync::Barrier;
 use std::thread;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 /// A region of exactly one 2 MiB chunk, for first-touch blocks.
-const BLOCK: u64 = RAM + 0x40_0000;
-const REGIONS: [(u64, u64); 3] = [(RAM, 24), (RAM + 0x20_0000, 12), (BLOCK, BLOCK_PAGES)];
+const BLOCK: Ipa = RAM.offset(0x40_0000);
+const REGIONS: [(Ipa, u64); 3] = [(RAM, 24), (RAM.offset(0x20_0000), 12), (BLOCK, BLOCK_PAGES)];
 /// Pages of the first region are owned (written by one vCPU each, `page % vcpus`); the
 /// second region and a few pages of the block are shared by all vCPUs.
 const OWNED: u64 = 24;
@@ -38,14 +39,14 @@ const OPS: usize = 300;
 mod slot;
 use slot::{tagged, Counters, Rng, Slot, Snapshot};
 
-fn shared_pages() -> Vec<u64> {
+fn shared_pages() -> Vec<Ipa> {
     (0..REGIONS[1].1)
         .map(|i| page_ipa(REGIONS[1].0, i))
         .chain([0, 1, 200, 511].map(|i| page_ipa(BLOCK, i)))
         .collect()
 }
 
-fn all_pages() -> Vec<u64> {
+fn all_pages() -> Vec<Ipa> {
     (0..OWNED)
         .map(|i| page_ipa(RAM, i))
         .chain(shared_pages())
@@ -54,9 +55,9 @@ fn all_pages() -> Vec<u64> {
 
 /// The pages one vCPU uses: the owned pages it alone writes, the shared ones, all.
 struct Pages {
-    mine: Vec<u64>,
-    shared: Vec<u64>,
-    all: Vec<u64>,
+    mine: Vec<Ipa>,
+    shared: Vec<Ipa>,
+    all: Vec<Ipa>,
 }
 
 /// One vCPU of `slot`: `OPS` guest operations, each with the VM's run gate held for read
@@ -99,6 +100,11 @@ fn vcpu(w: &HostWorld, slot: &Slot, me: u64, seed: u64, c: &Counters) {
 
 /// One guest operation: a store or load of an owned or shared page, a MEM_RELEASE, or a
 /// 2 MiB first touch. Owned pages' values are exact, others' checked by tag.
+/// One of `items`, chosen by `rng`.
+fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
+    items[rng.below(items.len())]
+}
+
 fn guest_op(
     w: &HostWorld,
     slot: &Slot,
@@ -109,36 +115,35 @@ fn guest_op(
 ) -> Result<(), Error> {
     let (vm, rmap, m) = (&slot.vm, &w.rmap, &w.machine);
     let op = rng.below(100);
-    let mut pick = |pages: &[u64]| pages[rng.below(pages.len())];
     match op {
         0..=34 => {
-            let ipa = pick(&p.mine);
+            let ipa = pick(rng, &p.mine);
             let value = tagged(slot.lineage, ipa, n);
             vm.write(rmap, m, ipa, value).map(|()| slot.set(ipa, value))
         }
         35..=49 => {
-            let ipa = pick(&p.mine);
+            let ipa = pick(rng, &p.mine);
             let got = vm.read(rmap, m, ipa)?;
             assert_eq!(got, slot.get(ipa), "{:?} own {ipa:#x}", vm.id);
             Ok(())
         }
         50..=66 => {
-            let ipa = pick(&p.all);
+            let ipa = pick(rng, &p.all);
             let got = vm.read(rmap, m, ipa)?;
             slot.assert_lineage(ipa, got);
             Ok(())
         }
         67..=79 => {
-            let ipa = pick(&p.shared);
+            let ipa = pick(rng, &p.shared);
             vm.write(rmap, m, ipa, tagged(slot.lineage, ipa, n))
         }
         80..=88 => {
-            let ipa = pick(&p.mine);
+            let ipa = pick(rng, &p.mine);
             c.releases.fetch_add(1, Ordering::Relaxed);
             vm.release(rmap, m, ipa).map(|()| slot.set(ipa, 0))
         }
         89..=94 => {
-            let (ipa, pages) = (pick(&p.shared), 1 + pick(&[0, 1, 2, 3]));
+            let (ipa, pages) = (pick(rng, &p.shared), 1 + pick(rng, &[0, 1, 2, 3]));
             c.releases.fetch_add(1, Ordering::Relaxed);
             vm.release_range(rmap, m, ipa, pages * 4096)
         }
@@ -234,7 +239,7 @@ fn mover(w: &HostWorld, reclaim: bool, seed: u64, c: &Counters) {
         let start = rng.below(frames.len());
         if rng.below(3) == 0 {
             let len = 1 + rng.below(48);
-            let batch: Vec<u64> = (start..(start + len).min(frames.len()))
+            let batch: Vec<Pfn> = (start..(start + len).min(frames.len()))
                 .map(|i| frames.base() + i as u64)
                 .collect();
             // Every skip reason is legitimate under pressure; none may lose a page.
@@ -415,7 +420,7 @@ fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved(
         if let Err(e) = w.check() {
             panic!("round {r}: {e}");
         }
-        let owned: Vec<u64> = (0..OWNED).map(|i| page_ipa(RAM, i)).collect();
+        let owned: Vec<Ipa> = (0..OWNED).map(|i| page_ipa(RAM, i)).collect();
         for s in slots.iter().flatten() {
             s.check_contents(&w, &owned, &shared_pages());
         }

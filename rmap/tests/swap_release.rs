@@ -10,25 +10,26 @@
 //! uses the slot, on another thread (the fault holds the VM's region list).
 
 use rmap::host::{HostVm, HostWorld, SwapOp};
-use rmap::{Error, Pfn, S2Entry, Stage2, Stage2Locked};
+use rmap::Ipa;
+use rmap::{Error, PageState, Pfn, Stage2, Stage2Locked};
 use std::sync::Arc;
 use std::thread;
 
-const RAM: u64 = 0x4000_0000;
+const RAM: Ipa = Ipa::new(0x4000_0000);
 
 fn world() -> Arc<HostWorld> {
     Arc::new(HostWorld::new(64, 8, 64, 256))
 }
 
-fn pfn_at(vm: &HostVm, ipa: u64) -> Pfn {
+fn pfn_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     vm.s2.lock().lookup(ipa).pfn().expect("mapped")
 }
 
-fn reclaim(w: &HostWorld, vm: &HostVm, ipa: u64) -> u64 {
+fn reclaim(w: &HostWorld, vm: &HostVm, ipa: Ipa) -> u64 {
     let pfn = pfn_at(vm, ipa);
     let slot = w.rmap.reclaim_frame(&w.vms, &w.machine, &w.machine, pfn);
     let slot = slot.expect("reclaimed");
-    assert_eq!(vm.s2.lock().lookup(ipa), S2Entry::Swap { slot });
+    assert_eq!(vm.s2.lock().lookup(ipa), PageState::Swapped { slot });
     slot
 }
 

@@ -22,7 +22,7 @@
 //! | [`Stage2Table::set_vmid`] | the VM's stage-2 lock, and the VM not running on any CPU |
 //! | [`Stage2Table::destroy`] | exclusive ownership (by value), and the VM already unlinked from the reverse map (DESIGN lesson 5) |
 //!
-//! The transient [`SwEntry::Locked`] state is what a break-before-make puts in a slot between the
+//! The transient [`Descriptor::LOCKED`] token is what a break-before-make puts in a slot between the
 //! "break" and the "make". Whoever holds a slot `Locked` must not take any lock before releasing
 //! it: structural operations that meet a `Locked` slot spin until it changes.
 //!
@@ -70,13 +70,14 @@ pub use descriptor::{Descriptor, DescriptorKind, MemType, Perm, S2Attrs};
 #[cfg(any(test, feature = "host"))]
 pub use host::{HostMemory, RecordingTlb, TlbCall};
 pub use memory::TableMemory;
-pub use software::SwEntry;
 pub use stats::Stats;
 pub use table::{CasError, Leaf, LeafInfo, Mapping, Stage2Table};
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub use tlb::aarch64::Aarch64Tlb;
 pub use tlb::{publish_frames, Batch, Flusher, TlbMaintenance};
 pub use vmid::{Vmid, VmidAllocator};
+// The typed addresses and page states this crate's API speaks, re-exported for its users.
+pub use mmtypes::{Ipa, Pa, PageState, Pfn};
 pub use walk::{Visitor, WalkAction};
 
 /// Size of a page (the translation granule) in bytes.

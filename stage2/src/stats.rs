@@ -63,7 +63,7 @@ impl Counters {
         use crate::DescriptorKind::*;
         match d.kind(level) {
             Leaf { .. } => Some(&self.leaves[level as usize]),
-            Software(_) => Some(&self.software),
+            Software(_) | Locked => Some(&self.software),
             Empty | Table { .. } | Unknown(_) => None,
         }
     }

@@ -5,27 +5,27 @@
 use crate::config::{S2Config, Vttbr};
 use crate::descriptor::{Descriptor, DescriptorKind, S2Attrs};
 use crate::memory::TableMemory;
-use crate::software::SwEntry;
 use crate::stats::{Counters, Stats};
 use crate::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use crate::tlb::{Batch, Flusher, TlbMaintenance};
 use crate::walk::Visitor;
 use crate::{level_shift, level_size, ops, Error, Perm, PAGE_SIZE};
+use mmtypes::{Ipa, Pa, PageState};
 
 /// What a non-empty leaf slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Leaf {
     /// A valid block or page.
     Mapped(Mapping),
-    /// A software entry in an invalid descriptor.
-    Software(SwEntry),
+    /// A page state kept in an invalid descriptor (`Migrating` or `Swapped`).
+    Software(PageState),
 }
 
 /// A valid block or page mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// Output address of the start of the leaf (aligned to its size).
-    pub pa: u64,
+    pub pa: Pa,
     /// Attributes.
     pub attrs: S2Attrs,
     /// Access flag.
@@ -36,7 +36,7 @@ pub struct Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeafInfo {
     /// First IPA the slot translates (aligned to [`LeafInfo::size`]).
-    pub ipa: u64,
+    pub ipa: Ipa,
     /// Level of the slot: 1 (1 GiB block), 2 (2 MiB block) or 3 (4 KiB page).
     pub level: u8,
     /// The raw descriptor read (what to pass as `expected` to
@@ -47,16 +47,21 @@ pub struct LeafInfo {
 }
 
 impl LeafInfo {
-    /// Decodes `desc` found at `level` for the slot starting at `ipa`; `None` for an empty slot,
-    /// a table descriptor or an unknown pattern.
-    pub fn decode(ipa: u64, level: u8, desc: Descriptor) -> Option<Self> {
+    /// Decodes `desc` found at `level` for the slot holding `ipa`; `None` for an empty slot,
+    /// a table descriptor, a slot a break-before-make holds ([`Descriptor::LOCKED`]) or an
+    /// unknown pattern.
+    pub fn decode(ipa: Ipa, level: u8, desc: Descriptor) -> Option<Self> {
         let leaf = match desc.kind(level) {
-            DescriptorKind::Leaf { pa, attrs, young } => Leaf::Mapped(Mapping { pa, attrs, young }),
+            DescriptorKind::Leaf { pa, attrs, young } => Leaf::Mapped(Mapping {
+                pa: Pa::new(pa),
+                attrs,
+                young,
+            }),
             DescriptorKind::Software(e) => Leaf::Software(e),
             _ => return None,
         };
         Some(LeafInfo {
-            ipa: ipa & !(level_size(level) - 1),
+            ipa: ipa.align_down(level_size(level)),
             level,
             desc,
             leaf,
@@ -69,7 +74,7 @@ impl LeafInfo {
     }
 
     /// The PA that `ipa` (inside this leaf) translates to, for a valid leaf.
-    pub fn pa_of(&self, ipa: u64) -> Option<u64> {
+    pub fn pa_of(&self, ipa: Ipa) -> Option<Pa> {
         match self.leaf {
             Leaf::Mapped(m) => Some(m.pa + (ipa - self.ipa)),
             Leaf::Software(_) => None,
@@ -84,8 +89,8 @@ impl LeafInfo {
         }
     }
 
-    /// The software entry, for an invalid one.
-    pub fn software(&self) -> Option<SwEntry> {
+    /// The page state kept in an invalid descriptor, for one.
+    pub fn software(&self) -> Option<PageState> {
         match self.leaf {
             Leaf::Software(e) => Some(e),
             Leaf::Mapped(_) => None,
@@ -97,7 +102,7 @@ impl LeafInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CasError {
     /// The slot did not hold `expected`; it holds this (possibly a table descriptor if the block
-    /// was split, or [`SwEntry::Locked`] while another updater is mid-way).
+    /// was split, or [`Descriptor::LOCKED`] while another updater is mid-way).
     Mismatch(Descriptor),
     /// The walk for the IPA ended above the requested level, at a non-table slot of `level`
     /// holding `found` (e.g. the page's table was never created, or was replaced by a block).
@@ -207,8 +212,8 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Caller holds the VM's stage-2 lock.
     pub fn map<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: Pa,
         len: u64,
         attrs: S2Attrs,
         tlb: &F,
@@ -217,14 +222,14 @@ impl<M: TableMemory> Stage2Table<M> {
             blocks: true,
             coherent: false,
         };
-        ops::map::map(self, ipa, pa, len, attrs, how, tlb)
+        ops::map::map(self, ipa.raw(), pa.raw(), len, attrs, how, tlb)
     }
 
     /// [`Stage2Table::map`] with 4 KiB pages only (no blocks).
     pub fn map_pages<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: Pa,
         len: u64,
         attrs: S2Attrs,
         tlb: &F,
@@ -233,7 +238,7 @@ impl<M: TableMemory> Stage2Table<M> {
             blocks: false,
             coherent: false,
         };
-        ops::map::map(self, ipa, pa, len, attrs, how, tlb)
+        ops::map::map(self, ipa.raw(), pa.raw(), len, attrs, how, tlb)
     }
 
     /// [`Stage2Table::map`] (`blocks`) or [`Stage2Table::map_pages`] for frames whose contents
@@ -244,8 +249,8 @@ impl<M: TableMemory> Stage2Table<M> {
     /// forked 2 MiB block that would be 32,768 cache-line cleans of memory that did not change.
     pub fn map_coherent<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
-        pa: u64,
+        ipa: Ipa,
+        pa: Pa,
         len: u64,
         attrs: S2Attrs,
         blocks: bool,
@@ -255,7 +260,7 @@ impl<M: TableMemory> Stage2Table<M> {
             blocks,
             coherent: true,
         };
-        ops::map::map(self, ipa, pa, len, attrs, how, tlb)
+        ops::map::map(self, ipa.raw(), pa.raw(), len, attrs, how, tlb)
     }
 
     /// Removes every leaf (valid or software) in `[ipa, ipa + len)`, splitting blocks that lie
@@ -272,12 +277,12 @@ impl<M: TableMemory> Stage2Table<M> {
     /// young) since table pages may be freed.
     pub fn unmap<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         len: u64,
         tlb: &F,
         on_leaf: impl FnMut(&LeafInfo),
     ) -> Result<u64, Error> {
-        ops::unmap::unmap(self, ipa, len, tlb, on_leaf)
+        ops::unmap::unmap(self, ipa.raw(), len, tlb, on_leaf)
     }
 
     /// Sets the permissions of every valid leaf in `[ipa, ipa + len)` to `perm` (attributes,
@@ -292,12 +297,12 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Caller holds the VM's stage-2 lock.
     pub fn protect<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         len: u64,
         perm: Perm,
         tlb: &F,
     ) -> Result<(), Error> {
-        ops::protect::protect(self, ipa, len, perm, tlb)
+        ops::protect::protect(self, ipa.raw(), len, perm, tlb)
     }
 
     /// Splits the block holding `ipa` so that the 4 KiB page at `ipa` has its own page
@@ -307,29 +312,30 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Errors: [`Error::NotMapped`] without a valid leaf, [`Error::NoMemory`] (nothing changed).
     ///
     /// Caller holds the VM's stage-2 lock.
-    pub fn split_block<F: Flusher + ?Sized>(&self, ipa: u64, tlb: &F) -> Result<(), Error> {
-        ops::split::split_block(self, ipa, tlb)
+    pub fn split_block<F: Flusher + ?Sized>(&self, ipa: Ipa, tlb: &F) -> Result<(), Error> {
+        ops::split::split_block(self, ipa.raw(), tlb)
     }
 
-    /// Stores the software entry `entry` in the page slot of `ipa`, whatever it held (creating
-    /// tables, or splitting a block, as needed), and returns what it held. A replaced valid
-    /// entry is invalidated before return (or when the batch ends).
+    /// Stores the page state `entry` (`Migrating` or `Swapped`, else [`Error::BadDescriptor`])
+    /// in the page slot of `ipa`, whatever it held (creating tables, or splitting a block, as
+    /// needed), and returns what it held. A replaced valid entry is invalidated before return
+    /// (or when the batch ends).
     ///
     /// Caller holds the VM's stage-2 lock.
     pub fn set_software<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
-        entry: SwEntry,
+        ipa: Ipa,
+        entry: PageState,
         tlb: &F,
     ) -> Result<Option<LeafInfo>, Error> {
-        ops::leaf::set_software(self, ipa, entry, tlb)
+        ops::leaf::set_software(self, ipa.raw(), entry, tlb)
     }
 
     /// Atomically replaces the descriptor of the slot at `level` on the walk of `ipa` with `new`
     /// if it holds `expected` (typically [`LeafInfo::desc`] from a lookup).
     ///
     /// `new` must be empty, a leaf descriptor for `level`, or a software entry (level 3 only;
-    /// [`SwEntry::Locked`] at any leaf level); `expected` must not be a table descriptor. Changing the output address or memory attributes
+    /// [`Descriptor::LOCKED`] at any leaf level); `expected` must not be a table descriptor. Changing the output address or memory attributes
     /// of a valid entry to another valid entry is done with break-before-make: the slot goes
     /// `Locked`, is invalidated at once, then gets `new`. Other changes to a valid entry are
     /// invalidated before return (or when the batch ends), except setting the Access flag. The
@@ -339,13 +345,13 @@ impl<M: TableMemory> Stage2Table<M> {
     /// crate docs), so fault handlers can race with each other and with hardware AF updates.
     pub fn compare_exchange_leaf<F: Flusher + ?Sized>(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         level: u8,
         expected: Descriptor,
         new: Descriptor,
         tlb: &F,
     ) -> Result<(), CasError> {
-        ops::leaf::compare_exchange_leaf(self, ipa, level, expected, new, tlb)
+        ops::leaf::compare_exchange_leaf(self, ipa.raw(), level, expected, new, tlb)
     }
 
     /// Changes many pages under one lock hold: for each page `ipas[k]` (ascending), reads its
@@ -364,7 +370,7 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Caller holds the VM's stage-2 lock.
     pub fn update_pages<F: Flusher + ?Sized>(
         &self,
-        ipas: &[u64],
+        ipas: &[Ipa],
         f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
         done: &mut dyn FnMut(usize, Result<(), CasError>),
         tlb: &F,
@@ -385,8 +391,8 @@ impl<M: TableMemory> Stage2Table<M> {
     /// [`Stage2Table::mkyoung`]).
     ///
     /// Caller: table lifetime only.
-    pub fn test_and_clear_young(&self, ipa: u64) -> bool {
-        ops::leaf::update_young(self, ipa, false)
+    pub fn test_and_clear_young(&self, ipa: Ipa) -> bool {
+        ops::leaf::update_young(self, ipa.raw(), false)
     }
 
     /// Sets the Access flag of the valid leaf translating `ipa` (software AF: the Access-flag
@@ -394,8 +400,8 @@ impl<M: TableMemory> Stage2Table<M> {
     /// (entries that cause Access-flag faults are not cached).
     ///
     /// Caller: table lifetime only.
-    pub fn mkyoung(&self, ipa: u64) -> bool {
-        ops::leaf::update_young(self, ipa, true)
+    pub fn mkyoung(&self, ipa: Ipa) -> bool {
+        ops::leaf::update_young(self, ipa.raw(), true)
     }
 
     /// The leaf translating `ipa`: a valid block/page or a software entry; `None` for a hole
@@ -403,8 +409,8 @@ impl<M: TableMemory> Stage2Table<M> {
     ///
     /// Caller: table lifetime only. The answer may be stale as soon as it is returned; act on
     /// it with [`Stage2Table::compare_exchange_leaf`].
-    pub fn lookup(&self, ipa: u64) -> Option<LeafInfo> {
-        let (level, desc) = self.find(ipa, crate::LAST_LEVEL).ok()?;
+    pub fn lookup(&self, ipa: Ipa) -> Option<LeafInfo> {
+        let (level, desc) = self.find(ipa.raw(), crate::LAST_LEVEL).ok()?;
         LeafInfo::decode(ipa, level, desc)
     }
 
@@ -415,11 +421,11 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Caller: table lifetime only.
     pub fn walk<V: Visitor + ?Sized>(
         &self,
-        ipa: u64,
+        ipa: Ipa,
         len: u64,
         visitor: &mut V,
     ) -> Result<(), Error> {
-        ops::walk::walk(self, ipa, len, visitor)
+        ops::walk::walk(self, ipa.raw(), len, visitor)
     }
 
     /// The counters.

@@ -21,8 +21,8 @@ fn blocks_are_used_where_alignment_allows() {
     // [1 GiB - 4 KiB, 2 GiB + 2 MiB + 4 KiB): a page, a 1 GiB block, a 2 MiB block, a page.
     let ipa = GIB - 4096;
     t.map(
-        ipa,
-        PA - 4096,
+        Ipa::new(ipa),
+        Pa::new(PA - 4096),
         GIB + MIB2 + 2 * 4096,
         S2Attrs::normal(Perm::RW),
         &tlb,
@@ -34,9 +34,9 @@ fn blocks_are_used_where_alignment_allows() {
         (2, 1, 1)
     );
     assert_eq!(s.mapped_bytes(), GIB + MIB2 + 2 * 4096);
-    assert_eq!(t.lookup(GIB).unwrap().level, 1);
-    assert_eq!(t.lookup(2 * GIB).unwrap().level, 2);
-    assert_eq!(t.lookup(2 * GIB + MIB2).unwrap().level, 3);
+    assert_eq!(t.lookup(Ipa::new(GIB)).unwrap().level, 1);
+    assert_eq!(t.lookup(Ipa::new(2 * GIB)).unwrap().level, 2);
+    assert_eq!(t.lookup(Ipa::new(2 * GIB + MIB2)).unwrap().level, 3);
     let o = Oracle::new(&mem, t.vtcr(), t.vttbr().raw());
     assert!(
         matches!(o.translate(GIB + 0x1234_5000), Some(PageState::Mapped { pa, .. }) if pa == PA + 0x1234_5000)
@@ -45,16 +45,34 @@ fn blocks_are_used_where_alignment_allows() {
     // for this memory, so NoMemory and nothing changed).
     let before = mem.allocated_pages();
     assert_eq!(
-        t.map(4 * GIB, PA + 4096, GIB, S2Attrs::normal(Perm::RW), &tlb),
+        t.map(
+            Ipa::new(4 * GIB),
+            Pa::new(PA + 4096),
+            GIB,
+            S2Attrs::normal(Perm::RW),
+            &tlb
+        ),
         Err(Error::NoMemory)
     );
     assert_eq!(mem.allocated_pages(), before);
     assert_eq!(
-        t.map(ipa, PA, 4096, S2Attrs::normal(Perm::RW), &tlb),
+        t.map(
+            Ipa::new(ipa),
+            Pa::new(PA),
+            4096,
+            S2Attrs::normal(Perm::RW),
+            &tlb
+        ),
         Err(Error::AlreadyMapped)
     );
     assert_eq!(
-        t.map(GIB + MIB2, PA, 4096, S2Attrs::normal(Perm::RW), &tlb),
+        t.map(
+            Ipa::new(GIB + MIB2),
+            Pa::new(PA),
+            4096,
+            S2Attrs::normal(Perm::RW),
+            &tlb
+        ),
         Err(Error::AlreadyMapped)
     );
 }
@@ -64,39 +82,51 @@ fn split_a_1g_block_and_unmap_part_of_it() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map(GIB, PA, GIB, S2Attrs::normal(Perm::RWX), &tlb)
+    t.map(
+        Ipa::new(GIB),
+        Pa::new(PA),
+        GIB,
+        S2Attrs::normal(Perm::RWX),
+        &tlb,
+    )
+    .unwrap();
+    assert!(t.test_and_clear_young(Ipa::new(GIB)));
+    t.split_block(Ipa::new(GIB + 5 * MIB2 + 0x3000), &tlb)
         .unwrap();
-    assert!(t.test_and_clear_young(GIB));
-    t.split_block(GIB + 5 * MIB2 + 0x3000, &tlb).unwrap();
     let s = t.stats();
     assert_eq!(
         (s.mapped_pages, s.mapped_blocks_2m, s.mapped_blocks_1g),
         (512, 511, 0)
     );
-    let l = t.lookup(GIB + 5 * MIB2 + 0x3000).unwrap();
+    let l = t.lookup(Ipa::new(GIB + 5 * MIB2 + 0x3000)).unwrap();
     assert_eq!(
-        (l.level, l.pa_of(GIB + 5 * MIB2 + 0x3000)),
-        (3, Some(PA + 5 * MIB2 + 0x3000))
+        (l.level, l.pa_of(Ipa::new(GIB + 5 * MIB2 + 0x3000))),
+        (3, Some(Pa::new(PA + 5 * MIB2 + 0x3000)))
     );
     assert!(!l.mapping().unwrap().young, "split keeps the Access flag");
     // Unmap a range crossing 2 MiB boundaries in the middle of blocks.
     let (from, len) = (GIB + 7 * MIB2 - 0x5000, MIB2 + 0xa000);
     let mut removed = 0;
-    t.unmap(from, len, &tlb, |l| removed += l.size()).unwrap();
+    t.unmap(Ipa::new(from), len, &tlb, |l| removed += l.size())
+        .unwrap();
     assert_eq!(removed, len);
-    assert!(t.lookup(from).is_none() && t.lookup(from + len - 4096).is_none());
+    assert!(t.lookup(Ipa::new(from)).is_none() && t.lookup(Ipa::new(from + len - 4096)).is_none());
     assert_eq!(
-        t.lookup(from - 4096).unwrap().pa_of(from - 4096),
-        Some(PA + 7 * MIB2 - 0x6000)
+        t.lookup(Ipa::new(from - 4096))
+            .unwrap()
+            .pa_of(Ipa::new(from - 4096)),
+        Some(Pa::new(PA + 7 * MIB2 - 0x6000))
     );
     assert_eq!(
-        t.lookup(from + len).unwrap().pa_of(from + len),
-        Some(PA + 8 * MIB2 + 0x5000)
+        t.lookup(Ipa::new(from + len))
+            .unwrap()
+            .pa_of(Ipa::new(from + len)),
+        Some(Pa::new(PA + 8 * MIB2 + 0x5000))
     );
     let (pages, _) = Oracle::new(&mem, t.vtcr(), t.vttbr().raw()).pages();
     assert_eq!(pages.len() as u64, GIB / 4096 - len / 4096);
     assert_eq!(t.stats().mapped_bytes(), GIB - len);
-    t.unmap(GIB, GIB, &tlb, |_| {}).unwrap();
+    t.unmap(Ipa::new(GIB), GIB, &tlb, |_| {}).unwrap();
     assert_eq!(mem.allocated_pages(), cfg().root_pages());
 }
 
@@ -132,12 +162,22 @@ fn walker_reports_tables_and_leaves_in_order() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map(GIB, PA, MIB2 + 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    t.set_software(GIB + MIB2 + 0x2000, SwEntry::Zero, &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(GIB),
+        Pa::new(PA),
+        MIB2 + 4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    t.set_software(
+        Ipa::new(GIB + MIB2 + 0x2000),
+        stage2::PageState::Swapped { slot: 0 },
+        &tlb,
+    )
+    .unwrap();
     let mut r = Rec::default();
-    t.walk(0, 4 * GIB, &mut r).unwrap();
+    t.walk(Ipa::new(0), 4 * GIB, &mut r).unwrap();
     let want = [
         "pre 0x40000000 L1",
         "leaf 0x40000000 L2",
@@ -152,7 +192,7 @@ fn walker_reports_tables_and_leaves_in_order() {
         skip_level: Some(2),
         ..Rec::default()
     };
-    t.walk(GIB + 0x1000, 4096, &mut r).unwrap();
+    t.walk(Ipa::new(GIB + 0x1000), 4096, &mut r).unwrap();
     assert_eq!(
         r.events,
         [
@@ -166,7 +206,7 @@ fn walker_reports_tables_and_leaves_in_order() {
         skip_level: Some(2),
         ..Rec::default()
     };
-    t.walk(GIB + MIB2, 4096, &mut r).unwrap();
+    t.walk(Ipa::new(GIB + MIB2), 4096, &mut r).unwrap();
     assert_eq!(
         r.events,
         [
@@ -179,14 +219,15 @@ fn walker_reports_tables_and_leaves_in_order() {
         stop_after: Some(4),
         ..Rec::default()
     };
-    t.walk(0, 4 * GIB, &mut r).unwrap();
+    t.walk(Ipa::new(0), 4 * GIB, &mut r).unwrap();
     assert_eq!(r.events, want[..4]);
     // A closure is a leaf visitor.
     let mut n = 0;
-    t.walk(0, 1 << 40, &mut |_: &LeafInfo| n += 1).unwrap();
+    t.walk(Ipa::new(0), 1 << 40, &mut |_: &LeafInfo| n += 1)
+        .unwrap();
     assert_eq!(n, 3);
     assert_eq!(
-        t.walk(0, (1 << 40) + 1, &mut |_: &LeafInfo| {}),
+        t.walk(Ipa::new(0), (1 << 40) + 1, &mut |_: &LeafInfo| {}),
         Err(Error::OutOfRange)
     );
 }
@@ -197,43 +238,68 @@ fn argument_errors_change_nothing() {
     let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
     let tlb = RecordingTlb::new();
     let rw = S2Attrs::normal(Perm::RW);
-    assert_eq!(t.map(0x1000, PA, 0, rw, &tlb), Err(Error::EmptyRange));
-    assert_eq!(t.map(0x1800, PA, 4096, rw, &tlb), Err(Error::Misaligned));
     assert_eq!(
-        t.map(0x1000, PA + 8, 4096, rw, &tlb),
+        t.map(Ipa::new(0x1000), Pa::new(PA), 0, rw, &tlb),
+        Err(Error::EmptyRange)
+    );
+    assert_eq!(
+        t.map(Ipa::new(0x1800), Pa::new(PA), 4096, rw, &tlb),
         Err(Error::Misaligned)
     );
     assert_eq!(
-        t.map((1 << 40) - 4096, PA, 8192, rw, &tlb),
+        t.map(Ipa::new(0x1000), Pa::new(PA + 8), 4096, rw, &tlb),
+        Err(Error::Misaligned)
+    );
+    assert_eq!(
+        t.map(Ipa::new((1 << 40) - 4096), Pa::new(PA), 8192, rw, &tlb),
         Err(Error::OutOfRange)
     );
     assert_eq!(
-        t.map(0, (1 << 40) - 4096, 8192, rw, &tlb),
+        t.map(Ipa::new(0), Pa::new((1 << 40) - 4096), 8192, rw, &tlb),
         Err(Error::OutOfRange)
     );
     assert_eq!(
-        t.map(0, PA, 4096, S2Attrs::device(Perm::RWX), &tlb),
+        t.map(
+            Ipa::new(0),
+            Pa::new(PA),
+            4096,
+            S2Attrs::device(Perm::RWX),
+            &tlb
+        ),
         Err(Error::BadAttrs)
     );
-    assert_eq!(t.split_block(0, &tlb), Err(Error::NotMapped));
-    assert_eq!(t.unmap(0, 1 << 41, &tlb, |_| {}), Err(Error::OutOfRange));
+    assert_eq!(t.split_block(Ipa::new(0), &tlb), Err(Error::NotMapped));
     assert_eq!(
-        t.set_software(1 << 40, SwEntry::Zero, &tlb),
+        t.unmap(Ipa::new(0), 1 << 41, &tlb, |_| {}),
         Err(Error::OutOfRange)
     );
-    assert_eq!(t.lookup(1 << 40), None);
-    let bad = t.compare_exchange_leaf(0, 2, Descriptor::EMPTY, Descriptor::table(PA), &tlb);
-    assert_eq!(bad, Err(CasError::Invalid(Error::BadDescriptor)));
-    let sw_block = t.compare_exchange_leaf(
-        0,
+    assert_eq!(
+        t.set_software(
+            Ipa::new(1 << 40),
+            stage2::PageState::Swapped { slot: 0 },
+            &tlb
+        ),
+        Err(Error::OutOfRange)
+    );
+    assert_eq!(t.lookup(Ipa::new(1 << 40)), None);
+    let bad = t.compare_exchange_leaf(
+        Ipa::new(0),
         2,
         Descriptor::EMPTY,
-        Descriptor::software(SwEntry::Zero),
+        Descriptor::table(PA),
+        &tlb,
+    );
+    assert_eq!(bad, Err(CasError::Invalid(Error::BadDescriptor)));
+    let sw_block = t.compare_exchange_leaf(
+        Ipa::new(0),
+        2,
+        Descriptor::EMPTY,
+        Descriptor::software(stage2::PageState::Swapped { slot: 0 }).unwrap(),
         &tlb,
     );
     assert_eq!(sw_block, Err(CasError::Invalid(Error::BadDescriptor)));
     let no_slot = t.compare_exchange_leaf(
-        0,
+        Ipa::new(0),
         3,
         Descriptor::EMPTY,
         Descriptor::page(PA, rw).unwrap(),
@@ -247,20 +313,22 @@ fn argument_errors_change_nothing() {
         })
     );
     // A 2 MiB block can be installed by CAS in an empty level-2 slot.
-    t.map_pages(0x40_0000, PA, 4096, rw, &tlb).unwrap();
-    let block = Descriptor::leaf(PA, 2, rw, true).unwrap();
-    t.compare_exchange_leaf(0, 2, Descriptor::EMPTY, block, &tlb)
+    t.map_pages(Ipa::new(0x40_0000), Pa::new(PA), 4096, rw, &tlb)
         .unwrap();
-    assert_eq!(t.lookup(0x1000).unwrap().level, 2);
+    let block = Descriptor::leaf(PA, 2, rw, true).unwrap();
+    t.compare_exchange_leaf(Ipa::new(0), 2, Descriptor::EMPTY, block, &tlb)
+        .unwrap();
+    assert_eq!(t.lookup(Ipa::new(0x1000)).unwrap().level, 2);
     assert_eq!(tlb.take(), vec![]);
     assert_eq!(t.stats().mapped_blocks_2m, 1);
     // The level-2 slot of 0x40_0000 holds a table: not something CAS may replace.
     let table_slot = {
         let mut found = None;
-        t.walk(0x40_0000, 4096, &mut TablePre(&mut found)).unwrap();
+        t.walk(Ipa::new(0x40_0000), 4096, &mut TablePre(&mut found))
+            .unwrap();
         found.unwrap()
     };
-    let r = t.compare_exchange_leaf(0x40_0000, 2, table_slot, Descriptor::EMPTY, &tlb);
+    let r = t.compare_exchange_leaf(Ipa::new(0x40_0000), 2, table_slot, Descriptor::EMPTY, &tlb);
     assert_eq!(r, Err(CasError::Invalid(Error::BadDescriptor)));
 }
 
@@ -312,19 +380,16 @@ fn destroy_frees_everything_even_when_mapped() {
         let c = S2Config::new(parange, ipa_bits, VmidBits::Eight).unwrap();
         let t = Stage2Table::new(c, 1, &mem).unwrap();
         t.map_pages(
-            0x4000_0000,
-            0x8000_0000,
+            Ipa::new(0x4000_0000),
+            Pa::new(0x8000_0000),
             3 * MIB2,
             S2Attrs::normal(Perm::RW),
             &tlb,
         )
         .unwrap();
         t.set_software(
-            0x1000,
-            SwEntry::Swap {
-                slot: 1,
-                writable: true,
-            },
+            Ipa::new(0x1000),
+            stage2::PageState::Swapped { slot: 1 },
             &tlb,
         )
         .unwrap();

@@ -48,8 +48,14 @@ fn publishing_frames_cleans_to_poc_only_without_fwb() {
     assert_eq!(tlb.take(), vec![]);
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
-    t.map_pages(IPA, PA, 4 * 4096, S2Attrs::normal(Perm::RWX), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4 * 4096,
+        S2Attrs::normal(Perm::RWX),
+        &tlb,
+    )
+    .unwrap();
     assert!(tlb
         .take()
         .iter()
@@ -63,19 +69,35 @@ fn fwb_table_encodes_forced_write_back() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg().with_fwb(true), 0x1234, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map(IPA, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let dev = IPA + 4 * MIB2;
-    t.map_pages(dev, 0x0900_0000, 4096, S2Attrs::device(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(dev),
+        Pa::new(0x0900_0000),
+        4096,
+        S2Attrs::device(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let memattr = |ipa: u64| {
-        let leaf = t.lookup(ipa).expect("mapped");
+        let leaf = t.lookup(Ipa::new(ipa)).expect("mapped");
         (leaf.desc.raw() >> 2) & 0xf
     };
     assert_eq!(memattr(IPA), 0b0110);
     assert_eq!(memattr(dev), 0b0001);
-    t.protect(IPA + 4096, 4096, Perm::RO, &tlb).unwrap();
+    t.protect(Ipa::new(IPA + 4096), 4096, Perm::RO, &tlb)
+        .unwrap();
     assert_eq!(memattr(IPA), 0b0110);
     assert_eq!(memattr(IPA + 4096), 0b0110);
-    assert_eq!(t.lookup(IPA).unwrap().desc.attrs().mem, MemType::Normal);
+    assert_eq!(
+        t.lookup(Ipa::new(IPA)).unwrap().desc.attrs().mem,
+        MemType::Normal
+    );
 }

@@ -17,11 +17,11 @@ fn setup(mem: &HostMemory) -> Stage2Table<&HostMemory> {
 /// Lookup, compute, CAS; retry on mismatch (what a lockless fault handler does).
 fn cas_loop(t: &Stage2Table<&HostMemory>, tlb: &RecordingTlb, f: impl Fn(&LeafInfo) -> Descriptor) {
     loop {
-        let Some(l) = t.lookup(IPA) else {
+        let Some(l) = t.lookup(Ipa::new(IPA)) else {
             thread::yield_now();
             continue;
         };
-        match t.compare_exchange_leaf(IPA, l.level, l.desc, f(&l), tlb) {
+        match t.compare_exchange_leaf(Ipa::new(IPA), l.level, l.desc, f(&l), tlb) {
             Ok(()) => return,
             Err(CasError::Mismatch(_)) => std::hint::spin_loop(),
             Err(e) => panic!("{e:?}"),
@@ -34,15 +34,8 @@ fn racing_swap_slot_increments_are_all_kept() {
     let mem = HostMemory::new(16);
     let t = setup(&mem);
     let tlb = RecordingTlb::new();
-    t.set_software(
-        IPA,
-        SwEntry::Swap {
-            slot: 0,
-            writable: false,
-        },
-        &tlb,
-    )
-    .unwrap();
+    t.set_software(Ipa::new(IPA), PageState::Swapped { slot: 0 }, &tlb)
+        .unwrap();
     let start = Barrier::new(THREADS as usize);
     thread::scope(|s| {
         for _ in 0..THREADS {
@@ -50,11 +43,8 @@ fn racing_swap_slot_increments_are_all_kept() {
                 start.wait();
                 for _ in 0..PER_THREAD {
                     cas_loop(&t, &tlb, |l| match l.software() {
-                        Some(SwEntry::Swap { slot, writable }) => {
-                            Descriptor::software(SwEntry::Swap {
-                                slot: slot + 1,
-                                writable,
-                            })
+                        Some(PageState::Swapped { slot }) => {
+                            Descriptor::software(PageState::Swapped { slot: slot + 1 }).unwrap()
                         }
                         other => panic!("{other:?}"),
                     });
@@ -63,10 +53,9 @@ fn racing_swap_slot_increments_are_all_kept() {
         }
     });
     assert_eq!(
-        t.lookup(IPA).unwrap().software(),
-        Some(SwEntry::Swap {
-            slot: THREADS * PER_THREAD,
-            writable: false
+        t.lookup(Ipa::new(IPA)).unwrap().software(),
+        Some(PageState::Swapped {
+            slot: THREADS * PER_THREAD
         })
     );
 }
@@ -78,19 +67,19 @@ fn racing_swap_slot_increments_are_all_kept() {
 /// runs the thread that holds the slot.
 fn remap_once(t: &Stage2Table<&HostMemory>, tlb: &RecordingTlb) {
     loop {
-        let Some(l) = t.lookup(IPA) else {
+        let Some(l) = t.lookup(Ipa::new(IPA)) else {
             thread::yield_now();
             continue;
         };
         let Some(m) = l.mapping() else {
-            // A transient break-before-make owner (`SwEntry::Locked`).
+            // A transient break-before-make owner (`Descriptor::LOCKED`).
             thread::yield_now();
             continue;
         };
-        let new = Descriptor::page(m.pa + 4096, m.attrs)
+        let new = Descriptor::page((m.pa + 4096).raw(), m.attrs)
             .unwrap()
             .with_young(m.young);
-        match t.compare_exchange_leaf(IPA, l.level, l.desc, new, tlb) {
+        match t.compare_exchange_leaf(Ipa::new(IPA), l.level, l.desc, new, tlb) {
             Ok(()) => return,
             Err(CasError::Mismatch(_)) => thread::yield_now(),
             Err(e) => panic!("{e:?}"),
@@ -117,8 +106,14 @@ fn racing_remaps_round() {
     let mem = HostMemory::new(16);
     let t = setup(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let start = Barrier::new(THREADS as usize + 1);
     let flips = std::sync::atomic::AtomicU64::new(0);
     thread::scope(|s| {
@@ -137,9 +132,9 @@ fn racing_remaps_round() {
             // the workers and always ends.
             for n in 0..THREADS * REMAPS {
                 if n.is_multiple_of(2) {
-                    t.test_and_clear_young(IPA);
+                    t.test_and_clear_young(Ipa::new(IPA));
                 } else {
-                    t.mkyoung(IPA);
+                    t.mkyoung(Ipa::new(IPA));
                 }
                 flips.fetch_add(1, Ordering::Relaxed);
                 thread::yield_now();
@@ -150,8 +145,8 @@ fn racing_remaps_round() {
         }
     });
     assert_eq!(flips.load(Ordering::Relaxed), THREADS * REMAPS);
-    let m = t.lookup(IPA).unwrap().mapping().unwrap();
-    assert_eq!(m.pa, PA + THREADS * REMAPS * 4096, "a remap was lost");
+    let m = t.lookup(Ipa::new(IPA)).unwrap().mapping().unwrap();
+    assert_eq!(m.pa.raw(), PA + THREADS * REMAPS * 4096, "a remap was lost");
     assert_eq!(m.attrs, S2Attrs::normal(Perm::RW));
     let breaks = tlb
         .calls()
@@ -168,8 +163,14 @@ fn racing_software_bit_counter_with_protect() {
     let mem = HostMemory::new(16);
     let t = setup(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let lock = std::sync::Mutex::new(());
     let start = Barrier::new(THREADS as usize);
     // Each increment adds one to the 4-bit software field modulo 16.
@@ -182,7 +183,7 @@ fn racing_software_bit_counter_with_protect() {
                     if i == 0 && j % 50 == 0 {
                         let _g = lock.lock().unwrap();
                         let perm = if j % 100 == 0 { Perm::RO } else { Perm::RW };
-                        t.protect(IPA, 4096, perm, tlb).unwrap();
+                        t.protect(Ipa::new(IPA), 4096, perm, tlb).unwrap();
                         continue;
                     }
                     cas_loop(t, tlb, |l| {
@@ -195,7 +196,7 @@ fn racing_software_bit_counter_with_protect() {
     });
     let increments = THREADS * (PER_THREAD / 2) - PER_THREAD / 2 / 50;
     assert_eq!(
-        t.lookup(IPA).unwrap().mapping().unwrap().attrs.sw as u64,
+        t.lookup(Ipa::new(IPA)).unwrap().mapping().unwrap().attrs.sw as u64,
         increments % 16
     );
 }
@@ -206,15 +207,21 @@ fn protect_waits_for_a_locked_slot() {
     let mem = HostMemory::new(16);
     let t = setup(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 2 * 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    let page = t.lookup(IPA).unwrap().desc;
-    t.compare_exchange_leaf(IPA, 3, page, Descriptor::software(SwEntry::Locked), &tlb)
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        2 * 4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    let page = t.lookup(Ipa::new(IPA)).unwrap().desc;
+    t.compare_exchange_leaf(Ipa::new(IPA), 3, page, Descriptor::LOCKED, &tlb)
         .unwrap();
     let released = AtomicBool::new(false);
     thread::scope(|s| {
         s.spawn(|| {
-            t.protect(IPA, 2 * 4096, Perm::RO, &tlb).unwrap();
+            t.protect(Ipa::new(IPA), 2 * 4096, Perm::RO, &tlb).unwrap();
             assert!(
                 released.load(Ordering::SeqCst),
                 "protect went past a Locked slot"
@@ -222,15 +229,25 @@ fn protect_waits_for_a_locked_slot() {
         });
         thread::sleep(std::time::Duration::from_millis(50));
         released.store(true, Ordering::SeqCst);
-        t.compare_exchange_leaf(IPA, 3, Descriptor::software(SwEntry::Locked), page, &tlb)
+        t.compare_exchange_leaf(Ipa::new(IPA), 3, Descriptor::LOCKED, page, &tlb)
             .unwrap();
     });
     assert_eq!(
-        t.lookup(IPA).unwrap().mapping().unwrap().attrs.perm,
+        t.lookup(Ipa::new(IPA))
+            .unwrap()
+            .mapping()
+            .unwrap()
+            .attrs
+            .perm,
         Perm::RO
     );
     assert_eq!(
-        t.lookup(IPA + 4096).unwrap().mapping().unwrap().attrs.perm,
+        t.lookup(Ipa::new(IPA + 4096))
+            .unwrap()
+            .mapping()
+            .unwrap()
+            .attrs
+            .perm,
         Perm::RO
     );
 }
@@ -243,46 +260,31 @@ fn broken_variant_blind_stores_lose_updates() {
     let t = setup(&mem);
     let tlb = RecordingTlb::new();
     for _round in 0..20 {
-        t.set_software(
-            IPA,
-            SwEntry::Swap {
-                slot: 0,
-                writable: false,
-            },
-            &tlb,
-        )
-        .unwrap();
+        t.set_software(Ipa::new(IPA), PageState::Swapped { slot: 0 }, &tlb)
+            .unwrap();
         let start = Barrier::new(2);
         thread::scope(|s| {
             for _ in 0..2 {
                 s.spawn(|| {
                     start.wait();
                     for _ in 0..PER_THREAD {
-                        let Some(SwEntry::Swap { slot, .. }) =
-                            t.lookup(IPA).and_then(|l| l.software())
+                        let Some(PageState::Swapped { slot }) =
+                            t.lookup(Ipa::new(IPA)).and_then(|l| l.software())
                         else {
                             panic!()
                         };
                         for _ in 0..50 {
                             std::hint::spin_loop();
                         }
-                        t.set_software(
-                            IPA,
-                            SwEntry::Swap {
-                                slot: slot + 1,
-                                writable: false,
-                            },
-                            &tlb,
-                        )
-                        .unwrap();
+                        t.set_software(Ipa::new(IPA), PageState::Swapped { slot: slot + 1 }, &tlb)
+                            .unwrap();
                     }
                 });
             }
         });
-        if t.lookup(IPA).unwrap().software()
-            != Some(SwEntry::Swap {
+        if t.lookup(Ipa::new(IPA)).unwrap().software()
+            != Some(PageState::Swapped {
                 slot: 2 * PER_THREAD,
-                writable: false,
             })
         {
             return;

@@ -23,8 +23,8 @@ fn cas_calls(
     ipa: u64,
     change: impl Fn(Descriptor) -> Descriptor,
 ) -> Vec<TlbCall> {
-    let leaf = t.lookup(ipa).expect("mapped");
-    t.compare_exchange_leaf(ipa, leaf.level, leaf.desc, change(leaf.desc), tlb)
+    let leaf = t.lookup(Ipa::new(ipa)).expect("mapped");
+    t.compare_exchange_leaf(Ipa::new(ipa), leaf.level, leaf.desc, change(leaf.desc), tlb)
         .expect("nobody races this test");
     tlb.take()
 }
@@ -38,9 +38,15 @@ fn only_changes_the_walk_sees_are_invalidated() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    assert!(t.test_and_clear_young(IPA));
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    assert!(t.test_and_clear_young(Ipa::new(IPA)));
     tlb.take();
     let this_page = vec![TlbCall::Ipa {
         vmid: VMID,
@@ -55,7 +61,7 @@ fn only_changes_the_walk_sees_are_invalidated() {
         cas_calls(&t, &tlb, IPA, |d| d.with_perm(Perm::RO)),
         this_page
     );
-    let leaf = t.lookup(IPA).unwrap();
+    let leaf = t.lookup(Ipa::new(IPA)).unwrap();
     assert!(!leaf.desc.young());
     assert_eq!(leaf.desc, leaf.desc.with_sw(0xa), "software bits kept");
 }
@@ -70,8 +76,9 @@ type Offered = (Vec<Option<(u8, u64)>>, Vec<Option<Result<(), CasError>>>);
 fn protect_pages(t: &Stage2Table<&HostMemory>, tlb: &RecordingTlb, ipas: &[u64]) -> Offered {
     let mut offered = vec![None; ipas.len()];
     let mut ended = vec![None; ipas.len()];
+    let ipas: Vec<Ipa> = ipas.iter().copied().map(Ipa::new).collect();
     t.update_pages(
-        ipas,
+        &ipas,
         &mut |k, info| {
             offered[k] = Some((info.level, info.desc.output_address(info.level)));
             Some(info.desc.with_perm(Perm::RO))
@@ -95,8 +102,8 @@ fn update_pages_looks_up_each_2m_span_in_its_own_table() {
     let ipas = [base, base + MIB2, base + 2 * MIB2 + 4096];
     for (i, &ipa) in ipas.iter().enumerate() {
         t.map_pages(
-            ipa,
-            PA + i as u64 * 0x10_0000,
+            Ipa::new(ipa),
+            Pa::new(PA + i as u64 * 0x10_0000),
             4096,
             S2Attrs::normal(Perm::RW),
             &tlb,
@@ -107,7 +114,11 @@ fn update_pages_looks_up_each_2m_span_in_its_own_table() {
     for (i, &ipa) in ipas.iter().enumerate() {
         assert_eq!(offered[i], Some((3, PA + i as u64 * 0x10_0000)), "page {i}");
         assert_eq!(ended[i], Some(Ok(())), "page {i}");
-        assert_eq!(t.lookup(ipa).unwrap().desc.perm(), Perm::RO, "page {i}");
+        assert_eq!(
+            t.lookup(Ipa::new(ipa)).unwrap().desc.perm(),
+            Perm::RO,
+            "page {i}"
+        );
     }
 }
 
@@ -120,18 +131,24 @@ fn update_pages_offers_each_page_of_a_block_the_block() {
     let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
     let tlb = RecordingTlb::new();
     let base = 4 * MIB2;
-    t.map(base, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(base),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     // The next slot of the same level-2 table points at a page table.
     t.map_pages(
-        base + MIB2,
-        PA + MIB2,
+        Ipa::new(base + MIB2),
+        Pa::new(PA + MIB2),
         4096,
         S2Attrs::normal(Perm::RW),
         &tlb,
     )
     .unwrap();
-    assert_eq!(t.lookup(base).unwrap().level, 2);
+    assert_eq!(t.lookup(Ipa::new(base)).unwrap().level, 2);
     let (offered, ended) = protect_pages(&t, &tlb, &[base, base + 4096]);
     assert_eq!(offered, vec![Some((2, PA)); 2]);
     for r in ended {
@@ -140,7 +157,10 @@ fn update_pages_offers_each_page_of_a_block_the_block() {
             "{r:?}"
         );
     }
-    assert_eq!(t.lookup(base + 4096).unwrap().desc.perm(), Perm::RW);
+    assert_eq!(
+        t.lookup(Ipa::new(base + 4096)).unwrap().desc.perm(),
+        Perm::RW
+    );
 }
 
 const GIB: u64 = 1 << 30;
@@ -155,15 +175,25 @@ fn splitting_a_1g_block_reserves_exactly_the_pages_it_takes() {
         let mem = HostMemory::new(64);
         let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
         let tlb = RecordingTlb::new();
-        t.map(GIB, PA, GIB, S2Attrs::normal(Perm::RW), &tlb)
-            .unwrap();
+        t.map(
+            Ipa::new(GIB),
+            Pa::new(PA),
+            GIB,
+            S2Attrs::normal(Perm::RW),
+            &tlb,
+        )
+        .unwrap();
         let before = mem.allocated_pages();
         mem.fail_after(Some(pages));
         let at = GIB + 5 * MIB2;
-        assert_eq!(t.unmap(at, len, &tlb, |_| {}), Ok(len), "{len:#x}");
+        assert_eq!(
+            t.unmap(Ipa::new(at), len, &tlb, |_| {}),
+            Ok(len),
+            "{len:#x}"
+        );
         assert_eq!(mem.allocated_pages(), before + pages, "{len:#x}");
-        assert!(t.lookup(at).is_none());
-        assert_eq!(t.lookup(at + len).unwrap().desc.perm(), Perm::RW);
+        assert!(t.lookup(Ipa::new(at)).is_none());
+        assert_eq!(t.lookup(Ipa::new(at + len)).unwrap().desc.perm(), Perm::RW);
     }
 }
 
@@ -177,11 +207,15 @@ fn a_mapping_may_end_at_the_top_of_the_pa_space() {
     let top = 1u64 << 40;
     let attrs = S2Attrs::normal(Perm::RW);
     assert_eq!(
-        t.map_pages(GIB, top - 4096, 8192, attrs, &tlb),
+        t.map_pages(Ipa::new(GIB), Pa::new(top - 4096), 8192, attrs, &tlb),
         Err(Error::OutOfRange)
     );
-    t.map_pages(GIB, top - 4096, 4096, attrs, &tlb).unwrap();
-    assert_eq!(t.lookup(GIB).unwrap().desc.output_address(3), top - 4096);
+    t.map_pages(Ipa::new(GIB), Pa::new(top - 4096), 4096, attrs, &tlb)
+        .unwrap();
+    assert_eq!(
+        t.lookup(Ipa::new(GIB)).unwrap().desc.output_address(3),
+        top - 4096
+    );
 }
 
 /// `split.rs`, `path_cost`: `-` → `+`. Giving one page of a 2 MiB block its own slot reserves
@@ -191,14 +225,25 @@ fn splitting_a_2m_block_needs_one_table_page() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map(GIB, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    assert_eq!(t.lookup(GIB).unwrap().level, 2);
+    t.map(
+        Ipa::new(GIB),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    assert_eq!(t.lookup(Ipa::new(GIB)).unwrap().level, 2);
     mem.fail_after(Some(1));
-    t.split_block(GIB + 4096, &tlb).unwrap();
-    assert_eq!(t.lookup(GIB + 4096).unwrap().level, 3);
+    t.split_block(Ipa::new(GIB + 4096), &tlb).unwrap();
+    assert_eq!(t.lookup(Ipa::new(GIB + 4096)).unwrap().level, 3);
     assert_eq!(
-        t.set_software(GIB + 8192, SwEntry::Zero, &tlb).map(|_| ()),
+        t.set_software(
+            Ipa::new(GIB + 8192),
+            stage2::PageState::Swapped { slot: 0 },
+            &tlb
+        )
+        .map(|_| ()),
         Ok(())
     );
 }
@@ -206,8 +251,8 @@ fn splitting_a_2m_block_needs_one_table_page() {
 /// Changes `ipa`'s leaf the way the hardware's Access-flag update would, between
 /// `update_pages`' read of the slot and its compare-and-swap.
 fn race_access_flag(t: &Stage2Table<&HostMemory>, ipa: u64) {
-    if !t.test_and_clear_young(ipa) {
-        assert!(t.mkyoung(ipa), "a valid leaf");
+    if !t.test_and_clear_young(Ipa::new(ipa)) {
+        assert!(t.mkyoung(Ipa::new(ipa)), "a valid leaf");
     }
 }
 
@@ -220,14 +265,20 @@ fn update_pages_retries_a_lost_race_a_bounded_number_of_times() {
     let mem = HostMemory::new(64);
     let t = Stage2Table::new(cfg(), VMID, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let read_only = Descriptor::page(PA, S2Attrs::normal(Perm::RO)).unwrap();
     for (lose, tries, lands) in [(1, 2, true), (usize::MAX, 5, false)] {
         let mut calls = 0;
         let mut result = None;
         t.update_pages(
-            &[IPA],
+            &[Ipa::new(IPA)],
             &mut |_, _| {
                 calls += 1;
                 if calls <= lose {
@@ -245,7 +296,7 @@ fn update_pages_retries_a_lost_race_a_bounded_number_of_times() {
             other => panic!("losing {lose} races: {other:?}"),
         }
     }
-    match t.lookup(IPA).unwrap().leaf {
+    match t.lookup(Ipa::new(IPA)).unwrap().leaf {
         Leaf::Mapped(m) => assert!(!m.attrs.perm.write, "the first update landed"),
         other => panic!("{other:?}"),
     }

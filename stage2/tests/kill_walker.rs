@@ -22,7 +22,8 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
     let tlb = RecordingTlb::new();
     let limit = cfg.ipa_limit();
     for ipa in [IPA, IPA + 4096, IPA + MIB2] {
-        t.map_pages(ipa, PA + (ipa - IPA), 4096, S2Attrs::normal(Perm::RW), &tlb)
+        let (at, pa) = (Ipa::new(ipa), Pa::new(PA + (ipa - IPA)));
+        t.map_pages(at, pa, 4096, S2Attrs::normal(Perm::RW), &tlb)
             .unwrap();
     }
     let ipas = [
@@ -34,7 +35,8 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
         limit + 4096,
         limit - 4096,
         limit,
-    ];
+    ]
+    .map(Ipa::new);
     let mut offered = vec![];
     let mut answers = vec![];
     t.update_pages(
@@ -58,10 +60,11 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
             (7, range)
         ]
     );
-    let want = [(0, IPA + MIB2), (1, IPA), (2, IPA + 4096), (3, IPA + 4096)];
+    let want = [(0, IPA + MIB2), (1, IPA), (2, IPA + 4096), (3, IPA + 4096)]
+        .map(|(k, a)| (k, Ipa::new(a)));
     assert_eq!(offered, want);
     for ipa in [IPA, IPA + 4096, IPA + MIB2] {
-        let m = t.lookup(ipa).unwrap().mapping().unwrap();
+        let m = t.lookup(Ipa::new(ipa)).unwrap().mapping().unwrap();
         assert_eq!(m.attrs.perm, Perm::RO, "{ipa:#x}");
     }
 }
@@ -72,7 +75,7 @@ fn update_pages_answers_every_page_once_out_of_range_or_out_of_order() {
 #[test]
 fn a_stop_after_a_subtree_ends_the_walk() {
     struct FirstTable {
-        leaves: Vec<u64>,
+        leaves: Vec<Ipa>,
         posts: usize,
     }
     impl Visitor for FirstTable {
@@ -90,13 +93,14 @@ fn a_stop_after_a_subtree_ends_the_walk() {
     let t = Stage2Table::new(cfg, 1, &mem).unwrap();
     let tlb = RecordingTlb::new();
     for ipa in [IPA, IPA + MIB2] {
-        t.map_pages(ipa, PA + (ipa - IPA), 4096, S2Attrs::normal(Perm::RW), &tlb)
+        let (at, pa) = (Ipa::new(ipa), Pa::new(PA + (ipa - IPA)));
+        t.map_pages(at, pa, 4096, S2Attrs::normal(Perm::RW), &tlb)
             .unwrap();
     }
     let mut v = FirstTable {
         leaves: vec![],
         posts: 0,
     };
-    t.walk(IPA, 2 * MIB2, &mut v).unwrap();
-    assert_eq!((v.leaves, v.posts), (vec![IPA], 1));
+    t.walk(Ipa::new(IPA), 2 * MIB2, &mut v).unwrap();
+    assert_eq!((v.leaves, v.posts), (vec![Ipa::new(IPA)], 1));
 }

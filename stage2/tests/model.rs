@@ -88,7 +88,7 @@ enum Op {
     },
     SetSoftware {
         page: u64,
-        entry: SwEntry,
+        entry: stage2::PageState,
     },
     CasPerm {
         page: u64,
@@ -123,13 +123,15 @@ fn page() -> impl Strategy<Value = u64> {
     0..WINDOW_PAGES
 }
 
-fn sw_entry() -> impl Strategy<Value = SwEntry> {
+fn sw_entry() -> impl Strategy<Value = stage2::PageState> {
     prop_oneof![
-        (0..1u64 << 30, any::<bool>())
-            .prop_map(|(pfn, writable)| SwEntry::Migration { pfn, writable }),
-        (0..1u64 << 40, any::<bool>())
-            .prop_map(|(slot, writable)| SwEntry::Swap { slot, writable }),
-        Just(SwEntry::Zero),
+        (0..1u64 << 30, any::<bool>()).prop_map(|(pfn, writable)| {
+            stage2::PageState::Migrating {
+                pfn: Pfn::new(pfn),
+                writable,
+            }
+        }),
+        (0..1u64 << 40).prop_map(|slot| stage2::PageState::Swapped { slot }),
     ]
 }
 
@@ -210,8 +212,8 @@ impl World<'_> {
 
     /// The pages of the leaf holding `ipa`, per the crate's lookup.
     fn leaf_pages(&self, ipa: u64) -> Vec<u64> {
-        match self.table.lookup(ipa) {
-            Some(l) => self.pages_in(l.ipa, l.size()).collect(),
+        match self.table.lookup(Ipa::new(ipa)) {
+            Some(l) => self.pages_in(l.ipa.raw(), l.size()).collect(),
             None => vec![],
         }
     }
@@ -245,9 +247,10 @@ impl World<'_> {
                 let pa = self.frame(frame);
                 let occupied = self.pages_in(ipa, len).any(|p| self.model.contains_key(&p));
                 let r = if blocks {
-                    self.table.map(ipa, pa, len, attrs, tlb)
+                    self.table.map(Ipa::new(ipa), Pa::new(pa), len, attrs, tlb)
                 } else {
-                    self.table.map_pages(ipa, pa, len, attrs, tlb)
+                    self.table
+                        .map_pages(Ipa::new(ipa), Pa::new(pa), len, attrs, tlb)
                 };
                 if occupied {
                     assert_eq!(r, Err(Error::AlreadyMapped));
@@ -268,14 +271,18 @@ impl World<'_> {
                 let occupied = self
                     .pages_in(ipa, 512 * PAGE)
                     .any(|p| self.model.contains_key(&p));
-                let r = self
-                    .table
-                    .map(ipa, pa, 512 * PAGE, S2Attrs::normal(perm), tlb);
+                let r = self.table.map(
+                    Ipa::new(ipa),
+                    Pa::new(pa),
+                    512 * PAGE,
+                    S2Attrs::normal(perm),
+                    tlb,
+                );
                 assert_eq!(r.is_err(), occupied || r == Err(Error::NoMemory));
                 r?;
                 if ipa.is_multiple_of(2 << 20) {
                     assert_eq!(
-                        self.table.lookup(ipa).unwrap().level,
+                        self.table.lookup(Ipa::new(ipa)).unwrap().level,
                         2,
                         "2 MiB block expected"
                     );
@@ -288,13 +295,15 @@ impl World<'_> {
             Op::Unmap { page, npages } => {
                 let (ipa, len) = self.range(page, npages);
                 let mut reported = BTreeMap::new();
-                let removed = self.table.unmap(ipa, len, tlb, |l: &LeafInfo| {
+                let removed = self.table.unmap(Ipa::new(ipa), len, tlb, |l: &LeafInfo| {
+                    let start = l.ipa.raw();
                     assert!(
-                        l.ipa >= ipa && l.ipa + l.size() <= ipa + len,
+                        start >= ipa && start + l.size() <= ipa + len,
                         "reported leaf outside the range"
                     );
-                    for (i, p) in (l.ipa..l.ipa + l.size()).step_by(PAGE as usize).enumerate() {
-                        reported.insert(p, l.pa_of(l.ipa + i as u64 * PAGE));
+                    for (i, p) in (start..start + l.size()).step_by(PAGE as usize).enumerate() {
+                        let pa = l.pa_of(Ipa::new(start + i as u64 * PAGE));
+                        reported.insert(p, pa.map(Pa::raw));
                     }
                 })?;
                 let mut expect_removed = 0;
@@ -317,7 +326,7 @@ impl World<'_> {
             }
             Op::Protect { page, npages, perm } => {
                 let (ipa, len) = self.range(page, npages);
-                self.table.protect(ipa, len, perm, tlb)?;
+                self.table.protect(Ipa::new(ipa), len, perm, tlb)?;
                 for p in self.pages_in(ipa, len) {
                     match self.model.get_mut(&p) {
                         Some(PageState::Mapped {
@@ -329,30 +338,34 @@ impl World<'_> {
                         }) => {
                             (*read, *write, *exec) = (perm.read, perm.write, perm.exec && !*device);
                         }
-                        Some(PageState::Software(e)) => *e = e.restrict_writable(perm.write),
-                        None => {}
+                        // A migration entry put back must not be writable either.
+                        Some(PageState::Software(stage2::PageState::Migrating {
+                            writable,
+                            ..
+                        })) => *writable &= perm.write,
+                        Some(PageState::Software(_)) | None => {}
                     }
                 }
             }
             Op::Split { page } => {
                 let ipa = self.ipa(page);
-                let r = self.table.split_block(ipa, tlb);
+                let r = self.table.split_block(Ipa::new(ipa), tlb);
                 match self.model.get(&ipa) {
                     Some(PageState::Mapped { .. }) => {
                         r?;
-                        assert_eq!(self.table.lookup(ipa).unwrap().level, 3);
+                        assert_eq!(self.table.lookup(Ipa::new(ipa)).unwrap().level, 3);
                     }
                     _ => assert_eq!(r, Err(Error::NotMapped)),
                 }
             }
             Op::SetSoftware { page, entry } => {
                 let ipa = self.ipa(page);
-                let old = self.table.set_software(ipa, entry, tlb)?;
+                let old = self.table.set_software(Ipa::new(ipa), entry, tlb)?;
                 let was = self.model.insert(ipa, PageState::Software(entry));
                 match (old, was) {
                     (None, None) => {}
                     (Some(l), Some(PageState::Mapped { pa, .. })) => {
-                        assert_eq!((l.level, l.pa_of(ipa)), (3, Some(pa)))
+                        assert_eq!((l.level, l.pa_of(Ipa::new(ipa))), (3, Some(Pa::new(pa))))
                     }
                     (Some(l), Some(PageState::Software(e))) => assert_eq!(l.software(), Some(e)),
                     other => panic!("set_software returned {other:?}"),
@@ -361,7 +374,7 @@ impl World<'_> {
             Op::CasPerm { page, perm } => self.cas_perm(self.ipa(page), perm)?,
             Op::CasRemap { page, frame } => {
                 let ipa = self.ipa(page);
-                let Some(l) = self.table.lookup(ipa) else {
+                let Some(l) = self.table.lookup(Ipa::new(ipa)) else {
                     return Ok(false);
                 };
                 let Some(m) = l.mapping().filter(|_| l.level == 3) else {
@@ -370,7 +383,7 @@ impl World<'_> {
                 let pa = self.frame(frame);
                 let new = Descriptor::page(pa, m.attrs).unwrap();
                 self.table
-                    .compare_exchange_leaf(ipa, 3, l.desc, new, tlb)
+                    .compare_exchange_leaf(Ipa::new(ipa), 3, l.desc, new, tlb)
                     .unwrap();
                 if let Some(PageState::Mapped { pa: p, young, .. }) = self.model.get_mut(&ipa) {
                     (*p, *young) = (pa, true);
@@ -382,7 +395,10 @@ impl World<'_> {
                 frame,
             } => {
                 let (ipa, len) = self.range(page, npages);
-                let ipas: Vec<u64> = (ipa..ipa + len).step_by(2 * PAGE as usize).collect();
+                let ipas: Vec<Ipa> = (ipa..ipa + len)
+                    .step_by(2 * PAGE as usize)
+                    .map(Ipa::new)
+                    .collect();
                 let frames = self.setup.frames;
                 let new_pa = |k: usize| frames + (frame + k as u64) % 4096 * PAGE;
                 let mut changed = Vec::new();
@@ -401,7 +417,7 @@ impl World<'_> {
                 );
                 for k in changed {
                     if let Some(PageState::Mapped { pa: p, young, .. }) =
-                        self.model.get_mut(&ipas[k])
+                        self.model.get_mut(&ipas[k].raw())
                     {
                         (*p, *young) = (new_pa(k), true);
                     }
@@ -409,10 +425,10 @@ impl World<'_> {
             }
             Op::CasStale { page } => {
                 let ipa = self.ipa(page);
-                if let Some(l) = self.table.lookup(ipa) {
+                if let Some(l) = self.table.lookup(Ipa::new(ipa)) {
                     let stale = Descriptor::from_raw(l.desc.raw() ^ (1 << 20));
                     let r = self.table.compare_exchange_leaf(
-                        ipa,
+                        Ipa::new(ipa),
                         l.level,
                         stale,
                         Descriptor::EMPTY,
@@ -428,7 +444,7 @@ impl World<'_> {
                     self.model.get(&ipa),
                     Some(PageState::Mapped { young: true, .. })
                 );
-                assert_eq!(self.table.test_and_clear_young(ipa), want);
+                assert_eq!(self.table.test_and_clear_young(Ipa::new(ipa)), want);
                 self.set_young(&pages, false);
                 return Ok(true);
             }
@@ -436,7 +452,7 @@ impl World<'_> {
                 let ipa = self.ipa(page);
                 let pages = self.leaf_pages(ipa);
                 let want = matches!(self.model.get(&ipa), Some(PageState::Mapped { .. }));
-                assert_eq!(self.table.mkyoung(ipa), want);
+                assert_eq!(self.table.mkyoung(Ipa::new(ipa)), want);
                 self.set_young(&pages, true);
             }
         }
@@ -453,12 +469,12 @@ impl World<'_> {
 
     fn cas_perm(&mut self, ipa: u64, perm: Perm) -> Result<(), Error> {
         let tlb = &self.tlb;
-        let Some(l) = self.table.lookup(ipa) else {
+        let Some(l) = self.table.lookup(Ipa::new(ipa)) else {
             // A hole: fill it with a page (we hold the "stage-2 lock": single-threaded).
             let new = Descriptor::page(self.setup.frames, S2Attrs::normal(Perm::RW)).unwrap();
             match self
                 .table
-                .compare_exchange_leaf(ipa, 3, Descriptor::EMPTY, new, tlb)
+                .compare_exchange_leaf(Ipa::new(ipa), 3, Descriptor::EMPTY, new, tlb)
             {
                 Ok(()) => {
                     self.model
@@ -476,9 +492,15 @@ impl World<'_> {
                     ..perm
                 };
                 self.table
-                    .compare_exchange_leaf(ipa, l.level, l.desc, l.desc.with_perm(perm), tlb)
+                    .compare_exchange_leaf(
+                        Ipa::new(ipa),
+                        l.level,
+                        l.desc,
+                        l.desc.with_perm(perm),
+                        tlb,
+                    )
                     .unwrap();
-                for p in self.pages_in(l.ipa, l.size()) {
+                for p in self.pages_in(l.ipa.raw(), l.size()) {
                     if let Some(PageState::Mapped {
                         read, write, exec, ..
                     }) = self.model.get_mut(&p)
@@ -488,12 +510,14 @@ impl World<'_> {
                 }
             }
             Leaf::Software(_) => {
-                let e = SwEntry::Swap {
-                    slot: ipa >> 12,
+                // A migration entry keeps the permission it was given.
+                let e = stage2::PageState::Migrating {
+                    pfn: Pfn::new(ipa >> 12),
                     writable: perm.write,
                 };
+                let new = Descriptor::software(e).unwrap();
                 self.table
-                    .compare_exchange_leaf(ipa, 3, l.desc, Descriptor::software(e), tlb)
+                    .compare_exchange_leaf(Ipa::new(ipa), 3, l.desc, new, tlb)
                     .unwrap();
                 self.model.insert(ipa, PageState::Software(e));
             }
@@ -634,7 +658,7 @@ fn run(setup: Setup, steps: Vec<Step>) {
     }
     // Unmapping everything frees every table but the root; destroy frees the rest.
     w.table
-        .unmap(0, w.table.config().ipa_limit(), &w.tlb, |_| {})
+        .unmap(Ipa::new(0), w.table.config().ipa_limit(), &w.tlb, |_| {})
         .unwrap();
     assert_eq!(
         mem.allocated_pages(),

@@ -30,7 +30,7 @@ fn iterations() -> usize {
 /// a `Locked` slot, retry on a mismatch.
 fn remap_once(t: &Stage2Table<&'static HostMemory>, tlb: &RecordingTlb) {
     loop {
-        let Some(l) = t.lookup(IPA) else {
+        let Some(l) = t.lookup(Ipa::new(IPA)) else {
             thread::yield_now();
             continue;
         };
@@ -38,10 +38,10 @@ fn remap_once(t: &Stage2Table<&'static HostMemory>, tlb: &RecordingTlb) {
             thread::yield_now(); // another remap's break-before-make owns the slot
             continue;
         };
-        let new = Descriptor::page(m.pa + 4096, m.attrs)
+        let new = Descriptor::page((m.pa + 4096).raw(), m.attrs)
             .unwrap()
             .with_young(m.young);
-        match t.compare_exchange_leaf(IPA, l.level, l.desc, new, tlb) {
+        match t.compare_exchange_leaf(Ipa::new(IPA), l.level, l.desc, new, tlb) {
             Ok(()) => return,
             Err(CasError::Mismatch(_)) => thread::yield_now(),
             Err(e) => panic!("{e:?}"),
@@ -54,8 +54,14 @@ fn scenario() {
     let cfg = S2Config::new(2, 40, VmidBits::Eight).unwrap();
     let t = Arc::new(Stage2Table::new(cfg, 3, mem).unwrap());
     let tlb = Arc::new(RecordingTlb::new());
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &*tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &*tlb,
+    )
+    .unwrap();
     let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
             let (t, tlb) = (t.clone(), tlb.clone());
@@ -69,14 +75,14 @@ fn scenario() {
     let aging = {
         let t = t.clone();
         thread::spawn(move || {
-            t.test_and_clear_young(IPA);
-            t.mkyoung(IPA);
+            t.test_and_clear_young(Ipa::new(IPA));
+            t.mkyoung(Ipa::new(IPA));
         })
     };
     workers.into_iter().for_each(|w| w.join().unwrap());
     aging.join().unwrap();
-    let m = t.lookup(IPA).unwrap().mapping().unwrap();
-    assert_eq!(m.pa, PA + WORKERS * REMAPS * 4096, "a remap was lost");
+    let m = t.lookup(Ipa::new(IPA)).unwrap().mapping().unwrap();
+    assert_eq!(m.pa.raw(), PA + WORKERS * REMAPS * 4096, "a remap was lost");
 }
 
 #[test]

@@ -37,8 +37,14 @@ fn map_into_holes_needs_no_invalidation() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map(IPA, PA, 4 * MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4 * MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     assert_eq!(tlb.take(), vec![]);
 }
 
@@ -47,9 +53,15 @@ fn few_changes_invalidate_per_ipa_many_invalidate_the_vmid() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 64 * 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    t.protect(IPA, 3 * 4096, Perm::RO, &tlb).unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        64 * 4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    t.protect(Ipa::new(IPA), 3 * 4096, Perm::RO, &tlb).unwrap();
     let calls = tlb.take();
     assert_eq!(
         calls,
@@ -61,7 +73,7 @@ fn few_changes_invalidate_per_ipa_many_invalidate_the_vmid() {
             })
             .collect::<Vec<_>>()
     );
-    t.protect(IPA, 64 * 4096, Perm::RX, &tlb).unwrap();
+    t.protect(Ipa::new(IPA), 64 * 4096, Perm::RX, &tlb).unwrap();
     let icache = (0..64).map(|i| TlbCall::Icache {
         pa: PA + i * 4096,
         len: 4096,
@@ -73,7 +85,7 @@ fn few_changes_invalidate_per_ipa_many_invalidate_the_vmid() {
             .collect::<Vec<_>>()
     );
     // Nothing changes: nothing to invalidate.
-    t.protect(IPA, 64 * 4096, Perm::RX, &tlb).unwrap();
+    t.protect(Ipa::new(IPA), 64 * 4096, Perm::RX, &tlb).unwrap();
     assert_eq!(ipas(&tlb.calls()) + vmids(&tlb.take()), 0);
 }
 
@@ -82,11 +94,17 @@ fn a_batch_flushes_once() {
     let mem = HostMemory::new(256);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4 * MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4 * MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     t.map(
-        IPA + 64 * MIB2,
-        PA,
+        Ipa::new(IPA + 64 * MIB2),
+        Pa::new(PA),
         8 * MIB2,
         S2Attrs::normal(Perm::RW),
         &tlb,
@@ -96,12 +114,19 @@ fn a_batch_flushes_once() {
     let batch = t.batch(&tlb);
     // Fork-like: write-protect everything, a page at a time and as ranges.
     for i in 0..8 {
-        t.protect(IPA + i * 4096, 4096, Perm::RO, &batch).unwrap();
+        t.protect(Ipa::new(IPA + i * 4096), 4096, Perm::RO, &batch)
+            .unwrap();
     }
-    t.protect(IPA, 4 * MIB2, Perm::RO, &batch).unwrap();
-    t.protect(IPA + 64 * MIB2, 8 * MIB2, Perm::RO, &batch)
+    t.protect(Ipa::new(IPA), 4 * MIB2, Perm::RO, &batch)
         .unwrap();
-    t.set_software(IPA + 4096, SwEntry::Zero, &batch).unwrap();
+    t.protect(Ipa::new(IPA + 64 * MIB2), 8 * MIB2, Perm::RO, &batch)
+        .unwrap();
+    t.set_software(
+        Ipa::new(IPA + 4096),
+        stage2::PageState::Swapped { slot: 0 },
+        &batch,
+    )
+    .unwrap();
     assert!(batch.pending());
     assert_eq!(
         tlb.calls(),
@@ -112,7 +137,7 @@ fn a_batch_flushes_once() {
     assert_eq!(tlb.take(), vec![TlbCall::Vmid { vmid: 0x1234 }]);
     // A batch handed over to the caller does not flush.
     let batch = t.batch(&tlb);
-    t.protect(IPA, 4096, Perm::RW, &batch).unwrap();
+    t.protect(Ipa::new(IPA), 4096, Perm::RW, &batch).unwrap();
     assert!(batch.into_pending());
     assert_eq!(tlb.take(), vec![]);
     // An empty batch flushes nothing.
@@ -125,12 +150,24 @@ fn a_batch_does_not_defer_break_before_make_or_table_frees() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map(IPA, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    t.map_pages(IPA + MIB2, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    t.map_pages(
+        Ipa::new(IPA + MIB2),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let batch = t.batch(&tlb);
-    t.split_block(IPA, &batch).unwrap();
+    t.split_block(Ipa::new(IPA), &batch).unwrap();
     assert_eq!(
         tlb.take(),
         vec![TlbCall::Ipa {
@@ -139,7 +176,7 @@ fn a_batch_does_not_defer_break_before_make_or_table_frees() {
             level: 2
         }]
     );
-    t.unmap(IPA + MIB2, 4096, &batch, |_| {}).unwrap();
+    t.unmap(Ipa::new(IPA + MIB2), 4096, &batch, |_| {}).unwrap();
     assert_eq!(
         tlb.take(),
         vec![TlbCall::Vmid { vmid: 0x1234 }],
@@ -156,10 +193,16 @@ fn a_batch_of_another_vm_defers_nothing() {
     let a = new_table(&mem);
     let b = Stage2Table::new(cfg(), 9, &mem).unwrap();
     let tlb = RecordingTlb::new();
-    b.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    b.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let batch = a.batch(&tlb);
-    b.protect(IPA, 4096, Perm::RO, &batch).unwrap();
+    b.protect(Ipa::new(IPA), 4096, Perm::RO, &batch).unwrap();
     assert_eq!(
         tlb.take(),
         vec![TlbCall::Ipa {
@@ -198,10 +241,16 @@ fn split_breaks_before_it_makes() {
     let mem: &'static HostMemory = Box::leak(Box::new(HostMemory::new(64)));
     let t = new_table(mem);
     let tlb = RecordingTlb::new();
-    t.map(IPA, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let seen = hooked(mem, &t, &tlb);
-    t.split_block(IPA + 0x5000, &tlb).unwrap();
+    t.split_block(Ipa::new(IPA + 0x5000), &tlb).unwrap();
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
     // At the invalidation the block slot held the Locked (invalid) entry, not the block nor the table.
@@ -213,12 +262,14 @@ fn split_breaks_before_it_makes() {
                 ipa: IPA,
                 level: 2
             },
-            Some(SwEntry::Locked.encode())
+            Some(Descriptor::LOCKED.raw())
         )
     );
     assert_eq!(
-        t.lookup(IPA + 0x5000).unwrap().pa_of(IPA + 0x5000),
-        Some(PA + 0x5000)
+        t.lookup(Ipa::new(IPA + 0x5000))
+            .unwrap()
+            .pa_of(Ipa::new(IPA + 0x5000)),
+        Some(Pa::new(PA + 0x5000))
     );
 }
 
@@ -227,13 +278,19 @@ fn remap_by_cas_breaks_before_it_makes_and_syncs_the_icache_first() {
     let mem: &'static HostMemory = Box::leak(Box::new(HostMemory::new(64)));
     let t = new_table(mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RX), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RX),
+        &tlb,
+    )
+    .unwrap();
     tlb.take();
     let seen = hooked(mem, &t, &tlb);
-    let old = t.lookup(IPA).unwrap();
+    let old = t.lookup(Ipa::new(IPA)).unwrap();
     let new = Descriptor::page(PA + 0x10_0000, S2Attrs::normal(Perm::RWX)).unwrap();
-    t.compare_exchange_leaf(IPA, 3, old.desc, new, &tlb)
+    t.compare_exchange_leaf(Ipa::new(IPA), 3, old.desc, new, &tlb)
         .unwrap();
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 2);
@@ -256,10 +313,10 @@ fn remap_by_cas_breaks_before_it_makes_and_syncs_the_icache_first() {
                 ipa: IPA,
                 level: 3
             },
-            Some(SwEntry::Locked.encode())
+            Some(Descriptor::LOCKED.raw())
         )
     );
-    assert_eq!(t.lookup(IPA).unwrap().desc, new);
+    assert_eq!(t.lookup(Ipa::new(IPA)).unwrap().desc, new);
 }
 
 #[test]
@@ -268,8 +325,14 @@ fn executable_map_syncs_the_icache_before_entries_appear() {
     let t = new_table(mem);
     let tlb = RecordingTlb::new();
     let seen = hooked(mem, &t, &tlb);
-    t.map(IPA, PA, 3 * 4096, S2Attrs::normal(Perm::RWX), &tlb)
-        .unwrap();
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        3 * 4096,
+        S2Attrs::normal(Perm::RWX),
+        &tlb,
+    )
+    .unwrap();
     assert_eq!(
         *seen.lock().unwrap(),
         vec![(
@@ -288,13 +351,20 @@ fn coherent_map_skips_the_icache_and_needs_no_invalidation() {
     let t = new_table(mem);
     let tlb = RecordingTlb::new();
     let seen = hooked(mem, &t, &tlb);
-    t.map_coherent(IPA, PA, 3 * 4096, S2Attrs::normal(Perm::RWX), false, &tlb)
-        .unwrap();
+    t.map_coherent(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        3 * 4096,
+        S2Attrs::normal(Perm::RWX),
+        false,
+        &tlb,
+    )
+    .unwrap();
     assert_eq!(*seen.lock().unwrap(), vec![]);
     assert_eq!(
-        t.lookup(IPA + 2 * 4096)
-            .and_then(|l| l.pa_of(IPA + 2 * 4096)),
-        Some(PA + 2 * 4096)
+        t.lookup(Ipa::new(IPA + 2 * 4096))
+            .and_then(|l| l.pa_of(Ipa::new(IPA + 2 * 4096))),
+        Some(Pa::new(PA + 2 * 4096))
     );
 }
 
@@ -303,8 +373,14 @@ fn unmap_invalidates_before_freeing_tables() {
     let mem: &'static HostMemory = Box::leak(Box::new(HostMemory::new(64)));
     let t = new_table(mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4 * 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4 * 4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     let tables = mem.allocated_pages();
     let at_flush = Arc::new(Mutex::new(None));
     let a = at_flush.clone();
@@ -315,8 +391,8 @@ fn unmap_invalidates_before_freeing_tables() {
     });
     let mut frames = vec![];
     assert_eq!(
-        t.unmap(IPA, 4 * 4096, &tlb, |l| frames
-            .push(l.pa_of(l.ipa).unwrap()))
+        t.unmap(Ipa::new(IPA), 4 * 4096, &tlb, |l| frames
+            .push(l.pa_of(l.ipa).unwrap().raw()))
             .unwrap(),
         4 * 4096
     );
@@ -338,13 +414,22 @@ fn young_clear_does_not_invalidate_mkyoung_neither() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map(IPA, PA, MIB2, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
-    assert!(t.test_and_clear_young(IPA + 0x3000));
-    assert!(!t.test_and_clear_young(IPA), "the whole block was aged");
-    assert!(t.mkyoung(IPA + 0x1000));
-    assert!(t.test_and_clear_young(IPA));
-    assert!(!t.test_and_clear_young(IPA + MIB2), "hole");
+    t.map(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        MIB2,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
+    assert!(t.test_and_clear_young(Ipa::new(IPA + 0x3000)));
+    assert!(
+        !t.test_and_clear_young(Ipa::new(IPA)),
+        "the whole block was aged"
+    );
+    assert!(t.mkyoung(Ipa::new(IPA + 0x1000)));
+    assert!(t.test_and_clear_young(Ipa::new(IPA)));
+    assert!(!t.test_and_clear_young(Ipa::new(IPA + MIB2)), "hole");
     assert_eq!(tlb.take(), vec![]);
 }
 
@@ -353,8 +438,14 @@ fn destroy_invalidates_the_vmid() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4096, S2Attrs::normal(Perm::RW), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4096,
+        S2Attrs::normal(Perm::RW),
+        &tlb,
+    )
+    .unwrap();
     t.destroy(&tlb);
     assert_eq!(tlb.take(), vec![TlbCall::Vmid { vmid: 0x1234 }]);
     assert_eq!(mem.allocated_pages(), 0);
@@ -365,11 +456,17 @@ fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
     let mem = HostMemory::new(64);
     let t = new_table(&mem);
     let tlb = RecordingTlb::new();
-    t.map_pages(IPA, PA, 4 * 4096, S2Attrs::normal(Perm::RWX), &tlb)
-        .unwrap();
+    t.map_pages(
+        Ipa::new(IPA),
+        Pa::new(PA),
+        4 * 4096,
+        S2Attrs::normal(Perm::RWX),
+        &tlb,
+    )
+    .unwrap();
     t.map(
-        IPA + MIB2,
-        PA + MIB2,
+        Ipa::new(IPA + MIB2),
+        Pa::new(PA + MIB2),
         MIB2,
         S2Attrs::normal(Perm::RWX),
         &tlb,
@@ -378,7 +475,7 @@ fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
     tlb.take();
     // Pages 0 and 2 become migration entries, the hole at page 3 + 1 is skipped, the page
     // inside the block is reported for the caller to split.
-    let targets = [IPA, IPA + 2 * 4096, IPA + 5 * 4096, IPA + MIB2 + 4096];
+    let targets = [IPA, IPA + 2 * 4096, IPA + 5 * 4096, IPA + MIB2 + 4096].map(Ipa::new);
     let mut outcome = Vec::new();
     t.update_pages(
         &targets,
@@ -387,10 +484,11 @@ fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
             let Leaf::Mapped(m) = leaf.leaf else {
                 panic!("{leaf:?}")
             };
-            Some(Descriptor::software(SwEntry::Migration {
-                pfn: m.pa >> 12,
+            Descriptor::software(stage2::PageState::Migrating {
+                pfn: m.pa.pfn(),
                 writable: true,
-            }))
+            })
+            .ok()
         },
         &mut |k, r| outcome.push((k, r.is_ok())),
         &tlb,
@@ -413,7 +511,10 @@ fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
     );
     assert_eq!(outcome, vec![(0, true), (1, true)]);
     assert_eq!(tlb.take(), vec![]);
-    let pa = |ipa| t.lookup(ipa).and_then(|l| l.pa_of(ipa));
+    let pa = |ipa| {
+        let ipa = Ipa::new(ipa);
+        t.lookup(ipa).and_then(|l| l.pa_of(ipa)).map(Pa::raw)
+    };
     assert_eq!(pa(IPA + 2 * 4096), Some(PA + 0x10_0000 + 4096));
     assert_eq!(pa(IPA + 4096), Some(PA + 4096), "untouched page");
 }

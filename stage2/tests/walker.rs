@@ -103,7 +103,7 @@ impl<'m> World<'m> {
 
     fn apply(&self, op: Op) -> Result<(), Error> {
         let (t, tlb) = (&self.t, &self.tlb);
-        let at = |page: u64| BASE + page * PAGE;
+        let at = |page: u64| Ipa::new(BASE + page * PAGE);
         let len = |page: u64, npages: u64| npages.min(WINDOW_PAGES - page) * PAGE;
         let attrs = S2Attrs::normal(Perm::RWX);
         match op {
@@ -112,10 +112,10 @@ impl<'m> World<'m> {
                 npages,
                 blocks,
             } => {
-                let pa = FRAMES + page * PAGE;
+                let pa = Pa::new(FRAMES + page * PAGE);
                 t.map_coherent(at(page), pa, len(page, npages), attrs, blocks, tlb)
             }
-            Op::MapGiga => t.map(BASE, FRAMES, GIB, attrs, tlb),
+            Op::MapGiga => t.map(Ipa::new(BASE), Pa::new(FRAMES), GIB, attrs, tlb),
             Op::Unmap { page, npages } => t
                 .unmap(at(page), len(page, npages), tlb, |_| {})
                 .map(|_| ()),
@@ -128,7 +128,9 @@ impl<'m> World<'m> {
                 t.protect(at(page), len(page, npages), perm, tlb)
             }
             Op::Split { page } => t.split_block(at(page), tlb),
-            Op::SetSoftware { page } => t.set_software(at(page), SwEntry::Zero, tlb).map(|_| ()),
+            Op::SetSoftware { page } => t
+                .set_software(at(page), PageState::Swapped { slot: page }, tlb)
+                .map(|_| ()),
         }
     }
 

@@ -14,6 +14,7 @@ use crate::boot::bootargs::{mem_range, BootArgs};
 use crate::vm::{Vm, VmError};
 use alloc::sync::Arc;
 use platform::MemRange;
+use rmap::{Ipa, Pa};
 
 /// arm64 Image header (booting.rst): text_offset at 8, image_size at 16,
 /// magic "ARM\x64" at 56.
@@ -159,7 +160,11 @@ fn layout(vm: &Vm, kernel: &[u8], initrd_len: u64) -> Result<Layout, VmError> {
 /// allocator already took back), so the caller releases only the rest.
 fn adopt_image(vm: &Vm, ipa: u64, host: MemRange, adopted: &mut u64) -> Result<(), VmError> {
     while *adopted + ALIGN_2M <= host.size {
-        match crate::mm::glue::adopt_block(&vm.mem, ipa + *adopted, host.base + *adopted) {
+        match crate::mm::glue::adopt_block(
+            &vm.mem,
+            Ipa::new(ipa + *adopted),
+            Pa::new(host.base + *adopted),
+        ) {
             Ok(true) => *adopted += ALIGN_2M,
             Ok(false) => break,
             Err(_) => {
@@ -172,5 +177,5 @@ fn adopt_image(vm: &Vm, ipa: u64, host: MemRange, adopted: &mut u64) -> Result<(
 }
 
 fn copy_in(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), VmError> {
-    crate::mm::glue::write_guest(&vm.mem, ipa, data).map_err(|_| VmError::NoMemory)
+    crate::mm::glue::write_guest(&vm.mem, Ipa::new(ipa), data).map_err(|_| VmError::NoMemory)
 }

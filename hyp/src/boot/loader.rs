@@ -54,8 +54,10 @@ pub fn boot(vm: &Arc<Vm>, image: &[u8], bootargs: &str) -> Result<(), VmError> {
     if dtb.len() as u64 > header.text_offset {
         return Err(VmError::BadConfig("guest DTB overlaps the image"));
     }
-    crate::mm::glue::write_guest(&vm.mem, entry, image).map_err(|_| VmError::NoMemory)?;
-    crate::mm::glue::write_guest(&vm.mem, ram.base, &dtb).map_err(|_| VmError::NoMemory)?;
+    crate::mm::glue::write_guest(&vm.mem, rmap::Ipa::new(entry), image)
+        .map_err(|_| VmError::NoMemory)?;
+    crate::mm::glue::write_guest(&vm.mem, rmap::Ipa::new(ram.base), &dtb)
+        .map_err(|_| VmError::NoMemory)?;
     if !vm.power_on(0, entry, ram.base) {
         return Err(VmError::BadConfig("vCPU 0 is not off"));
     }

@@ -10,6 +10,7 @@ use crate::mm::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use rmap::Ipa;
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
 /// eagerly, [`PAIRS`] times each; prints the medians and the ratio.
@@ -24,7 +25,7 @@ pub fn fork(mib: u64, r: &mut Reply) -> Result<(), CmdError> {
 fn fill(vm: &Arc<Vm>, pages: u64) -> Result<(), CmdError> {
     let page = [0x5au8; PAGE_SIZE as usize];
     for i in 0..pages {
-        crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, &page)
+        crate::mm::glue::write_guest(&vm.mem, Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE, &page)
             .map_err(|_| CmdError::Bench("out of memory filling the VM"))?;
     }
     Ok(())
@@ -49,7 +50,7 @@ fn time_eager_copy(vm: &Arc<Vm>, pages: u64) -> Result<u64, CmdError> {
             .mem
             .memory
             .lock()
-            .pa_of(vm.mem.ram.base + i * PAGE_SIZE)
+            .pa_of(Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE)
             .ok_or(CmdError::Bench("unmapped page"))?;
         let Some(dst) = frames::get().alloc() else {
             break;

@@ -76,6 +76,7 @@ fn step(
             let len = 1 + rng.below(256);
             let start = vm.mem.ram.base + first * PAGE_SIZE;
             let end = (start + len * PAGE_SIZE).min(vm.mem.ram.end());
+            let (start, end) = (rmap::Ipa::new(start), rmap::Ipa::new(end));
             let r = migrate_vm(&vm.mem, start, end, 1 + rng.below(BATCH as u64) as usize);
             t.moved += r.done;
             t.ops[0] += 1;

@@ -328,7 +328,7 @@ fn fork_cmd(id: VmId, count: u32, r: &mut Reply) -> Result<(), CmdError> {
 /// Who maps the frame at `pa`: every VM and IPA, through which anon_vma chain.
 fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
-    let pfn = pa / crate::mm::frames::PAGE_SIZE;
+    let pfn = rmap::Pa::new(pa).pfn();
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
     let (mapcount, anon, index) = (frame.mapcount(), rmap.frame_anon_vma(frame), frame.index());
     crate::say!(
@@ -347,7 +347,7 @@ fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
         );
         let mut mapper = hypapi::Map::new();
         mapper.insert("vm".into(), m.vm.0.into());
-        mapper.insert("ipa".into(), m.ipa.into());
+        mapper.insert("ipa".into(), m.ipa.raw().into());
         r.push("mappers", mapper);
     }
     Ok(())

@@ -12,6 +12,7 @@ use crate::mm::memctl::{self, Report};
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use rmap::{Ipa, Pa, Pfn};
 
 /// MiB/s for `pages` in `ticks`.
 fn mibs(pages: u64, ticks: u64) -> u64 {
@@ -34,7 +35,8 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
         }
         // SAFETY: any u64 array is valid as bytes.
         let bytes = unsafe { core::slice::from_raw_parts(page.as_ptr().cast::<u8>(), 4096) };
-        if crate::mm::glue::write_guest(&vm.mem, vm.mem.ram.base + i * PAGE_SIZE, bytes).is_err() {
+        let ipa = Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE;
+        if crate::mm::glue::write_guest(&vm.mem, ipa, bytes).is_err() {
             vm.stop(0);
             return Err(CmdError::Bench("out of memory filling the bench VM"));
         }
@@ -46,17 +48,17 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
 }
 
 /// The frames of the bench VM's first `pages` pages, now.
-fn frames_of(vm: &Vm, pages: u64) -> Vec<u64> {
-    let end = vm.mem.ram.base + pages * PAGE_SIZE;
-    memctl::vm_frames(&vm.mem, vm.mem.ram.base, end, usize::MAX)
+fn frames_of(vm: &Vm, pages: u64) -> Vec<Pfn> {
+    let start = Ipa::new(vm.mem.ram.base);
+    memctl::vm_frames(&vm.mem, start, start + pages * PAGE_SIZE, usize::MAX)
 }
 
 /// Ticks to copy `pfns` into fresh frames with the copy migration uses.
-fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
-    let dst: Vec<u64> = (0..pfns.len())
+fn time_copy(pfns: &[Pfn]) -> Result<u64, CmdError> {
+    let dst: Vec<Pa> = (0..pfns.len())
         .map_while(|_| frames::get().alloc())
         .collect();
-    let release = |dst: Vec<u64>| dst.into_iter().for_each(|pa| frames::get().free(pa));
+    let release = |dst: Vec<Pa>| dst.into_iter().for_each(|pa| frames::get().free(pa));
     if dst.len() < pfns.len() {
         release(dst);
         return Err(CmdError::Bench("no frames for the memcpy"));
@@ -65,7 +67,7 @@ fn time_copy(pfns: &[u64]) -> Result<u64, CmdError> {
     for (&src, &d) in pfns.iter().zip(&dst) {
         // SAFETY: `src` is a frame of the idle bench VM (nothing writes it),
         // `d` one we allocated.
-        unsafe { frames::copy_frame(d, src * PAGE_SIZE) };
+        unsafe { frames::copy_frame(d, src.pa()) };
     }
     let ticks = crate::arch::timer::now() - t0;
     release(dst);
@@ -128,15 +130,14 @@ pub fn migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Resul
 
 /// Ticks to compress every page of `pfns` with the store's LZ4; sets
 /// `bytes` to the compressed size.
-fn time_lz4(pfns: &[u64], bytes: &mut usize) -> u64 {
+fn time_lz4(pfns: &[Pfn], bytes: &mut usize) -> u64 {
     let mut buf = [0u8; crate::mm::store::MAX_COMPRESSED];
     let mut total = 0;
     let t0 = crate::arch::timer::now();
     for &pfn in pfns {
         // SAFETY: a frame of the idle bench VM, identity mapped.
-        let data = unsafe {
-            core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE_SIZE as usize)
-        };
+        let data =
+            unsafe { core::slice::from_raw_parts(pfn.pa().raw() as *const u8, PAGE_SIZE as usize) };
         total += crate::mm::store::compress(data, &mut buf);
     }
     let ticks = crate::arch::timer::now() - t0;
@@ -174,7 +175,7 @@ fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
     for i in 0..pages {
         crate::mm::glue::fault(
             &vm.mem,
-            vm.mem.ram.base + i * PAGE_SIZE,
+            Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE,
             crate::mm::glue::Access::Read,
             crate::mm::glue::FaultKind::Translation,
         )

@@ -87,7 +87,8 @@ fn migrate(
             end,
         });
     }
-    let rep = memctl::migrate_vm(&vm.mem, start, end, batch.unwrap_or(memctl::BATCH));
+    let (from, to) = (rmap::Ipa::new(start), rmap::Ipa::new(end));
+    let rep = memctl::migrate_vm(&vm.mem, from, to, batch.unwrap_or(memctl::BATCH));
     crate::say!(r, "migrate vm {} {start:#x}..{end:#x}: moved {rep}", vm.id);
     report(r, &rep);
     Ok(())

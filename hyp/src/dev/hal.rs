@@ -29,6 +29,8 @@ pub struct HypHal;
 unsafe impl Hal for HypHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let pa = frames::try_get().and_then(|f| f.alloc_run_zeroed_unmovable(pages, 1));
+        // The driver's DMA addresses are raw physical addresses.
+        let pa = pa.map(rmap::Pa::raw);
         match pa.and_then(|pa| Some((pa, NonNull::new(pa as *mut u8)?))) {
             Some(got) => got,
             // `Dma::new` takes PA 0 as "out of memory" (RAM never starts at 0
@@ -39,7 +41,7 @@ unsafe impl Hal for HypHal {
 
     unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
         for i in 0..pages as u64 {
-            frames::get().free(paddr + i * PAGE_SIZE);
+            frames::get().free(rmap::Pa::new(paddr + i * PAGE_SIZE));
         }
         0
     }

@@ -14,6 +14,7 @@
 use crate::mm::frames::PAGE_SIZE;
 use alloc::vec::Vec;
 use platform::MemRange;
+use rmap::Ipa;
 
 pub struct DirtyLog {
     /// The snapshot the log is relative to.
@@ -72,7 +73,8 @@ impl DirtyLog {
     }
 
     /// Logs guest page `page` (page aligned) as changed. Never allocates.
-    pub fn note(&mut self, page: u64) {
+    pub fn note(&mut self, page: Ipa) {
+        let page = page.raw();
         if self.base.is_none() || self.overflow {
             return;
         }
@@ -84,7 +86,8 @@ impl DirtyLog {
     }
 
     /// The page is the snapshot's again.
-    pub fn clear(&mut self, page: u64) {
+    pub fn clear(&mut self, page: Ipa) {
+        let page = page.raw();
         if let Some((w, m)) = self.bit(page) {
             if let Some(word) = self.bits.get_mut(w) {
                 *word &= !m;
@@ -93,8 +96,8 @@ impl DirtyLog {
     }
 
     /// The first logged page at or above `from`.
-    pub fn next_from(&self, from: u64) -> Option<u64> {
-        let start = from.max(self.ram.base);
+    pub fn next_from(&self, from: Ipa) -> Option<Ipa> {
+        let start = from.raw().max(self.ram.base);
         if start >= self.ram.end() {
             return None;
         }
@@ -104,7 +107,7 @@ impl DirtyLog {
         loop {
             if word != 0 {
                 let i = w as u64 * 64 + u64::from(word.trailing_zeros());
-                return Some(self.ram.base + i * PAGE_SIZE);
+                return Some(Ipa::new(self.ram.base + i * PAGE_SIZE));
             }
             w += 1;
             word = *self.bits.get(w)?;

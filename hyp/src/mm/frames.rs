@@ -13,6 +13,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use platform::{Board, MemRange};
+use rmap::Pa;
 use spin::{Mutex, Once};
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -181,13 +182,13 @@ pub fn init(board: &Board, reserved: &[MemRange]) {
 
 impl FrameAllocator {
     /// A movable frame (guest memory), contents undefined.
-    pub fn alloc(&self) -> Option<u64> {
+    pub fn alloc(&self) -> Option<Pa> {
         let mut banks = self.banks.lock();
         for bank in banks.iter_mut() {
             if let Some(idx) = bank.find_free() {
                 bank.set(idx, true);
                 self.free.fetch_sub(1, Ordering::Relaxed);
-                return Some(bank.range.base + idx as u64 * PAGE_SIZE);
+                return Some(Pa::new(bank.range.base + idx as u64 * PAGE_SIZE));
             }
         }
         None
@@ -195,13 +196,13 @@ impl FrameAllocator {
 
     /// An unmovable frame (stage-2 table, hypervisor object), contents
     /// undefined: taken from the top of RAM, away from guest frames.
-    pub fn alloc_unmovable(&self) -> Option<u64> {
+    pub fn alloc_unmovable(&self) -> Option<Pa> {
         let mut banks = self.banks.lock();
         for bank in banks.iter_mut().rev() {
             if let Some(idx) = bank.find_free_top() {
                 bank.set(idx, true);
                 self.free.fetch_sub(1, Ordering::Relaxed);
-                return Some(bank.range.base + idx as u64 * PAGE_SIZE);
+                return Some(Pa::new(bank.range.base + idx as u64 * PAGE_SIZE));
             }
         }
         None
@@ -209,23 +210,23 @@ impl FrameAllocator {
 
     /// `n` (a power of two) zeroed contiguous movable frames aligned to `n`
     /// frames (a guest's 2 MiB block), lowest first.
-    pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<u64> {
+    pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<Pa> {
         self.alloc_contiguous(n, n, false)
     }
 
     /// `n` (a power of two) zeroed contiguous unmovable frames aligned to `n`
     /// frames (concatenated stage-2 root tables), highest first.
-    pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<u64> {
+    pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<Pa> {
         self.alloc_contiguous(n, n, true)
     }
 
     /// `n` zeroed contiguous unmovable frames whose first is aligned to
     /// `align` frames (a power of two), highest first: the heap's growth.
-    pub fn alloc_run_zeroed_unmovable(&self, n: usize, align: usize) -> Option<u64> {
+    pub fn alloc_run_zeroed_unmovable(&self, n: usize, align: usize) -> Option<Pa> {
         self.alloc_contiguous(n, align, true)
     }
 
-    fn alloc_contiguous(&self, n: usize, align: usize, top: bool) -> Option<u64> {
+    fn alloc_contiguous(&self, n: usize, align: usize, top: bool) -> Option<Pa> {
         let mut banks = self.banks.lock();
         let count = banks.len();
         for b in 0..count {
@@ -243,7 +244,7 @@ impl FrameAllocator {
                         bank.set(i, true);
                     });
                     self.free.fetch_sub(n, Ordering::Relaxed);
-                    let pa = bank.range.base + idx as u64 * PAGE_SIZE;
+                    let pa = Pa::new(bank.range.base + idx as u64 * PAGE_SIZE);
                     // SAFETY: the run was free and is now marked used, so
                     // these frames are this caller's alone.
                     (0..n as u64).for_each(|i| unsafe { zero_frame(pa + i * PAGE_SIZE) });
@@ -256,7 +257,7 @@ impl FrameAllocator {
 
     /// A zeroed unmovable frame (stage-2 tables): nothing of a previous
     /// owner reaches the next one.
-    pub fn alloc_zeroed(&self) -> Option<u64> {
+    pub fn alloc_zeroed(&self) -> Option<Pa> {
         let pa = self.alloc_unmovable()?;
         // SAFETY: just allocated: nothing else has this frame.
         unsafe { zero_frame(pa) };
@@ -265,8 +266,8 @@ impl FrameAllocator {
 
     /// Returns a frame. Freeing a frame that is not allocated is a
     /// hypervisor bug and panics (it would hand one frame to two owners).
-    pub fn free(&self, pa: u64) {
-        let mut banks = self.banks.lock();
+    pub fn free(&self, pa: Pa) {
+        let (pa, mut banks) = (pa.raw(), self.banks.lock());
         let bank = banks
             .iter_mut()
             .find(|b| b.range.contains(pa))
@@ -363,8 +364,8 @@ impl FrameAllocator {
     /// image QEMU's loader put in RAM) into allocated frames owned by the
     /// caller, freed with `free` like any other. The caller must not also
     /// `release_reserved` them.
-    pub fn take_reserved(&self, pa: u64, count: u64) {
-        let banks = self.banks.lock();
+    pub fn take_reserved(&self, pa: Pa, count: u64) {
+        let (pa, banks) = (pa.raw(), self.banks.lock());
         for i in 0..count {
             let frame = pa + i * PAGE_SIZE;
             let held = banks.iter().any(|b| {
@@ -414,7 +415,8 @@ impl FrameAllocator {
 /// `pa` is the page-aligned address of a RAM frame the caller owns
 /// exclusively (just allocated, or taken out of every stage-2 table with the
 /// TLBs flushed): nothing else reads or writes it during the call.
-pub unsafe fn zero_frame(pa: u64) {
+pub unsafe fn zero_frame(pa: Pa) {
+    let pa = pa.raw();
     let block = zva_block();
     if block == 0 {
         // SAFETY: `pa` is a RAM frame the caller owns exclusively (this
@@ -444,9 +446,10 @@ pub unsafe fn zero_frame(pa: u64) {
 /// `dst` and `src` are page-aligned addresses of two distinct RAM frames;
 /// the caller owns `dst` exclusively and keeps `src` from being freed or
 /// written for the duration of the copy.
-pub unsafe fn copy_frame(dst: u64, src: u64) {
-    debug_assert!(dst.is_multiple_of(PAGE_SIZE) && src.is_multiple_of(PAGE_SIZE));
+pub unsafe fn copy_frame(dst: Pa, src: Pa) {
+    debug_assert!(dst.is_aligned(PAGE_SIZE) && src.is_aligned(PAGE_SIZE));
     debug_assert!(dst != src);
+    let (dst, src) = (dst.raw(), src.raw());
     // SAFETY: the caller owns `dst` exclusively and keeps `src` alive and
     // unwritten for the copy (this function's contract); both are distinct
     // RAM frames

@@ -9,7 +9,8 @@ use crate::mm::memory::HypMachine;
 use crate::mm::vmmem::{self, VmMemory};
 use alloc::sync::Arc;
 use rmap::{
-    Fault, FrameAllocator, FrameTable, Pfn, RegionFlags, Rmap, Stage2, Stage2Locked, VmId, VmSet,
+    Fault, FrameAllocator, FrameTable, Ipa, Pa, Pfn, RegionFlags, Rmap, Stage2, Stage2Locked, VmId,
+    VmSet,
 };
 use spin::Once;
 use stage2::TlbMaintenance;
@@ -53,7 +54,7 @@ pub fn frame_table_range(board: &platform::Board) -> platform::MemRange {
 fn span(board: &platform::Board) -> (Pfn, usize) {
     let lo = board.ram.iter().map(|r| r.base).min().unwrap_or(0);
     let hi = board.ram.iter().map(|r| r.end()).max().unwrap_or(0);
-    (lo / PAGE_SIZE, ((hi - lo) / PAGE_SIZE) as usize)
+    (Pa::new(lo).pfn(), ((hi - lo) / PAGE_SIZE) as usize)
 }
 
 /// Frame metadata for every frame of the RAM banks' span, in the memory of
@@ -133,7 +134,7 @@ pub fn create_ram_region(vm: &VmMemory) -> Result<(), rmap::Error> {
     let mut list = vm.regions.write();
     rmap().region_create(
         &mut list,
-        vm.ram.base,
+        Ipa::new(vm.ram.base),
         vm.ram.size / PAGE_SIZE,
         RegionFlags::NONE,
     )
@@ -166,7 +167,7 @@ pub enum FaultKind {
 
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
-pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result<(), FaultError> {
+pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result<(), FaultError> {
     let write = access == Access::Write;
     // The swap cache and region bookkeeping may allocate a little heap; the
     // heap may have to grow, from frames reclaim can give back.
@@ -180,28 +181,23 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
     // including before a 2 MiB first touch takes 512 frames.
     crate::mm::memctl::balance();
     if kind == FaultKind::Translation && fault_block(vm, ipa) {
-        let chunk = ipa & !(crate::mm::memory::BLOCK_SIZE - 1);
+        let chunk = ipa.align_down(crate::mm::memory::BLOCK_SIZE);
         let mut log = vm.dirty.lock();
-        (0..crate::mm::memory::BLOCK_SIZE / PAGE_SIZE)
-            .for_each(|i| log.note(chunk + i * PAGE_SIZE));
+        chunk
+            .pages_to(chunk + crate::mm::memory::BLOCK_SIZE)
+            .for_each(|page| log.note(page));
         return Ok(());
     }
-    vm.dirty.lock().note(ipa & !(PAGE_SIZE - 1));
-    // A flag left by an earlier operation on this CPU is not this fault's.
-    vm.memory.lock().take_oom();
+    vm.dirty.lock().note(ipa.page());
+    // A stage-2 table page missing for the fault's own change comes back as
+    // OutOfFrames, like a missing frame.
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
-    let oom = {
-        let mem = vm.memory.lock();
-        if matches!(result, Ok(Fault::Done)) {
-            // Software access flag: the reclaim clock cleared it.
-            mem.mkyoung(ipa & !(PAGE_SIZE - 1));
-        }
-        mem.take_oom()
-    };
+    if matches!(result, Ok(Fault::Done)) {
+        // Software access flag: the reclaim clock cleared it.
+        vm.memory.lock().mkyoung(ipa.page());
+    }
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
-        Ok(_) if oom && crate::mm::memctl::reclaim_for_fault() => {}
-        Ok(_) if oom => return Err(FaultError::NoMemory),
         Ok(_) => {}
         Err(rmap::Error::OutOfFrames) if crate::mm::memctl::reclaim_for_fault() => {}
         Err(rmap::Error::OutOfFrames | rmap::Error::OutOfAnonVmas | rmap::Error::OutOfChains) => {
@@ -216,7 +212,7 @@ pub fn fault(vm: &VmMemory, ipa: u64, access: Access, kind: FaultKind) -> Result
 /// Linux's huge anonymous fault (`hypmm::fault_block`): the first touch of
 /// an empty 2 MiB chunk maps 512 fresh zeroed frames with one block entry;
 /// false sends the fault down the page path.
-fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
+fn fault_block(vm: &VmMemory, ipa: Ipa) -> bool {
     hypmm::fault_block(rmap(), &vm.regions, vm, &HypMachine, ipa)
 }
 
@@ -228,9 +224,9 @@ fn fault_block(vm: &VmMemory, ipa: u64) -> bool {
 /// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
 /// still reserved; the caller copies instead. Err: no stage-2 table memory,
 /// and the frames went back to the allocator.
-pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError> {
+pub fn adopt_block(vm: &VmMemory, ipa: Ipa, pa: Pa) -> Result<bool, FaultError> {
     use crate::mm::memory::BLOCK_SIZE;
-    if !ipa.is_multiple_of(BLOCK_SIZE) || !pa.is_multiple_of(BLOCK_SIZE) {
+    if !ipa.is_aligned(BLOCK_SIZE) || !pa.is_aligned(BLOCK_SIZE) {
         return Ok(false);
     }
     let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
@@ -255,13 +251,13 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
         return Ok(false);
     }
     let pages = BLOCK_SIZE / PAGE_SIZE;
-    let pfn = pa / PAGE_SIZE;
+    let pfn = pa.pfn();
     frames::get().take_reserved(pa, pages);
     // The image holds code: the guest fetches it through the I-cache.
     // Whoever loaded the image need not have cleaned it to the PoC, and
     // the guest reads it with its MMU off first.
     crate::mm::memory::publish(pa, BLOCK_SIZE);
-    crate::mm::memory::TLB.invalidate_icache(pa, BLOCK_SIZE);
+    crate::mm::memory::TLB.invalidate_icache(pa.raw(), BLOCK_SIZE);
     rmap().add_new_anon_block(pfn, pages, region, ipa);
     if !s2.map_block(ipa, pa) {
         rmap().remove_new_anon_block(pfn, pages, &HypFrames);
@@ -272,23 +268,23 @@ pub fn adopt_block(vm: &VmMemory, ipa: u64, pa: u64) -> Result<bool, FaultError>
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
 /// first, so every frame is a private, rmap-tracked page of the VM).
-pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultError> {
+pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultError> {
     let mut done = 0usize;
     while done < data.len() {
         let addr = ipa + done as u64;
-        let off = (addr % PAGE_SIZE) as usize;
+        let off = addr.page_offset() as usize;
         let n = (PAGE_SIZE as usize - off).min(data.len() - done);
-        let page = addr - off as u64;
+        let page = addr.page();
         let pa = loop {
             let entry = vm.lock().lookup(page);
-            if matches!(entry, rmap::S2Entry::Page { writable: true, .. }) {
+            if matches!(entry, rmap::PageState::Mapped { writable: true, .. }) {
                 // None: moved (migration) since the lookup; look again.
                 if let Some(pa) = vm.memory.lock().pa_of(page) {
                     break pa;
                 }
                 continue;
             }
-            let kind = if matches!(entry, rmap::S2Entry::Page { .. }) {
+            let kind = if matches!(entry, rmap::PageState::Mapped { .. }) {
                 FaultKind::Permission
             } else {
                 FaultKind::Translation
@@ -298,12 +294,16 @@ pub fn write_guest(vm: &VmMemory, ipa: u64, data: &[u8]) -> Result<(), FaultErro
         // SAFETY: `pa` backs a writable page of this VM, identity mapped;
         // the VM is not running yet (loader), so nothing races the copy.
         unsafe {
-            core::ptr::copy_nonoverlapping(data[done..].as_ptr(), (pa as usize + off) as *mut u8, n)
+            core::ptr::copy_nonoverlapping(
+                data[done..].as_ptr(),
+                (pa + off as u64).raw() as *mut u8,
+                n,
+            )
         };
         // The page is mapped already: clean it before the VM runs (it reads
         // its image and DTB with the MMU off).
         crate::mm::memory::publish(pa + off as u64, n as u64);
-        crate::mm::memory::TLB.invalidate_icache(pa + off as u64, n as u64);
+        crate::mm::memory::TLB.invalidate_icache((pa + off as u64).raw(), n as u64);
         done += n;
     }
     Ok(())
@@ -343,7 +343,7 @@ pub fn shared_frames() -> u64 {
 /// Drops `vm`'s pages in `[start, start + len)` (MEM_RELEASE): each entry is
 /// cleared and its frame or swap slot reference dropped; untouched pages
 /// cost nothing. Blocks are split first (the reserve covers the table page).
-pub fn release(vm: &VmMemory, start: u64, len: u64) -> Result<(), rmap::Error> {
+pub fn release(vm: &VmMemory, start: Ipa, len: u64) -> Result<(), rmap::Error> {
     let machine = (&HypMachine, &STORE);
     hypmm::release(
         rmap(),

@@ -98,7 +98,9 @@ fn grow(bytes: usize) -> bool {
     // SAFETY: the frames are allocated to the heap for good (never freed),
     // identity mapped at EL2 as normal memory, and in no other use.
     unsafe {
-        HEAP.heap.lock().add_to_heap(pa as usize, pa as usize + len);
+        HEAP.heap
+            .lock()
+            .add_to_heap(pa.raw() as usize, pa.raw() as usize + len);
     }
     HEAP.grown.fetch_add(len, Ordering::Relaxed);
     true

@@ -23,7 +23,7 @@ use crate::mm::glue::{rmap, HypFrames, HypVms, STORE};
 use crate::mm::VmMemory;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use rmap::{Pfn, S2Entry, Skip, Stage2, Stage2Locked};
+use rmap::{Ipa, Pa, PageState, Pfn, Skip, Stage2, Stage2Locked};
 
 /// Frames migrated (console, evacuate, chaos), ever.
 pub static MIGRATED: AtomicU64 = AtomicU64::new(0);
@@ -101,7 +101,7 @@ pub fn migrate_pfns(pfns: &[Pfn], batch: usize, report: &mut Report) {
 }
 
 /// The frames mapped by `vm` in `[start, end)` (at most `max`).
-pub fn vm_frames(vm: &VmMemory, start: u64, end: u64, max: usize) -> Vec<Pfn> {
+pub fn vm_frames(vm: &VmMemory, start: Ipa, end: Ipa, max: usize) -> Vec<Pfn> {
     let mut pfns = Vec::new();
     let s2 = vm.lock();
     let mut from = start;
@@ -109,7 +109,7 @@ pub fn vm_frames(vm: &VmMemory, start: u64, end: u64, max: usize) -> Vec<Pfn> {
         let Some((ipa, entry)) = s2.next_entry(from, end) else {
             break;
         };
-        if let S2Entry::Page { pfn, .. } = entry {
+        if let PageState::Mapped { pfn, .. } = entry {
             pfns.push(pfn);
         }
         from = ipa + PAGE_SIZE;
@@ -118,7 +118,7 @@ pub fn vm_frames(vm: &VmMemory, start: u64, end: u64, max: usize) -> Vec<Pfn> {
 }
 
 /// Moves every frame `vm` maps in `[start, end)` to a new frame.
-pub fn migrate_vm(vm: &VmMemory, start: u64, end: u64, batch: usize) -> Report {
+pub fn migrate_vm(vm: &VmMemory, start: Ipa, end: Ipa, batch: usize) -> Report {
     let mut report = Report::default();
     let mut from = start;
     while from < end {
@@ -144,7 +144,7 @@ fn left_in(start: u64, end: u64) -> (Vec<Pfn>, Left) {
     let mut guest = Vec::new();
     let mut unmovable = 0;
     for pa in used {
-        let pfn = pa / PAGE_SIZE;
+        let pfn = Pa::new(pa).pfn();
         match rmap().frames().get(pfn) {
             Some(f) if f.refcount() > 0 => guest.push(pfn),
             _ => unmovable += 1,

@@ -7,6 +7,7 @@
 use crate::mm::frames::{self, PAGE_SIZE};
 use crate::mm::vmmem::MemError;
 use platform::board::MAX_CPUS;
+use rmap::Pa;
 use spin::{Mutex, Once};
 use stage2::memory::TablePage;
 use stage2::{Aarch64Tlb, S2Config, TableMemory, VmidAllocator, VmidBits, Vttbr};
@@ -16,22 +17,29 @@ use stage2::{Aarch64Tlb, S2Config, TableMemory, VmidAllocator, VmidBits, Vttbr};
 pub struct FrameTables;
 
 impl TableMemory for FrameTables {
+    // stage2's TableMemory speaks raw table addresses (its descriptor
+    // boundary); the allocator's typed ones are converted here, once.
     fn alloc_zeroed_table(&self) -> Option<u64> {
-        frames::get().alloc_zeroed().or_else(take_reserve)
+        frames::get()
+            .alloc_zeroed()
+            .or_else(take_reserve)
+            .map(Pa::raw)
     }
 
     fn free_table(&self, pa: u64) {
-        frames::get().free(pa)
+        frames::get().free(Pa::new(pa))
     }
 
     fn alloc_zeroed_root(&self, pages: usize) -> Option<u64> {
         // Unmovable: from the top of RAM, away from guest frames (evacuate).
-        frames::get().alloc_contiguous_zeroed_unmovable(pages)
+        frames::get()
+            .alloc_contiguous_zeroed_unmovable(pages)
+            .map(Pa::raw)
     }
 
     fn free_root(&self, pa: u64, pages: usize) {
         for i in 0..pages as u64 {
-            frames::get().free(pa + i * PAGE_SIZE);
+            frames::get().free(Pa::new(pa + i * PAGE_SIZE));
         }
     }
 
@@ -47,9 +55,9 @@ impl TableMemory for FrameTables {
 /// empty: zapping, migrating or copying one page of a block must split it,
 /// and teardown must not fail for want of one table page. Lock level:
 /// frame allocator (innermost).
-static RESERVE: Mutex<arrayvec::ArrayVec<u64, 16>> = Mutex::new(arrayvec::ArrayVec::new_const());
+static RESERVE: Mutex<arrayvec::ArrayVec<Pa, 16>> = Mutex::new(arrayvec::ArrayVec::new_const());
 
-fn take_reserve() -> Option<u64> {
+fn take_reserve() -> Option<Pa> {
     let pa = RESERVE.lock().pop()?;
     // SAFETY: reserve frames are allocated and owned by the reserve alone;
     // popped, this one is the caller's.
@@ -147,29 +155,29 @@ impl hypmm::Machine for HypMachine {
     }
 
     #[inline]
-    fn alloc_frame(&self) -> Option<u64> {
+    fn alloc_frame(&self) -> Option<Pa> {
         frames::get().alloc()
     }
 
     #[inline]
-    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<u64> {
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa> {
         frames::get().alloc_contiguous_zeroed(pages)
     }
 
     #[inline]
-    fn free_frame(&self, pa: u64) {
+    fn free_frame(&self, pa: Pa) {
         frames::get().free(pa)
     }
 
     #[inline]
-    unsafe fn zero_frame(&self, pa: u64) {
+    unsafe fn zero_frame(&self, pa: Pa) {
         // SAFETY: the caller owns the frame and nothing maps it (the trait's
         // contract), which is `zero_frame`'s.
         unsafe { frames::zero_frame(pa) }
     }
 
     #[inline]
-    unsafe fn copy_frame(&self, dst: u64, src: u64) {
+    unsafe fn copy_frame(&self, dst: Pa, src: Pa) {
         // SAFETY: the trait's contract (`dst` owned and fresh, `src` pinned,
         // distinct) is `copy_frame`'s.
         unsafe { frames::copy_frame(dst, src) }
@@ -226,8 +234,8 @@ pub fn fwb() -> bool {
 /// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
 /// cleaned to the PoC unless FEAT_S2FWB. Once per frame written, before a
 /// guest can map (or, if mapped, read) it.
-pub fn publish(pa: u64, len: u64) {
-    stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa, len);
+pub fn publish(pa: Pa, len: u64) {
+    stage2::publish_frames(CONFIG.get().expect("stage-2 config"), &TLB, pa.raw(), len);
 }
 
 /// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock

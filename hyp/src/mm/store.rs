@@ -82,7 +82,7 @@ pub static STORE: PageStore = PageStore {
 /// every mapping replaced by a migration entry, or owns it.
 unsafe fn page<'a>(pfn: Pfn) -> &'a [u8] {
     // SAFETY: this function's contract.
-    unsafe { core::slice::from_raw_parts((pfn * PAGE_SIZE) as *const u8, PAGE) }
+    unsafe { core::slice::from_raw_parts(pfn.pa().raw() as *const u8, PAGE) }
 }
 
 /// Frame `pfn` to fill.
@@ -93,7 +93,7 @@ unsafe fn page<'a>(pfn: Pfn) -> &'a [u8] {
 /// while the returned slice lives: freshly allocated and not yet mapped.
 unsafe fn page_mut<'a>(pfn: Pfn) -> &'a mut [u8] {
     // SAFETY: this function's contract.
-    unsafe { core::slice::from_raw_parts_mut((pfn * PAGE_SIZE) as *mut u8, PAGE) }
+    unsafe { core::slice::from_raw_parts_mut(pfn.pa().raw() as *mut u8, PAGE) }
 }
 
 /// Whether a page is all zero (word at a time).
@@ -197,7 +197,7 @@ impl SwapStore for PageStore {
         if slot == ZERO_SLOT {
             out.fill(0);
             // rmap's contract: clean to the PoC on return.
-            crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
+            crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
             return;
         }
         let s = self.inner.lock();
@@ -212,10 +212,10 @@ impl SwapStore for PageStore {
         }
         drop(s);
         // rmap's contract: clean to the PoC on return.
-        crate::mm::memory::publish(pfn * PAGE_SIZE, PAGE_SIZE);
+        crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
         // The page may hold guest code.
         use stage2::TlbMaintenance;
-        crate::mm::memory::TLB.invalidate_icache(pfn * PAGE_SIZE, PAGE_SIZE);
+        crate::mm::memory::TLB.invalidate_icache(pfn.pa().raw(), PAGE_SIZE);
     }
 
     fn dup(&self, slot: u64) {

@@ -94,15 +94,15 @@ impl hypmm::GuestVm<HypMachine> for VmMemory {
         &self.regions
     }
 
-    fn ram(&self) -> core::ops::Range<u64> {
-        self.ram.base..self.ram.end()
+    fn ram(&self) -> core::ops::Range<rmap::Ipa> {
+        rmap::Ipa::new(self.ram.base)..rmap::Ipa::new(self.ram.end())
     }
 
-    fn next_dirty(&self, from: u64) -> Option<u64> {
+    fn next_dirty(&self, from: rmap::Ipa) -> Option<rmap::Ipa> {
         self.dirty.lock().next_from(from)
     }
 
-    fn clear_dirty(&self, ipa: u64) {
+    fn clear_dirty(&self, ipa: rmap::Ipa) {
         self.dirty.lock().clear(ipa);
     }
 }

@@ -172,12 +172,12 @@ impl Vpl011 {
     }
 
     /// Gives the UART its image frame (once; the VM's teardown frees it).
-    pub fn set_image(&mut self, pa: u64) {
+    pub fn set_image(&mut self, pa: rmap::Pa) {
         debug_assert_eq!(self.image, 0);
         // Offsets outside IMAGE_REGS read this frame's zeroes: clean it whole
         // once (`refresh_image` cleans only the registers it rewrites).
         crate::mm::memory::publish(pa, VPL011_SIZE);
-        self.image = pa;
+        self.image = pa.raw();
         self.refresh_image();
     }
 
@@ -234,7 +234,7 @@ impl Vpl011 {
         // are non-cacheable and see DRAM, not our cached writes. Owed after
         // every refresh, since the image stays mapped while it changes.
         for r in IMAGE_REGS {
-            crate::mm::memory::publish(self.image + r.start, r.end - r.start);
+            crate::mm::memory::publish(rmap::Pa::new(self.image) + r.start, r.end - r.start);
         }
     }
 }

@@ -7,17 +7,22 @@ use crate::mm::glue::{Access, FaultError, FaultKind};
 use crate::vm::devices;
 use crate::vm::exit::{inject_sync, stop, Action};
 use crate::vm::vcpu::Vcpu;
+use rmap::Ipa;
 
-/// The faulting IPA: page from HPFAR_EL2, offset from FAR_EL2.
-fn fault_ipa() -> u64 {
+/// The faulting IPA: page from HPFAR_EL2, offset from FAR_EL2 (the
+/// hardware's raw values become a typed address here, once).
+fn fault_ipa() -> Ipa {
     let hpfar = read_sysreg!("hpfar_el2");
     let far = read_sysreg!("far_el2");
-    ((hpfar >> 4) & 0xff_ffff_ffff) << 12 | (far & 0xfff)
+    Ipa::new(((hpfar >> 4) & 0xff_ffff_ffff) << 12 | (far & 0xfff))
 }
 
 pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
-    let ipa = fault_ipa();
+    let typed = fault_ipa();
     let abort = Abort::decode(esr);
+    // Device emulation and the messages decode register offsets from the
+    // raw address.
+    let ipa = typed.raw();
     if vcpu.vm.mem.ram.contains(ipa) {
         let access = if abort.write {
             Access::Write
@@ -29,7 +34,7 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
         } else {
             FaultKind::Permission
         };
-        return ram_fault(vcpu, ipa, access, kind);
+        return ram_fault(vcpu, typed, access, kind);
     }
     if abort.is_data && !abort.s1ptw {
         match abort.access {
@@ -45,7 +50,7 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     wild(vcpu, ipa, abort.is_data)
 }
 
-fn ram_fault(vcpu: &mut Vcpu, ipa: u64, access: Access, kind: FaultKind) -> Action {
+fn ram_fault(vcpu: &mut Vcpu, ipa: Ipa, access: Access, kind: FaultKind) -> Action {
     match crate::mm::glue::fault(&vcpu.vm.mem, ipa, access, kind) {
         Ok(()) => Action::Continue,
         Err(FaultError::NoMemory) => {
@@ -58,7 +63,7 @@ fn ram_fault(vcpu: &mut Vcpu, ipa: u64, access: Access, kind: FaultKind) -> Acti
             vcpu.vm.pause();
             Action::Yield
         }
-        Err(FaultError::NoRegion) => wild(vcpu, ipa, true),
+        Err(FaultError::NoRegion) => wild(vcpu, ipa.raw(), true),
         Err(FaultError::Other(e)) => {
             crate::println!(
                 "[hyp] vm {}: fault at IPA {ipa:#x} failed: {e:?}",

@@ -5,14 +5,13 @@
 //! moved between the device and the vCPU's registers.
 
 use crate::arch::esr::DataAccess;
-use crate::mm::frames::PAGE_SIZE;
 use crate::vdev::vgic::UART_INTID;
 use crate::vdev::vpl011::{Output, VPL011_BASE, VPL011_SIZE};
 use crate::vm::exit::{stop, Action};
 use crate::vm::vcpu::Vcpu;
 use crate::vm::Vm;
 use core::sync::atomic::Ordering;
-use rmap::{S2Entry, Stage2, Stage2Locked};
+use rmap::{CasError, PageState, Stage2, Stage2Locked};
 use spin::Mutex;
 
 /// Drives the VM's UART interrupt line from the device state; called after
@@ -47,27 +46,29 @@ pub fn sync_image(vm: &Vm) {
         uart.set_image(pa);
     }
     uart.refresh_image();
-    let page = S2Entry::Page {
-        pfn: uart.image() / PAGE_SIZE,
+    let page = PageState::Mapped {
+        pfn: rmap::Pa::new(uart.image()).pfn(),
         writable: false,
     };
     let (old, new) = if want {
-        (S2Entry::Invalid, page)
+        (PageState::Invalid, page)
     } else {
-        (page, S2Entry::Invalid)
+        (page, PageState::Invalid)
     };
-    let result = {
-        let mut s2 = vm.mem.lock();
-        let r = s2.compare_exchange(VPL011_BASE, old, new);
-        // No table page for the entry: it stays unmapped and reads keep
-        // trapping, which is correct, only slower (not the fault path's OOM).
-        s2.take_out_of_memory();
-        r
-    };
+    let result = vm
+        .mem
+        .lock()
+        .compare_exchange(rmap::Ipa::new(VPL011_BASE), old, new);
     match result {
         Ok(()) => uart.set_mapped(want),
-        Err(found) if found == old && want => uart.set_mapped(false),
-        Err(found) => {
+        // No table page for the entry: it stays unmapped and reads keep
+        // trapping, which is correct, only slower (not the fault path's OOM).
+        Err(CasError::NoMemory) if want => uart.set_mapped(false),
+        Err(e) => {
+            let found = match e {
+                CasError::Changed(found) => found,
+                CasError::NoMemory => old,
+            };
             // An entry this UART did not make: a hypervisor bug. Say so and
             // never treat it as ours.
             uart.set_mapped(found == page);

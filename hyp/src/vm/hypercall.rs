@@ -221,7 +221,7 @@ fn mem_release(vcpu: &Vcpu, start: u64, len: u64) -> u64 {
     if !valid {
         return smccc(abi::SMCCC_INVALID_PARAMETER);
     }
-    match crate::mm::glue::release(&vcpu.vm.mem, start, len) {
+    match crate::mm::glue::release(&vcpu.vm.mem, rmap::Ipa::new(start), len) {
         Ok(()) => 0,
         Err(_) => smccc(abi::SMCCC_NO_MEMORY),
     }

@@ -383,7 +383,7 @@ impl Vm {
         // TLB entry can reach the UART's register image any more.
         let image = self.uart.lock().take_image();
         if image != 0 {
-            crate::mm::frames::get().free(image);
+            crate::mm::frames::get().free(rmap::Pa::new(image));
         }
         crate::mm::vmmem::unregister(self.id);
         VMS.lock().remove(&self.id);

@@ -11,8 +11,8 @@ use platform::board::MAX_CPUS;
 use rmap::host::HostMachine;
 use rmap::lock::{Level, OrderedMutex, OrderedRwLock};
 use rmap::{
-    Fault, FrameAllocator, FrameTable, RegionFlags, RegionList, Rmap, S2Entry, Stage2,
-    Stage2Locked, UnlinkProof, VmId, VmSet,
+    Fault, FrameAllocator, FrameTable, Ipa, Pa, PageState, Pfn, RegionFlags, RegionList, Rmap,
+    Stage2, Stage2Locked, UnlinkProof, VmId, VmSet,
 };
 use stage2::host::{HostMemory, RecordingTlb, TlbCall};
 use stage2::{S2Config, VmidAllocator, VmidBits, Vttbr};
@@ -22,11 +22,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Guest RAM of every test VM.
-pub const RAM_BASE: u64 = 0x4000_0000;
+pub const RAM_BASE: Ipa = Ipa::new(0x4000_0000);
 /// 4 MiB: two 2 MiB chunks.
 pub const RAM_PAGES: u64 = 1024;
 /// First guest frame (PA 4 GiB), away from the table pages at 2 GiB.
-pub const FRAME_BASE: u64 = 0x10_0000;
+pub const FRAME_BASE: Pfn = Pfn::new(0x10_0000);
 /// 16 MiB of guest frames.
 pub const FRAMES: usize = 4096;
 /// A 2 MiB block in pages.
@@ -107,16 +107,17 @@ impl Machine for HostMach {
     fn config(&self) -> S2Config {
         self.0.cfg
     }
-    fn alloc_frame(&self) -> Option<u64> {
-        self.0.frames.alloc().map(|pfn| pfn * PAGE_SIZE)
+    fn alloc_frame(&self) -> Option<Pa> {
+        self.0.frames.alloc().map(Pfn::pa)
     }
-    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<u64> {
+    fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa> {
         let pfn = self.0.frames.alloc_contiguous(pages as u64)?;
-        Some(pfn * PAGE_SIZE)
+        Some(pfn.pa())
     }
     /// The TLB model's check: no guest may still cache a translation to it.
-    fn free_frame(&self, pa: u64) {
+    fn free_frame(&self, pa: Pa) {
         let cached = self.0.cached.lock().unwrap();
+        let pa = pa.raw();
         if let Some((k, _)) = cached.iter().find(|(_, &p)| p == pa) {
             panic!(
                 "frame {pa:#x} freed while VMID {} may cache IPA {:#x}",
@@ -125,13 +126,13 @@ impl Machine for HostMach {
         }
         drop(cached);
         self.0.freed.lock().unwrap().push(pa);
-        self.0.frames.free(pa / PAGE_SIZE);
+        self.0.frames.free(Pa::new(pa).pfn());
     }
-    unsafe fn zero_frame(&self, pa: u64) {
-        self.0.frames.zero(pa / PAGE_SIZE);
+    unsafe fn zero_frame(&self, pa: Pa) {
+        self.0.frames.zero(pa.pfn());
     }
-    unsafe fn copy_frame(&self, dst: u64, src: u64) {
-        self.0.frames.copy(dst / PAGE_SIZE, src / PAGE_SIZE);
+    unsafe fn copy_frame(&self, dst: Pa, src: Pa) {
+        self.0.frames.copy(dst.pfn(), src.pfn());
     }
 }
 
@@ -144,20 +145,20 @@ pub struct TestVm {
     pub regions: OrderedRwLock<RegionList>,
     pub memory: OrderedMutex<GuestMemory<HostMach>>,
     /// The dirty log: pages whose entry may differ from the latest snapshot.
-    pub dirty: Mutex<BTreeSet<u64>>,
+    pub dirty: Mutex<BTreeSet<Ipa>>,
 }
 
 impl GuestVm<HostMach> for TestVm {
     fn regions(&self) -> &OrderedRwLock<RegionList> {
         &self.regions
     }
-    fn ram(&self) -> Range<u64> {
+    fn ram(&self) -> Range<Ipa> {
         RAM_BASE..RAM_BASE + RAM_PAGES * PAGE_SIZE
     }
-    fn next_dirty(&self, from: u64) -> Option<u64> {
+    fn next_dirty(&self, from: Ipa) -> Option<Ipa> {
         self.dirty.lock().unwrap().range(from..).next().copied()
     }
-    fn clear_dirty(&self, ipa: u64) {
+    fn clear_dirty(&self, ipa: Ipa) {
         self.dirty.lock().unwrap().remove(&ipa);
     }
 }
@@ -267,17 +268,17 @@ impl World {
     /// the dirty log): a translation fault tries the 2 MiB first touch,
     /// then rmap's page fault, until the guest could retry. Err if an
     /// update could not allocate a table page (hyp's `NoMemory`).
-    pub fn fault(&self, vm: &TestVm, ipa: u64, write: bool) -> Result<(), rmap::Error> {
+    pub fn fault(&self, vm: &TestVm, ipa: Ipa, write: bool) -> Result<(), rmap::Error> {
         for _ in 0..8 {
-            let translation = vm.lock().lookup(ipa) == S2Entry::Invalid;
+            let translation = vm.lock().lookup(ipa) == PageState::Invalid;
             if translation && hypmm::fault_block(&self.rmap, &vm.regions, vm, &self.m, ipa) {
-                let chunk = ipa & !(hypmm::BLOCK_SIZE - 1);
+                let chunk = ipa.align_down(hypmm::BLOCK_SIZE);
                 let mut dirty = vm.dirty.lock().unwrap();
-                dirty.extend((0..BLOCK_PAGES).map(|i| chunk + i * PAGE_SIZE));
+                dirty.extend(chunk.pages_to(chunk + hypmm::BLOCK_SIZE));
                 return Ok(());
             }
-            vm.dirty.lock().unwrap().insert(ipa & !(PAGE_SIZE - 1));
-            vm.lock().take_out_of_memory();
+            vm.dirty.lock().unwrap().insert(ipa.page());
+            // A table page missing for the fault's change is its error (OutOfFrames).
             let r = self.rmap.handle_fault(
                 &vm.regions,
                 vm,
@@ -286,9 +287,6 @@ impl World {
                 ipa,
                 write,
             )?;
-            if vm.lock().take_out_of_memory() {
-                return Err(rmap::Error::OutOfFrames);
-            }
             match r {
                 Fault::Done => return Ok(()),
                 Fault::Retry(Some(pfn)) => self.rmap.wait_frame_unlocked(pfn),
@@ -300,26 +298,27 @@ impl World {
 
     /// The guest accesses `ipa` (after its fault): its TLB may now cache
     /// the translation, until an invalidation covers it.
-    pub fn touch(&self, vm: &TestVm, ipa: u64) {
+    pub fn touch(&self, vm: &TestVm, ipa: Ipa) {
         let pa = vm.memory.lock().pa_of(ipa).expect("touched page is mapped");
-        let page = ipa & !(PAGE_SIZE - 1);
+        // The TLB model keys raw addresses, as the hardware's does.
+        let page = ipa.page().raw();
         let mut cached = self.hw().cached.lock().unwrap();
-        cached.insert((vm.vmid, page), pa & !(PAGE_SIZE - 1));
+        cached.insert((vm.vmid, page), pa.page().raw());
     }
 
     /// Faults and touches.
-    pub fn access(&self, vm: &TestVm, ipa: u64, write: bool) {
+    pub fn access(&self, vm: &TestVm, ipa: Ipa, write: bool) {
         self.fault(vm, ipa, write).expect("fault");
         self.touch(vm, ipa);
     }
 
     /// rmap's view of the entry at `ipa`, through the adapter.
-    pub fn entry(&self, vm: &TestVm, ipa: u64) -> S2Entry {
+    pub fn entry(&self, vm: &TestVm, ipa: Ipa) -> PageState {
         vm.lock().lookup(ipa)
     }
 
     /// The level of the stage-2 leaf mapping `ipa` (2: block, 3: page).
-    pub fn level(&self, vm: &TestVm, ipa: u64) -> Option<u8> {
+    pub fn level(&self, vm: &TestVm, ipa: Ipa) -> Option<u8> {
         vm.memory.lock().table().lookup(ipa).map(|l| l.level)
     }
 
@@ -346,7 +345,7 @@ impl World {
     }
 
     /// Releases `range` of `vm` (`hypmm::release`), logging what it cleared.
-    pub fn release(&self, vm: &TestVm, range: Range<u64>) -> Result<Vec<u64>, rmap::Error> {
+    pub fn release(&self, vm: &TestVm, range: Range<Ipa>) -> Result<Vec<Ipa>, rmap::Error> {
         let mut released = Vec::new();
         let both = (&self.m, &self.hw().frames);
         hypmm::release(&self.rmap, &vm.regions, vm, both, range, |ipa| {

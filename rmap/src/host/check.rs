@@ -1,7 +1,7 @@
 //! Whole-world invariant checks for host tests, at quiescent points.
 
 use super::HostWorld;
-use crate::backend::{S2Entry, Stage2};
+use crate::backend::{PageState, Stage2};
 use crate::{AnonHandle, Pfn};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -29,8 +29,8 @@ impl HostWorld {
             chains += list.iter().map(|r| r.chains().len()).sum::<usize>();
             for (ipa, entry) in vm.s2.entries() {
                 match entry {
-                    S2Entry::Page { pfn, .. } => *maps.entry(pfn).or_default() += 1,
-                    S2Entry::Swap { slot } => *swaps.entry(slot).or_default() += 1,
+                    PageState::Mapped { pfn, .. } => *maps.entry(pfn).or_default() += 1,
+                    PageState::Swapped { slot } => *swaps.entry(slot).or_default() += 1,
                     other => return Err(format!("{:?} {ipa:#x}: stray {other:?}", vm.id)),
                 }
             }
@@ -142,7 +142,7 @@ impl HostWorld {
             };
             for (&ipa, c) in cached {
                 let ok = match vm.s2.lock().live_lookup(ipa) {
-                    Some(S2Entry::Page { pfn, writable }) => {
+                    Some(PageState::Mapped { pfn, writable }) => {
                         pfn == c.pfn && (writable || !c.writable)
                     }
                     _ => false,

@@ -202,5 +202,5 @@ impl HostHw {
 
 /// The page holding `ipa`.
 pub(super) fn page_of(ipa: Ipa) -> Ipa {
-    ipa & !(PAGE_SIZE - 1)
+    ipa.page()
 }

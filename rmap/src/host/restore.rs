@@ -8,7 +8,7 @@
 //! The host has no dirty log: every page where either VM has a leaf is compared instead.
 
 use super::{HostVm, HostWorld};
-use crate::backend::{S2Entry, Stage2, Stage2Locked, SwapStore};
+use crate::backend::{CasError, PageState, Stage2, Stage2Locked, SwapStore};
 use crate::{Error, Ipa, PAGE_SIZE};
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -17,7 +17,7 @@ use core::ops::Range;
 const CHUNK: usize = 64;
 
 /// A cleared leaf: first IPA, page count, entry of its first page.
-type Cleared = (Ipa, u64, S2Entry);
+type Cleared = (Ipa, u64, PageState);
 
 impl HostWorld {
     /// Makes every page of `vm` its snapshot `snap`'s again: `snap` must be a fork of `vm`
@@ -53,10 +53,10 @@ impl HostWorld {
     /// The snapshot's entry at `ipa` as the restored VM maps it (read-only), once no
     /// migration of it is in flight (waited for with no stage-2 lock held: the migrator
     /// needs the snapshot's to finish).
-    fn snapshot_entry(&self, snap: &HostVm, ipa: Ipa) -> S2Entry {
+    fn snapshot_entry(&self, snap: &HostVm, ipa: Ipa) -> PageState {
         loop {
             match snapshot_entry_now(snap, ipa) {
-                S2Entry::Migration { pfn, .. } => self.rmap.wait_frame_unlocked(pfn),
+                PageState::Migrating { pfn, .. } => self.rmap.wait_frame_unlocked(pfn),
                 other => return other,
             }
         }
@@ -84,12 +84,12 @@ impl HostWorld {
             let have = s2.lookup(ipa);
             match have {
                 _ if have == target => from = ipa + PAGE_SIZE,
-                S2Entry::Migration { pfn, .. } => {
+                PageState::Migrating { pfn, .. } => {
                     drop(s2);
                     self.rmap.wait_frame_unlocked(pfn);
                 }
-                S2Entry::Invalid => {
-                    cleared.push((ipa, 1, S2Entry::Invalid));
+                PageState::Invalid => {
+                    cleared.push((ipa, 1, PageState::Invalid));
                     from = ipa + PAGE_SIZE;
                 }
                 _ => match s2.clear_leaf(ipa, have, range.clone()) {
@@ -98,9 +98,9 @@ impl HostWorld {
                         from = (start + pages * PAGE_SIZE).max(ipa + PAGE_SIZE);
                     }
                     // A block across the region's end that cannot be split.
-                    Err(found) if found == have => return Err(Error::OutOfFrames),
+                    Err(CasError::NoMemory) => return Err(Error::OutOfFrames),
                     // Changed since the lookup (migration, reclaim): look again.
-                    Err(_) => {}
+                    Err(CasError::Changed(_)) => {}
                 },
             }
         }
@@ -115,9 +115,9 @@ impl HostWorld {
         for &(_, pages, first) in cleared {
             for i in 0..pages {
                 match first.page(i) {
-                    S2Entry::Page { pfn, .. } => self.rmap.remove_rmap(pfn, m),
-                    S2Entry::Swap { slot } => self.rmap.put_swap(slot, m, m),
-                    S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                    PageState::Mapped { pfn, .. } => self.rmap.remove_rmap(pfn, m),
+                    PageState::Swapped { slot } => self.rmap.put_swap(slot, m, m),
+                    PageState::Migrating { .. } | PageState::Invalid => {}
                 }
             }
         }
@@ -144,34 +144,32 @@ impl HostWorld {
     }
 
     /// One more reference on the snapshot's frame or slot, mapped at `ipa` in `vm`.
-    fn install_shared(&self, vm: &HostVm, ipa: Ipa, entry: S2Entry) -> Result<(), Error> {
+    fn install_shared(&self, vm: &HostVm, ipa: Ipa, entry: PageState) -> Result<(), Error> {
         let m = &self.machine;
         match entry {
-            S2Entry::Page { pfn, .. } => self.rmap.add_anon_rmap(pfn),
-            S2Entry::Swap { slot } => m.dup(slot),
+            PageState::Mapped { pfn, .. } => self.rmap.add_anon_rmap(pfn),
+            PageState::Swapped { slot } => m.dup(slot),
             _ => return Ok(()),
         }
         let installed = {
             let mut s2 = vm.s2.lock();
-            let r = s2.compare_exchange(ipa, S2Entry::Invalid, entry);
-            s2.take_out_of_memory();
-            r
+            s2.compare_exchange(ipa, PageState::Invalid, entry)
         };
         if installed.is_ok() {
             return Ok(());
         }
         match entry {
-            S2Entry::Page { pfn, .. } => self.rmap.remove_rmap(pfn, m),
-            S2Entry::Swap { slot } => self.rmap.put_swap(slot, m, m),
+            PageState::Mapped { pfn, .. } => self.rmap.remove_rmap(pfn, m),
+            PageState::Swapped { slot } => self.rmap.put_swap(slot, m, m),
             _ => {}
         }
         Err(Error::OutOfFrames)
     }
 }
 
-fn snapshot_entry_now(snap: &HostVm, ipa: Ipa) -> S2Entry {
+fn snapshot_entry_now(snap: &HostVm, ipa: Ipa) -> PageState {
     match snap.s2.lock().lookup(ipa) {
-        S2Entry::Page { pfn, .. } => S2Entry::Page {
+        PageState::Mapped { pfn, .. } => PageState::Mapped {
             pfn,
             writable: false,
         },

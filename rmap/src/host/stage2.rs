@@ -7,7 +7,7 @@
 //! model as the hypervisor's table invalidates the TLB (see [`super::hw`]).
 
 use super::hw::{page_of, HostHw};
-use crate::backend::{S2Entry, Stage2, Stage2Locked};
+use crate::backend::{CasError, PageState, Stage2, Stage2Locked};
 use crate::lock::{Level, OrderedMutex, OrderedMutexGuard};
 use crate::{Ipa, Pfn, UnlinkProof, VmId, PAGE_SIZE};
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -22,19 +22,17 @@ pub const BLOCK_SIZE: u64 = BLOCK_PAGES * PAGE_SIZE;
 
 /// The 2 MiB chunk holding `ipa`.
 fn chunk(ipa: Ipa) -> Ipa {
-    ipa & !(BLOCK_SIZE - 1)
+    ipa.align_down(BLOCK_SIZE)
 }
 
 /// Leaves of one VM (each with its access flag) and its last-level tables.
 #[derive(Default)]
 pub(super) struct Tables {
-    pages: BTreeMap<Ipa, (S2Entry, bool)>,
+    pages: BTreeMap<Ipa, (PageState, bool)>,
     /// Block leaves by first IPA: the entry of their first page.
-    blocks: BTreeMap<Ipa, (S2Entry, bool)>,
+    blocks: BTreeMap<Ipa, (PageState, bool)>,
     /// Chunks that have a last-level table.
     tables: BTreeSet<Ipa>,
-    /// A table page could not be allocated since this was last taken.
-    out_of_memory: bool,
     /// `clear_leaf` failures a test injected, by page.
     clear_faults: BTreeMap<Ipa, ClearFault>,
 }
@@ -51,7 +49,7 @@ pub enum ClearFault {
 }
 
 impl Tables {
-    fn lookup(&self, ipa: Ipa) -> S2Entry {
+    fn lookup(&self, ipa: Ipa) -> PageState {
         let page = page_of(ipa);
         if let Some(e) = self.pages.get(&page) {
             return e.0;
@@ -59,10 +57,10 @@ impl Tables {
         let base = chunk(page);
         self.blocks
             .get(&base)
-            .map_or(S2Entry::Invalid, |b| b.0.page((page - base) / PAGE_SIZE))
+            .map_or(PageState::Invalid, |b| b.0.page((page - base) / PAGE_SIZE))
     }
 
-    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)> {
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
         if from >= end {
             return None;
         }
@@ -83,8 +81,8 @@ impl Tables {
     }
 
     /// Every leaf, a block as its pages.
-    pub(super) fn entries(&self) -> Vec<(Ipa, S2Entry)> {
-        let mut all: Vec<(Ipa, S2Entry)> = self.pages.iter().map(|(&i, e)| (i, e.0)).collect();
+    pub(super) fn entries(&self) -> Vec<(Ipa, PageState)> {
+        let mut all: Vec<(Ipa, PageState)> = self.pages.iter().map(|(&i, e)| (i, e.0)).collect();
         for (&b, e) in &self.blocks {
             all.extend((0..BLOCK_PAGES).map(|i| (b + i * PAGE_SIZE, e.0.page(i))));
         }
@@ -95,18 +93,26 @@ impl Tables {
 
 type Table = Option<Tables>;
 
+/// Every change of a leaf goes through here: one not in `PageState`'s transition table is a
+/// bug in the reverse map (or in a test driving the backend), so it panics, in every build.
+fn check_transition(old: PageState, new: PageState) {
+    if let Err(bad) = PageState::check_transition(old, new) {
+        panic!("{bad}");
+    }
+}
+
 /// How many items from the start of `leaves` make one whole aligned 2 MiB run of consecutive
 /// IPAs and frames with one permission (0 if they do not).
-fn block_run(leaves: &[(Ipa, u64, S2Entry)]) -> usize {
-    let Some(&(ipa, _, S2Entry::Page { pfn, writable })) = leaves.first() else {
+fn block_run(leaves: &[(Ipa, u64, PageState)]) -> usize {
+    let Some(&(ipa, _, PageState::Mapped { pfn, writable })) = leaves.first() else {
         return 0;
     };
-    if !ipa.is_multiple_of(BLOCK_SIZE) || !pfn.is_multiple_of(BLOCK_PAGES) {
+    if !ipa.is_aligned(BLOCK_SIZE) || !pfn.is_aligned(BLOCK_PAGES) {
         return 0;
     }
     let mut len = 0;
     for (n, &(at, pages, e)) in leaves.iter().enumerate() {
-        let next = S2Entry::Page {
+        let next = PageState::Mapped {
             pfn: pfn + len,
             writable,
         };
@@ -151,29 +157,20 @@ impl HostStage2Guard<'_> {
             .unwrap_or_else(|| panic!("rmap walker reached freed stage-2 tables of {vm:?}"))
     }
 
-    /// Whether a table page could not be allocated since this was last called (the fault
-    /// path reports it as out of memory, as hyp's `take_out_of_memory`); clears it. False
-    /// once the tables are freed (a vCPU of a VM destroyed under it).
-    pub fn take_out_of_memory(&mut self) -> bool {
-        self.table
-            .as_mut()
-            .is_some_and(|t| core::mem::take(&mut t.out_of_memory))
-    }
-
     /// The leaf at `ipa`, or `None` once the tables are freed: for the guest's own accesses,
     /// which may outlive a destroy that ran under them (an rmap walker reaching freed tables
     /// is a bug, and `lookup` panics for it).
-    pub fn live_lookup(&self, ipa: Ipa) -> Option<S2Entry> {
+    pub fn live_lookup(&self, ipa: Ipa) -> Option<PageState> {
         self.table.as_ref().map(|t| t.lookup(ipa))
     }
 
-    /// A table page for `chunk`, unless it has one; false (and recorded) if none is left.
+    /// A table page for `chunk`, unless it has one; false if none is left (the world's
+    /// hardware counts the refusal).
     fn ensure_table(&mut self, chunk: Ipa) -> bool {
         if self.map().tables.contains(&chunk) {
             return true;
         }
         if !self.hw.alloc_table() {
-            self.map_mut().out_of_memory = true;
             return false;
         }
         self.map_mut().tables.insert(chunk);
@@ -200,27 +197,34 @@ impl HostStage2Guard<'_> {
     }
 
     /// The CAS of both `compare_exchange`s; `defer` leaves the invalidation pending.
-    fn cas(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry, defer: bool) -> Result<(), S2Entry> {
+    fn cas(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+        defer: bool,
+    ) -> Result<(), CasError> {
         let page = page_of(ipa);
         let current = self.lookup(page);
         if current != old {
-            return Err(current);
+            return Err(CasError::Changed(current));
         }
+        check_transition(old, new);
         if !self.split(page) {
-            return Err(current);
+            return Err(CasError::NoMemory);
         }
-        if new != S2Entry::Invalid && !self.ensure_table(chunk(page)) {
-            return Err(current);
+        if new != PageState::Invalid && !self.ensure_table(chunk(page)) {
+            return Err(CasError::NoMemory);
         }
         let t = self.map_mut();
         match new {
-            S2Entry::Invalid => t.pages.remove(&page),
+            PageState::Invalid => t.pages.remove(&page),
             _ => t.pages.insert(page, (new, true)),
         };
-        if matches!(old, S2Entry::Page { .. }) && !defer {
+        if matches!(old, PageState::Mapped { .. }) && !defer {
             self.hw.invalidate(self.vm, page..page + PAGE_SIZE);
         }
-        if let S2Entry::Page { pfn, writable } = new {
+        if let PageState::Mapped { pfn, writable } = new {
             self.hw.check_install(self.vm, page, 1, pfn, writable);
         }
         Ok(())
@@ -230,10 +234,10 @@ impl HostStage2Guard<'_> {
     /// if the chunk is empty; no table page is needed (hyp's `map_block`).
     pub fn map_block(&mut self, ipa: Ipa, pfn: Pfn) -> bool {
         assert!(
-            ipa.is_multiple_of(BLOCK_SIZE) && pfn.is_multiple_of(BLOCK_PAGES),
+            ipa.is_aligned(BLOCK_SIZE) && pfn.is_aligned(BLOCK_PAGES),
             "misaligned block"
         );
-        let entry = S2Entry::Page {
+        let entry = PageState::Mapped {
             pfn,
             writable: true,
         };
@@ -241,11 +245,12 @@ impl HostStage2Guard<'_> {
     }
 
     /// A block leaf at the aligned `ipa` if its chunk is empty.
-    fn install_block(&mut self, ipa: Ipa, entry: S2Entry) -> bool {
+    fn install_block(&mut self, ipa: Ipa, entry: PageState) -> bool {
         if self.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
             return false;
         }
-        if let S2Entry::Page { pfn, writable } = entry {
+        check_transition(PageState::Invalid, entry);
+        if let PageState::Mapped { pfn, writable } = entry {
             self.hw
                 .check_install(self.vm, ipa, BLOCK_PAGES, pfn, writable);
         }
@@ -260,12 +265,12 @@ impl HostStage2Guard<'_> {
 
     /// Installs one item of `fill_leaves` page by page (taken out again if a page fails, so
     /// the count stays exact).
-    fn fill_leaf(&mut self, ipa: Ipa, pages: u64, entry: S2Entry) -> bool {
+    fn fill_leaf(&mut self, ipa: Ipa, pages: u64, entry: PageState) -> bool {
         let page = |i: u64| (ipa + i * PAGE_SIZE, entry.page(i));
         let done = (0..pages)
             .take_while(|&i| {
                 let (at, e) = page(i);
-                self.compare_exchange(at, S2Entry::Invalid, e).is_ok()
+                self.compare_exchange(at, PageState::Invalid, e).is_ok()
             })
             .count() as u64;
         if done == pages {
@@ -273,23 +278,28 @@ impl HostStage2Guard<'_> {
         }
         for i in 0..done {
             let (at, e) = page(i);
-            let _ = self.compare_exchange(at, e, S2Entry::Invalid);
+            let _ = self.compare_exchange(at, e, PageState::Invalid);
         }
         false
     }
 
     /// `update_leaves` for a block wholly inside the range: reported once; a write-protect
     /// keeps it a block (one immediate invalidation), any other change goes page by page.
-    fn update_block(&mut self, base: Ipa, f: &mut dyn FnMut(Ipa, u64, S2Entry) -> Option<S2Entry>) {
+    fn update_block(
+        &mut self,
+        base: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
+    ) {
         let old = self.lookup(base);
         let Some(new) = f(base, BLOCK_PAGES, old).filter(|&n| n != old) else {
             return;
         };
         let protect = matches!(
             (old, new),
-            (S2Entry::Page { pfn: a, .. }, S2Entry::Page { pfn: b, writable: false }) if a == b
+            (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, writable: false }) if a == b
         );
         if protect {
+            check_transition(old, new);
             if let Some(b) = self.map_mut().blocks.get_mut(&base) {
                 b.0 = new;
             }
@@ -303,18 +313,23 @@ impl HostStage2Guard<'_> {
 }
 
 impl Stage2Locked for HostStage2Guard<'_> {
-    fn lookup(&self, ipa: Ipa) -> S2Entry {
+    fn lookup(&self, ipa: Ipa) -> PageState {
         self.map().lookup(ipa)
     }
-    fn compare_exchange(&mut self, ipa: Ipa, old: S2Entry, new: S2Entry) -> Result<(), S2Entry> {
+    fn compare_exchange(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
         self.cas(ipa, old, new, false)
     }
     fn compare_exchange_deferred(
         &mut self,
         ipa: Ipa,
-        old: S2Entry,
-        new: S2Entry,
-    ) -> Result<(), S2Entry> {
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
         self.cas(ipa, old, new, true)
     }
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
@@ -329,44 +344,45 @@ impl Stage2Locked for HostStage2Guard<'_> {
     fn clear_leaf(
         &mut self,
         ipa: Ipa,
-        old: S2Entry,
+        old: PageState,
         within: Range<Ipa>,
-    ) -> Result<(Ipa, u64, S2Entry), S2Entry> {
+    ) -> Result<(Ipa, u64, PageState), CasError> {
         let page = page_of(ipa);
         let found = self.lookup(page);
         if found != old {
-            return Err(found);
+            return Err(CasError::Changed(found));
         }
         match self.map_mut().clear_faults.get(&page).copied() {
             Some(ClearFault::Changed) => {
                 self.map_mut().clear_faults.remove(&page);
                 // Any other entry: the caller must look again.
-                return Err(S2Entry::Migration {
-                    pfn: u64::MAX,
+                return Err(CasError::Changed(PageState::Migrating {
+                    pfn: Pfn::new(u64::MAX),
                     writable: false,
-                });
+                }));
             }
-            Some(ClearFault::Stuck) => return Err(found),
+            Some(ClearFault::Stuck) => return Err(CasError::NoMemory),
             None => {}
         }
         let base = chunk(page);
         if base >= within.start && base + BLOCK_SIZE <= within.end {
             // A whole block goes as one entry: no split, no table page; TLB left pending.
             if let Some((first, _)) = self.map_mut().blocks.remove(&base) {
+                check_transition(first, PageState::Invalid);
                 return Ok((base, BLOCK_PAGES, first));
             }
         }
-        self.cas(page, old, S2Entry::Invalid, true)
+        self.cas(page, old, PageState::Invalid, true)
             .map(|()| (page, 1, old))
     }
-    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, S2Entry)> {
+    fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
         self.map().next_entry(from, end)
     }
     fn update_leaves(
         &mut self,
         start: Ipa,
         end: Ipa,
-        f: &mut dyn FnMut(Ipa, u64, S2Entry) -> Option<S2Entry>,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
     ) {
         let mut from = start;
         while let Some((ipa, entry)) = self.next_entry(from, end) {
@@ -385,7 +401,7 @@ impl Stage2Locked for HostStage2Guard<'_> {
     }
     /// As hyp: consecutive items (IPAs and frames) that make up a whole aligned 2 MiB run
     /// become one block leaf; anything else goes item by item.
-    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, S2Entry)]) -> usize {
+    fn fill_leaves(&mut self, leaves: &[(Ipa, u64, PageState)]) -> usize {
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
@@ -424,7 +440,7 @@ impl HostStage2 {
     }
 
     /// Every leaf, a block as its 512 pages (empty once freed).
-    pub fn entries(&self) -> Vec<(Ipa, S2Entry)> {
+    pub fn entries(&self) -> Vec<(Ipa, PageState)> {
         self.table
             .lock()
             .as_ref()

@@ -3,7 +3,7 @@
 
 use super::hw::{page_of, Cached, HostHw};
 use super::{HostMachine, HostStage2};
-use crate::backend::{S2Entry, Stage2, Stage2Locked};
+use crate::backend::{CasError, PageState, Stage2, Stage2Locked};
 use crate::lock::{Level, OrderedRwLock};
 use crate::region::RegionList;
 use crate::{Error, Fault, Ipa, Pfn, Rmap, VmId};
@@ -56,10 +56,10 @@ impl HostVm {
             }
             // A VM destroyed under its vCPU (its tables gone) has no memory left.
             let entry = self.s2.lock().live_lookup(ipa).ok_or(Error::NoRegion)?;
-            if let S2Entry::Page { .. } = entry {
+            if let PageState::Mapped { .. } = entry {
                 continue; // mapped meanwhile
             }
-            if entry == S2Entry::Invalid {
+            if entry == PageState::Invalid {
                 let mapped = self.regions.read().find(ipa).is_some();
                 return if mapped { Ok(0) } else { Err(Error::NoRegion) };
             }
@@ -71,10 +71,10 @@ impl HostVm {
     /// quiescent points: a swapped page is read from the store).
     pub fn peek(&self, m: &HostMachine, ipa: Ipa) -> u64 {
         match self.s2.lock().lookup(ipa) {
-            S2Entry::Page { pfn, .. } => m.read_value(pfn),
-            S2Entry::Swap { slot } => m.swap_value(slot),
-            S2Entry::Invalid => 0,
-            S2Entry::Migration { .. } => panic!("migration entry at a quiescent point"),
+            PageState::Mapped { pfn, .. } => m.read_value(pfn),
+            PageState::Swapped { slot } => m.swap_value(slot),
+            PageState::Invalid => 0,
+            PageState::Migrating { .. } => panic!("migration entry at a quiescent point"),
         }
     }
 
@@ -107,22 +107,23 @@ impl HostVm {
             let Some((ipa, entry)) = next else {
                 return Ok(());
             };
-            if let S2Entry::Migration { pfn, .. } = entry {
+            if let PageState::Migrating { pfn, .. } = entry {
                 rmap.wait_frame_unlocked(pfn);
                 continue;
             }
-            let mut s2 = self.s2.lock();
-            if s2.compare_exchange(ipa, entry, S2Entry::Invalid).is_err() {
-                if s2.take_out_of_memory() {
-                    return Err(Error::OutOfFrames);
-                }
-                continue;
+            let cleared = self
+                .s2
+                .lock()
+                .compare_exchange(ipa, entry, PageState::Invalid);
+            match cleared {
+                Err(CasError::NoMemory) => return Err(Error::OutOfFrames),
+                Err(CasError::Changed(_)) => continue,
+                Ok(()) => {}
             }
-            drop(s2);
             match entry {
-                S2Entry::Page { pfn, .. } => rmap.remove_rmap(pfn, m),
-                S2Entry::Swap { slot } => rmap.put_swap(slot, m, m),
-                S2Entry::Migration { .. } | S2Entry::Invalid => {}
+                PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, m),
+                PageState::Swapped { slot } => rmap.put_swap(slot, m, m),
+                PageState::Migrating { .. } | PageState::Invalid => {}
             }
             from = ipa + crate::PAGE_SIZE;
         }
@@ -159,7 +160,7 @@ impl HostVm {
         }
         let table = self.s2.lock();
         // Tables freed (the VM was destroyed under this vCPU): nothing to access.
-        let Some(S2Entry::Page { pfn, writable }) = table.live_lookup(page) else {
+        let Some(PageState::Mapped { pfn, writable }) = table.live_lookup(page) else {
             return false;
         };
         if write && !writable {
@@ -173,23 +174,16 @@ impl HostVm {
         true
     }
 
-    /// Handles a fault; a retry because a table page was missing during it is out of memory
-    /// (as hyp's fault path reports it), so a caller does not spin on a table that cannot
-    /// grow.
-    ///
-    /// The flag is per VM, so another vCPU's fault may take ours before we look; a table
-    /// page refused anywhere during our fault counts too, so vCPUs of one VM cannot keep
-    /// taking each other's flag and retry forever.
+    /// Handles a fault. A table page missing for the fault's own change is its error
+    /// (`OutOfFrames`, as hyp's fault path reports it), so a caller does not spin on a
+    /// table that cannot grow; a table page refused to anyone else during the fault (a
+    /// batch that could not split the block under us) counts too, so vCPUs of one VM
+    /// cannot keep undoing each other's progress and retry forever.
     fn fault(&self, rmap: &Rmap, m: &HostMachine, ipa: Ipa, write: bool) -> Result<(), Error> {
-        // A flag left by someone else's failure (a batch that could not split) is not ours.
-        self.s2.lock().take_out_of_memory();
         let ooms = self.s2.hw().out_of_memory_count();
         match rmap.handle_fault(&self.regions, &self.s2, m, m, ipa, write)? {
             Fault::Retry(Some(pfn)) => rmap.wait_frame_unlocked(pfn),
-            Fault::Retry(None)
-                if self.s2.lock().take_out_of_memory()
-                    || self.s2.hw().out_of_memory_count() != ooms =>
-            {
+            Fault::Retry(None) if self.s2.hw().out_of_memory_count() != ooms => {
                 return Err(Error::OutOfFrames)
             }
             Fault::Retry(None) => crate::sync::spin_loop(),

@@ -3,11 +3,12 @@
 #![allow(dead_code)]
 
 use rmap::host::{HostVm, HostWorld};
-use rmap::{Pfn, S2Entry};
+use rmap::Ipa;
+use rmap::{PageState, Pfn};
 use std::sync::Arc;
 
 /// Guest RAM of every VM in the scenarios.
-pub const RAM: u64 = 0x4000_0000;
+pub const RAM: Ipa = Ipa::new(0x4000_0000);
 /// Bytes per page.
 pub const PAGE: u64 = rmap::PAGE_SIZE;
 
@@ -66,21 +67,21 @@ pub fn world(frames: usize, anon: usize, chains: usize) -> Arc<HostWorld> {
 }
 
 /// The frame mapped at `ipa` in `vm` (set-up code: it must be mapped).
-pub fn frame_at(vm: &HostVm, ipa: u64) -> Pfn {
+pub fn frame_at(vm: &HostVm, ipa: Ipa) -> Pfn {
     match vm.s2.entries().into_iter().find(|&(at, _)| at == ipa) {
-        Some((_, S2Entry::Page { pfn, .. })) => pfn,
+        Some((_, PageState::Mapped { pfn, .. })) => pfn,
         other => panic!("{:?} {ipa:#x}: {other:?}, not a page", vm.id),
     }
 }
 
 /// A guest store that must succeed.
-pub fn write(w: &HostWorld, vm: &HostVm, ipa: u64, value: u64) {
+pub fn write(w: &HostWorld, vm: &HostVm, ipa: Ipa, value: u64) {
     vm.write(&w.rmap, &w.machine, ipa, value)
         .unwrap_or_else(|e| panic!("{:?} store {ipa:#x}: {e:?}", vm.id));
 }
 
 /// A guest load that must succeed.
-pub fn read(w: &HostWorld, vm: &HostVm, ipa: u64) -> u64 {
+pub fn read(w: &HostWorld, vm: &HostVm, ipa: Ipa) -> u64 {
     vm.read(&w.rmap, &w.machine, ipa)
         .unwrap_or_else(|e| panic!("{:?} load {ipa:#x}: {e:?}", vm.id))
 }

@@ -2,7 +2,7 @@
 //! the exact contents its vCPUs wrote), a seeded generator and the counters it reports.
 
 use rmap::host::{HostVm, HostWorld};
-use rmap::Error;
+use rmap::{Error, Ipa};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,8 +30,8 @@ impl Rng {
 
 /// A page value naming the lineage (a VM and its clones) and page that wrote it, so a read
 /// that finds another VM's or another page's value is caught; never 0.
-pub fn tagged(lineage: u64, ipa: u64, n: u64) -> u64 {
-    lineage << 56 | (ipa >> 12 & 0xff_ffff) << 32 | (n & 0xffff_ffff) | 1
+pub fn tagged(lineage: u64, ipa: Ipa, n: u64) -> u64 {
+    lineage << 56 | (ipa.page_index() & 0xff_ffff) << 32 | (n & 0xffff_ffff) | 1
 }
 
 /// What happened, for the report (and the run's own sanity asserts).
@@ -68,7 +68,7 @@ impl Counters {
 /// A fork of the slot's VM that never runs, and the exact owned contents it was taken with.
 pub struct Snapshot {
     pub vm: Arc<HostVm>,
-    pub model: BTreeMap<u64, u64>,
+    pub model: BTreeMap<Ipa, u64>,
 }
 
 /// A running VM and everything its threads share.
@@ -81,7 +81,7 @@ pub struct Slot {
     /// vCPUs hold it for read per operation; a snapshot or restore for write (quiesced).
     pub gate: RwLock<()>,
     /// Exact value of each owned page (absent: 0).
-    pub model: Mutex<BTreeMap<u64, u64>>,
+    pub model: Mutex<BTreeMap<Ipa, u64>>,
     pub snapshot: Mutex<Option<Snapshot>>,
     /// A restore ran out of table pages: the VM must not run until it is finished.
     pub pending_restore: AtomicBool,
@@ -123,7 +123,7 @@ impl Slot {
         }
     }
 
-    pub fn set(&self, ipa: u64, value: u64) {
+    pub fn set(&self, ipa: Ipa, value: u64) {
         let mut model = self.model.lock().unwrap();
         if value == 0 {
             model.remove(&ipa);
@@ -132,15 +132,16 @@ impl Slot {
         }
     }
 
-    pub fn get(&self, ipa: u64) -> u64 {
+    pub fn get(&self, ipa: Ipa) -> u64 {
         self.model.lock().unwrap().get(&ipa).copied().unwrap_or(0)
     }
 
     /// A shared page holds 0 or a value this VM's lineage wrote to this very page.
-    pub fn assert_lineage(&self, ipa: u64, got: u64) {
+    pub fn assert_lineage(&self, ipa: Ipa, got: u64) {
         let page = got >> 32 & 0xff_ffff;
         assert!(
-            got == 0 || (self.lineages.contains(&(got >> 56)) && page == ipa >> 12 & 0xff_ffff),
+            got == 0
+                || (self.lineages.contains(&(got >> 56)) && page == ipa.page_index() & 0xff_ffff),
             "{:?} (lineages {:?}) read {got:#x} at {ipa:#x}: another VM's or page's value",
             self.vm.id,
             self.lineages
@@ -150,7 +151,7 @@ impl Slot {
     /// At a quiescent point: owned pages hold exactly what was last written (a restore's
     /// snapshot values, 0 after a release), shared pages a value of the lineage; the
     /// snapshot still holds what the VM held when it was taken.
-    pub fn check_contents(&self, w: &HostWorld, owned: &[u64], shared: &[u64]) {
+    pub fn check_contents(&self, w: &HostWorld, owned: &[Ipa], shared: &[Ipa]) {
         if self.dead.load(Ordering::SeqCst) {
             return;
         }

@@ -4,18 +4,17 @@ use super::driver::{Halt, NoMaintenance, OpVisitor, Step, Visit, Walk};
 use super::Reserve;
 use crate::flush::OpFlush;
 use crate::{
-    CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table, SwEntry,
-    TableMemory, LAST_LEVEL,
+    CasError, Descriptor, DescriptorKind, Error, Flusher, LeafInfo, Stage2Table, TableMemory,
+    LAST_LEVEL,
 };
+use mmtypes::{Ipa, PageState};
 
 pub(crate) use super::update::update_pages;
 
 /// Checks `new` may be stored in a leaf slot of `level`.
 pub(crate) fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
     match new.kind(level) {
-        DescriptorKind::Empty
-        | DescriptorKind::Leaf { .. }
-        | DescriptorKind::Software(SwEntry::Locked) => Ok(()),
+        DescriptorKind::Empty | DescriptorKind::Leaf { .. } | DescriptorKind::Locked => Ok(()),
         DescriptorKind::Software(_) if level == LAST_LEVEL => Ok(()),
         _ => Err(Error::BadDescriptor),
     }
@@ -45,7 +44,7 @@ impl OpVisitor for SetSoftware {
     }
 
     fn written(&mut self, v: &Visit, _: Descriptor) -> bool {
-        self.old = LeafInfo::decode(v.chunk.base, v.level, v.desc);
+        self.old = LeafInfo::decode(Ipa::new(v.chunk.base), v.level, v.desc);
         false
     }
 }
@@ -54,14 +53,12 @@ impl OpVisitor for SetSoftware {
 pub(crate) fn set_software<M: TableMemory, F: Flusher + ?Sized>(
     t: &Stage2Table<M>,
     ipa: u64,
-    entry: SwEntry,
+    entry: PageState,
     tlb: &F,
 ) -> Result<Option<LeafInfo>, Error> {
+    let new = Descriptor::software(entry)?;
     let walk = Walk::page(t, ipa)?;
-    let mut op = SetSoftware {
-        new: Descriptor::software(entry),
-        old: None,
-    };
+    let mut op = SetSoftware { new, old: None };
     let mut flush = OpFlush::new(tlb, t.vttbr());
     walk.run(&mut op, &mut flush)?;
     Ok(op.old)

@@ -51,7 +51,7 @@ mod update;
 pub(crate) mod walk;
 
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::{level_size, Descriptor, Error, SwEntry, TableMemory};
+use crate::{level_size, Descriptor, Error, TableMemory};
 
 /// The part of a range `[start, end)` inside the slot that starts at `base`.
 #[derive(Clone, Copy, Debug)]
@@ -87,9 +87,9 @@ pub(crate) fn chunks(level: u8, start: u64, end: u64) -> impl Iterator<Item = Ch
     })
 }
 
-/// The raw value of [`SwEntry::Locked`].
+/// The raw value of [`Descriptor::LOCKED`].
 pub(crate) fn locked() -> u64 {
-    SwEntry::Locked.encode()
+    Descriptor::LOCKED.raw()
 }
 
 /// Loads a slot, waiting while another updater holds it `Locked` (a break-before-make in

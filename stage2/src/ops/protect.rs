@@ -25,7 +25,8 @@ impl Protector {
                 },
             })),
             DescriptorKind::Software(e) => {
-                Some(Descriptor::software(e.restrict_writable(self.perm.write)))
+                let e = crate::software::restrict_writable(e, self.perm.write);
+                Some(Descriptor::software(e).unwrap_or(d))
             }
             _ => None,
         }

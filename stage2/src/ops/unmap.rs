@@ -37,7 +37,7 @@ impl<L: FnMut(&LeafInfo)> OpVisitor for Unmapper<L> {
         if v.desc.is_valid() {
             self.removed += level_size(v.level);
         }
-        if let Some(info) = LeafInfo::decode(v.chunk.base, v.level, v.desc) {
+        if let Some(info) = LeafInfo::decode(crate::Ipa::new(v.chunk.base), v.level, v.desc) {
             (self.on_leaf)(&info);
         }
         false

@@ -16,7 +16,7 @@ const ATTEMPTS: u32 = 5;
 /// The visitor: over one run of ascending pages, offers each page's leaf to `f` and installs
 /// what it answers.
 struct Updater<'a, 'f> {
-    ipas: &'a [u64],
+    ipas: &'a [crate::Ipa],
     /// The next page to handle, and the end of the run.
     k: usize,
     end: usize,
@@ -30,7 +30,7 @@ struct Updater<'a, 'f> {
 
 impl Updater<'_, '_> {
     fn page(&self, k: usize) -> u64 {
-        self.ipas[k] & !(PAGE_SIZE - 1)
+        self.ipas[k].raw() & !(PAGE_SIZE - 1)
     }
 
     /// Whether the next page of the run lies in the slot of `v`.
@@ -69,7 +69,8 @@ impl Updater<'_, '_> {
                 return self.finish(v, Err(CasError::Mismatch(v.desc)));
             }
         }
-        let Some(info) = LeafInfo::decode(self.page(self.k), v.level, v.desc) else {
+        let Some(info) = LeafInfo::decode(crate::Ipa::new(self.page(self.k)), v.level, v.desc)
+        else {
             return self.skip(v); // an empty slot: nothing to change
         };
         let Some(new) = (self.f)(self.k, &info) else {
@@ -87,7 +88,7 @@ impl Updater<'_, '_> {
     fn above_pages(&mut self, v: &Visit) {
         while self.here(v) {
             let k = self.k;
-            if let Some(info) = LeafInfo::decode(self.page(k), v.level, v.desc) {
+            if let Some(info) = LeafInfo::decode(crate::Ipa::new(self.page(k)), v.level, v.desc) {
                 if (self.f)(k, &info).is_some() {
                     let found = v.desc;
                     (self.done)(
@@ -132,7 +133,7 @@ impl OpVisitor for Updater<'_, '_> {
 /// [`Stage2Table::update_pages`].
 pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
     t: &Stage2Table<M>,
-    ipas: &[u64],
+    ipas: &[crate::Ipa],
     f: &mut dyn FnMut(usize, &LeafInfo) -> Option<Descriptor>,
     done: &mut dyn FnMut(usize, Result<(), CasError>),
     tlb: &F,
@@ -149,7 +150,7 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
     };
     let limit = t.cfg.ipa_limit();
     while u.k < ipas.len() {
-        if ipas[u.k] >= limit {
+        if ipas[u.k].raw() >= limit {
             (u.done)(u.k, Err(CasError::Invalid(Error::OutOfRange)));
             u.k += 1;
             continue;
@@ -158,7 +159,7 @@ pub(crate) fn update_pages<M: TableMemory, F: Flusher + ?Sized>(
         // into once, and slots without any are passed over without descending.
         let start = u.k;
         u.end = start + 1;
-        while u.end < ipas.len() && ipas[u.end] < limit && ipas[u.end] >= ipas[u.end - 1] {
+        while u.end < ipas.len() && ipas[u.end].raw() < limit && ipas[u.end] >= ipas[u.end - 1] {
             u.end += 1;
         }
         let walk = Walk::new(t, u.page(start), u.page(u.end - 1) + PAGE_SIZE);

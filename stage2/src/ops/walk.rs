@@ -19,7 +19,7 @@ impl<V: Visitor + ?Sized> OpVisitor for ReadOnly<'_, V> {
                 WalkAction::SkipTable => return Step::Next,
                 WalkAction::Stop => WalkAction::Stop,
             },
-            _ => match LeafInfo::decode(v.chunk.base, v.level, v.desc) {
+            _ => match LeafInfo::decode(crate::Ipa::new(v.chunk.base), v.level, v.desc) {
                 Some(info) => self.0.leaf(&info),
                 None => WalkAction::Continue,
             },

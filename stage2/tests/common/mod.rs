@@ -1,9 +1,10 @@
 //! An independent stage-2 translation oracle: reads raw table memory the way the MMU does,
 //! starting from VTCR_EL2 and VTTBR_EL2, with its own bit positions (it uses nothing of the
-//! crate but `HostMemory::read`/`is_allocated` and the software-entry decoder).
+//! crate but `HostMemory::read`/`is_allocated` and the page-state decoder).
 #![allow(dead_code)]
 
-use stage2::{HostMemory, SwEntry};
+use stage2::software;
+use stage2::HostMemory;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What the MMU would make of one 4 KiB IPA page.
@@ -18,7 +19,7 @@ pub enum PageState {
         young: bool,
         sw: u8,
     },
-    Software(SwEntry),
+    Software(stage2::PageState),
 }
 
 /// One leaf as found in memory.
@@ -216,7 +217,7 @@ pub fn decode_page(leaf: RawLeaf, ipa: u64) -> PageState {
     let d = leaf.raw;
     if d & 1 == 0 {
         return PageState::Software(
-            SwEntry::decode(d).unwrap_or_else(|| panic!("unknown invalid descriptor {d:#x}")),
+            software::decode(d).unwrap_or_else(|| panic!("unknown invalid descriptor {d:#x}")),
         );
     }
     let size = 1u64 << shift(leaf.level);
