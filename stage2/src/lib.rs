@@ -55,6 +55,7 @@ pub mod descriptor;
 mod flush;
 #[cfg(any(test, feature = "host"))]
 pub mod host;
+mod leaf;
 pub mod memory;
 mod ops;
 pub mod software;

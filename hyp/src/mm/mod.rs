@@ -1,7 +1,7 @@
 //! `mm`: the memory manager. May use `arch` (and the `rmap`, `stage2`,
 //! `platform`, `hypmm` crates); never `vdev`, `vm`, `boot` or `console`.
 //!
-//! Owns physical memory and every guest's view of it: the frame allocator and
+//! Owns physical memory and every guest's view of it: the frame allocator (with its zero and copy in `frameops`) and
 //! the hypervisor heap (`frames`, `heap`); the machine under the stage-2
 //! adapter (`memory`: `HypMachine`, the stage-2 configuration, frame-backed
 //! table pages with the split reserve, the EL2 TLB, the VMID allocator);
@@ -22,6 +22,7 @@
 //! VM id through its own registry, never through `vm`.
 
 pub mod dirty;
+mod frameops;
 pub mod frames;
 pub mod glue;
 pub mod heap;
