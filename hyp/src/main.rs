@@ -142,7 +142,14 @@ fn reserve_and_init_frames(board: &Board, dtb: &[u8]) {
 
 fn start_default_vm(board: &Board) {
     let args = bootargs::parse(board.bootargs());
-    sched::STAY_WHEN_IDLE.store(args.stay, Ordering::Relaxed);
+    // With a control channel attached the operator's program decides when the
+    // machine ends (`quit`): it may still read `stats` or start VMs after the
+    // last one is gone, as an API-driven VMM stays up for its client.
+    let stay = args.stay || dev::control::present();
+    if stay && !args.stay {
+        println!("[hyp] control channel attached: staying up after the last VM until `quit`");
+    }
+    sched::STAY_WHEN_IDLE.store(stay, Ordering::Relaxed);
     console::cmd::set_script(args.script);
     match args.guest {
         "none" => println!("[hyp] no default guest"),

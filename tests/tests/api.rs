@@ -65,6 +65,9 @@ fn api_answers_requests_and_survives_bad_lines() {
     assert!(a.contains(r#""id":3"#) && a.contains(r#""ok":true"#), "{a}");
 
     m.send("poweroff -f\n");
+    m.expect("[hyp] vm 1 (linux) stopped", REPLY);
+    // The machine stays up for the channel's client until it says `quit`.
+    client.send_line(r#"{"id":4,"cmd":"quit"}"#).unwrap();
     let status = m.wait_exit(REPLY);
     m.assert_no_hyp_fault();
     assert_eq!(status, 0, "exit status\n{}", m.transcript());
@@ -136,8 +139,11 @@ fn api_structured_results_requests_in_flight_and_bad_clients() {
     }
 
     // A client that leaves mid-request: the command still runs to the end.
+    // (It leaves once the hypervisor has had time to read the line: bytes
+    // still in the socket when a client closes it are QEMU's to drop.)
     c.send_line(r#"{"id":100,"cmd":"snapshot","vm":1,"count":40}"#)
         .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     drop(c);
     let mut c = ApiClient::connect(&sock, REPLY).expect("reconnect");
     let stats = c.stats(REPLY).unwrap();

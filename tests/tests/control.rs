@@ -45,6 +45,13 @@ fn linux_sees_no_virtio_device_while_the_hypervisor_owns_the_control_channel() {
     // it, and the hypervisor must not wait for a reader.
     drop(client);
     m.send("poweroff -f\n");
+    m.expect("[hyp] vm 1 (linux) stopped", REPLY);
+    // With a channel attached the machine stays up for its client, which
+    // ends it.
+    let mut client = ApiClient::connect(&sock, REPLY).expect("reconnect to the api socket");
+    let stats = client.stats(REPLY).expect("stats with no VM left");
+    assert_eq!(stats["vms"], 0, "{stats}");
+    client.send_line(r#"{"id":"q","cmd":"quit"}"#).unwrap();
     let status = m.wait_exit(REPLY);
     m.assert_no_hyp_fault();
     assert_eq!(status, 0, "exit status\n{}", m.transcript());

@@ -125,6 +125,29 @@ fn evacuate_a_range_used_by_ten_forked_vms() {
         .call("online", json!({"start": start, "end": end}), T)
         .unwrap();
     assert_eq!(online["frames"].as_u64(), Some(pages), "{online}");
+    // Every VM ends (the channel keeps the machine up), then nothing leaked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while c.stats(T).unwrap()["vms"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VMs still running\n{}",
+            m.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let s = c.stats(T).unwrap();
+    let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
+    assert_eq!(
+        n("frames_free") + n("split_reserve") + n("heap_frames") + n("dma_frames"),
+        n("frames_total"),
+        "every frame free again after all VMs are gone: {s}"
+    );
+    assert_eq!(
+        (n("swap_slots"), n("swap_cache"), n("offline")),
+        (0, 0, 0),
+        "{s}"
+    );
+    c.send_line(r#"{"id":"q","cmd":"quit"}"#).unwrap();
     let status = m.wait_exit(Duration::from_secs(120));
     let t = m.transcript();
     m.assert_no_hyp_fault();

@@ -2,9 +2,10 @@
 //! 8 vCPUs, a 64 GiB host (QEMU maps its RAM lazily, `reserve=off`) and a
 //! 256 MiB one, each running the test guest and Linux. On 64 GiB the
 //! hypervisor's metadata stays within 16 bytes per 4 KiB frame plus 0.1% of
-//! RAM, as `stats` reports it.
+//! RAM, as `stats` reports it over the control channel.
 
-use qemu_tests::{linux_config, number_after, Machine, MachineConfig};
+use qemu_tests::api::{socket_path, ApiClient};
+use qemu_tests::{linux_config, Machine, MachineConfig};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -12,41 +13,41 @@ const BOOT: Duration = Duration::from_secs(120);
 const LINUX: Duration = Duration::from_secs(240);
 const REPLY: Duration = Duration::from_secs(60);
 
-/// The numbers of the `metadata:` line of `stats`: (frame table bytes, heap
-/// bytes in use, RAM frames).
-fn metadata(line: &str) -> (u64, u64, u64) {
-    let num = |after: &str| -> u64 {
-        number_after(line, after).unwrap_or_else(|| panic!("no number after '{after}' in {line}"))
-    };
-    (num("frame table "), num("heap in use "), num("bytes, for "))
-}
-
-/// Boots the test guest's self-test on a `mem` host, prints `stats` and
-/// returns its metadata line.
-fn selftest_on(name: &str, mem: &str) -> String {
+/// Boots the test guest's self-test on a `mem` host and, once it has
+/// exited, reads `stats` over the control channel (which keeps the machine
+/// up): (frame table bytes, heap bytes in use, RAM frames).
+fn selftest_on(name: &str, mem: &str) -> (u64, u64, u64) {
+    let sock = socket_path(name);
     let cfg = MachineConfig {
         mem: mem.into(),
         guest_mem: Some("64M".into()),
         guest_args: Some("selftest mem=16".into()),
-        script: Some("wait 2; stats".into()),
+        api: Some(sock.clone()),
         ..MachineConfig::default()
     };
     let mut m = Machine::boot(name, &cfg);
     m.expect("GUEST RESULT: PASS", BOOT);
-    let seen = m.expect("guest frames from", BOOT);
+    m.expect("[hyp] vm 1 (test) stopped", BOOT);
+    let mut c = ApiClient::connect(&sock, REPLY).expect("connect to the api socket");
+    let s = c.stats(REPLY).unwrap();
+    println!("[{name}] {s}");
+    let n = |k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("[{name}] no {k} in {s}"))
+    };
+    let metadata = (n("frame_table_bytes"), n("heap_used"), n("ram_frames"));
+    c.send_line(r#"{"id":"q","cmd":"quit"}"#).unwrap();
     let status = m.wait_exit(BOOT);
     m.assert_no_hyp_fault();
     assert_eq!(status, 0, "[{name}] exit status\n{}", m.transcript());
-    seen.lines()
-        .find(|l| l.starts_with("metadata:"))
-        .unwrap_or_else(|| panic!("[{name}] no metadata line\n{seen}"))
-        .to_string()
+    let _ = std::fs::remove_file(&sock);
+    metadata
 }
 
 #[test]
 fn test_guest_on_a_64g_host_with_metadata_in_budget() {
-    let line = selftest_on("64g-test", "64G");
-    let (table, heap, frames) = metadata(&line);
+    let (table, heap, frames) = selftest_on("64g-test", "64G");
+    let line = format!("frame table {table}, heap {heap}, frames {frames}");
     assert!(frames > 16_000_000, "a 64 GiB host: {line}");
     assert!(table <= 16 * frames, "frame table over 16 B/frame: {line}");
     assert!(
@@ -57,8 +58,8 @@ fn test_guest_on_a_64g_host_with_metadata_in_budget() {
 
 #[test]
 fn test_guest_on_a_256m_host() {
-    let line = selftest_on("256m-test", "256M");
-    let (table, heap, frames) = metadata(&line);
+    let (table, heap, frames) = selftest_on("256m-test", "256M");
+    let line = format!("frame table {table}, heap {heap}, frames {frames}");
     assert!(frames <= 65_536, "a 256 MiB host: {line}");
     assert!(table <= 16 * frames, "frame table over 16 B/frame: {line}");
     assert!(

@@ -97,6 +97,7 @@ fn memory(r: &mut Reply) {
             (crate::mm::heap::grown() / crate::mm::frames::PAGE_SIZE as usize) as u64,
         ),
         ("guest_frames_from", frames::get().first_free()),
+        ("dma_frames", crate::dev::hal::dma_frames()),
         (
             "local_flushes",
             crate::mm::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),

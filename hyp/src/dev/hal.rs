@@ -20,6 +20,15 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 /// `dma_alloc` would be mapped non-cacheable instead.
 pub struct HypHal;
 
+/// Frames the devices hold for DMA (virtqueues), for `stats`: they are in
+/// use but neither guest memory nor the heap.
+static DMA_FRAMES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Frames held for DMA now.
+pub fn dma_frames() -> u64 {
+    DMA_FRAMES.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 // SAFETY: `dma_alloc` returns frames no one else owns (the frame allocator
 // hands each out once), zeroed, `pages` long and contiguous, with VA == PA
 // (identity map); `dma_dealloc` returns exactly them; `mmio_phys_to_virt`
@@ -32,7 +41,10 @@ unsafe impl Hal for HypHal {
         // The driver's DMA addresses are raw physical addresses.
         let pa = pa.map(rmap::Pa::raw);
         match pa.and_then(|pa| Some((pa, NonNull::new(pa as *mut u8)?))) {
-            Some(got) => got,
+            Some(got) => {
+                DMA_FRAMES.fetch_add(pages as u64, core::sync::atomic::Ordering::Relaxed);
+                got
+            }
             // `Dma::new` takes PA 0 as "out of memory" (RAM never starts at 0
             // on QEMU virt) and returns an error to the driver.
             None => (0, NonNull::dangling()),
@@ -43,6 +55,7 @@ unsafe impl Hal for HypHal {
         for i in 0..pages as u64 {
             frames::get().free(rmap::Pa::new(paddr + i * PAGE_SIZE));
         }
+        DMA_FRAMES.fetch_sub(pages as u64, core::sync::atomic::Ordering::Relaxed);
         0
     }
 
