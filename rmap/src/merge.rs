@@ -24,6 +24,10 @@ use crate::walk::Mapper;
 use crate::{Ipa, Pfn, Rmap, VmId};
 use core::ops::ControlFlow;
 
+/// Broken variant (issue 16's race): the merge trusts the caller's comparison and does not
+/// compare again once both pages are write-protected, so a racing write is lost.
+const MUTATE_MERGE_WITHOUT_RECHECK: bool = cfg!(feature = "mutate-merge-without-recheck");
+
 /// One side of a merge: a guest page and the trust group its VM is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MergePage {
@@ -126,7 +130,7 @@ impl Rmap {
         }
         // Linux's `pages_identical` after `write_protect_page`: a write that raced the
         // caller's comparison landed before the write-protect, and shows here.
-        if !alloc.same_contents(pa, pb) {
+        if !MUTATE_MERGE_WITHOUT_RECHECK && !alloc.same_contents(pa, pb) {
             return Err(MergeError::Differ);
         }
         if !fa.is_merged() {
