@@ -23,6 +23,7 @@ extern crate alloc;
 #[cfg(debug_assertions)]
 pub mod bbm;
 mod frames;
+mod ksm;
 mod locked;
 mod machine;
 mod memory;
@@ -32,6 +33,7 @@ mod s2locked;
 mod vm;
 
 pub use frames::{publish, Frames};
+pub use ksm::{PassStats, ScanVm, Scanner};
 pub use locked::{LockedStage2, BLOCK_SIZE};
 pub use machine::Machine;
 pub use memory::{

@@ -77,4 +77,15 @@ pub trait Machine {
     /// Both are RAM frames the caller pinned; no guest can write either (every mapping is
     /// read-only and invalidated) for the duration of the call.
     unsafe fn frames_equal(&self, a: Pa, b: Pa) -> bool;
+
+    /// A checksum of the frame's bytes: the merge scanner's test of whether
+    /// a page is still changing and its key for finding identical pages. A
+    /// hint only (`Rmap::merge` compares the bytes): the frame may change
+    /// while it is read.
+    ///
+    /// # Safety
+    ///
+    /// `pa` is a RAM frame. A guest may write it meanwhile: the read must
+    /// tolerate that (volatile loads at EL2), and the value may be stale.
+    unsafe fn frame_hash(&self, pa: Pa) -> u64;
 }

@@ -122,3 +122,25 @@ pub unsafe fn frames_equal(a: Pa, b: Pa) -> bool {
     };
     x == y
 }
+
+/// A checksum of the 4 KiB frame at `pa` (the merge scanner's hint of
+/// whether a page is still changing, and its key for identical pages): each
+/// word folded in with a multiply, a few instructions per word. Volatile
+/// loads, since a guest may be writing the frame: the value may then be
+/// stale, never undefined.
+///
+/// # Safety
+///
+/// `pa` is a page-aligned address of a RAM frame (identity mapped at EL2).
+pub unsafe fn frame_hash(pa: Pa) -> u64 {
+    let words = (PAGE_SIZE / 8) as usize;
+    let base = pa.raw() as *const u64;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..words {
+        // SAFETY: inside the frame (`i` < words per page), u64-aligned; a
+        // volatile read of memory another agent (the guest) may write.
+        let w = unsafe { core::ptr::read_volatile(base.add(i)) };
+        h = (h ^ w).wrapping_mul(0x100_0000_01b3).rotate_left(29);
+    }
+    h
+}

@@ -189,6 +189,11 @@ impl hypmm::Machine for HypMachine {
         // meanwhile) is `frames_equal`'s.
         unsafe { frames::frames_equal(a, b) }
     }
+
+    unsafe fn frame_hash(&self, pa: Pa) -> u64 {
+        // SAFETY: the trait's contract (a RAM frame) is `frame_hash`'s.
+        unsafe { frames::frame_hash(pa) }
+    }
 }
 
 /// Chooses the stage-2 configuration from this CPU's ID registers.

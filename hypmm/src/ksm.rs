@@ -1,0 +1,219 @@
+//! The same-page merging scanner, after Linux's ksmd (`mm/ksm.c`:
+//! `ksm_do_scan`, `cmp_and_merge_page`, the stable and unstable trees). It
+//! visits guest pages, VM by VM, and hands pairs that look identical to the
+//! reverse map's [`Rmap::merge`], which write-protects both, compares them
+//! byte for byte and only then maps them to one read-only frame. The trees
+//! here are hints; rmap's comparison is the truth, so a stale or colliding
+//! entry costs a failed merge, never a wrong one.
+//!
+//! - **Checksum filter.** Each page's checksum ([`Machine::frame_hash`]) is
+//!   kept from its previous visit; a page is a merge candidate only if it did
+//!   not change since (Linux's `oldchecksum`): pages still being written would
+//!   be merged only to be copied back at their next write.
+//! - **Stable tree.** Merged frames by (trust group, checksum), each with a
+//!   page that mapped it when it was made (`rmap`'s stable nodes hold the
+//!   reverse map; this only finds them by content). A candidate that hits
+//!   joins that frame.
+//! - **Unstable tree.** Candidates of this pass by (trust group, checksum);
+//!   a second page with the same key is merged with the first, and the new
+//!   merged frame enters the stable tree. Rebuilt every pass, as Linux's is,
+//!   since its pages stay writable and can change under it.
+//! - **Trust groups.** Keys include the VM's group, and rmap refuses a merge
+//!   across groups, so nothing merges across them.
+//!
+//! Locks: a visit takes the VM's stage-2 lock (level 4) briefly to read the
+//! entry, then none while it hashes the frame; `Rmap::merge` takes its own.
+
+use crate::machine::Machine;
+use crate::vm::MemCtx;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::ops::Range;
+use rmap::{
+    Ipa, MergeError, MergePage, PageState, Pfn, Stage2, Stage2Locked, SwapStore, VmId, VmSet,
+};
+
+/// A VM to scan: its id, trust group and RAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanVm {
+    /// The VM.
+    pub id: VmId,
+    /// Its trust group: pages merge only within one.
+    pub group: u32,
+    /// Its guest RAM.
+    pub ram: Range<Ipa>,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassStats {
+    /// Mapped pages visited.
+    pub scanned: u64,
+    /// Pages merged into another (each saves a frame once its old one is free).
+    pub merged: u64,
+    /// Of those, pages that joined an existing merged frame.
+    pub stable_hits: u64,
+    /// Pages seen for the first time or changed since the last visit.
+    pub changing: u64,
+    /// Merges rmap refused (contents differed after write-protect, a frame busy).
+    pub refused: u64,
+}
+
+impl core::ops::AddAssign for PassStats {
+    fn add_assign(&mut self, o: PassStats) {
+        self.scanned += o.scanned;
+        self.merged += o.merged;
+        self.stable_hits += o.stable_hits;
+        self.changing += o.changing;
+        self.refused += o.refused;
+    }
+}
+
+/// Tree key: trust group and checksum.
+type Key = (u32, u64);
+
+/// The scanner's memory between passes (the checksums and the stable tree).
+#[derive(Default)]
+pub struct Scanner {
+    /// Per VM, each page's checksum at its previous visit (0: never visited;
+    /// a checksum of 0 is stored as 1).
+    seen: BTreeMap<u32, Vec<u64>>,
+    /// Merged frames by key, each with a page mapping it when it was made.
+    stable: BTreeMap<Key, MergePage>,
+}
+
+/// One pass's context.
+struct Pass<'a, 'c, M, W, S> {
+    cx: &'a MemCtx<'c, M, W>,
+    set: &'a S,
+    unstable: BTreeMap<Key, MergePage>,
+    stats: PassStats,
+}
+
+impl Scanner {
+    /// A scanner that has seen nothing.
+    pub fn new() -> Self {
+        Scanner::default()
+    }
+
+    /// One pass over every page of `vms` (VMs gone since the last pass are
+    /// forgotten). A page must be seen unchanged on two visits before it is
+    /// merged, so a first pass only records checksums.
+    pub fn pass<M, W, S>(&mut self, cx: &MemCtx<'_, M, W>, set: &S, vms: &[ScanVm]) -> PassStats
+    where
+        M: Machine,
+        W: SwapStore,
+        S: VmSet,
+    {
+        self.seen.retain(|id, _| vms.iter().any(|v| v.id.0 == *id));
+        let mut pass = Pass {
+            cx,
+            set,
+            unstable: BTreeMap::new(),
+            stats: PassStats::default(),
+        };
+        for vm in vms {
+            let pages = (vm.ram.end - vm.ram.start) / crate::PAGE_SIZE;
+            let seen = self.seen.entry(vm.id.0).or_default();
+            seen.resize(pages as usize, 0);
+            for (i, ipa) in vm.ram.start.pages_to(vm.ram.end).enumerate() {
+                let page = MergePage {
+                    vm: vm.id,
+                    ipa,
+                    group: vm.group,
+                };
+                let Some(key) = pass.candidate(page, &mut seen[i]) else {
+                    continue;
+                };
+                pass.offer(&mut self.stable, page, key);
+            }
+        }
+        pass.stats
+    }
+
+    /// Merged frames the scanner knows by content.
+    pub fn stable_entries(&self) -> usize {
+        self.stable.len()
+    }
+}
+
+impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
+    /// The page's key if it is a mapped, not yet merged page whose checksum
+    /// is what it was at the previous visit; records the new checksum.
+    fn candidate(&mut self, page: MergePage, seen: &mut u64) -> Option<Key> {
+        let pfn = self.mapped(page)?;
+        self.stats.scanned += 1;
+        if self
+            .cx
+            .rmap
+            .frames()
+            .get(pfn)
+            .is_some_and(|f| f.is_merged())
+        {
+            return None;
+        }
+        // SAFETY: `pfn` is a RAM frame a VM maps (it stays RAM: frames are
+        // never returned to anything but the frame allocator); a guest write
+        // racing the read only makes the checksum stale, which rmap's final
+        // comparison after write-protecting catches.
+        let sum = unsafe { self.cx.machine.frame_hash(pfn.pa()) }.max(1);
+        if core::mem::replace(seen, sum) != sum {
+            self.stats.changing += 1;
+            return None;
+        }
+        Some((page.group, sum))
+    }
+
+    /// The frame mapping `page` now, if any.
+    fn mapped(&self, page: MergePage) -> Option<Pfn> {
+        let state = self.set.with_vm(page.vm, |vm| vm.lock().lookup(page.ipa))?;
+        match state {
+            PageState::Mapped { pfn, .. } => Some(pfn),
+            _ => None,
+        }
+    }
+
+    /// Offers a candidate to the stable tree, then to the unstable one.
+    fn offer(&mut self, stable: &mut BTreeMap<Key, MergePage>, page: MergePage, key: Key) {
+        if let Some(&known) = stable.get(&key) {
+            match self.merge(known, page) {
+                Ok(()) => {
+                    self.stats.stable_hits += 1;
+                    return;
+                }
+                // The frame is gone or holds other bytes (a collision): forget it.
+                Err(MergeError::Differ | MergeError::NotMapped | MergeError::Same) => {
+                    stable.remove(&key);
+                }
+                Err(_) => return,
+            }
+        }
+        match self.unstable.remove(&key) {
+            None => {
+                self.unstable.insert(key, page);
+            }
+            Some(first) => match self.merge(first, page) {
+                Ok(()) => {
+                    stable.insert(key, page);
+                }
+                // Keep the newer page as the one to match.
+                Err(_) => {
+                    self.unstable.insert(key, page);
+                }
+            },
+        }
+    }
+
+    fn merge(&mut self, a: MergePage, b: MergePage) -> Result<(), MergeError> {
+        match self.cx.rmap.merge(self.set, &self.cx.frames(), a, b) {
+            Ok(_) => {
+                self.stats.merged += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.refused += 1;
+                Err(e)
+            }
+        }
+    }
+}
