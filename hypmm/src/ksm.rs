@@ -72,7 +72,8 @@ impl core::ops::AddAssign for PassStats {
 /// Tree key: trust group and checksum.
 type Key = (u32, u64);
 
-/// The scanner's memory between passes (the checksums and the stable tree).
+/// The scanner's memory between visits: the checksums, both trees, and
+/// where the current round is.
 #[derive(Default)]
 pub struct Scanner {
     /// Per VM, each page's checksum at its previous visit (0: never visited;
@@ -80,13 +81,18 @@ pub struct Scanner {
     seen: BTreeMap<u32, Vec<u64>>,
     /// Merged frames by key, each with a page mapping it when it was made.
     stable: BTreeMap<Key, MergePage>,
+    /// This round's candidates by key.
+    unstable: BTreeMap<Key, MergePage>,
+    /// The next page to visit: VM id and page index.
+    cursor: (u32, u64),
+    /// Rounds (passes over every VM) completed.
+    rounds: u64,
 }
 
-/// One pass's context.
+/// One call's context.
 struct Pass<'a, 'c, M, W, S> {
     cx: &'a MemCtx<'c, M, W>,
     set: &'a S,
-    unstable: BTreeMap<Key, MergePage>,
     stats: PassStats,
 }
 
@@ -96,44 +102,125 @@ impl Scanner {
         Scanner::default()
     }
 
-    /// One pass over every page of `vms` (VMs gone since the last pass are
-    /// forgotten). A page must be seen unchanged on two visits before it is
-    /// merged, so a first pass only records checksums.
+    /// One whole round over every page of `vms`, from the first VM (VMs
+    /// gone since the last round are forgotten). A page must be seen
+    /// unchanged on two visits before it is merged, so the first round over
+    /// a VM only records its checksums.
     pub fn pass<M, W, S>(&mut self, cx: &MemCtx<'_, M, W>, set: &S, vms: &[ScanVm]) -> PassStats
     where
         M: Machine,
         W: SwapStore,
         S: VmSet,
     {
-        self.seen.retain(|id, _| vms.iter().any(|v| v.id.0 == *id));
+        self.restart(vms);
+        let round = self.rounds;
+        let mut stats = PassStats::default();
+        while self.rounds == round && !vms.is_empty() {
+            stats += self.scan(cx, set, vms, u64::MAX);
+        }
+        stats
+    }
+
+    /// Visits up to `budget` pages from where the last call stopped (the
+    /// background scanner's step); a round ends after the last page of the
+    /// VM with the highest id, and the step with it; the next round begins
+    /// at the lowest.
+    pub fn scan<M, W, S>(
+        &mut self,
+        cx: &MemCtx<'_, M, W>,
+        set: &S,
+        vms: &[ScanVm],
+        budget: u64,
+    ) -> PassStats
+    where
+        M: Machine,
+        W: SwapStore,
+        S: VmSet,
+    {
         let mut pass = Pass {
             cx,
             set,
-            unstable: BTreeMap::new(),
             stats: PassStats::default(),
         };
-        for vm in vms {
-            let pages = (vm.ram.end - vm.ram.start) / crate::PAGE_SIZE;
-            let seen = self.seen.entry(vm.id.0).or_default();
-            seen.resize(pages as usize, 0);
-            for (i, ipa) in vm.ram.start.pages_to(vm.ram.end).enumerate() {
-                let page = MergePage {
-                    vm: vm.id,
-                    ipa,
-                    group: vm.group,
-                };
-                let Some(key) = pass.candidate(page, &mut seen[i]) else {
-                    continue;
-                };
-                pass.offer(&mut self.stable, page, key);
+        let mut left = budget;
+        while left > 0 {
+            let next = vms
+                .iter()
+                .filter(|v| v.id.0 >= self.cursor.0)
+                .min_by_key(|v| v.id.0);
+            let Some(vm) = next else {
+                self.end_round(vms);
+                return pass.stats;
+            };
+            if vm.id.0 != self.cursor.0 {
+                self.cursor = (vm.id.0, 0);
             }
+            left -= self.visit_vm(&mut pass, vm, left);
         }
         pass.stats
+    }
+
+    /// Visits pages of `vm` from the cursor, at most `budget`; returns how many.
+    fn visit_vm<M, W, S>(
+        &mut self,
+        pass: &mut Pass<'_, '_, M, W, S>,
+        vm: &ScanVm,
+        budget: u64,
+    ) -> u64
+    where
+        M: Machine,
+        W: SwapStore,
+        S: VmSet,
+    {
+        let pages = (vm.ram.end - vm.ram.start) / crate::PAGE_SIZE;
+        let seen = self.seen.entry(vm.id.0).or_default();
+        seen.resize(pages as usize, 0);
+        let from = self.cursor.1;
+        let to = pages.min(from.saturating_add(budget));
+        for i in from..to {
+            let ipa = vm.ram.start + i * crate::PAGE_SIZE;
+            let page = MergePage {
+                vm: vm.id,
+                ipa,
+                group: vm.group,
+            };
+            if let Some(key) = pass.candidate(page, &mut seen[i as usize]) {
+                pass.offer(&mut self.stable, &mut self.unstable, page, key);
+            }
+        }
+        self.cursor = if to == pages {
+            (vm.id.0 + 1, 0)
+        } else {
+            (vm.id.0, to)
+        };
+        // An empty VM still costs a visit, so a round always advances.
+        (to - from).max(1)
+    }
+
+    /// Ends the round: the unstable tree is dropped (its pages stay
+    /// writable and may have changed), VMs gone are forgotten.
+    fn end_round(&mut self, vms: &[ScanVm]) {
+        self.rounds += 1;
+        self.restart(vms);
+    }
+
+    /// Starts a round from the first VM.
+    fn restart(&mut self, vms: &[ScanVm]) {
+        self.unstable.clear();
+        self.cursor = (0, 0);
+        self.seen.retain(|id, _| vms.iter().any(|v| v.id.0 == *id));
+        let live = |p: &MergePage| vms.iter().any(|v| v.id == p.vm);
+        self.stable.retain(|_, p| live(p));
     }
 
     /// Merged frames the scanner knows by content.
     pub fn stable_entries(&self) -> usize {
         self.stable.len()
+    }
+
+    /// Rounds completed.
+    pub fn rounds(&self) -> u64 {
+        self.rounds
     }
 }
 
@@ -174,7 +261,13 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
     }
 
     /// Offers a candidate to the stable tree, then to the unstable one.
-    fn offer(&mut self, stable: &mut BTreeMap<Key, MergePage>, page: MergePage, key: Key) {
+    fn offer(
+        &mut self,
+        stable: &mut BTreeMap<Key, MergePage>,
+        unstable: &mut BTreeMap<Key, MergePage>,
+        page: MergePage,
+        key: Key,
+    ) {
         if let Some(&known) = stable.get(&key) {
             match self.merge(known, page) {
                 Ok(()) => {
@@ -188,9 +281,9 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
                 Err(_) => return,
             }
         }
-        match self.unstable.remove(&key) {
+        match unstable.remove(&key) {
             None => {
-                self.unstable.insert(key, page);
+                unstable.insert(key, page);
             }
             Some(first) => match self.merge(first, page) {
                 Ok(()) => {
@@ -198,7 +291,7 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
                 }
                 // Keep the newer page as the one to match.
                 Err(_) => {
-                    self.unstable.insert(key, page);
+                    unstable.insert(key, page);
                 }
             },
         }

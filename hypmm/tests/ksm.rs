@@ -142,3 +142,29 @@ fn destroying_every_mapper_returns_every_frame() {
     // The next pass forgets VMs that are gone.
     assert_eq!(scanner.pass(&w.cx(), &w.vms, &[]).scanned, 0);
 }
+
+#[test]
+fn the_background_scan_covers_every_page_in_budgeted_steps() {
+    let w = World::new(false);
+    let a = vm_with(&w, 1, &[8, 9]);
+    let b = vm_with(&w, 2, &[8, 9]);
+    let vms = [scan_vm(&a, 1), scan_vm(&b, 1)];
+    let mut scanner = Scanner::new();
+    let mut total = hypmm::PassStats::default();
+    // Two rounds of 2 x 16 pages, 5 pages a step (a step stops at the end
+    // of a round).
+    let mut steps = 0;
+    while scanner.rounds() < 2 && steps < 100 {
+        total += scanner.scan(&w.cx(), &w.vms, &vms, 5);
+        steps += 1;
+    }
+    assert_eq!(steps, 2 * (2 * PAGES).div_ceil(5) as usize, "{total:?}");
+    assert_eq!(total.scanned, 2 * 2 * 2, "mapped pages, twice");
+    assert_eq!(total.merged, 2, "{total:?}");
+    assert_eq!(frame(&w, &a, 1).0, frame(&w, &b, 1).0);
+    // No VMs: a step ends at once.
+    assert_eq!(
+        scanner.scan(&w.cx(), &w.vms, &[], 100),
+        hypmm::PassStats::default()
+    );
+}
