@@ -3,7 +3,7 @@
 //! switches between VM consoles, `hypcmd::keys`), so QEMU's own mux is off: `quit` at the `hyp>`
 //! prompt ends the machine.
 
-use qemu_tests::MachineConfig;
+use qemu_tests::{DiskConfig, MachineConfig};
 use std::path::PathBuf;
 
 /// A user's own Linux images (`--kernel`, `--initrd`), in place of the
@@ -38,6 +38,7 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
             "--api" => o.api = Some(val()?.into()),
+            "--disk" => o.disk = Some(DiskConfig::parse(&val()?)?),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }
@@ -81,6 +82,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         };
         o.linux = Some((kernel, initrd));
+    }
+    if let Some(disk) = &o.disk {
+        disk.create_if_missing()
+            .map_err(|e| format!("--disk {}: {e}", disk.path.display()))?;
     }
     let images = crate::build::images(release)?;
     let mut cmd = o.command(&images.hyp);
