@@ -13,8 +13,11 @@ use crate::dev::blk::{self, Disk, MAX_REQUEST, SECTOR_SIZE};
 use alloc::vec::Vec;
 use hypcmd::Command;
 
-/// Sectors in one request of the commands here.
+/// Sectors in one virtio request (`bench disk` issues exactly these).
 const CHUNK_SECTORS: u64 = (MAX_REQUEST / SECTOR_SIZE) as u64;
+/// Sectors per `Disk` call of `disk sum` and `disk fill`: several virtio
+/// requests, so these commands also exercise the driver's splitting.
+const CALL_SECTORS: u64 = 4 * CHUNK_SECTORS;
 
 /// Runs a disk command.
 pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
@@ -54,12 +57,12 @@ fn buffer(bytes: usize) -> Result<Vec<u8>, CmdError> {
     Ok(buf)
 }
 
-/// The requests covering `sectors` from `lba`: (first sector, sectors),
-/// at most [`CHUNK_SECTORS`] each.
-fn chunks(lba: u64, sectors: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..sectors.div_ceil(CHUNK_SECTORS)).map(move |i| {
-        let at = i * CHUNK_SECTORS;
-        (lba + at, CHUNK_SECTORS.min(sectors - at))
+/// The pieces covering `sectors` from `lba`: (first sector, sectors), at
+/// most `size` each.
+fn chunks(lba: u64, sectors: u64, size: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..sectors.div_ceil(size)).map(move |i| {
+        let at = i * size;
+        (lba + at, size.min(sectors - at))
     })
 }
 
@@ -90,9 +93,9 @@ const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn sum(disk: &Disk, lba: u64, sectors: u64, r: &mut Reply) -> Result<(), CmdError> {
     check_range(disk, lba, sectors)?;
-    let mut buf = buffer(MAX_REQUEST)?;
+    let mut buf = buffer(CALL_SECTORS as usize * SECTOR_SIZE)?;
     let mut hash = FNV_BASIS;
-    for (at, n) in chunks(lba, sectors) {
+    for (at, n) in chunks(lba, sectors, CALL_SECTORS) {
         let part = &mut buf[..n as usize * SECTOR_SIZE];
         disk.read(at, part)?;
         hash = fnv1a(hash, part);
@@ -114,8 +117,8 @@ fn pattern_word(seed: u64, k: u64) -> u64 {
 
 fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result<(), CmdError> {
     check_range(disk, lba, sectors)?;
-    let mut buf = buffer(MAX_REQUEST)?;
-    for (at, n) in chunks(lba, sectors) {
+    let mut buf = buffer(CALL_SECTORS as usize * SECTOR_SIZE)?;
+    for (at, n) in chunks(lba, sectors, CALL_SECTORS) {
         let part = &mut buf[..n as usize * SECTOR_SIZE];
         let first_word = at * (SECTOR_SIZE as u64 / 8);
         for (k, word) in part.chunks_exact_mut(8).enumerate() {
@@ -140,7 +143,7 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
     }
     // The original bytes, in request-sized pieces (no large heap run).
     let mut saved = Vec::new();
-    for (at, _) in chunks(0, sectors) {
+    for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
         let mut piece = buffer(MAX_REQUEST)?;
         disk.read(at, &mut piece)?;
         saved.try_reserve(1)
@@ -149,7 +152,7 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
     }
     let result = passes(disk, sectors);
     // Put the data back even when a pass failed (it may have written).
-    let restored = chunks(0, sectors)
+    let restored = chunks(0, sectors, CHUNK_SECTORS)
         .zip(&saved)
         .try_for_each(|((at, _), piece)| disk.write(at, piece))
         .and_then(|()| disk.flush());
@@ -177,7 +180,7 @@ fn passes(disk: &Disk, sectors: u64) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
     let bytes = sectors * SECTOR_SIZE as u64;
     for pass in 0..PAIRS as u64 {
         let mut ticks = 0;
-        for (at, _) in chunks(0, sectors) {
+        for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
             stamp(&mut buf, at, pass);
             let t0 = timer::now();
             disk.write(at, &buf)?;
@@ -188,7 +191,7 @@ fn passes(disk: &Disk, sectors: u64) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
         ticks += timer::now() - t0;
         write.push(mibs(bytes, ticks));
         ticks = 0;
-        for (at, _) in chunks(0, sectors) {
+        for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
             buf.fill(0);
             let t0 = timer::now();
             disk.read(at, &mut buf)?;
