@@ -144,6 +144,17 @@ mod tests {
     }
 
     #[test]
+    fn disk_option() {
+        let (o, _, _) = parse(&args(&["--disk", "/tmp/d.img,size=2G"])).unwrap();
+        let disk = o.disk.unwrap();
+        assert_eq!((disk.size, disk.readonly), (2 << 30, false));
+        assert_eq!(disk.path, std::path::Path::new("/tmp/d.img"));
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=1"])).is_ok());
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=0"])).is_err());
+        assert!(parse(&args(&["--disk"])).is_err());
+    }
+
+    #[test]
     fn missing_images_and_other_guests_are_refused() {
         assert!(parse(&args(&["--kernel", "/no/such/Image"])).is_err());
         let file = std::env::current_exe().unwrap();

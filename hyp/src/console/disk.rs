@@ -39,7 +39,11 @@ fn info(disk: &Disk, r: &mut Reply) {
         r,
         "disk: {sectors} sectors of {SECTOR_SIZE} bytes ({} MiB), {}, virtio-blk at {:#x}",
         bytes >> 20,
-        if disk.readonly() { "read-only" } else { "read-write" },
+        if disk.readonly() {
+            "read-only"
+        } else {
+            "read-write"
+        },
         disk.base()
     );
     r.set("sectors", sectors);
@@ -146,7 +150,8 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
     for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
         let mut piece = buffer(MAX_REQUEST)?;
         disk.read(at, &mut piece)?;
-        saved.try_reserve(1)
+        saved
+            .try_reserve(1)
             .map_err(|_| CmdError::Bench("out of heap for the disk backup"))?;
         saved.push(piece);
     }

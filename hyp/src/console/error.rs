@@ -87,12 +87,15 @@ impl fmt::Display for CmdError {
             CmdError::NotHere(cmd) => write!(f, "`{cmd}` is not a memory command"),
             CmdError::Bench(why) => f.write_str(why),
             CmdError::BenchShort { what, done, of } => write!(f, "{what} only {done} of {of}"),
-            CmdError::NoDisk => f.write_str(
-                "no disk: none was attached at boot (`cargo xtask run --disk FILE`)",
-            ),
+            CmdError::NoDisk => {
+                f.write_str("no disk: none was attached at boot (`cargo xtask run --disk FILE`)")
+            }
             CmdError::Disk(e) => write!(f, "{e}"),
             CmdError::DiskVerify { lba } => {
-                write!(f, "disk: sector {lba} read back other bytes than were written")
+                write!(
+                    f,
+                    "disk: sector {lba} read back other bytes than were written"
+                )
             }
         }
     }

@@ -71,7 +71,10 @@ impl fmt::Display for DiskError {
         match self {
             DiskError::ReadOnly => f.write_str("the disk is read-only"),
             DiskError::NotSectors { len } => {
-                write!(f, "{len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors")
+                write!(
+                    f,
+                    "{len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+                )
             }
             DiskError::PastEnd {
                 lba,
@@ -121,7 +124,7 @@ pub fn init(board: &Board) {
             });
             crate::println!(
                 "[hyp] disk: {} MiB{} (virtio-blk at {base:#x})",
-                disk.capacity_sectors() * SECTOR_SIZE as u64 >> 20,
+                (disk.capacity_sectors() * SECTOR_SIZE as u64) >> 20,
                 if disk.readonly { ", read-only" } else { "" }
             );
         }
