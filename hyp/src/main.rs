@@ -87,6 +87,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     gic::init_distributor(&board);
     gic::init_cpu(&board);
     dev::control::init(&board);
+    dev::blk::init(&board);
     sched::init(&board, &channel::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);

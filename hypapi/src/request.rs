@@ -57,7 +57,8 @@ const BATCH: Arg = Arg("batch", Kind::Dec, true);
 /// The commands the control channel takes, each with its fields in the order
 /// of the console's words. Console-only commands (`console`, `wait`,
 /// `sleep`, `chaos`, `bench`) are not here: they hold the keyboard, the
-/// script or CPU 0 for a long time.
+/// script or CPU 0 for a long time. A name may be several console words
+/// (`"disk sum"`): the command and its subcommand.
 const SIGNATURES: &[(&str, &[Arg])] = &[
     ("help", &[]),
     ("vms", &[]),
@@ -74,7 +75,14 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
     ("evacuate", &[START, END, BATCH]),
     ("online", &[START, END]),
     ("reclaim", &[Arg("pages", Kind::Dec, false), BATCH]),
+    // The hypervisor's disk (issue 17).
+    ("disk", &[]),
+    ("disk sum", &[LBA, SECTORS]),
+    ("disk fill", &[LBA, SECTORS, Arg("seed", Kind::Dec, false)]),
 ];
+
+const LBA: Arg = Arg("lba", Kind::Dec, false);
+const SECTORS: Arg = Arg("sectors", Kind::Dec, false);
 
 /// Fields every request may have besides its arguments.
 const RESERVED: [&str; 3] = ["id", "v", "cmd"];
@@ -216,9 +224,16 @@ impl core::fmt::Debug for Truncated<'_> {
 /// take that command. `parse_request` of the line gives `cmd` back.
 pub fn request_line(id: &Value, cmd: &Command) -> Option<String> {
     let text = cmd.to_string();
-    let mut words = text.split_whitespace();
-    let name = words.next()?;
-    let &(name, args) = SIGNATURES.iter().find(|(n, _)| *n == name)?;
+    // The longest name the text starts with, as whole words (`disk sum`
+    // before `disk`).
+    let &(name, args) = SIGNATURES
+        .iter()
+        .filter(|(n, _)| {
+            text.strip_prefix(n)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        })
+        .max_by_key(|(n, _)| n.len())?;
+    let words = text[name.len()..].split_whitespace();
     let mut obj = Map::new();
     obj.insert("v".into(), VERSION.into());
     obj.insert("id".into(), id.clone());

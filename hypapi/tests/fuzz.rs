@@ -81,6 +81,13 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(range, batch)| Command::Evacuate { range, batch }),
         range.prop_map(|range| Command::Online { range }),
         (1u64..=1 << 24, batch).prop_map(|(pages, batch)| Command::Reclaim { pages, batch }),
+        prop_oneof![
+            Just(Command::Disk),
+            (any::<u64>(), 1u64..=1 << 21)
+                .prop_map(|(lba, sectors)| Command::DiskSum { lba, sectors }),
+            (any::<u64>(), 1u64..=1 << 21, any::<u64>())
+                .prop_map(|(lba, sectors, seed)| Command::DiskFill { lba, sectors, seed }),
+        ],
     ]
 }
 

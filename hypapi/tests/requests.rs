@@ -135,6 +135,49 @@ fn requests_round_trip_and_console_commands_have_none() {
     );
     assert_eq!(ok(&line), (9.into(), cmd));
     assert_eq!(request_line(&1.into(), &Command::Wait { secs: 1 }), None);
+    assert_eq!(
+        request_line(&1.into(), &Command::BenchDisk { mib: 1 }),
+        None
+    );
+}
+
+#[test]
+fn disk_commands_have_two_word_names() {
+    assert_eq!(ok(r#"{"id":1,"cmd":"disk"}"#).1, Command::Disk);
+    let sum = Command::DiskSum { lba: 5, sectors: 8 };
+    assert_eq!(
+        ok(r#"{"id":2,"cmd":"disk sum","lba":5,"sectors":8}"#).1,
+        sum
+    );
+    let line = request_line(&3.into(), &sum).unwrap();
+    assert_eq!(
+        line,
+        r#"{"cmd":"disk sum","id":3,"lba":5,"sectors":8,"v":1}"#
+    );
+    let fill = Command::DiskFill {
+        lba: u64::MAX,
+        sectors: 1,
+        seed: 9,
+    };
+    let line = request_line(&4.into(), &fill).unwrap();
+    assert_eq!(ok(&line), (4.into(), fill));
+    assert_eq!(
+        request_line(&5.into(), &Command::Disk).unwrap(),
+        r#"{"cmd":"disk","id":5,"v":1}"#
+    );
+    // The subcommand is the name, not a field.
+    assert_eq!(
+        err(r#"{"id":6,"cmd":"disk","lba":5,"sectors":8}"#).1,
+        ErrorCode::BadArgument
+    );
+    assert_eq!(
+        err(r#"{"id":7,"cmd":"disk sum","lba":5}"#).2,
+        "missing field \"sectors\""
+    );
+    assert_eq!(
+        err(r#"{"id":8,"cmd":"disk  sum","lba":5,"sectors":8}"#).1,
+        ErrorCode::UnknownCommand
+    );
 }
 
 #[test]

@@ -176,6 +176,33 @@ pub enum Command {
     /// `console <vm>|hyp`: give the keyboard to that VM's console (or keep
     /// it at the hypervisor's).
     Console(Focus),
+    // The hypervisor's disk (issue 17).
+    /// `disk`: the disk's capacity, sector size and whether it is read-only.
+    Disk,
+    /// `disk sum <lba> <sectors>`: the FNV-1a 64 checksum of the sectors,
+    /// read from the disk.
+    DiskSum {
+        /// First sector.
+        lba: u64,
+        /// How many sectors, 1..=2^21 (1 GiB).
+        sectors: u64,
+    },
+    /// `disk fill <lba> <sectors> <seed>`: writes the seeded pattern of
+    /// docs/TESTING.md over the sectors, and flushes.
+    DiskFill {
+        /// First sector.
+        lba: u64,
+        /// How many sectors, 1..=2^21 (1 GiB).
+        sectors: u64,
+        /// The pattern's seed (any `u64`).
+        seed: u64,
+    },
+    /// `bench disk [MiB]`: raw sequential write and read throughput of the
+    /// disk over its first MiB (the data there is put back).
+    BenchDisk {
+        /// MiB written and read, 1..=1024 (64 when not typed).
+        mib: u64,
+    },
 }
 
 /// Which console has the keyboard.
@@ -244,6 +271,10 @@ impl fmt::Display for Command {
             Sleep { ms } => write!(f, "sleep {ms}"),
             Quit => f.write_str("quit"),
             Console(to) => write!(f, "console {to}"),
+            Disk => f.write_str("disk"),
+            DiskSum { lba, sectors } => write!(f, "disk sum {lba} {sectors}"),
+            DiskFill { lba, sectors, seed } => write!(f, "disk fill {lba} {sectors} {seed}"),
+            BenchDisk { mib } => write!(f, "bench disk {mib}"),
         }
     }
 }
@@ -272,5 +303,9 @@ pub const HELP: &str = "commands:
   sleep <ms>        (in a script) wait before the next command
   console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
   quit              end the machine
+  disk              the hypervisor's disk: capacity, sector size, read-only
+  disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk
+  disk fill <lba> <sectors> <seed>      write a seeded test pattern over sectors (and flush)
+  bench disk [MiB]  raw sequential write and read throughput of the disk (its data is kept)
 keys: Ctrl-A Ctrl-A next console (hypervisor -> vm ... -> hypervisor);
       Ctrl-A <vm> Enter that VM; Ctrl-A h the hypervisor; Ctrl-A a a literal Ctrl-A";

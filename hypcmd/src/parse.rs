@@ -117,7 +117,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>";
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -149,6 +149,7 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "bench" => ("bench", bench(&mut args)?),
         "sleep" => ("sleep", sleep(&mut args)?),
         "console" => ("console", console(&mut args)?),
+        "disk" => ("disk", disk(&mut args)?),
         _ => return Err(ParseError::Unknown(String::from(word))),
     };
     args.done(name)?;
@@ -261,7 +262,33 @@ fn bench(args: &mut Args) -> Result<Command> {
             let batch = narrow(args.num("batch", BATCH)?, "batch", BATCH)?;
             Ok(Command::BenchReclaim { pages, batch })
         }
+        Some("disk") => {
+            let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);
+            Ok(Command::BenchDisk { mib })
+        }
         _ => Err(ParseError::Usage(BENCH_USAGE)),
+    }
+}
+
+const DISK_USAGE: &str = "disk | disk sum <lba> <sectors> | disk fill <lba> <sectors> <seed>";
+/// Sectors one `disk sum` or `disk fill` covers at most (1 GiB).
+const DISK_SECTORS: RangeInclusive<u64> = 1..=1 << 21;
+
+fn disk(args: &mut Args) -> Result<Command> {
+    match args.0.next() {
+        None => Ok(Command::Disk),
+        Some("sum") => {
+            let lba = args.num("LBA", 0..=u64::MAX)?;
+            let sectors = args.num("sectors", DISK_SECTORS)?;
+            Ok(Command::DiskSum { lba, sectors })
+        }
+        Some("fill") => {
+            let lba = args.num("LBA", 0..=u64::MAX)?;
+            let sectors = args.num("sectors", DISK_SECTORS)?;
+            let seed = args.num("seed", 0..=u64::MAX)?;
+            Ok(Command::DiskFill { lba, sectors, seed })
+        }
+        Some(_) => Err(ParseError::Usage(DISK_USAGE)),
     }
 }
 

@@ -56,7 +56,7 @@ fn number() -> impl Strategy<Value = String> {
 const COMMANDS: &[&str] = &[
     "help", "vms", "stats", "pause", "resume", "destroy", "fork", "snapshot", "restore", "rmap",
     "migrate", "evacuate", "online", "reclaim", "chaos", "wait", "bench", "sleep", "quit",
-    "console", "hyp",
+    "console", "hyp", "disk",
 ];
 
 /// A console-like line: a command word (usually), then arguments that are
@@ -68,7 +68,7 @@ fn console_line() -> impl Strategy<Value = String> {
     ];
     let arg = prop_oneof![
         8 => number(),
-        1 => prop::sample::select(&["fork", "migrate", "reclaim", "x", "é"][..]).prop_map(String::from),
+        1 => prop::sample::select(&["fork", "migrate", "reclaim", "disk", "sum", "fill", "x", "é"][..]).prop_map(String::from),
         1 => any::<String>(),
     ];
     (first, prop::collection::vec(arg, 0..6), "[ \t]{1,3}").prop_map(|(first, rest, sep)| {
@@ -135,6 +135,13 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         (1u64..=65536, batch()).prop_map(|(pages, batch)| BenchReclaim { pages, batch }),
         (1u64..=60_000).prop_map(|ms| Sleep { ms }),
+        prop_oneof![
+            Just(Disk),
+            (any::<u64>(), 1u64..=1 << 21).prop_map(|(lba, sectors)| DiskSum { lba, sectors }),
+            (any::<u64>(), 1u64..=1 << 21, any::<u64>())
+                .prop_map(|(lba, sectors, seed)| DiskFill { lba, sectors, seed }),
+            (1u64..=1024).prop_map(|mib| BenchDisk { mib }),
+        ],
     ]
 }
 

@@ -9,7 +9,10 @@
 )]
 
 pub mod api;
+pub mod disk;
 pub mod hvcfuzz;
+
+pub use disk::DiskConfig;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +50,9 @@ pub struct MachineConfig {
     /// The control channel (issue 19): a virtio-console the hypervisor
     /// drives, which QEMU serves as a unix socket at this path ([`api`]).
     pub api: Option<PathBuf>,
+    /// The hypervisor's disk (issue 17): a raw image on a virtio-blk
+    /// device, created first if missing ([`Machine::boot`]).
+    pub disk: Option<DiskConfig>,
 }
 
 impl Default for MachineConfig {
@@ -63,6 +69,7 @@ impl Default for MachineConfig {
             gdb: false,
             linux: None,
             api: None,
+            disk: None,
         }
     }
 }
@@ -139,6 +146,9 @@ impl MachineConfig {
                 .args(["-chardev", &chardev])
                 .args(["-device", "virtconsole,chardev=api"]);
         }
+        if let Some(disk) = &self.disk {
+            cmd.args(disk.qemu_args());
+        }
         if self.gdb {
             cmd.args(["-s", "-S"]);
         }
@@ -170,7 +180,7 @@ fn file_size(path: &Path) -> u64 {
 }
 
 /// QEMU's `-m` sizes: `1G`, `512M`, plain MiB.
-fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let (num, shift) = match s.chars().last()? {
         'G' | 'g' => (&s[..s.len() - 1], 30),
         'M' | 'm' => (&s[..s.len() - 1], 20),
@@ -262,9 +272,13 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Boots the hypervisor ELF from `HYP_ELF` (see [`hyp_elf`]) with `config`;
-    /// panics if QEMU cannot be started.
+    /// Boots the hypervisor ELF from `HYP_ELF` (see [`hyp_elf`]) with `config`
+    /// (creating its disk file if missing); panics if QEMU cannot be started.
     pub fn boot(name: &str, config: &MachineConfig) -> Machine {
+        if let Some(disk) = &config.disk {
+            disk.create_if_missing()
+                .unwrap_or_else(|e| panic!("[{name}] disk {}: {e}", disk.path.display()));
+        }
         Machine::spawn(name, &mut config.command(&hyp_elf()))
     }
 

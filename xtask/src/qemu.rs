@@ -3,7 +3,7 @@
 //! switches between VM consoles, `hypcmd::keys`), so QEMU's own mux is off: `quit` at the `hyp>`
 //! prompt ends the machine.
 
-use qemu_tests::MachineConfig;
+use qemu_tests::{DiskConfig, MachineConfig};
 use std::path::PathBuf;
 
 /// A user's own Linux images (`--kernel`, `--initrd`), in place of the
@@ -38,6 +38,7 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
             "--api" => o.api = Some(val()?.into()),
+            "--disk" => o.disk = Some(DiskConfig::parse(&val()?)?),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }
@@ -81,6 +82,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         };
         o.linux = Some((kernel, initrd));
+    }
+    if let Some(disk) = &o.disk {
+        disk.create_if_missing()
+            .map_err(|e| format!("--disk {}: {e}", disk.path.display()))?;
     }
     let images = crate::build::images(release)?;
     let mut cmd = o.command(&images.hyp);
@@ -136,6 +141,17 @@ mod tests {
         assert_eq!(own.kernel.as_deref(), Some(file.as_path()));
         assert_eq!(own.initrd.as_deref(), Some(file.as_path()));
         assert_eq!(o.guest_args.as_deref(), Some("console=ttyAMA0 quiet"));
+    }
+
+    #[test]
+    fn disk_option() {
+        let (o, _, _) = parse(&args(&["--disk", "/tmp/d.img,size=2G"])).unwrap();
+        let disk = o.disk.unwrap();
+        assert_eq!((disk.size, disk.readonly), (2 << 30, false));
+        assert_eq!(disk.path, std::path::Path::new("/tmp/d.img"));
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=1"])).is_ok());
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=0"])).is_err());
+        assert!(parse(&args(&["--disk"])).is_err());
     }
 
     #[test]

@@ -99,6 +99,7 @@ fn code(e: &CmdError) -> ErrorCode {
         CmdError::NotRamFrame(_) | CmdError::NotRam { .. } | CmdError::OutsideVmRam { .. } => {
             ErrorCode::BadArgument
         }
+        CmdError::Disk(crate::dev::blk::DiskError::PastEnd { .. }) => ErrorCode::BadArgument,
         _ => ErrorCode::Failed,
     }
 }

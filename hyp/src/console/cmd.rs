@@ -301,6 +301,10 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
             crate::println!("[hyp] quit: exiting with status {status}");
             crate::arch::semihost::exit(status.clamp(0, 255) as u32)
         }
+        Command::Disk
+        | Command::DiskSum { .. }
+        | Command::DiskFill { .. }
+        | Command::BenchDisk { .. } => return crate::console::disk::run(cmd, r),
         // Migration, reclaim, chaos, wait and their benches.
         mem => return crate::console::memcmd::run(mem, r),
     }
