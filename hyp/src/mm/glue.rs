@@ -150,8 +150,10 @@ pub enum FaultError {
 /// The access that faulted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// A load or an instruction fetch.
+    /// A load.
     Read,
+    /// An instruction fetch.
+    Fetch,
     /// A store (or the guest's own stage-1 walk, which may write A/D flags).
     Write,
 }
@@ -161,13 +163,28 @@ pub enum Access {
 pub enum FaultKind {
     /// The entry was invalid: the only kind that can be a 2 MiB first touch.
     Translation,
-    /// A permission or access-flag fault on an entry that exists.
+    /// A permission fault on an entry that exists.
     Permission,
+    /// An Access flag fault: the entry exists, the reclaim clock cleared
+    /// its (software-managed) Access flag.
+    AccessFlag,
 }
 
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
 pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result<(), FaultError> {
+    // The two faults on an entry that only needs a bit set: the guest
+    // touched a page the clock aged, or fetched from one mapped not
+    // executable (`hypmm::Fetch`). If the entry went meanwhile, the
+    // ordinary path below resolves the fault.
+    let page = ipa.page();
+    match (kind, access) {
+        (FaultKind::AccessFlag, _) if vm.memory.lock().mkyoung(page) => return Ok(()),
+        (FaultKind::Permission, Access::Fetch) if vm.memory.lock().make_executable(page) => {
+            return Ok(())
+        }
+        _ => {}
+    }
     let write = access == Access::Write;
     // The swap cache and region bookkeeping may allocate a little heap; the
     // heap may have to grow, from frames reclaim can give back.
@@ -192,9 +209,10 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
     // A stage-2 table page missing for the fault's own change comes back as
     // OutOfFrames, like a missing frame.
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
-    if matches!(result, Ok(Fault::Done)) {
-        // Software access flag: the reclaim clock cleared it.
-        vm.memory.lock().mkyoung(ipa.page());
+    if matches!(result, Ok(Fault::Done)) && access == Access::Fetch {
+        // The page was just mapped not executable: spare the guest the
+        // fetch's second fault.
+        vm.memory.lock().make_executable(page);
     }
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
