@@ -271,11 +271,11 @@ pub fn adopt_block(vm: &VmMemory, ipa: Ipa, pa: Pa) -> Result<bool, FaultError> 
     let pages = BLOCK_SIZE / PAGE_SIZE;
     let pfn = pa.pfn();
     frames::get().take_reserved(pa, pages);
-    // The image holds code: the guest fetches it through the I-cache.
     // Whoever loaded the image need not have cleaned it to the PoC, and
-    // the guest reads it with its MMU off first.
+    // the guest reads it with its MMU off first. The I-cache is made
+    // coherent at the guest's first fetch from the block (`hypmm::Fetch`:
+    // it is mapped execute-never until then).
     crate::mm::memory::publish(pa, BLOCK_SIZE);
-    crate::mm::memory::TLB.invalidate_icache(pa.raw(), BLOCK_SIZE);
     rmap().add_new_anon_block(pfn, pages, region, ipa);
     if !s2.map_block(ipa, pa) {
         rmap().remove_new_anon_block(pfn, pages, &HypFrames);
@@ -321,6 +321,9 @@ pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultErro
         // The page is mapped already: clean it before the VM runs (it reads
         // its image and DTB with the MMU off).
         crate::mm::memory::publish(pa + off as u64, n as u64);
+        // Pages a fault maps here start execute-never, so their first fetch
+        // maintains the I-cache; this covers a page some earlier fetch made
+        // executable already (once per loaded byte, at load time only).
         crate::mm::memory::TLB.invalidate_icache((pa + off as u64).raw(), n as u64);
         done += n;
     }
