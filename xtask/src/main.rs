@@ -10,6 +10,7 @@ mod build;
 mod layers;
 mod linux;
 mod mutants;
+mod profile;
 mod qemu;
 mod setup;
 mod soak;
@@ -42,6 +43,10 @@ commands:
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
                  HVCFUZZ_SEED=<n> replays a seed
+  profile [cow|snapshot]
+                 hypervisor instructions per copy-on-write fault (or per fuzzing
+                 cycle), by function: two runs of the test guest under a QEMU TCG
+                 plugin that counts instructions (deterministic, unlike time)
   build          build the images only
   mutants [--shard k/n] [--re REGEX] [file...]
                  mutation score (cargo-mutants) of rmap's and stage2's core files, or
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("mutants") => mutants::mutants(&args[1..]),
+        Some("profile") => profile::profile(&args[1..]),
         Some("build") => setup::ensure()
             .and_then(|_| build::images(false))
             .map(|_| ()),
