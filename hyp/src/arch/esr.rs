@@ -83,7 +83,7 @@ impl Abort {
         });
         Abort {
             is_data,
-            write: wnr || (is_data && s1ptw),
+            write: wnr || s1ptw,
             s1ptw,
             translation: (esr & 0x3f) >> 2 == FSC_TRANSLATION,
             access_flag: (esr & 0x3f) >> 2 == FSC_ACCESS_FLAG,

@@ -24,7 +24,11 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     // raw address.
     let ipa = typed.raw();
     if vcpu.vm.mem.ram.contains(ipa) {
-        let access = match (abort.is_data, abort.write) {
+        // A fault on the guest's own stage-1 walk (S1PTW) is the walker's
+        // access (`abort.write`), whichever access it walked for; only a
+        // fetch's own fault is an exec fault (KVM's
+        // `kvm_vcpu_trap_is_exec_fault`).
+        let access = match (abort.is_data || abort.s1ptw, abort.write) {
             (false, _) => Access::Fetch,
             (true, true) => Access::Write,
             (true, false) => Access::Read,
