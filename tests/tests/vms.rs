@@ -142,6 +142,7 @@ fn four_independent_linux_vms_answer_and_keep_their_groups() {
     ask(&mut m, child, 1);
     ask(&mut m, 4, 4);
     m.assert_no_hyp_fault();
+    println!("{}", m.transcript());
     c.call("quit", json!({}), REPLY).ok();
     let _ = std::fs::remove_file(&sock);
     println!("vms4: done in {:?}", started.elapsed());
@@ -190,6 +191,7 @@ fn create_test_twice_from_console_and_api() {
     let list = groups(&mut c);
     assert_eq!(list.len(), 1, "{list:?}");
     m.assert_no_hyp_fault();
+    println!("{}", m.transcript());
     c.call("quit", json!({}), REPLY).ok();
     let _ = std::fs::remove_file(&sock);
 }
@@ -235,5 +237,6 @@ fn create_linux_after_boot_and_refuse_absurd_memory() {
     m.assert_no_hyp_fault();
     let t = m.transcript();
     assert!(!t.contains("vm 3 "), "a refused VM left a trace:\n{t}");
+    println!("{t}");
     println!("create linux: done in {:?}", started.elapsed());
 }
