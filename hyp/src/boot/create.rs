@@ -13,6 +13,7 @@ use crate::boot::{linux, loader};
 use crate::vm::{Vm, VmError};
 use alloc::string::String;
 use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
 use hypcmd::{Create, Guest};
 
 /// The embedded test guest (xtask passes its path at build time; empty when
@@ -82,7 +83,8 @@ pub fn boot(spec: &Spec) -> Result<Arc<Vm>, VmError> {
         Guest::Test => {
             let vm = Vm::create("test", spec.vcpus, spec.mem)?;
             if let Err(e) = loader::boot(&vm, GUEST_IMAGE, &spec.cmdline) {
-                vm.stop(crate::vm::STATUS_FAULT);
+                // Never ran: as in `linux::boot`, the caller reports it.
+                vm.stop(0);
                 return Err(e);
             }
             Ok(vm)
@@ -120,7 +122,11 @@ pub fn start_default(args: &BootArgs) -> Option<u32> {
                 announce(&vm, &spec, first.is_none());
                 first = first.or(Some(vm.id));
             }
-            Err(e) => crate::println!("[hyp] cannot start the {} guest: {e}", guest_name(guest)),
+            Err(e) => {
+                crate::println!("[hyp] cannot start the {} guest: {e}", guest_name(guest));
+                // A default VM that cannot start fails the machine.
+                crate::vm::WORST_STATUS.fetch_max(crate::vm::STATUS_FAULT, Ordering::Relaxed);
+            }
         }
     }
     first.filter(|_| guest == Guest::Linux)

@@ -63,7 +63,9 @@ pub fn boot(images: Images, cmdline: &str, mem: u64, vcpus: usize) -> Result<Arc
             .ok_or(VmError::BadConfig("vCPU 0 is not off"))
     });
     if let Err(e) = powered {
-        vm.stop(crate::vm::STATUS_FAULT);
+        // It never ran: the error is the caller's to report, not a guest's
+        // exit status (a failed `create` must not fail the machine).
+        vm.stop(0);
         return Err(e);
     }
     Ok(vm)
