@@ -72,7 +72,12 @@ fn default_cmdline(guest: Guest, args: &BootArgs) -> String {
 pub fn boot(spec: &Spec) -> Result<Arc<Vm>, VmError> {
     let free_mib = (crate::mm::frames::get().free_count() as u64) >> 8;
     let mib = spec.mem >> 20;
-    if mib > free_mib || spec.mem == 0 {
+    if spec.mem < 1 << 20 {
+        return Err(VmError::BadConfig(
+            "guest RAM must be at least 1 MiB (mem=)",
+        ));
+    }
+    if mib > free_mib {
         return Err(VmError::TooBig { mib, free_mib });
     }
     match spec.guest {
