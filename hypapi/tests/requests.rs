@@ -200,3 +200,43 @@ fn answers_and_events() {
         r#"{"event":"vm_exited","v":1,"vm":3}"#
     );
 }
+
+#[test]
+fn create_and_merge_group_requests() {
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"create","guest":"linux"}"#).1,
+        hypcmd::parse("create linux").unwrap().unwrap()
+    );
+    // Flags may be left out independently; the command line is one string.
+    assert_eq!(
+        ok(r#"{"id":2,"cmd":"create","guest":"test","vcpus":1,"cmdline":"fork-bomb  secs=3"}"#).1,
+        hypcmd::parse("create test --vcpus 1 --cmdline fork-bomb secs=3")
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(
+        ok(r#"{"id":3,"cmd":"merge","op":"group","vm":2,"group":5}"#).1,
+        Command::MergeGroup {
+            vm: VmId(2),
+            group: 5
+        }
+    );
+    // A keyword is one word: spaces would smuggle in arguments.
+    let (_, code, msg) = err(r#"{"id":4,"cmd":"create","guest":"linux --mem 1"}"#);
+    assert_eq!(code, ErrorCode::BadArgument);
+    assert_eq!(msg, r#""guest" must be one word (a string without spaces)"#);
+    let (_, code, msg) = err(r#"{"id":5,"cmd":"create","guest":"linux","mem":0}"#);
+    assert_eq!(code, ErrorCode::BadArgument);
+    assert_eq!(msg, "bad MiB '0' (1..=1048576)");
+    let (_, _, msg) = err(r#"{"id":6,"cmd":"create","guest":"linux","cmdline":7}"#);
+    assert_eq!(msg, r#""cmdline" must be a string"#);
+    let cmd = hypcmd::parse("create linux --mem 64 --cmdline a=b c")
+        .unwrap()
+        .unwrap();
+    let line = request_line(&7.into(), &cmd).unwrap();
+    assert_eq!(
+        line,
+        r#"{"cmd":"create","cmdline":"a=b c","guest":"linux","id":7,"mem":64,"v":1}"#
+    );
+    assert_eq!(ok(&line), (7.into(), cmd));
+}

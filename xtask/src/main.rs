@@ -20,7 +20,7 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
+  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N] [--vms N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
       [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS] [--api SOCKET]
       [--disk FILE[,size=SIZE][,readonly]]
@@ -29,7 +29,9 @@ commands:
                  kernel command line; --api serves the hypervisor's control
                  channel, one JSON object per line, on a unix socket; --disk
                  attaches FILE, a raw image, as the hypervisor's own virtio-blk
-                 disk, creating it sparse at SIZE (default 1G) if missing)
+                 disk, creating it sparse at SIZE (default 1G) if missing;
+                 --vms N boots N independent guests, each loaded on its own,
+                 and grows --mem to hold them)
   test           hyp's layer rule, clippy, host tests of every crate, then the
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks

@@ -31,6 +31,10 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--cpu" => o.cpu = val()?,
             "--guest" => o.guest = val()?,
             "--vcpus" => o.vcpus = Some(val()?.parse().map_err(|_| "--vcpus takes a number")?),
+            "--vms" => match val()?.parse() {
+                Ok(n @ 1..=64) => o.vms = Some(n),
+                _ => return Err("--vms takes a number, 1..=64".into()),
+            },
             "--guest-mem" => o.guest_mem = Some(val()?),
             "--guest-args" | "--cmdline" => o.guest_args = Some(val()?),
             "--kernel" => own.kernel = Some(existing(val()?)?),
@@ -152,6 +156,25 @@ mod tests {
         assert!(parse(&args(&["--disk", "/tmp/d.img,size=1"])).is_ok());
         assert!(parse(&args(&["--disk", "/tmp/d.img,size=0"])).is_err());
         assert!(parse(&args(&["--disk"])).is_err());
+    }
+
+    #[test]
+    fn vms_is_a_bootarg_and_grows_ram() {
+        let (o, _, _) = parse(&args(&["--vms", "4"])).unwrap();
+        assert_eq!(o.vms, Some(4));
+        assert!(
+            o.bootargs().split(' ').any(|w| w == "vms=4"),
+            "{}",
+            o.bootargs()
+        );
+        // Four 256 MiB VMs and 512 MiB for the rest, above the 1 GiB default.
+        assert_eq!(o.ram(), "1536M");
+        let (o, _, _) = parse(&args(&["--vms", "2", "--mem", "4G"])).unwrap();
+        assert_eq!(o.ram(), "4G");
+        let (o, _, _) = parse(&args(&[])).unwrap();
+        assert_eq!((o.vms, o.ram().as_str()), (None, "1G"));
+        assert!(parse(&args(&["--vms", "0"])).is_err());
+        assert!(parse(&args(&["--vms", "65"])).is_err());
     }
 
     #[test]

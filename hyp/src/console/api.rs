@@ -90,7 +90,7 @@ fn code(e: &CmdError) -> ErrorCode {
         CmdError::Parse(_) => ErrorCode::BadArgument,
         CmdError::NoVm(_) => ErrorCode::NoVm,
         CmdError::WrongState { .. } => ErrorCode::WrongState,
-        CmdError::Vm(VmError::NoMemory) => ErrorCode::NoMemory,
+        CmdError::Vm(VmError::NoMemory | VmError::TooBig { .. }) => ErrorCode::NoMemory,
         CmdError::Fork(ForkError::Busy) => ErrorCode::Busy,
         CmdError::Fork(ForkError::NotRunnable(_) | ForkError::NotOwner) => ErrorCode::WrongState,
         CmdError::Fork(ForkError::Vm(VmError::NoMemory)) => ErrorCode::NoMemory,

@@ -4,7 +4,7 @@
 //! teardown of guest memory all go through here, so every guest frame is
 //! accounted for in the rmap (mapcount, anon_vma, index).
 
-use crate::mm::frames::{self, PAGE_SIZE};
+use crate::mm::frames::PAGE_SIZE;
 use crate::mm::memory::HypMachine;
 use crate::mm::vmmem::{self, VmMemory};
 use alloc::sync::Arc;
@@ -232,56 +232,6 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
 /// false sends the fault down the page path.
 fn fault_block(vm: &VmMemory, ipa: Ipa) -> bool {
     hypmm::fault_block(rmap(), &vm.regions, vm, &HypMachine, ipa)
-}
-
-/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
-/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
-/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
-/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
-/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
-/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
-/// still reserved; the caller copies instead. Err: no stage-2 table memory,
-/// and the frames went back to the allocator.
-pub fn adopt_block(vm: &VmMemory, ipa: Ipa, pa: Pa) -> Result<bool, FaultError> {
-    use crate::mm::memory::BLOCK_SIZE;
-    if !ipa.is_aligned(BLOCK_SIZE) || !pa.is_aligned(BLOCK_SIZE) {
-        return Ok(false);
-    }
-    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
-    match prepared {
-        None => return Ok(false),
-        Some(false) => {
-            rmap()
-                .anon_vma_prepare(&mut vm.regions.write(), ipa)
-                .map_err(|_| FaultError::NoMemory)?;
-        }
-        Some(true) => {}
-    }
-    let regions = vm.regions.read();
-    let Some(region) = regions.find(ipa) else {
-        return Ok(false);
-    };
-    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
-        return Ok(false);
-    }
-    let mut s2 = vm.lock();
-    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
-        return Ok(false);
-    }
-    let pages = BLOCK_SIZE / PAGE_SIZE;
-    let pfn = pa.pfn();
-    frames::get().take_reserved(pa, pages);
-    // Whoever loaded the image need not have cleaned it to the PoC, and
-    // the guest reads it with its MMU off first. The I-cache is made
-    // coherent at the guest's first fetch from the block (`hypmm::Fetch`:
-    // it is mapped execute-never until then).
-    crate::mm::memory::publish(pa, BLOCK_SIZE);
-    rmap().add_new_anon_block(pfn, pages, region, ipa);
-    if !s2.map_block(ipa, pa) {
-        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
-        return Err(FaultError::NoMemory);
-    }
-    Ok(true)
 }
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
