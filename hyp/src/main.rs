@@ -25,16 +25,12 @@ mod vdev;
 mod vm;
 
 use arch::{el2, gic, mmu, percpu, semihost, uart};
-use boot::{bootargs, linux, loader};
+use boot::bootargs;
 use mm::{frames, heap};
 use vm::sched;
 
-use alloc::string::String;
 use core::sync::atomic::Ordering;
 use platform::{Board, MemRange};
-
-/// The default guest, embedded at build time (xtask passes its path).
-static GUEST_IMAGE: &[u8] = include_bytes!(env!("HYP_GUEST_IMAGE_PATH"));
 
 /// QEMU puts the DTB at the start of RAM for a bare ELF (x0 = 0).
 const DEFAULT_DTB: usize = 0x4000_0000;
@@ -87,6 +83,7 @@ extern "C" fn boot_main(dtb: usize) -> ! {
     gic::init_distributor(&board);
     gic::init_cpu(&board);
     dev::control::init(&board);
+    dev::blk::init(&board);
     sched::init(&board, &channel::HOOKS);
     percpu::this_cpu().online.store(true, Ordering::Release);
     el2::start_secondaries(&board);
@@ -151,32 +148,7 @@ fn start_default_vm(board: &Board) {
     }
     sched::STAY_WHEN_IDLE.store(stay, Ordering::Relaxed);
     console::cmd::set_script(args.script);
-    match args.guest {
-        "none" => println!("[hyp] no default guest"),
-        "test" if GUEST_IMAGE.is_empty() => {
-            println!("[hyp] this build embeds no test guest (build with `cargo xtask`)")
-        }
-        "test" => {
-            let vcpus = args.vcpus.unwrap_or(board.cpus.len());
-            let guest_args: String = args.guest_args.replace(',', " ");
-            match vm::Vm::create("test", vcpus, args.mem)
-                .and_then(|vm| loader::boot(&vm, GUEST_IMAGE, &guest_args).map(|_| vm))
-            {
-                Ok(vm) => println!(
-                    "[hyp] vm {} (test): {} vCPUs, {} MiB, args '{}'",
-                    vm.id,
-                    vcpus,
-                    args.mem >> 20,
-                    guest_args
-                ),
-                Err(e) => println!("[hyp] cannot start the test guest: {e}"),
-            }
-        }
-        "linux" => {
-            if let Some(id) = linux::start(&args, args.vcpus.unwrap_or(board.cpus.len())) {
-                console::cmd::set_focus(id);
-            }
-        }
-        other => println!("[hyp] unknown guest '{other}' (known: test, linux, none)"),
+    if let Some(id) = boot::create::start_default(&args) {
+        console::cmd::set_focus(id);
     }
 }

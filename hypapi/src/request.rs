@@ -41,6 +41,21 @@ enum Kind {
     Dec,
     /// An address: a non-negative integer, or a `"0x..."` string, written in hex.
     Addr,
+    /// A keyword (`"linux"`, `"group"`): a string with no whitespace, as is.
+    Word,
+    /// An optional count written after its flag (`--mem 512`); flags and
+    /// tails may be left out independently of each other.
+    Flag(&'static str),
+    /// An optional string written after its flag as the rest of the line
+    /// (`--cmdline console=ttyAMA0 quiet`); last in its signature.
+    Tail(&'static str),
+}
+
+impl Kind {
+    /// Written with a flag word: may be left out whatever comes after it.
+    fn flagged(self) -> bool {
+        matches!(self, Kind::Flag(_) | Kind::Tail(_))
+    }
 }
 
 /// One argument: its field name, kind, and whether it may be left out
@@ -57,7 +72,8 @@ const BATCH: Arg = Arg("batch", Kind::Dec, true);
 /// The commands the control channel takes, each with its fields in the order
 /// of the console's words. Console-only commands (`console`, `wait`,
 /// `sleep`, `chaos`, `bench`) are not here: they hold the keyboard, the
-/// script or CPU 0 for a long time.
+/// script or CPU 0 for a long time. A name may be several console words
+/// (`"disk sum"`): the command and its subcommand.
 const SIGNATURES: &[(&str, &[Arg])] = &[
     ("help", &[]),
     ("vms", &[]),
@@ -74,7 +90,32 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
     ("evacuate", &[START, END, BATCH]),
     ("online", &[START, END]),
     ("reclaim", &[Arg("pages", Kind::Dec, false), BATCH]),
+    // The hypervisor's disk (issue 17).
+    ("disk", &[]),
+    ("disk sum", &[LBA, SECTORS]),
+    ("disk fill", &[LBA, SECTORS, Arg("seed", Kind::Dec, false)]),
+    // Independent VMs and trust groups (issue 16).
+    (
+        "create",
+        &[
+            Arg("guest", Kind::Word, false),
+            Arg("mem", Kind::Flag("--mem"), true),
+            Arg("vcpus", Kind::Flag("--vcpus"), true),
+            Arg("cmdline", Kind::Tail("--cmdline"), true),
+        ],
+    ),
+    (
+        "merge",
+        &[
+            Arg("op", Kind::Word, false),
+            VM,
+            Arg("group", Kind::Dec, false),
+        ],
+    ),
 ];
+
+const LBA: Arg = Arg("lba", Kind::Dec, false);
+const SECTORS: Arg = Arg("sectors", Kind::Dec, false);
 
 /// Fields every request may have besides its arguments.
 const RESERVED: [&str; 3] = ["id", "v", "cmd"];
@@ -161,15 +202,21 @@ fn words(name: &str, args: &[Arg], obj: &Map<String, Value>) -> Result<Vec<Strin
     let mut left_out = None;
     for &Arg(field, kind, optional) in args {
         match (obj.get(field), optional) {
+            (None, true) if kind.flagged() => {}
             (None, true) => left_out = Some(field),
             (None, false) => return Err(format!("missing field {field:?}")),
-            (Some(_), _) if left_out.is_some() => {
+            (Some(_), _) if left_out.is_some() && !kind.flagged() => {
                 return Err(format!(
                     "{field:?} needs {:?} too",
                     left_out.unwrap_or_default()
                 ))
             }
-            (Some(v), _) => words.push(word(field, kind, v)?),
+            (Some(v), _) => {
+                if let Kind::Flag(flag) | Kind::Tail(flag) = kind {
+                    words.push(String::from(flag));
+                }
+                words.push(word(field, kind, v)?);
+            }
         }
     }
     Ok(words)
@@ -178,7 +225,19 @@ fn words(name: &str, args: &[Arg], obj: &Map<String, Value>) -> Result<Vec<Strin
 /// One field as a console word.
 fn word(field: &str, kind: Kind, v: &Value) -> Result<String, String> {
     match (kind, v) {
-        (Kind::Vm | Kind::Dec, Value::Number(n)) if n.as_u64().is_some() => Ok(n.to_string()),
+        (Kind::Vm | Kind::Dec | Kind::Flag(_), Value::Number(n)) if n.as_u64().is_some() => {
+            Ok(n.to_string())
+        }
+        // One word: whitespace would smuggle in more arguments.
+        (Kind::Word, Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
+            Ok(s.clone())
+        }
+        (Kind::Word, _) => Err(format!(
+            "{field:?} must be one word (a string without spaces)"
+        )),
+        // The rest of the line: its words are the value, whatever they say.
+        (Kind::Tail(_), Value::String(s)) => Ok(s.clone()),
+        (Kind::Tail(_), _) => Err(format!("{field:?} must be a string")),
         (Kind::Addr, Value::Number(n)) => match n.as_u64() {
             Some(a) => Ok(format!("{a:#x}")),
             None => Err(format!(
@@ -216,19 +275,50 @@ impl core::fmt::Debug for Truncated<'_> {
 /// take that command. `parse_request` of the line gives `cmd` back.
 pub fn request_line(id: &Value, cmd: &Command) -> Option<String> {
     let text = cmd.to_string();
-    let mut words = text.split_whitespace();
-    let name = words.next()?;
-    let &(name, args) = SIGNATURES.iter().find(|(n, _)| *n == name)?;
+    // The longest name the text starts with, as whole words (`disk sum`
+    // before `disk`).
+    let &(name, args) = SIGNATURES
+        .iter()
+        .filter(|(n, _)| {
+            text.strip_prefix(n)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+        })
+        .max_by_key(|(n, _)| n.len())?;
+    let mut words = text[name.len()..].split_whitespace();
     let mut obj = Map::new();
     obj.insert("v".into(), VERSION.into());
     obj.insert("id".into(), id.clone());
     obj.insert("cmd".into(), name.into());
-    for (&Arg(field, kind, _), w) in args.iter().zip(words) {
-        let n = match kind {
-            Kind::Addr => u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()?,
-            Kind::Vm | Kind::Dec => w.parse().ok()?,
+    // Positional words in order, then flags in any order.
+    let mut positional = args.iter().filter(|a| !a.1.flagged());
+    while let Some(w) = words.next() {
+        let (field, value) = match args
+            .iter()
+            .find(|a| matches!(a.1, Kind::Flag(f) | Kind::Tail(f) if f == w))
+        {
+            Some(&Arg(field, Kind::Tail(_), _)) => {
+                let rest: Vec<&str> = words.by_ref().collect();
+                (field, Value::from(rest.join(" ")))
+            }
+            Some(&Arg(field, _, _)) => (field, Value::from(words.next()?.parse::<u64>().ok()?)),
+            None => {
+                let &Arg(field, kind, _) = positional.next()?;
+                (field, positional_value(kind, w)?)
+            }
         };
-        obj.insert(field.into(), n.into());
+        obj.insert(field.into(), value);
     }
     serde_json::to_string(&Value::Object(obj)).ok()
+}
+
+/// A positional console word as its request field's value.
+fn positional_value(kind: Kind, w: &str) -> Option<Value> {
+    match kind {
+        Kind::Addr => u64::from_str_radix(w.trim_start_matches("0x"), 16)
+            .ok()
+            .map(Value::from),
+        Kind::Vm | Kind::Dec => w.parse::<u64>().ok().map(Value::from),
+        Kind::Word => Some(Value::from(w)),
+        Kind::Flag(_) | Kind::Tail(_) => None,
+    }
 }

@@ -5,15 +5,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypapi::{parse_request, request_line, Value};
-use hypcmd::{Command, PageRange, VmId, PAGE_SIZE};
+use hypcmd::{Command, Create, Guest, PageRange, VmId, Words, PAGE_SIZE};
 use proptest::prelude::*;
 
 const NAMES: &[&str] = &[
     "id", "v", "cmd", "vm", "count", "start", "end", "batch", "pa", "pages", "snapshot", "x",
+    "guest", "mem", "vcpus", "cmdline", "op", "group",
 ];
 const CMDS: &[&str] = &[
     "help", "vms", "stats", "quit", "pause", "resume", "destroy", "fork", "snapshot", "restore",
-    "rmap", "migrate", "evacuate", "online", "reclaim", "wait", "console", "",
+    "rmap", "migrate", "evacuate", "online", "reclaim", "wait", "console", "", "create", "merge",
 ];
 
 fn value() -> impl Strategy<Value = String> {
@@ -41,6 +42,12 @@ fn value() -> impl Strategy<Value = String> {
             "\"0x\"",
             "\"zz\"",
             "\"1\"",
+            "\"linux\"",
+            "\"test\"",
+            "\"group\"",
+            "\"--mem 5\"",
+            "\"a  b\"",
+            "\"\"",
         ])
         .prop_map(String::from),
         prop::sample::select(CMDS.to_vec()).prop_map(|c| format!("{c:?}")),
@@ -81,7 +88,35 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(range, batch)| Command::Evacuate { range, batch }),
         range.prop_map(|range| Command::Online { range }),
         (1u64..=1 << 24, batch).prop_map(|(pages, batch)| Command::Reclaim { pages, batch }),
+        prop_oneof![
+            Just(Command::Disk),
+            (any::<u64>(), 1u64..=1 << 21)
+                .prop_map(|(lba, sectors)| Command::DiskSum { lba, sectors }),
+            (any::<u64>(), 1u64..=1 << 21, any::<u64>())
+                .prop_map(|(lba, sectors, seed)| Command::DiskFill { lba, sectors, seed }),
+        ],
+        create().prop_map(Command::Create),
+        ((1u32..10).prop_map(VmId), 1u32..=hypcmd::MAX_GROUP)
+            .prop_map(|(vm, group)| Command::MergeGroup { vm, group }),
     ]
+}
+
+fn create() -> impl Strategy<Value = Create> {
+    let guest = prop_oneof![Just(Guest::Linux), Just(Guest::Test)];
+    let words = prop::collection::vec("[^\\s]{1,12}|--mem|--vcpus|--cmdline|7", 1..5)
+        .prop_map(|w| Words::new(&w.join(" ")));
+    (
+        guest,
+        prop::option::of(1u64..=1 << 20),
+        prop::option::of(1usize..=16),
+        prop::option::of(words),
+    )
+        .prop_map(|(guest, mem_mib, vcpus, cmdline)| Create {
+            guest,
+            mem_mib,
+            vcpus,
+            cmdline: cmdline.flatten(),
+        })
 }
 
 proptest! {

@@ -135,6 +135,49 @@ fn requests_round_trip_and_console_commands_have_none() {
     );
     assert_eq!(ok(&line), (9.into(), cmd));
     assert_eq!(request_line(&1.into(), &Command::Wait { secs: 1 }), None);
+    assert_eq!(
+        request_line(&1.into(), &Command::BenchDisk { mib: 1 }),
+        None
+    );
+}
+
+#[test]
+fn disk_commands_have_two_word_names() {
+    assert_eq!(ok(r#"{"id":1,"cmd":"disk"}"#).1, Command::Disk);
+    let sum = Command::DiskSum { lba: 5, sectors: 8 };
+    assert_eq!(
+        ok(r#"{"id":2,"cmd":"disk sum","lba":5,"sectors":8}"#).1,
+        sum
+    );
+    let line = request_line(&3.into(), &sum).unwrap();
+    assert_eq!(
+        line,
+        r#"{"cmd":"disk sum","id":3,"lba":5,"sectors":8,"v":1}"#
+    );
+    let fill = Command::DiskFill {
+        lba: u64::MAX,
+        sectors: 1,
+        seed: 9,
+    };
+    let line = request_line(&4.into(), &fill).unwrap();
+    assert_eq!(ok(&line), (4.into(), fill));
+    assert_eq!(
+        request_line(&5.into(), &Command::Disk).unwrap(),
+        r#"{"cmd":"disk","id":5,"v":1}"#
+    );
+    // The subcommand is the name, not a field.
+    assert_eq!(
+        err(r#"{"id":6,"cmd":"disk","lba":5,"sectors":8}"#).1,
+        ErrorCode::BadArgument
+    );
+    assert_eq!(
+        err(r#"{"id":7,"cmd":"disk sum","lba":5}"#).2,
+        "missing field \"sectors\""
+    );
+    assert_eq!(
+        err(r#"{"id":8,"cmd":"disk  sum","lba":5,"sectors":8}"#).1,
+        ErrorCode::UnknownCommand
+    );
 }
 
 #[test]
@@ -156,4 +199,44 @@ fn answers_and_events() {
         event("vm_exited", f),
         r#"{"event":"vm_exited","v":1,"vm":3}"#
     );
+}
+
+#[test]
+fn create_and_merge_group_requests() {
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"create","guest":"linux"}"#).1,
+        hypcmd::parse("create linux").unwrap().unwrap()
+    );
+    // Flags may be left out independently; the command line is one string.
+    assert_eq!(
+        ok(r#"{"id":2,"cmd":"create","guest":"test","vcpus":1,"cmdline":"fork-bomb  secs=3"}"#).1,
+        hypcmd::parse("create test --vcpus 1 --cmdline fork-bomb secs=3")
+            .unwrap()
+            .unwrap()
+    );
+    assert_eq!(
+        ok(r#"{"id":3,"cmd":"merge","op":"group","vm":2,"group":5}"#).1,
+        Command::MergeGroup {
+            vm: VmId(2),
+            group: 5
+        }
+    );
+    // A keyword is one word: spaces would smuggle in arguments.
+    let (_, code, msg) = err(r#"{"id":4,"cmd":"create","guest":"linux --mem 1"}"#);
+    assert_eq!(code, ErrorCode::BadArgument);
+    assert_eq!(msg, r#""guest" must be one word (a string without spaces)"#);
+    let (_, code, msg) = err(r#"{"id":5,"cmd":"create","guest":"linux","mem":0}"#);
+    assert_eq!(code, ErrorCode::BadArgument);
+    assert_eq!(msg, "bad MiB '0' (1..=1048576)");
+    let (_, _, msg) = err(r#"{"id":6,"cmd":"create","guest":"linux","cmdline":7}"#);
+    assert_eq!(msg, r#""cmdline" must be a string"#);
+    let cmd = hypcmd::parse("create linux --mem 64 --cmdline a=b c")
+        .unwrap()
+        .unwrap();
+    let line = request_line(&7.into(), &cmd).unwrap();
+    assert_eq!(
+        line,
+        r#"{"cmd":"create","cmdline":"a=b c","guest":"linux","id":7,"mem":64,"v":1}"#
+    );
+    assert_eq!(ok(&line), (7.into(), cmd));
 }

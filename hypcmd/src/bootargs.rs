@@ -12,6 +12,7 @@
 //! | `stay`   | `1`: keep running when no VM is left                 | `0`     |
 //! | `kernel` | `ADDR:SIZE` of a Linux Image QEMU's loader put in RAM | none    |
 //! | `initrd` | `ADDR:SIZE` of its initramfs, likewise               | none    |
+//! | `vms`    | how many default VMs to boot, each on its own, 1..=64 | `1`     |
 //!
 //! Everything after a lone `--` is the guest's command line verbatim (it may
 //! contain `,` and `=`, as Linux's does); it overrides `args`.
@@ -52,10 +53,16 @@ pub struct BootArgs<'a> {
     pub kernel: Option<ImageRange>,
     /// `initrd=ADDR:SIZE`: where QEMU's loader put the Linux initramfs.
     pub initrd: Option<ImageRange>,
+    /// `vms=N`: boot N default VMs, each loaded and booted on its own (not
+    /// forked), 1..=[`MAX_VMS`].
+    pub vms: usize,
     /// Words with an unknown key or a bad value, in order; the rest of the
     /// line still counts.
     pub ignored: Vec<&'a str>,
 }
+
+/// The most default VMs `vms=` boots.
+pub const MAX_VMS: usize = 64;
 
 /// Parses `ADDR:SIZE` (numbers in hex with `0x`, or decimal); `None` if
 /// either is malformed or `ADDR + SIZE` overflows.
@@ -105,6 +112,7 @@ impl<'a> BootArgs<'a> {
             stay: false,
             kernel: None,
             initrd: None,
+            vms: 1,
             ignored: Vec::new(),
         };
         let (head, tail) = split_tail(line);
@@ -142,6 +150,10 @@ impl<'a> BootArgs<'a> {
             "initrd" => match parse_range(value) {
                 Some(r) => self.initrd = Some(r),
                 None => return false,
+            },
+            "vms" => match value.parse() {
+                Ok(n) if (1..=MAX_VMS).contains(&n) => self.vms = n,
+                _ => return false,
             },
             _ => return false,
         }

@@ -3,6 +3,7 @@
 //! (`parse(&cmd.to_string()) == Ok(Some(cmd))`).
 
 use crate::PAGE_SIZE;
+use alloc::string::String;
 use core::fmt;
 
 /// A VM id as typed; whether that VM exists is the hypervisor's question.
@@ -176,6 +177,121 @@ pub enum Command {
     /// `console <vm>|hyp`: give the keyboard to that VM's console (or keep
     /// it at the hypervisor's).
     Console(Focus),
+    // The hypervisor's disk (issue 17).
+    /// `disk`: the disk's capacity, sector size and whether it is read-only.
+    Disk,
+    /// `disk sum <lba> <sectors>`: the FNV-1a 64 checksum of the sectors,
+    /// read from the disk.
+    DiskSum {
+        /// First sector.
+        lba: u64,
+        /// How many sectors, 1..=2^21 (1 GiB).
+        sectors: u64,
+    },
+    /// `disk fill <lba> <sectors> <seed>`: writes the seeded pattern of
+    /// docs/TESTING.md over the sectors, and flushes.
+    DiskFill {
+        /// First sector.
+        lba: u64,
+        /// How many sectors, 1..=2^21 (1 GiB).
+        sectors: u64,
+        /// The pattern's seed (any `u64`).
+        seed: u64,
+    },
+    /// `bench disk [MiB]`: raw sequential write and read throughput of the
+    /// disk over its first MiB (the data there is put back).
+    BenchDisk {
+        /// MiB written and read, 1..=1024 (64 when not typed).
+        mib: u64,
+    },
+    // Independent VMs and trust groups (issue 16).
+    /// `create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: boot a
+    /// new, independent VM (not a fork) from the images the machine holds.
+    Create(Create),
+    /// `merge group <vm> <group>`: put the VM in trust group `group` (VMs
+    /// merge identical pages only within a group).
+    MergeGroup {
+        /// The VM to move.
+        vm: VmId,
+        /// Its new group, 1..=[`MAX_GROUP`].
+        group: u32,
+    },
+}
+
+/// The largest trust group a command names (fresh groups are numbered above
+/// every group ever named, so this leaves room).
+pub const MAX_GROUP: u32 = 1_000_000;
+
+/// Which guest `create` boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Guest {
+    /// Linux from the kernel and initramfs QEMU's loader put in RAM.
+    Linux,
+    /// The embedded Rust test guest.
+    Test,
+}
+
+impl fmt::Display for Guest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Guest::Linux => "linux",
+            Guest::Test => "test",
+        })
+    }
+}
+
+/// A new VM's settings as `create` typed them; `None`: the machine's default
+/// (the bootargs' `mem=` and `vcpus=`, the guest's usual command line).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Create {
+    /// Which guest.
+    pub guest: Guest,
+    /// Guest RAM in MiB, 1..=2^20.
+    pub mem_mib: Option<u64>,
+    /// vCPUs, 1..=16.
+    pub vcpus: Option<usize>,
+    /// The guest's command line (Linux) or arguments (test guest).
+    pub cmdline: Option<Words>,
+}
+
+/// Non-empty text of whitespace-free words joined by single spaces (a
+/// command line as the console splits it, so it prints back the same).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Words(String);
+
+impl Words {
+    /// The words of `text` re-joined by single spaces; `None` if there are none.
+    pub fn new(text: &str) -> Option<Words> {
+        let mut out = String::new();
+        for w in text.split_whitespace() {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(w);
+        }
+        (!out.is_empty()).then_some(Words(out))
+    }
+
+    /// The words, single-spaced.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Create {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "create {}", self.guest)?;
+        if let Some(m) = self.mem_mib {
+            write!(f, " --mem {m}")?;
+        }
+        if let Some(n) = self.vcpus {
+            write!(f, " --vcpus {n}")?;
+        }
+        if let Some(c) = &self.cmdline {
+            write!(f, " --cmdline {}", c.0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Which console has the keyboard.
@@ -244,6 +360,12 @@ impl fmt::Display for Command {
             Sleep { ms } => write!(f, "sleep {ms}"),
             Quit => f.write_str("quit"),
             Console(to) => write!(f, "console {to}"),
+            Disk => f.write_str("disk"),
+            DiskSum { lba, sectors } => write!(f, "disk sum {lba} {sectors}"),
+            DiskFill { lba, sectors, seed } => write!(f, "disk fill {lba} {sectors} {seed}"),
+            BenchDisk { mib } => write!(f, "bench disk {mib}"),
+            Create(c) => write!(f, "{c}"),
+            MergeGroup { vm, group } => write!(f, "merge group {vm} {group}"),
         }
     }
 }
@@ -271,6 +393,12 @@ pub const HELP: &str = "commands:
   bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
   sleep <ms>        (in a script) wait before the next command
   console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
+  create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]  boot a new independent VM
+  merge group <vm> <group>              put a VM in a trust group (pages merge only within one)
   quit              end the machine
+  disk              the hypervisor's disk: capacity, sector size, read-only
+  disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk
+  disk fill <lba> <sectors> <seed>      write a seeded test pattern over sectors (and flush)
+  bench disk [MiB]  raw sequential write and read throughput of the disk (its data is kept)
 keys: Ctrl-A Ctrl-A next console (hypervisor -> vm ... -> hypervisor);
       Ctrl-A <vm> Enter that VM; Ctrl-A h the hypervisor; Ctrl-A a a literal Ctrl-A";

@@ -3,7 +3,7 @@
 //! splits, parses numbers with the standard library's checked parsers,
 //! compares, and rounds with checked arithmetic.
 
-use crate::command::{Command, Focus, PageRange, VmId};
+use crate::command::{Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP};
 use crate::PAGE_SIZE;
 use alloc::string::String;
 use core::fmt;
@@ -117,7 +117,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>";
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -149,10 +149,65 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "bench" => ("bench", bench(&mut args)?),
         "sleep" => ("sleep", sleep(&mut args)?),
         "console" => ("console", console(&mut args)?),
+        "disk" => ("disk", disk(&mut args)?),
+        "create" => ("create", create(&mut args)?),
+        "merge" => ("merge", merge(&mut args)?),
         _ => return Err(ParseError::Unknown(String::from(word))),
     };
     args.done(name)?;
     Ok(Some(cmd))
+}
+
+const CREATE_USAGE: &str = "create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]";
+const MERGE_USAGE: &str = "merge group <vm> <group>";
+
+/// `create <guest> [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: the flags
+/// in any order (the last of a repeated one counts); the command line is the
+/// rest of the line, after `--cmdline` or from the first word that is no flag.
+fn create(args: &mut Args) -> Result<Command> {
+    let guest = match args.0.next() {
+        Some("linux") => Guest::Linux,
+        Some("test") => Guest::Test,
+        _ => return Err(ParseError::Usage(CREATE_USAGE)),
+    };
+    let mut c = Create {
+        guest,
+        mem_mib: None,
+        vcpus: None,
+        cmdline: None,
+    };
+    while let Some(word) = args.0.next() {
+        match word {
+            "--mem" => c.mem_mib = Some(args.num("MiB", 1..=1 << 20)?),
+            "--vcpus" => c.vcpus = Some(narrow(args.num("vCPUs", 1..=16)?, "vCPUs", 1..=16)?),
+            "--cmdline" => {
+                let rest: alloc::vec::Vec<&str> = args.0.by_ref().collect();
+                let words =
+                    Words::new(&rest.join(" ")).ok_or(ParseError::Missing("command line"))?;
+                c.cmdline = Some(words);
+            }
+            w if w.starts_with("--") => return Err(ParseError::Usage(CREATE_USAGE)),
+            w => {
+                let rest: alloc::vec::Vec<&str> =
+                    core::iter::once(w).chain(args.0.by_ref()).collect();
+                c.cmdline = Words::new(&rest.join(" "));
+            }
+        }
+    }
+    Ok(Command::Create(c))
+}
+
+/// `merge group <vm> <group>` (the merger's own subcommands come later).
+fn merge(args: &mut Args) -> Result<Command> {
+    match args.0.next() {
+        Some("group") => {
+            let vm = args.vm()?;
+            let group = args.num("group", 1..=MAX_GROUP as u64)?;
+            let group = narrow(group, "group", 1..=MAX_GROUP as u64)?;
+            Ok(Command::MergeGroup { vm, group })
+        }
+        _ => Err(ParseError::Usage(MERGE_USAGE)),
+    }
 }
 
 fn console(args: &mut Args) -> Result<Command> {
@@ -261,7 +316,33 @@ fn bench(args: &mut Args) -> Result<Command> {
             let batch = narrow(args.num("batch", BATCH)?, "batch", BATCH)?;
             Ok(Command::BenchReclaim { pages, batch })
         }
+        Some("disk") => {
+            let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);
+            Ok(Command::BenchDisk { mib })
+        }
         _ => Err(ParseError::Usage(BENCH_USAGE)),
+    }
+}
+
+const DISK_USAGE: &str = "disk | disk sum <lba> <sectors> | disk fill <lba> <sectors> <seed>";
+/// Sectors one `disk sum` or `disk fill` covers at most (1 GiB).
+const DISK_SECTORS: RangeInclusive<u64> = 1..=1 << 21;
+
+fn disk(args: &mut Args) -> Result<Command> {
+    match args.0.next() {
+        None => Ok(Command::Disk),
+        Some("sum") => {
+            let lba = args.num("LBA", 0..=u64::MAX)?;
+            let sectors = args.num("sectors", DISK_SECTORS)?;
+            Ok(Command::DiskSum { lba, sectors })
+        }
+        Some("fill") => {
+            let lba = args.num("LBA", 0..=u64::MAX)?;
+            let sectors = args.num("sectors", DISK_SECTORS)?;
+            let seed = args.num("seed", 0..=u64::MAX)?;
+            Ok(Command::DiskFill { lba, sectors, seed })
+        }
+        Some(_) => Err(ParseError::Usage(DISK_USAGE)),
     }
 }
 

@@ -67,8 +67,18 @@ fn defaults() {
         (a.guest, a.vcpus, a.mem, a.guest_args, a.script, a.stay),
         ("test", None, 256 << 20, "", "", false)
     );
-    assert_eq!((a.kernel, a.initrd), (None, None));
+    assert_eq!((a.kernel, a.initrd, a.vms), (None, None, 1));
     assert!(a.ignored.is_empty());
+}
+
+#[test]
+fn vms_counts_independent_default_vms() {
+    assert_eq!(BootArgs::parse("vms=4").vms, 4);
+    assert_eq!(BootArgs::parse("vms=64").vms, 64);
+    for bad in ["vms=0", "vms=65", "vms=x", "vms="] {
+        let a = BootArgs::parse(bad);
+        assert_eq!((a.vms, a.ignored.as_slice()), (1, &[bad][..]), "{bad}");
+    }
 }
 
 #[test]

@@ -318,7 +318,7 @@ fn benches() {
     );
     assert_eq!(err("bench fork"), "usage: bench fork <MiB>");
     assert_eq!(err("bench fork 4097"), "usage: bench fork <MiB>");
-    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch>";
+    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");
@@ -330,6 +330,53 @@ fn benches() {
     assert_eq!(err("bench reclaim 1 0"), "bad batch '0' (1..=4096)");
     assert_eq!(
         err("bench reclaim 1 1 1"),
+        "unexpected argument '1' to `bench` (see `help`)"
+    );
+}
+
+#[test]
+fn disk_commands() {
+    assert_eq!(ok("disk"), Command::Disk);
+    assert_eq!(
+        ok("disk sum 0 2048"),
+        Command::DiskSum {
+            lba: 0,
+            sectors: 2048
+        }
+    );
+    assert_eq!(
+        ok("disk fill 18446744073709551615 1 7"),
+        Command::DiskFill {
+            lba: u64::MAX,
+            sectors: 1,
+            seed: 7
+        }
+    );
+    assert_eq!(ok("bench disk"), Command::BenchDisk { mib: 64 });
+    assert_eq!(ok("bench disk 256"), Command::BenchDisk { mib: 256 });
+    let usage = "usage: disk | disk sum <lba> <sectors> | disk fill <lba> <sectors> <seed>";
+    assert_eq!(err("disk frob"), usage);
+    assert_eq!(err("disk sum"), "missing LBA");
+    assert_eq!(err("disk sum 0"), "missing sectors");
+    assert_eq!(err("disk sum 0 0"), "bad sectors '0' (1..=2097152)");
+    assert_eq!(
+        err("disk sum 0 2097153"),
+        "bad sectors '2097153' (1..=2097152)"
+    );
+    assert_eq!(
+        err("disk sum -1 1"),
+        "bad LBA '-1' (0..=18446744073709551615)"
+    );
+    assert_eq!(err("disk fill 0 1"), "missing seed");
+    assert_eq!(err("disk 1"), usage);
+    assert_eq!(
+        err("disk sum 0 1 2"),
+        "unexpected argument '2' to `disk` (see `help`)"
+    );
+    assert_eq!(err("bench disk 0"), "bad MiB '0' (1..=1024)");
+    assert_eq!(err("bench disk 1025"), "bad MiB '1025' (1..=1024)");
+    assert_eq!(
+        err("bench disk 1 1"),
         "unexpected argument '1' to `bench` (see `help`)"
     );
 }
@@ -379,6 +426,10 @@ fn display_is_the_console_syntax() {
         "bench fork 64",
         "sleep 300",
         "wait 60",
+        "disk",
+        "disk sum 10 20",
+        "disk fill 10 20 30",
+        "bench disk 64",
     ] {
         assert_eq!(ok(line).to_string(), line);
     }
@@ -409,6 +460,10 @@ fn help_lists_every_command() {
         "sleep",
         "console",
         "quit",
+        "disk",
+        "disk sum",
+        "disk fill",
+        "bench disk",
     ] {
         assert!(hypcmd::HELP.contains(&format!("  {word} ")), "{word}");
     }

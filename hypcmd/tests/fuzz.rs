@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypcmd::bootargs::{parse_range, parse_size, BootArgs};
-use hypcmd::{parse, Command, Focus, PageRange, VmId, PAGE_SIZE};
+use hypcmd::{parse, Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP, PAGE_SIZE};
 use proptest::prelude::*;
 
 /// A parse that succeeded must describe itself: printing it and parsing
@@ -56,7 +56,7 @@ fn number() -> impl Strategy<Value = String> {
 const COMMANDS: &[&str] = &[
     "help", "vms", "stats", "pause", "resume", "destroy", "fork", "snapshot", "restore", "rmap",
     "migrate", "evacuate", "online", "reclaim", "chaos", "wait", "bench", "sleep", "quit",
-    "console", "hyp",
+    "console", "hyp", "disk", "create", "merge",
 ];
 
 /// A console-like line: a command word (usually), then arguments that are
@@ -68,7 +68,8 @@ fn console_line() -> impl Strategy<Value = String> {
     ];
     let arg = prop_oneof![
         8 => number(),
-        1 => prop::sample::select(&["fork", "migrate", "reclaim", "x", "é"][..]).prop_map(String::from),
+        1 => prop::sample::select(&["fork", "migrate", "reclaim", "disk", "sum", "fill", "x", "é"][..]).prop_map(String::from),
+        1 => prop::sample::select(&["linux", "test", "--mem", "--vcpus", "--cmdline", "--", "group"][..]).prop_map(String::from),
         1 => any::<String>(),
     ];
     (first, prop::collection::vec(arg, 0..6), "[ \t]{1,3}").prop_map(|(first, rest, sep)| {
@@ -135,7 +136,36 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         (1u64..=65536, batch()).prop_map(|(pages, batch)| BenchReclaim { pages, batch }),
         (1u64..=60_000).prop_map(|ms| Sleep { ms }),
+        prop_oneof![
+            Just(Disk),
+            (any::<u64>(), 1u64..=1 << 21).prop_map(|(lba, sectors)| DiskSum { lba, sectors }),
+            (any::<u64>(), 1u64..=1 << 21, any::<u64>())
+                .prop_map(|(lba, sectors, seed)| DiskFill { lba, sectors, seed }),
+            (1u64..=1024).prop_map(|mib| BenchDisk { mib }),
+        ],
+        create().prop_map(Create),
+        (vm(), 1u32..=MAX_GROUP).prop_map(|(vm, group)| MergeGroup { vm, group }),
     ]
+}
+
+/// `create` with any flags and a command line of arbitrary non-blank words
+/// (which may themselves look like flags after `--cmdline`).
+fn create() -> impl Strategy<Value = Create> {
+    let guest = prop_oneof![Just(Guest::Linux), Just(Guest::Test)];
+    let words = prop::collection::vec("[^\\s]{1,12}|--mem|--vcpus|5", 1..5)
+        .prop_map(|w| Words::new(&w.join(" ")));
+    (
+        guest,
+        prop::option::of(1u64..=1 << 20),
+        prop::option::of(1usize..=16),
+        prop::option::of(words),
+    )
+        .prop_map(|(guest, mem_mib, vcpus, cmdline)| Create {
+            guest,
+            mem_mib,
+            vcpus,
+            cmdline: cmdline.flatten(),
+        })
 }
 
 /// A bootargs-like line: `key=value` words with edge sizes and ranges.

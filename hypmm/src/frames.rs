@@ -4,7 +4,6 @@
 use crate::machine::Machine;
 use crate::PAGE_SIZE;
 use rmap::{FrameAllocator, Pa, Pfn};
-use stage2::TlbMaintenance;
 
 /// Makes `pa..pa + len`, just written through the hypervisor's cacheable
 /// map, visible to a guest whatever its stage-1 attributes (MMU off, Device):
@@ -40,9 +39,9 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         // one it pinned for the copy (locked, or its writers replaced by
         // migration entries); the two are distinct.
         unsafe { self.0.copy_frame(dst.pa(), src.pa()) };
+        // Not executable until the guest fetches from it (`memory::Fetch`):
+        // the I-cache is made coherent then, not here.
         publish(self.0, dst.pa(), PAGE_SIZE);
-        // The page may hold guest code.
-        self.0.tlb().invalidate_icache(dst.pa().raw(), PAGE_SIZE);
     }
 
     fn same_contents(&self, a: Pfn, b: Pfn) -> bool {

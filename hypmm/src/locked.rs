@@ -5,7 +5,7 @@
 //! operations on it are in `s2locked`.
 
 use crate::machine::Machine;
-use crate::memory::{ram_attrs, GuestMemory};
+use crate::memory::{ram_attrs, Fetch, GuestMemory};
 use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
@@ -61,17 +61,32 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
 }
 
 /// The page-level descriptor of `state`, its MemAttr encoded as the
-/// table's configuration says (FWB or not).
-pub(crate) fn encode(state: PageState, enc: AttrEncoding) -> Descriptor {
+/// table's configuration says (FWB or not), executable as `fetch` says.
+pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch) -> Descriptor {
     match state {
         PageState::Invalid => Descriptor::EMPTY,
         PageState::Mapped { pfn, writable } => {
-            let attrs = ram_attrs(writable);
+            let attrs = ram_attrs(writable, fetch);
             Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
         }
         PageState::Migrating { .. } | PageState::Swapped { .. } => {
             Descriptor::software(state).expect("a state an invalid descriptor keeps")
         }
+    }
+}
+
+/// Whether page `ipa` of `leaf` stays executable as `new`: only if it was
+/// and keeps its frame (a permission change, a migration entry's frame put
+/// back). A new frame, or new contents, waits for a fetch to fault
+/// ([`Fetch`]).
+pub(crate) fn fetch_after(leaf: &LeafInfo, ipa: Ipa, new: PageState) -> Fetch {
+    let same_frame = match (decode(Some(*leaf), ipa), new) {
+        (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, .. }) => a == b,
+        _ => false,
+    };
+    match leaf.leaf {
+        Leaf::Mapped(m) if m.attrs.perm.exec && same_frame => Fetch::Allowed,
+        _ => Fetch::Faults,
     }
 }
 
@@ -212,10 +227,15 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             return false;
         }
         check_transition(old, new);
+        let fetch = if m.attrs.perm.exec {
+            Fetch::Allowed
+        } else {
+            Fetch::Faults
+        };
         let ro = Descriptor::leaf_encoded(
             m.pa.raw(),
             leaf.level,
-            ram_attrs(false),
+            ram_attrs(false, fetch),
             m.young,
             self.enc(),
         )
@@ -273,6 +293,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             self.mem.bbm_note(leaf.ipa, leaf.size());
         }
         let table = self.mem.table();
+        let fetch = fetch_after(leaf, leaf.ipa, new);
         if self.mem.batching {
             let tlb = self.mem.tlb();
             let batch = Batch::new(&tlb, table.vttbr());
@@ -280,7 +301,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc()),
+                encode(new, self.enc(), fetch),
                 &batch,
             );
             // The pending VMID-wide flush is issued by end_batch().
@@ -291,7 +312,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc()),
+                encode(new, self.enc(), fetch),
                 &self.mem.tlb(),
             )
         }
@@ -304,7 +325,9 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         let len = pages * PAGE_SIZE;
         self.mem.bbm_check_make(ipa, len);
         let table = self.mem.table();
-        let attrs = ram_attrs(writable);
+        // Fresh frames' contents are new to the I-cache; shared ones may be
+        // too (the mapper they come from may never have fetched from them).
+        let attrs = ram_attrs(writable, Fetch::Faults);
         // A whole aligned 2 MiB run (a forked block) stays one block entry.
         let block =
             len == BLOCK_SIZE && ipa.is_aligned(BLOCK_SIZE) && pfn.pa().is_aligned(BLOCK_SIZE);
@@ -327,7 +350,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 ipa.page(),
                 pfn.pa(),
                 PAGE_SIZE,
-                ram_attrs(writable),
+                ram_attrs(writable, Fetch::Faults),
                 &self.mem.tlb(),
             ),
             PageState::Migrating { .. } | PageState::Swapped { .. } => {

@@ -7,7 +7,7 @@ use crate::machine::Machine;
 use core::sync::atomic::{AtomicU64, Ordering};
 use platform::board::MAX_CPUS;
 use rmap::{Ipa, Pa};
-use stage2::{Perm, S2Attrs, S2Config, Stage2Table, TlbMaintenance, Vmid, Vttbr};
+use stage2::{Leaf, Perm, S2Attrs, S2Config, Stage2Table, TlbMaintenance, Vmid, Vttbr};
 
 // The CPUs that may hold a VM's TLB entries are one u64 mask (`cpus`).
 const _: () = assert!(MAX_CPUS <= 64);
@@ -94,10 +94,27 @@ impl<M: Machine> TlbMaintenance for VmTlb<'_, M> {
     }
 }
 
-/// Stage-2 attributes of guest RAM: normal memory, executable, writable
-/// unless shared copy-on-write.
-pub fn ram_attrs(writable: bool) -> S2Attrs {
-    S2Attrs::normal(if writable { Perm::RWX } else { Perm::RX })
+/// Whether a guest RAM leaf may be executed: KVM's lazy I-cache policy. A
+/// frame whose contents the hypervisor wrote (zeroed, copied, swapped in,
+/// migrated) or that a new mapper maps is mapped not executable; the guest's
+/// first instruction fetch from it faults, and the fault makes the I-cache
+/// coherent with the frame and then allows execution
+/// ([`GuestMemory::make_executable`]). Data pages, most of guest memory,
+/// never pay for I-cache maintenance, and a copy-on-write fault does none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Not executable until a fetch faults on it.
+    Faults,
+    /// Executable: the I-cache was made coherent with the frame since the
+    /// frame last changed under this mapping.
+    Allowed,
+}
+
+/// Stage-2 attributes of guest RAM: normal memory, writable unless shared
+/// copy-on-write, executable as `fetch` says.
+pub fn ram_attrs(writable: bool, fetch: Fetch) -> S2Attrs {
+    let exec = fetch == Fetch::Allowed;
+    S2Attrs::normal(Perm::new(true, writable, exec))
 }
 
 /// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock.
@@ -218,6 +235,39 @@ impl<M: Machine> GuestMemory<M> {
     /// reclaim clock cleared it and the guest touched the page again).
     pub fn mkyoung(&self, ipa: Ipa) -> bool {
         self.table.as_ref().is_some_and(|t| t.mkyoung(ipa))
+    }
+
+    /// An instruction fetch faulted on `ipa`'s leaf, mapped not executable
+    /// ([`Fetch::Faults`]): makes the I-cache coherent with the leaf's frames
+    /// (the stage-2 commit does it before the executable leaf is written:
+    /// Arm ARM D7.5.9, instruction cache coherency, and D8.16 for the
+    /// relaxed entry's TLB invalidation) and allows execution. False if no
+    /// valid leaf maps `ipa` (the fault then takes the ordinary path).
+    pub fn make_executable(&self, ipa: Ipa) -> bool {
+        let Some(table) = self.table.as_ref() else {
+            return false;
+        };
+        loop {
+            let Some(leaf) = table.lookup(ipa) else {
+                return false;
+            };
+            let Leaf::Mapped(m) = leaf.leaf else {
+                return false;
+            };
+            if m.attrs.perm.exec {
+                // Another vCPU allowed it meanwhile (its invalidation reached us).
+                return true;
+            }
+            let exec = leaf
+                .desc
+                .with_perm(Perm::new(true, m.attrs.perm.write, true));
+            match table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, exec, &self.tlb()) {
+                Ok(()) => return true,
+                // The Access flag changed under us: look again.
+                Err(stage2::CasError::Mismatch(_)) => continue,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// Host PA of guest page `ipa`, if a valid page maps it.

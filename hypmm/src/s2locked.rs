@@ -11,7 +11,7 @@ use rmap::{Ipa, PageState, Stage2Locked};
 use stage2::{Batch, CasError, LeafInfo, Visitor, WalkAction};
 
 use crate::locked::{
-    check_transition, decode, encode, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE,
+    check_transition, decode, encode, fetch_after, Frames, LockedStage2, Run, RunAccess, BLOCK_SIZE,
 };
 
 impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
@@ -84,7 +84,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                     let new = decide(k, old)?;
                     check_transition(old, new);
                     change.set(Some((old, new)));
-                    Some(encode(new, enc))
+                    Some(encode(new, enc, fetch_after(leaf, ipas[k], new)))
                 },
                 &mut |k, result| {
                     let Some((old, new)) = change.take() else {

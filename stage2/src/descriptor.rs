@@ -233,6 +233,7 @@ impl Descriptor {
         self.0 == 0
     }
 
+    #[inline]
     fn reg(self) -> DescriptorRegister {
         DescriptorRegister::new(self.0)
     }
@@ -300,6 +301,7 @@ impl Descriptor {
     }
 
     /// Decodes the descriptor as found at `level`.
+    #[inline]
     pub fn kind(self, level: u8) -> DescriptorKind {
         if self.0 == 0 {
             return DescriptorKind::Empty;
@@ -328,12 +330,16 @@ impl Descriptor {
     }
 
     /// True for a table descriptor at `level`.
+    #[inline]
     pub fn is_table(self, level: u8) -> bool {
-        matches!(self.kind(level), DescriptorKind::Table { .. })
+        // What `kind` answers `Table` for, without decoding a leaf's attributes: valid, the
+        // type bit set, above the last level (where the same bits make a page).
+        level < LAST_LEVEL && self.is_valid() && self.0 & 0b10 != 0
     }
 
     /// Attributes of a valid leaf (meaningless for other descriptors). Both encodings decode
     /// (this crate writes only `0b1111` or `0b0110` for Normal, `0b0001` for Device).
+    #[inline]
     pub fn attrs(self) -> S2Attrs {
         let r = self.reg();
         let mem = match r.read_as_enum(S2_DESC::MEMATTR) {
@@ -349,6 +355,7 @@ impl Descriptor {
     }
 
     /// Permissions of a valid leaf.
+    #[inline]
     pub fn perm(self) -> Perm {
         let r = self.reg();
         Perm {
@@ -359,16 +366,19 @@ impl Descriptor {
     }
 
     /// Output address of a valid leaf at `level` (or next table of a table descriptor).
+    #[inline]
     pub fn output_address(self, level: u8) -> u64 {
         (self.0 & ADDR_MASK) & !(level_size(level) - 1)
     }
 
     /// Access flag of a valid leaf.
+    #[inline]
     pub fn young(self) -> bool {
         self.reg().is_set(S2_DESC::AF)
     }
 
     /// The same leaf with permissions `perm` (everything else kept).
+    #[inline]
     pub fn with_perm(self, perm: Perm) -> Self {
         let mut r = self.reg();
         let xn = if perm.exec {
@@ -383,6 +393,7 @@ impl Descriptor {
     }
 
     /// The same leaf with the Access flag set to `young`.
+    #[inline]
     pub fn with_young(self, young: bool) -> Self {
         let mut r = self.reg();
         r.modify(S2_DESC::AF.val(young as u64));
@@ -390,6 +401,7 @@ impl Descriptor {
     }
 
     /// The same leaf with software bits `sw` (masked to 4 bits).
+    #[inline]
     pub fn with_sw(self, sw: u8) -> Self {
         let mut r = self.reg();
         r.modify(S2_DESC::SW.val((sw & 0xF) as u64));
@@ -397,6 +409,7 @@ impl Descriptor {
     }
 
     /// The same leaf attributes at a finer `level`, mapping `pa` (used to split a block).
+    #[inline]
     pub(crate) fn with_output(self, pa: u64, level: u8) -> Self {
         let mut r = self.reg();
         let ty = if level == LAST_LEVEL {
@@ -410,6 +423,7 @@ impl Descriptor {
 
     /// Bits that matter to the hardware translation other than permissions, AF and DBM:
     /// changing any of them on a live entry needs break-before-make.
+    #[inline]
     pub(crate) fn bbm_bits(self) -> u64 {
         const PERM_AF_DBM_SW: u64 =
             (0b11 << 6) | (1 << 10) | (1 << 51) | (0b11 << 53) | (0xF << 55);
@@ -418,83 +432,5 @@ impl Descriptor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_encoding_matches_kvm_layout() {
-        let d = Descriptor::page(0x4000_1000, S2Attrs::normal(Perm::RW)).unwrap();
-        // valid|page, MemAttr 0xf, S2AP RW, SH inner, AF, XN = 0b10
-        assert_eq!(d.raw(), 0x0040_0000_4000_17ff);
-        let x = Descriptor::page(0x4000_1000, S2Attrs::normal(Perm::RX)).unwrap();
-        assert_eq!(x.raw(), 0x0000_0000_4000_177f);
-        let dev = Descriptor::page(0x0900_0000, S2Attrs::device(Perm::RW)).unwrap();
-        assert_eq!(dev.raw(), 0x0040_0000_0900_07c7);
-    }
-
-    #[test]
-    fn block_and_table_encoding() {
-        let b = Descriptor::leaf(0x8020_0000, 2, S2Attrs::normal(Perm::RO), false).unwrap();
-        assert_eq!(b.raw() & 3, 1);
-        assert_eq!(b.output_address(2), 0x8020_0000);
-        assert!(matches!(
-            b.kind(2),
-            DescriptorKind::Leaf {
-                pa: 0x8020_0000,
-                young: false,
-                ..
-            }
-        ));
-        assert_eq!(
-            Descriptor::leaf(0x8010_0000, 2, S2Attrs::normal(Perm::RO), false),
-            Err(Error::Misaligned)
-        );
-        let t = Descriptor::table(0x1234_5000);
-        assert_eq!(t.raw(), 0x1234_5003);
-        assert_eq!(t.kind(1), DescriptorKind::Table { pa: 0x1234_5000 });
-        // The same bits at level 3 are a page.
-        assert!(matches!(
-            t.kind(3),
-            DescriptorKind::Leaf {
-                pa: 0x1234_5000,
-                ..
-            }
-        ));
-        assert!(matches!(
-            Descriptor::from_raw(1).kind(3),
-            DescriptorKind::Unknown(1)
-        ));
-        assert!(matches!(
-            Descriptor::from_raw(1).kind(0),
-            DescriptorKind::Unknown(1)
-        ));
-    }
-
-    #[test]
-    fn attrs_round_trip() {
-        for bits in 0..8u8 {
-            for mem in [MemType::Normal, MemType::Device] {
-                for sw in [0u8, 5, 0xF] {
-                    let perm = Perm::new(bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
-                    let attrs = S2Attrs { perm, mem, sw };
-                    match Descriptor::page(0x1000, attrs) {
-                        Ok(d) => assert_eq!(d.attrs(), attrs),
-                        Err(e) => {
-                            assert!(e == Error::BadAttrs && mem == MemType::Device && perm.exec)
-                        }
-                    }
-                }
-            }
-        }
-        assert_eq!(
-            Descriptor::page(
-                0,
-                S2Attrs {
-                    sw: 16,
-                    ..Default::default()
-                }
-            ),
-            Err(Error::BadAttrs)
-        );
-    }
-}
+#[path = "descriptor_tests.rs"]
+mod tests;

@@ -43,6 +43,7 @@ impl LeafInfo {
     /// Decodes `desc` found at `level` for the slot holding `ipa`; `None` for an empty slot,
     /// a table descriptor, a slot a break-before-make holds ([`Descriptor::LOCKED`]) or an
     /// unknown pattern.
+    #[inline]
     pub fn decode(ipa: Ipa, level: u8, desc: Descriptor) -> Option<Self> {
         let leaf = match desc.kind(level) {
             DescriptorKind::Leaf { pa, attrs, young } => Leaf::Mapped(Mapping {

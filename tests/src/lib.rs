@@ -9,7 +9,10 @@
 )]
 
 pub mod api;
+pub mod disk;
 pub mod hvcfuzz;
+
+pub use disk::DiskConfig;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +50,12 @@ pub struct MachineConfig {
     /// The control channel (issue 19): a virtio-console the hypervisor
     /// drives, which QEMU serves as a unix socket at this path ([`api`]).
     pub api: Option<PathBuf>,
+    /// The hypervisor's disk (issue 17): a raw image on a virtio-blk
+    /// device, created first if missing ([`Machine::boot`]).
+    pub disk: Option<DiskConfig>,
+    /// Default VMs booted each on its own (bootargs `vms=`, issue 16); `None`:
+    /// one. QEMU's RAM grows to hold them ([`MachineConfig::ram`]).
+    pub vms: Option<u32>,
 }
 
 impl Default for MachineConfig {
@@ -63,6 +72,8 @@ impl Default for MachineConfig {
             gdb: false,
             linux: None,
             api: None,
+            disk: None,
+            vms: None,
         }
     }
 }
@@ -79,6 +90,9 @@ impl MachineConfig {
         }
         if let Some(s) = &self.script {
             words.push(format!("script={}", s.replace(' ', ",")));
+        }
+        if let Some(n) = self.vms {
+            words.push(format!("vms={n}"));
         }
         for (key, addr, path) in self.linux_loads() {
             words.push(format!("{key}={addr:#x}:{}", file_size(&path)));
@@ -104,7 +118,8 @@ impl MachineConfig {
         // memory as the guest touches it, so a 64 GiB machine boots on a
         // smaller host (a plain `-m 32G` is refused under the kernel's
         // overcommit heuristic).
-        let ram = format!("memory-backend-ram,id=ram,size={},reserve=off", self.mem);
+        let mem = self.ram();
+        let ram = format!("memory-backend-ram,id=ram,size={mem},reserve=off");
         cmd.args([
             "-M",
             "virt,virtualization=on,gic-version=3,memory-backend=ram",
@@ -112,7 +127,7 @@ impl MachineConfig {
             &cpu,
         ])
         .args(["-object", &ram])
-        .args(["-smp", &self.smp.to_string(), "-m", &self.mem])
+        .args(["-smp", &self.smp.to_string(), "-m", &mem])
         .args(["-display", "none", "-monitor", "none"])
         .args([
             "-chardev",
@@ -139,6 +154,9 @@ impl MachineConfig {
                 .args(["-chardev", &chardev])
                 .args(["-device", "virtconsole,chardev=api"]);
         }
+        if let Some(disk) = &self.disk {
+            cmd.args(disk.qemu_args());
+        }
         if self.gdb {
             cmd.args(["-s", "-S"]);
         }
@@ -147,6 +165,27 @@ impl MachineConfig {
 }
 
 impl MachineConfig {
+    /// QEMU's RAM (`-m`): `mem`, grown for `vms` default VMs to their RAM
+    /// plus 512 MiB for the hypervisor, the Linux images and forks (guest
+    /// RAM is allocated as touched, but `create` refuses more than is free).
+    pub fn ram(&self) -> String {
+        let Some(vms) = self.vms else {
+            return self.mem.clone();
+        };
+        let asked = parse_size(&self.mem).unwrap_or(1 << 30);
+        let per_vm = self
+            .guest_mem
+            .as_deref()
+            .and_then(parse_size)
+            .unwrap_or(256 << 20);
+        let need = u64::from(vms) * per_vm + (512 << 20);
+        if need > asked {
+            format!("{}M", need >> 20)
+        } else {
+            self.mem.clone()
+        }
+    }
+
     /// Where QEMU's loader puts the Linux images in host RAM: from the
     /// middle of RAM up, 2 MiB aligned, clear of the hypervisor at its start.
     fn linux_loads(&self) -> Vec<(&'static str, u64, PathBuf)> {
@@ -154,7 +193,7 @@ impl MachineConfig {
             return Vec::new();
         };
         let align = |x: u64| (x + 0x1f_ffff) & !0x1f_ffff;
-        let kernel_at = align(RAM_BASE + parse_size(&self.mem).unwrap_or(1 << 30) / 2);
+        let kernel_at = align(RAM_BASE + parse_size(&self.ram()).unwrap_or(1 << 30) / 2);
         let initrd_at = align(kernel_at + file_size(kernel));
         vec![
             ("kernel", kernel_at, kernel.clone()),
@@ -170,7 +209,7 @@ fn file_size(path: &Path) -> u64 {
 }
 
 /// QEMU's `-m` sizes: `1G`, `512M`, plain MiB.
-fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let (num, shift) = match s.chars().last()? {
         'G' | 'g' => (&s[..s.len() - 1], 30),
         'M' | 'm' => (&s[..s.len() - 1], 20),
@@ -262,9 +301,13 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Boots the hypervisor ELF from `HYP_ELF` (see [`hyp_elf`]) with `config`;
-    /// panics if QEMU cannot be started.
+    /// Boots the hypervisor ELF from `HYP_ELF` (see [`hyp_elf`]) with `config`
+    /// (creating its disk file if missing); panics if QEMU cannot be started.
     pub fn boot(name: &str, config: &MachineConfig) -> Machine {
+        if let Some(disk) = &config.disk {
+            disk.create_if_missing()
+                .unwrap_or_else(|e| panic!("[{name}] disk {}: {e}", disk.path.display()));
+        }
         Machine::spawn(name, &mut config.command(&hyp_elf()))
     }
 

@@ -10,6 +10,7 @@ mod build;
 mod layers;
 mod linux;
 mod mutants;
+mod profile;
 mod qemu;
 mod setup;
 mod soak;
@@ -19,25 +20,35 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
+  run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N] [--vms N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
       [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS] [--api SOCKET]
+      [--disk FILE[,size=SIZE][,readonly]]
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line; --api serves the hypervisor's control
-                 channel, one JSON object per line, on a unix socket)
+                 channel, one JSON object per line, on a unix socket; --disk
+                 attaches FILE, a raw image, as the hypervisor's own virtio-blk
+                 disk, creating it sparse at SIZE (default 1G) if missing;
+                 --vms N boots N independent guests, each loaded on its own,
+                 and grows --mem to hold them)
   test           hyp's layer rule, clippy, host tests of every crate, then the
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
                  (part of test)
-  bench [chain|fork|guest|migrate|linux]...
+  bench [chain|fork|guest|migrate|linux|disk]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
-                 and forks of a running Linux)
+                 and forks of a running Linux; `disk`: the hypervisor's raw
+                 virtio-blk throughput on a fresh sparse file in the temp dir)
   soak [minutes] [guest args]
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
                  HVCFUZZ_SEED=<n> replays a seed
+  profile [cow|snapshot]
+                 hypervisor instructions per copy-on-write fault (or per fuzzing
+                 cycle), by function: two runs of the test guest under a QEMU TCG
+                 plugin that counts instructions (deterministic, unlike time)
   build          build the images only
   mutants [--shard k/n] [--re REGEX] [file...]
                  mutation score (cargo-mutants) of rmap's and stage2's core files, or
@@ -54,6 +65,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("soak") => soak::soak(&args[1..]),
         Some("mutants") => mutants::mutants(&args[1..]),
+        Some("profile") => profile::profile(&args[1..]),
         Some("build") => setup::ensure()
             .and_then(|_| build::images(false))
             .map(|_| ()),
@@ -183,7 +195,7 @@ fn shuttle() -> Result<(), String> {
 
 /// `bench [chain|fork|guest|migrate|linux]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 5] = ["chain", "fork", "guest", "migrate", "linux"];
+    const ALL: [&str; 6] = ["chain", "fork", "guest", "migrate", "linux", "disk"];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
     }
@@ -201,6 +213,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     if wanted("migrate") {
         migrate_bench(&images)?;
+    }
+    if wanted("disk") {
+        disk_bench(&images)?;
     }
     if wanted("linux") {
         linux::bench(&images.hyp, 5)?;
@@ -316,4 +331,34 @@ fn fork_bench(images: &build::Images) -> Result<(), String> {
         3,
         "fork vs eager copy",
     )
+}
+
+/// The hypervisor's raw sequential disk throughput (`bench disk <MiB>` on
+/// its console), on a fresh 1 GiB sparse raw file in the temp directory:
+/// the baseline a snapshot save is compared with (issue 17).
+fn disk_bench(images: &build::Images) -> Result<(), String> {
+    let path = std::env::temp_dir().join(format!("mhv-bench-disk-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let cfg = qemu_tests::MachineConfig {
+        guest: "none".into(),
+        disk: Some(qemu_tests::DiskConfig::new(&path)),
+        script: Some("bench disk 64; bench disk 256; quit".into()),
+        ..Default::default()
+    };
+    let disk = cfg.disk.as_ref().map(|d| d.create_if_missing());
+    let result = match disk {
+        Some(Err(e)) => Err(format!("{}: {e}", path.display())),
+        _ => captured_lines(&cfg, images, &["bench disk:"]),
+    };
+    let _ = std::fs::remove_file(&path);
+    let (text, lines) = result?;
+    if lines.len() != 2 {
+        return Err(format!("disk bench did not complete:\n{text}"));
+    }
+    println!(
+        "\nhypervisor disk throughput (release hypervisor, QEMU TCG, cortex-a72, -smp 2, raw file in {}):",
+        std::env::temp_dir().display()
+    );
+    lines.iter().for_each(|l| println!("  {l}"));
+    Ok(())
 }

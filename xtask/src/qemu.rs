@@ -3,7 +3,7 @@
 //! switches between VM consoles, `hypcmd::keys`), so QEMU's own mux is off: `quit` at the `hyp>`
 //! prompt ends the machine.
 
-use qemu_tests::MachineConfig;
+use qemu_tests::{DiskConfig, MachineConfig};
 use std::path::PathBuf;
 
 /// A user's own Linux images (`--kernel`, `--initrd`), in place of the
@@ -31,6 +31,10 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--cpu" => o.cpu = val()?,
             "--guest" => o.guest = val()?,
             "--vcpus" => o.vcpus = Some(val()?.parse().map_err(|_| "--vcpus takes a number")?),
+            "--vms" => match val()?.parse() {
+                Ok(n @ 1..=64) => o.vms = Some(n),
+                _ => return Err("--vms takes a number, 1..=64".into()),
+            },
             "--guest-mem" => o.guest_mem = Some(val()?),
             "--guest-args" | "--cmdline" => o.guest_args = Some(val()?),
             "--kernel" => own.kernel = Some(existing(val()?)?),
@@ -38,6 +42,7 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--script" => o.script = Some(val()?),
             "--gdb" => o.gdb = true,
             "--api" => o.api = Some(val()?.into()),
+            "--disk" => o.disk = Some(DiskConfig::parse(&val()?)?),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }
@@ -81,6 +86,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         };
         o.linux = Some((kernel, initrd));
+    }
+    if let Some(disk) = &o.disk {
+        disk.create_if_missing()
+            .map_err(|e| format!("--disk {}: {e}", disk.path.display()))?;
     }
     let images = crate::build::images(release)?;
     let mut cmd = o.command(&images.hyp);
@@ -136,6 +145,36 @@ mod tests {
         assert_eq!(own.kernel.as_deref(), Some(file.as_path()));
         assert_eq!(own.initrd.as_deref(), Some(file.as_path()));
         assert_eq!(o.guest_args.as_deref(), Some("console=ttyAMA0 quiet"));
+    }
+
+    #[test]
+    fn disk_option() {
+        let (o, _, _) = parse(&args(&["--disk", "/tmp/d.img,size=2G"])).unwrap();
+        let disk = o.disk.unwrap();
+        assert_eq!((disk.size, disk.readonly), (2 << 30, false));
+        assert_eq!(disk.path, std::path::Path::new("/tmp/d.img"));
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=1"])).is_ok());
+        assert!(parse(&args(&["--disk", "/tmp/d.img,size=0"])).is_err());
+        assert!(parse(&args(&["--disk"])).is_err());
+    }
+
+    #[test]
+    fn vms_is_a_bootarg_and_grows_ram() {
+        let (o, _, _) = parse(&args(&["--vms", "4"])).unwrap();
+        assert_eq!(o.vms, Some(4));
+        assert!(
+            o.bootargs().split(' ').any(|w| w == "vms=4"),
+            "{}",
+            o.bootargs()
+        );
+        // Four 256 MiB VMs and 512 MiB for the rest, above the 1 GiB default.
+        assert_eq!(o.ram(), "1536M");
+        let (o, _, _) = parse(&args(&["--vms", "2", "--mem", "4G"])).unwrap();
+        assert_eq!(o.ram(), "4G");
+        let (o, _, _) = parse(&args(&[])).unwrap();
+        assert_eq!((o.vms, o.ram().as_str()), (None, "1G"));
+        assert!(parse(&args(&["--vms", "0"])).is_err());
+        assert!(parse(&args(&["--vms", "65"])).is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ const ISS_WNR: u64 = 1 << 6;
 const ISS_S1PTW: u64 = 1 << 7;
 /// Fault status class (FSC[5:2]) of a translation fault at any level.
 const FSC_TRANSLATION: u64 = 0b0001;
+/// Fault status class of an Access flag fault at any level.
+const FSC_ACCESS_FLAG: u64 = 0b0010;
 /// ESR_EL2.ISS.TI of a trapped WFx: 1 = WFE.
 const ISS_WFE: u64 = 1;
 
@@ -49,6 +51,9 @@ pub struct Abort {
     /// A translation fault (the entry was invalid), not a permission or
     /// access-flag fault.
     pub translation: bool,
+    /// An Access flag fault: the entry is valid but its AF is clear (the
+    /// reclaim clock's software ageing, on CPUs without hardware AF).
+    pub access_flag: bool,
     /// The load or store, when the syndrome describes it (ISV = 1).
     pub access: Option<DataAccess>,
 }
@@ -78,9 +83,10 @@ impl Abort {
         });
         Abort {
             is_data,
-            write: wnr || (is_data && s1ptw),
+            write: wnr || s1ptw,
             s1ptw,
             translation: (esr & 0x3f) >> 2 == FSC_TRANSLATION,
+            access_flag: (esr & 0x3f) >> 2 == FSC_ACCESS_FLAG,
             access,
         }
     }

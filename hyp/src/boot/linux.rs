@@ -1,11 +1,11 @@
 //! Boots an unmodified arm64 Linux kernel with an initramfs as a guest,
 //! following Documentation/arch/arm64/booting.rst. QEMU's generic loader put
 //! both images in host RAM (`-device loader,...,force-raw=on`) and the
-//! bootargs say where (`kernel=ADDR:SIZE initrd=ADDR:SIZE`); the frame
-//! allocator kept those frames reserved. Every whole 2 MiB of the kernel is
-//! mapped into the VM where it lies (a 2 MiB block entry each, no copy:
-//! `mm::adopt_block`); the rest is copied and then given back to the
-//! allocator.
+//! bootargs say where (`kernel=ADDR:SIZE initrd=ADDR:SIZE`). The frame
+//! allocator keeps those frames reserved for the machine's whole life: they
+//! are the read-only source every Linux VM is copied from (the first at
+//! boot, `vms=N` more, or `create linux` any time later), so each VM owns
+//! its own copy and none can write another's kernel.
 //!
 //! Guest RAM layout: the DTB at the start of RAM, the kernel 2 MiB in (a
 //! 2 MiB-aligned base plus the header's text_offset), the initrd at the end.
@@ -14,7 +14,7 @@ use crate::boot::bootargs::{mem_range, BootArgs};
 use crate::vm::{Vm, VmError};
 use alloc::sync::Arc;
 use platform::MemRange;
-use rmap::{Ipa, Pa};
+use rmap::Ipa;
 
 /// arm64 Image header (booting.rst): text_offset at 8, image_size at 16,
 /// magic "ARM\x64" at 56.
@@ -31,76 +31,55 @@ struct Layout {
     initrd: MemRange,
 }
 
-/// Starts the Linux guest named by the bootargs; reports failures on the
-/// console. Returns the new VM's id (the caller gives it the keyboard).
-pub fn start(args: &BootArgs, vcpus: usize) -> Option<u32> {
-    // Bytes from the kernel's start that became the VM's own frames.
-    let mut adopted = 0;
-    let started = boot(args, vcpus, &mut adopted);
-    let id = started.as_ref().ok().map(|vm| vm.id);
-    match started {
-        Ok(vm) => {
-            crate::println!(
-                "[hyp] vm {} (linux): {} vCPUs, {} MiB; console input goes to it (Ctrl-A h: hypervisor console)",
-                vm.id,
-                vcpus,
-                args.mem >> 20
-            );
-        }
-        Err(e) => crate::println!("[hyp] cannot start the Linux guest: {e}"),
-    }
-    let kernel_rest = args.kernel.map(|k| MemRange {
-        base: k.base + adopted,
-        size: k.size - adopted,
-    });
-    for range in [kernel_rest, args.initrd.map(mem_range)]
-        .into_iter()
-        .flatten()
-    {
-        crate::mm::frames::get().release_reserved(range);
-    }
-    id
+/// The kernel and initramfs QEMU's loader put in host RAM, reserved since
+/// boot and never written: the source of every Linux VM's copy.
+#[derive(Clone, Copy)]
+pub struct Images {
+    kernel: &'static [u8],
+    initrd: &'static [u8],
 }
 
-fn boot(args: &BootArgs, vcpus: usize, adopted: &mut u64) -> Result<Arc<Vm>, VmError> {
-    let (Some(kernel_range), Some(initrd)) =
-        (args.kernel.map(mem_range), args.initrd.map(mem_range))
-    else {
+/// The images the bootargs name, or why there are none.
+pub fn images() -> Result<Images, VmError> {
+    let line = crate::arch::el2::board().bootargs();
+    let [Some(kernel), Some(initrd)] = BootArgs::image_ranges(line) else {
         return Err(VmError::BadConfig(
-            "guest=linux needs kernel=ADDR:SIZE and initrd=ADDR:SIZE (cargo xtask run does this)",
+            "no Linux kernel loaded: boot with kernel=ADDR:SIZE and initrd=ADDR:SIZE (cargo xtask run does this)",
         ));
     };
-    let kernel = host_bytes(kernel_range)?;
-    let initrd = host_bytes(initrd)?;
-    let vm = Vm::create("linux", vcpus, args.mem)?;
-    let layout = match layout(&vm, kernel, initrd.len() as u64) {
-        Ok(l) => l,
-        Err(e) => {
-            vm.stop(crate::vm::STATUS_FAULT);
-            return Err(e);
-        }
-    };
-    let cmdline = if args.guest_args.is_empty() {
-        DEFAULT_CMDLINE
-    } else {
-        args.guest_args
-    };
-    let initrd_range = Some((layout.initrd.base, layout.initrd.end()));
-    let loaded =
-        crate::boot::guest_dtb::build_with_initrd(&vm, cmdline, initrd_range).and_then(|dtb| {
-            adopt_image(&vm, layout.kernel, kernel_range, adopted)?;
-            copy_in(&vm, layout.kernel + *adopted, &kernel[*adopted as usize..])?;
-            copy_in(&vm, layout.initrd.base, initrd)?;
-            copy_in(&vm, layout.dtb, &dtb)
-        });
-    if let Err(e) = loaded {
-        vm.stop(crate::vm::STATUS_FAULT);
+    Ok(Images {
+        kernel: host_bytes(mem_range(kernel))?,
+        initrd: host_bytes(mem_range(initrd))?,
+    })
+}
+
+/// Creates a VM of `mem` bytes and `vcpus` vCPUs, copies the kernel, the
+/// initrd and a DTB with `cmdline` into it and powers on vCPU 0.
+pub fn boot(images: Images, cmdline: &str, mem: u64, vcpus: usize) -> Result<Arc<Vm>, VmError> {
+    let vm = Vm::create("linux", vcpus, mem)?;
+    let powered = load(&vm, images, cmdline).and_then(|entry| {
+        vm.power_on(0, entry, vm.mem.ram.base)
+            .then_some(())
+            .ok_or(VmError::BadConfig("vCPU 0 is not off"))
+    });
+    if let Err(e) = powered {
+        // It never ran: the error is the caller's to report, not a guest's
+        // exit status (a failed `create` must not fail the machine).
+        vm.stop(0);
         return Err(e);
     }
-    if !vm.power_on(0, layout.kernel, layout.dtb) {
-        return Err(VmError::BadConfig("vCPU 0 is not off"));
-    }
     Ok(vm)
+}
+
+/// Copies the images and a DTB into `vm`; returns the kernel's entry.
+fn load(vm: &Vm, images: Images, cmdline: &str) -> Result<u64, VmError> {
+    let layout = layout(vm, images.kernel, images.initrd.len() as u64)?;
+    let initrd_range = Some((layout.initrd.base, layout.initrd.end()));
+    let dtb = crate::boot::guest_dtb::build_with_initrd(vm, cmdline, initrd_range)?;
+    copy_in(vm, layout.kernel, images.kernel)?;
+    copy_in(vm, layout.initrd.base, images.initrd)?;
+    copy_in(vm, layout.dtb, &dtb)?;
+    Ok(layout.kernel)
 }
 
 /// The bytes of an image QEMU loaded at host-physical `range`.
@@ -113,8 +92,8 @@ fn host_bytes(range: MemRange) -> Result<&'static [u8], VmError> {
         return Err(VmError::BadImage("kernel/initrd range is not in RAM"));
     }
     // SAFETY: the range is inside RAM (checked above), identity mapped at
-    // EL2, and reserved in the frame allocator since boot, so nothing else
-    // writes it until `start` releases it after the copy.
+    // EL2, and reserved in the frame allocator since boot and never
+    // released, so nothing writes it while the machine runs.
     Ok(unsafe { core::slice::from_raw_parts(range.base as *const u8, range.size as usize) })
 }
 
@@ -152,28 +131,6 @@ fn layout(vm: &Vm, kernel: &[u8], initrd_len: u64) -> Result<Layout, VmError> {
             size: initrd_len,
         },
     })
-}
-
-/// Maps the image's whole 2 MiB chunks at `host` into `vm` at `ipa` where
-/// QEMU's loader put them; `adopted` counts the bytes from the start that
-/// are the VM's now (including a chunk lost to an error, which the
-/// allocator already took back), so the caller releases only the rest.
-fn adopt_image(vm: &Vm, ipa: u64, host: MemRange, adopted: &mut u64) -> Result<(), VmError> {
-    while *adopted + ALIGN_2M <= host.size {
-        match crate::mm::glue::adopt_block(
-            &vm.mem,
-            Ipa::new(ipa + *adopted),
-            Pa::new(host.base + *adopted),
-        ) {
-            Ok(true) => *adopted += ALIGN_2M,
-            Ok(false) => break,
-            Err(_) => {
-                *adopted += ALIGN_2M;
-                return Err(VmError::NoMemory);
-            }
-        }
-    }
-    Ok(())
 }
 
 fn copy_in(vm: &Vm, ipa: u64, data: &[u8]) -> Result<(), VmError> {

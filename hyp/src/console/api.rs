@@ -90,7 +90,7 @@ fn code(e: &CmdError) -> ErrorCode {
         CmdError::Parse(_) => ErrorCode::BadArgument,
         CmdError::NoVm(_) => ErrorCode::NoVm,
         CmdError::WrongState { .. } => ErrorCode::WrongState,
-        CmdError::Vm(VmError::NoMemory) => ErrorCode::NoMemory,
+        CmdError::Vm(VmError::NoMemory | VmError::TooBig { .. }) => ErrorCode::NoMemory,
         CmdError::Fork(ForkError::Busy) => ErrorCode::Busy,
         CmdError::Fork(ForkError::NotRunnable(_) | ForkError::NotOwner) => ErrorCode::WrongState,
         CmdError::Fork(ForkError::Vm(VmError::NoMemory)) => ErrorCode::NoMemory,
@@ -99,6 +99,7 @@ fn code(e: &CmdError) -> ErrorCode {
         CmdError::NotRamFrame(_) | CmdError::NotRam { .. } | CmdError::OutsideVmRam { .. } => {
             ErrorCode::BadArgument
         }
+        CmdError::Disk(crate::dev::blk::DiskError::PastEnd { .. }) => ErrorCode::BadArgument,
         _ => ErrorCode::Failed,
     }
 }

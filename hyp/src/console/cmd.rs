@@ -290,6 +290,10 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         }
         Command::Rmap { pa } => return rmap_cmd(pa, r),
         Command::Console(to) => return console_cmd(to),
+        Command::Create(c) => return crate::console::vmcmd::create(&c, r),
+        Command::MergeGroup { vm: id, group } => {
+            return crate::console::vmcmd::merge_group(vm(id)?, group, r)
+        }
         Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
         Command::Sleep { ms } => {
             let until =
@@ -301,6 +305,10 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
             crate::println!("[hyp] quit: exiting with status {status}");
             crate::arch::semihost::exit(status.clamp(0, 255) as u32)
         }
+        Command::Disk
+        | Command::DiskSum { .. }
+        | Command::DiskFill { .. }
+        | Command::BenchDisk { .. } => return crate::console::disk::run(cmd, r),
         // Migration, reclaim, chaos, wait and their benches.
         mem => return crate::console::memcmd::run(mem, r),
     }
@@ -362,7 +370,10 @@ fn ok_or(ok: bool, vm: VmId, not: &'static str) -> Result<(), CmdError> {
 }
 
 fn vms(r: &mut Reply) {
-    crate::say!(r, "  id  name        state     vcpus  active  pages  exits");
+    crate::say!(
+        r,
+        "  id  name        state     vcpus  active  pages  group  exits"
+    );
     for v in vm::all() {
         // Read under the stage-2 lock first, print after: the console lock
         // and memory-manager locks are never nested.
@@ -370,13 +381,14 @@ fn vms(r: &mut Reply) {
         let exits = v.exits.load(Ordering::Relaxed);
         crate::say!(
             r,
-            "  {:<3} {:<11} {:<9} {:<6} {:<7} {:<6} {}",
+            "  {:<3} {:<11} {:<9} {:<6} {:<7} {:<6} {:<6} {}",
             v.id,
             v.name,
             v.state().name(),
             v.nr_vcpus,
             v.active_vcpus(),
             pages,
+            v.group(),
             exits
         );
         let mut row = hypapi::Map::new();
@@ -386,6 +398,7 @@ fn vms(r: &mut Reply) {
         row.insert("vcpus".into(), v.nr_vcpus.into());
         row.insert("active".into(), v.active_vcpus().into());
         row.insert("pages".into(), pages.into());
+        row.insert("group".into(), v.group().into());
         row.insert("exits".into(), exits.into());
         r.push("vms", row);
     }

@@ -2,6 +2,7 @@
 //! them (`error: ...`), and the control channel to come can map each to a
 //! code instead of parsing text.
 
+use crate::dev::blk::DiskError;
 use crate::vm::fork::ForkError;
 use crate::vm::VmError;
 use core::fmt;
@@ -59,6 +60,15 @@ pub enum CmdError {
         /// Out of how much.
         of: u64,
     },
+    /// No disk was attached at boot.
+    NoDisk,
+    /// A disk request failed.
+    Disk(DiskError),
+    /// `bench disk` read back other bytes than it wrote.
+    DiskVerify {
+        /// The first sector that differed.
+        lba: u64,
+    },
 }
 
 impl fmt::Display for CmdError {
@@ -77,6 +87,16 @@ impl fmt::Display for CmdError {
             CmdError::NotHere(cmd) => write!(f, "`{cmd}` is not a memory command"),
             CmdError::Bench(why) => f.write_str(why),
             CmdError::BenchShort { what, done, of } => write!(f, "{what} only {done} of {of}"),
+            CmdError::NoDisk => {
+                f.write_str("no disk: none was attached at boot (`cargo xtask run --disk FILE`)")
+            }
+            CmdError::Disk(e) => write!(f, "{e}"),
+            CmdError::DiskVerify { lba } => {
+                write!(
+                    f,
+                    "disk: sector {lba} read back other bytes than were written"
+                )
+            }
         }
     }
 }
@@ -90,6 +110,12 @@ impl From<ForkError> for CmdError {
 impl From<VmError> for CmdError {
     fn from(e: VmError) -> Self {
         CmdError::Vm(e)
+    }
+}
+
+impl From<DiskError> for CmdError {
+    fn from(e: DiskError) -> Self {
+        CmdError::Disk(e)
     }
 }
 

@@ -6,19 +6,22 @@
 //! the host-tested `hypcmd` crate), where answers go (`reply`: printed, or
 //! gathered for the control channel), the control channel's requests and
 //! events (`api`; the protocol is the host-tested `hypapi` crate), the
-//! memory-manager commands (`memcmd`) and the in-hypervisor benchmarks
-//! (`bench`).
+//! memory-manager commands (`memcmd`), the disk commands (`disk`),
+//! independent VMs and trust groups (`vmcmd`) and the in-hypervisor
+//! benchmarks (`bench`).
 
 pub mod api;
 pub mod bench;
 pub mod chaos;
 pub mod cmd;
+pub mod disk;
 pub mod error;
 pub mod membench;
 pub mod memcmd;
 pub mod pairs;
 pub mod reply;
 pub mod stats;
+pub mod vmcmd;
 
 /// How the scheduler reaches the console (installed by `main`).
 pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHooks {

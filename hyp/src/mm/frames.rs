@@ -362,45 +362,6 @@ impl FrameAllocator {
         (all, free)
     }
 
-    /// Turns `count` frames from `pa` that were reserved since boot (a boot
-    /// image QEMU's loader put in RAM) into allocated frames owned by the
-    /// caller, freed with `free` like any other. The caller must not also
-    /// `release_reserved` them.
-    pub fn take_reserved(&self, pa: Pa, count: u64) {
-        let (pa, banks) = (pa.raw(), self.banks.lock());
-        for i in 0..count {
-            let frame = pa + i * PAGE_SIZE;
-            let held = banks.iter().any(|b| {
-                let idx = ((frame - b.range.base) / PAGE_SIZE) as usize;
-                b.range.contains(frame) && b.used[idx / 64] & (1 << (idx % 64)) != 0
-            });
-            assert!(
-                held,
-                "take_reserved of frame {frame:#x}, which is not reserved"
-            );
-        }
-        self.total.fetch_add(count as usize, Ordering::Relaxed);
-    }
-
-    /// Hands reserved frames in `range` (boot images already copied into a
-    /// VM) to the allocator for good.
-    pub fn release_reserved(&self, range: MemRange) {
-        let mut banks = self.banks.lock();
-        for bank in banks.iter_mut() {
-            for i in 0..bank.frames() {
-                let pa = bank.range.base + i as u64 * PAGE_SIZE;
-                if pa >= range.base
-                    && pa + PAGE_SIZE <= range.end()
-                    && bank.set(i, false)
-                    && !bank.is_offline(i)
-                {
-                    self.free.fetch_add(1, Ordering::Relaxed);
-                    self.total.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
     pub fn free_count(&self) -> usize {
         self.free.load(Ordering::Relaxed)
     }

@@ -4,7 +4,7 @@
 //! teardown of guest memory all go through here, so every guest frame is
 //! accounted for in the rmap (mapcount, anon_vma, index).
 
-use crate::mm::frames::{self, PAGE_SIZE};
+use crate::mm::frames::PAGE_SIZE;
 use crate::mm::memory::HypMachine;
 use crate::mm::vmmem::{self, VmMemory};
 use alloc::sync::Arc;
@@ -155,8 +155,10 @@ pub enum FaultError {
 /// The access that faulted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// A load or an instruction fetch.
+    /// A load.
     Read,
+    /// An instruction fetch.
+    Fetch,
     /// A store (or the guest's own stage-1 walk, which may write A/D flags).
     Write,
 }
@@ -166,13 +168,28 @@ pub enum Access {
 pub enum FaultKind {
     /// The entry was invalid: the only kind that can be a 2 MiB first touch.
     Translation,
-    /// A permission or access-flag fault on an entry that exists.
+    /// A permission fault on an entry that exists.
     Permission,
+    /// An Access flag fault: the entry exists, the reclaim clock cleared
+    /// its (software-managed) Access flag.
+    AccessFlag,
 }
 
 /// Resolves a stage-2 fault on guest RAM at `ipa` (demand-zero, copy-on-write,
 /// swap-in, or waiting out a migration). Returns once the guest can retry.
 pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result<(), FaultError> {
+    // The two faults on an entry that only needs a bit set: the guest
+    // touched a page the clock aged, or fetched from one mapped not
+    // executable (`hypmm::Fetch`). If the entry went meanwhile, the
+    // ordinary path below resolves the fault.
+    let page = ipa.page();
+    match (kind, access) {
+        (FaultKind::AccessFlag, _) if vm.memory.lock().mkyoung(page) => return Ok(()),
+        (FaultKind::Permission, Access::Fetch) if vm.memory.lock().make_executable(page) => {
+            return Ok(())
+        }
+        _ => {}
+    }
     let write = access == Access::Write;
     // The swap cache and region bookkeeping may allocate a little heap; the
     // heap may have to grow, from frames reclaim can give back.
@@ -197,9 +214,10 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
     // A stage-2 table page missing for the fault's own change comes back as
     // OutOfFrames, like a missing frame.
     let result = rmap().handle_fault(&vm.regions, vm, &HypFrames, &STORE, ipa, write);
-    if matches!(result, Ok(Fault::Done)) {
-        // Software access flag: the reclaim clock cleared it.
-        vm.memory.lock().mkyoung(ipa.page());
+    if matches!(result, Ok(Fault::Done)) && access == Access::Fetch {
+        // The page was just mapped not executable: spare the guest the
+        // fetch's second fault.
+        vm.memory.lock().make_executable(page);
     }
     match result {
         Ok(Fault::Retry(Some(pfn))) => rmap().wait_frame_unlocked(pfn),
@@ -219,56 +237,6 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
 /// false sends the fault down the page path.
 fn fault_block(vm: &VmMemory, ipa: Ipa) -> bool {
     hypmm::fault_block(rmap(), &vm.regions, vm, &HypMachine, ipa)
-}
-
-/// Maps the 2 MiB of host frames at `pa` (2 MiB aligned, already holding
-/// what the guest must see: a boot image QEMU's loader put in RAM, reserved
-/// since boot) as `vm`'s RAM block at `ipa`, like a huge first-touch fault
-/// (`fault_block`) but with no zeroing and no copy: loading a kernel costs
-/// one entry per 2 MiB. Ok(true): the frames are the VM's now (freed with
-/// it). Ok(false): the chunk is not empty RAM of the VM and the frames are
-/// still reserved; the caller copies instead. Err: no stage-2 table memory,
-/// and the frames went back to the allocator.
-pub fn adopt_block(vm: &VmMemory, ipa: Ipa, pa: Pa) -> Result<bool, FaultError> {
-    use crate::mm::memory::BLOCK_SIZE;
-    if !ipa.is_aligned(BLOCK_SIZE) || !pa.is_aligned(BLOCK_SIZE) {
-        return Ok(false);
-    }
-    let prepared = vm.regions.read().find(ipa).map(|r| r.anon_vma().is_some());
-    match prepared {
-        None => return Ok(false),
-        Some(false) => {
-            rmap()
-                .anon_vma_prepare(&mut vm.regions.write(), ipa)
-                .map_err(|_| FaultError::NoMemory)?;
-        }
-        Some(true) => {}
-    }
-    let regions = vm.regions.read();
-    let Some(region) = regions.find(ipa) else {
-        return Ok(false);
-    };
-    if ipa < region.start() || ipa + BLOCK_SIZE > region.end() {
-        return Ok(false);
-    }
-    let mut s2 = vm.lock();
-    if s2.next_entry(ipa, ipa + BLOCK_SIZE).is_some() {
-        return Ok(false);
-    }
-    let pages = BLOCK_SIZE / PAGE_SIZE;
-    let pfn = pa.pfn();
-    frames::get().take_reserved(pa, pages);
-    // The image holds code: the guest fetches it through the I-cache.
-    // Whoever loaded the image need not have cleaned it to the PoC, and
-    // the guest reads it with its MMU off first.
-    crate::mm::memory::publish(pa, BLOCK_SIZE);
-    crate::mm::memory::TLB.invalidate_icache(pa.raw(), BLOCK_SIZE);
-    rmap().add_new_anon_block(pfn, pages, region, ipa);
-    if !s2.map_block(ipa, pa) {
-        rmap().remove_new_anon_block(pfn, pages, &HypFrames);
-        return Err(FaultError::NoMemory);
-    }
-    Ok(true)
 }
 
 /// Writes `data` into guest RAM at `ipa` as the guest would (write faults
@@ -308,6 +276,9 @@ pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultErro
         // The page is mapped already: clean it before the VM runs (it reads
         // its image and DTB with the MMU off).
         crate::mm::memory::publish(pa + off as u64, n as u64);
+        // Pages a fault maps here start execute-never, so their first fetch
+        // maintains the I-cache; this covers a page some earlier fetch made
+        // executable already (once per loaded byte, at load time only).
         crate::mm::memory::TLB.invalidate_icache((pa + off as u64).raw(), n as u64);
         done += n;
     }

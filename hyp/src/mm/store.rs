@@ -211,11 +211,10 @@ impl SwapStore for PageStore {
             assert_eq!(n, PAGE, "store slot {slot} decompressed short");
         }
         drop(s);
-        // rmap's contract: clean to the PoC on return.
+        // rmap's contract: clean to the PoC on return. The swapped-in page
+        // is mapped execute-never; a fetch from it maintains the I-cache
+        // then (`hypmm::Fetch`).
         crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
-        // The page may hold guest code.
-        use stage2::TlbMaintenance;
-        crate::mm::memory::TLB.invalidate_icache(pfn.pa().raw(), PAGE_SIZE);
     }
 
     fn dup(&self, slot: u64) {

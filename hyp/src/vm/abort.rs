@@ -24,15 +24,19 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
     // raw address.
     let ipa = typed.raw();
     if vcpu.vm.mem.ram.contains(ipa) {
-        let access = if abort.write {
-            Access::Write
-        } else {
-            Access::Read
+        // A fault on the guest's own stage-1 walk (S1PTW) is the walker's
+        // access (`abort.write`), whichever access it walked for; only a
+        // fetch's own fault is an exec fault (KVM's
+        // `kvm_vcpu_trap_is_exec_fault`).
+        let access = match (abort.is_data || abort.s1ptw, abort.write) {
+            (false, _) => Access::Fetch,
+            (true, true) => Access::Write,
+            (true, false) => Access::Read,
         };
-        let kind = if abort.translation {
-            FaultKind::Translation
-        } else {
-            FaultKind::Permission
+        let kind = match (abort.translation, abort.access_flag) {
+            (true, _) => FaultKind::Translation,
+            (false, true) => FaultKind::AccessFlag,
+            (false, false) => FaultKind::Permission,
         };
         return ram_fault(vcpu, typed, access, kind);
     }

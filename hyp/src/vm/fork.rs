@@ -92,6 +92,7 @@ fn fork_quiesced(
         parent.nr_vcpus,
         parent.mem.ram.size,
         frozen.then_some(parent.id),
+        Some(parent.group()),
     )
     .map_err(ForkError::Vm)?;
     if let Err(e) = crate::mm::glue::fork_memory(&parent.mem, &child.mem) {

@@ -10,7 +10,9 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use platform::MemRange;
 use spin::Mutex;
 
@@ -82,10 +84,17 @@ pub struct Vm {
     /// Restores of this VM and the counter ticks they took (`STATS`).
     pub restores: AtomicU64,
     pub restore_ticks: AtomicU64,
+    /// Trust group: VMs merge identical pages only within one (issue 16). A
+    /// fork or snapshot starts in its parent's, a VM created on its own in
+    /// a fresh one; `merge group` moves it.
+    group: AtomicU32,
 }
 
 static VMS: Mutex<BTreeMap<u32, Arc<Vm>>> = Mutex::new(BTreeMap::new());
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+/// The next fresh trust group: above every group ever given or named, so a
+/// new VM never lands in a group by accident.
+static NEXT_GROUP: AtomicU32 = AtomicU32::new(1);
 /// Worst exit status of any VM so far: the machine's exit status.
 pub static WORST_STATUS: AtomicI64 = AtomicI64::new(0);
 /// VMs ever created (so "no VMs left" is not confused with "none yet").
@@ -97,6 +106,11 @@ pub enum VmError {
     NoMemory,
     BadImage(&'static str),
     BadConfig(&'static str),
+    /// More guest RAM asked for than the machine has free.
+    TooBig {
+        mib: u64,
+        free_mib: u64,
+    },
 }
 
 impl From<MemError> for VmError {
@@ -113,6 +127,10 @@ impl core::fmt::Display for VmError {
             VmError::NoMemory => f.write_str("out of memory"),
             VmError::BadImage(why) => write!(f, "bad guest image: {why}"),
             VmError::BadConfig(why) => write!(f, "bad VM configuration: {why}"),
+            VmError::TooBig { mib, free_mib } => write!(
+                f,
+                "out of memory: {mib} MiB of guest RAM asked for, {free_mib} MiB free"
+            ),
         }
     }
 }
@@ -121,7 +139,7 @@ impl Vm {
     /// Creates a VM with a guest RAM region (nothing mapped yet) and all
     /// vCPUs off and parked.
     pub fn create(name: &str, nr_vcpus: usize, ram_size: u64) -> Result<Arc<Vm>, VmError> {
-        let vm = Vm::create_empty(name, nr_vcpus, ram_size, None)?;
+        let vm = Vm::create_empty(name, nr_vcpus, ram_size, None, None)?;
         if crate::mm::glue::create_ram_region(&vm.mem).is_err() {
             vm.stop(STATUS_FAULT);
             return Err(VmError::BadConfig("guest RAM region"));
@@ -135,12 +153,14 @@ impl Vm {
     }
 
     /// A VM with no regions and no vCPUs, paused (fork fills it, then
-    /// `resume` starts it unless it is a frozen snapshot of `snapshot_of`).
+    /// `resume` starts it unless it is a frozen snapshot of `snapshot_of`),
+    /// in trust group `group` (None: a fresh one).
     pub fn create_empty(
         name: &str,
         nr_vcpus: usize,
         ram_size: u64,
         snapshot_of: Option<u32>,
+        group: Option<u32>,
     ) -> Result<Arc<Vm>, VmError> {
         if nr_vcpus == 0 || nr_vcpus > MAX_VCPUS {
             return Err(VmError::BadConfig("vCPU count must be 1..=16"));
@@ -171,10 +191,25 @@ impl Vm {
             snapshot_vcpu: spin::Once::new(),
             restores: AtomicU64::new(0),
             restore_ticks: AtomicU64::new(0),
+            group: AtomicU32::new(
+                group.unwrap_or_else(|| NEXT_GROUP.fetch_add(1, Ordering::Relaxed)),
+            ),
         });
         VMS.lock().insert(id, vm.clone());
         CREATED.fetch_add(1, Ordering::Relaxed);
         Ok(vm)
+    }
+
+    /// Its trust group.
+    pub fn group(&self) -> u32 {
+        self.group.load(Ordering::Relaxed)
+    }
+
+    /// Moves it to trust group `group` (`merge group`); fresh groups are
+    /// numbered above it from now on.
+    pub fn set_group(&self, group: u32) {
+        NEXT_GROUP.fetch_max(group.saturating_add(1), Ordering::Relaxed);
+        self.group.store(group, Ordering::Relaxed);
     }
 
     pub fn state(&self) -> VmState {

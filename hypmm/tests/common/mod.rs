@@ -371,6 +371,14 @@ impl World {
 /// table at `root`, read word by word from host memory without any lock
 /// (an oracle independent of the stage2 crate's own walker).
 pub fn walk(hw: &Hw, root: u64, ipa: u64) -> Option<u64> {
+    let (desc, shift) = walk_leaf(hw, root, ipa)?;
+    let out = desc & 0x0000_ffff_ffff_f000;
+    Some(out + (ipa & ((1 << shift) - 1) & !0xfff))
+}
+
+/// The valid leaf descriptor a hardware walker uses for `ipa`, and the log2
+/// of the size it maps (the same lock-free oracle as [`walk`]).
+pub fn walk_leaf(hw: &Hw, root: u64, ipa: u64) -> Option<(u64, u32)> {
     let cfg = hw.cfg;
     let mut table = root;
     let mut level = cfg.start_level();
@@ -379,13 +387,12 @@ pub fn walk(hw: &Hw, root: u64, ipa: u64) -> Option<u64> {
     loop {
         let desc = hw.tables.read(table + index * 8);
         let shift = 12 + 9 * (3 - level as u32);
-        let out = desc & 0x0000_ffff_ffff_f000;
         match (desc & 3, level) {
             (0 | 2, _) => return None,
-            (3, 3) | (1, _) => return Some(out + (ipa & ((1 << shift) - 1) & !0xfff)),
+            (3, 3) | (1, _) => return Some((desc, shift)),
             _ => {}
         }
-        table = out;
+        table = desc & 0x0000_ffff_ffff_f000;
         level += 1;
         index = (ipa >> (12 + 9 * (3 - level as u32))) & 511;
     }

@@ -259,11 +259,20 @@ pub(crate) struct Walk<'t, M: TableMemory> {
     pub t: &'t Stage2Table<M>,
     pub start: u64,
     pub end: u64,
+    /// Tests only: walk a one-page range by the general recursion, to compare the two.
+    #[cfg(test)]
+    pub recurse: bool,
 }
 
 impl<'t, M: TableMemory> Walk<'t, M> {
     pub fn new(t: &'t Stage2Table<M>, start: u64, end: u64) -> Self {
-        Walk { t, start, end }
+        Walk {
+            t,
+            start,
+            end,
+            #[cfg(test)]
+            recurse: false,
+        }
     }
 
     /// The walk over the page holding `ipa`, or [`Error::OutOfRange`].
@@ -328,12 +337,64 @@ impl<'t, M: TableMemory> Walk<'t, M> {
         root: P::Table,
     ) -> Result<(), Halt<V::Error>> {
         let level = self.t.cfg.start_level();
+        let page = crate::PAGE_SIZE;
+        let one_page = self.end - self.start == page && self.start.is_multiple_of(page);
+        #[cfg(test)]
+        let one_page = one_page && !self.recurse;
+        if one_page {
+            return walk_page(pass, op, root, level, self.start);
+        }
         walk_table(pass, op, root, level, self.start, self.end)
     }
 }
 
+/// The walk of the one page at `page`: one slot per level, so a loop down the levels where
+/// [`walk_table`] recurses over [`chunks`]. It shows the visitor the same slots and acts on
+/// the same answers, in the same order (`tests.rs` checks it against `walk_table`); it exists
+/// because every fault, compare-and-swap and Access-flag update is a one-page walk, and the
+/// recursion's iterators cost about as much as the rest of such a walk.
+fn walk_page<M: TableMemory, P: Pass<M>, V: OpVisitor>(
+    pass: &mut P,
+    op: &mut V,
+    root: P::Table,
+    first: u8,
+    page: u64,
+) -> Result<(), Halt<V::Error>> {
+    // The tables above the current one: each with the visit that descended and the table below.
+    type Above<T> = Option<(T, Visit, T)>;
+    let mut path: [Above<P::Table>; 4] = [None; 4];
+    let (mut table, mut level, mut depth) = (root, first, 0);
+    loop {
+        let chunk = Chunk::page(level, page);
+        let desc = pass.load(table, level, &chunk, V::SETTLE);
+        let v = Visit { level, chunk, desc };
+        let below = match op.visit(&v) {
+            Step::Next => break,
+            Step::Again => continue,
+            Step::Stop(e) => return Err(Halt::Stopped(e)),
+            Step::Write(new) if pass.write(table, &v, new, op) => continue,
+            Step::Write(_) => break,
+            Step::Descend => match desc.kind(level) {
+                DescriptorKind::Table { pa } => Some(P::linked(pa)),
+                _ => break,
+            },
+            Step::Create => pass.create(table, &v)?,
+            Step::Split => pass.split(table, &v)?,
+        };
+        // `None`: the slot changed before the table was linked; look at it again.
+        let Some(below) = below else { continue };
+        path[depth] = Some((table, v, below));
+        (table, level, depth) = (below, level + 1, depth + 1);
+    }
+    // Deepest first, as the recursion returns.
+    for (table, v, below) in path[..depth].iter().rev().flatten() {
+        pass.post(*table, v, *below, op)?;
+    }
+    Ok(())
+}
+
 /// Visits the slots of `table` (at `level`) that `[start, end)` overlaps.
-fn walk_table<M: TableMemory, P: Pass<M>, V: OpVisitor>(
+pub(crate) fn walk_table<M: TableMemory, P: Pass<M>, V: OpVisitor>(
     pass: &mut P,
     op: &mut V,
     table: P::Table,

@@ -62,6 +62,16 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
+    /// The slot at `level` translating the page at `page` (page aligned), for that page alone.
+    #[inline]
+    pub fn page(level: u8, page: u64) -> Chunk {
+        Chunk {
+            base: page & !(level_size(level) - 1),
+            start: page,
+            end: page + crate::PAGE_SIZE,
+        }
+    }
+
     /// The range covers the whole slot at `level`.
     pub fn full(&self, level: u8) -> bool {
         self.start == self.base && self.end - self.base == level_size(level)

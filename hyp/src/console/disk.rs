@@ -1,0 +1,241 @@
+//! The disk commands (issue 17): `disk` (what the disk is), `disk sum` (a
+//! checksum of sectors read from it, so a test can check the read path
+//! against the host's own computation), `disk fill` (a seeded pattern the
+//! host can recompute, to check the write path) and `bench disk` (raw
+//! sequential throughput, the baseline a snapshot save is compared with).
+//! The device is `dev::blk`.
+
+use crate::arch::timer;
+use crate::console::error::CmdError;
+use crate::console::pairs::{median, PAIRS};
+use crate::console::reply::Reply;
+use crate::dev::blk::{self, Disk, MAX_REQUEST, SECTOR_SIZE};
+use alloc::vec::Vec;
+use hypcmd::Command;
+
+/// Sectors in one virtio request (`bench disk` issues exactly these).
+const CHUNK_SECTORS: u64 = (MAX_REQUEST / SECTOR_SIZE) as u64;
+/// Sectors per `Disk` call of `disk sum` and `disk fill`: several virtio
+/// requests, so these commands also exercise the driver's splitting.
+const CALL_SECTORS: u64 = 4 * CHUNK_SECTORS;
+
+/// Runs a disk command.
+pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
+    let disk = blk::get().ok_or(CmdError::NoDisk)?;
+    match cmd {
+        Command::Disk => info(disk, r),
+        Command::DiskSum { lba, sectors } => return sum(disk, lba, sectors, r),
+        Command::DiskFill { lba, sectors, seed } => return fill(disk, lba, sectors, seed, r),
+        Command::BenchDisk { mib } => return bench(disk, mib, r),
+        other => return Err(CmdError::NotHere(other)),
+    }
+    Ok(())
+}
+
+fn info(disk: &Disk, r: &mut Reply) {
+    let sectors = disk.capacity_sectors();
+    let bytes = sectors * SECTOR_SIZE as u64;
+    crate::say!(
+        r,
+        "disk: {sectors} sectors of {SECTOR_SIZE} bytes ({} MiB), {}, virtio-blk at {:#x}",
+        bytes >> 20,
+        if disk.readonly() {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        disk.base()
+    );
+    r.set("sectors", sectors);
+    r.set("sector_size", SECTOR_SIZE as u64);
+    r.set("bytes", bytes);
+    r.set("readonly", disk.readonly());
+}
+
+/// A zeroed buffer of `bytes`, or an error instead of the heap's abort.
+fn buffer(bytes: usize) -> Result<Vec<u8>, CmdError> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(bytes)
+        .map_err(|_| CmdError::Bench("out of heap for a disk buffer"))?;
+    buf.resize(bytes, 0);
+    Ok(buf)
+}
+
+/// The pieces covering `sectors` from `lba`: (first sector, sectors), at
+/// most `size` each.
+fn chunks(lba: u64, sectors: u64, size: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..sectors.div_ceil(size)).map(move |i| {
+        let at = i * size;
+        (lba + at, size.min(sectors - at))
+    })
+}
+
+/// Refuses a range past the end before any I/O (and before `lba + sectors`
+/// can overflow in `chunks`).
+fn check_range(disk: &Disk, lba: u64, sectors: u64) -> Result<(), CmdError> {
+    let capacity = disk.capacity_sectors();
+    match lba.checked_add(sectors) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(CmdError::Disk(blk::DiskError::PastEnd {
+            lba,
+            sectors,
+            capacity,
+        })),
+    }
+}
+
+/// FNV-1a, 64-bit: simple enough for a test to recompute independently.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    hash
+}
+
+/// FNV-1a 64's offset basis (its hash of nothing).
+const FNV_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn sum(disk: &Disk, lba: u64, sectors: u64, r: &mut Reply) -> Result<(), CmdError> {
+    check_range(disk, lba, sectors)?;
+    let mut buf = buffer(CALL_SECTORS as usize * SECTOR_SIZE)?;
+    let mut hash = FNV_BASIS;
+    for (at, n) in chunks(lba, sectors, CALL_SECTORS) {
+        let part = &mut buf[..n as usize * SECTOR_SIZE];
+        disk.read(at, part)?;
+        hash = fnv1a(hash, part);
+    }
+    crate::say!(r, "disk sum {lba} {sectors}: fnv1a64 = {hash:#018x}");
+    r.set("fnv1a64", alloc::format!("{hash:#018x}"));
+    Ok(())
+}
+
+/// The fill pattern: the little-endian `u64` at byte `8 * k` of the disk is
+/// `splitmix64(seed ^ k)` (docs/TESTING.md), so any sector's bytes depend on
+/// where it is.
+fn pattern_word(seed: u64, k: u64) -> u64 {
+    let mut z = (seed ^ k).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result<(), CmdError> {
+    check_range(disk, lba, sectors)?;
+    let mut buf = buffer(CALL_SECTORS as usize * SECTOR_SIZE)?;
+    for (at, n) in chunks(lba, sectors, CALL_SECTORS) {
+        let part = &mut buf[..n as usize * SECTOR_SIZE];
+        let first_word = at * (SECTOR_SIZE as u64 / 8);
+        for (k, word) in part.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&pattern_word(seed, first_word + k as u64).to_le_bytes());
+        }
+        disk.write(at, part)?;
+    }
+    disk.flush()?;
+    crate::say!(r, "disk fill {lba} {sectors} {seed}: written and flushed");
+    Ok(())
+}
+
+/// `bench disk <mib>`: [`PAIRS`] passes of a sequential write of the first
+/// `mib` MiB (then a flush: a save flushes too) and a sequential read of
+/// it, in [`MAX_REQUEST`] requests, as a save would write. Loses no data:
+/// the region is read first and written back at the end, whatever happened.
+fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
+    let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
+    check_range(disk, 0, sectors)?;
+    if disk.readonly() {
+        return Err(CmdError::Disk(blk::DiskError::ReadOnly));
+    }
+    // The original bytes, in request-sized pieces (no large heap run).
+    let mut saved = Vec::new();
+    for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
+        let mut piece = buffer(MAX_REQUEST)?;
+        disk.read(at, &mut piece)?;
+        saved
+            .try_reserve(1)
+            .map_err(|_| CmdError::Bench("out of heap for the disk backup"))?;
+        saved.push(piece);
+    }
+    let result = passes(disk, sectors);
+    // Put the data back even when a pass failed (it may have written).
+    let restored = chunks(0, sectors, CHUNK_SECTORS)
+        .zip(&saved)
+        .try_for_each(|((at, _), piece)| disk.write(at, piece))
+        .and_then(|()| disk.flush());
+    let (write, read) = result?;
+    restored?;
+    let (w, rd) = (median(&write), median(&read));
+    crate::say!(
+        r,
+        "bench disk: {mib} MiB in {} KiB requests: disk write = {w} MiB/s, read = {rd} MiB/s (medians of {PAIRS} passes, write includes the flush; min/max write {}/{}, read {}/{})",
+        MAX_REQUEST >> 10,
+        write.iter().min().unwrap_or(&0),
+        write.iter().max().unwrap_or(&0),
+        read.iter().min().unwrap_or(&0),
+        read.iter().max().unwrap_or(&0),
+    );
+    r.set("write_mibs", w);
+    r.set("read_mibs", rd);
+    Ok(())
+}
+
+/// MiB/s of each write pass and each read pass.
+fn passes(disk: &Disk, sectors: u64) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
+    let mut buf = buffer(MAX_REQUEST)?;
+    let (mut write, mut read) = (Vec::new(), Vec::new());
+    let bytes = sectors * SECTOR_SIZE as u64;
+    for pass in 0..PAIRS as u64 {
+        let mut ticks = 0;
+        for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
+            stamp(&mut buf, at, pass);
+            let t0 = timer::now();
+            disk.write(at, &buf)?;
+            ticks += timer::now() - t0;
+        }
+        let t0 = timer::now();
+        disk.flush()?;
+        ticks += timer::now() - t0;
+        write.push(mibs(bytes, ticks));
+        ticks = 0;
+        for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
+            buf.fill(0);
+            let t0 = timer::now();
+            disk.read(at, &mut buf)?;
+            ticks += timer::now() - t0;
+            verify(&buf, at, pass)?;
+        }
+        read.push(mibs(bytes, ticks));
+    }
+    Ok((write, read))
+}
+
+/// The bench pattern of a request at `lba` in `pass`: every `u64` names its
+/// sector, pass and place, so a misplaced, stale or torn sector shows.
+fn bench_word(lba: u64, pass: u64, k: usize) -> u64 {
+    (lba << 16) ^ (pass << 8) ^ k as u64 ^ 0x5a5a_0000_0000_0000
+}
+
+fn stamp(buf: &mut [u8], lba: u64, pass: u64) {
+    for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+        for (k, word) in sector.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&bench_word(lba + i as u64, pass, k).to_le_bytes());
+        }
+    }
+}
+
+fn verify(buf: &[u8], lba: u64, pass: u64) -> Result<(), CmdError> {
+    for (i, sector) in buf.chunks_exact(SECTOR_SIZE).enumerate() {
+        for (k, word) in sector.chunks_exact(8).enumerate() {
+            if word != bench_word(lba + i as u64, pass, k).to_le_bytes() {
+                return Err(CmdError::DiskVerify {
+                    lba: lba + i as u64,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// MiB/s for `bytes` in `ticks`.
+fn mibs(bytes: u64, ticks: u64) -> u64 {
+    ((bytes as u128 * timer::frequency() as u128 / ticks.max(1) as u128) >> 20) as u64
+}

@@ -1,0 +1,217 @@
+//! The hypervisor's disk (issue 17): the first virtio-blk device of the host
+//! DTB, driven with `virtio_drivers`' `VirtIOBlk` over virtio-mmio, for the
+//! hypervisor's own use (snapshots that outlive the machine). A small block
+//! API: capacity in 512-byte sectors, [`Disk::read`] and [`Disk::write`] of
+//! whole sectors at an LBA, [`Disk::flush`]. Failures are [`DiskError`]
+//! values, never a panic.
+//!
+//! No guest ever sees this device: a guest DTB is built from scratch
+//! (`boot::guest_dtb` writes only memory, CPUs, GIC, timer and the emulated
+//! UART, no virtio node), and a guest's stage 2 maps only its RAM, never the
+//! device window below RAM, so a guest access to the virtio-mmio window is
+//! an unmapped IPA (`vm::abort`: an injected external abort).
+//!
+//! Polled, no interrupt: a request is submitted and its completion waited
+//! for by the calling CPU (`add_notify_wait_pop`), one request at a time.
+//! QEMU completes a virtio-blk request asynchronously, in its I/O thread, so
+//! the CPU spins for the device's time.
+//!
+//! Buffers: callers pass any byte buffer (heap, stack, a frame), and the
+//! driver hands it to the device in place: `HypHal::share` gives the device
+//! the buffer's virtual address as its physical one. That is sound because
+//! the EL2 stage-1 map is an identity map of all RAM (`arch::mmu`): a buffer
+//! contiguous in VA (every Rust slice is) is contiguous in PA, heap memory
+//! included (the heap is the link map's area plus frame runs, all RAM).
+//! DMA is coherent (`hal`), so no cache maintenance is needed around a
+//! request.
+
+use super::hal::HypHal;
+use super::virtio::{self, Claimed};
+use core::fmt;
+use platform::Board;
+use spin::{Mutex, Once};
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::transport::DeviceType;
+
+/// Bytes in a sector, the unit of every address and length here.
+pub const SECTOR_SIZE: usize = virtio_drivers::device::blk::SECTOR_SIZE;
+
+/// Most bytes one virtio request carries; longer reads and writes are split.
+/// 1 MiB: large enough that the per-request cost (a notify, QEMU's
+/// coroutine, the completion) is small next to the copy, small enough that
+/// the disk lock is not held for long by one caller.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Why a disk operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskError {
+    /// The device does not accept writes (QEMU `readonly=on`).
+    ReadOnly,
+    /// The buffer is not a whole number of sectors.
+    NotSectors {
+        /// The buffer's length in bytes.
+        len: usize,
+    },
+    /// The request reaches past the last sector.
+    PastEnd {
+        /// First sector of the request.
+        lba: u64,
+        /// Its length in sectors.
+        sectors: u64,
+        /// The disk's capacity in sectors.
+        capacity: u64,
+    },
+    /// The device (or the driver's queue) reported an error.
+    Device(virtio_drivers::Error),
+}
+
+impl fmt::Display for DiskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskError::ReadOnly => f.write_str("the disk is read-only"),
+            DiskError::NotSectors { len } => {
+                write!(
+                    f,
+                    "{len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+                )
+            }
+            DiskError::PastEnd {
+                lba,
+                sectors,
+                capacity,
+            } => write!(
+                f,
+                "sectors {lba}..{} are past the end of the disk ({capacity} sectors)",
+                lba.saturating_add(*sectors)
+            ),
+            DiskError::Device(e) => write!(f, "disk device error: {e}"),
+        }
+    }
+}
+
+type Blk = VirtIOBlk<HypHal, MmioTransport<'static>>;
+
+/// The hypervisor's disk.
+pub struct Disk {
+    /// The driver. Lock level: a leaf. Nothing else is taken while it is
+    /// held, except the frame allocator's lock inside the driver's DMA calls
+    /// (which happen only in `VirtIOBlk::new`, before the lock exists).
+    dev: Mutex<Blk>,
+    capacity: u64,
+    readonly: bool,
+    /// Where its registers are (for messages).
+    base: u64,
+}
+
+static DISK: Once<Disk> = Once::new();
+
+/// Claims the first virtio-blk device, if any, as the hypervisor's disk.
+/// Boot CPU, once, after the frame allocator is up.
+pub fn init(board: &Board) {
+    let Some(Claimed { transport, at }) = virtio::claim(board, DeviceType::Block) else {
+        crate::println!("[hyp] no disk (no virtio-blk device)");
+        return;
+    };
+    let base = at.regs.base;
+    match Blk::new(transport) {
+        Ok(dev) => {
+            let disk = DISK.call_once(|| Disk {
+                capacity: dev.capacity(),
+                readonly: dev.readonly(),
+                dev: Mutex::new(dev),
+                base,
+            });
+            crate::println!(
+                "[hyp] disk: {} MiB{} (virtio-blk at {base:#x})",
+                (disk.capacity_sectors() * SECTOR_SIZE as u64) >> 20,
+                if disk.readonly { ", read-only" } else { "" }
+            );
+        }
+        Err(e) => crate::println!("[hyp] disk: virtio-blk at {base:#x} failed: {e}"),
+    }
+}
+
+/// The disk, if one was found at boot.
+pub fn get() -> Option<&'static Disk> {
+    DISK.get()
+}
+
+impl Disk {
+    /// Capacity in [`SECTOR_SIZE`]-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the device refuses writes.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Physical address of the device's registers.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Reads `buf.len() / SECTOR_SIZE` sectors from `lba` on into `buf`.
+    pub fn read(&self, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.check(lba, buf.len())?;
+        for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
+            let at = chunk_lba(lba, i);
+            // The buffer is shared with the device in place: see "Buffers"
+            // in the module doc.
+            self.dev
+                .lock()
+                .read_blocks(at, chunk)
+                .map_err(DiskError::Device)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` (whole sectors) to the disk from `lba` on. Not durable
+    /// until [`Disk::flush`].
+    pub fn write(&self, lba: u64, buf: &[u8]) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::ReadOnly);
+        }
+        self.check(lba, buf.len())?;
+        for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
+            let at = chunk_lba(lba, i);
+            self.dev
+                .lock()
+                .write_blocks(at, chunk)
+                .map_err(DiskError::Device)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (a no-op on a device without
+    /// `VIRTIO_BLK_F_FLUSH`, whose writes are durable on completion).
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.dev.lock().flush().map_err(DiskError::Device)
+    }
+
+    /// `len` bytes at `lba` are whole sectors inside the disk. The driver
+    /// asserts whole sectors, so this is what keeps a bad request an error
+    /// rather than a panic.
+    fn check(&self, lba: u64, len: usize) -> Result<(), DiskError> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::NotSectors { len });
+        }
+        let sectors = (len / SECTOR_SIZE) as u64;
+        match lba.checked_add(sectors) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(DiskError::PastEnd {
+                lba,
+                sectors,
+                capacity: self.capacity,
+            }),
+        }
+    }
+}
+
+/// The LBA of chunk `i` of a request starting at `lba` (in range: `check`
+/// bounded the whole request by the capacity).
+fn chunk_lba(lba: u64, i: usize) -> usize {
+    (lba + (i * MAX_REQUEST / SECTOR_SIZE) as u64) as usize
+}

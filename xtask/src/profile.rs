@@ -1,0 +1,221 @@
+//! `cargo xtask profile [cow|snapshot]`: where the hypervisor's instructions
+//! go, per copy-on-write fault or per fuzzing cycle. The release hypervisor
+//! runs the test guest twice under QEMU with a small TCG plugin
+//! (`plugin/tbcount.c`) that counts every translated block the CPU runs inside
+//! the hypervisor's image; the two runs differ only in how many faults (or
+//! cycles) the guest makes, so their difference divided by that number is
+//! the cost of one, by function. Instruction counts repeat exactly for the
+//! same binary, whatever else the shared machine does; wall-clock time under
+//! TCG does not (`bench` measures time, this measures work).
+
+use crate::build;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PLUGIN_SRC: &str = include_str!("../plugin/tbcount.c");
+
+/// A guest workload at two sizes: what one unit of the difference is.
+struct Workload {
+    name: &'static str,
+    small: &'static str,
+    large: &'static str,
+    units: f64,
+    unit: &'static str,
+}
+
+const WORKLOADS: [Workload; 2] = [
+    Workload {
+        name: "cow",
+        small: "cowbench pages=8",
+        large: "cowbench pages=128",
+        units: 120.0,
+        unit: "copy-on-write write fault (and one null hypercall: the trap baseline)",
+    },
+    Workload {
+        name: "snapshot",
+        small: "snapshot cycles=50",
+        large: "snapshot cycles=300",
+        units: 250.0,
+        unit: "fuzzing cycle (64 CoW faults, a restore) plus one restore alone",
+    },
+];
+
+/// Per function: instructions run, and calls (runs of its first block).
+type Counts = HashMap<usize, (u64, u64)>;
+
+pub fn profile(args: &[String]) -> Result<(), String> {
+    crate::setup::ensure()?;
+    let which = args.first().map_or("cow", String::as_str);
+    let work = WORKLOADS
+        .iter()
+        .find(|w| w.name == which)
+        .ok_or_else(|| format!("profile: unknown workload '{which}' (cow or snapshot)"))?;
+    let images = build::images(true)?;
+    let dir = build::target_dir().join("profile");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let plugin = build_plugin(&dir)?;
+    let syms = Symbols::read(&images.hyp)?;
+    let small = run(
+        &images.hyp,
+        &plugin,
+        &syms,
+        work.small,
+        &dir.join("small.txt"),
+    )?;
+    let large = run(
+        &images.hyp,
+        &plugin,
+        &syms,
+        work.large,
+        &dir.join("large.txt"),
+    )?;
+    report(work, &syms, &small, &large);
+    Ok(())
+}
+
+/// Compiles the plugin with the host C compiler (gcc is on every machine
+/// of this kind; QEMU loads plugins as shared objects).
+fn build_plugin(dir: &Path) -> Result<PathBuf, String> {
+    let src = dir.join("tbcount.c");
+    let so = dir.join("tbcount.so");
+    std::fs::write(&src, PLUGIN_SRC).map_err(|e| format!("{}: {e}", src.display()))?;
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-lpthread")
+        .status()
+        .map_err(|e| format!("cc: {e}"))?;
+    status
+        .success()
+        .then_some(so)
+        .ok_or("profile: the plugin did not compile".into())
+}
+
+/// The hypervisor's function symbols, by address.
+struct Symbols {
+    addrs: Vec<u64>,
+    names: Vec<String>,
+}
+
+impl Symbols {
+    fn read(elf: &Path) -> Result<Symbols, String> {
+        // binutils' nm demangles Rust's symbols (`-C`); the toolchain's
+        // llvm-nm leaves the legacy mangling.
+        let out = Command::new("nm")
+            .args(["-C", "--defined-only", "-n"])
+            .arg(elf)
+            .output()
+            .map_err(|e| format!("nm: {e}"))?;
+        let (mut addrs, mut names) = (Vec::new(), Vec::new());
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut parts = line.splitn(3, ' ');
+            let (Some(addr), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if matches!(kind, "t" | "T") {
+                if let Ok(a) = u64::from_str_radix(addr, 16) {
+                    addrs.push(a);
+                    names.push(name.to_string());
+                }
+            }
+        }
+        if addrs.is_empty() {
+            return Err(format!("{}: no function symbols", elf.display()));
+        }
+        Ok(Symbols { addrs, names })
+    }
+
+    /// The function holding `addr`.
+    fn at(&self, addr: u64) -> Option<usize> {
+        self.addrs.partition_point(|&a| a <= addr).checked_sub(1)
+    }
+
+    /// The text range to count: from the first function to past the last.
+    fn range(&self) -> (u64, u64) {
+        (self.addrs[0], self.addrs[self.addrs.len() - 1] + 0x1_0000)
+    }
+}
+
+/// Boots the test guest with `args` under the plugin; its counts by function.
+fn run(
+    hyp: &Path,
+    plugin: &Path,
+    syms: &Symbols,
+    args: &str,
+    out: &Path,
+) -> Result<Counts, String> {
+    let cfg = qemu_tests::MachineConfig {
+        vcpus: Some(1),
+        guest_args: Some(args.into()),
+        ..Default::default()
+    };
+    let (lo, hi) = syms.range();
+    let spec = format!(
+        "{},out={},lo={lo:x},hi={hi:x}",
+        plugin.display(),
+        out.display()
+    );
+    let mut cmd = cfg.command(hyp);
+    // One TCG thread: the counters are plain adds, not atomics.
+    cmd.args(["-accel", "tcg,thread=single", "-plugin", &spec]);
+    let res = cmd.stdin(std::process::Stdio::null()).output();
+    let text = String::from_utf8_lossy(&res.map_err(|e| format!("qemu: {e}"))?.stdout).into_owned();
+    if !text.contains("GUEST RESULT: PASS") {
+        return Err(format!("profile: guest '{args}' did not pass:\n{text}"));
+    }
+    let data = std::fs::read_to_string(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut counts = Counts::new();
+    for line in data.lines() {
+        // "vaddr(hex) instructions runs" per translated block.
+        let mut words = line.split(' ');
+        let block = (|| {
+            let vaddr = u64::from_str_radix(words.next()?, 16).ok()?;
+            let insns: u64 = words.next()?.parse().ok()?;
+            let runs: u64 = words.next()?.parse().ok()?;
+            Some((vaddr, insns, runs, syms.at(vaddr)?))
+        })();
+        let Some((vaddr, insns, runs, f)) = block else {
+            continue;
+        };
+        let e = counts.entry(f).or_default();
+        e.0 += insns * runs;
+        if syms.addrs[f] == vaddr {
+            e.1 += runs;
+        }
+    }
+    Ok(counts)
+}
+
+/// Prints the difference per unit: the total and the functions it is in.
+fn report(work: &Workload, syms: &Symbols, small: &Counts, large: &Counts) {
+    let mut rows: Vec<(f64, f64, &str)> = Vec::new();
+    let mut total = 0.0;
+    for f in small
+        .keys()
+        .chain(large.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (a, b) = (
+            small.get(f).copied().unwrap_or_default(),
+            large.get(f).copied().unwrap_or_default(),
+        );
+        let insns = (b.0 as f64 - a.0 as f64) / work.units;
+        let calls = (b.1 as f64 - a.1 as f64) / work.units;
+        total += insns;
+        rows.push((insns, calls, &syms.names[*f]));
+    }
+    rows.sort_by(|x, y| y.0.total_cmp(&x.0));
+    println!(
+        "\nhypervisor instructions per {} ('{}' minus '{}', / {}):",
+        work.unit, work.large, work.small, work.units
+    );
+    println!("  total: {total:.0}");
+    println!("  {:>9} {:>7}  function", "instr", "calls");
+    for (insns, calls, name) in rows.iter().filter(|r| r.0 >= 5.0).take(30) {
+        let name: String = name.chars().take(110).collect();
+        println!("  {insns:>9.1} {calls:>7.2}  {name}");
+    }
+}
