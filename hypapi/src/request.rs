@@ -104,14 +104,17 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
             Arg("cmdline", Kind::Tail("--cmdline"), true),
         ],
     ),
+    // `merge` alone is a pass; with op "group" it moves a VM.
     (
         "merge",
         &[
-            Arg("op", Kind::Word, false),
-            VM,
-            Arg("group", Kind::Dec, false),
+            Arg("op", Kind::Word, true),
+            Arg("vm", Kind::Vm, true),
+            Arg("group", Kind::Dec, true),
         ],
     ),
+    ("merge auto", &[Arg("rate", Kind::Dec, false)]),
+    ("merge off", &[]),
 ];
 
 const LBA: Arg = Arg("lba", Kind::Dec, false);

@@ -98,6 +98,11 @@ fn command() -> impl Strategy<Value = Command> {
         create().prop_map(Command::Create),
         ((1u32..10).prop_map(VmId), 1u32..=hypcmd::MAX_GROUP)
             .prop_map(|(vm, group)| Command::MergeGroup { vm, group }),
+        prop_oneof![
+            Just(Command::Merge),
+            Just(Command::MergeOff),
+            (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| Command::MergeAuto { rate }),
+        ],
     ]
 }
 

@@ -221,6 +221,14 @@ fn create_and_merge_group_requests() {
             group: 5
         }
     );
+    assert_eq!(ok(r#"{"id":7,"cmd":"merge"}"#).1, Command::Merge);
+    assert_eq!(
+        ok(r#"{"id":8,"cmd":"merge auto","rate":4096}"#).1,
+        Command::MergeAuto { rate: 4096 }
+    );
+    assert_eq!(ok(r#"{"id":9,"cmd":"merge off"}"#).1, Command::MergeOff);
+    let (_, code, _) = err(r#"{"id":10,"cmd":"merge auto"}"#);
+    assert_eq!(code, ErrorCode::BadArgument);
     // A keyword is one word: spaces would smuggle in arguments.
     let (_, code, msg) = err(r#"{"id":4,"cmd":"create","guest":"linux --mem 1"}"#);
     assert_eq!(code, ErrorCode::BadArgument);

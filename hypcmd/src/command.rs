@@ -216,7 +216,21 @@ pub enum Command {
         /// Its new group, 1..=[`MAX_GROUP`].
         group: u32,
     },
+    /// `merge`: one whole pass of the same-page merger over every VM (two
+    /// for pages it sees for the first time), printing what it saved.
+    Merge,
+    /// `merge auto <pages-per-second>`: the merger scans in the background
+    /// at that rate, 1..=[`MAX_MERGE_RATE`].
+    MergeAuto {
+        /// Pages visited per second.
+        rate: u64,
+    },
+    /// `merge off`: stop the background merger.
+    MergeOff,
 }
+
+/// The fastest background merge rate a command names (pages per second).
+pub const MAX_MERGE_RATE: u64 = 1 << 24;
 
 /// The largest trust group a command names (fresh groups are numbered above
 /// every group ever named, so this leaves room).
@@ -366,6 +380,9 @@ impl fmt::Display for Command {
             BenchDisk { mib } => write!(f, "bench disk {mib}"),
             Create(c) => write!(f, "{c}"),
             MergeGroup { vm, group } => write!(f, "merge group {vm} {group}"),
+            Merge => f.write_str("merge"),
+            MergeAuto { rate } => write!(f, "merge auto {rate}"),
+            MergeOff => f.write_str("merge off"),
         }
     }
 }
@@ -395,6 +412,9 @@ pub const HELP: &str = "commands:
   console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
   create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]  boot a new independent VM
   merge group <vm> <group>              put a VM in a trust group (pages merge only within one)
+  merge             merge identical pages across VMs of a trust group now (one pass)
+  merge auto <pages-per-second>         keep merging in the background at that rate
+  merge off         stop merging in the background
   quit              end the machine
   disk              the hypervisor's disk: capacity, sector size, read-only
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk

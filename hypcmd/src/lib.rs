@@ -30,7 +30,9 @@ pub mod keys;
 pub mod lines;
 mod parse;
 
-pub use command::{Command, Create, Focus, Guest, PageRange, VmId, Words, HELP, MAX_GROUP};
+pub use command::{
+    Command, Create, Focus, Guest, PageRange, VmId, Words, HELP, MAX_GROUP, MAX_MERGE_RATE,
+};
 pub use parse::{parse, ParseError};
 
 /// The granule of every address range a command names.

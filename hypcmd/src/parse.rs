@@ -3,7 +3,9 @@
 //! splits, parses numbers with the standard library's checked parsers,
 //! compares, and rounds with checked arithmetic.
 
-use crate::command::{Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP};
+use crate::command::{
+    Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP, MAX_MERGE_RATE,
+};
 use crate::PAGE_SIZE;
 use alloc::string::String;
 use core::fmt;
@@ -159,7 +161,8 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
 }
 
 const CREATE_USAGE: &str = "create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]";
-const MERGE_USAGE: &str = "merge group <vm> <group>";
+const MERGE_USAGE: &str =
+    "merge | merge auto <pages-per-second> | merge off | merge group <vm> <group>";
 
 /// `create <guest> [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: the flags
 /// in any order (the last of a repeated one counts); the command line is the
@@ -200,6 +203,12 @@ fn create(args: &mut Args) -> Result<Command> {
 /// `merge group <vm> <group>` (the merger's own subcommands come later).
 fn merge(args: &mut Args) -> Result<Command> {
     match args.0.next() {
+        None => Ok(Command::Merge),
+        Some("auto") => {
+            let rate = args.num("pages per second", 1..=MAX_MERGE_RATE)?;
+            Ok(Command::MergeAuto { rate })
+        }
+        Some("off") => Ok(Command::MergeOff),
         Some("group") => {
             let vm = args.vm()?;
             let group = args.num("group", 1..=MAX_GROUP as u64)?;

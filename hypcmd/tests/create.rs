@@ -92,8 +92,18 @@ fn merge_group_takes_a_vm_and_a_group() {
         }
     );
     assert_eq!(ok("merge group 3 7").to_string(), "merge group 3 7");
-    assert_eq!(err("merge"), "usage: merge group <vm> <group>");
-    assert_eq!(err("merge grup 1 2"), "usage: merge group <vm> <group>");
+    assert_eq!(ok("merge"), Command::Merge, "a bare merge is a pass");
+    assert_eq!(ok("merge auto 4096"), Command::MergeAuto { rate: 4096 });
+    assert_eq!(ok("merge off"), Command::MergeOff);
+    assert_eq!(err("merge auto"), "missing pages per second");
+    assert_eq!(
+        err("merge auto 0"),
+        "bad pages per second '0' (1..=16777216)"
+    );
+    assert_eq!(
+        err("merge grup 1 2"),
+        "usage: merge | merge auto <pages-per-second> | merge off | merge group <vm> <group>"
+    );
     assert_eq!(err("merge group 1"), "missing group");
     assert_eq!(err("merge group x 1"), "'x' is not a VM id");
     assert_eq!(err("merge group 1 0"), "bad group '0' (1..=1000000)");

@@ -145,6 +145,11 @@ fn command() -> impl Strategy<Value = Command> {
         ],
         create().prop_map(Create),
         (vm(), 1u32..=MAX_GROUP).prop_map(|(vm, group)| MergeGroup { vm, group }),
+        prop_oneof![
+            Just(Merge),
+            Just(MergeOff),
+            (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| MergeAuto { rate }),
+        ],
     ]
 }
 

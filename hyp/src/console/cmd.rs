@@ -99,6 +99,7 @@ pub fn poll_input() {
 /// state lock held.
 pub fn poll() {
     WAITING.store(false, Ordering::Release);
+    crate::console::merge::background();
     let typed = TYPED.lock().take();
     if let Some(cmd) = typed {
         execute(&cmd);
@@ -294,6 +295,9 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::MergeGroup { vm: id, group } => {
             return crate::console::vmcmd::merge_group(vm(id)?, group, r)
         }
+        Command::Merge => return crate::console::merge::pass(r),
+        Command::MergeAuto { rate } => return crate::console::merge::auto(Some(rate), r),
+        Command::MergeOff => return crate::console::merge::auto(None, r),
         Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
         Command::Sleep { ms } => {
             let until =

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod membench;
 pub mod memcmd;
+pub mod merge;
 pub mod pairs;
 pub mod reply;
 pub mod stats;

@@ -57,6 +57,7 @@ pub fn print(r: &mut Reply) {
     r.set("vmid_rollovers", rollovers);
     r.set("vmid_flushes_skipped", skipped);
     memory(r);
+    crate::console::merge::stats(r);
 }
 
 /// The memory lines of `stats`.

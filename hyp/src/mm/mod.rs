@@ -28,6 +28,7 @@ pub mod glue;
 pub mod heap;
 pub mod memctl;
 pub mod memory;
+pub mod merge;
 pub mod restore;
 pub mod store;
 pub mod vmmem;
