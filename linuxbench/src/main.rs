@@ -15,7 +15,11 @@ fn main() -> ExitCode {
         }
     };
     let rounds = linuxbench::measure(mib << 20).and_then(|warm| {
-        println!("cowbench-linux warm-up: {}", warm.line());
+        let line = warm.line();
+        println!(
+            "{}",
+            line.replacen("cowbench-linux:", "cowbench-linux warm-up:", 1)
+        );
         linuxbench::measure(mib << 20)
     });
     match rounds {
