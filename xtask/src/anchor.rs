@@ -35,8 +35,9 @@ fn linux_config(linux: &crate::linux::LinuxImages) -> MachineConfig {
 }
 
 /// Boots Linux under `hyp`, runs `/bin/cowbench` in its shell and returns
-/// its result line (`cowbench-linux: ...`); the machine is then stopped.
-fn linux_run(hyp: &Path, cfg: &MachineConfig) -> Result<String, String> {
+/// its warm-up and result lines (`cowbench-linux: ...`, the one measured);
+/// the machine is then stopped.
+fn linux_run(hyp: &Path, cfg: &MachineConfig) -> Result<(String, String), String> {
     let mut m = Machine::spawn("bench-anchor", &mut cfg.command(hyp));
     let fail = |m: &Machine, e: String| format!("{e}\n{}", m.transcript());
     m.try_expect("MHV-LINUX-READY", TIMEOUT)
@@ -44,6 +45,11 @@ fn linux_run(hyp: &Path, cfg: &MachineConfig) -> Result<String, String> {
         .map_err(|e| fail(&m, e))?;
     // The typed line's echo is "cowbench": only the result has the colon.
     m.send("cowbench\n");
+    let warm_up = m
+        .try_expect("cowbench-linux warm-up: ", TIMEOUT)
+        .and_then(|_| m.try_expect("\n", TIMEOUT))
+        .map(|rest| format!("cowbench-linux warm-up: {}", rest.trim()))
+        .map_err(|e| fail(&m, e))?;
     let line = m
         .try_expect("cowbench-linux: ", TIMEOUT)
         .and_then(|_| m.try_expect("\n", TIMEOUT))
@@ -52,7 +58,7 @@ fn linux_run(hyp: &Path, cfg: &MachineConfig) -> Result<String, String> {
     if m.transcript().contains("*** HYPERVISOR") {
         return Err(fail(&m, "the hypervisor faulted".into()));
     }
-    Ok(line)
+    Ok((warm_up, line))
 }
 
 /// The test guest's `cowbench` under `hyp` (one vCPU, as `bench guest`).
@@ -88,9 +94,10 @@ pub fn bench(images: &crate::build::Images, pairs: usize) -> Result<(), String> 
     println!("\nstage-2 CoW fault vs Linux's own CoW fault in the Linux guest (release hypervisor, QEMU TCG, cortex-a72, -smp 2, 1 vCPU each; {pairs} pairs, each booting Linux):");
     let mut ratios = Vec::new();
     for pair in 1..=pairs {
-        let linux = linux_run(&images.hyp, &cfg)?;
+        let (warm_up, linux) = linux_run(&images.hyp, &cfg)?;
         let guest = guest_run(images)?;
         let ratio = cow_ns(&guest)? as f64 / cow_ns(&linux)? as f64;
+        println!("  pair {pair}: {warm_up}");
         println!("  pair {pair}: {linux}");
         println!("  pair {pair}: {guest}");
         println!("  pair {pair}: stage-2 CoW / Linux CoW = {ratio:.2}");
