@@ -5,7 +5,7 @@
 //!
 //! This machine is shared and its speed swings, so the two run in pairs,
 //! back to back, and the summary is the median of the per-pair ratios with
-//! their min and max. Each pair boots Linux afresh (about half a minute under
+//! their min and max. Each pair boots Linux afresh (a few seconds under
 //! TCG), runs `cowbench` in its shell, stops that QEMU, and then boots the
 //! test guest: nothing else of ours runs while either side measures.
 
