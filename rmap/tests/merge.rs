@@ -11,10 +11,13 @@ fn world() -> HostWorld {
     HostWorld::new(64, 4, 64, 256)
 }
 
+/// Page `i` of `vm` as a merge names it: with the frame mapped there now (an unmapped page
+/// names no frame of the table).
 fn page(vm: &HostVm, i: u64) -> MergePage {
     MergePage {
         vm: vm.id,
         ipa: RAM + i * 4096,
+        pfn: frame_of(vm, i).pfn().unwrap_or(Pfn::new(0)),
         group: 0,
     }
 }

@@ -310,15 +310,16 @@ impl Model {
             }
         }
         let w = &self.world;
+        let entry = |(vm, ipa): (usize, Ipa)| self.vms[vm].0.s2.lock().lookup(ipa);
         let page = |(vm, ipa): (usize, Ipa)| MergePage {
             vm: self.vms[vm].0.id,
             ipa,
+            pfn: entry((vm, ipa)).pfn().unwrap_or(Pfn::new(0)),
             group: 0,
         };
         let expect = |(vm, ipa): (usize, Ipa)| self.vms[vm].1.get(&ipa).copied().unwrap_or(0);
         let same = expect(a) == expect(b);
         let r = w.rmap.merge(&w.vms, &w.machine, page(a), page(b));
-        let entry = |(vm, ipa): (usize, Ipa)| self.vms[vm].0.s2.lock().lookup(ipa);
         match r {
             Ok(pfn) => {
                 assert!(same, "merged different pages");

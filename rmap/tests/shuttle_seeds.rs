@@ -324,6 +324,7 @@ fn merge_race() {
     let page = |vm: &rmap::host::HostVm| MergePage {
         vm: vm.id,
         ipa: RAM,
+        pfn: frame_at(vm, RAM),
         group: 0,
     };
     let (p1, p2) = (page(&vm1), page(&vm2));
