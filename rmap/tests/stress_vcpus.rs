@@ -294,7 +294,7 @@ fn merger(w: &HostWorld, slots: &[&Slot], seed: u64, c: &Counters) {
     let mut rng = Rng::new(seed);
     let pages = all_pages();
     for _ in 0..OPS * usize::from(!slots.is_empty()) {
-        let mut side = |rng: &mut Rng| {
+        let side = |rng: &mut Rng| {
             let slot = pick(rng, slots);
             let ipa = if rng.below(2) == 0 {
                 page_ipa(BLOCK, rng.below(BLOCK_PAGES as usize) as u64)
