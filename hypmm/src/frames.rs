@@ -43,4 +43,10 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         // the I-cache is made coherent then, not here.
         publish(self.0, dst.pa(), PAGE_SIZE);
     }
+
+    fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
+        // SAFETY: rmap compares two frames it pinned and write-protected in every stage 2
+        // (with the TLB invalidations done), holding both frame locks.
+        unsafe { self.0.frames_equal(a.pa(), b.pa()) }
+    }
 }

@@ -68,4 +68,13 @@ pub trait Machine {
     /// by the caller for the copy (locked, or its writers replaced by
     /// migration entries); they are distinct frames.
     unsafe fn copy_frame(&self, dst: Pa, src: Pa);
+
+    /// Whether the frames at `a` and `b` hold the same bytes (same-page merging's final
+    /// comparison, read through the hypervisor's cacheable map).
+    ///
+    /// # Safety
+    ///
+    /// Both are RAM frames the caller pinned; no guest can write either (every mapping is
+    /// read-only and invalidated) for the duration of the call.
+    unsafe fn frames_equal(&self, a: Pa, b: Pa) -> bool;
 }

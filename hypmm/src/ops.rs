@@ -71,7 +71,7 @@ where
     S: for<'a> Stage2<Locked<'a> = LockedStage2<'a, M>>,
     W: SwapStore,
 {
-    let _regions = regions.read();
+    let regions = regions.read();
     let mut from = range.start;
     loop {
         let next = vm.lock().next_entry(from, range.end);
@@ -90,7 +90,11 @@ where
             },
         }
         match entry {
-            PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, &Frames(machine)),
+            // With its region, a merged frame's family share is dropped exactly.
+            PageState::Mapped { pfn, .. } => match regions.find(ipa) {
+                Some(region) => rmap.remove_rmap_at(pfn, region, ipa, &Frames(machine)),
+                None => rmap.remove_rmap(pfn, &Frames(machine)),
+            },
             PageState::Swapped { slot } => rmap.put_swap(slot, swap, &Frames(machine)),
             PageState::Migrating { .. } | PageState::Invalid => {}
         }

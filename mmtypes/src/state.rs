@@ -6,8 +6,8 @@
 //! Break-before-make's transient owner token is not a page state: it never leaves
 //! `stage2`'s descriptor encoding.
 //!
-//! There is no "zero page" state: nothing maps a shared zero page yet (a first touch maps a
-//! fresh zeroed frame). Same-page merging will add one, with a row of its own below.
+//! There is no "zero page" state yet: nothing maps a shared zero page (a first touch maps a
+//! fresh zeroed frame); tag 3 of `stage2`'s software encoding is kept for it.
 //!
 //! # Transitions
 //!
@@ -23,10 +23,11 @@
 //! |---|---|---|---|---|
 //! | `Invalid` | `Mapped(q, w)` | `FirstTouch` | a first-touch fault maps a fresh zeroed frame | region list (read) |
 //! | `Invalid` | `Mapped(p, ro)`, `Migrating(p, ro)`, `Swapped(s)` | `Share` | fork fills the child with its parent's entries; snapshot restore reinstalls the snapshot's; the UART image is mapped | parent's stage-2 lock, both region lists |
-//! | `Mapped(p, w)` | `Mapped(p, ro)` | `WriteProtect` | fork write-protects the parent | child's stage-2 lock (nested) |
+//! | `Mapped(p, w)` | `Mapped(p, ro)` | `WriteProtect` | fork write-protects the parent; same-page merging write-protects both pages before comparing them | child's stage-2 lock (nested); merge: frame lock, anon_vma (read) |
 //! | `Migrating(p, w)` | `Migrating(p, ro)` | `WriteProtect` | fork write-protects a parent's page under migration | child's stage-2 lock (nested) |
 //! | `Mapped(p, ro)` | `Mapped(p, w)` | `CowReuse` | a write fault on a frame this VM alone maps makes it writable in place | frame lock |
-//! | `Mapped(p, ro)` | `Mapped(q, w)` | `CowCopy` | a write fault on a shared frame maps a copy | frame pin |
+//! | `Mapped(p, ro)` | `Mapped(q, w)` | `CowCopy` | a write fault on a shared frame maps a copy (always for a merged frame: unmerge) | frame pin (frame lock for a merged frame) |
+//! | `Mapped(p, ro)` | `Mapped(q, ro)` | `Merge` | same-page merging points a write-protected mapping at an identical merged frame `q` (`rmap::merge`) | both frames' locks, the family's anon_vma (read) |
 //! | `Mapped(p, x)` | `Migrating(p, x)` | `Unmap` | migration or reclaim takes the mapping away (`try_to_migrate`) | frame lock, anon_vma (read) |
 //! | `Migrating(p, x)` | `Mapped(q, x)` | `Remap` | migration is done: the new frame goes in (`remove_migration_ptes`) | frame lock, anon_vma (read) |
 //! | `Migrating(p, x)` | `Mapped(p, x)` | `Remap` | migration or reclaim backs off: the frame goes back | frame lock, anon_vma (read) |
@@ -90,6 +91,9 @@ pub enum Transition {
     CowReuse,
     /// `Mapped(p, ro) → Mapped(q, w)`: copy-on-write copy.
     CowCopy,
+    /// `Mapped(p, ro) → Mapped(q, ro)`: same-page merging redirects a read-only mapping to
+    /// an identical merged frame.
+    Merge,
     /// `Mapped(p, x) → Migrating(p, x)`: migration or reclaim begins.
     Unmap,
     /// `Migrating(p, x) → Mapped(q or p, x)`: migration ends or backs off.
@@ -156,6 +160,7 @@ impl PageState {
                 (true, false, true) => Some(WriteProtect),
                 (false, true, true) => Some(CowReuse),
                 (false, true, false) => Some(CowCopy),
+                (false, false, false) => Some(Merge),
                 _ => None,
             },
             (
@@ -232,7 +237,7 @@ mod tests {
     }
 
     /// Every row of the module documentation's table, with each permission it allows.
-    fn rows() -> [(PageState, PageState, Transition); 19] {
+    fn rows() -> [(PageState, PageState, Transition); 20] {
         let s = Swapped { slot: 3 };
         [
             (Invalid, mapped(Q, true), FirstTouch),
@@ -243,6 +248,7 @@ mod tests {
             (migrating(P, true), migrating(P, false), WriteProtect),
             (mapped(P, false), mapped(P, true), CowReuse),
             (mapped(P, false), mapped(Q, true), CowCopy),
+            (mapped(P, false), mapped(Q, false), Merge),
             (mapped(P, true), migrating(P, true), Unmap),
             (mapped(P, false), migrating(P, false), Unmap),
             (migrating(P, true), mapped(Q, true), Remap),

@@ -25,11 +25,19 @@ impl Rmap {
 
     /// Drops a pin or mapping reference; the last one returns the frame to `alloc`.
     pub fn put_frame(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
-        let frame = self.frames.frame(pfn);
-        if frame.put() {
-            frame.clear();
-            alloc.free(pfn);
+        if self.frames.frame(pfn).put() {
+            self.free_frame(pfn, alloc);
         }
+    }
+
+    /// The last reference of `pfn` went: a merged frame's stable node goes with it.
+    fn free_frame(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
+        let frame = self.frames.frame(pfn);
+        if frame.is_merged() {
+            self.release_stable(frame);
+        }
+        frame.clear();
+        alloc.free(pfn);
     }
 
     /// Records the first mapping of a frame nobody else can see yet, at `ipa` in `region`.
@@ -70,17 +78,85 @@ impl Rmap {
         }
     }
 
-    /// Records one more mapping of an already-anonymous frame (fork, migration restore).
+    /// Records one more mapping of an already-anonymous frame (fork, migration restore,
+    /// snapshot restore). For a merged frame this does not know the mapping's family: the
+    /// node's counts become inexact (`dirty`) until the next recount.
     pub fn add_anon_rmap(&self, pfn: Pfn) {
-        self.frames.frame(pfn).inc_map();
+        let frame = self.frames.frame(pfn);
+        frame.inc_map();
+        if frame.is_merged() {
+            self.merged_blind(pfn);
+        }
     }
 
-    /// Drops one mapping; the last reference frees the frame.
+    /// Records one more mapping, at `ipa` in `region`, of a frame another VM of the region's
+    /// family maps (snapshot restore installing the snapshot's frame, with the frame lock
+    /// held): a merged frame's family item counts it.
+    pub fn add_rmap_at(&self, pfn: Pfn, region: &Region, ipa: Ipa) {
+        let frame = self.frames.frame(pfn);
+        frame.inc_map();
+        if frame.is_merged() {
+            self.merged_count(pfn, self.item_key(region, ipa), true);
+        }
+    }
+
+    /// Takes back an [`Rmap::add_rmap_at`] whose mapping was not installed (the other VM
+    /// still maps the frame, so this never frees it).
+    pub fn unadd_rmap_at(&self, pfn: Pfn, region: &Region, ipa: Ipa) {
+        let frame = self.frames.frame(pfn);
+        if frame.is_merged() {
+            self.merged_count(pfn, self.item_key(region, ipa), false);
+        }
+        let last = frame.dec_map();
+        debug_assert!(!last, "another mapping keeps the frame");
+    }
+
+    /// Drops one mapping; the last reference frees the frame. For a merged frame this does
+    /// not know the mapping's family: prefer [`Rmap::remove_rmap_at`], which keeps the
+    /// item counts exact.
     pub fn remove_rmap(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
+        if self.frames.frame(pfn).is_merged() {
+            self.merged_blind(pfn);
+        }
+        self.drop_map(pfn, alloc);
+    }
+
+    /// Drops the mapping that was at `ipa` in `region` (its leaf already cleared and its TLB
+    /// entry invalidated): for a merged frame, also its family's share of the frame, under
+    /// the frame lock (level 2; the caller holds at most the region list), so the family's
+    /// item goes with its last mapping. Otherwise as [`Rmap::remove_rmap`].
+    pub fn remove_rmap_at(&self, pfn: Pfn, region: &Region, ipa: Ipa, alloc: &impl FrameAllocator) {
+        let frame = self.frames.frame(pfn);
+        if !frame.is_merged() {
+            return self.drop_map(pfn, alloc);
+        }
+        let pinned = frame.try_pin();
+        debug_assert!(pinned, "the mapping being dropped holds a reference");
+        {
+            let _guard = self.frames.lock(pfn);
+            self.merged_unmapped_locked(pfn, self.item_key(region, ipa));
+            let last = frame.dec_map();
+            debug_assert!(!last, "our pin keeps the frame");
+        }
+        self.put_frame(pfn, alloc);
+    }
+
+    /// Drops one mapping whose item, for a merged frame, the caller already updated.
+    pub(crate) fn drop_mapping(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
+        if self.frames.frame(pfn).dec_map() {
+            self.free_frame(pfn, alloc);
+        }
+    }
+
+    /// Drops one mapping of a frame that was not merged when the caller looked. If a merge
+    /// made it merged meanwhile, the merge may have counted this mapping in an item: the
+    /// counts are marked inexact.
+    fn drop_map(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
         let frame = self.frames.frame(pfn);
         if frame.dec_map() {
-            frame.clear();
-            alloc.free(pfn);
+            self.free_frame(pfn, alloc);
+        } else if frame.is_merged() {
+            self.merged_blind(pfn);
         }
     }
 

@@ -216,6 +216,10 @@ pub trait FrameAllocator {
     /// instruction fetch see the copy: that is the point of unification and an I-cache
     /// invalidation, done by the stage 2 when the frame is mapped executable).
     fn copy(&self, dst: Pfn, src: Pfn);
+    /// Whether two frames hold the same bytes (same-page merging compares a pair after
+    /// write-protecting both, Linux's `pages_identical`). Both are pinned and no VM can
+    /// write either during the call.
+    fn same_contents(&self, a: Pfn, b: Pfn) -> bool;
 }
 
 /// Where reclaimed pages go. Slots are reference-counted: one per swap entry in any stage-2,

@@ -88,7 +88,23 @@ impl Rmap {
     /// Migrates each frame of `pfns` to a new frame; `out` gets, per frame in order, the new
     /// frame or why it was skipped. One TLB invalidation per VM for the whole batch, and each
     /// mapping VM is locked once per anon_vma of the batch, not once per frame.
+    /// Merged frames in `pfns` are moved one by one after the batch (their walk goes item by
+    /// item), try-locked like the batch's.
     pub fn migrate_frames<V: VmSet, A: FrameAllocator>(
+        &self,
+        vms: &V,
+        alloc: &A,
+        pfns: &[Pfn],
+        out: &mut Vec<Result<Pfn, Skip>>,
+    ) {
+        let start = out.len();
+        self.migrate_batch(vms, alloc, pfns, out);
+        self.move_merged(pfns, &mut out[start..], |pfn| {
+            self.migrate_merged_try(vms, alloc, pfn)
+        });
+    }
+
+    fn migrate_batch<V: VmSet, A: FrameAllocator>(
         &self,
         vms: &V,
         alloc: &A,
@@ -130,7 +146,23 @@ impl Rmap {
 
     /// Reclaims each frame of `pfns` into `swap`; `out` gets, per frame in order, the slot or
     /// why it was skipped. One TLB invalidation per VM for the whole batch.
+    /// Merged frames are reclaimed one by one after the batch, as in `migrate_frames`.
     pub fn reclaim_frames<V: VmSet, A: FrameAllocator, W: SwapStore>(
+        &self,
+        vms: &V,
+        alloc: &A,
+        swap: &W,
+        pfns: &[Pfn],
+        out: &mut Vec<Result<u64, Skip>>,
+    ) {
+        let start = out.len();
+        self.reclaim_batch(vms, alloc, swap, pfns, out);
+        self.move_merged(pfns, &mut out[start..], |pfn| {
+            self.reclaim_merged_try(vms, alloc, swap, pfn)
+        });
+    }
+
+    fn reclaim_batch<V: VmSet, A: FrameAllocator, W: SwapStore>(
         &self,
         vms: &V,
         alloc: &A,

@@ -161,10 +161,12 @@ impl Rmap {
                 return;
             }
             s2.flush_deferred();
-            for &(_, pages, first) in &cleared[..n] {
+            for &(start, pages, first) in &cleared[..n] {
                 for i in 0..pages {
                     match first.page(i) {
-                        PageState::Mapped { pfn, .. } => self.remove_rmap(pfn, alloc),
+                        PageState::Mapped { pfn, .. } => {
+                            self.remove_rmap_at(pfn, region, start + i * PAGE_SIZE, alloc)
+                        }
                         PageState::Swapped { slot } => self.put_swap(slot, swap, alloc),
                         PageState::Migrating { .. } | PageState::Invalid => {}
                     }

@@ -191,6 +191,11 @@ impl Rmap {
             let mut table = s2.lock();
             if table.lookup(ipa) != old {
                 Ok(Fault::Retry(None))
+            } else if frame.is_merged() {
+                // Unmerge: a merged frame is never reused in place, even by its last mapper
+                // (Linux copies KSM pages too): `Mapped{p, ro, merged} -> Mapped{q, rw}`.
+                drop(table);
+                self.cow_copy(region, s2, alloc, ipa, pfn, true)
             } else if frame.mapcount() == 1 && frame.refcount() == 2 {
                 // Sole owner (one mapping plus our pin): reuse instead of copying.
                 self.move_anon_rmap(&guard, region);
@@ -203,7 +208,7 @@ impl Rmap {
                 cas_outcome(table.compare_exchange(ipa, old, new))
             } else {
                 drop(table);
-                self.cow_copy(region, s2, alloc, ipa, pfn)
+                self.cow_copy(region, s2, alloc, ipa, pfn, false)
             }
         };
         drop(guard);
@@ -218,6 +223,7 @@ impl Rmap {
         alloc: &A,
         ipa: Ipa,
         pfn: Pfn,
+        merged: bool,
     ) -> Result<Fault, Error> {
         let old = PageState::Mapped {
             pfn,
@@ -232,7 +238,12 @@ impl Rmap {
             Some(|new| alloc.copy(new, pfn)),
         )?;
         if done == Fault::Done {
-            self.remove_rmap(pfn, alloc);
+            if merged {
+                // Under the frame lock the caller holds: the writer's family item loses
+                // this mapping, and goes with its last.
+                self.merged_unmapped_locked(pfn, self.item_key(region, ipa));
+            }
+            self.drop_mapping(pfn, alloc);
         }
         Ok(done)
     }

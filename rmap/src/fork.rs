@@ -2,6 +2,7 @@
 //! stage-2 entries copied read-only, in time proportional to the mapped entries.
 
 use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
+use crate::ksm::ItemKey;
 use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
 use alloc::vec::Vec;
@@ -107,7 +108,8 @@ impl Rmap {
                 if too_many {
                     return None;
                 }
-                let Some(shared) = self.share_entry(entry, pages, swap) else {
+                let key = self.item_key(region, ipa);
+                let Some(shared) = self.share_entry(entry, pages, swap, key) else {
                     too_many = entry != PageState::Invalid;
                     return None;
                 };
@@ -119,14 +121,14 @@ impl Rmap {
                 // made read-only meanwhile just take a copy-on-write fault that re-homes them.
                 batch
                     .iter()
-                    .for_each(|&(_, pages, e)| self.unshare_entry(e, pages, swap));
+                    .for_each(|&(ipa, pages, e)| self.unshare_entry(e, pages, swap, region, ipa));
                 return Err(Error::TooManyMappings);
             }
             let installed = child.fill_leaves(&batch);
             if installed < batch.len() {
                 batch[installed..]
                     .iter()
-                    .for_each(|&(_, pages, e)| self.unshare_entry(e, pages, swap));
+                    .for_each(|&(ipa, pages, e)| self.unshare_entry(e, pages, swap, region, ipa));
                 return Err(Error::OutOfFrames);
             }
             start = end;
@@ -137,11 +139,14 @@ impl Rmap {
     /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
     /// one more reference on each frame). None for an invalid entry, and when a frame already
     /// has the map limit's mappings or the swap slot as many references (nothing taken).
+    /// A merged frame (never in a block) also counts the mapping in its family's item,
+    /// `key`: the child is of the parent's family.
     fn share_entry<W: SwapStore>(
         &self,
         entry: PageState,
         pages: u64,
         swap: &W,
+        key: Option<ItemKey>,
     ) -> Option<PageState> {
         match entry {
             PageState::Mapped { pfn, .. } => {
@@ -152,6 +157,9 @@ impl Rmap {
                             debug_assert!(!last, "the parent still maps it");
                         });
                         return None;
+                    }
+                    if self.frames.frame(p).is_merged() {
+                        self.merged_count(p, key, true);
                     }
                 }
                 Some(PageState::Mapped {
@@ -176,9 +184,19 @@ impl Rmap {
 
     /// Drops the references `share_entry` took for an entry that was not installed. The
     /// parent still maps the frames, so this never frees one.
-    fn unshare_entry<W: SwapStore>(&self, entry: PageState, pages: u64, swap: &W) {
+    fn unshare_entry<W: SwapStore>(
+        &self,
+        entry: PageState,
+        pages: u64,
+        swap: &W,
+        region: &Region,
+        ipa: Ipa,
+    ) {
         match entry {
             PageState::Mapped { pfn, .. } => pfn.run(pages).for_each(|p| {
+                if self.frames.frame(p).is_merged() {
+                    self.merged_count(p, self.item_key(region, ipa), false);
+                }
                 let last = self.frames.frame(p).dec_map();
                 debug_assert!(!last, "the parent still maps it");
             }),

@@ -12,6 +12,10 @@ pub const FRAME_LOCKED: u16 = 1 << 0;
 pub const FRAME_ALLOCATED: u16 = 1 << 1;
 /// The frame holds anonymous guest memory and `anon_slot` is meaningful.
 pub const FRAME_ANON: u16 = 1 << 2;
+/// The frame is merged (KSM): read-only for every mapper, which may belong to different fork
+/// families; `anon_slot` is 0 and `index` names its stable node's pool slot (Linux's
+/// `PAGE_MAPPING_KSM` in `page->mapping`). Set and read under the frame lock.
+pub const FRAME_MERGED: u16 = 1 << 3;
 
 const FRAME_LOCK: LockClass = LockClass::new(Level::FRAME, "frame.lock");
 /// The frame locks a batch holds, recorded once (see `FrameTable::try_lock_batched`).
@@ -71,6 +75,31 @@ impl Frame {
     /// Page offset in the linear space of the regions that map it.
     pub fn index(&self) -> u64 {
         u64::from(self.index.load(Ordering::Acquire))
+    }
+
+    /// Whether the frame is merged ([`FRAME_MERGED`]): exact under the frame lock.
+    pub fn is_merged(&self) -> bool {
+        self.flags() & FRAME_MERGED != 0
+    }
+
+    /// The pool slot of a merged frame's stable node (exact under the frame lock).
+    pub fn stable_slot(&self) -> Option<u32> {
+        self.is_merged().then(|| self.index.load(Ordering::Acquire))
+    }
+
+    /// Makes a locked frame a merged one, naming stable node slot `slot`. Clearing
+    /// `anon_slot` first makes a lockless reader that pinned the old anon_vma fail its
+    /// re-check ([`crate::Rmap::get_anon_vma`]).
+    pub(crate) fn set_stable(&self, slot: u32) {
+        self.anon_slot.store(0, Ordering::Release);
+        self.index.store(slot, Ordering::Release);
+        self.flags.fetch_or(FRAME_MERGED, Ordering::Release);
+    }
+
+    /// Takes a locked merged frame's stable node away (migration moved it to another frame).
+    pub(crate) fn clear_stable(&self) {
+        self.flags.fetch_and(!FRAME_MERGED, Ordering::Release);
+        self.index.store(0, Ordering::Release);
     }
 
     pub(crate) fn init_allocated(&self) {

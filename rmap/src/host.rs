@@ -4,6 +4,7 @@
 
 mod cache;
 mod check;
+mod check_merged;
 mod hw;
 mod restore;
 mod stage2;
@@ -248,6 +249,17 @@ impl FrameAllocator for HostMachine {
             d.store(s.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.hw.wrote_and_published(dst);
+    }
+    /// Word by word. Also the TLB model's check: no vCPU may write either frame while they
+    /// are compared (a merge write-protects both first, invalidating their TLB entries).
+    fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
+        self.check_copy(None, Some(a));
+        self.check_copy(None, Some(b));
+        let word = |w: &AtomicU64| w.load(Ordering::Relaxed);
+        self.page(a)
+            .iter()
+            .map(word)
+            .eq(self.page(b).iter().map(word))
     }
 }
 

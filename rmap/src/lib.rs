@@ -23,7 +23,10 @@ pub mod fault;
 pub mod fork;
 pub mod frame;
 pub mod interval;
+pub mod ksm;
+mod ksm_move;
 pub mod lock;
+pub mod merge;
 pub mod migrate;
 pub mod pool;
 pub mod reclaim;
@@ -46,7 +49,9 @@ pub use chain::{ChainHandle, ChainInfo};
 pub use destroy::UnlinkProof;
 pub use fault::Fault;
 pub use frame::{Frame, FrameGuard, FrameTable};
+pub use ksm::{ItemInfo, MergeStats, StableInfo};
 pub use lock::lockdep;
+pub use merge::{MergeError, MergePage};
 pub use region::{Region, RegionFlags, RegionList};
 pub use walk::{AnonRef, Mapper};
 
@@ -97,6 +102,9 @@ pub struct Rmap {
     anon_pool: Pool<AnonVma>,
     chain_pool: Pool<Chain>,
     swap_cache: swap_cache::SwapCache,
+    /// Merged frames' stable nodes and their rmap items (`ksm.rs`), bounded by memory only.
+    stable_pool: Pool<ksm::StableNode>,
+    item_pool: Pool<ksm::RmapItem>,
     /// Forks refuse to map a frame (or share a swap slot) more often ([`MAP_LIMIT`]).
     map_limit: u32,
 }
@@ -106,11 +114,17 @@ impl Rmap {
     /// `max_chains` chains (at most [`pool::MAX_SLOTS`] each). The pools start with one segment
     /// and grow as the VMs need them.
     pub fn new(frames: FrameTable, max_anon_vmas: usize, max_chains: usize) -> Self {
+        // A merged frame has one node, so the frame count bounds the nodes; items (one per
+        // family and offset mapping a merged frame) are bounded only by the slot format.
+        let nodes = frames.len().min(pool::MAX_SLOTS);
         Rmap {
             frames,
             anon_pool: Pool::new(pool::SEGMENT_SLOTS, max_anon_vmas, "pool.anon_vma"),
             chain_pool: Pool::new(pool::SEGMENT_SLOTS, max_chains, "pool.chain"),
             swap_cache: swap_cache::SwapCache::default(),
+            // No segment until the first merge: a hypervisor that never merges pays nothing.
+            stable_pool: Pool::new(0, nodes, "pool.stable_node"),
+            item_pool: Pool::new(0, pool::MAX_SLOTS, "pool.rmap_item"),
             map_limit: MAP_LIMIT,
         }
     }

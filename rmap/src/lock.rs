@@ -34,9 +34,14 @@ impl Level {
     pub const ANON_VMA: Level = Level::rank(3);
     /// 4. A VM's stage-2 lock. Like the page-table lock.
     pub const STAGE2: Level = Level::rank(4);
-    /// 5. Frame allocator, pool free lists, per-frame atomics. Innermost: never call out while
+    /// 5. A merged frame's stable node (its rmap items and their counts). A leaf lock held
+    ///    only to read or change that list, never while calling out: fork takes it under the
+    ///    stage-2 locks to count a new mapping of a merged frame. Items are added and removed
+    ///    only with the frame's lock held as well, so a walk may copy the list and let go.
+    pub const STABLE_NODE: Level = Level::rank(5);
+    /// 6. Frame allocator, pool free lists, per-frame atomics. Innermost: never call out while
     ///    holding one.
-    pub const ALLOCATOR: Level = Level::rank(5);
+    pub const ALLOCATOR: Level = Level::rank(6);
 
     const fn rank(rank: u8) -> Level {
         Level { rank, subclass: 0 }
@@ -82,11 +87,12 @@ impl fmt::Debug for Level {
 
 /// THE lock order, outermost first. This table is the single place it is written (DESIGN.md's
 /// list mirrors it); every helper in the crate takes its level from here.
-pub const LOCK_ORDER: [(Level, &str); 5] = [
+pub const LOCK_ORDER: [(Level, &str); 6] = [
     (Level::VM_REGIONS, "vm region list"),
     (Level::FRAME, "frame lock bit"),
     (Level::ANON_VMA, "root anon_vma"),
     (Level::STAGE2, "vm stage-2"),
+    (Level::STABLE_NODE, "stable node"),
     (Level::ALLOCATOR, "allocator / pool"),
 ];
 

@@ -32,7 +32,10 @@ impl Rmap {
         alloc: &A,
         pfn: Pfn,
     ) -> Result<Pfn, Error> {
-        let _guard = self.frames.lock(pfn);
+        let guard = self.frames.lock(pfn);
+        if guard.frame().is_merged() {
+            return self.migrate_merged(&guard, vms, alloc);
+        }
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
         let frame = self.frames.frame(pfn);
         if frame.pinned_by_others() {

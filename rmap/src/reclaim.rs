@@ -32,7 +32,10 @@ impl Rmap {
         pfn: Pfn,
     ) -> Result<u64, Error> {
         // Reclaim never waits for a frame lock: someone busy with the frame wants it resident.
-        let _guard = self.frames.try_lock(pfn).ok_or(Error::Busy)?;
+        let guard = self.frames.try_lock(pfn).ok_or(Error::Busy)?;
+        if guard.frame().is_merged() {
+            return self.reclaim_merged(&guard, vms, alloc, swap);
+        }
         let pin = self.get_anon_vma(pfn).ok_or(Error::NotMapped)?;
         let frame = self.frames.frame(pfn);
         if frame.pinned_by_others() {

@@ -149,7 +149,8 @@ impl Rmap {
 
     /// Walks every verified mapping of `pfn`, calling `f` under that VM's stage-2 lock. For
     /// callers that do not hold the frame lock (access-bit scans); returns false if the frame
-    /// is not a mapped anonymous frame.
+    /// is not a mapped anonymous or merged frame. A merged frame is walked item by item,
+    /// each family root pinned from its stable node (`Rmap::walk_merged`).
     pub fn walk<V: VmSet>(
         &self,
         pfn: Pfn,
@@ -157,7 +158,7 @@ impl Rmap {
         mut f: impl FnMut(&Mapper, &mut dyn Stage2Locked) -> ControlFlow<()>,
     ) -> bool {
         let Some(locked) = self.lock_anon_vma_read(pfn) else {
-            return false;
+            return self.walk_merged(pfn, vms, |_, m, s2| f(m, s2));
         };
         let index = self.frames.frame(pfn).index();
         let _ = self.walk_family(&locked.family, locked.anon_vma, index, pfn, vms, &mut f);
@@ -179,7 +180,7 @@ impl Rmap {
         let _ = self.walk_family(&family, pin.anon_vma, index, target, vms, &mut f);
     }
 
-    fn walk_family<V: VmSet>(
+    pub(crate) fn walk_family<V: VmSet>(
         &self,
         family: &Family,
         anon_vma: AnonHandle,

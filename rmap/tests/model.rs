@@ -4,6 +4,11 @@
 //! mapcounts equal the leaves that exist, nothing leaks, and anon_vmas stay within 2x regions
 //! for as long as no VM with live descendants was destroyed (see `HostWorld::check_anon_bound`:
 //! such a destroy leaves one-child anon_vmas that only a later fork reuses, in Linux too).
+//! Same-page merging joins in: merges of pages as they are (mostly refused as different)
+//! and of pages just written alike (merged, or joining a merged frame); a later write is
+//! the unmerge, and the per-step read of every page checks isolation (a write through one
+//! mapper never shows through another); `HostWorld::check` checks the merged frames' items
+//! and counts, and the end no stable node or item left.
 //! The host stage 2 hurts (`rmap::host::HostHw`): a fourth region takes 2 MiB first-touch
 //! blocks (split before one page changes, taking a table page), the table-page budget is
 //! sometimes cut to a few pages or none (faults and forks may then fail, which the model
@@ -12,7 +17,7 @@
 
 use proptest::prelude::*;
 use rmap::host::{page_ipa, HostVm, HostWorld, BLOCK_PAGES};
-use rmap::{Error, Skip, VmId};
+use rmap::{Error, MergeError, MergePage, PageState, Skip, Stage2, Stage2Locked, VmId};
 use rmap::{Ipa, Pfn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -75,6 +80,14 @@ enum Op {
     Budget {
         pages: Option<u64>,
     },
+    /// Same-page merging of two pages as they are (often different: refused), or, with
+    /// `value`, after writing it to both (merged; into an existing merged frame when the
+    /// first already is one). A later write to either unmerges it (copy-on-write).
+    Merge {
+        a: (usize, usize),
+        b: (usize, usize),
+        value: Option<u64>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -92,6 +105,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(frame, len, reclaim)| Op::Batch { frame, len, reclaim }),
         2 => any::<usize>().prop_map(|vm| Op::Block { vm }),
         1 => prop::option::of(0..3u64).prop_map(|pages| Op::Budget { pages }),
+        4 => (any::<(usize, usize)>(), any::<(usize, usize)>(), prop::option::of(1..4u64))
+            .prop_map(|(a, b, value)| Op::Merge { a, b, value }),
     ]
 }
 
@@ -175,6 +190,7 @@ impl Model {
                 w.hw().set_table_budget(pages);
                 self.limited = pages.is_some();
             }
+            Op::Merge { a, b, value } if !self.vms.is_empty() => self.merge(a, b, value),
             _ => {}
         }
     }
@@ -278,6 +294,57 @@ impl Model {
         assert!(pinned <= in_cache, "{skipped:?}");
     }
 
+    /// A merge of page `a` and page `b` (VM, page indexes), after writing `value` to both.
+    fn merge(&mut self, a: (usize, usize), b: (usize, usize), value: Option<u64>) {
+        let (n, pages) = (self.vms.len(), pages());
+        let side = |(vm, page): (usize, usize)| (vm % n, pages[page % pages.len()]);
+        let (a, b) = (side(a), side(b));
+        if let Some(value) = value {
+            for (vm, ipa) in [a, b] {
+                let op = Op::Write {
+                    vm,
+                    page: pages.iter().position(|&p| p == ipa).unwrap(),
+                    value,
+                };
+                self.page_op(&op);
+            }
+        }
+        let w = &self.world;
+        let entry = |(vm, ipa): (usize, Ipa)| self.vms[vm].0.s2.lock().lookup(ipa);
+        let page = |(vm, ipa): (usize, Ipa)| MergePage {
+            vm: self.vms[vm].0.id,
+            ipa,
+            pfn: entry((vm, ipa)).pfn().unwrap_or(Pfn::new(0)),
+            group: 0,
+        };
+        let expect = |(vm, ipa): (usize, Ipa)| self.vms[vm].1.get(&ipa).copied().unwrap_or(0);
+        let same = expect(a) == expect(b);
+        let r = w.rmap.merge(&w.vms, &w.machine, page(a), page(b));
+        match r {
+            Ok(pfn) => {
+                assert!(same, "merged different pages");
+                let merged = PageState::Mapped {
+                    pfn,
+                    writable: false,
+                };
+                assert_eq!((entry(a), entry(b)), (merged, merged));
+            }
+            Err(MergeError::Differ) => assert!(!same, "identical pages refused"),
+            Err(MergeError::Same) => assert_eq!(entry(a).pfn(), entry(b).pfn()),
+            Err(MergeError::NotMapped) => {
+                let mapped = |p| matches!(entry(p), PageState::Mapped { .. });
+                assert!(!mapped(a) || !mapped(b), "{:?} {:?}", entry(a), entry(b));
+            }
+            Err(MergeError::BothMerged) => {}
+            // A frame the swap cache holds, or a block that cannot be split.
+            Err(MergeError::Busy) => {
+                let cached = |p: (usize, Ipa)| entry(p).pfn().is_some_and(|f| cached(w, f));
+                assert!(self.limited || cached(a) || cached(b), "busy");
+            }
+            Err(e) => panic!("merge: {e:?}"),
+        }
+    }
+
     fn check(&self) {
         let w = &self.world;
         for (vm, model, _) in &self.vms {
@@ -291,6 +358,7 @@ impl Model {
             w.check_anon_bound().unwrap();
         }
         if self.vms.is_empty() {
+            assert_eq!(w.rmap.live_merge_objects(), (0, 0));
             assert_eq!(w.rmap.live_anon_vmas(), 0);
             assert_eq!(w.machine.allocated(), 0);
         }

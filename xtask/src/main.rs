@@ -133,7 +133,7 @@ fn test() -> Result<(), String> {
 
 /// rmap's broken variants (`mutate-*` features of rmap/Cargo.toml) and the shuttle scenario
 /// of `rmap/tests/shuttle_seeds.rs` that must catch each.
-const MUTATIONS: [(&str, &str); 7] = [
+const MUTATIONS: [(&str, &str); 8] = [
     ("mutate-recycle-before-invalidate", "seed1"),
     ("mutate-lock-order", "seed2"),
     ("mutate-chain-head-insert", "seed3"),
@@ -141,6 +141,7 @@ const MUTATIONS: [(&str, &str); 7] = [
     ("mutate-free-tables-before-unlink", "seed5"),
     ("mutate-copy-before-flush", "batch_flush"),
     ("mutate-swap-in-without-ref", "swap_release"),
+    ("mutate-merge-without-recheck", "merge_race"),
 ];
 
 /// rmap's real code under shuttle (`tests/shuttle_*.rs`, CI-sized; `RMAP_SHUTTLE_ITERS`

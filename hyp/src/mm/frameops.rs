@@ -101,3 +101,24 @@ fn zva_block() -> u64 {
     BLOCK.store(block as usize, Ordering::Relaxed);
     block
 }
+
+/// Whether the 4 KiB frames at `a` and `b` hold the same bytes (same-page
+/// merging's last comparison, after both are write-protected).
+///
+/// # Safety
+///
+/// `a` and `b` are page-aligned addresses of RAM frames the caller keeps
+/// allocated and that no one writes for the duration of the call.
+pub unsafe fn frames_equal(a: Pa, b: Pa) -> bool {
+    let words = (PAGE_SIZE / 8) as usize;
+    // SAFETY: both are allocated RAM frames identity mapped at EL2 as normal
+    // memory, page-aligned (so u64-aligned), nobody writes them meanwhile
+    // (this function's contract); each slice covers exactly one frame.
+    let (x, y) = unsafe {
+        (
+            core::slice::from_raw_parts(a.raw() as *const u64, words),
+            core::slice::from_raw_parts(b.raw() as *const u64, words),
+        )
+    };
+    x == y
+}

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use platform::{Board, MemRange};
 use rmap::Pa;
 
-pub use super::frameops::{copy_frame, zero_frame};
+pub use super::frameops::{copy_frame, frames_equal, zero_frame};
 use spin::{Mutex, Once};
 
 pub const PAGE_SIZE: u64 = 4096;

@@ -109,6 +109,11 @@ impl FrameAllocator for HypFrames {
     fn copy(&self, dst: Pfn, src: Pfn) {
         hypmm::Frames(&HypMachine).copy(dst, src)
     }
+
+    #[inline]
+    fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
+        hypmm::Frames(&HypMachine).same_contents(a, b)
+    }
 }
 
 /// Reclaimed pages: the compressed store (`store.rs`).

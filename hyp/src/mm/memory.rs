@@ -182,6 +182,13 @@ impl hypmm::Machine for HypMachine {
         // distinct) is `copy_frame`'s.
         unsafe { frames::copy_frame(dst, src) }
     }
+
+    #[inline]
+    unsafe fn frames_equal(&self, a: Pa, b: Pa) -> bool {
+        // SAFETY: the trait's contract (both pinned RAM frames nobody writes
+        // meanwhile) is `frames_equal`'s.
+        unsafe { frames::frames_equal(a, b) }
+    }
 }
 
 /// Chooses the stage-2 configuration from this CPU's ID registers.

@@ -134,6 +134,10 @@ impl Machine for HostMach {
     unsafe fn copy_frame(&self, dst: Pa, src: Pa) {
         self.0.frames.copy(dst.pfn(), src.pfn());
     }
+    unsafe fn frames_equal(&self, a: Pa, b: Pa) -> bool {
+        use rmap::FrameAllocator;
+        self.0.frames.same_contents(a.pfn(), b.pfn())
+    }
 }
 
 /// A VM as hyp's `VmMemory` is one, minus the dirty log.

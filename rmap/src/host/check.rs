@@ -23,13 +23,19 @@ impl HostWorld {
         let mut maps: BTreeMap<Pfn, u32> = BTreeMap::new();
         let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
         let (mut regions, mut chains) = (0, 0);
+        let mut writable_frames = BTreeSet::new();
         for vm in self.vms.all() {
             let list = vm.regions.read();
             regions += list.len();
             chains += list.iter().map(|r| r.chains().len()).sum::<usize>();
             for (ipa, entry) in vm.s2.entries() {
                 match entry {
-                    PageState::Mapped { pfn, .. } => *maps.entry(pfn).or_default() += 1,
+                    PageState::Mapped { pfn, writable } => {
+                        *maps.entry(pfn).or_default() += 1;
+                        if writable {
+                            writable_frames.insert(pfn);
+                        }
+                    }
                     PageState::Swapped { slot } => *swaps.entry(slot).or_default() += 1,
                     other => return Err(format!("{:?} {ipa:#x}: stray {other:?}", vm.id)),
                 }
@@ -41,6 +47,7 @@ impl HostWorld {
             *swaps.entry(slot).or_default() += 1;
         }
         self.check_frames(&maps, &cached)?;
+        self.check_merged(&writable_frames)?;
         if swaps != self.machine.swap_refs() {
             return Err(format!(
                 "swap refs {:?} != entries {swaps:?}",
@@ -53,7 +60,8 @@ impl HostWorld {
                 self.rmap.live_chains()
             ));
         }
-        // Every live anon_vma is linked by at least one chain (none is orphaned).
+        // Every live anon_vma is linked by at least one chain (none is orphaned; a merged
+        // frame's item pins a root its family's regions still link).
         let anon = self.rmap.live_anon_vmas();
         if anon > chains {
             return Err(format!("{anon} anon_vmas but only {chains} chains"));

@@ -9,6 +9,7 @@
 
 use super::{HostVm, HostWorld};
 use crate::backend::{CasError, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::region::Region;
 use crate::{Error, Ipa, PAGE_SIZE};
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -32,7 +33,8 @@ impl HostWorld {
         if snap_list.is_empty() {
             return Err(Error::NoRegion);
         }
-        for range in list.iter().map(|r| r.start()..r.end()) {
+        for region in list.iter() {
+            let range = region.start()..region.end();
             let mut from = Some(range.start);
             while let Some(start) = from {
                 let mut cleared = Vec::with_capacity(CHUNK);
@@ -42,7 +44,7 @@ impl HostWorld {
                     // No TLB may hold a cleared leaf before its frame can be freed, or
                     // before a new valid entry is written at its IPA.
                     vm.s2.flush_deferred();
-                    self.make_chunk(vm, snap, &cleared)?;
+                    self.make_chunk(vm, snap, region, &cleared)?;
                 }
                 from = next?;
             }
@@ -110,12 +112,19 @@ impl HostWorld {
     /// Lets go of what the cleared leaves held (their TLB entries are gone), then installs
     /// the snapshot's entries. Every reference is dropped before the first install, so a
     /// failed install leaks nothing.
-    fn make_chunk(&self, vm: &HostVm, snap: &HostVm, cleared: &[Cleared]) -> Result<(), Error> {
+    fn make_chunk(
+        &self,
+        vm: &HostVm,
+        snap: &HostVm,
+        region: &Region,
+        cleared: &[Cleared],
+    ) -> Result<(), Error> {
         let m = &self.machine;
-        for &(_, pages, first) in cleared {
+        for &(start, pages, first) in cleared {
             for i in 0..pages {
+                let ipa = start + i * PAGE_SIZE;
                 match first.page(i) {
-                    PageState::Mapped { pfn, .. } => self.rmap.remove_rmap(pfn, m),
+                    PageState::Mapped { pfn, .. } => self.rmap.remove_rmap_at(pfn, region, ipa, m),
                     PageState::Swapped { slot } => self.rmap.put_swap(slot, m, m),
                     PageState::Migrating { .. } | PageState::Invalid => {}
                 }
@@ -123,7 +132,7 @@ impl HostWorld {
         }
         for &(start, pages, _) in cleared {
             for i in 0..pages {
-                self.install_from_snapshot(vm, snap, start + i * PAGE_SIZE)?;
+                self.install_from_snapshot(vm, snap, region, start + i * PAGE_SIZE)?;
             }
         }
         Ok(())
@@ -132,22 +141,34 @@ impl HostWorld {
     /// Maps the snapshot's entry at `ipa` into `vm`'s cleared slot. The snapshot's frame is
     /// locked meanwhile, so migration or reclaim cannot move it between the lookup and the
     /// new mapping's reference.
-    fn install_from_snapshot(&self, vm: &HostVm, snap: &HostVm, ipa: Ipa) -> Result<(), Error> {
+    fn install_from_snapshot(
+        &self,
+        vm: &HostVm,
+        snap: &HostVm,
+        region: &Region,
+        ipa: Ipa,
+    ) -> Result<(), Error> {
         loop {
             let target = self.snapshot_entry(snap, ipa);
             let _frame = target.pfn().map(|pfn| self.rmap.frames().lock(pfn));
             if snapshot_entry_now(snap, ipa) != target {
                 continue; // moved before we locked it: no waiting with the frame locked
             }
-            return self.install_shared(vm, ipa, target);
+            return self.install_shared(vm, region, ipa, target);
         }
     }
 
     /// One more reference on the snapshot's frame or slot, mapped at `ipa` in `vm`.
-    fn install_shared(&self, vm: &HostVm, ipa: Ipa, entry: PageState) -> Result<(), Error> {
+    fn install_shared(
+        &self,
+        vm: &HostVm,
+        region: &Region,
+        ipa: Ipa,
+        entry: PageState,
+    ) -> Result<(), Error> {
         let m = &self.machine;
         match entry {
-            PageState::Mapped { pfn, .. } => self.rmap.add_anon_rmap(pfn),
+            PageState::Mapped { pfn, .. } => self.rmap.add_rmap_at(pfn, region, ipa),
             PageState::Swapped { slot } => m.dup(slot),
             _ => return Ok(()),
         }
@@ -159,7 +180,7 @@ impl HostWorld {
             return Ok(());
         }
         match entry {
-            PageState::Mapped { pfn, .. } => self.rmap.remove_rmap(pfn, m),
+            PageState::Mapped { pfn, .. } => self.rmap.unadd_rmap_at(pfn, region, ipa),
             PageState::Swapped { slot } => self.rmap.put_swap(slot, m, m),
             _ => {}
         }

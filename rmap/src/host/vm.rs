@@ -121,7 +121,10 @@ impl HostVm {
                 Ok(()) => {}
             }
             match entry {
-                PageState::Mapped { pfn, .. } => rmap.remove_rmap(pfn, m),
+                PageState::Mapped { pfn, .. } => match regions.find(ipa) {
+                    Some(region) => rmap.remove_rmap_at(pfn, region, ipa, m),
+                    None => rmap.remove_rmap(pfn, m),
+                },
                 PageState::Swapped { slot } => rmap.put_swap(slot, m, m),
                 PageState::Migrating { .. } | PageState::Invalid => {}
             }
