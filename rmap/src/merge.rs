@@ -17,7 +17,7 @@
 //! [`Transition::WriteProtect`]: mmtypes::Transition::WriteProtect
 //! [`Transition::Merge`]: mmtypes::Transition::Merge
 
-use crate::backend::{FrameAllocator, PageState, Stage2, Stage2Locked, VmSet};
+use crate::backend::{FrameAllocator, PageState, Stage2Locked, VmSet};
 use crate::frame::FrameGuard;
 use crate::ksm::ItemKey;
 use crate::walk::Mapper;
@@ -28,13 +28,19 @@ use core::ops::ControlFlow;
 /// compare again once both pages are write-protected, so a racing write is lost.
 const MUTATE_MERGE_WITHOUT_RECHECK: bool = cfg!(feature = "mutate-merge-without-recheck");
 
-/// One side of a merge: a guest page and the trust group its VM is in.
+/// One side of a merge: a guest page, the frame the caller found mapped there, and the
+/// trust group its VM is in. The caller reads the frame from the VM's stage 2 while it
+/// knows the VM's tables are live (its scan holds the VM); the merge never looks a VM up by
+/// id (a VM being destroyed may already have freed its tables, lesson 5): it checks that
+/// the frame's reverse map reaches `(vm, ipa)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MergePage {
     /// The VM.
     pub vm: VmId,
     /// The page (any address in it).
     pub ipa: Ipa,
+    /// The frame the caller found mapped at `ipa`.
+    pub pfn: Pfn,
     /// The VM's trust group: pages merge only within one group.
     pub group: u32,
 }
@@ -66,6 +72,8 @@ impl Rmap {
     /// this both map one read-only merged frame and `b`'s old frame is freed once its last
     /// mapping goes. Returns the merged frame. The caller compared the contents; they are
     /// compared again ([`FrameAllocator::same_contents`]) after both are write-protected.
+    /// A side whose frame is merged already (a stable-tree hit) needs no `(vm, ipa)`: only
+    /// its `pfn` and `group` are used.
     pub fn merge<V: VmSet, A: FrameAllocator>(
         &self,
         vms: &V,
@@ -76,28 +84,27 @@ impl Rmap {
         if a.group != b.group {
             return Err(MergeError::OtherGroup);
         }
-        let (pa, pb) = (mapped_frame(vms, a)?, mapped_frame(vms, b)?);
-        if pa == pb {
+        if a.pfn == b.pfn {
             return Err(MergeError::Same);
         }
-        let (fa, fb) = (self.frames.get(pa), self.frames.get(pb));
+        let (fa, fb) = (self.frames.get(a.pfn), self.frames.get(b.pfn));
         let (fa, fb) = fa.zip(fb).ok_or(MergeError::NotMapped)?;
-        let (pa, pb) = match (fa.is_merged(), fb.is_merged()) {
+        let (a, b) = match (fa.is_merged(), fb.is_merged()) {
             (true, true) => return Err(MergeError::BothMerged),
-            (false, true) => (pb, pa),
-            _ => (pa, pb),
+            (false, true) => (b, a),
+            _ => (a, b),
         };
-        if !self.frames.frame(pa).try_pin() {
+        if !self.frames.frame(a.pfn).try_pin() {
             return Err(MergeError::NotMapped);
         }
-        let result = if self.frames.frame(pb).try_pin() {
-            let r = self.merge_pinned(vms, alloc, a.group, pa, pb);
-            self.put_frame(pb, alloc);
+        let result = if self.frames.frame(b.pfn).try_pin() {
+            let r = self.merge_pinned(vms, alloc, a, b);
+            self.put_frame(b.pfn, alloc);
             r
         } else {
             Err(MergeError::NotMapped)
         };
-        self.put_frame(pa, alloc);
+        self.put_frame(a.pfn, alloc);
         result
     }
 
@@ -105,10 +112,10 @@ impl Rmap {
         &self,
         vms: &V,
         alloc: &A,
-        group: u32,
-        pa: Pfn,
-        pb: Pfn,
+        a: MergePage,
+        b: MergePage,
     ) -> Result<Pfn, MergeError> {
+        let (group, pa, pb) = (a.group, a.pfn, b.pfn);
         let ga = self.frames.try_lock(pa).ok_or(MergeError::Busy)?;
         let gb = self.frames.try_lock(pb).ok_or(MergeError::Busy)?;
         let (fa, fb) = (ga.frame(), gb.frame());
@@ -124,9 +131,9 @@ impl Rmap {
                 return Err(MergeError::OtherGroup);
             }
         }
-        self.write_protect_all(&gb, vms)?;
+        self.write_protect_all(&gb, vms, b)?;
         if !fa.is_merged() {
-            self.write_protect_all(&ga, vms)?;
+            self.write_protect_all(&ga, vms, a)?;
         }
         // Linux's `pages_identical` after `write_protect_page`: a write that raced the
         // caller's comparison landed before the write-protect, and shows here.
@@ -140,16 +147,18 @@ impl Rmap {
         Ok(pa)
     }
 
-    /// Makes every mapping of the locked anonymous frame read-only; `Busy` if some mapping
-    /// could not be reached or changed (it may still be writable).
+    /// Makes every mapping of the locked anonymous frame read-only; `NotMapped` if none is
+    /// `page`'s, `Busy` if some mapping could not be reached or changed (it may still be
+    /// writable).
     fn write_protect_all<V: VmSet>(
         &self,
         guard: &FrameGuard<'_>,
         vms: &V,
+        page: MergePage,
     ) -> Result<(), MergeError> {
         let pfn = guard.pfn();
         let pin = self.get_anon_vma(pfn).ok_or(MergeError::NotMapped)?;
-        let mut read_only = 0;
+        let (mut read_only, mut found) = (0, false);
         let index = guard.frame().index();
         self.walk_pinned(
             &pin,
@@ -157,6 +166,7 @@ impl Rmap {
             pfn,
             vms,
             |m: &Mapper, s2: &mut dyn Stage2Locked| {
+                found |= m.vm == page.vm && m.ipa == page.ipa.page();
                 if let PageState::Mapped { writable, .. } = m.entry {
                     let ro = PageState::Mapped {
                         pfn,
@@ -169,7 +179,9 @@ impl Rmap {
                 ControlFlow::Continue(())
             },
         );
-        if read_only == guard.frame().mapcount() {
+        if !found {
+            Err(MergeError::NotMapped)
+        } else if read_only == guard.frame().mapcount() {
             Ok(())
         } else {
             Err(MergeError::Busy)
@@ -247,14 +259,5 @@ impl Rmap {
             (false, true) => Err(MergeError::Busy),
             (false, false) => Ok(()),
         }
-    }
-}
-
-/// The frame mapped at `page`, if it is a valid mapping.
-fn mapped_frame<V: VmSet>(vms: &V, page: MergePage) -> Result<Pfn, MergeError> {
-    let entry = vms.with_vm(page.vm, |s2| s2.lock().lookup(page.ipa.page()));
-    match entry {
-        Some(PageState::Mapped { pfn, .. }) => Ok(pfn),
-        _ => Err(MergeError::NotMapped),
     }
 }

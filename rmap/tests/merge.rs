@@ -11,10 +11,13 @@ fn world() -> HostWorld {
     HostWorld::new(64, 4, 64, 256)
 }
 
+/// Page `i` of `vm` as a merge names it: with the frame mapped there now (an unmapped page
+/// names no frame of the table).
 fn page(vm: &HostVm, i: u64) -> MergePage {
     MergePage {
         vm: vm.id,
         ipa: RAM + i * 4096,
+        pfn: frame_of(vm, i).pfn().unwrap_or(Pfn::new(0)),
         group: 0,
     }
 }
@@ -288,4 +291,40 @@ fn release_and_restore_drop_their_share() {
     assert_eq!(read(&w, &b, 0), 0);
     w.check().unwrap();
     teardown(&w, &[&a, &b, &snap]);
+}
+
+#[test]
+fn a_region_blind_unmap_marks_the_counts_inexact_until_a_migration_recounts() {
+    use rmap::{Stage2, Stage2Locked};
+    let w = world();
+    let (a, b) = (vm_with(&w, &[6]), vm_with(&w, &[6]));
+    let merged = w
+        .rmap
+        .merge(&w.vms, &w.machine, page(&a, 0), page(&b, 0))
+        .unwrap();
+    // As hypmm's restore drops a mapping: leaf cleared, then `remove_rmap` without region.
+    let ro = PageState::Mapped {
+        pfn: merged,
+        writable: false,
+    };
+    b.s2.lock()
+        .compare_exchange(RAM, ro, PageState::Invalid)
+        .unwrap();
+    w.rmap.remove_rmap(merged, &w.machine);
+    let info = w.rmap.stable_info(merged).unwrap();
+    assert!(info.dirty);
+    assert_eq!(
+        info.items.len(),
+        2,
+        "b's item cannot be told apart: it stays"
+    );
+    w.check().unwrap();
+    // A migration unmaps every mapping, so it can count them all again.
+    let moved = w.rmap.migrate_frame(&w.vms, &w.machine, merged).unwrap();
+    let info = w.rmap.stable_info(moved).unwrap();
+    assert!(!info.dirty);
+    assert_eq!(info.items.iter().map(|i| i.maps).collect::<Vec<_>>(), [1]);
+    w.check().unwrap();
+    assert_eq!(read(&w, &a, 0), 6);
+    teardown(&w, &[&a, &b]);
 }

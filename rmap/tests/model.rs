@@ -301,20 +301,32 @@ impl Model {
         let (a, b) = (side(a), side(b));
         if let Some(value) = value {
             for (vm, ipa) in [a, b] {
-                let op = Op::Write { vm, page: pages.iter().position(|&p| p == ipa).unwrap(), value };
+                let op = Op::Write {
+                    vm,
+                    page: pages.iter().position(|&p| p == ipa).unwrap(),
+                    value,
+                };
                 self.page_op(&op);
             }
         }
         let w = &self.world;
-        let page = |(vm, ipa): (usize, Ipa)| MergePage { vm: self.vms[vm].0.id, ipa, group: 0 };
+        let entry = |(vm, ipa): (usize, Ipa)| self.vms[vm].0.s2.lock().lookup(ipa);
+        let page = |(vm, ipa): (usize, Ipa)| MergePage {
+            vm: self.vms[vm].0.id,
+            ipa,
+            pfn: entry((vm, ipa)).pfn().unwrap_or(Pfn::new(0)),
+            group: 0,
+        };
         let expect = |(vm, ipa): (usize, Ipa)| self.vms[vm].1.get(&ipa).copied().unwrap_or(0);
         let same = expect(a) == expect(b);
         let r = w.rmap.merge(&w.vms, &w.machine, page(a), page(b));
-        let entry = |(vm, ipa): (usize, Ipa)| self.vms[vm].0.s2.lock().lookup(ipa);
         match r {
             Ok(pfn) => {
                 assert!(same, "merged different pages");
-                let merged = PageState::Mapped { pfn, writable: false };
+                let merged = PageState::Mapped {
+                    pfn,
+                    writable: false,
+                };
                 assert_eq!((entry(a), entry(b)), (merged, merged));
             }
             Err(MergeError::Differ) => assert!(!same, "identical pages refused"),

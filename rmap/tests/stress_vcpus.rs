@@ -3,7 +3,9 @@
 //! clone, swap-ins, MEM_RELEASE, 2 MiB first touches), while per VM an event thread takes a
 //! snapshot, restores to it (hyp's chunked break / flush / make sequence) or destroys the VM
 //! under its running vCPUs, and two movers migrate and reclaim (single frames and batches;
-//! the swap store reuses freed slot numbers at once). Frame, table-page, swap and pool
+//! the swap store reuses freed slot numbers at once), and a merger merges pages of any two
+//! VMs (untouched pages of 2 MiB blocks are alike; most others differ) under their running
+//! vCPUs, whose writes unmerge them. Frame, table-page, swap and pool
 //! budgets are small or cut per round, so allocations fail at times; every failure must be
 //! handled.
 //!
@@ -19,7 +21,7 @@
 //! sequence of operations is.
 
 use rmap::host::{page_ipa, HostWorld, SwapOp, BLOCK_PAGES};
-use rmap::Error;
+use rmap::{Error, MergeError, MergePage, PageState, Stage2};
 use rmap::{Ipa, Pfn};
 use std::sync::atomic::Ordering;
 use std::sync::Barrier;
@@ -284,6 +286,45 @@ fn mover(w: &HostWorld, reclaim: bool, seed: u64, c: &Counters) {
     }
 }
 
+/// Same-page merging under the vCPUs: two pages of two live VMs (or one), block pages (the
+/// untouched ones are all zero, so alike) or any of the pages the vCPUs use. Every refusal
+/// is legitimate while the vCPUs run; a merge must never lose or leak a value (the round's
+/// content checks).
+fn merger(w: &HostWorld, slots: &[&Slot], seed: u64, c: &Counters) {
+    let mut rng = Rng::new(seed);
+    let pages = all_pages();
+    for _ in 0..OPS * usize::from(!slots.is_empty()) {
+        let side = |rng: &mut Rng| {
+            let slot = pick(rng, slots);
+            let ipa = if rng.below(2) == 0 {
+                page_ipa(BLOCK, rng.below(BLOCK_PAGES as usize) as u64)
+            } else {
+                pick(rng, &pages)
+            };
+            // As hyp's scanner: the frame mapped there now, read where the tables are
+            // known live (a VM destroyed under its vCPUs has none).
+            match slot.vm.s2.lock().live_lookup(ipa) {
+                Some(PageState::Mapped { pfn, .. }) => Some(MergePage {
+                    vm: slot.vm.id,
+                    ipa,
+                    pfn,
+                    group: 0,
+                }),
+                _ => None,
+            }
+        };
+        let (Some(a), Some(b)) = (side(&mut rng), side(&mut rng)) else {
+            continue;
+        };
+        match w.rmap.merge(&w.vms, &w.machine, a, b) {
+            Ok(_) => c.merged.fetch_add(1, Ordering::Relaxed),
+            Err(MergeError::Differ) => c.merge_differ.fetch_add(1, Ordering::Relaxed),
+            Err(MergeError::OtherGroup) => panic!("one group"),
+            Err(_) => 0,
+        };
+    }
+}
+
 /// Between rounds (nothing runs): finishes half-done restores, drops destroyed VMs and
 /// fills empty slots, a new VM or a clone (fork) of another slot's.
 fn refill(
@@ -349,7 +390,7 @@ fn round(w: &HostWorld, slots: &[Option<Slot>], seed: u64, c: &Counters) {
     w.machine.set_frame_budget(frames);
     w.machine.set_swap_capacity(swap);
     let live: Vec<&Slot> = slots.iter().flatten().collect();
-    let threads = live.iter().map(|s| s.vcpus + 1).sum::<usize>() + 2;
+    let threads = live.iter().map(|s| s.vcpus + 1).sum::<usize>() + 3;
     // Everyone starts together, so the vCPUs of one VM really overlap.
     let start = &Barrier::new(threads);
     thread::scope(|s| {
@@ -375,6 +416,11 @@ fn round(w: &HostWorld, slots: &[Option<Slot>], seed: u64, c: &Counters) {
                 mover(w, reclaim, seed, c)
             });
         }
+        let (seed, live) = (rng.next(), &live);
+        s.spawn(move || {
+            start.wait();
+            merger(w, live, seed, c)
+        });
     });
     w.hw().set_table_budget(None);
     w.machine.set_frame_budget(None);
@@ -446,6 +492,11 @@ fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved(
     assert_eq!(w.machine.allocated(), 0, "frames left");
     assert_eq!(w.rmap.live_anon_vmas(), 0, "anon_vmas left");
     assert_eq!(w.rmap.live_chains(), 0, "chains left");
+    assert_eq!(
+        w.rmap.live_merge_objects(),
+        (0, 0),
+        "stable nodes or items left"
+    );
     assert!(w.hw().failures().is_empty());
     // The run did what it is for (all fixed by the seed's plan, not by the interleaving).
     assert!(c.snapshots.load(Ordering::Relaxed) > 0 && c.destroys.load(Ordering::Relaxed) > 0);
@@ -456,4 +507,5 @@ fn vcpus_fault_one_vm_while_it_is_released_restored_destroyed_moved_and_starved(
     );
     let swap = w.machine.swap_stats();
     assert!(swap.reused > 0 && swap.loads > 0, "{swap:?}");
+    assert!(c.merged.load(Ordering::Relaxed) > 0 && c.merge_differ.load(Ordering::Relaxed) > 0);
 }

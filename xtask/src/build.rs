@@ -129,7 +129,29 @@ pub fn images(release: bool) -> Result<Images, String> {
     Ok(Images { guest, hyp })
 }
 
-/// clippy -D warnings on the host crates and on the bare-metal ones.
+/// The target of linuxbench's `cowbench`, the Linux guest's static program;
+/// its linker (rust-lld) and static linking are set in .cargo/config.toml.
+pub const LINUX_TARGET: &str = "aarch64-unknown-linux-musl";
+
+/// Builds linuxbench's `cowbench` (always optimised: it is a measurement)
+/// and returns the path of the static arm64 executable.
+pub fn cowbench() -> Result<PathBuf, String> {
+    cargo(
+        &[
+            "build",
+            "-p",
+            "linuxbench",
+            "--target",
+            LINUX_TARGET,
+            "--release",
+        ],
+        &[],
+    )?;
+    Ok(target_dir().join(LINUX_TARGET).join("release/cowbench"))
+}
+
+/// clippy -D warnings on the host crates, on the bare-metal ones and on
+/// the Linux guest's program.
 pub fn clippy(images: &Images) -> Result<(), String> {
     let env = [("HYP_GUEST_IMAGE", images.guest.to_str().unwrap())];
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"], &[])?;
@@ -166,6 +188,20 @@ pub fn clippy(images: &Images) -> Result<(), String> {
             "guest",
             "--target",
             "aarch64-unknown-none",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    cargo(
+        &[
+            "clippy",
+            "-p",
+            "linuxbench",
+            "--target",
+            LINUX_TARGET,
+            "--all-targets",
             "--",
             "-D",
             "warnings",

@@ -2,7 +2,8 @@
 //! `linux-image-arm64` metapackage depends on today) and an initramfs built
 //! around Debian's static busybox, fetched with apt and cached in
 //! target/linux/. Also the boot-time benchmark against the same kernel
-//! booted bare by QEMU.
+//! booted bare by QEMU. The initramfs also carries linuxbench's static
+//! `cowbench` (see anchor.rs).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,15 +45,28 @@ pub fn ensure() -> Result<LinuxImages, String> {
     if !images.kernel.exists() || !busybox.exists() {
         fetch(&dir)?;
     }
+    let cowbench = crate::build::cowbench()?;
+    let cowbench = std::fs::read(&cowbench).map_err(|e| format!("{}: {e}", cowbench.display()))?;
+    // The stamp names what the initramfs was built from: a changed init
+    // script or a rebuilt cowbench rebuilds it.
     let stamp = dir.join("init.stamp");
-    if !images.initrd.exists() || std::fs::read_to_string(&stamp).ok().as_deref() != Some(INIT) {
+    let built_from = format!("{INIT}cowbench fnv1a64 {:016x}\n", fnv1a(&cowbench));
+    if !images.initrd.exists()
+        || std::fs::read_to_string(&stamp).ok().as_deref() != Some(&built_from)
+    {
         let busybox = std::fs::read(&busybox).map_err(|e| format!("busybox: {e}"))?;
-        std::fs::write(&images.initrd, initramfs(&busybox))
+        std::fs::write(&images.initrd, initramfs(&busybox, &cowbench))
             .map_err(|e| format!("initramfs: {e}"))?;
-        std::fs::write(&stamp, INIT).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        std::fs::write(&stamp, built_from).map_err(|e| format!("{}: {e}", stamp.display()))?;
         println!("xtask: built {}", images.initrd.display());
     }
     Ok(images)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn output(cmd: &str, args: &[&str]) -> Result<String, String> {
@@ -178,10 +192,11 @@ fn gunzip(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// An uncompressed newc cpio archive: directories, /dev/console (so init
-/// has a console before devtmpfs), busybox, /bin/sh and /init. Written here
+/// has a console before devtmpfs), busybox, /bin/sh, /bin/cowbench
+/// (linuxbench: Linux's own CoW fault, timed) and /init. Written here
 /// rather than with cpio(1) so it needs neither the tool nor root for the
 /// device node.
-pub fn initramfs(busybox: &[u8]) -> Vec<u8> {
+pub fn initramfs(busybox: &[u8], cowbench: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut ino = 1;
     let mut add = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
@@ -196,6 +211,7 @@ pub fn initramfs(busybox: &[u8]) -> Vec<u8> {
     add("dev/console", 0o020600, (5, 1), &[]);
     add("bin/busybox", 0o100755, (0, 0), busybox);
     add("bin/sh", 0o120777, (0, 0), b"busybox");
+    add("bin/cowbench", 0o100755, (0, 0), cowbench);
     add("init", 0o100755, (0, 0), INIT.as_bytes());
     cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
     out

@@ -6,6 +6,7 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+mod anchor;
 mod build;
 mod layers;
 mod linux;
@@ -36,10 +37,12 @@ commands:
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
                  (part of test)
-  bench [chain|fork|guest|migrate|linux|disk]...
+  bench [chain|fork|guest|migrate|linux|anchor|disk]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
-                 and forks of a running Linux; `disk`: the hypervisor's raw
+                 forks of a running Linux, and the anchor; `anchor`: the stage-2
+                 CoW fault over Linux's own CoW fault inside the Linux guest,
+                 5 interleaved pairs; `disk`: the hypervisor's raw
                  virtio-blk throughput on a fresh sparse file in the temp dir)
   soak [minutes] [guest args]
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
@@ -193,9 +196,11 @@ fn shuttle() -> Result<(), String> {
     Ok(())
 }
 
-/// `bench [chain|fork|guest|migrate|linux]...`: all benchmarks, or only the named ones.
+/// `bench [chain|fork|guest|migrate|linux|anchor|disk]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 6] = ["chain", "fork", "guest", "migrate", "linux", "disk"];
+    const ALL: [&str; 7] = [
+        "chain", "fork", "guest", "migrate", "linux", "anchor", "disk",
+    ];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
     }
@@ -220,6 +225,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     if wanted("linux") {
         linux::bench(&images.hyp, 5)?;
         linux::fork_bench(&images.hyp, 8, std::time::Duration::from_secs(5))?;
+    }
+    if wanted("linux") || wanted("anchor") {
+        anchor::bench(&images, 5)?;
     }
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())

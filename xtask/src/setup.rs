@@ -1,9 +1,15 @@
-//! Installs what a fresh Debian machine lacks: the bare-metal Rust targets,
-//! llvm-tools (objcopy for the guest image), and QEMU.
+//! Installs what a fresh Debian machine lacks: the bare-metal Rust targets
+//! and the static arm64 Linux one (linuxbench's `cowbench`, linked by the
+//! toolchain's rust-lld against the musl the target ships), llvm-tools
+//! (objcopy for the guest image), and QEMU.
 
 use std::process::Command;
 
-const TARGETS: [&str; 2] = ["aarch64-unknown-none-softfloat", "aarch64-unknown-none"];
+const TARGETS: [&str; 3] = [
+    "aarch64-unknown-none-softfloat",
+    "aarch64-unknown-none",
+    crate::build::LINUX_TARGET,
+];
 
 fn have(cmd: &str) -> bool {
     Command::new("sh")

@@ -50,6 +50,9 @@ pub struct Counters {
     pub destroys: AtomicU64,
     pub moved: AtomicU64,
     pub mover_failures: AtomicU64,
+    /// Same-page merges made, and refused because the pages differed.
+    pub merged: AtomicU64,
+    pub merge_differ: AtomicU64,
 }
 
 impl Counters {
