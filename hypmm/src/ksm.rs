@@ -179,12 +179,7 @@ impl Scanner {
         let to = pages.min(from.saturating_add(budget));
         for i in from..to {
             let ipa = vm.ram.start + i * crate::PAGE_SIZE;
-            let page = MergePage {
-                vm: vm.id,
-                ipa,
-                group: vm.group,
-            };
-            if let Some(key) = pass.candidate(page, &mut seen[i as usize]) {
+            if let Some((page, key)) = pass.candidate(vm, ipa, &mut seen[i as usize]) {
                 pass.offer(&mut self.stable, &mut self.unstable, page, key);
             }
         }
@@ -225,10 +220,11 @@ impl Scanner {
 }
 
 impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
-    /// The page's key if it is a mapped, not yet merged page whose checksum
-    /// is what it was at the previous visit; records the new checksum.
-    fn candidate(&mut self, page: MergePage, seen: &mut u64) -> Option<Key> {
-        let pfn = self.mapped(page)?;
+    /// The page at `ipa` of `vm` and its key, if it is mapped, not merged
+    /// yet, and its checksum is what it was at the previous visit; records
+    /// the new checksum.
+    fn candidate(&mut self, vm: &ScanVm, ipa: Ipa, seen: &mut u64) -> Option<(MergePage, Key)> {
+        let pfn = self.mapped(vm.id, ipa)?;
         self.stats.scanned += 1;
         if self
             .cx
@@ -248,12 +244,19 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
             self.stats.changing += 1;
             return None;
         }
-        Some((page.group, sum))
+        let page = MergePage {
+            vm: vm.id,
+            ipa,
+            pfn,
+            group: vm.group,
+        };
+        Some((page, (vm.group, sum)))
     }
 
-    /// The frame mapping `page` now, if any.
-    fn mapped(&self, page: MergePage) -> Option<Pfn> {
-        let state = self.set.with_vm(page.vm, |vm| vm.lock().lookup(page.ipa))?;
+    /// The frame mapping `ipa` in VM `id` now, if any (read while the VM is
+    /// known live: rmap's merge checks it still is).
+    fn mapped(&self, id: VmId, ipa: Ipa) -> Option<Pfn> {
+        let state = self.set.with_vm(id, |vm| vm.lock().lookup(ipa))?;
         match state {
             PageState::Mapped { pfn, .. } => Some(pfn),
             _ => None,
@@ -270,7 +273,7 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
     ) {
         if let Some(&known) = stable.get(&key) {
             match self.merge(known, page) {
-                Ok(()) => {
+                Ok(_) => {
                     self.stats.stable_hits += 1;
                     return;
                 }
@@ -286,8 +289,14 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
                 unstable.insert(key, page);
             }
             Some(first) => match self.merge(first, page) {
-                Ok(()) => {
-                    stable.insert(key, page);
+                Ok(merged) => {
+                    stable.insert(
+                        key,
+                        MergePage {
+                            pfn: merged,
+                            ..page
+                        },
+                    );
                 }
                 // Keep the newer page as the one to match.
                 Err(_) => {
@@ -297,11 +306,12 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
         }
     }
 
-    fn merge(&mut self, a: MergePage, b: MergePage) -> Result<(), MergeError> {
+    /// rmap's merge; the merged frame.
+    fn merge(&mut self, a: MergePage, b: MergePage) -> Result<Pfn, MergeError> {
         match self.cx.rmap.merge(self.set, &self.cx.frames(), a, b) {
-            Ok(_) => {
+            Ok(pfn) => {
                 self.stats.merged += 1;
-                Ok(())
+                Ok(pfn)
             }
             Err(e) => {
                 self.stats.refused += 1;
