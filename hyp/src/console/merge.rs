@@ -94,4 +94,5 @@ pub fn stats(r: &mut Reply) {
     r.set("merged_items", m.items as u64);
     r.set("merged_saved", m.saved);
     r.set("merge_rate", rate);
+    r.set("merge_rounds", merge::rounds());
 }
