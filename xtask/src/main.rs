@@ -10,6 +10,7 @@ mod anchor;
 mod build;
 mod layers;
 mod linux;
+mod merge_bench;
 mod mutants;
 mod profile;
 mod qemu;
@@ -37,13 +38,15 @@ commands:
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
                  (part of test)
-  bench [chain|fork|guest|migrate|linux|anchor|disk]...
+  bench [chain|fork|guest|migrate|linux|anchor|disk|merge]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
                  forks of a running Linux, and the anchor; `anchor`: the stage-2
                  CoW fault over Linux's own CoW fault inside the Linux guest,
                  5 interleaved pairs; `disk`: the hypervisor's raw
-                 virtio-blk throughput on a fresh sparse file in the temp dir)
+                 virtio-blk throughput on a fresh sparse file in the temp dir;
+                 `merge`: host frames of 4 idle Linux VMs before and after one
+                 `merge` pass)
   soak [minutes] [guest args]
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
@@ -196,10 +199,10 @@ fn shuttle() -> Result<(), String> {
     Ok(())
 }
 
-/// `bench [chain|fork|guest|migrate|linux|anchor|disk]...`: all benchmarks, or only the named ones.
+/// `bench [chain|fork|guest|migrate|linux|anchor|disk|merge]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 7] = [
-        "chain", "fork", "guest", "migrate", "linux", "anchor", "disk",
+    const ALL: [&str; 8] = [
+        "chain", "fork", "guest", "migrate", "linux", "anchor", "disk", "merge",
     ];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
@@ -228,6 +231,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     if wanted("linux") || wanted("anchor") {
         anchor::bench(&images, 5)?;
+    }
+    if wanted("merge") {
+        merge_bench::bench(&images.hyp)?;
     }
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");
     Ok(())
