@@ -110,8 +110,9 @@ fn four_independent_linux_vms_merge_and_stay_apart() {
     );
     // Both files still read back as written.
     for vm in [1, 2] {
+        // 4 MiB of "merge-me\n": 466,033 whole lines.
         let line = "echo n-$(grep -c merge-me /tmp/same)";
-        shell(&mut m, vm, line, "n-419430");
+        shell(&mut m, vm, line, "n-466033");
     }
     m.send(HYP);
     m.expect("[console: hypervisor]", REPLY);
