@@ -348,6 +348,21 @@ fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
         "frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}"
     );
     r.set("mapcount", mapcount);
+    if let Some(node) = rmap.stable_info(pfn) {
+        // A merged frame: its mappers come from several fork families.
+        crate::say!(
+            r,
+            "  merged: trust group {}, {} family items{}",
+            node.group,
+            node.items.len(),
+            if node.dirty {
+                " (counts being recounted)"
+            } else {
+                ""
+            }
+        );
+        r.set("merged_group", node.group);
+    }
     for m in rmap.mappers(pfn, &crate::mm::glue::HypVms) {
         crate::say!(
             r,
