@@ -122,8 +122,11 @@ pub fn print_output(vm: &Vm, bytes: &[u8]) {
 /// Prints what the guest wrote without a newline yet: it is idle now, so a
 /// prompt or an echoed key must reach the console.
 pub fn flush_partial_line(vcpu: &Vcpu) {
-    let line = vcpu.vm.uart.lock().take_partial();
-    if let Some(line) = line {
+    // Printed under the UART lock: another vCPU of the VM writing meanwhile
+    // cannot take and print later bytes before these (its output would
+    // leave out of order).
+    let mut uart = vcpu.vm.uart.lock();
+    if let Some(line) = uart.take_partial() {
         print_output(&vcpu.vm, &line);
     }
 }
@@ -153,8 +156,10 @@ pub fn mmio(vcpu: &mut Vcpu, access: DataAccess, ipa: u64) -> Option<Action> {
 fn uart_access(vcpu: &Vcpu, off: u64, store: Option<u64>) -> u64 {
     let loaded = match store {
         Some(value) => {
-            let out = vcpu.vm.uart.lock().write(off, value as u32);
-            if let Output::Line(line) = out {
+            // Under the UART lock, as in `flush_partial_line`: the VM's
+            // bytes reach the console in the order it wrote them.
+            let mut uart = vcpu.vm.uart.lock();
+            if let Output::Line(line) = uart.write(off, value as u32) {
                 print_output(&vcpu.vm, &line);
             }
             0
