@@ -2,21 +2,10 @@
 //! the console prints for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
+use common::{err, ok};
 use hypcmd::{parse, Command, Focus, PageRange, ParseError, VmId};
-
-fn ok(line: &str) -> Command {
-    match parse(line) {
-        Ok(Some(c)) => c,
-        other => panic!("{line:?}: {other:?}"),
-    }
-}
-
-fn err(line: &str) -> String {
-    match parse(line) {
-        Err(e) => e.to_string(),
-        other => panic!("{line:?} should be an error: {other:?}"),
-    }
-}
 
 fn range(start: u64, end: u64) -> PageRange {
     PageRange::new(start, end).unwrap()

@@ -2,21 +2,10 @@
 //! each form, and each way a line can be wrong, with the console's message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use hypcmd::{parse, Command, Create, Guest, VmId, Words};
+mod common;
 
-fn ok(line: &str) -> Command {
-    match parse(line) {
-        Ok(Some(c)) => c,
-        other => panic!("{line:?}: {other:?}"),
-    }
-}
-
-fn err(line: &str) -> String {
-    match parse(line) {
-        Err(e) => e.to_string(),
-        other => panic!("{line:?} should be an error: {other:?}"),
-    }
-}
+use common::{err, ok};
+use hypcmd::{Command, Create, Guest, VmId, Words};
 
 fn create(guest: Guest, mem: Option<u64>, vcpus: Option<usize>, cmdline: Option<&str>) -> Command {
     Command::Create(Create {
