@@ -42,6 +42,11 @@ impl PageRef {
     pub fn stored_len(&self) -> usize {
         usize::from(self.len)
     }
+
+    /// The device byte its stored bytes start at (tools, tests, prefetch merging).
+    pub fn device_byte(&self) -> u64 {
+        self.byte
+    }
 }
 
 /// A snapshot ready for lazy restore: shape, state and touch order of the newest image of

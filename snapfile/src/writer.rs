@@ -51,6 +51,9 @@ pub struct Summary {
     pub skipped: u64,
     /// Bytes of page data.
     pub data_bytes: u64,
+    /// Where the state blob, the page data, the index and the touch order are, as device
+    /// byte ranges `[start, end)` (for tools and corruption tests).
+    pub sections: [(u64, u64); 4],
 }
 
 /// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
@@ -339,8 +342,13 @@ impl Writer<'_> {
         toc.entries.push(self.entry);
         toc.next_seq += 1;
         self.store.commit(dev, toc)?;
+        let base = self.entry.start * SECTOR as u64;
+        let h = &self.header;
+        let sections =
+            [h.state, h.data, h.index, h.touch].map(|s| (base + s.off, base + s.off + s.len));
         Ok(Summary {
             sectors: self.entry.sectors,
+            sections,
             ..self.sum
         })
     }

@@ -27,12 +27,24 @@ fn fresh(sectors: u64) -> (MemDisk, Store) {
 fn full_image_restores_and_skips_zero_pages() {
     let (mut dev, mut store) = fresh(4096);
     let mem = mem_of(&[1, 0, 2, 0, 0, 1, 2, 0]);
-    let s = save(&mut store, &mut dev, "a", None, &mem, &all(&mem), b"vcpu state").unwrap();
+    let s = save(
+        &mut store,
+        &mut dev,
+        "a",
+        None,
+        &mem,
+        &all(&mem),
+        b"vcpu state",
+    )
+    .unwrap();
     assert_eq!((s.lz4, s.raw, s.skipped, s.zero_now), (2, 2, 4, 0));
     let mut store = Store::open(&mut dev).unwrap();
     let img = store.image(&mut dev, "a").unwrap();
     assert_eq!(img.state(), b"vcpu state");
-    assert_eq!(img.present_pages().map(|g| g.0).collect::<Vec<_>>(), [0, 2, 5, 6]);
+    assert_eq!(
+        img.present_pages().map(|g| g.0).collect::<Vec<_>>(),
+        [0, 2, 5, 6]
+    );
     assert_eq!(img.locate(Gpn(2)).unwrap().kind(), PageKind::Raw);
     assert!(img.locate(Gpn(0)).unwrap().stored_len() < PAGE);
     // The touch order is stored as given (common::save passes the pages reversed).
@@ -42,8 +54,14 @@ fn full_image_restores_and_skips_zero_pages() {
     let again = save(&mut store, &mut dev, "a", None, &mem, &[], b"");
     assert_eq!(again.unwrap_err(), Error::NameExists);
     let long = "x".repeat(33);
-    assert_eq!(save(&mut store, &mut dev, &long, None, &mem, &[], b"").unwrap_err(), Error::NameTooLong);
-    assert_eq!(save(&mut store, &mut dev, "", None, &mem, &[], b"").unwrap_err(), Error::BadName);
+    assert_eq!(
+        save(&mut store, &mut dev, &long, None, &mem, &[], b"").unwrap_err(),
+        Error::NameTooLong
+    );
+    assert_eq!(
+        save(&mut store, &mut dev, "", None, &mem, &[], b"").unwrap_err(),
+        Error::BadName
+    );
     assert_eq!(store.image(&mut dev, "b").unwrap_err(), Error::NotFound);
 }
 
@@ -62,7 +80,16 @@ fn a_chain_of_diffs_restores_each_save_exactly() {
         mem[dirty[3]] = Some(page_of(1, 200 + step as u64));
         let name = format!("s{step}");
         let parent = format!("s{}", step - 1);
-        let s = save(&mut store, &mut dev, &name, Some(&parent), &mem, &dirty, b"d").unwrap();
+        let s = save(
+            &mut store,
+            &mut dev,
+            &name,
+            Some(&parent),
+            &mem,
+            &dirty,
+            b"d",
+        )
+        .unwrap();
         assert_eq!(s.zero_now, 2);
         saved.push(mem.clone());
     }
@@ -78,16 +105,34 @@ fn a_chain_of_diffs_restores_each_save_exactly() {
 fn diffs_check_parent_shape_and_depth() {
     let (mut dev, mut store) = fresh(8192);
     let mem = mem_of(&[1, 2]);
-    assert_eq!(save(&mut store, &mut dev, "d", Some("none"), &mem, &[0], b"").unwrap_err(), Error::ParentMissing);
+    assert_eq!(
+        save(&mut store, &mut dev, "d", Some("none"), &mem, &[0], b"").unwrap_err(),
+        Error::ParentMissing
+    );
     save(&mut store, &mut dev, "s0", None, &mem, &all(&mem), b"").unwrap();
     let bigger = mem_of(&[1, 2, 1]);
-    assert_eq!(save(&mut store, &mut dev, "d", Some("s0"), &bigger, &[2], b"").unwrap_err(), Error::ShapeMismatch);
+    assert_eq!(
+        save(&mut store, &mut dev, "d", Some("s0"), &bigger, &[2], b"").unwrap_err(),
+        Error::ShapeMismatch
+    );
     for i in 1..MAX_CHAIN {
-        save(&mut store, &mut dev, &format!("s{i}"), Some(&format!("s{}", i - 1)), &mem, &[i % 2], b"").unwrap();
+        save(
+            &mut store,
+            &mut dev,
+            &format!("s{i}"),
+            Some(&format!("s{}", i - 1)),
+            &mem,
+            &[i % 2],
+            b"",
+        )
+        .unwrap();
     }
     let top = format!("s{}", MAX_CHAIN - 1);
     assert_eq!(store.image(&mut dev, &top).unwrap().depth(), MAX_CHAIN);
-    assert_eq!(save(&mut store, &mut dev, "deep", Some(&top), &mem, &[0], b"").unwrap_err(), Error::ChainTooDeep);
+    assert_eq!(
+        save(&mut store, &mut dev, "deep", Some(&top), &mem, &[0], b"").unwrap_err(),
+        Error::ChainTooDeep
+    );
     // A parent cannot go; its newest descendant can, then it can.
     assert_eq!(store.delete(&mut dev, "s0").unwrap_err(), Error::IsParent);
     store.delete(&mut dev, &top).unwrap();
@@ -132,7 +177,9 @@ fn a_save_bigger_than_the_disk_is_refused_and_changes_nothing() {
     let before = Store::open(&mut dev).unwrap();
     let huge = mem_of(&[2; 200]);
     let err = save(&mut store, &mut dev, "big", None, &huge, &all(&huge), b"").unwrap_err();
-    let Error::NoSpace { needed, free } = err else { panic!("{err:?}") };
+    let Error::NoSpace { needed, free } = err else {
+        panic!("{err:?}")
+    };
     assert!(needed > free, "{needed} > {free}");
     let after = Store::open(&mut dev).unwrap();
     assert_eq!(after.list(), before.list());
@@ -148,21 +195,46 @@ fn a_save_bigger_than_the_disk_is_refused_and_changes_nothing() {
 fn the_writer_refuses_what_it_was_not_told() {
     let (mut dev, mut store) = fresh(4096);
     let mem = mem_of(&[2; 4]);
-    let spec = SaveSpec { name: "w", parent: None, shape: shape(4), state: b"", touch: &[], max_pages: 2 };
+    let spec = SaveSpec {
+        name: "w",
+        parent: None,
+        shape: shape(4),
+        state: b"",
+        touch: &[],
+        max_pages: 2,
+    };
     let p = page_of(2, 1);
     let mut w = store.begin(&mut dev, &spec).unwrap();
-    assert_eq!(w.page(&mut dev, Gpn(4), &p).unwrap_err(), Error::PageOutOfRange { page: 4 });
-    assert_eq!(w.page(&mut dev, Gpn(0), &p).unwrap_err(), Error::WriterFailed);
+    assert_eq!(
+        w.page(&mut dev, Gpn(4), &p).unwrap_err(),
+        Error::PageOutOfRange { page: 4 }
+    );
+    assert_eq!(
+        w.page(&mut dev, Gpn(0), &p).unwrap_err(),
+        Error::WriterFailed
+    );
     let mut w = store.begin(&mut dev, &spec).unwrap();
     w.page(&mut dev, Gpn(1), &p).unwrap();
     w.page(&mut dev, Gpn(1), &p).unwrap();
-    assert_eq!(w.finish(&mut dev).unwrap_err(), Error::DuplicatePage { page: 1 });
+    assert_eq!(
+        w.finish(&mut dev).unwrap_err(),
+        Error::DuplicatePage { page: 1 }
+    );
     let mut w = store.begin(&mut dev, &spec).unwrap();
     w.page(&mut dev, Gpn(1), &p).unwrap();
     w.page(&mut dev, Gpn(2), &p).unwrap();
-    assert_eq!(w.page(&mut dev, Gpn(3), &p).unwrap_err(), Error::TooManyPages);
-    let bad_touch = SaveSpec { touch: &[Gpn(9)], ..spec };
-    assert_eq!(store.begin(&mut dev, &bad_touch).err(), Some(Error::PageOutOfRange { page: 9 }));
+    assert_eq!(
+        w.page(&mut dev, Gpn(3), &p).unwrap_err(),
+        Error::TooManyPages
+    );
+    let bad_touch = SaveSpec {
+        touch: &[Gpn(9)],
+        ..spec
+    };
+    assert_eq!(
+        store.begin(&mut dev, &bad_touch).err(),
+        Some(Error::PageOutOfRange { page: 9 })
+    );
     assert!(store.list().is_empty());
     save(&mut store, &mut dev, "w", None, &mem, &all(&mem), b"").unwrap();
 }
@@ -175,7 +247,10 @@ fn the_toc_fills_up() {
     for n in ["a", "b", "c"] {
         save(&mut store, &mut dev, n, None, &mem, &[0], b"").unwrap();
     }
-    assert_eq!(save(&mut store, &mut dev, "d", None, &mem, &[0], b"").unwrap_err(), Error::TocFull);
+    assert_eq!(
+        save(&mut store, &mut dev, "d", None, &mem, &[0], b"").unwrap_err(),
+        Error::TocFull
+    );
 }
 
 #[test]
@@ -189,6 +264,10 @@ fn page_data_leaves_in_large_writes() {
     let writes = dev.writes - w0;
     // Data writes of >= BATCH, plus the tail, the header and two TOC copies.
     let data_writes = s.data_bytes / BATCH as u64;
-    assert!(writes <= data_writes + 5, "{writes} writes for {} bytes", s.data_bytes);
+    assert!(
+        writes <= data_writes + 5,
+        "{writes} writes for {} bytes",
+        s.data_bytes
+    );
     assert!(s.sectors * SECTOR as u64 >= s.data_bytes);
 }

@@ -8,7 +8,11 @@ use snapfile::{BlockDevice, Error, Gpn, Image, SaveSpec, Shape, Store, Summary, 
 pub type Mem = Vec<Option<Box<[u8; PAGE]>>>;
 
 pub fn shape(pages: u32) -> Shape {
-    Shape { ram_base: Ipa::new(0x4000_0000), ram_pages: pages, vcpus: 2 }
+    Shape {
+        ram_base: Ipa::new(0x4000_0000),
+        ram_pages: pages,
+        vcpus: 2,
+    }
 }
 
 /// Contents of kind `k` from `seed`: 0 zero, 1 compressible text-like, 2 random.
@@ -78,7 +82,10 @@ pub fn check_restore<D: BlockDevice>(img: &Image, dev: &mut D, mem: &Mem) {
     for g in 0..mem.len() {
         let want = read(mem, g);
         match img.locate(Gpn(g as u32)) {
-            None => assert!(want.iter().all(|b| *b == 0), "page {g} missing from the image"),
+            None => assert!(
+                want.iter().all(|b| *b == 0),
+                "page {g} missing from the image"
+            ),
             Some(r) => {
                 img.read_page(dev, &r, &mut out).unwrap();
                 assert!(out == want, "page {g} differs");
