@@ -31,6 +31,8 @@ pub struct MemDisk {
     bytes: Vec<u8>,
     /// Sectors that may still be written before the simulated crash (`None`: no crash).
     crash_budget: Option<u64>,
+    /// Set when a write found the budget spent: the simulated machine is down.
+    crashed: bool,
     /// Write requests served (counted whether or not a crash dropped them).
     pub writes: u64,
     /// Sectors written.
@@ -51,6 +53,7 @@ impl MemDisk {
         Self {
             bytes,
             crash_budget: None,
+            crashed: false,
             writes: 0,
             sectors_written: 0,
             flushes: 0,
@@ -68,7 +71,8 @@ impl MemDisk {
     }
 
     /// Simulates a crash after `sectors` more sectors are written: a write that crosses the
-    /// point lands its first sectors only (a torn write), and it and every later write fail.
+    /// point lands its first sectors only (a torn write), and it and every later write and
+    /// flush fail.
     pub fn crash_after(&mut self, sectors: u64) {
         self.crash_budget = Some(sectors);
     }
@@ -119,6 +123,7 @@ impl BlockDevice for MemDisk {
         if let Some(budget) = self.crash_budget.as_mut() {
             *budget -= landed;
             if landed < n {
+                self.crashed = true;
                 return Err(DevError::Io(0xdead));
             }
         }
@@ -126,7 +131,7 @@ impl BlockDevice for MemDisk {
     }
 
     fn flush(&mut self) -> Result<(), DevError> {
-        if self.crash_budget == Some(0) {
+        if self.crashed {
             return Err(DevError::Io(0xdead));
         }
         self.flushes += 1;
