@@ -5,8 +5,8 @@ use mmtypes::Ipa;
 use crate::codec::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, seal, verify};
 use crate::dev::SECTOR;
 use crate::error::{Error, Section};
-use crate::types::{Gpn, Name, PageKind, Shape, PAGE};
-use crate::{NAME_MAX, VERSION};
+use crate::types::{get_name_field, put_name_field, Gpn, Name, PageKind, Shape, PAGE};
+use crate::VERSION;
 
 /// "MHVSIMG" and a NUL.
 const IMG_MAGIC: [u8; 8] = *b"MHVSIMG\0";
@@ -48,23 +48,6 @@ pub struct Header {
     pub touch: Span,
 }
 
-fn put_name(s: &mut [u8], at: usize, n: Option<&Name>) {
-    let b = n.map_or("", |n| n.as_str()).as_bytes();
-    s[at] = b.len() as u8;
-    s[at + 1..at + 1 + b.len()].copy_from_slice(b);
-}
-
-fn get_name(s: &[u8], at: usize) -> Result<Option<Name>, Error> {
-    let len = s[at] as usize;
-    match len {
-        0 => Ok(None),
-        1..=NAME_MAX => Name::from_bytes(&s[at + 1..at + 1 + len])
-            .map(Some)
-            .map_err(|_| Error::Corrupt(Section::ImageHeader)),
-        _ => Err(Error::Corrupt(Section::ImageHeader)),
-    }
-}
-
 fn put_span(s: &mut [u8], at: usize, sp: &Span) {
     put_u64(s, at, sp.off);
     put_u64(s, at + 8, sp.len);
@@ -90,8 +73,8 @@ impl Header {
         put_u64(&mut s, 24, self.shape.ram_base.raw());
         put_u32(&mut s, 32, self.shape.ram_pages);
         put_u32(&mut s, 36, self.shape.vcpus);
-        put_name(&mut s, 40, Some(&self.name));
-        put_name(&mut s, 73, self.parent.as_ref().map(|p| &p.0));
+        put_name_field(&mut s, 40, Some(&self.name));
+        put_name_field(&mut s, 73, self.parent.as_ref().map(|p| &p.0));
         put_u64(&mut s, 112, self.parent.map_or(0, |p| p.1));
         put_span(&mut s, 120, &self.state);
         put_span(&mut s, 144, &self.data);
@@ -117,9 +100,13 @@ impl Header {
         if !verify(s, CHECKSUM_AT) {
             return Err(Error::Checksum(Section::ImageHeader));
         }
-        let parent = get_name(s, 73)?.map(|p| (p, get_u64(s, 112)));
+        let parent = get_name_field(s, 73)
+            .ok_or(Error::Corrupt(Section::ImageHeader))?
+            .map(|p| (p, get_u64(s, 112)));
         let h = Self {
-            name: get_name(s, 40)?.ok_or(Error::Corrupt(Section::ImageHeader))?,
+            name: get_name_field(s, 40)
+                .ok_or(Error::Corrupt(Section::ImageHeader))?
+                .ok_or(Error::Corrupt(Section::ImageHeader))?,
             seq: get_u64(s, 16),
             shape: Shape {
                 ram_base: Ipa::new(get_u64(s, 24)),

@@ -7,8 +7,7 @@ use crate::codec::{get_u32, get_u64, put_u32, put_u64, seal, verify};
 use crate::dev::SECTOR;
 use crate::error::{Error, Section};
 use crate::superblock::Superblock;
-use crate::types::Name;
-use crate::NAME_MAX;
+use crate::types::{get_name_field, put_name_field, Name};
 
 /// "MHVSTOC" and a NUL.
 const TOC_MAGIC: [u8; 8] = *b"MHVSTOC\0";
@@ -46,29 +45,10 @@ pub struct Toc {
     pub entries: Vec<Entry>,
 }
 
-fn put_name(buf: &mut [u8], at: usize, name: Option<&Name>) {
-    let s = name.map_or("", |n| n.as_str()).as_bytes();
-    buf[at] = s.len() as u8;
-    buf[at + 1..at + 1 + s.len()].copy_from_slice(s);
-}
-
-fn get_name(buf: &[u8], at: usize) -> Result<Option<Name>, Error> {
-    let len = buf[at] as usize;
-    if len == 0 {
-        return Ok(None);
-    }
-    if len > NAME_MAX {
-        return Err(Error::Corrupt(Section::Toc));
-    }
-    Name::from_bytes(&buf[at + 1..at + 1 + len])
-        .map(Some)
-        .map_err(|_| Error::Corrupt(Section::Toc))
-}
-
 impl Entry {
     fn encode(&self, e: &mut [u8]) {
-        put_name(e, 0, Some(&self.name));
-        put_name(e, 33, self.parent.as_ref().map(|p| &p.0));
+        put_name_field(e, 0, Some(&self.name));
+        put_name_field(e, 33, self.parent.as_ref().map(|p| &p.0));
         put_u64(e, 72, self.seq);
         put_u64(e, 80, self.parent.map_or(0, |p| p.1));
         put_u64(e, 88, self.start);
@@ -77,8 +57,12 @@ impl Entry {
     }
 
     fn decode(e: &[u8]) -> Result<Self, Error> {
-        let name = get_name(e, 0)?.ok_or(Error::Corrupt(Section::Toc))?;
-        let parent = get_name(e, 33)?.map(|p| (p, get_u64(e, 80)));
+        let name = get_name_field(e, 0)
+            .ok_or(Error::Corrupt(Section::Toc))?
+            .ok_or(Error::Corrupt(Section::Toc))?;
+        let parent = get_name_field(e, 33)
+            .ok_or(Error::Corrupt(Section::Toc))?
+            .map(|p| (p, get_u64(e, 80)));
         Ok(Self {
             name,
             parent,

@@ -73,6 +73,31 @@ impl core::fmt::Debug for Name {
     }
 }
 
+/// Writes an optional name as its on-disk field: a length byte (0: none) and
+/// [`NAME_MAX`] bytes, zero-padded.
+pub(crate) fn put_name_field(buf: &mut [u8], at: usize, name: Option<&Name>) {
+    let field = &mut buf[at..at + 1 + NAME_MAX];
+    field.fill(0);
+    if let Some(n) = name {
+        field[0] = n.len;
+        field[1..1 + NAME_MAX].copy_from_slice(&n.bytes);
+    }
+}
+
+/// Reads a name field; `None` if it cannot be one (too long, not UTF-8, NUL inside,
+/// padding not zero), so a field has exactly one valid encoding.
+pub(crate) fn get_name_field(buf: &[u8], at: usize) -> Option<Option<Name>> {
+    let field = &buf[at..at + 1 + NAME_MAX];
+    let len = usize::from(field[0]);
+    if len > NAME_MAX || field[1 + len..].iter().any(|b| *b != 0) {
+        return None;
+    }
+    if len == 0 {
+        return Some(None);
+    }
+    Name::from_bytes(&field[1..1 + len]).ok().map(Some)
+}
+
 /// How a page is stored in an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageKind {

@@ -52,23 +52,45 @@ impl World {
         let name = format!("s{}", self.counter);
         self.counter += 1;
         let (parent, pages, depth) = match (&self.last, diff) {
-            (Some((p, dirty)), true) => (Some(p.clone()), dirty.iter().copied().collect(), self.snaps[p].depth + 1),
+            (Some((p, dirty)), true) => (
+                Some(p.clone()),
+                dirty.iter().copied().collect(),
+                self.snaps[p].depth + 1,
+            ),
             _ => (None, (0..self.mem.len()).collect::<Vec<_>>(), 1),
         };
         let fixed = SECTOR + 1 + pages.len() * 4;
         let bound = (fixed + pages.len() * (PAGE + 24)).div_ceil(SECTOR) as u64;
         let largest = self.store.gaps().iter().map(|g| g.1).max().unwrap_or(0);
         let before = self.store.list().to_vec();
-        let r = save(&mut self.store, &mut self.dev, &name, parent.as_deref(), &self.mem, &pages, &[depth as u8]);
+        let r = save(
+            &mut self.store,
+            &mut self.dev,
+            &name,
+            parent.as_deref(),
+            &self.mem,
+            &pages,
+            &[depth as u8],
+        );
         match r {
             Ok(_) => {
                 assert!(depth <= MAX_CHAIN);
-                self.snaps.insert(name.clone(), Snap { mem: self.mem.clone(), parent, depth });
+                self.snaps.insert(
+                    name.clone(),
+                    Snap {
+                        mem: self.mem.clone(),
+                        parent,
+                        depth,
+                    },
+                );
                 self.last = Some((name, BTreeSet::new()));
             }
             Err(Error::ChainTooDeep) => assert!(depth > MAX_CHAIN),
             Err(Error::NoSpace { needed, free }) => {
-                assert!(largest < bound, "NoSpace with a gap of {largest} for a bound of {bound}");
+                assert!(
+                    largest < bound,
+                    "NoSpace with a gap of {largest} for a bound of {bound}"
+                );
                 assert!(needed > free);
                 assert_eq!(self.store.list(), &before[..]);
             }
@@ -77,8 +99,13 @@ impl World {
     }
 
     fn delete(&mut self, i: usize) {
-        let Some(name) = self.snaps.keys().nth(i % self.snaps.len().max(1)).cloned() else { return };
-        let is_parent = self.snaps.values().any(|s| s.parent.as_deref() == Some(&name));
+        let Some(name) = self.snaps.keys().nth(i % self.snaps.len().max(1)).cloned() else {
+            return;
+        };
+        let is_parent = self
+            .snaps
+            .values()
+            .any(|s| s.parent.as_deref() == Some(&name));
         match self.store.delete(&mut self.dev, &name) {
             Ok(()) => {
                 assert!(!is_parent);
@@ -92,7 +119,12 @@ impl World {
     }
 
     fn check(&mut self) {
-        let listed: BTreeSet<String> = self.store.list().iter().map(|e| e.name.as_str().to_string()).collect();
+        let listed: BTreeSet<String> = self
+            .store
+            .list()
+            .iter()
+            .map(|e| e.name.as_str().to_string())
+            .collect();
         assert_eq!(listed, self.snaps.keys().cloned().collect());
         let used: u64 = self.store.list().iter().map(|e| e.sectors).sum();
         assert_eq!(used + self.store.free_sectors(), self.total);
@@ -109,7 +141,15 @@ fn run(pages: usize, sectors: u64, ops: Vec<Op>) {
     let store = Store::format(&mut dev, 9, 64).unwrap();
     let total = store.free_sectors();
     let mem = vec![None; pages];
-    let mut w = World { dev, store, mem, snaps: BTreeMap::new(), last: None, counter: 0, total };
+    let mut w = World {
+        dev,
+        store,
+        mem,
+        snaps: BTreeMap::new(),
+        last: None,
+        counter: 0,
+        total,
+    };
     for op in ops {
         match op {
             Op::Write(p, k, seed) => {
