@@ -58,30 +58,27 @@ fn run(op: Op, dev: &mut MemDisk, model: &mut Model) -> bool {
     let Ok(mut store) = Store::open(dev) else {
         return false;
     };
-    let ok = match op {
+    let (name, m) = match op {
         Op::SaveDiff => {
             let mut c = model["b"].clone();
             c[5] = Some(page_of(2, 55));
-            let ok = save(&mut store, dev, "c", Some("b"), &c, &[5], b"c").is_ok();
-            ok.then(|| model.insert("c".into(), c)).is_some()
+            if save(&mut store, dev, "c", Some("b"), &c, &[5], b"c").is_err() {
+                return false;
+            }
+            ("c", c)
         }
         Op::SaveFull => {
             let d = mem(10, 1000);
-            let ok = save(
-                &mut store,
-                dev,
-                "d",
-                None,
-                &d,
-                &(0..10).collect::<Vec<_>>(),
-                b"d",
-            )
-            .is_ok();
-            ok.then(|| model.insert("d".into(), d)).is_some()
+            let all: Vec<usize> = (0..10).collect();
+            if save(&mut store, dev, "d", None, &d, &all, b"d").is_err() {
+                return false;
+            }
+            ("d", d)
         }
-        Op::Delete => store.delete(dev, "b").is_ok() && model.remove("b").is_some(),
+        Op::Delete => return store.delete(dev, "b").is_ok() && model.remove("b").is_some(),
     };
-    ok
+    model.insert(name.into(), m);
+    true
 }
 
 /// What a reboot sees: the bytes, no crash budget. Everything acknowledged is listed and
