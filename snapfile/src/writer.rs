@@ -84,23 +84,7 @@ impl Store {
         dev: &mut D,
         spec: &SaveSpec<'_>,
     ) -> Result<Writer<'s>, Error> {
-        let name = Name::new(spec.name)?;
-        if self.toc.find(&name).is_some() {
-            return Err(Error::NameExists);
-        }
-        if self.toc.entries.len() >= self.sb.max_entries as usize {
-            return Err(Error::TocFull);
-        }
-        let parent = spec
-            .parent
-            .map(|p| self.check_parent(dev, p, &spec.shape))
-            .transpose()?;
-        if spec.state.len() > MAX_STATE || spec.max_pages > spec.shape.ram_pages {
-            return Err(Error::TooLarge);
-        }
-        if let Some(g) = spec.touch.iter().find(|g| g.0 >= spec.shape.ram_pages) {
-            return Err(Error::PageOutOfRange { page: g.0 });
-        }
+        let (name, parent) = self.check_spec(dev, spec)?;
         let fixed = (SECTOR + spec.state.len() + spec.touch.len() * TOUCH_LEN) as u64;
         let per_page = (PAGE + INDEX_LEN) as u64;
         let bound = sectors_for(fixed + u64::from(spec.max_pages) * per_page);
@@ -120,25 +104,7 @@ impl Store {
             sectors: 0,
             header_sum: 0,
         };
-        let state = Span {
-            off: SECTOR as u64,
-            len: spec.state.len() as u64,
-            sum: checksum(spec.state),
-        };
-        let data = Span {
-            off: state.off + state.len,
-            ..Span::default()
-        };
-        let header = Header {
-            name,
-            seq,
-            shape: spec.shape,
-            parent,
-            state,
-            data,
-            index: data,
-            touch: data,
-        };
+        let header = fresh_header(name, seq, parent, spec);
         let touch = spec.touch.iter().flat_map(|g| g.0.to_le_bytes()).collect();
         let mut w = Writer {
             store: self,
@@ -159,6 +125,32 @@ impl Store {
         };
         w.push(dev, spec.state)?;
         Ok(w)
+    }
+
+    /// The checks that need no space: name, TOC room, parent, sizes, touch order.
+    fn check_spec<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        spec: &SaveSpec<'_>,
+    ) -> Result<(Name, Option<(Name, u64)>), Error> {
+        let name = Name::new(spec.name)?;
+        if self.toc.find(&name).is_some() {
+            return Err(Error::NameExists);
+        }
+        if self.toc.entries.len() >= self.sb.max_entries as usize {
+            return Err(Error::TocFull);
+        }
+        let parent = spec
+            .parent
+            .map(|p| self.check_parent(dev, p, &spec.shape))
+            .transpose()?;
+        if spec.state.len() > MAX_STATE || spec.max_pages > spec.shape.ram_pages {
+            return Err(Error::TooLarge);
+        }
+        if let Some(g) = spec.touch.iter().find(|g| g.0 >= spec.shape.ram_pages) {
+            return Err(Error::PageOutOfRange { page: g.0 });
+        }
+        Ok((name, parent))
     }
 
     fn check_parent<D: BlockDevice>(
@@ -351,5 +343,30 @@ impl Writer<'_> {
             sections,
             ..self.sum
         })
+    }
+}
+
+/// The header of an image being written: its state span is known; the data, index and
+/// touch spans are filled in by `finish`.
+fn fresh_header(name: Name, seq: u64, parent: Option<(Name, u64)>, spec: &SaveSpec<'_>) -> Header {
+    let state = Span {
+        off: SECTOR as u64,
+        len: spec.state.len() as u64,
+        sum: checksum(spec.state),
+    };
+    let data = Span {
+        off: state.off + state.len,
+        ..Span::default()
+    };
+    let (shape, index, touch) = (spec.shape, data, data);
+    Header {
+        name,
+        seq,
+        shape,
+        parent,
+        state,
+        data,
+        index,
+        touch,
     }
 }

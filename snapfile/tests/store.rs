@@ -271,3 +271,19 @@ fn page_data_leaves_in_large_writes() {
     );
     assert!(s.sectors * SECTOR as u64 >= s.data_bytes);
 }
+
+#[test]
+fn a_state_blob_bigger_than_the_disk_is_refused_at_begin() {
+    let (mut dev, mut store) = fresh(200);
+    let mem = mem_of(&[1]);
+    let state = vec![7u8; 200 * SECTOR];
+    let err = save(&mut store, &mut dev, "s", None, &mem, &[0], &state).unwrap_err();
+    let Error::NoSpace { needed, free } = err else {
+        panic!("{err:?}")
+    };
+    assert!(needed > free);
+    let written = dev.sectors_written;
+    assert!(store.list().is_empty());
+    save(&mut store, &mut dev, "s", None, &mem, &[0], b"small").unwrap();
+    assert!(dev.sectors_written > written);
+}
