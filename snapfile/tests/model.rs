@@ -30,6 +30,9 @@ fn op(diff: u32) -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Small, so long runs also fill the table of contents.
+const TOC_ENTRIES: u32 = 48;
+
 struct Snap {
     mem: Mem,
     parent: Option<String>,
@@ -86,6 +89,7 @@ impl World {
                 self.last = Some((name, BTreeSet::new()));
             }
             Err(Error::ChainTooDeep) => assert!(depth > MAX_CHAIN),
+            Err(Error::TocFull) => assert_eq!(before.len(), TOC_ENTRIES as usize),
             Err(Error::NoSpace { needed, free }) => {
                 assert!(
                     largest < bound,
@@ -138,7 +142,7 @@ impl World {
 
 fn run(pages: usize, sectors: u64, ops: Vec<Op>) {
     let mut dev = MemDisk::new(sectors);
-    let store = Store::format(&mut dev, 9, 64).unwrap();
+    let store = Store::format(&mut dev, 9, TOC_ENTRIES).unwrap();
     let total = store.free_sectors();
     let mem = vec![None; pages];
     let mut w = World {
