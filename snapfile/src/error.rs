@@ -79,6 +79,9 @@ pub enum Error {
     ParentMissing,
     /// A snapshot to delete is the parent of another.
     IsParent,
+    /// A shape with no RAM or vCPUs, an unaligned RAM base, or RAM past the end of the
+    /// address space.
+    BadShape,
     /// A diff's shape (RAM base, size, vCPUs) differs from its parent's.
     ShapeMismatch,
     /// A diff chain would be, or is, deeper than [`crate::MAX_CHAIN`].
@@ -156,6 +159,7 @@ impl fmt::Display for Error {
             Error::BadName => f.write_str("name is empty or holds a NUL byte"),
             Error::ParentMissing => f.write_str("the parent snapshot does not exist"),
             Error::IsParent => f.write_str("the snapshot is the parent of another"),
+            Error::BadShape => f.write_str("the VM's shape is not valid"),
             Error::ShapeMismatch => f.write_str("the VM's shape differs from the parent's"),
             Error::ChainTooDeep => write!(f, "diff chain deeper than {}", crate::MAX_CHAIN),
             Error::TocFull => f.write_str("the table of contents is full"),

@@ -287,3 +287,42 @@ fn a_state_blob_bigger_than_the_disk_is_refused_at_begin() {
     save(&mut store, &mut dev, "s", None, &mem, &[0], b"small").unwrap();
     assert!(dev.sectors_written > written);
 }
+
+#[test]
+fn a_shape_that_cannot_be_is_refused() {
+    use mmtypes::Ipa;
+    use snapfile::Shape;
+    let (mut dev, mut store) = fresh(400);
+    let good = shape(4);
+    let bad = [
+        Shape {
+            ram_pages: 0,
+            ..good
+        },
+        Shape { vcpus: 0, ..good },
+        Shape {
+            ram_base: Ipa::new(0x4000_0800),
+            ..good
+        },
+        Shape {
+            ram_base: Ipa::new(u64::MAX - 0xfff),
+            ..good
+        },
+    ];
+    for shape in bad {
+        let spec = SaveSpec {
+            name: "s",
+            parent: None,
+            shape,
+            state: b"",
+            touch: &[],
+            max_pages: 0,
+        };
+        assert_eq!(
+            store.begin(&mut dev, &spec).err(),
+            Some(Error::BadShape),
+            "{shape:?}"
+        );
+    }
+    assert_eq!(Gpn(3).ipa(&good), Ipa::new(0x4000_3000));
+}
