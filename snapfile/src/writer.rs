@@ -66,6 +66,8 @@ pub struct Writer<'s> {
     limit: u64,
     /// Bytes not yet written; `buf[0]` goes to sector `buf_lba`.
     buf: Vec<u8>,
+    /// Where a page is compressed before it is copied into `buf` (LZ4's worst case).
+    lz4: Vec<u8>,
     buf_lba: u64,
     recs: Vec<IndexRec>,
     touch: Vec<u8>,
@@ -112,6 +114,7 @@ impl Store {
             entry,
             limit,
             buf: Vec::with_capacity(BATCH + 2 * PAGE),
+            lz4: alloc::vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
             buf_lba: start + 1,
             recs: Vec::with_capacity(spec.max_pages as usize),
             touch,
@@ -197,20 +200,15 @@ impl Writer<'_> {
             return self.zero(gpn);
         }
         let off = self.stream_pos() - self.header.data.off;
-        let at = self.buf.len();
-        self.buf
-            .resize(at + lz4_flex::block::get_maximum_output_size(PAGE), 0);
-        let (kind, len) = match lz4_flex::block::compress_into(data, &mut self.buf[at..]) {
+        let (kind, len) = match lz4_flex::block::compress_into(data, &mut self.lz4) {
             Ok(n) if n < PAGE => (PageKind::Lz4, n),
             _ => (PageKind::Raw, PAGE),
         };
         if kind == PageKind::Raw {
-            self.buf.truncate(at);
             self.buf.extend_from_slice(data);
             self.sum.raw += 1;
         } else {
-            // The compressed bytes were written in place: keep exactly them.
-            self.buf.truncate(at + len);
+            self.buf.extend_from_slice(&self.lz4[..len]);
             self.sum.lz4 += 1;
         }
         self.recs.push(IndexRec {
@@ -278,6 +276,9 @@ impl Writer<'_> {
 
     /// Writes the first `n` bytes of the buffer (whole sectors), inside the gap only.
     fn write_out<D: BlockDevice>(&mut self, dev: &mut D, n: usize) -> Result<(), Error> {
+        if n == 0 {
+            return Ok(());
+        }
         let end = self.buf_lba + (n / SECTOR) as u64;
         if end > self.entry.start + self.limit {
             self.failed = true;

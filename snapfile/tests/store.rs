@@ -326,3 +326,21 @@ fn a_shape_that_cannot_be_is_refused() {
     }
     assert_eq!(Gpn(3).ipa(&good), Ipa::new(0x4000_3000));
 }
+
+#[test]
+fn an_image_of_nothing_is_one_sector() {
+    let (mut dev, mut store) = fresh(400);
+    let zero: Mem = vec![None; 8];
+    let s = save(&mut store, &mut dev, "empty", None, &zero, &[], b"").unwrap();
+    assert_eq!(s.sectors, 1);
+    let all_pages: Vec<usize> = (0..8).collect();
+    let s2 = save(&mut store, &mut dev, "zeros", None, &zero, &all_pages, b"").unwrap();
+    // No page data; the touch order (8 pages) takes a sector.
+    assert_eq!((s2.skipped, s2.data_bytes, s2.sectors), (8, 0, 2));
+    let store = Store::open(&mut dev).unwrap();
+    for n in ["empty", "zeros"] {
+        let img = store.image(&mut dev, n).unwrap();
+        assert_eq!((img.present_pages().count(), img.state().len()), (0, 0));
+        check_restore(&img, &mut dev, &zero);
+    }
+}
