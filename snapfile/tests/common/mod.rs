@@ -1,6 +1,8 @@
 //! Shared by the integration tests: guest memories, saving them, checking restores.
 #![allow(dead_code)]
 
+pub mod forge;
+
 use mmtypes::Ipa;
 use snapfile::{BlockDevice, Error, Gpn, Image, SaveSpec, Shape, Store, Summary, PAGE};
 
