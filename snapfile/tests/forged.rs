@@ -199,6 +199,55 @@ fn the_layout_is_the_documented_one() {
     );
     let stored = &b[data + off..data + off + len];
     let mut out = [0u8; 4096];
-    assert_eq!(lz4_flex::block::decompress_into(stored, &mut out).unwrap(), 4096);
+    assert_eq!(
+        lz4_flex::block::decompress_into(stored, &mut out).unwrap(),
+        4096
+    );
     assert!(out == page, "LZ4 block format");
+}
+
+#[test]
+fn forged_tables_of_contents_are_refused() {
+    const E: usize = 64; // entry 0 ("a"); entry 1 ("b", the diff of "a") is at E + 128
+    let cases: [(&str, Edit); 13] = [
+        ("duplicate name", |t| t[E + 129] = b'a'),
+        ("duplicate sequence number", |t| {
+            put_u64(t, E + 128 + 72, u64_at(t, E + 72))
+        }),
+        ("sequence number not below next", |t| {
+            put_u64(t, E + 128 + 72, u64_at(t, 24))
+        }),
+        ("parent missing", |t| t[E + 128 + 34] = b'z'),
+        ("parent sequence number", |t| {
+            put_u64(t, E + 128 + 80, u64_at(t, E + 128 + 80) + 1)
+        }),
+        ("parent newer than child", |t| {
+            put_u64(t, E + 72, 100);
+            put_u64(t, 24, 101);
+            put_u64(t, E + 128 + 80, 100);
+        }),
+        ("overlapping extents", |t| {
+            put_u64(t, E + 128 + 88, u64_at(t, E + 88))
+        }),
+        ("extent over the TOC", |t| put_u64(t, E + 88, 1)),
+        ("extent past the device", |t| put_u64(t, E + 96, 1 << 30)),
+        ("empty extent", |t| put_u64(t, E + 128 + 96, 0)),
+        ("more entries than the TOC holds", |t| t[32] = 9),
+        ("name padding", |t| t[E + 10] = b'x'),
+        ("another store's TOC", |t| t[8] ^= 1),
+    ];
+    let (copies, used) = toc_geometry(GEOMETRY.0, GEOMETRY.1);
+    for (what, edit) in cases {
+        let (mut dev, _) = setup();
+        for c in copies {
+            let toc = &mut dev.bytes_mut()[c..c + used];
+            edit(toc);
+            seal(toc, 56);
+        }
+        assert_eq!(
+            Store::open(&mut dev).err(),
+            Some(Error::Corrupt(Section::Toc)),
+            "{what}"
+        );
+    }
 }
