@@ -9,6 +9,8 @@ pub enum DevError {
     OutOfRange,
     /// The buffer is not a whole number of sectors.
     BadLength,
+    /// The device does not accept writes.
+    ReadOnly,
     /// The device failed the request (driver-specific code).
     Io(u32),
 }
@@ -132,6 +134,7 @@ impl fmt::Display for DevError {
         match self {
             DevError::OutOfRange => f.write_str("request past the end of the device"),
             DevError::BadLength => f.write_str("buffer is not a whole number of sectors"),
+            DevError::ReadOnly => f.write_str("the device is read-only"),
             DevError::Io(code) => write!(f, "I/O error {code}"),
         }
     }

@@ -264,12 +264,12 @@ impl Writer<'_> {
         (self.buf_lba - self.entry.start) * SECTOR as u64 + self.buf.len() as u64
     }
 
-    /// Appends `bytes` and writes out whole sectors once a batch is full.
+    /// Appends `bytes` and writes out each full batch: requests of exactly [`BATCH`] bytes,
+    /// so a driver that splits at that size sends no short request after each.
     fn push<D: BlockDevice>(&mut self, dev: &mut D, bytes: &[u8]) -> Result<(), Error> {
         self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= BATCH {
-            let whole = self.buf.len() / SECTOR * SECTOR;
-            self.write_out(dev, whole)?;
+        while self.buf.len() >= BATCH {
+            self.write_out(dev, BATCH)?;
         }
         Ok(())
     }
