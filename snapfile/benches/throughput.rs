@@ -43,7 +43,7 @@ fn raw_write(bytes: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-fn run(label: &str, mem: &[[u8; PAGE]]) {
+fn run(label: &str, mem: &[[u8; PAGE]], compress: bool) {
     let bytes = mem.len() * PAGE;
     let mut dev = MemDisk::new((bytes / SECTOR * 2 + 4096) as u64);
     let mut store = Store::format(&mut dev, 1, 16).unwrap();
@@ -60,6 +60,7 @@ fn run(label: &str, mem: &[[u8; PAGE]]) {
         state: &[0; 4096],
         touch: &touch,
         max_pages: mem.len() as u32,
+        compress,
     };
     let t = Instant::now();
     let mut w = store.begin(&mut dev, &spec).unwrap();
@@ -117,8 +118,10 @@ fn main() {
         t.elapsed().as_secs_f64() * 1e9 / 100_000.0
     );
     println!("guest: {mib} MiB");
-    run("random (incompressible)", &guest(pages, |_| 2));
-    run("text-like (compressible)", &guest(pages, |_| 1));
+    run("random (incompressible)", &guest(pages, |_| 2), true);
+    let text = guest(pages, |_| 1);
+    run("text-like (compressible)", &text, true);
+    run("text-like, compression off", &text, false);
     run(
         "50% zero/30% text/20% rnd",
         &guest(pages, |i| match i % 10 {
@@ -126,5 +129,6 @@ fn main() {
             5..=7 => 1,
             _ => 2,
         }),
+        true,
     );
 }

@@ -30,6 +30,9 @@ pub struct SaveSpec<'a> {
     /// At most this many `page`/`absent` calls will follow (the present or dirty pages the
     /// hypervisor counted at the pause); bounds the space to reserve.
     pub max_pages: u32,
+    /// LZ4-compress pages (else every non-zero page is stored raw): off when the device
+    /// writes faster than one CPU compresses, since the image is then written sooner raw.
+    pub compress: bool,
 }
 
 /// What `finish` wrote.
@@ -72,6 +75,7 @@ pub struct Writer<'s> {
     recs: Vec<IndexRec>,
     touch: Vec<u8>,
     max_pages: u32,
+    compress: bool,
     sum: Summary,
     failed: bool,
 }
@@ -119,6 +123,7 @@ impl Store {
             recs: Vec::with_capacity(spec.max_pages as usize),
             touch,
             max_pages: spec.max_pages,
+            compress: spec.compress,
             sum: Summary {
                 seq,
                 start,
@@ -200,8 +205,12 @@ impl Writer<'_> {
             return self.zero(gpn);
         }
         let off = self.stream_pos() - self.header.data.off;
-        let (kind, len) = match lz4_flex::block::compress_into(data, &mut self.lz4) {
-            Ok(n) if n < PAGE => (PageKind::Lz4, n),
+        let compressed = match self.compress {
+            true => lz4_flex::block::compress_into(data, &mut self.lz4).ok(),
+            false => None,
+        };
+        let (kind, len) = match compressed {
+            Some(n) if n < PAGE => (PageKind::Lz4, n),
             _ => (PageKind::Raw, PAGE),
         };
         if kind == PageKind::Raw {

@@ -202,6 +202,7 @@ fn the_writer_refuses_what_it_was_not_told() {
         state: b"",
         touch: &[],
         max_pages: 2,
+        compress: true,
     };
     let p = page_of(2, 1);
     let mut w = store.begin(&mut dev, &spec).unwrap();
@@ -317,6 +318,7 @@ fn a_shape_that_cannot_be_is_refused() {
             state: b"",
             touch: &[],
             max_pages: 0,
+            compress: true,
         };
         assert_eq!(
             store.begin(&mut dev, &spec).err(),
@@ -343,4 +345,32 @@ fn an_image_of_nothing_is_one_sector() {
         assert_eq!((img.present_pages().count(), img.state().len()), (0, 0));
         check_restore(&img, &mut dev, &zero);
     }
+}
+
+#[test]
+fn compression_off_stores_raw_pages_that_restore() {
+    let (mut dev, mut store) = fresh(4096);
+    let mem = mem_of(&[1, 0, 1, 2]);
+    let touch = [Gpn(2)];
+    let spec = SaveSpec {
+        name: "raw",
+        parent: None,
+        shape: shape(4),
+        state: b"",
+        touch: &touch,
+        max_pages: 4,
+        compress: false,
+    };
+    let mut w = store.begin(&mut dev, &spec).unwrap();
+    for (g, p) in mem.iter().enumerate() {
+        match p {
+            Some(p) => w.page(&mut dev, Gpn(g as u32), p).unwrap(),
+            None => w.absent(Gpn(g as u32)).unwrap(),
+        }
+    }
+    let s = w.finish(&mut dev).unwrap();
+    assert_eq!((s.lz4, s.raw, s.skipped), (0, 3, 1));
+    let img = store.image(&mut dev, "raw").unwrap();
+    assert!(img.pages().iter().all(|r| r.kind() == PageKind::Raw));
+    check_restore(&img, &mut dev, &mem);
 }

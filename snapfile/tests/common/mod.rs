@@ -66,6 +66,7 @@ pub fn save<D: BlockDevice>(
         state,
         touch: &touch,
         max_pages: pages.len() as u32,
+        compress: true,
     };
     let mut w = store.begin(dev, &spec)?;
     for &g in pages {
