@@ -40,7 +40,9 @@ fn full_image_restores_and_skips_zero_pages() {
     assert_eq!((s.lz4, s.raw, s.skipped, s.zero_now), (2, 2, 4, 0));
     let mut store = Store::open(&mut dev).unwrap();
     let img = store.image(&mut dev, "a").unwrap();
-    assert_eq!(img.state(), b"vcpu state");
+    assert_eq!((img.name(), img.state()), ("a", &b"vcpu state"[..]));
+    let listed: Vec<u32> = img.pages().iter().map(|r| r.gpn().0).collect();
+    assert_eq!(listed, [0, 2, 5, 6]);
     assert_eq!(
         img.present_pages().map(|g| g.0).collect::<Vec<_>>(),
         [0, 2, 5, 6]
