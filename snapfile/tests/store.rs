@@ -376,3 +376,21 @@ fn compression_off_stores_raw_pages_that_restore() {
     assert!(img.pages().iter().all(|r| r.kind() == PageKind::Raw));
     check_restore(&img, &mut dev, &mem);
 }
+
+#[test]
+fn format_refuses_what_cannot_be_a_store() {
+    let mut dev = MemDisk::new(4096);
+    for n in [0, snapfile::MAX_ENTRIES + 1] {
+        assert_eq!(
+            Store::format(&mut dev, 1, n).err(),
+            Some(Error::TooLarge),
+            "{n} entries"
+        );
+    }
+    // 16 entries: two 5-sector TOC copies and the superblock leave no data sector in 11.
+    let mut small = MemDisk::new(11);
+    let err = Store::format(&mut small, 1, 16).err();
+    assert!(matches!(err, Some(Error::Truncated { .. })), "{err:?}");
+    assert!(Store::format(&mut MemDisk::new(12), 1, 16).is_ok());
+    assert!(Store::format(&mut dev, 1, snapfile::MAX_ENTRIES).is_ok());
+}
