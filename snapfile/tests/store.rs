@@ -254,6 +254,8 @@ fn the_toc_fills_up() {
         save(&mut store, &mut dev, "d", None, &mem, &[0], b"").unwrap_err(),
         Error::TocFull
     );
+    // A full table still opens (count = max_entries is valid).
+    assert_eq!(Store::open(&mut dev).unwrap().list().len(), 3);
 }
 
 #[test]
