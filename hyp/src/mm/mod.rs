@@ -8,7 +8,8 @@
 //! rmap's `Stage2` and `hypmm::GuestVm` for a VM (`vmmem`); the rmap glue
 //! (`glue`: the stage-2 fault on RAM, `FrameAllocator`, `VmSet`, statistics);
 //! the swap store (`store`), the dirty log (`dirty`), migration and reclaim
-//! control (`memctl`), and restore (`restore`).
+//! control (`memctl`), restore (`restore`), and the same-page merger over
+//! `hypmm::Scanner` (`merge`).
 //!
 //! The adapter itself (rmap's `Stage2Locked` over a `stage2::Stage2Table`,
 //! with its debug break-before-make witness) and the logic of the 2 MiB
