@@ -1,0 +1,140 @@
+//! The block device the store lives on, and an in-memory one for tests and self-tests.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::error::DevError;
+
+/// Bytes per sector: the unit of every device request.
+pub const SECTOR: usize = 512;
+
+/// A block device of 512-byte sectors. hyp implements it over its virtio-blk driver.
+///
+/// Every buffer is a whole number of sectors. A write is durable only after a `flush` that
+/// follows it returns; a crash may leave any subset of the sectors of unflushed writes
+/// written (the format assumes nothing more, see docs/SNAPSHOT-FORMAT.md).
+pub trait BlockDevice {
+    /// The device's size in sectors.
+    fn sectors(&self) -> u64;
+    /// Reads `buf.len() / 512` sectors starting at `lba`.
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError>;
+    /// Writes `buf.len() / 512` sectors starting at `lba`.
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> Result<(), DevError>;
+}
+
+/// A device in a `Vec<u8>`, with fault injection: a crash after a number of written sectors
+/// (later sectors are dropped and their writes fail), and counters of requests.
+#[derive(Clone, Debug)]
+pub struct MemDisk {
+    bytes: Vec<u8>,
+    /// Sectors that may still be written before the simulated crash (`None`: no crash).
+    crash_budget: Option<u64>,
+    /// Set when a write found the budget spent: the simulated machine is down.
+    crashed: bool,
+    /// Write requests served (counted whether or not a crash dropped them).
+    pub writes: u64,
+    /// Sectors written.
+    pub sectors_written: u64,
+    /// Flushes served.
+    pub flushes: u64,
+}
+
+impl MemDisk {
+    /// A zeroed device of `sectors` sectors.
+    pub fn new(sectors: u64) -> Self {
+        Self::from_bytes(vec![0; sectors as usize * SECTOR])
+    }
+
+    /// A device holding `bytes` (rounded down to whole sectors).
+    pub fn from_bytes(mut bytes: Vec<u8>) -> Self {
+        bytes.truncate(bytes.len() / SECTOR * SECTOR);
+        Self {
+            bytes,
+            crash_budget: None,
+            crashed: false,
+            writes: 0,
+            sectors_written: 0,
+            flushes: 0,
+        }
+    }
+
+    /// The device's contents.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The device's contents, to corrupt in tests.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+
+    /// Simulates a crash after `sectors` more sectors are written: a write that crosses the
+    /// point lands its first sectors only (a torn write), and it and every later write and
+    /// flush fail.
+    pub fn crash_after(&mut self, sectors: u64) {
+        self.crash_budget = Some(sectors);
+    }
+
+    /// Drops the last sectors (a truncated image file).
+    pub fn truncate(&mut self, sectors: u64) {
+        self.bytes.truncate(sectors as usize * SECTOR);
+    }
+
+    fn range(&self, lba: u64, len: usize) -> Result<core::ops::Range<usize>, DevError> {
+        if !len.is_multiple_of(SECTOR) {
+            return Err(DevError::BadLength);
+        }
+        let start = usize::try_from(lba)
+            .ok()
+            .and_then(|l| l.checked_mul(SECTOR))
+            .ok_or(DevError::OutOfRange)?;
+        let end = start.checked_add(len).ok_or(DevError::OutOfRange)?;
+        if end > self.bytes.len() {
+            return Err(DevError::OutOfRange);
+        }
+        Ok(start..end)
+    }
+}
+
+impl BlockDevice for MemDisk {
+    fn sectors(&self) -> u64 {
+        (self.bytes.len() / SECTOR) as u64
+    }
+
+    fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        let r = self.range(lba, buf.len())?;
+        buf.copy_from_slice(&self.bytes[r]);
+        Ok(())
+    }
+
+    fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError> {
+        let r = self.range(lba, buf.len())?;
+        self.writes += 1;
+        let n = (buf.len() / SECTOR) as u64;
+        let landed = match self.crash_budget {
+            None => n,
+            Some(budget) => n.min(budget),
+        };
+        let bytes = landed as usize * SECTOR;
+        self.bytes[r.start..r.start + bytes].copy_from_slice(&buf[..bytes]);
+        self.sectors_written += landed;
+        if let Some(budget) = self.crash_budget.as_mut() {
+            *budget -= landed;
+            if landed < n {
+                self.crashed = true;
+                return Err(DevError::Io(0xdead));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), DevError> {
+        if self.crashed {
+            return Err(DevError::Io(0xdead));
+        }
+        self.flushes += 1;
+        Ok(())
+    }
+}

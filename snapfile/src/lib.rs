@@ -1,0 +1,65 @@
+//! The on-disk snapshot store of the hypervisor (issue 17; the format is
+//! docs/SNAPSHOT-FORMAT.md).
+//!
+//! A device of 512-byte sectors ([`BlockDevice`]) holds a [`Store`]: a superblock written
+//! once at format time, two mirrored copies of a table of contents ([`Entry`] per snapshot)
+//! and, in the gaps between them, images. An image is a header sector, the hypervisor's
+//! opaque VM-state blob, packed page data (LZ4 or raw, each page with the XXH3 of its 4
+//! KiB), a sorted page index and the touch order for prefetch. A diff image holds only the
+//! pages given to it and names its parent; [`Store::image`] resolves a chain of up to
+//! [`MAX_CHAIN`] images into one page table.
+//!
+//! - Save: [`Store::begin`] with a [`SaveSpec`] → [`Writer::page`] / [`Writer::absent`] one
+//!   page at a time → [`Writer::finish`] (flush, then the TOC commit).
+//! - Restore: [`Store::open`] → [`Store::image`] → [`Image::locate`] on a fault,
+//!   [`Image::read_page`] (verified) and [`Image::touch_order`] for prefetch.
+//!
+//! Nothing read from the disk is trusted: every region is checksummed, every length and
+//! offset is checked against the extent and the device before it is used (so no allocation
+//! exceeds the device's size), and every failure is an [`Error`], never a panic.
+#![no_std]
+#![deny(
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks
+)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+mod codec;
+mod dev;
+mod error;
+mod header;
+mod image;
+mod store;
+mod superblock;
+mod toc;
+mod types;
+mod writer;
+
+pub use dev::{BlockDevice, MemDisk, SECTOR};
+pub use error::{DevError, Error, Section};
+pub use image::{Image, PageRef};
+pub use store::Store;
+pub use toc::Entry;
+pub use types::{Gpn, Name, PageKind, Shape, PAGE};
+pub use writer::{SaveSpec, Summary, Writer};
+
+/// The format version this code reads and writes (superblock and image headers).
+pub const VERSION: u32 = 1;
+/// The longest snapshot name, in bytes.
+pub const NAME_MAX: usize = 32;
+/// The deepest diff chain, the full image included.
+pub const MAX_CHAIN: usize = 16;
+/// The most snapshots a store can be formatted for (a 512 KiB TOC copy).
+pub const MAX_ENTRIES: u32 = 4096;
+/// The largest VM-state blob.
+pub const MAX_STATE: usize = 16 << 20;
+/// The writer's batch: device writes of page data are at least this long.
+pub const BATCH: usize = 256 * 1024;
+
+/// The checksum the format uses (XXH3-64), for callers that verify pages themselves.
+pub fn page_checksum(page: &[u8; PAGE]) -> u64 {
+    codec::checksum(page)
+}

@@ -1,0 +1,372 @@
+//! The streaming writer: pages arrive one at a time (while the VM runs again, its memory
+//! kept exact by copy-on-write), are compressed into a batch buffer and leave in device
+//! writes of at least [`BATCH`] bytes. Nothing is visible until `finish` commits the TOC.
+
+use alloc::vec::Vec;
+
+use crate::codec::{checksum, get_u64, sectors_for};
+use crate::dev::{BlockDevice, SECTOR};
+use crate::error::Error;
+use crate::header::{Header, IndexRec, Span, INDEX_LEN, TOUCH_LEN};
+use crate::image::read_header;
+use crate::store::Store;
+use crate::toc::Entry;
+use crate::types::{Gpn, Name, PageKind, Shape, PAGE};
+use crate::{BATCH, MAX_CHAIN, MAX_STATE};
+
+/// What to save: everything the writer must know before the first page.
+#[derive(Clone, Copy, Debug)]
+pub struct SaveSpec<'a> {
+    /// The new snapshot's name.
+    pub name: &'a str,
+    /// For a diff: the snapshot it is relative to (same shape).
+    pub parent: Option<&'a str>,
+    /// The VM's RAM and vCPUs.
+    pub shape: Shape,
+    /// The hypervisor's serialised vCPU / vGIC / timer / UART state, stored as is.
+    pub state: &'a [u8],
+    /// Pages in the order the VM first touched them since its last restore (for prefetch).
+    pub touch: &'a [Gpn],
+    /// At most this many `page`/`absent` calls will follow (the present or dirty pages the
+    /// hypervisor counted at the pause); bounds the space to reserve.
+    pub max_pages: u32,
+}
+
+/// What `finish` wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The new snapshot's sequence number.
+    pub seq: u64,
+    /// First sector of its extent.
+    pub start: u64,
+    /// Sectors of its extent.
+    pub sectors: u64,
+    /// Pages stored LZ4-compressed.
+    pub lz4: u64,
+    /// Pages stored raw.
+    pub raw: u64,
+    /// Zero pages recorded as `ZeroNow` (diffs).
+    pub zero_now: u64,
+    /// Zero pages skipped (full images).
+    pub skipped: u64,
+    /// Bytes of page data.
+    pub data_bytes: u64,
+    /// Where the state blob, the page data, the index and the touch order are, as device
+    /// byte ranges `[start, end)` (for tools and corruption tests).
+    pub sections: [(u64, u64); 4],
+}
+
+/// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
+/// Dropping it without `finish` abandons the image; its sectors stay free.
+pub struct Writer<'s> {
+    store: &'s mut Store,
+    header: Header,
+    entry: Entry,
+    /// Sectors of the gap the image is written into.
+    limit: u64,
+    /// Bytes not yet written; `buf[0]` goes to sector `buf_lba`.
+    buf: Vec<u8>,
+    buf_lba: u64,
+    recs: Vec<IndexRec>,
+    touch: Vec<u8>,
+    max_pages: u32,
+    sum: Summary,
+    failed: bool,
+}
+
+impl Store {
+    /// Starts a snapshot. Checks the name, the parent (present, same shape, chain not too
+    /// deep), the TOC's room and the space, and streams the state blob. The image goes into
+    /// the first gap that holds its worst case (every page raw), else into the largest gap,
+    /// and fails with `NoSpace` only if it outgrows that.
+    pub fn begin<'s, D: BlockDevice>(
+        &'s mut self,
+        dev: &mut D,
+        spec: &SaveSpec<'_>,
+    ) -> Result<Writer<'s>, Error> {
+        let (name, parent) = self.check_spec(dev, spec)?;
+        let fixed = (SECTOR + spec.state.len() + spec.touch.len() * TOUCH_LEN) as u64;
+        let per_page = (PAGE + INDEX_LEN) as u64;
+        let bound = sectors_for(fixed + u64::from(spec.max_pages) * per_page);
+        let (start, limit) = self.place(bound);
+        if limit < sectors_for(fixed) {
+            return Err(Error::NoSpace {
+                needed: bound,
+                free: limit,
+            });
+        }
+        let seq = self.toc.next_seq;
+        let entry = Entry {
+            name,
+            parent,
+            seq,
+            start,
+            sectors: 0,
+            header_sum: 0,
+        };
+        let header = fresh_header(name, seq, parent, spec);
+        let touch = spec.touch.iter().flat_map(|g| g.0.to_le_bytes()).collect();
+        let mut w = Writer {
+            store: self,
+            header,
+            entry,
+            limit,
+            buf: Vec::with_capacity(BATCH + 2 * PAGE),
+            buf_lba: start + 1,
+            recs: Vec::with_capacity(spec.max_pages as usize),
+            touch,
+            max_pages: spec.max_pages,
+            sum: Summary {
+                seq,
+                start,
+                ..Summary::default()
+            },
+            failed: false,
+        };
+        w.push(dev, spec.state)?;
+        Ok(w)
+    }
+
+    /// The checks that need no space: name, TOC room, parent, sizes, touch order.
+    fn check_spec<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        spec: &SaveSpec<'_>,
+    ) -> Result<(Name, Option<(Name, u64)>), Error> {
+        let name = Name::new(spec.name)?;
+        if self.toc.find(&name).is_some() {
+            return Err(Error::NameExists);
+        }
+        if self.toc.entries.len() >= self.sb.max_entries as usize {
+            return Err(Error::TocFull);
+        }
+        let parent = spec
+            .parent
+            .map(|p| self.check_parent(dev, p, &spec.shape))
+            .transpose()?;
+        if spec.state.len() > MAX_STATE || spec.max_pages > spec.shape.ram_pages {
+            return Err(Error::TooLarge);
+        }
+        if let Some(g) = spec.touch.iter().find(|g| g.0 >= spec.shape.ram_pages) {
+            return Err(Error::PageOutOfRange { page: g.0 });
+        }
+        Ok((name, parent))
+    }
+
+    fn check_parent<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        parent: &str,
+        shape: &Shape,
+    ) -> Result<(Name, u64), Error> {
+        let p = *self.entry(parent).map_err(|e| {
+            if e == Error::NotFound {
+                Error::ParentMissing
+            } else {
+                e
+            }
+        })?;
+        if self.chain(parent)?.len() >= MAX_CHAIN {
+            return Err(Error::ChainTooDeep);
+        }
+        if read_header(dev, &p)?.shape != *shape {
+            return Err(Error::ShapeMismatch);
+        }
+        Ok((p.name, p.seq))
+    }
+}
+
+impl Writer<'_> {
+    /// Saves one page. A zero page is skipped in a full image and recorded as zero in a
+    /// diff. The page is copied (compressed) before this returns.
+    pub fn page<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        gpn: Gpn,
+        data: &[u8; PAGE],
+    ) -> Result<(), Error> {
+        self.admit(gpn)?;
+        if data.iter().all(|b| *b == 0) {
+            return self.zero(gpn);
+        }
+        let off = self.stream_pos() - self.header.data.off;
+        let at = self.buf.len();
+        self.buf
+            .resize(at + lz4_flex::block::get_maximum_output_size(PAGE), 0);
+        let (kind, len) = match lz4_flex::block::compress_into(data, &mut self.buf[at..]) {
+            Ok(n) if n < PAGE => (PageKind::Lz4, n),
+            _ => (PageKind::Raw, PAGE),
+        };
+        if kind == PageKind::Raw {
+            self.buf.truncate(at);
+            self.buf.extend_from_slice(data);
+            self.sum.raw += 1;
+        } else {
+            // The compressed bytes were written in place: keep exactly them.
+            self.buf.truncate(at + len);
+            self.sum.lz4 += 1;
+        }
+        self.recs.push(IndexRec {
+            gpn,
+            kind,
+            len: len as u16,
+            off,
+            sum: checksum(data),
+        });
+        self.sum.data_bytes += len as u64;
+        self.push(dev, &[])
+    }
+
+    /// Records that a page is absent (released): a no-op in a full image, `ZeroNow` in a diff.
+    pub fn absent(&mut self, gpn: Gpn) -> Result<(), Error> {
+        self.admit(gpn)?;
+        self.zero(gpn)
+    }
+
+    fn zero(&mut self, gpn: Gpn) -> Result<(), Error> {
+        if self.header.parent.is_none() {
+            self.sum.skipped += 1;
+            return Ok(());
+        }
+        self.recs.push(IndexRec {
+            gpn,
+            kind: PageKind::ZeroNow,
+            len: 0,
+            off: 0,
+            sum: 0,
+        });
+        self.sum.zero_now += 1;
+        Ok(())
+    }
+
+    fn admit(&mut self, gpn: Gpn) -> Result<(), Error> {
+        let calls = self.recs.len() as u64 + self.sum.skipped;
+        let err = if self.failed {
+            Error::WriterFailed
+        } else if gpn.0 >= self.header.shape.ram_pages {
+            Error::PageOutOfRange { page: gpn.0 }
+        } else if calls >= u64::from(self.max_pages) {
+            Error::TooManyPages
+        } else {
+            return Ok(());
+        };
+        self.failed = true;
+        Err(err)
+    }
+
+    /// Bytes from the start of the extent to the end of what was streamed.
+    fn stream_pos(&self) -> u64 {
+        (self.buf_lba - self.entry.start) * SECTOR as u64 + self.buf.len() as u64
+    }
+
+    /// Appends `bytes` and writes out whole sectors once a batch is full.
+    fn push<D: BlockDevice>(&mut self, dev: &mut D, bytes: &[u8]) -> Result<(), Error> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= BATCH {
+            let whole = self.buf.len() / SECTOR * SECTOR;
+            self.write_out(dev, whole)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the first `n` bytes of the buffer (whole sectors), inside the gap only.
+    fn write_out<D: BlockDevice>(&mut self, dev: &mut D, n: usize) -> Result<(), Error> {
+        let end = self.buf_lba + (n / SECTOR) as u64;
+        if end > self.entry.start + self.limit {
+            self.failed = true;
+            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
+            return Err(Error::NoSpace {
+                needed,
+                free: self.limit,
+            });
+        }
+        if let Err(e) = dev.write(self.buf_lba, &self.buf[..n]) {
+            self.failed = true;
+            return Err(e.into());
+        }
+        self.buf.drain(..n);
+        self.buf_lba = end;
+        Ok(())
+    }
+
+    /// Bytes still to come after the page data: the index and the touch order.
+    fn tail_bytes(&self) -> u64 {
+        (self.recs.len() * INDEX_LEN + self.touch.len()) as u64
+    }
+
+    /// Writes the index, the touch order and the header, flushes, then commits the TOC.
+    /// Until the commit's first TOC copy is durable the snapshot does not exist.
+    pub fn finish<D: BlockDevice>(mut self, dev: &mut D) -> Result<Summary, Error> {
+        if self.failed {
+            return Err(Error::WriterFailed);
+        }
+        self.recs.sort_unstable_by_key(|r| r.gpn);
+        if let Some(w) = self.recs.windows(2).find(|w| w[0].gpn == w[1].gpn) {
+            return Err(Error::DuplicatePage { page: w[0].gpn.0 });
+        }
+        let mut index = alloc::vec![0u8; self.recs.len() * INDEX_LEN];
+        for (r, b) in self.recs.iter().zip(index.chunks_exact_mut(INDEX_LEN)) {
+            r.encode(b);
+        }
+        let h = &mut self.header;
+        h.data.len = self.sum.data_bytes;
+        h.index = Span {
+            off: h.data.off + h.data.len,
+            len: index.len() as u64,
+            sum: checksum(&index),
+        };
+        h.touch = Span {
+            off: h.index.off + h.index.len,
+            len: self.touch.len() as u64,
+            sum: checksum(&self.touch),
+        };
+        let touch = core::mem::take(&mut self.touch);
+        self.buf.extend_from_slice(&index);
+        self.buf.extend_from_slice(&touch);
+        self.buf.resize(self.buf.len().div_ceil(SECTOR) * SECTOR, 0);
+        self.write_out(dev, self.buf.len())?;
+        let header = self.header.encode();
+        dev.write(self.entry.start, &header)?;
+        dev.flush()?;
+        self.entry.sectors = self.buf_lba - self.entry.start;
+        self.entry.header_sum = get_u64(&header, SECTOR - 8);
+        let mut toc = self.store.toc.clone();
+        toc.entries.push(self.entry);
+        toc.next_seq += 1;
+        self.store.commit(dev, toc)?;
+        let base = self.entry.start * SECTOR as u64;
+        let h = &self.header;
+        let sections =
+            [h.state, h.data, h.index, h.touch].map(|s| (base + s.off, base + s.off + s.len));
+        Ok(Summary {
+            sectors: self.entry.sectors,
+            sections,
+            ..self.sum
+        })
+    }
+}
+
+/// The header of an image being written: its state span is known; the data, index and
+/// touch spans are filled in by `finish`.
+fn fresh_header(name: Name, seq: u64, parent: Option<(Name, u64)>, spec: &SaveSpec<'_>) -> Header {
+    let state = Span {
+        off: SECTOR as u64,
+        len: spec.state.len() as u64,
+        sum: checksum(spec.state),
+    };
+    let data = Span {
+        off: state.off + state.len,
+        ..Span::default()
+    };
+    let (shape, index, touch) = (spec.shape, data, data);
+    Header {
+        name,
+        seq,
+        shape,
+        parent,
+        state,
+        data,
+        index,
+        touch,
+    }
+}
