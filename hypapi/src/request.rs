@@ -41,6 +41,14 @@ enum Kind {
     Dec,
     /// An address: a non-negative integer, or a `"0x..."` string, written in hex.
     Addr,
+    /// A snapshot name: a string of one word (`hypcmd` checks it).
+    Name,
+    /// An optional name given on the console after this option word
+    /// (`"parent": "a"` is `--diff a`).
+    Opt(&'static str),
+    /// A boolean that is true unless given false, which the console spells
+    /// with this option word (`"prefetch": false` is `--no-prefetch`).
+    Unless(&'static str),
 }
 
 /// One argument: its field name, kind, and whether it may be left out
@@ -79,7 +87,18 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
     ("disk", &[]),
     ("disk sum", &[LBA, SECTORS]),
     ("disk fill", &[LBA, SECTORS, Arg("seed", Kind::Dec, false)]),
+    // Snapshots on the disk (issue 17).
+    (
+        "save",
+        &[VM, NAME, Arg("parent", Kind::Opt("--diff"), true)],
+    ),
+    (
+        "load",
+        &[NAME, Arg("prefetch", Kind::Unless("--no-prefetch"), true)],
+    ),
 ];
+
+const NAME: Arg = Arg("name", Kind::Name, false);
 
 const LBA: Arg = Arg("lba", Kind::Dec, false);
 const SECTORS: Arg = Arg("sectors", Kind::Dec, false);
@@ -203,8 +222,19 @@ fn word(field: &str, kind: Kind, v: &Value) -> Result<String, String> {
         (Kind::Addr, _) => Err(format!(
             "{field:?} must be a non-negative integer or a \"0x...\" string"
         )),
+        (Kind::Name, Value::String(s)) if one_word(s) => Ok(s.clone()),
+        (Kind::Opt(flag), Value::String(s)) if one_word(s) => Ok(format!("{flag} {s}")),
+        (Kind::Name | Kind::Opt(_), _) => Err(format!("{field:?} must be a name (a string)")),
+        (Kind::Unless(_), Value::Bool(true)) => Ok(String::new()),
+        (Kind::Unless(flag), Value::Bool(false)) => Ok(String::from(flag)),
+        (Kind::Unless(_), _) => Err(format!("{field:?} must be true or false")),
         _ => Err(format!("{field:?} must be a non-negative integer")),
     }
+}
+
+/// A string that stays one console word (`hypcmd` checks the rest).
+fn one_word(s: &str) -> bool {
+    !s.is_empty() && !s.contains(char::is_whitespace)
 }
 
 /// At most 64 characters of a client's string, for messages.
@@ -233,17 +263,32 @@ pub fn request_line(id: &Value, cmd: &Command) -> Option<String> {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
         })
         .max_by_key(|(n, _)| n.len())?;
-    let words = text[name.len()..].split_whitespace();
+    let mut words = text[name.len()..].split_whitespace().peekable();
     let mut obj = Map::new();
     obj.insert("v".into(), VERSION.into());
     obj.insert("id".into(), id.clone());
     obj.insert("cmd".into(), name.into());
-    for (&Arg(field, kind, _), w) in args.iter().zip(words) {
-        let n = match kind {
-            Kind::Addr => u64::from_str_radix(w.trim_start_matches("0x"), 16).ok()?,
-            Kind::Vm | Kind::Dec => w.parse().ok()?,
+    for &Arg(field, kind, _) in args {
+        if words.peek().is_none() {
+            break; // the optional arguments left out
+        }
+        let value: Value = match kind {
+            Kind::Addr => u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16)
+                .ok()?
+                .into(),
+            Kind::Vm | Kind::Dec => words.next()?.parse::<u64>().ok()?.into(),
+            Kind::Name => words.next()?.into(),
+            Kind::Opt(flag) | Kind::Unless(flag) if words.peek() != Some(&flag) => continue,
+            Kind::Opt(_) => {
+                words.next();
+                words.next()?.into()
+            }
+            Kind::Unless(_) => {
+                words.next();
+                false.into()
+            }
         };
-        obj.insert(field.into(), n.into());
+        obj.insert(field.into(), value);
     }
     serde_json::to_string(&Value::Object(obj)).ok()
 }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypapi::{parse_request, request_line, Value};
-use hypcmd::{Command, PageRange, VmId, PAGE_SIZE};
+use hypcmd::{Command, PageRange, SnapName, VmId, PAGE_SIZE};
 use proptest::prelude::*;
 
 const NAMES: &[&str] = &[
@@ -88,7 +88,20 @@ fn command() -> impl Strategy<Value = Command> {
             (any::<u64>(), 1u64..=1 << 21, any::<u64>())
                 .prop_map(|(lba, sectors, seed)| Command::DiskFill { lba, sectors, seed }),
         ],
+        (1u32..10, name(), prop::option::of(name())).prop_map(|(vm, name, parent)| {
+            Command::Save {
+                vm: VmId(vm),
+                name,
+                parent,
+            }
+        }),
+        (name(), any::<bool>()).prop_map(|(name, prefetch)| Command::Load { name, prefetch }),
     ]
+}
+
+/// Valid snapshot names (hypcmd's rule), some looking like options.
+fn name() -> impl Strategy<Value = SnapName> {
+    "[!-,.-~][!-~]{0,31}".prop_map(|s| SnapName::new(&s).expect("a valid name"))
 }
 
 proptest! {

@@ -52,6 +52,9 @@ pub struct BootArgs<'a> {
     pub kernel: Option<ImageRange>,
     /// `initrd=ADDR:SIZE`: where QEMU's loader put the Linux initramfs.
     pub initrd: Option<ImageRange>,
+    /// `restore=NAME`: instead of the default guest, load the snapshot saved
+    /// on the disk as NAME (issue 17); the name is checked as `load`'s.
+    pub restore: Option<crate::SnapName>,
     /// Words with an unknown key or a bad value, in order; the rest of the
     /// line still counts.
     pub ignored: Vec<&'a str>,
@@ -105,6 +108,7 @@ impl<'a> BootArgs<'a> {
             stay: false,
             kernel: None,
             initrd: None,
+            restore: None,
             ignored: Vec::new(),
         };
         let (head, tail) = split_tail(line);
@@ -141,6 +145,10 @@ impl<'a> BootArgs<'a> {
             },
             "initrd" => match parse_range(value) {
                 Some(r) => self.initrd = Some(r),
+                None => return false,
+            },
+            "restore" => match crate::SnapName::new(value) {
+                Some(n) => self.restore = Some(n),
                 None => return false,
             },
             _ => return false,

@@ -30,7 +30,7 @@ pub mod keys;
 pub mod lines;
 mod parse;
 
-pub use command::{Command, Focus, PageRange, VmId, HELP};
+pub use command::{Command, Focus, PageRange, SnapName, VmId, HELP};
 pub use parse::{parse, ParseError};
 
 /// The granule of every address range a command names.

@@ -2,7 +2,7 @@
 //! the console prints for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use hypcmd::{parse, Command, Focus, PageRange, ParseError, VmId};
+use hypcmd::{parse, Command, Focus, PageRange, ParseError, SnapName, VmId};
 
 fn ok(line: &str) -> Command {
     match parse(line) {
@@ -354,6 +354,54 @@ fn disk_commands() {
     );
     assert_eq!(ok("bench disk"), Command::BenchDisk { mib: 64 });
     assert_eq!(ok("bench disk 256"), Command::BenchDisk { mib: 256 });
+}
+
+#[test]
+fn save_and_load() {
+    let name = |s: &str| SnapName::new(s).unwrap();
+    assert_eq!(
+        ok("save 3 base"),
+        Command::Save {
+            vm: VmId(3),
+            name: name("base"),
+            parent: None
+        }
+    );
+    assert_eq!(
+        ok("save 3 d1 --diff base"),
+        Command::Save {
+            vm: VmId(3),
+            name: name("d1"),
+            parent: Some(name("base"))
+        }
+    );
+    assert_eq!(
+        ok("load base"),
+        Command::Load {
+            name: name("base"),
+            prefetch: true
+        }
+    );
+    assert_eq!(
+        ok("load base --no-prefetch"),
+        Command::Load {
+            name: name("base"),
+            prefetch: false
+        }
+    );
+    for bad in [
+        "save",
+        "save 3",
+        "save 3 -x",
+        "save 3 a --diff",
+        "save 3 a --dif b",
+        "save 3 a --diff b c",
+        "load",
+        "load a --prefetch",
+        "load aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    ] {
+        assert!(hypcmd::parse(bad).is_err(), "{bad} was accepted");
+    }
     let usage = "usage: disk | disk sum <lba> <sectors> | disk fill <lba> <sectors> <seed>";
     assert_eq!(err("disk frob"), usage);
     assert_eq!(err("disk sum"), "missing LBA");

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypcmd::bootargs::{parse_range, parse_size, BootArgs};
-use hypcmd::{parse, Command, Focus, PageRange, VmId, PAGE_SIZE};
+use hypcmd::{parse, Command, Focus, PageRange, SnapName, VmId, PAGE_SIZE};
 use proptest::prelude::*;
 
 /// A parse that succeeded must describe itself: printing it and parsing
@@ -142,7 +142,18 @@ fn command() -> impl Strategy<Value = Command> {
                 .prop_map(|(lba, sectors, seed)| DiskFill { lba, sectors, seed }),
             (1u64..=1024).prop_map(|mib| BenchDisk { mib }),
         ],
+        (vm(), snap_name(), prop::option::of(snap_name())).prop_map(|(vm, name, parent)| Save {
+            vm,
+            name,
+            parent
+        }),
+        (snap_name(), any::<bool>()).prop_map(|(name, prefetch)| Load { name, prefetch }),
     ]
+}
+
+/// Valid snapshot names: printable ASCII, 1 to 32 bytes, no `-` first.
+fn snap_name() -> impl Strategy<Value = SnapName> {
+    "[!-,.-~][!-~]{0,31}".prop_map(|s| SnapName::new(&s).expect("the pattern is a valid name"))
 }
 
 /// A bootargs-like line: `key=value` words with edge sizes and ranges.
