@@ -53,6 +53,9 @@ pub struct MachineConfig {
     /// The hypervisor's disk (issue 17): a raw image on a virtio-blk
     /// device, created first if missing ([`Machine::boot`]).
     pub disk: Option<DiskConfig>,
+    /// Load this snapshot from the disk at boot instead of the default
+    /// guest (bootargs `restore=`, issue 17).
+    pub restore: Option<String>,
 }
 
 impl Default for MachineConfig {
@@ -70,6 +73,7 @@ impl Default for MachineConfig {
             linux: None,
             api: None,
             disk: None,
+            restore: None,
         }
     }
 }
@@ -86,6 +90,9 @@ impl MachineConfig {
         }
         if let Some(s) = &self.script {
             words.push(format!("script={}", s.replace(' ', ",")));
+        }
+        if let Some(r) = &self.restore {
+            words.push(format!("restore={r}"));
         }
         for (key, addr, path) in self.linux_loads() {
             words.push(format!("{key}={addr:#x}:{}", file_size(&path)));

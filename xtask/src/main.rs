@@ -22,13 +22,15 @@ commands:
   run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
       [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS] [--api SOCKET]
-      [--disk FILE[,size=SIZE][,readonly]]
+      [--disk FILE[,size=SIZE][,readonly]] [--restore NAME]
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line; --api serves the hypervisor's control
                  channel, one JSON object per line, on a unix socket; --disk
                  attaches FILE, a raw image, as the hypervisor's own virtio-blk
-                 disk, creating it sparse at SIZE (default 1G) if missing)
+                 disk, creating it sparse at SIZE (default 1G) if missing;
+                 --restore loads the snapshot NAME saved on that disk instead
+                 of starting a guest)
   test           hyp's layer rule, clippy, host tests of every crate, then the
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks

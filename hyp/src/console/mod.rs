@@ -6,7 +6,8 @@
 //! the host-tested `hypcmd` crate), where answers go (`reply`: printed, or
 //! gathered for the control channel), the control channel's requests and
 //! events (`api`; the protocol is the host-tested `hypapi` crate), the
-//! memory-manager commands (`memcmd`), the disk commands (`disk`) and the
+//! memory-manager commands (`memcmd`), the disk commands (`disk`), the
+//! snapshot save and load commands (`snapcmd`, over `persist`) and the
 //! in-hypervisor benchmarks (`bench`).
 
 pub mod api;
@@ -19,12 +20,16 @@ pub mod membench;
 pub mod memcmd;
 pub mod pairs;
 pub mod reply;
+pub mod snapcmd;
 pub mod stats;
 
 /// How the scheduler reaches the console (installed by `main`).
 pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHooks {
     poll_input: cmd::poll_input,
-    poll: cmd::poll,
+    poll: || {
+        cmd::poll();
+        crate::persist::prefetch::step();
+    },
     command_waiting: cmd::command_waiting,
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),

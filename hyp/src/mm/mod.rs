@@ -7,7 +7,8 @@
 //! table pages with the split reserve, the EL2 TLB, the VMID allocator);
 //! rmap's `Stage2` and `hypmm::GuestVm` for a VM (`vmmem`); the rmap glue
 //! (`glue`: the stage-2 fault on RAM, `FrameAllocator`, `VmSet`, statistics);
-//! the swap store (`store`), the dirty log (`dirty`), migration and reclaim
+//! the swap store (`store`) and its namespace of disk-image pages a VM
+//! loaded from the disk faults in (`diskpages`), the dirty log (`dirty`), migration and reclaim
 //! control (`memctl`), and restore (`restore`).
 //!
 //! The adapter itself (rmap's `Stage2Locked` over a `stage2::Stage2Table`,
@@ -22,6 +23,7 @@
 //! VM id through its own registry, never through `vm`.
 
 pub mod dirty;
+pub mod diskpages;
 mod frameops;
 pub mod frames;
 pub mod glue;
