@@ -30,7 +30,7 @@ pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHook
         cmd::poll();
         crate::persist::prefetch::step();
     },
-    command_waiting: cmd::command_waiting,
+    command_waiting: || cmd::command_waiting() || crate::persist::prefetch::active(),
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
     vm_event: api::push_event,

@@ -188,6 +188,9 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
     vm.resume();
+    if prefetch {
+        super::prefetch::start();
+    }
     let now = crate::arch::timer::now();
     Ok(LoadReport {
         vm: vm.id,
