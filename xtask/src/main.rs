@@ -10,6 +10,7 @@ mod build;
 mod layers;
 mod linux;
 mod mutants;
+mod persist_bench;
 mod qemu;
 mod setup;
 mod soak;
@@ -35,11 +36,12 @@ commands:
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
                  (part of test)
-  bench [chain|fork|guest|migrate|linux|disk]...
+  bench [chain|fork|guest|migrate|linux|disk|persist]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
                  and forks of a running Linux; `disk`: the hypervisor's raw
-                 virtio-blk throughput on a fresh sparse file in the temp dir)
+                 virtio-blk throughput on a fresh sparse file in the temp dir;
+                 `persist`: Linux saved to and restored from that disk)
   soak [minutes] [guest args]
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
@@ -188,7 +190,9 @@ fn shuttle() -> Result<(), String> {
 
 /// `bench [chain|fork|guest|migrate|linux]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 6] = ["chain", "fork", "guest", "migrate", "linux", "disk"];
+    const ALL: [&str; 7] = [
+        "chain", "fork", "guest", "migrate", "linux", "disk", "persist",
+    ];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
     }
@@ -209,6 +213,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     if wanted("disk") {
         disk_bench(&images)?;
+    }
+    if wanted("persist") {
+        persist_bench::bench(&images.hyp)?;
     }
     if wanted("linux") {
         linux::bench(&images.hyp, 5)?;
