@@ -72,7 +72,7 @@ pub fn verify(buf: &[u8], at: usize) -> bool {
 }
 
 /// The largest single device request the crate makes when reading a section.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = crate::BATCH;
 
 /// Reads `len` bytes at device byte `off` (any alignment). The caller has checked the
 /// range lies inside a validated extent, so `len` is bounded by the device size.

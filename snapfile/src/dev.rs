@@ -33,6 +33,8 @@ pub struct MemDisk {
     crash_budget: Option<u64>,
     /// Set when a write found the budget spent: the simulated machine is down.
     crashed: bool,
+    /// Read requests served.
+    pub reads: u64,
     /// Write requests served (counted whether or not a crash dropped them).
     pub writes: u64,
     /// Sectors written.
@@ -54,6 +56,7 @@ impl MemDisk {
             bytes,
             crash_budget: None,
             crashed: false,
+            reads: 0,
             writes: 0,
             sectors_written: 0,
             flushes: 0,
@@ -105,6 +108,7 @@ impl BlockDevice for MemDisk {
 
     fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
         let r = self.range(lba, buf.len())?;
+        self.reads += 1;
         buf.copy_from_slice(&self.bytes[r]);
         Ok(())
     }

@@ -9,6 +9,8 @@ pub enum DevError {
     OutOfRange,
     /// The buffer is not a whole number of sectors.
     BadLength,
+    /// The device does not accept writes.
+    ReadOnly,
     /// The device failed the request (driver-specific code).
     Io(u32),
 }
@@ -79,6 +81,9 @@ pub enum Error {
     ParentMissing,
     /// A snapshot to delete is the parent of another.
     IsParent,
+    /// A shape with no RAM or vCPUs, an unaligned RAM base, or RAM past the end of the
+    /// address space.
+    BadShape,
     /// A diff's shape (RAM base, size, vCPUs) differs from its parent's.
     ShapeMismatch,
     /// A diff chain would be, or is, deeper than [`crate::MAX_CHAIN`].
@@ -129,6 +134,7 @@ impl fmt::Display for DevError {
         match self {
             DevError::OutOfRange => f.write_str("request past the end of the device"),
             DevError::BadLength => f.write_str("buffer is not a whole number of sectors"),
+            DevError::ReadOnly => f.write_str("the device is read-only"),
             DevError::Io(code) => write!(f, "I/O error {code}"),
         }
     }
@@ -156,6 +162,7 @@ impl fmt::Display for Error {
             Error::BadName => f.write_str("name is empty or holds a NUL byte"),
             Error::ParentMissing => f.write_str("the parent snapshot does not exist"),
             Error::IsParent => f.write_str("the snapshot is the parent of another"),
+            Error::BadShape => f.write_str("the VM's shape is not valid"),
             Error::ShapeMismatch => f.write_str("the VM's shape differs from the parent's"),
             Error::ChainTooDeep => write!(f, "diff chain deeper than {}", crate::MAX_CHAIN),
             Error::TocFull => f.write_str("the table of contents is full"),

@@ -119,7 +119,8 @@ impl Header {
             index: get_span(s, 168),
             touch: get_span(s, 192),
         };
-        if get_u32(s, 12) != u32::from(parent.is_some()) || !h.layout_ok(extent_bytes) {
+        let flags_ok = get_u32(s, 12) == u32::from(parent.is_some());
+        if !flags_ok || !h.shape.is_valid() || !h.layout_ok(extent_bytes) {
             return Err(Error::Corrupt(Section::ImageHeader));
         }
         Ok(h)

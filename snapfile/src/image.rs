@@ -120,21 +120,73 @@ impl Image {
         let n = (skip + len).div_ceil(SECTOR) * SECTOR;
         let mut buf = [0u8; PAGE_SPAN];
         dev.read(first, &mut buf[..n])?;
-        let stored = &buf[skip..skip + len];
-        let ok = match r.kind {
-            PageKind::Raw => {
-                out.copy_from_slice(stored);
-                true
+        decode(r, &buf[skip..skip + len], out)
+    }
+
+    /// Reads the pages of `refs`, in order, in as few device requests as possible: a run of
+    /// pages whose stored bytes are adjacent on the device (as they are when the writer was
+    /// handed them in that order) is read in one request of at most `max_bytes` (at least
+    /// one page). Each page is verified and handed to `sink` with its result, as
+    /// [`Image::read_page`] would give it. For prefetch: `scratch` is reused between calls.
+    /// A device error stops the batch and is returned.
+    pub fn read_batch<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        refs: &[PageRef],
+        max_bytes: usize,
+        scratch: &mut Vec<u8>,
+        mut sink: impl FnMut(Gpn, Result<&[u8; PAGE], Error>),
+    ) -> Result<(), Error> {
+        let mut out = [0u8; PAGE];
+        let mut rest = refs;
+        while let Some(first) = rest.first() {
+            let mut end = first.byte + u64::from(first.len);
+            let run = 1 + rest[1..]
+                .iter()
+                .take_while(|r| {
+                    // Adjacent first, so `next` is past `first.byte` when it is measured.
+                    let next = r.byte + u64::from(r.len);
+                    let take = r.byte == end && next - first.byte <= max_bytes as u64;
+                    if take {
+                        end = next;
+                    }
+                    take
+                })
+                .count();
+            let lba = first.byte / SECTOR as u64;
+            let skip = (first.byte % SECTOR as u64) as usize;
+            scratch.resize(
+                (skip + (end - first.byte) as usize).div_ceil(SECTOR) * SECTOR,
+                0,
+            );
+            dev.read(lba, scratch)?;
+            for r in &rest[..run] {
+                let at = skip + (r.byte - first.byte) as usize;
+                let res = decode(r, &scratch[at..at + usize::from(r.len)], &mut out);
+                sink(r.gpn, res.map(|()| &out));
             }
-            PageKind::Lz4 => matches!(lz4_flex::block::decompress_into(stored, out), Ok(PAGE)),
-            PageKind::ZeroNow => false,
-        };
-        if !ok || checksum(out) != r.sum {
-            out.fill(0);
-            return Err(Error::PageChecksum { page: r.gpn.0 });
+            rest = &rest[run..];
         }
         Ok(())
     }
+}
+
+/// Decompresses or copies a page's stored bytes into `out` and verifies its checksum;
+/// zeroes `out` on failure.
+fn decode(r: &PageRef, stored: &[u8], out: &mut [u8; PAGE]) -> Result<(), Error> {
+    let ok = match r.kind {
+        PageKind::Raw => {
+            out.copy_from_slice(stored);
+            true
+        }
+        PageKind::Lz4 => matches!(lz4_flex::block::decompress_into(stored, out), Ok(PAGE)),
+        PageKind::ZeroNow => false,
+    };
+    if !ok || checksum(out) != r.sum {
+        out.fill(0);
+        return Err(Error::PageChecksum { page: r.gpn.0 });
+    }
+    Ok(())
 }
 
 impl Store {

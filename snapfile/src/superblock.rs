@@ -88,7 +88,9 @@ impl Superblock {
             && sb.max_entries <= crate::MAX_ENTRIES
             && sb.toc_sectors == expect.toc_sectors
             && get_u64(s, 48) == sb.data_start()
-            && sb.data_start() <= sb.device_sectors;
+            && sb.data_start() <= sb.device_sectors
+            // Byte offsets on the device then fit a u64.
+            && sb.device_sectors <= u64::MAX / SECTOR as u64;
         if !consistent {
             return Err(Error::Corrupt(Section::Superblock));
         }

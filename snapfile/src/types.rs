@@ -14,9 +14,16 @@ pub const PAGE: usize = 4096;
 pub struct Gpn(pub u32);
 
 impl Gpn {
-    /// The IPA of this page in a VM of `shape`.
+    /// The IPA of this page in a VM of `shape`. Meaningful for a page below
+    /// `shape.ram_pages` of a valid shape (every image's is: [`Shape::is_valid`]); never
+    /// panics.
     pub fn ipa(self, shape: &Shape) -> Ipa {
-        Ipa::new(shape.ram_base.raw() + u64::from(self.0) * PAGE as u64)
+        Ipa::new(
+            shape
+                .ram_base
+                .raw()
+                .wrapping_add(u64::from(self.0) * PAGE as u64),
+        )
     }
 }
 
@@ -29,6 +36,17 @@ pub struct Shape {
     pub ram_pages: u32,
     /// Number of vCPUs.
     pub vcpus: u32,
+}
+
+impl Shape {
+    /// RAM and vCPUs present, the base page-aligned and RAM not wrapping the address space.
+    pub fn is_valid(&self) -> bool {
+        let bytes = u64::from(self.ram_pages) * PAGE as u64;
+        self.ram_pages > 0
+            && self.vcpus > 0
+            && self.ram_base.raw().is_multiple_of(PAGE as u64)
+            && self.ram_base.raw().checked_add(bytes).is_some()
+    }
 }
 
 /// A snapshot name: 1 to [`NAME_MAX`] bytes of UTF-8 without NUL, stored inline.

@@ -4,10 +4,10 @@
 
 mod common;
 
+use common::forge::{self, reforge_image};
 use common::*;
 use proptest::prelude::*;
 use snapfile::{BlockDevice, MemDisk, Store, PAGE, SECTOR};
-use xxhash_rust::xxh3::xxh3_64;
 
 /// A store with a full image "a" and a diff "b", and their memories.
 fn valid() -> (MemDisk, Vec<(&'static str, Mem)>) {
@@ -66,47 +66,40 @@ fn exercise<D: BlockDevice>(dev: &mut D, models: Option<&[(&str, Mem)]>) {
     }
 }
 
-/// Re-seals a region whose checksum is the XXH3 of the region with the field zeroed.
-fn seal(b: &mut [u8], at: usize) {
-    b[at..at + 8].fill(0);
-    let s = xxh3_64(b);
-    b[at..at + 8].copy_from_slice(&s.to_le_bytes());
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-/// Damage at `spots` inside image `which`'s header and index, then every checksum over
-/// them re-forged: index sum in the header, header seal, TOC entry's header sum, TOC seals.
+/// Damage at `spots` inside image `which`'s header and index (offsets modulo their joint
+/// length), and at `toc_spots` in its TOC copies, every checksum over them re-forged.
 fn forge(dev: &mut MemDisk, which: usize, spots: &[(u16, u8)], toc_spots: &[(u16, u8)]) {
-    let toc_len = 64 + 2 * 128;
-    let bytes = dev.bytes_mut();
-    let copies = [SECTOR, SECTOR + 3 * SECTOR]; // 8 entries: 3 sectors a copy
-    let entry = copies[0] + 64 + which * 128;
-    let start = u64_at(bytes, entry + 88) as usize * SECTOR;
-    let index_at = start + u64_at(bytes, start + 168) as usize;
-    let index_len = u64_at(bytes, start + 176) as usize;
-    for &(o, x) in spots {
-        let o = o as usize % (SECTOR + index_len);
-        let at = if o < SECTOR {
-            start + o
-        } else {
-            index_at + o - SECTOR
-        };
-        bytes[at] ^= x;
-    }
-    let sum = xxh3_64(&bytes[index_at..index_at + index_len]);
-    bytes[start + 184..start + 192].copy_from_slice(&sum.to_le_bytes());
-    seal(&mut bytes[start..start + SECTOR], SECTOR - 8);
-    let header_sum = u64_at(bytes, start + SECTOR - 8);
+    let (_, toc_len) = forge::toc_geometry(8, 2);
+    let index_len = {
+        let (copies, _) = forge::toc_geometry(8, 2);
+        let b = dev.bytes();
+        let start = forge::u64_at(b, copies[0] + 64 + which * 128 + 88) as usize * SECTOR;
+        forge::u64_at(b, start + 176) as usize
+    };
+    let spot = |o: u16| o as usize % (SECTOR + index_len);
+    reforge_image(
+        dev,
+        (8, 2),
+        which,
+        |index| {
+            for &(o, x) in spots.iter().filter(|(o, _)| spot(*o) >= SECTOR) {
+                index[spot(o) - SECTOR] ^= x;
+            }
+        },
+        |header| {
+            for &(o, x) in spots.iter().filter(|(o, _)| spot(*o) < SECTOR) {
+                header[spot(o)] ^= x;
+            }
+        },
+        |_| {},
+    );
+    // TOC damage is relative to the start of each copy's checksummed bytes.
+    let (copies, _) = forge::toc_geometry(8, 2);
     for c in copies {
-        let e = c + 64 + which * 128;
-        bytes[e + 104..e + 112].copy_from_slice(&header_sum.to_le_bytes());
         for &(o, x) in toc_spots {
-            bytes[c + o as usize % toc_len] ^= x;
+            dev.bytes_mut()[c + o as usize % toc_len] ^= x;
         }
-        seal(&mut bytes[c..c + toc_len], 56);
+        forge::seal(&mut dev.bytes_mut()[c..c + toc_len], 56);
     }
 }
 

@@ -202,6 +202,7 @@ fn the_writer_refuses_what_it_was_not_told() {
         state: b"",
         touch: &[],
         max_pages: 2,
+        compress: true,
     };
     let p = page_of(2, 1);
     let mut w = store.begin(&mut dev, &spec).unwrap();
@@ -286,4 +287,90 @@ fn a_state_blob_bigger_than_the_disk_is_refused_at_begin() {
     assert!(store.list().is_empty());
     save(&mut store, &mut dev, "s", None, &mem, &[0], b"small").unwrap();
     assert!(dev.sectors_written > written);
+}
+
+#[test]
+fn a_shape_that_cannot_be_is_refused() {
+    use mmtypes::Ipa;
+    use snapfile::Shape;
+    let (mut dev, mut store) = fresh(400);
+    let good = shape(4);
+    let bad = [
+        Shape {
+            ram_pages: 0,
+            ..good
+        },
+        Shape { vcpus: 0, ..good },
+        Shape {
+            ram_base: Ipa::new(0x4000_0800),
+            ..good
+        },
+        Shape {
+            ram_base: Ipa::new(u64::MAX - 0xfff),
+            ..good
+        },
+    ];
+    for shape in bad {
+        let spec = SaveSpec {
+            name: "s",
+            parent: None,
+            shape,
+            state: b"",
+            touch: &[],
+            max_pages: 0,
+            compress: true,
+        };
+        assert_eq!(
+            store.begin(&mut dev, &spec).err(),
+            Some(Error::BadShape),
+            "{shape:?}"
+        );
+    }
+    assert_eq!(Gpn(3).ipa(&good), Ipa::new(0x4000_3000));
+}
+
+#[test]
+fn an_image_of_nothing_is_one_sector() {
+    let (mut dev, mut store) = fresh(400);
+    let zero: Mem = vec![None; 8];
+    let s = save(&mut store, &mut dev, "empty", None, &zero, &[], b"").unwrap();
+    assert_eq!(s.sectors, 1);
+    let all_pages: Vec<usize> = (0..8).collect();
+    let s2 = save(&mut store, &mut dev, "zeros", None, &zero, &all_pages, b"").unwrap();
+    // No page data; the touch order (8 pages) takes a sector.
+    assert_eq!((s2.skipped, s2.data_bytes, s2.sectors), (8, 0, 2));
+    let store = Store::open(&mut dev).unwrap();
+    for n in ["empty", "zeros"] {
+        let img = store.image(&mut dev, n).unwrap();
+        assert_eq!((img.present_pages().count(), img.state().len()), (0, 0));
+        check_restore(&img, &mut dev, &zero);
+    }
+}
+
+#[test]
+fn compression_off_stores_raw_pages_that_restore() {
+    let (mut dev, mut store) = fresh(4096);
+    let mem = mem_of(&[1, 0, 1, 2]);
+    let touch = [Gpn(2)];
+    let spec = SaveSpec {
+        name: "raw",
+        parent: None,
+        shape: shape(4),
+        state: b"",
+        touch: &touch,
+        max_pages: 4,
+        compress: false,
+    };
+    let mut w = store.begin(&mut dev, &spec).unwrap();
+    for (g, p) in mem.iter().enumerate() {
+        match p {
+            Some(p) => w.page(&mut dev, Gpn(g as u32), p).unwrap(),
+            None => w.absent(Gpn(g as u32)).unwrap(),
+        }
+    }
+    let s = w.finish(&mut dev).unwrap();
+    assert_eq!((s.lz4, s.raw, s.skipped), (0, 3, 1));
+    let img = store.image(&mut dev, "raw").unwrap();
+    assert!(img.pages().iter().all(|r| r.kind() == PageKind::Raw));
+    check_restore(&img, &mut dev, &mem);
 }

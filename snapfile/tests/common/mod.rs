@@ -1,6 +1,8 @@
 //! Shared by the integration tests: guest memories, saving them, checking restores.
 #![allow(dead_code)]
 
+pub mod forge;
+
 use mmtypes::Ipa;
 use snapfile::{BlockDevice, Error, Gpn, Image, SaveSpec, Shape, Store, Summary, PAGE};
 
@@ -64,6 +66,7 @@ pub fn save<D: BlockDevice>(
         state,
         touch: &touch,
         max_pages: pages.len() as u32,
+        compress: true,
     };
     let mut w = store.begin(dev, &spec)?;
     for &g in pages {
