@@ -25,8 +25,8 @@ fn dev_error(e: DiskError) -> DevError {
     match e {
         DiskError::NotSectors { .. } => DevError::BadLength,
         DiskError::PastEnd { .. } => DevError::OutOfRange,
-        // 1: read-only; 2: the device or its queue failed.
-        DiskError::ReadOnly => DevError::Io(1),
+        DiskError::ReadOnly => DevError::ReadOnly,
+        // The device or its queue failed.
         DiskError::Device(_) => DevError::Io(2),
     }
 }

@@ -195,6 +195,7 @@ fn write(
         state: &state,
         touch: &touch,
         max_pages: dirty.map_or(ram_pages, |d| d.len() as u32),
+        compress: true,
     };
     let mut w = store.begin(dev, &spec)?;
     match dirty {
