@@ -352,3 +352,27 @@ fn damaged_images_are_refused_and_only_the_faulting_vm_stops() {
     m.assert_no_hyp_fault();
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn a_loaded_vm_saves_the_order_it_touched_its_pages_in() {
+    let path = disk_path("touch");
+    let mut m = test_machine("persist-touch", &path);
+    m.expect("GUEST: idle: heartbeat 1", BOOT);
+    command(&mut m, "save 1 t", "vm 1 saved as 't'");
+    // (The save's own snapshot was vm 2.)
+    command(&mut m, "load t", "'t' loaded as vm 3");
+    m.expect("all 25 pages of 't' loaded", REPLY);
+    // Its next save records the pages it faulted in itself, in order (the
+    // prefetcher's are not its touches); a VM never loaded has none.
+    command(&mut m, "save 3 t2", "vm 3 saved as 't2'");
+    let touched = m.expect(" pages in its touch order", REPLY);
+    let touched = touched.trim_end_matches(" pages in its touch order");
+    let touched: u64 = touched.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((1..25).contains(&touched), "touch order of {touched} pages");
+    command(&mut m, "save 1 t3", "vm 1 saved as 't3'");
+    m.expect("  0 pages in its touch order", REPLY);
+    command(&mut m, "quit", "exiting with status 0");
+    assert_eq!(m.wait_exit(REPLY), 0);
+    m.assert_no_hyp_fault();
+    let _ = std::fs::remove_file(&path);
+}

@@ -48,12 +48,14 @@ fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut R
     r.set("mib_s", rep.mib_s());
     crate::say!(
         r,
-        "  image at sectors {}..{}, page data at bytes {:#x}..{:#x}",
+        "  {} pages in its touch order; image at sectors {}..{}, page data at bytes {:#x}..{:#x}",
+        rep.touched,
         rep.extent.0,
         rep.extent.0 + rep.extent.1,
         rep.data.0,
         rep.data.1
     );
+    r.set("touched", rep.touched);
     r.set("start_sector", rep.extent.0);
     r.set("sectors", rep.extent.1);
     r.set("data_start", rep.data.0);

@@ -53,6 +53,9 @@ pub struct SaveReport {
     /// Hypervisor time of the whole save, and of the pause (snapshot fork).
     pub us: u64,
     pub pause_us: u64,
+    /// Pages in the touch order saved with it (a VM loaded from the disk:
+    /// those it faulted in itself since, in order).
+    pub touched: u64,
     /// Where the image is on the disk (first sector, sectors) and its page
     /// data as device bytes `[start, end)` (for tools and damage tests).
     pub extent: (u64, u64),
@@ -81,6 +84,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         store.entry(p)?;
     }
     let (snap, dirty, pause_us) = freeze(vm, parent)?;
+    let touched = super::load::touch_order_of(vm.id).len() as u64;
     let result = write(
         &mut store,
         &mut dev,
@@ -105,6 +109,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         image_bytes: sum.sectors * snapfile::SECTOR as u64,
         us: crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t0)),
         pause_us,
+        touched,
         extent: (sum.start, sum.sectors),
         data: sum.sections[1],
     })
