@@ -121,29 +121,27 @@ impl diskpages::ImageSource for Source {
         {
             l.touch.lock().note(gpn);
         }
-        let n = l.read.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == l.image.pages().len() as u64 {
-            let now = crate::arch::timer::now();
-            l.all_loaded_at.store(now, Ordering::Relaxed);
-            crate::println!(
-                "[hyp] vm {}: all {n} pages of '{}' loaded, {} ms after its header was read ({})",
-                l.vm,
-                l.image.name(),
-                crate::arch::timer::ticks_to_us(now.wrapping_sub(l.opened)) / 1000,
-                if l.prefetch {
-                    "prefetch"
-                } else {
-                    "no prefetch"
-                }
-            );
-        }
+        l.read.fetch_add(1, Ordering::Relaxed);
         true
     }
 
+    /// The last entry naming the image is gone: for a VM with no forks,
+    /// every page has been loaded.
     fn release(&self, image: u32) {
         let Some(l) = IMAGES.lock().remove(&image) else {
             return;
         };
+        let now = crate::arch::timer::now();
+        l.all_loaded_at.store(now, Ordering::Relaxed);
+        crate::println!(
+            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({})",
+            l.vm,
+            l.image.pages().len(),
+            l.image.name(),
+            l.read.load(Ordering::Relaxed),
+            crate::arch::timer::ticks_to_us(now.wrapping_sub(l.opened)) / 1000,
+            if l.prefetch { "prefetch" } else { "no prefetch" }
+        );
         let order = core::mem::take(&mut l.touch.lock().order);
         TOUCHED.lock().insert(l.vm, order);
     }

@@ -36,9 +36,19 @@ pub fn start() {
 /// CPU 0's time one step may take.
 pub const STEP_US: u64 = 2000;
 
-/// The `i`th page to prefetch: the touch order, then the image's pages.
+/// Passes over the image a prefetch makes at most: a page whose fault only
+/// prepared or lost a race every time is picked up by the next pass.
+const PASSES: usize = 4;
+
+/// The `i`th page to prefetch: the touch order, then the image's pages,
+/// [`PASSES`] times over (pages already in cost one stage-2 lookup).
 fn nth(l: &Loaded, i: usize) -> Option<u32> {
     let touch = l.image.touch_order();
+    let pass = touch.len() + l.image.pages().len();
+    if pass == 0 || i >= pass * PASSES || (i >= pass && super::load::get(l.handle).is_none()) {
+        return None;
+    }
+    let i = i % pass;
     match touch.get(i) {
         Some(g) => Some(g.0),
         None => l.image.pages().get(i - touch.len()).map(|p| p.gpn().0),
