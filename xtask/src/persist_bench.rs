@@ -49,6 +49,10 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         ..MachineConfig::default()
     };
     let saves = save_run(&cfg, hyp_elf);
+    println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
+    for l in saves.iter().flatten() {
+        println!("  {l}");
+    }
     let loads = saves.as_ref().ok().map(|_| {
         // A console script pending (`sleep`) makes CPU 0 leave its vCPU at
         // every exit; see docs/BENCHMARKS.md for the prefetch without one.
@@ -62,10 +66,8 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         load_run(&cfg, hyp_elf)
     });
     let _ = std::fs::remove_file(&path);
-    let saves = saves?;
-    let loads = loads.unwrap_or_else(|| Err("not run".into()))?;
-    println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
-    for l in saves.iter().chain(&loads) {
+    saves?;
+    for l in loads.unwrap_or_else(|| Err("not run".into()))? {
         println!("  {l}");
     }
     Ok(())
@@ -95,7 +97,17 @@ fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
 fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
     let mut m = Machine::spawn("bench-persist-load", &mut cfg.command(hyp_elf));
     let mut out = vec![line_after(&mut m, "'idle' loaded as vm 1")?];
-    out.push(line_after(&mut m, "[hyp] vm 1: all ")?);
+    // Every page in, or how far the prefetch got in two minutes.
+    match m.try_expect("[hyp] vm 1: all ", Duration::from_secs(120)) {
+        Ok(_) => {
+            let rest = m.try_expect("\n", T).map_err(|e| fail(&m, e))?;
+            out.push(format!("[hyp] vm 1: all {}", rest.trim_end()));
+        }
+        Err(_) => {
+            let stats = hyp(&mut m, "stats", "memory:")?;
+            out.push(format!("not all loaded after 120 s: {stats}"));
+        }
+    }
     let loaded = hyp(&mut m, "load idle --no-prefetch", "'idle' loaded as vm 2")?;
     let loaded = format!("no prefetch: {loaded}");
     out.push(loaded);
