@@ -112,7 +112,8 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
     let loaded = format!("no prefetch: {loaded}");
     out.push(loaded);
     std::thread::sleep(Duration::from_secs(20));
-    let vms = hyp(&mut m, "vms", "  2   ")?;
+    // vm 2's row (the VM keeps its saved name, `linux`).
+    let vms = hyp(&mut m, "vms", "  2   linux")?;
     out.push(format!(
         "without prefetch, after 20 s of the idle guest (vms: id name state vcpus active pages exits): {vms}"
     ));
