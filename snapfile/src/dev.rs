@@ -35,6 +35,8 @@ pub struct MemDisk {
     crashed: bool,
     /// Read requests served.
     pub reads: u64,
+    /// The longest read request served, in bytes.
+    pub largest_read: usize,
     /// Write requests served (counted whether or not a crash dropped them).
     pub writes: u64,
     /// Sectors written.
@@ -57,6 +59,7 @@ impl MemDisk {
             crash_budget: None,
             crashed: false,
             reads: 0,
+            largest_read: 0,
             writes: 0,
             sectors_written: 0,
             flushes: 0,
@@ -109,6 +112,7 @@ impl BlockDevice for MemDisk {
     fn read(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DevError> {
         let r = self.range(lba, buf.len())?;
         self.reads += 1;
+        self.largest_read = self.largest_read.max(buf.len());
         buf.copy_from_slice(&self.bytes[r]);
         Ok(())
     }

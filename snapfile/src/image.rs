@@ -242,10 +242,8 @@ impl Store {
             if chain.len() >= MAX_CHAIN {
                 return Err(Error::ChainTooDeep);
             }
-            let parent = self
-                .toc
-                .find(&pname)
-                .filter(|p| p.seq == pseq && p.seq < cur.seq);
+            // The TOC check made `pseq` smaller than `cur.seq`: the walk descends.
+            let parent = self.toc.find(&pname).filter(|p| p.seq == pseq);
             cur = *parent.ok_or(Error::ParentMissing)?;
         }
     }

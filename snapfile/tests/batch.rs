@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use snapfile::{Error, Gpn, Image, MemDisk, PageRef, Store, PAGE};
+use snapfile::{Error, Gpn, Image, MemDisk, PageRef, Store, PAGE, SECTOR};
 
 /// A store whose full image "a" was written in touch order (a fixed shuffle), and a diff "b".
 fn setup() -> (MemDisk, Store, Mem, Mem, Vec<usize>) {
@@ -59,6 +59,7 @@ fn a_batch_in_write_order_takes_few_requests_and_reads_right() {
     let stored: usize = refs.iter().map(|r| r.stored_len()).sum();
     for max in [1, PAGE, 64 << 10, 1 << 20] {
         let reads = dev.reads;
+        dev.largest_read = 0;
         let got = batch(&img, &mut dev, &refs, max);
         assert_eq!(got.len(), refs.len());
         for ((g, r), want) in got.iter().zip(&refs) {
@@ -75,6 +76,13 @@ fn a_batch_in_write_order_takes_few_requests_and_reads_right() {
         assert!(
             requests as usize <= bound,
             "{requests} requests at max {max}"
+        );
+        // No request is longer than asked (rounded out to sectors), or than one page.
+        let longest = max.max(PAGE) + 2 * SECTOR;
+        assert!(
+            dev.largest_read <= longest,
+            "{} bytes at max {max}",
+            dev.largest_read
         );
     }
 }

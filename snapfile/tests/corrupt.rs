@@ -124,6 +124,7 @@ fn a_damaged_page_is_refused_alone_and_never_returned() {
     let (mut dev, _, b, ..) = setup();
     let store = Store::open(&mut dev).unwrap();
     let img = store.image(&mut dev, "b").unwrap();
+    assert_eq!(img.pages().len(), b.iter().flatten().count());
     let mut out = [0u8; PAGE];
     for r in img.pages() {
         for at in (0..r.stored_len() as u64)

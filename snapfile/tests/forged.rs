@@ -91,7 +91,7 @@ fn forged_index_records_are_refused() {
 
 #[test]
 fn forged_headers_are_refused() {
-    let cases: [(&str, usize, Edit); 6] = [
+    let cases: [(&str, usize, Edit); 9] = [
         ("diff flag on a full image", 0, |h| h[12] = 1),
         ("no diff flag on a diff", 1, |h| h[12] = 0),
         ("no RAM", 0, |h| h[32..36].fill(0)),
@@ -105,6 +105,12 @@ fn forged_headers_are_refused() {
         ("touch order past the extent", 0, |h| {
             put_u64(h, 200, u64_at(h, 200) + 4096)
         }),
+        // Valid headers that are not the one their entry was committed with.
+        ("another name", 0, |h| h[41] = b'c'),
+        ("another sequence number", 0, |h| {
+            put_u64(h, 16, u64_at(h, 16) + 7)
+        }),
+        ("another parent", 1, |h| put_u64(h, 112, u64_at(h, 112) + 7)),
     ];
     for (what, which, edit) in cases {
         let (mut dev, _) = setup();
@@ -113,6 +119,14 @@ fn forged_headers_are_refused() {
         let want = Some(Error::Corrupt(Section::ImageHeader));
         assert_eq!(image_err(&mut dev, name), want, "{what}");
     }
+    // An entry naming another header checksum than its image's.
+    let (mut dev, _) = setup();
+    let other = |e: &mut [u8]| put_u64(e, 104, u64_at(e, 104) ^ 1);
+    reforge_image(&mut dev, GEOMETRY, 0, |_| {}, |_| {}, other);
+    assert_eq!(
+        image_err(&mut dev, "a"),
+        Some(Error::Corrupt(Section::ImageHeader))
+    );
 }
 
 #[test]

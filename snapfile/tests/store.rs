@@ -40,7 +40,9 @@ fn full_image_restores_and_skips_zero_pages() {
     assert_eq!((s.lz4, s.raw, s.skipped, s.zero_now), (2, 2, 4, 0));
     let mut store = Store::open(&mut dev).unwrap();
     let img = store.image(&mut dev, "a").unwrap();
-    assert_eq!(img.state(), b"vcpu state");
+    assert_eq!((img.name(), img.state()), ("a", &b"vcpu state"[..]));
+    let listed: Vec<u32> = img.pages().iter().map(|r| r.gpn().0).collect();
+    assert_eq!(listed, [0, 2, 5, 6]);
     assert_eq!(
         img.present_pages().map(|g| g.0).collect::<Vec<_>>(),
         [0, 2, 5, 6]
@@ -252,6 +254,8 @@ fn the_toc_fills_up() {
         save(&mut store, &mut dev, "d", None, &mem, &[0], b"").unwrap_err(),
         Error::TocFull
     );
+    // A full table still opens (count = max_entries is valid).
+    assert_eq!(Store::open(&mut dev).unwrap().list().len(), 3);
 }
 
 #[test]
@@ -373,4 +377,22 @@ fn compression_off_stores_raw_pages_that_restore() {
     let img = store.image(&mut dev, "raw").unwrap();
     assert!(img.pages().iter().all(|r| r.kind() == PageKind::Raw));
     check_restore(&img, &mut dev, &mem);
+}
+
+#[test]
+fn format_refuses_what_cannot_be_a_store() {
+    let mut dev = MemDisk::new(4096);
+    for n in [0, snapfile::MAX_ENTRIES + 1] {
+        assert_eq!(
+            Store::format(&mut dev, 1, n).err(),
+            Some(Error::TooLarge),
+            "{n} entries"
+        );
+    }
+    // 16 entries: two 5-sector TOC copies and the superblock leave no data sector in 11.
+    let mut small = MemDisk::new(11);
+    let err = Store::format(&mut small, 1, 16).err();
+    assert!(matches!(err, Some(Error::Truncated { .. })), "{err:?}");
+    assert!(Store::format(&mut MemDisk::new(12), 1, 16).is_ok());
+    assert!(Store::format(&mut dev, 1, snapfile::MAX_ENTRIES).is_ok());
 }
