@@ -21,6 +21,7 @@ mod channel;
 mod console;
 mod dev;
 mod mm;
+mod persist;
 mod vdev;
 mod vm;
 
@@ -148,6 +149,9 @@ fn start_default_vm(board: &Board) {
     }
     sched::STAY_WHEN_IDLE.store(stay, Ordering::Relaxed);
     console::cmd::set_script(args.script);
+    if let Some(name) = &args.restore {
+        return console::snapcmd::boot_restore(name.as_str());
+    }
     if let Some(id) = boot::create::start_default(&args) {
         console::cmd::set_focus(id);
     }

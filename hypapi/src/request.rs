@@ -49,12 +49,23 @@ enum Kind {
     /// An optional string written after its flag as the rest of the line
     /// (`--cmdline console=ttyAMA0 quiet`); last in its signature.
     Tail(&'static str),
+    /// A snapshot name: a string of one word (`hypcmd` checks it).
+    Name,
+    /// An optional name given on the console after this option word
+    /// (`"parent": "a"` is `--diff a`).
+    Opt(&'static str),
+    /// A boolean that is true unless given false, which the console spells
+    /// with this option word (`"prefetch": false` is `--no-prefetch`).
+    Unless(&'static str),
 }
 
 impl Kind {
     /// Written with a flag word: may be left out whatever comes after it.
     fn flagged(self) -> bool {
-        matches!(self, Kind::Flag(_) | Kind::Tail(_))
+        matches!(
+            self,
+            Kind::Flag(_) | Kind::Tail(_) | Kind::Opt(_) | Kind::Unless(_)
+        )
     }
 }
 
@@ -115,7 +126,18 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
     ),
     ("merge auto", &[Arg("rate", Kind::Dec, false)]),
     ("merge off", &[]),
+    // Snapshots on the disk (issue 17).
+    (
+        "save",
+        &[VM, NAME, Arg("parent", Kind::Opt("--diff"), true)],
+    ),
+    (
+        "load",
+        &[NAME, Arg("prefetch", Kind::Unless("--no-prefetch"), true)],
+    ),
 ];
+
+const NAME: Arg = Arg("name", Kind::Name, false);
 
 const LBA: Arg = Arg("lba", Kind::Dec, false);
 const SECTORS: Arg = Arg("sectors", Kind::Dec, false);
@@ -257,8 +279,19 @@ fn word(field: &str, kind: Kind, v: &Value) -> Result<String, String> {
         (Kind::Addr, _) => Err(format!(
             "{field:?} must be a non-negative integer or a \"0x...\" string"
         )),
+        (Kind::Name, Value::String(s)) if one_word(s) => Ok(s.clone()),
+        (Kind::Opt(flag), Value::String(s)) if one_word(s) => Ok(format!("{flag} {s}")),
+        (Kind::Name | Kind::Opt(_), _) => Err(format!("{field:?} must be a name (a string)")),
+        (Kind::Unless(_), Value::Bool(true)) => Ok(String::new()),
+        (Kind::Unless(flag), Value::Bool(false)) => Ok(String::from(flag)),
+        (Kind::Unless(_), _) => Err(format!("{field:?} must be true or false")),
         _ => Err(format!("{field:?} must be a non-negative integer")),
     }
+}
+
+/// A string that stays one console word (`hypcmd` checks the rest).
+fn one_word(s: &str) -> bool {
+    !s.is_empty() && !s.contains(char::is_whitespace)
 }
 
 /// At most 64 characters of a client's string, for messages.
@@ -295,14 +328,16 @@ pub fn request_line(id: &Value, cmd: &Command) -> Option<String> {
     // Positional words in order, then flags in any order.
     let mut positional = args.iter().filter(|a| !a.1.flagged());
     while let Some(w) = words.next() {
-        let (field, value) = match args
-            .iter()
-            .find(|a| matches!(a.1, Kind::Flag(f) | Kind::Tail(f) if f == w))
-        {
+        let flag = args.iter().find(|a| {
+            matches!(a.1, Kind::Flag(f) | Kind::Tail(f) | Kind::Opt(f) | Kind::Unless(f) if f == w)
+        });
+        let (field, value) = match flag {
             Some(&Arg(field, Kind::Tail(_), _)) => {
                 let rest: Vec<&str> = words.by_ref().collect();
                 (field, Value::from(rest.join(" ")))
             }
+            Some(&Arg(field, Kind::Opt(_), _)) => (field, Value::from(words.next()?)),
+            Some(&Arg(field, Kind::Unless(_), _)) => (field, Value::from(false)),
             Some(&Arg(field, _, _)) => (field, Value::from(words.next()?.parse::<u64>().ok()?)),
             None => {
                 let &Arg(field, kind, _) = positional.next()?;
@@ -321,7 +356,7 @@ fn positional_value(kind: Kind, w: &str) -> Option<Value> {
             .ok()
             .map(Value::from),
         Kind::Vm | Kind::Dec => w.parse::<u64>().ok().map(Value::from),
-        Kind::Word => Some(Value::from(w)),
-        Kind::Flag(_) | Kind::Tail(_) => None,
+        Kind::Word | Kind::Name => Some(Value::from(w)),
+        Kind::Flag(_) | Kind::Tail(_) | Kind::Opt(_) | Kind::Unless(_) => None,
     }
 }

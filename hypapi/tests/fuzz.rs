@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypapi::{parse_request, request_line, Value};
-use hypcmd::{Command, Create, Guest, PageRange, VmId, Words, PAGE_SIZE};
+use hypcmd::{Command, Create, Guest, PageRange, SnapName, VmId, Words, PAGE_SIZE};
 use proptest::prelude::*;
 
 const NAMES: &[&str] = &[
@@ -103,6 +103,16 @@ fn command() -> impl Strategy<Value = Command> {
             Just(Command::MergeOff),
             (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| Command::MergeAuto { rate }),
         ],
+        prop_oneof![
+            (1u32..10, name(), prop::option::of(name())).prop_map(|(vm, name, parent)| {
+                Command::Save {
+                    vm: VmId(vm),
+                    name,
+                    parent,
+                }
+            }),
+            (name(), any::<bool>()).prop_map(|(name, prefetch)| Command::Load { name, prefetch }),
+        ],
     ]
 }
 
@@ -122,6 +132,11 @@ fn create() -> impl Strategy<Value = Create> {
             vcpus,
             cmdline: cmdline.flatten(),
         })
+}
+
+/// Valid snapshot names (hypcmd's rule), some looking like options.
+fn name() -> impl Strategy<Value = SnapName> {
+    "[!-,.-~][!-~]{0,31}".prop_map(|s| SnapName::new(&s).expect("a valid name"))
 }
 
 proptest! {

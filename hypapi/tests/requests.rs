@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypapi::{answer_err, answer_ok, event, parse_request, request_line, ErrorCode, Map, Value};
-use hypcmd::{Command, PageRange, VmId};
+use hypcmd::{Command, PageRange, SnapName, VmId};
 
 fn ok(line: &str) -> (Value, Command) {
     let r = parse_request(line).unwrap_or_else(|e| panic!("{line}: {e:?}"));
@@ -54,6 +54,50 @@ fn commands_with_their_fields() {
             snapshot: VmId(2)
         }
     );
+}
+
+#[test]
+fn save_and_load_requests() {
+    let name = |s: &str| SnapName::new(s).unwrap();
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"save","vm":2,"name":"base"}"#).1,
+        Command::Save {
+            vm: VmId(2),
+            name: name("base"),
+            parent: None
+        }
+    );
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"save","vm":2,"name":"d1","parent":"base"}"#).1,
+        Command::Save {
+            vm: VmId(2),
+            name: name("d1"),
+            parent: Some(name("base"))
+        }
+    );
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"load","name":"base","prefetch":false}"#).1,
+        Command::Load {
+            name: name("base"),
+            prefetch: false
+        }
+    );
+    assert_eq!(
+        ok(r#"{"id":1,"cmd":"load","name":"base","prefetch":true}"#).1,
+        Command::Load {
+            name: name("base"),
+            prefetch: true
+        }
+    );
+    for bad in [
+        r#"{"id":1,"cmd":"load","name":"a b"}"#,
+        r#"{"id":1,"cmd":"load","name":7}"#,
+        r#"{"id":1,"cmd":"load","name":"a","prefetch":1}"#,
+        r#"{"id":1,"cmd":"save","vm":1,"name":"a","parent":""}"#,
+        r#"{"id":1,"cmd":"save","vm":1,"name":"-a"}"#,
+    ] {
+        assert!(parse_request(bad).is_err(), "{bad} was accepted");
+    }
 }
 
 #[test]

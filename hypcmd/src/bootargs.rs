@@ -56,6 +56,9 @@ pub struct BootArgs<'a> {
     /// `vms=N`: boot N default VMs, each loaded and booted on its own (not
     /// forked), 1..=[`MAX_VMS`].
     pub vms: usize,
+    /// `restore=NAME`: instead of the default guest, load the snapshot saved
+    /// on the disk as NAME (issue 17); the name is checked as `load`'s.
+    pub restore: Option<crate::SnapName>,
     /// Words with an unknown key or a bad value, in order; the rest of the
     /// line still counts.
     pub ignored: Vec<&'a str>,
@@ -113,6 +116,7 @@ impl<'a> BootArgs<'a> {
             kernel: None,
             initrd: None,
             vms: 1,
+            restore: None,
             ignored: Vec::new(),
         };
         let (head, tail) = split_tail(line);
@@ -154,6 +158,10 @@ impl<'a> BootArgs<'a> {
             "vms" => match value.parse() {
                 Ok(n) if (1..=MAX_VMS).contains(&n) => self.vms = n,
                 _ => return false,
+            },
+            "restore" => match crate::SnapName::new(value) {
+                Some(n) => self.restore = Some(n),
+                None => return false,
             },
             _ => return false,
         }

@@ -227,6 +227,27 @@ pub enum Command {
     },
     /// `merge off`: stop the background merger.
     MergeOff,
+    // Snapshots on the disk (issue 17).
+    /// `save <vm> <name> [--diff <parent>]`: writes the VM (or an in-memory
+    /// snapshot) to the disk's store as `name`; with `--diff`, only the pages
+    /// dirtied since it was saved as `parent`.
+    Save {
+        /// The VM or snapshot to save.
+        vm: VmId,
+        /// The new snapshot's name (see [`SnapName`]).
+        name: SnapName,
+        /// The earlier save this one is a diff of.
+        parent: Option<SnapName>,
+    },
+    /// `load <name> [--no-prefetch]`: a new VM from the saved snapshot, its
+    /// memory read from the disk as it faults (and by a background prefetch
+    /// in the order the VM first touched its pages, unless `--no-prefetch`).
+    Load {
+        /// The snapshot's name.
+        name: SnapName,
+        /// Prefetch pages in the background.
+        prefetch: bool,
+    },
 }
 
 /// The fastest background merge rate a command names (pages per second).
@@ -292,6 +313,29 @@ impl Words {
     }
 }
 
+/// A snapshot name on the disk: 1 to 32 bytes of printable ASCII without
+/// spaces, not starting with `-` (so it cannot be taken for an option).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SnapName(String);
+
+impl SnapName {
+    /// The longest name, in bytes (the store's limit).
+    pub const MAX: usize = 32;
+
+    /// Checks a name.
+    pub fn new(s: &str) -> Option<SnapName> {
+        let ok = (1..=Self::MAX).contains(&s.len())
+            && !s.starts_with('-')
+            && s.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| SnapName(String::from(s)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for Create {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "create {}", self.guest)?;
@@ -305,6 +349,12 @@ impl fmt::Display for Create {
             write!(f, " --cmdline {}", c.0)?;
         }
         Ok(())
+    }
+}
+
+impl fmt::Display for SnapName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -383,6 +433,20 @@ impl fmt::Display for Command {
             Merge => f.write_str("merge"),
             MergeAuto { rate } => write!(f, "merge auto {rate}"),
             MergeOff => f.write_str("merge off"),
+            Save { vm, name, parent } => {
+                write!(f, "save {vm} {name}")?;
+                match parent {
+                    Some(p) => write!(f, " --diff {p}"),
+                    None => Ok(()),
+                }
+            }
+            Load { name, prefetch } => {
+                write!(
+                    f,
+                    "load {name}{}",
+                    if *prefetch { "" } else { " --no-prefetch" }
+                )
+            }
         }
     }
 }
@@ -420,5 +484,7 @@ pub const HELP: &str = "commands:
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk
   disk fill <lba> <sectors> <seed>      write a seeded test pattern over sectors (and flush)
   bench disk [MiB]  raw sequential write and read throughput of the disk (its data is kept)
+  save <vm> <name> [--diff <parent>]    write a VM or snapshot to the disk (a diff: pages dirtied since parent)
+  load <name> [--no-prefetch]           a new VM from a saved snapshot, its memory read lazily from the disk
 keys: Ctrl-A Ctrl-A next console (hypervisor -> vm ... -> hypervisor);
       Ctrl-A <vm> Enter that VM; Ctrl-A h the hypervisor; Ctrl-A a a literal Ctrl-A";

@@ -31,7 +31,8 @@ pub mod lines;
 mod parse;
 
 pub use command::{
-    Command, Create, Focus, Guest, PageRange, VmId, Words, HELP, MAX_GROUP, MAX_MERGE_RATE,
+    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, HELP, MAX_GROUP,
+    MAX_MERGE_RATE,
 };
 pub use parse::{parse, ParseError};
 

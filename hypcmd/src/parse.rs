@@ -4,7 +4,7 @@
 //! compares, and rounds with checked arithmetic.
 
 use crate::command::{
-    Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP, MAX_MERGE_RATE,
+    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, MAX_MERGE_RATE,
 };
 use crate::PAGE_SIZE;
 use alloc::string::String;
@@ -154,6 +154,8 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "disk" => ("disk", disk(&mut args)?),
         "create" => ("create", create(&mut args)?),
         "merge" => ("merge", merge(&mut args)?),
+        "save" => ("save", save(&mut args)?),
+        "load" => ("load", load(&mut args)?),
         _ => return Err(ParseError::Unknown(String::from(word))),
     };
     args.done(name)?;
@@ -353,6 +355,35 @@ fn disk(args: &mut Args) -> Result<Command> {
         }
         Some(_) => Err(ParseError::Usage(DISK_USAGE)),
     }
+}
+
+const SAVE_USAGE: &str =
+    "save <vm> <name> [--diff <parent>] (names: 1-32 printable characters, no `-` first)";
+const LOAD_USAGE: &str = "load <name> [--no-prefetch]";
+
+fn snap_name(args: &mut Args, usage: &'static str) -> Result<SnapName> {
+    SnapName::new(args.next("snapshot name")?).ok_or(ParseError::Usage(usage))
+}
+
+fn save(args: &mut Args) -> Result<Command> {
+    let vm = args.vm()?;
+    let name = snap_name(args, SAVE_USAGE)?;
+    let parent = match args.0.next() {
+        None => None,
+        Some("--diff") => Some(snap_name(args, SAVE_USAGE)?),
+        Some(_) => return Err(ParseError::Usage(SAVE_USAGE)),
+    };
+    Ok(Command::Save { vm, name, parent })
+}
+
+fn load(args: &mut Args) -> Result<Command> {
+    let name = snap_name(args, LOAD_USAGE)?;
+    let prefetch = match args.0.next() {
+        None => true,
+        Some("--no-prefetch") => false,
+        Some(_) => return Err(ParseError::Usage(LOAD_USAGE)),
+    };
+    Ok(Command::Load { name, prefetch })
 }
 
 fn sleep(args: &mut Args) -> Result<Command> {

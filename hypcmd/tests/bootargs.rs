@@ -149,3 +149,14 @@ fn the_guest_tail_is_verbatim() {
         [a.kernel, None]
     );
 }
+
+#[test]
+fn restore_takes_a_snapshot_name() {
+    let a = BootArgs::parse("restore=linux-1 stay=1");
+    assert_eq!(a.restore.as_ref().map(|n| n.as_str()), Some("linux-1"));
+    assert!(a.ignored.is_empty());
+    assert_eq!(BootArgs::parse("").restore, None);
+    let bad = BootArgs::parse("restore= restore=-x");
+    assert_eq!(bad.restore, None);
+    assert_eq!(bad.ignored, ["restore=", "restore=-x"]);
+}

@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use hypcmd::bootargs::{parse_range, parse_size, BootArgs};
-use hypcmd::{parse, Command, Create, Focus, Guest, PageRange, VmId, Words, MAX_GROUP, PAGE_SIZE};
+use hypcmd::{
+    parse, Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, PAGE_SIZE,
+};
 use proptest::prelude::*;
 
 /// A parse that succeeded must describe itself: printing it and parsing
@@ -150,6 +152,11 @@ fn command() -> impl Strategy<Value = Command> {
             Just(MergeOff),
             (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| MergeAuto { rate }),
         ],
+        prop_oneof![
+            (vm(), snap_name(), prop::option::of(snap_name()))
+                .prop_map(|(vm, name, parent)| { Save { vm, name, parent } }),
+            (snap_name(), any::<bool>()).prop_map(|(name, prefetch)| Load { name, prefetch }),
+        ],
     ]
 }
 
@@ -171,6 +178,11 @@ fn create() -> impl Strategy<Value = Create> {
             vcpus,
             cmdline: cmdline.flatten(),
         })
+}
+
+/// Valid snapshot names: printable ASCII, 1 to 32 bytes, no `-` first.
+fn snap_name() -> impl Strategy<Value = SnapName> {
+    "[!-,.-~][!-~]{0,31}".prop_map(|s| SnapName::new(&s).expect("the pattern is a valid name"))
 }
 
 /// A bootargs-like line: `key=value` words with edge sizes and ranges.

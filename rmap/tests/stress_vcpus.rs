@@ -20,8 +20,9 @@
 //! round are printed on failure. Thread interleavings are not reproducible, each thread's
 //! sequence of operations is.
 
+use merger::merger;
 use rmap::host::{page_ipa, HostWorld, SwapOp, BLOCK_PAGES};
-use rmap::{Error, MergeError, MergePage, PageState, Stage2};
+use rmap::Error;
 use rmap::{Ipa, Pfn};
 use std::sync::atomic::Ordering;
 use std::sync::Barrier;
@@ -37,6 +38,8 @@ const OWNED: u64 = 24;
 const SLOTS: usize = 2;
 const OPS: usize = 300;
 
+#[path = "stress_vcpus/merger.rs"]
+mod merger;
 #[path = "stress_vcpus/slot.rs"]
 mod slot;
 use slot::{tagged, Counters, Rng, Slot, Snapshot};
@@ -283,45 +286,6 @@ fn mover(w: &HostWorld, reclaim: bool, seed: u64, c: &Counters) {
             }
             Err(e) => panic!("mover: {e:?}"),
         }
-    }
-}
-
-/// Same-page merging under the vCPUs: two pages of two live VMs (or one), block pages (the
-/// untouched ones are all zero, so alike) or any of the pages the vCPUs use. Every refusal
-/// is legitimate while the vCPUs run; a merge must never lose or leak a value (the round's
-/// content checks).
-fn merger(w: &HostWorld, slots: &[&Slot], seed: u64, c: &Counters) {
-    let mut rng = Rng::new(seed);
-    let pages = all_pages();
-    for _ in 0..OPS * usize::from(!slots.is_empty()) {
-        let side = |rng: &mut Rng| {
-            let slot = pick(rng, slots);
-            let ipa = if rng.below(2) == 0 {
-                page_ipa(BLOCK, rng.below(BLOCK_PAGES as usize) as u64)
-            } else {
-                pick(rng, &pages)
-            };
-            // As hyp's scanner: the frame mapped there now, read where the tables are
-            // known live (a VM destroyed under its vCPUs has none).
-            match slot.vm.s2.lock().live_lookup(ipa) {
-                Some(PageState::Mapped { pfn, .. }) => Some(MergePage {
-                    vm: slot.vm.id,
-                    ipa,
-                    pfn,
-                    group: 0,
-                }),
-                _ => None,
-            }
-        };
-        let (Some(a), Some(b)) = (side(&mut rng), side(&mut rng)) else {
-            continue;
-        };
-        match w.rmap.merge(&w.vms, &w.machine, a, b) {
-            Ok(_) => c.merged.fetch_add(1, Ordering::Relaxed),
-            Err(MergeError::Differ) => c.merge_differ.fetch_add(1, Ordering::Relaxed),
-            Err(MergeError::OtherGroup) => panic!("one group"),
-            Err(_) => 0,
-        };
     }
 }
 

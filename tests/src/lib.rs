@@ -56,6 +56,9 @@ pub struct MachineConfig {
     /// Default VMs booted each on its own (bootargs `vms=`, issue 16); `None`:
     /// one. QEMU's RAM grows to hold them ([`MachineConfig::ram`]).
     pub vms: Option<u32>,
+    /// Load this snapshot from the disk at boot instead of the default
+    /// guest (bootargs `restore=`, issue 17).
+    pub restore: Option<String>,
 }
 
 impl Default for MachineConfig {
@@ -74,6 +77,7 @@ impl Default for MachineConfig {
             api: None,
             disk: None,
             vms: None,
+            restore: None,
         }
     }
 }
@@ -93,6 +97,9 @@ impl MachineConfig {
         }
         if let Some(n) = self.vms {
             words.push(format!("vms={n}"));
+        }
+        if let Some(r) = &self.restore {
+            words.push(format!("restore={r}"));
         }
         for (key, addr, path) in self.linux_loads() {
             words.push(format!("{key}={addr:#x}:{}", file_size(&path)));

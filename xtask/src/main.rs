@@ -12,6 +12,7 @@ mod layers;
 mod linux;
 mod merge_bench;
 mod mutants;
+mod persist_bench;
 mod profile;
 mod qemu;
 mod setup;
@@ -25,7 +26,7 @@ commands:
   run [--smp N] [--mem SIZE] [--cpu MODEL] [--guest linux|test|none] [--vcpus N] [--vms N]
       [--guest-mem SIZE] [--guest-args ARGS] [--script \"cmd; cmd\"] [--gdb] [--release]
       [--kernel IMAGE] [--initrd CPIO] [--cmdline ARGS] [--api SOCKET]
-      [--disk FILE[,size=SIZE][,readonly]]
+      [--disk FILE[,size=SIZE][,readonly]] [--restore NAME]
                  build everything and boot the hypervisor with a guest (default:
                  Debian's arm64 Linux with a busybox shell; --guest-args is its
                  kernel command line; --api serves the hypervisor's control
@@ -33,12 +34,13 @@ commands:
                  attaches FILE, a raw image, as the hypervisor's own virtio-blk
                  disk, creating it sparse at SIZE (default 1G) if missing;
                  --vms N boots N independent guests, each loaded on its own,
-                 and grows --mem to hold them)
+                 and grows --mem to hold them; --restore loads the snapshot NAME
+                 saved on that disk instead of starting a guest)
   test           hyp's layer rule, clippy, host tests of every crate, then the
                  QEMU scenarios in tests/
   shuttle        only the shuttle runs of rmap and stage2 and their mutation checks
                  (part of test)
-  bench [chain|fork|guest|migrate|linux|anchor|disk|merge]...
+  bench [chain|fork|guest|migrate|linux|anchor|disk|merge|persist]...
                  benchmarks (results belong in docs/BENCHMARKS.md): all, or the named
                  ones (`linux`: Linux boot, bare QEMU against under the hypervisor,
                  forks of a running Linux, and the anchor; `anchor`: the stage-2
@@ -46,7 +48,7 @@ commands:
                  5 interleaved pairs; `disk`: the hypervisor's raw
                  virtio-blk throughput on a fresh sparse file in the temp dir;
                  `merge`: host frames of 4 idle Linux VMs before and after one
-                 `merge` pass)
+                 `merge` pass; `persist`: Linux saved to and restored from that disk)
   soak [minutes] [guest args]
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
@@ -201,8 +203,8 @@ fn shuttle() -> Result<(), String> {
 
 /// `bench [chain|fork|guest|migrate|linux|anchor|disk|merge]...`: all benchmarks, or only the named ones.
 fn bench(args: &[String]) -> Result<(), String> {
-    const ALL: [&str; 8] = [
-        "chain", "fork", "guest", "migrate", "linux", "anchor", "disk", "merge",
+    const ALL: [&str; 9] = [
+        "chain", "fork", "guest", "migrate", "linux", "anchor", "disk", "merge", "persist",
     ];
     if let Some(bad) = args.iter().find(|a| !ALL.contains(&a.as_str())) {
         return Err(format!("bench: unknown benchmark '{bad}' (one of {ALL:?})"));
@@ -224,6 +226,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     if wanted("disk") {
         disk_bench(&images)?;
+    }
+    if wanted("persist") {
+        persist_bench::bench(&images.hyp)?;
     }
     if wanted("linux") {
         linux::bench(&images.hyp, 5)?;

@@ -43,9 +43,17 @@ fn parse(args: &[String]) -> Result<(MachineConfig, bool, OwnImages), String> {
             "--gdb" => o.gdb = true,
             "--api" => o.api = Some(val()?.into()),
             "--disk" => o.disk = Some(DiskConfig::parse(&val()?)?),
+            "--restore" => o.restore = Some(val()?),
             "--release" => release = true,
             other => return Err(format!("unknown option {other}")),
         }
+    }
+    if o.restore.is_some() {
+        if o.disk.is_none() {
+            return Err("--restore loads a snapshot from the disk: give --disk FILE".into());
+        }
+        // The restored VM replaces the default guest: no images to load.
+        o.guest = "none".into();
     }
     if !(1..=64).contains(&o.smp) {
         return Err("--smp must be 1..=64".into());

@@ -64,6 +64,8 @@ pub enum CmdError {
     NoDisk,
     /// A disk request failed.
     Disk(DiskError),
+    /// A snapshot save or load failed (issue 17).
+    Persist(crate::persist::PersistError),
     /// `bench disk` read back other bytes than it wrote.
     DiskVerify {
         /// The first sector that differed.
@@ -91,6 +93,7 @@ impl fmt::Display for CmdError {
                 f.write_str("no disk: none was attached at boot (`cargo xtask run --disk FILE`)")
             }
             CmdError::Disk(e) => write!(f, "{e}"),
+            CmdError::Persist(e) => write!(f, "{e}"),
             CmdError::DiskVerify { lba } => {
                 write!(
                     f,

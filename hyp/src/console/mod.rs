@@ -6,9 +6,10 @@
 //! the host-tested `hypcmd` crate), where answers go (`reply`: printed, or
 //! gathered for the control channel), the control channel's requests and
 //! events (`api`; the protocol is the host-tested `hypapi` crate), the
-//! memory-manager commands (`memcmd`), the disk commands (`disk`),
-//! independent VMs and trust groups (`vmcmd`) and the in-hypervisor
-//! benchmarks (`bench`).
+//! memory-manager commands (`memcmd`), the disk commands (`disk`), the
+//! snapshot save and load commands (`snapcmd`, over `persist`), independent
+//! VMs and trust groups (`vmcmd`), same-page merging (`merge`) and the
+//! in-hypervisor benchmarks (`bench`).
 
 pub mod api;
 pub mod bench;
@@ -21,14 +22,18 @@ pub mod memcmd;
 pub mod merge;
 pub mod pairs;
 pub mod reply;
+pub mod snapcmd;
 pub mod stats;
 pub mod vmcmd;
 
 /// How the scheduler reaches the console (installed by `main`).
 pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHooks {
     poll_input: cmd::poll_input,
-    poll: cmd::poll,
-    command_waiting: cmd::command_waiting,
+    poll: || {
+        cmd::poll();
+        crate::persist::prefetch::step();
+    },
+    command_waiting: || cmd::command_waiting() || crate::persist::prefetch::active(),
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
     vm_event: api::push_event,

@@ -7,9 +7,10 @@
 //! table pages with the split reserve, the EL2 TLB, the VMID allocator);
 //! rmap's `Stage2` and `hypmm::GuestVm` for a VM (`vmmem`); the rmap glue
 //! (`glue`: the stage-2 fault on RAM, `FrameAllocator`, `VmSet`, statistics);
-//! the swap store (`store`), the dirty log (`dirty`), migration and reclaim
-//! control (`memctl`), restore (`restore`), and the same-page merger over
-//! `hypmm::Scanner` (`merge`).
+//! the swap store (`store`) and its namespace of disk-image pages a VM
+//! loaded from the disk faults in (`diskpages`), the dirty log (`dirty`),
+//! migration and reclaim control (`memctl`), restore (`restore`), and the
+//! same-page merger over `hypmm::Scanner` (`merge`).
 //!
 //! The adapter itself (rmap's `Stage2Locked` over a `stage2::Stage2Table`,
 //! with its debug break-before-make witness) and the logic of the 2 MiB
@@ -23,6 +24,7 @@
 //! VM id through its own registry, never through `vm`.
 
 pub mod dirty;
+pub mod diskpages;
 mod frameops;
 pub mod frames;
 pub mod glue;

@@ -131,6 +131,20 @@ impl PageStore {
         self.inner.lock().zero_refs
     }
 
+    /// Decompresses (or copies) slot `slot` into `out`.
+    fn copy_out(&self, slot: u64, out: &mut [u8]) {
+        let s = self.inner.lock();
+        let Some(Slot::Page { data, .. }) = s.slots.get(slot as usize) else {
+            panic!("load of a free store slot {slot}");
+        };
+        if data.len() == PAGE {
+            out.copy_from_slice(data);
+        } else {
+            let n = lz4_flex::block::decompress_into(data, out).expect("store slot corrupted");
+            assert_eq!(n, PAGE, "store slot {slot} decompressed short");
+        }
+    }
+
     /// None if the slot table cannot grow (heap full): never panics.
     fn insert(&self, data: Box<[u8]>) -> Option<u64> {
         let mut s = self.inner.lock();
@@ -194,23 +208,16 @@ impl SwapStore for PageStore {
         // SAFETY: rmap loads only into a frame it just allocated for a
         // swap-in and maps only after the load returns.
         let out = unsafe { page_mut(pfn) };
-        if slot == ZERO_SLOT {
+        if crate::mm::diskpages::is_image(slot) {
+            crate::mm::diskpages::load(slot, out);
+        } else if slot == ZERO_SLOT {
             out.fill(0);
             // rmap's contract: clean to the PoC on return.
             crate::mm::memory::publish(pfn.pa(), PAGE_SIZE);
             return;
-        }
-        let s = self.inner.lock();
-        let Some(Slot::Page { data, .. }) = s.slots.get(slot as usize) else {
-            panic!("load of a free store slot {slot}");
-        };
-        if data.len() == PAGE {
-            out.copy_from_slice(data);
         } else {
-            let n = lz4_flex::block::decompress_into(data, out).expect("store slot corrupted");
-            assert_eq!(n, PAGE, "store slot {slot} decompressed short");
+            self.copy_out(slot, out);
         }
-        drop(s);
         // rmap's contract: clean to the PoC on return. The swapped-in page
         // is mapped execute-never; a fetch from it maintains the I-cache
         // then (`hypmm::Fetch`).
@@ -222,6 +229,9 @@ impl SwapStore for PageStore {
     }
 
     fn try_dup(&self, slot: u64) -> bool {
+        if crate::mm::diskpages::is_image(slot) {
+            return crate::mm::diskpages::dup(slot);
+        }
         let mut s = self.inner.lock();
         if slot == ZERO_SLOT {
             // Live while any zero-marker entry refers to it.
@@ -241,7 +251,8 @@ impl SwapStore for PageStore {
     }
 
     fn refs(&self, slot: u64) -> Option<u32> {
-        if slot == ZERO_SLOT {
+        // Image pages too: each faulting VM reads its own copy.
+        if slot == ZERO_SLOT || crate::mm::diskpages::is_image(slot) {
             return None; // a marker shared by every zero page, never cached
         }
         match self.inner.lock().slots.get(slot as usize) {
@@ -251,6 +262,9 @@ impl SwapStore for PageStore {
     }
 
     fn put(&self, slot: u64) {
+        if crate::mm::diskpages::is_image(slot) {
+            return crate::mm::diskpages::put(slot);
+        }
         let mut s = self.inner.lock();
         if slot == ZERO_SLOT {
             assert!(s.zero_refs > 0, "put of the unreferenced zero slot");

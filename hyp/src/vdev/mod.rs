@@ -7,3 +7,4 @@
 pub mod vgic;
 pub mod vpl011;
 pub mod vtimer;
+pub mod wire;

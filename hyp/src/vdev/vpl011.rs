@@ -238,3 +238,52 @@ impl Vpl011 {
         }
     }
 }
+
+impl Vpl011 {
+    /// Appends the register state (issue 17's saved VM; the image frame is
+    /// the VM's, not saved).
+    pub fn save(&self, e: &mut crate::vdev::wire::Enc) {
+        e.bytes(&self.line);
+        let (a, b) = self.rx.as_slices();
+        e.u32((a.len() + b.len()) as u32);
+        e.0.extend_from_slice(a);
+        e.0.extend_from_slice(b);
+        for v in [
+            self.cr, self.lcr_h, self.ibrd, self.fbrd, self.ifls, self.imsc,
+        ] {
+            e.u32(v);
+        }
+        e.u8(self.driven.map_or(0, |l| 1 + u8::from(l)));
+    }
+
+    /// The state `save` wrote, for `restore_from` (no image); `None` if the
+    /// bytes are not one.
+    pub fn load(d: &mut crate::vdev::wire::Dec) -> Option<Vpl011> {
+        let line = d.bytes(LINE_MAX + 1)?.to_vec();
+        let rx = d.bytes(RX_CAPACITY)?.iter().copied().collect();
+        let mut regs = [0u32; 6];
+        for r in regs.iter_mut() {
+            *r = d.u32()?;
+        }
+        let driven = match d.u8()? {
+            0 => None,
+            1 => Some(false),
+            2 => Some(true),
+            _ => return None,
+        };
+        let [cr, lcr_h, ibrd, fbrd, ifls, imsc] = regs;
+        Some(Vpl011 {
+            line,
+            rx,
+            cr,
+            lcr_h,
+            ibrd,
+            fbrd,
+            ifls,
+            imsc,
+            driven,
+            image: 0,
+            mapped: false,
+        })
+    }
+}

@@ -31,6 +31,18 @@ impl VTimer {
         }
     }
 
+    /// The guest's virtual counter now (saved with a VM, issue 17).
+    pub fn virtual_count(&self) -> u64 {
+        crate::arch::timer::now().wrapping_sub(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// Makes the guest's virtual counter read `count` now: a VM restored in
+    /// a later boot continues its clock from where it was saved.
+    pub fn set_virtual_count(&self, count: u64) {
+        let offset = crate::arch::timer::now().wrapping_sub(count);
+        self.offset.store(offset, Ordering::Relaxed);
+    }
+
     /// Takes `src`'s time base (a fork continues its parent's clock).
     pub fn copy_from(&self, src: &VTimer) {
         self.offset

@@ -56,7 +56,18 @@ pub fn handle(vcpu: &mut Vcpu, esr: u64) -> Action {
 
 fn ram_fault(vcpu: &mut Vcpu, ipa: Ipa, access: Access, kind: FaultKind) -> Action {
     match crate::mm::glue::fault(&vcpu.vm.mem, ipa, access, kind) {
-        Ok(()) => Action::Continue,
+        // A page of a disk image that failed its checksum was zero-filled:
+        // the guest must never run on it (mm::diskpages).
+        Ok(()) => match crate::mm::diskpages::take_failure() {
+            None => Action::Continue,
+            Some((_, page)) => {
+                crate::println!(
+                    "[hyp] vm {}: page {page} of its disk image is corrupt (IPA {ipa:#x})",
+                    vcpu.vm.id
+                );
+                stop(vcpu, "its disk image has a corrupt page")
+            }
+        },
         Err(FaultError::NoMemory) => {
             crate::println!(
                 "[hyp] vm {} ({}) paused: out of memory faulting IPA {ipa:#x}; free memory and `resume {}`",

@@ -26,6 +26,20 @@ macro_rules! el1_state {
             pub fn restore(&self) {
                 $(write_sysreg!($reg, self.$field);)*
             }
+
+            /// How many registers (a saved VM's layout, issue 17).
+            pub const COUNT: usize = [$(stringify!($field)),*].len();
+
+            /// The values in declaration order.
+            pub fn to_words(&self) -> [u64; Self::COUNT] {
+                [$(self.$field),*]
+            }
+
+            /// From values in declaration order.
+            pub fn from_words(w: [u64; Self::COUNT]) -> Self {
+                let [$($field),*] = w;
+                Self { $($field),* }
+            }
         }
     };
 }

@@ -28,6 +28,7 @@
 mod cpuif;
 pub use cpuif::host_irq;
 mod mmio;
+mod save;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;

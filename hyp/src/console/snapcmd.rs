@@ -1,0 +1,99 @@
+//! The commands of snapshots on the disk (issue 17): `save` and `load`
+//! (`persist` does the work; this file answers).
+
+use crate::console::error::CmdError;
+use crate::console::reply::Reply;
+use crate::persist::{load, save, PersistError};
+use hypcmd::Command;
+
+/// Runs `save` or `load`.
+pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
+    match cmd {
+        Command::Save { vm, name, parent } => {
+            let v = crate::console::cmd::vm(vm)?;
+            let parent = parent.as_ref().map(|p| p.as_str());
+            let rep = save::save(&v, name.as_str(), parent).map_err(CmdError::Persist)?;
+            say_saved(&rep, name.as_str(), parent, r);
+        }
+        Command::Load { name, prefetch } => {
+            let rep = load::load(name.as_str(), prefetch).map_err(CmdError::Persist)?;
+            say_loaded(&rep, name.as_str(), prefetch, r);
+        }
+        other => return Err(CmdError::NotHere(other)),
+    }
+    Ok(())
+}
+
+fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut Reply) {
+    let ms = rep.us / 1000;
+    crate::say!(
+        r,
+        "vm {} saved as '{name}'{}: {} pages ({} zero), {} KiB of page data, {} KiB image, in {ms} ms ({} MiB/s), paused {} us",
+        rep.vm,
+        parent.map(|p| alloc::format!(" (diff of '{p}')")).unwrap_or_default(),
+        rep.pages,
+        rep.zero,
+        rep.data_bytes >> 10,
+        rep.image_bytes >> 10,
+        rep.mib_s(),
+        rep.pause_us
+    );
+    r.set("vm", rep.vm);
+    r.set("pages", rep.pages);
+    r.set("zero", rep.zero);
+    r.set("data_bytes", rep.data_bytes);
+    r.set("image_bytes", rep.image_bytes);
+    r.set("us", rep.us);
+    r.set("pause_us", rep.pause_us);
+    r.set("mib_s", rep.mib_s());
+    crate::say!(
+        r,
+        "  {} pages in its touch order; image at sectors {}..{}, page data at bytes {:#x}..{:#x}",
+        rep.touched,
+        rep.extent.0,
+        rep.extent.0 + rep.extent.1,
+        rep.data.0,
+        rep.data.1
+    );
+    r.set("touched", rep.touched);
+    r.set("start_sector", rep.extent.0);
+    r.set("sectors", rep.extent.1);
+    r.set("data_start", rep.data.0);
+    r.set("data_end", rep.data.1);
+}
+
+fn say_loaded(rep: &load::LoadReport, name: &str, prefetch: bool, r: &mut Reply) {
+    crate::say!(
+        r,
+        "'{name}' loaded as vm {}: {} vCPUs, {} MiB, {} pages on the disk, running {} us after its header was read ({} us in all){}",
+        rep.vm,
+        rep.vcpus,
+        rep.ram >> 20,
+        rep.pages,
+        rep.ready_us,
+        rep.total_us,
+        if prefetch { "; prefetching" } else { "" }
+    );
+    r.set("vm", rep.vm);
+    r.set("pages", rep.pages);
+    r.set("ready_us", rep.ready_us);
+    r.set("total_us", rep.total_us);
+}
+
+/// The `restore=` bootarg: loads `name` instead of a default guest and
+/// gives it the keyboard. Errors are printed; the machine stays up.
+pub fn boot_restore(name: &str) {
+    match load::load(name, true) {
+        Ok(rep) => {
+            say_loaded(&rep, name, true, &mut Reply::console());
+            crate::console::cmd::set_focus(rep.vm);
+        }
+        Err(e) => crate::println!("[hyp] cannot restore '{name}': {e}"),
+    }
+}
+
+impl From<PersistError> for CmdError {
+    fn from(e: PersistError) -> Self {
+        CmdError::Persist(e)
+    }
+}

@@ -1,0 +1,254 @@
+//! `load <name>` (and the `restore=` bootarg): a VM from a saved image,
+//! running before any of its memory is read.
+//!
+//! The image's header, index and state are read and verified (snapfile);
+//! the VM is created with the image's shape, given its vCPU, vGIC, timer
+//! and UART state, and every stored page becomes a swap entry naming that
+//! page of the loaded image (`mm::diskpages`); then its vCPUs are queued.
+//! A guest access to a page not yet loaded is an ordinary stage-2 fault
+//! whose swap-in reads the page from the disk here ([`Source::read`]),
+//! verified against its checksum; a page that fails stops the VM (the
+//! fault path's `take_failure`), never reaching the guest.
+//!
+//! The order in which the VM first faults its pages is recorded (REAP's
+//! working set) and saved with its next image, for the prefetcher
+//! (`prefetch`) of the next load.
+
+use super::{disk, state, PersistError};
+use crate::mm::diskpages;
+use crate::mm::frames::PAGE_SIZE;
+use crate::vm::Vm;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use platform::board::MAX_CPUS;
+use snapfile::{Gpn, Image};
+use spin::Mutex;
+
+/// A loaded image: what faults of its VM (and the VM's forks) read.
+pub struct Loaded {
+    pub handle: u32,
+    pub image: Image,
+    /// The VM it was loaded into.
+    pub vm: u32,
+    pub prefetch: bool,
+    /// When the image's header had been read, and when every page had been
+    /// read (0: not yet).
+    pub opened: u64,
+    pub all_loaded_at: AtomicU64,
+    /// Pages read from the disk, and those that failed.
+    pub read: AtomicU64,
+    pub failed: AtomicU64,
+    /// The prefetcher's position in `prefetch::order`.
+    pub cursor: AtomicU64,
+    touch: Mutex<Touch>,
+}
+
+/// Pages in the order the VM first faulted them, and which those are.
+#[derive(Default)]
+struct Touch {
+    order: Vec<u32>,
+    seen: Vec<u64>,
+}
+
+/// Loaded images by handle, while any entry names them.
+static IMAGES: Mutex<BTreeMap<u32, Arc<Loaded>>> = Mutex::new(BTreeMap::new());
+/// The touch order of each VM loaded from the disk, kept once its image is
+/// released (every page loaded), for its next save.
+static TOUCHED: Mutex<BTreeMap<u32, Vec<u32>>> = Mutex::new(BTreeMap::new());
+static NEXT_HANDLE: AtomicU32 = AtomicU32::new(1);
+/// Per CPU: a page read now is the prefetcher's, not the guest's touch.
+pub static PREFETCHING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// What a load did.
+pub struct LoadReport {
+    pub vm: u32,
+    pub pages: u64,
+    pub vcpus: usize,
+    pub ram: u64,
+    /// Hypervisor time from the image's header being read (and verified,
+    /// with its index and state) to the vCPUs queued, and in all.
+    pub ready_us: u64,
+    pub total_us: u64,
+}
+
+/// The loaded image `handle`, if it is still in use.
+pub fn get(handle: u32) -> Option<Arc<Loaded>> {
+    IMAGES.lock().get(&handle).cloned()
+}
+
+/// Every loaded image still in use.
+pub fn all() -> Vec<Arc<Loaded>> {
+    IMAGES.lock().values().cloned().collect()
+}
+
+/// The order in which VM `vm` first touched its pages since it was loaded
+/// (empty for a VM not loaded from the disk).
+pub fn touch_order_of(vm: u32) -> Vec<u32> {
+    if let Some(l) = all().into_iter().find(|l| l.vm == vm) {
+        return l.touch.lock().order.clone();
+    }
+    TOUCHED.lock().get(&vm).cloned().unwrap_or_default()
+}
+
+/// `mm::diskpages`' source of image pages.
+struct Source;
+
+impl diskpages::ImageSource for Source {
+    fn read(&self, image: u32, gpn: u32, out: &mut [u8; PAGE_SIZE as usize]) -> bool {
+        let Some(l) = get(image) else {
+            return false;
+        };
+        let Some(r) = l.image.locate(Gpn(gpn)) else {
+            return false;
+        };
+        let Ok(mut dev) = disk::dev() else {
+            return false;
+        };
+        if l.image.read_page(&mut dev, &r, out).is_err() {
+            l.failed.fetch_add(1, Ordering::Relaxed);
+            crate::println!(
+                "[hyp] image '{}': page {gpn} failed its checksum (or the disk failed)",
+                l.image.name()
+            );
+            return false;
+        }
+        let cpu = crate::arch::percpu::cpu_index();
+        if !PREFETCHING
+            .get(cpu)
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+        {
+            l.touch.lock().note(gpn);
+        }
+        l.read.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The last entry naming the image is gone: for a VM with no forks,
+    /// every page has been loaded.
+    fn release(&self, image: u32) {
+        let Some(l) = IMAGES.lock().remove(&image) else {
+            return;
+        };
+        let now = crate::arch::timer::now();
+        l.all_loaded_at.store(now, Ordering::Relaxed);
+        crate::println!(
+            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({})",
+            l.vm,
+            l.image.pages().len(),
+            l.image.name(),
+            l.read.load(Ordering::Relaxed),
+            crate::arch::timer::ticks_to_us(now.wrapping_sub(l.opened)) / 1000,
+            if l.prefetch { "prefetch" } else { "no prefetch" }
+        );
+        let order = core::mem::take(&mut l.touch.lock().order);
+        TOUCHED.lock().insert(l.vm, order);
+    }
+}
+
+impl Touch {
+    fn note(&mut self, gpn: u32) {
+        let (w, b) = ((gpn / 64) as usize, gpn % 64);
+        if self.seen.len() <= w {
+            self.seen.resize(w + 1, 0);
+        }
+        if self.seen[w] & (1 << b) == 0 {
+            self.seen[w] |= 1 << b;
+            self.order.push(gpn);
+        }
+    }
+}
+
+static SOURCE: Source = Source;
+
+/// Loads snapshot `name` into a new VM and starts it.
+pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
+    diskpages::set_source(&SOURCE);
+    let t0 = crate::arch::timer::now();
+    let (store, mut dev) = disk::open(false)?;
+    let image = store.image(&mut dev, name)?;
+    let opened = crate::arch::timer::now();
+    let (h, _) = state::header(image.state())?;
+    check_shape(&h, &image)?;
+    let vm = Vm::create(&h.name, h.vcpus, h.ram_size)?;
+    vm.pause();
+    let vcpus = match state::apply(image.state(), &vm) {
+        Ok(v) => v,
+        Err(e) => {
+            vm.stop(crate::vm::STATUS_FAULT);
+            return Err(e);
+        }
+    };
+    vm.replace_parked_vcpus(vcpus);
+    crate::vm::devices::update_irq(&vm);
+    let pages = install(&vm, image, prefetch, opened)?;
+    vm.mem.dirty.lock().reset(Some(vm.id));
+    super::save::note_saved(&vm, name);
+    vm.resume();
+    if prefetch {
+        super::prefetch::start();
+    }
+    let now = crate::arch::timer::now();
+    Ok(LoadReport {
+        vm: vm.id,
+        pages,
+        vcpus: h.vcpus,
+        ram: h.ram_size,
+        ready_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(opened)),
+        total_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(t0)),
+    })
+}
+
+/// The state's shape must be the image's, and one this hypervisor makes.
+fn check_shape(h: &state::Header, image: &Image) -> Result<(), PersistError> {
+    let s = image.shape();
+    let same = h.ram_base == s.ram_base.raw()
+        && h.ram_size == u64::from(s.ram_pages) * PAGE_SIZE
+        && h.vcpus == s.vcpus as usize;
+    if !same {
+        return Err(PersistError::BadState(
+            "the VM state's shape differs from the image's",
+        ));
+    }
+    if h.ram_base != crate::vm::GUEST_RAM_BASE || h.ram_size == 0 {
+        return Err(PersistError::BadState(
+            "guest RAM is not where this hypervisor puts it",
+        ));
+    }
+    if !crate::mm::heap::guest_may_allocate(s.ram_pages as usize / 8 + 64 * 1024) {
+        return Err(crate::vm::VmError::NoMemory.into());
+    }
+    Ok(())
+}
+
+/// Registers the image and makes its pages `vm`'s swap entries; on an
+/// error `vm` is stopped.
+fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u64, PersistError> {
+    let gpns: Vec<u32> = image.pages().iter().map(|p| p.gpn().0).collect();
+    let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
+    if handle > diskpages::MAX_HANDLE {
+        vm.stop(crate::vm::STATUS_FAULT);
+        return Err(PersistError::Refused("too many images loaded in this boot"));
+    }
+    let loaded = Arc::new(Loaded {
+        handle,
+        image,
+        vm: vm.id,
+        prefetch,
+        opened,
+        all_loaded_at: AtomicU64::new(0),
+        read: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        cursor: AtomicU64::new(0),
+        touch: Mutex::new(Touch::default()),
+    });
+    IMAGES.lock().insert(handle, loaded);
+    let result = diskpages::install(&vm.mem, handle, &gpns);
+    if result.is_err() {
+        vm.stop(crate::vm::STATUS_FAULT);
+    }
+    // The VM's entries hold the image now (or, stopped, will let it go).
+    diskpages::release_install(handle);
+    result.map_err(|_| PersistError::Vm(crate::vm::VmError::NoMemory))
+}

@@ -1,0 +1,264 @@
+//! `save <vm> <name> [--diff <parent>]`: a VM to the disk.
+//!
+//! A running VM is paused only for a frozen copy-on-write snapshot of it
+//! (`vm::fork`, `ForkKind::Snapshot`: the VM's memory at the pause, kept
+//! exact through the reverse map while the VM runs on), which is then read
+//! page by page through its stage 2 and streamed into the store's writer,
+//! and destroyed. An in-memory snapshot (`snapshot <vm>`) is written as it
+//! is. Only present, non-zero pages are stored (snapfile skips zero pages
+//! and compresses the rest).
+//!
+//! A diff stores the pages the VM's dirty log (`mm::dirty`) names: every
+//! stage-2 entry change since the log's base, which the save's own snapshot
+//! fork resets it to. So after `save vm a` the log is relative to `a`;
+//! `save vm b --diff a` checks that (and refuses anything else: the log
+//! knows nothing of older saves), writes exactly those pages (absent ones
+//! as zero) and makes the log relative to `b`. A VM loaded from the disk
+//! starts with its log relative to the image it was loaded from.
+
+use super::{disk, PersistError};
+use crate::mm::glue::{Access, FaultKind};
+use crate::mm::{frames::PAGE_SIZE, VmMemory};
+use crate::vm::fork::{fork, ForkKind};
+use crate::vm::Vm;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use rmap::{Ipa, PageState, Stage2, Stage2Locked};
+use snapfile::{Gpn, SaveSpec, Shape, Writer};
+use spin::Mutex;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Per VM: the name of its last save and the dirty-log base that save left
+/// (a diff is allowed only against that save while the log still has it).
+static LAST_SAVE: Mutex<BTreeMap<u32, (String, Option<u32>)>> = Mutex::new(BTreeMap::new());
+
+/// Records that `vm`'s dirty log is now relative to save `name`.
+pub fn note_saved(vm: &Vm, name: &str) {
+    let base = vm.mem.dirty.lock().base;
+    LAST_SAVE.lock().insert(vm.id, (String::from(name), base));
+}
+
+/// What a save wrote.
+pub struct SaveReport {
+    pub vm: u32,
+    /// Pages stored (LZ4 or raw) and recorded zero (diffs).
+    pub pages: u64,
+    pub zero: u64,
+    /// Bytes of page data, and of the whole image.
+    pub data_bytes: u64,
+    pub image_bytes: u64,
+    /// Hypervisor time of the whole save, and of the pause (snapshot fork).
+    pub us: u64,
+    pub pause_us: u64,
+    /// Pages in the touch order saved with it (a VM loaded from the disk:
+    /// those it faulted in itself since, in order).
+    pub touched: u64,
+    /// Where the image is on the disk (first sector, sectors) and its page
+    /// data as device bytes `[start, end)` (for tools and damage tests).
+    pub extent: (u64, u64),
+    pub data: (u64, u64),
+}
+
+impl SaveReport {
+    /// Image bytes per second of the save, in MiB/s.
+    pub fn mib_s(&self) -> u64 {
+        (self.image_bytes * 1_000_000 / self.us.max(1)) >> 20
+    }
+}
+
+/// Saves `vm` (running, paused or a frozen snapshot) as `name`.
+pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport, PersistError> {
+    let t0 = crate::arch::timer::now();
+    let (mut store, mut dev) = disk::open(true)?;
+    if dev.0.readonly() {
+        return Err(PersistError::ReadOnly);
+    }
+    // Refusals the store would make anyway, before the VM pauses.
+    if store.entry(name).is_ok() {
+        return Err(snapfile::Error::NameExists.into());
+    }
+    if let Some(p) = parent {
+        store.entry(p)?;
+    }
+    let (snap, dirty, pause_us) = freeze(vm, parent)?;
+    let touched = super::load::touch_order_of(vm.id).len() as u64;
+    let result = write(
+        &mut store,
+        &mut dev,
+        vm,
+        &snap,
+        name,
+        parent,
+        dirty.as_deref(),
+    );
+    if !Arc::ptr_eq(&snap, vm) {
+        snap.stop(0);
+    }
+    let sum = result?;
+    if !vm.is_frozen() {
+        note_saved(vm, name);
+    }
+    Ok(SaveReport {
+        vm: vm.id,
+        pages: sum.lz4 + sum.raw,
+        zero: sum.zero_now,
+        data_bytes: sum.data_bytes,
+        image_bytes: sum.sectors * snapfile::SECTOR as u64,
+        us: crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t0)),
+        pause_us,
+        touched,
+        extent: (sum.start, sum.sectors),
+        data: sum.sections[1],
+    })
+}
+
+/// The frozen VM to read, the pages of a diff (`None`: all), and the pause.
+type Frozen = (Arc<Vm>, Option<Vec<u32>>, u64);
+
+/// A frozen copy of `vm` (itself if it is a snapshot) and, for a diff, the
+/// dirty pages, taken in one pause so none is missed between them.
+fn freeze(vm: &Arc<Vm>, parent: Option<&str>) -> Result<Frozen, PersistError> {
+    if vm.is_frozen() {
+        if parent.is_some() {
+            return Err(PersistError::Refused(
+                "a snapshot has no dirty log: save it in full (diffs are of running VMs)",
+            ));
+        }
+        return Ok((vm.clone(), None, 0));
+    }
+    let t0 = crate::arch::timer::now();
+    let was_running = vm.quiesce(0).ok_or(crate::vm::fork::ForkError::Busy)?;
+    // Left paused (not resumed) while the snapshot is forked below.
+    let dirty = parent.map(|p| dirty_since(vm, p)).transpose();
+    vm.unquiesce(false);
+    let snap = dirty.and_then(|d| Ok((fork(vm, None, ForkKind::Snapshot)?, d)));
+    if was_running {
+        vm.resume();
+    }
+    let (snap, dirty) = snap?;
+    let pause_us = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t0));
+    Ok((snap, dirty, pause_us))
+}
+
+/// The pages `vm` (quiesced) dirtied since its save `parent`.
+fn dirty_since(vm: &Vm, parent: &str) -> Result<Vec<u32>, PersistError> {
+    let log = vm.mem.dirty.lock();
+    let last = LAST_SAVE.lock().get(&vm.id).cloned();
+    match &last {
+        Some((n, base)) if n == parent && *base == log.base && log.base.is_some() => {}
+        _ => {
+            return Err(PersistError::NotParent {
+                asked: String::from(parent),
+                last: last.map(|l| l.0),
+            })
+        }
+    }
+    if log.overflow {
+        return Err(PersistError::Refused(
+            "the VM's dirty log overflowed (no heap for it): save it in full",
+        ));
+    }
+    let base = Ipa::new(vm.mem.ram.base);
+    let mut pages = Vec::new();
+    let mut at = log.next_from(base);
+    while let Some(ipa) = at {
+        pages.push(((ipa.raw() - base.raw()) / PAGE_SIZE) as u32);
+        at = log.next_from(ipa + PAGE_SIZE);
+    }
+    Ok(pages)
+}
+
+/// Streams `snap`'s pages (all, or `dirty`) into a new image.
+fn write(
+    store: &mut snapfile::Store,
+    dev: &mut disk::Dev,
+    vm: &Vm,
+    snap: &Arc<Vm>,
+    name: &str,
+    parent: Option<&str>,
+    dirty: Option<&[u32]>,
+) -> Result<snapfile::Summary, PersistError> {
+    let vcpus = snap.clone_parked_vcpus(snap);
+    let state = super::state::encode(snap, &vm.name, &vcpus);
+    drop(vcpus);
+    let ram_pages = (snap.mem.ram.size / PAGE_SIZE) as u32;
+    let touch: Vec<Gpn> = super::load::touch_order_of(vm.id)
+        .into_iter()
+        .map(Gpn)
+        .collect();
+    let spec = SaveSpec {
+        name,
+        parent,
+        shape: Shape {
+            ram_base: Ipa::new(snap.mem.ram.base),
+            ram_pages,
+            vcpus: snap.nr_vcpus as u32,
+        },
+        state: &state,
+        touch: &touch,
+        max_pages: dirty.map_or(ram_pages, |d| d.len() as u32),
+        compress: true,
+    };
+    let mut w = store.begin(dev, &spec)?;
+    match dirty {
+        Some(pages) => pages
+            .iter()
+            .try_for_each(|&g| put_page(&mut w, dev, &snap.mem, g))?,
+        None => (0..ram_pages).try_for_each(|g| put_page(&mut w, dev, &snap.mem, g))?,
+    }
+    Ok(w.finish(dev)?)
+}
+
+/// Page `gpn` of `mem` into the image: stored if present (zero pages are
+/// the writer's to skip or record), absent otherwise.
+fn put_page(
+    w: &mut Writer<'_>,
+    dev: &mut disk::Dev,
+    mem: &VmMemory,
+    gpn: u32,
+) -> Result<(), PersistError> {
+    let mut buf = [0u8; PAGE];
+    if read_page(mem, gpn, &mut buf)? {
+        w.page(dev, Gpn(gpn), &buf)?;
+    } else {
+        w.absent(Gpn(gpn))?;
+    }
+    Ok(())
+}
+
+/// Copies page `gpn` of a frozen VM's memory into `out`; false if nothing
+/// is there. A swapped-out page (the store's, or a disk image's) is faulted
+/// back in first, in the frozen VM (its own copy).
+pub fn read_page(mem: &VmMemory, gpn: u32, out: &mut [u8; PAGE]) -> Result<bool, PersistError> {
+    let ipa = Ipa::new(mem.ram.base) + u64::from(gpn) * PAGE_SIZE;
+    loop {
+        {
+            let s2 = mem.lock();
+            match s2.lookup(ipa) {
+                PageState::Invalid => return Ok(false),
+                PageState::Mapped { pfn, .. } => {
+                    // SAFETY: the frame backs a page of this frozen VM: its
+                    // entry, which we hold locked, keeps it (migration and
+                    // reclaim change the entry, under this lock, before they
+                    // touch the frame), and nothing writes a frozen VM's
+                    // pages (its sharers copy on write). Identity mapped.
+                    let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
+                    out.copy_from_slice(src);
+                    return Ok(true);
+                }
+                PageState::Migrating { .. } | PageState::Swapped { .. } => {}
+            }
+        }
+        // Waits out a migration, or swaps the page in.
+        crate::mm::glue::fault(mem, ipa, Access::Read, FaultKind::Translation)
+            .map_err(|_| PersistError::Page("out of memory reading a page of the VM"))?;
+        if crate::mm::diskpages::take_failure().is_some() {
+            return Err(PersistError::Page(
+                "a page of the VM's own disk image failed its checksum",
+            ));
+        }
+    }
+}

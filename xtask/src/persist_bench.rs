@@ -1,0 +1,123 @@
+//! `cargo xtask bench persist` (issue 17): Linux saved to and loaded from
+//! the hypervisor's disk, in one run of the release hypervisor.
+//!
+//! Machine 1 boots Linux (256 MiB, 2 vCPUs) with a fresh sparse disk, idles,
+//! runs `bench disk 64` (the raw write and read rate of the same device),
+//! saves the idle VM, writes 64 MiB of random data to tmpfs and saves again.
+//! Machine 2 restores the idle image at boot (`restore=`, with prefetch) and
+//! waits until every page is loaded, then loads it again without prefetch
+//! and counts the pages the idle guest faulted in by itself over 20 s.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qemu_tests::{DiskConfig, Machine, MachineConfig};
+
+const T: Duration = Duration::from_secs(300);
+
+fn fail(m: &Machine, e: String) -> String {
+    format!("{e}\n{}", m.transcript())
+}
+
+/// The rest of the line after `needle` (waiting for its end).
+fn line_after(m: &mut Machine, needle: &str) -> Result<String, String> {
+    m.try_expect(needle, T).map_err(|e| fail(m, e))?;
+    let rest = m.try_expect("\n", T).map_err(|e| fail(m, e))?;
+    Ok(format!("{needle}{}", rest.trim_end()))
+}
+
+/// Runs `cmd` at the hypervisor console; its reply line starting `reply`.
+fn hyp(m: &mut Machine, cmd: &str, reply: &str) -> Result<String, String> {
+    m.send(&format!("\x01h{cmd}\n"));
+    line_after(m, reply)
+}
+
+pub fn bench(hyp_elf: &Path) -> Result<(), String> {
+    let images = crate::linux::ensure()?;
+    let path = std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let disk = DiskConfig {
+        size: 2 << 30,
+        ..DiskConfig::new(&path)
+    };
+    disk.create_if_missing()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg = MachineConfig {
+        guest: "linux".into(),
+        linux: Some((images.kernel, images.initrd)),
+        disk: Some(disk.clone()),
+        ..MachineConfig::default()
+    };
+    let saves = save_run(&cfg, hyp_elf);
+    println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
+    for l in saves.iter().flatten() {
+        println!("  {l}");
+    }
+    let loads = saves.as_ref().ok().map(|_| {
+        // A console script pending (`sleep`) makes CPU 0 leave its vCPU at
+        // every exit; see docs/BENCHMARKS.md for the prefetch without one.
+        let cfg = MachineConfig {
+            guest: "none".into(),
+            disk: Some(disk),
+            restore: Some("idle".into()),
+            script: Some("sleep 20000".into()),
+            ..MachineConfig::default()
+        };
+        load_run(&cfg, hyp_elf)
+    });
+    let _ = std::fs::remove_file(&path);
+    saves?;
+    for l in loads.unwrap_or_else(|| Err("not run".into()))? {
+        println!("  {l}");
+    }
+    Ok(())
+}
+
+/// Machine 1: raw disk rate, the idle save, 64 MiB written, the second save.
+fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
+    let mut m = Machine::spawn("bench-persist-save", &mut cfg.command(hyp_elf));
+    m.try_expect("MHV-LINUX-READY", T)
+        .and_then(|_| m.try_expect("# ", T))
+        .map_err(|e| fail(&m, e))?;
+    std::thread::sleep(Duration::from_secs(5));
+    let mut out = vec![hyp(&mut m, "bench disk 64", "bench disk:")?];
+    out.push(hyp(&mut m, "save 1 idle", "vm 1 saved as 'idle'")?);
+    m.send(
+        "\x011\rdd if=/dev/urandom of=/tmp/big bs=1M count=64 2>/dev/null; echo DONE-$((8*8))\n",
+    );
+    m.try_expect("DONE-64", T).map_err(|e| fail(&m, e))?;
+    out.push(hyp(&mut m, "save 1 big", "vm 1 saved as 'big'")?);
+    m.send("\x01hquit\n");
+    m.try_expect("exiting", T).map_err(|e| fail(&m, e))?;
+    Ok(out)
+}
+
+/// Machine 2: the restore at boot until every page is in, then a load
+/// without prefetch.
+fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
+    let mut m = Machine::spawn("bench-persist-load", &mut cfg.command(hyp_elf));
+    let mut out = vec![line_after(&mut m, "'idle' loaded as vm 1")?];
+    // Every page in, or how far the prefetch got in two minutes.
+    match m.try_expect("[hyp] vm 1: all ", Duration::from_secs(120)) {
+        Ok(_) => {
+            let rest = m.try_expect("\n", T).map_err(|e| fail(&m, e))?;
+            out.push(format!("[hyp] vm 1: all {}", rest.trim_end()));
+        }
+        Err(_) => {
+            let stats = hyp(&mut m, "stats", "memory:")?;
+            out.push(format!("not all loaded after 120 s: {stats}"));
+        }
+    }
+    let loaded = hyp(&mut m, "load idle --no-prefetch", "'idle' loaded as vm 2")?;
+    let loaded = format!("no prefetch: {loaded}");
+    out.push(loaded);
+    std::thread::sleep(Duration::from_secs(20));
+    // vm 2's row (the VM keeps its saved name, `linux`).
+    let vms = hyp(&mut m, "vms", "  2   linux")?;
+    out.push(format!(
+        "without prefetch, after 20 s of the idle guest (vms: id name state vcpus active pages exits): {vms}"
+    ));
+    m.send("\x01hquit\n");
+    m.try_expect("exiting", T).map_err(|e| fail(&m, e))?;
+    Ok(out)
+}
