@@ -216,8 +216,9 @@ pub enum Command {
         /// Its new group, 1..=[`MAX_GROUP`].
         group: u32,
     },
-    /// `merge`: one whole pass of the same-page merger over every VM (two
-    /// for pages it sees for the first time), printing what it saved.
+    /// `merge`: one whole pass of the same-page merger over every VM (a
+    /// second one if the first found pages new or changed since their last
+    /// visit), printing what it saved.
     Merge,
     /// `merge auto <pages-per-second>`: the merger scans in the background
     /// at that rate, 1..=[`MAX_MERGE_RATE`].

@@ -29,8 +29,9 @@ fn with_scanner<R>(f: impl FnOnce(&mut hypmm::Scanner) -> R) -> R {
     f(guard.get_or_insert_with(hypmm::Scanner::new))
 }
 
-/// One whole pass over `vms`, and a second one if the first saw pages for
-/// the first time (a page merges only once seen unchanged twice).
+/// One whole pass over `vms`, and a second one if the first found pages it
+/// had not seen before or that changed since their last visit (a page
+/// merges only once seen unchanged twice).
 pub fn pass(vms: &[ScanVm]) -> PassStats {
     let rmap = rmap();
     let cx = cx(rmap);
