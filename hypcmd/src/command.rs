@@ -228,6 +228,12 @@ pub enum Command {
     },
     /// `merge off`: stop the background merger.
     MergeOff,
+    /// `merge list [n]`: the first n (default 8) merged frames, by address,
+    /// with their trust group and mappers (read only: for tests and people).
+    MergeList {
+        /// How many frames to list, 1..=[`MAX_MERGE_LIST`].
+        count: u64,
+    },
     // Snapshots on the disk (issue 17).
     /// `save <vm> <name> [--diff <parent>]`: writes the VM (or an in-memory
     /// snapshot) to the disk's store as `name`; with `--diff`, only the pages
@@ -253,6 +259,9 @@ pub enum Command {
 
 /// The fastest background merge rate a command names (pages per second).
 pub const MAX_MERGE_RATE: u64 = 1 << 24;
+
+/// The most merged frames `merge list` names.
+pub const MAX_MERGE_LIST: u64 = 4096;
 
 /// The largest trust group a command names (fresh groups are numbered above
 /// every group ever named, so this leaves room).
@@ -434,6 +443,7 @@ impl fmt::Display for Command {
             Merge => f.write_str("merge"),
             MergeAuto { rate } => write!(f, "merge auto {rate}"),
             MergeOff => f.write_str("merge off"),
+            MergeList { count } => write!(f, "merge list {count}"),
             Save { vm, name, parent } => {
                 write!(f, "save {vm} {name}")?;
                 match parent {
@@ -480,6 +490,7 @@ pub const HELP: &str = "commands:
   merge             merge identical pages across VMs of a trust group now (one pass)
   merge auto <pages-per-second>         keep merging in the background at that rate
   merge off         stop merging in the background
+  merge list [n]    the first n merged frames (default 8): address, group, mappers
   quit              end the machine
   disk              the hypervisor's disk: capacity, sector size, read-only
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk

@@ -4,7 +4,8 @@
 //! compares, and rounds with checked arithmetic.
 
 use crate::command::{
-    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, MAX_MERGE_RATE,
+    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, MAX_MERGE_LIST,
+    MAX_MERGE_RATE,
 };
 use crate::PAGE_SIZE;
 use alloc::string::String;
@@ -164,7 +165,7 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
 
 const CREATE_USAGE: &str = "create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]";
 const MERGE_USAGE: &str =
-    "merge | merge auto <pages-per-second> | merge off | merge group <vm> <group>";
+    "merge | merge auto <pages-per-second> | merge off | merge group <vm> <group> | merge list [n]";
 
 /// `create <guest> [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: the flags
 /// in any order (the last of a repeated one counts); the command line is the
@@ -211,6 +212,10 @@ fn merge(args: &mut Args) -> Result<Command> {
             Ok(Command::MergeAuto { rate })
         }
         Some("off") => Ok(Command::MergeOff),
+        Some("list") => {
+            let count = args.opt_num("count", 1..=MAX_MERGE_LIST)?.unwrap_or(8);
+            Ok(Command::MergeList { count })
+        }
         Some("group") => {
             let vm = args.vm()?;
             let group = args.num("group", 1..=MAX_GROUP as u64)?;

@@ -298,6 +298,7 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::Merge => return crate::console::merge::pass(r),
         Command::MergeAuto { rate } => return crate::console::merge::auto(Some(rate), r),
         Command::MergeOff => return crate::console::merge::auto(None, r),
+        Command::MergeList { count } => return crate::console::mergelist::list(count, r),
         Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
         Command::Sleep { ms } => {
             let until =
