@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 const REPLY: Duration = Duration::from_secs(30);
 const VMS: [u64; 3] = [1, 2, 3];
 const PAGES: u64 = 256;
+/// The first CHURN pattern pages are rewritten in turn (unmerged by CoW,
+/// merged again), the others stay as filled.
+const CHURN: u64 = 64;
+/// Most of the 192 pages never rewritten are merged (a page the merger
+/// found busy, or one it merged with a churning page, may be missing).
+const MIN_MERGED: usize = 150;
 const PAGE: u64 = 4096;
 const BLOCK: u64 = 2 << 20;
 
@@ -61,19 +67,25 @@ impl Run {
                 !t.contains("FAIL") && !t.contains("*** HYPERVISOR"),
                 "after {step}\n{t}"
             );
-            assert!(Instant::now() < deadline, "guests stalled after {step}\n{t}");
+            assert!(
+                Instant::now() < deadline,
+                "guests stalled after {step}\n{t}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         println!("merge-guest: {step}: every guest checked two more rounds");
     }
 
-    /// Merged frames in use by a pattern page of at least two VMs: (pa,
-    /// mapping VMs), from `merge list` and `rmap`.
+    /// Merged frames in use by a pattern page of at least two VMs that the
+    /// guests never rewrite: (pa, mapping VMs), from `merge list` and `rmap`.
     fn pattern_frames(&mut self) -> Vec<(u64, Vec<u64>)> {
         let list = self.call("merge list", json!({"count": 4096}));
         let mut found = Vec::new();
         for f in list["frames"].as_array().cloned().unwrap_or_default() {
-            if f["vms"].as_array().map_or(0, Vec::len) < 2 {
+            // Zero pages merge by the thousand (not ours to pick: their
+            // rmap answer is long).
+            let many = f["mapcount"].as_u64().unwrap() > 16;
+            if many || f["vms"].as_array().map_or(0, Vec::len) < 2 {
                 continue;
             }
             let pa = f["pa"].as_u64().unwrap();
@@ -82,7 +94,7 @@ impl Run {
             for m in rmap["mappers"].as_array().cloned().unwrap_or_default() {
                 let (vm, ipa) = (m["vm"].as_u64().unwrap(), m["ipa"].as_u64().unwrap());
                 let at = self.area[vm as usize - 1];
-                if (at..at + PAGES * PAGE).contains(&ipa) && !vms.contains(&vm) {
+                if (at + CHURN * PAGE..at + PAGES * PAGE).contains(&ipa) && !vms.contains(&vm) {
                     vms.push(vm);
                 }
             }
@@ -101,8 +113,17 @@ impl Run {
 /// The hex after `at 0x` in a guest's `filled` line.
 fn area_of(t: &str, vm: u64) -> u64 {
     let needle = format!("GUEST: mergecheck vm {vm}: ");
-    let line = t.lines().find(|l| l.contains(&needle)).expect("filled line");
-    let hex = line.split("at 0x").nth(1).unwrap().split(',').next().unwrap();
+    let line = t
+        .lines()
+        .find(|l| l.contains(&needle))
+        .expect("filled line");
+    let hex = line
+        .split("at 0x")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
     u64::from_str_radix(hex, 16).unwrap()
 }
 
@@ -126,13 +147,17 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
     let base = r.call("stats", json!({}));
     for &vm in &VMS {
         let args = json!({"guest": "test", "vcpus": 1, "mem": 32,
-            "cmdline": "mergecheck pages=256 zeros=64"});
+            "cmdline": "mergecheck pages=256 zeros=64 churn=64"});
         assert_eq!(r.call("create", args)["vm"], vm);
         r.call("merge", json!({"op": "group", "vm": vm, "group": 7}));
     }
-    for &vm in &VMS {
-        let filled = format!("GUEST: mergecheck vm {vm}: 256 pattern pages");
-        r.m.expect(&filled, REPLY);
+    // The VMs boot in any order: look for each one's line in the whole
+    // transcript (`expect` reads on from the previous match).
+    let deadline = Instant::now() + REPLY;
+    let filled = |t: &str, vm: u64| t.contains(&format!("GUEST: mergecheck vm {vm}: 256 "));
+    while !VMS.iter().all(|&v| filled(&r.m.transcript(), v)) {
+        assert!(Instant::now() < deadline, "{}", r.m.transcript());
+        std::thread::sleep(Duration::from_millis(100));
     }
     let t = r.m.transcript();
     r.area = VMS.iter().map(|&v| area_of(&t, v)).collect();
@@ -144,7 +169,10 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
     assert!(r.stat("merged_frames") > 0, "{pass}");
     let frames = r.pattern_frames();
     println!("merge-guest: {} merged pattern frames", frames.len());
-    assert!(frames.len() >= 32, "pattern pages merged: {frames:?}");
+    assert!(
+        frames.len() >= MIN_MERGED,
+        "pattern pages merged: {frames:?}"
+    );
     let (pa, vms) = frames[0].clone();
     println!("merge-guest: frame {pa:#x} mapped by vms {vms:?}");
     r.guests_still_ok("merge");
@@ -156,10 +184,13 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
         json!({"vm": 1, "start": at, "end": at + PAGES * PAGE}),
     );
     println!("merge-guest: migrate: {mv}");
-    assert!(mv["moved"].as_u64().unwrap() >= 32, "{mv}");
+    assert!(mv["moved"].as_u64().unwrap() >= MIN_MERGED as u64, "{mv}");
     assert!(!r.is_merged(pa), "frame {pa:#x} moved away");
     let after = r.pattern_frames();
-    assert!(after.len() >= 32, "still merged after migration: {after:?}");
+    assert!(
+        after.len() >= MIN_MERGED,
+        "still merged after migration: {after:?}"
+    );
     r.guests_still_ok("migrate");
 
     // Evacuate the 2 MiB holding a merged frame: it moves, still merged.
@@ -168,11 +199,16 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
     let inside = |f: &[(u64, Vec<u64>)]| f.iter().filter(|(p, _)| (start..end).contains(p)).count();
     let before_ev = inside(&after);
     let ev = r.call("evacuate", json!({"start": start, "end": end}));
-    println!("merge-guest: evacuate {start:#x}..{end:#x} ({before_ev} merged pattern frames): {ev}");
+    println!(
+        "merge-guest: evacuate {start:#x}..{end:#x} ({before_ev} merged pattern frames): {ev}"
+    );
     assert!(ev["moved"].as_u64().unwrap() >= before_ev as u64, "{ev}");
     let now = r.pattern_frames();
     assert_eq!(inside(&now), 0, "no merged frame left in the range");
-    assert!(now.len() >= 32, "still merged after evacuation: {now:?}");
+    assert!(
+        now.len() >= MIN_MERGED,
+        "still merged after evacuation: {now:?}"
+    );
     r.guests_still_ok("evacuate");
     let on = r.call("online", json!({"start": start, "end": end}));
     assert_eq!(on["frames"].as_u64(), Some(BLOCK / PAGE), "{on}");
@@ -196,7 +232,10 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
 
     // Merged again, then the background merger races the guests' rewrites.
     let again = r.call("merge", json!({}));
-    assert!(r.pattern_frames().len() >= 32, "merged again: {again}");
+    assert!(
+        r.pattern_frames().len() >= MIN_MERGED,
+        "merged again: {again}"
+    );
     let rounds = r.stat("merge_rounds");
     r.call("merge auto", json!({"rate": 50000}));
     r.guests_still_ok("background merging");
@@ -204,7 +243,9 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
     r.call("merge off", json!({}));
     assert!(r.stat("merge_rounds") > rounds, "the background merger ran");
 
-    // Destroying the VMs gives back every frame (the heap keeps what it grew).
+    // Destroying the VMs gives back every frame, but for those the heap
+    // grew by and the table pages kept back for splitting blocks (both
+    // kept for later, as `tests/migrate.rs` counts them).
     for &vm in &VMS {
         r.call("destroy", json!({"vm": vm}));
     }
@@ -215,14 +256,15 @@ fn guests_keep_their_memory_through_merge_move_and_reclaim() {
     }
     let end = r.call("stats", json!({}));
     let n = |s: &Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
-    let grown = n(&end, "heap_frames") - n(&base, "heap_frames");
+    let kept = |k: &str| n(&end, k) - n(&base, k);
+    let (heap, reserve) = (kept("heap_frames"), kept("split_reserve"));
     println!(
-        "merge-guest: frames used {} before the VMs, {} after ({grown} grown by the heap)",
+        "merge-guest: frames used {} before the VMs, {} after ({heap} grown by the heap, {reserve} more in the split reserve)",
         n(&base, "frames_used"),
         n(&end, "frames_used")
     );
     assert_eq!(
-        n(&end, "frames_used") - grown,
+        n(&end, "frames_used") - heap - reserve,
         n(&base, "frames_used"),
         "every frame back: {base} -> {end}"
     );

@@ -1,13 +1,15 @@
-//! `mergecheck [pages=N] [zeros=Z] [secs=S]`: memory the same-page merger
-//! (issue 16) may merge with other VMs' must keep reading as written.
+//! `mergecheck [pages=N] [zeros=Z] [churn=C] [secs=S]`: memory the
+//! same-page merger (issue 16) may merge with other VMs' must keep reading
+//! as written.
 //!
 //! N data pages hold a pattern that depends only on the page's index (so it
 //! is identical in every VM running this mode: mergeable across VMs), and Z
 //! pages after them are all zero. Then, round after round: every page is
-//! checked word by word; every 8th round one window of 16 data pages is
-//! rewritten with this VM's own content (a CoW write on a merged page:
-//! unmerge), checked, and written back to the shared pattern (mergeable
-//! again). Between rounds the vCPU waits (WFE) for about `PAUSE_MS` so the
+//! checked word by word; every 8th round one window of 16 of the first C
+//! data pages (default 64) is rewritten with this VM's own content (a CoW
+//! write on a merged page: unmerge), checked, and written back to the
+//! shared pattern (mergeable again). The other data pages are never written
+//! again, so they stay merged for as long as the hypervisor keeps them so. Between rounds the vCPU waits (WFE) for about `PAUSE_MS` so the
 //! hypervisor's console and the other VMs get the host CPUs.
 //!
 //! Every second or so it prints `GUEST: mergecheck vm V csum ok round=K`;
@@ -73,6 +75,8 @@ struct Area {
     base: usize,
     pages: usize,
     zeros: usize,
+    /// Data pages `0..churn` are rewritten in turn.
+    churn: usize,
     vm: u64,
 }
 
@@ -103,7 +107,7 @@ impl Area {
     /// Rewrites window `w` with this VM's own content, checks everything,
     /// and writes the shared pattern back.
     fn rewrite(&self, round: u64, w: usize) -> Result<(), Reason> {
-        let pages = w * WINDOW..((w + 1) * WINDOW).min(self.pages);
+        let pages = w * WINDOW..((w + 1) * WINDOW).min(self.churn);
         pages.clone().for_each(|p| fill(self.base, p, self.vm));
         self.verify(round, self.vm, Some(w))?;
         pages.for_each(|p| fill(self.base, p, 0));
@@ -114,6 +118,7 @@ impl Area {
 pub fn run(plat: &Platform, _args: &Args) -> Result<(), Reason> {
     let pages = arg(plat, "pages", 256).max(1) as usize;
     let zeros = arg(plat, "zeros", 64) as usize;
+    let churn = (arg(plat, "churn", 64) as usize).min(pages);
     let secs = arg(plat, "secs", 0);
     let mib = ((pages + zeros) * PAGE).div_ceil(1 << 20);
     let area = super::selftest::choose_area(plat, Some(MemSize::MiB(mib)))?;
@@ -124,6 +129,7 @@ pub fn run(plat: &Platform, _args: &Args) -> Result<(), Reason> {
         base: area.start,
         pages,
         zeros,
+        churn,
         vm: hvc(HVC_VM_ID, 0, 0, 0) as u64,
     };
     (0..pages).for_each(|p| fill(a.base, p, 0));
@@ -135,7 +141,7 @@ pub fn run(plat: &Platform, _args: &Args) -> Result<(), Reason> {
         });
     }
     println!(
-        "GUEST: mergecheck vm {}: {pages} pattern pages and {zeros} zero pages at {:#x}, filled",
+        "GUEST: mergecheck vm {}: {pages} pattern pages ({churn} rewritten in turn) and {zeros} zero pages at {:#x}, filled",
         a.vm, a.base
     );
     rounds(&a, secs)
@@ -144,11 +150,11 @@ pub fn run(plat: &Platform, _args: &Args) -> Result<(), Reason> {
 fn rounds(a: &Area, secs: u64) -> Result<(), Reason> {
     let (start, second) = (ticks(), ticks_per_sec());
     let (mut round, mut next_report) = (0u64, start);
-    let windows = a.pages.div_ceil(WINDOW);
+    let windows = a.churn.div_ceil(WINDOW);
     loop {
         round += 1;
         a.verify(round, 0, None)?;
-        if round % REWRITE_EVERY == 0 {
+        if windows > 0 && round % REWRITE_EVERY == 0 {
             a.rewrite(round, (round / REWRITE_EVERY) as usize % windows)?;
         }
         if ticks() >= next_report {
