@@ -166,6 +166,13 @@ pub enum Command {
         /// Frames per TLB invalidation, 1..=4096.
         batch: usize,
     },
+    /// `bench merge <pages>`: the same-page merger's scan next to a memcmp
+    /// of the same pages, and a CoW fault on a merged page next to one on a
+    /// forked page.
+    BenchMerge {
+        /// Pages per bench VM, 1..=65536.
+        pages: u64,
+    },
     /// `sleep <ms>`: holds the next script command back.
     Sleep {
         /// Delay in milliseconds, 1..=60000.
@@ -431,6 +438,7 @@ impl fmt::Display for Command {
                 write!(f, "bench migrate {mappers} {pages} {batch}")
             }
             BenchReclaim { pages, batch } => write!(f, "bench reclaim {pages} {batch}"),
+            BenchMerge { pages } => write!(f, "bench merge {pages}"),
             Sleep { ms } => write!(f, "sleep {ms}"),
             Quit => f.write_str("quit"),
             Console(to) => write!(f, "console {to}"),
@@ -483,6 +491,7 @@ pub const HELP: &str = "commands:
   wait <secs>                           wait until no runnable VM is left (at most secs)
   bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames
   bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
+  bench merge <pages>                   merge scan next to memcmp; CoW on merged vs forked pages
   sleep <ms>        (in a script) wait before the next command
   console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
   create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]  boot a new independent VM

@@ -120,7 +120,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -331,6 +331,10 @@ fn bench(args: &mut Args) -> Result<Command> {
             let pages = args.num("pages", 1..=65536)?;
             let batch = narrow(args.num("batch", BATCH)?, "batch", BATCH)?;
             Ok(Command::BenchReclaim { pages, batch })
+        }
+        Some("merge") => {
+            let pages = args.num("pages", 1..=65536)?;
+            Ok(Command::BenchMerge { pages })
         }
         Some("disk") => {
             let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);
