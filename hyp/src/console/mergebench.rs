@@ -14,7 +14,7 @@
 //! - **CoW fault on a merged page** next to one on a forked page: a write
 //!   fault resolved by the memory manager (`glue::fault`, as a guest's
 //!   permission fault is, minus the trap itself, the same for both) on
-//!   each of `min(pages, 256)` pages that are (a) merged with another VM's,
+//!   each of `min(pages, 1024)` pages that are (a) merged with another VM's,
 //!   (b) shared with a snapshot of their VM. Fresh VMs for every run.
 
 use crate::arch::timer::{now, ticks_to_us as us};
@@ -30,8 +30,13 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use rmap::{Ipa, Pfn, VmId};
 
-/// Most pages of the CoW comparison (each run builds and faults them).
-const COW_PAGES: u64 = 256;
+/// Most pages of the CoW comparison (each run builds and faults them):
+/// enough that one run takes tens of milliseconds under TCG, well above a
+/// scheduling hiccup of the host.
+const COW_PAGES: u64 = 1024;
+/// Pairs of the CoW comparison: more than `PAIRS`, since each run's fresh
+/// VMs make it noisier than the scan's.
+const COW_PAIRS: usize = 9;
 
 /// A bench VM whose page i holds a pattern of i, its last word xor `salt`.
 fn vm_with(pages: u64, salt: u64) -> Result<Arc<Vm>, CmdError> {
@@ -231,7 +236,7 @@ pub fn merge(pages: u64, out: &mut Reply) -> Result<(), CmdError> {
     b.stop(0);
     result?;
     let n = pages.min(COW_PAGES);
-    let p = interleave(PAIRS, || merged_cow(n), || forked_cow(n))?;
+    let p = interleave(COW_PAIRS, || merged_cow(n), || forked_cow(n))?;
     let (m, f) = (median(&p.base), median(&p.subject));
     crate::say!(
         out,
