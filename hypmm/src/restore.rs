@@ -94,15 +94,17 @@ pub fn restore_dirty<M: Machine, V: GuestVm<M>, W: SwapStore>(
 /// cost is memory: the VM keeps a private frame where the ordinary path
 /// would share the snapshot's, until merging or reclaim takes it. False if
 /// the page is not the VM's alone and writable, as a 4 KiB page, or the
-/// snapshot's entry is not a frame: the ordinary path handles it.
+/// snapshot's entry (`target`, as last seen) is not a frame or not that frame
+/// any more: the ordinary path handles it.
 fn refill_in_place<M: Machine, V: GuestVm<M>, W: SwapStore>(
     cx: &MemCtx<'_, M, W>,
     vm: &V,
     snap: &V,
     ipa: Ipa,
     pfn: rmap::Pfn,
+    target: PageState,
 ) -> bool {
-    let PageState::Mapped { pfn: src, .. } = snapshot_entry(cx.rmap, snap, ipa) else {
+    let PageState::Mapped { pfn: src, .. } = target else {
         return false;
     };
     // The snapshot's frame locked (level 2) keeps it from moving or being
@@ -182,7 +184,7 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
             } if target.pfn().is_some() && tried != Some(ipa) => {
                 drop(s2);
                 tried = Some(ipa);
-                if refill_in_place(cx, vm, snap, ipa, pfn) {
+                if refill_in_place(cx, vm, snap, ipa, pfn, target) {
                     *refilled = true;
                     from = ipa + PAGE_SIZE;
                 }
