@@ -37,7 +37,7 @@ const WORKLOADS: [Workload; 2] = [
         small: "snapshot cycles=50",
         large: "snapshot cycles=300",
         units: 250.0,
-        unit: "fuzzing cycle (64 CoW faults, a restore) plus one restore alone",
+        unit: "fuzzing cycle (64 pages dirtied, a restore) plus one restore alone",
     },
 ];
 
