@@ -114,6 +114,11 @@ impl FrameAllocator for HypFrames {
     fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
         hypmm::Frames(&HypMachine).same_contents(a, b)
     }
+
+    #[inline]
+    fn is_zero(&self, pfn: Pfn) -> bool {
+        hypmm::Frames(&HypMachine).is_zero(pfn)
+    }
 }
 
 /// Reclaimed pages: the compressed store (`store.rs`).
