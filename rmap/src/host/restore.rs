@@ -170,6 +170,7 @@ impl HostWorld {
         match entry {
             PageState::Mapped { pfn, .. } => self.rmap.add_rmap_at(pfn, region, ipa),
             PageState::Swapped { slot } => m.dup(slot),
+            PageState::ZeroPage => {}
             _ => return Ok(()),
         }
         let installed = {
