@@ -71,8 +71,10 @@ pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch, zero: Pa
             let attrs = ram_attrs(writable, fetch);
             Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
         }
-        PageState::ZeroPage => Descriptor::leaf_encoded(zero.raw(), 3, zero_page_attrs(), true, enc)
-            .expect("zero-page descriptor"),
+        PageState::ZeroPage => {
+            Descriptor::leaf_encoded(zero.raw(), 3, zero_page_attrs(), true, enc)
+                .expect("zero-page descriptor")
+        }
         PageState::Migrating { .. } | PageState::Swapped { .. } => {
             Descriptor::software(state).expect("a state an invalid descriptor keeps")
         }

@@ -169,9 +169,7 @@ impl Rmap {
                         }
                         PageState::Swapped { slot } => self.put_swap(slot, swap, alloc),
                         // The zero page is in no reverse map and holds no reference.
-                        PageState::Migrating { .. }
-                        | PageState::Invalid
-                        | PageState::ZeroPage => {}
+                        PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
                     }
                 }
             }

@@ -262,7 +262,10 @@ pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultErro
                 }
                 continue;
             }
-            let kind = if matches!(entry, rmap::PageState::Mapped { .. }) {
+            let kind = if matches!(
+                entry,
+                rmap::PageState::Mapped { .. } | rmap::PageState::ZeroPage
+            ) {
                 FaultKind::Permission
             } else {
                 FaultKind::Translation
