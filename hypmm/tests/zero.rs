@@ -172,3 +172,27 @@ fn a_fork_family_page_merges_for_every_mapper_at_once() {
     assert_eq!(w.entry(&child, page(0)), PageState::ZeroPage);
     assert_eq!(used - w.hw().frames.allocated(), 1, "frame {frame:?} freed");
 }
+
+#[test]
+fn a_fetch_makes_the_zero_page_mapping_executable_and_keeps_it_a_zero_page() {
+    let w = World::new(false);
+    let a = vm_with(&w, 1, &[0]);
+    merge_twice(&w, &[scan_vm(&a, 1)]);
+    let leaf = |vm: &TestVm| common::walk_leaf(w.hw(), vm.root, page(0).raw()).unwrap().0;
+    // Stage-2 XN is bits 54:53 (0b10: execute-never at EL1 and EL0).
+    assert_ne!(leaf(&a) >> 53 & 3, 0, "mapped execute-never");
+    assert!(a.memory.lock().make_executable(page(0)));
+    assert_eq!(leaf(&a) >> 53 & 3, 0, "executable after the fetch");
+    assert_eq!(
+        w.entry(&a, page(0)),
+        PageState::ZeroPage,
+        "still the zero page"
+    );
+    assert_eq!(hw_pa(&w, &a, 0), Some(ZERO_PAGE.raw()));
+    // A write still faults to a frame of its own.
+    w.access(&a, page(0), true);
+    assert!(matches!(
+        w.entry(&a, page(0)),
+        PageState::Mapped { writable: true, .. }
+    ));
+}
