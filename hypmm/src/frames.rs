@@ -13,6 +13,21 @@ pub fn publish<M: Machine>(machine: &M, pa: Pa, len: u64) {
     stage2::publish_frames(&machine.config(), machine.tlb(), pa.raw(), len);
 }
 
+/// Rewrites `dst` with `src`'s bytes and publishes it (a restore in place).
+///
+/// # Safety
+///
+/// `dst` is a guest frame only a stopped VM maps, writable and alone, and
+/// the caller holds that VM's stage-2 lock, which every other writer or
+/// reader of the frame's contents (migration, reclaim, merging) takes before
+/// it reads them; `src` is a distinct frame the caller has locked.
+pub(crate) unsafe fn refill<M: Machine>(machine: &M, dst: Pa, src: Pa) {
+    // SAFETY: the caller's contract is `copy_frame`'s "the caller's alone to
+    // write" case.
+    unsafe { machine.copy_frame(dst, src) };
+    publish(machine, dst, PAGE_SIZE);
+}
+
 /// rmap's frame allocator over a machine's guest frames: every frame rmap
 /// has zeroed or copied is published (rmap's contract: clean to the PoC on
 /// return) before rmap can map it.

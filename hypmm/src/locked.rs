@@ -11,7 +11,7 @@ use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
 use rmap::CasError as Refused;
 use rmap::{Ipa, Pa, PageState, Pfn};
-use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo};
+use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm};
 
 /// What a run of pages is mapped for (`LockedStage2::map_run`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,6 +290,51 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             let old = decode(Some(*leaf), ipa);
             if let Some(new) = f(ipa, 1, old).filter(|&n| n != old) {
                 let _ = self.cas(ipa, old, new);
+            }
+        }
+    }
+
+    /// Readies page `ipa` for a restore that rewrites its frame in place: true
+    /// if it is a page leaf (not a block) mapping `pfn` writable, the VM's own
+    /// frame, and then it is made execute-never, so the new contents reach the
+    /// I-cache only through a fetch fault ([`Fetch`]). False, with nothing
+    /// changed, for any other entry. Taking execute permission away changes
+    /// neither the output address nor the attributes, so it needs no
+    /// break-before-make (Arm ARM DDI 0487 D8.16.1), only a TLB invalidation
+    /// before the guest runs again: it is left to the caller's
+    /// `Stage2::flush_deferred`.
+    pub(crate) fn ready_refill(&mut self, ipa: Ipa, pfn: Pfn) -> bool {
+        self.last.set(None);
+        let own = PageState::Mapped {
+            pfn,
+            writable: true,
+        };
+        let Some(table) = self.mem.live() else {
+            return false;
+        };
+        loop {
+            let Some(leaf) = table.lookup(ipa) else {
+                return false;
+            };
+            if leaf.level != stage2::LAST_LEVEL || decode(Some(leaf), ipa) != own {
+                return false;
+            }
+            let Leaf::Mapped(m) = leaf.leaf else {
+                return false;
+            };
+            if !m.attrs.perm.exec {
+                return true;
+            }
+            let xn = leaf.desc.with_perm(Perm::new(true, true, false));
+            let tlb = self.mem.tlb();
+            let batch = Batch::new(&tlb, table.vttbr());
+            let r = table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, xn, &batch);
+            let _ = batch.into_pending();
+            match r {
+                Ok(()) => return true,
+                // Only the hardware's Access-flag update can race us here.
+                Err(CasError::Mismatch(_)) => continue,
+                Err(_) => return false,
             }
         }
     }

@@ -69,9 +69,11 @@ pub trait Machine {
     ///
     /// # Safety
     ///
-    /// `dst` is freshly allocated and owned by the caller, `src` is pinned
-    /// by the caller for the copy (locked, or its writers replaced by
-    /// migration entries); they are distinct frames.
+    /// `dst` is the caller's alone to write for the copy: freshly allocated,
+    /// or mapped only by a stopped VM whose stage-2 lock the caller holds (a
+    /// restore in place); `src` is pinned by the caller for the copy (locked,
+    /// or its writers replaced by migration entries); they are distinct
+    /// frames.
     unsafe fn copy_frame(&self, dst: Pa, src: Pa);
 
     /// Whether the frames at `a` and `b` hold the same bytes (same-page merging's final

@@ -298,7 +298,9 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::Merge => return crate::console::merge::pass(r),
         Command::MergeAuto { rate } => return crate::console::merge::auto(Some(rate), r),
         Command::MergeOff => return crate::console::merge::auto(None, r),
+        Command::MergeList { count } => return crate::console::mergelist::list(count, r),
         Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
+        Command::BenchMerge { pages } => return crate::console::mergebench::merge(pages, r),
         Command::Sleep { ms } => {
             let until =
                 crate::arch::timer::now().saturating_add(crate::arch::timer::ms_to_ticks(ms));
