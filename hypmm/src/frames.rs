@@ -64,4 +64,10 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         // (with the TLB invalidations done), holding both frame locks.
         unsafe { self.0.frames_equal(a.pa(), b.pa()) }
     }
+
+    fn is_zero(&self, pfn: Pfn) -> bool {
+        // SAFETY: rmap checks a frame it pinned and write-protected in every stage 2 (the
+        // TLB invalidations done), holding its frame lock; the zero page is never written.
+        unsafe { self.0.frames_equal(pfn.pa(), self.0.zero_page()) }
+    }
 }

@@ -5,7 +5,7 @@
 //! operations on it are in `s2locked`.
 
 use crate::machine::Machine;
-use crate::memory::{ram_attrs, Fetch, GuestMemory};
+use crate::memory::{ram_attrs, zero_page_attrs, Fetch, GuestMemory, ZERO_PAGE_SW};
 use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
@@ -52,6 +52,7 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
         return PageState::Invalid;
     };
     match leaf.leaf {
+        Leaf::Mapped(m) if m.attrs.sw & ZERO_PAGE_SW != 0 => PageState::ZeroPage,
         Leaf::Mapped(m) => PageState::Mapped {
             pfn: (m.pa + (ipa.page() - leaf.ipa)).pfn(),
             writable: m.attrs.perm.write,
@@ -61,13 +62,18 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
 }
 
 /// The page-level descriptor of `state`, its MemAttr encoded as the
-/// table's configuration says (FWB or not), executable as `fetch` says.
-pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch) -> Descriptor {
+/// table's configuration says (FWB or not), executable as `fetch` says; a
+/// zero-page entry maps `zero`, the machine's zero frame.
+pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch, zero: Pa) -> Descriptor {
     match state {
         PageState::Invalid => Descriptor::EMPTY,
         PageState::Mapped { pfn, writable } => {
             let attrs = ram_attrs(writable, fetch);
             Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
+        }
+        PageState::ZeroPage => {
+            Descriptor::leaf_encoded(zero.raw(), 3, zero_page_attrs(), true, enc)
+                .expect("zero-page descriptor")
         }
         PageState::Migrating { .. } | PageState::Swapped { .. } => {
             Descriptor::software(state).expect("a state an invalid descriptor keeps")
@@ -129,6 +135,11 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         self.mem.is_live()
     }
 
+    /// The machine's shared zero frame.
+    pub(crate) fn zero_page(&self) -> Pa {
+        self.mem.machine().zero_page()
+    }
+
     /// How this table's leaves encode MemAttr (for FWB or not).
     pub(crate) fn enc(&self) -> AttrEncoding {
         self.mem.table().config().attr_encoding()
@@ -150,7 +161,8 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             return Err(Refused::Changed(found));
         }
         check_transition(old, new);
-        if !matches!(old, PageState::Mapped { .. }) && matches!(new, PageState::Mapped { .. }) {
+        let valid = |s: PageState| matches!(s, PageState::Mapped { .. } | PageState::ZeroPage);
+        if !valid(old) && valid(new) {
             self.mem.bbm_check_make(page, PAGE_SIZE);
         }
         let Some(mut current) = current else {
@@ -346,7 +358,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc(), fetch),
+                encode(new, self.enc(), fetch, self.zero_page()),
                 &batch,
             );
             // The pending VMID-wide flush is issued by end_batch().
@@ -357,7 +369,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc(), fetch),
+                encode(new, self.enc(), fetch, self.zero_page()),
                 &self.mem.tlb(),
             )
         }
@@ -396,6 +408,13 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 pfn.pa(),
                 PAGE_SIZE,
                 ram_attrs(writable, Fetch::Faults),
+                &self.mem.tlb(),
+            ),
+            PageState::ZeroPage => table.map(
+                ipa.page(),
+                self.zero_page(),
+                PAGE_SIZE,
+                zero_page_attrs(),
                 &self.mem.tlb(),
             ),
             PageState::Migrating { .. } | PageState::Swapped { .. } => {

@@ -43,6 +43,11 @@ pub trait Machine {
     /// The stage-2 configuration every VM of this machine uses (FWB or not).
     fn config(&self) -> S2Config;
 
+    /// The one shared zero frame (allocated at boot with the stage-2 tables, zeroed and
+    /// cleaned to the PoC, never written, freed or moved): what a `PageState::ZeroPage`
+    /// entry maps. Not a guest frame: rmap's frame table may not cover it.
+    fn zero_page(&self) -> Pa;
+
     /// A free guest (movable) frame's physical address, contents undefined.
     fn alloc_frame(&self) -> Option<Pa>;
 

@@ -235,7 +235,8 @@ fn make_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
             match first.page(i) {
                 PageState::Mapped { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
                 PageState::Swapped { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
-                PageState::Migrating { .. } | PageState::Invalid => {}
+                // The zero page holds no reference.
+                PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
             }
         }
     }
@@ -283,6 +284,8 @@ fn install_shared<M: Machine, V: GuestVm<M>, W: SwapStore>(
     match entry {
         PageState::Mapped { pfn, .. } => cx.rmap.add_anon_rmap(pfn),
         PageState::Swapped { slot } => cx.swap.dup(slot),
+        // Installed as it is: counted nowhere, as fork copies it.
+        PageState::ZeroPage => {}
         _ => return Ok(()),
     }
     let installed = {

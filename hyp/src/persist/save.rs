@@ -249,6 +249,11 @@ pub fn read_page(mem: &VmMemory, gpn: u32, out: &mut [u8; PAGE]) -> Result<bool,
                     out.copy_from_slice(src);
                     return Ok(true);
                 }
+                // The shared zero page: a page of zeroes (the writer skips it).
+                PageState::ZeroPage => {
+                    out.fill(0);
+                    return Ok(true);
+                }
                 PageState::Migrating { .. } | PageState::Swapped { .. } => {}
             }
         }
