@@ -46,6 +46,26 @@ fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut R
     r.set("us", rep.us);
     r.set("pause_us", rep.pause_us);
     r.set("mib_s", rep.mib_s());
+    let t = &rep.split;
+    crate::say!(
+        r,
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}), pages faulted in {}, LZ4 {}, XXH3 {}, device writes {}",
+        rep.ram_bytes >> 20,
+        rep.ram_mib_s(),
+        t.walk / 1000,
+        t.zero / 1000,
+        t.slow / 1000,
+        t.lz4 / 1000,
+        t.checksum / 1000,
+        t.device / 1000
+    );
+    r.set("ram_mib_s", rep.ram_mib_s());
+    r.set("walk_us", t.walk);
+    r.set("zero_us", t.zero);
+    r.set("slow_us", t.slow);
+    r.set("lz4_us", t.lz4);
+    r.set("xxh3_us", t.checksum);
+    r.set("device_us", t.device);
     crate::say!(
         r,
         "  {} pages in its touch order; image at sectors {}..{}, page data at bytes {:#x}..{:#x}",
