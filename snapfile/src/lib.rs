@@ -32,6 +32,7 @@ mod dev;
 mod error;
 mod header;
 mod image;
+mod state;
 mod store;
 mod superblock;
 mod toc;
@@ -41,6 +42,10 @@ mod writer;
 pub use dev::{BlockDevice, MemDisk, SECTOR};
 pub use error::{DevError, Error, Section};
 pub use image::{Image, PageRef};
+pub use state::{
+    decode_header, decode_state, encode_state, vcpu_len, StateError, StateHeader, VcpuState,
+    VmState, STATE_MAGIC, STATE_NAME_MAX, STATE_VERSION,
+};
 pub use store::Store;
 pub use toc::Entry;
 pub use types::{Gpn, Name, PageKind, Shape, PAGE};
