@@ -49,7 +49,7 @@ pub use state::{
 pub use store::Store;
 pub use toc::Entry;
 pub use types::{Gpn, Name, PageKind, Shape, PAGE};
-pub use writer::{SaveSpec, Summary, Ticks, Writer};
+pub use writer::{Costs, SaveSpec, Summary, Writer};
 
 /// The format version this code reads and writes (superblock and image headers).
 pub const VERSION: u32 = 1;

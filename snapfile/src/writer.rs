@@ -57,15 +57,16 @@ pub struct Summary {
     /// Where the state blob, the page data, the index and the touch order are, as device
     /// byte ranges `[start, end)` (for tools and corruption tests).
     pub sections: [(u64, u64); 4],
-    /// Time spent in the writer's parts, in the caller's clock (all zero without
+    /// Where the writer's time went, in the caller's clock (times all zero without
     /// [`Writer::set_clock`]).
-    pub ticks: Ticks,
+    pub costs: Costs,
 }
 
-/// Where a save's CPU time went inside the writer, in the ticks of the clock given to
-/// [`Writer::set_clock`]: the caller profiles its save without the crate knowing its timer.
+/// Where a save's time went inside the writer, in the ticks of the clock given to
+/// [`Writer::set_clock`] (the caller profiles its save without the crate knowing its
+/// timer), and what LZ4 bought: enough for a caller to judge whether compressing pays.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ticks {
+pub struct Costs {
     /// Checking pages for zero.
     pub zero: u64,
     /// LZ4 compression.
@@ -74,6 +75,12 @@ pub struct Ticks {
     pub checksum: u64,
     /// Device writes (page data, index, header, flush and the TOC commit).
     pub device: u64,
+    /// Pages given to LZ4, and the bytes it saved on them against storing them raw.
+    pub lz4_pages: u64,
+    /// Bytes LZ4 saved (raw size minus stored size, over `lz4_pages`).
+    pub lz4_saved: u64,
+    /// Bytes written to the device.
+    pub device_bytes: u64,
 }
 
 /// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
@@ -95,7 +102,7 @@ pub struct Writer<'s> {
     compress: bool,
     sum: Summary,
     failed: bool,
-    /// The caller's clock, for [`Summary::ticks`].
+    /// The caller's clock, for [`Summary::costs`].
     clock: Option<fn() -> u64>,
 }
 
@@ -220,7 +227,7 @@ impl Writer<'_> {
         let t0 = self.now();
         let zero = is_zero_page(data);
         let t1 = self.now();
-        self.sum.ticks.zero += t1.wrapping_sub(t0);
+        self.sum.costs.zero += t1.wrapping_sub(t0);
         if zero {
             return self.zero(gpn);
         }
@@ -231,12 +238,16 @@ impl Writer<'_> {
         };
         let t2 = self.now();
         let sum = checksum(data);
-        self.sum.ticks.lz4 += t2.wrapping_sub(t1);
-        self.sum.ticks.checksum += self.now().wrapping_sub(t2);
+        self.sum.costs.lz4 += t2.wrapping_sub(t1);
+        self.sum.costs.checksum += self.now().wrapping_sub(t2);
         let (kind, len) = match compressed {
             Some(n) if n < PAGE => (PageKind::Lz4, n),
             _ => (PageKind::Raw, PAGE),
         };
+        if self.compress {
+            self.sum.costs.lz4_pages += 1;
+            self.sum.costs.lz4_saved += (PAGE - len) as u64;
+        }
         if kind == PageKind::Raw {
             self.buf.extend_from_slice(data);
             self.sum.raw += 1;
@@ -256,9 +267,20 @@ impl Writer<'_> {
     }
 
     /// Times the writer's parts with `clock` (any monotonic counter; its ticks are
-    /// reported in [`Summary::ticks`]).
+    /// reported in [`Summary::costs`]).
     pub fn set_clock(&mut self, clock: fn() -> u64) {
         self.clock = Some(clock);
+    }
+
+    /// Turns LZ4 on or off for the pages that follow (an image may mix LZ4 and raw
+    /// pages): a caller that finds compressing slower than writing what it saves stops it.
+    pub fn set_compress(&mut self, on: bool) {
+        self.compress = on;
+    }
+
+    /// The costs so far.
+    pub fn costs(&self) -> Costs {
+        self.sum.costs
     }
 
     fn now(&self) -> u64 {
@@ -333,7 +355,8 @@ impl Writer<'_> {
         }
         let t0 = self.now();
         let written = dev.write(self.buf_lba, &self.buf[..n]);
-        self.sum.ticks.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device_bytes += n as u64;
         if let Err(e) = written {
             self.failed = true;
             return Err(e.into());
@@ -389,7 +412,7 @@ impl Writer<'_> {
         toc.entries.push(self.entry);
         toc.next_seq += 1;
         self.store.commit(dev, toc)?;
-        self.sum.ticks.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device += self.now().wrapping_sub(t0);
         let base = self.entry.start * SECTOR as u64;
         let h = &self.header;
         let sections =

@@ -53,7 +53,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     for l in saves.iter().flatten() {
         println!("  {l}");
     }
-    let loads = saves.as_ref().ok().map(|_| {
+    // `PERSIST_BENCH_SAVES_ONLY=1`: machine 1 only (while working on saves).
+    let saves_only = std::env::var_os("PERSIST_BENCH_SAVES_ONLY").is_some();
+    let loads = saves.as_ref().ok().filter(|_| !saves_only).map(|_| {
         // A console script pending (`sleep`) makes CPU 0 leave its vCPU at
         // every exit; see docs/BENCHMARKS.md for the prefetch without one.
         let cfg = MachineConfig {
@@ -67,6 +69,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     });
     let _ = std::fs::remove_file(&path);
     saves?;
+    if saves_only {
+        return Ok(());
+    }
     for l in loads.unwrap_or_else(|| Err("not run".into()))? {
         println!("  {l}");
     }
@@ -82,11 +87,16 @@ fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
     std::thread::sleep(Duration::from_secs(5));
     let mut out = vec![hyp(&mut m, "bench disk 64", "bench disk:")?];
     out.push(hyp(&mut m, "save 1 idle", "vm 1 saved as 'idle'")?);
+    // The save's guest-RAM rate and where its time went.
+    out.push(line_after(&mut m, "  guest RAM")?);
+    out.push(line_after(&mut m, "  LZ4 ")?);
     m.send(
         "\x011\rdd if=/dev/urandom of=/tmp/big bs=1M count=64 2>/dev/null; echo DONE-$((8*8))\n",
     );
     m.try_expect("DONE-64", T).map_err(|e| fail(&m, e))?;
     out.push(hyp(&mut m, "save 1 big", "vm 1 saved as 'big'")?);
+    out.push(line_after(&mut m, "  guest RAM")?);
+    out.push(line_after(&mut m, "  LZ4 ")?);
     m.send("\x01hquit\n");
     m.try_expect("exiting", T).map_err(|e| fail(&m, e))?;
     Ok(out)

@@ -81,6 +81,13 @@ pub struct Split {
     pub lz4: u64,
     pub checksum: u64,
     pub device: u64,
+    /// Whether LZ4 paid once measured (`lz4_pays`): kept, and nanoseconds
+    /// it took per page against those writing the bytes it saved would.
+    pub lz4_verdict: Option<(bool, u64, u64)>,
+    /// The writer's `finish` (index, header, flush, TOC commit; its device
+    /// writes are in `device` too), and destroying the save's snapshot.
+    pub finish: u64,
+    pub teardown: u64,
 }
 
 impl SaveReport {
@@ -120,10 +127,12 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         parent,
         dirty.as_deref(),
     );
+    let t1 = crate::arch::timer::now();
     if !Arc::ptr_eq(&snap, vm) {
         snap.stop(0);
     }
-    let (sum, split, ram_bytes) = result?;
+    let (sum, mut split, ram_bytes) = result?;
+    split.teardown = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t1));
     if !vm.is_frozen() {
         note_saved(vm, name);
     }
@@ -241,9 +250,11 @@ fn write(
             .try_for_each(|&g| put_page(&mut w, dev, &snap.mem, g))?,
         None => put_all(&mut w, dev, &snap.mem, ram_pages, &mut split)?,
     }
+    let t1 = crate::arch::timer::now();
     let sum = w.finish(dev)?;
     let us = crate::arch::timer::ticks_to_us;
-    let t = sum.ticks;
+    split.finish = us(crate::arch::timer::now().wrapping_sub(t1));
+    let t = sum.costs;
     if dirty.is_some() {
         let total = crate::arch::timer::now().wrapping_sub(t0);
         split.slow = us(total.saturating_sub(t.zero + t.lz4 + t.checksum + t.device));
@@ -302,6 +313,12 @@ fn put_all(
             }
         }
         slow += now().wrapping_sub(t1);
+        if split.lz4_verdict.is_none() {
+            split.lz4_verdict = lz4_pays(w.costs());
+            if split.lz4_verdict.is_some_and(|v| !v.0) {
+                w.set_compress(false);
+            }
+        }
         g = match b.gpns.is_empty() && b.slow.is_empty() {
             // Nothing here: jump to the next present entry.
             true => next_present(mem, end, ram_pages).unwrap_or(ram_pages),
@@ -311,6 +328,26 @@ fn put_all(
     let us = crate::arch::timer::ticks_to_us;
     (split.walk, split.zero, split.slow) = (us(walk), us(zero), us(slow));
     Ok(())
+}
+
+/// Pages LZ4 is tried on before it is judged.
+const LZ4_TRIAL: u64 = 256;
+
+/// Whether compressing pays for itself in time: LZ4's time per page against
+/// the device time of the bytes it saves per page (both measured in this
+/// save, once the trial pages and a full device write are done). When the
+/// CPU compresses slower than the device writes, as under QEMU's TCG, pages
+/// are stored raw from then on: a larger image, written sooner (an idle
+/// 256 MiB Linux is still under 64 MiB raw). `None` until known.
+fn lz4_pays(c: snapfile::Costs) -> Option<(bool, u64, u64)> {
+    if c.lz4_pages < LZ4_TRIAL || c.device_bytes < snapfile::BATCH as u64 {
+        return None;
+    }
+    let ns = |ticks: u128| crate::arch::timer::ticks_to_ns(ticks.min(u128::from(u64::MAX)) as u64);
+    let lz4 = ns(u128::from(c.lz4) / u128::from(c.lz4_pages));
+    let saved = u128::from(c.lz4_saved) / u128::from(c.lz4_pages);
+    let write = ns(u128::from(c.device) * saved / u128::from(c.device_bytes));
+    Some((lz4 <= write, lz4, write))
 }
 
 /// Fills `b` with the window `[from, end)` of a frozen VM's pages, under
