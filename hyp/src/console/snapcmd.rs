@@ -24,28 +24,8 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
     Ok(())
 }
 
-fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut Reply) {
-    let ms = rep.us / 1000;
-    crate::say!(
-        r,
-        "vm {} saved as '{name}'{}: {} pages ({} zero), {} KiB of page data, {} KiB image, in {ms} ms ({} MiB/s), paused {} us",
-        rep.vm,
-        parent.map(|p| alloc::format!(" (diff of '{p}')")).unwrap_or_default(),
-        rep.pages,
-        rep.zero,
-        rep.data_bytes >> 10,
-        rep.image_bytes >> 10,
-        rep.mib_s(),
-        rep.pause_us
-    );
-    r.set("vm", rep.vm);
-    r.set("pages", rep.pages);
-    r.set("zero", rep.zero);
-    r.set("data_bytes", rep.data_bytes);
-    r.set("image_bytes", rep.image_bytes);
-    r.set("us", rep.us);
-    r.set("pause_us", rep.pause_us);
-    r.set("mib_s", rep.mib_s());
+/// The save's guest-RAM rate, where its time went, and LZ4's verdict.
+fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     let t = &rep.split;
     crate::say!(
         r,
@@ -80,6 +60,31 @@ fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut R
         );
         r.set("lz4_kept", u64::from(kept));
     }
+}
+
+fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut Reply) {
+    let ms = rep.us / 1000;
+    crate::say!(
+        r,
+        "vm {} saved as '{name}'{}: {} pages ({} zero), {} KiB of page data, {} KiB image, in {ms} ms ({} MiB/s), paused {} us",
+        rep.vm,
+        parent.map(|p| alloc::format!(" (diff of '{p}')")).unwrap_or_default(),
+        rep.pages,
+        rep.zero,
+        rep.data_bytes >> 10,
+        rep.image_bytes >> 10,
+        rep.mib_s(),
+        rep.pause_us
+    );
+    r.set("vm", rep.vm);
+    r.set("pages", rep.pages);
+    r.set("zero", rep.zero);
+    r.set("data_bytes", rep.data_bytes);
+    r.set("image_bytes", rep.image_bytes);
+    r.set("us", rep.us);
+    r.set("pause_us", rep.pause_us);
+    r.set("mib_s", rep.mib_s());
+    say_split(rep, r);
     crate::say!(
         r,
         "  {} pages in its touch order; image at sectors {}..{}, page data at bytes {:#x}..{:#x}",
