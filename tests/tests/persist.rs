@@ -187,6 +187,7 @@ fn number_after(m: &mut Machine, needle: &str) -> u64 {
 /// frames; the rest stay disk-backed swap entries): its frames migrate and
 /// are reclaimed to the compressed store, and vm 1 gets the keyboard back.
 fn migrate_and_reclaim_vm1(m: &mut Machine) {
+    let t0 = std::time::Instant::now();
     to_hyp(m);
     m.send("migrate 1 0x40000000 0x50000000\n");
     let moved = number_after(m, "migrate vm 1 0x40000000..0x50000000: moved ");
@@ -195,6 +196,10 @@ fn migrate_and_reclaim_vm1(m: &mut Machine) {
     let reclaimed = number_after(m, "reclaim: reclaimed ");
     assert!(reclaimed > 0, "no frame reclaimed");
     to_vm(m, 1);
+    println!(
+        "restored vm 1: {moved} frames migrated, {reclaimed} reclaimed, in {:?}",
+        t0.elapsed()
+    );
 }
 
 /// Where the last `save` put its image: (first sector, end sector, page
