@@ -33,6 +33,9 @@ fn hyp(m: &mut Machine, cmd: &str, reply: &str) -> Result<String, String> {
 }
 
 pub fn bench(hyp_elf: &Path) -> Result<(), String> {
+    // `PERSIST_BENCH_HYP=<elf>`: another hypervisor build (an A/B pair).
+    let other = std::env::var_os("PERSIST_BENCH_HYP").map(std::path::PathBuf::from);
+    let hyp_elf = other.as_deref().unwrap_or(hyp_elf);
     let images = crate::linux::ensure()?;
     let path = std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -53,7 +56,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     for l in saves.iter().flatten() {
         println!("  {l}");
     }
-    let loads = saves.as_ref().ok().map(|_| {
+    // `PERSIST_BENCH_SAVES_ONLY=1`: machine 1 only (while working on saves).
+    let saves_only = std::env::var_os("PERSIST_BENCH_SAVES_ONLY").is_some();
+    let loads = saves.as_ref().ok().filter(|_| !saves_only).map(|_| {
         // A console script pending (`sleep`) makes CPU 0 leave its vCPU at
         // every exit; see docs/BENCHMARKS.md for the prefetch without one.
         let cfg = MachineConfig {
@@ -67,6 +72,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     });
     let _ = std::fs::remove_file(&path);
     saves?;
+    if saves_only {
+        return Ok(());
+    }
     for l in loads.unwrap_or_else(|| Err("not run".into()))? {
         println!("  {l}");
     }
@@ -82,14 +90,29 @@ fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
     std::thread::sleep(Duration::from_secs(5));
     let mut out = vec![hyp(&mut m, "bench disk 64", "bench disk:")?];
     out.push(hyp(&mut m, "save 1 idle", "vm 1 saved as 'idle'")?);
+    save_detail(&mut m, &mut out);
     m.send(
         "\x011\rdd if=/dev/urandom of=/tmp/big bs=1M count=64 2>/dev/null; echo DONE-$((8*8))\n",
     );
     m.try_expect("DONE-64", T).map_err(|e| fail(&m, e))?;
     out.push(hyp(&mut m, "save 1 big", "vm 1 saved as 'big'")?);
+    save_detail(&mut m, &mut out);
     m.send("\x01hquit\n");
     m.try_expect("exiting", T).map_err(|e| fail(&m, e))?;
     Ok(out)
+}
+
+/// The save's guest-RAM rate, where its time went and LZ4's verdict (a
+/// hypervisor from before these lines, run for comparison with
+/// `PERSIST_BENCH_HYP`, prints none: each is skipped after 10 s).
+fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
+    for needle in ["  guest RAM", "  LZ4 "] {
+        if m.try_expect(needle, Duration::from_secs(10)).is_ok() {
+            if let Ok(rest) = m.try_expect("\n", T) {
+                out.push(format!("{needle}{}", rest.trim_end()));
+            }
+        }
+    }
 }
 
 /// Machine 2: the restore at boot until every page is in, then a load
