@@ -379,7 +379,8 @@ fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
                         b.gpns.push(gpn);
                     }
                 }
-                PageState::Invalid => {}
+                // Absent and the shared zero page: both read as zeroes.
+                PageState::Invalid | PageState::ZeroPage => {}
                 PageState::Migrating { .. } | PageState::Swapped { .. } => b.slow.push(gpn),
             }
         }
