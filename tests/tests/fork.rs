@@ -160,11 +160,11 @@ fn destroy_while_forking_or_faulting() {
             s[k].as_u64()
                 .unwrap_or_else(|| panic!("[{name}] no {k} in {s}"))
         };
-        // Only the split reserve, what the heap grew by and the control
-        // channel's virtqueues stay in use.
+        // Only the split reserve, what the heap grew by, the zero page and the
+        // control channel's virtqueues stay in use.
         assert_eq!(
             n("frames_used"),
-            n("split_reserve") + n("heap_frames") + n("dma_frames"),
+            n("split_reserve") + n("heap_frames") + n("dma_frames") + n("zero_page_frames"),
             "[{name}] frames leaked: {s}"
         );
         assert_eq!(n("frames_shared"), 0, "[{name}] {s}");

@@ -30,8 +30,10 @@ fn assert_all_free(t: &str) {
     let reserve = number_after(last_stats, "split reserve ").expect("split reserve in stats");
     // And the frames the heap grew by (the heap keeps what it takes).
     let heap = number_after(last_stats, "; heap ").expect("heap frames in stats");
+    // And the shared zero page's frame, held from boot.
+    let zero = number_after(last_stats, "; zero page ").expect("zero page in stats");
     assert_eq!(
-        free + reserve + heap,
+        free + reserve + heap + zero,
         total,
         "every frame free again after all VMs are gone\n{t}"
     );
@@ -138,7 +140,11 @@ fn evacuate_a_range_used_by_ten_forked_vms() {
     let s = c.stats(T).unwrap();
     let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
     assert_eq!(
-        n("frames_free") + n("split_reserve") + n("heap_frames") + n("dma_frames"),
+        n("frames_free")
+            + n("split_reserve")
+            + n("heap_frames")
+            + n("dma_frames")
+            + n("zero_page_frames"),
         n("frames_total"),
         "every frame free again after all VMs are gone: {s}"
     );

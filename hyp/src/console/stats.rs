@@ -73,11 +73,12 @@ fn memory(r: &mut Reply) {
     let swap_cache = rmap().swap_cache_entries().len();
     crate::say!(
         r,
-        "memory: migrated {migrated}  reclaimed {reclaimed}  stored {stored}  zero-mapped {zero_mapped}  swapped-in {swapped_in}\n{}\nstore: {slots} slots, {bytes} bytes, {} zero entries, {swap_cache} in the swap cache; offline frames: {offline} ({offline_free} free); watermarks {low}/{high} (runs {}); split reserve {} frames; heap {} frames; guest frames from {:#x}",
+        "memory: migrated {migrated}  reclaimed {reclaimed}  stored {stored}  zero-mapped {zero_mapped}  swapped-in {swapped_in}\n{}\nstore: {slots} slots, {bytes} bytes, {} zero entries, {swap_cache} in the swap cache; offline frames: {offline} ({offline_free} free); watermarks {low}/{high} (runs {}); split reserve {} frames; zero page {} frames; heap {} frames; guest frames from {:#x}",
         tlb_line(),
         STORE.zero_refs(),
         memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
         crate::mm::memory::reserve_len(),
+        u64::from(crate::mm::memory::zero_page().is_some()),
         crate::mm::heap::grown() / crate::mm::frames::PAGE_SIZE as usize,
         frames::get().first_free(),
     );
@@ -99,6 +100,11 @@ fn memory(r: &mut Reply) {
         ),
         ("guest_frames_from", frames::get().first_free()),
         ("dma_frames", crate::dev::hal::dma_frames()),
+        // The shared zero page's frame, held from boot (never freed).
+        (
+            "zero_page_frames",
+            u64::from(crate::mm::memory::zero_page().is_some()),
+        ),
         (
             "local_flushes",
             crate::mm::memory::LOCAL_FLUSHES.load(Ordering::Relaxed),
