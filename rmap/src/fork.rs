@@ -1,6 +1,7 @@
 //! VM fork: regions cloned, chains linked (Linux's `anon_vma_fork` / `anon_vma_clone`), then
 //! stage-2 entries copied read-only, in time proportional to the mapped entries.
 
+use crate::folio::FOLIO_PAGES;
 use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
 use crate::ksm::ItemKey;
 use crate::region::{Region, RegionList};
@@ -108,13 +109,24 @@ impl Rmap {
                 if too_many {
                     return None;
                 }
-                let key = self.item_key(region, ipa);
-                let Some(shared) = self.share_entry(entry, pages, swap, key) else {
-                    too_many = entry != PageState::Invalid;
-                    return None;
-                };
-                batch.push((ipa, pages, shared));
-                Some(shared)
+                if let Some(block) = self.share_block(entry, pages) {
+                    batch.push((ipa, pages, block));
+                    return Some(block);
+                }
+                // A page; or a block the child maps page by page (its folio has the most
+                // block entries it may have): the parent's stays a block.
+                let mut shared = None;
+                for i in 0..pages {
+                    let at = ipa + i * PAGE_SIZE;
+                    let key = self.item_key(region, at);
+                    let Some(page) = self.share_entry(entry.page(i), 1, swap, key) else {
+                        too_many = entry != PageState::Invalid;
+                        return None;
+                    };
+                    batch.push((at, 1, page));
+                    shared.get_or_insert(page);
+                }
+                shared
             });
             if too_many {
                 // Refused before the child sees anything of this chunk; the parent's entries
@@ -134,6 +146,23 @@ impl Rmap {
             start = end;
         }
         Ok(())
+    }
+
+    /// The entry a fork child gets for a parent's block `entry` of `pages` pages mapping a
+    /// folio: read-only, one more block entry counted on the folio (`crate::folio`), not 512
+    /// references. None for a page, or if the folio has the map limit's block entries.
+    fn share_block(&self, entry: PageState, pages: u64) -> Option<PageState> {
+        match entry {
+            PageState::Mapped { pfn, .. }
+                if pages == FOLIO_PAGES && self.frames.try_map_entire(pfn, self.map_limit) =>
+            {
+                Some(PageState::Mapped {
+                    pfn,
+                    writable: false,
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
@@ -193,6 +222,15 @@ impl Rmap {
         ipa: Ipa,
     ) {
         match entry {
+            PageState::Mapped { pfn, .. } if pages == FOLIO_PAGES => {
+                if self.frames.unmap_entire(pfn) {
+                    // The parent's block was split meanwhile: its pages count it.
+                    pfn.run(pages).for_each(|p| {
+                        let last = self.frames.frame(p).dec_map();
+                        debug_assert!(!last, "the parent still maps it");
+                    });
+                }
+            }
             PageState::Mapped { pfn, .. } => pfn.run(pages).for_each(|p| {
                 if self.frames.frame(p).is_merged() {
                     self.merged_count(p, self.item_key(region, ipa), false);

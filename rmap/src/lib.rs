@@ -21,6 +21,7 @@ pub mod chain;
 pub mod destroy;
 pub mod fault;
 pub mod fork;
+pub mod folio;
 pub mod frame;
 pub mod interval;
 pub mod ksm;
