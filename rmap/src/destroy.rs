@@ -1,8 +1,8 @@
 //! Region and VM teardown: zap the leaves, unlink from the reverse map, and only then let the
 //! stage-2 tables go (lesson 5: every table an rmap walk can reach is alive).
 
-use crate::folio::FOLIO_PAGES;
 use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::region::{Region, RegionList};
 use crate::{Ipa, Rmap, VmId, PAGE_SIZE};
 use core::ops::Range;

@@ -61,7 +61,10 @@ impl FrameTable {
 
     /// Counts one more block entry of the folio at `head` (a fork child's copy of a parent's
     /// block). False, with nothing counted, at `limit` entries (or [`ENTIRE_MAX`]), or if no
-    /// block entry maps it (the caller's block was split: it is not a folio mapping).
+    /// block entry maps it (the caller's block was split: it is not a folio mapping). With
+    /// page mappings held to `limit` on each frame too, a page's mapcount stays within twice
+    /// [`crate::MAP_LIMIT`], which 16 bits hold (a swap slot's references, which a swap-in
+    /// maps, included).
     pub(crate) fn try_map_entire(&self, head: Pfn, limit: u32) -> bool {
         let frame = self.frame(head + 1);
         loop {

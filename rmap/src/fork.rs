@@ -1,8 +1,8 @@
 //! VM fork: regions cloned, chains linked (Linux's `anon_vma_fork` / `anon_vma_clone`), then
 //! stage-2 entries copied read-only, in time proportional to the mapped entries.
 
-use crate::folio::FOLIO_PAGES;
 use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::ksm::ItemKey;
 use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
@@ -109,9 +109,16 @@ impl Rmap {
                 if too_many {
                     return None;
                 }
-                if let Some(block) = self.share_block(entry, pages) {
-                    batch.push((ipa, pages, block));
-                    return Some(block);
+                match self.share_block(entry, pages) {
+                    Share::Block(block) => {
+                        batch.push((ipa, pages, block));
+                        return Some(block);
+                    }
+                    Share::TooMany => {
+                        too_many = true;
+                        return None;
+                    }
+                    Share::Pages => {}
                 }
                 // A page; or a block the child maps page by page (its folio has the most
                 // block entries it may have): the parent's stays a block.
@@ -148,20 +155,27 @@ impl Rmap {
         Ok(())
     }
 
-    /// The entry a fork child gets for a parent's block `entry` of `pages` pages mapping a
-    /// folio: read-only, one more block entry counted on the folio (`crate::folio`), not 512
-    /// references. None for a page, or if the folio has the map limit's block entries.
-    fn share_block(&self, entry: PageState, pages: u64) -> Option<PageState> {
-        match entry {
-            PageState::Mapped { pfn, .. }
-                if pages == FOLIO_PAGES && self.frames.try_map_entire(pfn, self.map_limit) =>
-            {
-                Some(PageState::Mapped {
-                    pfn,
-                    writable: false,
-                })
-            }
-            _ => None,
+    /// How a fork child gets a parent's block `entry` of `pages` pages mapping a folio:
+    /// read-only as one more block entry counted on the folio (`crate::folio`), not 512
+    /// references; or page by page (a page, or a folio with [`crate::folio::ENTIRE_MAX`] block entries);
+    /// or not at all (the folio has the map limit's).
+    fn share_block(&self, entry: PageState, pages: u64) -> Share {
+        let PageState::Mapped { pfn, .. } = entry else {
+            return Share::Pages;
+        };
+        if pages != FOLIO_PAGES {
+            return Share::Pages;
+        }
+        if self.frames.try_map_entire(pfn, self.map_limit) {
+            return Share::Block(PageState::Mapped {
+                pfn,
+                writable: false,
+            });
+        }
+        if self.frames.entire_mapcount(pfn) >= self.map_limit {
+            Share::TooMany
+        } else {
+            Share::Pages
         }
     }
 
@@ -222,15 +236,17 @@ impl Rmap {
         ipa: Ipa,
     ) {
         match entry {
-            PageState::Mapped { pfn, .. } if pages == FOLIO_PAGES => {
-                if self.frames.unmap_entire(pfn) {
-                    // The parent's block was split meanwhile: its pages count it.
-                    pfn.run(pages).for_each(|p| {
-                        let last = self.frames.frame(p).dec_map();
-                        debug_assert!(!last, "the parent still maps it");
-                    });
-                }
+            // The parent's block was split meanwhile if this was the last block entry: its
+            // pages count the parent, so the shares go without freeing anything.
+            PageState::Mapped { pfn, .. }
+                if pages == FOLIO_PAGES && self.frames.unmap_entire(pfn) =>
+            {
+                pfn.run(pages).for_each(|p| {
+                    let last = self.frames.frame(p).dec_map();
+                    debug_assert!(!last, "the parent still maps it");
+                });
             }
+            PageState::Mapped { .. } if pages == FOLIO_PAGES => {}
             PageState::Mapped { pfn, .. } => pfn.run(pages).for_each(|p| {
                 if self.frames.frame(p).is_merged() {
                     self.merged_count(p, self.item_key(region, ipa), false);
@@ -242,4 +258,14 @@ impl Rmap {
             _ => {}
         }
     }
+}
+
+/// How a fork shares a parent's leaf ([`Rmap::share_block`]).
+enum Share {
+    /// As one block entry, counted once on its folio.
+    Block(PageState),
+    /// Page by page, each page counted on its frame.
+    Pages,
+    /// Not at all: the folio has the map limit's block entries.
+    TooMany,
 }

@@ -318,7 +318,11 @@ impl FrameTable {
     /// A table over `count` frames from `base` in heap memory leaked for good, so it can be
     /// [viewed](FrameTable::view) (host tests: their stage 2 reports splits through a view).
     pub fn leaked(base: Pfn, count: usize) -> Self {
-        let memory = alloc::vec::Vec::leak((0..count).map(|_| core::mem::MaybeUninit::uninit()).collect());
+        let memory = alloc::vec::Vec::leak(
+            (0..count)
+                .map(|_| core::mem::MaybeUninit::uninit())
+                .collect(),
+        );
         Self::in_memory(base, memory)
     }
 

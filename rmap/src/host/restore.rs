@@ -8,8 +8,8 @@
 //! The host has no dirty log: every page where either VM has a leaf is compared instead.
 
 use super::{HostVm, HostWorld};
-use crate::folio::FOLIO_PAGES;
 use crate::backend::{CasError, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::region::Region;
 use crate::{Error, Ipa, PAGE_SIZE};
 use alloc::vec::Vec;
