@@ -30,8 +30,8 @@ use crate::machine::Machine;
 use crate::vm::{GuestVm, MemCtx};
 use crate::PAGE_SIZE;
 use arrayvec::ArrayVec;
-use rmap::CasError as Refused;
 use rmap::folio::FOLIO_PAGES;
+use rmap::CasError as Refused;
 use rmap::{Ipa, PageState, Stage2Locked, SwapStore};
 
 /// Leaves cleared between two TLB invalidations (kept on the stack).
