@@ -112,3 +112,44 @@ impl FrameTable {
         }
     }
 }
+
+#[cfg(test)]
+mod storage_tests {
+    //! Tables in given memory, and their views (a stage 2 reports block splits through one).
+    use super::*;
+    use crate::frame::Frame;
+    use alloc::vec::Vec;
+    use core::mem::MaybeUninit;
+
+    #[test]
+    fn a_table_in_given_memory_covers_exactly_that_memory() {
+        let memory: &'static mut [MaybeUninit<Frame>] =
+            Vec::leak((0..5).map(|_| MaybeUninit::uninit()).collect::<Vec<_>>());
+        let table = FrameTable::in_memory(Pfn::new(100), memory);
+        assert_eq!(table.len(), 5);
+        assert!(table.get(Pfn::new(99)).is_none());
+        assert!(table.get(Pfn::new(105)).is_none());
+        assert_eq!(table.frame(Pfn::new(104)).mapcount(), 0);
+        assert_eq!(
+            table.iter().map(|(pfn, _)| pfn).collect::<Vec<_>>(),
+            Pfn::new(100).run(5).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_view_sees_the_same_frames_and_a_heap_table_has_none() {
+        let table = FrameTable::leaked(Pfn::new(FOLIO_PAGES), 2 * FOLIO_PAGES as usize);
+        let view = table.view().expect("given memory");
+        let head = Pfn::new(FOLIO_PAGES);
+        head.run(FOLIO_PAGES).for_each(|p| {
+            table.frame(p).init_allocated();
+            table.frame(p).inc_map();
+        });
+        table.start_folio(head);
+        assert_eq!(view.entire_mapcount(head + 511), 1);
+        view.split_entire(head);
+        assert_eq!(table.entire_mapcount(head), 0);
+        assert_eq!(table.mapcount(head + 3), 1);
+        assert!(FrameTable::new(head, 1).view().is_none());
+    }
+}

@@ -109,31 +109,9 @@ impl Rmap {
                 if too_many {
                     return None;
                 }
-                match self.share_block(entry, pages) {
-                    Share::Block(block) => {
-                        batch.push((ipa, pages, block));
-                        return Some(block);
-                    }
-                    Share::TooMany => {
-                        too_many = true;
-                        return None;
-                    }
-                    Share::Pages => {}
-                }
-                // A page; or a block the child maps page by page (its folio has the most
-                // block entries it may have): the parent's stays a block.
-                let mut shared = None;
-                for i in 0..pages {
-                    let at = ipa + i * PAGE_SIZE;
-                    let key = self.item_key(region, at);
-                    let Some(page) = self.share_entry(entry.page(i), 1, swap, key) else {
-                        too_many = entry != PageState::Invalid;
-                        return None;
-                    };
-                    batch.push((at, 1, page));
-                    shared.get_or_insert(page);
-                }
-                shared
+                let shared = self.share_leaf(region, swap, &mut batch, (ipa, pages, entry));
+                too_many = shared.is_err();
+                shared.ok().flatten()
             });
             if too_many {
                 // Refused before the child sees anything of this chunk; the parent's entries
@@ -153,6 +131,44 @@ impl Rmap {
             start = end;
         }
         Ok(())
+    }
+
+    /// Shares one parent leaf (`ipa`, `pages`, the entry of its first page) with the child:
+    /// the child's entries go to `batch`; returns the parent's replacement, or `Err` when a
+    /// frame, folio or swap slot has the map limit's mappings (what this leaf already put in
+    /// `batch` is the caller's to unshare).
+    fn share_leaf<W: SwapStore>(
+        &self,
+        region: &Region,
+        swap: &W,
+        batch: &mut Vec<(Ipa, u64, PageState)>,
+        (ipa, pages, entry): (Ipa, u64, PageState),
+    ) -> Result<Option<PageState>, ()> {
+        match self.share_block(entry, pages) {
+            Share::Block(block) => {
+                batch.push((ipa, pages, block));
+                return Ok(Some(block));
+            }
+            Share::TooMany => return Err(()),
+            Share::Pages => {}
+        }
+        // A page; or a block the child maps page by page (its folio has the most block
+        // entries it may have): the parent's stays a block.
+        let mut shared = None;
+        for i in 0..pages {
+            let at = ipa + i * PAGE_SIZE;
+            let key = self.item_key(region, at);
+            let Some(page) = self.share_entry(entry.page(i), 1, swap, key) else {
+                return if entry == PageState::Invalid {
+                    Ok(None)
+                } else {
+                    Err(())
+                };
+            };
+            batch.push((at, 1, page));
+            shared.get_or_insert(page);
+        }
+        Ok(shared)
     }
 
     /// How a fork child gets a parent's block `entry` of `pages` pages mapping a folio:

@@ -485,25 +485,3 @@ mod tests {
         assert!(frame.put());
     }
 }
-
-#[cfg(test)]
-mod storage_tests {
-    use super::*;
-    use alloc::vec::Vec;
-    use core::mem::MaybeUninit;
-
-    #[test]
-    fn a_table_in_given_memory_covers_exactly_that_memory() {
-        let memory: &'static mut [MaybeUninit<Frame>] =
-            Vec::leak((0..5).map(|_| MaybeUninit::uninit()).collect::<Vec<_>>());
-        let table = FrameTable::in_memory(Pfn::new(100), memory);
-        assert_eq!(table.len(), 5);
-        assert!(table.get(Pfn::new(99)).is_none());
-        assert!(table.get(Pfn::new(105)).is_none());
-        assert_eq!(table.frame(Pfn::new(104)).mapcount(), 0);
-        assert_eq!(
-            table.iter().map(|(pfn, _)| pfn).collect::<Vec<_>>(),
-            Pfn::new(100).run(5).collect::<Vec<_>>()
-        );
-    }
-}

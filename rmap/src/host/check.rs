@@ -24,14 +24,7 @@ impl HostWorld {
         let mut swaps: BTreeMap<u64, u32> = BTreeMap::new();
         let (mut regions, mut chains) = (0, 0);
         let mut writable_frames = BTreeSet::new();
-        // Block leaves per folio (by first frame): each folio's entire mapcount.
-        let mut blocks: BTreeMap<Pfn, u32> = BTreeMap::new();
         for vm in self.vms.all() {
-            for ipa in vm.s2.blocks() {
-                if let PageState::Mapped { pfn, .. } = vm.s2.lock().lookup(ipa) {
-                    *blocks.entry(pfn).or_default() += 1;
-                }
-            }
             let list = vm.regions.read();
             regions += list.len();
             chains += list.iter().map(|r| r.chains().len()).sum::<usize>();
@@ -54,7 +47,7 @@ impl HostWorld {
             *swaps.entry(slot).or_default() += 1;
         }
         self.check_frames(&maps, &cached)?;
-        self.check_folios(&blocks)?;
+        self.check_folios()?;
         self.check_merged(&writable_frames)?;
         if swaps != self.machine.swap_refs() {
             return Err(format!(
@@ -97,7 +90,15 @@ impl HostWorld {
     }
 
     /// Every folio's entire mapcount is the number of block leaves mapping it whole.
-    fn check_folios(&self, blocks: &BTreeMap<Pfn, u32>) -> Result<(), String> {
+    fn check_folios(&self) -> Result<(), String> {
+        let mut blocks: BTreeMap<Pfn, u32> = BTreeMap::new();
+        for vm in self.vms.all() {
+            for ipa in vm.s2.blocks() {
+                if let PageState::Mapped { pfn, .. } = vm.s2.lock().lookup(ipa) {
+                    *blocks.entry(pfn).or_default() += 1;
+                }
+            }
+        }
         let frames = self.rmap.frames();
         let heads = frames
             .iter()
