@@ -266,13 +266,29 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
 
     /// Splits the block mapping `ipa` into pages; the page's leaf afterwards,
     /// or why not: no table page for the split, or the block changed.
+    /// A split block mapping a folio counts page by page from then on: its
+    /// folio's entire mapcount moves to the pages (`FrameTable::split_entire`,
+    /// under this lock, before any page of it changes).
     pub(crate) fn split(&mut self, ipa: Ipa) -> Result<LeafInfo, Refused> {
         let table = self.mem.table();
         let changed = || Refused::Changed(decode(table.lookup(ipa), ipa));
+        let block = match table.lookup(ipa) {
+            Some(LeafInfo {
+                leaf: Leaf::Mapped(m),
+                level,
+                ..
+            }) if level < stage2::LAST_LEVEL => Some(m.pa.pfn()),
+            _ => None,
+        };
         match table.split_block(ipa, &self.mem.tlb()) {
             Err(stage2::Error::NoMemory) => Err(Refused::NoMemory),
             Err(_) => Err(changed()),
-            Ok(()) => table.lookup(ipa).ok_or_else(changed),
+            Ok(()) => {
+                if let Some(head) = block {
+                    self.mem.machine().frame_table().split_entire(head);
+                }
+                table.lookup(ipa).ok_or_else(changed)
+            }
         }
     }
 

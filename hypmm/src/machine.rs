@@ -55,6 +55,10 @@ pub trait Machine {
     /// `pages` frames (a 2 MiB block), or None.
     fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa>;
 
+    /// The reverse map's frame table: a block split moves that mapping's
+    /// count of its folio to per-page counts there (`FrameTable::split_entire`).
+    fn frame_table(&self) -> &rmap::FrameTable;
+
     /// Returns a guest frame to the allocator.
     fn free_frame(&self, pa: Pa);
 

@@ -236,6 +236,11 @@ impl<M: Machine> GuestMemory<M> {
     }
 
     /// The table, unless the VM was torn down.
+    /// The machine this VM's table is on.
+    pub(crate) fn machine(&self) -> &M {
+        &self.machine
+    }
+
     pub(crate) fn live(&self) -> Option<&Stage2Table<M::Tables>> {
         self.table.as_ref()
     }

@@ -30,6 +30,7 @@ use crate::machine::Machine;
 use crate::vm::{GuestVm, MemCtx};
 use crate::PAGE_SIZE;
 use arrayvec::ArrayVec;
+use rmap::folio::FOLIO_PAGES;
 use rmap::CasError as Refused;
 use rmap::{Ipa, PageState, Stage2Locked, SwapStore};
 
@@ -231,6 +232,10 @@ fn make_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
     cleared: &[Cleared],
 ) -> Result<(), RestoreError> {
     for &(_, pages, first) in cleared {
+        if let (PageState::Mapped { pfn, .. }, FOLIO_PAGES) = (first, pages) {
+            cx.rmap.remove_block_rmap(pfn, &cx.frames());
+            continue;
+        }
         for i in 0..pages {
             match first.page(i) {
                 PageState::Mapped { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),

@@ -242,7 +242,9 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                             pfn: pfn + len,
                             writable,
                         });
-                if !contiguous || (len + next_pages) * PAGE_SIZE > BLOCK_SIZE {
+                // Only a whole block item (a parent's block) maps as a block entry: the
+                // folio's entire mapcount counts it (rmap's `folio`), never a run of pages.
+                if !contiguous || (len + next_pages) * PAGE_SIZE >= BLOCK_SIZE {
                     break;
                 }
                 len += next_pages;

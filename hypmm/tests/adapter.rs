@@ -110,6 +110,15 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
     }
     w.touch(&parent, RAM_BASE + 7 * PAGE_SIZE);
     w.touch(&child, RAM_BASE + 7 * PAGE_SIZE);
+    // The child's block is one more count on the folio, not 512.
+    let frames = w.rmap.frames();
+    assert_eq!(frames.entire_mapcount(block_pfn), 2);
+    assert_eq!(
+        frames.frame(block_pfn + 9).mapcount(),
+        1,
+        "the folio's share"
+    );
+    assert_eq!(frames.mapcount(block_pfn + 9), 2);
 
     // The child's write breaks the share: its own copy, a split block.
     check_clean_before_map(&w, vec![child.clone()]);
@@ -137,6 +146,26 @@ fn fork_write_protects_a_block_with_one_flush_and_cow_breaks_it() {
         writable: false,
     };
     assert_eq!(w.entry(&parent, ipa), ro, "the parent still shares");
+    // The adapter's split moved the child's count to its pages.
+    assert_eq!(frames.entire_mapcount(block_pfn), 1);
+    assert_eq!(frames.mapcount(block_pfn + 7), 1, "the parent's block");
+    assert_eq!(frames.mapcount(block_pfn + 8), 2);
+    assert_eq!(
+        frames.frame(block_pfn + 8).mapcount(),
+        2,
+        "child's page + share"
+    );
+    // Teardown: the parent's block entry is the last; then the child's pages.
+    let before = w.hw().frames.allocated();
+    w.teardown(&parent);
+    assert_eq!(frames.entire_mapcount(block_pfn), 0);
+    assert_eq!(
+        w.hw().frames.allocated(),
+        before - 1,
+        "only page 7's old frame"
+    );
+    w.teardown(&child);
+    assert_eq!(w.hw().frames.allocated(), before - 1 - BLOCK_PAGES as usize);
 }
 
 #[test]

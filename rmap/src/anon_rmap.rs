@@ -3,6 +3,7 @@
 //! lifetime around them.
 
 use crate::backend::FrameAllocator;
+use crate::folio::FOLIO_PAGES;
 use crate::frame::FrameGuard;
 use crate::region::Region;
 use crate::{Error, Ipa, Pfn, Rmap};
@@ -56,12 +57,15 @@ impl Rmap {
         frame.inc_map();
     }
 
-    /// Records `pages` new frames starting at `pfn` that one block entry maps at consecutive
-    /// IPAs from `ipa` in `region` (a 2 MiB first touch, Linux's huge anonymous fault): each
-    /// frame becomes an exclusive anonymous page with its own index, exactly as if faulted
-    /// one by one, so later CoW, migration and reclaim work page by page after a split.
-    /// The frames come zeroed from the caller's allocator and are not yet visible.
+    /// Records `pages` ([`FOLIO_PAGES`]) new frames starting at `pfn` that one block entry maps
+    /// at consecutive IPAs from `ipa` in `region` (a 2 MiB first touch, Linux's huge anonymous
+    /// fault, `folio_add_new_anon_rmap` of a THP): each frame becomes an exclusive anonymous
+    /// page with its own index, holding the folio's share, and the folio's entire mapcount
+    /// counts the block entry (`crate::folio`), so later CoW, migration and reclaim work page
+    /// by page after a split. The frames come zeroed from the caller's allocator and are not
+    /// yet visible.
     pub fn add_new_anon_block(&self, pfn: Pfn, pages: u64, region: &Region, ipa: Ipa) {
+        assert_eq!(pages, FOLIO_PAGES, "a block maps one folio");
         for i in 0..pages {
             let frame = self.frames.frame(pfn + i);
             frame.init_allocated();
@@ -69,12 +73,22 @@ impl Rmap {
             let last = frame.put();
             debug_assert!(!last, "a mapped frame keeps its reference");
         }
+        self.frames.start_folio(pfn);
     }
 
     /// Undoes [`Rmap::add_new_anon_block`] when the block entry could not be installed.
     pub fn remove_new_anon_block(&self, pfn: Pfn, pages: u64, alloc: &impl FrameAllocator) {
-        for i in 0..pages {
-            self.remove_rmap(pfn + i, alloc);
+        debug_assert_eq!(pages, FOLIO_PAGES);
+        self.remove_block_rmap(pfn, alloc);
+    }
+
+    /// Drops one block entry mapping the folio at `head` whole (its leaf cleared and its TLB
+    /// entry invalidated): one count; the last block entry drops the folio's per-frame
+    /// shares, freeing the frames nothing else maps (Linux's `folio_remove_rmap_pmd`).
+    pub fn remove_block_rmap(&self, head: Pfn, alloc: &impl FrameAllocator) {
+        if self.frames.unmap_entire(head) {
+            head.run(FOLIO_PAGES)
+                .for_each(|p| self.drop_mapping(p, alloc));
         }
     }
 
@@ -169,7 +183,10 @@ impl Rmap {
             .anon_vma()
             .expect("region mapping a frame has an anon_vma");
         let meta = frame.frame();
-        debug_assert!(meta.mapcount() <= 1, "re-homing a shared frame");
+        debug_assert!(
+            self.frames.mapcount(frame.pfn()) <= 1,
+            "re-homing a shared frame"
+        );
         meta.set_anon(own, meta.index());
     }
 }

@@ -2,6 +2,7 @@
 //! stage-2 tables go (lesson 5: every table an rmap walk can reach is alive).
 
 use crate::backend::{CasError, FrameAllocator, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::region::{Region, RegionList};
 use crate::{Ipa, Rmap, VmId, PAGE_SIZE};
 use core::ops::Range;
@@ -162,6 +163,10 @@ impl Rmap {
             }
             s2.flush_deferred();
             for &(start, pages, first) in &cleared[..n] {
+                if let (PageState::Mapped { pfn, .. }, FOLIO_PAGES) = (first, pages) {
+                    self.remove_block_rmap(pfn, alloc);
+                    continue;
+                }
                 for i in 0..pages {
                     match first.page(i) {
                         PageState::Mapped { pfn, .. } => {

@@ -203,8 +203,8 @@ impl Rmap {
                 // (Linux copies KSM pages too): `Mapped{p, ro, merged} -> Mapped{q, rw}`.
                 drop(table);
                 self.cow_copy(region, s2, alloc, ipa, pfn, true)
-            } else if frame.mapcount() == 1 && frame.refcount() == 2 {
-                // Sole owner (one mapping plus our pin): reuse instead of copying.
+            } else if self.frames.mapcount(pfn) == 1 && frame.refcount() == 2 {
+                // Sole owner (one mapping, a block's included, plus our pin): reuse.
                 self.move_anon_rmap(&guard, region);
                 let new = PageState::Mapped {
                     pfn,

@@ -2,6 +2,7 @@
 //! stage-2 entries copied read-only, in time proportional to the mapped entries.
 
 use crate::backend::{PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::ksm::ItemKey;
 use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
@@ -108,13 +109,9 @@ impl Rmap {
                 if too_many {
                     return None;
                 }
-                let key = self.item_key(region, ipa);
-                let Some(shared) = self.share_entry(entry, pages, swap, key) else {
-                    too_many = entry != PageState::Invalid;
-                    return None;
-                };
-                batch.push((ipa, pages, shared));
-                Some(shared)
+                let shared = self.share_leaf(region, swap, &mut batch, (ipa, pages, entry));
+                too_many = shared.is_err();
+                shared.ok().flatten()
             });
             if too_many {
                 // Refused before the child sees anything of this chunk; the parent's entries
@@ -134,6 +131,68 @@ impl Rmap {
             start = end;
         }
         Ok(())
+    }
+
+    /// Shares one parent leaf (`ipa`, `pages`, the entry of its first page) with the child:
+    /// the child's entries go to `batch`; returns the parent's replacement, or `Err` when a
+    /// frame, folio or swap slot has the map limit's mappings (what this leaf already put in
+    /// `batch` is the caller's to unshare).
+    fn share_leaf<W: SwapStore>(
+        &self,
+        region: &Region,
+        swap: &W,
+        batch: &mut Vec<(Ipa, u64, PageState)>,
+        (ipa, pages, entry): (Ipa, u64, PageState),
+    ) -> Result<Option<PageState>, ()> {
+        match self.share_block(entry, pages) {
+            Share::Block(block) => {
+                batch.push((ipa, pages, block));
+                return Ok(Some(block));
+            }
+            Share::TooMany => return Err(()),
+            Share::Pages => {}
+        }
+        // A page; or a block the child maps page by page (its folio has the most block
+        // entries it may have): the parent's stays a block.
+        let mut shared = None;
+        for i in 0..pages {
+            let at = ipa + i * PAGE_SIZE;
+            let key = self.item_key(region, at);
+            let Some(page) = self.share_entry(entry.page(i), 1, swap, key) else {
+                return if entry == PageState::Invalid {
+                    Ok(None)
+                } else {
+                    Err(())
+                };
+            };
+            batch.push((at, 1, page));
+            shared.get_or_insert(page);
+        }
+        Ok(shared)
+    }
+
+    /// How a fork child gets a parent's block `entry` of `pages` pages mapping a folio:
+    /// read-only as one more block entry counted on the folio (`crate::folio`), not 512
+    /// references; or page by page (a page, or a folio with [`crate::folio::ENTIRE_MAX`] block entries);
+    /// or not at all (the folio has the map limit's).
+    fn share_block(&self, entry: PageState, pages: u64) -> Share {
+        let PageState::Mapped { pfn, .. } = entry else {
+            return Share::Pages;
+        };
+        if pages != FOLIO_PAGES {
+            return Share::Pages;
+        }
+        if self.frames.try_map_entire(pfn, self.map_limit) {
+            return Share::Block(PageState::Mapped {
+                pfn,
+                writable: false,
+            });
+        }
+        if self.frames.entire_mapcount(pfn) >= self.map_limit {
+            Share::TooMany
+        } else {
+            Share::Pages
+        }
     }
 
     /// The entry a fork child gets for a parent's `entry` covering `pages` pages (read-only,
@@ -196,6 +255,17 @@ impl Rmap {
         ipa: Ipa,
     ) {
         match entry {
+            // The parent's block was split meanwhile if this was the last block entry: its
+            // pages count the parent, so the shares go without freeing anything.
+            PageState::Mapped { pfn, .. }
+                if pages == FOLIO_PAGES && self.frames.unmap_entire(pfn) =>
+            {
+                pfn.run(pages).for_each(|p| {
+                    let last = self.frames.frame(p).dec_map();
+                    debug_assert!(!last, "the parent still maps it");
+                });
+            }
+            PageState::Mapped { .. } if pages == FOLIO_PAGES => {}
             PageState::Mapped { pfn, .. } => pfn.run(pages).for_each(|p| {
                 if self.frames.frame(p).is_merged() {
                     self.merged_count(p, self.item_key(region, ipa), false);
@@ -207,4 +277,14 @@ impl Rmap {
             _ => {}
         }
     }
+}
+
+/// How a fork shares a parent's leaf ([`Rmap::share_block`]).
+enum Share {
+    /// As one block entry, counted once on its folio.
+    Block(PageState),
+    /// Page by page, each page counted on its frame.
+    Pages,
+    /// Not at all: the folio has the map limit's block entries.
+    TooMany,
 }

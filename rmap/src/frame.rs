@@ -204,7 +204,34 @@ impl Frame {
     pub fn is_locked(&self) -> bool {
         self.flags() & FRAME_LOCKED != 0
     }
+
+    /// The bits above the `FRAME_*` flags: in a folio's first tail frame, the folio's entire
+    /// mapcount (`crate::folio`); 0 in every other frame.
+    pub(crate) fn entire_bits(&self) -> u32 {
+        u32::from(self.flags() >> ENTIRE_SHIFT)
+    }
+
+    /// Replaces the entire-mapcount bits if they still are `old` (the flag bits below them,
+    /// the lock bit among them, may change meanwhile and are kept).
+    pub(crate) fn cas_entire_bits(&self, old: u32, new: u32) -> bool {
+        let (old, new) = (old as u16, new as u16);
+        let mut seen = self.flags.load(Ordering::Relaxed);
+        while seen >> ENTIRE_SHIFT == old {
+            let want = (seen & ((1 << ENTIRE_SHIFT) - 1)) | (new << ENTIRE_SHIFT);
+            match self
+                .flags
+                .compare_exchange_weak(seen, want, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => seen = now,
+            }
+        }
+        false
+    }
 }
+
+/// Where a folio's entire mapcount starts in its first tail's `flags` (above the four flags).
+pub(crate) const ENTIRE_SHIFT: u16 = 4;
 
 /// Proof that the caller holds a frame's lock bit; unlocks on drop.
 pub struct FrameGuard<'a> {
@@ -285,6 +312,30 @@ impl FrameTable {
         FrameTable {
             base,
             frames: Storage::Given(frames),
+        }
+    }
+
+    /// A table over `count` frames from `base` in heap memory leaked for good, so it can be
+    /// [viewed](FrameTable::view) (host tests: their stage 2 reports splits through a view).
+    pub fn leaked(base: Pfn, count: usize) -> Self {
+        let memory = alloc::vec::Vec::leak(
+            (0..count)
+                .map(|_| core::mem::MaybeUninit::uninit())
+                .collect(),
+        );
+        Self::in_memory(base, memory)
+    }
+
+    /// Another table over the same frames, for a table in memory given for good (the stage 2
+    /// reports block splits to the folio counts, `crate::folio`, through it); `None` for one
+    /// on the heap.
+    pub fn view(&self) -> Option<FrameTable> {
+        match self.frames {
+            Storage::Given(frames) => Some(FrameTable {
+                base: self.base,
+                frames: Storage::Given(frames),
+            }),
+            Storage::Heap(_) => None,
         }
     }
 
@@ -432,27 +483,5 @@ mod tests {
         assert!(frame.try_pin());
         assert!(!frame.put());
         assert!(frame.put());
-    }
-}
-
-#[cfg(test)]
-mod storage_tests {
-    use super::*;
-    use alloc::vec::Vec;
-    use core::mem::MaybeUninit;
-
-    #[test]
-    fn a_table_in_given_memory_covers_exactly_that_memory() {
-        let memory: &'static mut [MaybeUninit<Frame>] =
-            Vec::leak((0..5).map(|_| MaybeUninit::uninit()).collect::<Vec<_>>());
-        let table = FrameTable::in_memory(Pfn::new(100), memory);
-        assert_eq!(table.len(), 5);
-        assert!(table.get(Pfn::new(99)).is_none());
-        assert!(table.get(Pfn::new(105)).is_none());
-        assert_eq!(table.frame(Pfn::new(104)).mapcount(), 0);
-        assert_eq!(
-            table.iter().map(|(pfn, _)| pfn).collect::<Vec<_>>(),
-            Pfn::new(100).run(5).collect::<Vec<_>>()
-        );
     }
 }

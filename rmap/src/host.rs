@@ -351,12 +351,13 @@ impl HostWorld {
     ) -> Self {
         let base = Pfn::new(0x40_000);
         let machine = HostMachine::new(base, frames, words, swap_capacity);
+        // Leaked so the stage 2 can hold a view: it reports block splits to the folio counts.
+        let table = crate::FrameTable::leaked(base, frames);
+        machine
+            .hw()
+            .set_frames(table.view().expect("a leaked table has a view"));
         HostWorld {
-            rmap: Rmap::new(
-                crate::FrameTable::new(base, frames),
-                max_anon_vmas,
-                max_chains,
-            ),
+            rmap: Rmap::new(table, max_anon_vmas, max_chains),
             vms: HostVms::with_hw(machine.hw().clone()),
             machine,
         }

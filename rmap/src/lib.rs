@@ -20,6 +20,7 @@ pub mod batch;
 pub mod chain;
 pub mod destroy;
 pub mod fault;
+pub mod folio;
 pub mod fork;
 pub mod frame;
 pub mod interval;

@@ -181,7 +181,8 @@ impl Rmap {
         );
         if !found {
             Err(MergeError::NotMapped)
-        } else if read_only == guard.frame().mapcount() {
+        } else if read_only == self.frames.mapcount(pfn) && self.frames.entire_mapcount(pfn) == 0 {
+            // A frame a block still maps (read-only) is refused: merged frames are pages.
             Ok(())
         } else {
             Err(MergeError::Busy)

@@ -348,11 +348,12 @@ fn a_free_frame_nobody_cached_is_fine() {
     assert!(w.hw().failures().is_empty());
 }
 
-/// As hyp's fill: a fork child gets one block for a whole aligned run of consecutive frames
-/// even where the parent's block was split (a sole owner's CoW reuse keeps the frame), and
-/// its teardown with no table page left clears that block whole.
+/// A fork child gets a block only for a parent's block (counted once on its folio), never
+/// for a run of page entries, even of consecutive frames (a sole owner's CoW reuse split the
+/// parent's block but kept the frames): those count page by page, so the child maps pages;
+/// its teardown with no table page left clears them all.
 #[test]
-fn a_split_run_of_consecutive_frames_forks_as_a_block() {
+fn a_split_run_of_consecutive_frames_forks_as_pages() {
     let w = world();
     let (a, mut model) = blocky_vm(&w);
     let b = w.fork(&a).unwrap();
@@ -362,7 +363,11 @@ fn a_split_run_of_consecutive_frames_forks_as_a_block() {
     model.insert(ipa, 3);
     assert!(!a.s2.blocks().contains(&RAM), "split by the reuse");
     let c = w.fork(&a).unwrap();
-    assert!(c.s2.blocks().contains(&RAM), "{:?}", c.s2.blocks());
+    assert!(!c.s2.blocks().contains(&RAM), "{:?}", c.s2.blocks());
+    let pfn = c.s2.lock().lookup(RAM).pfn().unwrap();
+    assert_eq!(w.rmap.frames().entire_mapcount(pfn), 0);
+    assert_eq!(w.rmap.frames().mapcount(pfn), 2);
+    w.check().unwrap();
     assert_reads(&w, &c, &model);
     w.hw().set_table_budget(Some(0));
     w.destroy(&c);

@@ -90,3 +90,27 @@ fn forks_stop_at_the_map_limit_of_a_swap_slot() {
     assert_eq!(w.machine.allocated(), 0);
     assert!(w.machine.swap_refs().is_empty(), "every swap slot freed");
 }
+
+/// A block's forks count on its folio (one count each) up to the limit, then are refused
+/// like a page's; the folio's count is the limit and every frame counts its share once.
+#[test]
+fn forks_of_a_block_stop_at_the_map_limit() {
+    use rmap::host::BLOCK_PAGES;
+    let mut w = HostWorld::new(1024, 1, 4096, 8192);
+    w.rmap.limit_mappings(LIMIT);
+    let vm = w.create_vm(&[(RAM, BLOCK_PAGES)]);
+    assert!(w.fault_block(&vm, RAM));
+    let head = vm.s2.lock().lookup(RAM).pfn().unwrap();
+    let children = fork_until_refused(&w, &vm);
+    assert_eq!(children.len() as u32, LIMIT - 1);
+    assert_eq!(w.rmap.frames().entire_mapcount(head), LIMIT);
+    assert_eq!(w.rmap.frames().mapcount(head + 7), LIMIT);
+    assert_eq!(w.rmap.frames().frame(head + 7).mapcount(), 1, "one share");
+    w.check().unwrap();
+    for c in &children {
+        w.destroy(c);
+    }
+    w.destroy(&vm);
+    w.check().unwrap();
+    assert_eq!(w.machine.allocated(), 0);
+}

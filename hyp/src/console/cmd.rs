@@ -354,10 +354,15 @@ fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
         return Ok(());
     }
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
-    let (mapcount, anon, index) = (frame.mapcount(), rmap.frame_anon_vma(frame), frame.index());
+    let (mapcount, anon, index) = (
+        rmap.frames().mapcount(pfn),
+        rmap.frame_anon_vma(frame),
+        frame.index(),
+    );
+    let blocks = rmap.frames().entire_mapcount(pfn);
     crate::say!(
         r,
-        "frame {pa:#x}: mapcount {mapcount}, anon_vma {anon:?}, index {index:#x}"
+        "frame {pa:#x}: mapcount {mapcount} ({blocks} as a 2 MiB block), anon_vma {anon:?}, index {index:#x}"
     );
     r.set("mapcount", mapcount);
     if let Some(node) = rmap.stable_info(pfn) {

@@ -109,7 +109,7 @@ pub fn migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Resul
         let first = first
             .first()
             .ok_or(CmdError::Bench("the bench VM has no frames"))?;
-        let mapcount = rmap().frames().frame(*first).mapcount();
+        let mapcount = rmap().frames().mapcount(*first);
         let (copy, mig) = (median(&p.base), median(&p.subject));
         let ratio = p.ratio();
         crate::say!(

@@ -317,10 +317,10 @@ pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Erro
 
 /// Frames mapped by more than one stage-2 entry.
 pub fn shared_frames() -> u64 {
-    rmap()
-        .frames()
+    let frames = rmap().frames();
+    frames
         .iter()
-        .filter(|(_, f)| f.mapcount() > 1)
+        .filter(|&(pfn, _)| frames.mapcount(pfn) > 1)
         .count() as u64
 }
 

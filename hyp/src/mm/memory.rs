@@ -165,6 +165,11 @@ impl hypmm::Machine for HypMachine {
     }
 
     #[inline]
+    fn frame_table(&self) -> &rmap::FrameTable {
+        crate::mm::glue::rmap().frames()
+    }
+
+    #[inline]
     fn free_frame(&self, pa: Pa) {
         frames::get().free(pa)
     }

@@ -48,6 +48,8 @@ pub struct Hw {
     pub cached: Mutex<BTreeMap<(u16, u64), u64>>,
     /// Every frame freed, in order.
     pub freed: Mutex<Vec<u64>>,
+    /// A view of the world's frame table (the stage 2 reports block splits to it).
+    pub meta: FrameTable,
 }
 
 impl Hw {
@@ -116,6 +118,9 @@ impl Machine for HostMach {
     fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa> {
         let pfn = self.0.frames.alloc_contiguous(pages as u64)?;
         Some(pfn.pa())
+    }
+    fn frame_table(&self) -> &FrameTable {
+        &self.0.meta
     }
     /// The TLB model's check: no guest may still cache a translation to it.
     fn free_frame(&self, pa: Pa) {
@@ -235,6 +240,7 @@ impl World {
         let cfg = S2Config::new(2, 40, VmidBits::Eight)
             .expect("config")
             .with_fwb(fwb);
+        let table = FrameTable::leaked(FRAME_BASE, FRAMES);
         let hw: &'static Hw = Box::leak(Box::new(Hw {
             tables: HostMemory::new(256),
             tlb: RecordingTlb::new(),
@@ -245,9 +251,10 @@ impl World {
             local_flushes: AtomicU64::new(0),
             cached: Mutex::new(BTreeMap::new()),
             freed: Mutex::new(Vec::new()),
+            meta: table.view().expect("a leaked table has a view"),
         }));
         hw.tlb.set_hook(move |call| hw.on_tlb(call));
-        let rmap = Rmap::new(FrameTable::new(FRAME_BASE, FRAMES), 1024, 1024);
+        let rmap = Rmap::new(table, 1024, 1024);
         World {
             m: HostMach(hw),
             rmap,

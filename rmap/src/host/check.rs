@@ -1,7 +1,7 @@
 //! Whole-world invariant checks for host tests, at quiescent points.
 
 use super::HostWorld;
-use crate::backend::{PageState, Stage2};
+use crate::backend::{PageState, Stage2, Stage2Locked};
 use crate::{AnonHandle, Pfn};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -49,6 +49,7 @@ impl HostWorld {
             *swaps.entry(slot).or_default() += 1;
         }
         self.check_frames(&maps, &cached)?;
+        self.check_folios()?;
         self.check_merged(&writable_frames)?;
         if swaps != self.machine.swap_refs() {
             return Err(format!(
@@ -90,18 +91,47 @@ impl HostWorld {
         Ok(())
     }
 
+    /// Every folio's entire mapcount is the number of block leaves mapping it whole.
+    fn check_folios(&self) -> Result<(), String> {
+        let mut blocks: BTreeMap<Pfn, u32> = BTreeMap::new();
+        for vm in self.vms.all() {
+            for ipa in vm.s2.blocks() {
+                if let PageState::Mapped { pfn, .. } = vm.s2.lock().lookup(ipa) {
+                    *blocks.entry(pfn).or_default() += 1;
+                }
+            }
+        }
+        let frames = self.rmap.frames();
+        let heads = frames
+            .iter()
+            .map(|(pfn, _)| pfn)
+            .filter(|pfn| pfn.is_aligned(crate::folio::FOLIO_PAGES));
+        for head in heads {
+            let (entire, leaves) = (frames.entire_mapcount(head), blocks.get(&head));
+            if entire != leaves.copied().unwrap_or(0) {
+                return Err(format!(
+                    "folio {head:#x}: entire mapcount {entire}, {leaves:?} block leaves"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_frames(&self, maps: &BTreeMap<Pfn, u32>, cached: &[(u64, Pfn)]) -> Result<(), String> {
         let pins: BTreeMap<Pfn, u32> = cached.iter().map(|&(_, pfn)| (pfn, 1)).collect();
         for (pfn, frame) in self.rmap.frames().iter() {
             let expect = maps.get(&pfn).copied().unwrap_or(0);
-            let refs = expect + pins.get(&pfn).copied().unwrap_or(0);
-            if frame.mapcount() != expect || frame.refcount() != refs || frame.is_locked() {
+            let pinned = pins.get(&pfn).copied().unwrap_or(0);
+            // Block leaves count on the folio, the rest on the frame (`crate::folio`); the
+            // frame's own refcount is its own mapcount (the folio's share included) + pins.
+            let mapcount = self.rmap.frames().mapcount(pfn);
+            let refs = frame.mapcount() + pinned;
+            if mapcount != expect || frame.refcount() != refs || frame.is_locked() {
                 return Err(format!(
-                    "frame {pfn:#x}: mapcount {} refcount {} locked {}, {expect} leaves, {} cache pins",
+                    "frame {pfn:#x}: mapcount {mapcount} (own {}) refcount {} locked {}, {expect} leaves, {pinned} cache pins",
                     frame.mapcount(),
                     frame.refcount(),
                     frame.is_locked(),
-                    refs - expect
                 ));
             }
         }

@@ -46,6 +46,8 @@ pub struct HostHw {
     failures: OrderedMutex<Vec<String>>,
     /// Frames written and not cleaned to the point of coherency ([`super::cache`]).
     pub(super) cache: super::cache::CacheModel,
+    /// The world's frame table, where a split block's mapping moves to per-page counts.
+    frames: spin::Once<crate::FrameTable>,
 }
 
 impl Default for HostHw {
@@ -57,11 +59,25 @@ impl Default for HostHw {
             tlb: OrderedMutex::new(Level::ALLOCATOR, "host.tlb", BTreeMap::new()),
             failures: OrderedMutex::new(Level::ALLOCATOR, "host.failures", Vec::new()),
             cache: Default::default(),
+            frames: spin::Once::new(),
         }
     }
 }
 
 impl HostHw {
+    /// Gives the stage 2 a view of the world's frame table (once).
+    pub fn set_frames(&self, view: crate::FrameTable) {
+        self.frames.call_once(|| view);
+    }
+
+    /// A stage 2 split a block leaf mapping `entry` (its first page): the mapping now counts
+    /// page by page (hyp's stage 2 does the same).
+    pub(super) fn block_split(&self, entry: crate::PageState) {
+        if let (crate::PageState::Mapped { pfn, .. }, Some(frames)) = (entry, self.frames.get()) {
+            frames.split_entire(pfn);
+        }
+    }
+
     /// Allows `n` more table-page allocations (`None`: unlimited); the next one after those
     /// fails, as a hypervisor out of table memory does.
     pub fn set_table_budget(&self, n: Option<u64>) {

@@ -9,6 +9,7 @@
 
 use super::{HostVm, HostWorld};
 use crate::backend::{CasError, PageState, Stage2, Stage2Locked, SwapStore};
+use crate::folio::FOLIO_PAGES;
 use crate::region::Region;
 use crate::{Error, Ipa, PAGE_SIZE};
 use alloc::vec::Vec;
@@ -121,6 +122,10 @@ impl HostWorld {
     ) -> Result<(), Error> {
         let m = &self.machine;
         for &(start, pages, first) in cleared {
+            if let (PageState::Mapped { pfn, .. }, FOLIO_PAGES) = (first, pages) {
+                self.rmap.remove_block_rmap(pfn, m);
+                continue;
+            }
             for i in 0..pages {
                 let ipa = start + i * PAGE_SIZE;
                 match first.page(i) {

@@ -101,30 +101,12 @@ fn check_transition(old: PageState, new: PageState) {
     }
 }
 
-/// How many items from the start of `leaves` make one whole aligned 2 MiB run of consecutive
-/// IPAs and frames with one permission (0 if they do not).
-fn block_run(leaves: &[(Ipa, u64, PageState)]) -> usize {
-    let Some(&(ipa, _, PageState::Mapped { pfn, writable })) = leaves.first() else {
-        return 0;
-    };
-    if !ipa.is_aligned(BLOCK_SIZE) || !pfn.is_aligned(BLOCK_PAGES) {
-        return 0;
-    }
-    let mut len = 0;
-    for (n, &(at, pages, e)) in leaves.iter().enumerate() {
-        let next = PageState::Mapped {
-            pfn: pfn + len,
-            writable,
-        };
-        if at != ipa + len * PAGE_SIZE || e != next || len + pages > BLOCK_PAGES {
-            return 0;
-        }
-        len += pages;
-        if len == BLOCK_PAGES {
-            return n + 1;
-        }
-    }
-    0
+/// Whether the first of `leaves` is a whole aligned block item (a parent's block a fork
+/// copies): only such an item becomes a block leaf, so every block leaf maps a folio whose
+/// entire mapcount counts it (`crate::folio`); a run of page items stays pages.
+fn block_item(leaves: &[(Ipa, u64, PageState)]) -> bool {
+    matches!(leaves.first(), Some(&(ipa, BLOCK_PAGES, PageState::Mapped { pfn, .. }))
+        if ipa.is_aligned(BLOCK_SIZE) && pfn.is_aligned(BLOCK_PAGES))
 }
 
 /// A VM's stage 2 (see the module documentation). `None` once freed: any access after that
@@ -187,6 +169,7 @@ impl HostStage2Guard<'_> {
         if !self.ensure_table(base) {
             return false;
         }
+        self.hw.block_split(entry);
         let t = self.map_mut();
         t.blocks.remove(&base);
         for i in 0..BLOCK_PAGES {
@@ -399,15 +382,17 @@ impl Stage2Locked for HostStage2Guard<'_> {
             }
         }
     }
-    /// As hyp: consecutive items (IPAs and frames) that make up a whole aligned 2 MiB run
-    /// become one block leaf; anything else goes item by item.
+    /// As hyp: a whole block item becomes one block leaf; anything else goes item by item.
     fn fill_leaves(&mut self, leaves: &[(Ipa, u64, PageState)]) -> usize {
         let mut done = 0;
         while done < leaves.len() {
             let (ipa, pages, entry) = leaves[done];
-            let items = block_run(&leaves[done..]);
-            if items > 0 && self.install_block(ipa, entry) {
-                done += items;
+            if block_item(&leaves[done..]) {
+                // Counted as one block entry: installed as one, or not at all.
+                if !self.install_block(ipa, entry) {
+                    break;
+                }
+                done += 1;
                 continue;
             }
             if !self.fill_leaf(ipa, pages, entry) {
