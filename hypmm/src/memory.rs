@@ -235,12 +235,12 @@ impl<M: Machine> GuestMemory<M> {
         let _ = (ipa, len);
     }
 
-    /// The table, unless the VM was torn down.
-    /// The machine this VM's table is on.
+    /// The machine this VM's table is on (its frame table, its zero page).
     pub(crate) fn machine(&self) -> &M {
         &self.machine
     }
 
+    /// The table, unless the VM was torn down.
     pub(crate) fn live(&self) -> Option<&Stage2Table<M::Tables>> {
         self.table.as_ref()
     }
@@ -313,11 +313,6 @@ impl<M: Machine> GuestMemory<M> {
         if let Some(table) = self.table.take() {
             table.destroy(&self.tlb());
         }
-    }
-
-    /// The machine this table's frames come from (its zero page).
-    pub(crate) fn machine(&self) -> &M {
-        &self.machine
     }
 
     /// Starts deferring TLB invalidations to one flush (see `end_batch`).

@@ -126,6 +126,11 @@ fn cached(w: &HostWorld, pfn: Pfn) -> bool {
     w.rmap.swap_cache_entries().iter().any(|&(_, p)| p == pfn)
 }
 
+/// Whether a block entry still maps `pfn`'s folio whole.
+fn in_block(w: &HostWorld, pfn: Pfn) -> bool {
+    w.rmap.frames().entire_mapcount(pfn) > 0
+}
+
 fn pages() -> Vec<Ipa> {
     REGIONS[..3]
         .iter()
@@ -348,10 +353,15 @@ impl Model {
                 assert!(!mapped(a) || !mapped(b), "{:?} {:?}", entry(a), entry(b));
             }
             Err(MergeError::BothMerged) => {}
-            // A frame the swap cache holds, or a block that cannot be split.
+            // A frame the swap cache holds, a block that cannot be split, or a frame a
+            // read-only block still maps whole (merged frames are pages).
             Err(MergeError::Busy) => {
-                let cached = |p: (usize, Ipa)| entry(p).pfn().is_some_and(|f| cached(w, f));
-                assert!(self.limited || cached(a) || cached(b), "busy");
+                let held = |p: (usize, Ipa)| {
+                    entry(p)
+                        .pfn()
+                        .is_some_and(|f| cached(w, f) || in_block(w, f))
+                };
+                assert!(self.limited || held(a) || held(b), "busy");
             }
             Err(e) => panic!("merge: {e:?}"),
         }
@@ -388,8 +398,10 @@ impl Model {
                 let anon = matches!(before, PageState::Mapped { pfn, .. } if !merged(pfn));
                 assert!(!anon, "{before:?} refused as not mapped");
             }
+            // Held by the swap cache, or still mapped whole by a (read-only) block:
+            // merged frames are pages, and a block is left whole until it is split.
             Err(MergeError::Busy) => {
-                let held = before.pfn().is_some_and(|f| cached(w, f));
+                let held = before.pfn().is_some_and(|f| cached(w, f) || in_block(w, f));
                 assert!(self.limited || held, "busy");
             }
             Err(e) => panic!("merge_zero: {e:?}"),
