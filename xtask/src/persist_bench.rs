@@ -34,8 +34,16 @@ fn hyp(m: &mut Machine, cmd: &str, reply: &str) -> Result<String, String> {
 
 pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     let images = crate::linux::ensure()?;
-    let path = std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    // MHV_PERSIST_DISK=FILE keeps the disk: a FILE that exists already
+    // holds the saves, and only the restores run (for work on the load).
+    let kept = std::env::var_os("MHV_PERSIST_DISK").map(std::path::PathBuf::from);
+    let reuse = kept.as_ref().is_some_and(|p| p.exists());
+    let path = kept.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()))
+    });
+    if !reuse {
+        let _ = std::fs::remove_file(&path);
+    }
     let disk = DiskConfig {
         size: 2 << 30,
         ..DiskConfig::new(&path)
@@ -48,7 +56,11 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         disk: Some(disk.clone()),
         ..MachineConfig::default()
     };
-    let saves = save_run(&cfg, hyp_elf);
+    let saves = if reuse {
+        Ok(vec![format!("saves: kept in {}", path.display())])
+    } else {
+        save_run(&cfg, hyp_elf)
+    };
     println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
     for l in saves.iter().flatten() {
         println!("  {l}");
@@ -65,7 +77,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         };
         load_run(&cfg, hyp_elf)
     });
-    let _ = std::fs::remove_file(&path);
+    if kept.is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
     saves?;
     for l in loads.unwrap_or_else(|| Err("not run".into()))? {
         println!("  {l}");

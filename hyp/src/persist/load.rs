@@ -40,8 +40,9 @@ pub struct Loaded {
     /// Pages read from the disk, and those that failed.
     pub read: AtomicU64,
     pub failed: AtomicU64,
-    /// The prefetcher's position in `prefetch::order`.
+    /// The prefetcher's position in `prefetch::order`, and its steps.
     pub cursor: AtomicU64,
+    pub steps: AtomicU64,
     touch: Mutex<Touch>,
 }
 
@@ -134,13 +135,14 @@ impl diskpages::ImageSource for Source {
         let now = crate::arch::timer::now();
         l.all_loaded_at.store(now, Ordering::Relaxed);
         crate::println!(
-            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({})",
+            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({}, {} steps)",
             l.vm,
             l.image.pages().len(),
             l.image.name(),
             l.read.load(Ordering::Relaxed),
             crate::arch::timer::ticks_to_us(now.wrapping_sub(l.opened)) / 1000,
-            if l.prefetch { "prefetch" } else { "no prefetch" }
+            if l.prefetch { "prefetch" } else { "no prefetch" },
+            l.steps.load(Ordering::Relaxed)
         );
         let order = core::mem::take(&mut l.touch.lock().order);
         TOUCHED.lock().insert(l.vm, order);
@@ -172,6 +174,7 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let (h, _) = state::header(image.state())?;
     check_shape(&h, &image)?;
     let vm = Vm::create(&h.name, h.vcpus, h.ram_size)?;
+    let created = crate::arch::timer::now();
     vm.pause();
     let vcpus = match state::apply(image.state(), &vm) {
         Ok(v) => v,
@@ -182,7 +185,9 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     };
     vm.replace_parked_vcpus(vcpus);
     crate::vm::devices::update_irq(&vm);
+    let stated = crate::arch::timer::now();
     let pages = install(&vm, image, prefetch, opened)?;
+    let installed = crate::arch::timer::now();
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
     vm.resume();
@@ -190,6 +195,15 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
         super::prefetch::start();
     }
     let now = crate::arch::timer::now();
+    let us = |a: u64, b: u64| crate::arch::timer::ticks_to_us(b.wrapping_sub(a));
+    crate::println!(
+        "[hyp] load '{name}': header+index+state read {} us, vm created {} us, state {} us, pages installed {} us, resumed {} us",
+        us(t0, opened),
+        us(opened, created),
+        us(created, stated),
+        us(stated, installed),
+        us(installed, now)
+    );
     Ok(LoadReport {
         vm: vm.id,
         pages,
@@ -222,8 +236,8 @@ fn check_shape(h: &state::Header, image: &Image) -> Result<(), PersistError> {
     Ok(())
 }
 
-/// Registers the image and makes its pages `vm`'s swap entries; on an
-/// error `vm` is stopped.
+/// Registers the image and makes its pages `vm`'s, read from the disk on
+/// first touch; on an error `vm` is stopped.
 fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u64, PersistError> {
     let gpns: Vec<u32> = image.pages().iter().map(|p| p.gpn().0).collect();
     let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
@@ -241,14 +255,17 @@ fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u6
         read: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         cursor: AtomicU64::new(0),
+        steps: AtomicU64::new(0),
         touch: Mutex::new(Touch::default()),
     });
     IMAGES.lock().insert(handle, loaded);
-    let result = diskpages::install(&vm.mem, handle, &gpns);
-    if result.is_err() {
+    let pages = gpns.len() as u64;
+    // The VM's pending chunks hold the image now; their entries are written
+    // on first touch (or by the prefetch).
+    if diskpages::install_lazy(&vm.mem, handle, gpns).is_err() {
+        IMAGES.lock().remove(&handle);
         vm.stop(crate::vm::STATUS_FAULT);
+        return Err(PersistError::Vm(crate::vm::VmError::NoMemory));
     }
-    // The VM's entries hold the image now (or, stopped, will let it go).
-    diskpages::release_install(handle);
-    result.map_err(|_| PersistError::Vm(crate::vm::VmError::NoMemory))
+    Ok(pages)
 }

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod fork;
 pub mod hypercall;
 mod machine;
+pub mod dbg;
 pub mod sched;
 pub mod vcpu;
 

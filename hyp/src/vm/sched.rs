@@ -71,6 +71,32 @@ pub fn vm_event(e: VmEvent) {
 
 static CONSOLE: Once<&'static ConsoleHooks> = Once::new();
 
+/// Work of a higher layer (the disk images' prefetch) that any CPU does in
+/// bounded steps whenever it has no vCPU loaded and the work is ready:
+/// between two time slices, in place of an idle WFI, and when a vCPU waits
+/// for an interrupt (its WFI gives the CPU back while the work is ready).
+/// Installed by that layer (layers.txt: `vm` never imports it).
+pub struct Background {
+    /// Whether a step would do something now (work left, and no other CPU
+    /// in a step). Cheap: asked at guest exits.
+    pub ready: fn() -> bool,
+    /// One bounded step (a no-op if another CPU is in one).
+    pub step: fn(),
+}
+
+static BACKGROUND: Once<&'static Background> = Once::new();
+
+/// Installs the background work (once) and wakes idle CPUs to do it.
+pub fn set_background(work: &'static Background) {
+    BACKGROUND.call_once(|| work);
+    kick_all();
+}
+
+/// Whether background work waits for a CPU.
+pub fn background_ready() -> bool {
+    BACKGROUND.get().is_some_and(|b| (b.ready)())
+}
+
 pub fn init(board: &Board, console: &'static ConsoleHooks) {
     BOARD.call_once(|| board.clone());
     CONSOLE.call_once(|| console);
@@ -130,6 +156,9 @@ pub fn handle_host_irqs(vcpu: Option<&Vcpu>) -> bool {
         if BOARD.get().is_some_and(|b| intid == b.hyp_timer_intid) {
             crate::arch::timer::arm_slice();
             slice_over = true;
+            let c = crate::arch::percpu::cpu_index().min(1);
+            crate::vm::dbg::TICKS[c].fetch_add(1, Ordering::Relaxed);
+            crate::vm::dbg::maybe_print();
         }
         if !crate::vdev::vgic::host_irq(vcpu.map(|v| (&v.vm.vgic, v.index)), intid) {
             crate::arch::gic::eoi(intid);
@@ -151,10 +180,16 @@ pub fn cpu_loop() -> ! {
     loop {
         handle_host_irqs(None);
         if crate::arch::percpu::cpu_index() == 0 {
+            crate::vm::dbg::POLLS.fetch_add(1, Ordering::Relaxed);
+            let t = crate::arch::timer::now();
             if let Some(c) = console() {
                 (c.poll)();
             }
+            crate::vm::dbg::POLL_T0.fetch_add(crate::arch::timer::now() - t, Ordering::Relaxed);
             exit_if_idle();
+        }
+        if let Some(b) = BACKGROUND.get() {
+            (b.step)();
         }
         // No vCPU is loaded here: no VM's stage 2 may stay this CPU's
         // context (a torn-down VM's root would; see Vm::unload_stage2).
@@ -164,8 +199,25 @@ pub fn cpu_loop() -> ! {
             "a VM's VTTBR is still loaded with no vCPU on this CPU"
         );
         match dequeue() {
-            Some(vcpu) => run(vcpu),
-            None => wfi(),
+            Some(vcpu) => {
+                let t = crate::arch::timer::now();
+                let c0 = crate::arch::percpu::cpu_index() == 0;
+                run(vcpu);
+                if c0 {
+                    let d = crate::arch::timer::now() - t;
+                    crate::vm::dbg::RUNS0.fetch_add(1, Ordering::Relaxed);
+                    crate::vm::dbg::RUN_T0.fetch_add(d, Ordering::Relaxed);
+                    crate::vm::dbg::MAXRUN.fetch_max(d, Ordering::Relaxed);
+                }
+            }
+            // Nothing to run: more background work, or wait.
+            None if background_ready() => {}
+            None => {
+                if crate::arch::percpu::cpu_index() == 0 {
+                    crate::vm::dbg::IDLEWFI0.fetch_add(1, Ordering::Relaxed);
+                }
+                wfi()
+            }
         }
     }
 }
@@ -198,6 +250,9 @@ fn run(vcpu: Box<Vcpu>) {
         }
         crate::vm::devices::flush(&vcpu);
         let kind = vcpu.enter();
+        if crate::arch::percpu::cpu_index() == 0 {
+            crate::vm::dbg::EXITS0.fetch_add(1, Ordering::Relaxed);
+        }
         vm.vgic.sync(vcpu.index);
         vm.exits.fetch_add(1, Ordering::Relaxed);
         crate::arch::percpu::this_cpu()
@@ -205,7 +260,8 @@ fn run(vcpu: Box<Vcpu>) {
             .fetch_add(1, Ordering::Relaxed);
         let action = match kind {
             ExitKind::Irq | ExitKind::Fiq => {
-                if handle_host_irqs(Some(&vcpu)) && !queue_empty() {
+                // A slice ended: let a waiting vCPU or background work in.
+                if handle_host_irqs(Some(&vcpu)) && (!queue_empty() || background_ready()) {
                     Action::Yield
                 } else {
                     Action::Continue
@@ -216,6 +272,10 @@ fn run(vcpu: Box<Vcpu>) {
         match action {
             Action::Continue if !console().is_some_and(|c| (c.command_waiting)()) => {}
             // A console command runs with no vCPU loaded (it may quiesce this VM).
+            Action::Continue => {
+                crate::vm::dbg::BREAK_CW.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
             _ => break,
         }
     }
