@@ -1,9 +1,11 @@
 //! Swap slots that name a page of a snapshot image on the disk (issue 17):
-//! a VM loaded from the disk starts with every saved page as a swap entry
+//! every saved page of a VM loaded from the disk becomes a swap entry
 //! (`PageState::Swapped`) whose slot says "page `gpn` of loaded image
 //! `image`", so the ordinary stage-2 fault path's swap-in (rmap's
 //! `handle_fault` → `SwapStore::load`) reads it from the disk, and fork,
-//! release, reclaim and teardown treat it as any swap entry.
+//! release, reclaim and teardown treat it as any swap entry. The entries
+//! are written per 2 MiB chunk on demand ([`Lazy`]): a load does nothing
+//! per page before the VM runs.
 //!
 //! The slot's bit 51 (the top of the 52 a stage-2 software entry holds) tags
 //! this namespace; bits 32..51 are the image handle, bits 0..32 the page.
@@ -275,7 +277,9 @@ fn install_chunk(vm: &crate::mm::VmMemory, p: &mut Pending, c: usize) -> Result<
             p.resume = Some((rc, ri));
         }
     }
-    let to = p.gpns.partition_point(|&g| g < lo.saturating_add(CHUNK_PAGES));
+    let to = p
+        .gpns
+        .partition_point(|&g| g < lo.saturating_add(CHUNK_PAGES));
     let mut leaves = Vec::new();
     leaves
         .try_reserve_exact(BATCH)
@@ -287,7 +291,11 @@ fn install_chunk(vm: &crate::mm::VmMemory, p: &mut Pending, c: usize) -> Result<
         leaves.clear();
         leaves.extend(batch.iter().map(|&g| {
             let slot = slot(p.image, g);
-            (base + u64::from(g) * PAGE_SIZE, 1, PageState::Swapped { slot })
+            (
+                base + u64::from(g) * PAGE_SIZE,
+                1,
+                PageState::Swapped { slot },
+            )
         }));
         // References first: teardown of a half-filled VM puts each entry's.
         *REFS.lock().entry(p.image).or_insert(0) += batch.len() as u64;

@@ -3,8 +3,11 @@
 //!
 //! The image's header, index and state are read and verified (snapfile);
 //! the VM is created with the image's shape, given its vCPU, vGIC, timer
-//! and UART state, and every stored page becomes a swap entry naming that
-//! page of the loaded image (`mm::diskpages`); then its vCPUs are queued.
+//! and UART state, and every stored page is to become a swap entry naming
+//! that page of the loaded image (`mm::diskpages`): recorded per 2 MiB
+//! chunk, whose entries are written on the first fault in it (or by the
+//! prefetch, or before a fork), so the load does no per-page work before
+//! its vCPUs are queued.
 //! A guest access to a page not yet loaded is an ordinary stage-2 fault
 //! whose swap-in reads the page from the disk here ([`Source::read`]),
 //! verified against its checksum; a page that fails stops the VM (the

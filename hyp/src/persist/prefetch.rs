@@ -36,7 +36,7 @@ pub fn start() {
     crate::vm::sched::set_background(&BACKGROUND);
 }
 
-/// CPU 0's time one step may take.
+/// A CPU's time one step may take (it ends after the page that passes it).
 pub const STEP_US: u64 = 2000;
 
 /// Passes over the image a prefetch makes at most: a page whose fault only
@@ -76,7 +76,6 @@ fn step() {
 fn step_images() -> bool {
     let mut more = false;
     let t0 = crate::arch::timer::now();
-    crate::vm::dbg::STEPS.fetch_add(1, Ordering::Relaxed);
     let budget = crate::arch::timer::ms_to_ticks(1) * STEP_US / 1000;
     for l in all() {
         if !l.prefetch {
@@ -107,7 +106,6 @@ fn step_images() -> bool {
         }
         PREFETCHING[cpu].store(false, Ordering::Relaxed);
     }
-    crate::vm::dbg::STEP_T.fetch_add(crate::arch::timer::now() - t0, Ordering::Relaxed);
     more
 }
 
@@ -122,7 +120,6 @@ fn fetch(vm: &crate::vm::Vm, l: &Loaded, gpn: u32) -> bool {
             Some((handle, _)) if handle == l.handle => {}
             _ => return true,
         }
-        crate::vm::dbg::FETCHED.fetch_add(1, Ordering::Relaxed);
         if crate::mm::glue::fault(&vm.mem, ipa, Access::Read, FaultKind::Translation).is_err() {
             return false;
         }

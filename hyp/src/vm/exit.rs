@@ -108,9 +108,6 @@ fn wfx(vcpu: &mut Vcpu, esr: u64) -> Action {
             return Action::Yield;
         }
         crate::arch::wfi();
-        if crate::arch::percpu::cpu_index() == 0 {
-            crate::vm::dbg::WFX0.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        }
         if crate::vm::sched::handle_host_irqs(Some(vcpu)) {
             // A scheduling tick: a spurious wake-up, which the architecture
             // allows, for guests that wait with WFI for memory to change.

@@ -13,7 +13,6 @@ pub mod exit;
 pub mod fork;
 pub mod hypercall;
 mod machine;
-pub mod dbg;
 pub mod sched;
 pub mod vcpu;
 

@@ -156,9 +156,6 @@ pub fn handle_host_irqs(vcpu: Option<&Vcpu>) -> bool {
         if BOARD.get().is_some_and(|b| intid == b.hyp_timer_intid) {
             crate::arch::timer::arm_slice();
             slice_over = true;
-            let c = crate::arch::percpu::cpu_index().min(1);
-            crate::vm::dbg::TICKS[c].fetch_add(1, Ordering::Relaxed);
-            crate::vm::dbg::maybe_print();
         }
         if !crate::vdev::vgic::host_irq(vcpu.map(|v| (&v.vm.vgic, v.index)), intid) {
             crate::arch::gic::eoi(intid);
@@ -180,12 +177,9 @@ pub fn cpu_loop() -> ! {
     loop {
         handle_host_irqs(None);
         if crate::arch::percpu::cpu_index() == 0 {
-            crate::vm::dbg::POLLS.fetch_add(1, Ordering::Relaxed);
-            let t = crate::arch::timer::now();
             if let Some(c) = console() {
                 (c.poll)();
             }
-            crate::vm::dbg::POLL_T0.fetch_add(crate::arch::timer::now() - t, Ordering::Relaxed);
             exit_if_idle();
         }
         if let Some(b) = BACKGROUND.get() {
@@ -199,25 +193,10 @@ pub fn cpu_loop() -> ! {
             "a VM's VTTBR is still loaded with no vCPU on this CPU"
         );
         match dequeue() {
-            Some(vcpu) => {
-                let t = crate::arch::timer::now();
-                let c0 = crate::arch::percpu::cpu_index() == 0;
-                run(vcpu);
-                if c0 {
-                    let d = crate::arch::timer::now() - t;
-                    crate::vm::dbg::RUNS0.fetch_add(1, Ordering::Relaxed);
-                    crate::vm::dbg::RUN_T0.fetch_add(d, Ordering::Relaxed);
-                    crate::vm::dbg::MAXRUN.fetch_max(d, Ordering::Relaxed);
-                }
-            }
+            Some(vcpu) => run(vcpu),
             // Nothing to run: more background work, or wait.
             None if background_ready() => {}
-            None => {
-                if crate::arch::percpu::cpu_index() == 0 {
-                    crate::vm::dbg::IDLEWFI0.fetch_add(1, Ordering::Relaxed);
-                }
-                wfi()
-            }
+            None => wfi(),
         }
     }
 }
@@ -250,9 +229,6 @@ fn run(vcpu: Box<Vcpu>) {
         }
         crate::vm::devices::flush(&vcpu);
         let kind = vcpu.enter();
-        if crate::arch::percpu::cpu_index() == 0 {
-            crate::vm::dbg::EXITS0.fetch_add(1, Ordering::Relaxed);
-        }
         vm.vgic.sync(vcpu.index);
         vm.exits.fetch_add(1, Ordering::Relaxed);
         crate::arch::percpu::this_cpu()
@@ -272,10 +248,6 @@ fn run(vcpu: Box<Vcpu>) {
         match action {
             Action::Continue if !console().is_some_and(|c| (c.command_waiting)()) => {}
             // A console command runs with no vCPU loaded (it may quiesce this VM).
-            Action::Continue => {
-                crate::vm::dbg::BREAK_CW.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
             _ => break,
         }
     }
