@@ -47,6 +47,8 @@ pub struct Loaded {
     pub cursor: AtomicU64,
     pub steps: AtomicU64,
     touch: Mutex<Touch>,
+    /// The prefetch's read-ahead of the image's page data.
+    window: Mutex<super::ahead::Window>,
 }
 
 /// Pages in the order the VM first faulted them, and which those are.
@@ -107,8 +109,17 @@ impl diskpages::ImageSource for Source {
         let Some(r) = l.image.locate(Gpn(gpn)) else {
             return false;
         };
-        let Ok(mut dev) = disk::dev() else {
+        let Ok(dev) = disk::dev() else {
             return false;
+        };
+        let cpu = crate::arch::percpu::cpu_index();
+        let prefetching = PREFETCHING
+            .get(cpu)
+            .is_some_and(|p| p.load(Ordering::Relaxed));
+        let mut dev = super::ahead::Ahead {
+            dev,
+            window: &l.window,
+            fill: prefetching,
         };
         if l.image.read_page(&mut dev, &r, out).is_err() {
             l.failed.fetch_add(1, Ordering::Relaxed);
@@ -118,11 +129,7 @@ impl diskpages::ImageSource for Source {
             );
             return false;
         }
-        let cpu = crate::arch::percpu::cpu_index();
-        if !PREFETCHING
-            .get(cpu)
-            .is_some_and(|p| p.load(Ordering::Relaxed))
-        {
+        if !prefetching {
             l.touch.lock().note(gpn);
         }
         l.read.fetch_add(1, Ordering::Relaxed);
@@ -260,6 +267,7 @@ fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u6
         cursor: AtomicU64::new(0),
         steps: AtomicU64::new(0),
         touch: Mutex::new(Touch::default()),
+        window: Mutex::new(Default::default()),
     });
     IMAGES.lock().insert(handle, loaded);
     let pages = gpns.len() as u64;

@@ -12,6 +12,7 @@
 //! order it touched them in (saved with its next image, REAP's working
 //! set), and `prefetch` loads the rest in the background in that order.
 
+mod ahead;
 pub mod disk;
 pub mod load;
 pub mod prefetch;
