@@ -201,10 +201,11 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
     vm.resume();
+    // The vCPUs are queued (and the CPUs kicked): the guest may run now.
+    let now = crate::arch::timer::now();
     if prefetch {
         super::prefetch::start();
     }
-    let now = crate::arch::timer::now();
     let us = |a: u64, b: u64| crate::arch::timer::ticks_to_us(b.wrapping_sub(a));
     crate::println!(
         "[hyp] load '{name}': header+index+state read {} us, vm created {} us, state {} us, pages installed {} us, resumed {} us",
