@@ -126,6 +126,7 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
     ),
     ("merge auto", &[Arg("rate", Kind::Dec, false)]),
     ("merge off", &[]),
+    ("merge list", &[COUNT]),
     // Snapshots on the disk (issue 17).
     (
         "save",

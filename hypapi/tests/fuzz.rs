@@ -102,6 +102,7 @@ fn command() -> impl Strategy<Value = Command> {
             Just(Command::Merge),
             Just(Command::MergeOff),
             (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| Command::MergeAuto { rate }),
+            (1u64..=hypcmd::MAX_MERGE_LIST).prop_map(|count| Command::MergeList { count }),
         ],
         prop_oneof![
             (1u32..10, name(), prop::option::of(name())).prop_map(|(vm, name, parent)| {

@@ -271,6 +271,14 @@ fn create_and_merge_group_requests() {
         Command::MergeAuto { rate: 4096 }
     );
     assert_eq!(ok(r#"{"id":9,"cmd":"merge off"}"#).1, Command::MergeOff);
+    assert_eq!(
+        ok(r#"{"id":11,"cmd":"merge list","count":20}"#).1,
+        Command::MergeList { count: 20 }
+    );
+    assert_eq!(
+        ok(r#"{"id":12,"cmd":"merge list"}"#).1,
+        Command::MergeList { count: 8 }
+    );
     let (_, code, _) = err(r#"{"id":10,"cmd":"merge auto"}"#);
     assert_eq!(code, ErrorCode::BadArgument);
     // A keyword is one word: spaces would smuggle in arguments.

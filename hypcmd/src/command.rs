@@ -166,6 +166,13 @@ pub enum Command {
         /// Frames per TLB invalidation, 1..=4096.
         batch: usize,
     },
+    /// `bench merge <pages>`: the same-page merger's scan next to a memcmp
+    /// of the same pages, and a CoW fault on a merged page next to one on a
+    /// forked page.
+    BenchMerge {
+        /// Pages per bench VM, 1..=65536.
+        pages: u64,
+    },
     /// `sleep <ms>`: holds the next script command back.
     Sleep {
         /// Delay in milliseconds, 1..=60000.
@@ -228,6 +235,12 @@ pub enum Command {
     },
     /// `merge off`: stop the background merger.
     MergeOff,
+    /// `merge list [n]`: the first n (default 8) merged frames, by address,
+    /// with their trust group and mappers (read only: for tests and people).
+    MergeList {
+        /// How many frames to list, 1..=[`MAX_MERGE_LIST`].
+        count: u64,
+    },
     // Snapshots on the disk (issue 17).
     /// `save <vm> <name> [--diff <parent>]`: writes the VM (or an in-memory
     /// snapshot) to the disk's store as `name`; with `--diff`, only the pages
@@ -253,6 +266,9 @@ pub enum Command {
 
 /// The fastest background merge rate a command names (pages per second).
 pub const MAX_MERGE_RATE: u64 = 1 << 24;
+
+/// The most merged frames `merge list` names.
+pub const MAX_MERGE_LIST: u64 = 4096;
 
 /// The largest trust group a command names (fresh groups are numbered above
 /// every group ever named, so this leaves room).
@@ -422,6 +438,7 @@ impl fmt::Display for Command {
                 write!(f, "bench migrate {mappers} {pages} {batch}")
             }
             BenchReclaim { pages, batch } => write!(f, "bench reclaim {pages} {batch}"),
+            BenchMerge { pages } => write!(f, "bench merge {pages}"),
             Sleep { ms } => write!(f, "sleep {ms}"),
             Quit => f.write_str("quit"),
             Console(to) => write!(f, "console {to}"),
@@ -434,6 +451,7 @@ impl fmt::Display for Command {
             Merge => f.write_str("merge"),
             MergeAuto { rate } => write!(f, "merge auto {rate}"),
             MergeOff => f.write_str("merge off"),
+            MergeList { count } => write!(f, "merge list {count}"),
             Save { vm, name, parent } => {
                 write!(f, "save {vm} {name}")?;
                 match parent {
@@ -473,6 +491,7 @@ pub const HELP: &str = "commands:
   wait <secs>                           wait until no runnable VM is left (at most secs)
   bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames
   bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
+  bench merge <pages>                   merge scan next to memcmp; CoW on merged vs forked pages
   sleep <ms>        (in a script) wait before the next command
   console <vm>|hyp  give the keyboard to a VM's console (or the hypervisor's)
   create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]  boot a new independent VM
@@ -480,6 +499,7 @@ pub const HELP: &str = "commands:
   merge             merge identical pages across VMs of a trust group now (one pass)
   merge auto <pages-per-second>         keep merging in the background at that rate
   merge off         stop merging in the background
+  merge list [n]    the first n merged frames (default 8): address, group, mappers
   quit              end the machine
   disk              the hypervisor's disk: capacity, sector size, read-only
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk

@@ -32,7 +32,7 @@ mod parse;
 
 pub use command::{
     Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, HELP, MAX_GROUP,
-    MAX_MERGE_RATE,
+    MAX_MERGE_LIST, MAX_MERGE_RATE,
 };
 pub use parse::{parse, ParseError};
 

@@ -4,7 +4,8 @@
 //! compares, and rounds with checked arithmetic.
 
 use crate::command::{
-    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, MAX_MERGE_RATE,
+    Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, MAX_GROUP, MAX_MERGE_LIST,
+    MAX_MERGE_RATE,
 };
 use crate::PAGE_SIZE;
 use alloc::string::String;
@@ -119,7 +120,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -164,7 +165,7 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
 
 const CREATE_USAGE: &str = "create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]";
 const MERGE_USAGE: &str =
-    "merge | merge auto <pages-per-second> | merge off | merge group <vm> <group>";
+    "merge | merge auto <pages-per-second> | merge off | merge group <vm> <group> | merge list [n]";
 
 /// `create <guest> [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: the flags
 /// in any order (the last of a repeated one counts); the command line is the
@@ -211,6 +212,10 @@ fn merge(args: &mut Args) -> Result<Command> {
             Ok(Command::MergeAuto { rate })
         }
         Some("off") => Ok(Command::MergeOff),
+        Some("list") => {
+            let count = args.opt_num("count", 1..=MAX_MERGE_LIST)?.unwrap_or(8);
+            Ok(Command::MergeList { count })
+        }
         Some("group") => {
             let vm = args.vm()?;
             let group = args.num("group", 1..=MAX_GROUP as u64)?;
@@ -326,6 +331,10 @@ fn bench(args: &mut Args) -> Result<Command> {
             let pages = args.num("pages", 1..=65536)?;
             let batch = narrow(args.num("batch", BATCH)?, "batch", BATCH)?;
             Ok(Command::BenchReclaim { pages, batch })
+        }
+        Some("merge") => {
+            let pages = args.num("pages", 1..=65536)?;
+            Ok(Command::BenchMerge { pages })
         }
         Some("disk") => {
             let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);

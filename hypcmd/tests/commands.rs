@@ -307,7 +307,7 @@ fn benches() {
     );
     assert_eq!(err("bench fork"), "usage: bench fork <MiB>");
     assert_eq!(err("bench fork 4097"), "usage: bench fork <MiB>");
-    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench disk [MiB]";
+    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");

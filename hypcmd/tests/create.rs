@@ -84,6 +84,13 @@ fn merge_group_takes_a_vm_and_a_group() {
     assert_eq!(ok("merge"), Command::Merge, "a bare merge is a pass");
     assert_eq!(ok("merge auto 4096"), Command::MergeAuto { rate: 4096 });
     assert_eq!(ok("merge off"), Command::MergeOff);
+    assert_eq!(ok("merge list"), Command::MergeList { count: 8 });
+    assert_eq!(ok("merge list 100"), Command::MergeList { count: 100 });
+    assert_eq!(ok("merge list 5").to_string(), "merge list 5");
+    assert_eq!(err("merge list 0"), "bad count '0' (1..=4096)");
+    assert_eq!(ok("bench merge 1024"), Command::BenchMerge { pages: 1024 });
+    assert_eq!(ok("bench merge 7").to_string(), "bench merge 7");
+    assert_eq!(err("bench merge"), "missing pages");
     assert_eq!(err("merge auto"), "missing pages per second");
     assert_eq!(
         err("merge auto 0"),
@@ -91,7 +98,7 @@ fn merge_group_takes_a_vm_and_a_group() {
     );
     assert_eq!(
         err("merge grup 1 2"),
-        "usage: merge | merge auto <pages-per-second> | merge off | merge group <vm> <group>"
+        "usage: merge | merge auto <pages-per-second> | merge off | merge group <vm> <group> | merge list [n]"
     );
     assert_eq!(err("merge group 1"), "missing group");
     assert_eq!(err("merge group x 1"), "'x' is not a VM id");

@@ -151,6 +151,8 @@ fn command() -> impl Strategy<Value = Command> {
             Just(Merge),
             Just(MergeOff),
             (1u64..=hypcmd::MAX_MERGE_RATE).prop_map(|rate| MergeAuto { rate }),
+            (1u64..=hypcmd::MAX_MERGE_LIST).prop_map(|count| MergeList { count }),
+            (1u64..=65536).prop_map(|pages| BenchMerge { pages }),
         ],
         prop_oneof![
             (vm(), snap_name(), prop::option::of(snap_name()))

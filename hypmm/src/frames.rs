@@ -13,6 +13,21 @@ pub fn publish<M: Machine>(machine: &M, pa: Pa, len: u64) {
     stage2::publish_frames(&machine.config(), machine.tlb(), pa.raw(), len);
 }
 
+/// Rewrites `dst` with `src`'s bytes and publishes it (a restore in place).
+///
+/// # Safety
+///
+/// `dst` is a guest frame only a stopped VM maps, writable and alone, and
+/// the caller holds that VM's stage-2 lock, which every other writer or
+/// reader of the frame's contents (migration, reclaim, merging) takes before
+/// it reads them; `src` is a distinct frame the caller has locked.
+pub(crate) unsafe fn refill<M: Machine>(machine: &M, dst: Pa, src: Pa) {
+    // SAFETY: the caller's contract is `copy_frame`'s "the caller's alone to
+    // write" case.
+    unsafe { machine.copy_frame(dst, src) };
+    publish(machine, dst, PAGE_SIZE);
+}
+
 /// rmap's frame allocator over a machine's guest frames: every frame rmap
 /// has zeroed or copied is published (rmap's contract: clean to the PoC on
 /// return) before rmap can map it.
@@ -48,5 +63,11 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         // SAFETY: rmap compares two frames it pinned and write-protected in every stage 2
         // (with the TLB invalidations done), holding both frame locks.
         unsafe { self.0.frames_equal(a.pa(), b.pa()) }
+    }
+
+    fn is_zero(&self, pfn: Pfn) -> bool {
+        // SAFETY: rmap checks a frame it pinned and write-protected in every stage 2 (the
+        // TLB invalidations done), holding its frame lock; the zero page is never written.
+        unsafe { self.0.frames_equal(pfn.pa(), self.0.zero_page()) }
     }
 }

@@ -20,6 +20,11 @@
 //!   since its pages stay writable and can change under it.
 //! - **Trust groups.** Keys include the VM's group, and rmap refuses a merge
 //!   across groups, so nothing merges across them.
+//! - **Zero pages.** A candidate whose checksum is the zero page's goes to
+//!   [`Rmap::merge_zero`] instead of the trees (Linux's `use_zero_pages`):
+//!   rmap checks it is all zero after write-protecting it and maps the shared
+//!   zero page there, freeing the frame. In any trust group: the zero page
+//!   holds nothing of anyone's, so sharing it reveals nothing.
 //!
 //! Locks: a visit takes the VM's stage-2 lock (level 4) briefly to read the
 //! entry, then none while it hashes the frame; `Rmap::merge` takes its own.
@@ -57,6 +62,9 @@ pub struct PassStats {
     pub changing: u64,
     /// Merges rmap refused (contents differed after write-protect, a frame busy).
     pub refused: u64,
+    /// Mappings of all-zero pages that now map the shared zero page (each
+    /// frees its frame with the frame's last mapping).
+    pub zero: u64,
 }
 
 impl core::ops::AddAssign for PassStats {
@@ -66,6 +74,7 @@ impl core::ops::AddAssign for PassStats {
         self.stable_hits += o.stable_hits;
         self.changing += o.changing;
         self.refused += o.refused;
+        self.zero += o.zero;
     }
 }
 
@@ -87,6 +96,10 @@ pub struct Scanner {
     cursor: (u32, u64),
     /// Rounds (passes over every VM) completed.
     rounds: u64,
+    /// The zero page's checksum (as a page's is kept: at least 1), read at
+    /// the first visit: the machine's checksum is the scanner's only view
+    /// of contents.
+    zero_sum: Option<u64>,
 }
 
 /// One call's context.
@@ -177,10 +190,15 @@ impl Scanner {
         seen.resize(pages as usize, 0);
         let from = self.cursor.1;
         let to = pages.min(from.saturating_add(budget));
+        let zero = *self.zero_sum.get_or_insert_with(|| pass.zero_sum());
         for i in from..to {
             let ipa = vm.ram.start + i * crate::PAGE_SIZE;
-            if let Some((page, key)) = pass.candidate(vm, ipa, &mut seen[i as usize]) {
-                pass.offer(&mut self.stable, &mut self.unstable, page, key);
+            match pass.candidate(vm, ipa, &mut seen[i as usize]) {
+                // A page with the zero page's checksum but other bytes (a
+                // collision) may still match another page.
+                Some((page, key)) if key.1 == zero && pass.merge_zero(page) => {}
+                Some((page, key)) => pass.offer(&mut self.stable, &mut self.unstable, page, key),
+                None => {}
             }
         }
         self.cursor = if to == pages {
@@ -251,6 +269,30 @@ impl<M: Machine, W: SwapStore, S: VmSet> Pass<'_, '_, M, W, S> {
             group: vm.group,
         };
         Some((page, (vm.group, sum)))
+    }
+
+    /// The zero page's checksum, kept as a page's is (at least 1).
+    fn zero_sum(&self) -> u64 {
+        let zero = self.cx.machine.zero_page();
+        // SAFETY: the zero page is a RAM frame nobody writes.
+        unsafe { self.cx.machine.frame_hash(zero) }.max(1)
+    }
+
+    /// Maps the all-zero-looking `page` (and its frame's other mappings) to
+    /// the shared zero page; rmap checks the contents. False if they are not
+    /// all zero (the page is then offered to the trees).
+    fn merge_zero(&mut self, page: MergePage) -> bool {
+        match self.cx.rmap.merge_zero(self.set, &self.cx.frames(), page) {
+            Ok(n) => {
+                self.stats.zero += u64::from(n);
+                true
+            }
+            Err(MergeError::Differ) => false,
+            Err(_) => {
+                self.stats.refused += 1;
+                true
+            }
+        }
     }
 
     /// The frame mapping `ipa` in VM `id` now, if any (read while the VM is

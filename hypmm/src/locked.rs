@@ -5,13 +5,13 @@
 //! operations on it are in `s2locked`.
 
 use crate::machine::Machine;
-use crate::memory::{ram_attrs, Fetch, GuestMemory};
+use crate::memory::{ram_attrs, zero_page_attrs, Fetch, GuestMemory, ZERO_PAGE_SW};
 use crate::PAGE_SIZE;
 use core::cell::Cell;
 use rmap::lock::OrderedMutexGuard;
 use rmap::CasError as Refused;
 use rmap::{Ipa, Pa, PageState, Pfn};
-use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo};
+use stage2::{AttrEncoding, Batch, CasError, Descriptor, Leaf, LeafInfo, Perm};
 
 /// What a run of pages is mapped for (`LockedStage2::map_run`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,7 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
         return PageState::Invalid;
     };
     match leaf.leaf {
+        Leaf::Mapped(m) if m.attrs.sw & ZERO_PAGE_SW != 0 => PageState::ZeroPage,
         Leaf::Mapped(m) => PageState::Mapped {
             pfn: (m.pa + (ipa.page() - leaf.ipa)).pfn(),
             writable: m.attrs.perm.write,
@@ -61,13 +62,18 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
 }
 
 /// The page-level descriptor of `state`, its MemAttr encoded as the
-/// table's configuration says (FWB or not), executable as `fetch` says.
-pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch) -> Descriptor {
+/// table's configuration says (FWB or not), executable as `fetch` says; a
+/// zero-page entry maps `zero`, the machine's zero frame.
+pub(crate) fn encode(state: PageState, enc: AttrEncoding, fetch: Fetch, zero: Pa) -> Descriptor {
     match state {
         PageState::Invalid => Descriptor::EMPTY,
         PageState::Mapped { pfn, writable } => {
             let attrs = ram_attrs(writable, fetch);
             Descriptor::leaf_encoded(pfn.pa().raw(), 3, attrs, true, enc).expect("page descriptor")
+        }
+        PageState::ZeroPage => {
+            Descriptor::leaf_encoded(zero.raw(), 3, zero_page_attrs(), true, enc)
+                .expect("zero-page descriptor")
         }
         PageState::Migrating { .. } | PageState::Swapped { .. } => {
             Descriptor::software(state).expect("a state an invalid descriptor keeps")
@@ -129,6 +135,11 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         self.mem.is_live()
     }
 
+    /// The machine's shared zero frame.
+    pub(crate) fn zero_page(&self) -> Pa {
+        self.mem.machine().zero_page()
+    }
+
     /// How this table's leaves encode MemAttr (for FWB or not).
     pub(crate) fn enc(&self) -> AttrEncoding {
         self.mem.table().config().attr_encoding()
@@ -150,7 +161,8 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             return Err(Refused::Changed(found));
         }
         check_transition(old, new);
-        if !matches!(old, PageState::Mapped { .. }) && matches!(new, PageState::Mapped { .. }) {
+        let valid = |s: PageState| matches!(s, PageState::Mapped { .. } | PageState::ZeroPage);
+        if !valid(old) && valid(new) {
             self.mem.bbm_check_make(page, PAGE_SIZE);
         }
         let Some(mut current) = current else {
@@ -282,6 +294,51 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         }
     }
 
+    /// Readies page `ipa` for a restore that rewrites its frame in place: true
+    /// if it is a page leaf (not a block) mapping `pfn` writable, the VM's own
+    /// frame, and then it is made execute-never, so the new contents reach the
+    /// I-cache only through a fetch fault ([`Fetch`]). False, with nothing
+    /// changed, for any other entry. Taking execute permission away changes
+    /// neither the output address nor the attributes, so it needs no
+    /// break-before-make (Arm ARM DDI 0487 D8.16.1), only a TLB invalidation
+    /// before the guest runs again: it is left to the caller's
+    /// `Stage2::flush_deferred`.
+    pub(crate) fn ready_refill(&mut self, ipa: Ipa, pfn: Pfn) -> bool {
+        self.last.set(None);
+        let own = PageState::Mapped {
+            pfn,
+            writable: true,
+        };
+        let Some(table) = self.mem.live() else {
+            return false;
+        };
+        loop {
+            let Some(leaf) = table.lookup(ipa) else {
+                return false;
+            };
+            if leaf.level != stage2::LAST_LEVEL || decode(Some(leaf), ipa) != own {
+                return false;
+            }
+            let Leaf::Mapped(m) = leaf.leaf else {
+                return false;
+            };
+            if !m.attrs.perm.exec {
+                return true;
+            }
+            let xn = leaf.desc.with_perm(Perm::new(true, true, false));
+            let tlb = self.mem.tlb();
+            let batch = Batch::new(&tlb, table.vttbr());
+            let r = table.compare_exchange_leaf(leaf.ipa, leaf.level, leaf.desc, xn, &batch);
+            let _ = batch.into_pending();
+            match r {
+                Ok(()) => return true,
+                // Only the hardware's Access-flag update can race us here.
+                Err(CasError::Mismatch(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// CAS of a leaf found by a lookup or walk. Inside a batch the final
     /// invalidation is left to `end_batch` (one VMID-wide flush).
     pub(crate) fn replace_leaf(&self, leaf: &LeafInfo, new: PageState) -> Result<(), CasError> {
@@ -301,7 +358,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc(), fetch),
+                encode(new, self.enc(), fetch, self.zero_page()),
                 &batch,
             );
             // The pending VMID-wide flush is issued by end_batch().
@@ -312,7 +369,7 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 leaf.ipa,
                 leaf.level,
                 leaf.desc,
-                encode(new, self.enc(), fetch),
+                encode(new, self.enc(), fetch, self.zero_page()),
                 &self.mem.tlb(),
             )
         }
@@ -351,6 +408,13 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
                 pfn.pa(),
                 PAGE_SIZE,
                 ram_attrs(writable, Fetch::Faults),
+                &self.mem.tlb(),
+            ),
+            PageState::ZeroPage => table.map(
+                ipa.page(),
+                self.zero_page(),
+                PAGE_SIZE,
+                zero_page_attrs(),
                 &self.mem.tlb(),
             ),
             PageState::Migrating { .. } | PageState::Swapped { .. } => {

@@ -43,6 +43,11 @@ pub trait Machine {
     /// The stage-2 configuration every VM of this machine uses (FWB or not).
     fn config(&self) -> S2Config;
 
+    /// The one shared zero frame (allocated at boot with the stage-2 tables, zeroed and
+    /// cleaned to the PoC, never written, freed or moved): what a `PageState::ZeroPage`
+    /// entry maps. Not a guest frame: rmap's frame table may not cover it.
+    fn zero_page(&self) -> Pa;
+
     /// A free guest (movable) frame's physical address, contents undefined.
     fn alloc_frame(&self) -> Option<Pa>;
 
@@ -64,9 +69,11 @@ pub trait Machine {
     ///
     /// # Safety
     ///
-    /// `dst` is freshly allocated and owned by the caller, `src` is pinned
-    /// by the caller for the copy (locked, or its writers replaced by
-    /// migration entries); they are distinct frames.
+    /// `dst` is the caller's alone to write for the copy: freshly allocated,
+    /// or mapped only by a stopped VM whose stage-2 lock the caller holds (a
+    /// restore in place); `src` is pinned by the caller for the copy (locked,
+    /// or its writers replaced by migration entries); they are distinct
+    /// frames.
     unsafe fn copy_frame(&self, dst: Pa, src: Pa);
 
     /// Whether the frames at `a` and `b` hold the same bytes (same-page merging's final

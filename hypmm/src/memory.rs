@@ -117,6 +117,23 @@ pub fn ram_attrs(writable: bool, fetch: Fetch) -> S2Attrs {
     S2Attrs::normal(Perm::new(true, writable, exec))
 }
 
+/// The software bits (descriptor bits 58:55) that mark a valid leaf as a
+/// mapping of the shared zero page (`PageState::ZeroPage`): the state is
+/// read from the descriptor alone, without comparing its address against the
+/// zero frame's, and no other leaf sets software bits.
+pub const ZERO_PAGE_SW: u8 = 0b0001;
+
+/// Stage-2 attributes of a zero-page mapping: read-only, execute-never until
+/// a fetch faults (`GuestMemory::make_executable` makes any valid leaf
+/// executable, this one too; its frame never changes, so once is enough),
+/// marked [`ZERO_PAGE_SW`].
+pub fn zero_page_attrs() -> S2Attrs {
+    S2Attrs {
+        sw: ZERO_PAGE_SW,
+        ..ram_attrs(false, Fetch::Faults)
+    }
+}
+
 /// The VM's stage-2 table and VMID, guarded by the VM's stage-2 lock.
 pub struct GuestMemory<M: Machine> {
     machine: M,
@@ -291,6 +308,11 @@ impl<M: Machine> GuestMemory<M> {
         if let Some(table) = self.table.take() {
             table.destroy(&self.tlb());
         }
+    }
+
+    /// The machine this table's frames come from (its zero page).
+    pub(crate) fn machine(&self) -> &M {
+        &self.machine
     }
 
     /// Starts deferring TLB invalidations to one flush (see `end_batch`).

@@ -96,7 +96,8 @@ where
                 None => rmap.remove_rmap(pfn, &Frames(machine)),
             },
             PageState::Swapped { slot } => rmap.put_swap(slot, swap, &Frames(machine)),
-            PageState::Migrating { .. } | PageState::Invalid => {}
+            // The zero page holds no reference.
+            PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
         }
         released(ipa);
         from = ipa + PAGE_SIZE;

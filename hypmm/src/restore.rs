@@ -66,9 +66,10 @@ pub fn restore_dirty<M: Machine, V: GuestVm<M>, W: SwapStore>(
         return Err(RestoreError::SnapshotGone);
     }
     let mut from = Some(vm.ram().start);
+    let mut refilled = false;
     while let Some(start) = from {
         let mut cleared = ArrayVec::<Cleared, CHUNK>::new();
-        let next = break_chunk(cx, vm, snap, start, &mut cleared);
+        let next = break_chunk(cx, vm, snap, start, &mut cleared, &mut refilled);
         if !cleared.is_empty() {
             // No TLB may still hold a cleared leaf before a frame it mapped
             // can be freed, or before a new valid entry is written at its IPA.
@@ -77,7 +78,54 @@ pub fn restore_dirty<M: Machine, V: GuestVm<M>, W: SwapStore>(
         }
         from = next?;
     }
+    if refilled {
+        // A refilled page's execute permission, taken away, must be gone from
+        // every TLB before a vCPU runs again (`ready_refill`).
+        vm.flush_deferred();
+    }
     Ok(())
+}
+
+/// Rewrites the VM's own writable frame `pfn` at `ipa` with the snapshot's
+/// page, in place: the mapping, its permission to write and its dirty bit
+/// stay, so the guest's next write to the page does not fault (a fuzzer's
+/// cycle rewrites the same pages after every restore). Linux has no such
+/// path; fuzzing hypervisors reset dirty pages this way (Nyx, kAFL). The
+/// cost is memory: the VM keeps a private frame where the ordinary path
+/// would share the snapshot's, until merging or reclaim takes it. False if
+/// the page is not the VM's alone and writable, as a 4 KiB page, or the
+/// snapshot's entry (`target`, as last seen) is not a frame or not that frame
+/// any more: the ordinary path handles it.
+fn refill_in_place<M: Machine, V: GuestVm<M>, W: SwapStore>(
+    cx: &MemCtx<'_, M, W>,
+    vm: &V,
+    snap: &V,
+    ipa: Ipa,
+    pfn: rmap::Pfn,
+    target: PageState,
+) -> bool {
+    let PageState::Mapped { pfn: src, .. } = target else {
+        return false;
+    };
+    // The snapshot's frame locked (level 2) keeps it from moving or being
+    // freed while it is read; then the VM's stage-2 lock (level 4).
+    let _frame = cx.rmap.frames().lock(src);
+    if snapshot_entry_now(snap, ipa).pfn() != Some(src) {
+        return false;
+    }
+    let mut s2 = vm.lock();
+    // A writable mapping is its frame's only one (fork, merging and the swap
+    // cache share frames read-only), so the frame is this VM's alone.
+    if !s2.ready_refill(ipa, pfn) {
+        return false;
+    }
+    // SAFETY: `pfn` is mapped writable by this VM only, which is quiesced,
+    // and we hold its stage-2 lock, which migration, reclaim and merging
+    // take before they read a mapped frame's contents; `src` is locked and
+    // distinct (a writable frame is never the snapshot's).
+    unsafe { crate::frames::refill(cx.machine, pfn.pa(), src.pa()) };
+    drop(s2);
+    true
 }
 
 /// The entry `snap` has at `ipa`, as the restored VM maps it (read-only);
@@ -117,7 +165,11 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
     snap: &V,
     mut from: Ipa,
     cleared: &mut ArrayVec<Cleared, CHUNK>,
+    refilled: &mut bool,
 ) -> Result<Option<Ipa>, RestoreError> {
+    // The page whose in-place refill was tried: if it failed, the page takes
+    // the ordinary path.
+    let mut tried = None;
     while !cleared.is_full() {
         let Some(ipa) = vm.next_dirty(from) else {
             return Ok(None);
@@ -126,6 +178,17 @@ fn break_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
         let mut s2 = vm.lock();
         let have = s2.lookup(ipa);
         match have {
+            PageState::Mapped {
+                pfn,
+                writable: true,
+            } if target.pfn().is_some() && tried != Some(ipa) => {
+                drop(s2);
+                tried = Some(ipa);
+                if refill_in_place(cx, vm, snap, ipa, pfn, target) {
+                    *refilled = true;
+                    from = ipa + PAGE_SIZE;
+                }
+            }
             _ if have == target => {
                 drop(s2);
                 vm.clear_dirty(ipa);
@@ -172,7 +235,8 @@ fn make_chunk<M: Machine, V: GuestVm<M>, W: SwapStore>(
             match first.page(i) {
                 PageState::Mapped { pfn, .. } => cx.rmap.remove_rmap(pfn, &cx.frames()),
                 PageState::Swapped { slot } => cx.rmap.put_swap(slot, cx.swap, &cx.frames()),
-                PageState::Migrating { .. } | PageState::Invalid => {}
+                // The zero page holds no reference.
+                PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
             }
         }
     }
@@ -220,6 +284,8 @@ fn install_shared<M: Machine, V: GuestVm<M>, W: SwapStore>(
     match entry {
         PageState::Mapped { pfn, .. } => cx.rmap.add_anon_rmap(pfn),
         PageState::Swapped { slot } => cx.swap.dup(slot),
+        // Installed as it is: counted nowhere, as fork copies it.
+        PageState::ZeroPage => {}
         _ => return Ok(()),
     }
     let installed = {

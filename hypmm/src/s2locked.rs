@@ -76,7 +76,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
             let table = self.mem.table();
             let tlb = self.mem.tlb();
             let batch = Batch::new(&tlb, table.vttbr());
-            let enc = self.enc();
+            let (enc, zero) = (self.enc(), self.zero_page());
             table.update_pages(
                 ipas,
                 &mut |k, leaf| {
@@ -84,7 +84,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                     let new = decide(k, old)?;
                     check_transition(old, new);
                     change.set(Some((old, new)));
-                    Some(encode(new, enc, fetch_after(leaf, ipas[k], new)))
+                    Some(encode(new, enc, fetch_after(leaf, ipas[k], new), zero))
                 },
                 &mut |k, result| {
                     let Some((old, new)) = change.take() else {
@@ -96,7 +96,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
                             // same frame back needs no break (same output
                             // address), and a new one is installed only after
                             // the batch's flush, so only Invalid/Swap count.
-                            if let (PageState::Mapped { .. }, true) = (
+                            if let (PageState::Mapped { .. } | PageState::ZeroPage, true) = (
                                 old,
                                 matches!(new, PageState::Invalid | PageState::Swapped { .. }),
                             ) {

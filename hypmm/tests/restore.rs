@@ -6,6 +6,7 @@ mod common;
 
 use common::{TestVm, World, BLOCK_PAGES, RAM_BASE, RAM_PAGES};
 use hypmm::{RestoreError, PAGE_SIZE};
+use rmap::Ipa;
 use rmap::{PageState, Stage2, Stage2Locked};
 
 /// Every page of `vm`'s RAM as rmap sees it.
@@ -46,6 +47,30 @@ fn changed_vm(w: &World) -> (std::sync::Arc<TestVm>, std::sync::Arc<TestVm>) {
     (vm, snap)
 }
 
+/// Makes a writable page of `vm` read-only (as a fork or a merge pass would).
+fn write_protect(vm: &TestVm, ipa: Ipa) {
+    let mut s2 = vm.lock();
+    if let PageState::Mapped {
+        pfn,
+        writable: true,
+    } = s2.lookup(ipa)
+    {
+        let ro = PageState::Mapped {
+            pfn,
+            writable: false,
+        };
+        s2.compare_exchange(
+            ipa,
+            PageState::Mapped {
+                pfn,
+                writable: true,
+            },
+            ro,
+        )
+        .expect("write-protect");
+    }
+}
+
 #[test]
 fn restore_dirty_makes_every_logged_page_the_snapshots_again() {
     let w = World::new(false);
@@ -55,6 +80,11 @@ fn restore_dirty_makes_every_logged_page_the_snapshots_again() {
     let logged = vm.dirty.lock().unwrap().len();
     assert!(logged >= 3, "{logged} pages logged");
 
+    // The VM's own writable pages are refilled in place (restore_inplace.rs);
+    // write-protected, they take the ordinary path this test is about.
+    for ipa in vm.dirty.lock().unwrap().clone() {
+        write_protect(&vm, ipa);
+    }
     hypmm::restore_dirty(&w.cx(), &*vm, &*snap).expect("restore");
 
     assert_eq!(entries(&vm), want);

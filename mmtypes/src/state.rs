@@ -6,8 +6,11 @@
 //! Break-before-make's transient owner token is not a page state: it never leaves
 //! `stage2`'s descriptor encoding.
 //!
-//! There is no "zero page" state yet: nothing maps a shared zero page (a first touch maps a
-//! fresh zeroed frame); tag 3 of `stage2`'s software encoding is kept for it.
+//! `ZeroPage` is Linux's `ZERO_PAGE` mapped by a special PTE (`pte_special`, KSM's
+//! `use_zero_pages`): a valid, read-only mapping of the one shared zero frame the hypervisor
+//! allocates at boot. It names no frame: the frame is not in the reverse map, not counted,
+//! never migrated, reclaimed or freed, so only the stage-2 adapter knows its address.
+//! Same-page merging puts an all-zero page there; a write to it maps a fresh zeroed frame.
 //!
 //! # Transitions
 //!
@@ -22,12 +25,14 @@
 //! | from | to | [`Transition`] | operation | also held |
 //! |---|---|---|---|---|
 //! | `Invalid` | `Mapped(q, w)` | `FirstTouch` | a first-touch fault maps a fresh zeroed frame | region list (read) |
-//! | `Invalid` | `Mapped(p, ro)`, `Migrating(p, ro)`, `Swapped(s)` | `Share` | fork fills the child with its parent's entries; snapshot restore reinstalls the snapshot's; the UART image is mapped | parent's stage-2 lock, both region lists |
+//! | `Invalid` | `Mapped(p, ro)`, `Migrating(p, ro)`, `Swapped(s)`, `ZeroPage` | `Share` | fork fills the child with its parent's entries; snapshot restore reinstalls the snapshot's; the UART image is mapped | parent's stage-2 lock, both region lists |
 //! | `Mapped(p, w)` | `Mapped(p, ro)` | `WriteProtect` | fork write-protects the parent; same-page merging write-protects both pages before comparing them | child's stage-2 lock (nested); merge: frame lock, anon_vma (read) |
 //! | `Migrating(p, w)` | `Migrating(p, ro)` | `WriteProtect` | fork write-protects a parent's page under migration | child's stage-2 lock (nested) |
 //! | `Mapped(p, ro)` | `Mapped(p, w)` | `CowReuse` | a write fault on a frame this VM alone maps makes it writable in place | frame lock |
 //! | `Mapped(p, ro)` | `Mapped(q, w)` | `CowCopy` | a write fault on a shared frame maps a copy (always for a merged frame: unmerge) | frame pin (frame lock for a merged frame) |
+//! | `ZeroPage` | `Mapped(q, w)` | `CowCopy` | a write fault on the zero page maps a fresh zeroed frame (nothing to copy) | region list (read) |
 //! | `Mapped(p, ro)` | `Mapped(q, ro)` | `Merge` | same-page merging points a write-protected mapping at an identical merged frame `q` (`rmap::merge`) | both frames' locks, the family's anon_vma (read) |
+//! | `Mapped(p, ro)` | `ZeroPage` | `Merge` | same-page merging points a write-protected all-zero page at the zero page (`rmap::merge_zero`) | the frame's lock, the family's anon_vma (read) |
 //! | `Mapped(p, x)` | `Migrating(p, x)` | `Unmap` | migration or reclaim takes the mapping away (`try_to_migrate`) | frame lock, anon_vma (read) |
 //! | `Migrating(p, x)` | `Mapped(q, x)` | `Remap` | migration is done: the new frame goes in (`remove_migration_ptes`) | frame lock, anon_vma (read) |
 //! | `Migrating(p, x)` | `Mapped(p, x)` | `Remap` | migration or reclaim backs off: the frame goes back | frame lock, anon_vma (read) |
@@ -40,8 +45,10 @@
 //! changing under a writable mapping, `Swapped` straight to `Migrating`, `Mapped` straight to
 //! `Swapped` (reclaim goes through `Migrating`, so a fault waits for the frame lock instead of
 //! reading a slot not yet written), a copied `Migrating(p, w)` (a fork child's entry is
-//! read-only), a migration entry naming another frame than the mapping it replaces, and
-//! `Remap`/`SwapOut` that change the mapping's permission.
+//! read-only), a migration entry naming another frame than the mapping it replaces,
+//! `Remap`/`SwapOut` that change the mapping's permission, and every change of `ZeroPage`
+//! other than the three above (migration and reclaim never see it: it is in no reverse map;
+//! a writable mapping goes to it only through a write-protect first).
 
 use crate::addr::Pfn;
 use core::fmt;
@@ -74,6 +81,10 @@ pub enum PageState {
         /// The store's slot.
         slot: u64,
     },
+    /// A valid read-only mapping of the hypervisor's one shared zero frame (Linux's
+    /// `ZERO_PAGE`): reads see zeroes, a write faults and maps a fresh zeroed frame. Not
+    /// counted or reverse-mapped anywhere, so it carries no frame number.
+    ZeroPage,
 }
 
 /// The rows of the transition table (the module documentation): which operation a change
@@ -82,17 +93,18 @@ pub enum PageState {
 pub enum Transition {
     /// `Invalid → Mapped(q, w)`: a first-touch fault.
     FirstTouch,
-    /// `Invalid → Mapped(ro) | Migrating(ro) | Swapped`: fork fill, snapshot restore, a
-    /// read-only image.
+    /// `Invalid → Mapped(ro) | Migrating(ro) | Swapped | ZeroPage`: fork fill, snapshot
+    /// restore, a read-only image.
     Share,
     /// `Mapped(p, w) → Mapped(p, ro)`, `Migrating(p, w) → Migrating(p, ro)`: fork.
     WriteProtect,
     /// `Mapped(p, ro) → Mapped(p, w)`: copy-on-write, sole owner.
     CowReuse,
-    /// `Mapped(p, ro) → Mapped(q, w)`: copy-on-write copy.
+    /// `Mapped(p, ro) → Mapped(q, w)`: copy-on-write copy; `ZeroPage → Mapped(q, w)`: a
+    /// write to the zero page.
     CowCopy,
-    /// `Mapped(p, ro) → Mapped(q, ro)`: same-page merging redirects a read-only mapping to
-    /// an identical merged frame.
+    /// `Mapped(p, ro) → Mapped(q, ro) | ZeroPage`: same-page merging redirects a read-only
+    /// mapping to an identical merged frame, or an all-zero one to the zero page.
     Merge,
     /// `Mapped(p, x) → Migrating(p, x)`: migration or reclaim begins.
     Unmap,
@@ -146,7 +158,15 @@ impl PageState {
                     writable: false, ..
                 },
             )
-            | (Invalid, Swapped { .. }) => Some(Share),
+            | (Invalid, Swapped { .. })
+            | (Invalid, ZeroPage) => Some(Share),
+            (ZeroPage, Mapped { writable: true, .. }) => Some(CowCopy),
+            (
+                Mapped {
+                    writable: false, ..
+                },
+                ZeroPage,
+            ) => Some(Merge),
             (
                 Mapped {
                     pfn: p,
@@ -209,11 +229,12 @@ impl PageState {
     pub fn pfn(self) -> Option<Pfn> {
         match self {
             PageState::Mapped { pfn, .. } | PageState::Migrating { pfn, .. } => Some(pfn),
-            PageState::Invalid | PageState::Swapped { .. } => None,
+            PageState::Invalid | PageState::Swapped { .. } | PageState::ZeroPage => None,
         }
     }
 
-    /// A valid mapping (what the MMU translates; every other state faults).
+    /// A valid mapping of a frame (what the MMU translates; every other state but
+    /// `ZeroPage` faults, and that one on a write).
     pub fn is_mapped(self) -> bool {
         matches!(self, PageState::Mapped { .. })
     }
@@ -237,7 +258,7 @@ mod tests {
     }
 
     /// Every row of the module documentation's table, with each permission it allows.
-    fn rows() -> [(PageState, PageState, Transition); 20] {
+    fn rows() -> [(PageState, PageState, Transition); 24] {
         let s = Swapped { slot: 3 };
         [
             (Invalid, mapped(Q, true), FirstTouch),
@@ -260,6 +281,10 @@ mod tests {
             (migrating(P, false), Invalid, Release),
             (s, Invalid, Release),
             (mapped(P, false), Invalid, Release),
+            (Invalid, ZeroPage, Share),
+            (ZeroPage, mapped(Q, true), CowCopy),
+            (mapped(P, false), ZeroPage, Merge),
+            (ZeroPage, Invalid, Release),
         ]
     }
 
@@ -293,6 +318,13 @@ mod tests {
             (migrating(P, true), migrating(Q, true)),
             (migrating(P, false), migrating(P, true)),
             (s, Swapped { slot: 4 }),
+            (ZeroPage, ZeroPage),
+            (mapped(P, true), ZeroPage),
+            (ZeroPage, mapped(Q, false)),
+            (ZeroPage, migrating(Q, false)),
+            (migrating(P, false), ZeroPage),
+            (ZeroPage, s),
+            (s, ZeroPage),
         ];
         for (from, to) in refused {
             let err = PageState::check_transition(from, to).unwrap_err();
@@ -306,5 +338,7 @@ mod tests {
         assert_eq!(migrating(P, true).page(2), migrating(P, true));
         assert_eq!(mapped(P, true).pfn(), Some(P));
         assert_eq!(Swapped { slot: 1 }.pfn(), None);
+        assert_eq!(ZeroPage.page(2), ZeroPage);
+        assert_eq!(ZeroPage.pfn(), None);
     }
 }

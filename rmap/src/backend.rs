@@ -220,6 +220,10 @@ pub trait FrameAllocator {
     /// write-protecting both, Linux's `pages_identical`). Both are pinned and no VM can
     /// write either during the call.
     fn same_contents(&self, a: Pfn, b: Pfn) -> bool;
+    /// Whether a frame holds only zero bytes (merging into the shared zero page checks it
+    /// after write-protecting every mapping). The frame is pinned and no VM can write it
+    /// during the call.
+    fn is_zero(&self, pfn: Pfn) -> bool;
 }
 
 /// Where reclaimed pages go. Slots are reference-counted: one per swap entry in any stage-2,

@@ -168,7 +168,8 @@ impl Rmap {
                             self.remove_rmap_at(pfn, region, start + i * PAGE_SIZE, alloc)
                         }
                         PageState::Swapped { slot } => self.put_swap(slot, swap, alloc),
-                        PageState::Migrating { .. } | PageState::Invalid => {}
+                        // The zero page is in no reverse map and holds no reference.
+                        PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
                     }
                 }
             }

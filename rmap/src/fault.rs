@@ -83,6 +83,13 @@ impl Rmap {
                 writable: false,
             } if write => self.fault_cow(region, s2, alloc, ipa, pfn),
             PageState::Mapped { .. } => Ok(Fault::Done),
+            // A write to the zero page: a fresh zeroed frame of its own, as a first touch
+            // (Linux's `wp_page_copy` of the zero pfn allocates a zeroed page, no copy); the
+            // zero page holds no reference to drop. A read never faults on it.
+            PageState::ZeroPage if write => {
+                self.fault_new_frame_from(region, s2, alloc, ipa, entry, None::<fn(Pfn)>)
+            }
+            PageState::ZeroPage => Ok(Fault::Done),
             PageState::Migrating { pfn, .. } => Ok(Fault::Retry(Some(pfn))),
             PageState::Swapped { slot } => {
                 let done = self.fault_swap(region, s2, alloc, swap, ipa, slot);

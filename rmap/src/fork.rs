@@ -178,6 +178,9 @@ impl Rmap {
                 swap.dup(slot);
                 Some(entry)
             }
+            // Copied as it is (Linux's `copy_present_pte` of a special PTE): the zero
+            // page is counted nowhere.
+            PageState::ZeroPage => Some(entry),
             PageState::Invalid => None,
         }
     }

@@ -261,6 +261,13 @@ impl FrameAllocator for HostMachine {
             .map(word)
             .eq(self.page(b).iter().map(word))
     }
+    /// Word by word, with `same_contents`'s TLB model check.
+    fn is_zero(&self, pfn: Pfn) -> bool {
+        self.check_copy(None, Some(pfn));
+        self.page(pfn)
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0)
+    }
 }
 
 /// The VM set: `Arc`s so a walker keeps a VM alive while it looks at it.

@@ -27,6 +27,7 @@ pub mod ksm;
 mod ksm_move;
 pub mod lock;
 pub mod merge;
+mod merge_zero;
 pub mod migrate;
 pub mod pool;
 pub mod reclaim;

@@ -150,7 +150,7 @@ impl Rmap {
     /// Makes every mapping of the locked anonymous frame read-only; `NotMapped` if none is
     /// `page`'s, `Busy` if some mapping could not be reached or changed (it may still be
     /// writable).
-    fn write_protect_all<V: VmSet>(
+    pub(crate) fn write_protect_all<V: VmSet>(
         &self,
         guard: &FrameGuard<'_>,
         vms: &V,

@@ -8,7 +8,10 @@
 //! and of pages just written alike (merged, or joining a merged frame); a later write is
 //! the unmerge, and the per-step read of every page checks isolation (a write through one
 //! mapper never shows through another); `HostWorld::check` checks the merged frames' items
-//! and counts, and the end no stable node or item left.
+//! and counts, and the end no stable node or item left. Merging into the shared zero page
+//! joins too: a page as it is (refused unless all zero) or first released and read back as
+//! a demand-zero frame; it then maps `ZeroPage` for every mapper of its frame, reads 0, and a
+//! later write maps a fresh frame of its own.
 //! The host stage 2 hurts (`rmap::host::HostHw`): a fourth region takes 2 MiB first-touch
 //! blocks (split before one page changes, taking a table page), the table-page budget is
 //! sometimes cut to a few pages or none (faults and forks may then fail, which the model
@@ -88,6 +91,12 @@ enum Op {
         b: (usize, usize),
         value: Option<u64>,
     },
+    /// Same-page merging of one page into the shared zero page (`Rmap::merge_zero`): as it
+    /// is, or with `zero`, after releasing it and reading it back (a demand-zero frame).
+    MergeZero {
+        page: (usize, usize),
+        zero: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -107,6 +116,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::option::of(0..3u64).prop_map(|pages| Op::Budget { pages }),
         4 => (any::<(usize, usize)>(), any::<(usize, usize)>(), prop::option::of(1..4u64))
             .prop_map(|(a, b, value)| Op::Merge { a, b, value }),
+        3 => (any::<(usize, usize)>(), any::<bool>())
+            .prop_map(|(page, zero)| Op::MergeZero { page, zero }),
     ]
 }
 
@@ -191,6 +202,7 @@ impl Model {
                 self.limited = pages.is_some();
             }
             Op::Merge { a, b, value } if !self.vms.is_empty() => self.merge(a, b, value),
+            Op::MergeZero { page, zero } if !self.vms.is_empty() => self.merge_zero(page, zero),
             _ => {}
         }
     }
@@ -342,6 +354,45 @@ impl Model {
                 assert!(self.limited || cached(a) || cached(b), "busy");
             }
             Err(e) => panic!("merge: {e:?}"),
+        }
+    }
+
+    /// A merge of page `p` (VM, page index) into the zero page, after making it a fresh
+    /// demand-zero page with `zero`.
+    fn merge_zero(&mut self, p: (usize, usize), zero: bool) {
+        let (n, pages) = (self.vms.len(), pages());
+        let (vm, page) = (p.0 % n, p.1 % pages.len());
+        if zero {
+            self.page_op(&Op::Release { vm, page });
+            self.page_op(&Op::Read { vm, page });
+        }
+        let (w, ipa) = (&self.world, pages[page]);
+        let entry = || self.vms[vm].0.s2.lock().lookup(ipa);
+        let before = entry();
+        let mp = MergePage {
+            vm: self.vms[vm].0.id,
+            ipa,
+            pfn: before.pfn().unwrap_or(Pfn::new(0)),
+            group: 0,
+        };
+        let expect = self.vms[vm].1.get(&ipa).copied().unwrap_or(0);
+        match w.rmap.merge_zero(&w.vms, &w.machine, mp) {
+            Ok(mappings) => {
+                assert_eq!(expect, 0, "a page holding {expect} went to the zero page");
+                assert!(mappings >= 1);
+                assert_eq!(entry(), PageState::ZeroPage);
+            }
+            Err(MergeError::Differ) => assert_ne!(expect, 0, "an all-zero page refused"),
+            Err(MergeError::NotMapped) => {
+                let merged = |f| w.rmap.frames().get(f).is_some_and(|f| f.is_merged());
+                let anon = matches!(before, PageState::Mapped { pfn, .. } if !merged(pfn));
+                assert!(!anon, "{before:?} refused as not mapped");
+            }
+            Err(MergeError::Busy) => {
+                let held = before.pfn().is_some_and(|f| cached(w, f));
+                assert!(self.limited || held, "busy");
+            }
+            Err(e) => panic!("merge_zero: {e:?}"),
         }
     }
 

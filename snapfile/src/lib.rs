@@ -32,6 +32,7 @@ mod dev;
 mod error;
 mod header;
 mod image;
+mod state;
 mod store;
 mod superblock;
 mod toc;
@@ -41,10 +42,14 @@ mod writer;
 pub use dev::{BlockDevice, MemDisk, SECTOR};
 pub use error::{DevError, Error, Section};
 pub use image::{Image, PageRef};
+pub use state::{
+    decode_header, decode_state, encode_state, vcpu_len, StateError, StateHeader, VcpuState,
+    VmState, STATE_MAGIC, STATE_NAME_MAX, STATE_VERSION,
+};
 pub use store::Store;
 pub use toc::Entry;
 pub use types::{Gpn, Name, PageKind, Shape, PAGE};
-pub use writer::{SaveSpec, Summary, Writer};
+pub use writer::{Costs, SaveSpec, Summary, Writer};
 
 /// The format version this code reads and writes (superblock and image headers).
 pub const VERSION: u32 = 1;
@@ -60,6 +65,11 @@ pub const MAX_STATE: usize = 16 << 20;
 /// virtio-blk driver's largest request (`dev::blk::MAX_REQUEST`), so a save's requests are
 /// the ones its raw-throughput bench measures.
 pub const BATCH: usize = 1 << 20;
+
+/// Whether a page is all zero (what the writer skips), for callers that look before copying.
+pub fn is_zero_page(page: &[u8; PAGE]) -> bool {
+    codec::is_zero_page(page)
+}
 
 /// The checksum the format uses (XXH3-64), for callers that verify pages themselves.
 pub fn page_checksum(page: &[u8; PAGE]) -> u64 {

@@ -9,7 +9,7 @@
 //! | bits | meaning |
 //! |---|---|
 //! | 0 | 0 (invalid descriptor) |
-//! | 3:1 | tag: 1 migrating, 2 swapped, 4 locked (3 is reserved for a shared zero page) |
+//! | 3:1 | tag: 1 migrating, 2 swapped, 4 locked (3 unused: the shared zero page is a valid descriptor, see `hypmm`) |
 //! | 4 | writable (migrating only: the mapping it replaced was writable) |
 //! | 11:5 | 0 |
 //! | 63:12 | payload: frame number (migrating) or slot index (swapped) |
@@ -56,14 +56,15 @@ pub const MAX_PAYLOAD: u64 = (1 << 52) - 1;
 pub const LOCKED: u64 = 0x8;
 
 /// The invalid descriptor value of `state`, for `Migrating` and `Swapped` (the states an
-/// invalid descriptor holds); `None` for `Invalid` (an empty slot) and `Mapped` (a valid
-/// descriptor). Payloads wider than 52 bits are truncated (checked in debug builds).
+/// invalid descriptor holds); `None` for `Invalid` (an empty slot) and `Mapped` and
+/// `ZeroPage` (valid descriptors). Payloads wider than 52 bits are truncated (checked in debug builds).
 pub fn encode(state: PageState) -> Option<u64> {
     use SW_ENTRY::*;
     let (tag, writable, payload) = match state {
         PageState::Migrating { pfn, writable } => (TAG::Migration, writable, pfn.raw()),
         PageState::Swapped { slot } => (TAG::Swap, false, slot),
-        PageState::Invalid | PageState::Mapped { .. } => return None,
+        // The zero page is a valid descriptor (its adapter marks it with software bits).
+        PageState::Invalid | PageState::Mapped { .. } | PageState::ZeroPage => return None,
     };
     debug_assert!(payload <= MAX_PAYLOAD);
     let mut r = LocalRegisterCopy::<u64, SW_ENTRY::Register>::new(0);

@@ -4,13 +4,13 @@
 //! (Whether the numbers are good is `cargo xtask bench`'s business, not a
 //! test's.)
 
-use qemu_tests::{Machine, MachineConfig};
+use qemu_tests::{number_after, Machine, MachineConfig};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(60);
 const BENCH: Duration = Duration::from_secs(240);
 
-/// The `<a>.<bb>x (min <c>.<dd>x, max <e>.<ff>x, median of 5 interleaved
+/// The `<a>.<bb>x (min <c>.<dd>x, max <e>.<ff>x, median of N interleaved
 /// pairs)` after `key` in `line`, as hundredths (median, min, max).
 fn ratio(line: &str, key: &str) -> (u64, u64, u64) {
     let rest = &line[line
@@ -26,7 +26,9 @@ fn ratio(line: &str, key: &str) -> (u64, u64, u64) {
             a.parse::<u64>().unwrap() * 100 + b.parse::<u64>().unwrap()
         })
         .collect();
-    assert!(rest.contains("median of 5 interleaved pairs"), "{line}");
+    // At least the 5 pairs issue 18 asks for (`bench merge`'s CoW takes 9).
+    let pairs = number_after(rest, "median of ").unwrap_or(0);
+    assert!(pairs >= 5 && rest.contains(" interleaved pairs"), "{line}");
     (nums[0], nums[1], nums[2])
 }
 
@@ -34,7 +36,9 @@ fn ratio(line: &str, key: &str) -> (u64, u64, u64) {
 fn benches_report_medians_of_interleaved_pairs() {
     let cfg = MachineConfig {
         guest: "none".into(),
-        script: Some("bench fork 8; bench migrate 2 128 64; bench reclaim 128 64".into()),
+        script: Some(
+            "bench fork 8; bench migrate 2 128 64; bench reclaim 128 64; bench merge 128".into(),
+        ),
         ..MachineConfig::default()
     };
     let mut m = Machine::boot("bench-pairs", &cfg);
@@ -47,6 +51,12 @@ fn benches_report_medians_of_interleaved_pairs() {
         (
             "bench reclaim: batch 64, 128 pages",
             "reclaim/lz4 throughput = ",
+        ),
+        ("bench merge: 256 pages in 2 VMs", "scan/memcmp = "),
+        ("bench merge: 256 pages in 2 VMs", "scan/word compare = "),
+        (
+            "bench merge: CoW write fault on 128 pages",
+            "merged CoW / forked CoW = ",
         ),
     ] {
         m.expect(prefix, if prefix.contains("fork") { BOOT } else { BENCH });

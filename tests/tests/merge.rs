@@ -71,6 +71,12 @@ fn four_independent_linux_vms_merge_and_stay_apart() {
     assert!(merged > 1000, "four identical kernels share pages: {pass}");
     assert!(after < before, "{before} -> {after}");
     assert!(stat(&mut c, "merged_saved") > 0);
+    // Untouched pages of first-touch blocks and zeroed guest pages map the
+    // shared zero page instead.
+    let zero = pass["zero"].as_u64().unwrap();
+    println!("merge4: {zero} pages to the zero page");
+    assert!(zero > 0, "all-zero pages go to the zero page: {pass}");
+    assert!(stat(&mut c, "merged_zero") >= zero);
 
     // Each VM still answers for itself, and its writes stay its own.
     for vm in [3, 1, 4, 2] {

@@ -143,6 +143,9 @@ fn linux_saved_to_disk_resumes_in_a_new_machine_with_its_files_and_clock() {
     );
     assert_eq!(md5_of(&mut m, "RB", "/tmp/b"), md5_b);
     assert_eq!(md5_of(&mut m, "RC", "/tmp/c"), md5_c);
+    migrate_and_reclaim_vm1(&mut m);
+    assert_eq!(md5_of(&mut m, "MB", "/tmp/b"), md5_b);
+    assert_eq!(md5_of(&mut m, "MC", "/tmp/c"), md5_c);
     m.send("ls /tmp/a 2>&1 | grep -c 'No such'\n");
     m.expect("\n1\r\n", REPLY);
 
@@ -177,6 +180,37 @@ fn linux_saved_to_disk_resumes_in_a_new_machine_with_its_files_and_clock() {
         started.elapsed()
     );
     let _ = std::fs::remove_file(&path);
+}
+
+/// The number after the last `needle` in the transcript (waiting for it).
+fn number_after(m: &mut Machine, needle: &str) -> u64 {
+    m.expect(needle, REPLY);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = m.transcript();
+    let at = t.rfind(needle).unwrap() + needle.len();
+    let digits: String = t[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {needle:?}"))
+}
+
+/// A restored VM's memory is ordinary memory (its pages read in so far are
+/// frames; the rest stay disk-backed swap entries): its frames migrate and
+/// are reclaimed to the compressed store, and vm 1 gets the keyboard back.
+fn migrate_and_reclaim_vm1(m: &mut Machine) {
+    let t0 = std::time::Instant::now();
+    to_hyp(m);
+    m.send("migrate 1 0x40000000 0x50000000\n");
+    let moved = number_after(m, "migrate vm 1 0x40000000..0x50000000: moved ");
+    assert!(moved > 0, "no frame of the restored VM migrated");
+    m.send("reclaim 4096\n");
+    let reclaimed = number_after(m, "reclaim: reclaimed ");
+    assert!(reclaimed > 0, "no frame reclaimed");
+    to_vm(m, 1);
+    println!(
+        "restored vm 1: {moved} frames migrated, {reclaimed} reclaimed, in {:?}",
+        t0.elapsed()
+    );
 }
 
 /// Where the last `save` put its image: (first sector, end sector, page

@@ -238,6 +238,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         anchor::bench(&images, 5)?;
     }
     if wanted("merge") {
+        merge_bench::costs(&images)?;
         merge_bench::bench(&images.hyp)?;
     }
     println!("xtask: record the tables above in docs/BENCHMARKS.md with this command");

@@ -1,7 +1,11 @@
-//! `cargo xtask bench merge` (issue 16): host frames used by four
-//! independently booted, idle 256 MiB Linux VMs before and after one `merge`
-//! pass (goal: at most 0.5x), and the pass's scan rate. Release hypervisor,
-//! the VMs in one trust group, driven over the control channel.
+//! `cargo xtask bench merge` (issue 16): first the merger's costs measured
+//! inside the hypervisor (`bench merge` on its console: a scan pass next to
+//! a memcmp and a word compare of the same pages, a CoW fault on a merged
+//! page next to one on a forked page, interleaved pairs); then host frames
+//! used by four independently booted, idle 256 MiB Linux VMs before and
+//! after one `merge` pass (goal: at most 0.5x), and the pass's scan rate.
+//! Release hypervisor, the VMs in one trust group, driven over the control
+//! channel.
 
 use qemu_tests::api::{socket_path, ApiClient};
 use qemu_tests::{Machine, MachineConfig};
@@ -14,6 +18,24 @@ const PASS: Duration = Duration::from_secs(600);
 const REPLY: Duration = Duration::from_secs(60);
 /// How long the VMs idle after their shells are up, before measuring.
 const IDLE: Duration = Duration::from_secs(10);
+
+/// The console script of [`costs`]: two sizes, so a per-page cost that
+/// depends on the working set shows.
+pub const COSTS_SCRIPT: &str = "bench merge 1024; bench merge 4096; quit";
+
+/// `bench merge` on the release hypervisor's console; prints its lines
+/// (`merge scan = N pages/s, memcmp = M pages/s, scan/memcmp = R`, the
+/// same against a word compare, and `merged CoW / forked CoW = R`).
+pub fn costs(images: &crate::build::Images) -> Result<(), String> {
+    crate::console_bench(
+        images,
+        "1G",
+        COSTS_SCRIPT,
+        &["bench merge:"],
+        6,
+        "merge scan vs memcmp and word compare, CoW on merged vs forked pages",
+    )
+}
 
 fn used(c: &mut ApiClient) -> Result<u64, String> {
     let s = c.stats(REPLY)?;

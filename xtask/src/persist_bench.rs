@@ -37,6 +37,9 @@ fn hyp(m: &mut Machine, cmd: &str, reply: &str) -> Result<String, String> {
 }
 
 pub fn bench(hyp_elf: &Path) -> Result<(), String> {
+    // `PERSIST_BENCH_HYP=<elf>`: another hypervisor build (an A/B pair).
+    let other = std::env::var_os("PERSIST_BENCH_HYP").map(std::path::PathBuf::from);
+    let hyp_elf = other.as_deref().unwrap_or(hyp_elf);
     let images = crate::linux::ensure()?;
     // MHV_PERSIST_DISK=FILE keeps the disk: a FILE that exists already
     // holds the saves, and only the restores run (for work on the load).
@@ -69,7 +72,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     for l in saves.iter().flatten() {
         println!("  {l}");
     }
-    let loads = saves.as_ref().ok().map(|_| {
+    // `PERSIST_BENCH_SAVES_ONLY=1`: machine 1 only (while working on saves).
+    let saves_only = std::env::var_os("PERSIST_BENCH_SAVES_ONLY").is_some();
+    let loads = saves.as_ref().ok().filter(|_| !saves_only).map(|_| {
         // No console script: the prefetch must not need CPU 0 to come back
         // to the console (a pending script used to make it).
         let cfg = MachineConfig {
@@ -84,6 +89,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
     }
     saves?;
+    if saves_only {
+        return Ok(());
+    }
     for l in loads.unwrap_or_else(|| Err("not run".into()))? {
         println!("  {l}");
     }
@@ -99,14 +107,29 @@ fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
     std::thread::sleep(Duration::from_secs(5));
     let mut out = vec![hyp(&mut m, "bench disk 64", "bench disk:")?];
     out.push(hyp(&mut m, "save 1 idle", "vm 1 saved as 'idle'")?);
+    save_detail(&mut m, &mut out);
     m.send(
         "\x011\rdd if=/dev/urandom of=/tmp/big bs=1M count=64 2>/dev/null; echo DONE-$((8*8))\n",
     );
     m.try_expect("DONE-64", T).map_err(|e| fail(&m, e))?;
     out.push(hyp(&mut m, "save 1 big", "vm 1 saved as 'big'")?);
+    save_detail(&mut m, &mut out);
     m.send("\x01hquit\n");
     m.try_expect("exiting", T).map_err(|e| fail(&m, e))?;
     Ok(out)
+}
+
+/// The save's guest-RAM rate, where its time went and LZ4's verdict (a
+/// hypervisor from before these lines, run for comparison with
+/// `PERSIST_BENCH_HYP`, prints none: each is skipped after 10 s).
+fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
+    for needle in ["  guest RAM", "  LZ4 "] {
+        if m.try_expect(needle, Duration::from_secs(10)).is_ok() {
+            if let Ok(rest) = m.try_expect("\n", T) {
+                out.push(format!("{needle}{}", rest.trim_end()));
+            }
+        }
+    }
 }
 
 /// Machine 2: the restore at boot until every page is in, then a load

@@ -7,6 +7,7 @@ mod fork;
 mod hvcfuzz;
 mod idle;
 mod memstress;
+mod mergecheck;
 mod pressure;
 mod selftest;
 mod snapsteal;
@@ -52,6 +53,9 @@ pub enum Mode {
     SnapVcpu,
     /// Waits for (timer) interrupts forever with a heartbeat: cheap VMs.
     Idle,
+    /// Keeps checking pages identical across VMs (mergeable) while the
+    /// hypervisor merges, migrates, evacuates and reclaims them.
+    MergeCheck,
 }
 
 impl Mode {
@@ -73,6 +77,7 @@ impl Mode {
             "snapsteal" => Some(Self::SnapSteal),
             "snapvcpu" => Some(Self::SnapVcpu),
             "idle" => Some(Self::Idle),
+            "mergecheck" => Some(Self::MergeCheck),
             _ => None,
         }
     }
@@ -95,6 +100,7 @@ impl Mode {
             Self::SnapSteal => "snapsteal",
             Self::SnapVcpu => "snapvcpu",
             Self::Idle => "idle",
+            Self::MergeCheck => "mergecheck",
         }
     }
 }
@@ -117,5 +123,6 @@ pub fn run(plat: &'static Platform, args: &Args) -> Result<(), Reason> {
         Mode::SnapSteal => snapsteal::run(plat),
         Mode::SnapVcpu => snapvcpu::run(plat),
         Mode::Idle => idle::run(plat),
+        Mode::MergeCheck => mergecheck::run(plat, args),
     }
 }

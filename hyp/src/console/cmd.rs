@@ -298,7 +298,9 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::Merge => return crate::console::merge::pass(r),
         Command::MergeAuto { rate } => return crate::console::merge::auto(Some(rate), r),
         Command::MergeOff => return crate::console::merge::auto(None, r),
+        Command::MergeList { count } => return crate::console::mergelist::list(count, r),
         Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
+        Command::BenchMerge { pages } => return crate::console::mergebench::merge(pages, r),
         Command::Sleep { ms } => {
             let until =
                 crate::arch::timer::now().saturating_add(crate::arch::timer::ms_to_ticks(ms));
@@ -342,6 +344,15 @@ fn fork_cmd(id: VmId, count: u32, r: &mut Reply) -> Result<(), CmdError> {
 fn rmap_cmd(pa: u64, r: &mut Reply) -> Result<(), CmdError> {
     let rmap = crate::mm::glue::rmap();
     let pfn = rmap::Pa::new(pa).pfn();
+    if crate::mm::memory::zero_page().is_some_and(|z| z.pfn() == pfn) {
+        // In no reverse map: its mappers are not recorded anywhere.
+        crate::say!(
+            r,
+            "frame {pa:#x}: the shared zero page (read-only, not reverse-mapped)"
+        );
+        r.set("zero_page", true);
+        return Ok(());
+    }
     let frame = rmap.frames().get(pfn).ok_or(CmdError::NotRamFrame(pa))?;
     let (mapcount, anon, index) = (frame.mapcount(), rmap.frame_anon_vma(frame), frame.index());
     crate::say!(

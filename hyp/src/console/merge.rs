@@ -31,10 +31,11 @@ pub fn pass(r: &mut Reply) -> Result<(), CmdError> {
     let after = used();
     crate::say!(
         r,
-        "merge: {} pages scanned in {us} us, {} merged ({} into merged frames already there), {} still changing, {} refused; frames in use {before} -> {after} ({} saved)",
+        "merge: {} pages scanned in {us} us, {} merged ({} into merged frames already there), {} to the zero page, {} still changing, {} refused; frames in use {before} -> {after} ({} saved)",
         s.scanned,
         s.merged,
         s.stable_hits,
+        s.zero,
         s.changing,
         s.refused,
         before.saturating_sub(after),
@@ -43,6 +44,7 @@ pub fn pass(r: &mut Reply) -> Result<(), CmdError> {
         ("scanned", s.scanned),
         ("merged", s.merged),
         ("stable_hits", s.stable_hits),
+        ("zero", s.zero),
         ("changing", s.changing),
         ("refused", s.refused),
         ("frames_before", before as u64),
@@ -77,11 +79,12 @@ pub fn stats(r: &mut Reply) {
     let rate = merge::rate();
     crate::say!(
         r,
-        "merged: {} frames, {} mappings ({} family items), {} frames saved; scanner rounds {}, background {}",
+        "merged: {} frames, {} mappings ({} family items), {} frames saved; {} pages to the zero page since boot; scanner rounds {}, background {}",
         m.merged_frames,
         m.mappings,
         m.items,
         m.saved,
+        merge::zero_merged(),
         merge::rounds(),
         if rate == 0 {
             alloc::string::String::from("off")
@@ -93,6 +96,8 @@ pub fn stats(r: &mut Reply) {
     r.set("merged_mappings", m.mappings);
     r.set("merged_items", m.items as u64);
     r.set("merged_saved", m.saved);
+    // Not the swap store's `zero_mapped` (reclaimed zero pages in its zero slot).
+    r.set("merged_zero", merge::zero_merged());
     r.set("merge_rate", rate);
     r.set("merge_rounds", merge::rounds());
 }

@@ -20,6 +20,8 @@ pub mod error;
 pub mod membench;
 pub mod memcmd;
 pub mod merge;
+pub mod mergebench;
+pub mod mergelist;
 pub mod pairs;
 pub mod reply;
 pub mod snapcmd;

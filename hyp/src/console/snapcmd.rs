@@ -24,6 +24,44 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
     Ok(())
 }
 
+/// The save's guest-RAM rate, where its time went, and LZ4's verdict.
+fn say_split(rep: &save::SaveReport, r: &mut Reply) {
+    let t = &rep.split;
+    crate::say!(
+        r,
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}), pages faulted in {}, LZ4 {}, XXH3 {}, device writes {}, finish (index, header, flush, TOC commit) {}, snapshot teardown {}",
+        rep.ram_bytes >> 20,
+        rep.ram_mib_s(),
+        t.walk / 1000,
+        t.zero / 1000,
+        t.slow / 1000,
+        t.lz4 / 1000,
+        t.checksum / 1000,
+        t.device / 1000,
+        t.finish / 1000,
+        t.teardown / 1000
+    );
+    r.set("ram_mib_s", rep.ram_mib_s());
+    r.set("walk_us", t.walk);
+    r.set("zero_us", t.zero);
+    r.set("slow_us", t.slow);
+    r.set("lz4_us", t.lz4);
+    r.set("xxh3_us", t.checksum);
+    r.set("device_us", t.device);
+    if let Some((kept, lz4, write)) = t.lz4_verdict {
+        crate::say!(
+            r,
+            "  LZ4 {}: {lz4} ns a page to compress, {write} ns to write the bytes it saved",
+            if kept {
+                "kept"
+            } else {
+                "off after the trial (pages stored raw)"
+            },
+        );
+        r.set("lz4_kept", u64::from(kept));
+    }
+}
+
 fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut Reply) {
     let ms = rep.us / 1000;
     crate::say!(
@@ -46,6 +84,7 @@ fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut R
     r.set("us", rep.us);
     r.set("pause_us", rep.pause_us);
     r.set("mib_s", rep.mib_s());
+    say_split(rep, r);
     crate::say!(
         r,
         "  {} pages in its touch order; image at sectors {}..{}, page data at bytes {:#x}..{:#x}",

@@ -114,6 +114,11 @@ impl FrameAllocator for HypFrames {
     fn same_contents(&self, a: Pfn, b: Pfn) -> bool {
         hypmm::Frames(&HypMachine).same_contents(a, b)
     }
+
+    #[inline]
+    fn is_zero(&self, pfn: Pfn) -> bool {
+        hypmm::Frames(&HypMachine).is_zero(pfn)
+    }
 }
 
 /// Reclaimed pages: the compressed store (`store.rs`).
@@ -262,7 +267,10 @@ pub fn write_guest(vm: &VmMemory, ipa: Ipa, data: &[u8]) -> Result<(), FaultErro
                 }
                 continue;
             }
-            let kind = if matches!(entry, rmap::PageState::Mapped { .. }) {
+            let kind = if matches!(
+                entry,
+                rmap::PageState::Mapped { .. } | rmap::PageState::ZeroPage
+            ) {
                 FaultKind::Permission
             } else {
                 FaultKind::Translation

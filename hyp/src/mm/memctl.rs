@@ -220,7 +220,10 @@ pub fn reclaim(pages: u64, batch: usize) -> (Report, u64, u64) {
         scanned += 1;
         let pfn = base + i;
         let f = table.frame(pfn);
-        if f.mapcount() == 0 || f.anon_slot().is_none() || f.is_locked() {
+        // A merged frame has no anon_vma (its mappers are in several
+        // families) but is reclaimed like any other (`rmap`'s ksm_move.rs).
+        let anon = f.anon_slot().is_some() || f.is_merged();
+        if f.mapcount() == 0 || !anon || f.is_locked() {
             continue;
         }
         if rmap().referenced(pfn, &HypVms) > 0 {

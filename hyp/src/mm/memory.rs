@@ -194,6 +194,22 @@ impl hypmm::Machine for HypMachine {
         // SAFETY: the trait's contract (a RAM frame) is `frame_hash`'s.
         unsafe { frames::frame_hash(pa) }
     }
+
+    #[inline]
+    fn zero_page(&self) -> Pa {
+        *ZERO_PAGE.get().expect("zero page")
+    }
+}
+
+/// The one shared zero frame every `PageState::ZeroPage` entry maps: an
+/// unmovable frame (allocated where the stage-2 tables are, outside the
+/// movable range that migration and evacuation work on, and unknown to the
+/// reverse map), zeroed and published at boot, never written or freed.
+static ZERO_PAGE: Once<Pa> = Once::new();
+
+/// The shared zero frame's address (`rmap <pa>` names it).
+pub fn zero_page() -> Option<Pa> {
+    ZERO_PAGE.get().copied()
 }
 
 /// Chooses the stage-2 configuration from this CPU's ID registers.
@@ -231,6 +247,14 @@ pub fn init() {
         }
     );
     CONFIG.call_once(|| cfg);
+    ZERO_PAGE.call_once(|| {
+        let pa = frames::get()
+            .alloc_zeroed()
+            .expect("a frame for the zero page");
+        // Cleaned to the PoC once: a guest with its caches off reads zeroes.
+        publish(pa, PAGE_SIZE);
+        pa
+    });
 }
 
 pub fn vtcr() -> u64 {

@@ -18,6 +18,9 @@ use spin::Mutex;
 static SCANNER: Mutex<Option<hypmm::Scanner>> = Mutex::new(None);
 /// Background rate in pages per second; 0: off.
 static RATE: AtomicU64 = AtomicU64::new(0);
+/// Mappings the scanner has pointed at the shared zero page since boot
+/// (each was an all-zero page; `stats`' `merged_zero`).
+static ZERO_MERGED: AtomicU64 = AtomicU64::new(0);
 /// Timer ticks of the last background step.
 static LAST_STEP: AtomicU64 = AtomicU64::new(0);
 /// Most pages one background step visits, so a step stays short next to a
@@ -40,8 +43,14 @@ pub fn pass(vms: &[ScanVm]) -> PassStats {
         if stats.changing > 0 {
             stats += s.pass(&cx, &HypVms, vms);
         }
+        ZERO_MERGED.fetch_add(stats.zero, Ordering::Relaxed);
         stats
     })
+}
+
+/// Mappings the scanner has pointed at the shared zero page since boot.
+pub fn zero_merged() -> u64 {
+    ZERO_MERGED.load(Ordering::Relaxed)
 }
 
 /// Starts (rate > 0) or stops (0) the background merger.
@@ -73,9 +82,9 @@ pub fn background(vms: impl FnOnce() -> alloc::vec::Vec<ScanVm>) -> Option<PassS
     let vms = vms();
     let rmap = rmap();
     let cx = cx(rmap);
-    Some(with_scanner(|s| {
-        s.scan(&cx, &HypVms, &vms, budget.min(STEP_PAGES))
-    }))
+    let stats = with_scanner(|s| s.scan(&cx, &HypVms, &vms, budget.min(STEP_PAGES)));
+    ZERO_MERGED.fetch_add(stats.zero, Ordering::Relaxed);
+    Some(stats)
 }
 
 /// Rounds the scanner completed (whole passes and background rounds).

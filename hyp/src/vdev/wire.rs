@@ -19,9 +19,6 @@ impl Enc {
     pub fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    pub fn u128(&mut self, v: u128) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
     pub fn bool(&mut self, v: bool) {
         self.u8(u8::from(v));
     }
@@ -49,9 +46,6 @@ impl<'a> Dec<'a> {
     }
     pub fn u64(&mut self) -> Option<u64> {
         self.take().map(u64::from_le_bytes)
-    }
-    pub fn u128(&mut self) -> Option<u128> {
-        self.take().map(u128::from_le_bytes)
     }
     /// 0 or 1 only.
     pub fn bool(&mut self) -> Option<bool> {

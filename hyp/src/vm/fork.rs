@@ -224,8 +224,11 @@ fn restore_quiesced(
         if vm.mem.regions.read().is_empty() {
             return Err(ForkError::Lost("the snapshot was destroyed mid-restore"));
         }
+        vm.mem.dirty.lock().reset(Some(snapshot.id));
     }
-    vm.mem.dirty.lock().reset(Some(snapshot.id));
+    // The fast path's log is already relative to the snapshot, and what it
+    // still names are the pages restored in place, still writable: they stay
+    // logged, since the guest's next write to them will not fault.
     restore_devices(vm, snapshot, caller, cookie);
     Ok(())
 }

@@ -29,6 +29,9 @@ pub const RAM_PAGES: u64 = 1024;
 pub const FRAME_BASE: Pfn = Pfn::new(0x10_0000);
 /// 16 MiB of guest frames.
 pub const FRAMES: usize = 4096;
+/// The shared zero page: outside the guest frames (as hyp's is, with the
+/// table pages), so rmap's frame table does not cover it.
+pub const ZERO_PAGE: Pa = Pa::new(0xC000_0000);
 /// A 2 MiB block in pages.
 pub const BLOCK_PAGES: u64 = hypmm::BLOCK_SIZE / PAGE_SIZE;
 
@@ -136,14 +139,25 @@ impl Machine for HostMach {
     }
     unsafe fn frames_equal(&self, a: Pa, b: Pa) -> bool {
         use rmap::FrameAllocator;
-        self.0.frames.same_contents(a.pfn(), b.pfn())
+        // The zero page is outside the host frames: it holds zeroes.
+        match (a == ZERO_PAGE, b == ZERO_PAGE) {
+            (true, true) => true,
+            (true, false) => self.0.frames.is_zero(b.pfn()),
+            (false, true) => self.0.frames.is_zero(a.pfn()),
+            (false, false) => self.0.frames.same_contents(a.pfn(), b.pfn()),
+        }
     }
     unsafe fn frame_hash(&self, pa: Pa) -> u64 {
         // Host pages hold a pattern of one value (`write_value`): hash it.
-        self.0
-            .frames
-            .read_value(pa.pfn())
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        let value = if pa == ZERO_PAGE {
+            0
+        } else {
+            self.0.frames.read_value(pa.pfn())
+        };
+        value.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+    fn zero_page(&self) -> Pa {
+        ZERO_PAGE
     }
 }
 

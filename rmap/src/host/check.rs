@@ -37,6 +37,8 @@ impl HostWorld {
                         }
                     }
                     PageState::Swapped { slot } => *swaps.entry(slot).or_default() += 1,
+                    // Holds no reference: nothing to count.
+                    PageState::ZeroPage => {}
                     other => return Err(format!("{:?} {ipa:#x}: stray {other:?}", vm.id)),
                 }
             }

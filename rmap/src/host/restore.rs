@@ -126,7 +126,7 @@ impl HostWorld {
                 match first.page(i) {
                     PageState::Mapped { pfn, .. } => self.rmap.remove_rmap_at(pfn, region, ipa, m),
                     PageState::Swapped { slot } => self.rmap.put_swap(slot, m, m),
-                    PageState::Migrating { .. } | PageState::Invalid => {}
+                    PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
                 }
             }
         }
@@ -170,6 +170,7 @@ impl HostWorld {
         match entry {
             PageState::Mapped { pfn, .. } => self.rmap.add_rmap_at(pfn, region, ipa),
             PageState::Swapped { slot } => m.dup(slot),
+            PageState::ZeroPage => {}
             _ => return Ok(()),
         }
         let installed = {

@@ -56,8 +56,11 @@ impl HostVm {
             }
             // A VM destroyed under its vCPU (its tables gone) has no memory left.
             let entry = self.s2.lock().live_lookup(ipa).ok_or(Error::NoRegion)?;
-            if let PageState::Mapped { .. } = entry {
-                continue; // mapped meanwhile
+            match entry {
+                PageState::Mapped { .. } => continue, // mapped meanwhile
+                // The shared zero page (the model keeps no frame for it) reads as zero.
+                PageState::ZeroPage => return Ok(0),
+                _ => {}
             }
             if entry == PageState::Invalid {
                 let mapped = self.regions.read().find(ipa).is_some();
@@ -73,7 +76,7 @@ impl HostVm {
         match self.s2.lock().lookup(ipa) {
             PageState::Mapped { pfn, .. } => m.read_value(pfn),
             PageState::Swapped { slot } => m.swap_value(slot),
-            PageState::Invalid => 0,
+            PageState::Invalid | PageState::ZeroPage => 0,
             PageState::Migrating { .. } => panic!("migration entry at a quiescent point"),
         }
     }
@@ -126,7 +129,7 @@ impl HostVm {
                     None => rmap.remove_rmap(pfn, m),
                 },
                 PageState::Swapped { slot } => rmap.put_swap(slot, m, m),
-                PageState::Migrating { .. } | PageState::Invalid => {}
+                PageState::Migrating { .. } | PageState::Invalid | PageState::ZeroPage => {}
             }
             from = ipa + crate::PAGE_SIZE;
         }
