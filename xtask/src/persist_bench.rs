@@ -6,7 +6,11 @@
 //! saves the idle VM, writes 64 MiB of random data to tmpfs and saves again.
 //! Machine 2 restores the idle image at boot (`restore=`, with prefetch) and
 //! waits until every page is loaded, then loads it again without prefetch
-//! and counts the pages the idle guest faulted in by itself over 20 s.
+//! and counts the pages the idle guest faulted in by itself over 20 s. Each
+//! load also prints where its time went (VM creation, state, install).
+//!
+//! `MHV_PERSIST_DISK=FILE` keeps the disk in FILE; if FILE exists already,
+//! machine 1 is skipped and only the restores run against its saves.
 
 use std::path::Path;
 use std::time::Duration;
@@ -37,8 +41,16 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     let other = std::env::var_os("PERSIST_BENCH_HYP").map(std::path::PathBuf::from);
     let hyp_elf = other.as_deref().unwrap_or(hyp_elf);
     let images = crate::linux::ensure()?;
-    let path = std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    // MHV_PERSIST_DISK=FILE keeps the disk: a FILE that exists already
+    // holds the saves, and only the restores run (for work on the load).
+    let kept = std::env::var_os("MHV_PERSIST_DISK").map(std::path::PathBuf::from);
+    let reuse = kept.as_ref().is_some_and(|p| p.exists());
+    let path = kept.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("mhv-bench-persist-{}.img", std::process::id()))
+    });
+    if !reuse {
+        let _ = std::fs::remove_file(&path);
+    }
     let disk = DiskConfig {
         size: 2 << 30,
         ..DiskConfig::new(&path)
@@ -51,7 +63,11 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         disk: Some(disk.clone()),
         ..MachineConfig::default()
     };
-    let saves = save_run(&cfg, hyp_elf);
+    let saves = if reuse {
+        Ok(vec![format!("saves: kept in {}", path.display())])
+    } else {
+        save_run(&cfg, hyp_elf)
+    };
     println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
     for l in saves.iter().flatten() {
         println!("  {l}");
@@ -59,18 +75,19 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     // `PERSIST_BENCH_SAVES_ONLY=1`: machine 1 only (while working on saves).
     let saves_only = std::env::var_os("PERSIST_BENCH_SAVES_ONLY").is_some();
     let loads = saves.as_ref().ok().filter(|_| !saves_only).map(|_| {
-        // A console script pending (`sleep`) makes CPU 0 leave its vCPU at
-        // every exit; see docs/BENCHMARKS.md for the prefetch without one.
+        // No console script: the prefetch must not need CPU 0 to come back
+        // to the console (a pending script used to make it).
         let cfg = MachineConfig {
             guest: "none".into(),
             disk: Some(disk),
             restore: Some("idle".into()),
-            script: Some("sleep 20000".into()),
             ..MachineConfig::default()
         };
         load_run(&cfg, hyp_elf)
     });
-    let _ = std::fs::remove_file(&path);
+    if kept.is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
     saves?;
     if saves_only {
         return Ok(());
@@ -119,7 +136,10 @@ fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
 /// without prefetch.
 fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
     let mut m = Machine::spawn("bench-persist-load", &mut cfg.command(hyp_elf));
-    let mut out = vec![line_after(&mut m, "'idle' loaded as vm 1")?];
+    let mut out = vec![
+        line_after(&mut m, "[hyp] load 'idle': ")?,
+        line_after(&mut m, "'idle' loaded as vm 1")?,
+    ];
     // Every page in, or how far the prefetch got in two minutes.
     match m.try_expect("[hyp] vm 1: all ", Duration::from_secs(120)) {
         Ok(_) => {
@@ -131,9 +151,10 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
             out.push(format!("not all loaded after 120 s: {stats}"));
         }
     }
-    let loaded = hyp(&mut m, "load idle --no-prefetch", "'idle' loaded as vm 2")?;
-    let loaded = format!("no prefetch: {loaded}");
-    out.push(loaded);
+    let split = hyp(&mut m, "load idle --no-prefetch", "[hyp] load 'idle': ")?;
+    let loaded = line_after(&mut m, "'idle' loaded as vm 2")?;
+    out.push(format!("no prefetch: {split}"));
+    out.push(format!("no prefetch: {loaded}"));
     std::thread::sleep(Duration::from_secs(20));
     // vm 2's row (the VM keeps its saved name, `linux`).
     let vms = hyp(&mut m, "vms", "  2   linux")?;

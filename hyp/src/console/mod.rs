@@ -31,11 +31,8 @@ pub mod vmcmd;
 /// How the scheduler reaches the console (installed by `main`).
 pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHooks {
     poll_input: cmd::poll_input,
-    poll: || {
-        cmd::poll();
-        crate::persist::prefetch::step();
-    },
-    command_waiting: || cmd::command_waiting() || crate::persist::prefetch::active(),
+    poll: cmd::poll,
+    command_waiting: cmd::command_waiting,
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
     vm_event: api::push_event,

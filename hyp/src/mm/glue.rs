@@ -188,6 +188,11 @@ pub fn fault(vm: &VmMemory, ipa: Ipa, access: Access, kind: FaultKind) -> Result
     // executable (`hypmm::Fetch`). If the entry went meanwhile, the
     // ordinary path below resolves the fault.
     let page = ipa.page();
+    // A chunk of a loaded image not installed yet gets its entries first:
+    // taken for empty, it would become 512 zero pages.
+    if crate::mm::diskpages::ensure(vm, page).is_err() {
+        return Err(FaultError::NoMemory);
+    }
     match (kind, access) {
         (FaultKind::AccessFlag, _) if vm.memory.lock().mkyoung(page) => return Ok(()),
         (FaultKind::Permission, Access::Fetch) if vm.memory.lock().make_executable(page) => {
@@ -305,6 +310,7 @@ pub fn cx(rmap: &Rmap) -> hypmm::MemCtx<'_, HypMachine, crate::mm::store::PageSt
 /// Tears down a VM's memory (`hypmm::teardown`): zap every entry, unlink
 /// its regions, and only then free its stage-2 tables (DESIGN lesson 5).
 pub fn teardown(vm: &VmMemory) {
+    crate::mm::diskpages::drop_pending(vm);
     hypmm::teardown(&cx(rmap()), vm)
 }
 
@@ -312,6 +318,8 @@ pub fn teardown(vm: &VmMemory) {
 /// (`hypmm::fork_memory`): one batched TLB invalidation for the parent.
 /// Both VMs must be stopped (no vCPU on a CPU).
 pub fn fork_memory(parent: &VmMemory, child: &VmMemory) -> Result<(), rmap::Error> {
+    // The child copies the parent's table: every entry must be in it.
+    crate::mm::diskpages::complete(parent).map_err(|_| rmap::Error::OutOfFrames)?;
     hypmm::fork_memory(&cx(rmap()), parent, child)
 }
 
@@ -328,6 +336,9 @@ pub fn shared_frames() -> u64 {
 /// cleared and its frame or swap slot reference dropped; untouched pages
 /// cost nothing. Blocks are split first (the reserve covers the table page).
 pub fn release(vm: &VmMemory, start: Ipa, len: u64) -> Result<(), rmap::Error> {
+    // A pending chunk installed after the release would bring its old
+    // contents back: install the ones the range touches first.
+    crate::mm::diskpages::ensure_range(vm, start, len).map_err(|_| rmap::Error::OutOfFrames)?;
     let machine = (&HypMachine, &STORE);
     hypmm::release(
         rmap(),

@@ -33,6 +33,9 @@ pub struct VmMemory {
     /// Guest pages whose stage-2 entry may differ from this VM's latest
     /// snapshot: what a restore to that snapshot has to undo.
     pub dirty: Mutex<DirtyLog>,
+    /// A VM loaded from the disk: the 2 MiB chunks whose image entries are
+    /// not written yet (`mm::diskpages`).
+    pub lazy: crate::mm::diskpages::Lazy,
 }
 
 /// Every VM's memory by id. A leaf lock: held only to insert, remove or
@@ -52,6 +55,7 @@ impl VmMemory {
             regions: OrderedRwLock::new(Level::VM_REGIONS, "vm.regions", RegionList::new(VmId(id))),
             memory: OrderedMutex::new(Level::STAGE2, "vm.stage2", memory),
             dirty: Mutex::new(DirtyLog::new(ram)),
+            lazy: Default::default(),
         });
         REGISTRY.lock().insert(id, mem.clone());
         Ok(mem)

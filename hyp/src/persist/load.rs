@@ -3,8 +3,11 @@
 //!
 //! The image's header, index and state are read and verified (snapfile);
 //! the VM is created with the image's shape, given its vCPU, vGIC, timer
-//! and UART state, and every stored page becomes a swap entry naming that
-//! page of the loaded image (`mm::diskpages`); then its vCPUs are queued.
+//! and UART state, and every stored page is to become a swap entry naming
+//! that page of the loaded image (`mm::diskpages`): recorded per 2 MiB
+//! chunk, whose entries are written on the first fault in it (or by the
+//! prefetch, or before a fork), so the load does no per-page work before
+//! its vCPUs are queued.
 //! A guest access to a page not yet loaded is an ordinary stage-2 fault
 //! whose swap-in reads the page from the disk here ([`Source::read`]),
 //! verified against its checksum; a page that fails stops the VM (the
@@ -40,9 +43,12 @@ pub struct Loaded {
     /// Pages read from the disk, and those that failed.
     pub read: AtomicU64,
     pub failed: AtomicU64,
-    /// The prefetcher's position in `prefetch::order`.
+    /// The prefetcher's position in `prefetch::order`, and its steps.
     pub cursor: AtomicU64,
+    pub steps: AtomicU64,
     touch: Mutex<Touch>,
+    /// The prefetch's read-ahead of the image's page data.
+    window: Mutex<super::ahead::Window>,
 }
 
 /// Pages in the order the VM first faulted them, and which those are.
@@ -103,8 +109,17 @@ impl diskpages::ImageSource for Source {
         let Some(r) = l.image.locate(Gpn(gpn)) else {
             return false;
         };
-        let Ok(mut dev) = disk::dev() else {
+        let Ok(dev) = disk::dev() else {
             return false;
+        };
+        let cpu = crate::arch::percpu::cpu_index();
+        let prefetching = PREFETCHING
+            .get(cpu)
+            .is_some_and(|p| p.load(Ordering::Relaxed));
+        let mut dev = super::ahead::Ahead {
+            dev,
+            window: &l.window,
+            fill: prefetching,
         };
         if l.image.read_page(&mut dev, &r, out).is_err() {
             l.failed.fetch_add(1, Ordering::Relaxed);
@@ -114,11 +129,7 @@ impl diskpages::ImageSource for Source {
             );
             return false;
         }
-        let cpu = crate::arch::percpu::cpu_index();
-        if !PREFETCHING
-            .get(cpu)
-            .is_some_and(|p| p.load(Ordering::Relaxed))
-        {
+        if !prefetching {
             l.touch.lock().note(gpn);
         }
         l.read.fetch_add(1, Ordering::Relaxed);
@@ -134,13 +145,14 @@ impl diskpages::ImageSource for Source {
         let now = crate::arch::timer::now();
         l.all_loaded_at.store(now, Ordering::Relaxed);
         crate::println!(
-            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({})",
+            "[hyp] vm {}: all {} pages of '{}' loaded ({} reads), {} ms after its header was read ({}, {} steps)",
             l.vm,
             l.image.pages().len(),
             l.image.name(),
             l.read.load(Ordering::Relaxed),
             crate::arch::timer::ticks_to_us(now.wrapping_sub(l.opened)) / 1000,
-            if l.prefetch { "prefetch" } else { "no prefetch" }
+            if l.prefetch { "prefetch" } else { "no prefetch" },
+            l.steps.load(Ordering::Relaxed)
         );
         let order = core::mem::take(&mut l.touch.lock().order);
         TOUCHED.lock().insert(l.vm, order);
@@ -172,6 +184,7 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let (h, _) = state::header(image.state())?;
     check_shape(&h, &image)?;
     let vm = Vm::create(&h.name, h.vcpus, h.ram_size)?;
+    let created = crate::arch::timer::now();
     vm.pause();
     let vcpus = match state::apply(image.state(), &vm) {
         Ok(v) => v,
@@ -182,14 +195,26 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     };
     vm.replace_parked_vcpus(vcpus);
     crate::vm::devices::update_irq(&vm);
+    let stated = crate::arch::timer::now();
     let pages = install(&vm, image, prefetch, opened)?;
+    let installed = crate::arch::timer::now();
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
     vm.resume();
+    // The vCPUs are queued (and the CPUs kicked): the guest may run now.
+    let now = crate::arch::timer::now();
     if prefetch {
         super::prefetch::start();
     }
-    let now = crate::arch::timer::now();
+    let us = |a: u64, b: u64| crate::arch::timer::ticks_to_us(b.wrapping_sub(a));
+    crate::println!(
+        "[hyp] load '{name}': header+index+state read {} us, vm created {} us, state {} us, pages installed {} us, resumed {} us",
+        us(t0, opened),
+        us(opened, created),
+        us(created, stated),
+        us(stated, installed),
+        us(installed, now)
+    );
     Ok(LoadReport {
         vm: vm.id,
         pages,
@@ -222,8 +247,8 @@ fn check_shape(h: &state::Header, image: &Image) -> Result<(), PersistError> {
     Ok(())
 }
 
-/// Registers the image and makes its pages `vm`'s swap entries; on an
-/// error `vm` is stopped.
+/// Registers the image and makes its pages `vm`'s, read from the disk on
+/// first touch; on an error `vm` is stopped.
 fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u64, PersistError> {
     let gpns: Vec<u32> = image.pages().iter().map(|p| p.gpn().0).collect();
     let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
@@ -241,14 +266,18 @@ fn install(vm: &Arc<Vm>, image: Image, prefetch: bool, opened: u64) -> Result<u6
         read: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         cursor: AtomicU64::new(0),
+        steps: AtomicU64::new(0),
         touch: Mutex::new(Touch::default()),
+        window: Mutex::new(Default::default()),
     });
     IMAGES.lock().insert(handle, loaded);
-    let result = diskpages::install(&vm.mem, handle, &gpns);
-    if result.is_err() {
+    let pages = gpns.len() as u64;
+    // The VM's pending chunks hold the image now; their entries are written
+    // on first touch (or by the prefetch).
+    if diskpages::install_lazy(&vm.mem, handle, gpns).is_err() {
+        IMAGES.lock().remove(&handle);
         vm.stop(crate::vm::STATUS_FAULT);
+        return Err(PersistError::Vm(crate::vm::VmError::NoMemory));
     }
-    // The VM's entries hold the image now (or, stopped, will let it go).
-    diskpages::release_install(handle);
-    result.map_err(|_| PersistError::Vm(crate::vm::VmError::NoMemory))
+    Ok(pages)
 }

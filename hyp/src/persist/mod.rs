@@ -6,12 +6,15 @@
 //! formatting an unformatted disk. `state` is the VM-state blob an image
 //! carries (vCPUs, vGIC, virtual timer, UART, shape). `save` writes a VM
 //! through a frozen copy-on-write snapshot of it, so the VM pauses only for
-//! the fork; `load` creates a VM whose every saved page is a swap entry
-//! naming its image page (`mm::diskpages`), so the ordinary stage-2 fault
-//! path reads pages from the disk as the guest touches them, records the
-//! order it touched them in (saved with its next image, REAP's working
-//! set), and `prefetch` loads the rest in the background in that order.
+//! the fork; `load` creates a VM whose every saved page is to be a swap
+//! entry naming its image page (`mm::diskpages`, written per 2 MiB chunk on
+//! first touch), so the ordinary stage-2 fault path reads pages from the
+//! disk as the guest touches them, records the order it touched them in
+//! (saved with its next image, REAP's working set), and `prefetch` loads
+//! the rest in the background, on idle CPUs, in that order (`ahead`: its
+//! read-ahead).
 
+mod ahead;
 pub mod disk;
 pub mod load;
 pub mod prefetch;

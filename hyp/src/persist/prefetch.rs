@@ -4,13 +4,12 @@
 //! runs. Each page goes through the ordinary stage-2 fault path, as if the
 //! VM had touched it, so a page the guest faulted first is simply skipped.
 //!
-//! It runs in bounded steps from CPU 0's scheduler loop (the console's
-//! `poll` hook, with no vCPU loaded), like the console's other work: no
-//! thread of its own, and at most [`STEP_US`] of CPU 0's time per step.
-//! While a prefetch has work ([`active`]), the console's `command_waiting`
-//! hook says so, so a vCPU on CPU 0 gives the CPU back at its next exit, as
-//! it does for a typed command; otherwise a guest that never leaves CPU 0
-//! would starve its own prefetch.
+//! It runs in bounded steps on whichever CPU has nothing else to do
+//! (`vm::sched::Background`): between time slices, instead of an idle WFI,
+//! and when a vCPU waits for an interrupt, one CPU at a time. No thread of
+//! its own, and at most [`STEP_US`] (plus one page's read) per step. It
+//! used to run only from CPU 0's console poll, which forced CPU 0's vCPUs
+//! off at every exit and still left it to CPU 0's schedule.
 
 use super::load::{all, Loaded, PREFETCHING};
 use crate::mm::frames::PAGE_SIZE;
@@ -22,18 +21,22 @@ use rmap::Ipa;
 const RETRIES: usize = 8;
 /// Some loaded image may still have pages to prefetch.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// A CPU is in [`step`] (the one-at-a-time lock: the disk serves one
+/// request at a time anyway, and other CPUs keep running guests).
+static BUSY: AtomicBool = AtomicBool::new(false);
 
-/// Whether a prefetch has work (CPU 0 should come back to `step`).
-pub fn active() -> bool {
-    ACTIVE.load(Ordering::Relaxed)
-}
+static BACKGROUND: crate::vm::sched::Background = crate::vm::sched::Background {
+    ready: || ACTIVE.load(Ordering::Relaxed) && !BUSY.load(Ordering::Relaxed),
+    step,
+};
 
-/// A load with prefetch started.
+/// A load with prefetch started: idle CPUs start stepping.
 pub fn start() {
     ACTIVE.store(true, Ordering::Relaxed);
+    crate::vm::sched::set_background(&BACKGROUND);
 }
 
-/// CPU 0's time one step may take.
+/// A CPU's time one step may take (it ends after the page that passes it).
 pub const STEP_US: u64 = 2000;
 
 /// Passes over the image a prefetch makes at most: a page whose fault only
@@ -55,11 +58,22 @@ fn nth(l: &Loaded, i: usize) -> Option<u32> {
     }
 }
 
-/// One bounded step of every loaded image's prefetch.
-pub fn step() {
-    if !active() {
+/// One bounded step of every loaded image's prefetch (a no-op while another
+/// CPU is in one).
+fn step() {
+    if !ACTIVE.load(Ordering::Relaxed) || BUSY.swap(true, Ordering::Acquire) {
         return;
     }
+    let more = step_images();
+    if !more {
+        ACTIVE.store(false, Ordering::Relaxed);
+    }
+    BUSY.store(false, Ordering::Release);
+}
+
+/// Fetches pages of each image for at most the step's budget; whether any
+/// image has pages left.
+fn step_images() -> bool {
     let mut more = false;
     let t0 = crate::arch::timer::now();
     let budget = crate::arch::timer::ms_to_ticks(1) * STEP_US / 1000;
@@ -75,21 +89,24 @@ pub fn step() {
         }
         let cpu = crate::arch::percpu::cpu_index();
         PREFETCHING[cpu].store(true, Ordering::Relaxed);
-        while crate::arch::timer::now().wrapping_sub(t0) < budget {
+        l.steps.fetch_add(1, Ordering::Relaxed);
+        // At least one page per image and step, however late the step got
+        // here: `more` must say whether pages are left, never whether time
+        // was (a step that found its budget gone before its first page
+        // once ended the whole prefetch, with most of the image unread).
+        loop {
             let i = l.cursor.fetch_add(1, Ordering::Relaxed) as usize;
             let Some(gpn) = nth(&l, i) else {
                 break;
             };
             more = true;
-            if !fetch(&vm, &l, gpn) {
+            if !fetch(&vm, &l, gpn) || crate::arch::timer::now().wrapping_sub(t0) >= budget {
                 break;
             }
         }
         PREFETCHING[cpu].store(false, Ordering::Relaxed);
     }
-    if !more {
-        ACTIVE.store(false, Ordering::Relaxed);
-    }
+    more
 }
 
 /// Loads page `gpn` of `vm` if it still waits for this image; false to stop

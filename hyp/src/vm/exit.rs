@@ -84,7 +84,7 @@ fn sysreg(vcpu: &mut Vcpu, esr: u64) -> Action {
 /// A trapped WFI or WFE. A WFI blocks the physical CPU with the vCPU still
 /// loaded until its own timer, a kick from another CPU (an interrupt
 /// injected for it) or at most the next scheduling tick; it gives the CPU up
-/// if other vCPUs are waiting.
+/// if other vCPUs or background work (`sched::Background`) are waiting.
 fn wfx(vcpu: &mut Vcpu, esr: u64) -> Action {
     vcpu.regs.pc += 4;
     crate::vm::devices::flush_partial_line(vcpu);
@@ -100,7 +100,11 @@ fn wfx(vcpu: &mut Vcpu, esr: u64) -> Action {
         if crate::vdev::vtimer::firing() || vcpu.vm.vgic.has_pending(vcpu.index) {
             return Action::Continue;
         }
-        if !crate::vm::sched::queue_empty() || vcpu.vm.state() != crate::vm::VmState::Running {
+        // The CPU would idle: a waiting vCPU, or background work, has it.
+        if !crate::vm::sched::queue_empty()
+            || crate::vm::sched::background_ready()
+            || vcpu.vm.state() != crate::vm::VmState::Running
+        {
             return Action::Yield;
         }
         crate::arch::wfi();

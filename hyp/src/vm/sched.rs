@@ -71,6 +71,32 @@ pub fn vm_event(e: VmEvent) {
 
 static CONSOLE: Once<&'static ConsoleHooks> = Once::new();
 
+/// Work of a higher layer (the disk images' prefetch) that any CPU does in
+/// bounded steps whenever it has no vCPU loaded and the work is ready:
+/// between two time slices, in place of an idle WFI, and when a vCPU waits
+/// for an interrupt (its WFI gives the CPU back while the work is ready).
+/// Installed by that layer (layers.txt: `vm` never imports it).
+pub struct Background {
+    /// Whether a step would do something now (work left, and no other CPU
+    /// in a step). Cheap: asked at guest exits.
+    pub ready: fn() -> bool,
+    /// One bounded step (a no-op if another CPU is in one).
+    pub step: fn(),
+}
+
+static BACKGROUND: Once<&'static Background> = Once::new();
+
+/// Installs the background work (once) and wakes idle CPUs to do it.
+pub fn set_background(work: &'static Background) {
+    BACKGROUND.call_once(|| work);
+    kick_all();
+}
+
+/// Whether background work waits for a CPU.
+pub fn background_ready() -> bool {
+    BACKGROUND.get().is_some_and(|b| (b.ready)())
+}
+
 pub fn init(board: &Board, console: &'static ConsoleHooks) {
     BOARD.call_once(|| board.clone());
     CONSOLE.call_once(|| console);
@@ -156,6 +182,9 @@ pub fn cpu_loop() -> ! {
             }
             exit_if_idle();
         }
+        if let Some(b) = BACKGROUND.get() {
+            (b.step)();
+        }
         // No vCPU is loaded here: no VM's stage 2 may stay this CPU's
         // context (a torn-down VM's root would; see Vm::unload_stage2).
         debug_assert_eq!(
@@ -165,6 +194,8 @@ pub fn cpu_loop() -> ! {
         );
         match dequeue() {
             Some(vcpu) => run(vcpu),
+            // Nothing to run: more background work, or wait.
+            None if background_ready() => {}
             None => wfi(),
         }
     }
@@ -205,7 +236,8 @@ fn run(vcpu: Box<Vcpu>) {
             .fetch_add(1, Ordering::Relaxed);
         let action = match kind {
             ExitKind::Irq | ExitKind::Fiq => {
-                if handle_host_irqs(Some(&vcpu)) && !queue_empty() {
+                // A slice ended: let a waiting vCPU or background work in.
+                if handle_host_irqs(Some(&vcpu)) && (!queue_empty() || background_ready()) {
                     Action::Yield
                 } else {
                     Action::Continue
