@@ -53,7 +53,6 @@ fn benches_report_medians_of_interleaved_pairs() {
             "reclaim/lz4 throughput = ",
         ),
         ("bench merge: 256 pages in 2 VMs", "scan/memcmp = "),
-        ("bench merge: 256 pages in 2 VMs", "scan/word compare = "),
         (
             "bench merge: CoW write fault on 128 pages",
             "merged CoW / forked CoW = ",

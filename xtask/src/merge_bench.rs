@@ -1,6 +1,6 @@
 //! `cargo xtask bench merge` (issue 16): first the merger's costs measured
 //! inside the hypervisor (`bench merge` on its console: a scan pass next to
-//! a memcmp and a word compare of the same pages, a CoW fault on a merged
+//! a memcmp of the same pages, a CoW fault on a merged
 //! page next to one on a forked page, interleaved pairs); then host frames
 //! used by four independently booted, idle 256 MiB Linux VMs before and
 //! after one `merge` pass (goal: at most 0.5x), and the pass's scan rate.
@@ -24,8 +24,8 @@ const IDLE: Duration = Duration::from_secs(10);
 pub const COSTS_SCRIPT: &str = "bench merge 1024; bench merge 4096; quit";
 
 /// `bench merge` on the release hypervisor's console; prints its lines
-/// (`merge scan = N pages/s, memcmp = M pages/s, scan/memcmp = R`, the
-/// same against a word compare, and `merged CoW / forked CoW = R`).
+/// (`merge scan = N pages/s, memcmp = M pages/s, scan/memcmp = R` and
+/// `merged CoW / forked CoW = R`).
 pub fn costs(images: &crate::build::Images) -> Result<(), String> {
     crate::console_bench(
         images,
@@ -33,7 +33,7 @@ pub fn costs(images: &crate::build::Images) -> Result<(), String> {
         COSTS_SCRIPT,
         &["bench merge:"],
         6,
-        "merge scan vs memcmp and word compare, CoW on merged vs forked pages",
+        "merge scan vs memcmp, CoW on merged vs forked pages",
     )
 }
 

@@ -8,9 +8,8 @@
 //!   insert). The steady state of a background merger over unique memory,
 //!   timed as one `merge` pass over just these VMs (the scanner's trees
 //!   forget every other VM: a later pass re-learns them), next to a
-//!   `frames_equal` (the memcmp `rmap::merge` uses) of the same page pairs,
-//!   which reads the same 2 x `pages` pages, then next to a word-at-a-time
-//!   compare of them (`frames_equal`'s `memcmp` is no_std's byte loop).
+//!   `frames_equal` (the memcmp `rmap::merge` uses, eight words a step) of
+//!   the same page pairs, which reads the same 2 x `pages` pages.
 //! - **CoW fault on a merged page** next to one on a forked page: a write
 //!   fault resolved by the memory manager (`glue::fault`, as a guest's
 //!   permission fault is, minus the trap itself, the same for both) on
@@ -89,7 +88,8 @@ fn time_scan(vms: &[ScanVm], pages: u64) -> Result<u64, CmdError> {
     Ok(ticks)
 }
 
-/// Ticks to compare every page pair of `a` and `b`.
+/// Ticks to compare every page pair of `a` and `b` with `frames_equal`, the
+/// merger's own final comparison (a word-wise memcmp: eight words a step).
 fn time_memcmp(a: &[Pfn], b: &[Pfn]) -> Result<u64, CmdError> {
     let t0 = now();
     let mut equal = 0usize;
@@ -98,38 +98,6 @@ fn time_memcmp(a: &[Pfn], b: &[Pfn]) -> Result<u64, CmdError> {
         // writes them while the console runs this command.
         equal += usize::from(unsafe { frames_equal(x.pa(), y.pa()) });
     }
-    let ticks = now() - t0;
-    match equal {
-        0 => Ok(ticks),
-        _ => Err(CmdError::Bench("bench pages compared equal")),
-    }
-}
-
-/// Whether two frames hold the same words, compared a u64 at a time with
-/// volatile loads (as `frame_hash` reads): the baseline a word-wise memcmp
-/// would give, where `frames_equal`'s slice comparison calls the no_std
-/// `memcmp`, a byte loop.
-///
-/// # Safety
-///
-/// As for `frames_equal`.
-unsafe fn words_equal(a: Pfn, b: Pfn) -> bool {
-    let (x, y) = (a.pa().raw() as *const u64, b.pa().raw() as *const u64);
-    (0..(PAGE_SIZE / 8) as usize).all(|i| {
-        // SAFETY: inside both frames (the caller's contract), u64-aligned.
-        unsafe { core::ptr::read_volatile(x.add(i)) == core::ptr::read_volatile(y.add(i)) }
-    })
-}
-
-/// Ticks to compare every page pair with [`words_equal`].
-fn time_words(a: &[Pfn], b: &[Pfn]) -> Result<u64, CmdError> {
-    let t0 = now();
-    // SAFETY: as in `time_memcmp`.
-    let equal = a
-        .iter()
-        .zip(b)
-        .filter(|(x, y)| unsafe { words_equal(**x, **y) });
-    let equal = equal.count();
     let ticks = now() - t0;
     match equal {
         0 => Ok(ticks),
@@ -214,22 +182,6 @@ pub fn merge(pages: u64, out: &mut Reply) -> Result<(), CmdError> {
             p.ratio()
         );
         out.set("scan_ratio_x100", p.ratio().median);
-        let w = interleave(
-            PAIRS,
-            || time_words(&fa, &fb),
-            || time_scan(&vms, 2 * pages),
-        )?;
-        let (words, scan) = (median(&w.base), median(&w.subject));
-        crate::say!(
-            out,
-            "bench merge: {} pages in 2 VMs, medians: scan pass {} us, word compare {} us; merge scan = {} pages/s, word compare = {} pages/s, scan/word compare = {}",
-            2 * pages,
-            us(scan),
-            us(words),
-            rate(2 * pages, scan),
-            rate(2 * pages, words),
-            w.ratio()
-        );
         Ok(())
     })();
     a.stop(0);
