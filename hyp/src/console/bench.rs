@@ -10,7 +10,7 @@ use crate::mm::frames::{self, PAGE_SIZE};
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use rmap::Ipa;
+use rmap::{Ipa, Pa};
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
 /// eagerly, [`PAIRS`] times each; prints the medians and the ratio.
@@ -40,41 +40,58 @@ fn time_fork(vm: &Arc<Vm>) -> Result<u64, CmdError> {
     Ok(ticks)
 }
 
-/// Ticks of an eager copy of the VM's `pages` into fresh frames (the copy a
-/// CoW fault or a migration does), freed again.
-fn time_eager_copy(vm: &Arc<Vm>, pages: u64) -> Result<u64, CmdError> {
+/// `pages` frames for the eager copy, each written once before any timing:
+/// a frame the host (QEMU) has never touched costs a host page fault on its
+/// first write, which a baseline must not measure (it made the same copy
+/// take 29 ms in one run and 577 ms in another). Freed by [`free_all`].
+fn warm_frames(pages: u64) -> Result<Vec<Pa>, CmdError> {
+    let mut dst = Vec::new();
+    dst.try_reserve_exact(pages as usize)
+        .map_err(|_| CmdError::Bench("no heap for the copy's frame list"))?;
+    while (dst.len() as u64) < pages {
+        let Some(pa) = frames::get().alloc() else {
+            let done = dst.len() as u64;
+            free_all(dst);
+            return Err(CmdError::BenchShort {
+                what: "frames free for the eager copy:",
+                done,
+                of: pages,
+            });
+        };
+        // SAFETY: a frame we just allocated; nothing else can reach it.
+        unsafe { frames::zero_frame(pa) };
+        dst.push(pa);
+    }
+    Ok(dst)
+}
+
+fn free_all(dst: Vec<Pa>) {
+    dst.into_iter().for_each(|pa| frames::get().free(pa));
+}
+
+/// Ticks of an eager copy of the VM's pages into `dst` (the copy a CoW
+/// fault or a migration does: a lookup and a 4 KiB copy per page).
+fn time_eager_copy(vm: &Arc<Vm>, dst: &[Pa]) -> Result<u64, CmdError> {
     let t0 = crate::arch::timer::now();
-    let mut copies = Vec::with_capacity(pages as usize);
-    for i in 0..pages {
+    for (i, &to) in dst.iter().enumerate() {
         let src = vm
             .mem
             .memory
             .lock()
-            .pa_of(Ipa::new(vm.mem.ram.base) + i * PAGE_SIZE)
+            .pa_of(Ipa::new(vm.mem.ram.base) + i as u64 * PAGE_SIZE)
             .ok_or(CmdError::Bench("unmapped page"))?;
-        let Some(dst) = frames::get().alloc() else {
-            break;
-        };
         // SAFETY: `src` is a frame of the quiet bench VM (nothing writes
-        // it), `dst` a frame we just allocated.
-        unsafe { frames::copy_frame(dst, src) };
-        copies.push(dst);
+        // it), `to` one of ours that nothing maps.
+        unsafe { frames::copy_frame(to, src) };
     }
-    let ticks = crate::arch::timer::now() - t0;
-    let copied = copies.len() as u64;
-    copies.into_iter().for_each(|pa| frames::get().free(pa));
-    if copied != pages {
-        return Err(CmdError::BenchShort {
-            what: "frames free for the eager copy:",
-            done: copied,
-            of: pages,
-        });
-    }
-    Ok(ticks)
+    Ok(crate::arch::timer::now() - t0)
 }
 
 fn fork_vs_copy(vm: &Arc<Vm>, pages: u64, r: &mut Reply) -> Result<(), CmdError> {
-    let p = interleave(PAIRS, || time_eager_copy(vm, pages), || time_fork(vm))?;
+    let dst = warm_frames(pages)?;
+    let p = interleave(PAIRS, || time_eager_copy(vm, &dst), || time_fork(vm));
+    free_all(dst);
+    let p = p?;
     let (fork_us, copy_us) = (us(median(&p.subject)), us(median(&p.base)));
     let ratio = p.ratio();
     crate::say!(
