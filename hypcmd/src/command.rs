@@ -150,7 +150,7 @@ pub enum Command {
         /// MiB of touched RAM in the forked VM, 1..=4096.
         mib: u64,
     },
-    /// `bench migrate <mappers> <pages> <batch>`.
+    /// `bench migrate <mappers> <pages> <batch> [blocks]`.
     BenchMigrate {
         /// How many VMs map each frame (the bench VM and its snapshots), 1..=200.
         mappers: u64,
@@ -158,6 +158,10 @@ pub enum Command {
         pages: u64,
         /// Frames per TLB invalidation, 1..=4096.
         batch: usize,
+        /// Keep the bench VM's 2 MiB blocks whole (`blocks`), so whole
+        /// folios migrate as blocks; otherwise a warm-up migration splits
+        /// them and the pages move one by one.
+        blocks: bool,
     },
     /// `bench reclaim <pages> <batch>`.
     BenchReclaim {
@@ -434,8 +438,13 @@ impl fmt::Display for Command {
                 mappers,
                 pages,
                 batch,
+                blocks,
             } => {
-                write!(f, "bench migrate {mappers} {pages} {batch}")
+                write!(f, "bench migrate {mappers} {pages} {batch}")?;
+                if *blocks {
+                    f.write_str(" blocks")?;
+                }
+                Ok(())
             }
             BenchReclaim { pages, batch } => write!(f, "bench reclaim {pages} {batch}"),
             BenchMerge { pages } => write!(f, "bench merge {pages}"),
@@ -489,7 +498,7 @@ pub const HELP: &str = "commands:
   reclaim <pages> [batch]               push cold frames (access-bit clock) to the compressed store
   chaos <secs> [seed] [max-vms]         random migrate/evacuate/reclaim/fork/destroy for secs
   wait <secs>                           wait until no runnable VM is left (at most secs)
-  bench migrate <mappers> <pages> <batch>  migration next to memcpy of the same frames
+  bench migrate <mappers> <pages> <batch> [blocks]  migration next to memcpy of the same frames
   bench reclaim <pages> <batch>         reclaim next to LZ4 of the same pages, and fault-in
   bench merge <pages>                   merge scan next to memcmp; CoW on merged vs forked pages
   sleep <ms>        (in a script) wait before the next command

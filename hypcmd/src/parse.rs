@@ -120,7 +120,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -321,10 +321,16 @@ fn bench(args: &mut Args) -> Result<Command> {
             let pages = args.num("pages", 1..=65536)?;
             let batch = args.num("batch", BATCH)?;
             let batch = narrow(batch, "batch", BATCH)?;
+            let blocks = match args.0.next() {
+                None => false,
+                Some("blocks") => true,
+                Some(_) => return Err(ParseError::Usage(BENCH_USAGE)),
+            };
             Ok(Command::BenchMigrate {
                 mappers,
                 pages,
                 batch,
+                blocks,
             })
         }
         Some("reclaim") => {

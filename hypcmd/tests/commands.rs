@@ -295,7 +295,17 @@ fn benches() {
         Command::BenchMigrate {
             mappers: 10,
             pages: 1024,
-            batch: 64
+            batch: 64,
+            blocks: false
+        }
+    );
+    assert_eq!(
+        ok("bench migrate 100 1024 512 blocks"),
+        Command::BenchMigrate {
+            mappers: 100,
+            pages: 1024,
+            batch: 512,
+            blocks: true
         }
     );
     assert_eq!(
@@ -307,7 +317,7 @@ fn benches() {
     );
     assert_eq!(err("bench fork"), "usage: bench fork <MiB>");
     assert_eq!(err("bench fork 4097"), "usage: bench fork <MiB>");
-    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");
@@ -316,6 +326,7 @@ fn benches() {
         "bad pages '65537' (1..=65536)"
     );
     assert_eq!(err("bench migrate 1 1"), "missing batch");
+    assert_eq!(err("bench migrate 1 1 1 block"), usage);
     assert_eq!(err("bench reclaim 1 0"), "bad batch '0' (1..=4096)");
     assert_eq!(
         err("bench reclaim 1 1 1"),
@@ -386,6 +397,7 @@ fn display_is_the_console_syntax() {
         "reclaim 20000 512",
         "chaos 25 12345 8",
         "bench migrate 1 1024 512",
+        "bench migrate 10 1024 512 blocks",
         "bench reclaim 2048 64",
         "bench fork 64",
         "sleep 300",

@@ -131,11 +131,14 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         (1u64..=3600).prop_map(|secs| Wait { secs }),
         (1u64..=4096).prop_map(|mib| BenchFork { mib }),
-        (1u64..=200, 1u64..=65536, batch()).prop_map(|(mappers, pages, batch)| BenchMigrate {
-            mappers,
-            pages,
-            batch
-        }),
+        (1u64..=200, 1u64..=65536, batch(), any::<bool>()).prop_map(
+            |(mappers, pages, batch, blocks)| BenchMigrate {
+                mappers,
+                pages,
+                batch,
+                blocks
+            }
+        ),
         (1u64..=65536, batch()).prop_map(|(pages, batch)| BenchReclaim { pages, batch }),
         (1u64..=60_000).prop_map(|ms| Sleep { ms }),
         prop_oneof![

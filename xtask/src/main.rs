@@ -246,7 +246,7 @@ fn bench(args: &[String]) -> Result<(), String> {
 }
 
 /// The console script of `migrate_bench`.
-pub const MIGRATE_BENCH_SCRIPT: &str = "bench migrate 1 1024 1; bench migrate 1 1024 64; bench migrate 1 1024 512; bench migrate 10 1024 1; bench migrate 10 1024 64; bench migrate 10 1024 512; bench migrate 100 1024 1; bench migrate 100 1024 64; bench migrate 100 1024 512; bench reclaim 2048 1; bench reclaim 2048 64; bench reclaim 2048 512";
+pub const MIGRATE_BENCH_SCRIPT: &str = "bench migrate 1 1024 1; bench migrate 1 1024 64; bench migrate 1 1024 512; bench migrate 10 1024 1; bench migrate 10 1024 64; bench migrate 10 1024 512; bench migrate 100 1024 1; bench migrate 100 1024 64; bench migrate 100 1024 512; bench migrate 1 1024 512 blocks; bench migrate 10 1024 512 blocks; bench migrate 100 1024 512 blocks; bench reclaim 2048 1; bench reclaim 2048 64; bench reclaim 2048 512";
 
 /// Boots the release hypervisor with no guest, runs `script` on its console
 /// and prints the `expected` result lines starting with one of `prefixes`.

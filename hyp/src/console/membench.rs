@@ -14,14 +14,18 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use rmap::{Ipa, Pa, Pfn};
 
+/// The warm-up migration's batch: less than a folio's 512 frames.
+const SPLIT_BATCH: usize = 256;
+
 /// MiB/s for `pages` in `ticks`.
 fn mibs(pages: u64, ticks: u64) -> u64 {
     ((pages * PAGE_SIZE * crate::arch::timer::frequency()) / ticks.max(1)) >> 20
 }
 
 /// A bench VM with `pages` touched: page i holds a compressible pattern
-/// (a per-page 16-byte value repeated, plus a counter every 64 bytes).
-fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
+/// (a per-page 16-byte value repeated, plus a counter every 64 bytes). Its
+/// first touches map 2 MiB blocks; unless `blocks`, they are split first.
+fn bench_vm(pages: u64, blocks: bool) -> Result<Arc<Vm>, CmdError> {
     let size = (pages * PAGE_SIZE).next_multiple_of(2 << 20);
     let vm = Vm::create("bench", 1, size)?;
     let mut page = [0u64; PAGE_SIZE as usize / 8];
@@ -41,9 +45,13 @@ fn bench_vm(pages: u64) -> Result<Arc<Vm>, CmdError> {
             return Err(CmdError::Bench("out of memory filling the bench VM"));
         }
     }
-    // Split any block mapping (not part of what is measured).
-    let mut warm = Report::default();
-    memctl::migrate_pfns(&frames_of(&vm, pages), 4096, &mut warm);
+    if !blocks {
+        // Split every block mapping (not part of what is measured): a batch
+        // smaller than a folio never holds a whole one, so its frames move
+        // one by one and each block is split.
+        let mut warm = Report::default();
+        memctl::migrate_pfns(&frames_of(&vm, pages), SPLIT_BATCH, &mut warm);
+    }
     Ok(vm)
 }
 
@@ -91,9 +99,15 @@ fn time_migrate(vm: &Vm, pages: u64, batch: usize) -> Result<u64, CmdError> {
     Ok(ticks)
 }
 
-/// `bench migrate <mappers> <pages> <batch>`.
-pub fn migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Result<(), CmdError> {
-    let vm = bench_vm(pages)?;
+/// `bench migrate <mappers> <pages> <batch> [blocks]`.
+pub fn migrate(
+    mappers: u64,
+    pages: u64,
+    batch: usize,
+    blocks: bool,
+    out: &mut Reply,
+) -> Result<(), CmdError> {
+    let vm = bench_vm(pages, blocks)?;
     let mut snaps = Vec::new();
     let result = (|| {
         for _ in 1..mappers {
@@ -114,7 +128,8 @@ pub fn migrate(mappers: u64, pages: u64, batch: usize, out: &mut Reply) -> Resul
         let ratio = p.ratio();
         crate::say!(
             out,
-            "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {pages} pages, medians: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {ratio}",
+            "bench migrate: mappers {mappers} (mapcount {mapcount}), batch {batch}, {pages} pages{}, medians: migrate {} us ({} MiB/s), memcpy {} us ({} MiB/s), migrate/memcpy throughput = {ratio}",
+            if blocks { " in blocks" } else { "" },
             us(mig),
             mibs(pages, mig),
             us(copy),
@@ -186,7 +201,7 @@ fn time_fault_in(vm: &Vm, pages: u64) -> Result<u64, CmdError> {
 
 /// `bench reclaim <pages> <batch>`.
 pub fn reclaim(pages: u64, batch: usize, reply: &mut Reply) -> Result<(), CmdError> {
-    let vm = bench_vm(pages)?;
+    let vm = bench_vm(pages, false)?;
     let result = (|| {
         let (mut bytes, mut fault) = (0, Vec::new());
         let p = interleave(

@@ -40,7 +40,8 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
             mappers,
             pages,
             batch,
-        } => return crate::console::membench::migrate(mappers, pages, batch, r),
+            blocks,
+        } => return crate::console::membench::migrate(mappers, pages, batch, blocks, r),
         Command::BenchReclaim { pages, batch } => {
             return crate::console::membench::reclaim(pages, batch, r)
         }
