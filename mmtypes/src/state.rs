@@ -214,10 +214,16 @@ impl PageState {
     }
 
     /// The state of page `i` of a leaf whose first page is `self` (a block maps consecutive
-    /// frames); states without a frame are the same for every page.
+    /// frames, and a block-sized migration entry stands for as many: page `i`'s names frame
+    /// `pfn + i`, whose lock a fault on it waits for); states without a frame are the same
+    /// for every page.
     pub fn page(self, i: u64) -> PageState {
         match self {
             PageState::Mapped { pfn, writable } => PageState::Mapped {
+                pfn: pfn + i,
+                writable,
+            },
+            PageState::Migrating { pfn, writable } => PageState::Migrating {
                 pfn: pfn + i,
                 writable,
             },
@@ -335,7 +341,7 @@ mod tests {
     #[test]
     fn a_block_state_names_each_page_frame() {
         assert_eq!(mapped(P, true).page(2), mapped(Pfn::new(7), true));
-        assert_eq!(migrating(P, true).page(2), migrating(P, true));
+        assert_eq!(migrating(P, true).page(2), migrating(Pfn::new(7), true));
         assert_eq!(mapped(P, true).pfn(), Some(P));
         assert_eq!(Swapped { slot: 1 }.pfn(), None);
         assert_eq!(ZeroPage.page(2), ZeroPage);

@@ -277,9 +277,14 @@ impl HostStage2Guard<'_> {
         let Some(new) = f(base, BLOCK_PAGES, old).filter(|&n| n != old) else {
             return;
         };
+        // A block migration entry (block migration, `Rmap::migrate_folio`) is write-protected
+        // in place too: splitting it would need a table page, and a parent left writable
+        // while its child shares the frames read-only would break copy-on-write.
         let protect = matches!(
             (old, new),
-            (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, writable: false }) if a == b
+            (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, writable: false })
+            | (PageState::Migrating { pfn: a, .. }, PageState::Migrating { pfn: b, writable: false })
+                if a == b
         );
         if protect {
             check_transition(old, new);
@@ -360,6 +365,44 @@ impl Stage2Locked for HostStage2Guard<'_> {
     }
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
         self.map().next_entry(from, end)
+    }
+    fn lookup_block(&self, ipa: Ipa) -> Option<PageState> {
+        self.map().blocks.get(&chunk(ipa)).map(|b| b.0)
+    }
+    /// As hyp: the block stays one leaf; a replaced valid leaf's invalidation is left
+    /// pending (`flush_deferred`), and a valid one installed is checked against the TLB
+    /// model (break-before-make: the old translations must have been flushed).
+    fn compare_exchange_block(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
+        let base = chunk(ipa);
+        let Some(&(found, young)) = self.map().blocks.get(&base) else {
+            return Err(CasError::Changed(self.lookup(ipa)));
+        };
+        if found != old {
+            return Err(CasError::Changed(
+                found.page((page_of(ipa) - base) / PAGE_SIZE),
+            ));
+        }
+        check_transition(old, new);
+        match new {
+            PageState::Invalid => {
+                self.map_mut().blocks.remove(&base);
+                return Ok(());
+            }
+            PageState::Mapped { pfn, writable } => {
+                self.hw
+                    .check_install(self.vm, base, BLOCK_PAGES, pfn, writable);
+            }
+            _ => {}
+        }
+        self.hw.count_block_change();
+        let young = young || new.is_mapped();
+        self.map_mut().blocks.insert(base, (new, young));
+        Ok(())
     }
     fn update_leaves(
         &mut self,
