@@ -313,13 +313,12 @@ impl Rmap {
         let _ = node.chains.stab(index, &mut |chain| {
             let info = self.chain_info(chain);
             let whole = info.ipa_of(index + FOLIO_PAGES - 1).is_some();
-            match info.ipa_of(index) {
-                Some(ipa) if whole && ipa.is_aligned(FOLIO_SIZE) => {
-                    if !info.flags.contains(RegionFlags::TEMPORARY) {
-                        let _ = vms.with_vm(info.vm, |vm| f(info.vm, ipa, &mut vm.lock()));
-                    }
-                }
-                _ => {}
+            let reachable = whole && !info.flags.contains(RegionFlags::TEMPORARY);
+            if let Some(ipa) = info
+                .ipa_of(index)
+                .filter(|i| reachable && i.is_aligned(FOLIO_SIZE))
+            {
+                let _ = vms.with_vm(info.vm, |vm| f(info.vm, ipa, &mut vm.lock()));
             }
             ControlFlow::<()>::Continue(())
         });
