@@ -41,6 +41,11 @@
 //! | `Swapped(s)` | `Mapped(q, ro)` | `SwapIn` | a fault maps the slot's shared frame from the swap cache | region list (read), a slot reference |
 //! | any but `Invalid` | `Invalid` | `Release` | MEM_RELEASE (region list read), VM teardown and snapshot restore (region list write), a failed fork fill taken back, the UART image unmapped (UART lock) | as the operation says |
 //!
+//! A 2 MiB block leaf changes as one entry through the same rows, named by the states of its
+//! first page (block migration: `Unmap` to a block-sized migration entry and `Remap` to a
+//! block of the new run; fork's `WriteProtect` of such an entry); page `i` of a block is
+//! [`PageState::page`]`(i)` of it.
+//!
 //! Everything else is refused, in particular: a state into itself (not a change), a frame
 //! changing under a writable mapping, `Swapped` straight to `Migrating`, `Mapped` straight to
 //! `Swapped` (reclaim goes through `Migrating`, so a fault waits for the frame lock instead of
