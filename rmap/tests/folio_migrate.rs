@@ -362,3 +362,85 @@ fn a_fork_during_the_copy_gets_the_pages_migration_entries() {
     );
     w.check().unwrap();
 }
+
+/// An owner thread forks, destroys, reads (every read checks the value: a lost or torn copy
+/// shows) and now and then writes (a copy-on-write split) VMs sharing blocks, while a mover
+/// thread migrates whichever folio a block maps, whole. Then the world is checked and torn
+/// down with nothing left.
+#[test]
+fn block_migration_races_faults_forks_and_destroys() {
+    let w = Arc::new(HostWorld::new(4096, 8, 1024, 4096));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (wm, sm) = (w.clone(), stop.clone());
+    let mover = std::thread::spawn(move || {
+        let (frames, mut moved, mut x) = (wm.rmap.frames(), 0u64, 0x2545_f491u64);
+        while !sm.load(Ordering::Relaxed) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let pfn = frames.base() + x % frames.len() as u64;
+            if frames.entire_mapcount(pfn) == 0 {
+                continue;
+            }
+            match wm.rmap.migrate_folio(&wm.vms, &wm.machine, pfn) {
+                Ok(_) => moved += 1,
+                Err(Error::Busy | Error::NotMapped | Error::OutOfFrames) => {}
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        moved
+    });
+    let mut vms: Vec<(Arc<HostVm>, [u64; 5])> = Vec::new();
+    let mut x = 0x9e37_79b9u64;
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(1500) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let pick = (x >> 8) as usize % vms.len().max(1);
+        match x % 16 {
+            // A new block, if an aligned run is left (copy-on-write pages fragment memory).
+            0 if vms.len() < 6 => {
+                let a = w.create_vm(&[(RAM, BLOCK_PAGES)]);
+                if !w.fault_block(&a, RAM) {
+                    w.destroy(&a);
+                    continue;
+                }
+                for &i in &SAMPLE {
+                    a.write(&w.rmap, &w.machine, page_ipa(RAM, i), 100 + i)
+                        .unwrap();
+                }
+                vms.push((a, SAMPLE.map(|i| 100 + i)));
+            }
+            1 | 2 if !vms.is_empty() && vms.len() < 6 => {
+                if let Ok(child) = w.fork(&vms[pick].0) {
+                    vms.push((child, vms[pick].1));
+                }
+            }
+            3 if vms.len() > 1 => w.destroy(&vms.swap_remove(pick).0),
+            4 if !vms.is_empty() => {
+                let (vm, model) = &mut vms[pick];
+                let k = (x >> 20) as usize % SAMPLE.len();
+                vm.write(&w.rmap, &w.machine, page_ipa(RAM, SAMPLE[k]), x >> 40)
+                    .unwrap();
+                model[k] = x >> 40;
+            }
+            _ if !vms.is_empty() => {
+                let (vm, model) = &vms[pick];
+                for (k, &i) in SAMPLE.iter().enumerate() {
+                    let got = vm.read(&w.rmap, &w.machine, page_ipa(RAM, i)).unwrap();
+                    assert_eq!(got, model[k], "page {i} of {:?}", vm.id);
+                }
+            }
+            _ => {}
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let moved = mover.join().unwrap();
+    println!("folios moved whole: {moved}");
+    assert!(moved > 0, "no block migration ran");
+    w.check().unwrap();
+    vms.drain(..).for_each(|(vm, _)| w.destroy(&vm));
+    w.check().unwrap();
+    assert_eq!(w.machine.allocated(), 0);
+}
