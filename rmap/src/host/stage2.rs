@@ -15,6 +15,9 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+#[path = "stage2_block.rs"]
+mod block;
+
 /// Pages in a block leaf.
 pub const BLOCK_PAGES: u64 = 512;
 /// Bytes a block leaf maps.
@@ -369,40 +372,13 @@ impl Stage2Locked for HostStage2Guard<'_> {
     fn lookup_block(&self, ipa: Ipa) -> Option<PageState> {
         self.map().blocks.get(&chunk(ipa)).map(|b| b.0)
     }
-    /// As hyp: the block stays one leaf; a replaced valid leaf's invalidation is left
-    /// pending (`flush_deferred`), and a valid one installed is checked against the TLB
-    /// model (break-before-make: the old translations must have been flushed).
     fn compare_exchange_block(
         &mut self,
         ipa: Ipa,
         old: PageState,
         new: PageState,
     ) -> Result<(), CasError> {
-        let base = chunk(ipa);
-        let Some(&(found, young)) = self.map().blocks.get(&base) else {
-            return Err(CasError::Changed(self.lookup(ipa)));
-        };
-        if found != old {
-            return Err(CasError::Changed(
-                found.page((page_of(ipa) - base) / PAGE_SIZE),
-            ));
-        }
-        check_transition(old, new);
-        match new {
-            PageState::Invalid => {
-                self.map_mut().blocks.remove(&base);
-                return Ok(());
-            }
-            PageState::Mapped { pfn, writable } => {
-                self.hw
-                    .check_install(self.vm, base, BLOCK_PAGES, pfn, writable);
-            }
-            _ => {}
-        }
-        self.hw.count_block_change();
-        let young = young || new.is_mapped();
-        self.map_mut().blocks.insert(base, (new, young));
-        Ok(())
+        self.cas_block(ipa, old, new)
     }
     fn update_leaves(
         &mut self,
