@@ -38,6 +38,13 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         self.0.alloc_frame().map(Pa::pfn)
     }
 
+    /// A 2 MiB run for block migration (`Rmap::migrate_folio`), which copies
+    /// into every frame (and publishes it) before any guest can map it.
+    fn alloc_folio(&self) -> Option<Pfn> {
+        let pages = rmap::folio::FOLIO_PAGES as usize;
+        self.0.alloc_contiguous(pages).map(Pa::pfn)
+    }
+
     fn free(&self, pfn: Pfn) {
         self.0.free_frame(pfn.pa())
     }

@@ -22,6 +22,7 @@ extern crate alloc;
 
 #[cfg(debug_assertions)]
 pub mod bbm;
+mod blockmig;
 mod frames;
 mod ksm;
 mod locked;

@@ -57,7 +57,9 @@ pub(crate) fn decode(leaf: Option<LeafInfo>, ipa: Ipa) -> PageState {
             pfn: (m.pa + (ipa.page() - leaf.ipa)).pfn(),
             writable: m.attrs.perm.write,
         },
-        Leaf::Software(state) => state,
+        // A block-sized migration entry (block migration) stands for its pages: page `i`
+        // is frame `pfn + i`'s entry, whose lock a fault on it waits for.
+        Leaf::Software(state) => state.page((ipa.page() - leaf.ipa) / PAGE_SIZE),
     }
 }
 
@@ -222,6 +224,14 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
         old: PageState,
         new: PageState,
     ) -> bool {
+        if let (PageState::Migrating { pfn: a, .. }, PageState::Migrating { pfn: b, .. }) =
+            (old, new)
+        {
+            // A block migration entry stays one entry too (fork during a block
+            // migration): it cannot be split, and left writable while the child
+            // shares its frames it would break copy-on-write once remapped.
+            return a == b && self.write_protect_migration_block(leaf, old, new);
+        }
         let (
             PageState::Mapped { pfn: a, .. },
             PageState::Mapped {

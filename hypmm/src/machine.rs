@@ -55,6 +55,14 @@ pub trait Machine {
     /// `pages` frames (a 2 MiB block), or None.
     fn alloc_contiguous_zeroed(&self, pages: usize) -> Option<Pa>;
 
+    /// `pages` (a power of two) contiguous guest frames aligned to `pages`
+    /// frames, contents undefined (block migration's target, which the copy
+    /// overwrites), or None. Each frame is freed on its own later
+    /// ([`Machine::free_frame`]). The default zeroes them needlessly.
+    fn alloc_contiguous(&self, pages: usize) -> Option<Pa> {
+        self.alloc_contiguous_zeroed(pages)
+    }
+
     /// The reverse map's frame table: a block split moves that mapping's
     /// count of its folio to per-page counts there (`FrameTable::split_entire`).
     fn frame_table(&self) -> &rmap::FrameTable;

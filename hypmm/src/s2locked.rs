@@ -120,6 +120,19 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         }
     }
 
+    fn lookup_block(&self, ipa: Ipa) -> Option<PageState> {
+        self.block_state(ipa)
+    }
+
+    fn compare_exchange_block(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), Refused> {
+        self.replace_block(ipa, old, new)
+    }
+
     fn test_and_clear_young(&mut self, ipa: Ipa) -> bool {
         self.last.set(None);
         self.mem.live().is_some_and(|t| t.test_and_clear_young(ipa))

@@ -41,6 +41,11 @@
 //! | `Swapped(s)` | `Mapped(q, ro)` | `SwapIn` | a fault maps the slot's shared frame from the swap cache | region list (read), a slot reference |
 //! | any but `Invalid` | `Invalid` | `Release` | MEM_RELEASE (region list read), VM teardown and snapshot restore (region list write), a failed fork fill taken back, the UART image unmapped (UART lock) | as the operation says |
 //!
+//! A 2 MiB block leaf changes as one entry through the same rows, named by the states of its
+//! first page (block migration: `Unmap` to a block-sized migration entry and `Remap` to a
+//! block of the new run; fork's `WriteProtect` of such an entry); page `i` of a block is
+//! [`PageState::page`]`(i)` of it.
+//!
 //! Everything else is refused, in particular: a state into itself (not a change), a frame
 //! changing under a writable mapping, `Swapped` straight to `Migrating`, `Mapped` straight to
 //! `Swapped` (reclaim goes through `Migrating`, so a fault waits for the frame lock instead of
@@ -214,10 +219,16 @@ impl PageState {
     }
 
     /// The state of page `i` of a leaf whose first page is `self` (a block maps consecutive
-    /// frames); states without a frame are the same for every page.
+    /// frames, and a block-sized migration entry stands for as many: page `i`'s names frame
+    /// `pfn + i`, whose lock a fault on it waits for); states without a frame are the same
+    /// for every page.
     pub fn page(self, i: u64) -> PageState {
         match self {
             PageState::Mapped { pfn, writable } => PageState::Mapped {
+                pfn: pfn + i,
+                writable,
+            },
+            PageState::Migrating { pfn, writable } => PageState::Migrating {
                 pfn: pfn + i,
                 writable,
             },
@@ -335,7 +346,7 @@ mod tests {
     #[test]
     fn a_block_state_names_each_page_frame() {
         assert_eq!(mapped(P, true).page(2), mapped(Pfn::new(7), true));
-        assert_eq!(migrating(P, true).page(2), migrating(P, true));
+        assert_eq!(migrating(P, true).page(2), migrating(Pfn::new(7), true));
         assert_eq!(mapped(P, true).pfn(), Some(P));
         assert_eq!(Swapped { slot: 1 }.pfn(), None);
         assert_eq!(ZeroPage.page(2), ZeroPage);

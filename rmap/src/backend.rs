@@ -91,6 +91,36 @@ pub trait Stage2Locked {
         self.compare_exchange_deferred(page, old, PageState::Invalid)
             .map(|()| (page, 1, old))
     }
+    /// The entry of the first page of the 2 MiB block leaf holding `ipa`, if one block leaf
+    /// maps that whole chunk (a valid block, or a block-sized migration entry); `None` for
+    /// page leaves and holes. Block migration (`Rmap::migrate_folio`) uses it to tell a
+    /// mapper's block from 512 pages that look the same page by page. The default knows no
+    /// blocks, so block migration backs off to page migration.
+    fn lookup_block(&self, ipa: Ipa) -> Option<PageState> {
+        let _ = ipa;
+        None
+    }
+
+    /// Replaces the whole 2 MiB block leaf holding `ipa` if its first page still is `old`,
+    /// with a block leaf whose first page is `new` (page `i` gets `new.page(i)`), as one
+    /// entry: never split, so it never allocates. Block migration's two changes per mapper:
+    /// `Mapped(p) -> Migrating(p)` (the "break" of break-before-make, Arm ARM DDI 0487
+    /// D8.16.1: the invalidation that replacing a valid leaf owes is left pending until
+    /// [`Stage2::flush_deferred`], as [`Stage2Locked::compare_exchange_deferred`] leaves it)
+    /// and `Migrating(p) -> Mapped(q)` (the "make", after that flush; a new valid leaf
+    /// over an invalid one owes no invalidation). `Changed` with what page `ipa` holds if
+    /// the leaf is not such a block (a split one included: then it may even read as `old`).
+    /// The default knows no blocks.
+    fn compare_exchange_block(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
+        let _ = (old, new);
+        Err(CasError::Changed(self.lookup(ipa)))
+    }
+
     /// The first non-invalid leaf at or above `from` and below `end` (fork copies and
     /// destroy zaps with this).
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)>;
@@ -206,6 +236,15 @@ pub trait FrameAllocator {
     /// A free frame, or `None` when memory is exhausted. Its contents are unspecified, and so
     /// is the state of its cache lines: it reaches a VM only after `zero` or a full overwrite.
     fn alloc(&self) -> Option<Pfn>;
+    /// A free 2 MiB-aligned run of [`crate::folio::FOLIO_PAGES`] frames (its first frame),
+    /// or `None` when no such run is free. Contents and cache state unspecified, as for
+    /// [`FrameAllocator::alloc`]: block migration (`Rmap::migrate_folio`) overwrites every
+    /// frame with [`FrameAllocator::copy`] before any VM can see it. Each frame of the run
+    /// is later returned with [`FrameAllocator::free`] on its own, like any other frame.
+    /// The default has none: block migration then falls back to page migration.
+    fn alloc_folio(&self) -> Option<Pfn> {
+        None
+    }
     /// Returns a frame whose last reference was dropped.
     fn free(&self, pfn: Pfn);
     /// Fills a frame with zeroes (before it reaches a VM); clean to the point of coherency on

@@ -50,10 +50,10 @@ impl Skip {
 }
 
 /// The one lockdep record standing for every frame lock a batch holds.
-struct BatchLocks(usize);
+pub(crate) struct BatchLocks(usize);
 
 impl BatchLocks {
-    fn record<T>(batch: &T) -> Self {
+    pub(crate) fn record<T>(batch: &T) -> Self {
         let id = batch as *const T as usize;
         // Recorded, not checked: every frame lock of a batch is a try-lock, which never waits.
         lockdep::record(BATCH_FRAME_LOCK, id);
@@ -89,7 +89,10 @@ impl Rmap {
     /// frame or why it was skipped. One TLB invalidation per VM for the whole batch, and each
     /// mapping VM is locked once per anon_vma of the batch, not once per frame.
     /// Merged frames in `pfns` are moved one by one after the batch (their walk goes item by
-    /// item), try-locked like the batch's.
+    /// item), try-locked like the batch's. A 2 MiB folio all of whose frames are in `pfns`
+    /// and that every mapper maps with one block entry is moved whole first
+    /// (`Rmap::migrate_folio`: one change per mapper, not a split and 512 page moves); if it
+    /// cannot be, its frames go through the batch like any other.
     pub fn migrate_frames<V: VmSet, A: FrameAllocator>(
         &self,
         vms: &V,
@@ -98,7 +101,25 @@ impl Rmap {
         out: &mut Vec<Result<Pfn, Skip>>,
     ) {
         let start = out.len();
-        self.migrate_batch(vms, alloc, pfns, out);
+        let whole = self.migrate_whole_folios(vms, alloc, pfns);
+        if whole.iter().all(Option::is_none) {
+            self.migrate_batch(vms, alloc, pfns, out);
+        } else {
+            let rest: Vec<Pfn> = pfns
+                .iter()
+                .zip(&whole)
+                .filter(|(_, w)| w.is_none())
+                .map(|(&p, _)| p)
+                .collect();
+            let mut batch = Vec::with_capacity(rest.len());
+            self.migrate_batch(vms, alloc, &rest, &mut batch);
+            let mut batch = batch.into_iter();
+            out.extend(
+                whole
+                    .into_iter()
+                    .map(|w| w.unwrap_or_else(|| batch.next().expect("a result per frame"))),
+            );
+        }
         self.move_merged(pfns, &mut out[start..], |pfn| {
             self.migrate_merged_try(vms, alloc, pfn)
         });

@@ -134,6 +134,14 @@ impl HostMachine {
     /// `pages` (a power of two) free frames from an aligned PFN, zeroed, or `None` if no
     /// such run is free (hyp's `alloc_contiguous_zeroed`, for a first-touch block).
     pub fn alloc_contiguous(&self, pages: u64) -> Option<Pfn> {
+        let pfn = self.alloc_run(pages)?;
+        pfn.run(pages).for_each(|q| self.zero(q));
+        Some(pfn)
+    }
+
+    /// [`HostMachine::alloc_contiguous`] without zeroing (a block migration's target, which
+    /// the copy overwrites).
+    pub fn alloc_run(&self, pages: u64) -> Option<Pfn> {
         if !self.take_budget() {
             return None;
         }
@@ -146,8 +154,6 @@ impl HostMachine {
             .map(Pfn::new)
             .find(|&p| p.raw() + pages <= end && p.run(pages).all(|q| set.contains(&q)))?;
         free.retain(|&q| !(pfn..pfn + pages).contains(&q));
-        drop(free);
-        pfn.run(pages).for_each(|q| self.zero(q));
         Some(pfn)
     }
 
@@ -223,6 +229,11 @@ impl FrameAllocator for HostMachine {
             self.frame_failures.fetch_add(1, Ordering::SeqCst);
         }
         pfn
+    }
+    /// An aligned run from the free list, not zeroed; counted as one allocation of the
+    /// frame budget (as a first-touch block's run is).
+    fn alloc_folio(&self) -> Option<Pfn> {
+        self.alloc_run(crate::folio::FOLIO_PAGES)
     }
     /// Also the TLB model's check: no VM may still cache a translation to the frame.
     fn free(&self, pfn: Pfn) {

@@ -21,6 +21,7 @@ pub mod chain;
 pub mod destroy;
 pub mod fault;
 pub mod folio;
+mod folio_migrate;
 pub mod fork;
 pub mod frame;
 pub mod interval;

@@ -79,6 +79,12 @@ enum Op {
     Block {
         vm: usize,
     },
+    /// Block migration of a VM's block (`migrate_folio`, or with `batch` a batch of its 512
+    /// frames): whole exactly when only blocks map it and a free aligned run exists.
+    BlockMigrate {
+        vm: usize,
+        batch: bool,
+    },
     /// Table pages allowed from now on (`None`: unlimited).
     Budget {
         pages: Option<u64>,
@@ -113,6 +119,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<usize>(), 1..24usize, any::<bool>())
             .prop_map(|(frame, len, reclaim)| Op::Batch { frame, len, reclaim }),
         2 => any::<usize>().prop_map(|vm| Op::Block { vm }),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(vm, batch)| Op::BlockMigrate { vm, batch }),
         1 => prop::option::of(0..3u64).prop_map(|pages| Op::Budget { pages }),
         4 => (any::<(usize, usize)>(), any::<(usize, usize)>(), prop::option::of(1..4u64))
             .prop_map(|(a, b, value)| Op::Merge { a, b, value }),
@@ -202,6 +209,7 @@ impl Model {
                 let (vm, _, _) = &self.vms[vm % self.vms.len()];
                 w.fault_block(vm, BLOCK);
             }
+            Op::BlockMigrate { vm, batch } if !self.vms.is_empty() => self.block_migrate(vm, batch),
             Op::Budget { pages } => {
                 w.hw().set_table_budget(pages);
                 self.limited = pages.is_some();
@@ -309,6 +317,47 @@ impl Model {
         );
         let pinned = skipped.iter().filter(|s| **s == Skip::Pinned).count();
         assert!(pinned <= in_cache, "{skipped:?}");
+    }
+
+    /// Moves VM `vm`'s block whole if only blocks map its folio (every frame's own count
+    /// the share alone, no swap-cache pin) and an aligned run is free: one block change each
+    /// way per block mapper; else nothing changes at block level (a batch moves pages).
+    fn block_migrate(&self, vm: usize, batch: bool) {
+        let (w, frames) = (&self.world, self.world.rmap.frames());
+        let vm = &self.vms[vm % self.vms.len()].0;
+        let Some(head) = vm.s2.lock().lookup_block(BLOCK).and_then(PageState::pfn) else {
+            return;
+        };
+        let e = u64::from(frames.entire_mapcount(head));
+        let share_only =
+            |p: Pfn| (frames.frame(p).mapcount(), frames.frame(p).refcount()) == (1, 1);
+        let free = w.machine.free_frames();
+        let run = (frames.base().raw()..frames.base().raw() + frames.len() as u64)
+            .step_by(BLOCK_PAGES as usize)
+            .any(|r| Pfn::new(r).run(BLOCK_PAGES).all(|p| free.contains(&p)));
+        let whole = e > 0 && run && head.run(BLOCK_PAGES).all(share_only);
+        let changes = w.hw().block_changes();
+        let moved = if batch {
+            let mut out = Vec::new();
+            let pfns: Vec<Pfn> = head.run(BLOCK_PAGES).collect();
+            w.rmap.migrate_frames(&w.vms, &w.machine, &pfns, &mut out);
+            out[0].map_err(|_| Error::Busy)
+        } else {
+            w.rmap.migrate_folio(&w.vms, &w.machine, head)
+        };
+        let block_changes = w.hw().block_changes() - changes;
+        if !whole {
+            assert!(batch || moved.is_err(), "{moved:?}");
+            assert_eq!(block_changes, 0);
+            return;
+        }
+        let new = moved.unwrap();
+        assert_eq!(block_changes, 2 * e);
+        assert_eq!(
+            vm.s2.lock().lookup_block(BLOCK).and_then(PageState::pfn),
+            Some(new)
+        );
+        assert!(head.run(BLOCK_PAGES).all(|p| w.machine.is_free(p)));
     }
 
     /// A merge of page `a` and page `b` (VM, page indexes), after writing `value` to both.

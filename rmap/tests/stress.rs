@@ -123,6 +123,10 @@ fn mover(
     let mut rng = Rng(seed);
     let frames = world.rmap.frames();
     while !stop.load(Ordering::Relaxed) {
+        if !reclaim && rng.below(4) == 0 {
+            move_folio(&world, &mut rng);
+            continue;
+        }
         if rng.below(2) == 0 {
             batch_move(&world, &mut rng, reclaim);
             ops.fetch_add(1, Ordering::Relaxed);
@@ -152,6 +156,26 @@ fn mover(
         }
     }
 }
+
+/// Block migration of the folio of a random frame a block maps, racing the owners' faults
+/// (splits), forks (of blocks and of the migration entries) and destroys.
+fn move_folio(world: &HostWorld, rng: &mut Rng) {
+    let frames = world.rmap.frames();
+    let pfn = frames.base() + rng.below(frames.len()) as u64;
+    if frames.entire_mapcount(pfn) == 0 {
+        return;
+    }
+    match world.rmap.migrate_folio(&world.vms, &world.machine, pfn) {
+        Ok(_) => {
+            FOLIOS_MOVED.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(Error::NotMapped | Error::Busy | Error::OutOfFrames) => {}
+        Err(e) => panic!("move_folio: {e:?}"),
+    }
+}
+
+/// Folios moved whole by the movers (reported by the test).
+static FOLIOS_MOVED: AtomicU64 = AtomicU64::new(0);
 
 /// The hypervisor's path: a batch of up to 64 frames from a random run of the frame table
 /// (mapped or not, several anon_vmas), migrated or reclaimed with one walk per anon_vma.
@@ -214,9 +238,10 @@ fn threads_fault_fork_migrate_reclaim_destroy() {
     }
     let counts: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
     println!(
-        "ops: owners {:?}, migrations {}, reclaims {}",
+        "ops: owners {:?}, migrations {} ({} folios whole), reclaims {}",
         &counts[..2],
         counts[2],
+        FOLIOS_MOVED.load(Ordering::Relaxed),
         counts[3]
     );
     assert!(

@@ -15,7 +15,9 @@
 //! | 63:12 | payload: frame number (migrating) or slot index (swapped) |
 //!
 //! Page states live only at the page level (level 3), except [`LOCKED`], which
-//! break-before-make puts transiently in a block slot too.
+//! break-before-make puts transiently in a block slot too, and a migration entry, which
+//! block migration puts in a 2 MiB block slot (its frame 2 MiB-aligned; page `i` of it is
+//! frame `pfn + i`'s migration entry, `PageState::page`).
 
 use mmtypes::{PageState, Pfn};
 use tock_registers::LocalRegisterCopy;

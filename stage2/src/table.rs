@@ -232,7 +232,8 @@ impl<M: TableMemory> Stage2Table<M> {
     /// Atomically replaces the descriptor of the slot at `level` on the walk of `ipa` with `new`
     /// if it holds `expected` (typically [`LeafInfo::desc`] from a lookup).
     ///
-    /// `new` must be empty, a leaf descriptor for `level`, or a software entry (level 3 only;
+    /// `new` must be empty, a leaf descriptor for `level`, or a software entry (level 3; a
+    /// migration entry of a 2 MiB-aligned frame at level 2 too, block migration's;
     /// [`Descriptor::LOCKED`] at any leaf level); `expected` must not be a table descriptor. Changing the output address or memory attributes
     /// of a valid entry to another valid entry is done with break-before-make: the slot goes
     /// `Locked`, is invalidated at once, then gets `new`. Other changes to a valid entry are

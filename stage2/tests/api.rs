@@ -398,3 +398,64 @@ fn destroy_frees_everything_even_when_mapped() {
         assert_eq!(mem.allocated_pages(), 0, "{ipa_bits}-bit");
     }
 }
+
+/// Block migration: a 2 MiB block becomes one migration entry (its invalidation left to the
+/// batch) and then a block of another frame (nothing to invalidate), never split.
+#[test]
+fn a_block_becomes_a_migration_entry_and_back() {
+    let mem = HostMemory::new(16);
+    let t = Stage2Table::new(cfg(), 1, &mem).unwrap();
+    let tlb = RecordingTlb::new();
+    let rw = S2Attrs::normal(Perm::RW);
+    let ipa = Ipa::new(MIB2);
+    t.map(ipa, Pa::new(PA), MIB2, rw, &tlb).unwrap();
+    let block = t.lookup(ipa).unwrap();
+    assert_eq!(block.level, 2);
+    let pages = t.stats().table_pages;
+    let entry = |pa: u64| {
+        Descriptor::software(stage2::PageState::Migrating {
+            pfn: Pa::new(pa).pfn(),
+            writable: true,
+        })
+        .unwrap()
+    };
+    // A migration entry's frame must be block-aligned to stand for the block's pages.
+    let r = t.compare_exchange_leaf(ipa, 2, block.desc, entry(PA + 4096), &tlb);
+    assert_eq!(r, Err(CasError::Invalid(Error::BadDescriptor)));
+    let batch = t.batch(&tlb);
+    t.compare_exchange_leaf(ipa, 2, block.desc, entry(PA), &batch)
+        .unwrap();
+    assert_eq!(tlb.calls(), vec![], "deferred to the batch");
+    batch.finish();
+    assert_eq!(tlb.take(), vec![TlbCall::Vmid { vmid: 1 }]);
+    let inside = t.lookup(Ipa::new(MIB2 + 5 * 4096)).unwrap();
+    assert_eq!((inside.ipa, inside.level), (ipa, 2));
+    assert_eq!(
+        inside.software(),
+        Some(stage2::PageState::Migrating {
+            pfn: Pa::new(PA).pfn(),
+            writable: true,
+        })
+    );
+    let o = Oracle::new(&mem, t.vtcr(), t.vttbr().raw());
+    let faults = !matches!(o.translate(MIB2 + 5 * 4096), Some(PageState::Mapped { .. }));
+    assert!(faults, "the entry faults");
+    let moved = Descriptor::leaf(PA + MIB2, 2, rw, true).unwrap();
+    t.compare_exchange_leaf(ipa, 2, entry(PA), moved, &tlb)
+        .unwrap();
+    assert_eq!(
+        tlb.take(),
+        vec![],
+        "a new leaf over an invalid one owes no invalidation"
+    );
+    assert_eq!(
+        t.lookup(ipa).unwrap().pa_of(ipa + 4096),
+        Some(Pa::new(PA + MIB2 + 4096))
+    );
+    let s = t.stats();
+    assert_eq!(
+        (s.mapped_blocks_2m, s.table_pages),
+        (1, pages),
+        "never split"
+    );
+}

@@ -170,6 +170,8 @@ fn shuttle() -> Result<(), String> {
         "shuttle_stress",
         "--test",
         "shuttle_walker",
+        "--test",
+        "shuttle_blockmig",
     ];
     let mut args = vec!["test", "-p", "rmap", "--features", "shuttle"];
     build::cargo(&[&args[..], &tests].concat(), &[])?;

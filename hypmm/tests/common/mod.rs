@@ -119,6 +119,10 @@ impl Machine for HostMach {
         let pfn = self.0.frames.alloc_contiguous(pages as u64)?;
         Some(pfn.pa())
     }
+    /// Not zeroed (block migration's target): the copy overwrites it.
+    fn alloc_contiguous(&self, pages: usize) -> Option<Pa> {
+        self.0.frames.alloc_run(pages as u64).map(Pfn::pa)
+    }
     fn frame_table(&self) -> &FrameTable {
         &self.0.meta
     }

@@ -42,6 +42,8 @@ pub struct HostHw {
     budget: AtomicU64,
     tables: AtomicU64,
     ooms: AtomicU64,
+    /// Whole-block leaf changes (`compare_exchange_block`: block migration).
+    block_changes: AtomicU64,
     pub(super) tlb: OrderedMutex<Tlbs>,
     failures: OrderedMutex<Vec<String>>,
     /// Frames written and not cleaned to the point of coherency ([`super::cache`]).
@@ -56,6 +58,7 @@ impl Default for HostHw {
             budget: AtomicU64::new(u64::MAX),
             tables: AtomicU64::new(0),
             ooms: AtomicU64::new(0),
+            block_changes: AtomicU64::new(0),
             tlb: OrderedMutex::new(Level::ALLOCATOR, "host.tlb", BTreeMap::new()),
             failures: OrderedMutex::new(Level::ALLOCATOR, "host.failures", Vec::new()),
             cache: Default::default(),
@@ -87,6 +90,15 @@ impl HostHw {
     /// Table pages allocated so far (splits and new last-level tables).
     pub fn tables_allocated(&self) -> u64 {
         self.tables.load(Ordering::SeqCst)
+    }
+
+    /// Whole-block leaf changes made so far (`Stage2Locked::compare_exchange_block`).
+    pub fn block_changes(&self) -> u64 {
+        self.block_changes.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn count_block_change(&self) {
+        self.block_changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Table-page allocations that failed so far.

@@ -15,6 +15,9 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+#[path = "stage2_block.rs"]
+mod block;
+
 /// Pages in a block leaf.
 pub const BLOCK_PAGES: u64 = 512;
 /// Bytes a block leaf maps.
@@ -277,9 +280,14 @@ impl HostStage2Guard<'_> {
         let Some(new) = f(base, BLOCK_PAGES, old).filter(|&n| n != old) else {
             return;
         };
+        // A block migration entry (block migration, `Rmap::migrate_folio`) is write-protected
+        // in place too: splitting it would need a table page, and a parent left writable
+        // while its child shares the frames read-only would break copy-on-write.
         let protect = matches!(
             (old, new),
-            (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, writable: false }) if a == b
+            (PageState::Mapped { pfn: a, .. }, PageState::Mapped { pfn: b, writable: false })
+            | (PageState::Migrating { pfn: a, .. }, PageState::Migrating { pfn: b, writable: false })
+                if a == b
         );
         if protect {
             check_transition(old, new);
@@ -360,6 +368,17 @@ impl Stage2Locked for HostStage2Guard<'_> {
     }
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
         self.map().next_entry(from, end)
+    }
+    fn lookup_block(&self, ipa: Ipa) -> Option<PageState> {
+        self.map().blocks.get(&chunk(ipa)).map(|b| b.0)
+    }
+    fn compare_exchange_block(
+        &mut self,
+        ipa: Ipa,
+        old: PageState,
+        new: PageState,
+    ) -> Result<(), CasError> {
+        self.cas_block(ipa, old, new)
     }
     fn update_leaves(
         &mut self,

@@ -11,11 +11,19 @@ use mmtypes::{Ipa, PageState};
 
 pub(crate) use super::update::update_pages;
 
-/// Checks `new` may be stored in a leaf slot of `level`.
+/// Checks `new` may be stored in a leaf slot of `level`: a page state at the page level; a
+/// migration entry also in a 2 MiB block slot (block migration replaces a block with one
+/// entry standing for its pages, page `i` naming frame `pfn + i`, and back), its frame
+/// aligned to the block.
 pub(crate) fn check_new(new: Descriptor, level: u8) -> Result<(), Error> {
     match new.kind(level) {
         DescriptorKind::Empty | DescriptorKind::Leaf { .. } | DescriptorKind::Locked => Ok(()),
         DescriptorKind::Software(_) if level == LAST_LEVEL => Ok(()),
+        DescriptorKind::Software(PageState::Migrating { pfn, .. })
+            if level == LAST_LEVEL - 1 && pfn.pa().is_aligned(crate::level_size(level)) =>
+        {
+            Ok(())
+        }
         _ => Err(Error::BadDescriptor),
     }
 }
