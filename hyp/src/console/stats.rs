@@ -65,6 +65,7 @@ fn memory(r: &mut Reply) {
     let (offline, offline_free) = frames::get().offline_count();
     let (low, high) = memctl::watermarks();
     let migrated = memctl::MIGRATED.load(Ordering::Relaxed);
+    let folios = memctl::FOLIOS_MIGRATED.load(Ordering::Relaxed);
     let reclaimed = memctl::RECLAIMED.load(Ordering::Relaxed);
     let stored = STORE.stored.load(Ordering::Relaxed);
     let zero_mapped = STORE.zero_mapped.load(Ordering::Relaxed);
@@ -73,7 +74,7 @@ fn memory(r: &mut Reply) {
     let swap_cache = rmap().swap_cache_entries().len();
     crate::say!(
         r,
-        "memory: migrated {migrated}  reclaimed {reclaimed}  stored {stored}  zero-mapped {zero_mapped}  swapped-in {swapped_in}\n{}\nstore: {slots} slots, {bytes} bytes, {} zero entries, {swap_cache} in the swap cache; offline frames: {offline} ({offline_free} free); watermarks {low}/{high} (runs {}); split reserve {} frames; zero page {} frames; heap {} frames; guest frames from {:#x}",
+        "memory: migrated {migrated}  reclaimed {reclaimed}  stored {stored}  zero-mapped {zero_mapped}  swapped-in {swapped_in}  migrated-as-blocks {folios}\n{}\nstore: {slots} slots, {bytes} bytes, {} zero entries, {swap_cache} in the swap cache; offline frames: {offline} ({offline_free} free); watermarks {low}/{high} (runs {}); split reserve {} frames; zero page {} frames; heap {} frames; guest frames from {:#x}",
         tlb_line(),
         STORE.zero_refs(),
         memctl::WATERMARK_RUNS.load(Ordering::Relaxed),
@@ -84,6 +85,7 @@ fn memory(r: &mut Reply) {
     );
     for (key, value) in [
         ("migrated", migrated),
+        ("migrated_blocks", folios),
         ("reclaimed", reclaimed),
         ("stored", stored),
         ("zero_mapped", zero_mapped),

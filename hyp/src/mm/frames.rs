@@ -213,22 +213,38 @@ impl FrameAllocator {
     /// `n` (a power of two) zeroed contiguous movable frames aligned to `n`
     /// frames (a guest's 2 MiB block), lowest first.
     pub fn alloc_contiguous_zeroed(&self, n: usize) -> Option<Pa> {
-        self.alloc_contiguous(n, n, false)
+        self.alloc_run_zeroed(n, n, false)
+    }
+
+    /// `n` (a power of two) contiguous movable frames aligned to `n` frames,
+    /// lowest first, contents undefined: a block migration's target, which
+    /// the copy overwrites whole (zeroing it first would double the work).
+    pub fn alloc_contiguous(&self, n: usize) -> Option<Pa> {
+        self.take_run(n, n, false)
     }
 
     /// `n` (a power of two) zeroed contiguous unmovable frames aligned to `n`
     /// frames (concatenated stage-2 root tables), highest first.
     pub fn alloc_contiguous_zeroed_unmovable(&self, n: usize) -> Option<Pa> {
-        self.alloc_contiguous(n, n, true)
+        self.alloc_run_zeroed(n, n, true)
     }
 
     /// `n` zeroed contiguous unmovable frames whose first is aligned to
     /// `align` frames (a power of two), highest first: the heap's growth.
     pub fn alloc_run_zeroed_unmovable(&self, n: usize, align: usize) -> Option<Pa> {
-        self.alloc_contiguous(n, align, true)
+        self.alloc_run_zeroed(n, align, true)
     }
 
-    fn alloc_contiguous(&self, n: usize, align: usize, top: bool) -> Option<Pa> {
+    fn alloc_run_zeroed(&self, n: usize, align: usize, top: bool) -> Option<Pa> {
+        let pa = self.take_run(n, align, top)?;
+        // SAFETY: the run was free and is now marked used, so these frames
+        // are this caller's alone.
+        (0..n as u64).for_each(|i| unsafe { zero_frame(pa + i * PAGE_SIZE) });
+        Some(pa)
+    }
+
+    /// Marks a free run of `n` frames, the first aligned to `align`, used.
+    fn take_run(&self, n: usize, align: usize, top: bool) -> Option<Pa> {
         let mut banks = self.banks.lock();
         let count = banks.len();
         for b in 0..count {
@@ -246,11 +262,7 @@ impl FrameAllocator {
                         bank.set(i, true);
                     });
                     self.free.fetch_sub(n, Ordering::Relaxed);
-                    let pa = Pa::new(bank.range.base + idx as u64 * PAGE_SIZE);
-                    // SAFETY: the run was free and is now marked used, so
-                    // these frames are this caller's alone.
-                    (0..n as u64).for_each(|i| unsafe { zero_frame(pa + i * PAGE_SIZE) });
-                    return Some(pa);
+                    return Some(Pa::new(bank.range.base + idx as u64 * PAGE_SIZE));
                 }
             }
         }

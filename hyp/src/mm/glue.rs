@@ -101,6 +101,11 @@ impl FrameAllocator for HypFrames {
     }
 
     #[inline]
+    fn alloc_folio(&self) -> Option<Pfn> {
+        hypmm::Frames(&HypMachine).alloc_folio()
+    }
+
+    #[inline]
     fn zero(&self, pfn: Pfn) {
         hypmm::Frames(&HypMachine).zero(pfn)
     }

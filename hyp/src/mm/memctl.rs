@@ -4,7 +4,9 @@
 //! lock, each VM gets one TLB invalidation, then the frames are copied or
 //! stored):
 //!
-//! - `migrate_vm`: a VM's IPA range to new frames (console `migrate`);
+//! - `migrate_vm`: a VM's IPA range to new frames (console `migrate`); a
+//!   2 MiB folio that only block entries map moves whole, as blocks
+//!   (`migrate_pfns`);
 //! - `evacuate` / `online`: every frame out of a physical range, which stays
 //!   offline in the allocator until put online again;
 //! - `reclaim`: an access-bit clock over all frames (rmap's `referenced`,
@@ -27,6 +29,8 @@ use rmap::{Ipa, Pa, PageState, Pfn, Skip, Stage2, Stage2Locked};
 
 /// Frames migrated (console, evacuate, chaos), ever.
 pub static MIGRATED: AtomicU64 = AtomicU64::new(0);
+/// 2 MiB folios migrated whole as blocks (counted in `MIGRATED` too), ever.
+pub static FOLIOS_MIGRATED: AtomicU64 = AtomicU64::new(0);
 /// Frames reclaimed into the store (compressed or zero), ever.
 pub static RECLAIMED: AtomicU64 = AtomicU64::new(0);
 /// Reclaim passes started by the low watermark.
@@ -82,11 +86,18 @@ impl core::fmt::Display for Report {
     }
 }
 
-/// Migrates `pfns` in batches of `batch`.
+/// Migrates `pfns` in batches of `batch`. Whole folios in `pfns` (2 MiB
+/// blocks, all 512 frames listed in order) go first, each moved as a block
+/// if rmap can (`Rmap::migrate_folio`: one change per mapper, not a split
+/// and 512 page moves), whatever `batch` is or wherever the folio falls in
+/// the list (evacuation lists only used frames, so a chunk boundary could
+/// cut a folio); a folio that cannot move whole (a mapper split it, a frame
+/// is busy, no free aligned run) and every other frame go in batches.
 pub fn migrate_pfns(pfns: &[Pfn], batch: usize, report: &mut Report) {
     let before = report.done;
-    let mut out = Vec::with_capacity(batch);
-    for chunk in pfns.chunks(batch.max(1)) {
+    let (folios, rest) = split_folios(pfns);
+    let mut out = Vec::with_capacity(batch.max(FOLIO));
+    let mut run = |chunk: &[Pfn], report: &mut Report| {
         out.clear();
         rmap().migrate_frames(&HypVms, &HypFrames, chunk, &mut out);
         report.batches += 1;
@@ -96,8 +107,43 @@ pub fn migrate_pfns(pfns: &[Pfn], batch: usize, report: &mut Report) {
                 Err(s) => report.skip(*s),
             }
         }
+    };
+    for at in folios {
+        if rmap().migrate_folio(&HypVms, &HypFrames, pfns[at]).is_ok() {
+            report.done += FOLIO as u64;
+            report.batches += 1;
+            FOLIOS_MIGRATED.fetch_add(1, Ordering::Relaxed);
+        } else {
+            run(&pfns[at..at + FOLIO], report);
+        }
     }
+    rest.chunks(batch.max(1)).for_each(|c| run(c, report));
     MIGRATED.fetch_add(report.done - before, Ordering::Relaxed);
+}
+
+/// Frames in a folio (a 2 MiB block's run).
+const FOLIO: usize = rmap::folio::FOLIO_PAGES as usize;
+
+/// Where in `pfns` a whole folio that blocks map starts (its 512 frames
+/// listed in order), and every frame not in one.
+fn split_folios(pfns: &[Pfn]) -> (Vec<usize>, Vec<Pfn>) {
+    let (mut folios, mut rest) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < pfns.len() {
+        let head = pfns[i];
+        let whole = head.is_aligned(rmap::folio::FOLIO_PAGES)
+            && rmap().frames().entire_mapcount(head) > 0
+            && pfns.len() - i >= FOLIO
+            && (1..FOLIO).all(|k| pfns[i + k] == head + k as u64);
+        if whole {
+            folios.push(i);
+            i += FOLIO;
+        } else {
+            rest.push(head);
+            i += 1;
+        }
+    }
+    (folios, rest)
 }
 
 /// The frames mapped by `vm` in `[start, end)` (at most `max`).

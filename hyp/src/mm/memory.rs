@@ -164,6 +164,10 @@ impl hypmm::Machine for HypMachine {
         frames::get().alloc_contiguous_zeroed(pages)
     }
 
+    fn alloc_contiguous(&self, pages: usize) -> Option<Pa> {
+        frames::get().alloc_contiguous(pages)
+    }
+
     #[inline]
     fn frame_table(&self) -> &rmap::FrameTable {
         crate::mm::glue::rmap().frames()
