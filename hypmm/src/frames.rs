@@ -49,6 +49,11 @@ impl<M: Machine> FrameAllocator for Frames<'_, M> {
         self.0.free_frame(pfn.pa())
     }
 
+    fn free_folio(&self, head: Pfn) {
+        self.0
+            .free_contiguous(head.pa(), rmap::folio::FOLIO_PAGES as usize)
+    }
+
     fn zero(&self, pfn: Pfn) {
         // SAFETY: rmap zeroes only a frame it just allocated and has not
         // mapped yet.

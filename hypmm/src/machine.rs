@@ -70,6 +70,12 @@ pub trait Machine {
     /// Returns a guest frame to the allocator.
     fn free_frame(&self, pa: Pa);
 
+    /// Returns `pages` contiguous guest frames from `pa`, all unused now
+    /// (a folio that moved whole). The default frees them one by one.
+    fn free_contiguous(&self, pa: Pa, pages: usize) {
+        (0..pages as u64).for_each(|i| self.free_frame(pa + i * crate::PAGE_SIZE));
+    }
+
     /// Zeroes the frame at `pa` through the hypervisor's cacheable map.
     ///
     /// # Safety

@@ -32,7 +32,7 @@ impl Rmap {
     }
 
     /// The last reference of `pfn` went: a merged frame's stable node goes with it.
-    fn free_frame(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
+    pub(crate) fn free_frame(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
         let frame = self.frames.frame(pfn);
         if frame.is_merged() {
             self.release_stable(frame);

@@ -247,6 +247,13 @@ pub trait FrameAllocator {
     }
     /// Returns a frame whose last reference was dropped.
     fn free(&self, pfn: Pfn);
+    /// Returns the 512 frames of the aligned run at `head`, whose last references were all
+    /// dropped (a folio block migration moved whole): one call instead of 512. The default
+    /// frees them one by one.
+    fn free_folio(&self, head: Pfn) {
+        head.run(crate::folio::FOLIO_PAGES)
+            .for_each(|p| self.free(p));
+    }
     /// Fills a frame with zeroes (before it reaches a VM); clean to the point of coherency on
     /// return (see the trait documentation).
     fn zero(&self, pfn: Pfn);

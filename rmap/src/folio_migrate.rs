@@ -148,11 +148,28 @@ impl Rmap {
     }
 
     /// Unlocks the old frames and drops the pins: the last reference of each frame that was
-    /// moved, which frees it.
+    /// moved, which frees it. When every frame went (the folio moved), the run goes back to
+    /// the allocator in one call; after a back-off the mappings keep them.
     fn release_folio<A: FrameAllocator>(&self, taken: Taken<'_>, alloc: &A) {
         let head = taken.head;
         drop(taken);
-        head.run(FOLIO_PAGES).for_each(|p| self.put_frame(p, alloc));
+        let mut last = [0u64; (FOLIO_PAGES / 64) as usize];
+        for (i, p) in head.run(FOLIO_PAGES).enumerate() {
+            if self.frames.frame(p).put() {
+                last[i / 64] |= 1 << (i % 64);
+            }
+        }
+        if last.iter().all(|&w| w == u64::MAX) {
+            // Taken frames are never merged (`check_folio`): nothing but the record to clear.
+            head.run(FOLIO_PAGES)
+                .for_each(|p| self.frames.frame(p).clear());
+            alloc.free_folio(head);
+        } else {
+            head.run(FOLIO_PAGES)
+                .enumerate()
+                .filter(|(i, _)| last[i / 64] & (1 << (i % 64)) != 0)
+                .for_each(|(_, p)| self.free_frame(p, alloc));
+        }
     }
 
     /// The migration proper, on a taken folio: new run, blocks to migration entries, flush,

@@ -293,6 +293,24 @@ impl FrameAllocator {
         }
     }
 
+    /// Returns `n` contiguous frames from `pa` under one lock hold (a folio
+    /// that moved whole), as `free` returns one.
+    pub fn free_run(&self, pa: Pa, n: usize) {
+        let (pa, mut banks) = (pa.raw(), self.banks.lock());
+        let bank = banks
+            .iter_mut()
+            .find(|b| b.range.contains(pa) && b.range.contains(pa + (n as u64 - 1) * PAGE_SIZE))
+            .expect("free of a run not inside one RAM bank");
+        let first = ((pa - bank.range.base) / PAGE_SIZE) as usize;
+        let mut online = 0;
+        for idx in first..first + n {
+            let at = pa + (idx - first) as u64 * PAGE_SIZE;
+            assert!(bank.set(idx, false), "double free of frame {at:#x}");
+            online += usize::from(!bank.is_offline(idx));
+        }
+        self.free.fetch_add(online, Ordering::Relaxed);
+    }
+
     /// Takes the frames of `[base, end)` away from allocation (freed frames
     /// in it stay out too) until `online`. Returns (frames now offline,
     /// of which still in use).

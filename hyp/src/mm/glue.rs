@@ -101,6 +101,11 @@ impl FrameAllocator for HypFrames {
     }
 
     #[inline]
+    fn free_folio(&self, head: Pfn) {
+        hypmm::Frames(&HypMachine).free_folio(head)
+    }
+
+    #[inline]
     fn alloc_folio(&self) -> Option<Pfn> {
         hypmm::Frames(&HypMachine).alloc_folio()
     }

@@ -168,6 +168,10 @@ impl hypmm::Machine for HypMachine {
         frames::get().alloc_contiguous(pages)
     }
 
+    fn free_contiguous(&self, pa: Pa, pages: usize) {
+        frames::get().free_run(pa, pages)
+    }
+
     #[inline]
     fn frame_table(&self) -> &rmap::FrameTable {
         crate::mm::glue::rmap().frames()
