@@ -93,6 +93,8 @@ pub struct Writer<'s> {
     limit: u64,
     /// Bytes not yet written; `buf[0]` goes to sector `buf_lba`.
     buf: Vec<u8>,
+    /// Batch buffers back from the device's queue, for reuse.
+    spare: Vec<Vec<u8>>,
     /// Where a page is compressed before it is copied into `buf` (LZ4's worst case).
     lz4: Vec<u8>,
     buf_lba: u64,
@@ -117,6 +119,9 @@ impl Store {
         spec: &SaveSpec<'_>,
     ) -> Result<Writer<'s>, Error> {
         let (name, parent) = self.check_spec(dev, spec)?;
+        // Queued writes of an abandoned writer (its image's sectors are free): their errors
+        // are not this save's.
+        let _ = dev.wait();
         let fixed = (SECTOR + spec.state.len() + spec.touch.len() * TOUCH_LEN) as u64;
         let per_page = (PAGE + INDEX_LEN) as u64;
         let bound = sectors_for(fixed + u64::from(spec.max_pages) * per_page);
@@ -144,6 +149,7 @@ impl Store {
             entry,
             limit,
             buf: Vec::with_capacity(BATCH + 2 * PAGE),
+            spare: Vec::new(),
             lz4: alloc::vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
             buf_lba: start + 1,
             recs: Vec::with_capacity(spec.max_pages as usize),
@@ -329,12 +335,54 @@ impl Writer<'_> {
         (self.buf_lba - self.entry.start) * SECTOR as u64 + self.buf.len() as u64
     }
 
-    /// Appends `bytes` and writes out each full batch: requests of exactly [`BATCH`] bytes,
+    /// Appends `bytes` and queues each full batch: requests of exactly [`BATCH`] bytes,
     /// so a driver that splits at that size sends no short request after each.
     fn push<D: BlockDevice>(&mut self, dev: &mut D, bytes: &[u8]) -> Result<(), Error> {
         self.buf.extend_from_slice(bytes);
         while self.buf.len() >= BATCH {
-            self.write_out(dev, BATCH)?;
+            self.queue_batch(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the buffer's first [`BATCH`] bytes to the device's queue (`write_queued`) and
+    /// goes on in another buffer with the rest, so the device writes while the next batch
+    /// is prepared.
+    fn queue_batch<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
+        let end = self.buf_lba + (BATCH / SECTOR) as u64;
+        self.check_room(end)?;
+        let mut next = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BATCH + 2 * PAGE));
+        next.clear();
+        next.extend_from_slice(&self.buf[BATCH..]);
+        self.buf.truncate(BATCH);
+        let full = core::mem::replace(&mut self.buf, next);
+        let t0 = self.now();
+        let queued = dev.write_queued(self.buf_lba, full);
+        self.sum.costs.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device_bytes += BATCH as u64;
+        match queued {
+            Ok(back) => self.spare.extend(back),
+            Err(e) => {
+                self.failed = true;
+                return Err(e.into());
+            }
+        }
+        self.buf_lba = end;
+        Ok(())
+    }
+
+    /// A write ending at sector `end` stays inside the image's gap.
+    fn check_room(&mut self, end: u64) -> Result<(), Error> {
+        if end > self.entry.start + self.limit {
+            self.failed = true;
+            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
+            return Err(Error::NoSpace {
+                needed,
+                free: self.limit,
+            });
         }
         Ok(())
     }
@@ -345,14 +393,7 @@ impl Writer<'_> {
             return Ok(());
         }
         let end = self.buf_lba + (n / SECTOR) as u64;
-        if end > self.entry.start + self.limit {
-            self.failed = true;
-            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
-            return Err(Error::NoSpace {
-                needed,
-                free: self.limit,
-            });
-        }
+        self.check_room(end)?;
         let t0 = self.now();
         let written = dev.write(self.buf_lba, &self.buf[..n]);
         self.sum.costs.device += self.now().wrapping_sub(t0);
@@ -404,6 +445,9 @@ impl Writer<'_> {
         self.write_out(dev, self.buf.len())?;
         let header = self.header.encode();
         let t0 = self.now();
+        // Every queued batch is on the device (and its error known) before the header and
+        // the flush that makes the image durable.
+        dev.wait()?;
         dev.write(self.entry.start, &header)?;
         dev.flush()?;
         self.entry.sectors = self.buf_lba - self.entry.start;

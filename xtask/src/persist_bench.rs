@@ -30,6 +30,24 @@ fn line_after(m: &mut Machine, needle: &str) -> Result<String, String> {
     Ok(format!("{needle}{}", rest.trim_end()))
 }
 
+/// The `n`-th (from 1) whole line of the transcript holding `needle`,
+/// wherever the cursor is: a line printed by another CPU, which may come
+/// before or after the lines `line_after` waits for.
+fn nth_line(m: &Machine, needle: &str, n: usize) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = m.transcript();
+        let found = text.lines().filter(|l| l.contains(needle)).nth(n - 1);
+        match found {
+            Some(l) if text.contains(&format!("{l}\n")) => return Ok(l.trim_end().to_string()),
+            _ if std::time::Instant::now() > deadline => {
+                return Err(fail(m, format!("no line {n} with {needle:?}")))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Runs `cmd` at the hypervisor console; its reply line starting `reply`.
 fn hyp(m: &mut Machine, cmd: &str, reply: &str) -> Result<String, String> {
     m.send(&format!("\x01h{cmd}\n"));
@@ -140,6 +158,8 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
         line_after(&mut m, "[hyp] load 'idle': ")?,
         line_after(&mut m, "'idle' loaded as vm 1")?,
     ];
+    let entry = "first guest entry";
+    out.push(nth_line(&m, entry, 1)?);
     // Every page in, or how far the prefetch got in two minutes.
     match m.try_expect("[hyp] vm 1: all ", Duration::from_secs(120)) {
         Ok(_) => {
@@ -155,6 +175,7 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
     let loaded = line_after(&mut m, "'idle' loaded as vm 2")?;
     out.push(format!("no prefetch: {split}"));
     out.push(format!("no prefetch: {loaded}"));
+    out.push(format!("no prefetch: {}", nth_line(&m, entry, 2)?));
     std::thread::sleep(Duration::from_secs(20));
     // vm 2's row (the VM keeps its saved name, `linux`).
     let vms = hyp(&mut m, "vms", "  2   linux")?;

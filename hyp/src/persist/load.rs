@@ -64,6 +64,9 @@ static IMAGES: Mutex<BTreeMap<u32, Arc<Loaded>>> = Mutex::new(BTreeMap::new());
 /// released (every page loaded), for its next save.
 static TOUCHED: Mutex<BTreeMap<u32, Vec<u32>>> = Mutex::new(BTreeMap::new());
 static NEXT_HANDLE: AtomicU32 = AtomicU32::new(1);
+/// Loads whose VM has not entered its guest yet: (VM, snapshot name, the
+/// counter when the image's header had been read), for `first_entry`.
+static AWAIT_ENTRY: Mutex<Vec<(u32, alloc::string::String, u64)>> = Mutex::new(Vec::new());
 /// Per CPU: a page read now is the prefetcher's, not the guest's touch.
 pub static PREFETCHING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
@@ -200,6 +203,10 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let installed = crate::arch::timer::now();
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
+    crate::vm::set_first_entry_hook(first_entry);
+    AWAIT_ENTRY
+        .lock()
+        .push((vm.id, alloc::string::String::from(name), opened));
     vm.resume();
     // The vCPUs are queued (and the CPUs kicked): the guest may run now.
     let now = crate::arch::timer::now();
@@ -223,6 +230,23 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
         ready_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(opened)),
         total_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(t0)),
     })
+}
+
+/// `vm::Vm::note_entry`'s hook, on the CPU about to enter the guest: a
+/// loaded VM's first guest entry, timed from its image's header (what the
+/// guest's first instruction waited for, whichever CPU runs it).
+fn first_entry(vm: &Vm, at: u64) {
+    let waiting = {
+        let mut w = AWAIT_ENTRY.lock();
+        let i = w.iter().position(|e| e.0 == vm.id);
+        i.map(|i| w.swap_remove(i))
+    };
+    if let Some((_, name, opened)) = waiting {
+        crate::println!(
+            "[hyp] load '{name}': first guest entry {} us after the header",
+            crate::arch::timer::ticks_to_us(at.wrapping_sub(opened))
+        );
+    }
 }
 
 /// The state's shape must be the image's, and one this hypervisor makes.

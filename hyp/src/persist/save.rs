@@ -72,8 +72,9 @@ pub struct Split {
     /// Walking the snapshot's stage 2 and copying its non-zero pages out
     /// (zero checks of mapped frames included).
     pub walk: u64,
-    /// Of `walk`: checking mapped frames for zero.
+    /// Of `walk`: checking mapped frames for zero, and copying the others.
     pub zero: u64,
+    pub copy: u64,
     /// Pages not mapped at the walk (swapped, migrating; a diff's pages):
     /// looked up one by one and faulted in.
     pub slow: u64,
@@ -295,13 +296,14 @@ fn put_all(
         slow: Vec::new(),
     };
     let now = crate::arch::timer::now;
-    let (mut walk, mut zero, mut slow) = (0, 0, 0);
+    let (mut walk, mut zero, mut copy, mut slow) = (0, 0, 0, 0);
     let mut buf = [0u8; PAGE];
     let mut g = 0;
     while g < ram_pages {
         let end = (g + WINDOW).min(ram_pages);
         let t0 = now();
-        zero += collect(mem, g, end, &mut b);
+        let (z, c) = collect(mem, g, end, &mut b);
+        (zero, copy) = (zero + z, copy + c);
         walk += now().wrapping_sub(t0);
         for (gpn, page) in b.gpns.iter().zip(b.data.as_chunks::<PAGE>().0) {
             w.page(dev, Gpn(*gpn), page)?;
@@ -327,6 +329,7 @@ fn put_all(
     }
     let us = crate::arch::timer::ticks_to_us;
     (split.walk, split.zero, split.slow) = (us(walk), us(zero), us(slow));
+    split.copy = us(copy);
     Ok(())
 }
 
@@ -351,14 +354,14 @@ fn lz4_pays(c: snapfile::Costs) -> Option<(bool, u64, u64)> {
 }
 
 /// Fills `b` with the window `[from, end)` of a frozen VM's pages, under
-/// one hold of its stage-2 lock; the ticks spent on zero checks.
-fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
+/// one hold of its stage-2 lock; the ticks spent on zero checks and copies.
+fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> (u64, u64) {
     b.data.clear();
     b.gpns.clear();
     b.slow.clear();
     let base = Ipa::new(mem.ram.base);
     let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
-    let mut zero_ticks = 0;
+    let (mut zero_ticks, mut copy_ticks) = (0, 0);
     let mut s2 = mem.lock();
     // A read-only walk: the visitor returns no replacement.
     s2.update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
@@ -373,10 +376,12 @@ fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
                     let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
                     let t0 = crate::arch::timer::now();
                     let zero = snapfile::is_zero_page(src);
-                    zero_ticks += crate::arch::timer::now().wrapping_sub(t0);
+                    let t1 = crate::arch::timer::now();
+                    zero_ticks += t1.wrapping_sub(t0);
                     if !zero {
                         b.data.extend_from_slice(src);
                         b.gpns.push(gpn);
+                        copy_ticks += crate::arch::timer::now().wrapping_sub(t1);
                     }
                 }
                 // Absent and the shared zero page: both read as zeroes.
@@ -386,7 +391,7 @@ fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
         }
         None
     });
-    zero_ticks
+    (zero_ticks, copy_ticks)
 }
 
 /// The first page at or after `from` with a stage-2 entry, if any.
