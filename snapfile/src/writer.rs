@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::header::{Header, IndexRec, Span, INDEX_LEN, TOUCH_LEN};
 use crate::image::read_header;
 use crate::store::Store;
+pub use crate::summary::{Costs, Summary};
 use crate::toc::Entry;
 use crate::types::{Gpn, Name, PageKind, Shape, PAGE};
 use crate::{BATCH, MAX_CHAIN, MAX_STATE};
@@ -35,54 +36,6 @@ pub struct SaveSpec<'a> {
     pub compress: bool,
 }
 
-/// What `finish` wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// The new snapshot's sequence number.
-    pub seq: u64,
-    /// First sector of its extent.
-    pub start: u64,
-    /// Sectors of its extent.
-    pub sectors: u64,
-    /// Pages stored LZ4-compressed.
-    pub lz4: u64,
-    /// Pages stored raw.
-    pub raw: u64,
-    /// Zero pages recorded as `ZeroNow` (diffs).
-    pub zero_now: u64,
-    /// Zero pages skipped (full images).
-    pub skipped: u64,
-    /// Bytes of page data.
-    pub data_bytes: u64,
-    /// Where the state blob, the page data, the index and the touch order are, as device
-    /// byte ranges `[start, end)` (for tools and corruption tests).
-    pub sections: [(u64, u64); 4],
-    /// Where the writer's time went, in the caller's clock (times all zero without
-    /// [`Writer::set_clock`]).
-    pub costs: Costs,
-}
-
-/// Where a save's time went inside the writer, in the ticks of the clock given to
-/// [`Writer::set_clock`] (the caller profiles its save without the crate knowing its
-/// timer), and what LZ4 bought: enough for a caller to judge whether compressing pays.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Costs {
-    /// Checking pages for zero.
-    pub zero: u64,
-    /// LZ4 compression.
-    pub lz4: u64,
-    /// XXH3 checksums of pages.
-    pub checksum: u64,
-    /// Device writes (page data, index, header, flush and the TOC commit).
-    pub device: u64,
-    /// Pages given to LZ4, and the bytes it saved on them against storing them raw.
-    pub lz4_pages: u64,
-    /// Bytes LZ4 saved (raw size minus stored size, over `lz4_pages`).
-    pub lz4_saved: u64,
-    /// Bytes written to the device.
-    pub device_bytes: u64,
-}
-
 /// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
 /// Dropping it without `finish` abandons the image; its sectors stay free.
 pub struct Writer<'s> {
@@ -102,6 +55,8 @@ pub struct Writer<'s> {
     touch: Vec<u8>,
     max_pages: u32,
     compress: bool,
+    /// Zero bytes before raw pages (their 8-byte alignment), in the data section.
+    pad: u64,
     sum: Summary,
     failed: bool,
     /// The caller's clock, for [`Summary::costs`].
@@ -156,6 +111,7 @@ impl Store {
             touch,
             max_pages: spec.max_pages,
             compress: spec.compress,
+            pad: 0,
             sum: Summary {
                 seq,
                 start,
@@ -229,6 +185,17 @@ impl Writer<'_> {
         gpn: Gpn,
         data: &[u8; PAGE],
     ) -> Result<(), Error> {
+        self.stage(gpn, data)?;
+        self.push(dev, &[])
+    }
+
+    /// [`Writer::page`] without any device request: the page is copied (compressed) into
+    /// the batch buffer, which may grow past a batch, and goes to the device at the next
+    /// `page`, [`Writer::write_staged`] or `finish`. For a caller that copies pages where it
+    /// must not wait for the device (hyp: straight from the guest's frames, under the
+    /// stage-2 lock that keeps them in place), then writes the batches with the lock
+    /// released: each page is read once, and never copied twice.
+    pub fn stage(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), Error> {
         self.admit(gpn)?;
         let t0 = self.now();
         let zero = is_zero_page(data);
@@ -237,15 +204,12 @@ impl Writer<'_> {
         if zero {
             return self.zero(gpn);
         }
-        let off = self.stream_pos() - self.header.data.off;
         let compressed = match self.compress {
             true => lz4_flex::block::compress_into(data, &mut self.lz4).ok(),
             false => None,
         };
         let t2 = self.now();
-        let sum = checksum(data);
         self.sum.costs.lz4 += t2.wrapping_sub(t1);
-        self.sum.costs.checksum += self.now().wrapping_sub(t2);
         let (kind, len) = match compressed {
             Some(n) if n < PAGE => (PageKind::Lz4, n),
             _ => (PageKind::Raw, PAGE),
@@ -254,13 +218,22 @@ impl Writer<'_> {
             self.sum.costs.lz4_pages += 1;
             self.sum.costs.lz4_saved += (PAGE - len) as u64;
         }
-        if kind == PageKind::Raw {
-            self.buf.extend_from_slice(data);
+        let (off, sum) = if kind == PageKind::Raw {
+            // A raw page starts 8-byte aligned in the extent (and so in the buffer, whose
+            // start is a sector's), for the fused copy and checksum.
+            let pad = self.stream_pos().wrapping_neg() % 8;
+            self.buf.resize(self.buf.len() + pad as usize, 0);
+            self.pad += pad;
+            let off = self.stream_pos() - self.header.data.off;
             self.sum.raw += 1;
+            (off, crate::pagesum::extend_summed(&mut self.buf, data))
         } else {
+            let off = self.stream_pos() - self.header.data.off;
             self.buf.extend_from_slice(&self.lz4[..len]);
             self.sum.lz4 += 1;
-        }
+            (off, crate::pagesum::page_sum(data))
+        };
+        self.sum.costs.checksum += self.now().wrapping_sub(t2);
         self.recs.push(IndexRec {
             gpn,
             kind,
@@ -269,6 +242,17 @@ impl Writer<'_> {
             sum,
         });
         self.sum.data_bytes += len as u64;
+        Ok(())
+    }
+
+    /// Bytes the batch buffer takes before its next batch is full: a caller that stages
+    /// pages in runs sizes each run to this, so no batch leaves a long tail to carry over.
+    pub fn room(&self) -> usize {
+        BATCH.saturating_sub(self.buf.len())
+    }
+
+    /// Queues the full batches of what [`Writer::stage`] copied.
+    pub fn write_staged<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
         self.push(dev, &[])
     }
 
@@ -427,7 +411,7 @@ impl Writer<'_> {
             r.encode(b);
         }
         let h = &mut self.header;
-        h.data.len = self.sum.data_bytes;
+        h.data.len = self.sum.data_bytes + self.pad;
         h.index = Span {
             off: h.data.off + h.data.len,
             len: index.len() as u64,

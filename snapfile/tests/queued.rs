@@ -119,11 +119,18 @@ fn a_queued_batch_failing_late_fails_the_save_and_commits_nothing() {
         let all: Vec<usize> = (0..mem.len()).collect();
         let r = save(&mut store, &mut dev, "q", None, &mem, &all, b"state");
         assert!(
-            matches!(r, Err(Error::Device(DevError::Io(5))) | Err(Error::WriterFailed)),
+            matches!(
+                r,
+                Err(Error::Device(DevError::Io(5))) | Err(Error::WriterFailed)
+            ),
             "batch {fail_at}: {r:?}"
         );
         let mut disk = dev.disk;
         let store = Store::open(&mut disk).unwrap();
-        assert_eq!(store.entry("q").err(), Some(Error::NotFound), "batch {fail_at}");
+        assert_eq!(
+            store.entry("q").err(),
+            Some(Error::NotFound),
+            "batch {fail_at}"
+        );
     }
 }

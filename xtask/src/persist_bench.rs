@@ -37,9 +37,10 @@ fn nth_line(m: &Machine, needle: &str, n: usize) -> Result<String, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let text = m.transcript();
-        let found = text.lines().filter(|l| l.contains(needle)).nth(n - 1);
-        match found {
-            Some(l) if text.contains(&format!("{l}\n")) => return Ok(l.trim_end().to_string()),
+        // Whole lines only: the last one may still be printing.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        match whole.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+            Some(l) => return Ok(l.trim_end().to_string()),
             _ if std::time::Instant::now() > deadline => {
                 return Err(fail(m, format!("no line {n} with {needle:?}")))
             }

@@ -31,11 +31,11 @@
 
 use super::hal::HypHal;
 use super::virtio::{self, Claimed};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::fmt;
 use platform::Board;
 use spin::{Mutex, Once};
-use alloc::boxed::Box;
-use alloc::vec::Vec;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
