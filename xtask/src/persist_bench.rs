@@ -174,7 +174,7 @@ fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
 fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
     let mut m = Machine::spawn("bench-persist-load", &mut cfg.command(hyp_elf));
     let mut out = vec![
-        line_after(&mut m, "[hyp] load 'idle': ")?,
+        line_after(&mut m, "[hyp] load 'idle': header")?,
         line_after(&mut m, "'idle' loaded as vm 1")?,
     ];
     let entry = "first guest entry";
@@ -190,7 +190,11 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
             out.push(format!("not all loaded after 120 s: {stats}"));
         }
     }
-    let split = hyp(&mut m, "load idle --no-prefetch", "[hyp] load 'idle': ")?;
+    let split = hyp(
+        &mut m,
+        "load idle --no-prefetch",
+        "[hyp] load 'idle': header",
+    )?;
     let loaded = line_after(&mut m, "'idle' loaded as vm 2")?;
     out.push(format!("no prefetch: {split}"));
     out.push(format!("no prefetch: {loaded}"));

@@ -33,6 +33,7 @@ use super::hal::HypHal;
 use super::virtio::{self, Claimed};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use arrayvec::ArrayVec;
 use core::fmt;
 use platform::Board;
 use spin::{Mutex, Once};
@@ -116,7 +117,12 @@ struct Queued {
 /// The driver and its queued writes.
 struct Inner {
     blk: Blk,
-    queued: Vec<Queued>,
+    /// Writes in flight, and those completed whose memory is not freed yet
+    /// (freed by the next `write_queued` or `wait`, after the lock): together
+    /// at most [`MAX_QUEUED`], so nothing is allocated or freed under the
+    /// lock.
+    queued: ArrayVec<Queued, MAX_QUEUED>,
+    done: ArrayVec<Queued, MAX_QUEUED>,
     /// The first error of a queued write completed by another request's
     /// caller, for the writer's next `write_queued` or `wait`.
     failed: Option<DiskError>,
@@ -126,8 +132,8 @@ struct Inner {
 pub struct Disk {
     /// The driver. Lock level: a leaf. Nothing else is taken while it is
     /// held, except the frame allocator's lock inside the driver's DMA calls
-    /// (which happen only in `VirtIOBlk::new`, before the lock exists) and
-    /// the heap's (boxes of queued writes).
+    /// (which happen only in `VirtIOBlk::new`, before the lock exists): a
+    /// queued write's memory is allocated before it and freed after it.
     dev: Mutex<Inner>,
     capacity: u64,
     readonly: bool,
@@ -152,7 +158,8 @@ pub fn init(board: &Board) {
                 readonly: dev.readonly(),
                 dev: Mutex::new(Inner {
                     blk: dev,
-                    queued: Vec::with_capacity(MAX_QUEUED),
+                    queued: ArrayVec::new(),
+                    done: ArrayVec::new(),
                     failed: None,
                 }),
                 base,
@@ -233,42 +240,43 @@ impl Disk {
             self.write(lba, &buf)?;
             return Ok(Some(buf));
         }
-        let mut d = self.dev.lock();
-        let free = match d.queued.len() >= MAX_QUEUED {
-            true => d.complete_one().map(Some),
-            false => Ok(None),
-        };
-        let mut q = Queued {
+        // Allocated before the lock and freed after it: the lock is a leaf.
+        let q = Queued {
             token: 0,
             req: Box::default(),
             resp: Box::default(),
             buf,
         };
-        // SAFETY: `req`, `buf` and `resp` are moved into `d.queued` below and
-        // neither read nor written (nor freed) until `complete_one` pops
-        // this token with the same three; boxes and a Vec's heap data do not
-        // move when their owner does. `buf` is heap memory, identity mapped
-        // (see "Buffers").
-        let token = unsafe {
-            d.blk
-                .write_blocks_nb(lba as usize, &mut q.req, &q.buf, &mut q.resp)
-                .map_err(DiskError::Device)?
+        let (mut done, unsent, result) = {
+            let mut d = self.dev.lock();
+            let completed = match d.queued.is_full() {
+                true => d.complete_one(),
+                false => Ok(()),
+            };
+            let (unsent, sent) = match d.submit(lba, q) {
+                Ok(()) => (None, Ok(())),
+                Err((q, e)) => (q, Err(e)),
+            };
+            let failed = d.failed.take().map_or(Ok(()), Err);
+            let result = completed.and(sent).and(failed);
+            (core::mem::take(&mut d.done), unsent, result)
         };
-        q.token = token;
-        d.queued.push(q);
-        let free = free?;
-        match d.failed.take() {
-            Some(e) => Err(e),
-            None => Ok(free),
-        }
+        drop(unsent);
+        result?;
+        Ok(done.pop().map(|q| q.buf))
     }
 
     /// Waits for every queued write; the first error of any of them since
     /// the last `write_queued` or `wait`.
     pub fn wait(&self) -> Result<(), DiskError> {
-        let mut d = self.dev.lock();
-        d.settle();
-        d.failed.take().map_or(Ok(()), Err)
+        let (done, result) = {
+            let mut d = self.dev.lock();
+            d.settle();
+            let failed = d.failed.take().map_or(Ok(()), Err);
+            (core::mem::take(&mut d.done), failed)
+        };
+        drop(done);
+        result
     }
 
     /// Makes every completed write durable (a no-op on a device without
@@ -300,9 +308,35 @@ impl Disk {
 }
 
 impl Inner {
-    /// Waits for the next queued write to complete; its buffer, or its
-    /// error.
-    fn complete_one(&mut self) -> Result<Vec<u8>, DiskError> {
+    /// Hands `q` to the device (the queue has room); `q` back if it refused.
+    fn submit(&mut self, lba: u64, mut q: Queued) -> Result<(), (Option<Queued>, DiskError)> {
+        // SAFETY: `req`, `buf` and `resp` are moved into `self.queued` below
+        // and neither read nor written (nor freed) until `complete_one` pops
+        // this token with the same three; boxes and a Vec's heap data do not
+        // move when their owner does. `buf` is heap memory, identity mapped
+        // (see "Buffers").
+        let token = unsafe {
+            self.blk
+                .write_blocks_nb(lba as usize, &mut q.req, &q.buf, &mut q.resp)
+        };
+        match token {
+            Ok(t) => {
+                q.token = t;
+                // Room: the caller completed one if the queue was full. If
+                // not, the device has the request: forgotten, never freed.
+                if let Err(full) = self.queued.try_push(q) {
+                    core::mem::forget(full.element());
+                    return Err((None, DiskError::Device(virtio_drivers::Error::QueueFull)));
+                }
+                Ok(())
+            }
+            Err(e) => Err((Some(q), DiskError::Device(e))),
+        }
+    }
+
+    /// Waits for the next queued write to complete and moves it to `done`;
+    /// its error, if any.
+    fn complete_one(&mut self) -> Result<(), DiskError> {
         let token = loop {
             if let Some(t) = self.blk.peek_used() {
                 break t;
@@ -313,20 +347,23 @@ impl Inner {
         // request is waited for by its caller, under this lock.
         let Some(i) = self.queued.iter().position(|q| q.token == token) else {
             // A broken queue: nothing queued can be known complete. Their
-            // buffers leak rather than be freed while the device may still
-            // read them.
+            // memory leaks rather than be freed while the device may still
+            // read it.
             self.queued.drain(..).for_each(core::mem::forget);
             return Err(DiskError::Device(virtio_drivers::Error::WrongToken));
         };
         let mut q = self.queued.swap_remove(i);
         // SAFETY: the same `req`, `buf` and `resp` that `write_blocks_nb`
         // returned this token for, untouched since.
-        unsafe {
+        let r = unsafe {
             self.blk
                 .complete_write_blocks(token, &q.req, &q.buf, &mut q.resp)
-                .map_err(DiskError::Device)?;
+        };
+        // `queued` and `done` hold at most MAX_QUEUED together: room.
+        if let Err(full) = self.done.try_push(q) {
+            core::mem::forget(full.element());
         }
-        Ok(q.buf)
+        r.map_err(DiskError::Device)
     }
 
     /// Completes every queued write (before another request, or a flush),
