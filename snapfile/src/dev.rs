@@ -22,6 +22,21 @@ pub trait BlockDevice {
     fn write(&mut self, lba: u64, buf: &[u8]) -> Result<(), DevError>;
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<(), DevError>;
+    /// Writes `buf` (whole sectors, at most [`crate::BATCH`] bytes) at `lba`, possibly
+    /// returning before the write is done: a device with a request queue keeps a few in
+    /// flight while the writer fills the next buffer. Returns the buffer of a write that has
+    /// completed, for the caller to reuse. A queued write is complete, and its error
+    /// reported, by [`BlockDevice::wait`]; until then the writer neither reads nor flushes
+    /// what it wrote (hyp's driver also completes queued writes before any other request).
+    /// The default writes at once.
+    fn write_queued(&mut self, lba: u64, buf: Vec<u8>) -> Result<Option<Vec<u8>>, DevError> {
+        self.write(lba, &buf)?;
+        Ok(Some(buf))
+    }
+    /// Waits for every queued write; the first error of any of them.
+    fn wait(&mut self) -> Result<(), DevError> {
+        Ok(())
+    }
 }
 
 /// A device in a `Vec<u8>`, with fault injection: a crash after a number of written sectors

@@ -156,7 +156,7 @@ pub struct IndexRec {
     pub len: u16,
     /// Offset of the stored bytes from the start of the data section.
     pub off: u64,
-    /// XXH3 of the page's 4 KiB as the guest sees them (0 for `ZeroNow`).
+    /// The page checksum (XXH64, `pagesum`) of its 4 KiB as the guest sees them (0 for `ZeroNow`).
     pub sum: u64,
 }
 

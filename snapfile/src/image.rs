@@ -124,8 +124,8 @@ impl Image {
     }
 
     /// Reads the pages of `refs`, in order, in as few device requests as possible: a run of
-    /// pages whose stored bytes are adjacent on the device (as they are when the writer was
-    /// handed them in that order) is read in one request of at most `max_bytes` (at least
+    /// pages whose stored bytes are adjacent on the device, but for a raw page's alignment
+    /// padding (as they are when the writer was handed them in that order) is read in one request of at most `max_bytes` (at least
     /// one page). Each page is verified and handed to `sink` with its result, as
     /// [`Image::read_page`] would give it. For prefetch: `scratch` is reused between calls.
     /// A device error stops the batch and is returned.
@@ -144,9 +144,11 @@ impl Image {
             let run = 1 + rest[1..]
                 .iter()
                 .take_while(|r| {
-                    // Adjacent first, so `next` is past `first.byte` when it is measured.
+                    // Adjacent first (up to the alignment padding of a raw page), so `next`
+                    // is past `first.byte` when it is measured.
                     let next = r.byte + u64::from(r.len);
-                    let take = r.byte == end && next - first.byte <= max_bytes as u64;
+                    let adjacent = r.byte >= end && r.byte - end < 8;
+                    let take = adjacent && next - first.byte <= max_bytes as u64;
                     if take {
                         end = next;
                     }
@@ -182,7 +184,7 @@ fn decode(r: &PageRef, stored: &[u8], out: &mut [u8; PAGE]) -> Result<(), Error>
         PageKind::Lz4 => matches!(lz4_flex::block::decompress_into(stored, out), Ok(PAGE)),
         PageKind::ZeroNow => false,
     };
-    if !ok || checksum(out) != r.sum {
+    if !ok || crate::pagesum::page_sum(out) != r.sum {
         out.fill(0);
         return Err(Error::PageChecksum { page: r.gpn.0 });
     }

@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::header::{Header, IndexRec, Span, INDEX_LEN, TOUCH_LEN};
 use crate::image::read_header;
 use crate::store::Store;
+pub use crate::summary::{Costs, Summary};
 use crate::toc::Entry;
 use crate::types::{Gpn, Name, PageKind, Shape, PAGE};
 use crate::{BATCH, MAX_CHAIN, MAX_STATE};
@@ -35,54 +36,6 @@ pub struct SaveSpec<'a> {
     pub compress: bool,
 }
 
-/// What `finish` wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// The new snapshot's sequence number.
-    pub seq: u64,
-    /// First sector of its extent.
-    pub start: u64,
-    /// Sectors of its extent.
-    pub sectors: u64,
-    /// Pages stored LZ4-compressed.
-    pub lz4: u64,
-    /// Pages stored raw.
-    pub raw: u64,
-    /// Zero pages recorded as `ZeroNow` (diffs).
-    pub zero_now: u64,
-    /// Zero pages skipped (full images).
-    pub skipped: u64,
-    /// Bytes of page data.
-    pub data_bytes: u64,
-    /// Where the state blob, the page data, the index and the touch order are, as device
-    /// byte ranges `[start, end)` (for tools and corruption tests).
-    pub sections: [(u64, u64); 4],
-    /// Where the writer's time went, in the caller's clock (times all zero without
-    /// [`Writer::set_clock`]).
-    pub costs: Costs,
-}
-
-/// Where a save's time went inside the writer, in the ticks of the clock given to
-/// [`Writer::set_clock`] (the caller profiles its save without the crate knowing its
-/// timer), and what LZ4 bought: enough for a caller to judge whether compressing pays.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Costs {
-    /// Checking pages for zero.
-    pub zero: u64,
-    /// LZ4 compression.
-    pub lz4: u64,
-    /// XXH3 checksums of pages.
-    pub checksum: u64,
-    /// Device writes (page data, index, header, flush and the TOC commit).
-    pub device: u64,
-    /// Pages given to LZ4, and the bytes it saved on them against storing them raw.
-    pub lz4_pages: u64,
-    /// Bytes LZ4 saved (raw size minus stored size, over `lz4_pages`).
-    pub lz4_saved: u64,
-    /// Bytes written to the device.
-    pub device_bytes: u64,
-}
-
 /// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
 /// Dropping it without `finish` abandons the image; its sectors stay free.
 pub struct Writer<'s> {
@@ -93,6 +46,8 @@ pub struct Writer<'s> {
     limit: u64,
     /// Bytes not yet written; `buf[0]` goes to sector `buf_lba`.
     buf: Vec<u8>,
+    /// Batch buffers back from the device's queue, for reuse.
+    spare: Vec<Vec<u8>>,
     /// Where a page is compressed before it is copied into `buf` (LZ4's worst case).
     lz4: Vec<u8>,
     buf_lba: u64,
@@ -100,6 +55,8 @@ pub struct Writer<'s> {
     touch: Vec<u8>,
     max_pages: u32,
     compress: bool,
+    /// Zero bytes before raw pages (their 8-byte alignment), in the data section.
+    pad: u64,
     sum: Summary,
     failed: bool,
     /// The caller's clock, for [`Summary::costs`].
@@ -117,6 +74,9 @@ impl Store {
         spec: &SaveSpec<'_>,
     ) -> Result<Writer<'s>, Error> {
         let (name, parent) = self.check_spec(dev, spec)?;
+        // Queued writes of an abandoned writer (its image's sectors are free): their errors
+        // are not this save's.
+        let _ = dev.wait();
         let fixed = (SECTOR + spec.state.len() + spec.touch.len() * TOUCH_LEN) as u64;
         let per_page = (PAGE + INDEX_LEN) as u64;
         let bound = sectors_for(fixed + u64::from(spec.max_pages) * per_page);
@@ -144,12 +104,14 @@ impl Store {
             entry,
             limit,
             buf: Vec::with_capacity(BATCH + 2 * PAGE),
+            spare: Vec::new(),
             lz4: alloc::vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
             buf_lba: start + 1,
             recs: Vec::with_capacity(spec.max_pages as usize),
             touch,
             max_pages: spec.max_pages,
             compress: spec.compress,
+            pad: 0,
             sum: Summary {
                 seq,
                 start,
@@ -223,6 +185,17 @@ impl Writer<'_> {
         gpn: Gpn,
         data: &[u8; PAGE],
     ) -> Result<(), Error> {
+        self.stage(gpn, data)?;
+        self.push(dev, &[])
+    }
+
+    /// [`Writer::page`] without any device request: the page is copied (compressed) into
+    /// the batch buffer, which may grow past a batch, and goes to the device at the next
+    /// `page`, [`Writer::write_staged`] or `finish`. For a caller that copies pages where it
+    /// must not wait for the device (hyp: straight from the guest's frames, under the
+    /// stage-2 lock that keeps them in place), then writes the batches with the lock
+    /// released: each page is read once, and never copied twice.
+    pub fn stage(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), Error> {
         self.admit(gpn)?;
         let t0 = self.now();
         let zero = is_zero_page(data);
@@ -231,15 +204,12 @@ impl Writer<'_> {
         if zero {
             return self.zero(gpn);
         }
-        let off = self.stream_pos() - self.header.data.off;
         let compressed = match self.compress {
             true => lz4_flex::block::compress_into(data, &mut self.lz4).ok(),
             false => None,
         };
         let t2 = self.now();
-        let sum = checksum(data);
         self.sum.costs.lz4 += t2.wrapping_sub(t1);
-        self.sum.costs.checksum += self.now().wrapping_sub(t2);
         let (kind, len) = match compressed {
             Some(n) if n < PAGE => (PageKind::Lz4, n),
             _ => (PageKind::Raw, PAGE),
@@ -248,13 +218,22 @@ impl Writer<'_> {
             self.sum.costs.lz4_pages += 1;
             self.sum.costs.lz4_saved += (PAGE - len) as u64;
         }
-        if kind == PageKind::Raw {
-            self.buf.extend_from_slice(data);
+        let (off, sum) = if kind == PageKind::Raw {
+            // A raw page starts 8-byte aligned in the extent (and so in the buffer, whose
+            // start is a sector's), for the fused copy and checksum.
+            let pad = self.stream_pos().wrapping_neg() % 8;
+            self.buf.resize(self.buf.len() + pad as usize, 0);
+            self.pad += pad;
+            let off = self.stream_pos() - self.header.data.off;
             self.sum.raw += 1;
+            (off, crate::pagesum::extend_summed(&mut self.buf, data))
         } else {
+            let off = self.stream_pos() - self.header.data.off;
             self.buf.extend_from_slice(&self.lz4[..len]);
             self.sum.lz4 += 1;
-        }
+            (off, crate::pagesum::page_sum(data))
+        };
+        self.sum.costs.checksum += self.now().wrapping_sub(t2);
         self.recs.push(IndexRec {
             gpn,
             kind,
@@ -263,6 +242,17 @@ impl Writer<'_> {
             sum,
         });
         self.sum.data_bytes += len as u64;
+        Ok(())
+    }
+
+    /// Bytes the batch buffer takes before its next batch is full: a caller that stages
+    /// pages in runs sizes each run to this, so no batch leaves a long tail to carry over.
+    pub fn room(&self) -> usize {
+        BATCH.saturating_sub(self.buf.len())
+    }
+
+    /// Queues the full batches of what [`Writer::stage`] copied.
+    pub fn write_staged<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
         self.push(dev, &[])
     }
 
@@ -329,12 +319,54 @@ impl Writer<'_> {
         (self.buf_lba - self.entry.start) * SECTOR as u64 + self.buf.len() as u64
     }
 
-    /// Appends `bytes` and writes out each full batch: requests of exactly [`BATCH`] bytes,
+    /// Appends `bytes` and queues each full batch: requests of exactly [`BATCH`] bytes,
     /// so a driver that splits at that size sends no short request after each.
     fn push<D: BlockDevice>(&mut self, dev: &mut D, bytes: &[u8]) -> Result<(), Error> {
         self.buf.extend_from_slice(bytes);
         while self.buf.len() >= BATCH {
-            self.write_out(dev, BATCH)?;
+            self.queue_batch(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the buffer's first [`BATCH`] bytes to the device's queue (`write_queued`) and
+    /// goes on in another buffer with the rest, so the device writes while the next batch
+    /// is prepared.
+    fn queue_batch<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
+        let end = self.buf_lba + (BATCH / SECTOR) as u64;
+        self.check_room(end)?;
+        let mut next = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BATCH + 2 * PAGE));
+        next.clear();
+        next.extend_from_slice(&self.buf[BATCH..]);
+        self.buf.truncate(BATCH);
+        let full = core::mem::replace(&mut self.buf, next);
+        let t0 = self.now();
+        let queued = dev.write_queued(self.buf_lba, full);
+        self.sum.costs.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device_bytes += BATCH as u64;
+        match queued {
+            Ok(back) => self.spare.extend(back),
+            Err(e) => {
+                self.failed = true;
+                return Err(e.into());
+            }
+        }
+        self.buf_lba = end;
+        Ok(())
+    }
+
+    /// A write ending at sector `end` stays inside the image's gap.
+    fn check_room(&mut self, end: u64) -> Result<(), Error> {
+        if end > self.entry.start + self.limit {
+            self.failed = true;
+            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
+            return Err(Error::NoSpace {
+                needed,
+                free: self.limit,
+            });
         }
         Ok(())
     }
@@ -345,14 +377,7 @@ impl Writer<'_> {
             return Ok(());
         }
         let end = self.buf_lba + (n / SECTOR) as u64;
-        if end > self.entry.start + self.limit {
-            self.failed = true;
-            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
-            return Err(Error::NoSpace {
-                needed,
-                free: self.limit,
-            });
-        }
+        self.check_room(end)?;
         let t0 = self.now();
         let written = dev.write(self.buf_lba, &self.buf[..n]);
         self.sum.costs.device += self.now().wrapping_sub(t0);
@@ -386,7 +411,7 @@ impl Writer<'_> {
             r.encode(b);
         }
         let h = &mut self.header;
-        h.data.len = self.sum.data_bytes;
+        h.data.len = self.sum.data_bytes + self.pad;
         h.index = Span {
             off: h.data.off + h.data.len,
             len: index.len() as u64,
@@ -404,6 +429,9 @@ impl Writer<'_> {
         self.write_out(dev, self.buf.len())?;
         let header = self.header.encode();
         let t0 = self.now();
+        // Every queued batch is on the device (and its error known) before the header and
+        // the flush that makes the image durable.
+        dev.wait()?;
         dev.write(self.entry.start, &header)?;
         dev.flush()?;
         self.entry.sectors = self.buf_lba - self.entry.start;

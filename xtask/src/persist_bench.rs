@@ -1,7 +1,7 @@
 //! `cargo xtask bench persist` (issue 17): Linux saved to and loaded from
 //! the hypervisor's disk, in one run of the release hypervisor.
 //!
-//! Machine 1 boots Linux (256 MiB, 2 vCPUs) with a fresh sparse disk, idles,
+//! Machine 1 boots Linux (256 MiB, 2 vCPUs) with a fresh disk (preallocated), idles,
 //! runs `bench disk 64` (the raw write and read rate of the same device),
 //! saves the idle VM, writes 64 MiB of random data to tmpfs and saves again.
 //! Machine 2 restores the idle image at boot (`restore=`, with prefetch) and
@@ -28,6 +28,25 @@ fn line_after(m: &mut Machine, needle: &str) -> Result<String, String> {
     m.try_expect(needle, T).map_err(|e| fail(m, e))?;
     let rest = m.try_expect("\n", T).map_err(|e| fail(m, e))?;
     Ok(format!("{needle}{}", rest.trim_end()))
+}
+
+/// The `n`-th (from 1) whole line of the transcript holding `needle`,
+/// wherever the cursor is: a line printed by another CPU, which may come
+/// before or after the lines `line_after` waits for.
+fn nth_line(m: &Machine, needle: &str, n: usize) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = m.transcript();
+        // Whole lines only: the last one may still be printing.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        match whole.lines().filter(|l| l.contains(needle)).nth(n - 1) {
+            Some(l) => return Ok(l.trim_end().to_string()),
+            _ if std::time::Instant::now() > deadline => {
+                return Err(fail(m, format!("no line {n} with {needle:?}")))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Runs `cmd` at the hypervisor console; its reply line starting `reply`.
@@ -57,6 +76,9 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     };
     disk.create_if_missing()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !reuse {
+        preallocate(&path, disk.size)?;
+    }
     let cfg = MachineConfig {
         guest: "linux".into(),
         linux: Some((images.kernel, images.initrd)),
@@ -68,7 +90,7 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
     } else {
         save_run(&cfg, hyp_elf)
     };
-    println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw sparse file):");
+    println!("\npersist bench (release hypervisor, QEMU TCG, cortex-a72, -smp 2, Linux 256 MiB / 2 vCPUs, raw file preallocated with fallocate):");
     for l in saves.iter().flatten() {
         println!("  {l}");
     }
@@ -96,6 +118,21 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
         println!("  {l}");
     }
     Ok(())
+}
+
+/// Allocates the disk file's blocks (`fallocate`), as a real disk has them:
+/// the raw bench rewrites the first 64 MiB while a save writes further on,
+/// and in a sparse file only the latter allocates blocks as it goes.
+fn preallocate(path: &Path, size: u64) -> Result<(), String> {
+    let ok = std::process::Command::new("fallocate")
+        .args(["-l", &size.to_string()])
+        .arg(path)
+        .status()
+        .map_err(|e| format!("fallocate: {e}"))?;
+    match ok.success() {
+        true => Ok(()),
+        false => Err(format!("fallocate {} failed: {ok}", path.display())),
+    }
 }
 
 /// Machine 1: raw disk rate, the idle save, 64 MiB written, the second save.
@@ -137,9 +174,11 @@ fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
 fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> {
     let mut m = Machine::spawn("bench-persist-load", &mut cfg.command(hyp_elf));
     let mut out = vec![
-        line_after(&mut m, "[hyp] load 'idle': ")?,
+        line_after(&mut m, "[hyp] load 'idle': header")?,
         line_after(&mut m, "'idle' loaded as vm 1")?,
     ];
+    let entry = "first guest entry";
+    out.push(nth_line(&m, entry, 1)?);
     // Every page in, or how far the prefetch got in two minutes.
     match m.try_expect("[hyp] vm 1: all ", Duration::from_secs(120)) {
         Ok(_) => {
@@ -151,10 +190,15 @@ fn load_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
             out.push(format!("not all loaded after 120 s: {stats}"));
         }
     }
-    let split = hyp(&mut m, "load idle --no-prefetch", "[hyp] load 'idle': ")?;
+    let split = hyp(
+        &mut m,
+        "load idle --no-prefetch",
+        "[hyp] load 'idle': header",
+    )?;
     let loaded = line_after(&mut m, "'idle' loaded as vm 2")?;
     out.push(format!("no prefetch: {split}"));
     out.push(format!("no prefetch: {loaded}"));
+    out.push(format!("no prefetch: {}", nth_line(&m, entry, 2)?));
     std::thread::sleep(Duration::from_secs(20));
     // vm 2's row (the VM keeps its saved name, `linux`).
     let vms = hyp(&mut m, "vms", "  2   linux")?;

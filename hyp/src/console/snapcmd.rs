@@ -29,11 +29,12 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     let t = &rep.split;
     crate::say!(
         r,
-        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}), pages faulted in {}, LZ4 {}, XXH3 {}, device writes {}, finish (index, header, flush, TOC commit) {}, snapshot teardown {}",
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, copies {}), pages faulted in {}, LZ4 {}, page checksums {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {}, snapshot teardown {}",
         rep.ram_bytes >> 20,
         rep.ram_mib_s(),
         t.walk / 1000,
         t.zero / 1000,
+        t.copy / 1000,
         t.slow / 1000,
         t.lz4 / 1000,
         t.checksum / 1000,
@@ -44,6 +45,7 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     r.set("ram_mib_s", rep.ram_mib_s());
     r.set("walk_us", t.walk);
     r.set("zero_us", t.zero);
+    r.set("copy_us", t.copy);
     r.set("slow_us", t.slow);
     r.set("lz4_us", t.lz4);
     r.set("xxh3_us", t.checksum);

@@ -14,7 +14,11 @@
 //! Polled, no interrupt: a request is submitted and its completion waited
 //! for by the calling CPU (`add_notify_wait_pop`), one request at a time.
 //! QEMU completes a virtio-blk request asynchronously, in its I/O thread, so
-//! the CPU spins for the device's time.
+//! the CPU spins for the device's time. Except for queued writes
+//! ([`Disk::write_queued`], a save's page data): up to [`MAX_QUEUED`] are in
+//! flight at once while the caller prepares the next, each completed when
+//! the queue is full, at [`Disk::wait`], or before any other request (which
+//! would otherwise find their completions in the used ring before its own).
 //!
 //! Buffers: callers pass any byte buffer (heap, stack, a frame), and the
 //! driver hands it to the device in place: `HypHal::share` gives the device
@@ -27,10 +31,13 @@
 
 use super::hal::HypHal;
 use super::virtio::{self, Claimed};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use arrayvec::ArrayVec;
 use core::fmt;
 use platform::Board;
 use spin::{Mutex, Once};
-use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::DeviceType;
 
@@ -42,6 +49,12 @@ pub const SECTOR_SIZE: usize = virtio_drivers::device::blk::SECTOR_SIZE;
 /// coroutine, the completion) is small next to the copy, small enough that
 /// the disk lock is not held for long by one caller.
 pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Most queued writes in flight at once: three buffers of [`MAX_REQUEST`]
+/// (the device writes one while the caller fills the next; a third absorbs
+/// the jitter of QEMU's I/O thread). Each takes 3 of the queue's 16
+/// descriptors.
+pub const MAX_QUEUED: usize = 3;
 
 /// Why a disk operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,12 +105,36 @@ impl fmt::Display for DiskError {
 
 type Blk = VirtIOBlk<HypHal, MmioTransport<'static>>;
 
+/// A queued write: the device reads `buf` (and writes `resp`) until its
+/// completion is popped. Boxed, so they stay put while this moves.
+struct Queued {
+    token: u16,
+    req: Box<BlkReq>,
+    resp: Box<BlkResp>,
+    buf: Vec<u8>,
+}
+
+/// The driver and its queued writes.
+struct Inner {
+    blk: Blk,
+    /// Writes in flight, and those completed whose memory is not freed yet
+    /// (freed by the next `write_queued` or `wait`, after the lock): together
+    /// at most [`MAX_QUEUED`], so nothing is allocated or freed under the
+    /// lock.
+    queued: ArrayVec<Queued, MAX_QUEUED>,
+    done: ArrayVec<Queued, MAX_QUEUED>,
+    /// The first error of a queued write completed by another request's
+    /// caller, for the writer's next `write_queued` or `wait`.
+    failed: Option<DiskError>,
+}
+
 /// The hypervisor's disk.
 pub struct Disk {
     /// The driver. Lock level: a leaf. Nothing else is taken while it is
     /// held, except the frame allocator's lock inside the driver's DMA calls
-    /// (which happen only in `VirtIOBlk::new`, before the lock exists).
-    dev: Mutex<Blk>,
+    /// (which happen only in `VirtIOBlk::new`, before the lock exists): a
+    /// queued write's memory is allocated before it and freed after it.
+    dev: Mutex<Inner>,
     capacity: u64,
     readonly: bool,
     /// Where its registers are (for messages).
@@ -119,7 +156,12 @@ pub fn init(board: &Board) {
             let disk = DISK.call_once(|| Disk {
                 capacity: dev.capacity(),
                 readonly: dev.readonly(),
-                dev: Mutex::new(dev),
+                dev: Mutex::new(Inner {
+                    blk: dev,
+                    queued: ArrayVec::new(),
+                    done: ArrayVec::new(),
+                    failed: None,
+                }),
                 base,
             });
             crate::println!(
@@ -158,12 +200,11 @@ impl Disk {
         self.check(lba, buf.len())?;
         for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
             let at = chunk_lba(lba, i);
+            let mut d = self.dev.lock();
+            d.settle();
             // The buffer is shared with the device in place: see "Buffers"
             // in the module doc.
-            self.dev
-                .lock()
-                .read_blocks(at, chunk)
-                .map_err(DiskError::Device)?;
+            d.blk.read_blocks(at, chunk).map_err(DiskError::Device)?;
         }
         Ok(())
     }
@@ -177,18 +218,74 @@ impl Disk {
         self.check(lba, buf.len())?;
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
             let at = chunk_lba(lba, i);
-            self.dev
-                .lock()
-                .write_blocks(at, chunk)
-                .map_err(DiskError::Device)?;
+            let mut d = self.dev.lock();
+            d.settle();
+            d.blk.write_blocks(at, chunk).map_err(DiskError::Device)?;
         }
         Ok(())
     }
 
+    /// Starts writing `buf` (whole sectors, at most [`MAX_REQUEST`]) at
+    /// `lba` and returns once the device has it, without waiting for the
+    /// write: with [`MAX_QUEUED`] in flight, the oldest is waited for first.
+    /// Returns the buffer of a completed queued write, for reuse. The write
+    /// is done (and its error, if any, reported) by the next `write_queued`
+    /// or [`Disk::wait`]; a flush or any other request waits for it first.
+    pub fn write_queued(&self, lba: u64, buf: Vec<u8>) -> Result<Option<Vec<u8>>, DiskError> {
+        if self.readonly {
+            return Err(DiskError::ReadOnly);
+        }
+        self.check(lba, buf.len())?;
+        if buf.is_empty() || buf.len() > MAX_REQUEST {
+            self.write(lba, &buf)?;
+            return Ok(Some(buf));
+        }
+        // Allocated before the lock and freed after it: the lock is a leaf.
+        let q = Queued {
+            token: 0,
+            req: Box::default(),
+            resp: Box::default(),
+            buf,
+        };
+        let (mut done, unsent, result) = {
+            let mut d = self.dev.lock();
+            let completed = match d.queued.is_full() {
+                true => d.complete_one(),
+                false => Ok(()),
+            };
+            let (unsent, sent) = match d.submit(lba, q) {
+                Ok(()) => (None, Ok(())),
+                Err((q, e)) => (q, Err(e)),
+            };
+            let failed = d.failed.take().map_or(Ok(()), Err);
+            let result = completed.and(sent).and(failed);
+            (core::mem::take(&mut d.done), unsent, result)
+        };
+        drop(unsent);
+        result?;
+        Ok(done.pop().map(|q| q.buf))
+    }
+
+    /// Waits for every queued write; the first error of any of them since
+    /// the last `write_queued` or `wait`.
+    pub fn wait(&self) -> Result<(), DiskError> {
+        let (done, result) = {
+            let mut d = self.dev.lock();
+            d.settle();
+            let failed = d.failed.take().map_or(Ok(()), Err);
+            (core::mem::take(&mut d.done), failed)
+        };
+        drop(done);
+        result
+    }
+
     /// Makes every completed write durable (a no-op on a device without
     /// `VIRTIO_BLK_F_FLUSH`, whose writes are durable on completion).
+    /// Queued writes are completed first: a virtio flush covers only those.
     pub fn flush(&self) -> Result<(), DiskError> {
-        self.dev.lock().flush().map_err(DiskError::Device)
+        let mut d = self.dev.lock();
+        d.settle();
+        d.blk.flush().map_err(DiskError::Device)
     }
 
     /// `len` bytes at `lba` are whole sectors inside the disk. The driver
@@ -206,6 +303,76 @@ impl Disk {
                 sectors,
                 capacity: self.capacity,
             }),
+        }
+    }
+}
+
+impl Inner {
+    /// Hands `q` to the device (the queue has room); `q` back if it refused.
+    fn submit(&mut self, lba: u64, mut q: Queued) -> Result<(), (Option<Queued>, DiskError)> {
+        // SAFETY: `req`, `buf` and `resp` are moved into `self.queued` below
+        // and neither read nor written (nor freed) until `complete_one` pops
+        // this token with the same three; boxes and a Vec's heap data do not
+        // move when their owner does. `buf` is heap memory, identity mapped
+        // (see "Buffers").
+        let token = unsafe {
+            self.blk
+                .write_blocks_nb(lba as usize, &mut q.req, &q.buf, &mut q.resp)
+        };
+        match token {
+            Ok(t) => {
+                q.token = t;
+                // Room: the caller completed one if the queue was full. If
+                // not, the device has the request: forgotten, never freed.
+                if let Err(full) = self.queued.try_push(q) {
+                    core::mem::forget(full.element());
+                    return Err((None, DiskError::Device(virtio_drivers::Error::QueueFull)));
+                }
+                Ok(())
+            }
+            Err(e) => Err((Some(q), DiskError::Device(e))),
+        }
+    }
+
+    /// Waits for the next queued write to complete and moves it to `done`;
+    /// its error, if any.
+    fn complete_one(&mut self) -> Result<(), DiskError> {
+        let token = loop {
+            if let Some(t) = self.blk.peek_used() {
+                break t;
+            }
+            core::hint::spin_loop();
+        };
+        // Only queued writes are ever left in the used ring: every other
+        // request is waited for by its caller, under this lock.
+        let Some(i) = self.queued.iter().position(|q| q.token == token) else {
+            // A broken queue: nothing queued can be known complete. Their
+            // memory leaks rather than be freed while the device may still
+            // read it.
+            self.queued.drain(..).for_each(core::mem::forget);
+            return Err(DiskError::Device(virtio_drivers::Error::WrongToken));
+        };
+        let mut q = self.queued.swap_remove(i);
+        // SAFETY: the same `req`, `buf` and `resp` that `write_blocks_nb`
+        // returned this token for, untouched since.
+        let r = unsafe {
+            self.blk
+                .complete_write_blocks(token, &q.req, &q.buf, &mut q.resp)
+        };
+        // `queued` and `done` hold at most MAX_QUEUED together: room.
+        if let Err(full) = self.done.try_push(q) {
+            core::mem::forget(full.element());
+        }
+        r.map_err(DiskError::Device)
+    }
+
+    /// Completes every queued write (before another request, or a flush),
+    /// keeping the first error for the writer.
+    fn settle(&mut self) {
+        while !self.queued.is_empty() {
+            if let Err(e) = self.complete_one() {
+                self.failed.get_or_insert(e);
+            }
         }
     }
 }

@@ -47,6 +47,18 @@ impl BlockDevice for Dev {
     fn flush(&mut self) -> Result<(), DevError> {
         self.0.flush().map_err(dev_error)
     }
+
+    fn write_queued(
+        &mut self,
+        lba: u64,
+        buf: alloc::vec::Vec<u8>,
+    ) -> Result<Option<alloc::vec::Vec<u8>>, DevError> {
+        self.0.write_queued(lba, buf).map_err(dev_error)
+    }
+
+    fn wait(&mut self) -> Result<(), DevError> {
+        self.0.wait().map_err(dev_error)
+    }
 }
 
 /// The disk, or why there is none to use.

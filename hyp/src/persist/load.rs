@@ -64,6 +64,16 @@ static IMAGES: Mutex<BTreeMap<u32, Arc<Loaded>>> = Mutex::new(BTreeMap::new());
 /// released (every page loaded), for its next save.
 static TOUCHED: Mutex<BTreeMap<u32, Vec<u32>>> = Mutex::new(BTreeMap::new());
 static NEXT_HANDLE: AtomicU32 = AtomicU32::new(1);
+/// A load whose VM has not entered its guest yet, for `first_entry`.
+struct AwaitEntry {
+    vm: u32,
+    name: alloc::string::String,
+    /// The counter when the image's header had been read.
+    opened: u64,
+    prefetch: bool,
+}
+
+static AWAIT_ENTRY: Mutex<Vec<AwaitEntry>> = Mutex::new(Vec::new());
 /// Per CPU: a page read now is the prefetcher's, not the guest's touch.
 pub static PREFETCHING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
@@ -200,12 +210,19 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let installed = crate::arch::timer::now();
     vm.mem.dirty.lock().reset(Some(vm.id));
     super::save::note_saved(&vm, name);
+    crate::vm::set_first_entry_hook(first_entry);
+    AWAIT_ENTRY.lock().push(AwaitEntry {
+        vm: vm.id,
+        name: alloc::string::String::from(name),
+        opened,
+        prefetch,
+    });
     vm.resume();
     // The vCPUs are queued (and the CPUs kicked): the guest may run now.
+    // The prefetch starts at its first guest entry (`first_entry`): started
+    // here, a CPU woken by the kick took a prefetch step (2 ms and a disk
+    // read) before it looked at the run queue.
     let now = crate::arch::timer::now();
-    if prefetch {
-        super::prefetch::start();
-    }
     let us = |a: u64, b: u64| crate::arch::timer::ticks_to_us(b.wrapping_sub(a));
     crate::println!(
         "[hyp] load '{name}': header+index+state read {} us, vm created {} us, state {} us, pages installed {} us, resumed {} us",
@@ -223,6 +240,27 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
         ready_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(opened)),
         total_us: crate::arch::timer::ticks_to_us(now.wrapping_sub(t0)),
     })
+}
+
+/// `vm::Vm::note_entry`'s hook, on the CPU about to enter the guest: a
+/// loaded VM's first guest entry, timed from its image's header (what the
+/// guest's first instruction waited for, whichever CPU runs it); its
+/// prefetch starts now, on the other CPUs.
+fn first_entry(vm: &Vm, at: u64) {
+    let waiting = {
+        let mut w = AWAIT_ENTRY.lock();
+        let i = w.iter().position(|e| e.vm == vm.id);
+        i.map(|i| w.swap_remove(i))
+    };
+    let Some(e) = waiting else { return };
+    crate::println!(
+        "[hyp] load '{}': first guest entry {} us after the header",
+        e.name,
+        crate::arch::timer::ticks_to_us(at.wrapping_sub(e.opened))
+    );
+    if e.prefetch {
+        super::prefetch::start();
+    }
 }
 
 /// The state's shape must be the image's, and one this hypervisor makes.

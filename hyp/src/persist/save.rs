@@ -69,15 +69,18 @@ pub struct SaveReport {
 /// Where a save's time went, in microseconds of the hypervisor's timer.
 #[derive(Clone, Copy, Default)]
 pub struct Split {
-    /// Walking the snapshot's stage 2 and copying its non-zero pages out
-    /// (zero checks of mapped frames included).
+    /// Walking the snapshot's stage 2 and staging its mapped pages into the
+    /// writer (zero checks, checksums and copies of them included).
     pub walk: u64,
-    /// Of `walk`: checking mapped frames for zero.
+    /// Checking pages for zero (the writer's), and copying the others into
+    /// the writer's buffer (of `walk`).
     pub zero: u64,
+    pub copy: u64,
     /// Pages not mapped at the walk (swapped, migrating; a diff's pages):
     /// looked up one by one and faulted in.
     pub slow: u64,
-    /// LZ4 compression, XXH3 checksums, and device writes (the writer's).
+    /// LZ4 compression, page checksums, and device requests (the writer's;
+    /// with queued writes, the time spent waiting for the device).
     pub lz4: u64,
     pub checksum: u64,
     pub device: u64,
@@ -259,6 +262,7 @@ fn write(
         let total = crate::arch::timer::now().wrapping_sub(t0);
         split.slow = us(total.saturating_sub(t.zero + t.lz4 + t.checksum + t.device));
     }
+    split.zero = us(t.zero);
     split.lz4 = us(t.lz4);
     split.checksum = us(t.checksum);
     split.device = us(t.device);
@@ -266,22 +270,28 @@ fn write(
     Ok((sum, split, pages * PAGE_SIZE))
 }
 
-/// Pages a walk copies out under one hold of the snapshot's stage-2 lock
-/// (512 KiB of buffer): the lock is held for their copies only, and the
-/// compression and device writes run with it released.
+/// Most pages a walk stages under one hold of the snapshot's stage-2 lock
+/// (and fewer when the writer's batch is nearer full): the lock is held for
+/// their copies into the writer's buffer, and the device requests are made
+/// with it released.
 const WINDOW: u32 = 128;
 
-/// The non-zero mapped pages of one window, copied out, and the pages the
-/// walk could not read (swapped or migrating) for `read_page`.
-struct Batch {
-    data: Vec<u8>,
-    gpns: Vec<u32>,
+/// What one window's walk did: pages staged (zero ones included, which the
+/// writer skips), those it could not read (swapped or migrating) for
+/// `read_page`, the first error of the writer, and the ticks in `stage`.
+#[derive(Default)]
+struct Window {
+    staged: u32,
     slow: Vec<u32>,
+    failed: Option<snapfile::Error>,
+    stage_ticks: u64,
 }
 
 /// Every page of a full image: the snapshot's stage 2 walked leaf by leaf
-/// in windows (absent ranges skipped by the table walk, zero frames never
-/// copied) instead of one lookup per page.
+/// in windows (absent ranges skipped by the table walk), each mapped frame
+/// handed to the writer in place (`Writer::stage`: zero check, checksum and
+/// the one copy, into its batch buffer), then the full batches queued to the
+/// device while the next window is walked.
 fn put_all(
     w: &mut Writer<'_>,
     dev: &mut disk::Dev,
@@ -289,44 +299,48 @@ fn put_all(
     ram_pages: u32,
     split: &mut Split,
 ) -> Result<(), PersistError> {
-    let mut b = Batch {
-        data: Vec::with_capacity(WINDOW as usize * PAGE),
-        gpns: Vec::with_capacity(WINDOW as usize),
-        slow: Vec::new(),
-    };
     let now = crate::arch::timer::now;
-    let (mut walk, mut zero, mut slow) = (0, 0, 0);
+    let (mut walk, mut stage, mut slow) = (0, 0, 0);
+    let before = w.costs();
     let mut buf = [0u8; PAGE];
     let mut g = 0;
     while g < ram_pages {
-        let end = (g + WINDOW).min(ram_pages);
+        let room = (w.room() / PAGE).max(1) as u32;
+        let end = (g + WINDOW.min(room)).min(ram_pages);
         let t0 = now();
-        zero += collect(mem, g, end, &mut b);
+        let win = collect(mem, g, end, w);
         walk += now().wrapping_sub(t0);
-        for (gpn, page) in b.gpns.iter().zip(b.data.as_chunks::<PAGE>().0) {
-            w.page(dev, Gpn(*gpn), page)?;
+        stage += win.stage_ticks;
+        if let Some(e) = win.failed {
+            return Err(e.into());
         }
         let t1 = now();
-        for &gpn in &b.slow {
+        for &gpn in &win.slow {
             if read_page(mem, gpn, &mut buf)? {
                 w.page(dev, Gpn(gpn), &buf)?;
             }
         }
         slow += now().wrapping_sub(t1);
+        w.write_staged(dev)?;
         if split.lz4_verdict.is_none() {
             split.lz4_verdict = lz4_pays(w.costs());
             if split.lz4_verdict.is_some_and(|v| !v.0) {
                 w.set_compress(false);
             }
         }
-        g = match b.gpns.is_empty() && b.slow.is_empty() {
+        g = match win.staged == 0 && win.slow.is_empty() {
             // Nothing here: jump to the next present entry.
             true => next_present(mem, end, ram_pages).unwrap_or(ram_pages),
             false => end,
         };
     }
+    // The copies: the time in `stage` less the writer's own zero checks,
+    // LZ4 and checksums in it.
+    let c = w.costs();
+    let parts = (c.zero + c.lz4 + c.checksum) - (before.zero + before.lz4 + before.checksum);
     let us = crate::arch::timer::ticks_to_us;
-    (split.walk, split.zero, split.slow) = (us(walk), us(zero), us(slow));
+    (split.walk, split.slow) = (us(walk), us(slow));
+    split.copy = us(stage.saturating_sub(parts));
     Ok(())
 }
 
@@ -350,15 +364,12 @@ fn lz4_pays(c: snapfile::Costs) -> Option<(bool, u64, u64)> {
     Some((lz4 <= write, lz4, write))
 }
 
-/// Fills `b` with the window `[from, end)` of a frozen VM's pages, under
-/// one hold of its stage-2 lock; the ticks spent on zero checks.
-fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
-    b.data.clear();
-    b.gpns.clear();
-    b.slow.clear();
+/// Stages the window `[from, end)` of a frozen VM's mapped pages into `w`,
+/// under one hold of its stage-2 lock.
+fn collect(mem: &VmMemory, from: u32, end: u32, w: &mut Writer<'_>) -> Window {
+    let mut win = Window::default();
     let base = Ipa::new(mem.ram.base);
     let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
-    let mut zero_ticks = 0;
     let mut s2 = mem.lock();
     // A read-only walk: the visitor returns no replacement.
     s2.update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
@@ -366,27 +377,25 @@ fn collect(mem: &VmMemory, from: u32, end: u32, b: &mut Batch) -> u64 {
         for i in 0..pages {
             let gpn = first + i as u32;
             match entry.page(i) {
-                PageState::Mapped { pfn, .. } => {
+                PageState::Mapped { pfn, .. } if win.failed.is_none() => {
                     // SAFETY: as in `read_page`: the entry, held by the
                     // stage-2 lock we hold, keeps the frame in place, and
                     // nothing writes a frozen VM's pages. Identity mapped.
                     let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
                     let t0 = crate::arch::timer::now();
-                    let zero = snapfile::is_zero_page(src);
-                    zero_ticks += crate::arch::timer::now().wrapping_sub(t0);
-                    if !zero {
-                        b.data.extend_from_slice(src);
-                        b.gpns.push(gpn);
-                    }
+                    win.failed = w.stage(Gpn(gpn), src).err();
+                    win.stage_ticks += crate::arch::timer::now().wrapping_sub(t0);
+                    win.staged += 1;
                 }
+                PageState::Mapped { .. } => {}
                 // Absent and the shared zero page: both read as zeroes.
                 PageState::Invalid | PageState::ZeroPage => {}
-                PageState::Migrating { .. } | PageState::Swapped { .. } => b.slow.push(gpn),
+                PageState::Migrating { .. } | PageState::Swapped { .. } => win.slow.push(gpn),
             }
         }
         None
     });
-    zero_ticks
+    win
 }
 
 /// The first page at or after `from` with a stage-2 entry, if any.

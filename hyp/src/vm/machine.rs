@@ -88,6 +88,19 @@ pub struct Vm {
     /// fork or snapshot starts in its parent's, a VM created on its own in
     /// a fresh one; `merge group` moves it.
     group: AtomicU32,
+    /// Counter ticks at the first guest entry of any of its vCPUs (0: not
+    /// yet): when its guest's first instruction could run.
+    first_entry: AtomicU64,
+}
+
+/// Told once per VM, at its first guest entry (vCPU loaded, the counter
+/// then): a higher layer's measure (`persist`: a restore's time to its first
+/// guest instruction; layers.txt: `vm` never imports it). Installed once.
+static FIRST_ENTRY: spin::Once<fn(&Vm, u64)> = spin::Once::new();
+
+/// Installs the first-entry hook (the first caller's wins).
+pub fn set_first_entry_hook(hook: fn(&Vm, u64)) {
+    FIRST_ENTRY.call_once(|| hook);
 }
 
 static VMS: Mutex<BTreeMap<u32, Arc<Vm>>> = Mutex::new(BTreeMap::new());
@@ -194,6 +207,7 @@ impl Vm {
             group: AtomicU32::new(
                 group.unwrap_or_else(|| NEXT_GROUP.fetch_add(1, Ordering::Relaxed)),
             ),
+            first_entry: AtomicU64::new(0),
         });
         VMS.lock().insert(id, vm.clone());
         CREATED.fetch_add(1, Ordering::Relaxed);
@@ -369,6 +383,21 @@ impl Vm {
     pub fn replace_parked_vcpus(&self, vcpus: Vec<Box<Vcpu>>) {
         let old = core::mem::replace(&mut *self.parked.lock(), vcpus);
         drop(old);
+    }
+
+    /// Called right before every guest entry: records the VM's first (one
+    /// relaxed load afterwards) and tells the hook.
+    pub fn note_entry(&self) {
+        if self.first_entry.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let now = crate::arch::timer::now();
+        let first = self
+            .first_entry
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        if let (Ok(_), Some(hook)) = (first, FIRST_ENTRY.get()) {
+            hook(self, now);
+        }
     }
 
     pub fn resume(&self) -> bool {

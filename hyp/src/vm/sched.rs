@@ -228,6 +228,7 @@ fn run(vcpu: Box<Vcpu>) {
             break;
         }
         crate::vm::devices::flush(&vcpu);
+        vm.note_entry();
         let kind = vcpu.enter();
         vm.vgic.sync(vcpu.index);
         vm.exits.fetch_add(1, Ordering::Relaxed);
