@@ -53,11 +53,16 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     if let Some((kept, lz4, write)) = t.lz4_verdict {
         crate::say!(
             r,
-            "  LZ4 {}: {lz4} ns a page to compress, {write} ns to write the bytes it saved",
+            "  LZ4 {}: {lz4} ns a page to compress, {write} ns to write the bytes it saved{}",
             if kept {
                 "kept"
             } else {
                 "off after the trial (pages stored raw)"
+            },
+            if t.lz4_cached {
+                " (judged by an earlier save of this boot)"
+            } else {
+                ""
             },
         );
         r.set("lz4_kept", u64::from(kept));
