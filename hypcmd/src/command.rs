@@ -145,10 +145,12 @@ pub enum Command {
         /// The longest wait, 1..=3600 seconds.
         secs: u64,
     },
-    /// `bench fork <MiB>`.
+    /// `bench fork <MiB> [forks]`.
     BenchFork {
         /// MiB of touched RAM in the forked VM, 1..=4096.
         mib: u64,
+        /// Only fork this many times, 1..=1000, no copy (`cargo xtask profile fork`).
+        forks: Option<u32>,
     },
     /// `bench migrate <mappers> <pages> <batch>`.
     BenchMigrate {
@@ -429,7 +431,11 @@ impl fmt::Display for Command {
                 max_vms,
             } => write!(f, "chaos {secs} {seed} {max_vms}"),
             Wait { secs } => write!(f, "wait {secs}"),
-            BenchFork { mib } => write!(f, "bench fork {mib}"),
+            BenchFork { mib, forks: None } => write!(f, "bench fork {mib}"),
+            BenchFork {
+                mib,
+                forks: Some(n),
+            } => write!(f, "bench fork {mib} {n}"),
             BenchMigrate {
                 mappers,
                 pages,
@@ -482,7 +488,8 @@ pub const HELP: &str = "commands:
   snapshot <vm> [n] a frozen fork of a VM (n times); snapshots hold no VMID
   restore <vm> <s>  reset a VM to snapshot s
   rmap <pa>         which VMs map the frame at pa, and through which chain
-  bench fork <MiB>  time a fork of a VM with MiB resident next to an eager copy
+  bench fork <MiB> [n]  time a fork of a VM with MiB resident next to an eager copy
+                    (n: only fork n times)
   migrate <vm> <ipa> <ipa-end> [batch]  move a VM's frames in [ipa, ipa-end) to new frames
   evacuate <pa> <pa-end> [batch]        move every frame out of [pa, pa-end) and keep it offline
   online <pa> <pa-end>                  give an evacuated range back to the allocator

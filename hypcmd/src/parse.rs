@@ -120,8 +120,8 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
-const BENCH_FORK_USAGE: &str = "bench fork <MiB>";
+    "bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+const BENCH_FORK_USAGE: &str = "bench fork <MiB> [forks (1..=1000): only fork]";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
 /// Parses one console line. `Ok(None)`: the line is empty or blank.
@@ -314,7 +314,9 @@ fn bench(args: &mut Args) -> Result<Command> {
             let mib = args
                 .num("MiB", 1..=4096)
                 .map_err(|_| ParseError::Usage(BENCH_FORK_USAGE))?;
-            Ok(Command::BenchFork { mib })
+            let forks = args.opt_num("forks", 1..=1000)?;
+            let forks = forks.map(|n| narrow(n, "forks", 1..=1000)).transpose()?;
+            Ok(Command::BenchFork { mib, forks })
         }
         Some("migrate") => {
             let mappers = args.num("mappers", 1..=200)?;

@@ -289,7 +289,21 @@ fn chaos_and_wait() {
 
 #[test]
 fn benches() {
-    assert_eq!(ok("bench fork 64"), Command::BenchFork { mib: 64 });
+    assert_eq!(
+        ok("bench fork 64"),
+        Command::BenchFork {
+            mib: 64,
+            forks: None
+        }
+    );
+    assert_eq!(
+        ok("bench fork 64 11"),
+        Command::BenchFork {
+            mib: 64,
+            forks: Some(11)
+        }
+    );
+    assert_eq!(err("bench fork 64 0"), "bad forks '0' (1..=1000)");
     assert_eq!(
         ok("bench migrate 10 1024 64"),
         Command::BenchMigrate {
@@ -305,9 +319,10 @@ fn benches() {
             batch: 1
         }
     );
-    assert_eq!(err("bench fork"), "usage: bench fork <MiB>");
-    assert_eq!(err("bench fork 4097"), "usage: bench fork <MiB>");
-    let usage = "usage: bench fork <MiB> | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+    let fork_usage = "usage: bench fork <MiB> [forks (1..=1000): only fork]";
+    assert_eq!(err("bench fork"), fork_usage);
+    assert_eq!(err("bench fork 4097"), fork_usage);
+    let usage = "usage: bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");

@@ -130,7 +130,8 @@ fn command() -> impl Strategy<Value = Command> {
             max_vms
         }),
         (1u64..=3600).prop_map(|secs| Wait { secs }),
-        (1u64..=4096).prop_map(|mib| BenchFork { mib }),
+        (1u64..=4096, prop::option::of(1u32..=1000))
+            .prop_map(|(mib, forks)| BenchFork { mib, forks }),
         (1u64..=200, 1u64..=65536, batch()).prop_map(|(mappers, pages, batch)| BenchMigrate {
             mappers,
             pages,

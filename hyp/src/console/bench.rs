@@ -1,6 +1,7 @@
 //! `bench fork <MiB>`: fork of a VM with N MiB resident next to an eager copy
 //! of the same frames, in interleaved pairs (`pairs`), on the same machine in
-//! the same run.
+//! the same run. `bench fork <MiB> <n>` only forks, n times, and keeps the
+//! snapshots: the workload of `cargo xtask profile fork`.
 
 use crate::arch::timer::ticks_to_us as us;
 use crate::console::error::CmdError;
@@ -13,13 +14,34 @@ use alloc::vec::Vec;
 use rmap::{Ipa, Pa};
 
 /// Forks a VM with `mib` MiB of touched RAM and copies the same frames
-/// eagerly, [`PAIRS`] times each; prints the medians and the ratio.
-pub fn fork(mib: u64, r: &mut Reply) -> Result<(), CmdError> {
+/// eagerly, [`PAIRS`] times each; prints the medians and the ratio. With
+/// `forks`, only forks that many times and prints the total.
+pub fn fork(mib: u64, forks: Option<u32>, r: &mut Reply) -> Result<(), CmdError> {
     let pages = mib * (1 << 20) / PAGE_SIZE;
     let vm = Vm::create("bench", 1, mib << 20)?;
-    let result = fill(&vm, pages).and_then(|()| fork_vs_copy(&vm, pages, r));
+    let result = fill(&vm, pages).and_then(|()| match forks {
+        None => fork_vs_copy(&vm, pages, r),
+        Some(n) => only_forks(&vm, mib, n, r),
+    });
+    // The snapshots of `only_forks` stay, each with its own reference to
+    // every frame, once the bench VM is gone.
     vm.stop(0);
     result
+}
+
+/// `n` snapshots of `vm`, kept (they go with `destroy` or when the machine
+/// ends): `cargo xtask profile fork` counts the forks, not their teardown.
+fn only_forks(vm: &Arc<Vm>, mib: u64, n: u32, r: &mut Reply) -> Result<(), CmdError> {
+    let mut ticks = 0;
+    for _ in 0..n {
+        let t0 = crate::arch::timer::now();
+        // Registered in the VM table, which keeps it.
+        crate::vm::fork::fork(vm, None, crate::vm::fork::ForkKind::Snapshot)?;
+        ticks += crate::arch::timer::now() - t0;
+    }
+    crate::say!(r, "bench fork: {mib} MiB: {n} forks in {} us", us(ticks));
+    r.set("forks_us", us(ticks));
+    Ok(())
 }
 
 fn fill(vm: &Arc<Vm>, pages: u64) -> Result<(), CmdError> {

@@ -299,7 +299,7 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::MergeAuto { rate } => return crate::console::merge::auto(Some(rate), r),
         Command::MergeOff => return crate::console::merge::auto(None, r),
         Command::MergeList { count } => return crate::console::mergelist::list(count, r),
-        Command::BenchFork { mib } => return crate::console::bench::fork(mib, r),
+        Command::BenchFork { mib, forks } => return crate::console::bench::fork(mib, forks, r),
         Command::BenchMerge { pages } => return crate::console::mergebench::merge(pages, r),
         Command::Sleep { ms } => {
             let until =
