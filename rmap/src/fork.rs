@@ -8,6 +8,12 @@ use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
 use alloc::vec::Vec;
 
+/// IPA a fork copies per pass (16 blocks of 2 MiB; a multiple of 2 MiB, so a block is never
+/// cut): each pass is one walk of the parent's table and one of the child's, so a bigger
+/// chunk spreads their cost over more blocks, while the child's batch stays bounded (at
+/// most 8,192 page entries, 256 KiB, where the parent maps pages).
+const FORK_CHUNK: u64 = 16 * FOLIO_PAGES * PAGE_SIZE;
+
 impl Rmap {
     /// Forks `parent` (write-locked: no fault may change its entries meanwhile) into `child`
     /// (write-locked, empty). Every region is cloned and linked into the reverse map *before*
@@ -84,9 +90,9 @@ impl Rmap {
     /// Copies a region's leaves into the child, making both read-only (CoW). Both stage-2
     /// locks are held for the whole copy (parent's first), like Linux's two PTE locks, so a
     /// walker sees each leaf either before it was copied or in both VMs.
-    /// Copies a region's entries from parent to child, 2 MiB of IPA at a time: one pass
-    /// write-protects the parent's entries and takes the child's references, then the child's
-    /// slots are filled in bulk. If the child's table cannot grow, the references taken for
+    /// Copies a region's entries from parent to child, [`FORK_CHUNK`] of IPA at a time: one
+    /// pass write-protects the parent's entries and takes the child's references, then the
+    /// child's slots are filled in bulk. If the child's table cannot grow, the references taken for
     /// entries not installed are dropped again and the fork fails (the caller destroys the
     /// child, whose installed entries are then accounted normally).
     fn copy_entries<S: Stage2, W: SwapStore>(
@@ -96,13 +102,12 @@ impl Rmap {
         child_s2: &S,
         swap: &W,
     ) -> Result<(), Error> {
-        const CHUNK: u64 = 512 * PAGE_SIZE;
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
         let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(512);
         let mut start = region.start();
         while start < region.end() {
-            let end = (start.align_down(CHUNK) + CHUNK).min(region.end());
+            let end = (start.align_down(FORK_CHUNK) + FORK_CHUNK).min(region.end());
             batch.clear();
             let mut too_many = false;
             parent.update_leaves(start, end, &mut |ipa, pages, entry| {
