@@ -187,8 +187,8 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         if start >= end {
             return;
         }
-        let mut later: Vec<(LeafInfo, Option<(PageState, PageState)>)> = Vec::new();
-        let mut missed: Vec<(LeafInfo, Descriptor, PageState, PageState)> = Vec::new();
+        let mut later: Vec<Later> = Vec::new();
+        let mut missed: Vec<Missed> = Vec::new();
         {
             let this = &*self;
             let change = Cell::new(None);
@@ -221,29 +221,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
             // A pending flush is issued by end_batch() (or was already done).
             let _ = batch.into_pending();
         }
-        for (leaf, found, old, new) in missed {
-            let cur = LeafInfo::decode(leaf.ipa, leaf.level, found);
-            let same = cur.filter(|c| decode(Some(*c), c.ipa) == old);
-            match same {
-                Some(cur) if cur.level == stage2::LAST_LEVEL => {
-                    self.replace_retrying(&cur, old, new)
-                }
-                Some(cur) if self.write_protect_block(&cur, old, new) => {}
-                _ if leaf.level < stage2::LAST_LEVEL => later.push((leaf, Some((old, new)))),
-                _ => {}
-            }
-        }
-        for (leaf, change) in later {
-            match change {
-                // Never for fork (2 MiB-aligned chunks); pages one by one.
-                None => self.update_block_pages(&leaf, start, end, f),
-                Some((old, new)) => {
-                    for i in 0..leaf.size() / PAGE_SIZE {
-                        let _ = self.cas(leaf.ipa + i * PAGE_SIZE, old.page(i), new.page(i));
-                    }
-                }
-            }
-        }
+        self.redo_after_walk(start, end, f, missed, later);
     }
 
     /// Installs the items in one table walk (`Stage2Table::fill_leaves`: a
@@ -280,7 +258,49 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
     }
 }
 
+/// A leaf `update_leaves` changes after its walk: by pages (`None`: only
+/// partly inside the range, the caller decides each page) or with this change.
+type Later = (LeafInfo, Option<(PageState, PageState)>);
+/// A leaf whose compare-and-swap lost: as shown, the value found, the change.
+type Missed = (LeafInfo, Descriptor, PageState, PageState);
+
 impl<M: Machine> LockedStage2<'_, M> {
+    /// What `update_leaves` could not do in its walk: a lost compare-and-swap
+    /// redone from what was found if the page state is still the one decided
+    /// on; a block split and changed page by page.
+    fn redo_after_walk(
+        &mut self,
+        start: Ipa,
+        end: Ipa,
+        f: &mut dyn FnMut(Ipa, u64, PageState) -> Option<PageState>,
+        missed: Vec<Missed>,
+        mut later: Vec<Later>,
+    ) {
+        for (leaf, found, old, new) in missed {
+            let cur = LeafInfo::decode(leaf.ipa, leaf.level, found);
+            let same = cur.filter(|c| decode(Some(*c), c.ipa) == old);
+            match same {
+                Some(cur) if cur.level == stage2::LAST_LEVEL => {
+                    self.replace_retrying(&cur, old, new)
+                }
+                Some(cur) if self.write_protect_block(&cur, old, new) => {}
+                _ if leaf.level < stage2::LAST_LEVEL => later.push((leaf, Some((old, new)))),
+                _ => {}
+            }
+        }
+        for (leaf, change) in later {
+            match change {
+                // Never for fork (2 MiB-aligned chunks); pages one by one.
+                None => self.update_block_pages(&leaf, start, end, f),
+                Some((old, new)) => {
+                    for i in 0..leaf.size() / PAGE_SIZE {
+                        let _ = self.cas(leaf.ipa + i * PAGE_SIZE, old.page(i), new.page(i));
+                    }
+                }
+            }
+        }
+    }
+
     /// The descriptor `update_leaves` writes over `leaf` for `old` -> `new`:
     /// for a block only a write-protect of the same frames (anything else is
     /// split first, None); for a page, `new` encoded.
