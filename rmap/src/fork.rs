@@ -109,22 +109,28 @@ impl Rmap {
         while start < region.end() {
             let end = (start.align_down(FORK_CHUNK) + FORK_CHUNK).min(region.end());
             batch.clear();
-            let mut too_many = false;
+            let mut failed = None;
             parent.update_leaves(start, end, &mut |ipa, pages, entry| {
-                if too_many {
+                if failed.is_some() {
+                    return None;
+                }
+                // Room for the leaf's entries first: a pass may hold up to 8,192, and a push
+                // that cannot grow the vector would panic; short of heap, the fork fails.
+                if batch.try_reserve(pages as usize).is_err() {
+                    failed = Some(Error::OutOfFrames);
                     return None;
                 }
                 let shared = self.share_leaf(region, swap, &mut batch, (ipa, pages, entry));
-                too_many = shared.is_err();
+                failed = shared.is_err().then_some(Error::TooManyMappings);
                 shared.ok().flatten()
             });
-            if too_many {
+            if let Some(e) = failed {
                 // Refused before the child sees anything of this chunk; the parent's entries
                 // made read-only meanwhile just take a copy-on-write fault that re-homes them.
                 batch
                     .iter()
                     .for_each(|&(ipa, pages, e)| self.unshare_entry(e, pages, swap, region, ipa));
-                return Err(Error::TooManyMappings);
+                return Err(e);
             }
             let installed = child.fill_leaves(&batch);
             if installed < batch.len() {
