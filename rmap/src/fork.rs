@@ -104,7 +104,9 @@ impl Rmap {
     ) -> Result<(), Error> {
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
-        let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(512);
+        // Room for a pass of blocks plus one leaf's 512 pages: the reservation below then
+        // never grows it while the parent maps blocks.
+        let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(2 * FOLIO_PAGES as usize);
         let mut start = region.start();
         while start < region.end() {
             let end = (start.align_down(FORK_CHUNK) + FORK_CHUNK).min(region.end());
