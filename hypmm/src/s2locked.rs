@@ -237,6 +237,7 @@ impl<M: Machine> Stage2Locked for LockedStage2<'_, M> {
         }
         self.fill_runs(leaves)
     }
+
     fn next_entry(&self, from: Ipa, end: Ipa) -> Option<(Ipa, PageState)> {
         struct First(Option<(Ipa, PageState)>, Ipa);
         impl Visitor for First {
