@@ -8,6 +8,12 @@ use crate::region::{Region, RegionList};
 use crate::{Error, Ipa, Rmap, PAGE_SIZE};
 use alloc::vec::Vec;
 
+/// IPA a fork copies per pass (16 blocks of 2 MiB; a multiple of 2 MiB, so a block is never
+/// cut): each pass is one walk of the parent's table and one of the child's, so a bigger
+/// chunk spreads their cost over more blocks, while the child's batch stays bounded (at
+/// most 8,192 page entries, 256 KiB, where the parent maps pages).
+const FORK_CHUNK: u64 = 16 * FOLIO_PAGES * PAGE_SIZE;
+
 impl Rmap {
     /// Forks `parent` (write-locked: no fault may change its entries meanwhile) into `child`
     /// (write-locked, empty). Every region is cloned and linked into the reverse map *before*
@@ -84,9 +90,9 @@ impl Rmap {
     /// Copies a region's leaves into the child, making both read-only (CoW). Both stage-2
     /// locks are held for the whole copy (parent's first), like Linux's two PTE locks, so a
     /// walker sees each leaf either before it was copied or in both VMs.
-    /// Copies a region's entries from parent to child, 2 MiB of IPA at a time: one pass
-    /// write-protects the parent's entries and takes the child's references, then the child's
-    /// slots are filled in bulk. If the child's table cannot grow, the references taken for
+    /// Copies a region's entries from parent to child, [`FORK_CHUNK`] of IPA at a time: one
+    /// pass write-protects the parent's entries and takes the child's references, then the
+    /// child's slots are filled in bulk. If the child's table cannot grow, the references taken for
     /// entries not installed are dropped again and the fork fails (the caller destroys the
     /// child, whose installed entries are then accounted normally).
     fn copy_entries<S: Stage2, W: SwapStore>(
@@ -96,30 +102,37 @@ impl Rmap {
         child_s2: &S,
         swap: &W,
     ) -> Result<(), Error> {
-        const CHUNK: u64 = 512 * PAGE_SIZE;
         let mut parent = parent_s2.lock();
         let mut child = child_s2.lock_nested();
-        let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(512);
+        // Room for a pass of blocks plus one leaf's 512 pages: the reservation below then
+        // never grows it while the parent maps blocks.
+        let mut batch: Vec<(Ipa, u64, PageState)> = Vec::with_capacity(2 * FOLIO_PAGES as usize);
         let mut start = region.start();
         while start < region.end() {
-            let end = (start.align_down(CHUNK) + CHUNK).min(region.end());
+            let end = (start.align_down(FORK_CHUNK) + FORK_CHUNK).min(region.end());
             batch.clear();
-            let mut too_many = false;
+            let mut failed = None;
             parent.update_leaves(start, end, &mut |ipa, pages, entry| {
-                if too_many {
+                if failed.is_some() {
+                    return None;
+                }
+                // Room for the leaf's entries first: a pass may hold up to 8,192, and a push
+                // that cannot grow the vector would panic; short of heap, the fork fails.
+                if batch.try_reserve(pages as usize).is_err() {
+                    failed = Some(Error::OutOfFrames);
                     return None;
                 }
                 let shared = self.share_leaf(region, swap, &mut batch, (ipa, pages, entry));
-                too_many = shared.is_err();
+                failed = shared.is_err().then_some(Error::TooManyMappings);
                 shared.ok().flatten()
             });
-            if too_many {
+            if let Some(e) = failed {
                 // Refused before the child sees anything of this chunk; the parent's entries
                 // made read-only meanwhile just take a copy-on-write fault that re-homes them.
                 batch
                     .iter()
                     .for_each(|&(ipa, pages, e)| self.unshare_entry(e, pages, swap, region, ipa));
-                return Err(Error::TooManyMappings);
+                return Err(e);
             }
             let installed = child.fill_leaves(&batch);
             if installed < batch.len() {

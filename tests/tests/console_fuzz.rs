@@ -282,7 +282,10 @@ fn cost(cmd: &Command) -> Option<u32> {
         Reclaim { .. } => None,
         Evacuate { range, .. } if range.end() - range.start() <= 64 << 20 => Some(0),
         Evacuate { .. } => None,
-        BenchFork { mib } if mib <= 16 => Some(0),
+        // Only-fork mode keeps its snapshots: VMs this run creates.
+        BenchFork { mib, forks } if mib <= 16 && forks.unwrap_or(0) <= 2 => {
+            Some(forks.unwrap_or(0))
+        }
         BenchMigrate { mappers, pages, .. } if mappers <= 4 && pages <= 1024 => Some(0),
         BenchReclaim { pages, .. } if pages <= 1024 => Some(0),
         BenchFork { .. } | BenchMigrate { .. } | BenchReclaim { .. } => None,

@@ -53,12 +53,13 @@ commands:
                  the hvcfuzz guest (random hypercalls on 4 vCPUs, console chaos, a
                  checker VM) for minutes (default 10) on the release hypervisor;
                  HVCFUZZ_SEED=<n> replays a seed
-  profile [cow|snapshot|fork|migrate]
+  profile [cow|snapshot|fork|migrate|migrate100]
                  hypervisor instructions per copy-on-write fault (or per fuzzing
                  cycle), by function: two runs of the test guest under a QEMU TCG
                  plugin that counts instructions (deterministic, unlike time);
                  `fork`: per fork of 1 GiB and per 2 MiB block forked (console
-                 `bench fork <MiB> <n>` at 1 GiB and 64 MiB, 1 and 11 forks)
+                 `bench fork <MiB> <n>` at 1 GiB and 64 MiB, 1 and 11 forks);
+                 `migrate[100]`: per page of block migration at 1 (100) mappers
   build          build the images only
   mutants [--shard k/n] [--re REGEX] [file...]
                  mutation score (cargo-mutants) of rmap's and stage2's core files, or

@@ -54,6 +54,45 @@ impl Bank {
         None
     }
 
+    /// The first free run of `n` frames at `skip` plus a multiple of `align`,
+    /// highest first if `top`: frame by frame.
+    fn find_run(&self, n: usize, align: usize, skip: usize, top: bool) -> Option<usize> {
+        if self.frames() < skip + n {
+            return None;
+        }
+        let runs = (self.frames() - skip - n) / align + 1;
+        (0..runs)
+            .map(|r| skip + align * if top { runs - 1 - r } else { r })
+            .find(|&idx| (idx..idx + n).all(|i| !self.is_used(i) && !self.is_offline(i)))
+    }
+
+    /// [`Bank::find_run`] where every candidate run lies inside one bitmap
+    /// word (`n` <= `align`, `align` divides 64, `skip` 0): the same run,
+    /// found a word at a time, so the used frames at the top of RAM (the
+    /// heap, other VMs' tables), which every stage-2 root allocation passes
+    /// over, cost one test per 64 frames, not one per candidate (a fork spent
+    /// ~31,000 instructions here).
+    fn find_run_in_words(&self, n: usize, align: usize, top: bool) -> Option<usize> {
+        let words = self.used.len();
+        let mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let per_word = 64 / align;
+        for step in 0..words {
+            let w = if top { words - 1 - step } else { step };
+            let busy = self.used[w] | self.offline[w];
+            if busy == u64::MAX {
+                continue;
+            }
+            for k in 0..per_word {
+                let off = align * if top { per_word - 1 - k } else { k };
+                let idx = w * 64 + off;
+                if busy & (mask << off) == 0 && idx + n <= self.frames() {
+                    return Some(idx);
+                }
+            }
+        }
+        None
+    }
+
     /// Like `find_free`, from the top of the bank downwards (unmovable frames).
     fn find_free_top(&mut self) -> Option<usize> {
         let words = self.used.len();
@@ -251,20 +290,19 @@ impl FrameAllocator {
             let bank = &mut banks[if top { count - 1 - b } else { b }];
             let first = (bank.range.base / PAGE_SIZE) as usize;
             let skip = (align - first % align) % align;
-            if bank.frames() < skip + n {
+            let found = if skip == 0 && n <= align && 64 % align == 0 {
+                bank.find_run_in_words(n, align, top)
+            } else {
+                bank.find_run(n, align, skip, top)
+            };
+            let Some(idx) = found else {
                 continue;
-            }
-            let runs = (bank.frames() - skip - n) / align + 1;
-            for r in 0..runs {
-                let idx = skip + align * if top { runs - 1 - r } else { r };
-                if (idx..idx + n).all(|i| !bank.is_used(i) && !bank.is_offline(i)) {
-                    (idx..idx + n).for_each(|i| {
-                        bank.set(i, true);
-                    });
-                    self.free.fetch_sub(n, Ordering::Relaxed);
-                    return Some(Pa::new(bank.range.base + idx as u64 * PAGE_SIZE));
-                }
-            }
+            };
+            (idx..idx + n).for_each(|i| {
+                bank.set(i, true);
+            });
+            self.free.fetch_sub(n, Ordering::Relaxed);
+            return Some(Pa::new(bank.range.base + idx as u64 * PAGE_SIZE));
         }
         None
     }

@@ -365,13 +365,17 @@ const LZ4_TRIAL: u64 = 128;
 /// and the trial is the largest single part of a save under TCG (55-222 ms
 /// of ~600 compressed pages), so later saves reuse it; every
 /// `LZ4_REJUDGE`th save judges afresh, in case the device's speed moved.
-static LZ4_VERDICT: spin::Mutex<Option<((bool, u64, u64), u32)>> = spin::Mutex::new(None);
+static LZ4_VERDICT: spin::Mutex<Option<(Lz4Verdict, u32)>> = spin::Mutex::new(None);
+
+/// Whether LZ4 pays, and its nanoseconds per page against those writing the
+/// bytes it saves would take (`lz4_pays`).
+type Lz4Verdict = (bool, u64, u64);
 
 /// Saves that reuse a verdict before one judges again.
 const LZ4_REJUDGE: u32 = 16;
 
 /// The verdict to reuse for this save, if any (and counts the use).
-fn lz4_verdict_cached() -> Option<(bool, u64, u64)> {
+fn lz4_verdict_cached() -> Option<Lz4Verdict> {
     let mut cached = LZ4_VERDICT.lock();
     let (verdict, uses) = cached.as_mut()?;
     *uses += 1;

@@ -43,6 +43,7 @@ pub(crate) mod driver;
 pub(crate) mod leaf;
 pub(crate) mod map;
 pub(crate) mod protect;
+mod range;
 pub(crate) mod split;
 #[cfg(test)]
 mod tests;
