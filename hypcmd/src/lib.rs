@@ -26,9 +26,11 @@ extern crate alloc;
 
 pub mod bootargs;
 mod command;
+mod display;
 pub mod keys;
 pub mod lines;
 mod parse;
+mod parse_error;
 
 pub use command::{
     Command, Create, Focus, Guest, PageRange, SnapName, VmId, Words, HELP, MAX_GROUP,

@@ -17,6 +17,7 @@
 mod ahead;
 pub mod disk;
 pub mod load;
+mod lz4judge;
 pub mod prefetch;
 pub mod save;
 pub mod state;
