@@ -232,36 +232,10 @@ impl<'a, M: Machine> LockedStage2<'a, M> {
             // shares its frames it would break copy-on-write once remapped.
             return a == b && self.write_protect_migration_block(leaf, old, new);
         }
-        let (
-            PageState::Mapped { pfn: a, .. },
-            PageState::Mapped {
-                pfn: b,
-                writable: false,
-            },
-        ) = (old, new)
-        else {
+        let Some(ro) = crate::s2locked::write_protected(leaf, old, new, self.enc()) else {
             return false;
         };
-        let Leaf::Mapped(m) = leaf.leaf else {
-            return false;
-        };
-        if a != b {
-            return false;
-        }
         check_transition(old, new);
-        let fetch = if m.attrs.perm.exec {
-            Fetch::Allowed
-        } else {
-            Fetch::Faults
-        };
-        let ro = Descriptor::leaf_encoded(
-            m.pa.raw(),
-            leaf.level,
-            ram_attrs(false, fetch),
-            m.young,
-            self.enc(),
-        )
-        .expect("block descriptor");
         let table = self.mem.table();
         let tlb = self.mem.tlb();
         let batch = Batch::new(&tlb, table.vttbr());

@@ -431,7 +431,7 @@ impl<M: Machine> LockedStage2<'_, M> {
 
 /// The read-only block descriptor of `leaf` if `old` -> `new` only
 /// write-protects it (the same frames); None for any other change.
-fn write_protected(
+pub(crate) fn write_protected(
     leaf: &LeafInfo,
     old: PageState,
     new: PageState,
