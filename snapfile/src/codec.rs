@@ -17,6 +17,15 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 /// Each 64-byte chunk is folded without branches, so the check stops early at the first
 /// non-zero chunk.
 pub fn is_zero_page(page: &[u8; crate::PAGE]) -> bool {
+    // Aligned word loads where the page is 8-byte aligned (a guest frame, the
+    // save's case): hyp's target is strict-align, so words assembled from the
+    // byte slice were eight byte loads each (a third of an idle save's
+    // staging time under TCG).
+    if let Some(words) = crate::pagesum::words(page) {
+        return words
+            .chunks_exact(8)
+            .all(|c| c.iter().fold(0, |acc, &w| acc | w) == 0);
+    }
     page.chunks_exact(64).all(|chunk| {
         chunk.chunks_exact(8).fold(0u64, |acc, w| {
             acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
@@ -113,18 +122,35 @@ mod tests {
     use super::is_zero_page;
     use crate::PAGE;
 
-    /// One non-zero byte anywhere (every offset, every bit) makes a page non-zero.
+    /// A page 8-byte aligned (the word path) and one byte past (the byte path).
+    #[repr(C, align(8))]
+    struct Buf([u8; PAGE + 8]);
+
+    /// One non-zero byte anywhere (every offset, every bit) makes a page non-zero, on both
+    /// the aligned word path and the unaligned byte path.
     #[test]
     fn zero_check_sees_every_byte() {
-        let mut page = [0u8; PAGE];
-        assert!(is_zero_page(&page));
-        for at in 0..PAGE {
-            for bit in 0..8 {
-                page[at] = 1 << bit;
-                assert!(!is_zero_page(&page), "byte {at} bit {bit}");
+        let mut buf = Buf([0; PAGE + 8]);
+        for skew in [0, 1] {
+            let view = |b: &Buf| is_zero_page((&b.0[skew..skew + PAGE]).try_into().unwrap());
+            assert!(view(&buf), "skew {skew}");
+            for at in 0..PAGE {
+                for bit in 0..8 {
+                    buf.0[skew + at] = 1 << bit;
+                    assert!(!view(&buf), "skew {skew} byte {at} bit {bit}");
+                }
+                buf.0[skew + at] = 0;
             }
-            page[at] = 0;
+            assert!(view(&buf), "skew {skew}");
         }
-        assert!(is_zero_page(&page));
+    }
+
+    /// The two paths are the ones taken: the aligned view has words, the skewed one none.
+    #[test]
+    fn zero_check_paths() {
+        let buf = Buf([0; PAGE + 8]);
+        let at = |skew: usize| -> &[u8; PAGE] { (&buf.0[skew..skew + PAGE]).try_into().unwrap() };
+        assert!(crate::pagesum::words(at(0)).is_some());
+        assert!(crate::pagesum::words(at(1)).is_none());
     }
 }

@@ -55,7 +55,7 @@ fn digest(v: [u64; 4]) -> u64 {
 }
 
 /// The page as aligned words, if it is 8-byte aligned.
-fn words(page: &[u8; PAGE]) -> Option<&[u64]> {
+pub(crate) fn words(page: &[u8; PAGE]) -> Option<&[u64]> {
     // SAFETY: every bit pattern is a valid u64, and `align_to` hands out only aligned,
     // in-bounds words of the borrowed page.
     let (head, words, _) = unsafe { page.align_to::<u64>() };
