@@ -352,6 +352,14 @@ impl Rmap {
         pfns: &[Pfn],
     ) -> Vec<Option<Result<Pfn, Skip>>> {
         let mut out = alloc::vec![None; pfns.len()];
+        // The same unlocked first look as below, done once per frame before any grouping:
+        // a batch of pages (no frame in a folio a block maps) pays nothing more.
+        if !pfns
+            .iter()
+            .any(|&p| self.frames.get(p).is_some() && self.frames.entire_mapcount(p) > 0)
+        {
+            return out;
+        }
         let mut frames: BTreeMap<Pfn, Vec<Pfn>> = BTreeMap::new();
         for &p in pfns {
             if self.frames.get(p).is_some() {
