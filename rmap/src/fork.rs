@@ -20,6 +20,14 @@ impl Rmap {
     /// its entries are copied, so a concurrent migration walk that misses a child entry is
     /// guaranteed to visit it later (the child's chains sit at the tail). On error the child
     /// keeps what was already forked; destroy it.
+    ///
+    /// The caller invalidates the parent's whole VMID (`Stage2::flush_deferred`) before the
+    /// parent runs again, even if every entry changed here was invalid: a concurrent batch
+    /// migration or reclaim defers the invalidation of the entries it turned into migration
+    /// entries, so the parent's TLB may still hold a writable translation of a frame whose
+    /// entry this fork write-protected and shared; a store through it after the fork would
+    /// reach the child's copy. (Linux's `dup_mmap` ends with `flush_tlb_mm` of the parent;
+    /// hypmm's `fork_memory` with its batch's flush.)
     pub fn fork_vm<S: Stage2, W: SwapStore>(
         &self,
         parent: &mut RegionList,

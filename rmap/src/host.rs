@@ -445,6 +445,9 @@ impl HostWorld {
             &self.machine,
         );
         drop((parent_list, child_list));
+        // As hypmm's `fork_memory` (its batch's end): one VMID-wide invalidation before the
+        // parent runs again, which `Rmap::fork_vm` requires of its caller.
+        parent.s2.flush_deferred();
         match forked {
             Ok(()) => Ok(child),
             Err(e) => {
