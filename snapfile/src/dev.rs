@@ -1,5 +1,6 @@
 //! The block device the store lives on, and an in-memory one for tests and self-tests.
 
+use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -40,10 +41,14 @@ pub trait BlockDevice {
 }
 
 /// A device in a `Vec<u8>`, with fault injection: a crash after a number of written sectors
-/// (later sectors are dropped and their writes fail), and counters of requests.
+/// (later sectors are dropped and their writes fail), the loss of writes no flush has made
+/// durable ([`MemDisk::lose_unflushed`]), and counters of requests.
 #[derive(Clone, Debug)]
 pub struct MemDisk {
     bytes: Vec<u8>,
+    /// Sectors written since the last flush, with what they held before (their durable
+    /// contents, which a power loss may bring back).
+    unflushed: BTreeMap<u64, Vec<u8>>,
     /// Sectors that may still be written before the simulated crash (`None`: no crash).
     crash_budget: Option<u64>,
     /// Set when a write found the budget spent: the simulated machine is down.
@@ -71,6 +76,7 @@ impl MemDisk {
         bytes.truncate(bytes.len() / SECTOR * SECTOR);
         Self {
             bytes,
+            unflushed: BTreeMap::new(),
             crash_budget: None,
             crashed: false,
             reads: 0,
@@ -96,6 +102,19 @@ impl MemDisk {
     /// flush fail.
     pub fn crash_after(&mut self, sectors: u64) {
         self.crash_budget = Some(sectors);
+    }
+
+    /// What a power loss does to writes no flush has made durable: each such sector for
+    /// which `keep(lba)` is false gets back what it held at the last flush (a volatile
+    /// write cache lost; any subset, so torn multi-sector writes too). Then every write is
+    /// durable, as after a reboot.
+    pub fn lose_unflushed(&mut self, keep: impl Fn(u64) -> bool) {
+        for (lba, old) in core::mem::take(&mut self.unflushed) {
+            if !keep(lba) {
+                let at = lba as usize * SECTOR;
+                self.bytes[at..at + SECTOR].copy_from_slice(&old);
+            }
+        }
     }
 
     /// Drops the last sectors (a truncated image file).
@@ -141,6 +160,13 @@ impl BlockDevice for MemDisk {
             Some(budget) => n.min(budget),
         };
         let bytes = landed as usize * SECTOR;
+        for i in 0..landed {
+            let at = r.start + i as usize * SECTOR;
+            let before = &self.bytes[at..at + SECTOR];
+            self.unflushed
+                .entry(lba + i)
+                .or_insert_with(|| before.to_vec());
+        }
         self.bytes[r.start..r.start + bytes].copy_from_slice(&buf[..bytes]);
         self.sectors_written += landed;
         if let Some(budget) = self.crash_budget.as_mut() {
@@ -158,6 +184,7 @@ impl BlockDevice for MemDisk {
             return Err(DevError::Io(0xdead));
         }
         self.flushes += 1;
+        self.unflushed.clear();
         Ok(())
     }
 }

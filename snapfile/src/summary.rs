@@ -40,6 +40,11 @@ pub struct Costs {
     pub checksum: u64,
     /// Device writes (page data, index, header, flush and the TOC commit).
     pub device: u64,
+    /// Of `device`, in `finish`: waiting for the queued writes.
+    pub drain: u64,
+    /// Of `device`, in `finish`: the header's write and flush and the TOC commit (what makes
+    /// the image durable and listed).
+    pub commit: u64,
     /// Pages given to LZ4, and the bytes it saved on them against storing them raw.
     pub lz4_pages: u64,
     /// Bytes LZ4 saved (raw size minus stored size, over `lz4_pages`).

@@ -432,6 +432,7 @@ impl Writer<'_> {
         // Every queued batch is on the device (and its error known) before the header and
         // the flush that makes the image durable.
         dev.wait()?;
+        let t1 = self.now();
         dev.write(self.entry.start, &header)?;
         dev.flush()?;
         self.entry.sectors = self.buf_lba - self.entry.start;
@@ -440,7 +441,10 @@ impl Writer<'_> {
         toc.entries.push(self.entry);
         toc.next_seq += 1;
         self.store.commit(dev, toc)?;
-        self.sum.costs.device += self.now().wrapping_sub(t0);
+        let t2 = self.now();
+        self.sum.costs.drain += t1.wrapping_sub(t0);
+        self.sum.costs.commit += t2.wrapping_sub(t1);
+        self.sum.costs.device += t2.wrapping_sub(t0);
         let base = self.entry.start * SECTOR as u64;
         let h = &self.header;
         let sections =

@@ -81,11 +81,37 @@ fn run(op: Op, dev: &mut MemDisk, model: &mut Model) -> bool {
     true
 }
 
-/// What a reboot sees: the bytes, no crash budget. Everything acknowledged is listed and
-/// everything listed restores exactly as saved.
-fn check_after_crash(dev: &MemDisk, acked: &Model, maybe: &Model) -> MemDisk {
-    let mut d = MemDisk::from_bytes(dev.bytes().to_vec());
-    let store = Store::open(&mut d).expect("a crash left a store that does not open");
+/// What the power loss did to the writes no flush had made durable.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// All of them reached the media.
+    None,
+    /// None did.
+    All,
+    /// Every other sector did (torn writes).
+    Alternate,
+    /// Only the superblock's and TOC copies' sectors did (a table ahead of its images).
+    TocOnly,
+}
+
+const LOSSES: [Loss; 4] = [Loss::None, Loss::All, Loss::Alternate, Loss::TocOnly];
+
+/// The first sector after the base store's two TOC copies.
+const DATA_START: u64 = 1 + 2 * TOC_SECTORS;
+
+/// What a reboot sees after the crash and `loss`: the bytes, no crash budget. Everything
+/// acknowledged is listed and everything listed restores exactly as saved.
+fn check_after_crash(dev: &MemDisk, acked: &Model, maybe: &Model, loss: Loss) -> MemDisk {
+    let mut lost = dev.clone();
+    lost.lose_unflushed(|lba| match loss {
+        Loss::None => true,
+        Loss::All => false,
+        Loss::Alternate => lba % 2 == 0,
+        Loss::TocOnly => lba < DATA_START,
+    });
+    let mut d = MemDisk::from_bytes(lost.bytes().to_vec());
+    let store = Store::open(&mut d)
+        .unwrap_or_else(|e| panic!("a crash ({loss:?} unflushed lost) left no store: {e:?}"));
     for name in acked.keys() {
         assert!(store.entry(name).is_ok(), "acknowledged {name} lost");
     }
@@ -121,16 +147,19 @@ fn a_crash_at_any_sector_of_one_operation() {
             // Acknowledged: what the operation leaves in place either way.
             let mut must = model.clone();
             must.retain(|n, _| done.contains_key(n));
-            let mut after = check_after_crash(&dev, &must, &maybe);
-            // Once the first TOC copy is written (the last TOC_SECTORS sectors are the
-            // second), the operation is kept: SNAPSHOT-FORMAT.md's crash table.
-            if k >= total - TOC_SECTORS {
-                let store = Store::open(&mut after).unwrap();
-                let names: Vec<&str> = store.list().iter().map(|e| e.name.as_str()).collect();
-                let want: Vec<&str> = done.keys().map(String::as_str).collect();
-                let mut names = names;
-                names.sort_unstable();
-                assert_eq!(names, want, "{op:?} at {k}/{total}");
+            for loss in LOSSES {
+                let mut after = check_after_crash(&dev, &must, &maybe, loss);
+                // Once the first TOC copy is written and flushed (the last TOC_SECTORS
+                // sectors are the second), the operation is kept: SNAPSHOT-FORMAT.md's
+                // crash table.
+                if k >= total - TOC_SECTORS {
+                    let store = Store::open(&mut after).unwrap();
+                    let mut names: Vec<&str> =
+                        store.list().iter().map(|e| e.name.as_str()).collect();
+                    let want: Vec<&str> = done.keys().map(String::as_str).collect();
+                    names.sort_unstable();
+                    assert_eq!(names, want, "{op:?} at {k}/{total}, {loss:?} lost");
+                }
             }
         }
     }
@@ -149,10 +178,16 @@ fn a_crash_in_the_next_commit_after_a_torn_one() {
             let (mut dev, mut model) = base();
             dev.crash_after(k1);
             assert!(!run(Op::SaveDiff, &mut dev, &mut model));
-            let mut dev = check_after_crash(&dev, &model, &maybe);
+            let loss = LOSSES[(k1 + k2) as usize % LOSSES.len()];
+            let mut dev = check_after_crash(&dev, &model, &maybe, loss);
             dev.crash_after(k2);
-            run(Op::SaveFull, &mut dev, &mut model);
-            check_after_crash(&dev, &model, &maybe);
+            let mut after = model.clone();
+            if run(Op::SaveFull, &mut dev, &mut after) {
+                model = after;
+            }
+            for loss in LOSSES {
+                check_after_crash(&dev, &model, &maybe, loss);
+            }
         }
     }
 }

@@ -29,7 +29,7 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     let t = &rep.split;
     crate::say!(
         r,
-        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, copies {}), pages faulted in {}, LZ4 {}, page checksums {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {}, snapshot teardown {}",
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, copies {}), pages faulted in {}, LZ4 {}, page checksums {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {} (queued writes drained {}, header flush and TOC commit {}), snapshot teardown {}",
         rep.ram_bytes >> 20,
         rep.ram_mib_s(),
         t.walk / 1000,
@@ -40,6 +40,8 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
         t.checksum / 1000,
         t.device / 1000,
         t.finish / 1000,
+        t.drain / 1000,
+        t.commit / 1000,
         t.teardown / 1000
     );
     r.set("ram_mib_s", rep.ram_mib_s());
@@ -50,6 +52,8 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     r.set("lz4_us", t.lz4);
     r.set("xxh3_us", t.checksum);
     r.set("device_us", t.device);
+    r.set("drain_us", t.drain);
+    r.set("commit_us", t.commit);
     if let Some((kept, lz4, write)) = t.lz4_verdict {
         crate::say!(
             r,

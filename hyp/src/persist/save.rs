@@ -93,6 +93,10 @@ pub struct Split {
     /// The writer's `finish` (index, header, flush, TOC commit; its device
     /// writes are in `device` too), and destroying the save's snapshot.
     pub finish: u64,
+    /// Of `finish`: waiting for the queued writes, and the header's flush with
+    /// the TOC commit.
+    pub drain: u64,
+    pub commit: u64,
     pub teardown: u64,
 }
 
@@ -269,6 +273,7 @@ fn write(
     split.lz4 = us(t.lz4);
     split.checksum = us(t.checksum);
     split.device = us(t.device);
+    (split.drain, split.commit) = (us(t.drain), us(t.commit));
     let pages = dirty.map_or(u64::from(ram_pages), |d| d.len() as u64);
     Ok((sum, split, pages * PAGE_SIZE))
 }
