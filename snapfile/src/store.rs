@@ -172,12 +172,20 @@ impl Store {
         }
         let mut toc = self.toc.clone();
         toc.entries.retain(|o| o.seq != e.seq);
+        // The previous commit's mirror may be unflushed: `commit` needs it durable.
+        dev.flush()?;
         self.commit(dev, toc)
     }
 
     /// Makes `toc` current: the copy not holding the newest valid generation is written and
-    /// flushed first, then the other. At every instant one copy decodes to the old or the
-    /// new table, so a crash loses at most this commit.
+    /// flushed, then the other is written as its mirror, with no flush of its own: the next
+    /// flush makes it durable (the next save's image flush, or `delete`'s first one). At
+    /// every instant one copy decodes to the old or the new table, so a crash loses at most
+    /// this commit; one flush per commit, not two.
+    ///
+    /// The caller has flushed since its last write (the writer's image flush, `delete`'s):
+    /// the copy this commit does not overwrite first, possibly the previous commit's
+    /// unflushed mirror, is then durable, and survives a crash during the first write.
     pub(crate) fn commit<D: BlockDevice>(
         &mut self,
         dev: &mut D,
@@ -190,17 +198,18 @@ impl Store {
             [None, _] => 0,
             [Some(_), None] => 1,
         };
-        for slot in [first, 1 - first] {
-            // Until the write and flush complete the copy may be torn: forget it.
-            self.copies[slot] = None;
-            dev.write(self.sb.toc_lba(slot), &buf)?;
-            dev.flush()?;
-            self.copies[slot] = Some(toc.generation);
-            if slot == first {
-                // The new table is durable: it is current even if the mirror write fails.
-                self.toc = toc.clone();
-            }
-        }
+        // Until the write and flush complete the copy may be torn: forget it.
+        self.copies[first] = None;
+        dev.write(self.sb.toc_lba(first), &buf)?;
+        dev.flush()?;
+        self.copies[first] = Some(toc.generation);
+        // The new table is durable: it is current even if the mirror write fails.
+        let generation = toc.generation;
+        self.toc = toc;
+        let mirror = 1 - first;
+        self.copies[mirror] = None;
+        dev.write(self.sb.toc_lba(mirror), &buf)?;
+        self.copies[mirror] = Some(generation);
         Ok(())
     }
 }
