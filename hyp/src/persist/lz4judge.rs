@@ -22,9 +22,25 @@ pub(super) fn judge_lz4(w: &mut Writer<'_>, split: &mut Split) {
     }
 }
 
-/// Pages LZ4 is tried on before it is judged (a window or two: a page's
-/// compression time varies little, and under TCG each costs 115-230 us).
-const LZ4_TRIAL: u64 = 128;
+/// Most pages the save's next window may stage: while the trial is on, the
+/// pages it still has to compress, so it compresses no more than
+/// [`LZ4_TRIAL`] (a window is otherwise 128 pages, staged before the next
+/// look at the verdict).
+pub(super) fn window_cap(w: &Writer<'_>, split: &Split) -> u32 {
+    let tried = w.costs().lz4_pages;
+    match split.lz4_verdict.is_none() && tried < LZ4_TRIAL {
+        true => (LZ4_TRIAL - tried) as u32,
+        false => u32::MAX,
+    }
+}
+
+/// Pages LZ4 is tried on before it is judged: a page's compression time
+/// varies little, and the gap the verdict has to see is wide either way
+/// (under TCG 88-230 us a page to compress against 0.3 us to write what it
+/// saves; on silicon about 1-2 us against a few). Each trial page costs that
+/// compression: 128 pages took 11-12 ms of a 90-110 ms first save, 32 take
+/// about 3.
+const LZ4_TRIAL: u64 = 32;
 
 /// The last LZ4 verdict of this boot and how many saves have used it since.
 /// The CPU's compression speed and the disk's do not change within a boot,

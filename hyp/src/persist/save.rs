@@ -16,7 +16,7 @@
 //! as zero) and makes the log relative to `b`. A VM loaded from the disk
 //! starts with its log relative to the image it was loaded from.
 
-use super::lz4judge::{judge_lz4, lz4_verdict_cached};
+use super::lz4judge::{judge_lz4, lz4_verdict_cached, window_cap};
 use super::{disk, PersistError};
 use crate::mm::glue::{Access, FaultKind};
 use crate::mm::{frames::PAGE_SIZE, VmMemory};
@@ -73,8 +73,9 @@ pub struct Split {
     /// Walking the snapshot's stage 2 and staging its mapped pages into the
     /// writer (zero checks, checksums and copies of them included).
     pub walk: u64,
-    /// Checking pages for zero (the writer's), and copying the others into
-    /// the writer's buffer (of `walk`).
+    /// Checking pages for zero (the writer's), and the rest of `walk`: the
+    /// table walk and the writer's records, less the zero checks, LZ4 and
+    /// the checksums with their fused copies.
     pub zero: u64,
     pub copy: u64,
     /// Pages not mapped at the walk (swapped, migrating; a diff's pages):
@@ -286,13 +287,12 @@ const WINDOW: u32 = 128;
 
 /// What one window's walk did: pages staged (zero ones included, which the
 /// writer skips), those it could not read (swapped or migrating) for
-/// `read_page`, the first error of the writer, and the ticks in `stage`.
+/// `read_page`, and the first error of the writer.
 #[derive(Default)]
 struct Window {
     staged: u32,
     slow: Vec<u32>,
     failed: Option<snapfile::Error>,
-    stage_ticks: u64,
 }
 
 /// Every page of a full image: the snapshot's stage 2 walked leaf by leaf
@@ -308,7 +308,7 @@ fn put_all(
     split: &mut Split,
 ) -> Result<(), PersistError> {
     let now = crate::arch::timer::now;
-    let (mut walk, mut stage, mut slow) = (0, 0, 0);
+    let (mut walk, mut slow) = (0, 0);
     let before = w.costs();
     if let Some(v) = lz4_verdict_cached() {
         split.lz4_verdict = Some(v);
@@ -319,11 +319,11 @@ fn put_all(
     let mut g = 0;
     while g < ram_pages {
         let room = (w.room() / PAGE).max(1) as u32;
-        let end = (g + WINDOW.min(room)).min(ram_pages);
+        let cap = WINDOW.min(room).min(window_cap(w, split));
+        let end = (g + cap).min(ram_pages);
         let t0 = now();
         let win = collect(mem, g, end, w);
         walk += now().wrapping_sub(t0);
-        stage += win.stage_ticks;
         if let Some(e) = win.failed {
             return Err(e.into());
         }
@@ -342,13 +342,14 @@ fn put_all(
             false => end,
         };
     }
-    // The copies: the time in `stage` less the writer's own zero checks,
-    // LZ4 and checksums in it.
+    // The rest of the walk: the time in it less the writer's own zero
+    // checks, LZ4 and checksums (with their fused copies). Not timed per
+    // page: under TCG each timer read is a helper call.
     let c = w.costs();
     let parts = (c.zero + c.lz4 + c.checksum) - (before.zero + before.lz4 + before.checksum);
     let us = crate::arch::timer::ticks_to_us;
     (split.walk, split.slow) = (us(walk), us(slow));
-    split.copy = us(stage.saturating_sub(parts));
+    split.copy = us(walk.saturating_sub(parts));
     Ok(())
 }
 
@@ -370,9 +371,7 @@ fn collect(mem: &VmMemory, from: u32, end: u32, w: &mut Writer<'_>) -> Window {
                     // stage-2 lock we hold, keeps the frame in place, and
                     // nothing writes a frozen VM's pages. Identity mapped.
                     let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
-                    let t0 = crate::arch::timer::now();
                     win.failed = w.stage(Gpn(gpn), src).err();
-                    win.stage_ticks += crate::arch::timer::now().wrapping_sub(t0);
                     win.staged += 1;
                 }
                 PageState::Mapped { .. } => {}
