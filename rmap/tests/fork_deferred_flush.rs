@@ -16,17 +16,20 @@ use std::time::Duration;
 
 const RAM: Ipa = Ipa::new(0x4000_0000);
 
+/// Where the batch's flush of the parent stops: it says it is there, then waits for a go.
+type Gate = Mutex<Option<(Sender<()>, Receiver<()>)>>;
+
 /// The world's VMs, except that the batch's deferred flush of `parent` first tells the
 /// test it is there and waits for its go.
 struct Hooked {
     world: Arc<HostWorld>,
     parent: VmId,
-    at_flush: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    at_flush: Gate,
 }
 
 struct HookedVm<'a> {
     vm: Arc<HostVm>,
-    hook: Option<&'a Mutex<Option<(Sender<()>, Receiver<()>)>>>,
+    hook: Option<&'a Gate>,
 }
 
 impl Stage2 for HookedVm<'_> {
