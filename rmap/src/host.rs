@@ -5,12 +5,14 @@
 mod cache;
 mod check;
 mod check_merged;
+mod flush_hook;
 mod hw;
 mod restore;
 mod stage2;
 mod swap;
 mod vm;
 
+pub use flush_hook::{FlushHooked, HookedVm};
 pub use hw::HostHw;
 pub use stage2::{ClearFault, HostStage2, HostStage2Guard, BLOCK_PAGES, BLOCK_SIZE};
 use swap::{Hooks, SwapTable};

@@ -2,12 +2,12 @@
 //! files (docs/TESTING.md, "Mutation score"). Each names the mutants it kills and checks a
 //! property of the crate's own functions that the other tests happened not to pin down.
 
-use rmap::host::{HostStage2Guard, HostVm, HostWorld};
+use rmap::host::{FlushHooked, HostVm, HostWorld};
 use rmap::Ipa;
-use rmap::{Fault, PageState, Pfn, Stage2, Stage2Locked, UnlinkProof, VmId, VmSet};
+use rmap::{Fault, PageState, Pfn, Stage2, Stage2Locked, VmId};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 const RAM: Ipa = Ipa::new(0x4000_0000);
@@ -251,50 +251,6 @@ fn a_batched_reclaim_swaps_out_every_frame_it_answers_for() {
     w.check().unwrap();
 }
 
-/// A VM set over a world's VMs whose stage 2s count their deferred flushes (the host's own
-/// do not count them).
-struct CountingVms<'a> {
-    world: &'a HostWorld,
-    flushes: &'a Mutex<BTreeMap<VmId, u32>>,
-}
-
-/// One VM of a [`CountingVms`].
-struct Counted<'a> {
-    vm: Arc<HostVm>,
-    flushes: &'a Mutex<BTreeMap<VmId, u32>>,
-}
-
-impl Stage2 for Counted<'_> {
-    type Locked<'b>
-        = HostStage2Guard<'b>
-    where
-        Self: 'b;
-    fn lock(&self) -> HostStage2Guard<'_> {
-        self.vm.s2.lock()
-    }
-    fn lock_nested(&self) -> HostStage2Guard<'_> {
-        self.vm.s2.lock_nested()
-    }
-    fn flush_deferred(&self) {
-        *self.flushes.lock().unwrap().entry(self.vm.id).or_default() += 1;
-        self.vm.s2.flush_deferred();
-    }
-    fn free_tables(&self, proof: UnlinkProof) {
-        self.vm.s2.free_tables(proof);
-    }
-}
-
-impl<'a> VmSet for CountingVms<'a> {
-    type Vm = Counted<'a>;
-    fn with_vm<R>(&self, id: VmId, f: impl FnOnce(&Counted<'a>) -> R) -> Option<R> {
-        let vm = self.world.vms.get(id)?;
-        Some(f(&Counted {
-            vm,
-            flushes: self.flushes,
-        }))
-    }
-}
-
 /// `batch.rs`, `take_frames`: `&&` → `||` in the flush list's duplicate test. A batch flushes
 /// each VM that lost a mapping once, however its frames' anon_vmas interleave the VMs: here two
 /// anon_vmas (two distant regions) are each mapped by a parent and its fork child, so the
@@ -313,10 +269,8 @@ fn a_batch_flushes_each_vm_once() {
         .map(|&ipa| pfn_at(&p, ipa))
         .collect();
     let flushes = Mutex::new(BTreeMap::new());
-    let vms = CountingVms {
-        world: &w,
-        flushes: &flushes,
-    };
+    let count = |id: VmId| *flushes.lock().unwrap().entry(id).or_default() += 1;
+    let vms = FlushHooked::new(&w, &count);
     let mut out = Vec::new();
     w.rmap.migrate_frames(&vms, &w.machine, &frames, &mut out);
     assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
