@@ -73,10 +73,10 @@ pub struct Split {
     /// Walking the snapshot's stage 2 and staging its mapped pages into the
     /// writer (zero checks, checksums and copies of them included).
     pub walk: u64,
-    /// Checking pages for zero (the writer's), and the rest of `walk`: the
-    /// table walk and the writer's records, less the zero checks, LZ4 and
-    /// the checksums with their fused copies.
+    /// Checking pages for zero (the writer's; of `walk`).
     pub zero: u64,
+    /// The rest of `walk`: the table walk and the writer's records (`walk`
+    /// less the zero checks, LZ4 and the checksums with their fused copies).
     pub copy: u64,
     /// Pages not mapped at the walk (swapped, migrating; a diff's pages):
     /// looked up one by one and faulted in.
