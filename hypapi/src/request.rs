@@ -136,6 +136,8 @@ const SIGNATURES: &[(&str, &[Arg])] = &[
         "load",
         &[NAME, Arg("prefetch", Kind::Unless("--no-prefetch"), true)],
     ),
+    ("images", &[]),
+    ("delete", &[NAME]),
 ];
 
 const NAME: Arg = Arg("name", Kind::Name, false);

@@ -211,11 +211,14 @@ pub enum Command {
         /// The pattern's seed (any `u64`).
         seed: u64,
     },
-    /// `bench disk [MiB]`: raw sequential write and read throughput of the
-    /// disk over its first MiB (the data there is put back).
+    /// `bench disk [MiB] [passes]`: raw sequential write and read throughput
+    /// of the disk over its first MiB (the data there is put back).
     BenchDisk {
         /// MiB written and read, 1..=1024 (64 when not typed).
         mib: u64,
+        /// Write-and-read passes, 1..=15 (5 when not typed): one pass is the
+        /// raw half of a pair interleaved with a save (`bench persist`).
+        passes: u32,
     },
     // Independent VMs and trust groups (issue 16).
     /// `create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: boot a
@@ -267,6 +270,16 @@ pub enum Command {
         name: SnapName,
         /// Prefetch pages in the background.
         prefetch: bool,
+    },
+    /// `images`: the snapshots saved on the disk (name, parent, size) and
+    /// its free space.
+    Images,
+    /// `delete <name>`: removes a saved snapshot from the disk, freeing its
+    /// space (refused for the parent of a diff, and for an image a loaded
+    /// VM still reads its pages from).
+    Delete {
+        /// The snapshot's name.
+        name: SnapName,
     },
 }
 
@@ -434,8 +447,10 @@ pub const HELP: &str = "commands:
   disk              the hypervisor's disk: capacity, sector size, read-only
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk
   disk fill <lba> <sectors> <seed>      write a seeded test pattern over sectors (and flush)
-  bench disk [MiB]  raw sequential write and read throughput of the disk (its data is kept)
+  bench disk [MiB] [passes]  raw sequential write and read throughput of the disk (its data is kept)
   save <vm> <name> [--diff <parent>]    write a VM or snapshot to the disk (a diff: pages dirtied since parent)
   load <name> [--no-prefetch]           a new VM from a saved snapshot, its memory read lazily from the disk
+  images            the snapshots saved on the disk, and its free space
+  delete <name>     remove a saved snapshot from the disk (not a diff's parent, nor one a loaded VM reads)
 keys: Ctrl-A Ctrl-A next console (hypervisor -> vm ... -> hypervisor);
       Ctrl-A <vm> Enter that VM; Ctrl-A h the hypervisor; Ctrl-A a a literal Ctrl-A";

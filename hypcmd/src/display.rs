@@ -66,7 +66,7 @@ impl fmt::Display for Command {
             Disk => f.write_str("disk"),
             DiskSum { lba, sectors } => write!(f, "disk sum {lba} {sectors}"),
             DiskFill { lba, sectors, seed } => write!(f, "disk fill {lba} {sectors} {seed}"),
-            BenchDisk { mib } => write!(f, "bench disk {mib}"),
+            BenchDisk { mib, passes } => write!(f, "bench disk {mib} {passes}"),
             Create(c) => write!(f, "{c}"),
             MergeGroup { vm, group } => write!(f, "merge group {vm} {group}"),
             Merge => f.write_str("merge"),
@@ -80,6 +80,8 @@ impl fmt::Display for Command {
                     None => Ok(()),
                 }
             }
+            Images => f.write_str("images"),
+            Delete { name } => write!(f, "delete {name}"),
             Load { name, prefetch } => {
                 write!(
                     f,

@@ -18,7 +18,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+    "bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB> [forks (1..=1000): only fork]";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -55,6 +55,8 @@ pub fn parse(line: &str) -> Result<Option<Command>> {
         "merge" => ("merge", merge(&mut args)?),
         "save" => ("save", save(&mut args)?),
         "load" => ("load", load(&mut args)?),
+        "images" => ("images", Command::Images),
+        "delete" => ("delete", delete(&mut args)?),
         _ => return Err(ParseError::Unknown(String::from(word))),
     };
     args.done(name)?;
@@ -239,7 +241,8 @@ fn bench(args: &mut Args) -> Result<Command> {
         }
         Some("disk") => {
             let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);
-            Ok(Command::BenchDisk { mib })
+            let passes = args.opt_num("passes", 1..=15)?.unwrap_or(5) as u32; // in range: fits
+            Ok(Command::BenchDisk { mib, passes })
         }
         _ => Err(ParseError::Usage(BENCH_USAGE)),
     }
@@ -270,6 +273,7 @@ fn disk(args: &mut Args) -> Result<Command> {
 const SAVE_USAGE: &str =
     "save <vm> <name> [--diff <parent>] (names: 1-32 printable characters, no `-` first)";
 const LOAD_USAGE: &str = "load <name> [--no-prefetch]";
+const DELETE_USAGE: &str = "delete <name>";
 
 fn snap_name(args: &mut Args, usage: &'static str) -> Result<SnapName> {
     SnapName::new(args.next("snapshot name")?).ok_or(ParseError::Usage(usage))
@@ -284,6 +288,11 @@ fn save(args: &mut Args) -> Result<Command> {
         Some(_) => return Err(ParseError::Usage(SAVE_USAGE)),
     };
     Ok(Command::Save { vm, name, parent })
+}
+
+fn delete(args: &mut Args) -> Result<Command> {
+    let name = snap_name(args, DELETE_USAGE)?;
+    Ok(Command::Delete { name })
 }
 
 fn load(args: &mut Args) -> Result<Command> {

@@ -332,7 +332,7 @@ fn benches() {
     let fork_usage = "usage: bench fork <MiB> [forks (1..=1000): only fork]";
     assert_eq!(err("bench fork"), fork_usage);
     assert_eq!(err("bench fork 4097"), fork_usage);
-    let usage = "usage: bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB]";
+    let usage = "usage: bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");
@@ -367,8 +367,18 @@ fn disk_commands() {
             seed: 7
         }
     );
-    assert_eq!(ok("bench disk"), Command::BenchDisk { mib: 64 });
-    assert_eq!(ok("bench disk 256"), Command::BenchDisk { mib: 256 });
+    assert_eq!(ok("bench disk"), Command::BenchDisk { mib: 64, passes: 5 });
+    assert_eq!(
+        ok("bench disk 256"),
+        Command::BenchDisk {
+            mib: 256,
+            passes: 5
+        }
+    );
+    assert_eq!(
+        ok("bench disk 54 1"),
+        Command::BenchDisk { mib: 54, passes: 1 }
+    );
 }
 
 #[test]
@@ -420,7 +430,9 @@ fn display_is_the_console_syntax() {
         "disk",
         "disk sum 10 20",
         "disk fill 10 20 30",
-        "bench disk 64",
+        "bench disk 64 5",
+        "images",
+        "delete base",
     ] {
         assert_eq!(ok(line).to_string(), line);
     }
@@ -455,6 +467,8 @@ fn help_lists_every_command() {
         "disk sum",
         "disk fill",
         "bench disk",
+        "images",
+        "delete",
     ] {
         assert!(hypcmd::HELP.contains(&format!("  {word} ")), "{word}");
     }

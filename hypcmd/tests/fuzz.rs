@@ -147,7 +147,7 @@ fn command() -> impl Strategy<Value = Command> {
             (any::<u64>(), 1u64..=1 << 21).prop_map(|(lba, sectors)| DiskSum { lba, sectors }),
             (any::<u64>(), 1u64..=1 << 21, any::<u64>())
                 .prop_map(|(lba, sectors, seed)| DiskFill { lba, sectors, seed }),
-            (1u64..=1024).prop_map(|mib| BenchDisk { mib }),
+            (1u64..=1024, 1u32..=15).prop_map(|(mib, passes)| BenchDisk { mib, passes }),
         ],
         create().prop_map(Create),
         (vm(), 1u32..=MAX_GROUP).prop_map(|(vm, group)| MergeGroup { vm, group }),
@@ -162,6 +162,8 @@ fn command() -> impl Strategy<Value = Command> {
             (vm(), snap_name(), prop::option::of(snap_name()))
                 .prop_map(|(vm, name, parent)| { Save { vm, name, parent } }),
             (snap_name(), any::<bool>()).prop_map(|(name, prefetch)| Load { name, prefetch }),
+            Just(Images),
+            snap_name().prop_map(|name| Delete { name }),
         ],
     ]
 }

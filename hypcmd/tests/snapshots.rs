@@ -40,7 +40,13 @@ fn save_and_load() {
             prefetch: false
         }
     );
+    assert_eq!(ok("images"), Command::Images);
+    assert_eq!(ok("delete base"), Command::Delete { name: name("base") });
     for bad in [
+        "images all",
+        "delete",
+        "delete a b",
+        "delete aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "save",
         "save 3",
         "save 3 -x",
@@ -74,8 +80,10 @@ fn save_and_load() {
     );
     assert_eq!(err("bench disk 0"), "bad MiB '0' (1..=1024)");
     assert_eq!(err("bench disk 1025"), "bad MiB '1025' (1..=1024)");
+    assert_eq!(err("bench disk 1 0"), "bad passes '0' (1..=15)");
+    assert_eq!(err("bench disk 1 16"), "bad passes '16' (1..=15)");
     assert_eq!(
-        err("bench disk 1 1"),
+        err("bench disk 1 1 1"),
         "unexpected argument '1' to `bench` (see `help`)"
     );
 }

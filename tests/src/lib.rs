@@ -399,6 +399,13 @@ impl Machine {
         }
     }
 
+    /// Types `line` (and Enter) at the console that has the keyboard, and
+    /// waits for `answer`.
+    pub fn command(&mut self, line: &str, answer: &str, timeout: Duration) -> String {
+        self.send(&format!("{line}\n"));
+        self.expect(answer, timeout)
+    }
+
     /// Types `text` on the console.
     pub fn send(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("stdin");

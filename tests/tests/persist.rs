@@ -11,6 +11,8 @@
 //!   header; a truncated file; another format version; a VM larger than the
 //!   disk) are refused, or stop only the VM that faults the bad page, and
 //!   the machine and its other VMs run on.
+//!
+//! `images` and `delete`: `persist_images.rs`.
 
 use qemu_tests::{linux_config, DiskConfig, Machine, MachineConfig};
 use std::path::PathBuf;
@@ -269,8 +271,7 @@ fn pages_on_disk(m: &mut Machine) -> u64 {
 
 /// Runs a console command and waits for its answer.
 fn command(m: &mut Machine, cmd: &str, answer: &str) -> String {
-    m.send(&format!("{cmd}\n"));
-    m.expect(answer, REPLY)
+    m.command(cmd, answer, REPLY)
 }
 
 fn flip(path: &std::path::Path, byte: u64) {

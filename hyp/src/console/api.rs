@@ -100,6 +100,7 @@ fn code(e: &CmdError) -> ErrorCode {
             ErrorCode::BadArgument
         }
         CmdError::Disk(crate::dev::blk::DiskError::PastEnd { .. }) => ErrorCode::BadArgument,
+        CmdError::Persist(crate::persist::PersistError::InUse { .. }) => ErrorCode::Busy,
         _ => ErrorCode::Failed,
     }
 }

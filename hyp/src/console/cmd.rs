@@ -315,7 +315,9 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         | Command::DiskSum { .. }
         | Command::DiskFill { .. }
         | Command::BenchDisk { .. } => return crate::console::disk::run(cmd, r),
-        Command::Save { .. } | Command::Load { .. } => return crate::console::snapcmd::run(cmd, r),
+        Command::Save { .. } | Command::Load { .. } | Command::Images | Command::Delete { .. } => {
+            return crate::console::snapcmd::run(cmd, r)
+        }
         // Migration, reclaim, chaos, wait and their benches.
         mem => return crate::console::memcmd::run(mem, r),
     }

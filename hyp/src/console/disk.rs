@@ -7,7 +7,7 @@
 
 use crate::arch::timer;
 use crate::console::error::CmdError;
-use crate::console::pairs::{median, PAIRS};
+use crate::console::pairs::median;
 use crate::console::reply::Reply;
 use crate::dev::blk::{self, Disk, MAX_REQUEST, SECTOR_SIZE};
 use alloc::vec::Vec;
@@ -26,7 +26,7 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::Disk => info(disk, r),
         Command::DiskSum { lba, sectors } => return sum(disk, lba, sectors, r),
         Command::DiskFill { lba, sectors, seed } => return fill(disk, lba, sectors, seed, r),
-        Command::BenchDisk { mib } => return bench(disk, mib, r),
+        Command::BenchDisk { mib, passes } => return bench(disk, mib, passes, r),
         other => return Err(CmdError::NotHere(other)),
     }
     Ok(())
@@ -135,11 +135,13 @@ fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result
     Ok(())
 }
 
-/// `bench disk <mib>`: [`PAIRS`] passes of a sequential write of the first
-/// `mib` MiB (then a flush: a save flushes too) and a sequential read of
-/// it, in [`MAX_REQUEST`] requests, as a save would write. Loses no data:
-/// the region is read first and written back at the end, whatever happened.
-fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
+/// `bench disk <mib> [passes]`: `passes` (default 5) passes of a
+/// sequential write of the first `mib` MiB (then a flush: a save flushes
+/// too) and a sequential read of it, in [`MAX_REQUEST`] requests, as a save
+/// would write. One pass is the raw half of a pair that `bench persist`
+/// interleaves with saves. Loses no data: the region is read first and
+/// written back at the end, whatever happened.
+fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdError> {
     let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
     check_range(disk, 0, sectors)?;
     if disk.readonly() {
@@ -155,7 +157,7 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
             .map_err(|_| CmdError::Bench("out of heap for the disk backup"))?;
         saved.push(piece);
     }
-    let result = passes(disk, sectors);
+    let result = run_passes(disk, sectors, passes);
     // Put the data back even when a pass failed (it may have written).
     let restored = chunks(0, sectors, CHUNK_SECTORS)
         .zip(&saved)
@@ -166,7 +168,7 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
     let (w, rd) = (median(&write), median(&read));
     crate::say!(
         r,
-        "bench disk: {mib} MiB in {} KiB requests: disk write = {w} MiB/s, read = {rd} MiB/s (medians of {PAIRS} passes, write includes the flush; min/max write {}/{}, read {}/{})",
+        "bench disk: {mib} MiB in {} KiB requests: disk write = {w} MiB/s, read = {rd} MiB/s (medians of {passes} passes, write includes the flush; min/max write {}/{}, read {}/{})",
         MAX_REQUEST >> 10,
         write.iter().min().unwrap_or(&0),
         write.iter().max().unwrap_or(&0),
@@ -179,11 +181,11 @@ fn bench(disk: &Disk, mib: u64, r: &mut Reply) -> Result<(), CmdError> {
 }
 
 /// MiB/s of each write pass and each read pass.
-fn passes(disk: &Disk, sectors: u64) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
+fn run_passes(disk: &Disk, sectors: u64, passes: u32) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
     let mut buf = buffer(MAX_REQUEST)?;
     let (mut write, mut read) = (Vec::new(), Vec::new());
     let bytes = sectors * SECTOR_SIZE as u64;
-    for pass in 0..PAIRS as u64 {
+    for pass in 0..u64::from(passes) {
         let mut ticks = 0;
         for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
             stamp(&mut buf, at, pass);

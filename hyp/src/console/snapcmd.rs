@@ -1,12 +1,12 @@
-//! The commands of snapshots on the disk (issue 17): `save` and `load`
-//! (`persist` does the work; this file answers).
+//! The commands of snapshots on the disk (issue 17): `save`, `load`,
+//! `images` and `delete` (`persist` does the work; this file answers).
 
 use crate::console::error::CmdError;
 use crate::console::reply::Reply;
-use crate::persist::{load, save, PersistError};
+use crate::persist::{images, load, save, PersistError};
 use hypcmd::Command;
 
-/// Runs `save` or `load`.
+/// Runs `save`, `load`, `images` or `delete`.
 pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
     match cmd {
         Command::Save { vm, name, parent } => {
@@ -19,8 +19,49 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
             let rep = load::load(name.as_str(), prefetch).map_err(CmdError::Persist)?;
             say_loaded(&rep, name.as_str(), prefetch, r);
         }
+        Command::Images => say_images(r)?,
+        Command::Delete { name } => {
+            let bytes = images::delete(name.as_str())?;
+            crate::say!(r, "deleted '{name}' ({} KiB freed)", bytes >> 10);
+            r.set("freed", bytes);
+        }
         other => return Err(CmdError::NotHere(other)),
     }
+    Ok(())
+}
+
+/// `images`: one line per saved snapshot, oldest first, then the free space.
+fn say_images(r: &mut Reply) -> Result<(), PersistError> {
+    let (list, free) = images::list()?;
+    crate::say!(
+        r,
+        "  seq  name                              KiB  parent / loaded"
+    );
+    for i in &list {
+        crate::say!(
+            r,
+            "  {:<4} {:<32} {:>8}  {}{}",
+            i.seq,
+            i.name,
+            i.bytes >> 10,
+            i.parent
+                .as_deref()
+                .map(|p| alloc::format!("diff of '{p}'"))
+                .unwrap_or_default(),
+            i.loaded_by
+                .map(|v| alloc::format!(" (vm {v} reads it)"))
+                .unwrap_or_default(),
+        );
+        let mut row = hypapi::Map::new();
+        row.insert("name".into(), i.name.as_str().into());
+        row.insert("seq".into(), i.seq.into());
+        row.insert("bytes".into(), i.bytes.into());
+        row.insert("parent".into(), i.parent.as_deref().into());
+        row.insert("loaded_by".into(), i.loaded_by.into());
+        r.push("images", row);
+    }
+    crate::say!(r, "{} snapshots; {} MiB free", list.len(), free >> 20);
+    r.set("free", free);
     Ok(())
 }
 

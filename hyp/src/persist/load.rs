@@ -189,6 +189,7 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     diskpages::set_source(&SOURCE);
     let t0 = crate::arch::timer::now();
     let (store, mut dev) = disk::open(false)?;
+    let seq = store.entry(name)?.seq;
     let image = store.image(&mut dev, name)?;
     let opened = crate::arch::timer::now();
     let (h, _) = state::header(image.state())?;
@@ -209,7 +210,7 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let pages = install(&vm, image, prefetch, opened)?;
     let installed = crate::arch::timer::now();
     vm.mem.dirty.lock().reset(Some(vm.id));
-    super::save::note_saved(&vm, name);
+    super::save::note_saved(&vm, name, seq);
     crate::vm::set_first_entry_hook(first_entry);
     AWAIT_ENTRY.lock().push(AwaitEntry {
         vm: vm.id,

@@ -12,10 +12,11 @@
 //! disk as the guest touches them, records the order it touched them in
 //! (saved with its next image, REAP's working set), and `prefetch` loads
 //! the rest in the background, on idle CPUs, in that order (`ahead`: its
-//! read-ahead).
+//! read-ahead). `images` lists the store and deletes from it.
 
 mod ahead;
 pub mod disk;
+pub mod images;
 pub mod load;
 mod lz4judge;
 pub mod prefetch;
@@ -52,6 +53,11 @@ pub enum PersistError {
     Vm(crate::vm::VmError),
     /// A page could not be read back from a VM being saved.
     Page(&'static str),
+    /// A VM loaded from the image still reads pages from it.
+    InUse {
+        /// The VM.
+        vm: u32,
+    },
 }
 
 impl fmt::Display for PersistError {
@@ -77,6 +83,10 @@ impl fmt::Display for PersistError {
             PersistError::Fork(e) => write!(f, "{e}"),
             PersistError::Vm(e) => write!(f, "{e}"),
             PersistError::Page(why) => f.write_str(why),
+            PersistError::InUse { vm } => write!(
+                f,
+                "vm {vm} was loaded from this image and still reads pages from it (it lets go once every page is in, or when the VM and its forks are gone)"
+            ),
         }
     }
 }

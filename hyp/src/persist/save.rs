@@ -32,14 +32,30 @@ use spin::Mutex;
 
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// Per VM: the name of its last save and the dirty-log base that save left
-/// (a diff is allowed only against that save while the log still has it).
-static LAST_SAVE: Mutex<BTreeMap<u32, (String, Option<u32>)>> = Mutex::new(BTreeMap::new());
+/// A VM's last save: its name and creation sequence number (a name can be
+/// deleted and saved again, by another VM: the number tells the images
+/// apart), and the dirty-log base that save left.
+#[derive(Clone)]
+struct LastSave {
+    name: String,
+    seq: u64,
+    base: Option<u32>,
+}
 
-/// Records that `vm`'s dirty log is now relative to save `name`.
-pub fn note_saved(vm: &Vm, name: &str) {
+/// Per VM: its last save (a diff is allowed only against that image while
+/// the log still has its base).
+static LAST_SAVE: Mutex<BTreeMap<u32, LastSave>> = Mutex::new(BTreeMap::new());
+
+/// Records that `vm`'s dirty log is now relative to image `name`, number
+/// `seq` in the store.
+pub fn note_saved(vm: &Vm, name: &str, seq: u64) {
     let base = vm.mem.dirty.lock().base;
-    LAST_SAVE.lock().insert(vm.id, (String::from(name), base));
+    let last = LastSave {
+        name: String::from(name),
+        seq,
+        base,
+    };
+    LAST_SAVE.lock().insert(vm.id, last);
 }
 
 /// What a save wrote.
@@ -124,9 +140,9 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
     if store.entry(name).is_ok() {
         return Err(snapfile::Error::NameExists.into());
     }
-    if let Some(p) = parent {
-        store.entry(p)?;
-    }
+    let parent = parent
+        .map(|p| store.entry(p).map(|e| (p, e.seq)))
+        .transpose()?;
     let (snap, dirty, pause_us) = freeze(vm, parent)?;
     let touched = super::load::touch_order_of(vm.id).len() as u64;
     let result = write(
@@ -135,7 +151,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         vm,
         &snap,
         name,
-        parent,
+        parent.map(|p| p.0),
         dirty.as_deref(),
     );
     let t1 = crate::arch::timer::now();
@@ -145,7 +161,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
     let (sum, mut split, ram_bytes) = result?;
     split.teardown = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t1));
     if !vm.is_frozen() {
-        note_saved(vm, name);
+        note_saved(vm, name, sum.seq);
     }
     Ok(SaveReport {
         vm: vm.id,
@@ -167,8 +183,9 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
 type Frozen = (Arc<Vm>, Option<Vec<u32>>, u64);
 
 /// A frozen copy of `vm` (itself if it is a snapshot) and, for a diff, the
-/// dirty pages, taken in one pause so none is missed between them.
-fn freeze(vm: &Arc<Vm>, parent: Option<&str>) -> Result<Frozen, PersistError> {
+/// pages dirtied since `parent` (name, sequence number in the store), taken
+/// in one pause so none is missed between them.
+fn freeze(vm: &Arc<Vm>, parent: Option<(&str, u64)>) -> Result<Frozen, PersistError> {
     if vm.is_frozen() {
         if parent.is_some() {
             return Err(PersistError::Refused(
@@ -180,7 +197,7 @@ fn freeze(vm: &Arc<Vm>, parent: Option<&str>) -> Result<Frozen, PersistError> {
     let t0 = crate::arch::timer::now();
     let was_running = vm.quiesce(0).ok_or(crate::vm::fork::ForkError::Busy)?;
     // Left paused (not resumed) while the snapshot is forked below.
-    let dirty = parent.map(|p| dirty_since(vm, p)).transpose();
+    let dirty = parent.map(|(p, seq)| dirty_since(vm, p, seq)).transpose();
     vm.unquiesce(false);
     let snap = dirty.and_then(|d| Ok((fork(vm, None, ForkKind::Snapshot)?, d)));
     if was_running {
@@ -191,18 +208,24 @@ fn freeze(vm: &Arc<Vm>, parent: Option<&str>) -> Result<Frozen, PersistError> {
     Ok((snap, dirty, pause_us))
 }
 
-/// The pages `vm` (quiesced) dirtied since its save `parent`.
-fn dirty_since(vm: &Vm, parent: &str) -> Result<Vec<u32>, PersistError> {
+/// The pages `vm` (quiesced) dirtied since its save `parent`, number `seq`
+/// in the store.
+fn dirty_since(vm: &Vm, parent: &str, seq: u64) -> Result<Vec<u32>, PersistError> {
     let log = vm.mem.dirty.lock();
     let last = LAST_SAVE.lock().get(&vm.id).cloned();
     match &last {
-        Some((n, base)) if n == parent && *base == log.base && log.base.is_some() => {}
+        Some(l) if l.name == parent && l.base == log.base && log.base.is_some() => {}
         _ => {
             return Err(PersistError::NotParent {
                 asked: String::from(parent),
-                last: last.map(|l| l.0),
+                last: last.map(|l| l.name),
             })
         }
+    }
+    if last.is_some_and(|l| l.seq != seq) {
+        return Err(PersistError::Refused(
+            "the image of that name on the disk is not the one this VM's dirty log is relative to (it was deleted and saved again): save the VM in full",
+        ));
     }
     if log.overflow {
         return Err(PersistError::Refused(

@@ -1,0 +1,97 @@
+//! `images` and `delete <name>` (issue 17's store, from the console): the
+//! saves are listed, and a delete refuses what something still needs (a
+//! diff's parent, an image a loaded VM still reads pages from) until it no
+//! longer does. A diff against a name deleted and saved again by another VM
+//! is refused: the VM's dirty log is not relative to that image.
+
+use qemu_tests::{DiskConfig, Machine, MachineConfig};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(240);
+const REPLY: Duration = Duration::from_secs(120);
+
+fn command(m: &mut Machine, line: &str, answer: &str) -> String {
+    m.command(line, answer, REPLY)
+}
+
+/// The VM id in the last "<needle>N" of the transcript.
+fn vm_after(m: &Machine, needle: &str) -> u32 {
+    let t = m.transcript();
+    qemu_tests::number_after(&t[t.rfind(needle).unwrap()..], needle).unwrap() as u32
+}
+
+#[test]
+fn images_are_deleted_only_when_nothing_needs_them() {
+    let path = std::env::temp_dir().join(format!("mhv-persist-delete-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let cfg = MachineConfig {
+        vcpus: Some(1),
+        guest_mem: Some("32M".into()),
+        guest_args: Some("idle beat_ms=300".into()),
+        disk: Some(DiskConfig {
+            size: 16 << 20,
+            ..DiskConfig::new(&path)
+        }),
+        ..MachineConfig::default()
+    };
+    let mut m = Machine::boot("persist-delete", &cfg);
+    m.expect("GUEST: idle: heartbeat 1", BOOT);
+    command(&mut m, "save 1 a", "vm 1 saved as 'a'");
+    command(
+        &mut m,
+        "save 1 b --diff a",
+        "vm 1 saved as 'b' (diff of 'a')",
+    );
+    command(&mut m, "images", "2 snapshots; ");
+    let t = m.transcript();
+    let list = &t[t.rfind("seq  name").unwrap()..];
+    assert!(
+        list.contains(" a ") && list.contains("diff of 'a'"),
+        "{list}"
+    );
+    // A diff's parent stays while the diff does.
+    command(
+        &mut m,
+        "delete a",
+        "error: snapshot store: the snapshot is the parent of another",
+    );
+    // An image a loaded VM still reads from stays while the VM does.
+    command(&mut m, "load b --no-prefetch", "'b' loaded as vm ");
+    let loaded = vm_after(&m, "loaded as vm ");
+    command(&mut m, "images", &format!("(vm {loaded} reads it)"));
+    command(
+        &mut m,
+        "delete b",
+        &format!("error: vm {loaded} was loaded from this image and still reads pages from it"),
+    );
+    command(&mut m, &format!("destroy {loaded}"), "hyp>");
+    m.expect(&format!("[hyp] vm {loaded} ("), REPLY);
+    command(&mut m, "delete b", "deleted 'b' (");
+    command(&mut m, "delete a", "deleted 'a' (");
+    command(&mut m, "delete a", "error: snapshot store: ");
+    // A name deleted and saved again by another VM is another image: vm 1's
+    // dirty log is not relative to it, and a diff against it is refused.
+    command(&mut m, "save 1 c", "vm 1 saved as 'c'");
+    command(&mut m, "delete c", "deleted 'c' (");
+    command(&mut m, "fork 1", "vm 1 forked: child vm ");
+    let child = vm_after(&m, "forked: child vm ");
+    command(
+        &mut m,
+        &format!("save {child} c"),
+        &format!("vm {child} saved as 'c'"),
+    );
+    command(
+        &mut m,
+        "save 1 d --diff c",
+        "error: the image of that name on the disk is not the one this VM's dirty log is relative to",
+    );
+    command(&mut m, "images", "1 snapshots; ");
+    // vm 1 ran on through all of it.
+    let beats = m.transcript().matches("heartbeat").count();
+    command(&mut m, "sleep 1000", "hyp>");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(m.transcript().matches("heartbeat").count() > beats);
+    command(&mut m, "quit", "exiting with status");
+    m.assert_no_hyp_fault();
+    let _ = std::fs::remove_file(&path);
+}
