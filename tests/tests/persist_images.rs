@@ -2,7 +2,8 @@
 //! saves are listed, and a delete refuses what something still needs (a
 //! diff's parent, an image a loaded VM still reads pages from) until it no
 //! longer does. A diff against a name deleted and saved again by another VM
-//! is refused: the VM's dirty log is not relative to that image.
+//! is refused: the VM's dirty log is not relative to that image. A save's
+//! own snapshot is destroyed after it, by an idle CPU.
 
 use qemu_tests::{DiskConfig, Machine, MachineConfig};
 use std::time::Duration;
@@ -37,6 +38,16 @@ fn images_are_deleted_only_when_nothing_needs_them() {
     let mut m = Machine::boot("persist-delete", &cfg);
     m.expect("GUEST: idle: heartbeat 1", BOOT);
     command(&mut m, "save 1 a", "vm 1 saved as 'a'");
+    // The save's own snapshot (vm 2) is destroyed by another CPU, while the
+    // saving one finishes (its line may come before or after the answer).
+    let deadline = std::time::Instant::now() + REPLY;
+    while !m
+        .transcript()
+        .contains("[hyp] vm 2 (snapshot) stopped, status 0")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", m.transcript());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     command(
         &mut m,
         "save 1 b --diff a",

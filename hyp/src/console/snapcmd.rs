@@ -70,7 +70,7 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     let t = &rep.split;
     crate::say!(
         r,
-        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, table walk and records {}), pages faulted in {}, LZ4 {}, page checksums and copies {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {} (queued writes drained {}, header flush and TOC commit {}), snapshot teardown {}",
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, table walk and records {}), pages faulted in {}, LZ4 {}, page checksums and copies {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {} (queued writes drained {}, header flush and TOC commit {}), snapshot handed over for teardown {}",
         rep.ram_bytes >> 20,
         rep.ram_mib_s(),
         t.walk / 1000,

@@ -20,6 +20,7 @@ pub mod images;
 pub mod load;
 mod lz4judge;
 pub mod prefetch;
+mod reap;
 pub mod save;
 pub mod state;
 

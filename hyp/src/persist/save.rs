@@ -108,12 +108,14 @@ pub struct Split {
     /// The verdict came from an earlier save of this boot (no trial).
     pub lz4_cached: bool,
     /// The writer's `finish` (index, header, flush, TOC commit; its device
-    /// writes are in `device` too), and destroying the save's snapshot.
+    /// writes are in `device` too).
     pub finish: u64,
     /// Of `finish`: waiting for the queued writes, and the header's flush with
     /// the TOC commit.
     pub drain: u64,
     pub commit: u64,
+    /// Handing the save's snapshot over to be destroyed (`reap`: another
+    /// CPU destroys it while this one finishes).
     pub teardown: u64,
 }
 
@@ -144,22 +146,20 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         .map(|p| store.entry(p).map(|e| (p, e.seq)))
         .transpose()?;
     let (snap, dirty, pause_us) = freeze(vm, parent)?;
+    let snap = Source {
+        ours: !Arc::ptr_eq(&snap, vm),
+        snap,
+    };
     let touched = super::load::touch_order_of(vm.id).len() as u64;
-    let result = write(
+    let (sum, split, ram_bytes) = write(
         &mut store,
         &mut dev,
         vm,
-        &snap,
+        snap,
         name,
         parent.map(|p| p.0),
         dirty.as_deref(),
-    );
-    let t1 = crate::arch::timer::now();
-    if !Arc::ptr_eq(&snap, vm) {
-        snap.stop(0);
-    }
-    let (sum, mut split, ram_bytes) = result?;
-    split.teardown = crate::arch::timer::ticks_to_us(crate::arch::timer::now().wrapping_sub(t1));
+    )?;
     if !vm.is_frozen() {
         note_saved(vm, name, sum.seq);
     }
@@ -181,6 +181,23 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
 
 /// The frozen VM to read, the pages of a diff (`None`: all), and the pause.
 type Frozen = (Arc<Vm>, Option<Vec<u32>>, u64);
+
+/// The frozen VM a save reads. The save's own snapshot (`ours`: not an
+/// in-memory snapshot the operator took) is handed to an idle CPU to
+/// destroy when this drops: as soon as the walk has copied every page, or
+/// on any error before.
+struct Source {
+    snap: Arc<Vm>,
+    ours: bool,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if self.ours {
+            super::reap::defer(self.snap.clone());
+        }
+    }
+}
 
 /// A frozen copy of `vm` (itself if it is a snapshot) and, for a diff, the
 /// pages dirtied since `parent` (name, sequence number in the store), taken
@@ -242,17 +259,19 @@ fn dirty_since(vm: &Vm, parent: &str, seq: u64) -> Result<Vec<u32>, PersistError
     Ok(pages)
 }
 
-/// Streams `snap`'s pages (all, or `dirty`) into a new image; what it
-/// wrote, where the time went, and the guest RAM it covers.
+/// Streams `src`'s pages (all, or `dirty`) into a new image; what it
+/// wrote, where the time went, and the guest RAM it covers. `src` is let go
+/// once its pages are copied, before the image's flush and commit.
 fn write(
     store: &mut snapfile::Store,
     dev: &mut disk::Dev,
     vm: &Vm,
-    snap: &Arc<Vm>,
+    src: Source,
     name: &str,
     parent: Option<&str>,
     dirty: Option<&[u32]>,
 ) -> Result<(snapfile::Summary, Split, u64), PersistError> {
+    let snap = &src.snap;
     let vcpus = snap.clone_parked_vcpus(snap);
     let state = super::state::encode(snap, &vm.name, &vcpus);
     drop(vcpus);
@@ -285,8 +304,13 @@ fn write(
         None => put_all(&mut w, dev, &snap.mem, ram_pages, &mut split)?,
     }
     let t1 = crate::arch::timer::now();
-    let sum = w.finish(dev)?;
+    // Every page is in the writer's buffers: another CPU destroys the
+    // snapshot while this one waits for the disk.
+    drop(src);
     let us = crate::arch::timer::ticks_to_us;
+    split.teardown = us(crate::arch::timer::now().wrapping_sub(t1));
+    let t1 = crate::arch::timer::now();
+    let sum = w.finish(dev)?;
     split.finish = us(crate::arch::timer::now().wrapping_sub(t1));
     let t = sum.costs;
     if dirty.is_some() {

@@ -8,7 +8,7 @@ use crate::vm::exit::Action;
 use crate::vm::vcpu::{Power, Vcpu};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use platform::Board;
 use spin::{Mutex, Once};
 
@@ -71,8 +71,9 @@ pub fn vm_event(e: VmEvent) {
 
 static CONSOLE: Once<&'static ConsoleHooks> = Once::new();
 
-/// Work of a higher layer (the disk images' prefetch) that any CPU does in
-/// bounded steps whenever it has no vCPU loaded and the work is ready:
+/// Work of a higher layer (the disk images' prefetch, the teardown of a
+/// save's snapshot) that any CPU does in steps whenever it has no vCPU
+/// loaded and the work is ready:
 /// between two time slices, in place of an idle WFI, and when a vCPU waits
 /// for an interrupt (its WFI gives the CPU back while the work is ready).
 /// Installed by that layer (layers.txt: `vm` never imports it).
@@ -84,17 +85,39 @@ pub struct Background {
     pub step: fn(),
 }
 
-static BACKGROUND: Once<&'static Background> = Once::new();
+/// Most kinds of background work installed.
+const MAX_BACKGROUND: usize = 4;
+/// The background works installed, in slots taken in order (lock-free to
+/// read: asked at every guest exit that would idle).
+static BACKGROUND: [Once<&'static Background>; MAX_BACKGROUND] =
+    [const { Once::new() }; MAX_BACKGROUND];
+static BACKGROUND_SLOTS: AtomicUsize = AtomicUsize::new(0);
 
-/// Installs the background work (once) and wakes idle CPUs to do it.
+/// The background works installed so far.
+fn background() -> impl Iterator<Item = &'static Background> {
+    BACKGROUND.iter().filter_map(|w| w.get().copied())
+}
+
+/// Installs `work` (once: installing it again only wakes the CPUs) and wakes
+/// idle CPUs to do it. Each layer installs a `static`, so there are at most
+/// [`MAX_BACKGROUND`]; one more is ignored (a debug build stops).
 pub fn set_background(work: &'static Background) {
-    BACKGROUND.call_once(|| work);
+    if !background().any(|w| core::ptr::eq(w, work)) {
+        let slot = BACKGROUND_SLOTS.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(
+            slot < MAX_BACKGROUND,
+            "more than {MAX_BACKGROUND} background works"
+        );
+        if let Some(s) = BACKGROUND.get(slot) {
+            s.call_once(|| work);
+        }
+    }
     kick_all();
 }
 
 /// Whether background work waits for a CPU.
 pub fn background_ready() -> bool {
-    BACKGROUND.get().is_some_and(|b| (b.ready)())
+    background().any(|b| (b.ready)())
 }
 
 pub fn init(board: &Board, console: &'static ConsoleHooks) {
@@ -182,8 +205,10 @@ pub fn cpu_loop() -> ! {
             }
             exit_if_idle();
         }
-        if let Some(b) = BACKGROUND.get() {
-            (b.step)();
+        for b in background() {
+            if (b.ready)() {
+                (b.step)();
+            }
         }
         // No vCPU is loaded here: no VM's stage 2 may stay this CPU's
         // context (a torn-down VM's root would; see Vm::unload_stage2).
