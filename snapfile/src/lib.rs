@@ -33,8 +33,10 @@ mod dev;
 mod error;
 mod header;
 mod image;
+mod lane;
 #[allow(unsafe_code)]
 mod pagesum;
+mod spec;
 mod state;
 mod store;
 mod summary;
@@ -46,6 +48,7 @@ mod writer;
 pub use dev::{BlockDevice, MemDisk, SECTOR};
 pub use error::{DevError, Error, Section};
 pub use image::{Image, PageRef};
+pub use lane::{Lane, LaneStats, Sealed};
 pub use state::{
     decode_header, decode_state, encode_state, vcpu_len, StateError, StateHeader, VcpuState,
     VmState, STATE_MAGIC, STATE_NAME_MAX, STATE_VERSION,

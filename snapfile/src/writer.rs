@@ -4,37 +4,22 @@
 
 use alloc::vec::Vec;
 
-use crate::codec::{checksum, get_u64, is_zero_page, sectors_for};
+use crate::codec::{checksum, get_u64, sectors_for};
 use crate::dev::{BlockDevice, SECTOR};
 use crate::error::Error;
 use crate::header::{Header, IndexRec, Span, INDEX_LEN, TOUCH_LEN};
-use crate::image::read_header;
+use crate::lane::{Lane, Sealed};
+use crate::spec::fresh_header;
+pub use crate::spec::SaveSpec;
 use crate::store::Store;
 pub use crate::summary::{Costs, Summary};
 use crate::toc::Entry;
-use crate::types::{Gpn, Name, PageKind, Shape, PAGE};
-use crate::{BATCH, MAX_CHAIN, MAX_STATE};
+use crate::types::{Gpn, PageKind, PAGE};
+use crate::BATCH;
 
-/// What to save: everything the writer must know before the first page.
-#[derive(Clone, Copy, Debug)]
-pub struct SaveSpec<'a> {
-    /// The new snapshot's name.
-    pub name: &'a str,
-    /// For a diff: the snapshot it is relative to (same shape).
-    pub parent: Option<&'a str>,
-    /// The VM's RAM and vCPUs.
-    pub shape: Shape,
-    /// The hypervisor's serialised vCPU / vGIC / timer / UART state, stored as is.
-    pub state: &'a [u8],
-    /// Pages in the order the VM first touched them since its last restore (for prefetch).
-    pub touch: &'a [Gpn],
-    /// At most this many `page`/`absent` calls will follow (the present or dirty pages the
-    /// hypervisor counted at the pause); bounds the space to reserve.
-    pub max_pages: u32,
-    /// LZ4-compress pages (else every non-zero page is stored raw): off when the device
-    /// writes faster than one CPU compresses, since the image is then written sooner raw.
-    pub compress: bool,
-}
+/// Batch buffers the writer keeps for reuse (lanes bring their own, which come back
+/// from the device too).
+const SPARE: usize = 4;
 
 /// A snapshot being written. Holds the store: nothing else allocates space meanwhile.
 /// Dropping it without `finish` abandons the image; its sectors stay free.
@@ -123,57 +108,6 @@ impl Store {
         w.push(dev, spec.state)?;
         Ok(w)
     }
-
-    /// The checks that need no space: name, TOC room, parent, sizes, touch order.
-    fn check_spec<D: BlockDevice>(
-        &self,
-        dev: &mut D,
-        spec: &SaveSpec<'_>,
-    ) -> Result<(Name, Option<(Name, u64)>), Error> {
-        let name = Name::new(spec.name)?;
-        if !spec.shape.is_valid() {
-            return Err(Error::BadShape);
-        }
-        if self.toc.find(&name).is_some() {
-            return Err(Error::NameExists);
-        }
-        if self.toc.entries.len() >= self.sb.max_entries as usize {
-            return Err(Error::TocFull);
-        }
-        let parent = spec
-            .parent
-            .map(|p| self.check_parent(dev, p, &spec.shape))
-            .transpose()?;
-        if spec.state.len() > MAX_STATE || spec.max_pages > spec.shape.ram_pages {
-            return Err(Error::TooLarge);
-        }
-        if let Some(g) = spec.touch.iter().find(|g| g.0 >= spec.shape.ram_pages) {
-            return Err(Error::PageOutOfRange { page: g.0 });
-        }
-        Ok((name, parent))
-    }
-
-    fn check_parent<D: BlockDevice>(
-        &self,
-        dev: &mut D,
-        parent: &str,
-        shape: &Shape,
-    ) -> Result<(Name, u64), Error> {
-        let p = *self.entry(parent).map_err(|e| {
-            if e == Error::NotFound {
-                Error::ParentMissing
-            } else {
-                e
-            }
-        })?;
-        if self.chain(parent)?.len() >= MAX_CHAIN {
-            return Err(Error::ChainTooDeep);
-        }
-        if read_header(dev, &p)?.shape != *shape {
-            return Err(Error::ShapeMismatch);
-        }
-        Ok((p.name, p.seq))
-    }
 }
 
 impl Writer<'_> {
@@ -197,57 +131,84 @@ impl Writer<'_> {
     /// released: each page is read once, and never copied twice.
     pub fn stage(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), Error> {
         self.admit(gpn)?;
-        let t0 = self.now();
-        let zero = is_zero_page(data);
-        let t1 = self.now();
-        self.sum.costs.zero += t1.wrapping_sub(t0);
-        if zero {
+        // The buffer's first byte is at `base` in the extent (a sector's start), so a raw
+        // page aligned in the buffer is aligned in the extent.
+        let base = self.stream_pos() - self.buf.len() as u64;
+        let clock = self.clock;
+        let now = move || clock.map_or(0, |c| c());
+        let lz4 = self.compress.then_some(&mut self.lz4);
+        let Some(p) = crate::lane::put(&mut self.buf, base, data, lz4, &mut self.sum.costs, &now)
+        else {
             return self.zero(gpn);
+        };
+        match p.kind {
+            PageKind::Raw => self.sum.raw += 1,
+            _ => self.sum.lz4 += 1,
         }
-        // The clock is read only around work done: under QEMU's TCG a read of the
-        // generic timer is a helper call (about 140 ns), several per page otherwise.
-        let (compressed, t2) = match self.compress {
-            true => {
-                let n = lz4_flex::block::compress_into(data, &mut self.lz4).ok();
-                let t2 = self.now();
-                self.sum.costs.lz4 += t2.wrapping_sub(t1);
-                (n, t2)
-            }
-            false => (None, t1),
-        };
-        let (kind, len) = match compressed {
-            Some(n) if n < PAGE => (PageKind::Lz4, n),
-            _ => (PageKind::Raw, PAGE),
-        };
-        if self.compress {
-            self.sum.costs.lz4_pages += 1;
-            self.sum.costs.lz4_saved += (PAGE - len) as u64;
-        }
-        let (off, sum) = if kind == PageKind::Raw {
-            // A raw page starts 8-byte aligned in the extent (and so in the buffer, whose
-            // start is a sector's), for the fused copy and checksum.
-            let pad = self.stream_pos().wrapping_neg() % 8;
-            self.buf.resize(self.buf.len() + pad as usize, 0);
-            self.pad += pad;
-            let off = self.stream_pos() - self.header.data.off;
-            self.sum.raw += 1;
-            (off, crate::pagesum::extend_summed(&mut self.buf, data))
-        } else {
-            let off = self.stream_pos() - self.header.data.off;
-            self.buf.extend_from_slice(&self.lz4[..len]);
-            self.sum.lz4 += 1;
-            (off, crate::pagesum::page_sum(data))
-        };
-        self.sum.costs.checksum += self.now().wrapping_sub(t2);
+        self.pad += p.pad;
         self.recs.push(IndexRec {
             gpn,
-            kind,
-            len: len as u16,
-            off,
-            sum,
+            kind: p.kind,
+            len: p.len as u16,
+            off: base + p.at as u64 - self.header.data.off,
+            sum: p.sum,
         });
-        self.sum.data_bytes += len as u64;
+        self.sum.data_bytes += p.len as u64;
         Ok(())
+    }
+
+    /// A lane for pages staged on another CPU, compressing as this writer does now; its
+    /// sealed batches come back through [`Writer::append`].
+    pub fn lane(&self) -> Lane {
+        Lane::new(self.header.shape.ram_pages, self.compress, self.clock)
+    }
+
+    /// Puts a lane's sealed batch into the image: the next whole sectors of the page data
+    /// (what the writer staged itself is padded to a sector and queued first), queued to
+    /// the device as it is, and its pages into the index at their offsets there. Its
+    /// pages count against `max_pages` as `page` calls do.
+    pub fn append<D: BlockDevice>(&mut self, dev: &mut D, batch: Sealed) -> Result<(), Error> {
+        let calls = self.recs.len() as u64 + self.sum.skipped + batch.pages();
+        let err = match () {
+            _ if self.failed => Some(Error::WriterFailed),
+            _ if calls > u64::from(self.max_pages) => Some(Error::TooManyPages),
+            _ => None,
+        };
+        if let Some(e) = err {
+            self.failed = true;
+            return Err(e);
+        }
+        self.write_buffered(dev)?;
+        let base = self.stream_pos() - self.header.data.off;
+        let st = batch.stats;
+        self.recs.extend(batch.recs.into_iter().map(|r| IndexRec {
+            off: r.off + base,
+            ..r
+        }));
+        (self.sum.lz4, self.sum.raw) = (self.sum.lz4 + st.lz4, self.sum.raw + st.raw);
+        self.sum.skipped += st.skipped;
+        self.sum.data_bytes += st.data_bytes;
+        self.pad += st.pad;
+        if batch.buf.is_empty() {
+            return Ok(());
+        }
+        self.queue(dev, batch.buf)
+    }
+
+    /// Queues what the writer staged itself, padded to a whole sector (the padding is the
+    /// data section's): afterwards the stream is at a sector's start.
+    fn write_buffered<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
+        self.push(dev, &[])?;
+        let gap = self.buf.len().next_multiple_of(SECTOR) - self.buf.len();
+        self.buf.resize(self.buf.len() + gap, 0);
+        self.pad += gap as u64;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self.spare.pop().unwrap_or_default();
+        let buf = core::mem::replace(&mut self.buf, next);
+        self.buf.clear();
+        self.queue(dev, buf)
     }
 
     /// Bytes the batch buffer takes before its next batch is full: a caller that stages
@@ -334,12 +295,10 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Hands the buffer's first [`BATCH`] bytes to the device's queue (`write_queued`) and
-    /// goes on in another buffer with the rest, so the device writes while the next batch
-    /// is prepared.
+    /// Hands the buffer's first [`BATCH`] bytes to the device's queue and goes on in
+    /// another buffer with the rest, so the device writes while the next batch is
+    /// prepared.
     fn queue_batch<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
-        let end = self.buf_lba + (BATCH / SECTOR) as u64;
-        self.check_room(end)?;
         let mut next = self
             .spare
             .pop()
@@ -348,17 +307,27 @@ impl Writer<'_> {
         next.extend_from_slice(&self.buf[BATCH..]);
         self.buf.truncate(BATCH);
         let full = core::mem::replace(&mut self.buf, next);
+        self.queue(dev, full)
+    }
+
+    /// Queues `buf` (whole sectors, at most [`BATCH`] bytes) at the end of the stream
+    /// (`write_queued`); a buffer of a completed write comes back for reuse.
+    fn queue<D: BlockDevice>(&mut self, dev: &mut D, buf: Vec<u8>) -> Result<(), Error> {
+        let len = buf.len();
+        let end = self.buf_lba + (len / SECTOR) as u64;
+        self.check_room(end)?;
         let t0 = self.now();
-        let queued = dev.write_queued(self.buf_lba, full);
+        let queued = dev.write_queued(self.buf_lba, buf);
         self.sum.costs.device += self.now().wrapping_sub(t0);
-        self.sum.costs.device_bytes += BATCH as u64;
+        self.sum.costs.device_bytes += len as u64;
         match queued {
-            Ok(back) => self.spare.extend(back),
+            Ok(back) => self.spare.extend(back.filter(|b| b.capacity() >= BATCH)),
             Err(e) => {
                 self.failed = true;
                 return Err(e.into());
             }
         }
+        self.spare.truncate(SPARE);
         self.buf_lba = end;
         Ok(())
     }
@@ -459,30 +428,5 @@ impl Writer<'_> {
             sections,
             ..self.sum
         })
-    }
-}
-
-/// The header of an image being written: its state span is known; the data, index and
-/// touch spans are filled in by `finish`.
-fn fresh_header(name: Name, seq: u64, parent: Option<(Name, u64)>, spec: &SaveSpec<'_>) -> Header {
-    let state = Span {
-        off: SECTOR as u64,
-        len: spec.state.len() as u64,
-        sum: checksum(spec.state),
-    };
-    let data = Span {
-        off: state.off + state.len,
-        ..Span::default()
-    };
-    let (shape, index, touch) = (spec.shape, data, data);
-    Header {
-        name,
-        seq,
-        shape,
-        parent,
-        state,
-        data,
-        index,
-        touch,
     }
 }

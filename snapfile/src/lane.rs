@@ -1,0 +1,213 @@
+//! Pages staged into a buffer: the one staging step the writer and its lanes share, and
+//! the lanes themselves.
+//!
+//! A [`Lane`] stages pages away from the [`crate::Writer`] (on another CPU: the writer and
+//! its store stay with the saving one) into batches of at most [`BATCH`] bytes that end on
+//! a whole page. Each batch is sealed to a whole number of sectors and handed to
+//! [`crate::Writer::append`], which gives it the next place in the image's page data and
+//! queues it to the device as it is, without copying it again. Where the pages land in
+//! the data section does not matter: the index names each page's offset. The sealing
+//! costs at most a page's room and a sector's padding per batch (0.4% of a MiB).
+
+use alloc::vec::Vec;
+
+use crate::codec::is_zero_page;
+use crate::dev::SECTOR;
+use crate::error::Error;
+use crate::header::IndexRec;
+use crate::summary::Costs;
+use crate::types::{Gpn, PageKind, PAGE};
+use crate::BATCH;
+
+/// One staged page: where its bytes start in the buffer, how it is stored, and the
+/// alignment padding put before it.
+pub(crate) struct Put {
+    pub at: usize,
+    pub kind: PageKind,
+    pub len: usize,
+    pub sum: u64,
+    pub pad: u64,
+}
+
+/// The staging step: `data` appended to `buf` (whose first byte is at `base` in the image,
+/// for alignment), LZ4-compressed when `lz4` is given and it shrinks the page, else raw and
+/// 8-byte aligned for the fused copy and checksum. `None` for a zero page, which is not
+/// stored. The clock is read only around work done: under QEMU's TCG a timer read is a
+/// helper call (about 140 ns).
+pub(crate) fn put(
+    buf: &mut Vec<u8>,
+    base: u64,
+    data: &[u8; PAGE],
+    lz4: Option<&mut Vec<u8>>,
+    costs: &mut Costs,
+    now: &dyn Fn() -> u64,
+) -> Option<Put> {
+    let t0 = now();
+    let zero = is_zero_page(data);
+    let t1 = now();
+    costs.zero += t1.wrapping_sub(t0);
+    if zero {
+        return None;
+    }
+    let mut lz4 = lz4;
+    let (compressed, t2) = match lz4.as_deref_mut() {
+        Some(out) => {
+            let n = lz4_flex::block::compress_into(data, out)
+                .ok()
+                .filter(|&n| n < PAGE);
+            let t2 = now();
+            costs.lz4 += t2.wrapping_sub(t1);
+            costs.lz4_pages += 1;
+            costs.lz4_saved += (PAGE - n.unwrap_or(PAGE)) as u64;
+            (n, t2)
+        }
+        None => (None, t1),
+    };
+    let put = match (compressed, lz4) {
+        (Some(len), Some(out)) => {
+            let at = buf.len();
+            buf.extend_from_slice(&out[..len]);
+            Put {
+                at,
+                kind: PageKind::Lz4,
+                len,
+                sum: crate::pagesum::page_sum(data),
+                pad: 0,
+            }
+        }
+        _ => {
+            let pad = (base + buf.len() as u64).wrapping_neg() % 8;
+            buf.resize(buf.len() + pad as usize, 0);
+            let at = buf.len();
+            let sum = crate::pagesum::extend_summed(buf, data);
+            Put {
+                at,
+                kind: PageKind::Raw,
+                len: PAGE,
+                sum,
+                pad,
+            }
+        }
+    };
+    costs.checksum += now().wrapping_sub(t2);
+    Some(put)
+}
+
+/// What a lane (or one sealed batch of it) holds, merged into the image's summary by
+/// [`crate::Writer::append`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Pages stored LZ4-compressed.
+    pub lz4: u64,
+    /// Pages stored raw.
+    pub raw: u64,
+    /// Zero pages skipped.
+    pub skipped: u64,
+    /// Bytes of page data.
+    pub data_bytes: u64,
+    /// Bytes of padding (raw pages' alignment, and the sector end).
+    pub pad: u64,
+}
+
+/// A batch of a lane, sealed: whole sectors of page data, and the index records of its
+/// pages with offsets from its first byte.
+pub struct Sealed {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) recs: Vec<IndexRec>,
+    pub(crate) stats: LaneStats,
+}
+
+impl Sealed {
+    /// Pages in it (stored ones, and the zero pages skipped while it was filled).
+    pub fn pages(&self) -> u64 {
+        self.stats.lz4 + self.stats.raw + self.stats.skipped
+    }
+}
+
+/// Pages of a full image staged apart from its writer (see the module doc).
+pub struct Lane {
+    buf: Vec<u8>,
+    recs: Vec<IndexRec>,
+    stats: LaneStats,
+    ram_pages: u32,
+    compress: bool,
+    lz4: Vec<u8>,
+    costs: Costs,
+    clock: Option<fn() -> u64>,
+}
+
+impl Lane {
+    /// A lane for an image of `ram_pages` pages, compressing or not as its writer does
+    /// now ([`crate::Writer::lane`]).
+    pub(crate) fn new(ram_pages: u32, compress: bool, clock: Option<fn() -> u64>) -> Self {
+        Lane {
+            buf: Vec::new(),
+            recs: Vec::new(),
+            stats: LaneStats::default(),
+            ram_pages,
+            compress,
+            lz4: alloc::vec![0; lz4_flex::block::get_maximum_output_size(PAGE)],
+            costs: Costs::default(),
+            clock,
+        }
+    }
+
+    /// Stages page `gpn` (skipped if zero). When the batch being filled has no room for
+    /// another page, it is sealed first and returned, and this page starts the next.
+    pub fn stage(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<Option<Sealed>, Error> {
+        if gpn.0 >= self.ram_pages {
+            return Err(Error::PageOutOfRange { page: gpn.0 });
+        }
+        let full = match BATCH - self.buf.len() < PAGE + 8 {
+            true => self.seal(),
+            false => None,
+        };
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(BATCH);
+        }
+        let clock = self.clock;
+        let now = move || clock.map_or(0, |c| c());
+        let lz4 = self.compress.then_some(&mut self.lz4);
+        match put(&mut self.buf, 0, data, lz4, &mut self.costs, &now) {
+            None => self.stats.skipped += 1,
+            Some(p) => {
+                match p.kind {
+                    PageKind::Raw => self.stats.raw += 1,
+                    _ => self.stats.lz4 += 1,
+                }
+                self.stats.pad += p.pad;
+                self.stats.data_bytes += p.len as u64;
+                self.recs.push(IndexRec {
+                    gpn,
+                    kind: p.kind,
+                    len: p.len as u16,
+                    off: p.at as u64,
+                    sum: p.sum,
+                });
+            }
+        }
+        Ok(full)
+    }
+
+    /// The batch being filled, sealed (`None` if it holds nothing, not even a skipped
+    /// zero page): what is left when the lane's walk is done.
+    pub fn seal(&mut self) -> Option<Sealed> {
+        if self.buf.is_empty() && self.stats == LaneStats::default() {
+            return None;
+        }
+        let mut stats = core::mem::take(&mut self.stats);
+        let end = self.buf.len().next_multiple_of(SECTOR);
+        stats.pad += (end - self.buf.len()) as u64;
+        self.buf.resize(end, 0);
+        Some(Sealed {
+            buf: core::mem::take(&mut self.buf),
+            recs: core::mem::take(&mut self.recs),
+            stats,
+        })
+    }
+
+    /// Where this lane's time went (its zero checks, LZ4, checksums with their copies).
+    pub fn costs(&self) -> Costs {
+        self.costs
+    }
+}
