@@ -4,8 +4,11 @@
 //! longer does. A diff against a name deleted and saved again by another VM
 //! is refused: the VM's dirty log is not relative to that image. A save's
 //! own snapshot is destroyed after it, by an idle CPU.
+//!
+//! A Linux save (split between two CPUs) that runs out of disk half way is
+//! refused, and leaves the guest running and no snapshot behind.
 
-use qemu_tests::{DiskConfig, Machine, MachineConfig};
+use qemu_tests::{linux_config, DiskConfig, Machine, MachineConfig};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -103,6 +106,62 @@ fn images_are_deleted_only_when_nothing_needs_them() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(m.transcript().matches("heartbeat").count() > beats);
     command(&mut m, "quit", "exiting with status");
+    m.assert_no_hyp_fault();
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Rows of `vms`: the lines after its header up to the next prompt.
+fn vm_rows(m: &mut Machine) -> Vec<String> {
+    let before = m.transcript().len();
+    command(m, "vms", "id  name");
+    m.expect("hyp>", REPLY);
+    let t = m.transcript();
+    let t = &t[before..];
+    let from = t.find("id  name").unwrap();
+    let table = &t[from..from + t[from..].find("hyp>").unwrap()];
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_linux_save_out_of_disk_half_way_stops_cleanly() {
+    let path = std::env::temp_dir().join(format!("mhv-persist-nospace-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let cfg = MachineConfig {
+        disk: Some(DiskConfig {
+            size: 24 << 20,
+            ..DiskConfig::new(&path)
+        }),
+        ..linux_config()
+    };
+    let mut m = Machine::boot("persist-nospace", &cfg);
+    m.expect("MHV-LINUX-READY", BOOT);
+    m.expect("# ", BOOT);
+    m.send("\x01h");
+    m.expect("[console: hypervisor]", REPLY);
+    // The idle image is about 54 MiB: the stream outgrows the 24 MiB disk
+    // with both CPUs staging pages.
+    command(&mut m, "save 1 full", "error: snapshot store: no space");
+    command(&mut m, "images", "0 snapshots; ");
+    // The save's snapshots (its own, and the helper's if one ran) are gone.
+    let deadline = std::time::Instant::now() + REPLY;
+    loop {
+        let rows = vm_rows(&mut m);
+        if rows.len() == 1 && rows[0].trim_start().starts_with("1 ") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{rows:?}");
+    }
+    m.send("\x011\r");
+    m.expect("[console: vm 1]", REPLY);
+    m.send("echo ALIVE-$((6*7))\n");
+    m.expect("ALIVE-42", REPLY);
+    m.send("\x01hquit\n");
+    assert_eq!(m.wait_exit(REPLY), 0);
     m.assert_no_hyp_fault();
     let _ = std::fs::remove_file(&path);
 }

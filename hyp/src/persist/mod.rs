@@ -16,6 +16,7 @@
 
 mod ahead;
 pub mod disk;
+mod helper;
 pub mod images;
 pub mod load;
 mod lz4judge;
@@ -23,6 +24,7 @@ pub mod prefetch;
 mod reap;
 pub mod save;
 pub mod state;
+mod walk;
 
 use core::fmt;
 

@@ -16,7 +16,6 @@
 //! as zero) and makes the log relative to `b`. A VM loaded from the disk
 //! starts with its log relative to the image it was loaded from.
 
-use super::lz4judge::{judge_lz4, lz4_verdict_cached, window_cap};
 use super::{disk, PersistError};
 use crate::mm::glue::{Access, FaultKind};
 use crate::mm::{frames::PAGE_SIZE, VmMemory};
@@ -117,6 +116,13 @@ pub struct Split {
     /// Handing the save's snapshot over to be destroyed (`reap`: another
     /// CPU destroys it while this one finishes).
     pub teardown: u64,
+    /// Pages the helper CPU staged (`helper`), and its time from taking the
+    /// job (its own snapshot's fork included) to letting go.
+    pub helper_pages: u64,
+    pub helper_us: u64,
+    /// The costs of this CPU's lane in a parallel walk (timer ticks; in
+    /// `zero`, `lz4` and `checksum` once the save is done).
+    pub lane: snapfile::Costs,
 }
 
 impl SaveReport {
@@ -301,7 +307,7 @@ fn write(
         Some(pages) => pages
             .iter()
             .try_for_each(|&g| put_page(&mut w, dev, &snap.mem, g))?,
-        None => put_all(&mut w, dev, &snap.mem, ram_pages, &mut split)?,
+        None => super::walk::put_all(&mut w, dev, snap, ram_pages, &mut split)?,
     }
     let t1 = crate::arch::timer::now();
     // Every page is in the writer's buffers: another CPU destroys the
@@ -312,132 +318,28 @@ fn write(
     let t1 = crate::arch::timer::now();
     let sum = w.finish(dev)?;
     split.finish = us(crate::arch::timer::now().wrapping_sub(t1));
-    let t = sum.costs;
     if dirty.is_some() {
+        let t = sum.costs;
         let total = crate::arch::timer::now().wrapping_sub(t0);
         split.slow = us(total.saturating_sub(t.zero + t.lz4 + t.checksum + t.device));
     }
-    split.zero = us(t.zero);
-    split.lz4 = us(t.lz4);
-    split.checksum = us(t.checksum);
-    split.device = us(t.device);
-    (split.drain, split.commit) = (us(t.drain), us(t.commit));
+    split.note_costs(&sum.costs);
     let pages = dirty.map_or(u64::from(ram_pages), |d| d.len() as u64);
     Ok((sum, split, pages * PAGE_SIZE))
 }
 
-/// Most pages a walk stages under one hold of the snapshot's stage-2 lock
-/// (and fewer when the writer's batch is nearer full): the lock is held for
-/// their copies into the writer's buffer, and the device requests are made
-/// with it released.
-const WINDOW: u32 = 128;
-
-/// What one window's walk did: pages staged (zero ones included, which the
-/// writer skips), those it could not read (swapped or migrating) for
-/// `read_page`, and the first error of the writer.
-#[derive(Default)]
-struct Window {
-    staged: u32,
-    slow: Vec<u32>,
-    failed: Option<snapfile::Error>,
-}
-
-/// Every page of a full image: the snapshot's stage 2 walked leaf by leaf
-/// in windows (absent ranges skipped by the table walk), each mapped frame
-/// handed to the writer in place (`Writer::stage`: zero check, checksum and
-/// the one copy, into its batch buffer), then the full batches queued to the
-/// device while the next window is walked.
-fn put_all(
-    w: &mut Writer<'_>,
-    dev: &mut disk::Dev,
-    mem: &VmMemory,
-    ram_pages: u32,
-    split: &mut Split,
-) -> Result<(), PersistError> {
-    let now = crate::arch::timer::now;
-    let (mut walk, mut slow) = (0, 0);
-    let before = w.costs();
-    if let Some(v) = lz4_verdict_cached() {
-        split.lz4_verdict = Some(v);
-        split.lz4_cached = true;
-        w.set_compress(v.0);
+impl Split {
+    /// The writer's costs, with this CPU's lane's (timer ticks), in
+    /// microseconds.
+    fn note_costs(&mut self, t: &snapfile::Costs) {
+        let us = crate::arch::timer::ticks_to_us;
+        let l = self.lane;
+        self.zero = us(t.zero + l.zero);
+        self.lz4 = us(t.lz4 + l.lz4);
+        self.checksum = us(t.checksum + l.checksum);
+        self.device = us(t.device);
+        (self.drain, self.commit) = (us(t.drain), us(t.commit));
     }
-    let mut buf = [0u8; PAGE];
-    let mut g = 0;
-    while g < ram_pages {
-        let room = (w.room() / PAGE).max(1) as u32;
-        let cap = WINDOW.min(room).min(window_cap(w, split));
-        let end = (g + cap).min(ram_pages);
-        let t0 = now();
-        let win = collect(mem, g, end, w);
-        walk += now().wrapping_sub(t0);
-        if let Some(e) = win.failed {
-            return Err(e.into());
-        }
-        let t1 = now();
-        for &gpn in &win.slow {
-            if read_page(mem, gpn, &mut buf)? {
-                w.page(dev, Gpn(gpn), &buf)?;
-            }
-        }
-        slow += now().wrapping_sub(t1);
-        w.write_staged(dev)?;
-        judge_lz4(w, split);
-        g = match win.staged == 0 && win.slow.is_empty() {
-            // Nothing here: jump to the next present entry.
-            true => next_present(mem, end, ram_pages).unwrap_or(ram_pages),
-            false => end,
-        };
-    }
-    // The rest of the walk: the time in it less the writer's own zero
-    // checks, LZ4 and checksums (with their fused copies). Not timed per
-    // page: under TCG each timer read is a helper call.
-    let c = w.costs();
-    let parts = (c.zero + c.lz4 + c.checksum) - (before.zero + before.lz4 + before.checksum);
-    let us = crate::arch::timer::ticks_to_us;
-    (split.walk, split.slow) = (us(walk), us(slow));
-    split.copy = us(walk.saturating_sub(parts));
-    Ok(())
-}
-
-/// Stages the window `[from, end)` of a frozen VM's mapped pages into `w`,
-/// under one hold of its stage-2 lock.
-fn collect(mem: &VmMemory, from: u32, end: u32, w: &mut Writer<'_>) -> Window {
-    let mut win = Window::default();
-    let base = Ipa::new(mem.ram.base);
-    let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
-    let mut s2 = mem.lock();
-    // A read-only walk: the visitor returns no replacement.
-    s2.update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
-        let first = ((at.raw() - base.raw()) / PAGE_SIZE) as u32;
-        for i in 0..pages {
-            let gpn = first + i as u32;
-            match entry.page(i) {
-                PageState::Mapped { pfn, .. } if win.failed.is_none() => {
-                    // SAFETY: as in `read_page`: the entry, held by the
-                    // stage-2 lock we hold, keeps the frame in place, and
-                    // nothing writes a frozen VM's pages. Identity mapped.
-                    let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
-                    win.failed = w.stage(Gpn(gpn), src).err();
-                    win.staged += 1;
-                }
-                PageState::Mapped { .. } => {}
-                // Absent and the shared zero page: both read as zeroes.
-                PageState::Invalid | PageState::ZeroPage => {}
-                PageState::Migrating { .. } | PageState::Swapped { .. } => win.slow.push(gpn),
-            }
-        }
-        None
-    });
-    win
-}
-
-/// The first page at or after `from` with a stage-2 entry, if any.
-fn next_present(mem: &VmMemory, from: u32, ram_pages: u32) -> Option<u32> {
-    let base = Ipa::new(mem.ram.base);
-    let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
-    let (at, _) = mem.lock().next_entry(ipa(from), ipa(ram_pages))?;
-    Some(((at.raw() - base.raw()) / PAGE_SIZE) as u32)
 }
 
 /// Page `gpn` of `mem` into the image: stored if present (zero pages are

@@ -1,0 +1,340 @@
+//! A save's walk on two CPUs: the saving CPU and a helper, background work
+//! that an idle CPU (or a guest's WFI) picks up.
+//!
+//! Under QEMU's TCG a save's time is mostly the walk's loads and stores
+//! (zero checks, the copies with their checksums: 35-60 ms of a 100 ms idle
+//! save), while the second CPU idles with the saved guest. So the pages
+//! left after the LZ4 trial are split in chunks that either CPU claims
+//! (an atomic cursor: a CPU that never gets round to helping leaves all of
+//! them to the saving CPU). Each stages its chunks into its own `Lane`.
+//!
+//! Each CPU reads its own frozen snapshot: the helper forks one from the
+//! save's snapshot (a copy-on-write fork of a frozen VM shares every frame
+//! and copies nothing). A window's pages are staged under that snapshot's
+//! stage-2 lock, which keeps its frames in place against migration and
+//! reclaim; with one snapshot the two CPUs would take turns on one lock.
+//!
+//! Only the saving CPU touches the writer and the disk: the helper's sealed
+//! batches (and the pages it could not read, swapped or migrating) come to
+//! it through [`Shared`], at most [`MAX_QUEUED`] batches ahead, and it
+//! appends them between its own windows. The save returns only once the
+//! helper has let go of everything ([`Helping`]'s drop), on every path.
+
+use super::save::{read_page, Split};
+use super::walk::{window, LaneOut, WINDOW};
+use super::{disk, PersistError};
+use crate::mm::frames::PAGE_SIZE;
+use crate::vm::fork::{fork, ForkKind};
+use crate::vm::sched::Background;
+use crate::vm::Vm;
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use snapfile::{Gpn, Lane, Sealed, Writer};
+use spin::Mutex;
+
+/// Pages a CPU claims at a time: 8 MiB, 32 chunks of a 256 MiB VM.
+const CHUNK: u64 = 2048;
+/// Fewest pages left after the trial worth a helper: it forks a snapshot of
+/// its own first (a VM id, and a fork's walk of the stage 2), which pays for
+/// itself only on a large VM (64 MiB and more; the test guest's 32 MiB stays
+/// on one CPU).
+pub(super) const PARALLEL_MIN: u32 = 16384;
+/// Sealed batches the helper may have waiting for the saving CPU.
+const MAX_QUEUED: usize = 4;
+
+/// What the two CPUs share during one save.
+pub(super) struct Shared {
+    /// The next chunk's first page, and the end of the pages to split.
+    cursor: AtomicU64,
+    end: u64,
+    /// The helper's sealed batches, and pages it could not read.
+    sealed: Mutex<VecDeque<Sealed>>,
+    queued: AtomicUsize,
+    slow: Mutex<Vec<u32>>,
+    /// The saving CPU gave up (an error): the helper stops at its next window.
+    cancel: AtomicBool,
+    /// The helper let go of everything.
+    done: AtomicBool,
+    /// The helper's result: its first error, its pages and the timer ticks
+    /// it spent.
+    report: Mutex<(Option<PersistError>, u64, u64)>,
+}
+
+impl Shared {
+    /// The next chunk `[first, end)`, if any is left.
+    fn claim(&self) -> Option<(u32, u32)> {
+        let first = self.cursor.fetch_add(CHUNK, Ordering::AcqRel);
+        // Both below `end`, a page count of the VM (`u32`).
+        (first < self.end).then(|| (first as u32, (first + CHUNK).min(self.end) as u32))
+    }
+}
+
+/// The helper's job, waiting for a CPU: the save's snapshot to fork its own
+/// from, and a lane.
+struct Job {
+    src: Arc<Vm>,
+    shared: Arc<Shared>,
+    lane: Lane,
+}
+
+/// The job of the save in progress (saves are console commands: one at a
+/// time). Lock level: a leaf.
+static JOB: Mutex<Option<Job>> = Mutex::new(None);
+/// Whether `JOB` holds one (asked at guest exits, without the lock).
+static WAITING: AtomicBool = AtomicBool::new(false);
+
+static WORK: Background = Background {
+    ready: || WAITING.load(Ordering::Relaxed),
+    step,
+};
+
+/// The job back from `JOB` if no CPU took it.
+fn withdraw() -> Option<Job> {
+    let job = JOB.lock().take();
+    WAITING.store(false, Ordering::Relaxed);
+    job
+}
+
+/// The saving CPU's side of one parallel walk. Dropped before the helper is
+/// done (an error), it stops the helper and waits until it let go of the
+/// save's snapshot, its own and its batches, so the save never returns with
+/// a helper still reading.
+struct Helping {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl Drop for Helping {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.shared.cancel.store(true, Ordering::Release);
+        if withdraw().is_some() {
+            return;
+        }
+        while !self.shared.done.load(Ordering::Acquire) {
+            self.shared.sealed.lock().clear();
+            self.shared.queued.store(0, Ordering::Release);
+            core::hint::spin_loop();
+        }
+    }
+}
+
+impl Shared {
+    fn new(from: u32, to: u32) -> Self {
+        Shared {
+            cursor: AtomicU64::new(u64::from(from)),
+            end: u64::from(to),
+            sealed: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            slow: Mutex::new(Vec::new()),
+            cancel: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            report: Mutex::new((None, 0, 0)),
+        }
+    }
+}
+
+/// Stages the pages `[from, to)` of `snap` into `w` on this CPU and, if one
+/// comes, a helper CPU.
+pub(super) fn parallel(
+    w: &mut Writer<'_>,
+    dev: &mut disk::Dev,
+    snap: &Arc<Vm>,
+    (from, to): (u32, u32),
+    split: &mut Split,
+) -> Result<(), PersistError> {
+    let shared = Arc::new(Shared::new(from, to));
+    let mut helping = Helping {
+        shared: shared.clone(),
+        finished: false,
+    };
+    *JOB.lock() = Some(Job {
+        src: snap.clone(),
+        shared: shared.clone(),
+        lane: w.lane(),
+    });
+    WAITING.store(true, Ordering::Relaxed);
+    crate::vm::sched::set_background(&WORK);
+    let mut out = LaneOut {
+        lane: w.lane(),
+        sealed: Vec::new(),
+    };
+    let mut me = Saver {
+        w,
+        dev,
+        snap,
+        walk: 0,
+        slow: 0,
+    };
+    while let Some((first, end)) = shared.claim() {
+        me.chunk(&shared, &mut out, first, end)?;
+    }
+    out.sealed.extend(out.lane.seal());
+    me.append(&mut out.sealed)?;
+    me.wait_helper(&shared)?;
+    helping.finished = true;
+    let (err, pages, ticks) = core::mem::take(&mut *shared.report.lock());
+    let us = crate::arch::timer::ticks_to_us;
+    (split.helper_pages, split.helper_us) = (pages, us(ticks));
+    (split.walk, split.slow) = (split.walk + us(me.walk), split.slow + us(me.slow));
+    split.lane = out.lane.costs();
+    err.map_or(Ok(()), Err)
+}
+
+/// The saving CPU during a parallel walk, and the timer ticks it spent in
+/// windows and on pages they could not read.
+struct Saver<'a, 'w, 's> {
+    w: &'a mut Writer<'w>,
+    dev: &'a mut disk::Dev,
+    snap: &'s Arc<Vm>,
+    walk: u64,
+    slow: u64,
+}
+
+impl Saver<'_, '_, '_> {
+    /// No chunk is left: takes the job back if no CPU picked it up, else
+    /// takes in the helper's batches until it is done.
+    fn wait_helper(&mut self, shared: &Shared) -> Result<(), PersistError> {
+        if withdraw().is_none() {
+            while !shared.done.load(Ordering::Acquire) {
+                self.drain(shared)?;
+                core::hint::spin_loop();
+            }
+        }
+        self.drain(shared)
+    }
+
+    /// Stages chunk `[first, end)` window by window, appending its sealed
+    /// batches and the helper's between windows.
+    fn chunk(
+        &mut self,
+        shared: &Shared,
+        out: &mut LaneOut,
+        first: u32,
+        end: u32,
+    ) -> Result<(), PersistError> {
+        let now = crate::arch::timer::now;
+        let mut g = first;
+        while g < end {
+            let t0 = now();
+            let (next, win) = window(&self.snap.mem, g, (g + WINDOW).min(end), end, out);
+            self.walk += now().wrapping_sub(t0);
+            if let Some(e) = win.failed {
+                return Err(e.into());
+            }
+            self.slow(&win.slow)?;
+            self.append(&mut out.sealed)?;
+            self.drain(shared)?;
+            g = next;
+        }
+        Ok(())
+    }
+
+    /// Appends sealed batches to the image (queued to the disk).
+    fn append(&mut self, sealed: &mut Vec<Sealed>) -> Result<(), PersistError> {
+        for b in sealed.drain(..) {
+            self.w.append(self.dev, b)?;
+        }
+        Ok(())
+    }
+
+    /// Takes in what the helper has ready: its batches and unread pages.
+    fn drain(&mut self, shared: &Shared) -> Result<(), PersistError> {
+        loop {
+            let next = shared.sealed.lock().pop_front();
+            let Some(b) = next else { break };
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            self.w.append(self.dev, b)?;
+        }
+        let slow = core::mem::take(&mut *shared.slow.lock());
+        self.slow(&slow)
+    }
+
+    /// Pages no window could read (swapped or migrating): faulted into the
+    /// save's snapshot one by one, and put in the image through the writer.
+    fn slow(&mut self, pages: &[u32]) -> Result<(), PersistError> {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        let t0 = crate::arch::timer::now();
+        for &gpn in pages {
+            if read_page(&self.snap.mem, gpn, &mut buf)? {
+                self.w.page(self.dev, Gpn(gpn), &buf)?;
+            }
+        }
+        self.slow += crate::arch::timer::now().wrapping_sub(t0);
+        Ok(())
+    }
+}
+
+/// The helper: takes the job (one CPU), forks its own snapshot of the
+/// save's, and stages chunks until none is left or the save gives up.
+fn step() {
+    let Some(Job { src, shared, lane }) = withdraw() else {
+        return;
+    };
+    let t0 = crate::arch::timer::now();
+    let mut pages = 0;
+    let err = match fork(&src, None, ForkKind::Snapshot) {
+        Ok(own) => {
+            drop(src);
+            let mut out = LaneOut {
+                lane,
+                sealed: Vec::new(),
+            };
+            let r = help(&own, &shared, &mut out, &mut pages);
+            super::reap::defer(own);
+            r.err()
+        }
+        // No helper after all: the saving CPU claims every chunk.
+        Err(_) => None,
+    };
+    let ticks = crate::arch::timer::now().wrapping_sub(t0);
+    *shared.report.lock() = (err, pages, ticks);
+    shared.done.store(true, Ordering::Release);
+}
+
+/// The helper's chunks, staged from its own snapshot `own` into `out`.
+fn help(
+    own: &Arc<Vm>,
+    shared: &Shared,
+    out: &mut LaneOut,
+    pages: &mut u64,
+) -> Result<(), PersistError> {
+    'chunks: while let Some((first, end)) = shared.claim() {
+        let mut g = first;
+        while g < end {
+            if shared.cancel.load(Ordering::Acquire) {
+                break 'chunks;
+            }
+            let (next, win) = window(&own.mem, g, (g + WINDOW).min(end), end, out);
+            if let Some(e) = win.failed {
+                return Err(e.into());
+            }
+            *pages += u64::from(win.staged);
+            shared.slow.lock().extend(win.slow);
+            hand_over(shared, &mut out.sealed);
+            g = next;
+        }
+    }
+    out.sealed.extend(out.lane.seal());
+    hand_over(shared, &mut out.sealed);
+    Ok(())
+}
+
+/// Queues the helper's sealed batches for the saving CPU, waiting while it
+/// has [`MAX_QUEUED`] unappended (or not at all once it gave up).
+fn hand_over(shared: &Shared, sealed: &mut Vec<Sealed>) {
+    for b in sealed.drain(..) {
+        while shared.queued.load(Ordering::Acquire) >= MAX_QUEUED {
+            if shared.cancel.load(Ordering::Acquire) {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+        shared.sealed.lock().push_back(b);
+        shared.queued.fetch_add(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,177 @@
+//! A full image's pages: the frozen snapshot's stage 2 walked leaf by leaf
+//! in windows (absent ranges skipped by the table walk), each mapped frame
+//! staged in place (zero check, checksum and the one copy) under one hold
+//! of the snapshot's stage-2 lock per window, and the full batches queued to
+//! the device with the lock released, while the next window is walked.
+//!
+//! The first pages go through the writer itself while LZ4 is on trial
+//! (`lz4judge`); the rest is split between this CPU and another one
+//! (`helper`), each staging into its own lane.
+
+use super::lz4judge::{judge_lz4, lz4_verdict_cached, window_cap};
+use super::save::{read_page, Split};
+use super::{disk, PersistError};
+use crate::mm::{frames::PAGE_SIZE, VmMemory};
+use crate::vm::Vm;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use rmap::{Ipa, PageState, Stage2, Stage2Locked};
+use snapfile::{Gpn, Lane, Sealed, Writer};
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Most pages a walk stages under one hold of the snapshot's stage-2 lock
+/// (and fewer when the writer's batch is nearer full): the lock is held for
+/// their copies into the batch buffer, and the device requests are made
+/// with it released.
+pub(super) const WINDOW: u32 = 128;
+
+/// What one window's walk did: pages staged (zero ones included, which the
+/// writer skips), those it could not read (swapped or migrating) for
+/// `read_page`, and the first error of the staging.
+#[derive(Default)]
+pub(super) struct Window {
+    pub staged: u32,
+    pub slow: Vec<u32>,
+    pub failed: Option<snapfile::Error>,
+}
+
+/// Where a window's pages are staged: the writer itself, or a lane.
+pub(super) trait Stager {
+    fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error>;
+}
+
+impl Stager for Writer<'_> {
+    fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error> {
+        self.stage(gpn, data)
+    }
+}
+
+/// A lane and the batches it sealed during a window (handed on after it).
+pub(super) struct LaneOut {
+    pub lane: Lane,
+    pub sealed: Vec<Sealed>,
+}
+
+impl Stager for LaneOut {
+    fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error> {
+        let full = self.lane.stage(gpn, data)?;
+        self.sealed.extend(full);
+        Ok(())
+    }
+}
+
+/// Every page of a full image (see the module doc).
+pub(super) fn put_all(
+    w: &mut Writer<'_>,
+    dev: &mut disk::Dev,
+    snap: &Arc<Vm>,
+    ram_pages: u32,
+    split: &mut Split,
+) -> Result<(), PersistError> {
+    let mem = &snap.mem;
+    let now = crate::arch::timer::now;
+    let (mut walk, mut slow) = (0, 0);
+    let before = w.costs();
+    if let Some(v) = lz4_verdict_cached() {
+        split.lz4_verdict = Some(v);
+        split.lz4_cached = true;
+        w.set_compress(v.0);
+    }
+    let mut buf = [0u8; PAGE];
+    let mut g = 0;
+    let parallel = |g: u32, split: &Split| {
+        split.lz4_verdict.is_some() && ram_pages - g >= super::helper::PARALLEL_MIN
+    };
+    while g < ram_pages && !parallel(g, split) {
+        let room = (w.room() / PAGE).max(1) as u32;
+        let cap = WINDOW.min(room).min(window_cap(w, split));
+        let t0 = now();
+        let (next, win) = window(mem, g, (g + cap).min(ram_pages), ram_pages, w);
+        walk += now().wrapping_sub(t0);
+        if let Some(e) = win.failed {
+            return Err(e.into());
+        }
+        let t1 = now();
+        for &gpn in &win.slow {
+            if read_page(mem, gpn, &mut buf)? {
+                w.page(dev, Gpn(gpn), &buf)?;
+            }
+        }
+        slow += now().wrapping_sub(t1);
+        w.write_staged(dev)?;
+        judge_lz4(w, split);
+        g = next;
+    }
+    // The rest of the walk: the time in it less the writer's own zero
+    // checks, LZ4 and checksums (with their fused copies). Not timed per
+    // page: under TCG each timer read is a helper call.
+    let us = crate::arch::timer::ticks_to_us;
+    (split.walk, split.slow) = (us(walk), us(slow));
+    if g < ram_pages {
+        super::helper::parallel(w, dev, snap, (g, ram_pages), split)?;
+    }
+    let (c, l) = (w.costs(), split.lane);
+    let parts = (c.zero + c.lz4 + c.checksum + l.zero + l.lz4 + l.checksum)
+        - (before.zero + before.lz4 + before.checksum);
+    split.copy = split.walk.saturating_sub(us(parts));
+    Ok(())
+}
+
+/// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`;
+/// where the next window starts (past an absent range, up to `limit`).
+pub(super) fn window<S: Stager>(
+    mem: &VmMemory,
+    from: u32,
+    end: u32,
+    limit: u32,
+    s: &mut S,
+) -> (u32, Window) {
+    let win = collect(mem, from, end, s);
+    let next = match win.staged == 0 && win.slow.is_empty() {
+        // Nothing here: jump to the next present entry.
+        true => next_present(mem, end, limit).unwrap_or(limit),
+        false => end,
+    };
+    (next, win)
+}
+
+/// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`,
+/// under one hold of its stage-2 lock.
+fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window {
+    let mut win = Window::default();
+    let base = Ipa::new(mem.ram.base);
+    let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
+    let mut s2 = mem.lock();
+    // A read-only walk: the visitor returns no replacement.
+    s2.update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
+        let first = ((at.raw() - base.raw()) / PAGE_SIZE) as u32;
+        for i in 0..pages {
+            let gpn = first + i as u32;
+            match entry.page(i) {
+                PageState::Mapped { pfn, .. } if win.failed.is_none() => {
+                    // SAFETY: as in `read_page`: the entry, held by the
+                    // stage-2 lock we hold, keeps the frame in place, and
+                    // nothing writes a frozen VM's pages. Identity mapped.
+                    let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
+                    win.failed = s.stage_page(Gpn(gpn), src).err();
+                    win.staged += 1;
+                }
+                PageState::Mapped { .. } => {}
+                // Absent and the shared zero page: both read as zeroes.
+                PageState::Invalid | PageState::ZeroPage => {}
+                PageState::Migrating { .. } | PageState::Swapped { .. } => win.slow.push(gpn),
+            }
+        }
+        None
+    });
+    win
+}
+
+/// The first page at or after `from` with a stage-2 entry, if any.
+fn next_present(mem: &VmMemory, from: u32, ram_pages: u32) -> Option<u32> {
+    let base = Ipa::new(mem.ram.base);
+    let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
+    let (at, _) = mem.lock().next_entry(ipa(from), ipa(ram_pages))?;
+    Some(((at.raw() - base.raw()) / PAGE_SIZE) as u32)
+}
