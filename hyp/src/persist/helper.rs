@@ -44,7 +44,8 @@ pub(super) const PARALLEL_MIN: u32 = 16384;
 /// Sealed batches the helper may have waiting for the saving CPU.
 const MAX_QUEUED: usize = 4;
 
-/// What the two CPUs share during one save.
+/// What the two CPUs share during one save. Its locks are leaves: each is
+/// held for a push or a pop, never across a walk or a device request.
 pub(super) struct Shared {
     /// The next chunk's first page, and the end of the pages to split.
     cursor: AtomicU64,
