@@ -120,6 +120,8 @@ pub struct Split {
     /// job (its own snapshot's fork included) to letting go.
     pub helper_pages: u64,
     pub helper_us: u64,
+    /// Of `helper_us`: forking the helper's own snapshot.
+    pub helper_fork_us: u64,
     /// The costs of this CPU's lane in a parallel walk (timer ticks; in
     /// `zero`, `lz4` and `checksum` once the save is done).
     pub lane: snapfile::Costs,
