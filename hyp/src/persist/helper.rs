@@ -14,9 +14,10 @@
 //! blocks have been split by copy-on-write, and while its walk takes turns
 //! with the saving CPU's windows on the save snapshot's stage-2 lock); the
 //! saving CPU walks meanwhile. Forked by the saving CPU before its walk it
-//! cost the save itself 1-16 ms, and the 113 MiB save was slower for it. A window's pages are staged under that snapshot's
-//! stage-2 lock, which keeps its frames in place against migration and
-//! reclaim; with one snapshot the two CPUs would take turns on one lock.
+//! cost the save itself 1-16 ms, and the 113 MiB save was slower for it.
+//! A window's pages are staged under that snapshot's stage-2 lock, which
+//! keeps its frames in place against migration and reclaim; with one
+//! snapshot the two CPUs would take turns on one lock.
 //!
 //! Only the saving CPU touches the writer and the disk: the helper's sealed
 //! batches (and the pages it could not read, swapped or migrating) come to
@@ -24,10 +25,9 @@
 //! appends them between its own windows. The save returns only once the
 //! helper has let go of everything ([`Helping`]'s drop), on every path.
 
-use super::save::{read_page, Split};
-use super::walk::{window, LaneOut, WINDOW};
+use super::save::Split;
+use super::walk::{put_unread, window, LaneOut, WINDOW};
 use super::{disk, PersistError};
-use crate::mm::frames::PAGE_SIZE;
 use crate::vm::fork::{fork, ForkKind};
 use crate::vm::sched::Background;
 use crate::vm::Vm;
@@ -35,7 +35,7 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use snapfile::{Gpn, Lane, Sealed, Writer};
+use snapfile::{Lane, Sealed, Writer};
 use spin::Mutex;
 
 /// Pages a CPU claims at a time: 2 MiB, 128 chunks of a 256 MiB VM (a claim
@@ -70,6 +70,19 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    fn new(from: u32, to: u32) -> Self {
+        Shared {
+            cursor: AtomicU64::new(u64::from(from)),
+            end: u64::from(to),
+            sealed: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            slow: Mutex::new(Vec::new()),
+            cancel: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            report: Mutex::new((None, 0, 0, 0)),
+        }
+    }
+
     /// The next chunk `[first, end)`, if any is left.
     fn claim(&self) -> Option<(u32, u32)> {
         let first = self.cursor.fetch_add(CHUNK, Ordering::AcqRel);
@@ -126,21 +139,6 @@ impl Drop for Helping {
             self.shared.sealed.lock().clear();
             self.shared.queued.store(0, Ordering::Release);
             core::hint::spin_loop();
-        }
-    }
-}
-
-impl Shared {
-    fn new(from: u32, to: u32) -> Self {
-        Shared {
-            cursor: AtomicU64::new(u64::from(from)),
-            end: u64::from(to),
-            sealed: Mutex::new(VecDeque::new()),
-            queued: AtomicUsize::new(0),
-            slow: Mutex::new(Vec::new()),
-            cancel: AtomicBool::new(false),
-            done: AtomicBool::new(false),
-            report: Mutex::new((None, 0, 0, 0)),
         }
     }
 }
@@ -262,17 +260,9 @@ impl Saver<'_, '_, '_> {
         self.slow(&slow)
     }
 
-    /// Pages no window could read (swapped or migrating): faulted into the
-    /// save's snapshot one by one, and put in the image through the writer.
+    /// Pages no window could read, through the writer (`put_unread`).
     fn slow(&mut self, pages: &[u32]) -> Result<(), PersistError> {
-        let mut buf = [0u8; PAGE_SIZE as usize];
-        let t0 = crate::arch::timer::now();
-        for &gpn in pages {
-            if read_page(&self.snap.mem, gpn, &mut buf)? {
-                self.w.page(self.dev, Gpn(gpn), &buf)?;
-            }
-        }
-        self.slow += crate::arch::timer::now().wrapping_sub(t0);
+        self.slow += put_unread(self.w, self.dev, &self.snap.mem, pages)?;
         Ok(())
     }
 }

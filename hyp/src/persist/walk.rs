@@ -78,7 +78,6 @@ pub(super) fn put_all(
         split.lz4_cached = true;
         w.set_compress(v.0);
     }
-    let mut buf = [0u8; PAGE];
     let mut g = 0;
     let parallel = |g: u32, split: &Split| {
         split.lz4_verdict.is_some() && ram_pages - g >= super::helper::PARALLEL_MIN
@@ -92,13 +91,7 @@ pub(super) fn put_all(
         if let Some(e) = win.failed {
             return Err(e.into());
         }
-        let t1 = now();
-        for &gpn in &win.slow {
-            if read_page(mem, gpn, &mut buf)? {
-                w.page(dev, Gpn(gpn), &buf)?;
-            }
-        }
-        slow += now().wrapping_sub(t1);
+        slow += put_unread(w, dev, mem, &win.slow)?;
         w.write_staged(dev)?;
         judge_lz4(w, split);
         g = next;
@@ -116,6 +109,25 @@ pub(super) fn put_all(
         - (before.zero + before.lz4 + before.checksum);
     split.copy = split.walk.saturating_sub(us(parts));
     Ok(())
+}
+
+/// Pages no window could read (swapped or migrating): faulted into the
+/// frozen VM one by one and put in the image through the writer; the timer
+/// ticks it took.
+pub(super) fn put_unread(
+    w: &mut Writer<'_>,
+    dev: &mut disk::Dev,
+    mem: &VmMemory,
+    pages: &[u32],
+) -> Result<u64, PersistError> {
+    let t0 = crate::arch::timer::now();
+    let mut buf = [0u8; PAGE];
+    for &gpn in pages {
+        if read_page(mem, gpn, &mut buf)? {
+            w.page(dev, Gpn(gpn), &buf)?;
+        }
+    }
+    Ok(crate::arch::timer::now().wrapping_sub(t0))
 }
 
 /// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`;
