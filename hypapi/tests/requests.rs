@@ -89,7 +89,15 @@ fn save_and_load_requests() {
             prefetch: true
         }
     );
+    assert_eq!(ok(r#"{"id":1,"cmd":"images"}"#).1, Command::Images);
+    let delete = Command::Delete { name: name("base") };
+    assert_eq!(ok(r#"{"id":1,"cmd":"delete","name":"base"}"#).1, delete);
+    let line = request_line(&3.into(), &delete).unwrap();
+    assert_eq!(ok(&line), (3.into(), delete));
     for bad in [
+        r#"{"id":1,"cmd":"delete"}"#,
+        r#"{"id":1,"cmd":"delete","name":"a b"}"#,
+        r#"{"id":1,"cmd":"images","name":"a"}"#,
         r#"{"id":1,"cmd":"load","name":"a b"}"#,
         r#"{"id":1,"cmd":"load","name":7}"#,
         r#"{"id":1,"cmd":"load","name":"a","prefetch":1}"#,
