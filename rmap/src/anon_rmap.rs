@@ -24,6 +24,15 @@ impl Rmap {
         Ok(pfn)
     }
 
+    /// Pins `pfn` for a reader outside the stage-2 lock it found the frame under (a save
+    /// reading a frozen snapshot's pages): migration, reclaim and merging leave a frame pinned
+    /// by others where it is (`Skip::Pinned`), and one that is unmapped meanwhile is not freed
+    /// before the pin's [`Rmap::put_frame`]. False if `pfn` is not a frame of the table or is
+    /// free; the caller holds a stage-2 lock under which `pfn` is mapped, so it is not.
+    pub fn pin_frame(&self, pfn: Pfn) -> bool {
+        self.frames.get(pfn).is_some_and(|f| f.try_pin())
+    }
+
     /// Drops a pin or mapping reference; the last one returns the frame to `alloc`.
     pub fn put_frame(&self, pfn: Pfn, alloc: &impl FrameAllocator) {
         if self.frames.frame(pfn).put() {

@@ -8,16 +8,11 @@
 //! (an atomic cursor: a CPU that never gets round to helping leaves all of
 //! them to the saving CPU). Each stages its chunks into its own `Lane`.
 //!
-//! Each CPU reads its own frozen snapshot: the helper forks one from the
-//! save's snapshot (a copy-on-write fork of a frozen VM shares every frame
-//! and copies nothing). The fork takes 1-20 ms (more once the guest's 2 MiB
-//! blocks have been split by copy-on-write, and while its walk takes turns
-//! with the saving CPU's windows on the save snapshot's stage-2 lock); the
-//! saving CPU walks meanwhile. Forked by the saving CPU before its walk it
-//! cost the save itself 1-16 ms, and the 113 MiB save was slower for it.
-//! A window's pages are staged under that snapshot's stage-2 lock, which
-//! keeps its frames in place against migration and reclaim; with one
-//! snapshot the two CPUs would take turns on one lock.
+//! Both CPUs read the save's one frozen snapshot: a window holds its
+//! stage-2 lock only to pin the window's frames (`walk`), and stages them
+//! after releasing it, so neither CPU waits for the other's copies. (The
+//! helper used to fork a snapshot of its own, to have a lock of its own:
+//! 1-20 ms before it could start, and a second snapshot to destroy.)
 //!
 //! Only the saving CPU touches the writer and the disk: the helper's sealed
 //! batches (and the pages it could not read, swapped or migrating) come to
@@ -28,7 +23,6 @@
 use super::save::Split;
 use super::walk::{put_unread, window, LaneOut, WINDOW};
 use super::{disk, PersistError};
-use crate::vm::fork::{fork, ForkKind};
 use crate::vm::sched::Background;
 use crate::vm::Vm;
 use alloc::collections::VecDeque;
@@ -65,7 +59,7 @@ pub(super) struct Shared {
     /// The helper let go of everything.
     done: AtomicBool,
     /// The helper's result: its first error, its pages, the timer ticks it
-    /// spent and those of its snapshot's fork.
+    /// spent, and those between the job's posting and a CPU taking it.
     report: Mutex<(Option<PersistError>, u64, u64, u64)>,
 }
 
@@ -91,12 +85,13 @@ impl Shared {
     }
 }
 
-/// The helper's job, waiting for a CPU: the save's snapshot to fork its own
-/// from, and a lane.
+/// The helper's job, waiting for a CPU: the save's snapshot, a lane, and
+/// when it was posted (timer ticks).
 struct Job {
-    src: Arc<Vm>,
+    snap: Arc<Vm>,
     shared: Arc<Shared>,
     lane: Lane,
+    posted: u64,
 }
 
 /// The job of the save in progress (saves are console commands: one at a
@@ -120,7 +115,7 @@ fn withdraw() -> Option<Job> {
 /// The saving CPU's side of one parallel walk. Dropped before the helper is
 /// done (an error), it stops the helper and waits until it let go of the
 /// save's snapshot, its own and its batches, so the save never returns with
-/// a helper still reading.
+/// a helper still reading (or pinning) the snapshot.
 struct Helping {
     shared: Arc<Shared>,
     finished: bool,
@@ -158,9 +153,10 @@ pub(super) fn parallel(
         finished: false,
     };
     *JOB.lock() = Some(Job {
-        src: snap.clone(),
+        snap: snap.clone(),
         shared: shared.clone(),
         lane: w.lane(),
+        posted: crate::arch::timer::now(),
     });
     WAITING.store(true, Ordering::Relaxed);
     crate::vm::sched::set_background(&WORK);
@@ -182,10 +178,10 @@ pub(super) fn parallel(
     me.append(&mut out.sealed)?;
     me.wait_helper(&shared)?;
     helping.finished = true;
-    let (err, pages, ticks, fork_ticks) = core::mem::take(&mut *shared.report.lock());
+    let (err, pages, ticks, start_ticks) = core::mem::take(&mut *shared.report.lock());
     let us = crate::arch::timer::ticks_to_us;
     (split.helper_pages, split.helper_us) = (pages, us(ticks));
-    split.helper_fork_us = us(fork_ticks);
+    split.helper_start_us = us(start_ticks);
     (split.walk, split.slow) = (split.walk + us(me.walk), split.slow + us(me.slow));
     split.lane = out.lane.costs();
     err.map_or(Ok(()), Err)
@@ -267,38 +263,36 @@ impl Saver<'_, '_, '_> {
     }
 }
 
-/// The helper: takes the job (one CPU), forks its own snapshot of the
-/// save's, and stages chunks until none is left or the save gives up.
+/// The helper: takes the job (one CPU) and stages chunks of the save's
+/// snapshot until none is left or the save gives up.
 fn step() {
-    let Some(Job { src, shared, lane }) = withdraw() else {
+    let Some(Job {
+        snap,
+        shared,
+        lane,
+        posted,
+    }) = withdraw()
+    else {
         return;
     };
     let t0 = crate::arch::timer::now();
     let mut pages = 0;
-    let forked = fork(&src, None, ForkKind::Snapshot);
-    let fork_ticks = crate::arch::timer::now().wrapping_sub(t0);
-    let err = match forked {
-        Ok(own) => {
-            drop(src);
-            let mut out = LaneOut {
-                lane,
-                sealed: Vec::new(),
-            };
-            let r = help(&own, &shared, &mut out, &mut pages);
-            super::reap::defer(own);
-            r.err()
-        }
-        // No helper after all: the saving CPU claims every chunk.
-        Err(_) => None,
+    let mut out = LaneOut {
+        lane,
+        sealed: Vec::new(),
     };
+    let err = help(&snap, &shared, &mut out, &mut pages).err();
+    // Let go of the snapshot before saying so: the save hands it to the
+    // reaper once the helper is done.
+    drop(snap);
     let ticks = crate::arch::timer::now().wrapping_sub(t0);
-    *shared.report.lock() = (err, pages, ticks, fork_ticks);
+    *shared.report.lock() = (err, pages, ticks, t0.wrapping_sub(posted));
     shared.done.store(true, Ordering::Release);
 }
 
-/// The helper's chunks, staged from its own snapshot `own` into `out`.
+/// The helper's chunks, staged from the save's snapshot into `out`.
 fn help(
-    own: &Arc<Vm>,
+    snap: &Vm,
     shared: &Shared,
     out: &mut LaneOut,
     pages: &mut u64,
@@ -309,7 +303,7 @@ fn help(
             if shared.cancel.load(Ordering::Acquire) {
                 break 'chunks;
             }
-            let (next, win) = window(&own.mem, g, (g + WINDOW).min(end), end, out);
+            let (next, win) = window(&snap.mem, g, (g + WINDOW).min(end), end, out);
             if let Some(e) = win.failed {
                 return Err(e.into());
             }

@@ -117,11 +117,12 @@ pub struct Split {
     /// CPU destroys it while this one finishes).
     pub teardown: u64,
     /// Pages the helper CPU staged (`helper`), and its time from taking the
-    /// job (its own snapshot's fork included) to letting go.
+    /// job to letting go.
     pub helper_pages: u64,
     pub helper_us: u64,
-    /// Of `helper_us`: forking the helper's own snapshot.
-    pub helper_fork_us: u64,
+    /// From posting the helper's job to a CPU taking it (a CPU busy with
+    /// other background work, such as an earlier save's teardown, is late).
+    pub helper_start_us: u64,
     /// The costs of this CPU's lane in a parallel walk (timer ticks; in
     /// `zero`, `lz4` and `checksum` once the save is done).
     pub lane: snapfile::Costs,

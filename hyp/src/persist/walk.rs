@@ -1,8 +1,9 @@
 //! A full image's pages: the frozen snapshot's stage 2 walked leaf by leaf
-//! in windows (absent ranges skipped by the table walk), each mapped frame
-//! staged in place (zero check, checksum and the one copy) under one hold
-//! of the snapshot's stage-2 lock per window, and the full batches queued to
-//! the device with the lock released, while the next window is walked.
+//! in windows (absent ranges skipped by the table walk). Each window's
+//! mapped frames are pinned under the snapshot's stage-2 lock, then staged
+//! in place with the lock released (zero check, checksum and the one copy),
+//! and the full batches queued to the device while the next window is
+//! walked.
 //!
 //! The first pages go through the writer itself while LZ4 is on trial
 //! (`lz4judge`); the rest is split between this CPU and another one
@@ -11,11 +12,13 @@
 use super::lz4judge::{judge_lz4, lz4_verdict_cached, window_cap};
 use super::save::{read_page, Split};
 use super::{disk, PersistError};
+use crate::mm::glue::{rmap, HypFrames};
 use crate::mm::{frames::PAGE_SIZE, VmMemory};
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use rmap::{Ipa, PageState, Stage2, Stage2Locked};
+use arrayvec::ArrayVec;
+use rmap::{Ipa, PageState, Pfn, Stage2, Stage2Locked};
 use snapfile::{Gpn, Lane, Sealed, Writer};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -148,35 +151,65 @@ pub(super) fn window<S: Stager>(
     (next, win)
 }
 
-/// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`,
-/// under one hold of its stage-2 lock.
+/// A window's mapped frames, pinned under the snapshot's stage-2 lock
+/// (`Rmap::pin_frame`) so they can be read after it is released: migration,
+/// reclaim and merging leave a pinned frame in place, and one unmapped
+/// meanwhile is not freed before its pin goes. Unpinned when dropped, on
+/// every path.
+#[derive(Default)]
+struct Pinned(ArrayVec<(u32, Pfn), { WINDOW as usize }>);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for &(_, pfn) in &self.0 {
+            rmap().put_frame(pfn, &HypFrames);
+        }
+    }
+}
+
+/// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`.
+/// The stage-2 lock is held only to pin the window's frames: the zero
+/// checks, checksums and copies are done after it, so the saving CPU and its
+/// helper read one snapshot without waiting for each other's copies.
 fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window {
     let mut win = Window::default();
+    let mut pinned = Pinned::default();
     let base = Ipa::new(mem.ram.base);
     let ipa = |g: u32| base + u64::from(g) * PAGE_SIZE;
-    let mut s2 = mem.lock();
     // A read-only walk: the visitor returns no replacement.
-    s2.update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
-        let first = ((at.raw() - base.raw()) / PAGE_SIZE) as u32;
-        for i in 0..pages {
-            let gpn = first + i as u32;
-            match entry.page(i) {
-                PageState::Mapped { pfn, .. } if win.failed.is_none() => {
-                    // SAFETY: as in `read_page`: the entry, held by the
-                    // stage-2 lock we hold, keeps the frame in place, and
-                    // nothing writes a frozen VM's pages. Identity mapped.
-                    let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
-                    win.failed = s.stage_page(Gpn(gpn), src).err();
-                    win.staged += 1;
+    mem.lock()
+        .update_leaves(ipa(from), ipa(end), &mut |at, pages, entry| {
+            let first = ((at.raw() - base.raw()) / PAGE_SIZE) as u32;
+            for i in 0..pages {
+                let gpn = first + i as u32;
+                match entry.page(i) {
+                    // Mapped under the lock we hold: allocated, so the pin
+                    // takes. A window has at most WINDOW pages (the slow
+                    // path would read any other one).
+                    PageState::Mapped { pfn, .. }
+                        if !pinned.0.is_full() && rmap().pin_frame(pfn) =>
+                    {
+                        pinned.0.push((gpn, pfn));
+                    }
+                    // Absent and the shared zero page: both read as zeroes.
+                    PageState::Invalid | PageState::ZeroPage => {}
+                    _ => win.slow.push(gpn),
                 }
-                PageState::Mapped { .. } => {}
-                // Absent and the shared zero page: both read as zeroes.
-                PageState::Invalid | PageState::ZeroPage => {}
-                PageState::Migrating { .. } | PageState::Swapped { .. } => win.slow.push(gpn),
             }
+            None
+        });
+    for &(gpn, pfn) in &pinned.0 {
+        // SAFETY: the frame is pinned (`Pinned`): it stays allocated, and in
+        // place, until the pin drops after this loop; nothing writes a frozen
+        // VM's pages (its sharers copy on write), and a frame migrated or
+        // unmapped meanwhile is only read by us. Identity mapped.
+        let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
+        if let Err(e) = s.stage_page(Gpn(gpn), src) {
+            win.failed = Some(e);
+            break;
         }
-        None
-    });
+        win.staged += 1;
+    }
     win
 }
 
