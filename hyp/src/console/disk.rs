@@ -140,14 +140,16 @@ fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result
 /// too) and a sequential read of it, in [`MAX_REQUEST`] requests, as a save
 /// would write. One pass is the raw half of a pair that `bench persist`
 /// interleaves with saves. Loses no data: the region is read first and
-/// written back at the end, whatever happened (so it needs twice `mib` of
-/// heap: the backup, and the bytes written).
+/// written back at the end, whatever happened.
 ///
-/// Each request is written from its own buffer, all of them filled before
-/// the timed writes: `mib` MiB of distinct bytes at rest in memory, as a
-/// VM's pages are when it is saved. (One 1 MiB buffer rewritten `mib` times
-/// is served from the host's CPU caches: on this host it measured up to
-/// twice the rate of the same bytes from distinct memory.)
+/// What a pass writes is that backup, each word XORed with a pattern naming
+/// its sector, pass and place (so a misplaced, stale or torn sector shows
+/// when it is read back), and XORed back after: `mib` MiB of distinct bytes
+/// at rest in memory, as a VM's pages are when it is saved, and no more
+/// heap than the backup. They are written as a save writes, [`blk::MAX_QUEUED`]
+/// requests in flight. (One 1 MiB buffer rewritten `mib` times, one request
+/// at a time, is served from the host's CPU caches: on this host it
+/// measured up to twice the rate of the same bytes from distinct memory.)
 fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdError> {
     let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
     check_range(disk, 0, sectors)?;
@@ -164,14 +166,20 @@ fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdErr
             .map_err(|_| CmdError::Bench("out of heap for the disk backup"))?;
         saved.push(piece);
     }
-    let result = run_passes(disk, sectors, passes);
+    let result = run_passes(disk, &mut saved, passes);
     // Put the data back even when a pass failed (it may have written).
     let restored = chunks(0, sectors, CHUNK_SECTORS)
         .zip(&saved)
         .try_for_each(|((at, _), piece)| disk.write(at, piece))
         .and_then(|()| disk.flush());
+    let lost = saved.iter().any(|p| p.len() != MAX_REQUEST);
     let (write, read) = result?;
     restored?;
+    if lost {
+        return Err(CmdError::Bench(
+            "the device refused a request holding part of the disk's backup: that part was not put back",
+        ));
+    }
     let (w, rd) = (median(&write), median(&read));
     crate::say!(
         r,
@@ -187,38 +195,84 @@ fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdErr
     Ok(())
 }
 
-/// MiB/s of each write pass and each read pass.
-fn run_passes(disk: &Disk, sectors: u64, passes: u32) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
-    let mut bufs = Vec::new();
-    for _ in chunks(0, sectors, CHUNK_SECTORS) {
-        bufs.try_reserve(1)
-            .map_err(|_| CmdError::Bench("out of heap for the bytes to write"))?;
-        bufs.push(buffer(MAX_REQUEST)?);
-    }
+/// MiB/s of each write pass and each read pass over the region `saved`
+/// was read from; `saved` is as it was when this returns, on every path.
+fn run_passes(
+    disk: &Disk,
+    saved: &mut [Vec<u8>],
+    passes: u32,
+) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
     let mut scratch = buffer(MAX_REQUEST)?;
     let (mut write, mut read) = (Vec::new(), Vec::new());
-    let bytes = sectors * SECTOR_SIZE as u64;
     for pass in 0..u64::from(passes) {
-        for ((at, _), buf) in chunks(0, sectors, CHUNK_SECTORS).zip(bufs.iter_mut()) {
-            stamp(buf, at, pass);
-        }
-        let t0 = timer::now();
-        for ((at, _), buf) in chunks(0, sectors, CHUNK_SECTORS).zip(&bufs) {
-            disk.write(at, buf)?;
-        }
-        disk.flush()?;
-        write.push(mibs(bytes, timer::now() - t0));
-        let mut ticks = 0;
-        for (at, _) in chunks(0, sectors, CHUNK_SECTORS) {
-            scratch.fill(0);
-            let t0 = timer::now();
-            disk.read(at, &mut scratch)?;
-            ticks += timer::now() - t0;
-            verify(&scratch, at, pass)?;
-        }
-        read.push(mibs(bytes, ticks));
+        stamp_all(saved, pass);
+        let rates = run_pass(disk, saved, &mut scratch);
+        stamp_all(saved, pass);
+        let (w, rd) = rates?;
+        write.push(w);
+        read.push(rd);
     }
     Ok((write, read))
+}
+
+/// One timed write pass of the pieces (then the flush) and one timed read
+/// pass that checks each piece came back; their MiB/s.
+fn run_pass(
+    disk: &Disk,
+    pieces: &mut [Vec<u8>],
+    scratch: &mut [u8],
+) -> Result<(u64, u64), CmdError> {
+    let bytes = (pieces.len() * MAX_REQUEST) as u64;
+    let write = mibs(bytes, write_pass(disk, pieces)?);
+    let lbas = chunks(0, pieces.len() as u64 * CHUNK_SECTORS, CHUNK_SECTORS);
+    let mut ticks = 0;
+    for ((at, _), piece) in lbas.zip(pieces.iter()) {
+        scratch.fill(0);
+        let t0 = timer::now();
+        disk.read(at, scratch)?;
+        ticks += timer::now() - t0;
+        if let Some(i) = (0..MAX_REQUEST / SECTOR_SIZE).find(|&i| {
+            let sector = i * SECTOR_SIZE..(i + 1) * SECTOR_SIZE;
+            scratch[sector.clone()] != piece[sector]
+        }) {
+            return Err(CmdError::DiskVerify { lba: at + i as u64 });
+        }
+    }
+    Ok((write, mibs(bytes, ticks)))
+}
+
+/// Writes each piece to its place as a save writes its page data: queued,
+/// up to [`blk::MAX_QUEUED`] in flight; then the flush. Its timer ticks. The
+/// pieces are back in their slots (matched by address) when this returns,
+/// but for one whose request the device refused, which is left empty.
+fn write_pass(disk: &Disk, pieces: &mut [Vec<u8>]) -> Result<u64, CmdError> {
+    let addrs: Vec<usize> = pieces.iter().map(|p| p.as_ptr() as usize).collect();
+    let mut back = Vec::new();
+    back.try_reserve_exact(pieces.len())
+        .map_err(|_| CmdError::Bench("out of heap for the disk bench"))?;
+    let t0 = timer::now();
+    let mut result = Ok(());
+    let lbas = chunks(0, pieces.len() as u64 * CHUNK_SECTORS, CHUNK_SECTORS);
+    for ((at, _), piece) in lbas.zip(pieces.iter_mut()) {
+        match disk.write_queued(at, core::mem::take(piece)) {
+            Ok(done) => back.extend(done),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let (rest, waited) = disk.wait_returning();
+    back.extend(rest);
+    let result = result.and(waited).and_then(|()| disk.flush());
+    let ticks = timer::now() - t0;
+    for buf in back {
+        if let Some(i) = addrs.iter().position(|&a| a == buf.as_ptr() as usize) {
+            pieces[i] = buf;
+        }
+    }
+    result?;
+    Ok(ticks)
 }
 
 /// The bench pattern of a request at `lba` in `pass`: every `u64` names its
@@ -227,25 +281,18 @@ fn bench_word(lba: u64, pass: u64, k: usize) -> u64 {
     (lba << 16) ^ (pass << 8) ^ k as u64 ^ 0x5a5a_0000_0000_0000
 }
 
-fn stamp(buf: &mut [u8], lba: u64, pass: u64) {
-    for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-        for (k, word) in sector.chunks_exact_mut(8).enumerate() {
-            word.copy_from_slice(&bench_word(lba + i as u64, pass, k).to_le_bytes());
-        }
-    }
-}
-
-fn verify(buf: &[u8], lba: u64, pass: u64) -> Result<(), CmdError> {
-    for (i, sector) in buf.chunks_exact(SECTOR_SIZE).enumerate() {
-        for (k, word) in sector.chunks_exact(8).enumerate() {
-            if word != bench_word(lba + i as u64, pass, k).to_le_bytes() {
-                return Err(CmdError::DiskVerify {
-                    lba: lba + i as u64,
-                });
+/// XORs pass `pass`'s pattern into each piece (a second call undoes it).
+fn stamp_all(pieces: &mut [Vec<u8>], pass: u64) {
+    let lbas = chunks(0, pieces.len() as u64 * CHUNK_SECTORS, CHUNK_SECTORS);
+    for ((lba, _), buf) in lbas.zip(pieces.iter_mut()) {
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            for (k, word) in sector.chunks_exact_mut(8).enumerate() {
+                let w = u64::from_le_bytes((&*word).try_into().unwrap_or_default());
+                let x = w ^ bench_word(lba + i as u64, pass, k);
+                word.copy_from_slice(&x.to_le_bytes());
             }
         }
     }
-    Ok(())
 }
 
 /// MiB/s for `bytes` in `ticks`.

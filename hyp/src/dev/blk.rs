@@ -269,14 +269,19 @@ impl Disk {
     /// Waits for every queued write; the first error of any of them since
     /// the last `write_queued` or `wait`.
     pub fn wait(&self) -> Result<(), DiskError> {
+        self.wait_returning().1
+    }
+
+    /// [`Disk::wait`], giving back the buffers of the writes it completed
+    /// (a caller that queued buffers it must keep: `bench disk`'s backup).
+    pub fn wait_returning(&self) -> (ArrayVec<Vec<u8>, MAX_QUEUED>, Result<(), DiskError>) {
         let (done, result) = {
             let mut d = self.dev.lock();
             d.settle();
             let failed = d.failed.take().map_or(Ok(()), Err);
             (core::mem::take(&mut d.done), failed)
         };
-        drop(done);
-        result
+        (done.into_iter().map(|q| q.buf).collect(), result)
     }
 
     /// Makes every completed write durable (a no-op on a device without
