@@ -34,6 +34,7 @@ mod error;
 mod header;
 mod image;
 mod lane;
+mod order;
 #[allow(unsafe_code)]
 mod pagesum;
 mod spec;

@@ -376,28 +376,23 @@ impl Writer<'_> {
         if self.failed {
             return Err(Error::WriterFailed);
         }
-        self.recs.sort_unstable_by_key(|r| r.gpn);
-        if let Some(w) = self.recs.windows(2).find(|w| w[0].gpn == w[1].gpn) {
-            return Err(Error::DuplicatePage { page: w[0].gpn.0 });
-        }
-        let mut index = alloc::vec![0u8; self.recs.len() * INDEX_LEN];
-        for (r, b) in self.recs.iter().zip(index.chunks_exact_mut(INDEX_LEN)) {
-            r.encode(b);
-        }
+        let at = self.buf.len();
+        let ram_pages = self.header.shape.ram_pages;
+        crate::order::append_index(&mut self.recs, ram_pages, &mut self.buf)?;
+        let index = Span {
+            off: self.header.data.off + self.sum.data_bytes + self.pad,
+            len: (self.buf.len() - at) as u64,
+            sum: checksum(&self.buf[at..]),
+        };
         let h = &mut self.header;
         h.data.len = self.sum.data_bytes + self.pad;
-        h.index = Span {
-            off: h.data.off + h.data.len,
-            len: index.len() as u64,
-            sum: checksum(&index),
-        };
+        h.index = index;
         h.touch = Span {
             off: h.index.off + h.index.len,
             len: self.touch.len() as u64,
             sum: checksum(&self.touch),
         };
         let touch = core::mem::take(&mut self.touch);
-        self.buf.extend_from_slice(&index);
         self.buf.extend_from_slice(&touch);
         self.buf.resize(self.buf.len().div_ceil(SECTOR) * SECTOR, 0);
         self.write_out(dev, self.buf.len())?;
