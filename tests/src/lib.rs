@@ -366,6 +366,31 @@ impl Machine {
         }
     }
 
+    /// Where the next `expect` starts looking: a mark for [`Machine::expect_since`].
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    /// Waits until `needle` appears anywhere after byte `from` of the
+    /// transcript, leaving the cursor where it is: for a line another CPU
+    /// prints, which may come before or after the reply an `expect` moved
+    /// past.
+    pub fn expect_since(&mut self, from: usize, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .transcript()
+            .get(from..)
+            .is_some_and(|t| t.contains(needle))
+        {
+            if Instant::now() > deadline {
+                self.fail(&format!(
+                    "timed out after {timeout:?} waiting for {needle:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `expect` that reports a timeout or an exit instead of failing the test.
     pub fn try_expect(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
