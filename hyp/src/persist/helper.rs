@@ -36,10 +36,10 @@ use spin::Mutex;
 /// is one atomic add; the smaller the chunk, the less the saving CPU waits
 /// for the helper's last one).
 const CHUNK: u64 = 512;
-/// Fewest pages left after the trial worth a helper: it forks a snapshot of
-/// its own first (a VM id, and a fork's walk of the stage 2), which pays for
-/// itself only on a large VM (64 MiB and more; the test guest's 32 MiB stays
-/// on one CPU).
+/// Fewest pages left after the trial worth a helper: a large VM (64 MiB and
+/// more; the test guest's 32 MiB stays on one CPU). Set when the helper
+/// forked a snapshot of its own first; not measured again since it reads the
+/// save's.
 pub(super) const PARALLEL_MIN: u32 = 16384;
 /// Sealed batches the helper may have waiting for the saving CPU.
 const MAX_QUEUED: usize = 4;
