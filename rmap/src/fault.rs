@@ -205,14 +205,21 @@ impl Rmap {
                 self.cow_copy(region, s2, alloc, ipa, pfn, true)
             } else if self.frames.mapcount(pfn) == 1 && frame.refcount() == 2 {
                 // Sole owner (one mapping, a block's included, plus our pin): reuse.
-                self.move_anon_rmap(&guard, region);
                 let new = PageState::Mapped {
                     pfn,
                     writable: true,
                 };
                 // Checked under the lock, so only a table that cannot grow
                 // (a block to split) fails here: out of memory.
-                cas_outcome(table.compare_exchange(ipa, old, new))
+                let installed = table.compare_exchange(ipa, old, new);
+                // Re-homed only once the write is allowed, still under the
+                // frame lock (walkers take it first): a block that could not
+                // be split keeps its frames in one anon_vma, which a whole
+                // block migration checks.
+                if installed.is_ok() {
+                    self.move_anon_rmap(&guard, region);
+                }
+                cas_outcome(installed)
             } else {
                 drop(table);
                 self.cow_copy(region, s2, alloc, ipa, pfn, false)

@@ -444,3 +444,28 @@ fn block_migration_races_faults_forks_and_destroys() {
     w.check().unwrap();
     assert_eq!(w.machine.allocated(), 0);
 }
+
+/// Found by `tests/model.rs` (CI, 4 December 2026): with no table page to spare, a write by
+/// a block's sole mapper (its parent destroyed) re-homed the written page's frame to the
+/// writer's anon_vma before it found the block could not be split. The write failed, but the
+/// folio's frames were left in two anon_vmas, and its whole migration refused (Busy) for
+/// good. Now the failed write changes nothing, and the block moves whole.
+#[test]
+fn a_write_that_cannot_split_the_block_leaves_the_folio_whole() {
+    let w = world(2048);
+    let (vms, head) = forked_block(&w, 1);
+    w.destroy(&vms[0]);
+    let child = &vms[1];
+    w.hw().set_table_budget(Some(0));
+    let wrote = child.write(&w.rmap, &w.machine, page_ipa(RAM, 0), 7);
+    assert_eq!(wrote, Err(Error::OutOfFrames));
+    let frames = w.rmap.frames();
+    let slot = frames.frame(head).anon_slot();
+    assert!(head
+        .run(FOLIO_PAGES)
+        .all(|p| frames.frame(p).anon_slot() == slot));
+    w.hw().set_table_budget(None);
+    let new = w.rmap.migrate_folio(&w.vms, &w.machine, head).unwrap();
+    check_moved(&w, &vms[1..], new);
+    w.check().unwrap();
+}
