@@ -109,6 +109,13 @@ impl Store {
         [self.copies[0].is_some(), self.copies[1].is_some()]
     }
 
+    /// The first sector after the superblock and both TOC copies: what [`Store::open`]
+    /// reads lies below it, and no image does (a cache of an open store is stale only once
+    /// something writes there).
+    pub fn metadata_end(&self) -> u64 {
+        self.sb.data_start()
+    }
+
     /// The device size the store uses, in sectors.
     pub fn device_sectors(&self) -> u64 {
         self.sb.device_sectors
@@ -177,15 +184,20 @@ impl Store {
         self.commit(dev, toc)
     }
 
-    /// Makes `toc` current: the copy not holding the newest valid generation is written and
-    /// flushed, then the other is written as its mirror, with no flush of its own: the next
-    /// flush makes it durable (the next save's image flush, or `delete`'s first one). At
-    /// every instant one copy decodes to the old or the new table, so a crash loses at most
-    /// this commit; one flush per commit, not two.
+    /// Makes `toc` current: the copy not known to hold the newest generation is written
+    /// and flushed, then the other is written as its mirror, queued and not waited for
+    /// (the writer's next request completes it, the next flush makes it durable). At every
+    /// instant one copy decodes to the old or the new table, so a crash loses at most this
+    /// commit; one flush per commit, and the commit returns once the table is durable.
+    ///
+    /// The mirror's slot is not known valid until the store is opened again: its write may
+    /// still be in flight, or fail later. So the next commit on this `Store` overwrites
+    /// that slot first and leaves the flushed one alone until the new table is durable.
     ///
     /// The caller has flushed since its last write (the writer's image flush, `delete`'s):
-    /// the copy this commit does not overwrite first, possibly the previous commit's
-    /// unflushed mirror, is then durable, and survives a crash during the first write.
+    /// on a store just opened, both copies may decode, one of them possibly an earlier
+    /// commit's unflushed mirror; that flush makes the copy this commit does not overwrite
+    /// first durable, so it survives a crash during the first write.
     pub(crate) fn commit<D: BlockDevice>(
         &mut self,
         dev: &mut D,
@@ -203,13 +215,15 @@ impl Store {
         dev.write(self.sb.toc_lba(first), &buf)?;
         dev.flush()?;
         self.copies[first] = Some(toc.generation);
-        // The new table is durable: it is current even if the mirror write fails.
-        let generation = toc.generation;
+        // The new table is durable: it is current whatever becomes of the mirror.
         self.toc = toc;
         let mirror = 1 - first;
         self.copies[mirror] = None;
-        dev.write(self.sb.toc_lba(mirror), &buf)?;
-        self.copies[mirror] = Some(generation);
+        let lba = self.sb.toc_lba(mirror);
+        match buf.len() <= crate::BATCH {
+            true => drop(dev.write_queued(lba, buf)?),
+            false => dev.write(lba, &buf)?,
+        }
         Ok(())
     }
 }

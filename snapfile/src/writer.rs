@@ -398,11 +398,12 @@ impl Writer<'_> {
         self.write_out(dev, self.buf.len())?;
         let header = self.header.encode();
         let t0 = self.now();
-        // Every queued batch is on the device (and its error known) before the header and
-        // the flush that makes the image durable.
+        // The header is queued behind the last batch: until the TOC names the image, a
+        // crash leaves free sectors whatever landed. Every queued write is on the device
+        // (and its error known) before the flush that makes the image durable.
+        drop(dev.write_queued(self.entry.start, header.to_vec())?);
         dev.wait()?;
         let t1 = self.now();
-        dev.write(self.entry.start, &header)?;
         dev.flush()?;
         self.entry.sectors = self.buf_lba - self.entry.start;
         self.entry.header_sum = get_u64(&header, SECTOR - 8);

@@ -132,7 +132,7 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
 }
 
 /// Writes every block of the disk file once (zeros, then `fsync`), as a real
-/// disk has them all: the raw bench rewrites the first 64 MiB while a save
+/// disk has them all: the raw bench rewrites the last 64 MiB while a save
 /// writes further on. In a sparse file only the save would allocate blocks as
 /// it goes, and in a file preallocated with `fallocate` only the save would
 /// convert unwritten extents and fill new page-cache pages on the host (its

@@ -35,6 +35,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 use platform::Board;
 use spin::{Mutex, Once};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
@@ -135,6 +136,12 @@ pub struct Disk {
     /// (which happen only in `VirtIOBlk::new`, before the lock exists): a
     /// queued write's memory is allocated before it and freed after it.
     dev: Mutex<Inner>,
+    /// Write calls so far that start below `watched` (each `write` and
+    /// `write_queued`), so a cache of those sectors can tell whether anything
+    /// wrote them since.
+    writes: AtomicU64,
+    /// The end of the sectors a cache holds (all of them until told).
+    watched: AtomicU64,
     capacity: u64,
     readonly: bool,
     /// Where its registers are (for messages).
@@ -156,6 +163,8 @@ pub fn init(board: &Board) {
             let disk = DISK.call_once(|| Disk {
                 capacity: dev.capacity(),
                 readonly: dev.readonly(),
+                writes: AtomicU64::new(0),
+                watched: AtomicU64::new(u64::MAX),
                 dev: Mutex::new(Inner {
                     blk: dev,
                     queued: ArrayVec::new(),
@@ -190,6 +199,28 @@ impl Disk {
         self.readonly
     }
 
+    /// Write calls so far ([`Disk::write`], [`Disk::write_queued`]) that
+    /// start below the watched end ([`Disk::watch_below`]), counted before
+    /// the request is made: a cache of those sectors that saw the same count
+    /// when it was filled and when it is used knows nobody wrote them since.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// Counts only writes starting below `end` from now on (the sectors a
+    /// cache holds; a write that starts below `end` counts whatever its
+    /// length, and one starting above cannot reach below).
+    pub fn watch_below(&self, end: u64) {
+        self.watched.store(end, Ordering::Release);
+    }
+
+    /// Counts a write at `lba` if it starts in the watched sectors.
+    fn count_write(&self, lba: u64) {
+        if lba < self.watched.load(Ordering::Acquire) {
+            self.writes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// Physical address of the device's registers.
     pub fn base(&self) -> u64 {
         self.base
@@ -216,6 +247,7 @@ impl Disk {
             return Err(DiskError::ReadOnly);
         }
         self.check(lba, buf.len())?;
+        self.count_write(lba);
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
             let at = chunk_lba(lba, i);
             let mut d = self.dev.lock();
@@ -237,9 +269,11 @@ impl Disk {
         }
         self.check(lba, buf.len())?;
         if buf.is_empty() || buf.len() > MAX_REQUEST {
+            // Counted by `write`.
             self.write(lba, &buf)?;
             return Ok(Some(buf));
         }
+        self.count_write(lba);
         // Allocated before the lock and freed after it: the lock is a leaf.
         let q = Queued {
             token: 0,

@@ -2,17 +2,24 @@
 //! `BlockDevice`, and the store opened for each command (formatted first if
 //! the disk holds none).
 //!
-//! The store is opened afresh by every save and load (its superblock and two
-//! table-of-contents copies: a few sectors): nothing is cached that a `disk
-//! fill` could make stale, and a TOC damaged since the last command is
-//! found by the next. Commands run one at a time (the console's CPU 0);
-//! faults and the prefetcher only read page data of committed images,
-//! which nothing overwrites while they are in the TOC.
+//! The store (its superblock and TOC) is read from the disk by the first
+//! command that needs it, and kept in memory after each command that
+//! succeeds: a save does not wait for three synchronous reads before it
+//! pauses the VM. The cache is dropped whenever anything has written the
+//! superblock's or TOC's sectors since (the disk counts the writes that start
+//! below the store's first image sector: a `disk fill` or `bench disk` over
+//! them), and after a command that failed, so a TOC damaged from the console
+//! is found by the next command, as before. Image sectors are not cached:
+//! every load reads its image's header and index. Commands run one at a time (the console's
+//! CPU 0); faults and the prefetcher only read page data of committed
+//! images, which nothing overwrites while they are in the TOC.
 
 use super::PersistError;
 use crate::dev::blk::{self, Disk, DiskError};
+use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicU64, Ordering};
 use snapfile::{BlockDevice, DevError, Error, Section, Store};
+use spin::Mutex;
 
 /// Snapshots a store formatted here has room for.
 pub const MAX_SNAPSHOTS: u32 = 256;
@@ -69,14 +76,57 @@ pub fn dev() -> Result<Dev, PersistError> {
 /// Stores formatted by this boot (the next format's `store_id` differs).
 static FORMATS: AtomicU64 = AtomicU64::new(0);
 
-/// Opens the store. A disk whose first sector is not a superblock (a new
-/// disk file) is formatted first if `format` (saves) and writable; a
-/// superblock of another version is refused (`UnsupportedVersion`), never
-/// formatted over.
-pub fn open(format: bool) -> Result<(Store, Dev), PersistError> {
+/// The store as the last successful command left it, and the disk's write
+/// count then. Lock level: a leaf, held only to take or put the store.
+static CACHED: Mutex<Option<(Store, u64)>> = Mutex::new(None);
+
+/// The store, opened for one command. [`Opened::keep`] hands it to the next
+/// command once this one has succeeded; dropped without it, the next reads
+/// the disk again.
+pub struct Opened(Option<Store>);
+
+impl Opened {
+    /// The command succeeded: the store in memory is what the disk holds.
+    pub fn keep(mut self, dev: &Dev) {
+        if let Some(s) = self.0.take() {
+            dev.0.watch_below(s.metadata_end());
+            *CACHED.lock() = Some((s, dev.0.writes()));
+        }
+    }
+}
+
+impl Deref for Opened {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        self.0
+            .as_ref()
+            .expect("taken only by keep, which consumes it")
+    }
+}
+
+impl DerefMut for Opened {
+    fn deref_mut(&mut self) -> &mut Store {
+        self.0
+            .as_mut()
+            .expect("taken only by keep, which consumes it")
+    }
+}
+
+/// Opens the store: the one the last command kept, if nothing has written
+/// the disk since, else read from the disk. A disk whose first sector is not
+/// a superblock (a new disk file) is formatted first if `format` (saves) and
+/// writable; a superblock of another version is refused
+/// (`UnsupportedVersion`), never formatted over.
+pub fn open(format: bool) -> Result<(Opened, Dev), PersistError> {
     let mut d = dev()?;
+    let cached = CACHED.lock().take();
+    if let Some((s, seen)) = cached {
+        if seen == d.0.writes() {
+            return Ok((Opened(Some(s)), d));
+        }
+    }
     match Store::open(&mut d) {
-        Ok(s) => Ok((s, d)),
+        Ok(s) => Ok((Opened(Some(s)), d)),
         Err(Error::BadMagic(Section::Superblock)) if format && !d.0.readonly() => {
             // The boot counter and the formats of this boot: a stale TOC copy
             // of an earlier store on the same disk never matches.
@@ -86,7 +136,7 @@ pub fn open(format: bool) -> Result<(Store, Dev), PersistError> {
                 d.sectors() >> 11
             );
             let s = Store::format(&mut d, id, MAX_SNAPSHOTS)?;
-            Ok((s, d))
+            Ok((Opened(Some(s)), d))
         }
         Err(e) => Err(e.into()),
     }

@@ -27,7 +27,7 @@ pub struct ImageInfo {
 
 /// The store's snapshots in creation order, and its free bytes.
 pub fn list() -> Result<(Vec<ImageInfo>, u64), PersistError> {
-    let (store, _) = disk::open(false)?;
+    let (store, dev) = disk::open(false)?;
     let mut out: Vec<ImageInfo> = store
         .list()
         .iter()
@@ -40,7 +40,9 @@ pub fn list() -> Result<(Vec<ImageInfo>, u64), PersistError> {
         })
         .collect();
     out.sort_unstable_by_key(|i| i.seq);
-    Ok((out, store.free_sectors() * SECTOR as u64))
+    let free = store.free_sectors() * SECTOR as u64;
+    store.keep(&dev);
+    Ok((out, free))
 }
 
 /// Deletes `name` from the store; the bytes it freed.
@@ -54,6 +56,7 @@ pub fn delete(name: &str) -> Result<u64, PersistError> {
         return Err(PersistError::InUse { vm });
     }
     store.delete(&mut dev, name)?;
+    store.keep(&dev);
     Ok(bytes)
 }
 

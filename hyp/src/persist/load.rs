@@ -191,6 +191,7 @@ pub fn load(name: &str, prefetch: bool) -> Result<LoadReport, PersistError> {
     let (store, mut dev) = disk::open(false)?;
     let seq = store.entry(name)?.seq;
     let image = store.image(&mut dev, name)?;
+    store.keep(&dev);
     let opened = crate::arch::timer::now();
     let (h, _) = state::header(image.state())?;
     check_shape(&h, &image)?;

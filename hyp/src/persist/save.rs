@@ -169,6 +169,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         parent.map(|p| p.0),
         dirty.as_deref(),
     )?;
+    store.keep(&dev);
     if !vm.is_frozen() {
         note_saved(vm, name, sum.seq);
     }
