@@ -211,14 +211,18 @@ pub enum Command {
         /// The pattern's seed (any `u64`).
         seed: u64,
     },
-    /// `bench disk [MiB] [passes]`: raw sequential write and read throughput
-    /// of the disk over its first MiB (the data there is put back).
+    /// `bench disk [MiB] [passes] [at <lba>]`: raw sequential write and read
+    /// throughput of the disk over MiBs from `lba`, or its last MiBs (the
+    /// data there is put back).
     BenchDisk {
         /// MiB written and read, 1..=1024 (64 when not typed).
         mib: u64,
         /// Write-and-read passes, 1..=15 (5 when not typed): one pass is the
         /// raw half of a pair interleaved with a save (`bench persist`).
         passes: u32,
+        /// The first sector (`at <lba>`): `bench persist` writes where its
+        /// saves land. None: the disk's last MiBs.
+        at: Option<u64>,
     },
     // Independent VMs and trust groups (issue 16).
     /// `create linux|test [--mem MiB] [--vcpus N] [--cmdline ARGS...]`: boot a

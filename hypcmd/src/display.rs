@@ -66,7 +66,13 @@ impl fmt::Display for Command {
             Disk => f.write_str("disk"),
             DiskSum { lba, sectors } => write!(f, "disk sum {lba} {sectors}"),
             DiskFill { lba, sectors, seed } => write!(f, "disk fill {lba} {sectors} {seed}"),
-            BenchDisk { mib, passes } => write!(f, "bench disk {mib} {passes}"),
+            BenchDisk { mib, passes, at } => {
+                write!(f, "bench disk {mib} {passes}")?;
+                match at {
+                    Some(lba) => write!(f, " at {lba}"),
+                    None => Ok(()),
+                }
+            }
             Create(c) => write!(f, "{c}"),
             MergeGroup { vm, group } => write!(f, "merge group {vm} {group}"),
             Merge => f.write_str("merge"),

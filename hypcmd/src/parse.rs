@@ -18,7 +18,7 @@ type Result<T> = core::result::Result<T, ParseError>;
 
 const BATCH: RangeInclusive<u64> = 1..=4096;
 const BENCH_USAGE: &str =
-    "bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes]";
+    "bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes] [at <lba>]";
 const BENCH_FORK_USAGE: &str = "bench fork <MiB> [forks (1..=1000): only fork]";
 const SLEEP_USAGE: &str = "sleep <ms> (1..=60000; delays the next script command)";
 
@@ -242,7 +242,12 @@ fn bench(args: &mut Args) -> Result<Command> {
         Some("disk") => {
             let mib = args.opt_num("MiB", 1..=1024)?.unwrap_or(64);
             let passes = args.opt_num("passes", 1..=15)?.unwrap_or(5) as u32; // in range: fits
-            Ok(Command::BenchDisk { mib, passes })
+            let at = match args.0.next() {
+                None => None,
+                Some("at") => Some(args.num("LBA", 0..=u64::MAX)?),
+                Some(_) => return Err(ParseError::Usage(BENCH_USAGE)),
+            };
+            Ok(Command::BenchDisk { mib, passes, at })
         }
         _ => Err(ParseError::Usage(BENCH_USAGE)),
     }

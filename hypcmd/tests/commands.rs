@@ -332,7 +332,7 @@ fn benches() {
     let fork_usage = "usage: bench fork <MiB> [forks (1..=1000): only fork]";
     assert_eq!(err("bench fork"), fork_usage);
     assert_eq!(err("bench fork 4097"), fork_usage);
-    let usage = "usage: bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes]";
+    let usage = "usage: bench fork <MiB> [forks] | bench migrate <mappers> <pages> <batch> [blocks] | bench reclaim <pages> <batch> | bench merge <pages> | bench disk [MiB] [passes] [at <lba>]";
     assert_eq!(err("bench"), usage);
     assert_eq!(err("bench frob"), usage);
     assert_eq!(err("bench migrate 201 1 1"), "bad mappers '201' (1..=200)");
@@ -367,18 +367,17 @@ fn disk_commands() {
             seed: 7
         }
     );
-    assert_eq!(ok("bench disk"), Command::BenchDisk { mib: 64, passes: 5 });
+    let bench = |mib, passes, at| Command::BenchDisk { mib, passes, at };
+    assert_eq!(ok("bench disk"), bench(64, 5, None));
+    assert_eq!(ok("bench disk 256"), bench(256, 5, None));
+    assert_eq!(ok("bench disk 54 1"), bench(54, 1, None));
+    assert_eq!(ok("bench disk 54 1 at 131"), bench(54, 1, Some(131)));
+    assert_eq!(err("bench disk 54 1 at"), "missing LBA");
     assert_eq!(
-        ok("bench disk 256"),
-        Command::BenchDisk {
-            mib: 256,
-            passes: 5
-        }
+        err("bench disk 54 1 at x"),
+        "bad LBA 'x' (0..=18446744073709551615)"
     );
-    assert_eq!(
-        ok("bench disk 54 1"),
-        Command::BenchDisk { mib: 54, passes: 1 }
-    );
+    assert!(err("bench disk 54 1 x 3").starts_with("usage: bench fork"));
 }
 
 #[test]

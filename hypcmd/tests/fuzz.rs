@@ -147,7 +147,8 @@ fn command() -> impl Strategy<Value = Command> {
             (any::<u64>(), 1u64..=1 << 21).prop_map(|(lba, sectors)| DiskSum { lba, sectors }),
             (any::<u64>(), 1u64..=1 << 21, any::<u64>())
                 .prop_map(|(lba, sectors, seed)| DiskFill { lba, sectors, seed }),
-            (1u64..=1024, 1u32..=15).prop_map(|(mib, passes)| BenchDisk { mib, passes }),
+            (1u64..=1024, 1u32..=15, proptest::option::of(any::<u64>()))
+                .prop_map(|(mib, passes, at)| BenchDisk { mib, passes, at }),
         ],
         create().prop_map(Create),
         (vm(), 1u32..=MAX_GROUP).prop_map(|(vm, group)| MergeGroup { vm, group }),

@@ -4,7 +4,7 @@
 //! Machine 1 boots Linux (256 MiB, 2 vCPUs) with a fresh disk (preallocated), idles,
 //! runs `bench disk 64` (the raw write and read rate of the same device), then
 //! [`PAIRS`] interleaved pairs of a save of the idle VM and a raw write of
-//! the same number of bytes (`bench disk <MiB> 1`, the order alternating, each
+//! the same number of bytes to the same sectors (`bench disk <MiB> 1 at <lba>`, the order alternating, each
 //! save deleted but the last, `idle`), and again after writing 64 MiB of
 //! random data to tmpfs (the last kept as `big`). The verdict is the median
 //! of the pairs' ratios (save's image bytes per second over the raw write's),
@@ -174,24 +174,28 @@ fn save_run(cfg: &MachineConfig, hyp_elf: &Path) -> Result<Vec<String>, String> 
 /// Pairs of a save and a raw write of the same bytes.
 const PAIRS: usize = 5;
 
-/// [`PAIRS`] interleaved pairs of `save 1 <name>-k` and `bench disk <MiB> 1`
-/// of the image's size (rounded up to a MiB), alternating which goes first
+/// [`PAIRS`] interleaved pairs of `save 1 <name>-k` and `bench disk <MiB> 1
+/// at <lba>` of the image's size (rounded up to a MiB) at its first sector,
+/// alternating which goes first
 /// (the first pair saves first: the size is not known before); every save
 /// but the last is deleted again, so each lands where the first did. The
 /// last is kept as `name`. Each pair's lines, then the medians.
 fn pairs(m: &mut Machine, name: &str, out: &mut Vec<String>) -> Result<(), String> {
     let (mut ratios, mut save_ms, mut raw) = (Vec::new(), Vec::new(), Vec::new());
-    let mut mib = 0;
+    let (mut mib, mut at) = (0, 0);
     for k in 1..=PAIRS {
         let n = match k == PAIRS {
             true => name.to_string(),
             false => format!("{name}-{k}"),
         };
         let raw_first = k % 2 == 0;
-        let raw_line =
-            |m: &mut Machine, mib: u64| hyp(m, &format!("bench disk {mib} 1"), "bench disk:");
+        // The raw pass writes the sectors the saves write (each lands
+        // where the first did).
+        let raw_line = |m: &mut Machine, mib: u64, at: u64| {
+            hyp(m, &format!("bench disk {mib} 1 at {at}"), "bench disk:")
+        };
         let early = match raw_first {
-            true => Some(raw_line(m, mib)?),
+            true => Some(raw_line(m, mib, at)?),
             false => None,
         };
         let saved = hyp(m, &format!("save 1 {n}"), &format!("vm 1 saved as '{n}'"))?;
@@ -203,9 +207,13 @@ fn pairs(m: &mut Machine, name: &str, out: &mut Vec<String>) -> Result<(), Strin
         std::thread::sleep(Duration::from_millis(300));
         let kib = number_before(&saved, " KiB image").ok_or(format!("no image size: {saved}"))?;
         mib = kib.div_ceil(1024);
+        at = detail
+            .iter()
+            .find_map(|l| qemu_tests::number_after(l, "image at sectors "))
+            .ok_or(format!("no image extent after: {saved}"))?;
         let disk = match early {
             Some(l) => l,
-            None => raw_line(m, mib)?,
+            None => raw_line(m, mib, at)?,
         };
         if k < PAIRS {
             hyp(m, &format!("delete {n}"), &format!("deleted '{n}'"))?;
@@ -248,11 +256,12 @@ fn number_before(line: &str, key: &str) -> Option<u64> {
     head[head.len() - digits..].parse().ok()
 }
 
-/// The save's guest-RAM rate, where its time went and LZ4's verdict (a
+/// The save's guest-RAM rate, where its time went, LZ4's verdict and where
+/// the image lies (a
 /// hypervisor from before these lines, run for comparison with
 /// `PERSIST_BENCH_HYP`, prints none: each is skipped after 10 s).
 fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
-    for needle in ["  guest RAM", "  LZ4 "] {
+    for needle in ["  guest RAM", "  LZ4 ", " pages in its touch order; "] {
         if m.try_expect(needle, Duration::from_secs(10)).is_ok() {
             if let Ok(rest) = m.try_expect("\n", T) {
                 out.push(format!("{needle}{}", rest.trim_end()));

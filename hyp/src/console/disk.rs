@@ -26,7 +26,7 @@ pub fn run(cmd: Command, r: &mut Reply) -> Result<(), CmdError> {
         Command::Disk => info(disk, r),
         Command::DiskSum { lba, sectors } => return sum(disk, lba, sectors, r),
         Command::DiskFill { lba, sectors, seed } => return fill(disk, lba, sectors, seed, r),
-        Command::BenchDisk { mib, passes } => return bench(disk, mib, passes, r),
+        Command::BenchDisk { mib, passes, at } => return bench(disk, mib, passes, at, r),
         other => return Err(CmdError::NotHere(other)),
     }
     Ok(())
@@ -135,8 +135,9 @@ fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result
     Ok(())
 }
 
-/// `bench disk <mib> [passes]`: `passes` (default 5) passes of a
-/// sequential write of the last `mib` MiB of the disk ([`region`]; then a flush: a save flushes
+/// `bench disk <mib> [passes] [at <lba>]`: `passes` (default 5) passes of a
+/// sequential write of `mib` MiB from `lba`, or of the disk's last `mib` MiB
+/// ([`region`]; then a flush: a save flushes
 /// too) and a sequential read of it, in [`MAX_REQUEST`] requests, as a save
 /// would write. One pass is the raw half of a pair that `bench persist`
 /// interleaves with saves. Loses no data: the region is read first and
@@ -150,9 +151,15 @@ fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result
 /// requests in flight. (One 1 MiB buffer rewritten `mib` times, one request
 /// at a time, is served from the host's CPU caches: on this host it
 /// measured up to twice the rate of the same bytes from distinct memory.)
-fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdError> {
+fn bench(
+    disk: &Disk,
+    mib: u64,
+    passes: u32,
+    at: Option<u64>,
+    r: &mut Reply,
+) -> Result<(), CmdError> {
     let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
-    let base = region(disk, sectors)?;
+    let base = region(disk, sectors, at)?;
     if disk.readonly() {
         return Err(CmdError::Disk(blk::DiskError::ReadOnly));
     }
@@ -166,7 +173,7 @@ fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdErr
             .map_err(|_| CmdError::Bench("out of heap for the disk backup"))?;
         saved.push(piece);
     }
-    let result = run_passes(disk, &mut saved, passes);
+    let result = run_passes(disk, base, &mut saved, passes);
     // Put the data back even when a pass failed (it may have written).
     let restored = chunks(base, sectors, CHUNK_SECTORS)
         .zip(&saved)
@@ -199,6 +206,7 @@ fn bench(disk: &Disk, mib: u64, passes: u32, r: &mut Reply) -> Result<(), CmdErr
 /// was read from; `saved` is as it was when this returns, on every path.
 fn run_passes(
     disk: &Disk,
+    base: u64,
     saved: &mut [Vec<u8>],
     passes: u32,
 ) -> Result<(Vec<u64>, Vec<u64>), CmdError> {
@@ -206,7 +214,7 @@ fn run_passes(
     let (mut write, mut read) = (Vec::new(), Vec::new());
     for pass in 0..u64::from(passes) {
         stamp_all(saved, pass);
-        let rates = run_pass(disk, saved, &mut scratch);
+        let rates = run_pass(disk, base, saved, &mut scratch);
         stamp_all(saved, pass);
         let (w, rd) = rates?;
         write.push(w);
@@ -219,13 +227,13 @@ fn run_passes(
 /// pass that checks each piece came back; their MiB/s.
 fn run_pass(
     disk: &Disk,
+    base: u64,
     pieces: &mut [Vec<u8>],
     scratch: &mut [u8],
 ) -> Result<(u64, u64), CmdError> {
     let bytes = (pieces.len() * MAX_REQUEST) as u64;
-    let write = mibs(bytes, write_pass(disk, pieces)?);
-    let sectors = pieces.len() as u64 * CHUNK_SECTORS;
-    let lbas = chunks(region(disk, sectors)?, sectors, CHUNK_SECTORS);
+    let write = mibs(bytes, write_pass(disk, base, pieces)?);
+    let lbas = chunks(base, pieces.len() as u64 * CHUNK_SECTORS, CHUNK_SECTORS);
     let mut ticks = 0;
     for ((at, _), piece) in lbas.zip(pieces.iter()) {
         scratch.fill(0);
@@ -246,13 +254,12 @@ fn run_pass(
 /// up to [`blk::MAX_QUEUED`] in flight; then the flush. Its timer ticks. The
 /// pieces are back in their slots (matched by address) when this returns,
 /// but for one whose request the device refused, which is left empty.
-fn write_pass(disk: &Disk, pieces: &mut [Vec<u8>]) -> Result<u64, CmdError> {
+fn write_pass(disk: &Disk, base: u64, pieces: &mut [Vec<u8>]) -> Result<u64, CmdError> {
     let addrs: Vec<usize> = pieces.iter().map(|p| p.as_ptr() as usize).collect();
     let mut back = Vec::new();
     back.try_reserve_exact(pieces.len())
         .map_err(|_| CmdError::Bench("out of heap for the disk bench"))?;
-    let sectors = pieces.len() as u64 * CHUNK_SECTORS;
-    let lbas = chunks(region(disk, sectors)?, sectors, CHUNK_SECTORS);
+    let lbas = chunks(base, pieces.len() as u64 * CHUNK_SECTORS, CHUNK_SECTORS);
     let t0 = timer::now();
     let mut result = Ok(());
     for ((at, _), piece) in lbas.zip(pieces.iter_mut()) {
@@ -277,14 +284,14 @@ fn write_pass(disk: &Disk, pieces: &mut [Vec<u8>]) -> Result<u64, CmdError> {
     Ok(ticks)
 }
 
-/// Where `bench disk` writes `sectors`: the end of the disk, 4 KiB aligned.
-/// Not the start, where the snapshot store keeps its superblock and TOC: a
-/// pass over them would make the next save read them again (`persist::disk`
-/// caches them while nothing writes there). The bench disk file is written
-/// through once before a bench (`cargo xtask bench persist`), so the host
-/// holds the end as it holds the sectors a save writes.
-fn region(disk: &Disk, sectors: u64) -> Result<u64, CmdError> {
-    let base = disk.capacity_sectors().saturating_sub(sectors) & !7;
+/// Where `bench disk` writes `sectors`: from `at`, or else the end of the
+/// disk, 4 KiB aligned. Not the start, where the snapshot store keeps its
+/// superblock and TOC: a pass over them would make the next save read them
+/// again (`persist::disk` caches them while nothing writes there).
+/// `bench persist` passes `at`, the sector its saves' images start at, so
+/// the raw half of each pair writes the very sectors the save wrote.
+fn region(disk: &Disk, sectors: u64, at: Option<u64>) -> Result<u64, CmdError> {
+    let base = at.unwrap_or(disk.capacity_sectors().saturating_sub(sectors) & !7);
     check_range(disk, base, sectors)?;
     Ok(base)
 }
