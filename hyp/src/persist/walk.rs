@@ -42,6 +42,9 @@ pub(super) struct Window {
 /// Where a window's pages are staged: the writer itself, or a lane.
 pub(super) trait Stager {
     fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error>;
+    /// The timer ticks a window's staging took (a stager that does not time
+    /// each page itself records them).
+    fn staged_for(&mut self, _ticks: u64) {}
 }
 
 impl Stager for Writer<'_> {
@@ -61,6 +64,10 @@ impl Stager for LaneOut {
         let full = self.lane.stage(gpn, data)?;
         self.sealed.extend(full);
         Ok(())
+    }
+
+    fn staged_for(&mut self, ticks: u64) {
+        self.lane.note_staging(ticks);
     }
 }
 
@@ -198,6 +205,7 @@ fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window 
             }
             None
         });
+    let t0 = crate::arch::timer::now();
     for &(gpn, pfn) in &pinned.0 {
         // SAFETY: the frame is pinned (`Pinned`): it stays allocated, and in
         // place, until the pin drops after this loop; nothing writes a frozen
@@ -210,6 +218,7 @@ fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window 
         }
         win.staged += 1;
     }
+    s.staged_for(crate::arch::timer::now().wrapping_sub(t0));
     win
 }
 
