@@ -188,7 +188,14 @@ fn requests_round_trip_and_console_commands_have_none() {
     assert_eq!(ok(&line), (9.into(), cmd));
     assert_eq!(request_line(&1.into(), &Command::Wait { secs: 1 }), None);
     assert_eq!(
-        request_line(&1.into(), &Command::BenchDisk { mib: 1, passes: 1 }),
+        request_line(
+            &1.into(),
+            &Command::BenchDisk {
+                mib: 1,
+                passes: 1,
+                at: None,
+            }
+        ),
         None
     );
 }
