@@ -245,7 +245,12 @@ fn bench(args: &mut Args) -> Result<Command> {
             let at = match args.0.next() {
                 None => None,
                 Some("at") => Some(args.num("LBA", 0..=u64::MAX)?),
-                Some(_) => return Err(ParseError::Usage(BENCH_USAGE)),
+                Some(arg) => {
+                    return Err(ParseError::Extra {
+                        cmd: "bench",
+                        arg: String::from(arg),
+                    })
+                }
             };
             Ok(Command::BenchDisk { mib, passes, at })
         }

@@ -377,7 +377,14 @@ fn disk_commands() {
         err("bench disk 54 1 at x"),
         "bad LBA 'x' (0..=18446744073709551615)"
     );
-    assert!(err("bench disk 54 1 x 3").starts_with("usage: bench fork"));
+    assert_eq!(
+        err("bench disk 54 1 x 3"),
+        "unexpected argument 'x' to `bench` (see `help`)"
+    );
+    assert_eq!(
+        err("bench disk 54 1 at 8 9"),
+        "unexpected argument '9' to `bench` (see `help`)"
+    );
 }
 
 #[test]
