@@ -451,7 +451,7 @@ pub const HELP: &str = "commands:
   disk              the hypervisor's disk: capacity, sector size, read-only
   disk sum <lba> <sectors>              FNV-1a 64 checksum of sectors read from the disk
   disk fill <lba> <sectors> <seed>      write a seeded test pattern over sectors (and flush)
-  bench disk [MiB] [passes]  raw sequential write and read throughput of the disk (its data is kept)
+  bench disk [MiB] [passes] [at <lba>]  raw write and read throughput of the disk's last MiBs, or from lba (its data is kept)
   save <vm> <name> [--diff <parent>]    write a VM or snapshot to the disk (a diff: pages dirtied since parent)
   load <name> [--no-prefetch]           a new VM from a saved snapshot, its memory read lazily from the disk
   images            the snapshots saved on the disk, and its free space
