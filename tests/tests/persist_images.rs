@@ -3,7 +3,8 @@
 //! diff's parent, an image a loaded VM still reads pages from) until it no
 //! longer does. A diff against a name deleted and saved again by another VM
 //! is refused: the VM's dirty log is not relative to that image. A save's
-//! own snapshot is destroyed after it, by an idle CPU.
+//! own snapshot is destroyed after it, by an idle CPU. The store kept in
+//! memory between commands is read again after a write over its sectors.
 //!
 //! A Linux save (split between two CPUs) that runs out of disk half way is
 //! refused, and leaves the guest running and no snapshot behind.
@@ -100,6 +101,18 @@ fn images_are_deleted_only_when_nothing_needs_them() {
         "error: the image of that name on the disk is not the one this VM's dirty log is relative to",
     );
     command(&mut m, "images", "1 snapshots; ");
+    // The store's superblock and TOC stay in memory between commands, but
+    // not past a write over them: a bench over them puts them back, a fill
+    // damages them, and the next command reads the disk and finds it.
+    command(
+        &mut m,
+        "bench disk 1 1 at 18446744073709551615",
+        "error: sectors 18446744073709551615..",
+    );
+    command(&mut m, "bench disk 1 1 at 0", "bench disk: 1 MiB");
+    command(&mut m, "images", "1 snapshots; ");
+    command(&mut m, "disk fill 0 1 7", "written and flushed");
+    command(&mut m, "images", "error: snapshot store: ");
     // vm 1 ran on through all of it.
     let beats = m.transcript().matches("heartbeat").count();
     command(&mut m, "sleep 1000", "hyp>");

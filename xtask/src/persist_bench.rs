@@ -132,8 +132,8 @@ pub fn bench(hyp_elf: &Path) -> Result<(), String> {
 }
 
 /// Writes every block of the disk file once (zeros, then `fsync`), as a real
-/// disk has them all: the raw bench rewrites the last 64 MiB while a save
-/// writes further on. In a sparse file only the save would allocate blocks as
+/// disk has them all: `bench disk 64` rewrites the disk's last 64 MiB, and
+/// the pairs' raw passes the saves' own sectors. In a sparse file only the save would allocate blocks as
 /// it goes, and in a file preallocated with `fallocate` only the save would
 /// convert unwritten extents and fill new page-cache pages on the host (its
 /// second image, past the raw bench's 64 MiB, waited 230-275 ms for the device

@@ -10,9 +10,9 @@
 //! below the store's first image sector: a `disk fill` or `bench disk` over
 //! them), and after a command that failed, so a TOC damaged from the console
 //! is found by the next command, as before. Image sectors are not cached:
-//! every load reads its image's header and index. Commands run one at a time (the console's
-//! CPU 0); faults and the prefetcher only read page data of committed
-//! images, which nothing overwrites while they are in the TOC.
+//! every load reads its image's header and index. Commands run one at a
+//! time (the console's CPU 0); faults and the prefetcher only read page data
+//! of committed images, which nothing overwrites while they are in the TOC.
 
 use super::PersistError;
 use crate::dev::blk::{self, Disk, DiskError};
@@ -83,32 +83,26 @@ static CACHED: Mutex<Option<(Store, u64)>> = Mutex::new(None);
 /// The store, opened for one command. [`Opened::keep`] hands it to the next
 /// command once this one has succeeded; dropped without it, the next reads
 /// the disk again.
-pub struct Opened(Option<Store>);
+pub struct Opened(Store);
 
 impl Opened {
     /// The command succeeded: the store in memory is what the disk holds.
-    pub fn keep(mut self, dev: &Dev) {
-        if let Some(s) = self.0.take() {
-            dev.0.watch_below(s.metadata_end());
-            *CACHED.lock() = Some((s, dev.0.writes()));
-        }
+    pub fn keep(self, dev: &Dev) {
+        dev.0.watch_below(self.0.metadata_end());
+        *CACHED.lock() = Some((self.0, dev.0.writes()));
     }
 }
 
 impl Deref for Opened {
     type Target = Store;
     fn deref(&self) -> &Store {
-        self.0
-            .as_ref()
-            .expect("taken only by keep, which consumes it")
+        &self.0
     }
 }
 
 impl DerefMut for Opened {
     fn deref_mut(&mut self) -> &mut Store {
-        self.0
-            .as_mut()
-            .expect("taken only by keep, which consumes it")
+        &mut self.0
     }
 }
 
@@ -122,11 +116,11 @@ pub fn open(format: bool) -> Result<(Opened, Dev), PersistError> {
     let cached = CACHED.lock().take();
     if let Some((s, seen)) = cached {
         if seen == d.0.writes() {
-            return Ok((Opened(Some(s)), d));
+            return Ok((Opened(s), d));
         }
     }
     match Store::open(&mut d) {
-        Ok(s) => Ok((Opened(Some(s)), d)),
+        Ok(s) => Ok((Opened(s), d)),
         Err(Error::BadMagic(Section::Superblock)) if format && !d.0.readonly() => {
             // The boot counter and the formats of this boot: a stale TOC copy
             // of an earlier store on the same disk never matches.
@@ -136,7 +130,7 @@ pub fn open(format: bool) -> Result<(Opened, Dev), PersistError> {
                 d.sectors() >> 11
             );
             let s = Store::format(&mut d, id, MAX_SNAPSHOTS)?;
-            Ok((Opened(Some(s)), d))
+            Ok((Opened(s), d))
         }
         Err(e) => Err(e.into()),
     }
