@@ -104,9 +104,13 @@ fn stat(s: Stat) -> u64 {
 
 /// Gives the physical CPU to other vCPUs for a moment (WFI traps to the
 /// hypervisor, which reschedules).
+/// Lets another vCPU run while this one polls memory: WFE, the primitive
+/// for waiting on memory (the hypervisor traps it and yields when another
+/// vCPU is ready). Not WFI: that waits for an interrupt, and the hypervisor
+/// keeps a vCPU in WFI asleep until one is deliverable or its timer is due.
 fn yield_cpu() {
-    // SAFETY: WFI only waits; under the hypervisor it traps and returns.
-    unsafe { asm!("wfi", options(nomem, nostack)) };
+    // SAFETY: WFE only waits (at most until the next event or trap).
+    unsafe { asm!("wfe", options(nomem, nostack)) };
 }
 
 pub fn tree(plat: &Platform) -> Result<(), Reason> {

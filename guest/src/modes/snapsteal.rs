@@ -55,8 +55,10 @@ fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<(), Reason> {
         if deadline.passed() {
             return Err(reason!("timed out waiting for {what}"));
         }
-        // SAFETY: WFI only waits; under the hypervisor it traps and returns.
-        unsafe { asm!("wfi", options(nomem, nostack)) };
+        // SAFETY: WFE only waits (at most until the next event or trap); it
+        // lets another vCPU run while this one polls memory (a WFI would
+        // sleep until an interrupt).
+        unsafe { asm!("wfe", options(nomem, nostack)) };
     }
     Ok(())
 }

@@ -136,6 +136,22 @@ pub fn set_private_active(intid: u32, active: bool) {
 }
 
 /// Sends SGI `sgi` to the CPU with affinity `mpidr`.
+/// Sends [`SGI_KICK`] to every other online CPU: each leaves its guest (or
+/// its WFI) and looks at the run queue again.
+pub fn kick_others() {
+    let board = crate::arch::el2::board();
+    let me = crate::arch::percpu::cpu_index();
+    for (i, &mpidr) in board.cpus.iter().enumerate() {
+        if i != me
+            && crate::arch::percpu::get(i)
+                .online
+                .load(core::sync::atomic::Ordering::Acquire)
+        {
+            send_sgi(SGI_KICK, mpidr);
+        }
+    }
+}
+
 pub fn send_sgi(sgi: u32, mpidr: u64) {
     let aff1 = (mpidr >> 8) & 0xff;
     let aff2 = (mpidr >> 16) & 0xff;

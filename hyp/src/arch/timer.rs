@@ -20,6 +20,17 @@ pub fn arm_slice() {
     write_sysreg!("cnthp_ctl_el2", 1);
 }
 
+/// Makes this CPU's EL2 timer fire by counter value `deadline` (a sleeping
+/// vCPU's timer, `vm::sched`): brought forward if it is armed for later,
+/// left alone otherwise. Its interrupt is handled as a slice's end, which
+/// arms the next slice.
+pub fn fire_by(deadline: u64) {
+    if deadline < read_sysreg!("cnthp_cval_el2") {
+        write_sysreg!("cnthp_cval_el2", deadline);
+        write_sysreg!("cnthp_ctl_el2", 1);
+    }
+}
+
 pub fn ms_to_ticks(ms: u64) -> u64 {
     frequency() * ms / 1000
 }

@@ -8,7 +8,9 @@
 //!
 //! A WFI blocks the physical CPU with the vCPU still loaded until its own
 //! timer fires (`firing`), a kick from another CPU or at most the next
-//! scheduling tick (`vm::exit`'s WFx handler, which owns that policy).
+//! scheduling tick (`vm::exit`'s WFx handler, which owns that policy). A
+//! vCPU that sleeps in the run queue instead (another one wants the CPU) is
+//! woken at its timer's `deadline` by `vm::sched`.
 
 use crate::arch::{read_sysreg, write_sysreg};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +69,18 @@ impl VTimer {
 /// another vCPU (or none) runs here.
 pub fn put() {
     write_sysreg!("cntv_ctl_el0", 0);
+}
+
+/// The physical counter value at which the loaded vCPU's timer fires, if it
+/// is enabled and unmasked: its compare value in virtual time plus the VM's
+/// offset (virtual = physical - CNTVOFF_EL2). `None` also for a compare
+/// value beyond the counter's range, which never fires.
+pub fn deadline() -> Option<u64> {
+    let ctl = read_sysreg!("cntv_ctl_el0");
+    if ctl & (CTL_ENABLE | CTL_IMASK) != CTL_ENABLE {
+        return None;
+    }
+    read_sysreg!("cntv_cval_el0").checked_add(read_sysreg!("cntvoff_el2"))
 }
 
 /// Whether the loaded vCPU's timer condition is met and unmasked.

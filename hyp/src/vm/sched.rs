@@ -1,7 +1,15 @@
 //! The scheduler: one global run queue of vCPUs shared by all physical CPUs,
 //! round-robin with time slices from the EL2 timer. More vCPUs than CPUs is
 //! the normal case once VMs fork. The run-queue lock is a scheduling lock: it
-//! never encloses a memory-manager lock.
+//! never encloses a memory-manager lock (nor the vGIC's: whether a sleeping
+//! vCPU may run is read from atomics).
+//!
+//! A vCPU that gave up its CPU in a WFI sleeps in the queue (`Vcpu::wake_at`,
+//! `vm::exit`'s WFx handler): it is passed over until its timer's deadline
+//! or until an interrupt may be deliverable to it (the vGIC's dirty hint,
+//! whose setting kicks the other CPUs). A CPU about to wait arms its EL2
+//! timer for the earliest such deadline (`idle_wfi`), and one entering a
+//! guest does too, so a sleeper's timer is not late by a whole slice.
 
 use crate::arch::{wfi, ExitKind};
 use crate::vm::exit::Action;
@@ -152,22 +160,55 @@ pub fn park_queued(vm: &crate::vm::Vm) {
     }
 }
 
-fn dequeue() -> Option<Box<Vcpu>> {
-    RUNQ.lock().pop_front()
+/// Whether queued `v` may run at counter value `now`: it is not asleep, or
+/// its timer's deadline has come, or an interrupt may be deliverable to it,
+/// or its VM left `Running` (`Vm::settle` then parks or drops it).
+fn ready(v: &Vcpu, now: u64) -> bool {
+    v.wake_at.is_none_or(|t| {
+        t <= now || v.vm.vgic.needs_flush(v.index) || v.vm.state() != crate::vm::VmState::Running
+    })
 }
 
+/// The first queued vCPU ready to run, awake.
+fn dequeue() -> Option<Box<Vcpu>> {
+    let now = crate::arch::timer::now();
+    let mut v = {
+        let mut q = RUNQ.lock();
+        let i = q.iter().position(|v| ready(v, now))?;
+        q.remove(i)?
+    };
+    if v.wake_at.take().is_some() {
+        v.vm.vgic.wake(v.index);
+    }
+    Some(v)
+}
+
+/// Whether no queued vCPU is ready to run (sleeping ones may be queued).
 pub fn queue_empty() -> bool {
-    RUNQ.lock().is_empty()
+    let now = crate::arch::timer::now();
+    !RUNQ.lock().iter().any(|v| ready(v, now))
+}
+
+/// Brings this CPU's EL2 timer forward to the earliest deadline of a vCPU
+/// sleeping in the queue, so that CPU looks again when it is due.
+fn arm_for_sleepers() {
+    let next = RUNQ.lock().iter().filter_map(|v| v.wake_at).min();
+    if let Some(t) = next {
+        crate::arch::timer::fire_by(t);
+    }
+}
+
+/// Waits for an interrupt with nothing to run: until a kick, the slice's
+/// end, or the first sleeping vCPU's deadline.
+pub fn idle_wfi() {
+    arm_for_sleepers();
+    wfi();
 }
 
 /// Makes every other online CPU leave its guest (or its WFI) and look again.
 pub fn kick_all() {
-    let Some(board) = BOARD.get() else { return };
-    let me = crate::arch::percpu::cpu_index();
-    for (i, &mpidr) in board.cpus.iter().enumerate() {
-        if i != me && crate::arch::percpu::get(i).online.load(Ordering::Acquire) {
-            crate::arch::gic::send_sgi(crate::arch::gic::SGI_KICK, mpidr);
-        }
+    if BOARD.get().is_some() {
+        crate::arch::gic::kick_others();
     }
 }
 
@@ -221,7 +262,7 @@ pub fn cpu_loop() -> ! {
             Some(vcpu) => run(vcpu),
             // Nothing to run: more background work, or wait.
             None if background_ready() => {}
-            None => wfi(),
+            None => idle_wfi(),
         }
     }
 }
@@ -248,6 +289,7 @@ fn run(vcpu: Box<Vcpu>) {
         return;
     };
     vcpu.load();
+    arm_for_sleepers();
     loop {
         if vm.state() != crate::vm::VmState::Running || vcpu.power != Power::On {
             break;
@@ -261,14 +303,17 @@ fn run(vcpu: Box<Vcpu>) {
             .exits
             .fetch_add(1, Ordering::Relaxed);
         let action = match kind {
-            ExitKind::Irq | ExitKind::Fiq => {
-                // A slice ended: let a waiting vCPU or background work in.
-                if handle_host_irqs(Some(&vcpu)) && (!queue_empty() || background_ready()) {
-                    Action::Yield
-                } else {
+            ExitKind::Irq | ExitKind::Fiq => match handle_host_irqs(Some(&vcpu)) {
+                // A slice ended: let a ready vCPU or background work in.
+                true if !queue_empty() || background_ready() => Action::Yield,
+                // The timer now marks the next slice's end: the next
+                // sleeper's deadline may come sooner.
+                true => {
+                    arm_for_sleepers();
                     Action::Continue
                 }
-            }
+                false => Action::Continue,
+            },
             _ => crate::vm::exit::handle(&mut vcpu, kind),
         };
         match action {

@@ -91,6 +91,10 @@ pub struct Vcpu {
     pub fp: FpRegs,
     pub el1: El1Regs,
     pub power: Power,
+    /// Asleep in the run queue after a WFI (`vm::sched`): runnable again at
+    /// this physical counter value (its timer's deadline), or once an
+    /// interrupt may be deliverable to it. `None`: runnable.
+    pub wake_at: Option<u64>,
 }
 
 impl Vcpu {
@@ -106,6 +110,7 @@ impl Vcpu {
             fp: FpRegs::default(),
             el1,
             power: Power::Off,
+            wake_at: None,
         }
     }
 
@@ -118,6 +123,9 @@ impl Vcpu {
             fp: self.fp.clone(),
             el1: self.el1.clone(),
             power: self.power,
+            // A copy starts runnable: its first WFI decides again (a WFI
+            // may end spuriously).
+            wake_at: None,
         }
     }
 

@@ -85,9 +85,11 @@ fn live_vms() -> u64 {
     psci::hvc(HVC_STATS, Stat::LiveVms as u64, 0, 0) as u64
 }
 
+/// Lets another vCPU run while this one polls memory: WFE (see
+/// `modes::fork`'s `yield_cpu`: a WFI would sleep until an interrupt).
 fn yield_cpu() {
-    // SAFETY: WFI only waits; under the hypervisor it traps and returns.
-    unsafe { core::arch::asm!("wfi", options(nomem, nostack)) };
+    // SAFETY: WFE only waits (at most until the next event or trap).
+    unsafe { core::arch::asm!("wfe", options(nomem, nostack)) };
 }
 
 /// A hypercall with x0..x3 as given; returns x0 and x1.

@@ -61,6 +61,29 @@ impl Vgic {
             .is_some_and(|f| f.load(Ordering::Acquire) & F_DIRTY != 0)
     }
 
+    /// vCPU `me` (loaded, in a WFI with nothing to take) is about to sleep
+    /// in the run queue until an interrupt may be deliverable to it: from
+    /// now on whatever may make one deliverable wakes the other CPUs
+    /// (`touch`). False, and it must not sleep, if something already may
+    /// have (`needs_flush` then holds, the run queue's test for waking it).
+    pub fn sleep(&self, me: usize) -> bool {
+        let Some(f) = self.flags.get(me) else {
+            return false;
+        };
+        if f.fetch_or(F_ASLEEP, Ordering::AcqRel) & F_DIRTY == 0 {
+            return true;
+        }
+        f.fetch_and(!F_ASLEEP, Ordering::AcqRel);
+        false
+    }
+
+    /// vCPU `me` was taken off the run queue to run: it sleeps no more.
+    pub fn wake(&self, me: usize) {
+        if let Some(f) = self.flags.get(me) {
+            f.fetch_and(!F_ASLEEP, Ordering::AcqRel);
+        }
+    }
+
     /// Installs vCPU `me`'s CPU interface on this physical CPU (vcpu load).
     pub fn load(&self, me: usize) {
         let mut st = self.state.lock();

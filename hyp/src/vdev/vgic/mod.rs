@@ -168,6 +168,11 @@ struct CpuIf {
 const F_DIRTY: u8 = 1 << 0;
 /// Some list register of the vCPU holds an interrupt.
 const F_LRS: u8 = 1 << 1;
+/// The vCPU sleeps in the run queue (its WFI, `vm::sched`): whatever sets
+/// `F_DIRTY` for it wakes the other CPUs to look. Both bits live in one
+/// atomic, so of a `touch` and a `sleep` racing, the later one sees the
+/// earlier one's bit: no wake-up is lost.
+const F_ASLEEP: u8 = 1 << 2;
 
 impl CpuIf {
     fn new() -> CpuIf {
@@ -221,10 +226,13 @@ impl State {
         }
     }
 
-    /// Makes `flush` look at vCPU `cpu`'s interrupts again.
+    /// Makes `flush` look at vCPU `cpu`'s interrupts again, and wakes the
+    /// other CPUs if it sleeps in the run queue (one of them takes it).
     fn touch(&self, cpu: usize) {
         if let Some(f) = self.flags.get(cpu) {
-            f.fetch_or(F_DIRTY, Ordering::Release);
+            if f.fetch_or(F_DIRTY, Ordering::AcqRel) & F_ASLEEP != 0 {
+                crate::arch::gic::kick_others();
+            }
         }
     }
 
