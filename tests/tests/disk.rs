@@ -137,13 +137,20 @@ fn bench_disk_reports_throughput_and_leaves_the_file_as_it_was() {
     let mut m = machine(
         "disk-bench",
         &path,
-        "bench disk 32; disk sum 32768 65536; bench disk 64; quit",
+        "bench disk 32; disk; disk sum 32768 65536; bench disk 64; quit",
     );
     m.expect("bench disk: 32 MiB in 1024 KiB requests: ", REPLY);
     let line = m.expect("\n", REPLY);
     let (write, read) = bench_numbers(&line);
     assert!(write > 0 && read > 0, "{line}");
     println!("bench disk: 32 MiB in 1024 KiB requests: {line}");
+    // The bench waited for queued writes asleep, woken by the device's
+    // interrupt (routed to the waiting CPU): not only by the 1 ms poll.
+    m.expect("waits for the device: ", REPLY);
+    let waits = m.expect(" by the poll", REPLY);
+    let woken = qemu_tests::number_after(&waits, "").unwrap_or(0);
+    println!("waits for the device: {waits}");
+    assert!(woken > 0, "no wait ended by the disk's interrupt: {waits}");
     // The hypervisor reads back the original bytes right after the bench,
     // which wrote the disk's last 32 MiB (sectors 32768..98304).
     m.expect(&sum_line(32768, 65536, sum_of(&data, 32768, 65536)), REPLY);

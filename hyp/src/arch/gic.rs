@@ -16,6 +16,9 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 /// SGI used to make another CPU leave its guest and look at its queue.
 pub const SGI_KICK: u32 = 0;
 const PRIORITY: u32 = 0x80;
+/// The priority of the interrupts that may end a wait for a device
+/// ([`urgent_only`]): higher (a lower value) than the rest.
+const URGENT: u32 = 0x60;
 const ICC_CTLR_EOIMODE: u64 = 1 << 1;
 const GICR_ISACTIVER0: u64 = 0x300;
 const GICR_ICACTIVER0: u64 = 0x380;
@@ -78,10 +81,13 @@ pub fn init_cpu(board: &Board) {
         | (1 << VTIMER_INTID)
         | (1 << MAINTENANCE_INTID);
     sgi.igroupr0.set(0xffff_ffff);
-    for (i, reg) in sgi.ipriorityr.iter().enumerate() {
-        let p = PRIORITY | PRIORITY << 8 | PRIORITY << 16 | PRIORITY << 24;
-        let _ = i;
-        reg.set(p);
+    for reg in sgi.ipriorityr.iter() {
+        reg.set(PRIORITY | PRIORITY << 8 | PRIORITY << 16 | PRIORITY << 24);
+    }
+    // The EL2 timer may end a wait for a device (`urgent_only`).
+    if let Some(reg) = sgi.ipriorityr.get((board.hyp_timer_intid / 4) as usize) {
+        let sh = (board.hyp_timer_intid % 4) * 8;
+        reg.set((reg.get() & !(0xff << sh)) | (URGENT << sh));
     }
     sgi.icenabler0.set(!ours);
     sgi.isenabler0.set(ours);
@@ -136,6 +142,64 @@ pub fn set_private_active(intid: u32, active: bool) {
 }
 
 /// Sends SGI `sgi` to the CPU with affinity `mpidr`.
+/// Runs `f` (a wait in WFI for a device) with only the [`URGENT`]
+/// interrupts signalled to this CPU: the device's and the EL2 timer's. A
+/// kick or a console byte pending meanwhile would end every WFI at once (it
+/// is taken only when the CPU next looks, `vm::sched`), turning the wait
+/// into a spin.
+pub fn urgent_only<R>(f: impl FnOnce() -> R) -> R {
+    write_sysreg!("icc_pmr_el1", PRIORITY as u64);
+    isb();
+    let r = f();
+    write_sysreg!("icc_pmr_el1", 0xff);
+    isb();
+    r
+}
+
+/// Takes SPI `intid` (a device the hypervisor drives) for the hypervisor:
+/// group 1, [`URGENT`] priority, level-sensitive (a virtio-mmio line stays high
+/// until its status is acknowledged, so the pending state follows it:
+/// nothing latched is left behind once the device is acknowledged), and
+/// disabled until [`spi_enable_here`]. Boot CPU, once.
+/// False for an INTID that is not an SPI the distributor's arrays hold
+/// (from the DTB: refused rather than indexed out of bounds).
+pub fn spi_setup(board: &Board, intid: u32) -> bool {
+    if !(32..1020).contains(&intid) {
+        return false;
+    }
+    let d = gicd(board);
+    let (w, bit) = ((intid / 32) as usize, 1 << (intid % 32));
+    d.icenabler[w].set(bit);
+    d.igroupr[w].set(d.igroupr[w].get() | bit);
+    let (pw, psh) = ((intid / 4) as usize, (intid % 4) * 8);
+    d.ipriorityr[pw].set((d.ipriorityr[pw].get() & !(0xff << psh)) | (URGENT << psh));
+    let (cw, csh) = ((intid / 16) as usize, (intid % 16) * 2 + 1);
+    d.icfgr[cw].set(d.icfgr[cw].get() & !(1 << csh));
+    true
+}
+
+/// Routes SPI `intid` to this CPU and enables it: a pending one then ends
+/// this CPU's WFI, even with interrupts masked (which the hypervisor keeps
+/// them), without being taken.
+/// An INTID [`spi_setup`] refused is left alone.
+pub fn spi_enable_here(board: &Board, intid: u32) {
+    let d = gicd(board);
+    if let (Some(route), Some(en)) = (
+        d.irouter.get(intid as usize),
+        d.isenabler.get((intid / 32) as usize),
+    ) {
+        route.set(crate::arch::mpidr_aff());
+        en.set(1 << (intid % 32));
+    }
+}
+
+/// Stops forwarding SPI `intid`.
+pub fn spi_disable(board: &Board, intid: u32) {
+    if let Some(r) = gicd(board).icenabler.get((intid / 32) as usize) {
+        r.set(1 << (intid % 32));
+    }
+}
+
 /// Sends [`SGI_KICK`] to every other online CPU: each leaves its guest (or
 /// its WFI) and looks at the run queue again.
 pub fn kick_others() {

@@ -31,6 +31,29 @@ pub fn fire_by(deadline: u64) {
     }
 }
 
+/// Waits for an interrupt (WFI) for at most `us` microseconds, the EL2
+/// timer armed for that meanwhile and put back after: a wait for a device
+/// whose interrupt might not come polls again then. For code with no vCPU
+/// loaded (this CPU's slice means nothing there); a slice's end that passed
+/// meanwhile fires once the timer is put back. Whether the time ran out
+/// (else something else ended the WFI).
+pub fn wfi_for(us: u64) -> bool {
+    let (cval, ctl) = (
+        read_sysreg!("cnthp_cval_el2"),
+        read_sysreg!("cnthp_ctl_el2"),
+    );
+    write_sysreg!("cnthp_cval_el2", now() + frequency() * us / 1_000_000);
+    write_sysreg!("cnthp_ctl_el2", 1);
+    crate::arch::isb();
+    crate::arch::wfi();
+    // CNTHP_CTL_EL2.ISTATUS: the timer condition is met.
+    let timed_out = read_sysreg!("cnthp_ctl_el2") & (1 << 2) != 0;
+    write_sysreg!("cnthp_cval_el2", cval);
+    write_sysreg!("cnthp_ctl_el2", ctl);
+    crate::arch::isb();
+    timed_out
+}
+
 pub fn ms_to_ticks(ms: u64) -> u64 {
     frequency() * ms / 1000
 }

@@ -50,6 +50,17 @@ fn info(disk: &Disk, r: &mut Reply) {
     r.set("sector_size", SECTOR_SIZE as u64);
     r.set("bytes", bytes);
     r.set("readonly", disk.readonly());
+    match disk.waits() {
+        Some((woken, polled)) => {
+            crate::say!(
+                r,
+                "  waits for the device: {woken} ended by its interrupt, {polled} by the poll"
+            );
+            r.set("waits_woken", woken);
+            r.set("waits_polled", polled);
+        }
+        None => crate::say!(r, "  waits for the device: it has no interrupt (they spin)"),
+    }
 }
 
 /// A zeroed buffer of `bytes`, or an error instead of the heap's abort.

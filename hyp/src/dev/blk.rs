@@ -57,6 +57,11 @@ pub const MAX_REQUEST: usize = 1 << 20;
 /// descriptors.
 pub const MAX_QUEUED: usize = 3;
 
+/// Longest a wait for the device sleeps before it looks at the used ring
+/// again, should the device's interrupt not come (a request takes 0.3-1 ms
+/// under QEMU).
+const WAIT_POLL_US: u64 = 1000;
+
 /// Why a disk operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskError {
@@ -127,6 +132,13 @@ struct Inner {
     /// The first error of a queued write completed by another request's
     /// caller, for the writer's next `write_queued` or `wait`.
     failed: Option<DiskError>,
+    /// The device's SPI, if the DTB names one the GIC takes: a wait for a
+    /// queued write sleeps in WFI until it (`wait_used`).
+    irq: Option<u32>,
+    /// WFIs of those waits ended by something else (the device's
+    /// interrupt: the only other one signalled meanwhile), and by the poll.
+    woken: u64,
+    polled: u64,
 }
 
 /// The hypervisor's disk.
@@ -158,6 +170,7 @@ pub fn init(board: &Board) {
         return;
     };
     let base = at.regs.base;
+    let irq = at.intid.filter(|&i| crate::arch::gic::spi_setup(board, i));
     match Blk::new(transport) {
         Ok(dev) => {
             let disk = DISK.call_once(|| Disk {
@@ -170,6 +183,9 @@ pub fn init(board: &Board) {
                     queued: ArrayVec::new(),
                     done: ArrayVec::new(),
                     failed: None,
+                    irq,
+                    woken: 0,
+                    polled: 0,
                 }),
                 base,
             });
@@ -219,6 +235,14 @@ impl Disk {
         if lba < self.watched.load(Ordering::Acquire) {
             self.writes.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// The waits for the device so far that ended in its interrupt, and
+    /// those ended by the [`WAIT_POLL_US`] poll (`None`: the device has no
+    /// interrupt, and waits spin).
+    pub fn waits(&self) -> Option<(u64, u64)> {
+        let d = self.dev.lock();
+        d.irq.map(|_| (d.woken, d.polled))
     }
 
     /// Physical address of the device's registers.
@@ -376,11 +400,9 @@ impl Inner {
     /// Waits for the next queued write to complete and moves it to `done`;
     /// its error, if any.
     fn complete_one(&mut self) -> Result<(), DiskError> {
-        let token = loop {
-            if let Some(t) = self.blk.peek_used() {
-                break t;
-            }
-            core::hint::spin_loop();
+        let token = match self.blk.peek_used() {
+            Some(t) => t,
+            None => self.wait_used(),
         };
         // Only queued writes are ever left in the used ring: every other
         // request is waited for by its caller, under this lock.
@@ -403,6 +425,40 @@ impl Inner {
             core::mem::forget(full.element());
         }
         r.map_err(DiskError::Device)
+    }
+
+    /// Waits until the device has completed a request; its token. Asleep in
+    /// WFI until the device's interrupt (routed here and enabled for the
+    /// wait only; never taken: interrupts stay masked at EL2, and a pending
+    /// one ends the WFI), so the waiting CPU leaves its core to whatever
+    /// does the device's work (under QEMU, the host threads writing the
+    /// file); polled again after [`WAIT_POLL_US`] in case it never comes.
+    /// Spins without an interrupt.
+    fn wait_used(&mut self) -> u16 {
+        let Some(intid) = self.irq else {
+            loop {
+                if let Some(t) = self.blk.peek_used() {
+                    return t;
+                }
+                core::hint::spin_loop();
+            }
+        };
+        let board = crate::arch::el2::board();
+        crate::arch::gic::spi_enable_here(board, intid);
+        let token = crate::arch::gic::urgent_only(|| loop {
+            // Acknowledged before the ring is read: a completion after the
+            // read raises the line again, and the WFI ends at once.
+            self.blk.ack_interrupt();
+            if let Some(t) = self.blk.peek_used() {
+                break t;
+            }
+            match crate::arch::timer::wfi_for(WAIT_POLL_US) {
+                true => self.polled += 1,
+                false => self.woken += 1,
+            }
+        });
+        crate::arch::gic::spi_disable(board, intid);
+        token
     }
 
     /// Completes every queued write (before another request, or a flush),
