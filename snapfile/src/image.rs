@@ -59,6 +59,8 @@ pub struct Image {
     state: Vec<u8>,
     touch: Vec<Gpn>,
     pages: Vec<PageRef>,
+    /// Every image of the chain on the device: (first sector, sectors).
+    extents: Vec<(u64, u64)>,
 }
 
 impl Image {
@@ -70,6 +72,12 @@ impl Image {
     /// RAM base, RAM pages, vCPUs.
     pub fn shape(&self) -> &Shape {
         &self.shape
+    }
+
+    /// The sectors of every image of the chain, (first sector, sectors):
+    /// what a restored VM may still read its pages from.
+    pub fn extents(&self) -> &[(u64, u64)] {
+        &self.extents
     }
 
     /// Images in the chain (1 for a full image).
@@ -228,6 +236,7 @@ impl Store {
             state,
             touch,
             pages,
+            extents: chain.iter().map(|e| (e.start, e.sectors)).collect(),
         })
     }
 

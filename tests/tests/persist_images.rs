@@ -5,6 +5,7 @@
 //! is refused: the VM's dirty log is not relative to that image. A save's
 //! own snapshot is destroyed after it, by an idle CPU. The store kept in
 //! memory between commands is read again after a write over its sectors.
+//! `disk fill` and `bench disk` refuse the sectors a loaded VM still reads.
 //!
 //! A Linux save (split between two CPUs) that runs out of disk half way is
 //! refused, and leaves the guest running and no snapshot behind.
@@ -23,6 +24,13 @@ fn command(m: &mut Machine, line: &str, answer: &str) -> String {
 fn vm_after(m: &Machine, needle: &str) -> u32 {
     let t = m.transcript();
     qemu_tests::number_after(&t[t.rfind(needle).unwrap()..], needle).unwrap() as u32
+}
+
+/// The first sector of the image saved as `name` (its save's report).
+fn sectors_of(m: &Machine, name: &str) -> u64 {
+    let t = m.transcript();
+    let saved = &t[t.find(&format!("saved as '{name}'")).unwrap()..];
+    qemu_tests::number_after(saved, "image at sectors ").unwrap()
 }
 
 #[test]
@@ -79,6 +87,15 @@ fn images_are_deleted_only_when_nothing_needs_them() {
         "delete b",
         &format!("error: vm {loaded} was loaded from this image and still reads pages from it"),
     );
+    // Nor do `disk fill` and `bench disk` write where it (or its parent)
+    // still has pages to read: it would read the bench's bytes and stop.
+    let refused = format!("error: those sectors hold snapshot 'b' (or its parents), which vm {loaded} was loaded from");
+    for name in ["b", "a"] {
+        let at = sectors_of(&m, name);
+        command(&mut m, &format!("disk fill {at} 1 7"), &refused);
+        command(&mut m, &format!("bench disk 1 1 at {at}"), &refused);
+    }
+    command(&mut m, "disk fill 30000 8 7", "written and flushed");
     command(&mut m, &format!("destroy {loaded}"), "hyp>");
     m.expect(&format!("[hyp] vm {loaded} ("), REPLY);
     command(&mut m, "delete b", "deleted 'b' (");

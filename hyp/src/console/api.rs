@@ -100,7 +100,8 @@ fn code(e: &CmdError) -> ErrorCode {
             ErrorCode::BadArgument
         }
         CmdError::Disk(crate::dev::blk::DiskError::PastEnd { .. }) => ErrorCode::BadArgument,
-        CmdError::Persist(crate::persist::PersistError::InUse { .. }) => ErrorCode::Busy,
+        CmdError::Persist(crate::persist::PersistError::InUse { .. })
+        | CmdError::DiskInUse { .. } => ErrorCode::Busy,
         _ => ErrorCode::Failed,
     }
 }

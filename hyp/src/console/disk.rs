@@ -81,6 +81,17 @@ fn chunks(lba: u64, sectors: u64, size: u64) -> impl Iterator<Item = (u64, u64)>
     })
 }
 
+/// Refuses a write over sectors a loaded VM may still read pages from (its
+/// image's, or a parent's): the bytes it would read meanwhile fail their
+/// checksums, and that VM stops. `bench disk` puts its region back, but not
+/// before such a read. Checked after [`check_range`].
+fn check_unread(lba: u64, sectors: u64) -> Result<(), CmdError> {
+    match crate::persist::load::reader_of_sectors(lba, sectors) {
+        Some((vm, name)) => Err(CmdError::DiskInUse { vm, name }),
+        None => Ok(()),
+    }
+}
+
 /// Refuses a range past the end before any I/O (and before `lba + sectors`
 /// can overflow in `chunks`).
 fn check_range(disk: &Disk, lba: u64, sectors: u64) -> Result<(), CmdError> {
@@ -132,6 +143,7 @@ fn pattern_word(seed: u64, k: u64) -> u64 {
 
 fn fill(disk: &Disk, lba: u64, sectors: u64, seed: u64, r: &mut Reply) -> Result<(), CmdError> {
     check_range(disk, lba, sectors)?;
+    check_unread(lba, sectors)?;
     let mut buf = buffer(CALL_SECTORS as usize * SECTOR_SIZE)?;
     for (at, n) in chunks(lba, sectors, CALL_SECTORS) {
         let part = &mut buf[..n as usize * SECTOR_SIZE];
@@ -171,6 +183,7 @@ fn bench(
 ) -> Result<(), CmdError> {
     let sectors = mib * (1 << 20) / SECTOR_SIZE as u64;
     let base = region(disk, sectors, at)?;
+    check_unread(base, sectors)?;
     if disk.readonly() {
         return Err(CmdError::Disk(blk::DiskError::ReadOnly));
     }

@@ -71,6 +71,14 @@ pub enum CmdError {
         /// The first sector that differed.
         lba: u64,
     },
+    /// A `disk fill` or `bench disk` range holds part of an image a loaded
+    /// VM still reads pages from.
+    DiskInUse {
+        /// The VM.
+        vm: u32,
+        /// The snapshot it was loaded from.
+        name: alloc::string::String,
+    },
 }
 
 impl fmt::Display for CmdError {
@@ -100,6 +108,10 @@ impl fmt::Display for CmdError {
                     "disk: sector {lba} read back other bytes than were written"
                 )
             }
+            CmdError::DiskInUse { vm, name } => write!(
+                f,
+                "those sectors hold snapshot '{name}' (or its parents), which vm {vm} was loaded from and still reads pages from: writing them would stop it"
+            ),
         }
     }
 }

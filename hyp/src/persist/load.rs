@@ -99,6 +99,22 @@ pub fn all() -> Vec<Arc<Loaded>> {
     IMAGES.lock().values().cloned().collect()
 }
 
+/// A VM that may still read pages from sectors `lba..lba + sectors` (they
+/// hold an image of the chain it was loaded from, which is not all in yet),
+/// and that image's name: a write there would feed it wrong bytes, which
+/// its page checksums would catch by stopping it.
+pub fn reader_of_sectors(lba: u64, sectors: u64) -> Option<(u32, alloc::string::String)> {
+    let end = lba.saturating_add(sectors);
+    all().into_iter().find_map(|l| {
+        let hit = l
+            .image
+            .extents()
+            .iter()
+            .any(|&(start, n)| start < end && lba < start.saturating_add(n));
+        hit.then(|| (l.vm, alloc::string::String::from(l.image.name())))
+    })
+}
+
 /// The order in which VM `vm` first touched its pages since it was loaded
 /// (empty for a VM not loaded from the disk).
 pub fn touch_order_of(vm: u32) -> Vec<u32> {
