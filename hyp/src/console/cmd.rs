@@ -40,6 +40,22 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
 });
 /// A script `sleep` holds the next command back until this counter value.
 static SCRIPT_RESUME_AT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// When a byte was last read from the console (counter value).
+static LAST_INPUT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// How long after a byte the console counts as being typed into.
+const TYPING_MS: u64 = 50;
+
+/// A byte was read from the console.
+fn note_input() {
+    LAST_INPUT.store(crate::arch::timer::now(), Ordering::Relaxed);
+}
+
+/// Whether a byte came in the last [`TYPING_MS`]: more may be on the way
+/// (a pasted or sent line), faster than the UART's FIFO fills per slice.
+pub fn typing() -> bool {
+    let since = crate::arch::timer::now().wrapping_sub(LAST_INPUT.load(Ordering::Relaxed));
+    since < crate::arch::timer::ms_to_ticks(TYPING_MS)
+}
 static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 
 /// Queues `;`-separated commands to run once the initial VMs are up.
@@ -86,6 +102,7 @@ pub fn poll_input() {
         return;
     }
     while let Some(b) = crate::arch::uart::read_byte() {
+        note_input();
         if let Some(cmd) = input(b) {
             *TYPED.lock() = Some(cmd);
             WAITING.store(true, Ordering::Release);
@@ -119,6 +136,7 @@ pub fn poll() {
         }
     }
     while let Some(b) = crate::arch::uart::read_byte() {
+        note_input();
         if let Some(cmd) = input(b) {
             execute(&cmd);
             prompt();

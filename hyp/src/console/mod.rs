@@ -33,6 +33,7 @@ pub static HOOKS: crate::vm::sched::ConsoleHooks = crate::vm::sched::ConsoleHook
     poll_input: cmd::poll_input,
     poll: cmd::poll,
     command_waiting: cmd::command_waiting,
+    typing: cmd::typing,
     script_done: cmd::script_done,
     exit_report: || crate::println!("[hyp] {}", stats::tlb_line()),
     vm_event: api::push_event,

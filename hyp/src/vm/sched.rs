@@ -38,6 +38,10 @@ pub struct ConsoleHooks {
     pub poll: fn(),
     /// Whether a command waits to run (the running vCPU then gives up CPU 0).
     pub command_waiting: fn() -> bool,
+    /// Whether bytes are coming in (CPU 0 then reads the UART every
+    /// [`TYPING_POLL_MS`] while it waits, not every slice: the console is
+    /// polled, and its FIFO holds 16 bytes).
+    pub typing: fn() -> bool,
     /// Whether the boot script has finished (the machine may then exit idle).
     pub script_done: fn() -> bool,
     /// The last line printed before the machine exits (TLB statistics).
@@ -198,10 +202,18 @@ fn arm_for_sleepers() {
     }
 }
 
+/// How often CPU 0 reads console input that is coming in while it waits.
+const TYPING_POLL_MS: u64 = 1;
+
 /// Waits for an interrupt with nothing to run: until a kick, the slice's
-/// end, or the first sleeping vCPU's deadline.
+/// end, the first sleeping vCPU's deadline, or on CPU 0 while console
+/// input is coming in, the next look at the UART.
 pub fn idle_wfi() {
     arm_for_sleepers();
+    if crate::arch::percpu::cpu_index() == 0 && console().is_some_and(|c| (c.typing)()) {
+        let t = crate::arch::timer::now() + crate::arch::timer::ms_to_ticks(TYPING_POLL_MS);
+        crate::arch::timer::fire_by(t);
+    }
     wfi();
 }
 
