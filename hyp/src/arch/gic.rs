@@ -19,6 +19,8 @@ const PRIORITY: u32 = 0x80;
 /// The priority of the interrupts that may end a wait for a device
 /// ([`urgent_only`]): higher (a lower value) than the rest.
 const URGENT: u32 = 0x60;
+/// ICC_PMR_EL1 letting every priority through.
+const PMR_ALL: u64 = 0xff;
 const ICC_CTLR_EOIMODE: u64 = 1 << 1;
 const GICR_ISACTIVER0: u64 = 0x300;
 const GICR_ICACTIVER0: u64 = 0x380;
@@ -97,7 +99,7 @@ pub fn init_cpu(board: &Board) {
     // use its own; no memory effect.
     unsafe { crate::arch::write_el2_sysreg!("icc_sre_el2", 0xf) };
     isb();
-    write_sysreg!("icc_pmr_el1", 0xff);
+    write_sysreg!("icc_pmr_el1", PMR_ALL);
     write_sysreg!("icc_bpr1_el1", 0);
     // EOImode 1: EOI only drops priority, deactivation is separate, so a
     // guest can deactivate a physical interrupt handed to it (vtimer.rs).
@@ -141,7 +143,6 @@ pub fn set_private_active(intid: u32, active: bool) {
     unsafe { core::ptr::write_volatile((base + GICR_SGI_OFFSET + reg) as *mut u32, 1 << intid) };
 }
 
-/// Sends SGI `sgi` to the CPU with affinity `mpidr`.
 /// Runs `f` (a wait in WFI for a device) with only the [`URGENT`]
 /// interrupts signalled to this CPU: the device's and the EL2 timer's. A
 /// kick or a console byte pending meanwhile would end every WFI at once (it
@@ -151,7 +152,7 @@ pub fn urgent_only<R>(f: impl FnOnce() -> R) -> R {
     write_sysreg!("icc_pmr_el1", PRIORITY as u64);
     isb();
     let r = f();
-    write_sysreg!("icc_pmr_el1", 0xff);
+    write_sysreg!("icc_pmr_el1", PMR_ALL);
     isb();
     r
 }
@@ -161,6 +162,7 @@ pub fn urgent_only<R>(f: impl FnOnce() -> R) -> R {
 /// until its status is acknowledged, so the pending state follows it:
 /// nothing latched is left behind once the device is acknowledged), and
 /// disabled until [`spi_enable_here`]. Boot CPU, once.
+///
 /// False for an INTID that is not an SPI the distributor's arrays hold
 /// (from the DTB: refused rather than indexed out of bounds).
 pub fn spi_setup(board: &Board, intid: u32) -> bool {
@@ -180,8 +182,8 @@ pub fn spi_setup(board: &Board, intid: u32) -> bool {
 
 /// Routes SPI `intid` to this CPU and enables it: a pending one then ends
 /// this CPU's WFI, even with interrupts masked (which the hypervisor keeps
-/// them), without being taken.
-/// An INTID [`spi_setup`] refused is left alone.
+/// them), without being taken. An INTID outside the distributor's arrays
+/// is left alone.
 pub fn spi_enable_here(board: &Board, intid: u32) {
     let d = gicd(board);
     if let (Some(route), Some(en)) = (
@@ -216,6 +218,7 @@ pub fn kick_others() {
     }
 }
 
+/// Sends SGI `sgi` to the CPU with affinity `mpidr`.
 pub fn send_sgi(sgi: u32, mpidr: u64) {
     let aff1 = (mpidr >> 8) & 0xff;
     let aff2 = (mpidr >> 16) & 0xff;

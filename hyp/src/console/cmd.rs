@@ -40,6 +40,7 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
 });
 /// A script `sleep` holds the next command back until this counter value.
 static SCRIPT_RESUME_AT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 /// When a byte was last read from the console (counter value).
 static LAST_INPUT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// How long after a byte the console counts as being typed into.
@@ -56,7 +57,6 @@ pub fn typing() -> bool {
     let since = crate::arch::timer::now().wrapping_sub(LAST_INPUT.load(Ordering::Relaxed));
     since < crate::arch::timer::ms_to_ticks(TYPING_MS)
 }
-static SCRIPT_DONE: AtomicBool = AtomicBool::new(true);
 
 /// Queues `;`-separated commands to run once the initial VMs are up.
 pub fn set_script(script: &str) {
