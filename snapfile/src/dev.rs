@@ -1,5 +1,6 @@
 //! The block device the store lives on, and an in-memory one for tests and self-tests.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -8,6 +9,15 @@ use crate::error::DevError;
 
 /// Bytes per sector: the unit of every device request.
 pub const SECTOR: usize = 512;
+
+/// Page data a device may read where it lies after [`BlockDevice::write_held`] returns (hyp:
+/// a run of guest frames, pinned for the write), kept alive until the write is complete:
+/// dropping it is what lets the memory go (hyp: the frames' pins).
+pub trait Held: Send {
+    /// The bytes to write: whole sectors, at the same address for as long as this lives,
+    /// and unchanged meanwhile.
+    fn bytes(&self) -> &[u8];
+}
 
 /// A block device of 512-byte sectors. hyp implements it over its virtio-blk driver.
 ///
@@ -33,6 +43,13 @@ pub trait BlockDevice {
     fn write_queued(&mut self, lba: u64, buf: Vec<u8>) -> Result<Option<Vec<u8>>, DevError> {
         self.write(lba, &buf)?;
         Ok(Some(buf))
+    }
+    /// [`BlockDevice::write_queued`] of bytes the device reads where they lie, with no copy
+    /// (whole sectors, at most [`crate::BATCH`] bytes): `data` is dropped once the write is
+    /// complete (by this call, a later queued one or [`BlockDevice::wait`]), never before.
+    /// The default writes at once.
+    fn write_held(&mut self, lba: u64, data: Box<dyn Held>) -> Result<(), DevError> {
+        self.write(lba, data.bytes())
     }
     /// Waits for every queued write; the first error of any of them.
     fn wait(&mut self) -> Result<(), DevError> {

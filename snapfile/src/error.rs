@@ -102,6 +102,13 @@ pub enum Error {
     },
     /// The writer was handed more pages than it was told at `begin`.
     TooManyPages,
+    /// A run of pages written in place (`Writer::run`) whose bytes are not its pages.
+    RunLength {
+        /// Pages the run names.
+        pages: usize,
+        /// Bytes it holds.
+        bytes: usize,
+    },
     /// A value (state blob, touch list) is larger than the format allows.
     TooLarge,
     /// An earlier call on this writer failed; it writes nothing more.
@@ -169,6 +176,9 @@ impl fmt::Display for Error {
             Error::PageOutOfRange { page } => write!(f, "page {page:#x} is outside the VM's RAM"),
             Error::DuplicatePage { page } => write!(f, "page {page:#x} saved twice"),
             Error::TooManyPages => f.write_str("more pages than announced"),
+            Error::RunLength { pages, bytes } => {
+                write!(f, "a run of {pages} pages holds {bytes} bytes")
+            }
             Error::TooLarge => f.write_str("value larger than the format allows"),
             Error::WriterFailed => f.write_str("an earlier write of this snapshot failed"),
             Error::Device(e) => write!(f, "device: {e}"),

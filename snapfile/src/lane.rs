@@ -9,10 +9,11 @@
 //! the data section does not matter: the index names each page's offset. The sealing
 //! costs at most a page's room and a sector's padding per batch (0.4% of a MiB).
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::codec::is_zero_page;
-use crate::dev::SECTOR;
+use crate::dev::{Held, SECTOR};
 use crate::error::Error;
 use crate::header::IndexRec;
 use crate::summary::Costs;
@@ -107,12 +108,23 @@ pub struct LaneStats {
     pub data_bytes: u64,
     /// Bytes of padding (raw pages' alignment, and the sector end).
     pub pad: u64,
+    /// Of `raw`, pages written where they lie ([`Lane::run`]).
+    pub in_place: u64,
+    /// The runs those came in.
+    pub runs: u64,
+}
+
+/// A sealed batch's bytes: a buffer it was staged into, or pages that the device reads
+/// where they lie ([`Held`]).
+pub(crate) enum Data {
+    Buf(Vec<u8>),
+    Held(Box<dyn Held>),
 }
 
 /// A batch of a lane, sealed: whole sectors of page data, and the index records of its
 /// pages with offsets from its first byte.
 pub struct Sealed {
-    pub(crate) buf: Vec<u8>,
+    pub(crate) data: Data,
     pub(crate) recs: Vec<IndexRec>,
     pub(crate) stats: LaneStats,
 }
@@ -122,6 +134,54 @@ impl Sealed {
     pub fn pages(&self) -> u64 {
         self.stats.lz4 + self.stats.raw + self.stats.skipped
     }
+
+    /// Whether its bytes are written where they lie, with no copy ([`Lane::run`]).
+    pub fn in_place(&self) -> bool {
+        matches!(self.data, Data::Held(_))
+    }
+}
+
+/// A run of pages stored raw where they lie (see [`Held`]): page `i` of `data` is
+/// `gpns[i]`. Each page is read once here, for its checksum; the device reads it again in
+/// place, so the copy into a batch buffer is saved. A zero page in it is stored like any
+/// other (callers split runs at zero pages, which a full image skips). At most [`BATCH`]
+/// bytes: one device request.
+pub(crate) fn held_run(ram_pages: u32, gpns: &[Gpn], data: Box<dyn Held>) -> Result<Sealed, Error> {
+    let bytes = data.bytes();
+    if bytes.len() > BATCH {
+        return Err(Error::TooLarge);
+    }
+    if bytes.len() != gpns.len() * PAGE {
+        return Err(Error::RunLength {
+            pages: gpns.len(),
+            bytes: bytes.len(),
+        });
+    }
+    let mut recs = Vec::with_capacity(gpns.len());
+    for (i, (&gpn, page)) in gpns.iter().zip(bytes.as_chunks::<PAGE>().0).enumerate() {
+        if gpn.0 >= ram_pages {
+            return Err(Error::PageOutOfRange { page: gpn.0 });
+        }
+        recs.push(IndexRec {
+            gpn,
+            kind: PageKind::Raw,
+            len: PAGE as u16,
+            off: (i * PAGE) as u64,
+            sum: crate::pagesum::page_sum(page),
+        });
+    }
+    let stats = LaneStats {
+        raw: gpns.len() as u64,
+        data_bytes: bytes.len() as u64,
+        in_place: gpns.len() as u64,
+        runs: u64::from(!gpns.is_empty()),
+        ..LaneStats::default()
+    };
+    Ok(Sealed {
+        data: Data::Held(data),
+        recs,
+        stats,
+    })
 }
 
 /// Pages of a full image staged apart from its writer (see the module doc).
@@ -158,6 +218,11 @@ impl Lane {
     /// and adds its time with [`Lane::note_staging`].
     pub fn set_clock(&mut self, clock: Option<fn() -> u64>) {
         self.clock = clock;
+    }
+
+    /// Whether it compresses pages (else a caller may write runs in place: [`Lane::run`]).
+    pub fn compressing(&self) -> bool {
+        self.compress
     }
 
     /// Adds `ticks` that the caller timed around staging pages (zero checks, LZ4,
@@ -203,6 +268,26 @@ impl Lane {
         Ok(full)
     }
 
+    /// A run of pages the device is to read where they lie, sealed on its own
+    /// (`held_run`): page `i` of `data` is `gpns[i]`. Its checksums' time counts as staging.
+    pub fn run(&mut self, gpns: &[Gpn], data: Box<dyn Held>) -> Result<Sealed, Error> {
+        let clock = self.clock;
+        let now = move || clock.map_or(0, |c| c());
+        let t0 = now();
+        let sealed = held_run(self.ram_pages, gpns, data)?;
+        self.costs.checksum += now().wrapping_sub(t0);
+        Ok(sealed)
+    }
+
+    /// Records page `gpn` as a zero page the caller found (not stored).
+    pub fn skip(&mut self, gpn: Gpn) -> Result<(), Error> {
+        if gpn.0 >= self.ram_pages {
+            return Err(Error::PageOutOfRange { page: gpn.0 });
+        }
+        self.stats.skipped += 1;
+        Ok(())
+    }
+
     /// The batch being filled, sealed (`None` if it holds nothing, not even a skipped
     /// zero page): what is left when the lane's walk is done.
     pub fn seal(&mut self) -> Option<Sealed> {
@@ -214,7 +299,7 @@ impl Lane {
         stats.pad += (end - self.buf.len()) as u64;
         self.buf.resize(end, 0);
         Some(Sealed {
-            buf: core::mem::take(&mut self.buf),
+            data: Data::Buf(core::mem::take(&mut self.buf)),
             recs: core::mem::take(&mut self.recs),
             stats,
         })

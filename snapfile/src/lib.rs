@@ -46,7 +46,7 @@ mod toc;
 mod types;
 mod writer;
 
-pub use dev::{BlockDevice, MemDisk, SECTOR};
+pub use dev::{BlockDevice, Held, MemDisk, SECTOR};
 pub use error::{DevError, Error, Section};
 pub use image::{Image, PageRef};
 pub use lane::{Lane, LaneStats, Sealed};

@@ -1,5 +1,8 @@
 //! What a save wrote, and where the writer's time went.
 
+#[cfg(doc)]
+use crate::Writer;
+
 /// What `finish` wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -13,6 +16,10 @@ pub struct Summary {
     pub lz4: u64,
     /// Pages stored raw.
     pub raw: u64,
+    /// Of `raw`, pages the device read where they lay, with no copy ([`Writer::run`]).
+    pub in_place: u64,
+    /// The runs those came in (one device request each).
+    pub runs: u64,
     /// Zero pages recorded as `ZeroNow` (diffs).
     pub zero_now: u64,
     /// Zero pages skipped (full images).

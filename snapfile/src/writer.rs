@@ -2,13 +2,14 @@
 //! kept exact by copy-on-write), are compressed into a batch buffer and leave in device
 //! writes of at least [`BATCH`] bytes. Nothing is visible until `finish` commits the TOC.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::codec::{checksum, get_u64, sectors_for};
-use crate::dev::{BlockDevice, SECTOR};
+use crate::dev::{BlockDevice, Held, SECTOR};
 use crate::error::Error;
 use crate::header::{Header, IndexRec, Span, INDEX_LEN, TOUCH_LEN};
-use crate::lane::{Lane, Sealed};
+use crate::lane::{held_run, Data, Lane, Sealed};
 use crate::spec::fresh_header;
 pub use crate::spec::SaveSpec;
 use crate::store::Store;
@@ -188,11 +189,58 @@ impl Writer<'_> {
         (self.sum.lz4, self.sum.raw) = (self.sum.lz4 + st.lz4, self.sum.raw + st.raw);
         self.sum.skipped += st.skipped;
         self.sum.data_bytes += st.data_bytes;
+        (self.sum.in_place, self.sum.runs) =
+            (self.sum.in_place + st.in_place, self.sum.runs + st.runs);
         self.pad += st.pad;
-        if batch.buf.is_empty() {
+        match batch.data {
+            Data::Buf(b) if b.is_empty() => Ok(()),
+            Data::Buf(b) => self.queue(dev, b),
+            Data::Held(h) => self.queue_held(dev, h),
+        }
+    }
+
+    /// A run of pages the device reads where they lie (see [`Held`]), put into the image
+    /// as [`Writer::append`] puts a lane's batch: page `i` of `data` is `gpns[i]`. At most
+    /// [`BATCH`] bytes (a device request).
+    pub fn run<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        gpns: &[Gpn],
+        data: Box<dyn Held>,
+    ) -> Result<(), Error> {
+        if self.failed {
+            return Err(Error::WriterFailed);
+        }
+        let t0 = self.now();
+        let sealed = held_run(self.header.shape.ram_pages, gpns, data);
+        self.sum.costs.checksum += self.now().wrapping_sub(t0);
+        match sealed {
+            Ok(s) => self.append(dev, s),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues bytes written in place at the end of the stream (`write_held`).
+    fn queue_held<D: BlockDevice>(&mut self, dev: &mut D, h: Box<dyn Held>) -> Result<(), Error> {
+        let len = h.bytes().len();
+        if len == 0 {
             return Ok(());
         }
-        self.queue(dev, batch.buf)
+        let end = self.buf_lba + len.div_ceil(SECTOR) as u64;
+        self.check_room(end, self.buf.len())?;
+        let t0 = self.now();
+        let queued = dev.write_held(self.buf_lba, h);
+        self.sum.costs.device += self.now().wrapping_sub(t0);
+        self.sum.costs.device_bytes += len as u64;
+        if let Err(e) = queued {
+            self.failed = true;
+            return Err(e.into());
+        }
+        self.buf_lba = end;
+        Ok(())
     }
 
     /// Queues what the writer staged itself, padded to a whole sector (the padding is the
@@ -232,6 +280,12 @@ impl Writer<'_> {
     /// pages): a caller that finds compressing slower than writing what it saves stops it.
     pub fn set_compress(&mut self, on: bool) {
         self.compress = on;
+    }
+
+    /// Whether pages are LZ4-compressed now (else stored raw, and a caller may write runs
+    /// of them in place: [`Writer::run`]).
+    pub fn compressing(&self) -> bool {
+        self.compress
     }
 
     /// The costs so far.
@@ -315,7 +369,7 @@ impl Writer<'_> {
     fn queue<D: BlockDevice>(&mut self, dev: &mut D, buf: Vec<u8>) -> Result<(), Error> {
         let len = buf.len();
         let end = self.buf_lba + (len / SECTOR) as u64;
-        self.check_room(end)?;
+        self.check_room(end, self.buf.len())?;
         let t0 = self.now();
         let queued = dev.write_queued(self.buf_lba, buf);
         self.sum.costs.device += self.now().wrapping_sub(t0);
@@ -333,10 +387,12 @@ impl Writer<'_> {
     }
 
     /// A write ending at sector `end` stays inside the image's gap.
-    fn check_room(&mut self, end: u64) -> Result<(), Error> {
+    /// `after`: bytes still to come behind this write before the tail (the buffer's rest),
+    /// so a refusal says how many sectors the image needs at least.
+    fn check_room(&mut self, end: u64, after: usize) -> Result<(), Error> {
         if end > self.entry.start + self.limit {
             self.failed = true;
-            let needed = sectors_for(self.stream_pos() + self.tail_bytes());
+            let needed = (end - self.entry.start) + sectors_for(after as u64 + self.tail_bytes());
             return Err(Error::NoSpace {
                 needed,
                 free: self.limit,
@@ -351,7 +407,7 @@ impl Writer<'_> {
             return Ok(());
         }
         let end = self.buf_lba + (n / SECTOR) as u64;
-        self.check_room(end)?;
+        self.check_room(end, self.buf.len() - n)?;
         let t0 = self.now();
         let written = dev.write(self.buf_lba, &self.buf[..n]);
         self.sum.costs.device += self.now().wrapping_sub(t0);

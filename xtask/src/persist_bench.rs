@@ -262,7 +262,11 @@ fn number_before(line: &str, key: &str) -> Option<u64> {
 /// `PERSIST_BENCH_HYP`, prints none: each is skipped after 10 s).
 fn save_detail(m: &mut Machine, out: &mut Vec<String>) {
     for needle in ["  guest RAM", "  LZ4 ", " pages in its touch order; "] {
-        if m.try_expect(needle, Duration::from_secs(10)).is_ok() {
+        if let Ok(seen) = m.try_expect(needle, Duration::from_secs(10)) {
+            // The line of pages written in place, if any, comes before the
+            // touch order's.
+            let runs = seen.lines().find(|l| l.contains(" pages written in place"));
+            out.extend(runs.map(|l| l.trim_end().to_string()));
             if let Ok(rest) = m.try_expect("\n", T) {
                 out.push(format!("{needle}{}", rest.trim_end()));
             }

@@ -118,6 +118,15 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
         );
         r.set("lz4_kept", u64::from(kept));
     }
+    let (pages, runs) = rep.in_place;
+    if pages > 0 {
+        crate::say!(
+            r,
+            "  {pages} pages written in place from the guest's frames, in {runs} runs (no copy)"
+        );
+    }
+    r.set("in_place_pages", pages);
+    r.set("in_place_runs", runs);
 }
 
 fn say_saved(rep: &save::SaveReport, name: &str, parent: Option<&str>, r: &mut Reply) {

@@ -19,6 +19,9 @@
 //! flight at once while the caller prepares the next, each completed when
 //! the queue is full, at [`Disk::wait`], or before any other request (which
 //! would otherwise find their completions in the used ring before its own).
+//! A queued write's bytes are a buffer it owns, or bytes in place
+//! ([`Disk::write_held`]: a save's run of pinned guest frames, no copy),
+//! whose owner is dropped only once the device has completed the write.
 //!
 //! Buffers: callers pass any byte buffer (heap, stack, a frame), and the
 //! driver hands it to the device in place: `HypHal::share` gives the device
@@ -29,12 +32,12 @@
 //! DMA is coherent (`hal`), so no cache maintenance is needed around a
 //! request.
 
+pub use super::blkerr::DiskError;
 use super::hal::HypHal;
 use super::virtio::{self, Claimed};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use arrayvec::ArrayVec;
-use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use platform::Board;
 use spin::{Mutex, Once};
@@ -51,73 +54,60 @@ pub const SECTOR_SIZE: usize = virtio_drivers::device::blk::SECTOR_SIZE;
 /// the disk lock is not held for long by one caller.
 pub const MAX_REQUEST: usize = 1 << 20;
 
-/// Most queued writes in flight at once: three buffers of [`MAX_REQUEST`]
-/// (the device writes one while the caller fills the next; a third absorbs
-/// the jitter of QEMU's I/O thread). Each takes 3 of the queue's 16
-/// descriptors.
-pub const MAX_QUEUED: usize = 3;
+/// Most queued writes in flight at once, of at most [`MAX_REQUEST`] each:
+/// the device writes while the caller prepares the next, and the rest
+/// absorbs the jitter of QEMU's I/O thread and a save's shorter runs
+/// written in place (three were enough for whole 1 MiB batches; with runs,
+/// five made an idle Linux save's device waits 20-28 ms instead of 40-51).
+/// Each takes at most 3 of the queue's 16 descriptors (1 with indirect
+/// descriptors).
+pub const MAX_QUEUED: usize = 5;
 
 /// Longest a wait for the device sleeps before it looks at the used ring
 /// again, should the device's interrupt not come (a request takes 0.3-1 ms
 /// under QEMU).
 const WAIT_POLL_US: u64 = 1000;
 
-/// Why a disk operation failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiskError {
-    /// The device does not accept writes (QEMU `readonly=on`).
-    ReadOnly,
-    /// The buffer is not a whole number of sectors.
-    NotSectors {
-        /// The buffer's length in bytes.
-        len: usize,
-    },
-    /// The request reaches past the last sector.
-    PastEnd {
-        /// First sector of the request.
-        lba: u64,
-        /// Its length in sectors.
-        sectors: u64,
-        /// The disk's capacity in sectors.
-        capacity: u64,
-    },
-    /// The device (or the driver's queue) reported an error.
-    Device(virtio_drivers::Error),
+type Blk = VirtIOBlk<HypHal, MmioTransport<'static>>;
+
+/// Bytes a queued write reads where they lie, kept until the write is
+/// complete (a save's run of pinned guest frames): dropped only after the
+/// device is done with them, and after the disk's lock (its drop may free
+/// memory: unpinned frames).
+pub trait InPlace: Send {
+    /// The bytes: whole sectors, put and unchanged while this lives.
+    fn bytes(&self) -> &[u8];
 }
 
-impl fmt::Display for DiskError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// What a queued write writes: a buffer of its own, or bytes in place.
+enum Payload {
+    Buf(Vec<u8>),
+    InPlace(Box<dyn InPlace>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
         match self {
-            DiskError::ReadOnly => f.write_str("the disk is read-only"),
-            DiskError::NotSectors { len } => {
-                write!(
-                    f,
-                    "{len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
-                )
-            }
-            DiskError::PastEnd {
-                lba,
-                sectors,
-                capacity,
-            } => write!(
-                f,
-                "sectors {lba}..{} are past the end of the disk ({capacity} sectors)",
-                lba.saturating_add(*sectors)
-            ),
-            DiskError::Device(e) => write!(f, "disk device error: {e}"),
+            Payload::Buf(b) => b,
+            Payload::InPlace(p) => p.bytes(),
+        }
+    }
+
+    fn into_buf(self) -> Option<Vec<u8>> {
+        match self {
+            Payload::Buf(b) => Some(b),
+            Payload::InPlace(_) => None,
         }
     }
 }
 
-type Blk = VirtIOBlk<HypHal, MmioTransport<'static>>;
-
-/// A queued write: the device reads `buf` (and writes `resp`) until its
+/// A queued write: the device reads `data` (and writes `resp`) until its
 /// completion is popped. Boxed, so they stay put while this moves.
 struct Queued {
     token: u16,
     req: Box<BlkReq>,
     resp: Box<BlkResp>,
-    buf: Vec<u8>,
+    data: Payload,
 }
 
 /// The driver and its queued writes.
@@ -288,14 +278,31 @@ impl Disk {
     /// is done (and its error, if any, reported) by the next `write_queued`
     /// or [`Disk::wait`]; a flush or any other request waits for it first.
     pub fn write_queued(&self, lba: u64, buf: Vec<u8>) -> Result<Option<Vec<u8>>, DiskError> {
+        Ok(self
+            .enqueue(lba, Payload::Buf(buf))?
+            .and_then(Payload::into_buf))
+    }
+
+    /// [`Disk::write_queued`] of bytes the device reads where they lie, with
+    /// no copy: `data` is dropped once the write is complete (by a later
+    /// queued write, a [`Disk::wait`], or here on an error), never before.
+    pub fn write_held(&self, lba: u64, data: Box<dyn InPlace>) -> Result<(), DiskError> {
+        self.enqueue(lba, Payload::InPlace(data)).map(drop)
+    }
+
+    /// Queues `data` (see [`Disk::write_queued`]); the payload of a write
+    /// completed meanwhile, if any (the others are dropped here, after the
+    /// lock).
+    fn enqueue(&self, lba: u64, data: Payload) -> Result<Option<Payload>, DiskError> {
         if self.readonly {
             return Err(DiskError::ReadOnly);
         }
-        self.check(lba, buf.len())?;
-        if buf.is_empty() || buf.len() > MAX_REQUEST {
+        let len = data.bytes().len();
+        self.check(lba, len)?;
+        if len == 0 || len > MAX_REQUEST {
             // Counted by `write`.
-            self.write(lba, &buf)?;
-            return Ok(Some(buf));
+            self.write(lba, data.bytes())?;
+            return Ok(Some(data));
         }
         self.count_write(lba);
         // Allocated before the lock and freed after it: the lock is a leaf.
@@ -303,7 +310,7 @@ impl Disk {
             token: 0,
             req: Box::default(),
             resp: Box::default(),
-            buf,
+            data,
         };
         let (mut done, unsent, result) = {
             let mut d = self.dev.lock();
@@ -321,7 +328,7 @@ impl Disk {
         };
         drop(unsent);
         result?;
-        Ok(done.pop().map(|q| q.buf))
+        Ok(done.pop().map(|q| q.data))
     }
 
     /// Waits for every queued write; the first error of any of them since
@@ -339,7 +346,10 @@ impl Disk {
             let failed = d.failed.take().map_or(Ok(()), Err);
             (core::mem::take(&mut d.done), failed)
         };
-        (done.into_iter().map(|q| q.buf).collect(), result)
+        (
+            done.into_iter().filter_map(|q| q.data.into_buf()).collect(),
+            result,
+        )
     }
 
     /// Makes every completed write durable (a no-op on a device without
@@ -373,14 +383,15 @@ impl Disk {
 impl Inner {
     /// Hands `q` to the device (the queue has room); `q` back if it refused.
     fn submit(&mut self, lba: u64, mut q: Queued) -> Result<(), (Option<Queued>, DiskError)> {
-        // SAFETY: `req`, `buf` and `resp` are moved into `self.queued` below
-        // and neither read nor written (nor freed) until `complete_one` pops
-        // this token with the same three; boxes and a Vec's heap data do not
-        // move when their owner does. `buf` is heap memory, identity mapped
-        // (see "Buffers").
+        // SAFETY: `req`, `data` and `resp` are moved into `self.queued`
+        // below and neither read nor written (nor freed) until `complete_one`
+        // pops this token with the same three; boxes, a Vec's heap data and
+        // in-place bytes (`InPlace`: put while they live) do not move when
+        // their owner does. The bytes are RAM, identity mapped (see
+        // "Buffers").
         let token = unsafe {
             self.blk
-                .write_blocks_nb(lba as usize, &mut q.req, &q.buf, &mut q.resp)
+                .write_blocks_nb(lba as usize, &mut q.req, q.data.bytes(), &mut q.resp)
         };
         match token {
             Ok(t) => {
@@ -414,11 +425,11 @@ impl Inner {
             return Err(DiskError::Device(virtio_drivers::Error::WrongToken));
         };
         let mut q = self.queued.swap_remove(i);
-        // SAFETY: the same `req`, `buf` and `resp` that `write_blocks_nb`
+        // SAFETY: the same `req`, `data` and `resp` that `write_blocks_nb`
         // returned this token for, untouched since.
         let r = unsafe {
             self.blk
-                .complete_write_blocks(token, &q.req, &q.buf, &mut q.resp)
+                .complete_write_blocks(token, &q.req, q.data.bytes(), &mut q.resp)
         };
         // `queued` and `done` hold at most MAX_QUEUED together: room.
         if let Err(full) = self.done.try_push(q) {

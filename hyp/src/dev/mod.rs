@@ -11,6 +11,7 @@
 //! external abort).
 
 pub mod blk;
+mod blkerr;
 pub mod control;
 pub mod hal;
 pub mod virtio;

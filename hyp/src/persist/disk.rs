@@ -15,10 +15,11 @@
 //! of committed images, which nothing overwrites while they are in the TOC.
 
 use super::PersistError;
-use crate::dev::blk::{self, Disk, DiskError};
+use crate::dev::blk::{self, Disk, DiskError, InPlace};
+use alloc::boxed::Box;
 use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicU64, Ordering};
-use snapfile::{BlockDevice, DevError, Error, Section, Store};
+use snapfile::{BlockDevice, DevError, Error, Held, Section, Store};
 use spin::Mutex;
 
 /// Snapshots a store formatted here has room for.
@@ -63,8 +64,20 @@ impl BlockDevice for Dev {
         self.0.write_queued(lba, buf).map_err(dev_error)
     }
 
+    fn write_held(&mut self, lba: u64, data: Box<dyn Held>) -> Result<(), DevError> {
+        self.0.write_held(lba, Box::new(data)).map_err(dev_error)
+    }
+
     fn wait(&mut self) -> Result<(), DevError> {
         self.0.wait().map_err(dev_error)
+    }
+}
+
+/// A save's bytes written in place (its pinned frames) are the driver's
+/// in-place payload: the same contract, kept until the write completes.
+impl InPlace for Box<dyn Held> {
+    fn bytes(&self) -> &[u8] {
+        Held::bytes(&**self)
     }
 }
 

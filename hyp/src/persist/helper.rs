@@ -41,8 +41,9 @@ const CHUNK: u64 = 512;
 /// forked a snapshot of its own first; not measured again since it reads the
 /// save's.
 pub(super) const PARALLEL_MIN: u32 = 16384;
-/// Sealed batches the helper may have waiting for the saving CPU.
-const MAX_QUEUED: usize = 4;
+/// Sealed batches the helper may have waiting for the saving CPU (runs
+/// written in place among them: those cost no memory, only their pins).
+const MAX_QUEUED: usize = 8;
 
 /// What the two CPUs share during one save. Its locks are leaves: each is
 /// held for a push or a pop, never across a walk or a device request.

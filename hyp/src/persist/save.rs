@@ -78,6 +78,9 @@ pub struct SaveReport {
     pub data: (u64, u64),
     /// Guest RAM the image covers, in bytes (a diff: the dirty pages').
     pub ram_bytes: u64,
+    /// Of `pages`, those the disk read from the guest's frames where they
+    /// lay, with no copy, and the runs (device requests) they came in.
+    pub in_place: (u64, u64),
     /// Where the save's time went.
     pub split: Split,
 }
@@ -160,7 +163,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         snap,
     };
     let touched = super::load::touch_order_of(vm.id).len() as u64;
-    let (sum, split, ram_bytes) = write(
+    let written = write(
         &mut store,
         &mut dev,
         vm,
@@ -168,7 +171,14 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         name,
         parent.map(|p| p.0),
         dirty.as_deref(),
-    )?;
+    );
+    if written.is_err() {
+        // The failed image's queued writes still pin the frames they write
+        // in place: completed now, so those go with the snapshot rather
+        // than at the disk's next request. Their errors are not news.
+        let _ = snapfile::BlockDevice::wait(&mut dev);
+    }
+    let (sum, split, ram_bytes) = written?;
     store.keep(&dev);
     if !vm.is_frozen() {
         note_saved(vm, name, sum.seq);
@@ -185,6 +195,7 @@ pub fn save(vm: &Arc<Vm>, name: &str, parent: Option<&str>) -> Result<SaveReport
         extent: (sum.start, sum.sectors),
         data: sum.sections[1],
         ram_bytes,
+        in_place: (sum.in_place, sum.runs),
         split,
     })
 }
@@ -314,8 +325,9 @@ fn write(
         None => super::walk::put_all(&mut w, dev, snap, ram_pages, &mut split)?,
     }
     let t1 = crate::arch::timer::now();
-    // Every page is in the writer's buffers: another CPU destroys the
-    // snapshot while this one waits for the disk.
+    // Every page is in the writer's buffers, or pinned for its write in
+    // place: another CPU destroys the snapshot while this one waits for the
+    // disk (a frame written in place is freed once the disk is done).
     drop(src);
     let us = crate::arch::timer::ticks_to_us;
     split.teardown = us(crate::arch::timer::now().wrapping_sub(t1));

@@ -1,9 +1,12 @@
 //! A full image's pages: the frozen snapshot's stage 2 walked leaf by leaf
 //! in windows (absent ranges skipped by the table walk). Each window's
 //! mapped frames are pinned under the snapshot's stage-2 lock, then staged
-//! in place with the lock released (zero check, checksum and the one copy),
-//! and the full batches queued to the device while the next window is
-//! walked.
+//! with the lock released: zero-checked and checksummed, and either copied
+//! into a batch (LZ4 on, or a short run) or, for a run of consecutive
+//! non-zero frames, written to the disk where they lie, the run's pins held
+//! until the device is done with it (`PinnedRun`). Guest RAM comes in 2 MiB
+//! blocks of contiguous frames (the first-touch fault), so most of an idle
+//! Linux image is such runs.
 //!
 //! The first pages go through the writer itself while LZ4 is on trial
 //! (`lz4judge`); the rest is split between this CPU and another one
@@ -15,19 +18,31 @@ use super::{disk, PersistError};
 use crate::mm::glue::{rmap, HypFrames};
 use crate::mm::{frames::PAGE_SIZE, VmMemory};
 use crate::vm::Vm;
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use arrayvec::ArrayVec;
+use core::ops::Range;
 use rmap::{Ipa, PageState, Pfn, Stage2, Stage2Locked};
-use snapfile::{Gpn, Lane, Sealed, Writer};
+use snapfile::{Gpn, Held, Lane, Sealed, Writer};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// Most pages a walk stages under one hold of the snapshot's stage-2 lock
-/// (and fewer when the writer's batch is nearer full): the lock is held for
-/// their copies into the batch buffer, and the device requests are made
-/// with it released.
-pub(super) const WINDOW: u32 = 128;
+/// Most pages a window pins under one hold of the snapshot's stage-2 lock
+/// and then stages with it released (fewer when the writer's batch is
+/// nearer full): 1 MiB, so a run written in place is at most one device
+/// request of the largest size (`snapfile::BATCH`).
+pub(super) const WINDOW: u32 = 256;
+const _: () = assert!(WINDOW.is_multiple_of(64), "Pinned::moved has a bit a page");
+const _: () = assert!(
+    WINDOW as usize * PAGE <= snapfile::BATCH,
+    "a run is one request"
+);
+
+/// Fewest consecutive non-zero frames written in place (one device request
+/// of their own); shorter runs are copied into the batch, where a request's
+/// cost (a notify, a completion) is shared.
+const MIN_RUN: usize = 8;
 
 /// What one window's walk did: pages staged (zero ones included, which the
 /// writer skips), those it could not read (swapped or migrating) for
@@ -42,14 +57,38 @@ pub(super) struct Window {
 /// Where a window's pages are staged: the writer itself, or a lane.
 pub(super) trait Stager {
     fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error>;
+    /// Whether pages are stored raw, so runs may be written in place.
+    fn in_place(&self) -> bool;
+    /// A run of pages written where they lie (`data`: page `i` is `gpns[i]`).
+    fn stage_run(&mut self, gpns: &[Gpn], data: Box<dyn Held>) -> Result<(), snapfile::Error>;
+    /// A zero page found by the walk (not stored in a full image).
+    fn skip_zero(&mut self, gpn: Gpn) -> Result<(), snapfile::Error>;
     /// The timer ticks a window's staging took (a stager that does not time
     /// each page itself records them).
     fn staged_for(&mut self, _ticks: u64) {}
 }
 
-impl Stager for Writer<'_> {
+/// The writer itself as a stager, with the disk its runs are queued to.
+pub(super) struct Serial<'a, 'w> {
+    pub w: &'a mut Writer<'w>,
+    pub dev: &'a mut disk::Dev,
+}
+
+impl Stager for Serial<'_, '_> {
     fn stage_page(&mut self, gpn: Gpn, data: &[u8; PAGE]) -> Result<(), snapfile::Error> {
-        self.stage(gpn, data)
+        self.w.stage(gpn, data)
+    }
+
+    fn in_place(&self) -> bool {
+        !self.w.compressing()
+    }
+
+    fn stage_run(&mut self, gpns: &[Gpn], data: Box<dyn Held>) -> Result<(), snapfile::Error> {
+        self.w.run(self.dev, gpns, data)
+    }
+
+    fn skip_zero(&mut self, gpn: Gpn) -> Result<(), snapfile::Error> {
+        self.w.absent(gpn)
     }
 }
 
@@ -64,6 +103,20 @@ impl Stager for LaneOut {
         let full = self.lane.stage(gpn, data)?;
         self.sealed.extend(full);
         Ok(())
+    }
+
+    fn in_place(&self) -> bool {
+        !self.lane.compressing()
+    }
+
+    fn stage_run(&mut self, gpns: &[Gpn], data: Box<dyn Held>) -> Result<(), snapfile::Error> {
+        let run = self.lane.run(gpns, data)?;
+        self.sealed.push(run);
+        Ok(())
+    }
+
+    fn skip_zero(&mut self, gpn: Gpn) -> Result<(), snapfile::Error> {
+        self.lane.skip(gpn)
     }
 
     fn staged_for(&mut self, ticks: u64) {
@@ -96,7 +149,8 @@ pub(super) fn put_all(
         let room = (w.room() / PAGE).max(1) as u32;
         let cap = WINDOW.min(room).min(window_cap(w, split));
         let t0 = now();
-        let (next, win) = window(mem, g, (g + cap).min(ram_pages), ram_pages, w);
+        let mut serial = Serial { w, dev };
+        let (next, win) = window(mem, g, (g + cap).min(ram_pages), ram_pages, &mut serial);
         walk += now().wrapping_sub(t0);
         if let Some(e) = win.failed {
             return Err(e.into());
@@ -162,16 +216,76 @@ pub(super) fn window<S: Stager>(
 /// (`Rmap::pin_frame`) so they can be read after it is released: migration,
 /// reclaim and merging leave a pinned frame in place, and one unmapped
 /// meanwhile is not freed before its pin goes. Unpinned when dropped, on
-/// every path.
+/// every path, except those whose pins moved to a [`PinnedRun`] (`moved`:
+/// a bit a page).
 #[derive(Default)]
-struct Pinned(ArrayVec<(u32, Pfn), { WINDOW as usize }>);
+struct Pinned {
+    pages: ArrayVec<(u32, Pfn), { WINDOW as usize }>,
+    moved: [u64; WINDOW as usize / 64],
+}
+
+impl Pinned {
+    fn moved(&self, i: usize) -> bool {
+        self.moved[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// Pages `r`'s pins moved to a run: not this guard's to drop.
+    fn move_out(&mut self, r: Range<usize>) {
+        for i in r {
+            self.moved[i / 64] |= 1 << (i % 64);
+        }
+    }
+}
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        for &(_, pfn) in &self.0 {
+        for (i, &(_, pfn)) in self.pages.iter().enumerate() {
+            if !self.moved(i) {
+                rmap().put_frame(pfn, &HypFrames);
+            }
+        }
+    }
+}
+
+/// Consecutive frames written to the disk where they lie, each holding a
+/// pin of [`Pinned`]'s until the device is done with them: the disk drops a
+/// queued write's payload only once the write is complete (`Held`), and
+/// every error path drops it unsent. So no frame the device may still read
+/// is freed, moved or merged.
+struct PinnedRun {
+    first: Pfn,
+    pages: usize,
+}
+
+impl Held for PinnedRun {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `pages` consecutive frames from `first`, each pinned by
+        // this run until it drops: allocated and in place, identity mapped
+        // (contiguous PAs are contiguous VAs), and not written (a frozen
+        // VM's pages: its sharers copy on write).
+        unsafe {
+            core::slice::from_raw_parts(self.first.pa().raw() as *const u8, self.pages * PAGE)
+        }
+    }
+}
+
+impl Drop for PinnedRun {
+    fn drop(&mut self) {
+        for pfn in self.first.run(self.pages as u64) {
             rmap().put_frame(pfn, &HypFrames);
         }
     }
+}
+
+/// A pinned frame's bytes.
+///
+/// # Safety
+/// `pfn` must stay pinned (allocated and in place) and unwritten while the
+/// result lives: a frame of a frozen VM pinned by [`Pinned`] or a
+/// [`PinnedRun`].
+unsafe fn frame<'a>(pfn: Pfn) -> &'a [u8; PAGE] {
+    // SAFETY: the caller's; RAM is identity mapped at EL2.
+    unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) }
 }
 
 /// Stages the window `[from, end)` of a frozen VM's mapped pages into `s`.
@@ -194,9 +308,9 @@ fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window 
                     // takes. A window has at most WINDOW pages (the slow
                     // path would read any other one).
                     PageState::Mapped { pfn, .. }
-                        if !pinned.0.is_full() && rmap().pin_frame(pfn) =>
+                        if !pinned.pages.is_full() && rmap().pin_frame(pfn) =>
                     {
-                        pinned.0.push((gpn, pfn));
+                        pinned.pages.push((gpn, pfn));
                     }
                     // Absent and the shared zero page: both read as zeroes.
                     PageState::Invalid | PageState::ZeroPage => {}
@@ -206,20 +320,69 @@ fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window 
             None
         });
     let t0 = crate::arch::timer::now();
-    for &(gpn, pfn) in &pinned.0 {
-        // SAFETY: the frame is pinned (`Pinned`): it stays allocated, and in
-        // place, until the pin drops after this loop; nothing writes a frozen
-        // VM's pages (its sharers copy on write), and a frame migrated or
-        // unmapped meanwhile is only read by us. Identity mapped.
-        let src = unsafe { &*(pfn.pa().raw() as *const [u8; PAGE]) };
-        if let Err(e) = s.stage_page(Gpn(gpn), src) {
-            win.failed = Some(e);
-            break;
-        }
-        win.staged += 1;
+    match stage_pinned(&mut pinned, s) {
+        Ok(()) => win.staged = pinned.pages.len() as u32,
+        Err(e) => win.failed = Some(e),
     }
     s.staged_for(crate::arch::timer::now().wrapping_sub(t0));
     win
+}
+
+/// Stages a window's pinned frames into `s`: with LZ4 off, each run of at
+/// least [`MIN_RUN`] consecutive non-zero frames in place (its pins move to
+/// a [`PinnedRun`]), every other page copied (or skipped if zero).
+fn stage_pinned<S: Stager>(pinned: &mut Pinned, s: &mut S) -> Result<(), snapfile::Error> {
+    if !s.in_place() {
+        for &(gpn, pfn) in &pinned.pages {
+            // SAFETY: pinned by `pinned` until after this loop.
+            s.stage_page(Gpn(gpn), unsafe { frame(pfn) })?;
+        }
+        return Ok(());
+    }
+    let mut start = 0;
+    for i in 0..pinned.pages.len() {
+        let (gpn, pfn) = pinned.pages[i];
+        // SAFETY: pinned by `pinned`, which outlives this use.
+        let zero = snapfile::is_zero_page(unsafe { frame(pfn) });
+        let joins = i > start && pinned.pages[i - 1].1 + 1 == pfn;
+        if zero || !joins {
+            put_run(pinned, start..i, s)?;
+            start = i;
+        }
+        if zero {
+            s.skip_zero(Gpn(gpn))?;
+            start = i + 1;
+        }
+    }
+    put_run(pinned, start..pinned.pages.len(), s)
+}
+
+/// Pages `r` of the window, consecutive non-zero frames: in place if they
+/// are at least [`MIN_RUN`], else copied.
+fn put_run<S: Stager>(
+    pinned: &mut Pinned,
+    r: Range<usize>,
+    s: &mut S,
+) -> Result<(), snapfile::Error> {
+    if r.len() < MIN_RUN {
+        for &(gpn, pfn) in &pinned.pages[r] {
+            // SAFETY: pinned by `pinned`, which outlives this use.
+            s.stage_page(Gpn(gpn), unsafe { frame(pfn) })?;
+        }
+        return Ok(());
+    }
+    let gpns: ArrayVec<Gpn, { WINDOW as usize }> = pinned.pages[r.clone()]
+        .iter()
+        .map(|&(g, _)| Gpn(g))
+        .collect();
+    // The pins move to the run: from here it alone drops them (when the
+    // device is done, or unsent on an error).
+    pinned.move_out(r.clone());
+    let run = PinnedRun {
+        first: pinned.pages[r.start].1,
+        pages: r.len(),
+    };
+    s.stage_run(&gpns, Box::new(run))
 }
 
 /// The first page at or after `from` with a stage-2 entry, if any.
