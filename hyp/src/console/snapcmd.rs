@@ -70,7 +70,7 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     let t = &rep.split;
     crate::say!(
         r,
-        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, table walk and records {}), pages faulted in {}, LZ4 {}, page checksums and copies {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {} (queued writes drained {}, header flush and TOC commit {}), snapshot handed over for teardown {}; second CPU: {} pages in {} ms (started {} us after the job was posted)",
+        "  guest RAM {} MiB at {} MiB/s; time (ms): stage-2 walk and copy {} (zero checks {}, table walk and records {}), pages faulted in {}, LZ4 {}, page checksums and copies {}, device writes (waits) {}, finish (index, header, flush, TOC commit) {} (queued writes drained {}, header flush and TOC commit {}), snapshot handed over for teardown {}; second CPU: {} pages in {} ms (started {} us after the job was posted; asleep waiting for room {} ms; the saving CPU for it {} ms)",
         rep.ram_bytes >> 20,
         rep.ram_mib_s(),
         t.walk / 1000,
@@ -86,13 +86,17 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
         t.teardown / 1000,
         t.helper_pages,
         t.helper_us / 1000,
-        t.helper_start_us
+        t.helper_start_us,
+        t.naps.0 / 1000,
+        t.naps.1 / 1000
     );
     r.set("ram_mib_s", rep.ram_mib_s());
     r.set("walk_us", t.walk);
     r.set("helper_pages", t.helper_pages);
     r.set("helper_us", t.helper_us);
     r.set("helper_start_us", t.helper_start_us);
+    r.set("helper_full_us", t.naps.0);
+    r.set("helper_wait_us", t.naps.1);
     r.set("zero_us", t.zero);
     r.set("copy_us", t.copy);
     r.set("slow_us", t.slow);

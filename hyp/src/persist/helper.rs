@@ -45,6 +45,19 @@ pub(super) const PARALLEL_MIN: u32 = 16384;
 /// written in place among them: those cost no memory, only their pins).
 const MAX_QUEUED: usize = 8;
 
+/// Longest a CPU sleeps waiting for the other one (the helper for room
+/// among the sealed batches, the saving CPU for the helper's last ones).
+const NAP_US: u64 = 50;
+
+/// Waits a little for the other CPU, asleep rather than spinning: under
+/// QEMU's TCG a spinning CPU keeps a host core busy, and the save is bound
+/// by the host's cores (the device's writes are host threads' copies). In
+/// WFI for at most [`NAP_US`], only the urgent interrupts (the EL2 timer,
+/// the disk) ending it: a pending kick would end it at once.
+fn nap() {
+    crate::arch::gic::urgent_only(|| crate::arch::timer::wfi_for(NAP_US));
+}
+
 /// What the two CPUs share during one save. Its locks are leaves: each is
 /// held for a push or a pop, never across a walk or a device request.
 pub(super) struct Shared {
@@ -59,6 +72,8 @@ pub(super) struct Shared {
     cancel: AtomicBool,
     /// The helper let go of everything.
     done: AtomicBool,
+    /// Timer ticks the helper slept waiting for room in `sealed`.
+    full: AtomicU64,
     /// The helper's result: its first error, its pages, the timer ticks it
     /// spent, and those between the job's posting and a CPU taking it.
     report: Mutex<(Option<PersistError>, u64, u64, u64)>,
@@ -74,6 +89,7 @@ impl Shared {
             slow: Mutex::new(Vec::new()),
             cancel: AtomicBool::new(false),
             done: AtomicBool::new(false),
+            full: AtomicU64::new(0),
             report: Mutex::new((None, 0, 0, 0)),
         }
     }
@@ -171,6 +187,7 @@ pub(super) fn parallel(
         snap,
         walk: 0,
         slow: 0,
+        waited: 0,
     };
     while let Some((first, end)) = shared.claim() {
         me.chunk(&shared, &mut out, first, end)?;
@@ -183,19 +200,22 @@ pub(super) fn parallel(
     let us = crate::arch::timer::ticks_to_us;
     (split.helper_pages, split.helper_us) = (pages, us(ticks));
     split.helper_start_us = us(start_ticks);
+    split.naps = (us(shared.full.load(Ordering::Relaxed)), us(me.waited));
     (split.walk, split.slow) = (split.walk + us(me.walk), split.slow + us(me.slow));
     split.lane = out.lane.costs();
     err.map_or(Ok(()), Err)
 }
 
 /// The saving CPU during a parallel walk, and the timer ticks it spent in
-/// windows and on pages they could not read.
+/// windows, on pages they could not read, and waiting for the helper.
 struct Saver<'a, 'w, 's> {
     w: &'a mut Writer<'w>,
     dev: &'a mut disk::Dev,
     snap: &'s Arc<Vm>,
     walk: u64,
     slow: u64,
+    /// Asleep waiting for the helper's last batches.
+    waited: u64,
 }
 
 impl Saver<'_, '_, '_> {
@@ -205,7 +225,9 @@ impl Saver<'_, '_, '_> {
         if withdraw().is_none() {
             while !shared.done.load(Ordering::Acquire) {
                 self.drain(shared)?;
-                core::hint::spin_loop();
+                let t0 = crate::arch::timer::now();
+                nap();
+                self.waited += crate::arch::timer::now().wrapping_sub(t0);
             }
         }
         self.drain(shared)
@@ -319,15 +341,18 @@ fn help(
     Ok(())
 }
 
-/// Queues the helper's sealed batches for the saving CPU, waiting while it
-/// has [`MAX_QUEUED`] unappended (or not at all once it gave up).
+/// Queues the helper's sealed batches for the saving CPU, waiting (asleep)
+/// while it has [`MAX_QUEUED`] unappended (or not at all once it gave up).
 fn hand_over(shared: &Shared, sealed: &mut Vec<Sealed>) {
     for b in sealed.drain(..) {
         while shared.queued.load(Ordering::Acquire) >= MAX_QUEUED {
             if shared.cancel.load(Ordering::Acquire) {
                 return;
             }
-            core::hint::spin_loop();
+            let t0 = crate::arch::timer::now();
+            nap();
+            let slept = crate::arch::timer::now().wrapping_sub(t0);
+            shared.full.fetch_add(slept, Ordering::Relaxed);
         }
         shared.sealed.lock().push_back(b);
         shared.queued.fetch_add(1, Ordering::AcqRel);

@@ -126,6 +126,10 @@ pub struct Split {
     /// From posting the helper's job to a CPU taking it (a CPU busy with
     /// other background work, such as an earlier save's teardown, is late).
     pub helper_start_us: u64,
+    /// Asleep waiting for each other: the helper for room among its
+    /// batches the saving CPU has not taken yet, the saving CPU for the
+    /// helper's last ones.
+    pub naps: (u64, u64),
     /// The costs of this CPU's lane in a parallel walk (timer ticks; in
     /// `zero`, `lz4` and `checksum` once the save is done).
     pub lane: snapfile::Costs,
