@@ -251,7 +251,11 @@ impl Drop for Pinned {
 /// pin of [`Pinned`]'s until the device is done with them: the disk drops a
 /// queued write's payload only once the write is complete (`Held`), and
 /// every error path drops it unsent. So no frame the device may still read
-/// is freed, moved or merged.
+/// is freed, moved or merged, nor written: the pins may outlive the save's
+/// snapshot (torn down while the last runs are in flight), and a write by
+/// the VM to a frame it alone maps again copies it while a pin is held
+/// (`Rmap::fault_cow` reuses a frame only at one mapping and no pin;
+/// `rmap/tests/pin.rs`).
 struct PinnedRun {
     first: Pfn,
     pages: usize,
