@@ -59,10 +59,11 @@ impl Store {
         dev: &mut D,
         spec: &SaveSpec<'_>,
     ) -> Result<Writer<'s>, Error> {
-        let (name, parent) = self.check_spec(dev, spec)?;
-        // Queued writes of an abandoned writer (its image's sectors are free): their errors
-        // are not this save's.
+        // Queued writes of an abandoned writer (its image's sectors are free): completed
+        // first, whether this save is refused or not, so what they hold goes now (hyp: a
+        // run's pinned frames). Their errors are not this save's.
         let _ = dev.wait();
+        let (name, parent) = self.check_spec(dev, spec)?;
         let fixed = (SECTOR + spec.state.len() + spec.touch.len() * TOUCH_LEN) as u64;
         let per_page = (PAGE + INDEX_LEN) as u64;
         let bound = sectors_for(fixed + u64::from(spec.max_pages) * per_page);

@@ -29,9 +29,8 @@ struct Tally {
 
 type Shared = Arc<Mutex<Tally>>;
 
-/// A run of frames: a copy of pages at `skew` bytes past an 8-byte boundary (hyp's frames
-/// are aligned: the checksum's fast path; a skew takes the other). Over-allocating and
-/// offsetting gets the alignment without unsafe code.
+/// A run of frames: a copy of pages `skew` bytes past an 8-byte boundary (hyp's frames are
+/// aligned: the checksum's fast path; a skew takes the other), with no unsafe code.
 struct Frames(Vec<u8>, Range<usize>, Shared);
 
 fn frames(bytes: &[u8], skew: usize, tally: &Shared) -> Box<dyn Held> {
@@ -83,13 +82,13 @@ struct HeldDisk {
 
 impl HeldDisk {
     fn new(sectors: u64, fail: Option<(usize, bool)>) -> Self {
-        let (disk, flight, tally) = (MemDisk::new(sectors), VecDeque::new(), Shared::default());
+        let (flight, tally, failed) = (VecDeque::new(), Shared::default(), None);
         HeldDisk {
-            disk,
+            disk: MemDisk::new(sectors),
             flight,
             tally,
             fail,
-            failed: None,
+            failed,
         }
     }
 
@@ -350,13 +349,14 @@ fn runs_are_dropped_once_and_only_after_their_bytes_land() {
     let sum = w.finish(&mut dev).unwrap();
     assert_eq!((sum.raw, sum.in_place, sum.runs), (64, 64, 16));
     assert_eq!(dev.counts(), (16, 16, 0));
-    // An abandoned writer's runs stay in flight until the next save's `wait`.
+    // An abandoned writer's runs stay in flight until the next `begin` waits, even one refused.
     let mut w = store.begin(&mut dev, &spec("gone", 64, 64, true)).unwrap();
     save_runs(&mut w, &mut dev, &mem, 2);
     drop(w);
     assert_eq!(dev.counts(), (18, 16, 0));
+    let refused = store.begin(&mut dev, &spec("r", 64, 64, true)).err();
+    assert_eq!((refused, dev.counts().1), (Some(Error::NameExists), 18));
     let w = store.begin(&mut dev, &spec("next", 64, 64, true)).unwrap();
-    assert_eq!(dev.counts(), (18, 18, 0));
     w.finish(&mut dev).unwrap();
     let store = Store::open(&mut dev).unwrap();
     assert_eq!(names(&store), ["base", "r", "next"]);
