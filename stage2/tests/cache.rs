@@ -1,18 +1,9 @@
 //! Cache maintenance owed for frames the hypervisor writes, and the FEAT_S2FWB encoding.
 
+mod tlb_common;
+
 use stage2::*;
-
-const IPA: u64 = 0x4000_0000;
-const PA: u64 = 0x1_0000_0000;
-const MIB2: u64 = 2 << 20;
-
-fn cfg() -> S2Config {
-    S2Config::new(2, 40, VmidBits::Sixteen).unwrap()
-}
-
-fn new_table(mem: &HostMemory) -> Stage2Table<&HostMemory> {
-    Stage2Table::new(cfg(), 0x1234, mem).unwrap()
-}
+use tlb_common::*;
 
 /// Linux KVM with FWB (`MT_S2_FWB_NORMAL` = 6, `MT_S2_FWB_DEVICE_nGnRE` = 1): MemAttr of
 /// Normal is `0b0110`, of Device `0b0001`; every other bit as without FWB.
