@@ -246,10 +246,10 @@ fn destroy_invalidates_the_vmid() {
     assert_eq!(mem.allocated_pages(), 0);
 }
 
-#[test]
-fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
-    let mem = HostMemory::new(64);
-    let t = new_table(&mem);
+/// The table of `update_pages_changes_many_pages_with_one_flush_and_no_icache`: four executable
+/// pages at `IPA` and an executable 2 MiB block at `IPA + MIB2`, the recorder emptied.
+fn four_pages_and_a_block(mem: &HostMemory) -> (Stage2Table<&HostMemory>, RecordingTlb) {
+    let t = new_table(mem);
     let tlb = RecordingTlb::new();
     t.map_pages(
         Ipa::new(IPA),
@@ -268,6 +268,13 @@ fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
     )
     .unwrap();
     tlb.take();
+    (t, tlb)
+}
+
+#[test]
+fn update_pages_changes_many_pages_with_one_flush_and_no_icache() {
+    let mem = HostMemory::new(64);
+    let (t, tlb) = four_pages_and_a_block(&mem);
     // Pages 0 and 2 become migration entries, the hole at page 3 + 1 is skipped, the page
     // inside the block is reported for the caller to split.
     let targets = [IPA, IPA + 2 * 4096, IPA + 5 * 4096, IPA + MIB2 + 4096].map(Ipa::new);

@@ -1,9 +1,12 @@
 //! The world of `model.rs`'s random operation sequences: the operations, and one stage-2 table
 //! with its recording TLB and the reference model (IPA page -> state), each operation run
 //! against the table and the model alike, asserting what the crate reports on the way
-//! (results, reported leaves, block levels). `check.rs` compares the two after a step.
+//! (results, reported leaves, block levels). `ops.rs` runs the operations that map, unmap or
+//! change ranges; the single-entry ones (compare-exchange, `update_pages`, access flag) are
+//! here. `check.rs` compares the two after a step.
 
 mod check;
+mod ops;
 
 use crate::common::{Oracle, PageState};
 use stage2::*;
@@ -132,7 +135,6 @@ impl World<'_> {
     /// Runs one op against the table and the model. Returns whether the op may leave AF
     /// cleared without an invalidation.
     pub fn apply(&mut self, op: Op) -> Result<bool, Error> {
-        let tlb = &self.tlb;
         match op {
             Op::Map {
                 page,
@@ -141,233 +143,125 @@ impl World<'_> {
                 perm,
                 device,
                 blocks,
-            } => {
-                let (ipa, len) = self.range(page, npages);
-                let attrs = S2Attrs {
-                    perm: Perm {
-                        exec: perm.exec && !device,
-                        ..perm
-                    },
-                    mem: if device {
-                        MemType::Device
-                    } else {
-                        MemType::Normal
-                    },
-                    sw: 0,
-                };
-                let pa = self.frame(frame);
-                let occupied = self.pages_in(ipa, len).any(|p| self.model.contains_key(&p));
-                let r = if blocks {
-                    self.table.map(Ipa::new(ipa), Pa::new(pa), len, attrs, tlb)
-                } else {
-                    self.table
-                        .map_pages(Ipa::new(ipa), Pa::new(pa), len, attrs, tlb)
-                };
-                if occupied {
-                    assert_eq!(r, Err(Error::AlreadyMapped));
-                }
-                r?;
-                for (i, p) in self.pages_in(ipa, len).enumerate() {
-                    self.model
-                        .insert(p, mapped(pa + i as u64 * PAGE, attrs.perm, device));
-                }
-            }
+            } => self.map(page, npages, frame, perm, device, blocks)?,
             Op::MapBlock {
                 block,
                 frame_block,
                 perm,
-            } => {
-                let ipa = self.ipa(block * 512);
-                let pa = self.frame(frame_block * 512);
-                let occupied = self
-                    .pages_in(ipa, 512 * PAGE)
-                    .any(|p| self.model.contains_key(&p));
-                let r = self.table.map(
-                    Ipa::new(ipa),
-                    Pa::new(pa),
-                    512 * PAGE,
-                    S2Attrs::normal(perm),
-                    tlb,
-                );
-                assert_eq!(r.is_err(), occupied || r == Err(Error::NoMemory));
-                r?;
-                if ipa.is_multiple_of(2 << 20) {
-                    assert_eq!(
-                        self.table.lookup(Ipa::new(ipa)).unwrap().level,
-                        2,
-                        "2 MiB block expected"
-                    );
-                }
-                for (i, p) in self.pages_in(ipa, 512 * PAGE).enumerate() {
-                    self.model
-                        .insert(p, mapped(pa + i as u64 * PAGE, perm, false));
-                }
-            }
-            Op::Unmap { page, npages } => {
-                let (ipa, len) = self.range(page, npages);
-                let mut reported = BTreeMap::new();
-                let removed = self.table.unmap(Ipa::new(ipa), len, tlb, |l: &LeafInfo| {
-                    let start = l.ipa.raw();
-                    assert!(
-                        start >= ipa && start + l.size() <= ipa + len,
-                        "reported leaf outside the range"
-                    );
-                    for (i, p) in (start..start + l.size()).step_by(PAGE as usize).enumerate() {
-                        let pa = l.pa_of(Ipa::new(start + i as u64 * PAGE));
-                        reported.insert(p, pa.map(Pa::raw));
-                    }
-                })?;
-                let mut expect_removed = 0;
-                for p in self.pages_in(ipa, len) {
-                    let old = self.model.remove(&p);
-                    match old {
-                        Some(PageState::Mapped { pa, .. }) => {
-                            expect_removed += PAGE;
-                            assert_eq!(reported.remove(&p), Some(Some(pa)));
-                        }
-                        Some(PageState::Software(_)) => assert_eq!(reported.remove(&p), Some(None)),
-                        None => {}
-                    }
-                }
-                assert!(
-                    reported.is_empty(),
-                    "reported pages that were not mapped: {reported:?}"
-                );
-                assert_eq!(removed, expect_removed);
-            }
-            Op::Protect { page, npages, perm } => {
-                let (ipa, len) = self.range(page, npages);
-                self.table.protect(Ipa::new(ipa), len, perm, tlb)?;
-                for p in self.pages_in(ipa, len) {
-                    match self.model.get_mut(&p) {
-                        Some(PageState::Mapped {
-                            read,
-                            write,
-                            exec,
-                            device,
-                            ..
-                        }) => {
-                            (*read, *write, *exec) = (perm.read, perm.write, perm.exec && !*device);
-                        }
-                        // A migration entry put back must not be writable either.
-                        Some(PageState::Software(stage2::PageState::Migrating {
-                            writable,
-                            ..
-                        })) => *writable &= perm.write,
-                        Some(PageState::Software(_)) | None => {}
-                    }
-                }
-            }
-            Op::Split { page } => {
-                let ipa = self.ipa(page);
-                let r = self.table.split_block(Ipa::new(ipa), tlb);
-                match self.model.get(&ipa) {
-                    Some(PageState::Mapped { .. }) => {
-                        r?;
-                        assert_eq!(self.table.lookup(Ipa::new(ipa)).unwrap().level, 3);
-                    }
-                    _ => assert_eq!(r, Err(Error::NotMapped)),
-                }
-            }
-            Op::SetSoftware { page, entry } => {
-                let ipa = self.ipa(page);
-                let old = self.table.set_software(Ipa::new(ipa), entry, tlb)?;
-                let was = self.model.insert(ipa, PageState::Software(entry));
-                match (old, was) {
-                    (None, None) => {}
-                    (Some(l), Some(PageState::Mapped { pa, .. })) => {
-                        assert_eq!((l.level, l.pa_of(Ipa::new(ipa))), (3, Some(Pa::new(pa))))
-                    }
-                    (Some(l), Some(PageState::Software(e))) => assert_eq!(l.software(), Some(e)),
-                    other => panic!("set_software returned {other:?}"),
-                }
-            }
+            } => self.map_block(block, frame_block, perm)?,
+            Op::Unmap { page, npages } => self.unmap(page, npages)?,
+            Op::Protect { page, npages, perm } => self.protect(page, npages, perm)?,
+            Op::Split { page } => self.split(page)?,
+            Op::SetSoftware { page, entry } => self.set_software(page, entry)?,
             Op::CasPerm { page, perm } => self.cas_perm(self.ipa(page), perm)?,
-            Op::CasRemap { page, frame } => {
-                let ipa = self.ipa(page);
-                let Some(l) = self.table.lookup(Ipa::new(ipa)) else {
-                    return Ok(false);
-                };
-                let Some(m) = l.mapping().filter(|_| l.level == 3) else {
-                    return Ok(false);
-                };
-                let pa = self.frame(frame);
-                let new = Descriptor::page(pa, m.attrs).unwrap();
-                self.table
-                    .compare_exchange_leaf(Ipa::new(ipa), 3, l.desc, new, tlb)
-                    .unwrap();
-                if let Some(PageState::Mapped { pa: p, young, .. }) = self.model.get_mut(&ipa) {
-                    (*p, *young) = (pa, true);
-                }
-            }
+            Op::CasRemap { page, frame } => self.cas_remap(page, frame),
             Op::UpdateRemap {
                 page,
                 npages,
                 frame,
-            } => {
-                let (ipa, len) = self.range(page, npages);
-                let ipas: Vec<Ipa> = (ipa..ipa + len)
-                    .step_by(2 * PAGE as usize)
-                    .map(Ipa::new)
-                    .collect();
-                let frames = self.setup.frames;
-                let new_pa = |k: usize| frames + (frame + k as u64) % 4096 * PAGE;
-                let mut changed = Vec::new();
-                self.table.update_pages(
-                    &ipas,
-                    &mut |k, l| {
-                        let m = l.mapping()?;
-                        Descriptor::page(new_pa(k), m.attrs).ok()
-                    },
-                    &mut |k, r| {
-                        if r.is_ok() {
-                            changed.push(k);
-                        }
-                    },
-                    tlb,
-                );
-                for k in changed {
-                    if let Some(PageState::Mapped { pa: p, young, .. }) =
-                        self.model.get_mut(&ipas[k].raw())
-                    {
-                        (*p, *young) = (new_pa(k), true);
-                    }
-                }
-            }
-            Op::CasStale { page } => {
-                let ipa = self.ipa(page);
-                if let Some(l) = self.table.lookup(Ipa::new(ipa)) {
-                    let stale = Descriptor::from_raw(l.desc.raw() ^ (1 << 20));
-                    let r = self.table.compare_exchange_leaf(
-                        Ipa::new(ipa),
-                        l.level,
-                        stale,
-                        Descriptor::EMPTY,
-                        tlb,
-                    );
-                    assert_eq!(r, Err(CasError::Mismatch(l.desc)));
-                }
-            }
+            } => self.update_remap(page, npages, frame),
+            Op::CasStale { page } => self.cas_stale(page),
             Op::ClearYoung { page } => {
-                let ipa = self.ipa(page);
-                let pages = self.leaf_pages(ipa);
-                let want = matches!(
-                    self.model.get(&ipa),
-                    Some(PageState::Mapped { young: true, .. })
-                );
-                assert_eq!(self.table.test_and_clear_young(Ipa::new(ipa)), want);
-                self.set_young(&pages, false);
+                self.clear_young(page);
                 return Ok(true);
             }
-            Op::MkYoung { page } => {
-                let ipa = self.ipa(page);
-                let pages = self.leaf_pages(ipa);
-                let want = matches!(self.model.get(&ipa), Some(PageState::Mapped { .. }));
-                assert_eq!(self.table.mkyoung(Ipa::new(ipa)), want);
-                self.set_young(&pages, true);
-            }
+            Op::MkYoung { page } => self.mkyoung(page),
         }
         Ok(false)
+    }
+
+    /// Remaps the page at `page`, if it is a page leaf, to `frame` by compare-exchange; the
+    /// exchange must succeed. Holes, blocks and software entries are left alone.
+    fn cas_remap(&mut self, page: u64, frame: u64) {
+        let tlb = &self.tlb;
+        let ipa = self.ipa(page);
+        let Some(l) = self.table.lookup(Ipa::new(ipa)) else {
+            return;
+        };
+        let Some(m) = l.mapping().filter(|_| l.level == 3) else {
+            return;
+        };
+        let pa = self.frame(frame);
+        let new = Descriptor::page(pa, m.attrs).unwrap();
+        self.table
+            .compare_exchange_leaf(Ipa::new(ipa), 3, l.desc, new, tlb)
+            .unwrap();
+        if let Some(PageState::Mapped { pa: p, young, .. }) = self.model.get_mut(&ipa) {
+            (*p, *young) = (pa, true);
+        }
+    }
+
+    /// `update_pages` remapping every other page of the clamped run to consecutive frames;
+    /// the model follows exactly the pages the crate reports as changed.
+    fn update_remap(&mut self, page: u64, npages: u64, frame: u64) {
+        let tlb = &self.tlb;
+        let (ipa, len) = self.range(page, npages);
+        let ipas: Vec<Ipa> = (ipa..ipa + len)
+            .step_by(2 * PAGE as usize)
+            .map(Ipa::new)
+            .collect();
+        let frames = self.setup.frames;
+        let new_pa = |k: usize| frames + (frame + k as u64) % 4096 * PAGE;
+        let mut changed = Vec::new();
+        self.table.update_pages(
+            &ipas,
+            &mut |k, l| {
+                let m = l.mapping()?;
+                Descriptor::page(new_pa(k), m.attrs).ok()
+            },
+            &mut |k, r| {
+                if r.is_ok() {
+                    changed.push(k);
+                }
+            },
+            tlb,
+        );
+        for k in changed {
+            if let Some(PageState::Mapped { pa: p, young, .. }) = self.model.get_mut(&ipas[k].raw())
+            {
+                (*p, *young) = (new_pa(k), true);
+            }
+        }
+    }
+
+    /// A compare-exchange with a stale expected descriptor must fail with `Mismatch` carrying
+    /// the entry actually there, and change nothing.
+    fn cas_stale(&mut self, page: u64) {
+        let tlb = &self.tlb;
+        let ipa = self.ipa(page);
+        if let Some(l) = self.table.lookup(Ipa::new(ipa)) {
+            let stale = Descriptor::from_raw(l.desc.raw() ^ (1 << 20));
+            let r = self.table.compare_exchange_leaf(
+                Ipa::new(ipa),
+                l.level,
+                stale,
+                Descriptor::EMPTY,
+                tlb,
+            );
+            assert_eq!(r, Err(CasError::Mismatch(l.desc)));
+        }
+    }
+
+    /// `test_and_clear_young` must report whether the page was mapped and young; the whole
+    /// leaf holding it is aged.
+    fn clear_young(&mut self, page: u64) {
+        let ipa = self.ipa(page);
+        let pages = self.leaf_pages(ipa);
+        let want = matches!(
+            self.model.get(&ipa),
+            Some(PageState::Mapped { young: true, .. })
+        );
+        assert_eq!(self.table.test_and_clear_young(Ipa::new(ipa)), want);
+        self.set_young(&pages, false);
+    }
+
+    /// `mkyoung` must report whether the page is mapped; the whole leaf holding it is young.
+    fn mkyoung(&mut self, page: u64) {
+        let ipa = self.ipa(page);
+        let pages = self.leaf_pages(ipa);
+        let want = matches!(self.model.get(&ipa), Some(PageState::Mapped { .. }));
+        assert_eq!(self.table.mkyoung(Ipa::new(ipa)), want);
+        self.set_young(&pages, true);
     }
 
     fn set_young(&mut self, pages: &[u64], to: bool) {
