@@ -105,6 +105,12 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
     r.set("device_us", t.device);
     r.set("drain_us", t.drain);
     r.set("commit_us", t.commit);
+    say_lz4(t, r);
+    say_in_place(rep, r);
+}
+
+/// LZ4's verdict, if the save judged it (or took an earlier save's).
+fn say_lz4(t: &save::Split, r: &mut Reply) {
     if let Some((kept, lz4, write)) = t.lz4_verdict {
         crate::say!(
             r,
@@ -122,6 +128,10 @@ fn say_split(rep: &save::SaveReport, r: &mut Reply) {
         );
         r.set("lz4_kept", u64::from(kept));
     }
+}
+
+/// The pages the disk read from the guest's frames where they lay.
+fn say_in_place(rep: &save::SaveReport, r: &mut Reply) {
     let (pages, runs) = rep.in_place;
     if pages > 0 {
         crate::say!(

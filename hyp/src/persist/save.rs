@@ -329,9 +329,8 @@ fn write(
         None => super::walk::put_all(&mut w, dev, snap, ram_pages, &mut split)?,
     }
     let t1 = crate::arch::timer::now();
-    // Every page is in the writer's buffers, or pinned for its write in
-    // place: another CPU destroys the snapshot while this one waits for the
-    // disk (a frame written in place is freed once the disk is done).
+    // Every page is in the writer's buffers or pinned for its write: another
+    // CPU destroys the snapshot while this one waits for the disk.
     drop(src);
     let us = crate::arch::timer::ticks_to_us;
     split.teardown = us(crate::arch::timer::now().wrapping_sub(t1));
