@@ -129,6 +129,15 @@ pub struct Sealed {
     pub(crate) stats: LaneStats,
 }
 
+impl Data {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Data::Buf(b) => b.len(),
+            Data::Held(h) => h.bytes().len(),
+        }
+    }
+}
+
 impl Sealed {
     /// Pages in it (stored ones, and the zero pages skipped while it was filled).
     pub fn pages(&self) -> u64 {

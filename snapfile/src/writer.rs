@@ -193,10 +193,9 @@ impl Writer<'_> {
         (self.sum.in_place, self.sum.runs) =
             (self.sum.in_place + st.in_place, self.sum.runs + st.runs);
         self.pad += st.pad;
-        match batch.data {
-            Data::Buf(b) if b.is_empty() => Ok(()),
-            Data::Buf(b) => self.queue(dev, b),
-            Data::Held(h) => self.queue_held(dev, h),
+        match batch.data.len() {
+            0 => Ok(()),
+            _ => self.queue(dev, batch.data),
         }
     }
 
@@ -224,26 +223,6 @@ impl Writer<'_> {
         }
     }
 
-    /// Queues bytes written in place at the end of the stream (`write_held`).
-    fn queue_held<D: BlockDevice>(&mut self, dev: &mut D, h: Box<dyn Held>) -> Result<(), Error> {
-        let len = h.bytes().len();
-        if len == 0 {
-            return Ok(());
-        }
-        let end = self.buf_lba + len.div_ceil(SECTOR) as u64;
-        self.check_room(end, self.buf.len())?;
-        let t0 = self.now();
-        let queued = dev.write_held(self.buf_lba, h);
-        self.sum.costs.device += self.now().wrapping_sub(t0);
-        self.sum.costs.device_bytes += len as u64;
-        if let Err(e) = queued {
-            self.failed = true;
-            return Err(e.into());
-        }
-        self.buf_lba = end;
-        Ok(())
-    }
-
     /// Queues what the writer staged itself, padded to a whole sector (the padding is the
     /// data section's): afterwards the stream is at a sector's start.
     fn write_buffered<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error> {
@@ -257,7 +236,7 @@ impl Writer<'_> {
         let next = self.spare.pop().unwrap_or_default();
         let buf = core::mem::replace(&mut self.buf, next);
         self.buf.clear();
-        self.queue(dev, buf)
+        self.queue(dev, Data::Buf(buf))
     }
 
     /// Bytes the batch buffer takes before its next batch is full: a caller that stages
@@ -362,17 +341,21 @@ impl Writer<'_> {
         next.extend_from_slice(&self.buf[BATCH..]);
         self.buf.truncate(BATCH);
         let full = core::mem::replace(&mut self.buf, next);
-        self.queue(dev, full)
+        self.queue(dev, Data::Buf(full))
     }
 
-    /// Queues `buf` (whole sectors, at most [`BATCH`] bytes) at the end of the stream
-    /// (`write_queued`); a buffer of a completed write comes back for reuse.
-    fn queue<D: BlockDevice>(&mut self, dev: &mut D, buf: Vec<u8>) -> Result<(), Error> {
-        let len = buf.len();
+    /// Queues `data` (whole sectors, at most [`BATCH`] bytes) at the end of the stream: a
+    /// buffer (`write_queued`: one of a completed write comes back for reuse) or bytes the
+    /// device reads where they lie (`write_held`).
+    fn queue<D: BlockDevice>(&mut self, dev: &mut D, data: Data) -> Result<(), Error> {
+        let len = data.len();
         let end = self.buf_lba + (len / SECTOR) as u64;
         self.check_room(end, self.buf.len())?;
         let t0 = self.now();
-        let queued = dev.write_queued(self.buf_lba, buf);
+        let queued = match data {
+            Data::Buf(buf) => dev.write_queued(self.buf_lba, buf),
+            Data::Held(h) => dev.write_held(self.buf_lba, h).map(|()| None),
+        };
         self.sum.costs.device += self.now().wrapping_sub(t0);
         self.sum.costs.device_bytes += len as u64;
         match queued {

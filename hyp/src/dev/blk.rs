@@ -278,9 +278,7 @@ impl Disk {
     /// is done (and its error, if any, reported) by the next `write_queued`
     /// or [`Disk::wait`]; a flush or any other request waits for it first.
     pub fn write_queued(&self, lba: u64, buf: Vec<u8>) -> Result<Option<Vec<u8>>, DiskError> {
-        Ok(self
-            .enqueue(lba, Payload::Buf(buf))?
-            .and_then(Payload::into_buf))
+        self.enqueue(lba, Payload::Buf(buf))
     }
 
     /// [`Disk::write_queued`] of bytes the device reads where they lie, with
@@ -290,10 +288,10 @@ impl Disk {
         self.enqueue(lba, Payload::InPlace(data)).map(drop)
     }
 
-    /// Queues `data` (see [`Disk::write_queued`]); the payload of a write
-    /// completed meanwhile, if any (the others are dropped here, after the
-    /// lock).
-    fn enqueue(&self, lba: u64, data: Payload) -> Result<Option<Payload>, DiskError> {
+    /// Queues `data` (see [`Disk::write_queued`]); the buffer of a write
+    /// completed meanwhile, if any, for reuse (the other payloads are dropped
+    /// here, after the lock).
+    fn enqueue(&self, lba: u64, data: Payload) -> Result<Option<Vec<u8>>, DiskError> {
         if self.readonly {
             return Err(DiskError::ReadOnly);
         }
@@ -302,7 +300,7 @@ impl Disk {
         if len == 0 || len > MAX_REQUEST {
             // Counted by `write`.
             self.write(lba, data.bytes())?;
-            return Ok(Some(data));
+            return Ok(data.into_buf());
         }
         self.count_write(lba);
         // Allocated before the lock and freed after it: the lock is a leaf.
@@ -312,7 +310,7 @@ impl Disk {
             resp: Box::default(),
             data,
         };
-        let (mut done, unsent, result) = {
+        let (done, unsent, result) = {
             let mut d = self.dev.lock();
             let completed = match d.queued.is_full() {
                 true => d.complete_one(),
@@ -328,7 +326,7 @@ impl Disk {
         };
         drop(unsent);
         result?;
-        Ok(done.pop().map(|q| q.data))
+        Ok(done.into_iter().find_map(|q| q.data.into_buf()))
     }
 
     /// Waits for every queued write; the first error of any of them since

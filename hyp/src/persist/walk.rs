@@ -337,11 +337,7 @@ fn collect<S: Stager>(mem: &VmMemory, from: u32, end: u32, s: &mut S) -> Window 
 /// a [`PinnedRun`]), every other page copied (or skipped if zero).
 fn stage_pinned<S: Stager>(pinned: &mut Pinned, s: &mut S) -> Result<(), snapfile::Error> {
     if !s.in_place() {
-        for &(gpn, pfn) in &pinned.pages {
-            // SAFETY: pinned by `pinned` until after this loop.
-            s.stage_page(Gpn(gpn), unsafe { frame(pfn) })?;
-        }
-        return Ok(());
+        return copy(&pinned.pages, s);
     }
     let mut start = 0;
     for i in 0..pinned.pages.len() {
@@ -361,6 +357,16 @@ fn stage_pinned<S: Stager>(pinned: &mut Pinned, s: &mut S) -> Result<(), snapfil
     put_run(pinned, start..pinned.pages.len(), s)
 }
 
+/// Stages `pages` of a window's [`Pinned`] (their pins held by it
+/// meanwhile) through the stager's copy.
+fn copy<S: Stager>(pages: &[(u32, Pfn)], s: &mut S) -> Result<(), snapfile::Error> {
+    for &(gpn, pfn) in pages {
+        // SAFETY: pinned by the window's `Pinned`, which outlives this call.
+        s.stage_page(Gpn(gpn), unsafe { frame(pfn) })?;
+    }
+    Ok(())
+}
+
 /// Pages `r` of the window, consecutive non-zero frames: in place if they
 /// are at least [`MIN_RUN`], else copied.
 fn put_run<S: Stager>(
@@ -369,11 +375,7 @@ fn put_run<S: Stager>(
     s: &mut S,
 ) -> Result<(), snapfile::Error> {
     if r.len() < MIN_RUN {
-        for &(gpn, pfn) in &pinned.pages[r] {
-            // SAFETY: pinned by `pinned`, which outlives this use.
-            s.stage_page(Gpn(gpn), unsafe { frame(pfn) })?;
-        }
-        return Ok(());
+        return copy(&pinned.pages[r], s);
     }
     let gpns: ArrayVec<Gpn, { WINDOW as usize }> = pinned.pages[r.clone()]
         .iter()
